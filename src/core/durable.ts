@@ -1,0 +1,42 @@
+// Durable file writes: temp file, fsync, rename, fsync the directory, so a power cut leaves either the old or
+// the new content, never a torn file.
+
+import { open, rename, rm, mkdir } from "node:fs/promises";
+import { dirname, basename, join } from "node:path";
+import { randomBytes } from "node:crypto";
+import { toMoonflashError } from "./errors.js";
+
+export async function fsyncDir(dir: string): Promise<void> {
+  const handle = await open(dir, "r");
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+
+export async function writeFileDurable(path: string, data: string | Uint8Array, mode = 0o644): Promise<void> {
+  const dir = dirname(path);
+  await mkdir(dir, { recursive: true });
+  const tmp = join(dir, `.${basename(path)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
+  try {
+    const handle = await open(tmp, "w", mode);
+    try {
+      await handle.writeFile(data);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await rename(tmp, path);
+    await fsyncDir(dir);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw toMoonflashError(err);
+  }
+}
+
+/** Removes a file and makes the removal durable. Missing files are fine. */
+export async function removeDurable(path: string): Promise<void> {
+  await rm(path, { force: true });
+  await fsyncDir(dirname(path));
+}

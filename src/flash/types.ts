@@ -1,0 +1,53 @@
+// Shared shapes of the flash engine: what one flash method gets, and what it returns.
+
+import type { JobContext } from "../core/events.js";
+
+export const FLASH_METHODS = ["katapult", "flashtool", "make", "wchisp"] as const;
+export type FlashMethodName = (typeof FLASH_METHODS)[number];
+
+/** How to put a running Klipper board into Katapult before flashing. */
+export type BootloaderRequest = "auto" | "usb" | "serial" | "none";
+
+/** Everything a method needs to flash one MCU; resolved by the engine before Klipper is stopped. */
+export interface FlashTarget {
+  /** Klipper config section: "mcu" or "mcu toolhead". */
+  mcu: string;
+  /** Serial device as configured (by-id, by-path or /dev/ttyX); absent for CAN. */
+  device?: string;
+  canbusUuid?: string;
+  canbusInterface: string;
+  baud: number;
+  /** Absolute path of the image to flash. */
+  firmwarePath: string;
+  /** MCU type the image was built for, when known (klipper.bin's dictionary or config `mcu_type`). */
+  expectedMcuType?: string;
+  bootloader: BootloaderRequest;
+  /** Klipper source tree (for `make flash`). */
+  klipperPath: string;
+  /** KCONFIG_CONFIG for `make flash`; absent means Klipper's default .config. */
+  kconfig?: string;
+  /** OUT for `make flash` (ends with "/"). */
+  outDir?: string;
+  wchispTransport: "usb" | "serial";
+  /** Per-attempt timeout in milliseconds. */
+  timeoutMs: number;
+}
+
+export interface FlashOutcome {
+  /** Bytes of firmware written. */
+  bytes: number;
+  /** True only when the method read the image back (or the tool reported a verify) and it matched. */
+  verified: boolean;
+  /** The device path the image finally went to (it can change when the board re-enumerates). */
+  device: string;
+  details?: Record<string, unknown>;
+}
+
+/** One way of flashing. Methods never stop Klipper or talk to Moonraker: the engine's guard does. */
+export interface Flasher {
+  readonly name: FlashMethodName;
+  /** Checks that can run while Klipper is up (tool present, device plausible). Throws MoonflashError. */
+  preflight(target: FlashTarget): Promise<void>;
+  /** Flashes; reports through ctx; honours ctx.signal until writing starts. Throws MoonflashError. */
+  flash(target: FlashTarget, ctx: JobContext): Promise<FlashOutcome>;
+}
