@@ -11,6 +11,7 @@ export const ERROR_CODES = {
   BUSY: { status: 409, doc: "Another moonflash job (flash or OTA) is running, in this or another process." },
   PRINTER_BUSY: { status: 503, doc: "Klipper is printing or paused; nothing is stopped or flashed." },
   MOONRAKER_UNAVAILABLE: { status: 503, doc: "The agent has no Moonraker connection right now." },
+  MOONRAKER_REQUEST_FAILED: { status: 502, doc: "Moonraker (or Klipper behind it) answered a request with an error." },
   KLIPPER_NOT_CONNECTED: { status: 503, doc: "Klipper is not connected to Moonraker, so the request cannot reach it." },
   SERVICE_TIMEOUT: { status: 504, doc: "Moonraker did not report the service state change in time." },
   SERVICE_FAILED: { status: 500, doc: "Moonraker refused or failed a machine.services action." },

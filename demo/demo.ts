@@ -1,0 +1,143 @@
+// npm run demo: the real flows against an embedded simulated printer.
+// A fake Moonraker with a simulated Klipper, a virtual board running "Klipper" on a pseudo-terminal, and the real
+// moonflash agent (the committed bundle, as the printer runs it) as a child process. Then, as a Mainsail user
+// would: a macro calls flash.status, a client calls it through server.extensions.request, and FLASH_MCU flashes
+// the virtual board (Klipper stopped, Katapult entered, written, verified, Klipper started) with live progress.
+
+import { mkdtemp, mkdir, writeFile, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { randomBytes } from "node:crypto";
+import { deflateSync } from "node:zlib";
+import { execa } from "execa";
+import { SingleBar, Presets } from "cli-progress";
+import { startFakeMoonraker } from "../test/support/fake-moonraker/index.js";
+import { startVirtualDevice } from "../src/sim/virtual-device.js";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const bold = (s: string): string => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
+const say = (s: string): void => void process.stdout.write(`${s}\n`);
+const step = (s: string): void => say(`\n${bold(`== ${s}`)}`);
+
+/** A stand-in klipper.bin: random code with Klipper's zlib-compressed data dictionary embedded, as real builds have. */
+function demoFirmware(mcu: string): Buffer {
+  const dict = deflateSync(Buffer.from(JSON.stringify({ version: "v0.13.0-demo", build_versions: "gcc: (demo)", config: { MCU: mcu, CLOCK_FREQ: 72000000 } })));
+  return Buffer.concat([randomBytes(24 * 1024), dict, randomBytes(24 * 1024)]);
+}
+
+async function main(): Promise<void> {
+  const dataDir = await mkdtemp(join(tmpdir(), "moonflash-demo-"));
+  const boardPath = join(dataDir, "dev", "serial", "by-id", "usb-Klipper_stm32f103xe_DEMO0001-if00");
+  await mkdir(dirname(boardPath), { recursive: true });
+  const firmware = join(dataDir, "klipper", "out", "klipper.bin");
+  await mkdir(dirname(firmware), { recursive: true });
+  await writeFile(firmware, demoFirmware("stm32f103xe"));
+  await mkdir(join(dataDir, "config"), { recursive: true });
+  await writeFile(join(dataDir, "config", "moonflash.conf"), `[moonflash]\nklipper_path: ${join(dataDir, "klipper")}\nlog_level: debug\n\n[mcu]\nmethod: katapult\n`);
+
+  step("Simulated printer");
+  // Link speed of a real 250000-baud UART board, so progress is visible.
+  const board = await startVirtualDevice({ path: boardPath, mcuType: "stm32f103xe", mode: "app", baud: 250000 });
+  board.on("bootloader", () => say("   [board] bootloader request received: now in Katapult"));
+  board.on("complete", () => say(`   [board] COMPLETE: ${board.model.written} bytes in flash, back to the application`));
+  const moonraker = await startFakeMoonraker({
+    dataDir,
+    timing: { stopOkMs: 200, stopStateMs: 300, startOkMs: 600, startStateMs: 700, readyMs: 900 },
+    klipper: {
+      softwareVersion: "v0.13.0-730-g84104bbbd",
+      mcus: [{ section: "mcu", settings: { serial: boardPath, baud: 250000 }, mcu_version: "v0.12.0-85-gd785b396", mcu_constants: { MCU: "stm32f103xe" } }],
+      macros: {
+        MOONFLASH_STATUS: { method: "flash.status" },
+        FLASH_MCU: { method: "flash.mcu", params: { mcu: "mcu" } },
+      },
+    },
+  });
+  say(`   Moonraker (fake): ${moonraker.socketPath} and ${moonraker.wsUrl}`);
+  say(`   Board (virtual, running Klipper): ${boardPath}`);
+  say(`   Firmware: ${firmware}`);
+
+  step("moonflash agent: node dist/moonflash.mjs serve");
+  const agent = execa("node", [join(root, "dist", "moonflash.mjs"), "serve", "--data", dataDir], { reject: false, stdio: ["ignore", "ignore", "pipe"], timeout: 300_000 });
+  agent.stderr?.on("data", (chunk: Buffer) => process.stderr.write(chunk));
+  const web = await moonraker.connectClient({ transport: "ws", name: "mainsail-demo", type: "web" });
+  await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.mcu"), 15_000);
+  say(`   agents: ${JSON.stringify(moonraker.agents())}`);
+  say(`   remote methods registered with Klipper: ${moonraker.remoteMethods().join(", ")}`);
+
+  const consoleFrom = (index: number): string[] => moonraker.consoleLines.slice(index);
+
+  step("Path 1 — a Klipper macro: MOONFLASH_STATUS → action_call_remote_method(\"flash.status\")");
+  let mark = moonraker.consoleLines.length;
+  await web.call("printer.gcode.script", { script: "MOONFLASH_STATUS" });
+  await moonraker.waitFor(() => moonraker.consoleLines.length > mark, 10_000);
+  for (const line of consoleFrom(mark)) say(`   Mainsail console: ${line}`);
+
+  step("Path 2 — a client: server.extensions.request {agent: moonflash, method: flash.status}");
+  const status = await web.call("server.extensions.request", { agent: "moonflash", method: "flash.status" });
+  say(`   result: ${JSON.stringify(status)}`);
+
+  step("Bad input — flash.mcu with mcu: 42");
+  try {
+    await web.call("server.extensions.request", { agent: "moonflash", method: "flash.mcu", arguments: { mcu: 42 } });
+  } catch (err) {
+    const e = err as { code?: number; message: string; data?: unknown };
+    say(`   error ${e.code}: ${e.message} ${JSON.stringify(e.data)}`);
+  }
+
+  step("FLASH_MCU — flash the board from the console (Klipper is stopped, flashed, started)");
+  mark = moonraker.consoleLines.length;
+  const bar = new SingleBar({ format: "   {phase} [{bar}] {percentage}% {value}/{total} bytes", hideCursor: true }, Presets.shades_classic);
+  let barPhase = "";
+  const offEvents = web.onNotification((method, params) => {
+    if (method === "notify_service_state_changed") {
+      const klipper = (params as Array<Record<string, { active_state: string; sub_state: string }>>)[0]?.klipper;
+      if (klipper) {
+        if (barPhase) bar.stop(), (barPhase = "");
+        say(`   [moonraker] klipper service: ${klipper.active_state} (${klipper.sub_state})`);
+      }
+    }
+    if (method !== "notify_agent_event") return;
+    const { event, data } = (params as Array<{ event: string; data: Record<string, unknown> }>)[0]!;
+    if (event === "flash.progress") {
+      const phase = String(data.phase ?? "");
+      if (phase !== barPhase) {
+        if (barPhase) bar.stop();
+        bar.start(Number(data.total), Number(data.done), { phase: phase.padEnd(6) });
+        barPhase = phase;
+      } else bar.update(Number(data.done));
+    } else if (event === "flash.stage") {
+      if (barPhase) bar.stop(), (barPhase = "");
+      say(`   [agent event] stage: ${String(data.stage)}${data.message ? ` — ${String(data.message)}` : ""}`);
+    } else if (event === "flash.result") {
+      if (barPhase) bar.stop(), (barPhase = "");
+      say(`   [agent event] result: ${data.ok ? "ok" : `failed ${String(data.code)}`}`);
+    }
+  });
+  await web.call("printer.gcode.script", { script: "FLASH_MCU" });
+  await moonraker.waitFor(() => moonraker.consoleLines.slice(mark).some((l) => /done|failed/.test(l)), 120_000);
+  offEvents();
+  say("\n   What the Mainsail console shows:");
+  for (const line of consoleFrom(mark)) say(`   ${line}`);
+  say(`   Klipper service actions: ${moonraker.serviceActions.map((a) => `${a.action} ${a.service}`).join(", ")}`);
+  say(`   Klipper state now: ${moonraker.klipper.state}`);
+  const image = await readFile(firmware);
+  const same = board.model.flash.subarray(0, image.length).equals(image);
+  say(`   Board flash equals klipper.bin (${image.length} bytes): ${same ? "yes" : "NO"}`);
+
+  step("flash.status afterwards");
+  say(`   ${JSON.stringify(await web.call("server.extensions.request", { agent: "moonflash", method: "flash.status" }))}`);
+
+  await web.close();
+  agent.kill("SIGTERM");
+  await agent;
+  await moonraker.stop();
+  await board.stop();
+  await rm(dataDir, { recursive: true, force: true });
+  say("\nDemo finished.");
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`demo failed: ${err instanceof Error ? err.stack : String(err)}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,164 @@
+// The agent: composition of config, logger, job runner, Moonraker session, engines and progress adapters.
+// It wires engines to remote methods; engines never see the transport.
+
+import type { Logger } from "pino";
+import { loadConfig, configSummary, type MoonflashConfig } from "../core/config.js";
+import { createLogger } from "../core/log.js";
+import { JobRunner } from "../core/jobs.js";
+import { isMoonflashError, toMoonflashError } from "../core/errors.js";
+import { AgentSession, type MoonrakerEndpoint } from "../moonraker/session.js";
+import { FlashEngine } from "../flash/engine.js";
+import { recoverInterruptedJob } from "../flash/guard.js";
+import { buildMethodTable, type RemoteMethod } from "./methods.js";
+import { parseParams } from "./params.js";
+import { ConsoleReporter, agentEventAdapter } from "./progress.js";
+import { VERSION, PROJECT_URL, AGENT_NAME } from "../version.js";
+
+export interface AgentOptions {
+  dataDir: string;
+  configFile?: string;
+  /** Pretty log lines on stdout as well as the log file. */
+  pretty?: boolean;
+  logger?: Logger;
+}
+
+export function endpointFromConfig(config: MoonflashConfig): MoonrakerEndpoint {
+  const m = config.moonflash;
+  if (m.moonraker_url) return { kind: "ws", url: m.moonraker_url, ...(m.api_key ? { apiKey: m.api_key } : {}) };
+  return { kind: "unix", path: m.moonraker_socket };
+}
+
+export class Agent {
+  readonly runner: JobRunner;
+  readonly session: AgentSession;
+  readonly flash: FlashEngine;
+  readonly methods: RemoteMethod[];
+  private readonly console: ConsoleReporter;
+  private readonly unsubscribers: Array<() => void> = [];
+  private readonly startedAt = Date.now();
+  private recovered = false;
+
+  private constructor(
+    readonly config: MoonflashConfig,
+    readonly logger: Logger,
+  ) {
+    this.runner = new JobRunner({ dataDir: config.dataDir, logger });
+    // Handlers reach the engine through `this` at call time: the engine needs the session, the session the names.
+    const agent = this;
+    this.methods = buildMethodTable({
+      runner: this.runner,
+      get flash() {
+        return agent.flash;
+      },
+      info: () => this.info(),
+    });
+    const byName = new Map(this.methods.map((m) => [m.name, m]));
+    this.session = new AgentSession({
+      endpoint: endpointFromConfig(config),
+      clientName: AGENT_NAME,
+      version: VERSION,
+      url: PROJECT_URL,
+      methods: this.methods.map((m) => m.name),
+      onCall: (method, params, info) => this.dispatch(byName, method, params, info.viaMacro),
+      logger: logger.child({ ns: "moonraker" }),
+    });
+    this.flash = new FlashEngine({ config, printer: this.session, runner: this.runner, logger: logger.child({ ns: "flash" }) });
+    this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }));
+    this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
+    this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
+    this.unsubscribers.push(
+      this.runner.on((event) => {
+        if (event.type === "log") logger[event.level]({ job: event.jobId }, event.message);
+        else if (event.type === "stage") logger.info({ job: event.jobId, target: event.target }, `stage ${event.stage}${event.message ? `: ${event.message}` : ""}`);
+        else if (event.type === "result") logger[event.ok ? "info" : "error"]({ job: event.jobId, code: event.code }, event.ok ? "job succeeded" : `job failed: ${event.message}`);
+      }),
+    );
+    this.session.on("identified", () => void this.recoverOnce());
+  }
+
+  static async create(opts: AgentOptions): Promise<Agent> {
+    const config = await loadConfig(opts.dataDir, opts.configFile);
+    const logger = opts.logger ?? createLogger({ dataDir: config.dataDir, level: config.moonflash.log_level, pretty: opts.pretty ?? false });
+    return new Agent(config, logger);
+  }
+
+  start(): void {
+    this.logger.info({ version: VERSION, dataDir: this.config.dataDir, config: this.config.exists ? this.config.file : "(defaults)" }, "moonflash agent starting");
+    this.session.start();
+  }
+
+  /** Waits for a running job (it restarts Klipper in its own finally), then closes the session. */
+  async stop(): Promise<void> {
+    await this.waitForIdle(120_000);
+    for (const u of this.unsubscribers) u();
+    this.console.close();
+    await this.session.stop();
+    this.logger.info("moonflash agent stopped");
+  }
+
+  private waitForIdle(timeoutMs: number): Promise<void> {
+    if (!this.runner.current()) return Promise.resolve();
+    this.logger.info("waiting for the running job to finish before stopping");
+    return new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        off();
+        resolve();
+      };
+      const timer = setTimeout(done, timeoutMs);
+      const off = this.runner.on((event) => {
+        if (event.type === "result") done();
+      });
+    });
+  }
+
+  info(): Record<string, unknown> {
+    const s = this.session.state();
+    return {
+      name: AGENT_NAME,
+      version: VERSION,
+      pid: process.pid,
+      uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
+      data_dir: this.config.dataDir,
+      config: configSummary(this.config),
+      moonraker: { connected: s.moonrakerConnected, version: s.moonrakerVersion, endpoint: describeEndpoint(endpointFromConfig(this.config)) },
+      klipper: { connected: s.klippyConnected, state: s.klippyState, state_message: s.stateMessage, print_state: s.printState, idle_state: s.idleState, service: s.klipperService },
+      methods: this.methods.map((m) => ({ name: m.name, description: m.description })),
+    };
+  }
+
+  private async recoverOnce(): Promise<void> {
+    if (this.recovered) return;
+    this.recovered = true;
+    try {
+      await recoverInterruptedJob(this.config.dataDir, this.session, this.runner, this.logger.child({ ns: "recovery" }));
+    } catch (err) {
+      this.recovered = false;
+      this.logger.error({ err }, "could not recover the interrupted job; will retry on the next connection");
+    }
+  }
+
+  private async dispatch(byName: Map<string, RemoteMethod>, name: string, raw: Record<string, unknown>, viaMacro: boolean): Promise<unknown> {
+    const method = byName.get(name);
+    if (!method) throw toMoonflashError(new Error(`unknown method ${name}`));
+    this.logger.info({ method: name, params: raw, viaMacro }, "remote call");
+    const lastJob = this.runner.history(undefined, 1)[0]?.id;
+    try {
+      const params = parseParams(name, method.params, raw);
+      const result = await method.handler(params as never);
+      if (viaMacro && method.summary) this.console.say(method.summary(result as never));
+      return result;
+    } catch (err) {
+      const e = toMoonflashError(err);
+      // A job's failure is already on the console through its result event; say the rest here.
+      const jobReported = this.runner.history(undefined, 1)[0]?.id !== lastJob;
+      if (viaMacro && !jobReported) this.console.say(`moonflash: ${name} failed [${e.code}] ${e.message}`, "error");
+      if (!isMoonflashError(err)) this.logger.error({ err }, `${name} failed unexpectedly`);
+      throw e;
+    }
+  }
+}
+
+function describeEndpoint(e: MoonrakerEndpoint): string {
+  return e.kind === "unix" ? `unix:${e.path}` : e.url;
+}

@@ -1,0 +1,30 @@
+// Parameter validation for remote methods and CLI verbs: zod issues become one INVALID_PARAMS error that names
+// the field and what was expected.
+
+import { z } from "zod";
+import { MoonflashError } from "../core/errors.js";
+
+/** Klipper macros pass Jinja values: `dry_run=1`, `dry_run="true"`; clients pass booleans. Accept all of them. */
+export const flag = z.preprocess((value) => {
+  if (typeof value === "number") return value === 0 ? false : value === 1 ? true : value;
+  if (typeof value === "string") {
+    const lower = value.trim().toLowerCase();
+    if (["1", "true", "yes", "on"].includes(lower)) return true;
+    if (["0", "false", "no", "off"].includes(lower)) return false;
+  }
+  return value;
+}, z.boolean({ error: "expected true/false (or 1/0)" }));
+
+export function parseParams<S extends z.ZodType>(method: string, schema: S, raw: unknown): z.infer<S> {
+  const result = schema.safeParse(raw ?? {});
+  if (result.success) return result.data;
+  const problems = result.error.issues.map((issue) => {
+    const field = issue.path.length ? issue.path.join(".") : "params";
+    if (issue.code === "unrecognized_keys") return `unknown parameter(s) ${issue.keys.map((k) => `'${k}'`).join(", ")}`;
+    return `${field}: ${issue.message}`;
+  });
+  throw new MoonflashError("INVALID_PARAMS", `${method}: ${problems.join("; ")}`, {
+    method,
+    issues: result.error.issues.map((i) => ({ path: i.path.map(String), code: i.code, message: i.message })),
+  });
+}

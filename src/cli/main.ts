@@ -1,0 +1,120 @@
+// moonflash command line: arguments, rendering and exit codes around the same engines the agent uses.
+// Exit codes: 0 ok, 1 failure, 2 usage.
+
+import { Command, CommanderError, Option } from "commander";
+import { homedir } from "node:os";
+import { join, resolve } from "node:path";
+import { VERSION } from "../version.js";
+import { isMoonflashError, toMoonflashError } from "../core/errors.js";
+import { FLASH_METHODS } from "../flash/types.js";
+import { runServe } from "./serve.js";
+import { runStatus, runDevices, runFlash } from "./offline.js";
+import { runVirtualDevice } from "./virtual-device.js";
+
+export const EXIT_OK = 0;
+export const EXIT_FAILURE = 1;
+export const EXIT_USAGE = 2;
+
+function expandHome(p: string): string {
+  return p === "~" || p.startsWith("~/") ? join(homedir(), p.slice(1)) : p;
+}
+
+const dataOption = (): Option =>
+  new Option("--data <dir>", "printer_data directory").default(join(homedir(), "printer_data"), "~/printer_data").argParser((v) => resolve(expandHome(v)));
+
+export function buildProgram(): Command {
+  const program = new Command("moonflash")
+    .description("Reflash Klipper MCUs and apply safe updates, driven from Mainsail/Fluidd through Moonraker.")
+    .version(VERSION, "-V, --version")
+    .showHelpAfterError("(run with --help for usage)")
+    .exitOverride();
+
+  program
+    .command("serve")
+    .description("run the Moonraker agent (what the moonflash service runs)")
+    .addOption(dataOption())
+    .option("--config <file>", "configuration file (default <data>/config/moonflash.conf)")
+    .action(async (opts: { data: string; config?: string }) => {
+      process.exitCode = await runServe({ dataDir: opts.data, ...(opts.config ? { configFile: resolve(expandHome(opts.config)) } : {}) });
+    });
+
+  program
+    .command("status")
+    .description("show the running job and the last results")
+    .addOption(dataOption())
+    .option("--json", "print JSON")
+    .action(async (opts: { data: string; json?: boolean }) => {
+      process.exitCode = await runStatus({ dataDir: opts.data, json: !!opts.json });
+    });
+
+  program
+    .command("devices")
+    .description("list serial devices and CAN nodes, mapped to Klipper's [mcu] sections")
+    .addOption(dataOption())
+    .option("--json", "print JSON")
+    .action(async (opts: { data: string; json?: boolean }) => {
+      process.exitCode = await runDevices({ dataDir: opts.data, json: !!opts.json });
+    });
+
+  program
+    .command("flash")
+    .description("flash one MCU (stops Klipper, flashes, verifies, starts Klipper)")
+    .argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"')
+    .addOption(dataOption())
+    .option("--firmware <file>", "image to flash (default from moonflash.conf, else <klipper>/out/klipper.bin)")
+    .addOption(new Option("--method <method>", "use only this method").choices([...FLASH_METHODS]))
+    .option("--dry-run", "check everything, stop nothing, flash nothing")
+    .option("--json", "print job events and the result as JSON lines")
+    .action(async (mcu: string, opts: { data: string; firmware?: string; method?: string; dryRun?: boolean; json?: boolean }) => {
+      process.exitCode = await runFlash({
+        dataDir: opts.data,
+        mcu,
+        ...(opts.firmware ? { firmware: resolve(expandHome(opts.firmware)) } : {}),
+        ...(opts.method ? { method: opts.method } : {}),
+        dryRun: !!opts.dryRun,
+        json: !!opts.json,
+      });
+    });
+
+  program
+    .command("virtual-device")
+    .description("serve a virtual Katapult board on a pseudo-terminal, to try moonflash without hardware")
+    .requiredOption("--path <link>", "where to create the device link, e.g. /tmp/virtual-mcu")
+    .option("--mcu <type>", "MCU type the bootloader reports", "stm32f103xe")
+    .addOption(new Option("--mode <mode>", "katapult: in the bootloader; app: running Klipper, waits for a bootloader request").choices(["katapult", "app"]).default("katapult"))
+    .option("--baud <n>", "throttle the link to this baud rate", (v) => parsePositiveInt("--baud", v))
+    .option("--block-size <n>", "Katapult block size", (v) => parsePositiveInt("--block-size", v), 64)
+    .option("--flash-size <bytes>", "application flash size in bytes", (v) => parsePositiveInt("--flash-size", v))
+    .option("--reappear-path <link>", "after a bootloader request, come back under this path (USB re-enumeration)")
+    .option("--fault <spec...>", "inject faults: drop-reply:SEND_BLOCK:3, busy:SEND_BLOCK:5, nack:CONNECT:1, corrupt-readback, disconnect:10, silence")
+    .action(async (opts: { path: string; mcu: string; mode: "katapult" | "app"; baud?: number; blockSize: number; flashSize?: number; reappearPath?: string; fault?: string[] }) => {
+      process.exitCode = await runVirtualDevice(opts);
+    });
+
+  return program;
+}
+
+function parsePositiveInt(name: string, value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n <= 0) throw new CommanderError(EXIT_USAGE, "moonflash.invalidArgument", `${name} expects a positive integer, got '${value}'`);
+  return n;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return typeof process.exitCode === "number" ? process.exitCode : EXIT_OK;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (err.code === "commander.helpDisplayed" || err.code === "commander.version" || err.code === "commander.help") return EXIT_OK;
+      return EXIT_USAGE;
+    }
+    const e = toMoonflashError(err);
+    process.stderr.write(`moonflash: ${e.message} [${e.code}]\n`);
+    if (!isMoonflashError(err)) process.stderr.write(`${(err as Error)?.stack ?? ""}\n`);
+    return e.code === "INVALID_PARAMS" || e.code === "CONFIG_INVALID" ? EXIT_USAGE : EXIT_FAILURE;
+  }
+}
+
+process.exitCode = await main(process.argv);

@@ -1,0 +1,83 @@
+// Terminal rendering of job events: a progress bar per phase on a TTY, plain lines otherwise, JSON lines with --json.
+
+import { SingleBar, Presets } from "cli-progress";
+import type { JobEvent } from "../core/events.js";
+
+export class ProgressRenderer {
+  private bar: SingleBar | null = null;
+  private barPhase: string | null = null;
+  private lastTenth = -1;
+  private readonly tty: boolean;
+
+  constructor(private readonly opts: { json: boolean; out?: NodeJS.WriteStream }) {
+    this.tty = !opts.json && (opts.out ?? process.stdout).isTTY === true;
+  }
+
+  private write(line: string): void {
+    if (this.bar) this.bar.stop();
+    this.bar = null;
+    this.barPhase = null;
+    (this.opts.out ?? process.stdout).write(`${line}\n`);
+  }
+
+  readonly onJobEvent = (event: JobEvent): void => {
+    if (this.opts.json) {
+      (this.opts.out ?? process.stdout).write(`${JSON.stringify(event)}\n`);
+      return;
+    }
+    switch (event.type) {
+      case "stage":
+        this.write(`» ${event.stage}${event.message ? `: ${event.message}` : ""}`);
+        this.lastTenth = -1;
+        break;
+      case "progress":
+        this.progress(event.done, event.total, event.unit, event.phase ?? "progress");
+        break;
+      case "log":
+        if (event.level !== "debug") this.write(`${event.level === "info" ? " " : "!"} ${event.message}`);
+        break;
+      case "result":
+        this.stop();
+        if (!event.ok) this.write(`✗ failed [${event.code}] ${event.message ?? ""}`);
+        break;
+    }
+  };
+
+  private progress(done: number, total: number, unit: string, phase: string): void {
+    if (total <= 0) return;
+    if (this.tty) {
+      if (!this.bar || this.barPhase !== phase) {
+        this.stop();
+        this.bar = new SingleBar({ format: `  ${phase.padEnd(7)} [{bar}] {percentage}% | {value}/{total} ${unit}`, hideCursor: true }, Presets.shades_classic);
+        this.bar.start(total, done);
+        this.barPhase = phase;
+      } else this.bar.update(done);
+      return;
+    }
+    const tenth = Math.floor((10 * done) / total);
+    if (tenth !== this.lastTenth) {
+      this.lastTenth = tenth;
+      (this.opts.out ?? process.stdout).write(`  ${phase} ${tenth * 10}% (${done}/${total} ${unit})\n`);
+    }
+  }
+
+  stop(): void {
+    this.bar?.stop();
+    this.bar = null;
+    this.barPhase = null;
+  }
+
+  done(result: unknown): void {
+    this.stop();
+    if (this.opts.json) (this.opts.out ?? process.stdout).write(`${JSON.stringify({ ok: true, result })}\n`);
+    else (this.opts.out ?? process.stdout).write(`✓ ${summarize(result)}\n`);
+  }
+}
+
+function summarize(result: unknown): string {
+  const r = result as Record<string, unknown>;
+  if (r && typeof r === "object" && "method" in r && "elapsed_ms" in r) {
+    return `[${String(r.mcu)}] flashed with ${String(r.method)} in ${(Number(r.elapsed_ms) / 1000).toFixed(1)} s, ${String(r.bytes)} bytes${r.verified ? ", verified" : ""}; Klipper ${r.klipper_restarted ? "restarted" : "not restarted"}`;
+  }
+  return JSON.stringify(result, null, 2);
+}

@@ -1,0 +1,365 @@
+// Runs one job (flash or OTA) at a time across processes: an in-process slot plus the job lock file,
+// typed events to listeners, durable history, cancellation through the JobContext's AbortSignal.
+
+import { randomBytes } from "node:crypto";
+import type { Logger } from "pino";
+import { isMoonflashError, MoonflashError, toMoonflashError } from "./errors.js";
+import type { JobContext, JobEvent, JobKind, LogLevel, ProgressUnit } from "./events.js";
+import { appendJob, HISTORY_LIMIT, listJobs, type JobRecord } from "./history.js";
+import { acquireJobLock, busyError, type JobLock, type JobLockInfo } from "./lock.js";
+import { dataPaths, type DataPaths } from "./paths.js";
+
+export type { JobRecord } from "./history.js";
+
+export interface JobSpec {
+  kind: JobKind;
+  /** What the job acts on, e.g. "mcu toolhead". */
+  target: string;
+  /** Recorded in history as given; keep it plain JSON. */
+  params?: unknown;
+}
+
+export interface JobProgress {
+  done: number;
+  total: number;
+  unit: ProgressUnit;
+  phase?: string;
+}
+
+export interface CurrentJob {
+  id: string;
+  kind: JobKind;
+  target: string;
+  stage: string;
+  progress: JobProgress | null;
+  startedAt: string;
+  cancellable: boolean;
+  /** Why cancel is refused right now, when it is. */
+  cancelReason?: string;
+}
+
+/** A job that was running when the process died, found by an engine's crash journal. */
+export interface InterruptedJob {
+  id: string;
+  kind: JobKind;
+  target: string;
+  params?: unknown;
+  startedAt: string;
+  message?: string;
+}
+
+export type JobListener = (event: JobEvent) => void;
+
+interface ActiveJob {
+  info: JobLockInfo;
+  stage: string;
+  progress: JobProgress | null;
+  cancellable: boolean;
+  cancelReason: string | undefined;
+  controller: AbortController;
+}
+
+function compactUtc(date: Date): string {
+  return date.toISOString().slice(0, 19).replace(/[-:]/g, "");
+}
+
+/** Short ids that sort by start time: flash-20261123T124500-ab12 (UTC). */
+export function makeJobId(kind: JobKind, at: Date): string {
+  return `${kind}-${compactUtc(at)}-${randomBytes(2).toString("hex")}`;
+}
+
+function cancelledError(jobId: string, cause?: unknown): MoonflashError {
+  return new MoonflashError(
+    "CANCELLED",
+    `Job ${jobId} was cancelled before anything was written; start it again when ready.`,
+    { jobId },
+    cause === undefined ? undefined : { cause },
+  );
+}
+
+export class JobRunner {
+  private readonly logger: Logger;
+  private readonly now: () => Date;
+  private readonly paths: DataPaths;
+  private readonly listeners = new Set<JobListener>();
+  private active: ActiveJob | null = null;
+
+  constructor(opts: { dataDir: string; logger: Logger; now?: () => Date }) {
+    this.logger = opts.logger;
+    this.now = opts.now ?? (() => new Date());
+    this.paths = dataPaths(opts.dataDir);
+  }
+
+  /** Runs `work` as the one job of this machine; throws BUSY when another job runs here or in another process. */
+  async run<T>(spec: JobSpec, work: (ctx: JobContext) => Promise<T>): Promise<T> {
+    if (this.active) throw busyError(this.active.info);
+    const startedAt = this.now();
+    const info: JobLockInfo = {
+      jobId: makeJobId(spec.kind, startedAt),
+      kind: spec.kind,
+      target: spec.target,
+      pid: process.pid,
+      startedAt: startedAt.toISOString(),
+    };
+    // Claimed before the first await so a second run() in the same tick sees it.
+    const job: ActiveJob = {
+      info,
+      stage: "starting",
+      progress: null,
+      cancellable: true,
+      cancelReason: undefined,
+      controller: new AbortController(),
+    };
+    this.active = job;
+
+    let lock: JobLock;
+    try {
+      lock = await acquireJobLock(this.paths.lock, info);
+    } catch (err) {
+      this.active = null;
+      throw toMoonflashError(err);
+    }
+
+    const log = this.logger.child({ jobId: info.jobId, kind: info.kind, target: info.target });
+    let finished = false;
+    const ctx: JobContext = {
+      jobId: info.jobId,
+      kind: info.kind,
+      target: info.target,
+      signal: job.controller.signal,
+      stage: (stage, message) => {
+        if (finished) return;
+        job.stage = stage;
+        log.info({ stage }, message ?? `stage ${stage}`);
+        this.emit({ ...this.base(info), type: "stage", stage, ...(message === undefined ? {} : { message }) });
+      },
+      progress: (done, total, unit, phase) => {
+        if (finished) return;
+        job.progress = { done, total, unit, ...(phase === undefined ? {} : { phase }) };
+        this.emit({ ...this.base(info), type: "progress", ...job.progress });
+      },
+      log: (level: LogLevel, message: string) => {
+        if (finished) return;
+        log[level](message);
+        this.emit({ ...this.base(info), type: "log", level, message });
+      },
+      setCancellable: (cancellable, reason) => {
+        job.cancellable = cancellable;
+        job.cancelReason = cancellable ? undefined : reason;
+      },
+    };
+
+    log.info({ params: spec.params }, "job started");
+    ctx.stage("started");
+
+    let outcome: { ok: true; value: T } | { ok: false; error: MoonflashError };
+    try {
+      if (job.controller.signal.aborted) throw cancelledError(info.jobId);
+      outcome = { ok: true, value: await work(ctx) };
+    } catch (err) {
+      // Whatever an engine throws after a cancel (AbortError, a stream error) means "cancelled".
+      const error = job.controller.signal.aborted && !isMoonflashError(err) ? cancelledError(info.jobId, err) : toMoonflashError(err);
+      outcome = { ok: false, error };
+    }
+    finished = true;
+
+    const record: JobRecord = {
+      id: info.jobId,
+      kind: info.kind,
+      target: info.target,
+      ...(spec.params === undefined ? {} : { params: spec.params }),
+      startedAt: info.startedAt,
+      finishedAt: this.now().toISOString(),
+      ok: outcome.ok,
+      ...(outcome.ok
+        ? outcome.value === undefined ? {} : { result: outcome.value }
+        : { code: outcome.error.code, message: outcome.error.message }),
+    };
+    try {
+      await appendJob(this.paths.history, record, this.logger);
+    } catch (err) {
+      log.error({ err }, "could not record the job in history");
+    }
+    try {
+      await lock.release();
+    } catch (err) {
+      log.error({ err, path: lock.path }, "could not remove the job lock; the next job will find it stale");
+    }
+    // The slot is free before listeners hear the result, so a listener may start the next job at once.
+    this.active = null;
+
+    if (outcome.ok) {
+      log.info("job succeeded");
+      this.emit({ ...this.base(info), type: "result", ok: true, ...(outcome.value === undefined ? {} : { details: outcome.value }) });
+      return outcome.value;
+    }
+    const { error } = outcome;
+    log.warn({ code: error.code, details: error.details }, `job failed: ${error.message}`);
+    this.emit({ ...this.base(info), type: "result", ok: false, code: error.code, message: error.message, details: error.details });
+    throw error;
+  }
+
+  /** The running job of this process, or null. */
+  current(): CurrentJob | null {
+    const job = this.active;
+    if (!job) return null;
+    return {
+      id: job.info.jobId,
+      kind: job.info.kind,
+      target: job.info.target,
+      stage: job.stage,
+      progress: job.progress && { ...job.progress },
+      startedAt: job.info.startedAt,
+      cancellable: job.cancellable,
+      ...(job.cancelReason === undefined ? {} : { cancelReason: job.cancelReason }),
+    };
+  }
+
+  /** Aborts the running job's signal. NO_JOB when none (of that kind) runs; CANCEL_REFUSED while not cancellable. */
+  cancel(kind?: JobKind): { id: string } {
+    const job = this.active;
+    if (!job || (kind !== undefined && job.info.kind !== kind)) {
+      throw new MoonflashError("NO_JOB", `No ${kind ?? "flash or OTA"} job is running, so there is nothing to cancel.`, { kind: kind ?? null });
+    }
+    if (!job.cancellable) {
+      const reason = job.cancelReason ?? "the job is at a step that must finish";
+      throw new MoonflashError(
+        "CANCEL_REFUSED",
+        `Job ${job.info.jobId} cannot be cancelled now: ${reason}. Wait for it to finish.`,
+        { jobId: job.info.jobId, reason },
+      );
+    }
+    if (!job.controller.signal.aborted) {
+      this.logger.info({ jobId: job.info.jobId }, "job cancel requested");
+      job.controller.abort(cancelledError(job.info.jobId));
+    }
+    return { id: job.info.jobId };
+  }
+
+  /** Recent jobs (also those run by other moonflash processes), newest first. */
+  history(kind?: JobKind, limit = HISTORY_LIMIT): JobRecord[] {
+    const jobs = listJobs(this.paths.history, this.logger);
+    return (kind === undefined ? jobs : jobs.filter((job) => job.kind === kind)).slice(0, Math.max(0, limit));
+  }
+
+  /** Subscribes to every job event; returns the unsubscribe function. */
+  on(listener: JobListener): () => void {
+    this.listeners.add(listener);
+    return () => {
+      this.listeners.delete(listener);
+    };
+  }
+
+  /** Records a job the previous process did not finish (it died) as failed with INTERRUPTED. */
+  async interrupted(record: InterruptedJob): Promise<void> {
+    const message =
+      record.message ?? "moonflash stopped while this job ran; check the device and run the job again.";
+    await appendJob(
+      this.paths.history,
+      {
+        id: record.id,
+        kind: record.kind,
+        target: record.target,
+        ...(record.params === undefined ? {} : { params: record.params }),
+        startedAt: record.startedAt,
+        finishedAt: this.now().toISOString(),
+        ok: false,
+        code: "INTERRUPTED",
+        message,
+      },
+      this.logger,
+    );
+    this.logger.warn({ jobId: record.id, kind: record.kind, target: record.target }, `interrupted job recorded: ${message}`);
+  }
+
+  private base(info: JobLockInfo): { jobId: string; kind: JobKind; target: string; ts: string } {
+    return { jobId: info.jobId, kind: info.kind, target: info.target, ts: this.now().toISOString() };
+  }
+
+  // One failing adapter must not stop the others or the job (moonraker's send_event, zigbee2mqtt's eventBus).
+  private emit(event: JobEvent): void {
+    for (const listener of [...this.listeners]) {
+      try {
+        const returned: unknown = listener(event);
+        if (returned instanceof Promise) {
+          returned.catch((err: unknown) => this.logger.error({ err, event: event.type }, "job event listener failed"));
+        }
+      } catch (err) {
+        this.logger.error({ err, event: event.type }, "job event listener failed");
+      }
+    }
+  }
+}
+
+type ProgressEvent = Extract<JobEvent, { type: "progress" }>;
+
+export interface ThrottleOptions {
+  /** Progress events forwarded per second and job. */
+  maxPerSecond: number;
+  /** Where a listener error thrown from the deferred (timer) path goes; default process.emitWarning. */
+  onError?: (err: unknown) => void;
+}
+
+/**
+ * Wraps a listener so progress arrives at most `maxPerSecond` times per second per job, while stage, log and
+ * result events pass at once. The first progress of every phase passes at once; the latest held-back one is
+ * sent when its slot comes, or before the next non-progress event or phase, so the last value is never lost.
+ */
+export function throttleProgress(listener: JobListener, opts: ThrottleOptions): JobListener {
+  const interval = 1000 / opts.maxPerSecond;
+  const onError = opts.onError ?? ((err: unknown) => process.emitWarning(err instanceof Error ? err : String(err)));
+  interface JobState {
+    phase: string;
+    lastSent: number;
+    pending: ProgressEvent | null;
+    timer: ReturnType<typeof setTimeout> | null;
+  }
+  const jobs = new Map<string, JobState>();
+
+  const send = (state: JobState, event: ProgressEvent): void => {
+    state.lastSent = Date.now();
+    listener(event);
+  };
+  const flush = (state: JobState): void => {
+    if (state.timer) clearTimeout(state.timer);
+    state.timer = null;
+    const pending = state.pending;
+    state.pending = null;
+    if (pending) send(state, pending);
+  };
+
+  return (event) => {
+    const state = jobs.get(event.jobId);
+    if (event.type !== "progress") {
+      if (event.type === "result") jobs.delete(event.jobId);
+      if (state) flush(state);
+      listener(event);
+      return;
+    }
+    const phase = event.phase ?? "";
+    if (!state || state.phase !== phase) {
+      if (state) flush(state);
+      const fresh: JobState = { phase, lastSent: 0, pending: null, timer: null };
+      jobs.set(event.jobId, fresh);
+      send(fresh, event);
+      return;
+    }
+    const now = Date.now();
+    if (now - state.lastSent >= interval) {
+      state.pending = null;
+      if (state.timer) clearTimeout(state.timer);
+      state.timer = null;
+      send(state, event);
+      return;
+    }
+    state.pending = event;
+    state.timer ??= setTimeout(() => {
+      state.timer = null;
+      try {
+        flush(state);
+      } catch (err) {
+        onError(err);
+      }
+    }, state.lastSent + interval - now);
+  };
+}

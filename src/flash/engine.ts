@@ -1,0 +1,496 @@
+// The flash engine: resolves an MCU to a device, an image and a chain of methods, checks everything while
+// Klipper still runs, then flashes with Klipper stopped (guard.ts) and falls back along the chain.
+// `flash.mcu` (agent) and `moonflash flash` (CLI) both call it; it knows the printer only as a PrinterPort.
+
+import { createHash } from "node:crypto";
+import { readFile, realpath, stat } from "node:fs/promises";
+import { join, resolve } from "node:path";
+import { performance } from "node:perf_hooks";
+import type { Logger } from "pino";
+import type { McuConfig, MoonflashConfig } from "../core/config.js";
+import { writeFileDurable } from "../core/durable.js";
+import { MoonflashError, toMoonflashError, type ErrorCode } from "../core/errors.js";
+import type { JobContext, LogLevel } from "../core/events.js";
+import type { JobRunner } from "../core/jobs.js";
+import { dataPaths } from "../core/paths.js";
+import type { McuInfo, PrinterPort } from "../core/printer.js";
+import { discoverDevices, mapDevicesToMcus, type DiscoveredDevice, type DiscoverOptions } from "./discovery.js";
+import { assertNotPrinting, withKlipperStopped } from "./guard.js";
+import { KatapultFlasher } from "./katapult/flasher.js";
+import { FlashtoolFlasher } from "./methods/flashtool.js";
+import { MakeFlasher } from "./methods/make.js";
+import { WchispFlasher } from "./methods/wchisp.js";
+import { FLASH_METHODS, type FlashMethodName, type Flasher, type FlashOutcome, type FlashTarget } from "./types.js";
+
+/** Defaults for an MCU that only Klipper's config knows (moonflash.conf's own defaults, see core/config.ts). */
+const MCU_DEFAULTS = {
+  canbus_interface: "can0",
+  baud: 250000,
+  bootloader: "auto",
+  wchisp_transport: "usb",
+  timeout: 300,
+} as const;
+
+/** Methods tried when neither the request nor moonflash.conf names one. */
+const AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"] } as const satisfies Record<string, readonly FlashMethodName[]>;
+
+/** Failures after which another method must not run: the user stopped it, or the image is wrong for the board. */
+const FINAL_CODES: ReadonlySet<ErrorCode> = new Set(["CANCELLED", "PRINTER_BUSY", "MCU_MISMATCH"]);
+
+export interface FlashParams {
+  /** "mcu", "toolhead" or "mcu toolhead". */
+  mcu: string;
+  firmware?: string;
+  /** One method, a comma list, or a list; overrides moonflash.conf's `method:`. */
+  method?: string | string[];
+  dry_run?: boolean;
+}
+
+export interface FlashPlan {
+  /** Config section, e.g. "mcu toolhead". */
+  mcu: string;
+  /** Serial path as configured, or "<interface>:<uuid>" for CAN. */
+  device: string;
+  /** Where the serial path points now (/dev/ttyACM0, /dev/pts/3); null for CAN. */
+  device_real_path: string | null;
+  firmware: string;
+  firmware_bytes: number;
+  /** Methods that passed pre-flight, in the order they will be tried. */
+  methods: FlashMethodName[];
+  /** Methods dropped by pre-flight, with why. */
+  skipped: Array<{ method: FlashMethodName; code: ErrorCode; message: string }>;
+  expected_mcu_type: string | null;
+  target: FlashTarget;
+}
+
+export interface FlashAttempt {
+  method: FlashMethodName;
+  ok: boolean;
+  elapsed_ms: number;
+  code?: ErrorCode;
+  message?: string;
+}
+
+export interface FlashResult {
+  mcu: string;
+  device: string;
+  /** The method that succeeded. */
+  method: FlashMethodName;
+  attempts: FlashAttempt[];
+  bytes: number;
+  verified: boolean;
+  elapsed_ms: number;
+  klipper_restarted: boolean;
+}
+
+export interface FlashDryRunResult {
+  dry_run: true;
+  mcu: string;
+  device: string;
+  firmware: string;
+  methods: FlashMethodName[];
+  plan: FlashPlan;
+}
+
+/** One MCU section as moonflash knows it: from Klipper's config, moonflash.conf, or both. */
+export interface KnownMcu {
+  section: string;
+  serial?: string;
+  canbusUuid?: string;
+  canbusInterface?: string;
+  sources: Array<"klipper" | "moonflash">;
+}
+
+export interface DevicesReport {
+  devices: DiscoveredDevice[];
+  mcus: KnownMcu[];
+}
+
+export interface FlashEngineOptions {
+  config: MoonflashConfig;
+  printer: PrinterPort;
+  runner: JobRunner;
+  logger: Logger;
+  /** Replaces the default flasher of a method (tests, or a board-specific variant). */
+  flashers?: Partial<Record<FlashMethodName, Flasher>>;
+  /** Roots for device discovery (tests point them at a fake tree). */
+  discovery?: DiscoverOptions;
+  /** The install's bin/ directory, searched for wchisp before PATH. */
+  installBin?: string;
+}
+
+/** The flashers moonflash.conf asks for: our own Katapult host, flashtool.py, make flash, wchisp. */
+export function defaultFlashers(
+  config: MoonflashConfig,
+  opts: { logger: Logger; installBin?: string; discovery?: DiscoverOptions },
+): Record<FlashMethodName, Flasher> {
+  const m = config.moonflash;
+  const logger = (method: FlashMethodName) => opts.logger.child({ method });
+  return {
+    katapult: new KatapultFlasher({ logger: logger("katapult") }),
+    flashtool: new FlashtoolFlasher({ python: m.python, katapultPath: m.katapult_path, logger: logger("flashtool") }),
+    make: new MakeFlasher({ logger: logger("make") }),
+    wchisp: new WchispFlasher({
+      ...(m.wchisp_path ? { wchispPath: m.wchisp_path } : {}),
+      ...(opts.installBin ? { installBin: opts.installBin } : {}),
+      discover: () => discoverDevices(opts.discovery),
+      logger: logger("wchisp"),
+    }),
+  };
+}
+
+/** "toolhead" and "mcu toolhead" name the same section; whitespace is not significant. */
+export function mcuSectionName(name: string): string {
+  const words = name.trim().split(/\s+/).filter(Boolean);
+  if (words[0] === "mcu") words.shift();
+  return words.length === 0 ? "mcu" : `mcu ${words.join(" ")}`;
+}
+
+function parseMethods(value: string | string[]): FlashMethodName[] {
+  const names = (Array.isArray(value) ? value : [value]).flatMap((v) => v.split(",")).map((v) => v.trim()).filter(Boolean);
+  if (names.length === 0) {
+    throw new MoonflashError("UNKNOWN_FLASH_METHOD", `No flash method given. Use one of: ${FLASH_METHODS.join(", ")}.`, { method: value });
+  }
+  for (const name of names) {
+    if (!(FLASH_METHODS as readonly string[]).includes(name)) {
+      throw new MoonflashError(
+        "UNKNOWN_FLASH_METHOD",
+        `Unknown flash method '${name}'. Use one of: ${FLASH_METHODS.join(", ")}.`,
+        { method: name, known: [...FLASH_METHODS] },
+      );
+    }
+  }
+  return [...new Set(names)] as FlashMethodName[];
+}
+
+/** Checks the image before anything is touched; returns its size. */
+async function checkFirmware(path: string, flashSize: number | null): Promise<number> {
+  let size: number;
+  try {
+    const s = await stat(path);
+    if (!s.isFile()) {
+      throw new MoonflashError("FIRMWARE_NOT_FOUND", `The firmware ${path} is not a file. Give the path of the built image (e.g. out/klipper.bin).`, { firmware: path });
+    }
+    size = s.size;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") {
+      throw new MoonflashError(
+        "FIRMWARE_NOT_FOUND",
+        `The firmware ${path} does not exist. Build it first (make in the Klipper tree) or give its path with firmware=.`,
+        { firmware: path },
+      );
+    }
+    throw toMoonflashError(err);
+  }
+  if (size === 0) {
+    throw new MoonflashError("FIRMWARE_EMPTY", `The firmware ${path} is empty. Rebuild it; an interrupted build leaves an empty file.`, { firmware: path });
+  }
+  if (flashSize !== null && size > flashSize) {
+    throw new MoonflashError(
+      "FIRMWARE_TOO_LARGE",
+      `The firmware ${path} is ${size} bytes but the MCU has ${flashSize} bytes for the application. Check the build's MCU and bootloader offset, or flash_size in moonflash.conf.`,
+      { firmware: path, bytes: size, flashSize },
+    );
+  }
+  return size;
+}
+
+/**
+ * A serial path is accepted only when what it really points to is a character device under /dev: a pty
+ * symlink anywhere is fine (it resolves to /dev/pts/N), a link to /etc/passwd or a plain file is not.
+ */
+async function checkDevicePath(path: string): Promise<string> {
+  const absolute = resolve(path);
+  let real: string;
+  try {
+    real = await realpath(absolute);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT" && absolute.startsWith("/dev/")) {
+      throw new MoonflashError(
+        "DEVICE_NOT_FOUND",
+        `The serial device ${path} is not present. Check the USB cable and that the board is powered; see flash.devices for what is connected.`,
+        { device: path },
+      );
+    }
+    throw new MoonflashError("PATH_REJECTED", `The serial device ${path} is not a device under /dev. Use the board's /dev/serial/by-id or /dev/serial/by-path link.`, { device: path });
+  }
+  const s = await stat(real);
+  if (!real.startsWith("/dev/") || !s.isCharacterDevice()) {
+    throw new MoonflashError(
+      "PATH_REJECTED",
+      `The serial device ${path} resolves to ${real}, which is not a character device under /dev. Use the board's /dev/serial/by-id or /dev/serial/by-path link.`,
+      { device: path, realPath: real },
+    );
+  }
+  return real;
+}
+
+/** The runner's context with a second abort source: a shutdown signal, honoured only while the job is cancellable. */
+function contextWithShutdown(ctx: JobContext, shutdown: AbortSignal): JobContext {
+  const controller = new AbortController();
+  let cancellable = true;
+  const abort = (reason: unknown) => {
+    if (!controller.signal.aborted) controller.abort(reason);
+  };
+  if (ctx.signal.aborted) abort(ctx.signal.reason);
+  ctx.signal.addEventListener("abort", () => abort(ctx.signal.reason), { once: true });
+  shutdown.addEventListener(
+    "abort",
+    () => {
+      if (cancellable) abort(shutdown.reason);
+      else ctx.log("warn", "shutdown requested while writing flash: finishing the write first");
+    },
+    { once: true },
+  );
+  return {
+    jobId: ctx.jobId,
+    kind: ctx.kind,
+    target: ctx.target,
+    signal: controller.signal,
+    stage: (stage, message) => ctx.stage(stage, message),
+    progress: (done, total, unit, phase) => ctx.progress(done, total, unit, phase),
+    log: (level, message) => ctx.log(level, message),
+    setCancellable(value, reason) {
+      cancellable = value;
+      ctx.setCancellable(value, reason);
+      if (value && shutdown.aborted) abort(shutdown.reason);
+    },
+  };
+}
+
+export class FlashEngine {
+  private readonly config: MoonflashConfig;
+  private readonly printer: PrinterPort;
+  private readonly runner: JobRunner;
+  private readonly logger: Logger;
+  private readonly flashers: Record<FlashMethodName, Flasher>;
+  private readonly discovery: DiscoverOptions;
+
+  constructor(opts: FlashEngineOptions) {
+    this.config = opts.config;
+    this.printer = opts.printer;
+    this.runner = opts.runner;
+    this.logger = opts.logger;
+    this.discovery = { logger: opts.logger, ...opts.discovery };
+    this.flashers = {
+      ...defaultFlashers(opts.config, { logger: opts.logger, discovery: this.discovery, ...(opts.installBin ? { installBin: opts.installBin } : {}) }),
+      ...opts.flashers,
+    };
+  }
+
+  /** Serial devices found on this host, each mapped to the MCU section that uses it, plus the known sections. */
+  async devices(): Promise<DevicesReport> {
+    const [found, mcus] = await Promise.all([discoverDevices(this.discovery), this.knownMcus()]);
+    const devices = await mapDevicesToMcus(found, mcus);
+    return { devices, mcus };
+  }
+
+  /** Resolves and pre-flights a flash without stopping or writing anything. */
+  async plan(params: FlashParams): Promise<FlashPlan> {
+    return this.buildPlan(params, (level, message) => this.logger[level](message));
+  }
+
+  /** Runs one flash job: plan, keep the image, stop Klipper, try each method, start Klipper. */
+  async flash(params: FlashParams): Promise<FlashResult | FlashDryRunResult> {
+    const section = mcuSectionName(params.mcu);
+    return this.runner.run({ kind: "flash", target: section, params }, async (ctx) => {
+      ctx.stage("plan");
+      const plan = await this.buildPlan(params, (level, message) => ctx.log(level, message));
+      if (params.dry_run) {
+        return { dry_run: true, mcu: plan.mcu, device: plan.device, firmware: plan.firmware, methods: plan.methods, plan };
+      }
+      assertNotPrinting(this.printer);
+      ctx.stage("keep-image");
+      await this.keepImage(plan);
+
+      const started = performance.now();
+      const attempts: FlashAttempt[] = [];
+      const guarded = await withKlipperStopped(
+        this.printer,
+        dataPaths(this.config.dataDir).journal,
+        { jobId: ctx.jobId, kind: "flash", target: plan.mcu, serviceTimeoutMs: this.config.moonflash.service_timeout * 1000, logger: this.logger },
+        (shutdown) => this.runChain(plan, contextWithShutdown(ctx, shutdown), attempts),
+      );
+      const { method, outcome } = guarded.value;
+      return {
+        mcu: plan.mcu,
+        device: outcome.device,
+        method,
+        attempts,
+        bytes: outcome.bytes,
+        verified: outcome.verified,
+        elapsed_ms: Math.round(performance.now() - started),
+        klipper_restarted: guarded.klipperRestart?.ok === true,
+      };
+    });
+  }
+
+  /** Cancels the running flash job; the runner refuses once writing has started. */
+  cancel(): { id: string } {
+    return this.runner.cancel("flash");
+  }
+
+  private async runChain(
+    plan: FlashPlan,
+    ctx: JobContext,
+    attempts: FlashAttempt[],
+  ): Promise<{ method: FlashMethodName; outcome: FlashOutcome }> {
+    let lastError: MoonflashError | null = null;
+    for (const [index, method] of plan.methods.entries()) {
+      if (ctx.signal.aborted) throw toMoonflashError(ctx.signal.reason ?? new MoonflashError("CANCELLED", "The flash job was cancelled."), "CANCELLED");
+      ctx.stage(method, `flashing ${plan.mcu} with ${method}`);
+      const started = performance.now();
+      try {
+        const outcome = await this.flashers[method].flash(plan.target, ctx);
+        attempts.push({ method, ok: true, elapsed_ms: Math.round(performance.now() - started) });
+        return { method, outcome };
+      } catch (err) {
+        const error = toMoonflashError(err, "FLASH_FAILED");
+        attempts.push({ method, ok: false, elapsed_ms: Math.round(performance.now() - started), code: error.code, message: error.message });
+        lastError = error;
+        const next = plan.methods[index + 1];
+        if (FINAL_CODES.has(error.code) || ctx.signal.aborted || !next) break;
+        ctx.log("warn", `${method} failed: ${error.message}; trying ${next}`);
+      }
+    }
+    const last = lastError ?? new MoonflashError("FLASH_FAILED", "No flash method was tried.");
+    throw new MoonflashError(last.code, last.message, { ...last.details, attempts }, { cause: last });
+  }
+
+  private async knownMcus(): Promise<KnownMcu[]> {
+    const known = new Map<string, KnownMcu>();
+    for (const info of await this.klipperMcus()) {
+      known.set(info.section, {
+        section: info.section,
+        ...(info.serial ? { serial: info.serial } : {}),
+        ...(info.canbusUuid ? { canbusUuid: info.canbusUuid, canbusInterface: info.canbusInterface ?? MCU_DEFAULTS.canbus_interface } : {}),
+        sources: ["klipper"],
+      });
+    }
+    for (const mc of Object.values(this.config.mcus)) {
+      const entry = known.get(mc.section) ?? { section: mc.section, sources: [] };
+      // moonflash.conf's device wins: it is how a user points at a board Klipper's config lists differently or not yet.
+      if (mc.serial) {
+        entry.serial = mc.serial;
+        delete entry.canbusUuid;
+        delete entry.canbusInterface;
+      } else if (mc.canbus_uuid) {
+        entry.canbusUuid = mc.canbus_uuid;
+        entry.canbusInterface = mc.canbus_interface;
+        delete entry.serial;
+      }
+      entry.sources.push("moonflash");
+      known.set(mc.section, entry);
+    }
+    return [...known.values()].sort((a, b) => a.section.localeCompare(b.section));
+  }
+
+  /** Klipper's [mcu*] sections, or none while Klipper (or Moonraker) is down: moonflash.conf still works then. */
+  private async klipperMcus(): Promise<McuInfo[]> {
+    if (!this.printer.state().klippyConnected) return [];
+    try {
+      return (await this.printer.mcuReport()).mcus;
+    } catch (err) {
+      this.logger.warn({ err }, "could not read Klipper's MCU sections; using moonflash.conf only");
+      return [];
+    }
+  }
+
+  private async buildPlan(params: FlashParams, log: (level: LogLevel, message: string) => void): Promise<FlashPlan> {
+    const section = mcuSectionName(params.mcu);
+    const klipperMcus = await this.klipperMcus();
+    const klipper = klipperMcus.find((m) => m.section === section);
+    const own: McuConfig | undefined = this.config.mcus[section];
+    if (!klipper && !own) {
+      const known = [...new Set([...klipperMcus.map((m) => m.section), ...Object.keys(this.config.mcus)])].sort();
+      throw new MoonflashError(
+        "UNKNOWN_MCU",
+        `Unknown MCU '${params.mcu}'. Known MCUs: ${known.join(", ") || "none"}. ` +
+          `Use one of these, or add an [${section}] section with serial: or canbus_uuid: to moonflash.conf.`,
+        { mcu: params.mcu, known },
+      );
+    }
+
+    // The device comes from one place, and baud/interface with it: moonflash.conf when it names a device, else Klipper.
+    const fromOwn = !!(own?.serial || own?.canbus_uuid);
+    const serial = fromOwn ? (own?.serial ?? undefined) : klipper?.serial;
+    const canbusUuid = fromOwn ? (own?.canbus_uuid ?? undefined) : klipper?.canbusUuid;
+    const canbusInterface = fromOwn ? own!.canbus_interface : (klipper?.canbusInterface ?? own?.canbus_interface ?? MCU_DEFAULTS.canbus_interface);
+    const baud = fromOwn ? own!.baud : (klipper?.baud ?? own?.baud ?? MCU_DEFAULTS.baud);
+    if (!serial && !canbusUuid) {
+      throw new MoonflashError(
+        "DEVICE_NOT_FOUND",
+        `[${section}] has no serial: or canbus_uuid: in Klipper's config or moonflash.conf. Add serial: (or canbus_uuid:) to [${section}] in moonflash.conf.`,
+        { mcu: section },
+      );
+    }
+
+    const methods = params.method !== undefined ? parseMethods(params.method) : (own?.method ?? [...(serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus)]);
+    const firmware = resolve(params.firmware ?? own?.firmware ?? join(this.config.moonflash.klipper_path, "out", "klipper.bin"));
+    const firmwareBytes = await checkFirmware(firmware, own?.flash_size ?? null);
+    const deviceRealPath = serial ? await checkDevicePath(serial) : null;
+    const expectedMcuType = own?.mcu_type ?? klipper?.mcuType ?? null;
+
+    // flashSize rides along for the Katapult flasher, which checks it against the bootloader's report.
+    const target: FlashTarget & { flashSize: number | null } = {
+      mcu: section,
+      ...(serial ? { device: serial } : {}),
+      ...(canbusUuid && !serial ? { canbusUuid } : {}),
+      canbusInterface,
+      baud,
+      firmwarePath: firmware,
+      ...(expectedMcuType ? { expectedMcuType } : {}),
+      bootloader: own?.bootloader ?? MCU_DEFAULTS.bootloader,
+      klipperPath: this.config.moonflash.klipper_path,
+      ...(own?.kconfig ? { kconfig: own.kconfig } : {}),
+      ...(own?.out_dir ? { outDir: own.out_dir } : {}),
+      wchispTransport: own?.wchisp_transport ?? MCU_DEFAULTS.wchisp_transport,
+      timeoutMs: (own?.timeout ?? MCU_DEFAULTS.timeout) * 1000,
+      flashSize: own?.flash_size ?? null,
+    };
+
+    const usable: FlashMethodName[] = [];
+    const skipped: FlashPlan["skipped"] = [];
+    let firstError: MoonflashError | null = null;
+    for (const method of methods) {
+      try {
+        await this.flashers[method].preflight(target);
+        usable.push(method);
+      } catch (err) {
+        const error = toMoonflashError(err);
+        firstError ??= error;
+        skipped.push({ method, code: error.code, message: error.message });
+        log("warn", `${method} skipped: ${error.message}`);
+      }
+    }
+    if (usable.length === 0 && firstError) {
+      throw new MoonflashError(firstError.code, firstError.message, { ...firstError.details, skipped }, { cause: firstError });
+    }
+
+    return {
+      mcu: section,
+      device: serial ?? `${canbusInterface}:${canbusUuid}`,
+      device_real_path: deviceRealPath,
+      firmware,
+      firmware_bytes: firmwareBytes,
+      methods: usable,
+      skipped,
+      expected_mcu_type: expectedMcuType,
+      target,
+    };
+  }
+
+  /** A durable copy of what is about to be flashed, so the last image of each MCU can be found (and re-flashed) later. */
+  private async keepImage(plan: FlashPlan): Promise<void> {
+    const image = await readFile(plan.firmware);
+    const dir = join(dataPaths(this.config.dataDir).firmware, plan.mcu.replace(/\s+/g, "_"));
+    await writeFileDurable(join(dir, "last.bin"), image);
+    const meta = {
+      sha256: createHash("sha256").update(image).digest("hex"),
+      size: image.length,
+      date: new Date().toISOString(),
+      source: plan.firmware,
+    };
+    await writeFileDurable(join(dir, "last.json"), `${JSON.stringify(meta, null, 2)}\n`);
+  }
+}

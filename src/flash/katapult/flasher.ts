@@ -1,0 +1,373 @@
+// The "katapult" flash method: our own Katapult host over a serial link (USB CDC, UART, pty). Bootloader entry
+// follows flashtool.py's serial mode (shared/reference/flashing.md §2.1); the protocol lives in session.ts.
+
+import { readFile, readdir, realpath, stat } from "node:fs/promises";
+import { basename, dirname, join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import type { Logger } from "pino";
+import { MoonflashError, isMoonflashError, toMoonflashError } from "../../core/errors.js";
+import type { JobContext, LogLevel } from "../../core/events.js";
+import { openSerialLink, requestUsbBootloader, sendSerialBootloaderRequest, type ByteLink } from "../link.js";
+import type { FlashOutcome, FlashTarget, Flasher } from "../types.js";
+import { detectImageMcu } from "./image.js";
+import { KatapultSession, type KatapultTimings } from "./session.js";
+
+/** USB ids of a board running Klipper and one sitting in Katapult (flashtool.py). */
+const KLIPPER_USB_ID = "1d50:614e";
+const KATAPULT_USB_ID = "1d50:6177";
+
+export const NOT_CANCELLABLE_WHILE_WRITING = "writing flash: stopping now would leave the board without firmware";
+
+export interface KatapultFlasherOptions {
+  logger?: Logger;
+  /** Protocol timings (session.ts defaults are flashtool's). */
+  timings?: Partial<KatapultTimings>;
+  /** How long to wait for a USB board to come back in Katapult after the 1200-baud request, ms. Default 8000. */
+  bootloaderTimeoutMs?: number;
+  /** Poll interval while waiting for the board to come back, ms. Default 100. */
+  bootloaderPollMs?: number;
+  /** Wait after the serial bootloader request string (flashtool waits 1 s). Default 1000. */
+  serialRequestSettleMs?: number;
+  /** `auto` on a non-USB device first tries one CONNECT with this timeout, ms. Default 500. */
+  autoProbeTimeoutMs?: number;
+  /** Root of sysfs (tests point it at a fake tree). Default "/sys". */
+  sysfsRoot?: string;
+  /** Where udev keeps the stable per-port links. Default "/dev/serial/by-path". */
+  byPathDir?: string;
+}
+
+/** Engines may know the MCU's flash size (moonflash config `flash_size`); FlashTarget does not carry it yet. */
+type TargetWithFlashSize = FlashTarget & { flashSize?: number | null };
+
+export class KatapultFlasher implements Flasher {
+  readonly name = "katapult" as const;
+  private readonly options: Required<Omit<KatapultFlasherOptions, "logger" | "timings">>;
+
+  constructor(private readonly config: KatapultFlasherOptions = {}) {
+    this.options = {
+      bootloaderTimeoutMs: config.bootloaderTimeoutMs ?? 8000,
+      bootloaderPollMs: config.bootloaderPollMs ?? 100,
+      serialRequestSettleMs: config.serialRequestSettleMs ?? 1000,
+      autoProbeTimeoutMs: config.autoProbeTimeoutMs ?? 500,
+      sysfsRoot: config.sysfsRoot ?? "/sys",
+      byPathDir: config.byPathDir ?? "/dev/serial/by-path",
+    };
+  }
+
+  async preflight(target: FlashTarget): Promise<void> {
+    const device = requireDevice(target);
+    try {
+      await stat(device);
+    } catch (err) {
+      throw new MoonflashError(
+        "DEVICE_NOT_FOUND",
+        `No serial device at ${device}. Check the cable and the [${target.mcu}] serial setting (ls /dev/serial/by-id/).`,
+        { device },
+        { cause: err },
+      );
+    }
+  }
+
+  async flash(target: FlashTarget, ctx: JobContext): Promise<FlashOutcome> {
+    const device = requireDevice(target);
+    throwIfCancelled(ctx.signal);
+    const image = await readImage(target.firmwarePath);
+    const embedded = detectImageMcu(image);
+    if (embedded) this.note(ctx, "info", `Image built for ${embedded.mcu} (Klipper ${embedded.version})`);
+
+    ctx.stage("bootloader", `Entering Katapult on ${device} (${target.bootloader})`);
+    const path = await this.enterBootloader(target, device, ctx);
+    throwIfCancelled(ctx.signal);
+
+    ctx.stage("connect", `Connecting to Katapult on ${path}`);
+    const link = await this.openWithRetry(path, target.baud, ctx.signal);
+    // Cancellation may stop the job only until the first block is sent.
+    const cancel = new AbortController();
+    let writing = false;
+    const onAbort = (): void => {
+      if (!writing) cancel.abort();
+    };
+    ctx.signal.addEventListener("abort", onAbort, { once: true });
+    const session = new KatapultSession(link, { timings: this.config.timings, signal: cancel.signal, log: (level, text) => this.note(ctx, level, text) });
+    try {
+      const info = await session.connect();
+      this.note(ctx, "info", `Katapult ${info.softwareVersion} (protocol ${info.protocolVersion}) on ${path}: MCU ${info.mcuType}, block size ${info.blockSize}, application at 0x${info.appStartAddress.toString(16)}`);
+      checkMcu(target.expectedMcuType, info.mcuType, "the configured mcu_type");
+      checkMcu(embedded?.mcu, info.mcuType, "the image's Klipper dictionary");
+      checkSize(image.length, info.appStartAddress, (target as TargetWithFlashSize).flashSize ?? null);
+      throwIfCancelled(ctx.signal);
+
+      writing = true;
+      ctx.setCancellable(false, NOT_CANCELLABLE_WHILE_WRITING);
+      ctx.stage("write", `Writing ${image.length} bytes`);
+      const blockBytes = (done: number): number => Math.min(done * info.blockSize, image.length);
+      const written = await session.writeImage(image, (done) => ctx.progress(blockBytes(done), image.length, "bytes", "write"));
+      const pages = await session.sendEof();
+      this.note(ctx, "info", `Write complete: ${pages} pages`);
+      ctx.stage("verify", `Verifying ${written.blocks} blocks`);
+      const verified = await session.verify(image, (done) => ctx.progress(blockBytes(done), image.length, "bytes", "verify"));
+      this.note(ctx, "info", `Verification complete: SHA-1 ${verified.sha1}`);
+      return {
+        bytes: image.length,
+        verified: true,
+        device: path,
+        details: {
+          blockSize: info.blockSize,
+          appStart: `0x${info.appStartAddress.toString(16)}`,
+          mcuType: info.mcuType,
+          softwareVersion: info.softwareVersion,
+          protocolVersion: info.protocolVersion,
+          pages,
+          sha1: written.sha1,
+        },
+      };
+    } catch (err) {
+      throw toMoonflashError(err, "FLASH_FAILED");
+    } finally {
+      ctx.signal.removeEventListener("abort", onAbort);
+      session.dispose();
+      await this.completeQuietly(link, ctx);
+      await link.close();
+    }
+  }
+
+  /**
+   * COMPLETE makes the bootloader jump to whatever is in flash, also after a failure (flashtool's `finally`).
+   * Its own failure is only logged: it must never replace the error that ended the flash.
+   */
+  private async completeQuietly(link: ByteLink, ctx: JobContext): Promise<void> {
+    if (!link.isOpen) {
+      this.note(ctx, "warn", "Not sending COMPLETE: the device is gone");
+      return;
+    }
+    // A fresh session without the cancel signal: a cancelled job still leaves the bootloader.
+    const session = new KatapultSession(link, { timings: this.config.timings, log: (level, text) => this.note(ctx, level, text) });
+    try {
+      await session.complete();
+    } catch (err) {
+      this.note(ctx, "warn", `COMPLETE failed (${(err as Error).message}); the board may stay in Katapult until it is reset`);
+    } finally {
+      session.dispose();
+    }
+  }
+
+  /** Puts the board into Katapult as `target.bootloader` says; returns the device path to talk to. */
+  private async enterBootloader(target: FlashTarget, device: string, ctx: JobContext): Promise<string> {
+    switch (target.bootloader) {
+      case "none":
+        return device;
+      case "serial":
+        return this.enterViaSerialRequest(device, target.baud, ctx);
+      case "usb":
+        return this.enterViaUsb(device, ctx);
+      case "auto": {
+        const usbId = await this.usbIdOf(device);
+        if (usbId === KLIPPER_USB_ID) {
+          this.note(ctx, "info", `${device} is a USB device running Klipper`);
+          return this.enterViaUsb(device, ctx);
+        }
+        if (usbId === KATAPULT_USB_ID) {
+          this.note(ctx, "info", `${device} is a USB device running Katapult`);
+          return device;
+        }
+        if (await this.answersConnect(device, target.baud, ctx)) return device;
+        return this.enterViaSerialRequest(device, target.baud, ctx);
+      }
+    }
+  }
+
+  private async enterViaSerialRequest(device: string, baud: number, ctx: JobContext): Promise<string> {
+    this.note(ctx, "info", `Sending the serial bootloader request to ${device} at ${baud} baud`);
+    await sendSerialBootloaderRequest(device, baud);
+    await abortableSleep(this.options.serialRequestSettleMs, ctx.signal);
+    return device;
+  }
+
+  /**
+   * 1200-baud request, then waits for the board to re-enumerate. It may come back under another name: the same
+   * path, the by-id sibling renamed usb-Klipper_ → usb-katapult_, or the stable by-path link.
+   */
+  private async enterViaUsb(device: string, ctx: JobContext): Promise<string> {
+    const candidates = [device];
+    const name = basename(device);
+    if (name.includes("usb-Klipper_")) candidates.push(join(dirname(device), name.replace("usb-Klipper_", "usb-katapult_")));
+    const byPath = await this.byPathLinkOf(device);
+    if (byPath && !candidates.includes(byPath)) candidates.push(byPath);
+    const before = new Map<string, number | null>();
+    for (const candidate of candidates) before.set(candidate, await inodeOf(candidate));
+    const vanished = new Set<string>();
+
+    this.note(ctx, "info", `Requesting the USB bootloader on ${device}`);
+    await requestUsbBootloader(device);
+    const deadline = Date.now() + this.options.bootloaderTimeoutMs;
+    while (Date.now() < deadline) {
+      await abortableSleep(this.options.bootloaderPollMs, ctx.signal);
+      for (const candidate of candidates) {
+        const inode = await inodeOf(candidate);
+        if (inode === null) {
+          vanished.add(candidate);
+          continue;
+        }
+        // A node that existed before counts only once it was replaced: until then it is still the Klipper device.
+        const initial = before.get(candidate) ?? null;
+        if (initial === null || vanished.has(candidate) || inode !== initial) {
+          this.note(ctx, "info", `Katapult detected on ${candidate}`);
+          return candidate;
+        }
+      }
+    }
+    // flashtool also carries on with the old path when it sees no change: some boards re-enumerate too fast to notice.
+    for (const candidate of candidates) {
+      if ((await inodeOf(candidate)) !== null) {
+        this.note(ctx, "warn", `No USB re-enumeration seen within ${this.options.bootloaderTimeoutMs} ms; trying ${candidate}`);
+        return candidate;
+      }
+    }
+    throw new MoonflashError(
+      "BOOTLOADER_TIMEOUT",
+      `The board did not come back after the USB bootloader request on ${device} within ${this.options.bootloaderTimeoutMs} ms. Check that Katapult is installed; power-cycle the board (double-tap reset enters Katapult on most boards) and flash again.`,
+      { device, candidates, timeoutMs: this.options.bootloaderTimeoutMs },
+    );
+  }
+
+  /** One short CONNECT: a UART board already sitting in Katapult answers, one running Klipper does not. */
+  private async answersConnect(device: string, baud: number, ctx: JobContext): Promise<boolean> {
+    const link = await openSerialLink(device, baud);
+    const session = new KatapultSession(link, { timings: { ...this.config.timings, tries: 1, timeoutMs: this.options.autoProbeTimeoutMs }, signal: ctx.signal });
+    try {
+      await session.connect();
+      this.note(ctx, "info", `${device} already answers as Katapult`);
+      return true;
+    } catch (err) {
+      if (isMoonflashError(err) && err.code === "CANCELLED") throw err;
+      this.note(ctx, "debug", `${device} does not answer CONNECT (${(err as Error).message})`);
+      return false;
+    } finally {
+      session.dispose();
+      await link.close();
+    }
+  }
+
+  /** USB vendor:product of the device behind a tty, or null for UARTs and ptys (no USB parent in sysfs). */
+  private async usbIdOf(device: string): Promise<string | null> {
+    let ttyName: string;
+    try {
+      ttyName = basename(await realpath(device));
+    } catch {
+      return null;
+    }
+    const ttyDir = `${this.options.sysfsRoot}/class/tty/${ttyName}/device`;
+    // `device` is the USB interface for ttyACM (ids one level up) and a child of it for ttyUSB (two levels up).
+    // String paths, not path.join: the kernel must resolve `..` after following the symlink.
+    for (const up of ["/..", "/../.."]) {
+      try {
+        const vendor = (await readFile(`${ttyDir}${up}/idVendor`, "utf8")).trim().toLowerCase();
+        const product = (await readFile(`${ttyDir}${up}/idProduct`, "utf8")).trim().toLowerCase();
+        return `${vendor}:${product}`;
+      } catch {
+        continue;
+      }
+    }
+    return null;
+  }
+
+  private async byPathLinkOf(device: string): Promise<string | null> {
+    try {
+      const target = await realpath(device);
+      for (const entry of await readdir(this.options.byPathDir)) {
+        const link = join(this.options.byPathDir, entry);
+        if ((await realpath(link).catch(() => null)) === target) return link;
+      }
+    } catch {
+      return null;
+    }
+    return null;
+  }
+
+  /** A freshly enumerated tty can exist before udev has given it its permissions; retry until the deadline. */
+  private async openWithRetry(path: string, baud: number, signal: AbortSignal): Promise<ByteLink> {
+    const deadline = Date.now() + this.options.bootloaderTimeoutMs;
+    while (true) {
+      try {
+        return await openSerialLink(path, baud);
+      } catch (err) {
+        const retriable = isMoonflashError(err) && err.code === "DEVICE_NOT_FOUND";
+        if (!retriable || Date.now() >= deadline) throw err;
+        await abortableSleep(this.options.bootloaderPollMs, signal);
+      }
+    }
+  }
+
+  private note(ctx: JobContext, level: LogLevel, message: string): void {
+    this.config.logger?.[level]({ target: ctx.target }, message);
+    if (level !== "debug") ctx.log(level, message);
+  }
+}
+
+function requireDevice(target: FlashTarget): string {
+  if (!target.device) {
+    throw new MoonflashError(
+      "DEVICE_NOT_FOUND",
+      `[${target.mcu}] has no serial device; the katapult method flashes serial and USB boards only. Use the flashtool method for CAN.`,
+      { mcu: target.mcu },
+    );
+  }
+  return target.device;
+}
+
+async function readImage(path: string): Promise<Buffer> {
+  let image: Buffer;
+  try {
+    image = await readFile(path);
+  } catch (err) {
+    throw new MoonflashError("FIRMWARE_NOT_FOUND", `Cannot read the firmware image ${path}: build it first (make) or fix the firmware path.`, { path }, { cause: err });
+  }
+  if (image.length === 0) throw new MoonflashError("FIRMWARE_EMPTY", `The firmware image ${path} is empty: rebuild it.`, { path });
+  return image;
+}
+
+function checkMcu(imageMcu: string | undefined, bootloaderMcu: string, source: string): void {
+  if (!imageMcu || imageMcu.toLowerCase() === bootloaderMcu.toLowerCase()) return;
+  throw new MoonflashError(
+    "MCU_MISMATCH",
+    `The image was built for ${imageMcu} (${source}) but Katapult reports ${bootloaderMcu}. Nothing was written; build the firmware for this board (make menuconfig) and flash again.`,
+    { imageMcu, bootloaderMcu, source },
+  );
+}
+
+/**
+ * The application area is the flash size minus what lies below the application start. Flash starts at a
+ * 1 MiB-aligned base on every Katapult target (stm32 0x08000000, rp2040 0x10000000, lpc176x 0).
+ */
+function checkSize(imageBytes: number, appStartAddress: number, flashSize: number | null): void {
+  if (!flashSize) return;
+  const base = appStartAddress - (appStartAddress % 0x100000);
+  const available = flashSize - (appStartAddress - base);
+  if (imageBytes > available) {
+    throw new MoonflashError(
+      "FIRMWARE_TOO_LARGE",
+      `The image is ${imageBytes} bytes but only ${available} bytes of flash follow the bootloader. Nothing was written; check the board's menuconfig (MCU model, bootloader offset).`,
+      { imageBytes, available, flashSize },
+    );
+  }
+}
+
+function throwIfCancelled(signal: AbortSignal): void {
+  if (signal.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
+}
+
+async function abortableSleep(ms: number, signal: AbortSignal): Promise<void> {
+  try {
+    await sleep(ms, undefined, { signal });
+  } catch {
+    throwIfCancelled(signal);
+  }
+}
+
+async function inodeOf(path: string): Promise<number | null> {
+  try {
+    return (await stat(path)).ino;
+  } catch {
+    return null;
+  }
+}

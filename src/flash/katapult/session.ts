@@ -1,0 +1,433 @@
+// Katapult host session over a ByteLink: timeouts, retries, BUSY back-off, draining between tries, block
+// write/read-back. Behaviour follows Katapult's scripts/flashtool.py (send_command, send_file, verify_file;
+// shared/reference/flashing.md §1.5). Only the final failure of a command throws.
+
+import { createHash } from "node:crypto";
+import { MoonflashError, isMoonflashError } from "../../core/errors.js";
+import type { LogLevel } from "../../core/events.js";
+import type { ByteLink } from "../link.js";
+import {
+  Command,
+  FrameDecoder,
+  Response,
+  VALID_BLOCK_SIZES,
+  commandName,
+  decodeConnect,
+  encodeFrame,
+  u32le,
+  type ConnectInfo,
+  type DecodeItem,
+} from "./codec.js";
+
+/** Every number the session waits or retries by; defaults are flashtool.py's. Tests shrink them. */
+export interface KatapultTimings {
+  /** Tries per command (flashtool send_command default). */
+  tries: number;
+  /** Reply timeout per try, ms. */
+  timeoutMs: number;
+  /** Tries per SEND_BLOCK (flashing writes can be slow). */
+  blockTries: number;
+  /** Reply timeout per SEND_BLOCK try, ms. */
+  blockTimeoutMs: number;
+  /** How often a block is re-sent/re-read when the echoed address differs. */
+  addressMismatchTries: number;
+  /** Pause after an address mismatch, ms. */
+  addressMismatchDelayMs: number;
+  /** After a failed try, stale input is discarded for this long, ms. */
+  drainMs: number;
+  /** Then the session waits this long before the next try, ms. */
+  retryDelayMs: number;
+  /** Wait after a BUSY reply, ms. */
+  busyDelayMs: number;
+}
+
+export const DEFAULT_KATAPULT_TIMINGS: Readonly<KatapultTimings> = Object.freeze({
+  tries: 5,
+  timeoutMs: 2000,
+  blockTries: 3,
+  blockTimeoutMs: 5000,
+  addressMismatchTries: 3,
+  addressMismatchDelayMs: 100,
+  drainMs: 250,
+  retryDelayMs: 500,
+  busyDelayMs: 1500,
+});
+
+export type SessionLog = (level: LogLevel, message: string) => void;
+
+export interface KatapultSessionOptions {
+  timings?: Partial<KatapultTimings>;
+  /** Aborting rejects the pending command with CANCELLED. */
+  signal?: AbortSignal;
+  /** Retries and protocol notes; the session never writes to the console. */
+  log?: SessionLog;
+}
+
+export interface SendOptions {
+  tries?: number;
+  timeoutMs?: number;
+}
+
+export interface WriteResult {
+  blocks: number;
+  /** Bytes written including the 0xFF padding of the last block. */
+  paddedBytes: number;
+  /** SHA-1 (lower-case hex) over the padded blocks, as flashtool computes it. */
+  sha1: string;
+}
+
+export interface VerifyResult {
+  blocks: number;
+  sha1: string;
+}
+
+/** Reports progress after each block: blocks done, blocks total. */
+export type BlockProgress = (done: number, total: number) => void;
+
+type TryOutcome =
+  | { ok: true; payload: Buffer }
+  | { ok: false; kind: "timeout" | "busy" | "nack" | "error" | "bad-frame" | "wrong-echo"; text: string };
+
+const CONNECT_HINT = "is the board in its bootloader, is Klipper stopped, is the baud right?";
+
+export class KatapultSession {
+  readonly timings: Readonly<KatapultTimings>;
+  private readonly decoder = new FrameDecoder();
+  private readonly items: DecodeItem[] = [];
+  private wake: (() => void) | null = null;
+  private closedError: Error | null = null;
+  private readonly signal: AbortSignal | undefined;
+  private readonly log: SessionLog;
+  private readonly unsubscribe: Array<() => void>;
+  private info: ConnectInfo | null = null;
+
+  constructor(
+    private readonly link: ByteLink,
+    options: KatapultSessionOptions = {},
+  ) {
+    this.timings = Object.freeze({ ...DEFAULT_KATAPULT_TIMINGS, ...options.timings });
+    this.signal = options.signal;
+    this.log = options.log ?? (() => undefined);
+    this.unsubscribe = [
+      link.onData((chunk) => {
+        this.items.push(...this.decoder.push(chunk));
+        this.notify();
+      }),
+      link.onClose((error) => {
+        this.closedError = error ?? new Error("link closed");
+        this.notify();
+      }),
+    ];
+    if (!link.isOpen) this.closedError = new Error("link closed");
+  }
+
+  /** The CONNECT reply, once connect() succeeded. */
+  get connectInfo(): ConnectInfo | null {
+    return this.info;
+  }
+
+  /** Stops listening to the link (the link itself belongs to the caller). */
+  dispose(): void {
+    for (const off of this.unsubscribe) off();
+  }
+
+  /**
+   * Sends one command and returns the ACK payload after the echoed command word. Retries on timeout, NACK,
+   * ERROR, BUSY, corrupt frames and a wrong echoed id; throws DEVICE_TIMEOUT when no try got any reply,
+   * PROTOCOL_ERROR otherwise, DEVICE_NOT_FOUND when the link closes, CANCELLED when the signal aborts.
+   */
+  async sendCommand(cmd: number, payload: Uint8Array = new Uint8Array(0), options: SendOptions = {}): Promise<Buffer> {
+    const tries = options.tries ?? this.timings.tries;
+    const timeoutMs = options.timeoutMs ?? this.timings.timeoutMs;
+    const name = commandName(cmd);
+    const frame = encodeFrame(cmd, payload);
+    let last: Exclude<TryOutcome, { ok: true }> = { ok: false, kind: "timeout", text: "no reply" };
+    let anyReply = false;
+    for (let attempt = 1; attempt <= tries; attempt++) {
+      this.throwIfAborted();
+      await this.write(frame, name);
+      const outcome = await this.awaitReply(cmd, timeoutMs, name);
+      if (outcome.ok) return outcome.payload;
+      last = outcome;
+      if (outcome.kind !== "timeout") anyReply = true;
+      const remaining = tries - attempt;
+      this.log(outcome.kind === "timeout" ? "info" : "debug", `Katapult ${name}: ${outcome.text}, ${remaining} tries remaining`);
+      if (remaining === 0) break;
+      if (outcome.kind === "busy") {
+        await this.sleep(this.timings.busyDelayMs);
+      } else {
+        await this.drain(this.timings.drainMs);
+        await this.sleep(this.timings.retryDelayMs);
+      }
+    }
+    if (!anyReply) {
+      const hint = cmd === Command.CONNECT ? CONNECT_HINT : "the board stopped answering; check the cable and power, then flash again.";
+      throw new MoonflashError("DEVICE_TIMEOUT", `Katapult did not answer ${name} after ${tries} tries: ${hint}`, {
+        command: name,
+        tries,
+        timeoutMs,
+        device: this.link.description,
+      });
+    }
+    throw new MoonflashError(
+      "PROTOCOL_ERROR",
+      `Katapult refused ${name} ${tries} times (last: ${last.text}). Power-cycle the board and flash again.`,
+      { command: name, tries, lastReply: last.kind, device: this.link.description },
+    );
+  }
+
+  /** CONNECT: learns block size, application start and MCU type. */
+  async connect(): Promise<ConnectInfo> {
+    const payload = await this.sendCommand(Command.CONNECT);
+    let info: ConnectInfo;
+    try {
+      info = decodeConnect(payload);
+    } catch (err) {
+      throw new MoonflashError("PROTOCOL_ERROR", `Katapult sent a malformed CONNECT reply (${(err as Error).message}). Update Katapult on the board.`, { device: this.link.description }, { cause: err });
+    }
+    if (!(VALID_BLOCK_SIZES as readonly number[]).includes(info.blockSize)) {
+      throw new MoonflashError(
+        "PROTOCOL_ERROR",
+        `Katapult reported block size ${info.blockSize}; only ${VALID_BLOCK_SIZES.join(", ")} are valid. Rebuild Katapult with a supported block size.`,
+        { blockSize: info.blockSize, device: this.link.description },
+      );
+    }
+    this.info = info;
+    return info;
+  }
+
+  /** Writes the image block by block from the application start; the last block is padded with 0xFF. */
+  async writeImage(image: Uint8Array, onBlock?: BlockProgress): Promise<WriteResult> {
+    const { blockSize, appStartAddress } = this.requireInfo();
+    const total = Math.ceil(image.length / blockSize);
+    const sha = createHash("sha1");
+    for (let index = 0; index < total; index++) {
+      const block = paddedBlock(image, index, blockSize);
+      sha.update(block);
+      const address = appStartAddress + index * blockSize;
+      await this.writeBlock(address, block);
+      onBlock?.(index + 1, total);
+    }
+    return { blocks: total, paddedBytes: total * blockSize, sha1: sha.digest("hex") };
+  }
+
+  /** SEND_EOF: the bootloader flushes its page buffer and reports the number of flash pages written. */
+  async sendEof(): Promise<number> {
+    let reply: Buffer;
+    try {
+      reply = await this.sendCommand(Command.SEND_EOF);
+    } catch (err) {
+      throw asWriteFailure(err, null);
+    }
+    return reply.length >= 4 ? reply.readUInt32LE(0) : 0;
+  }
+
+  /** Reads every block back and compares it with the padded image; VERIFY_FAILED names the first bad address. */
+  async verify(image: Uint8Array, onBlock?: BlockProgress): Promise<VerifyResult> {
+    const { blockSize, appStartAddress } = this.requireInfo();
+    const total = Math.ceil(image.length / blockSize);
+    const expectedSha = createHash("sha1");
+    const receivedSha = createHash("sha1");
+    let firstBadAddress: number | null = null;
+    for (let index = 0; index < total; index++) {
+      const address = appStartAddress + index * blockSize;
+      const expected = paddedBlock(image, index, blockSize);
+      const received = await this.readBlock(address, index);
+      expectedSha.update(expected);
+      receivedSha.update(received);
+      if (firstBadAddress === null && !expected.equals(received)) firstBadAddress = address + firstDifference(expected, received);
+      onBlock?.(index + 1, total);
+    }
+    const expectedHex = expectedSha.digest("hex");
+    const receivedHex = receivedSha.digest("hex");
+    if (firstBadAddress !== null || expectedHex !== receivedHex) {
+      throw new MoonflashError(
+        "VERIFY_FAILED",
+        `Read-back verification failed: expected SHA-1 ${expectedHex}, received ${receivedHex}, first difference at flash address ${hex(firstBadAddress ?? appStartAddress)}. The board's flash may be worn or the link noisy: flash again, and replace the board if it keeps failing.`,
+        { expectedSha1: expectedHex, receivedSha1: receivedHex, firstBadAddress: firstBadAddress === null ? null : hex(firstBadAddress) },
+      );
+    }
+    return { blocks: total, sha1: receivedHex };
+  }
+
+  /** COMPLETE: the bootloader jumps to the application about 100 ms later. */
+  async complete(): Promise<void> {
+    await this.sendCommand(Command.COMPLETE);
+  }
+
+  private async writeBlock(address: number, block: Buffer): Promise<void> {
+    let echoed = -1;
+    for (let attempt = 1; attempt <= this.timings.addressMismatchTries; attempt++) {
+      let reply: Buffer;
+      try {
+        reply = await this.sendCommand(Command.SEND_BLOCK, Buffer.concat([u32le(address), block]), {
+          tries: this.timings.blockTries,
+          timeoutMs: this.timings.blockTimeoutMs,
+        });
+      } catch (err) {
+        throw asWriteFailure(err, address);
+      }
+      echoed = reply.length >= 4 ? reply.readUInt32LE(0) : -1;
+      if (echoed === address) return;
+      this.log("info", `Katapult SEND_BLOCK: expected address ${hex(address)}, bootloader echoed ${hex(echoed)}`);
+      await this.sleep(this.timings.addressMismatchDelayMs);
+    }
+    throw new MoonflashError(
+      "FLASH_FAILED",
+      `Flash write failed, flash address ${hex(address)}: the bootloader kept acknowledging another address (${hex(echoed)}). Power-cycle the board and flash again.`,
+      { address: hex(address), echoedAddress: hex(echoed) },
+    );
+  }
+
+  private async readBlock(address: number, index: number): Promise<Buffer> {
+    for (let attempt = 1; attempt <= this.timings.addressMismatchTries; attempt++) {
+      const reply = await this.sendCommand(Command.REQUEST_BLOCK, u32le(address));
+      const echoed = reply.length >= 4 ? reply.readUInt32LE(0) : -1;
+      if (echoed === address) return reply.subarray(4);
+      this.log("info", `Katapult REQUEST_BLOCK: expected address ${hex(address)}, bootloader echoed ${hex(echoed)}`);
+      await this.sleep(this.timings.addressMismatchDelayMs);
+    }
+    throw new MoonflashError("PROTOCOL_ERROR", `Block Request Error, block ${index} (flash address ${hex(address)}): the bootloader returned other blocks. Flash again.`, {
+      block: index,
+      address: hex(address),
+    });
+  }
+
+  private requireInfo(): ConnectInfo {
+    if (!this.info) throw new MoonflashError("INTERNAL", "Katapult session used before connect().");
+    return this.info;
+  }
+
+  private async write(frame: Buffer, name: string): Promise<void> {
+    if (this.closedError) throw this.closedLinkError(name);
+    try {
+      await this.link.write(frame);
+    } catch (err) {
+      throw this.closedLinkError(name, err);
+    }
+  }
+
+  private closedLinkError(name: string, cause: unknown = this.closedError): MoonflashError {
+    if (isMoonflashError(cause)) return cause;
+    return new MoonflashError(
+      "DEVICE_NOT_FOUND",
+      `The link to ${this.link.description} closed during ${name}: the device disconnected or reset. Check the cable and power, then flash again.`,
+      { command: name, device: this.link.description, disconnected: true },
+      { cause },
+    );
+  }
+
+  /** Waits for the reply to `cmd`: the first whole frame decides; garbage before it is skipped. */
+  private async awaitReply(cmd: number, timeoutMs: number, name: string): Promise<TryOutcome> {
+    const deadline = Date.now() + timeoutMs;
+    while (true) {
+      const item = this.items.shift();
+      if (item) {
+        if ("fault" in item) {
+          if (item.fault.kind === "garbage-skipped") continue;
+          return { ok: false, kind: "bad-frame", text: `corrupt reply (${item.fault.kind})` };
+        }
+        const { frame } = item;
+        switch (frame.cmd) {
+          case Response.ACK: {
+            const echoed = frame.payload.length >= 4 ? frame.payload.readUInt32LE(0) : -1;
+            if (echoed !== cmd) return { ok: false, kind: "wrong-echo", text: `ACK for ${commandName(echoed)} instead of ${name}` };
+            return { ok: true, payload: frame.payload.subarray(4) };
+          }
+          case Response.BUSY:
+            return { ok: false, kind: "busy", text: "received busy signal" };
+          case Response.NACK:
+            return { ok: false, kind: "nack", text: "NACK (the bootloader saw a malformed frame)" };
+          case Response.ERROR:
+            return { ok: false, kind: "error", text: "ERROR reply (command failed)" };
+          default:
+            return { ok: false, kind: "bad-frame", text: `unexpected reply code ${commandName(frame.cmd)}` };
+        }
+      }
+      if (this.closedError) throw this.closedLinkError(name);
+      this.throwIfAborted();
+      const left = deadline - Date.now();
+      if (left <= 0) return { ok: false, kind: "timeout", text: "response timed out" };
+      await this.waitForInput(left);
+    }
+  }
+
+  /** Discards everything that arrives for `ms` (late replies to a failed try must not answer the next one). */
+  private async drain(ms: number): Promise<void> {
+    const deadline = Date.now() + ms;
+    this.items.length = 0;
+    this.decoder.reset();
+    while (true) {
+      const left = deadline - Date.now();
+      if (left <= 0 || this.closedError) break;
+      await this.waitForInput(left);
+      this.items.length = 0;
+    }
+    this.decoder.reset();
+  }
+
+  private waitForInput(ms: number): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.signal?.removeEventListener("abort", done);
+        if (this.wake === done) this.wake = null;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.signal?.addEventListener("abort", done, { once: true });
+      this.wake = done;
+    });
+  }
+
+  private notify(): void {
+    this.wake?.();
+  }
+
+  private async sleep(ms: number): Promise<void> {
+    if (ms <= 0) return;
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.signal?.removeEventListener("abort", done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.signal?.addEventListener("abort", done, { once: true });
+    });
+    this.throwIfAborted();
+  }
+
+  private throwIfAborted(): void {
+    if (this.signal?.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
+  }
+}
+
+/** Block `index` of the image, padded to `blockSize` with 0xFF (erased flash). */
+function paddedBlock(image: Uint8Array, index: number, blockSize: number): Buffer {
+  const start = index * blockSize;
+  const block = Buffer.alloc(blockSize, 0xff);
+  block.set(image.subarray(start, Math.min(start + blockSize, image.length)));
+  return block;
+}
+
+function firstDifference(a: Buffer, b: Buffer): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return n;
+}
+
+function hex(value: number): string {
+  return `0x${(value >>> 0).toString(16).toUpperCase()}`;
+}
+
+/** Writing failed: an exhausted ERROR/NACK becomes FLASH_FAILED, a vanished device keeps its cause; both carry the address. */
+function asWriteFailure(err: unknown, address: number | null): unknown {
+  if (!isMoonflashError(err) || err.code === "CANCELLED") return err;
+  const where = address === null ? "at end of file" : `flash address ${hex(address)}`;
+  const details = { ...err.details, ...(address === null ? {} : { address: hex(address) }) };
+  if (err.code === "PROTOCOL_ERROR" || err.details.disconnected === true) {
+    return new MoonflashError("FLASH_FAILED", `Flash write failed, ${where}: ${err.message}`, details, { cause: err });
+  }
+  return new MoonflashError(err.code, `${err.message} (${where})`, details, { cause: err });
+}

@@ -1,0 +1,396 @@
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { pino } from "pino";
+import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
+import { MoonflashError } from "../../src/core/errors.js";
+import type { JobContext, JobEvent } from "../../src/core/events.js";
+import { JobRunner, makeJobId, throttleProgress } from "../../src/core/jobs.js";
+import { readJobLock } from "../../src/core/lock.js";
+
+function deferred<T = void>() {
+  let resolve!: (value: T) => void;
+  const promise = new Promise<T>((r) => (resolve = r));
+  return { promise, resolve };
+}
+
+function capturingLogger() {
+  const lines: Record<string, unknown>[] = [];
+  const logger = pino({ level: "debug" }, { write: (line: string) => lines.push(JSON.parse(line) as Record<string, unknown>) });
+  return { logger, lines };
+}
+
+/** Strips the time so event sequences compare exactly. */
+function untimed(events: JobEvent[]) {
+  return events.map(({ ts: _ts, ...rest }) => rest);
+}
+
+describe("JobRunner", () => {
+  let dataDir: string;
+  let runner: JobRunner;
+  let events: JobEvent[];
+  let logLines: Record<string, unknown>[];
+  const lockPath = () => join(dataDir, "moonflash", "job.lock");
+
+  beforeEach(async () => {
+    dataDir = await mkdtemp(join(tmpdir(), "moonflash-jobs-"));
+    const { logger, lines } = capturingLogger();
+    logLines = lines;
+    runner = new JobRunner({ dataDir, logger, now: () => new Date("2026-11-23T12:45:00.000Z") });
+    events = [];
+    runner.on((e) => events.push(e));
+  });
+  afterEach(async () => {
+    await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it("makes short sortable ids", () => {
+    expect(makeJobId("flash", new Date("2026-11-23T12:45:00.000Z"))).toMatch(/^flash-20261123T124500-[0-9a-f]{4}$/);
+    expect(makeJobId("ota", new Date("2026-11-23T12:45:01Z")) > makeJobId("ota", new Date("2026-11-23T12:45:00Z"))).toBe(true);
+  });
+
+  it("runs a job: holds the lock, reports events in order, records history, releases the lock", async () => {
+    let seenLock: unknown;
+    let seenCurrent: unknown;
+    const result = await runner.run({ kind: "flash", target: "mcu toolhead", params: { method: "katapult" } }, async (ctx) => {
+      seenLock = await readJobLock(lockPath());
+      ctx.stage("flashing", "writing 4 blocks");
+      ctx.progress(2, 4, "blocks", "write");
+      ctx.log("info", "halfway");
+      seenCurrent = runner.current();
+      return { bytes: 4096, verified: true };
+    });
+    expect(result).toEqual({ bytes: 4096, verified: true });
+
+    const jobId = events[0]!.jobId;
+    expect(jobId).toMatch(/^flash-20261123T124500-[0-9a-f]{4}$/);
+    expect(seenLock).toEqual({ jobId, kind: "flash", target: "mcu toolhead", pid: process.pid, startedAt: "2026-11-23T12:45:00.000Z" });
+    expect(seenCurrent).toEqual({
+      id: jobId,
+      kind: "flash",
+      target: "mcu toolhead",
+      stage: "flashing",
+      progress: { done: 2, total: 4, unit: "blocks", phase: "write" },
+      startedAt: "2026-11-23T12:45:00.000Z",
+      cancellable: true,
+    });
+    const base = { jobId, kind: "flash", target: "mcu toolhead" };
+    expect(untimed(events)).toEqual([
+      { ...base, type: "stage", stage: "started" },
+      { ...base, type: "stage", stage: "flashing", message: "writing 4 blocks" },
+      { ...base, type: "progress", done: 2, total: 4, unit: "blocks", phase: "write" },
+      { ...base, type: "log", level: "info", message: "halfway" },
+      { ...base, type: "result", ok: true, details: { bytes: 4096, verified: true } },
+    ]);
+    expect(events.every((e) => e.ts === "2026-11-23T12:45:00.000Z")).toBe(true);
+    expect(runner.history()).toEqual([
+      {
+        id: jobId,
+        kind: "flash",
+        target: "mcu toolhead",
+        params: { method: "katapult" },
+        startedAt: "2026-11-23T12:45:00.000Z",
+        finishedAt: "2026-11-23T12:45:00.000Z",
+        ok: true,
+        result: { bytes: 4096, verified: true },
+      },
+    ]);
+    await expect(readJobLock(lockPath())).resolves.toBeNull();
+    expect(runner.current()).toBeNull();
+  });
+
+  it("rethrows a MoonflashError, reports it in the result and history, and releases the lock", async () => {
+    const failure = new MoonflashError("VERIFY_FAILED", "Block 0x8400 read back differently; flash again.", { address: 0x8400 });
+    await expect(runner.run({ kind: "flash", target: "mcu" }, async () => Promise.reject(failure))).rejects.toBe(failure);
+    expect(untimed(events).at(-1)).toEqual({
+      jobId: events[0]!.jobId,
+      kind: "flash",
+      target: "mcu",
+      type: "result",
+      ok: false,
+      code: "VERIFY_FAILED",
+      message: "Block 0x8400 read back differently; flash again.",
+      details: { address: 0x8400 },
+    });
+    expect(runner.history()[0]).toMatchObject({ ok: false, code: "VERIFY_FAILED", message: failure.message });
+    await expect(readJobLock(lockPath())).resolves.toBeNull();
+    await expect(runner.run({ kind: "flash", target: "mcu" }, async () => "again")).resolves.toBe("again");
+  });
+
+  it("wraps other errors with toMoonflashError", async () => {
+    await expect(runner.run({ kind: "ota", target: "klipper" }, async () => Promise.reject(new Error("boom")))).rejects.toMatchObject({
+      code: "INTERNAL",
+      message: "boom",
+    });
+    const enospc = Object.assign(new Error("write failed"), { code: "ENOSPC" });
+    await expect(runner.run({ kind: "ota", target: "klipper" }, async () => Promise.reject(enospc))).rejects.toMatchObject({ code: "DISK_FULL" });
+    expect(runner.history("ota").map((r) => r.code)).toEqual(["DISK_FULL", "INTERNAL"]);
+  });
+
+  it("refuses a second job in the same process with BUSY naming the running one", async () => {
+    const release = deferred();
+    const started = deferred<string>();
+    const first = runner.run({ kind: "flash", target: "mcu" }, async (ctx) => {
+      started.resolve(ctx.jobId);
+      await release.promise;
+      return "first";
+    });
+    // A second run in the same tick must already see the slot taken.
+    let ranSecond = false;
+    const second = runner.run({ kind: "ota", target: "klipper" }, async () => {
+      ranSecond = true;
+    });
+    const secondOutcome = second.then(
+      () => null,
+      (err: unknown) => err,
+    );
+    const firstId = await started.promise;
+    expect(await secondOutcome).toMatchObject({
+      code: "BUSY",
+      message: expect.stringMatching(new RegExp(`^flash job ${firstId} on mcu is running \\(pid ${process.pid}, since 2026-11-23T12:45:00.000Z\\); wait for it or cancel it$`)),
+    });
+    expect(ranSecond).toBe(false);
+    expect(runner.current()?.id).toBe(firstId);
+    release.resolve();
+    await expect(first).resolves.toBe("first");
+    expect(runner.history()).toHaveLength(1);
+  });
+
+  it("cancel aborts the job's signal and the job ends CANCELLED", async () => {
+    const started = deferred<JobContext>();
+    const job = runner.run({ kind: "flash", target: "mcu" }, async (ctx) => {
+      started.resolve(ctx);
+      await new Promise((_, reject) => ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason)));
+    });
+    const ctx = await started.promise;
+    expect(runner.cancel("flash")).toEqual({ id: ctx.jobId });
+    expect(ctx.signal.aborted).toBe(true);
+    expect(runner.cancel()).toEqual({ id: ctx.jobId });
+    await expect(job).rejects.toMatchObject({ code: "CANCELLED", details: { jobId: ctx.jobId } });
+    expect(runner.history()[0]).toMatchObject({ ok: false, code: "CANCELLED" });
+  });
+
+  it("turns whatever an engine throws after a cancel into CANCELLED", async () => {
+    const started = deferred<JobContext>();
+    const job = runner.run({ kind: "flash", target: "mcu" }, async (ctx) => {
+      started.resolve(ctx);
+      await new Promise((resolve) => ctx.signal.addEventListener("abort", resolve));
+      throw new DOMException("This operation was aborted", "AbortError");
+    });
+    await started.promise;
+    runner.cancel();
+    await expect(job).rejects.toMatchObject({ code: "CANCELLED" });
+  });
+
+  it("cancel throws NO_JOB when nothing (of that kind) runs", async () => {
+    expect(() => runner.cancel()).toThrow(expect.objectContaining({ code: "NO_JOB" }));
+    const release = deferred();
+    const started = deferred();
+    const job = runner.run({ kind: "flash", target: "mcu" }, async () => {
+      started.resolve();
+      await release.promise;
+    });
+    await started.promise;
+    expect(() => runner.cancel("ota")).toThrow(expect.objectContaining({ code: "NO_JOB", message: "No ota job is running, so there is nothing to cancel." }));
+    release.resolve();
+    await job;
+  });
+
+  it("cancel throws CANCEL_REFUSED with the engine's reason while not cancellable", async () => {
+    const step = deferred();
+    const started = deferred<JobContext>();
+    const job = runner.run({ kind: "flash", target: "mcu" }, async (ctx) => {
+      ctx.setCancellable(false, "flash writing has started");
+      started.resolve(ctx);
+      await step.promise;
+      return ctx.signal.aborted;
+    });
+    const ctx = await started.promise;
+    expect(runner.current()).toMatchObject({ cancellable: false, cancelReason: "flash writing has started" });
+    let refusal: unknown;
+    try {
+      runner.cancel();
+    } catch (err) {
+      refusal = err;
+    }
+    expect(refusal).toMatchObject({
+      code: "CANCEL_REFUSED",
+      message: `Job ${ctx.jobId} cannot be cancelled now: flash writing has started. Wait for it to finish.`,
+      details: { jobId: ctx.jobId, reason: "flash writing has started" },
+    });
+    ctx.setCancellable(true);
+    expect(runner.current()).toMatchObject({ cancellable: true });
+    expect(runner.current()).not.toHaveProperty("cancelReason");
+    step.resolve();
+    await expect(job).resolves.toBe(false);
+  });
+
+  it("isolates listener errors: the job and the other listeners carry on, the error is logged", async () => {
+    const after: string[] = [];
+    runner.on(() => {
+      throw new Error("adapter broke");
+    });
+    runner.on(() => Promise.reject(new Error("async adapter broke")) as unknown as void);
+    runner.on((e) => after.push(e.type));
+    await expect(
+      runner.run({ kind: "flash", target: "mcu" }, async (ctx) => {
+        ctx.progress(1, 2, "bytes");
+        return 1;
+      }),
+    ).resolves.toBe(1);
+    expect(after).toEqual(["stage", "progress", "result"]);
+    expect(events.map((e) => e.type)).toEqual(["stage", "progress", "result"]);
+    await new Promise((resolve) => setImmediate(resolve));
+    const failures = logLines.filter((l) => l.msg === "job event listener failed");
+    expect(failures.map((l) => (l.err as { message: string }).message)).toContain("adapter broke");
+    expect(failures.map((l) => (l.err as { message: string }).message)).toContain("async adapter broke");
+  });
+
+  it("stops calling a listener after it unsubscribes", async () => {
+    const seen: string[] = [];
+    const off = runner.on((e) => seen.push(e.type));
+    off();
+    await runner.run({ kind: "flash", target: "mcu" }, async () => undefined);
+    expect(seen).toEqual([]);
+  });
+
+  it("ignores reports made after the job finished", async () => {
+    let leaked: JobContext | undefined;
+    await runner.run({ kind: "flash", target: "mcu" }, async (ctx) => {
+      leaked = ctx;
+    });
+    const count = events.length;
+    leaked!.progress(1, 1, "bytes");
+    leaked!.stage("late");
+    leaked!.log("info", "late");
+    expect(events).toHaveLength(count);
+  });
+
+  it("filters and limits history, newest first", async () => {
+    for (const kind of ["flash", "ota", "flash", "flash"] as const) {
+      await runner.run({ kind, target: "t", params: { kind } }, async () => undefined);
+    }
+    expect(runner.history().map((r) => r.kind)).toEqual(["flash", "flash", "ota", "flash"]);
+    expect(runner.history("ota")).toHaveLength(1);
+    expect(runner.history("flash", 2)).toHaveLength(2);
+    // Another runner on the same data dir (another process) sees the same history.
+    expect(new JobRunner({ dataDir, logger: pino({ level: "silent" }) }).history()).toEqual(runner.history());
+  });
+
+  it("records an interrupted job as failed with INTERRUPTED", async () => {
+    await runner.interrupted({ id: "flash-20261123T120000-beef", kind: "flash", target: "mcu", startedAt: "2026-11-23T12:00:00.000Z" });
+    const [record] = runner.history();
+    expect(record).toEqual({
+      id: "flash-20261123T120000-beef",
+      kind: "flash",
+      target: "mcu",
+      startedAt: "2026-11-23T12:00:00.000Z",
+      finishedAt: "2026-11-23T12:45:00.000Z",
+      ok: false,
+      code: "INTERRUPTED",
+      message: "moonflash stopped while this job ran; check the device and run the job again.",
+    });
+    await runner.interrupted({ id: "ota-x", kind: "ota", target: "klipper", startedAt: "2026-11-23T12:00:00.000Z", message: "power cut during apply" });
+    expect(runner.history("ota")[0]!.message).toBe("power cut during apply");
+    const file = JSON.parse(await readFile(join(dataDir, "moonflash", "history.json"), "utf8")) as { jobs: unknown[] };
+    expect(file.jobs).toHaveLength(2);
+  });
+});
+
+describe("throttleProgress", () => {
+  beforeEach(() => {
+    vi.useFakeTimers();
+    vi.setSystemTime(new Date("2026-11-23T12:45:00.000Z"));
+  });
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  const base = { jobId: "flash-1", kind: "flash" as const, target: "mcu", ts: "2026-11-23T12:45:00.000Z" };
+  const progress = (done: number, phase?: string): JobEvent => ({ ...base, type: "progress", done, total: 100, unit: "percent", ...(phase ? { phase } : {}) });
+  const describeEvent = (e: JobEvent) => (e.type === "progress" ? `${e.phase ?? ""}${e.done}` : e.type);
+
+  it("forwards the first progress at once and at most N per second after it", () => {
+    const out: string[] = [];
+    const sentAt: number[] = [];
+    const listener = throttleProgress(
+      (e) => {
+        out.push(describeEvent(e));
+        sentAt.push(Date.now());
+      },
+      { maxPerSecond: 5 },
+    );
+    const start = Date.now();
+    for (let done = 0; done < 100; done++) {
+      listener(progress(done, "write"));
+      vi.advanceTimersByTime(10); // 100 events per second
+    }
+    // The first at once, then the newest value once per 200 ms slot, ending with the last one.
+    expect(out).toEqual(["write0", "write19", "write39", "write59", "write79", "write99"]);
+    expect(sentAt.map((t) => t - start)).toEqual([0, 200, 400, 600, 800, 1000]);
+    vi.advanceTimersByTime(1000);
+    expect(out).toHaveLength(6);
+  });
+
+  it("flushes the last progress of a phase before the next phase and before stage, log and result", () => {
+    const out: string[] = [];
+    const listener = throttleProgress((e) => out.push(describeEvent(e)), { maxPerSecond: 5 });
+    listener(progress(0, "write"));
+    listener(progress(50, "write"));
+    listener(progress(100, "write"));
+    listener(progress(0, "verify"));
+    listener(progress(100, "verify"));
+    listener({ ...base, type: "stage", stage: "restarting" });
+    listener(progress(1, "wait"));
+    listener(progress(2, "wait"));
+    listener({ ...base, type: "log", level: "info", message: "x" });
+    listener(progress(3, "wait"));
+    listener(progress(4, "wait"));
+    listener({ ...base, type: "result", ok: true });
+    // wait3 was superseded by wait4 within the same slot; the log did not start a new phase.
+    expect(out).toEqual(["write0", "write100", "verify0", "verify100", "stage", "wait1", "wait2", "log", "wait4", "result"]);
+    // Nothing is left behind on a timer after the result.
+    vi.advanceTimersByTime(5000);
+    expect(out).toHaveLength(10);
+  });
+
+  it("throttles each job separately", () => {
+    const out: string[] = [];
+    const listener = throttleProgress((e) => out.push(`${e.jobId}:${describeEvent(e)}`), { maxPerSecond: 5 });
+    listener(progress(1));
+    listener({ ...progress(1), jobId: "ota-1" });
+    listener(progress(2));
+    listener({ ...progress(2), jobId: "ota-1" });
+    expect(out).toEqual(["flash-1:1", "ota-1:1"]);
+    vi.advanceTimersByTime(200);
+    expect(out).toEqual(["flash-1:1", "ota-1:1", "flash-1:2", "ota-1:2"]);
+  });
+
+  it("passes non-progress events straight through", () => {
+    const out: JobEvent[] = [];
+    const listener = throttleProgress((e) => out.push(e), { maxPerSecond: 1 });
+    const events: JobEvent[] = [
+      { ...base, type: "stage", stage: "a" },
+      { ...base, type: "log", level: "warn", message: "b" },
+      { ...base, type: "stage", stage: "c" },
+    ];
+    events.forEach(listener);
+    expect(out).toEqual(events);
+  });
+
+  it("reports a listener error from the deferred path to onError instead of throwing from a timer", () => {
+    const errors: unknown[] = [];
+    let calls = 0;
+    const listener = throttleProgress(
+      () => {
+        calls++;
+        if (calls === 2) throw new Error("adapter broke");
+      },
+      { maxPerSecond: 5, onError: (err) => errors.push(err) },
+    );
+    listener(progress(1));
+    listener(progress(2));
+    vi.advanceTimersByTime(200);
+    expect(errors).toEqual([new Error("adapter broke")]);
+  });
+});

@@ -1,0 +1,296 @@
+import { randomBytes } from "node:crypto";
+import { mkdir, mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { basename, join } from "node:path";
+import { deflateSync } from "node:zlib";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import type { MoonflashError } from "../../src/core/errors.js";
+import { KatapultFlasher, NOT_CANCELLABLE_WHILE_WRITING, type KatapultFlasherOptions } from "../../src/flash/katapult/flasher.js";
+import type { KatapultTimings } from "../../src/flash/katapult/session.js";
+import type { FlashTarget } from "../../src/flash/types.js";
+import { parseFault } from "../../src/sim/katapult-device.js";
+import { startVirtualDevice, type VirtualDevice, type VirtualDeviceOptions } from "../../src/sim/virtual-device.js";
+import { RecordingContext } from "./support/recording-context.js";
+
+const FAST: Partial<KatapultTimings> = {
+  timeoutMs: 300,
+  blockTimeoutMs: 300,
+  drainMs: 20,
+  retryDelayMs: 20,
+  busyDelayMs: 50,
+  addressMismatchDelayMs: 5,
+};
+
+let dir: string;
+const devices: VirtualDevice[] = [];
+
+beforeEach(async () => {
+  dir = await mkdtemp(join(tmpdir(), "moonflash-katapult-"));
+});
+
+afterEach(async () => {
+  for (const device of devices.splice(0)) await device.stop();
+  await rm(dir, { recursive: true, force: true });
+});
+
+async function startDevice(options: Partial<VirtualDeviceOptions> = {}): Promise<VirtualDevice> {
+  const device = await startVirtualDevice({ path: join(dir, "ttyKATAPULT"), ...options });
+  devices.push(device);
+  return device;
+}
+
+async function writeImage(bytes: Buffer, name = "klipper.bin"): Promise<string> {
+  const path = join(dir, name);
+  await writeFile(path, bytes);
+  return path;
+}
+
+function target(device: string, firmwarePath: string, extra: Partial<FlashTarget> = {}): FlashTarget {
+  return {
+    mcu: "mcu",
+    device,
+    canbusInterface: "can0",
+    baud: 250000,
+    firmwarePath,
+    bootloader: "none",
+    klipperPath: join(dir, "klipper"),
+    wchispTransport: "usb",
+    timeoutMs: 60_000,
+    ...extra,
+  };
+}
+
+function flasher(options: KatapultFlasherOptions = {}): KatapultFlasher {
+  return new KatapultFlasher({ timings: FAST, bootloaderTimeoutMs: 3000, serialRequestSettleMs: 100, autoProbeTimeoutMs: 200, ...options });
+}
+
+function padded(image: Buffer, blockSize = 64): Buffer {
+  const out = Buffer.alloc(Math.ceil(image.length / blockSize) * blockSize, 0xff);
+  image.copy(out);
+  return out;
+}
+
+function flashed(device: VirtualDevice, image: Buffer): Buffer {
+  return device.model.flash.subarray(0, padded(image, device.model.blockSize).length);
+}
+
+const commands = (device: VirtualDevice): string[] => device.model.frames.map((f) => f.name);
+
+async function rejection(promise: Promise<unknown>): Promise<MoonflashError> {
+  const err = await promise.then(
+    () => null,
+    (e: unknown) => e as MoonflashError,
+  );
+  expect(err, "expected a rejection").not.toBeNull();
+  return err!;
+}
+
+/** A Klipper-like image: firmware bytes with the compressed data dictionary inside. */
+function klipperImage(mcu: string, size = 2000): Buffer {
+  const dict = deflateSync(JSON.stringify({ version: "v0.13.0-test", config: { MCU: mcu } }));
+  return Buffer.concat([randomBytes(size), dict, randomBytes(300)]);
+}
+
+describe("KatapultFlasher against a virtual Katapult on a pty", () => {
+  it("flashes and verifies: device flash equals the padded image, COMPLETE sent, stages and progress reported", async () => {
+    const device = await startDevice();
+    const image = randomBytes(64 * 40 + 17);
+    const ctx = new RecordingContext();
+    const outcome = await flasher().flash(target(device.path, await writeImage(image, "firmware.bin")), ctx);
+
+    expect(flashed(device, image)).toEqual(padded(image));
+    expect(outcome).toMatchObject({
+      bytes: image.length,
+      verified: true,
+      device: device.path,
+      details: { blockSize: 64, appStart: "0x8002000", mcuType: "stm32f103xe", softwareVersion: "v0.13.0-virtual", protocolVersion: "1.1.0", pages: 3 },
+    });
+    expect(commands(device).at(-1)).toBe("COMPLETE");
+    expect(commands(device).filter((c) => c === "REQUEST_BLOCK")).toHaveLength(41);
+    expect(ctx.stages()).toEqual(["bootloader", "connect", "write", "verify"]);
+    expect(ctx.lastProgress("write")).toMatchObject({ done: image.length, total: image.length });
+    expect(ctx.lastProgress("verify")).toMatchObject({ done: image.length, total: image.length });
+    const lockIndex = ctx.calls.findIndex((c) => c.call === "setCancellable");
+    const firstWrite = ctx.calls.findIndex((c) => c.call === "progress");
+    expect(ctx.calls[lockIndex]).toEqual({ call: "setCancellable", cancellable: false, reason: NOT_CANCELLABLE_WHILE_WRITING });
+    expect(lockIndex).toBeLessThan(firstWrite);
+  });
+
+  it.each(["drop-reply:SEND_BLOCK:3", "busy:SEND_BLOCK:5", "nack:CONNECT:1", "error:SEND_BLOCK:2", "drop-reply:REQUEST_BLOCK:4"])(
+    "still succeeds with fault %s",
+    async (fault) => {
+      const device = await startDevice({ faults: [parseFault(fault)] });
+      const image = randomBytes(64 * 8);
+      const outcome = await flasher().flash(target(device.path, await writeImage(image)), new RecordingContext());
+      expect(outcome.verified).toBe(true);
+      expect(flashed(device, image)).toEqual(image);
+    },
+  );
+
+  it("fails with VERIFY_FAILED on corrupt read-back and still sends COMPLETE", async () => {
+    const device = await startDevice({ faults: [parseFault("corrupt-readback:3")] });
+    const image = randomBytes(64 * 6);
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(image)), new RecordingContext()));
+    expect(err.code).toBe("VERIFY_FAILED");
+    expect(err.details.firstBadAddress).toMatch(/^0x80020C/);
+    expect(commands(device).at(-1)).toBe("COMPLETE");
+  });
+
+  it("fails with DEVICE_TIMEOUT when the bootloader never answers", async () => {
+    const device = await startDevice({ faults: [parseFault("silence")] });
+    const f = flasher({ timings: { ...FAST, tries: 2, timeoutMs: 150 } });
+    const err = await rejection(f.flash(target(device.path, await writeImage(randomBytes(256))), new RecordingContext()));
+    expect(err.code).toBe("DEVICE_TIMEOUT");
+    expect(err.message).toBe("Katapult did not answer CONNECT after 2 tries: is the board in its bootloader, is Klipper stopped, is the baud right?");
+  });
+
+  it("fails with FLASH_FAILED naming the address when the device disconnects mid-write", async () => {
+    const device = await startDevice({ faults: [parseFault("disconnect:10")] });
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(64 * 30))), new RecordingContext()));
+    expect(err.code).toBe("FLASH_FAILED");
+    expect(err.details.address).toBe("0x8002280");
+  });
+
+  it("refuses MCU_MISMATCH from the configured mcu_type before any SEND_BLOCK and still sends COMPLETE", async () => {
+    const device = await startDevice({ mcuType: "stm32f103xe" });
+    const ctx = new RecordingContext();
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(512)), { expectedMcuType: "STM32F446XX" }), ctx));
+    expect(err.code).toBe("MCU_MISMATCH");
+    expect(err.details).toMatchObject({ imageMcu: "STM32F446XX", bootloaderMcu: "stm32f103xe" });
+    expect(commands(device)).toEqual(["CONNECT", "COMPLETE"]);
+    expect(ctx.calls.some((c) => c.call === "setCancellable")).toBe(false);
+  });
+
+  it("refuses an image whose embedded Klipper dictionary names another MCU", async () => {
+    const device = await startDevice({ mcuType: "stm32f103xe" });
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(klipperImage("rp2040"))), new RecordingContext()));
+    expect(err.code).toBe("MCU_MISMATCH");
+    expect(err.details).toMatchObject({ imageMcu: "rp2040", bootloaderMcu: "stm32f103xe" });
+    expect(commands(device)).not.toContain("SEND_BLOCK");
+  });
+
+  it("accepts an embedded MCU that matches case-insensitively", async () => {
+    const device = await startDevice({ mcuType: "stm32f446xx" });
+    const image = klipperImage("STM32F446XX");
+    const outcome = await flasher().flash(target(device.path, await writeImage(image)), new RecordingContext());
+    expect(outcome.details).toMatchObject({ mcuType: "stm32f446xx" });
+    expect(flashed(device, image)).toEqual(padded(image));
+  });
+
+  it("refuses an image larger than the flash after the bootloader (FIRMWARE_TOO_LARGE) without writing", async () => {
+    const device = await startDevice();
+    // 16 KiB flash with an 8 KiB bootloader (app at 0x8002000) leaves 8 KiB.
+    const t = { ...target(device.path, await writeImage(randomBytes(8 * 1024 + 1))), flashSize: 16 * 1024 };
+    const err = await rejection(flasher().flash(t, new RecordingContext()));
+    expect(err.code).toBe("FIRMWARE_TOO_LARGE");
+    expect(commands(device)).toEqual(["CONNECT", "COMPLETE"]);
+  });
+
+  it("honours cancellation before writing starts", async () => {
+    const device = await startDevice();
+    const ctx = new RecordingContext();
+    ctx.controller.abort();
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(256))), ctx));
+    expect(err.code).toBe("CANCELLED");
+    expect(commands(device)).not.toContain("SEND_BLOCK");
+  });
+
+  it("enters Katapult from Klipper with the serial request string (bootloader: serial)", async () => {
+    const device = await startDevice({ mode: "app" });
+    const entered = new Promise<void>((resolve) => device.once("bootloader", resolve));
+    const image = randomBytes(64 * 5);
+    const outcome = await flasher().flash(target(device.path, await writeImage(image), { bootloader: "serial" }), new RecordingContext());
+    await entered;
+    expect(outcome.verified).toBe(true);
+    expect(flashed(device, image)).toEqual(image);
+  });
+
+  it("follows a USB board that re-enumerates as usb-katapult_ (bootloader: usb, simulated USB re-enumeration)", async () => {
+    const byId = join(dir, "by-id");
+    await mkdir(byId);
+    const klipperPath = join(byId, "usb-Klipper_stm32f446xx_12345-if00");
+    const katapultPath = join(byId, "usb-katapult_stm32f446xx_12345-if00");
+    const device = await startDevice({ mode: "app", mcuType: "stm32f446xx", path: klipperPath, reappearPath: katapultPath, reappearDelayMs: 200 });
+    const image = randomBytes(64 * 5);
+    const outcome = await flasher({ byPathDir: join(dir, "no-by-path") }).flash(target(klipperPath, await writeImage(image), { bootloader: "usb" }), new RecordingContext());
+    expect(outcome.device).toBe(katapultPath);
+    expect(flashed(device, image)).toEqual(image);
+  });
+
+  it("uses the same path when a USB board enters Katapult without re-enumerating (bootloader: usb)", async () => {
+    const device = await startDevice({ mode: "app" });
+    const image = randomBytes(64 * 3);
+    const f = flasher({ bootloaderTimeoutMs: 400, byPathDir: join(dir, "no-by-path") });
+    const outcome = await f.flash(target(device.path, await writeImage(image), { bootloader: "usb" }), new RecordingContext());
+    expect(outcome.device).toBe(device.path);
+    expect(flashed(device, image)).toEqual(image);
+  });
+
+  it("auto on a UART/pty board running Klipper: the probe CONNECT fails, the serial request gets it into Katapult", async () => {
+    const device = await startDevice({ mode: "app" });
+    const entered = new Promise<void>((resolve) => device.once("bootloader", resolve));
+    const image = randomBytes(64 * 4);
+    const outcome = await flasher().flash(target(device.path, await writeImage(image), { bootloader: "auto" }), new RecordingContext());
+    await entered;
+    expect(outcome.verified).toBe(true);
+    expect(device.model.completed).toBe(true);
+    expect(flashed(device, image)).toEqual(image);
+  });
+
+  it("auto on a UART/pty board already in Katapult: the probe CONNECT answers, no request is sent", async () => {
+    const device = await startDevice();
+    const image = randomBytes(64 * 4);
+    await flasher().flash(target(device.path, await writeImage(image), { bootloader: "auto" }), new RecordingContext());
+    expect(commands(device).slice(0, 2)).toEqual(["CONNECT", "CONNECT"]);
+    expect(flashed(device, image)).toEqual(image);
+  });
+
+  it("auto reads Klipper's USB ids from sysfs and uses the 1200-baud request (simulated USB sysfs)", async () => {
+    const byId = join(dir, "by-id");
+    await mkdir(byId);
+    const klipperPath = join(byId, "usb-Klipper_rp2040_E66-if00");
+    const katapultPath = join(byId, "usb-katapult_rp2040_E66-if00");
+    const device = await startVirtualDevice({ mode: "app", mcuType: "rp2040", path: klipperPath, reappearPath: katapultPath, reappearDelayMs: 200 });
+    devices.push(device);
+    const sysfs = join(dir, "sys");
+    const usbDevice = join(sysfs, "devices", "usb1", "1-1");
+    await mkdir(join(usbDevice, "1-1:1.0"), { recursive: true });
+    await writeFile(join(usbDevice, "idVendor"), "1d50\n");
+    await writeFile(join(usbDevice, "idProduct"), "614e\n");
+    const ttyDir = join(sysfs, "class", "tty", basename(device.slavePath!));
+    await mkdir(ttyDir, { recursive: true });
+    await symlink(join(usbDevice, "1-1:1.0"), join(ttyDir, "device"));
+
+    const image = randomBytes(64 * 3);
+    const ctx = new RecordingContext();
+    const outcome = await flasher({ sysfsRoot: sysfs, byPathDir: join(dir, "no-by-path") }).flash(target(klipperPath, await writeImage(image), { bootloader: "auto" }), ctx);
+    expect(outcome.device).toBe(katapultPath);
+    expect(ctx.calls.some((c) => c.call === "log" && c.message.includes("running Klipper"))).toBe(true);
+    expect(flashed(device, image)).toEqual(image);
+  });
+
+  it("times out with BOOTLOADER_TIMEOUT when the USB board comes back under a name it cannot follow (simulated USB)", async () => {
+    const device = await startDevice({ mode: "app", reappearPath: join(dir, "usb-unknown-name"), reappearDelayMs: 100 });
+    const f = flasher({ bootloaderTimeoutMs: 400, byPathDir: join(dir, "no-by-path") });
+    const err = await rejection(f.flash(target(device.path, await writeImage(randomBytes(64)), { bootloader: "usb" }), new RecordingContext()));
+    expect(err.code).toBe("BOOTLOADER_TIMEOUT");
+  });
+
+  it("preflight refuses a missing device and a target without one", async () => {
+    const f = flasher();
+    const missing = await rejection(f.preflight(target(join(dir, "ttyNONE"), join(dir, "x.bin"))));
+    expect(missing.code).toBe("DEVICE_NOT_FOUND");
+    const can = await rejection(f.preflight({ ...target("", join(dir, "x.bin")), device: undefined, canbusUuid: "0123456789ab" }));
+    expect(can.code).toBe("DEVICE_NOT_FOUND");
+    expect(can.message).toContain("flashtool");
+  });
+
+  it("reports a missing or empty firmware image before touching the device", async () => {
+    const device = await startDevice();
+    const missing = await rejection(flasher().flash(target(device.path, join(dir, "missing.bin")), new RecordingContext()));
+    expect(missing.code).toBe("FIRMWARE_NOT_FOUND");
+    const empty = await rejection(flasher().flash(target(device.path, await writeImage(Buffer.alloc(0))), new RecordingContext()));
+    expect(empty.code).toBe("FIRMWARE_EMPTY");
+    expect(commands(device)).toEqual([]);
+  });
+});

@@ -1,0 +1,177 @@
+import { createHash, randomBytes } from "node:crypto";
+import { afterEach, describe, expect, it } from "vitest";
+import type { MoonflashError } from "../../src/core/errors.js";
+import { KatapultSession, type KatapultTimings } from "../../src/flash/katapult/session.js";
+import { Command } from "../../src/flash/katapult/codec.js";
+import { ScriptedKatapult, createLinkPair, type ScriptedPeerOptions } from "./support/memory-link.js";
+
+const FAST: Partial<KatapultTimings> = {
+  timeoutMs: 60,
+  blockTimeoutMs: 60,
+  drainMs: 5,
+  retryDelayMs: 5,
+  busyDelayMs: 5,
+  addressMismatchDelayMs: 1,
+};
+
+const sessions: KatapultSession[] = [];
+afterEach(() => {
+  for (const s of sessions.splice(0)) s.dispose();
+});
+
+function setup(peer: ScriptedPeerOptions = {}, signal?: AbortSignal) {
+  const { host, device } = createLinkPair();
+  const katapult = new ScriptedKatapult(device, peer);
+  const logs: string[] = [];
+  const session = new KatapultSession(host, { timings: FAST, signal, log: (_level, text) => logs.push(text) });
+  sessions.push(session);
+  return { host, device, katapult, session, logs };
+}
+
+function padded(image: Buffer, blockSize: number): Buffer {
+  const out = Buffer.alloc(Math.ceil(image.length / blockSize) * blockSize, 0xff);
+  image.copy(out);
+  return out;
+}
+
+async function rejection(promise: Promise<unknown>): Promise<MoonflashError> {
+  const err = await promise.then(
+    () => null,
+    (e: unknown) => e as MoonflashError,
+  );
+  expect(err, "expected a rejection").not.toBeNull();
+  return err!;
+}
+
+describe("KatapultSession over an in-memory link", () => {
+  it("sends the golden CONNECT frame and decodes the reply", async () => {
+    const { host, session } = setup({ mcuType: "stm32f446xx", blockSize: 128, appStartAddress: 0x8008000 });
+    const info = await session.connect();
+    expect(host.recording[0]).toEqual(Buffer.from("01881100f17c9903", "hex"));
+    expect(info).toMatchObject({ mcuType: "stm32f446xx", blockSize: 128, appStartAddress: 0x8008000, protocolVersion: "1.1.0", softwareVersion: "v0.0.1-scripted" });
+  });
+
+  it("writes the image padded with 0xFF, reports pages, verifies and completes", async () => {
+    const { katapult, session, host } = setup();
+    const image = randomBytes(1000);
+    await session.connect();
+    const progress: Array<[number, number]> = [];
+    const written = await session.writeImage(image, (done, total) => progress.push([done, total]));
+    const expected = padded(image, 64);
+    expect(katapult.image()).toEqual(expected);
+    expect(written).toEqual({ blocks: 16, paddedBytes: 1024, sha1: createHash("sha1").update(expected).digest("hex") });
+    expect(progress.at(-1)).toEqual([16, 16]);
+    expect(await session.sendEof()).toBe(1);
+    const verified = await session.verify(image);
+    expect(verified.sha1).toBe(written.sha1);
+    await session.complete();
+    expect(katapult.received.filter((c) => c === "REQUEST_BLOCK")).toHaveLength(16);
+    expect(katapult.received.at(-1)).toBe("COMPLETE");
+    expect(host.recording.at(-1)).toEqual(Buffer.from("01881500911b9903", "hex"));
+  });
+
+  it.each([
+    ["a dropped reply", "drop"],
+    ["a BUSY reply", "busy"],
+    ["a NACK", "nack"],
+    ["an ERROR reply", "error"],
+    ["an ACK echoing another command", "wrong-echo"],
+    ["a reply with a bad CRC", "bad-crc"],
+    ["an ACK with another address", "wrong-address"],
+  ] as const)("retries SEND_BLOCK after %s and still writes every block", async (_label, behaviour) => {
+    const { katapult, session, logs } = setup({ script: (cmd, n) => (cmd === "SEND_BLOCK" && n === 3 ? behaviour : "ack") });
+    const image = randomBytes(64 * 5);
+    await session.connect();
+    await session.writeImage(image);
+    await session.verify(image);
+    expect(katapult.image()).toEqual(image);
+    expect(katapult.received.filter((c) => c === "SEND_BLOCK")).toHaveLength(6);
+    expect(logs.length).toBeGreaterThan(0);
+  });
+
+  it("gives up on CONNECT after 5 silent tries with DEVICE_TIMEOUT and a hint", async () => {
+    const { katapult, session } = setup({ script: () => "drop" });
+    const err = await rejection(session.connect());
+    expect(err.code).toBe("DEVICE_TIMEOUT");
+    expect(err.message).toBe("Katapult did not answer CONNECT after 5 tries: is the board in its bootloader, is Klipper stopped, is the baud right?");
+    expect(katapult.received).toEqual(Array(5).fill("CONNECT"));
+  });
+
+  it("turns CONNECT refused every time into PROTOCOL_ERROR", async () => {
+    const { session } = setup({ script: () => "error" });
+    const err = await rejection(session.connect());
+    expect(err.code).toBe("PROTOCOL_ERROR");
+    expect(err.details).toMatchObject({ command: "CONNECT", tries: 5, lastReply: "error" });
+  });
+
+  it("uses the block tries for SEND_BLOCK and fails with FLASH_FAILED naming the flash address", async () => {
+    const { katapult, session } = setup({ script: (cmd, n) => (cmd === "SEND_BLOCK" && n >= 2 ? "error" : "ack") });
+    await session.connect();
+    const err = await rejection(session.writeImage(randomBytes(64 * 4)));
+    expect(err.code).toBe("FLASH_FAILED");
+    expect(err.message).toMatch(/^Flash write failed, flash address 0x8002040/);
+    expect(err.details).toMatchObject({ address: "0x8002040", command: "SEND_BLOCK" });
+    expect(katapult.received.filter((c) => c === "SEND_BLOCK")).toHaveLength(1 + 3);
+  });
+
+  it("re-sends a block whose echoed address keeps differing 3 times, then fails", async () => {
+    const { katapult, session } = setup({ script: (cmd) => (cmd === "SEND_BLOCK" ? "wrong-address" : "ack") });
+    await session.connect();
+    const err = await rejection(session.writeImage(randomBytes(64)));
+    expect(err.code).toBe("FLASH_FAILED");
+    expect(err.details).toMatchObject({ address: "0x8002000", echoedAddress: "0x8002001" });
+    expect(katapult.received.filter((c) => c === "SEND_BLOCK")).toHaveLength(3);
+  });
+
+  it("reports VERIFY_FAILED with both SHA-1s and the first bad address when read-back differs", async () => {
+    const { session } = setup({ corruptReadbackBlock: 2 });
+    const image = randomBytes(64 * 4 + 10);
+    await session.connect();
+    const written = await session.writeImage(image);
+    const err = await rejection(session.verify(image));
+    expect(err.code).toBe("VERIFY_FAILED");
+    expect(err.details.expectedSha1).toBe(written.sha1);
+    expect(err.details.receivedSha1).not.toBe(written.sha1);
+    expect(err.details.firstBadAddress).toBe("0x8002083");
+  });
+
+  it("fails REQUEST_BLOCK with PROTOCOL_ERROR when the device keeps returning other blocks", async () => {
+    const { session } = setup({ script: (cmd) => (cmd === "REQUEST_BLOCK" ? "wrong-address" : "ack") });
+    const image = randomBytes(64);
+    await session.connect();
+    await session.writeImage(image);
+    const err = await rejection(session.verify(image));
+    expect(err.code).toBe("PROTOCOL_ERROR");
+    expect(err.message).toMatch(/Block Request Error, block 0/);
+  });
+
+  it("turns a link closed mid-transfer into FLASH_FAILED with the address", async () => {
+    const { session } = setup({ script: (cmd, n) => (cmd === "SEND_BLOCK" && n === 3 ? "hang-up" : "ack") });
+    await session.connect();
+    const err = await rejection(session.writeImage(randomBytes(64 * 6)));
+    expect(err.code).toBe("FLASH_FAILED");
+    expect(err.details).toMatchObject({ address: "0x8002080", disconnected: true });
+  });
+
+  it("turns a link closed during CONNECT into DEVICE_NOT_FOUND", async () => {
+    const { session } = setup({ script: () => "hang-up" });
+    const err = await rejection(session.connect());
+    expect(err.code).toBe("DEVICE_NOT_FOUND");
+  });
+
+  it("rejects a block size Katapult cannot have", async () => {
+    const { session } = setup({ blockSize: 32 });
+    const err = await rejection(session.connect());
+    expect(err.code).toBe("PROTOCOL_ERROR");
+    expect(err.details).toMatchObject({ blockSize: 32 });
+  });
+
+  it("stops with CANCELLED when the signal aborts while waiting for a reply", async () => {
+    const controller = new AbortController();
+    const { session } = setup({ script: () => "drop" }, controller.signal);
+    const pending = session.sendCommand(Command.CONNECT, undefined, { tries: 5, timeoutMs: 10_000 });
+    setTimeout(() => controller.abort(), 20);
+    const err = await rejection(pending);
+    expect(err.code).toBe("CANCELLED");
+  });
+});
