@@ -87,13 +87,19 @@ async function main(): Promise<void> {
 
   step("FLASH_MCU — flash the board from the console (Klipper is stopped, flashed, started)");
   mark = moonraker.consoleLines.length;
-  const bar = new SingleBar({ format: "   {phase} [{bar}] {percentage}% {value}/{total} bytes", hideCursor: true }, Presets.shades_classic);
+  // A bar on a terminal; a line per 20 % otherwise (cli-progress draws nothing without a TTY).
+  const bar = process.stdout.isTTY ? new SingleBar({ format: "   {phase} [{bar}] {percentage}% {value}/{total} bytes", hideCursor: true }, Presets.shades_classic) : null;
   let barPhase = "";
+  let lastFifth = -1;
+  const endBar = (): void => {
+    if (barPhase) bar?.stop();
+    barPhase = "";
+  };
   const offEvents = web.onNotification((method, params) => {
     if (method === "notify_service_state_changed") {
       const klipper = (params as Array<Record<string, { active_state: string; sub_state: string }>>)[0]?.klipper;
       if (klipper) {
-        if (barPhase) bar.stop(), (barPhase = "");
+        endBar();
         say(`   [moonraker] klipper service: ${klipper.active_state} (${klipper.sub_state})`);
       }
     }
@@ -101,16 +107,26 @@ async function main(): Promise<void> {
     const { event, data } = (params as Array<{ event: string; data: Record<string, unknown> }>)[0]!;
     if (event === "flash.progress") {
       const phase = String(data.phase ?? "");
-      if (phase !== barPhase) {
-        if (barPhase) bar.stop();
-        bar.start(Number(data.total), Number(data.done), { phase: phase.padEnd(6) });
+      const done = Number(data.done);
+      const total = Number(data.total);
+      if (!bar) {
+        const fifth = Math.floor((5 * done) / total);
+        if (phase !== barPhase || fifth !== lastFifth) say(`   [agent event] ${phase} ${fifth * 20}% (${done}/${total} bytes)`);
         barPhase = phase;
-      } else bar.update(Number(data.done));
+        lastFifth = fifth;
+      } else if (phase !== barPhase) {
+        endBar();
+        bar.start(total, done, { phase: phase.padEnd(6) });
+        barPhase = phase;
+      } else bar.update(done);
     } else if (event === "flash.stage") {
-      if (barPhase) bar.stop(), (barPhase = "");
+      endBar();
       say(`   [agent event] stage: ${String(data.stage)}${data.message ? ` — ${String(data.message)}` : ""}`);
+    } else if (event === "flash.log" && data.level !== "debug") {
+      endBar();
+      say(`   [agent event] ${String(data.level)}: ${String(data.message)}`);
     } else if (event === "flash.result") {
-      if (barPhase) bar.stop(), (barPhase = "");
+      endBar();
       say(`   [agent event] result: ${data.ok ? "ok" : `failed ${String(data.code)}`}`);
     }
   });

@@ -60,7 +60,7 @@ function describeStatus(kind: JobKind, status: ReturnType<typeof jobStatus>): st
 }
 
 export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
-  const { runner, flash } = deps;
+  const { runner } = deps;
   return [
     define({
       name: "agent.info",
@@ -87,7 +87,7 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       name: "flash.devices",
       description: "Serial devices and CAN nodes found, classified and mapped to Klipper's [mcu] sections.",
       params: noParams,
-      handler: async () => flash.devices(),
+      handler: async () => deps.flash.devices(),
       summary: (r) => `moonflash: ${r.devices.length} device(s): ${r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` → [${d.mcu}]` : ""}`).join(", ") || "none"}`,
     }),
     define({
@@ -101,7 +101,7 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
           dry_run: flag.optional(),
         })
         .strict(),
-      handler: async (p) => flash.flash(p),
+      handler: async (p) => deps.flash.flash(p),
       summary: (r) =>
         "plan" in r
           ? `moonflash: dry run for [${r.mcu}]: would flash ${r.firmware} to ${r.device} with ${r.methods.join(" → ")}`
@@ -111,7 +111,7 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       name: "flash.cancel",
       description: "Cancel the running flash job; allowed until writing starts.",
       params: noParams,
-      handler: async () => ({ cancelled: flash.cancel().id }),
+      handler: async () => ({ cancelled: deps.flash.cancel().id }),
       summary: (r) => `moonflash: cancelling flash job ${r.cancelled}`,
     }),
   ];

@@ -130,10 +130,11 @@ const token = value((raw) => {
   return raw;
 });
 
+// Only the form is checked here. Whether the path really is a device under /dev is decided by the flash engine on
+// the resolved path before anything is stopped: a symlink (by-id, or a virtual board's pty link) may live anywhere.
 const serialDevice = value((raw) => {
-  // Normalised first so "/dev/../etc/passwd" cannot pass as a device.
-  if (!raw.startsWith("/") || !posix.normalize(raw).startsWith("/dev/")) throw expected("a device path under /dev", raw);
-  return posix.normalize(raw);
+  if (!raw.startsWith("/") && !raw.startsWith("~/")) throw expected("an absolute device path, e.g. /dev/serial/by-id/...", raw);
+  return posix.normalize(expandHome(raw));
 });
 
 const canbusUuid = value((raw) => {

@@ -294,6 +294,7 @@ export class FlashEngine {
   async flash(params: FlashParams): Promise<FlashResult | FlashDryRunResult> {
     const section = mcuSectionName(params.mcu);
     return this.runner.run({ kind: "flash", target: section, params }, async (ctx) => {
+      const started = performance.now();
       ctx.stage("plan");
       const plan = await this.buildPlan(params, (level, message) => ctx.log(level, message));
       if (params.dry_run) {
@@ -303,12 +304,18 @@ export class FlashEngine {
       ctx.stage("keep-image");
       await this.keepImage(plan);
 
-      const started = performance.now();
       const attempts: FlashAttempt[] = [];
       const guarded = await withKlipperStopped(
         this.printer,
         dataPaths(this.config.dataDir).journal,
-        { jobId: ctx.jobId, kind: "flash", target: plan.mcu, serviceTimeoutMs: this.config.moonflash.service_timeout * 1000, logger: this.logger },
+        {
+          jobId: ctx.jobId,
+          kind: "flash",
+          target: plan.mcu,
+          serviceTimeoutMs: this.config.moonflash.service_timeout * 1000,
+          logger: this.logger,
+          onStage: (stage, message) => ctx.stage(stage, message),
+        },
         (shutdown) => this.runChain(plan, contextWithShutdown(ctx, shutdown), attempts),
       );
       const { method, outcome } = guarded.value;

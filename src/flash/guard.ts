@@ -32,6 +32,8 @@ export interface GuardOptions {
   /** How long Moonraker may take to report Klipper stopped or started again. */
   serviceTimeoutMs: number;
   logger: Logger;
+  /** Told when Klipper is being stopped or started, so a job can show it as a stage. */
+  onStage?: (stage: "stop-klipper" | "start-klipper", message: string) => void;
 }
 
 export interface GuardOutcome<T> {
@@ -55,11 +57,20 @@ export function assertNotPrinting(printer: PrinterPort): void {
   );
 }
 
+/** Whether Klipper runs now. Refuses when nobody can tell: flashing next to a running Klipper fails or worse. */
 function klipperIsRunning(printer: PrinterPort): boolean {
   const state = printer.state();
   const unit = state.services[state.klipperService];
   if (unit) return unit.active_state === "active" || unit.active_state === "activating" || unit.active_state === "reloading";
-  return state.klippyConnected;
+  if (state.klippyConnected) return true;
+  if (!state.moonrakerConnected) {
+    throw new MoonflashError(
+      "MOONRAKER_UNAVAILABLE",
+      "moonflash has no Moonraker connection, so it cannot stop Klipper before flashing. Check that Moonraker runs and moonflash.conf's moonraker_socket, then try again.",
+      { klipperService: state.klipperService },
+    );
+  }
+  return false;
 }
 
 function parseJournal(text: string): FlashJournal | null {
@@ -158,6 +169,7 @@ export async function withKlipperStopped<T>(
     try {
       if (klipperWasRunning) {
         logger.info(`stopping ${klipperService}`);
+        opts.onStage?.("stop-klipper", `stopping ${klipperService}`);
         await printer.stopService(klipperService, opts.serviceTimeoutMs);
       }
       // A signal that came while Klipper was stopping: do not start the work at all.
@@ -205,6 +217,7 @@ async function restartKlipper(
   if (!wasRunning) return null;
   try {
     opts.logger.info(`starting ${service}`);
+    opts.onStage?.("start-klipper", `starting ${service}`);
     await printer.startService(service, opts.serviceTimeoutMs);
     return { ok: true };
   } catch (err) {

@@ -29,6 +29,8 @@ export interface FlashTarget {
   /** OUT for `make flash` (ends with "/"). */
   outDir?: string;
   wchispTransport: "usb" | "serial";
+  /** Bytes available to the application (config `flash_size`), when known. */
+  flashSize?: number | null;
   /** Per-attempt timeout in milliseconds. */
   timeoutMs: number;
 }

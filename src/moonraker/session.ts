@@ -74,6 +74,8 @@ export class AgentSession implements PrinterPort {
   private running = false;
   /** The open connection (identified or still in the handshake); null between connections. */
   private peer: RpcPeer | null = null;
+  /** The connection once Moonraker accepted our identify. */
+  private callablePeer: RpcPeer | null = null;
   private isIdentified = false;
   private connectAttempt: Promise<void> | null = null;
   private attempts = 0;
@@ -286,6 +288,9 @@ export class AgentSession implements PrinterPort {
       type: "agent",
       url,
     });
+    // Calls may go out from here on: a macro can call us as soon as a method is registered, before the rest of
+    // the handshake finishes, and its console reply must not be refused.
+    this.callablePeer = peer;
     for (const methodName of this.opts.methods) {
       try {
         await peer.request("connection.register_remote_method", { method_name: methodName });
@@ -571,7 +576,7 @@ export class AgentSession implements PrinterPort {
   // ---- helpers ------------------------------------------------------------------------------------------
 
   private requirePeer(): RpcPeer {
-    if (!this.peer || !this.isIdentified) {
+    if (!this.peer || this.callablePeer !== this.peer) {
       throw unavailable(`moonflash is not connected to Moonraker at ${this.endpointName} right now`);
     }
     return this.peer;

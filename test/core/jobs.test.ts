@@ -182,6 +182,18 @@ describe("JobRunner", () => {
     await expect(job).rejects.toMatchObject({ code: "CANCELLED" });
   });
 
+  it("a cancel that arrives while the lock is being taken ends the job CANCELLED without running it", async () => {
+    let ran = false;
+    const job = runner.run({ kind: "flash", target: "mcu" }, async () => {
+      ran = true;
+    });
+    const { id } = runner.cancel();
+    await expect(job).rejects.toMatchObject({ code: "CANCELLED", details: { jobId: id } });
+    expect(ran).toBe(false);
+    expect(runner.history()[0]).toMatchObject({ id, code: "CANCELLED" });
+    await expect(readJobLock(lockPath())).resolves.toBeNull();
+  });
+
   it("cancel throws NO_JOB when nothing (of that kind) runs", async () => {
     expect(() => runner.cancel()).toThrow(expect.objectContaining({ code: "NO_JOB" }));
     const release = deferred();

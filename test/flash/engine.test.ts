@@ -1,127 +1,16 @@
 // The flash engine end to end: the real AgentSession against the fake Moonraker, the virtual Katapult board on a
-// real pty, a fake Klipper tree for `make flash`, real files in temp dirs.
+// real pty, a fake Klipper tree for `make flash`, real files in temp dirs. Pre-flight and plan: engine-preflight.test.ts.
 
-import { cp, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { parseConfig } from "../../src/core/config.js";
 import { isMoonflashError, type MoonflashError } from "../../src/core/errors.js";
-import type { JobEvent } from "../../src/core/events.js";
-import { FlashEngine, mcuSectionName, type FlashDryRunResult, type FlashParams, type FlashResult } from "../../src/flash/engine.js";
-import { KatapultFlasher } from "../../src/flash/katapult/flasher.js";
-import { startVirtualDevice, type VirtualDevice } from "../../src/sim/virtual-device.js";
-import type { Fault } from "../../src/sim/katapult-device.js";
-import { journalPath, QUICK_TIMING, startRig, waitUntil, type PrinterRig } from "../fixtures/engine/rig.js";
+import type { FlashDryRunResult } from "../../src/flash/engine.js";
+import { expectKlipperUntouched, flashOk, mcuSection, setUp, tearDown } from "../fixtures/engine/bench.js";
+import { journalPath, waitUntil } from "../fixtures/engine/rig.js";
 
-const here = dirname(fileURLToPath(import.meta.url));
-const fakeTree = join(here, "..", "fixtures", "engine", "klipper-tree");
-
-/** flashtool's timings shrunk so a board that never answers fails in well under a second. */
-const quickKatapult = () =>
-  new KatapultFlasher({
-    timings: { tries: 2, timeoutMs: 100, blockTries: 2, blockTimeoutMs: 200, drainMs: 10, retryDelayMs: 10, busyDelayMs: 20 },
-    autoProbeTimeoutMs: 100,
-    serialRequestSettleMs: 50,
-  });
-
-interface Bench {
-  dir: string;
-  klipperPath: string;
-  kconfig: string;
-  firmware: string;
-  image: Buffer;
-  device: VirtualDevice;
-  rig: PrinterRig;
-  events: JobEvent[];
-  engine(conf?: string, opts?: { flashers?: ConstructorParameters<typeof FlashEngine>[0]["flashers"] }): FlashEngine;
-  actions(): string[];
-}
-
-let bench: Bench | undefined;
-afterEach(async () => {
-  if (!bench) return;
-  await bench.rig.close();
-  await bench.device.stop();
-  await rm(bench.dir, { recursive: true, force: true });
-  bench = undefined;
-});
-
-/** An image with no zlib header in it, so the Katapult flasher finds no embedded MCU type to compare. */
-function testImage(size: number): Buffer {
-  return Buffer.from(Array.from({ length: size }, (_, i) => i % 251));
-}
-
-/** `klipperSerial` makes Klipper's own [mcu] serial something else than the virtual board (given the bench dir). */
-async function setUp(
-  opts: { faults?: Fault[]; printState?: string; klipperSerial?: (dir: string) => Promise<string>; writeDelayMs?: number; stopOkMs?: number } = {},
-): Promise<Bench> {
-  const dir = await mkdtemp(join(tmpdir(), "moonflash-bench-"));
-  const klipperPath = join(dir, "klipper");
-  await cp(fakeTree, klipperPath, { recursive: true });
-  const kconfig = join(dir, "config.mcu");
-  await writeFile(kconfig, "CONFIG_MACH_STM32=y\n");
-  const image = testImage(5000);
-  const firmware = join(dir, "klipper.bin");
-  await writeFile(firmware, image);
-  const device = await startVirtualDevice({
-    path: join(dir, "ttyVIRT0"),
-    mcuType: "stm32f103xe",
-    faults: opts.faults ?? [],
-    ...(opts.writeDelayMs ? { writeDelayMs: opts.writeDelayMs } : {}),
-  });
-  const klipperSerial = opts.klipperSerial ? await opts.klipperSerial(dir) : device.path;
-  const rig = await startRig({
-    ...(opts.stopOkMs ? { timing: { ...QUICK_TIMING, stopOkMs: opts.stopOkMs } } : {}),
-    klipper: {
-      ...(opts.printState ? { printState: opts.printState } : {}),
-      mcus: [
-        { section: "mcu", settings: { serial: klipperSerial, baud: 250000 }, mcu_constants: { MCU: "stm32f103xe" }, mcu_version: "v0.13.0-1" },
-      ],
-    },
-  });
-  const events: JobEvent[] = [];
-  rig.runner.on((e) => events.push(e));
-  const b: Bench = {
-    dir,
-    klipperPath,
-    kconfig,
-    firmware,
-    image,
-    device,
-    rig,
-    events,
-    engine(conf = "", engineOpts = {}) {
-      const text = `[moonflash]\nklipper_path: ${klipperPath}\nkatapult_path: ${join(dir, "katapult")}\npython: python3\nservice_timeout: 5\n\n${conf}`;
-      const config = parseConfig(text, join(rig.dataDir, "config", "moonflash.conf"), rig.dataDir);
-      return new FlashEngine({
-        config,
-        printer: rig.session,
-        runner: rig.runner,
-        logger: rig.logger,
-        flashers: { katapult: quickKatapult(), ...engineOpts.flashers },
-        discovery: { useSerialportList: false },
-      });
-    },
-    actions: () => rig.fake.serviceActions.map((a) => `${a.action} ${a.service}`),
-  };
-  bench = b;
-  return b;
-}
-
-const mcuSection = (b: Bench, extra = "") => `[mcu]\nfirmware: ${b.firmware}\nkconfig: ${b.kconfig}\n${extra}`;
-
-async function flashOk(engine: FlashEngine, params: FlashParams): Promise<FlashResult> {
-  return (await engine.flash(params)) as FlashResult;
-}
-
-async function expectKlipperUntouched(b: Bench): Promise<void> {
-  expect(b.actions()).toEqual([]);
-  expect(existsSync(journalPath(b.rig.dataDir))).toBe(false);
-  expect(b.rig.session.state().klippyState).toBe("ready");
-}
+afterEach(tearDown);
 
 describe("FlashEngine.flash", () => {
   it("flashes and verifies with Klipper stopped, keeps the image, then starts Klipper again", async () => {
@@ -151,6 +40,14 @@ describe("FlashEngine.flash", () => {
     const meta = JSON.parse(await readFile(join(kept, "last.json"), "utf8")) as Record<string, unknown>;
     expect(meta).toMatchObject({ size: 5000, source: b.firmware, sha256: expect.stringMatching(/^[0-9a-f]{64}$/) });
     expect(b.rig.runner.history("flash", 1)[0]).toMatchObject({ target: "mcu", ok: true });
+    const stages = b.events.flatMap((e) => (e.type === "stage" ? [e.stage] : []));
+    expect(stages.filter((s) => ["plan", "keep-image", "stop-klipper", "katapult", "start-klipper"].includes(s))).toEqual([
+      "plan",
+      "keep-image",
+      "stop-klipper",
+      "katapult",
+      "start-klipper",
+    ]);
   });
 
   it("falls back to make flash when Katapult fails, reporting Katapult's failure before make starts", async () => {
@@ -253,115 +150,5 @@ describe("FlashEngine.flash", () => {
     await expectKlipperUntouched(b);
     expect(existsSync(join(b.rig.dataDir, "moonflash", "firmware"))).toBe(false);
     expect(b.device.model.frames).toEqual([]);
-  });
-});
-
-describe("FlashEngine pre-flight: bad input changes nothing", () => {
-  // Device paths come from Klipper's config here: moonflash.conf itself only accepts paths written under /dev.
-  type Case = {
-    name: string;
-    code: string;
-    conf?: (b: Bench) => Promise<string>;
-    klipperSerial?: (dir: string) => Promise<string>;
-    params?: (b: Bench) => Partial<FlashParams>;
-    message?: RegExp;
-  };
-  const cases: Case[] = [
-    { name: "unknown MCU", code: "UNKNOWN_MCU", params: () => ({ mcu: "extruder_board" }), message: /Known MCUs: mcu\b/ },
-    { name: "missing firmware", code: "FIRMWARE_NOT_FOUND", params: (b) => ({ firmware: join(b.dir, "nope.bin") }) },
-    {
-      name: "empty firmware",
-      code: "FIRMWARE_EMPTY",
-      params: (b) => ({ firmware: join(b.dir, "empty.bin") }),
-      conf: async (b) => {
-        await writeFile(join(b.dir, "empty.bin"), "");
-        return mcuSection(b);
-      },
-    },
-    { name: "firmware larger than flash_size", code: "FIRMWARE_TOO_LARGE", conf: async (b) => mcuSection(b, "flash_size: 4K\n") },
-    {
-      name: "device linked to /etc/passwd",
-      code: "PATH_REJECTED",
-      klipperSerial: async (dir) => {
-        await symlink("/etc/passwd", join(dir, "ttyEVIL"));
-        return join(dir, "ttyEVIL");
-      },
-    },
-    {
-      name: "device that is a plain file",
-      code: "PATH_REJECTED",
-      klipperSerial: async (dir) => {
-        await writeFile(join(dir, "ttyFILE"), "");
-        return join(dir, "ttyFILE");
-      },
-    },
-    { name: "device under /dev that is absent", code: "DEVICE_NOT_FOUND", conf: async (b) => mcuSection(b, "serial: /dev/serial/by-id/usb-Klipper_stm32f103xe_gone-if00\n") },
-    { name: "unknown method", code: "UNKNOWN_FLASH_METHOD", params: () => ({ method: "avrdude" }), message: /katapult, flashtool, make, wchisp/ },
-  ];
-
-  it.each(cases)("$name ⇒ $code, Klipper never stopped", async ({ code, conf, klipperSerial, params, message }) => {
-    const b = await setUp(klipperSerial ? { klipperSerial } : {});
-    const engine = b.engine(conf ? await conf(b) : mcuSection(b));
-    const err = await engine.flash({ mcu: "mcu", ...params?.(b) }).catch((e: unknown) => e);
-    expect(isMoonflashError(err) && err.code).toBe(code);
-    if (message) expect((err as Error).message).toMatch(message);
-    await expectKlipperUntouched(b);
-    expect(existsSync(join(b.rig.dataDir, "moonflash", "firmware"))).toBe(false);
-    expect(b.device.model.frames).toEqual([]);
-  });
-
-  it("drops a method whose pre-flight fails and keeps the rest of the chain", async () => {
-    const b = await setUp();
-    await rm(join(b.klipperPath, "Makefile"));
-    const plan = await b.engine(mcuSection(b)).plan({ mcu: "mcu" });
-    expect(plan.methods).toEqual(["katapult"]);
-    expect(plan.skipped).toEqual([{ method: "make", code: "TOOL_NOT_FOUND", message: expect.stringContaining("No Makefile") }]);
-  });
-
-  it("throws the first pre-flight error when no method is left", async () => {
-    const b = await setUp();
-    await rm(join(b.klipperPath, "Makefile"));
-    const err = await b.engine(mcuSection(b, "method: make\n")).flash({ mcu: "mcu" }).catch((e: unknown) => e);
-    expect(isMoonflashError(err) && err.code).toBe("TOOL_NOT_FOUND");
-    await expectKlipperUntouched(b);
-  });
-});
-
-describe("FlashEngine.plan resolution", () => {
-  it("moonflash.conf's serial overrides Klipper's, and a board only moonflash.conf lists can be planned", async () => {
-    const b = await setUp({ klipperSerial: async () => "/dev/serial/by-id/usb-Klipper_stm32f103xe_old-if00" });
-    const pts = b.device.slavePath!;
-    const conf = `${mcuSection(b, `serial: ${pts}\n`)}\n[mcu toolhead]\nserial: ${pts}\nfirmware: ${b.firmware}\nmethod: katapult\nmcu_type: stm32g0b1xx\n`;
-    const engine = b.engine(conf);
-    expect(await engine.plan({ mcu: "mcu" })).toMatchObject({ mcu: "mcu", device: pts, device_real_path: pts, expected_mcu_type: "stm32f103xe" });
-    expect(await engine.plan({ mcu: "toolhead" })).toMatchObject({ mcu: "mcu toolhead", device: pts, methods: ["katapult"], expected_mcu_type: "stm32g0b1xx" });
-    expect((await engine.plan({ mcu: "mcu", method: "make" })).methods).toEqual(["make"]);
-    await expectKlipperUntouched(b);
-  });
-
-  it("a CAN board gets flashtool by default and its uuid as the device", async () => {
-    const b = await setUp();
-    await mkdir(join(b.dir, "katapult", "scripts"), { recursive: true });
-    await writeFile(join(b.dir, "katapult", "scripts", "flashtool.py"), "");
-    const plan = await b.engine(`${mcuSection(b)}\n[mcu toolhead]\ncanbus_uuid: 0123456789ab\nfirmware: ${b.firmware}\n`).plan({ mcu: "toolhead" });
-    expect(plan).toMatchObject({ mcu: "mcu toolhead", device: "can0:0123456789ab", device_real_path: null, methods: ["flashtool"] });
-    expect(plan.target).toMatchObject({ canbusUuid: "0123456789ab", canbusInterface: "can0" });
-    expect(plan.target.device).toBeUndefined();
-  });
-
-  it("names sections the way Klipper does", () => {
-    expect(mcuSectionName("mcu")).toBe("mcu");
-    expect(mcuSectionName("toolhead")).toBe("mcu toolhead");
-    expect(mcuSectionName(" mcu   toolhead ")).toBe("mcu toolhead");
-  });
-
-  it("devices() lists the known MCU sections from Klipper and moonflash.conf", async () => {
-    const b = await setUp();
-    const report = await b.engine(`${mcuSection(b)}\n[mcu toolhead]\ncanbus_uuid: 0123456789ab\n`).devices();
-    expect(Array.isArray(report.devices)).toBe(true);
-    expect(report.mcus).toEqual([
-      { section: "mcu", serial: b.device.path, sources: ["klipper", "moonflash"] },
-      { section: "mcu toolhead", canbusUuid: "0123456789ab", canbusInterface: "can0", sources: ["moonflash"] },
-    ]);
   });
 });

@@ -170,6 +170,7 @@ describe("FlashtoolFlasher", () => {
     const err = await rejection(flasher().flash(serialTarget({ timeoutMs: 1000 }), recordingContext()));
     expect(err.code).toBe("TOOL_TIMEOUT");
     expect(err.details).toMatchObject({ command: "python3" });
+    expect(err.message).toContain("did not finish within 1000 ms");
   });
 
   it("does not start flashtool when the job is cancelled before writing", async () => {

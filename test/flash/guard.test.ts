@@ -9,6 +9,7 @@ import { fileURLToPath } from "node:url";
 import { afterEach, describe, expect, it } from "vitest";
 import { isMoonflashError, MoonflashError } from "../../src/core/errors.js";
 import { readJournal, recoverInterruptedJob, withKlipperStopped, type FlashJournal } from "../../src/flash/guard.js";
+import { AgentSession } from "../../src/moonraker/session.js";
 import { journalPath, startRig, waitUntil, type PrinterRig } from "../fixtures/engine/rig.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -78,6 +79,27 @@ describe("withKlipperStopped", () => {
     );
     expect(ran).toBe(false);
     expect(r.fake.serviceActions).toEqual([]);
+    expect(existsSync(journalPath(r.dataDir))).toBe(false);
+  });
+
+  it("refuses with MOONRAKER_UNAVAILABLE when nobody can tell whether Klipper runs", async () => {
+    rig = await startRig();
+    const r = rig;
+    const offline = new AgentSession({
+      endpoint: { kind: "unix", path: join(r.dataDir, "no-such.sock") },
+      clientName: "moonflash-offline",
+      version: "0.0.0-test",
+      url: "https://example.invalid/moonflash",
+      methods: [],
+      onCall: async () => "ok",
+      logger: r.logger,
+    });
+    let ran = false;
+    const err = await withKlipperStopped(offline, journalPath(r.dataDir), guardOpts(r), async () => {
+      ran = true;
+    }).catch((e: unknown) => e);
+    expect(isMoonflashError(err) && err.code).toBe("MOONRAKER_UNAVAILABLE");
+    expect(ran).toBe(false);
     expect(existsSync(journalPath(r.dataDir))).toBe(false);
   });
 

@@ -5,14 +5,20 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { execa } from "execa";
 import { SerialPort } from "serialport";
-import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import { isMoonflashError } from "../../src/core/errors.js";
 import { openPtyRelay, type PtyRelay } from "../../src/sim/pty-relay.js";
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 
 let dir: string;
+let python: string;
 const relays: PtyRelay[] = [];
+
+beforeAll(async () => {
+  // The real interpreter behind python3, so a version-manager shim does not slow every start.
+  python = (await execa("python3", ["-c", "import sys; print(sys.executable)"], { timeout: 10_000 })).stdout.trim();
+});
 
 beforeEach(async () => {
   dir = await mkdtemp(path.join(tmpdir(), "moonflash-pty-"));
@@ -24,7 +30,7 @@ afterEach(async () => {
 });
 
 async function relayAt(name: string): Promise<PtyRelay> {
-  const relay = await openPtyRelay(path.join(dir, name), { readyTimeoutMs: 5000 });
+  const relay = await openPtyRelay(path.join(dir, name), { python, readyTimeoutMs: 5000 });
   relays.push(relay);
   return relay;
 }
@@ -150,13 +156,13 @@ describe("openPtyRelay", () => {
   it("refuses to replace a file that is not a symlink", async () => {
     const filePath = path.join(dir, "ttyV0");
     await writeFile(filePath, "keep me");
-    const err = await openPtyRelay(filePath).catch((e: unknown) => e);
+    const err = await openPtyRelay(filePath, { python }).catch((e: unknown) => e);
     expect(isMoonflashError(err) && err.code).toBe("PATH_REJECTED");
     expect((await lstat(filePath)).isFile()).toBe(true);
   });
 
   it("fails clearly when the link's folder does not exist", async () => {
-    const err = await openPtyRelay(path.join(dir, "missing", "ttyV0")).catch((e: unknown) => e);
+    const err = await openPtyRelay(path.join(dir, "missing", "ttyV0"), { python }).catch((e: unknown) => e);
     expect(isMoonflashError(err) && err.code).toBe("INTERNAL");
     expect((err as Error).message).toMatch(/Check that its folder exists/);
   });
@@ -167,7 +173,7 @@ describe("openPtyRelay", () => {
   });
 
   it("close() ends the helper and removes the link", async () => {
-    const relay = await openPtyRelay(path.join(dir, "ttyV0"));
+    const relay = await openPtyRelay(path.join(dir, "ttyV0"), { python });
     const exited = once(relay, "exit");
     await relay.close();
     expect(await exited).toEqual([0]);
@@ -181,7 +187,7 @@ describe("openPtyRelay", () => {
     await writeFile(
       script,
       `import { openPtyRelay } from ${JSON.stringify(path.join(REPO, "src/sim/pty-relay.ts"))};\n` +
-        `const relay = await openPtyRelay(${JSON.stringify(linkPath)});\n` +
+        `const relay = await openPtyRelay(${JSON.stringify(linkPath)}, { python: ${JSON.stringify(python)} });\n` +
         `process.stdout.write(relay.pid + "\\n");\n` +
         `setInterval(() => {}, 1000);\n`,
     );

@@ -88,6 +88,10 @@ function followStream(
   });
 }
 
+function formatDuration(ms: number): string {
+  return ms < 10_000 ? `${ms} ms` : `${Math.round(ms / 1000)} s`;
+}
+
 /**
  * Runs one external tool to completion. A non-zero exit is returned, not thrown: each flasher knows what
  * its tool's exit codes and output mean. Throws TOOL_NOT_FOUND, TOOL_TIMEOUT or CANCELLED.
@@ -150,7 +154,7 @@ export async function runTool(options: RunToolOptions): Promise<ToolRunResult> {
   if (result.timedOut) {
     throw new MoonflashError(
       "TOOL_TIMEOUT",
-      `${name} did not finish within ${Math.round(options.timeoutMs / 1000)} s and was stopped. ` +
+      `${name} did not finish within ${formatDuration(options.timeoutMs)} and was stopped. ` +
         "Check the board and its connection, or raise the MCU's timeout in moonflash.conf.",
       details,
     );

@@ -1,0 +1,144 @@
+// The agent end to end in-process: real unix socket to the fake Moonraker, real files, a virtual board on a pty.
+
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { mkdtemp, mkdir, rm, writeFile, readFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { randomBytes } from "node:crypto";
+import pino from "pino";
+import { Agent } from "../../src/agent/agent.js";
+import { startFakeMoonraker, type FakeMoonraker, RpcCallError } from "../support/fake-moonraker/index.js";
+import { startVirtualDevice, type VirtualDevice } from "../../src/sim/virtual-device.js";
+
+let dir: string;
+let moonraker: FakeMoonraker;
+let agent: Agent | null = null;
+let board: VirtualDevice | null = null;
+
+async function startAgent(): Promise<Agent> {
+  agent = await Agent.create({ dataDir: dir, logger: pino({ level: "silent" }) });
+  agent.start();
+  await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.cancel") && agent!.session.identified, 10_000);
+  return agent;
+}
+
+async function expectAgentError(promise: Promise<unknown>): Promise<RpcCallError> {
+  const err = await promise.then(
+    () => null,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(RpcCallError);
+  return err as RpcCallError;
+}
+
+beforeEach(async () => {
+  dir = await mkdtemp(join(tmpdir(), "moonflash-agent-"));
+  await mkdir(join(dir, "config"), { recursive: true });
+  moonraker = await startFakeMoonraker({
+    dataDir: dir,
+    klipper: {
+      mcus: [{ section: "mcu", settings: { serial: join(dir, "board") }, mcu_version: "v0.12.0", mcu_constants: { MCU: "stm32f103xe" } }],
+      macros: {
+        MOONFLASH_STATUS: { method: "flash.status" },
+        FLASH_BAD: { method: "flash.mcu", params: { mcu: 42 } },
+        FLASH_MCU: { method: "flash.mcu", params: { mcu: "mcu" } },
+      },
+    },
+  });
+});
+
+afterEach(async () => {
+  await agent?.stop();
+  agent = null;
+  await board?.stop();
+  board = null;
+  await moonraker.stop();
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe("agent over the unix socket", () => {
+  it("identifies as the agent moonflash and registers every method of the table", async () => {
+    const a = await startAgent();
+    expect(moonraker.agents()).toEqual([expect.objectContaining({ name: "moonflash", type: "agent" })]);
+    expect(moonraker.remoteMethods().sort()).toEqual(a.methods.map((m) => m.name).sort());
+    expect(moonraker.remoteMethods()).toEqual(expect.arrayContaining(["agent.info", "flash.status", "ota.status", "flash.devices", "flash.mcu", "flash.cancel"]));
+  });
+
+  it("answers flash.status, ota.status and agent.info through server.extensions.request with non-null results", async () => {
+    await startAgent();
+    const web = await moonraker.connectClient({ transport: "ws" });
+    expect(await web.call("server.extensions.request", { agent: "moonflash", method: "flash.status" })).toEqual({ current: null, other: null, last: [] });
+    expect(await web.call("server.extensions.request", { agent: "moonflash", method: "ota.status" })).toEqual({ current: null, other: null, last: [] });
+    const info = (await web.call("server.extensions.request", { agent: "moonflash", method: "agent.info" })) as Record<string, any>;
+    expect(info).toMatchObject({ name: "moonflash", moonraker: { connected: true }, klipper: { state: "ready", service: "klipper" } });
+    expect(info.methods.map((m: { name: string }) => m.name)).toContain("flash.mcu");
+    await web.close();
+  });
+
+  it("reports a macro call's outcome on the Klipper console", async () => {
+    await startAgent();
+    const web = await moonraker.connectClient({ transport: "ws" });
+    await web.call("printer.gcode.script", { script: "MOONFLASH_STATUS" });
+    await moonraker.waitFor(() => moonraker.consoleLines.some((l) => l.includes("moonflash: no flash job has run yet")), 5000);
+    expect(moonraker.consoleLines).toContain("// moonflash: no flash job has run yet");
+    await web.close();
+  });
+
+  it("rejects wrong param types with an error naming the field, over both paths, and changes nothing", async () => {
+    await startAgent();
+    const web = await moonraker.connectClient({ transport: "ws" });
+    const err = await expectAgentError(web.call("server.extensions.request", { agent: "moonflash", method: "flash.mcu", arguments: { mcu: 42 } }));
+    expect(err.code).toBe(424);
+    expect(err.data).toMatchObject({ code: -32602, data: { code: "INVALID_PARAMS" } });
+    expect((err.data as { message: string }).message).toMatch(/^flash\.mcu: mcu: /);
+
+    const unknownParam = await expectAgentError(web.call("server.extensions.request", { agent: "moonflash", method: "flash.mcu", arguments: { mcu: "mcu", dryrun: 1 } }));
+    expect((unknownParam.data as { message: string }).message).toContain("unknown parameter(s) 'dryrun'");
+
+    await web.call("printer.gcode.script", { script: "FLASH_BAD" });
+    await moonraker.waitFor(() => moonraker.consoleLines.some((l) => l.startsWith("!! moonflash: flash.mcu failed [INVALID_PARAMS]")), 5000);
+    expect(moonraker.serviceActions).toEqual([]);
+    await web.close();
+  });
+
+  it("answers an unknown method with -32601 inside Moonraker's 424", async () => {
+    await startAgent();
+    const web = await moonraker.connectClient({ transport: "ws" });
+    const err = await expectAgentError(web.call("server.extensions.request", { agent: "moonflash", method: "flash.nope" }));
+    expect(err.code).toBe(424);
+    expect(err.data).toMatchObject({ code: -32601 });
+    await web.close();
+  });
+
+  it("is back and registered after Moonraker restarts", async () => {
+    await startAgent();
+    await moonraker.restart(200);
+    expect(moonraker.remoteMethods()).toEqual([]);
+    await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.mcu"), 10_000);
+    const web = await moonraker.connectClient({ transport: "ws" });
+    expect(await web.call("server.extensions.request", { agent: "moonflash", method: "flash.status" })).toMatchObject({ current: null });
+    await web.close();
+  });
+
+  it("refuses a second concurrent job with BUSY naming the running one, and flashes the first", async () => {
+    const image = randomBytes(16 * 1024);
+    await writeFile(join(dir, "fw.bin"), image);
+    await writeFile(join(dir, "config", "moonflash.conf"), `[mcu]\nmethod: katapult\nfirmware: ${join(dir, "fw.bin")}\nbootloader: none\n`);
+    // Slow writes keep the first job running while the second request arrives.
+    board = await startVirtualDevice({ path: join(dir, "board"), writeDelayMs: 5 });
+    await startAgent();
+    const web = await moonraker.connectClient({ transport: "ws" });
+    const first = web.call("server.extensions.request", { agent: "moonflash", method: "flash.mcu", arguments: { mcu: "mcu" } });
+    await new Promise<void>((resolve) => board!.once("block", () => resolve()));
+    const err = await expectAgentError(web.call("server.extensions.request", { agent: "moonflash", method: "flash.mcu", arguments: { mcu: "mcu" } }));
+    expect(err.data).toMatchObject({ data: { code: "BUSY" } });
+    expect((err.data as { message: string }).message).toMatch(/flash job flash-\S+ on mcu is running/);
+    const result = (await first) as Record<string, unknown>;
+    expect(result).toMatchObject({ mcu: "mcu", method: "katapult", verified: true, bytes: image.length, klipper_restarted: true });
+    expect(board.model.flash.subarray(0, image.length).equals(image)).toBe(true);
+    expect(moonraker.serviceActions.map((a) => `${a.action} ${a.service}`)).toEqual(["stop klipper", "start klipper"]);
+    const history = JSON.parse(await readFile(join(dir, "moonflash", "history.json"), "utf8"));
+    expect(JSON.stringify(history)).toContain('"ok":true');
+    await web.close();
+  });
+});
