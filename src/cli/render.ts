@@ -37,8 +37,8 @@ export class ProgressRenderer {
         if (event.level !== "debug") this.write(`${event.level === "info" ? " " : "!"} ${event.message}`);
         break;
       case "result":
+        // A failure is printed once, by the command, on stderr.
         this.stop();
-        if (!event.ok) this.write(`✗ failed [${event.code}] ${event.message ?? ""}`);
         break;
     }
   };

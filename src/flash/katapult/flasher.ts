@@ -92,8 +92,8 @@ export class KatapultFlasher implements Flasher {
     try {
       const info = await session.connect();
       this.note(ctx, "info", `Katapult ${info.softwareVersion} (protocol ${info.protocolVersion}) on ${path}: MCU ${info.mcuType}, block size ${info.blockSize}, application at 0x${info.appStartAddress.toString(16)}`);
-      checkMcu(target.expectedMcuType, info.mcuType, "the configured mcu_type");
-      checkMcu(embedded?.mcu, info.mcuType, "the image's Klipper dictionary");
+      checkMcu(embedded?.mcu, info.mcuType, "The image was built for", "its Klipper dictionary");
+      checkMcu(target.expectedMcuType, info.mcuType, "This board is expected to be", "moonflash.conf mcu_type, or the MCU Klipper reported");
       checkSize(image.length, info.appStartAddress, (target as TargetWithFlashSize).flashSize ?? null);
       throwIfCancelled(ctx.signal);
 
@@ -326,12 +326,12 @@ async function readImage(path: string): Promise<Buffer> {
   return image;
 }
 
-function checkMcu(imageMcu: string | undefined, bootloaderMcu: string, source: string): void {
-  if (!imageMcu || imageMcu.toLowerCase() === bootloaderMcu.toLowerCase()) return;
+function checkMcu(expectedMcu: string | undefined, bootloaderMcu: string, what: string, source: string): void {
+  if (!expectedMcu || expectedMcu.toLowerCase() === bootloaderMcu.toLowerCase()) return;
   throw new MoonflashError(
     "MCU_MISMATCH",
-    `The image was built for ${imageMcu} (${source}) but Katapult reports ${bootloaderMcu}. Nothing was written; build the firmware for this board (make menuconfig) and flash again.`,
-    { imageMcu, bootloaderMcu, source },
+    `${what} ${expectedMcu} (${source}) but Katapult on this device reports ${bootloaderMcu}. Nothing was written; check the device path and build the firmware for this board (make menuconfig), then flash again.`,
+    { expectedMcu, bootloaderMcu, source },
   );
 }
 
