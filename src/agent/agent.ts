@@ -43,15 +43,9 @@ export class Agent {
     readonly logger: Logger,
   ) {
     this.runner = new JobRunner({ dataDir: config.dataDir, logger });
-    // Handlers reach the engine through `this` at call time: the engine needs the session, the session the names.
-    const agent = this;
-    this.methods = buildMethodTable({
-      runner: this.runner,
-      get flash() {
-        return agent.flash;
-      },
-      info: () => this.info(),
-    });
+    // Handlers reach the engine at call time: the engine needs the session, and the session needs the names.
+    const flash = (): FlashEngine => this.flash;
+    this.methods = buildMethodTable({ runner: this.runner, flash, info: () => this.info() });
     const byName = new Map(this.methods.map((m) => [m.name, m]));
     this.session = new AgentSession({
       endpoint: endpointFromConfig(config),
@@ -66,13 +60,6 @@ export class Agent {
     this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }));
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
-    this.unsubscribers.push(
-      this.runner.on((event) => {
-        if (event.type === "log") logger[event.level]({ job: event.jobId }, event.message);
-        else if (event.type === "stage") logger.info({ job: event.jobId, target: event.target }, `stage ${event.stage}${event.message ? `: ${event.message}` : ""}`);
-        else if (event.type === "result") logger[event.ok ? "info" : "error"]({ job: event.jobId, code: event.code }, event.ok ? "job succeeded" : `job failed: ${event.message}`);
-      }),
-    );
     this.session.on("identified", () => void this.recoverOnce());
   }
 

@@ -20,7 +20,8 @@ export interface RemoteMethod {
 
 export interface MethodDeps {
   runner: JobRunner;
-  flash: FlashEngine;
+  /** A getter, because the engine is built after the table (it needs the session, which needs the names). */
+  flash: () => FlashEngine;
   /** agent.info's content; built by the agent, which knows the session and config. */
   info(): Record<string, unknown>;
 }
@@ -87,7 +88,7 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       name: "flash.devices",
       description: "Serial devices and CAN nodes found, classified and mapped to Klipper's [mcu] sections.",
       params: noParams,
-      handler: async () => deps.flash.devices(),
+      handler: async () => deps.flash().devices(),
       summary: (r) => `moonflash: ${r.devices.length} device(s): ${r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` → [${d.mcu}]` : ""}`).join(", ") || "none"}`,
     }),
     define({
@@ -101,7 +102,7 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
           dry_run: flag.optional(),
         })
         .strict(),
-      handler: async (p) => deps.flash.flash(p),
+      handler: async (p) => deps.flash().flash(p),
       summary: (r) =>
         "plan" in r
           ? `moonflash: dry run for [${r.mcu}]: would flash ${r.firmware} to ${r.device} with ${r.methods.join(" → ")}`
@@ -111,7 +112,7 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       name: "flash.cancel",
       description: "Cancel the running flash job; allowed until writing starts.",
       params: noParams,
-      handler: async () => ({ cancelled: deps.flash.cancel().id }),
+      handler: async () => ({ cancelled: deps.flash().cancel().id }),
       summary: (r) => `moonflash: cancelling flash job ${r.cancelled}`,
     }),
   ];

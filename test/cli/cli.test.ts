@@ -6,7 +6,7 @@ import { mkdtemp, mkdir, rm, writeFile, readFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { randomBytes } from "node:crypto";
-import { execa, type ResultPromise } from "execa";
+import { execa } from "execa";
 import { startFakeMoonraker, type FakeMoonraker } from "../support/fake-moonraker/index.js";
 import { startVirtualDevice, type VirtualDevice } from "../../src/sim/virtual-device.js";
 import { acquireJobLock } from "../../src/core/lock.js";
@@ -96,7 +96,7 @@ describe("moonflash CLI", () => {
       const result = await cli(["flash", "mcu", "--data", dir, "--json"]);
       expect(result.stderr).toBe("");
       expect(result.exitCode).toBe(0);
-      const lines = result.stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, any>);
+      const lines = result.stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
       expect(lines.some((l) => l.type === "progress" && l.phase === "write")).toBe(true);
       expect(lines.at(-1)).toMatchObject({ ok: true, result: { mcu: "mcu", method: "katapult", verified: true, bytes: image.length, klipper_restarted: true } });
       expect(board.model.flash.subarray(0, image.length).equals(image)).toBe(true);

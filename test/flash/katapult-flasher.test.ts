@@ -156,7 +156,7 @@ describe("KatapultFlasher against a virtual Katapult on a pty", () => {
     const ctx = new RecordingContext();
     const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(512)), { expectedMcuType: "STM32F446XX" }), ctx));
     expect(err.code).toBe("MCU_MISMATCH");
-    expect(err.details).toMatchObject({ imageMcu: "STM32F446XX", bootloaderMcu: "stm32f103xe" });
+    expect(err.details).toMatchObject({ expectedMcu: "STM32F446XX", bootloaderMcu: "stm32f103xe" });
     expect(commands(device)).toEqual(["CONNECT", "COMPLETE"]);
     expect(ctx.calls.some((c) => c.call === "setCancellable")).toBe(false);
   });
@@ -165,7 +165,7 @@ describe("KatapultFlasher against a virtual Katapult on a pty", () => {
     const device = await startDevice({ mcuType: "stm32f103xe" });
     const err = await rejection(flasher().flash(target(device.path, await writeImage(klipperImage("rp2040"))), new RecordingContext()));
     expect(err.code).toBe("MCU_MISMATCH");
-    expect(err.details).toMatchObject({ imageMcu: "rp2040", bootloaderMcu: "stm32f103xe" });
+    expect(err.details).toMatchObject({ expectedMcu: "rp2040", bootloaderMcu: "stm32f103xe" });
     expect(commands(device)).not.toContain("SEND_BLOCK");
   });
 
