@@ -1,6 +1,10 @@
 // Terminal rendering of job events: a progress bar per phase on a TTY, plain lines otherwise, JSON lines with --json.
 
-import { SingleBar, Presets } from "cli-progress";
+import { createRequire } from "node:module";
+import type { SingleBar } from "cli-progress";
+
+// Required when a bar is first drawn, so `serve` never loads it.
+const cliProgress = (): typeof import("cli-progress") => createRequire(import.meta.url)("cli-progress") as typeof import("cli-progress");
 import type { JobEvent } from "../core/events.js";
 
 export class ProgressRenderer {
@@ -48,6 +52,7 @@ export class ProgressRenderer {
     if (this.tty) {
       if (!this.bar || this.barPhase !== phase) {
         this.stop();
+        const { SingleBar, Presets } = cliProgress();
         this.bar = new SingleBar({ format: `  ${phase.padEnd(7)} [{bar}] {percentage}% | {value}/{total} ${unit}`, hideCursor: true }, Presets.shades_classic);
         this.bar.start(total, done);
         this.barPhase = phase;

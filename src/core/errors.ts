@@ -16,6 +16,7 @@ export const ERROR_CODES = {
   SERVICE_TIMEOUT: { status: 504, doc: "Moonraker did not report the service state change in time." },
   SERVICE_FAILED: { status: 500, doc: "Moonraker refused or failed a machine.services action." },
   UNKNOWN_MCU: { status: 404, doc: "No [mcu] section of that name in Klipper's or moonflash's config." },
+  METHOD_NOT_APPLICABLE: { status: 400, doc: "The flash method cannot flash this kind of MCU (e.g. Katapult for the Linux host MCU)." },
   UNKNOWN_FLASH_METHOD: { status: 400, doc: "The flash method is not one of katapult, flashtool, make, wchisp." },
   DEVICE_NOT_FOUND: { status: 404, doc: "The MCU's serial device or CAN node is not present." },
   DEVICE_IN_USE: { status: 409, doc: "Another process holds the serial device open." },

@@ -4,7 +4,7 @@
 import { mkdirSync } from "node:fs";
 import { basename, dirname } from "node:path";
 import { pino, type DestinationStream, type Level, type Logger, type StreamEntry } from "pino";
-import pretty from "pino-pretty";
+import { createRequire } from "node:module";
 import { createStream, type RotatingFileStream } from "rotating-file-stream";
 import { dataPaths } from "./paths.js";
 
@@ -46,6 +46,8 @@ export function createLogger(opts: LoggerOptions): Logger {
   }
   if (opts.pretty) {
     // In-process pino-pretty stream writing synchronously to fd 1, again to avoid a worker thread.
+    // Required only here: the service logs to its file, and pino-pretty costs memory (docs/BENCHMARKS.md).
+    const pretty = (createRequire(import.meta.url)("pino-pretty") as typeof import("pino-pretty")).build;
     streams.push({ level: "trace", stream: pretty({ destination: 1, sync: true, colorize: true, translateTime: "SYS:HH:MM:ss.l" }) });
   }
   const destination: DestinationStream =

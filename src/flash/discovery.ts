@@ -5,7 +5,6 @@
 
 import { readdir, readFile, readlink, realpath, stat } from "node:fs/promises";
 import path from "node:path";
-import { SerialPort } from "serialport";
 import type { Logger } from "pino";
 import { MoonflashError } from "../core/errors.js";
 import type { CanbusNode, PrinterPort } from "../core/printer.js";
@@ -138,6 +137,8 @@ async function listWithSerialport(timeoutMs: number, logger?: Logger): Promise<A
   }
   let timer: NodeJS.Timeout | undefined;
   try {
+    // Loaded on first use: an idle agent does not need serialport (docs/BENCHMARKS.md).
+    const { SerialPort } = await import("serialport");
     const ports = await Promise.race([
       SerialPort.list(),
       new Promise<never>((_, reject) => {
@@ -315,7 +316,22 @@ export function parseCanQueryOutput(lines: readonly string[]): CanbusNode[] {
  * a bus with several nodes can drive one bus-off (Katapult README), so callers should ask only when needed.
  */
 export async function discoverCanNodes(opts: DiscoverCanNodesOptions): Promise<CanbusNode[]> {
-  if (opts.printer?.state().moonrakerConnected) return opts.printer.canbusNodes(opts.iface);
+  if (opts.printer?.state().moonrakerConnected) {
+    try {
+      return await opts.printer.canbusNodes(opts.iface);
+    } catch (err) {
+      // Moonraker answers 500 when the interface is missing ("Unable to bind socket…", or "Address family not
+      // supported" on a kernel without CAN). flashtool.py, when present, gives the same answer in more detail.
+      if (!opts.flashtool) {
+        throw new MoonflashError(
+          "DEVICE_NOT_FOUND",
+          `Moonraker could not query CAN interface ${opts.iface} (${(err as Error).message}). Check that it exists and is up (ip link show ${opts.iface}).`,
+          { iface: opts.iface },
+          { cause: err },
+        );
+      }
+    }
+  }
   if (!opts.flashtool) {
     throw new MoonflashError(
       "TOOL_NOT_FOUND",

@@ -461,6 +461,15 @@ export class FlashEngine {
     let firstError: MoonflashError | null = null;
     for (const method of methods) {
       try {
+        // Klipper's Linux host MCU is a process on this machine, installed by `make flash`
+        // (scripts/flash-linux.sh); there is no serial bootloader to talk to.
+        if (expectedMcuType?.toLowerCase() === "linux" && method !== "make") {
+          throw new MoonflashError(
+            "METHOD_NOT_APPLICABLE",
+            `[${section}] is Klipper's Linux host MCU: ${method} cannot flash it. Use method: make (it runs scripts/flash-linux.sh).`,
+            { mcu: section, method, mcuType: expectedMcuType },
+          );
+        }
         await this.flashers[method].preflight(target);
         usable.push(method);
       } catch (err) {

@@ -2,7 +2,8 @@
 // the session never sees paths, baud rates or ioctls (style.md §7.4), so tests can hand it an in-memory pair.
 
 import { stat } from "node:fs/promises";
-import { SerialPort } from "serialport";
+// serialport (native) is loaded on first use: an idle agent does not need it (docs/BENCHMARKS.md).
+import type { SerialPort } from "serialport";
 import { MoonflashError } from "../core/errors.js";
 import { SERIAL_BOOTLOADER_REQUEST } from "./katapult/codec.js";
 
@@ -130,6 +131,7 @@ async function openPort(path: string, baud: number, lock: boolean): Promise<Seri
       { cause: err },
     );
   }
+  const { SerialPort } = await import("serialport");
   const port = new SerialPort({ path, baudRate: baud, autoOpen: false, lock });
   try {
     await new Promise<void>((resolve, reject) => port.open((err) => (err ? reject(err) : resolve())));

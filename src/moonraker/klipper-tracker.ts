@@ -93,7 +93,7 @@ export class KlipperTracker {
   }
 
   klippyReady(): void {
-    this.update({ klippyConnected: true, klippyState: "ready" });
+    this.update({ klippyConnected: true, klippyState: "ready", stateMessage: "Printer is ready" });
   }
 
   klippyShutdown(): void {

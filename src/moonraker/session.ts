@@ -2,6 +2,8 @@
 // answer calls from the web UI and from macros, and keep doing so across Moonraker restarts.
 // It implements PrinterPort, so engines talk to "the printer" and never see JSON-RPC.
 
+import { watch, existsSync, type FSWatcher } from "node:fs";
+import { basename, dirname } from "node:path";
 import { EventEmitter } from "node:events";
 import type { Logger } from "pino";
 import { MoonflashError } from "../core/errors.js";
@@ -81,6 +83,7 @@ export class AgentSession implements PrinterPort {
   private attempts = 0;
   private reconnectDelayMs: number;
   private reconnectTimer: NodeJS.Timeout | null = null;
+  private socketWatcher: FSWatcher | null = null;
   /** Bumped on every start/stop of the Klipper poll so that a poll in flight from an older round ends. */
   private klippyPollRound = 0;
   private klippyPolling = false;
@@ -128,6 +131,7 @@ export class AgentSession implements PrinterPort {
     this.running = false;
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
     this.reconnectTimer = null;
+    this.unwatchSocket();
     this.stopKlippyPoll();
     for (const waiter of [...this.waiters]) {
       waiter.reject(unavailable("the Moonraker session was stopped"));
@@ -169,7 +173,10 @@ export class AgentSession implements PrinterPort {
     const started = (): boolean => {
       const state = this.tracker.state;
       const klippyNeeded = unit === state.klipperService;
-      return state.services[unit]?.active_state === "active" && (!klippyNeeded || state.klippyConnected);
+      // Klipper is up once it left "startup": ready, or error/shutdown (e.g. another MCU still outdated), which
+      // the caller reports; Moonraker says "connected" ~1 s before Klipper finished starting.
+      const klippyUp = state.klippyConnected && state.klippyState !== "startup";
+      return state.services[unit]?.active_state === "active" && (!klippyNeeded || klippyUp);
     };
     if (started()) return;
     // The Klipper poll may have slowed to its cap while the service was down; Klipper coming up in
@@ -316,6 +323,7 @@ export class AgentSession implements PrinterPort {
     this.outageReported = false;
     this.duplicateReported = false;
     this.tracker.moonrakerConnected();
+    this.unwatchSocket();
     this.events.emit("identified");
   }
 
@@ -346,6 +354,32 @@ export class AgentSession implements PrinterPort {
     this.reconnectDelayMs = Math.min(this.reconnectDelayMs * 2, this.backoffMaxMs);
     this.log.debug({ delayMs: delay }, "reconnecting to Moonraker after a pause");
     this.reconnectTimer = setTimeout(() => this.beginConnect(), delay);
+    this.watchSocket();
+  }
+
+  /**
+   * With the unix socket, Moonraker's restart is visible as its socket file reappearing: connect then instead of
+   * at the end of a backoff pause that may have grown to 10 s, so the agent is back within moments.
+   */
+  private watchSocket(): void {
+    const endpoint = this.opts.endpoint;
+    if (endpoint.kind !== "unix" || this.socketWatcher) return;
+    try {
+      this.socketWatcher = watch(dirname(endpoint.path), (_event, name) => {
+        if (name !== basename(endpoint.path) || !this.reconnectTimer || !existsSync(endpoint.path)) return;
+        clearTimeout(this.reconnectTimer);
+        this.log.debug("Moonraker's socket appeared; connecting now");
+        this.beginConnect();
+      });
+      this.socketWatcher.on("error", () => this.unwatchSocket());
+    } catch {
+      // No comms directory yet: the backoff alone retries.
+    }
+  }
+
+  private unwatchSocket(): void {
+    this.socketWatcher?.close();
+    this.socketWatcher = null;
   }
 
   private reportOutage(message: string, err: unknown): void {

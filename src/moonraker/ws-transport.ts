@@ -1,15 +1,16 @@
 // Moonraker's websocket (`ws://host:port/websocket`): one JSON-RPC message per text frame.
 // An api key goes in the X-Api-Key header at upgrade, which Moonraker checks before identify.
 
-import WebSocket from "ws";
 import type { Transport, TransportHandlers, TransportOptions } from "./transport.js";
 
-export function openWebSocketTransport(
+export async function openWebSocketTransport(
   url: string,
   apiKey: string | undefined,
   handlers: TransportHandlers,
   options: TransportOptions,
 ): Promise<Transport> {
+  // Loaded only for websocket endpoints: the default unix socket does not need ws (docs/BENCHMARKS.md).
+  const { default: WebSocket } = await import("ws");
   return new Promise((resolve, reject) => {
     const socket = new WebSocket(url, {
       headers: apiKey ? { "X-Api-Key": apiKey } : {},

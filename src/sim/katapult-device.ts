@@ -162,6 +162,7 @@ class LinkThrottle {
   private readonly queue: { bytes: Buffer; releaseAt: number }[] = [];
   private busyUntil = 0;
   private timer: NodeJS.Timeout | undefined;
+  private immediate: NodeJS.Immediate | undefined;
 
   constructor(
     private readonly baud: number,
@@ -178,23 +179,37 @@ class LinkThrottle {
 
   stop(): void {
     clearTimeout(this.timer);
+    clearImmediate(this.immediate);
     this.timer = undefined;
+    this.immediate = undefined;
     this.queue.length = 0;
   }
 
   private arm(): void {
-    if (this.timer || this.queue.length === 0) return;
-    const wait = Math.max(0, this.queue[0]!.releaseAt - performance.now());
-    this.timer = setTimeout(() => {
-      this.timer = undefined;
+    if (this.timer || this.immediate || this.queue.length === 0) return;
+    const wait = this.queue[0]!.releaseAt - performance.now();
+    // setTimeout fires up to a few ms late, and on a request/response link every late release adds up. Sleep
+    // until shortly before the due time, then poll on setImmediate so the link's pace is the baud rate's.
+    if (wait > PRECISE_WINDOW_MS) {
+      this.timer = setTimeout(() => {
+        this.timer = undefined;
+        this.arm();
+      }, wait - PRECISE_WINDOW_MS);
+      return;
+    }
+    this.immediate = setImmediate(() => {
+      this.immediate = undefined;
       const now = performance.now();
       const due: Buffer[] = [];
       while (this.queue.length > 0 && this.queue[0]!.releaseAt <= now) due.push(this.queue.shift()!.bytes);
       if (due.length > 0) this.deliver(Buffer.concat(due));
       this.arm();
-    }, wait);
+    });
   }
 }
+
+/** How close to a release the throttle stops sleeping and polls instead (ms). */
+const PRECISE_WINDOW_MS = 2;
 
 /** Events of the device model, as listener argument lists. */
 export interface DeviceModelEvents {

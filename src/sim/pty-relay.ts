@@ -3,7 +3,7 @@
 // and for the wire format). The helper exits when its stdin closes, so it never outlives this process.
 
 import { EventEmitter } from "node:events";
-import { execa, type ResultPromise } from "execa";
+import type { ResultPromise } from "execa";
 import type { Logger } from "pino";
 import { MoonflashError } from "../core/errors.js";
 import { PTY_RELAY_EXIT_NOT_A_LINK, PTY_RELAY_SCRIPT } from "./pty-relay-script.js";
@@ -167,6 +167,7 @@ function helperFailure(linkPath: string, result: { exitCode?: number; stderr: un
  * closes (close(), or this process dying).
  */
 export async function openPtyRelay(linkPath: string, options: PtyRelayOptions = {}): Promise<PtyRelay> {
+  const { execa } = await import("execa");
   const child = execa(options.python ?? "python3", ["-c", PTY_RELAY_SCRIPT, linkPath], {
     stdin: "pipe",
     stdout: "pipe",

@@ -120,6 +120,14 @@ describe("agent over the unix socket", () => {
     await web.close();
   });
 
+  it("reconnects as soon as Moonraker's socket reappears, even after a long outage grew the backoff", { timeout: 30_000 }, async () => {
+    await startAgent();
+    // 10 s down: five attempts have failed by then (at most 9.3 s with jitter) and the sixth is due no earlier
+    // than 12.6 s, so only the socket watch can bring the agent back within 2 s of Moonraker's return.
+    await moonraker.restart(10_000);
+    await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.mcu"), 2000);
+  });
+
   it("refuses a second concurrent job with BUSY naming the running one, and flashes the first", async () => {
     const image = randomBytes(16 * 1024);
     await writeFile(join(dir, "fw.bin"), image);

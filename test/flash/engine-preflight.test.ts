@@ -73,6 +73,17 @@ describe("FlashEngine pre-flight: bad input changes nothing", () => {
     expect(plan.skipped).toEqual([{ method: "make", code: "TOOL_NOT_FOUND", message: expect.stringContaining("No Makefile") }]);
   });
 
+  it("refuses serial-bootloader methods for Klipper's Linux host MCU (mcu_type linux) and keeps make", async () => {
+    const b = await setUp();
+    const engine = b.engine(mcuSection(b, "mcu_type: linux\n"));
+    const plan = await engine.plan({ mcu: "mcu" });
+    expect(plan.methods).toEqual(["make"]);
+    expect(plan.skipped).toEqual([{ method: "katapult", code: "METHOD_NOT_APPLICABLE", message: expect.stringContaining("Linux host MCU") }]);
+    const err = await engine.flash({ mcu: "mcu", method: "katapult" }).catch((e: unknown) => e);
+    expect(isMoonflashError(err) && err.code).toBe("METHOD_NOT_APPLICABLE");
+    await expectKlipperUntouched(b);
+  });
+
   it("throws the first pre-flight error when no method is left", async () => {
     const b = await setUp();
     await rm(join(b.klipperPath, "Makefile"));

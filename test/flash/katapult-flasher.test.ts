@@ -142,6 +142,8 @@ describe("KatapultFlasher against a virtual Katapult on a pty", () => {
     const err = await rejection(f.flash(target(device.path, await writeImage(randomBytes(256))), new RecordingContext()));
     expect(err.code).toBe("DEVICE_TIMEOUT");
     expect(err.message).toBe("Katapult did not answer CONNECT after 2 tries: is the board in its bootloader, is Klipper stopped, is the baud right?");
+    // COMPLETE still goes out, but once: the device never answered anything.
+    expect(commands(device)).toEqual(["CONNECT", "CONNECT", "COMPLETE"]);
   });
 
   it("fails with FLASH_FAILED naming the address when the device disconnects mid-write", async () => {

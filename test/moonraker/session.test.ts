@@ -518,6 +518,7 @@ describe("printer requests", () => {
 
     await expect(agent.serialPeripherals()).resolves.toEqual([device]);
     await expect(agent.canbusNodes("can0")).resolves.toEqual([{ uuid: "0e0d81e4210c", application: "Katapult" }]);
-    await expect(agent.canbusNodes("can1")).resolves.toEqual([]);
+    // A missing interface is Moonraker's 500 "Unable to bind socket…", passed on with its message.
+    await expect(agent.canbusNodes("can1")).rejects.toMatchObject({ code: "MOONRAKER_REQUEST_FAILED", message: expect.stringContaining("Unable to bind socket to interface 'can1'") });
   });
 });

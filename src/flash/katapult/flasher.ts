@@ -84,6 +84,7 @@ export class KatapultFlasher implements Flasher {
     // Cancellation may stop the job only until the first block is sent.
     const cancel = new AbortController();
     let writing = false;
+    let answered = false;
     const onAbort = (): void => {
       if (!writing) cancel.abort();
     };
@@ -91,6 +92,7 @@ export class KatapultFlasher implements Flasher {
     const session = new KatapultSession(link, { timings: this.config.timings, signal: cancel.signal, log: (level, text) => this.note(ctx, level, text) });
     try {
       const info = await session.connect();
+      answered = true;
       this.note(ctx, "info", `Katapult ${info.softwareVersion} (protocol ${info.protocolVersion}) on ${path}: MCU ${info.mcuType}, block size ${info.blockSize}, application at 0x${info.appStartAddress.toString(16)}`);
       checkMcu(embedded?.mcu, info.mcuType, "The image was built for", "its Klipper dictionary");
       checkMcu(target.expectedMcuType, info.mcuType, "This board is expected to be", "moonflash.conf mcu_type, or the MCU Klipper reported");
@@ -126,22 +128,24 @@ export class KatapultFlasher implements Flasher {
     } finally {
       ctx.signal.removeEventListener("abort", onAbort);
       session.dispose();
-      await this.completeQuietly(link, ctx);
+      await this.completeQuietly(link, ctx, answered);
       await link.close();
     }
   }
 
   /**
    * COMPLETE makes the bootloader jump to whatever is in flash, also after a failure (flashtool's `finally`).
-   * Its own failure is only logged: it must never replace the error that ended the flash.
+   * Its own failure is only logged: it must never replace the error that ended the flash. When CONNECT never
+   * got an answer, one try is enough (flashtool spends another ~14 s retrying COMPLETE to a silent device).
    */
-  private async completeQuietly(link: ByteLink, ctx: JobContext): Promise<void> {
+  private async completeQuietly(link: ByteLink, ctx: JobContext, answered: boolean): Promise<void> {
     if (!link.isOpen) {
       this.note(ctx, "warn", "Not sending COMPLETE: the device is gone");
       return;
     }
     // A fresh session without the cancel signal: a cancelled job still leaves the bootloader.
-    const session = new KatapultSession(link, { timings: this.config.timings, log: (level, text) => this.note(ctx, level, text) });
+    const timings = answered ? this.config.timings : { ...this.config.timings, tries: 1 };
+    const session = new KatapultSession(link, { timings, log: (level, text) => this.note(ctx, level, text) });
     try {
       await session.complete();
     } catch (err) {

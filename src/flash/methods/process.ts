@@ -6,7 +6,6 @@ import { constants as fsConstants } from "node:fs";
 import { access, stat } from "node:fs/promises";
 import path from "node:path";
 import { StringDecoder } from "node:string_decoder";
-import { execa } from "execa";
 import type { Readable } from "node:stream";
 import { MoonflashError } from "../../core/errors.js";
 
@@ -107,6 +106,8 @@ export async function runTool(options: RunToolOptions): Promise<ToolRunResult> {
   }
   const stdoutTail: string[] = [];
   const stderrTail: string[] = [];
+  // Loaded on first use: an idle agent does not need execa (docs/BENCHMARKS.md).
+  const { execa } = await import("execa");
   const subprocess = execa(options.command, [...options.args], {
     cwd: options.cwd,
     timeout: options.timeoutMs,

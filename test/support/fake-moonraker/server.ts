@@ -356,7 +356,10 @@ export class FakeMoonrakerServer implements FakeMoonraker {
     on("machine.peripherals.serial", () => ({ serial_devices: this.opts.serialDevices ?? [] }));
     on("machine.peripherals.canbus", (_conn, params) => {
       const iface = typeof params.interface === "string" ? params.interface : "can0";
-      return { can_uuids: this.opts.canbus?.[iface] ?? [] };
+      const nodes = this.opts.canbus?.[iface];
+      // Real Moonraker: binding a missing interface fails with a 500 (moonraker utils/cansocket.py).
+      if (!nodes) throw new ServerError(`Unable to bind socket to interface '${iface}'`, 500);
+      return { can_uuids: nodes };
     });
 
     printer("printer.info", () => this.klipper.printerInfo());

@@ -1,0 +1,164 @@
+// npm run bench: measurements written to docs/BENCHMARKS.md with the machine and date.
+// 1. Idle RSS of `moonflash serve` (the committed bundle) connected to a fake Moonraker.
+// 2. 256 KiB Katapult flash + verify into the virtual board (its own process, on a pty): unthrottled and at
+//    250000 baud, beside the link limit (bytes on the wire / (baud / 10)), and the flashing process's peak RSS.
+
+import { mkdtemp, mkdir, rm, writeFile, readFile } from "node:fs/promises";
+import { existsSync, readFileSync } from "node:fs";
+import { tmpdir, cpus, totalmem, hostname, release, arch } from "node:os";
+import { join, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { randomBytes } from "node:crypto";
+import { execa, type ResultPromise } from "execa";
+import { startFakeMoonraker } from "../test/support/fake-moonraker/index.js";
+import { KatapultFlasher } from "../src/flash/katapult/flasher.js";
+import type { FlashTarget } from "../src/flash/types.js";
+import type { JobContext } from "../src/core/events.js";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const bundle = join(root, "dist", "moonflash.mjs");
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+function rssKiB(pid: number): { rss: number; hwm: number } {
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  const field = (name: string): number => Number(new RegExp(`${name}:\\s+(\\d+) kB`).exec(status)?.[1] ?? NaN);
+  return { rss: field("VmRSS"), hwm: field("VmHWM") };
+}
+
+async function idleRss(): Promise<{ samples: number[]; median: number; max: number; hwm: number }> {
+  const dir = await mkdtemp(join(tmpdir(), "moonflash-bench-idle-"));
+  const moonraker = await startFakeMoonraker({ dataDir: dir });
+  const serve = execa("node", [bundle, "serve", "--data", dir], { reject: false, timeout: 120_000 });
+  try {
+    await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.mcu"), 20_000);
+    await sleep(5000); // settle: startup garbage collected, connection idle
+    const samples: number[] = [];
+    for (let i = 0; i < 10; i++) {
+      samples.push(rssKiB(serve.pid!).rss);
+      await sleep(500);
+    }
+    const hwm = rssKiB(serve.pid!).hwm;
+    const sorted = [...samples].sort((a, b) => a - b);
+    return { samples, median: sorted[Math.floor(sorted.length / 2)]!, max: sorted.at(-1)!, hwm };
+  } finally {
+    serve.kill("SIGTERM");
+    await serve;
+    await moonraker.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+const BLOCK = 64;
+/** Katapult frame bytes per block: SEND_BLOCK 8+4+64, its ACK 8+4+4, REQUEST_BLOCK 8+4, its ACK 8+4+4+64. */
+const WIRE_BYTES_PER_BLOCK = 8 + 4 + BLOCK + (8 + 8) + (8 + 4) + (8 + 8 + BLOCK);
+/** CONNECT + ACK (~48 bytes of payload), EOF + ACK, COMPLETE + ACK. */
+const WIRE_BYTES_FIXED = 8 + (8 + 48) + 8 + 16 + 8 + 12;
+
+function benchContext(): JobContext {
+  const controller = new AbortController();
+  return {
+    jobId: "bench",
+    kind: "flash",
+    target: "mcu",
+    signal: controller.signal,
+    stage: () => undefined,
+    progress: () => undefined,
+    log: () => undefined,
+    setCancellable: () => undefined,
+  };
+}
+
+async function flashRun(image: Buffer, baud: number | null): Promise<{ seconds: number; linkLimit: number | null; ratio: number | null; verified: boolean }> {
+  const dir = await mkdtemp(join(tmpdir(), "moonflash-bench-flash-"));
+  const link = join(dir, "board");
+  const firmware = join(dir, "fw.bin");
+  await writeFile(firmware, image);
+  // The board runs in its own process, as hardware would: it does not share this event loop.
+  const args = [bundle, "virtual-device", "--path", link, "--flash-size", String(1024 * 1024)];
+  if (baud) args.push("--baud", String(baud));
+  const device: ResultPromise = execa("node", args, { reject: false, timeout: 300_000 });
+  try {
+    for (let i = 0; i < 100 && !existsSync(link); i++) await sleep(100);
+    const target: FlashTarget = {
+      mcu: "mcu",
+      device: link,
+      canbusInterface: "can0",
+      baud: baud ?? 250000,
+      firmwarePath: firmware,
+      bootloader: "none",
+      klipperPath: dir,
+      wchispTransport: "usb",
+      timeoutMs: 300_000,
+    };
+    const started = process.hrtime.bigint();
+    const outcome = await new KatapultFlasher().flash(target, benchContext());
+    const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+    const blocks = Math.ceil(image.length / BLOCK);
+    const linkLimit = baud ? (blocks * WIRE_BYTES_PER_BLOCK + WIRE_BYTES_FIXED) / (baud / 10) : null;
+    return { seconds, linkLimit, ratio: linkLimit ? seconds / linkLimit : null, verified: outcome.verified };
+  } finally {
+    device.kill("SIGTERM");
+    await device;
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+async function main(): Promise<void> {
+  if (!existsSync(bundle)) throw new Error("dist/moonflash.mjs is missing: run npm run build");
+  process.stdout.write("idle RSS of serve…\n");
+  const idle = await idleRss();
+  process.stdout.write(`  median ${(idle.median / 1024).toFixed(1)} MiB, max ${(idle.max / 1024).toFixed(1)} MiB, peak ${(idle.hwm / 1024).toFixed(1)} MiB\n`);
+
+  const image = randomBytes(256 * 1024);
+  const runs: Array<{ label: string; baud: number | null; seconds: number; linkLimit: number | null; ratio: number | null; verified: boolean }> = [];
+  for (const [label, baud] of [["unthrottled", null], ["250000 baud", 250000]] as const) {
+    for (let i = 1; i <= 3; i++) {
+      process.stdout.write(`flash 256 KiB ${label}, run ${i}…\n`);
+      const r = await flashRun(image, baud);
+      runs.push({ label, baud, ...r });
+      process.stdout.write(`  ${r.seconds.toFixed(2)} s${r.linkLimit ? ` (link limit ${r.linkLimit.toFixed(2)} s, ${r.ratio!.toFixed(3)}x)` : ""}, verified ${r.verified}\n`);
+    }
+  }
+  const peakRssMiB = process.resourceUsage().maxRSS / 1024;
+
+  const cpu = cpus()[0]?.model ?? "unknown CPU";
+  const date = new Date().toISOString();
+  const lines = [
+    "# Benchmarks",
+    "",
+    `Written by \`npm run bench\` (bench/run.ts) on ${date}.`,
+    `Machine: ${hostname()}, ${cpus().length} × ${cpu}, ${(totalmem() / 2 ** 30).toFixed(1)} GiB RAM, Linux ${release()} ${arch()}, Node ${process.version}.`,
+    "",
+    "## Idle memory of `moonflash serve`",
+    "",
+    "The committed bundle, connected and registered to a fake Moonraker over the unix socket, idle for 5 s, then",
+    "VmRSS sampled 10 times over 5 s. Target: ≤ 45 MB.",
+    "",
+    "| median RSS | max RSS | peak RSS (VmHWM since start) |",
+    "|---|---|---|",
+    `| ${(idle.median / 1024).toFixed(1)} MiB | ${(idle.max / 1024).toFixed(1)} MiB | ${(idle.hwm / 1024).toFixed(1)} MiB |`,
+    "",
+    "## Katapult flash + verify of 256 KiB",
+    "",
+    "Our TypeScript Katapult flasher (bootloader already entered; CONNECT, 4096 SEND_BLOCKs of 64 bytes, EOF,",
+    "4096 REQUEST_BLOCK read-backs, COMPLETE) into `moonflash virtual-device` running in its own process on a pty.",
+    "At 250000 baud the device releases and consumes bytes no faster than the link (baud/10 bytes per second each way).",
+    `Link limit = bytes on the wire (${WIRE_BYTES_PER_BLOCK} per block + ${WIRE_BYTES_FIXED} fixed) / (baud/10): the time`,
+    "a request/response protocol needs at that speed with zero latency. Goal: within 1.1× of it.",
+    "",
+    "| link | run | time | link limit | ratio | verified |",
+    "|---|---|---|---|---|---|",
+    ...runs.map((r, i) => `| ${r.label} | ${(i % 3) + 1} | ${r.seconds.toFixed(2)} s | ${r.linkLimit ? `${r.linkLimit.toFixed(2)} s` : "–"} | ${r.ratio ? `${r.ratio.toFixed(3)}×` : "–"} | ${r.verified} |`),
+    "",
+    `Peak RSS of the flashing process (bench harness included): ${peakRssMiB.toFixed(1)} MiB.`,
+    "",
+  ];
+  await mkdir(join(root, "docs"), { recursive: true });
+  await writeFile(join(root, "docs", "BENCHMARKS.md"), lines.join("\n"));
+  process.stdout.write(`wrote docs/BENCHMARKS.md\n${(await readFile(join(root, "docs", "BENCHMARKS.md"), "utf8"))}`);
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`bench failed: ${err instanceof Error ? err.stack : String(err)}\n`);
+  process.exit(1);
+});
