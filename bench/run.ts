@@ -19,27 +19,50 @@ const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const bundle = join(root, "dist", "moonflash.mjs");
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-function rssKiB(pid: number): { rss: number; hwm: number } {
-  const status = readFileSync(`/proc/${pid}/status`, "utf8");
-  const field = (name: string): number => Number(new RegExp(`${name}:\\s+(\\d+) kB`).exec(status)?.[1] ?? NaN);
-  return { rss: field("VmRSS"), hwm: field("VmHWM") };
+interface Memory {
+  rss: number;
+  anon: number;
+  file: number;
+  hwm: number;
 }
 
-async function idleRss(): Promise<{ samples: number[]; median: number; max: number; hwm: number }> {
+/** KiB figures from /proc/<pid>/status; RssFile is mostly the node binary's own pages. */
+function memoryKiB(pid: number): Memory {
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  const field = (name: string): number => Number(new RegExp(`${name}:\\s+(\\d+) kB`).exec(status)?.[1] ?? NaN);
+  return { rss: field("VmRSS"), anon: field("RssAnon"), file: field("RssFile"), hwm: field("VmHWM") };
+}
+
+/** Samples an idle process 10 times over 5 s after a 5 s settle; returns the median sample by RSS. */
+async function sampleIdle(pid: number): Promise<Memory> {
+  await sleep(5000);
+  const samples: Memory[] = [];
+  for (let i = 0; i < 10; i++) {
+    samples.push(memoryKiB(pid));
+    await sleep(500);
+  }
+  samples.sort((a, b) => a.rss - b.rss);
+  return { ...samples[Math.floor(samples.length / 2)]!, hwm: memoryKiB(pid).hwm };
+}
+
+/** The floor: an empty node process that only waits, on this machine. */
+async function bareNode(): Promise<Memory> {
+  const node = execa("node", ["-e", "setInterval(() => {}, 1 << 30)"], { reject: false, timeout: 60_000 });
+  try {
+    return await sampleIdle(node.pid!);
+  } finally {
+    node.kill("SIGTERM");
+    await node;
+  }
+}
+
+async function idleServe(): Promise<Memory> {
   const dir = await mkdtemp(join(tmpdir(), "moonflash-bench-idle-"));
   const moonraker = await startFakeMoonraker({ dataDir: dir });
   const serve = execa("node", [bundle, "serve", "--data", dir], { reject: false, timeout: 120_000 });
   try {
     await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.mcu"), 20_000);
-    await sleep(5000); // settle: startup garbage collected, connection idle
-    const samples: number[] = [];
-    for (let i = 0; i < 10; i++) {
-      samples.push(rssKiB(serve.pid!).rss);
-      await sleep(500);
-    }
-    const hwm = rssKiB(serve.pid!).hwm;
-    const sorted = [...samples].sort((a, b) => a - b);
-    return { samples, median: sorted[Math.floor(sorted.length / 2)]!, max: sorted.at(-1)!, hwm };
+    return await sampleIdle(serve.pid!);
   } finally {
     serve.kill("SIGTERM");
     await serve;
@@ -105,9 +128,11 @@ async function flashRun(image: Buffer, baud: number | null): Promise<{ seconds: 
 
 async function main(): Promise<void> {
   if (!existsSync(bundle)) throw new Error("dist/moonflash.mjs is missing: run npm run build");
+  const mib = (kib: number): string => `${(kib / 1024).toFixed(1)} MiB`;
   process.stdout.write("idle RSS of serve…\n");
-  const idle = await idleRss();
-  process.stdout.write(`  median ${(idle.median / 1024).toFixed(1)} MiB, max ${(idle.max / 1024).toFixed(1)} MiB, peak ${(idle.hwm / 1024).toFixed(1)} MiB\n`);
+  const idle = await idleServe();
+  const bare = await bareNode();
+  process.stdout.write(`  serve ${mib(idle.rss)} (anon ${mib(idle.anon)}), bare node ${mib(bare.rss)} (anon ${mib(bare.anon)})\n`);
 
   const image = randomBytes(256 * 1024);
   const runs: Array<{ label: string; baud: number | null; seconds: number; linkLimit: number | null; ratio: number | null; verified: boolean }> = [];
@@ -132,11 +157,13 @@ async function main(): Promise<void> {
     "## Idle memory of `moonflash serve`",
     "",
     "The committed bundle, connected and registered to a fake Moonraker over the unix socket, idle for 5 s, then",
-    "VmRSS sampled 10 times over 5 s. Target: ≤ 45 MB.",
+    "sampled 10 times over 5 s (median shown). Target: ≤ 45 MB. For scale, the same figures for an empty `node`",
+    "process on this machine: most of its RSS is the node binary's own mapped pages (RssFile).",
     "",
-    "| median RSS | max RSS | peak RSS (VmHWM since start) |",
-    "|---|---|---|",
-    `| ${(idle.median / 1024).toFixed(1)} MiB | ${(idle.max / 1024).toFixed(1)} MiB | ${(idle.hwm / 1024).toFixed(1)} MiB |`,
+    "| process | RSS | anonymous (heap, stacks) | file-backed (node binary, libs) | peak (VmHWM) |",
+    "|---|---|---|---|---|",
+    `| \`moonflash serve\` | ${mib(idle.rss)} | ${mib(idle.anon)} | ${mib(idle.file)} | ${mib(idle.hwm)} |`,
+    `| empty \`node -e\` | ${mib(bare.rss)} | ${mib(bare.anon)} | ${mib(bare.file)} | ${mib(bare.hwm)} |`,
     "",
     "## Katapult flash + verify of 256 KiB",
     "",

@@ -8,6 +8,7 @@ import { JobRunner } from "../core/jobs.js";
 import { readJobLock } from "../core/lock.js";
 import { dataPaths } from "../core/paths.js";
 import { MoonflashError, toMoonflashError } from "../core/errors.js";
+import { initialPrinterState, type PrinterPort } from "../core/printer.js";
 import { AgentSession } from "../moonraker/session.js";
 import { FlashEngine } from "../flash/engine.js";
 import { endpointFromConfig } from "../agent/agent.js";
@@ -150,19 +151,9 @@ export async function runFlash(opts: { dataDir: string; mcu: string; firmware?: 
 }
 
 /** Stand-in port for listing devices while Moonraker is unreachable: no Klipper, nothing to stop. */
-function offlinePrinter(): ConstructorParameters<typeof FlashEngine>[0]["printer"] {
+function offlinePrinter(): PrinterPort {
   const unavailable = (): Promise<never> => Promise.reject(new MoonflashError("MOONRAKER_UNAVAILABLE", "Moonraker is not reachable."));
-  const state = {
-    moonrakerConnected: false,
-    klippyConnected: false,
-    klippyState: "disconnected" as const,
-    stateMessage: "",
-    printState: null,
-    idleState: null,
-    klipperService: "klipper",
-    services: {},
-    moonrakerVersion: null,
-  };
+  const state = initialPrinterState();
   return {
     state: () => state,
     isPrinting: () => false,

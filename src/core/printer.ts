@@ -64,6 +64,21 @@ export interface CanbusNode {
   application: string;
 }
 
+/** What is known before Moonraker has told anything: nothing connected, Klipper's default unit name. */
+export function initialPrinterState(): PrinterState {
+  return {
+    moonrakerConnected: false,
+    klippyConnected: false,
+    klippyState: "disconnected",
+    stateMessage: "",
+    printState: null,
+    idleState: null,
+    klipperService: "klipper",
+    services: {},
+    moonrakerVersion: null,
+  };
+}
+
 export interface PrinterPort {
   state(): PrinterState;
   /** print_stats printing/paused, or idle_timeout Printing. */

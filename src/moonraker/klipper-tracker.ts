@@ -2,7 +2,7 @@
 // Pure bookkeeping: the session feeds it, it tells listeners when something they can see changed.
 
 import type { Logger } from "pino";
-import type { KlippyState, PrinterState, ServiceState } from "../core/printer.js";
+import { initialPrinterState, type KlippyState, type PrinterState, type ServiceState } from "../core/printer.js";
 
 const KLIPPY_STATES: readonly KlippyState[] = ["ready", "startup", "shutdown", "error", "disconnected"];
 
@@ -17,20 +17,6 @@ export interface ServerInfo {
 export interface SystemInfo {
   service_state?: Record<string, ServiceState>;
   instance_ids?: Record<string, string>;
-}
-
-export function initialPrinterState(): PrinterState {
-  return {
-    moonrakerConnected: false,
-    klippyConnected: false,
-    klippyState: "disconnected",
-    stateMessage: "",
-    printState: null,
-    idleState: null,
-    klipperService: "klipper",
-    services: {},
-    moonrakerVersion: null,
-  };
 }
 
 export class KlipperTracker {

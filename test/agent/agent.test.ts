@@ -128,6 +128,40 @@ describe("agent over the unix socket", () => {
     await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.mcu"), 2000);
   });
 
+  it("flash.cancel: NO_JOB when idle; before writing it cancels and Klipper is started again; during writing it is refused", { timeout: 40_000 }, async () => {
+    const image = randomBytes(16 * 1024);
+    await writeFile(join(dir, "fw.bin"), image);
+    // bootloader: usb on a pty: the board never re-enumerates, so the job waits for it — cancellable, nothing written.
+    await writeFile(join(dir, "config", "moonflash.conf"), `[mcu]\nmethod: katapult\nfirmware: ${join(dir, "fw.bin")}\nbootloader: usb\n`);
+    board = await startVirtualDevice({ path: join(dir, "board"), writeDelayMs: 5 });
+    await startAgent();
+    const web = await moonraker.connectClient({ transport: "ws" });
+    const call = (method: string, args: Record<string, unknown> = {}) => web.call("server.extensions.request", { agent: "moonflash", method, arguments: args });
+
+    const idle = await expectAgentError(call("flash.cancel"));
+    expect(idle.data).toMatchObject({ data: { code: "NO_JOB" } });
+
+    const waiting = call("flash.mcu", { mcu: "mcu" }).catch((e: unknown) => e);
+    await moonraker.waitFor(() => moonraker.serviceActions.length === 1, 10_000);
+    expect(await call("flash.cancel")).toMatchObject({ cancelled: expect.stringMatching(/^flash-/) });
+    const cancelled = (await waiting) as RpcCallError;
+    expect(cancelled.data).toMatchObject({ data: { code: "CANCELLED" } });
+    expect(board.model.frames.filter((f) => f.name === "SEND_BLOCK")).toEqual([]);
+    await moonraker.waitFor(() => moonraker.serviceActions.length === 2, 10_000);
+    expect(moonraker.serviceActions.map((a) => a.action)).toEqual(["stop", "start"]);
+
+    await writeFile(join(dir, "config", "moonflash.conf"), `[mcu]\nmethod: katapult\nfirmware: ${join(dir, "fw.bin")}\nbootloader: none\n`);
+    await agent!.stop();
+    await startAgent();
+    const writing = call("flash.mcu", { mcu: "mcu" });
+    await new Promise<void>((resolve) => board!.once("block", () => resolve()));
+    const refused = await expectAgentError(call("flash.cancel"));
+    expect(refused.data).toMatchObject({ data: { code: "CANCEL_REFUSED" } });
+    expect((refused.data as { message: string }).message).toMatch(/writ/);
+    expect(await writing).toMatchObject({ verified: true, klipper_restarted: true });
+    await web.close();
+  });
+
   it("refuses a second concurrent job with BUSY naming the running one, and flashes the first", async () => {
     const image = randomBytes(16 * 1024);
     await writeFile(join(dir, "fw.bin"), image);

@@ -3,6 +3,7 @@
 
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { mkdtemp, mkdir, rm, writeFile, readFile } from "node:fs/promises";
+import { existsSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { randomBytes } from "node:crypto";
@@ -75,6 +76,34 @@ describe("moonflash CLI", () => {
     // Backoff: 250 ms doubling, so about 5 attempts in 4 s, not hundreds.
     expect(attempts.length).toBeGreaterThan(1);
     expect(attempts.length).toBeLessThan(10);
+  });
+
+  it("virtual-device serves a board on a pty that `flash` then flashes; `devices --json` maps Klipper's section", async () => {
+    const image = randomBytes(4 * 1024);
+    await writeFile(join(dir, "fw.bin"), image);
+    await writeFile(join(dir, "config", "moonflash.conf"), `[mcu]\nmethod: katapult\nfirmware: ${join(dir, "fw.bin")}\n`);
+    const link = join(dir, "vboard");
+    const device = cli(["virtual-device", "--path", link, "--mode", "app", "--mcu", "stm32f446xx"], { timeout: 60_000 });
+    cleanups.push(async () => device.kill("SIGKILL"));
+    const moonraker = await startFakeMoonraker({ dataDir: dir, klipper: { mcus: [{ section: "mcu", settings: { serial: link }, mcu_constants: { MCU: "stm32f446xx" } }] } });
+    cleanups.push(() => moonraker.stop());
+    await moonraker.waitFor(() => existsSync(link), 15_000);
+
+    const devices = await cli(["devices", "--data", dir, "--json"]);
+    expect(devices.exitCode).toBe(0);
+    expect(JSON.parse(devices.stdout)).toMatchObject({ mcus: [{ section: "mcu", serial: link, sources: ["klipper", "moonflash"] }] });
+
+    const flash = await cli(["flash", "mcu", "--data", dir]);
+    expect(flash.stderr).toBe("");
+    expect(flash.exitCode).toBe(0);
+    expect(flash.stdout).toMatch(/✓ \[mcu\] flashed with katapult .* 4096 bytes, verified; Klipper restarted/);
+
+    device.kill("SIGTERM");
+    const served = await device;
+    expect(served.exitCode).toBe(0);
+    expect(served.stdout).toContain("entered Katapult (bootloader request received)");
+    expect(served.stdout).toContain("flash complete: 4096 bytes written");
+    expect(existsSync(link)).toBe(false);
   });
 
   describe("with a printer", () => {

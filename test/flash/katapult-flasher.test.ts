@@ -4,13 +4,14 @@ import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import { deflateSync } from "node:zlib";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import type { MoonflashError } from "../../src/core/errors.js";
 import { KatapultFlasher, NOT_CANCELLABLE_WHILE_WRITING, type KatapultFlasherOptions } from "../../src/flash/katapult/flasher.js";
 import type { KatapultTimings } from "../../src/flash/katapult/session.js";
 import type { FlashTarget } from "../../src/flash/types.js";
 import { parseFault } from "../../src/sim/katapult-device.js";
 import { startVirtualDevice, type VirtualDevice, type VirtualDeviceOptions } from "../../src/sim/virtual-device.js";
 import { RecordingContext } from "./support/recording-context.js";
+import { padded } from "./support/padded.js";
+import { rejection } from "./support/rejection.js";
 
 const FAST: Partial<KatapultTimings> = {
   timeoutMs: 300,
@@ -64,26 +65,11 @@ function flasher(options: KatapultFlasherOptions = {}): KatapultFlasher {
   return new KatapultFlasher({ timings: FAST, bootloaderTimeoutMs: 3000, serialRequestSettleMs: 100, autoProbeTimeoutMs: 200, ...options });
 }
 
-function padded(image: Buffer, blockSize = 64): Buffer {
-  const out = Buffer.alloc(Math.ceil(image.length / blockSize) * blockSize, 0xff);
-  image.copy(out);
-  return out;
-}
-
 function flashed(device: VirtualDevice, image: Buffer): Buffer {
   return device.model.flash.subarray(0, padded(image, device.model.blockSize).length);
 }
 
 const commands = (device: VirtualDevice): string[] => device.model.frames.map((f) => f.name);
-
-async function rejection(promise: Promise<unknown>): Promise<MoonflashError> {
-  const err = await promise.then(
-    () => null,
-    (e: unknown) => e as MoonflashError,
-  );
-  expect(err, "expected a rejection").not.toBeNull();
-  return err!;
-}
 
 /** A Klipper-like image: firmware bytes with the compressed data dictionary inside. */
 function klipperImage(mcu: string, size = 2000): Buffer {

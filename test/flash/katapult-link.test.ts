@@ -3,10 +3,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { once } from "node:events";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import type { MoonflashError } from "../../src/core/errors.js";
 import { SERIAL_BOOTLOADER_REQUEST } from "../../src/flash/katapult/codec.js";
 import { openSerialLink, requestUsbBootloader, sendSerialBootloaderRequest, type ByteLink } from "../../src/flash/link.js";
 import { openPtyRelay, type PtyRelay } from "../../src/sim/pty-relay.js";
+import { rejection } from "./support/rejection.js";
 
 let dir: string;
 let relay: PtyRelay | undefined;
@@ -45,15 +45,6 @@ function collect(subscribe: (listener: (chunk: Buffer) => void) => void, length:
       if (size >= length) resolve(Buffer.concat(chunks));
     });
   });
-}
-
-async function rejection(promise: Promise<unknown>): Promise<MoonflashError> {
-  const err = await promise.then(
-    () => null,
-    (e: unknown) => e as MoonflashError,
-  );
-  expect(err, "expected a rejection").not.toBeNull();
-  return err!;
 }
 
 describe("serial ByteLink over a real pty", () => {

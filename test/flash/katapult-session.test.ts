@@ -1,9 +1,10 @@
 import { createHash, randomBytes } from "node:crypto";
 import { afterEach, describe, expect, it } from "vitest";
-import type { MoonflashError } from "../../src/core/errors.js";
 import { KatapultSession, type KatapultTimings } from "../../src/flash/katapult/session.js";
 import { Command } from "../../src/flash/katapult/codec.js";
 import { ScriptedKatapult, createLinkPair, type ScriptedPeerOptions } from "./support/memory-link.js";
+import { padded } from "./support/padded.js";
+import { rejection } from "./support/rejection.js";
 
 const FAST: Partial<KatapultTimings> = {
   timeoutMs: 60,
@@ -26,21 +27,6 @@ function setup(peer: ScriptedPeerOptions = {}, signal?: AbortSignal) {
   const session = new KatapultSession(host, { timings: FAST, signal, log: (_level, text) => logs.push(text) });
   sessions.push(session);
   return { host, device, katapult, session, logs };
-}
-
-function padded(image: Buffer, blockSize: number): Buffer {
-  const out = Buffer.alloc(Math.ceil(image.length / blockSize) * blockSize, 0xff);
-  image.copy(out);
-  return out;
-}
-
-async function rejection(promise: Promise<unknown>): Promise<MoonflashError> {
-  const err = await promise.then(
-    () => null,
-    (e: unknown) => e as MoonflashError,
-  );
-  expect(err, "expected a rejection").not.toBeNull();
-  return err!;
 }
 
 describe("KatapultSession over an in-memory link", () => {

@@ -8,11 +8,16 @@ export type ContextCall =
   | { call: "log"; level: LogLevel; message: string }
   | { call: "setCancellable"; cancellable: boolean; reason?: string };
 
+type CallName = ContextCall["call"];
+/** The arguments of one kind of call, without the `call` tag. */
+type CallArgs<K extends CallName> = Omit<Extract<ContextCall, { call: K }>, "call">;
+
 export class RecordingContext implements JobContext {
   readonly jobId = "job-test";
   readonly kind = "flash" as const;
   readonly target = "mcu";
   readonly calls: ContextCall[] = [];
+  /** Abort it (before or during the flash) to cancel the job. */
   readonly controller = new AbortController();
 
   get signal(): AbortSignal {
@@ -35,12 +40,36 @@ export class RecordingContext implements JobContext {
     this.calls.push({ call: "setCancellable", cancellable, reason });
   }
 
+  /** The stage names, in order. */
   stages(): string[] {
-    return this.calls.flatMap((c) => (c.call === "stage" ? [c.stage] : []));
+    return this.callsOf("stage").map((c) => c.stage);
   }
 
-  lastProgress(phase: string): { done: number; total: number } | undefined {
-    const hits = this.calls.filter((c): c is Extract<ContextCall, { call: "progress" }> => c.call === "progress" && c.phase === phase);
-    return hits.at(-1);
+  /** Every progress report, in order. */
+  progressEvents(): Array<CallArgs<"progress">> {
+    return this.callsOf("progress");
+  }
+
+  /** The last progress report of a phase. */
+  lastProgress(phase: string): CallArgs<"progress"> | undefined {
+    return this.progressEvents().filter((p) => p.phase === phase).at(-1);
+  }
+
+  /** Every log line, in order. */
+  logs(): Array<CallArgs<"log">> {
+    return this.callsOf("log");
+  }
+
+  /** Every setCancellable call, in order. */
+  cancellableCalls(): Array<CallArgs<"setCancellable">> {
+    return this.callsOf("setCancellable");
+  }
+
+  private callsOf<K extends CallName>(call: K): Array<CallArgs<K>> {
+    return this.calls.flatMap((c) => {
+      if (c.call !== call) return [];
+      const { call: _call, ...args } = c;
+      return [args as unknown as CallArgs<K>];
+    });
   }
 }
