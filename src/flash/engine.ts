@@ -438,8 +438,7 @@ export class FlashEngine {
     const deviceRealPath = serial ? await checkDevicePath(serial) : null;
     const expectedMcuType = own?.mcu_type ?? klipper?.mcuType ?? null;
 
-    // flashSize rides along for the Katapult flasher, which checks it against the bootloader's report.
-    const target: FlashTarget & { flashSize: number | null } = {
+    const target: FlashTarget = {
       mcu: section,
       ...(serial ? { device: serial } : {}),
       ...(canbusUuid && !serial ? { canbusUuid } : {}),

@@ -149,7 +149,7 @@ describe("FrameDecoder", () => {
 
   it("reports a bad CRC and resyncs on the next header", () => {
     const bad = Buffer.from(encodeAck(Command.CONNECT, u32le(1)));
-    bad[8] ^= 0xff;
+    bad[8] = bad[8]! ^ 0xff;
     const items = new FrameDecoder().push(Buffer.concat([bad, encodeNack()]));
     expect(items.some((i) => "fault" in i && i.fault.kind === "bad-crc")).toBe(true);
     expect(onlyFrames(items)).toEqual(["f1"]);

@@ -36,9 +36,6 @@ export interface KatapultFlasherOptions {
   byPathDir?: string;
 }
 
-/** Engines may know the MCU's flash size (moonflash config `flash_size`); FlashTarget does not carry it yet. */
-type TargetWithFlashSize = FlashTarget & { flashSize?: number | null };
-
 export class KatapultFlasher implements Flasher {
   readonly name = "katapult" as const;
   private readonly options: Required<Omit<KatapultFlasherOptions, "logger" | "timings">>;
@@ -96,7 +93,7 @@ export class KatapultFlasher implements Flasher {
       this.note(ctx, "info", `Katapult ${info.softwareVersion} (protocol ${info.protocolVersion}) on ${path}: MCU ${info.mcuType}, block size ${info.blockSize}, application at 0x${info.appStartAddress.toString(16)}`);
       checkMcu(embedded?.mcu, info.mcuType, "The image was built for", "its Klipper dictionary");
       checkMcu(target.expectedMcuType, info.mcuType, "This board is expected to be", "moonflash.conf mcu_type, or the MCU Klipper reported");
-      checkSize(image.length, info.appStartAddress, (target as TargetWithFlashSize).flashSize ?? null);
+      checkSize(image.length, info.appStartAddress, target.flashSize ?? null);
       throwIfCancelled(ctx.signal);
 
       writing = true;
