@@ -42380,8 +42380,7 @@ import { watch, existsSync } from "node:fs";
 import { basename as basename4, dirname as dirname4 } from "node:path";
 import { EventEmitter } from "node:events";
 
-// src/moonraker/klipper-tracker.ts
-var KLIPPY_STATES = ["ready", "startup", "shutdown", "error", "disconnected"];
+// src/core/printer.ts
 function initialPrinterState() {
   return {
     moonrakerConnected: false,
@@ -42395,6 +42394,9 @@ function initialPrinterState() {
     moonrakerVersion: null
   };
 }
+
+// src/moonraker/klipper-tracker.ts
+var KLIPPY_STATES = ["ready", "startup", "shutdown", "error", "disconnected"];
 var KlipperTracker = class {
   constructor(log) {
     this.log = log;
@@ -46267,17 +46269,7 @@ async function runFlash(opts) {
 }
 function offlinePrinter() {
   const unavailable3 = () => Promise.reject(new MoonflashError("MOONRAKER_UNAVAILABLE", "Moonraker is not reachable."));
-  const state = {
-    moonrakerConnected: false,
-    klippyConnected: false,
-    klippyState: "disconnected",
-    stateMessage: "",
-    printState: null,
-    idleState: null,
-    klipperService: "klipper",
-    services: {},
-    moonrakerVersion: null
-  };
+  const state = initialPrinterState();
   return {
     state: () => state,
     isPrinting: () => false,
