@@ -46251,7 +46251,7 @@ async function runFlash(opts) {
     session = await connectPrinter(ctx, 1e4);
     const engine = new FlashEngine({ config: ctx.config, printer: session, runner: ctx.runner, logger: ctx.logger.child({ ns: "flash" }) });
     renderer = new ProgressRenderer({ json: opts.json });
-    ctx.runner.on(renderer.onJobEvent);
+    ctx.runner.on(throttleProgress(renderer.onJobEvent, { maxPerSecond: 10 }));
     const result = await engine.flash({
       mcu: opts.mcu,
       ...opts.firmware ? { firmware: opts.firmware } : {},

@@ -4,7 +4,7 @@
 import type { Logger } from "pino";
 import { loadConfig, type MoonflashConfig } from "../core/config.js";
 import { createLogger } from "../core/log.js";
-import { JobRunner } from "../core/jobs.js";
+import { JobRunner, throttleProgress } from "../core/jobs.js";
 import { readJobLock } from "../core/lock.js";
 import { dataPaths } from "../core/paths.js";
 import { MoonflashError, toMoonflashError } from "../core/errors.js";
@@ -133,7 +133,8 @@ export async function runFlash(opts: { dataDir: string; mcu: string; firmware?: 
     session = await connectPrinter(ctx, 10_000);
     const engine = new FlashEngine({ config: ctx.config, printer: session, runner: ctx.runner, logger: ctx.logger.child({ ns: "flash" }) });
     renderer = new ProgressRenderer({ json: opts.json });
-    ctx.runner.on(renderer.onJobEvent);
+    // A bar or a JSON line per block would be thousands per flash: 10 updates a second read the same.
+    ctx.runner.on(throttleProgress(renderer.onJobEvent, { maxPerSecond: 10 }));
     const result = await engine.flash({
       mcu: opts.mcu,
       ...(opts.firmware ? { firmware: opts.firmware } : {}),
