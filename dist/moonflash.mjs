@@ -6050,7 +6050,7 @@ var require_transport = __commonJS({
   "node_modules/pino/lib/transport.js"(exports, module) {
     "use strict";
     var { createRequire: createRequire3 } = __require("module");
-    var { existsSync: existsSync2 } = __require("node:fs");
+    var { existsSync: existsSync3 } = __require("node:fs");
     var getCallers = require_caller();
     var { join: join7, isAbsolute: isAbsolute2, sep: sep2 } = __require("node:path");
     var { fileURLToPath: fileURLToPath3 } = __require("node:url");
@@ -6125,7 +6125,7 @@ var require_transport = __commonJS({
           return false;
         }
       }
-      return isAbsolute2(path11) && !existsSync2(path11);
+      return isAbsolute2(path11) && !existsSync3(path11);
     }
     function stripQuotes(value2) {
       const first = value2[0];
@@ -43333,6 +43333,7 @@ function errorText(err) {
 
 // src/flash/engine.ts
 import { createHash as createHash2 } from "node:crypto";
+import { existsSync as existsSync2 } from "node:fs";
 import { readFile as readFile7, realpath as realpath3, stat as stat9 } from "node:fs/promises";
 import { join as join5, resolve } from "node:path";
 import { performance } from "node:perf_hooks";
@@ -43778,6 +43779,62 @@ async function mapDevicesToMcus(devices, mcus) {
     const section = sectionByPath.get(d.path);
     return section ? { ...d, mcu: section } : { ...d };
   });
+}
+function parseCanQueryOutput(lines) {
+  const nodes = [];
+  for (const line of lines) {
+    const match = /Detected UUID: ([0-9a-f]{12}), Application: (\S+)/i.exec(line);
+    if (match) nodes.push({ uuid: match[1].toLowerCase(), application: match[2] });
+  }
+  return nodes;
+}
+async function discoverCanNodes(opts) {
+  if (opts.printer?.state().moonrakerConnected) {
+    try {
+      return await opts.printer.canbusNodes(opts.iface);
+    } catch (err) {
+      if (!opts.flashtool) {
+        throw new MoonflashError(
+          "DEVICE_NOT_FOUND",
+          `Moonraker could not query CAN interface ${opts.iface} (${err.message}). Check that it exists and is up (ip link show ${opts.iface}).`,
+          { iface: opts.iface },
+          { cause: err }
+        );
+      }
+    }
+  }
+  if (!opts.flashtool) {
+    throw new MoonflashError(
+      "TOOL_NOT_FOUND",
+      "CAN nodes can be listed only through Moonraker or Katapult's flashtool.py: connect to Moonraker or set katapult_path in moonflash.conf.",
+      { iface: opts.iface }
+    );
+  }
+  const stdout = [];
+  let flashError;
+  const args = [opts.flashtool.script, "-i", opts.iface, "-q"];
+  const result = await runTool({
+    command: opts.flashtool.python,
+    args,
+    timeoutMs: opts.timeoutMs ?? 15e3,
+    onStdoutLine: (line) => stdout.push(line),
+    onStderrLine: (line) => {
+      flashError ??= /(?:^|\.)FlashError: (.*)$/.exec(line)?.[1];
+    }
+  });
+  if (result.exitCode !== 0) {
+    const reason = flashError ?? result.stderrTail.at(-1) ?? `exit code ${result.exitCode}`;
+    const details = { command: opts.flashtool.python, args, exitCode: result.exitCode, stderrTail: result.stderrTail };
+    if (/Unable to bind socket/i.test(reason)) {
+      throw new MoonflashError(
+        "DEVICE_NOT_FOUND",
+        `CAN interface ${opts.iface} is not available (${reason}). Check that it exists and is up (ip link show ${opts.iface}).`,
+        details
+      );
+    }
+    throw new MoonflashError("PROTOCOL_ERROR", `flashtool.py could not query CAN nodes on ${opts.iface}: ${reason}`, details);
+  }
+  return parseCanQueryOutput(stdout);
 }
 
 // src/flash/guard.ts
@@ -45527,7 +45584,33 @@ var FlashEngine = class {
   async devices() {
     const [found, mcus] = await Promise.all([discoverDevices(this.discovery), this.knownMcus()]);
     const devices = await mapDevicesToMcus(found, mcus);
-    return { devices, mcus };
+    return { devices, mcus, canbus: await this.canbusNodes(mcus) };
+  }
+  /**
+   * CAN nodes on every interface a known MCU uses, through Moonraker (or flashtool.py -q when it is installed).
+   * Nodes a running Klipper has claimed do not answer; an interface that fails is reported, not fatal.
+   */
+  async canbusNodes(mcus) {
+    const interfaces = [...new Set(mcus.flatMap((m) => m.canbusUuid ? [m.canbusInterface ?? MCU_DEFAULTS.canbus_interface] : []))].sort();
+    const script = join5(this.config.moonflash.katapult_path, "scripts", "flashtool.py");
+    const flashtool = existsSync2(script) ? { python: this.config.moonflash.python, script } : void 0;
+    return Promise.all(
+      interfaces.map(async (iface) => {
+        try {
+          const nodes = await discoverCanNodes({ iface, printer: this.printer, ...flashtool ? { flashtool } : {} });
+          return {
+            interface: iface,
+            nodes: nodes.map((n2) => {
+              const mcu = mcus.find((m) => m.canbusUuid === n2.uuid.toLowerCase())?.section;
+              return { ...n2, ...mcu ? { mcu } : {} };
+            })
+          };
+        } catch (err) {
+          const e = toMoonflashError(err);
+          return { interface: iface, nodes: [], error: { code: e.code, message: e.message } };
+        }
+      })
+    );
   }
   /** Resolves and pre-flights a flash without stopping or writing anything. */
   async plan(params) {
@@ -45811,7 +45894,11 @@ function buildMethodTable(deps) {
       description: "Serial devices and CAN nodes found, classified and mapped to Klipper's [mcu] sections.",
       params: noParams,
       handler: async () => deps.flash().devices(),
-      summary: (r) => `moonflash: ${r.devices.length} device(s): ${r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` \u2192 [${d.mcu}]` : ""}`).join(", ") || "none"}`
+      summary: (r) => {
+        const serial = r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` \u2192 [${d.mcu}]` : ""}`).join(", ") || "none";
+        const can = r.canbus.map((c3) => c3.error ? `${c3.interface}: ${c3.error.message}` : `${c3.interface}: ${c3.nodes.map((n2) => `${n2.uuid} ${n2.application}${n2.mcu ? ` \u2192 [${n2.mcu}]` : ""}`).join(", ") || "no unassigned nodes"}`);
+        return `moonflash: ${r.devices.length} serial device(s): ${serial}${can.length ? `; CAN ${can.join("; ")}` : ""}`;
+      }
     }),
     define({
       name: "flash.mcu",
@@ -46233,6 +46320,14 @@ async function runDevices(opts) {
       for (const d of report.devices) {
         const held = d.heldBy ? `  (held by pid ${d.heldBy.pid}${d.heldBy.command ? ` ${d.heldBy.command}` : ""})` : "";
         process.stdout.write(`${d.path.padEnd(16)} ${d.label.padEnd(24)} ${d.mcu ? `[${d.mcu}]` : "-"}  ${d.byId ?? d.byPath ?? ""}${held}
+`);
+      }
+      for (const c3 of report.canbus) {
+        if (c3.error) process.stdout.write(`${c3.interface}: ${c3.error.message} [${c3.error.code}]
+`);
+        else if (!c3.nodes.length) process.stdout.write(`${c3.interface}: no unassigned CAN nodes answered (nodes Klipper holds stay silent)
+`);
+        for (const n2 of c3.nodes) process.stdout.write(`${c3.interface}:${n2.uuid}  ${n2.application.padEnd(10)} ${n2.mcu ? `[${n2.mcu}]` : "-"}
 `);
       }
     }

@@ -89,7 +89,11 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       description: "Serial devices and CAN nodes found, classified and mapped to Klipper's [mcu] sections.",
       params: noParams,
       handler: async () => deps.flash().devices(),
-      summary: (r) => `moonflash: ${r.devices.length} device(s): ${r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` → [${d.mcu}]` : ""}`).join(", ") || "none"}`,
+      summary: (r) => {
+        const serial = r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` → [${d.mcu}]` : ""}`).join(", ") || "none";
+        const can = r.canbus.map((c) => (c.error ? `${c.interface}: ${c.error.message}` : `${c.interface}: ${c.nodes.map((n) => `${n.uuid} ${n.application}${n.mcu ? ` → [${n.mcu}]` : ""}`).join(", ") || "no unassigned nodes"}`));
+        return `moonflash: ${r.devices.length} serial device(s): ${serial}${can.length ? `; CAN ${can.join("; ")}` : ""}`;
+      },
     }),
     define({
       name: "flash.mcu",

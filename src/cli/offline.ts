@@ -116,6 +116,11 @@ export async function runDevices(opts: { dataDir: string; json: boolean }): Prom
         const held = d.heldBy ? `  (held by pid ${d.heldBy.pid}${d.heldBy.command ? ` ${d.heldBy.command}` : ""})` : "";
         process.stdout.write(`${d.path.padEnd(16)} ${d.label.padEnd(24)} ${d.mcu ? `[${d.mcu}]` : "-"}  ${d.byId ?? d.byPath ?? ""}${held}\n`);
       }
+      for (const c of report.canbus) {
+        if (c.error) process.stdout.write(`${c.interface}: ${c.error.message} [${c.error.code}]\n`);
+        else if (!c.nodes.length) process.stdout.write(`${c.interface}: no unassigned CAN nodes answered (nodes Klipper holds stay silent)\n`);
+        for (const n of c.nodes) process.stdout.write(`${c.interface}:${n.uuid}  ${n.application.padEnd(10)} ${n.mcu ? `[${n.mcu}]` : "-"}\n`);
+      }
     }
     return 0;
   } catch (err) {

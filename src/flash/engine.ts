@@ -3,6 +3,7 @@
 // `flash.mcu` (agent) and `moonflash flash` (CLI) both call it; it knows the printer only as a PrinterPort.
 
 import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
 import { readFile, realpath, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { performance } from "node:perf_hooks";
@@ -13,8 +14,8 @@ import { MoonflashError, toMoonflashError, type ErrorCode } from "../core/errors
 import type { JobContext, LogLevel } from "../core/events.js";
 import type { JobRunner } from "../core/jobs.js";
 import { dataPaths } from "../core/paths.js";
-import type { McuInfo, PrinterPort } from "../core/printer.js";
-import { discoverDevices, mapDevicesToMcus, type DiscoveredDevice, type DiscoverOptions } from "./discovery.js";
+import type { CanbusNode, McuInfo, PrinterPort } from "../core/printer.js";
+import { discoverCanNodes, discoverDevices, mapDevicesToMcus, type DiscoveredDevice, type DiscoverOptions } from "./discovery.js";
 import { assertNotPrinting, withKlipperStopped } from "./guard.js";
 import { KatapultFlasher } from "./katapult/flasher.js";
 import { FlashtoolFlasher } from "./methods/flashtool.js";
@@ -101,9 +102,17 @@ export interface KnownMcu {
   sources: Array<"klipper" | "moonflash">;
 }
 
+export interface CanbusReport {
+  interface: string;
+  /** Unassigned nodes that answered the query, with the MCU section whose canbus_uuid matches. */
+  nodes: Array<CanbusNode & { mcu?: string }>;
+  error?: { code: ErrorCode; message: string };
+}
+
 export interface DevicesReport {
   devices: DiscoveredDevice[];
   mcus: KnownMcu[];
+  canbus: CanbusReport[];
 }
 
 export interface FlashEngineOptions {
@@ -282,7 +291,34 @@ export class FlashEngine {
   async devices(): Promise<DevicesReport> {
     const [found, mcus] = await Promise.all([discoverDevices(this.discovery), this.knownMcus()]);
     const devices = await mapDevicesToMcus(found, mcus);
-    return { devices, mcus };
+    return { devices, mcus, canbus: await this.canbusNodes(mcus) };
+  }
+
+  /**
+   * CAN nodes on every interface a known MCU uses, through Moonraker (or flashtool.py -q when it is installed).
+   * Nodes a running Klipper has claimed do not answer; an interface that fails is reported, not fatal.
+   */
+  private async canbusNodes(mcus: KnownMcu[]): Promise<CanbusReport[]> {
+    const interfaces = [...new Set(mcus.flatMap((m) => (m.canbusUuid ? [m.canbusInterface ?? MCU_DEFAULTS.canbus_interface] : [])))].sort();
+    const script = join(this.config.moonflash.katapult_path, "scripts", "flashtool.py");
+    const flashtool = existsSync(script) ? { python: this.config.moonflash.python, script } : undefined;
+    return Promise.all(
+      interfaces.map(async (iface): Promise<CanbusReport> => {
+        try {
+          const nodes = await discoverCanNodes({ iface, printer: this.printer, ...(flashtool ? { flashtool } : {}) });
+          return {
+            interface: iface,
+            nodes: nodes.map((n) => {
+              const mcu = mcus.find((m) => m.canbusUuid === n.uuid.toLowerCase())?.section;
+              return { ...n, ...(mcu ? { mcu } : {}) };
+            }),
+          };
+        } catch (err) {
+          const e = toMoonflashError(err);
+          return { interface: iface, nodes: [], error: { code: e.code, message: e.message } };
+        }
+      }),
+    );
   }
 
   /** Resolves and pre-flights a flash without stopping or writing anything. */
