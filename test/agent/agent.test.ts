@@ -177,6 +177,20 @@ describe("agent over the unix socket", () => {
     expect((err.data as { message: string }).message).toMatch(/flash job flash-\S+ on mcu is running/);
     const result = (await first) as Record<string, unknown>;
     expect(result).toMatchObject({ mcu: "mcu", method: "katapult", verified: true, bytes: image.length, klipper_restarted: true });
+
+    // Agent events: every stage and the result, progress throttled to 5 a second with each phase's first and last.
+    await web.waitForNotification("notify_agent_event", (p) => (p as Array<{ event: string }>)[0]?.event === "flash.result", 5000);
+    const events = web.notifications.filter((n) => n.method === "notify_agent_event").map((n) => (n.params as Array<{ agent: string; event: string; data: Record<string, unknown> }>)[0]!);
+    expect(new Set(events.map((e) => e.agent))).toEqual(new Set(["moonflash"]));
+    const progress = events.filter((e) => e.event === "flash.progress").map((e) => e.data as { phase: string; done: number; total: number; ts: string });
+    for (const phase of ["write", "verify"]) {
+      const ofPhase = progress.filter((p) => p.phase === phase);
+      expect(ofPhase[0]!.done).toBe(64);
+      expect(ofPhase.at(-1)!.done).toBe(image.length);
+    }
+    const seconds = (Date.parse(progress.at(-1)!.ts) - Date.parse(progress[0]!.ts)) / 1000;
+    expect(progress.length).toBeLessThanOrEqual(Math.ceil(seconds * 5) + 4);
+    expect(events.filter((e) => e.event === "flash.result")).toEqual([expect.objectContaining({ data: expect.objectContaining({ ok: true }) })]);
     expect(board.model.flash.subarray(0, image.length).equals(image)).toBe(true);
     expect(moonraker.serviceActions.map((a) => `${a.action} ${a.service}`)).toEqual(["stop klipper", "start klipper"]);
     const history = JSON.parse(await readFile(join(dir, "moonflash", "history.json"), "utf8"));
