@@ -358,8 +358,9 @@ export class AgentSession implements PrinterPort {
   }
 
   /**
-   * With the unix socket, Moonraker's restart is visible as its socket file reappearing: connect then instead of
-   * at the end of a backoff pause that may have grown to 10 s, so the agent is back within moments.
+   * With the unix socket, Moonraker's restart is visible as its socket file being replaced: start the backoff over
+   * from its shortest pause instead of waiting out one that may have grown to 10 s. Not "connect now": a real
+   * Moonraker creates the file a moment before it accepts, and a refused attempt would earn the long pause again.
    */
   private watchSocket(): void {
     const endpoint = this.opts.endpoint;
@@ -367,9 +368,12 @@ export class AgentSession implements PrinterPort {
     try {
       this.socketWatcher = watch(dirname(endpoint.path), (_event, name) => {
         if (name !== basename(endpoint.path) || !this.reconnectTimer || !existsSync(endpoint.path)) return;
+        if (this.reconnectDelayMs <= this.backoffInitialMs * 2) return; // already retrying quickly
         clearTimeout(this.reconnectTimer);
-        this.log.debug("Moonraker's socket appeared; connecting now");
-        this.beginConnect();
+        this.reconnectTimer = null;
+        this.reconnectDelayMs = this.backoffInitialMs;
+        this.log.debug("Moonraker's socket was replaced; retrying with a short pause");
+        this.scheduleReconnect();
       });
       this.socketWatcher.on("error", () => this.unwatchSocket());
     } catch {

@@ -212,6 +212,8 @@ describe("fake Moonraker", () => {
     expect(fake.remoteMethods()).toEqual([]);
     expect(fake.wsUrl).toBe(wsUrl);
 
+    // Like the real Moonraker, the new socket drops connections for a moment before it accepts them.
+    await new Promise((resolve) => setTimeout(resolve, 200));
     const again = await client(fake, { transport: "unix", name: "moonflash", type: "agent" });
     expect(await again.call("connection.register_remote_method", { method_name: "moonflash_flash" })).toBe("ok");
     const webAgain = await client(fake, { transport: "ws" });

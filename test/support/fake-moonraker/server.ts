@@ -179,6 +179,10 @@ export class FakeMoonrakerServer implements FakeMoonraker {
   }
 
   private acceptUnix(socket: net.Socket): void {
+    if (Date.now() < this.refuseUnixUntil) {
+      socket.destroy();
+      return;
+    }
     const decoder = new EtxDecoder();
     // The unix socket never needs authentication (extensions.py: UnixSocketClient).
     const conn = new Connection(this.nextUid++, false, (json) => socket.write(encodeEtxFrame(json)), () => socket.destroy());
@@ -565,11 +569,21 @@ export class FakeMoonrakerServer implements FakeMoonraker {
   }
 
   /** Drops every connection and listener, then listens again at the same socket path and port after downMs. */
+  /**
+   * Moonraker going away and coming back as the real one does (seen on a real rig): its socket file stays while
+   * it is down (connections are refused), and on start a new file appears a moment before it accepts.
+   */
   async restart(downMs = 50): Promise<void> {
     await this.closeListeners();
+    await fs.writeFile(this.socketPath, "");
     await new Promise((resolve) => setTimeout(resolve, downMs));
-    if (!this.stopped) await this.listen();
+    if (this.stopped) return;
+    this.refuseUnixUntil = Date.now() + 150;
+    await this.listen();
   }
+
+  /** Until then, new unix socket connections are dropped: the socket file exists but Moonraker does not accept yet. */
+  private refuseUnixUntil = 0;
 
   async stop(): Promise<void> {
     this.stopped = true;
