@@ -42437,8 +42437,12 @@ var KlipperTracker = class {
     const klippyState = connected ? toKlippyState(info.klippy_state) : "disconnected";
     const patch = { klippyConnected: connected, klippyState };
     if (typeof info.moonraker_version === "string") patch.moonrakerVersion = info.moonraker_version;
-    if (!connected) Object.assign(patch, { printState: null, idleState: null });
+    if (!connected) Object.assign(patch, { printState: null, idleState: null, stateMessage: "Klipper is not connected to Moonraker" });
     this.update(patch);
+  }
+  /** printer.info: the only source of Klipper's state message while it starts or is in error (no subscription). */
+  printerInfo(info) {
+    if (typeof info.state_message === "string") this.update({ stateMessage: info.state_message.trim() });
   }
   systemInfo(info) {
     const patch = { services: { ...this.current.services, ...info.service_state ?? {} } };
@@ -43032,8 +43036,9 @@ var AgentSession = class {
     this.watchSocket();
   }
   /**
-   * With the unix socket, Moonraker's restart is visible as its socket file reappearing: connect then instead of
-   * at the end of a backoff pause that may have grown to 10 s, so the agent is back within moments.
+   * With the unix socket, Moonraker's restart is visible as its socket file being replaced: start the backoff over
+   * from its shortest pause instead of waiting out one that may have grown to 10 s. Not "connect now": a real
+   * Moonraker creates the file a moment before it accepts, and a refused attempt would earn the long pause again.
    */
   watchSocket() {
     const endpoint = this.opts.endpoint;
@@ -43041,9 +43046,12 @@ var AgentSession = class {
     try {
       this.socketWatcher = watch(dirname4(endpoint.path), (_event, name) => {
         if (name !== basename4(endpoint.path) || !this.reconnectTimer || !existsSync(endpoint.path)) return;
+        if (this.reconnectDelayMs <= this.backoffInitialMs * 2) return;
         clearTimeout(this.reconnectTimer);
-        this.log.debug("Moonraker's socket appeared; connecting now");
-        this.beginConnect();
+        this.reconnectTimer = null;
+        this.reconnectDelayMs = this.backoffInitialMs;
+        this.log.debug("Moonraker's socket was replaced; retrying with a short pause");
+        this.scheduleReconnect();
       });
       this.socketWatcher.on("error", () => this.unwatchSocket());
     } catch {
@@ -43134,7 +43142,20 @@ var AgentSession = class {
     if (peer !== this.peer) return;
     this.tracker.serverInfo(info);
     if (info.klippy_connected === true && info.klippy_state === "ready") await this.subscribe(peer);
-    else this.startKlippyPoll();
+    else {
+      await this.readStateMessage(peer, info);
+      this.startKlippyPoll();
+    }
+  }
+  /** Klipper connected but not ready (startup, error, shutdown): its state message says why, e.g. MCU Protocol error. */
+  async readStateMessage(peer, info) {
+    if (info.klippy_connected !== true) return;
+    try {
+      const printer = await peer.request("printer.info");
+      if (peer === this.peer) this.tracker.printerInfo(printer);
+    } catch (err) {
+      this.log.debug({ err }, "printer.info failed while Klipper is not ready");
+    }
   }
   /** Moonraker drops subscriptions whenever Klipper disconnects, so this runs after every ready. */
   async subscribe(peer) {
@@ -43181,6 +43202,7 @@ var AgentSession = class {
         await this.subscribe(peer);
         return;
       }
+      await this.readStateMessage(peer, info);
     } catch (err) {
       this.log.debug({ err }, "polling server.info failed");
     }
@@ -45766,7 +45788,7 @@ var FlashEngine = class {
     };
     const usable = [];
     const skipped = [];
-    let firstError = null;
+    let reportedError = null;
     for (const method of methods) {
       try {
         if (expectedMcuType?.toLowerCase() === "linux" && method !== "make") {
@@ -45780,13 +45802,13 @@ var FlashEngine = class {
         usable.push(method);
       } catch (err) {
         const error62 = toMoonflashError(err);
-        firstError ??= error62;
+        if (!reportedError || reportedError.code === "METHOD_NOT_APPLICABLE" && error62.code !== "METHOD_NOT_APPLICABLE") reportedError = error62;
         skipped.push({ method, code: error62.code, message: error62.message });
         log("warn", `${method} skipped: ${error62.message}`);
       }
     }
-    if (usable.length === 0 && firstError) {
-      throw new MoonflashError(firstError.code, firstError.message, { ...firstError.details, skipped }, { cause: firstError });
+    if (usable.length === 0 && reportedError) {
+      throw new MoonflashError(reportedError.code, reportedError.message, { ...reportedError.details, skipped }, { cause: reportedError });
     }
     return {
       mcu: section,

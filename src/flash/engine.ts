@@ -493,7 +493,7 @@ export class FlashEngine {
 
     const usable: FlashMethodName[] = [];
     const skipped: FlashPlan["skipped"] = [];
-    let firstError: MoonflashError | null = null;
+    let reportedError: MoonflashError | null = null;
     for (const method of methods) {
       try {
         // Klipper's Linux host MCU is a process on this machine, installed by `make flash`
@@ -509,13 +509,14 @@ export class FlashEngine {
         usable.push(method);
       } catch (err) {
         const error = toMoonflashError(err);
-        firstError ??= error;
+        // "Not applicable" only says why a method was dropped; another method's own failure says what to fix.
+        if (!reportedError || (reportedError.code === "METHOD_NOT_APPLICABLE" && error.code !== "METHOD_NOT_APPLICABLE")) reportedError = error;
         skipped.push({ method, code: error.code, message: error.message });
         log("warn", `${method} skipped: ${error.message}`);
       }
     }
-    if (usable.length === 0 && firstError) {
-      throw new MoonflashError(firstError.code, firstError.message, { ...firstError.details, skipped }, { cause: firstError });
+    if (usable.length === 0 && reportedError) {
+      throw new MoonflashError(reportedError.code, reportedError.message, { ...reportedError.details, skipped }, { cause: reportedError });
     }
 
     return {

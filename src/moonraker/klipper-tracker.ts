@@ -63,8 +63,13 @@ export class KlipperTracker {
     const klippyState = connected ? toKlippyState(info.klippy_state) : "disconnected";
     const patch: Partial<PrinterState> = { klippyConnected: connected, klippyState };
     if (typeof info.moonraker_version === "string") patch.moonrakerVersion = info.moonraker_version;
-    if (!connected) Object.assign(patch, { printState: null, idleState: null });
+    if (!connected) Object.assign(patch, { printState: null, idleState: null, stateMessage: "Klipper is not connected to Moonraker" });
     this.update(patch);
+  }
+
+  /** printer.info: the only source of Klipper's state message while it starts or is in error (no subscription). */
+  printerInfo(info: { state_message?: unknown }): void {
+    if (typeof info.state_message === "string") this.update({ stateMessage: info.state_message.trim() });
   }
 
   systemInfo(info: SystemInfo): void {

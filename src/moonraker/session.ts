@@ -476,7 +476,21 @@ export class AgentSession implements PrinterPort {
     if (peer !== this.peer) return;
     this.tracker.serverInfo(info);
     if (info.klippy_connected === true && info.klippy_state === "ready") await this.subscribe(peer);
-    else this.startKlippyPoll();
+    else {
+      await this.readStateMessage(peer, info);
+      this.startKlippyPoll();
+    }
+  }
+
+  /** Klipper connected but not ready (startup, error, shutdown): its state message says why, e.g. MCU Protocol error. */
+  private async readStateMessage(peer: RpcPeer, info: ServerInfo): Promise<void> {
+    if (info.klippy_connected !== true) return;
+    try {
+      const printer = await peer.request<{ state_message?: unknown }>("printer.info");
+      if (peer === this.peer) this.tracker.printerInfo(printer);
+    } catch (err) {
+      this.log.debug({ err }, "printer.info failed while Klipper is not ready");
+    }
   }
 
   /** Moonraker drops subscriptions whenever Klipper disconnects, so this runs after every ready. */
@@ -529,6 +543,7 @@ export class AgentSession implements PrinterPort {
         await this.subscribe(peer);
         return;
       }
+      await this.readStateMessage(peer, info);
     } catch (err) {
       this.log.debug({ err }, "polling server.info failed");
     }

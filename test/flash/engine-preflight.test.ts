@@ -81,6 +81,10 @@ describe("FlashEngine pre-flight: bad input changes nothing", () => {
     expect(plan.skipped).toEqual([{ method: "katapult", code: "METHOD_NOT_APPLICABLE", message: expect.stringContaining("Linux host MCU") }]);
     const err = await engine.flash({ mcu: "mcu", method: "katapult" }).catch((e: unknown) => e);
     expect(isMoonflashError(err) && err.code).toBe("METHOD_NOT_APPLICABLE");
+    // With make unusable too, the error names what to fix (make's), not why katapult was dropped.
+    await rm(join(b.klipperPath, "Makefile"));
+    const both = await engine.flash({ mcu: "mcu" }).catch((e: unknown) => e);
+    expect(isMoonflashError(both) && both.code).toBe("TOOL_NOT_FOUND");
     await expectKlipperUntouched(b);
   });
 

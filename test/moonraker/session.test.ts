@@ -404,6 +404,8 @@ describe("printer state", () => {
 
     await stateReached(agent, (s) => s.klippyState === "error");
     expect(agent.state().klippyConnected).toBe(true);
+    // The message comes from printer.info: server.info has none, and there is no subscription while not ready.
+    await stateReached(agent, (s) => s.stateMessage === "MCU Protocol error");
   });
 
   it("subscribes again after notify_klippy_ready so print state keeps flowing", async () => {
