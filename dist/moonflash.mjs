@@ -46406,6 +46406,7 @@ import { EventEmitter as EventEmitter5 } from "node:events";
 
 // src/sim/katapult-device.ts
 import { EventEmitter as EventEmitter3 } from "node:events";
+import { performance as performance2 } from "node:perf_hooks";
 var APP_JUMP_DELAY_MS = 100;
 var FAULT_KINDS = ["drop-reply", "nack", "busy", "error", "corrupt-readback", "disconnect", "silence"];
 function parseFault(text) {
@@ -46459,9 +46460,6 @@ function planThrottle(baud, busyUntil, now, length) {
   }
   return slices;
 }
-function monotonicMs() {
-  return Number(process.hrtime.bigint()) / 1e6;
-}
 var LinkThrottle = class {
   constructor(baud, deliver) {
     this.baud = baud;
@@ -46473,9 +46471,8 @@ var LinkThrottle = class {
   busyUntil = 0;
   timer;
   immediate;
-  /** `sentAt`: when the host wrote the bytes (default now); the wire time counts from then. */
-  push(bytes, sentAt = monotonicMs()) {
-    for (const slice of planThrottle(this.baud, this.busyUntil, sentAt, bytes.length)) {
+  push(bytes) {
+    for (const slice of planThrottle(this.baud, this.busyUntil, performance2.now(), bytes.length)) {
       this.queue.push({ bytes: bytes.subarray(slice.start, slice.end), releaseAt: slice.releaseAt });
       this.busyUntil = slice.releaseAt;
     }
@@ -46490,7 +46487,7 @@ var LinkThrottle = class {
   }
   arm() {
     if (this.timer || this.immediate || this.queue.length === 0) return;
-    const wait = this.queue[0].releaseAt - monotonicMs();
+    const wait = this.queue[0].releaseAt - performance2.now();
     if (wait > PRECISE_WINDOW_MS) {
       this.timer = setTimeout(() => {
         this.timer = void 0;
@@ -46500,7 +46497,7 @@ var LinkThrottle = class {
     }
     this.immediate = setImmediate(() => {
       this.immediate = void 0;
-      const now = monotonicMs();
+      const now = performance2.now();
       const due = [];
       while (this.queue.length > 0 && this.queue[0].releaseAt <= now) due.push(this.queue.shift().bytes);
       if (due.length > 0) this.deliver(Buffer.concat(due));
@@ -46544,10 +46541,7 @@ var KatapultDeviceModel = class extends EventEmitter3 {
   lineBaudRate;
   timers = /* @__PURE__ */ new Set();
   inbound;
-  /** Link speed in baud; undefined = unthrottled. */
-  baud;
-  /** When the device-to-host direction of a throttled link is free again. */
-  outboundBusyUntil = 0;
+  outbound;
   constructor(options = {}) {
     super();
     this.mcuType = options.mcuType ?? "stm32f103xe";
@@ -46576,19 +46570,19 @@ var KatapultDeviceModel = class extends EventEmitter3 {
     if (options.baud !== void 0 && !(options.baud > 0)) throw invalid(`baud must be positive, got ${options.baud}`);
     if (!(this.writeDelayMs >= 0)) throw invalid(`writeDelayMs must be >= 0, got ${this.writeDelayMs}`);
     this.flash = Buffer.alloc(flashSize, 255);
-    this.baud = options.baud;
     if (options.baud !== void 0) {
       this.inbound = new LinkThrottle(options.baud, (bytes) => this.consume(bytes));
+      this.outbound = new LinkThrottle(options.baud, (bytes) => this.emit("reply", bytes));
     }
   }
   get mode() {
     return this.currentMode;
   }
   /** Bytes from the host. */
-  receive(bytes, sentAt) {
+  receive(bytes) {
     if (this.gone) return;
     const chunk = Buffer.from(bytes);
-    if (this.inbound) this.inbound.push(chunk, sentAt);
+    if (this.inbound) this.inbound.push(chunk);
     else this.consume(chunk);
   }
   /** The host set the line speed (Klipper's USB CDC watches for 1200 baud). */
@@ -46605,6 +46599,7 @@ var KatapultDeviceModel = class extends EventEmitter3 {
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
     this.inbound?.stop();
+    this.outbound?.stop();
   }
   later(ms, fn) {
     const timer = setTimeout(() => {
@@ -46655,13 +46650,8 @@ var KatapultDeviceModel = class extends EventEmitter3 {
   }
   send(bytes) {
     if (this.faults.some((f) => f.kind === "silence")) return;
-    if (this.baud === void 0) {
-      this.emit("reply", bytes);
-      return;
-    }
-    const arrives = planThrottle(this.baud, this.outboundBusyUntil, monotonicMs(), bytes.length).at(-1).releaseAt;
-    this.outboundBusyUntil = arrives;
-    this.emit("reply", bytes, arrives);
+    if (this.outbound) this.outbound.push(bytes);
+    else this.emit("reply", bytes);
   }
   handle(frame) {
     const disconnect2 = this.faults.find((f) => f.kind === "disconnect");
@@ -46784,7 +46774,7 @@ import { EventEmitter as EventEmitter4 } from "node:events";
 // src/sim/pty-relay-script.ts
 var PTY_RELAY_EXIT_NOT_A_LINK = 3;
 var PTY_RELAY_SCRIPT = String.raw`
-import errno, fcntl, os, select, signal, stat, struct, sys, termios, time, tty
+import errno, fcntl, os, select, signal, stat, struct, sys, termios, tty
 
 TCGETS2 = 0x802C542A  # _IOR('T', 0x2A, struct termios2): x86-64, arm, arm64, riscv
 POLL_S = 0.02
@@ -46839,24 +46829,17 @@ def main():
 def relay(master, slave_path):
     inbuf = b""
     out = bytearray()
-    timed = []  # (write at ns, bytes), in order
     opened = False
     baud = read_baud(master)
     emit(b"B", struct.pack(">I", baud))
     emit(b"R", slave_path.encode())
     while True:
-        now_ns = time.monotonic_ns()
-        while timed and timed[0][0] <= now_ns:
-            out += timed.pop(0)[1]
-        timeout = POLL_S if not timed else max(0.0, min(POLL_S, (timed[0][0] - now_ns) / 1e9))
         rlist = [0] + ([master] if opened else [])
         wlist = [master] if opened and out else []
-        readable, writable, _ = select.select(rlist, wlist, [], timeout)
+        readable, writable, _ = select.select(rlist, wlist, [], POLL_S)
         if 0 in readable:
             chunk = os.read(0, 65536)
             if not chunk:
-                for _, pending in timed:
-                    out += pending
                 flush(master, out, opened)
                 return
             inbuf += chunk
@@ -46864,19 +46847,14 @@ def relay(master, slave_path):
                 size = struct.unpack(">I", inbuf[1:5])[0]
                 if len(inbuf) < 5 + size:
                     break
-                if opened and size > 8:
-                    at = struct.unpack(">Q", inbuf[5:13])[0]
-                    if at == 0:
-                        out += inbuf[13:5 + size]
-                    else:
-                        timed.append((at, inbuf[13:5 + size]))
+                if opened:
+                    out += inbuf[5:5 + size]
                 inbuf = inbuf[5 + size:]
         data = b""
         gone = False
         if not opened or master in readable:
             try:
                 data = os.read(master, 65536)
-                read_ns = time.monotonic_ns()
             except BlockingIOError:
                 pass
             except OSError as e:
@@ -46892,7 +46870,6 @@ def relay(master, slave_path):
                     emit(b"B", struct.pack(">I", baud))
                 opened = False
                 out.clear()
-                timed.clear()
                 emit(b"C")
             elif now != baud:
                 # Opened, reconfigured and closed between two polls.
@@ -46908,11 +46885,8 @@ def relay(master, slave_path):
             baud = now
             emit(b"B", struct.pack(">I", baud))
         if data:
-            emit(b"D", struct.pack(">Q", read_ns) + data)
-        now_ns = time.monotonic_ns()
-        while timed and timed[0][0] <= now_ns:
-            out += timed.pop(0)[1]
-        if opened and out:
+            emit(b"D", data)
+        if master in writable and out:
             try:
                 del out[:os.write(master, out)]
             except BlockingIOError:
@@ -46968,12 +46942,11 @@ var PythonPtyRelay = class extends EventEmitter4 {
   get pid() {
     return this.child.pid ?? -1;
   }
-  write(bytes, atMs) {
+  write(bytes) {
     if (this.exited || bytes.length === 0) return;
-    const header = Buffer.alloc(HEADER_SIZE + 8);
+    const header = Buffer.alloc(HEADER_SIZE);
     header[0] = 87;
-    header.writeUInt32BE(bytes.length + 8, 1);
-    header.writeBigUInt64BE(atMs === void 0 ? 0n : BigInt(Math.round(atMs * 1e6)), HEADER_SIZE);
+    header.writeUInt32BE(bytes.length, 1);
     this.child.stdin.write(Buffer.concat([header, bytes]));
   }
   async close() {
@@ -47023,7 +46996,7 @@ var PythonPtyRelay = class extends EventEmitter4 {
         this.onLinked?.();
         return;
       case "D":
-        this.emit("data", Buffer.from(payload.subarray(8)), Number(payload.readBigUInt64BE(0)) / 1e6);
+        this.emit("data", Buffer.from(payload));
         return;
       case "B":
         this.baud = payload.readUInt32BE(0);
@@ -47073,7 +47046,7 @@ var PtyVirtualDevice = class extends EventEmitter5 {
     this.options = options;
     this.currentPath = options.path;
     this.model = new KatapultDeviceModel(options);
-    this.model.on("reply", (bytes, atMs) => this.relay?.write(bytes, atMs));
+    this.model.on("reply", (bytes) => this.relay?.write(bytes));
     this.model.on("block", (block) => this.emit("block", block));
     this.model.on("bootloader", () => {
       this.emit("bootloader");
@@ -47111,7 +47084,7 @@ var PtyVirtualDevice = class extends EventEmitter5 {
     this.relay = relay;
     this.currentPath = path11;
     if (relay.baud !== void 0) this.model.lineBaud(relay.baud);
-    relay.on("data", (bytes, sentAt) => this.model.receive(bytes, sentAt));
+    relay.on("data", (bytes) => this.model.receive(bytes));
     relay.on("baud", (baud) => this.model.lineBaud(baud));
     relay.on("close", () => this.model.lineClosed());
     relay.on("exit", (code) => {

@@ -4,6 +4,7 @@
 // command_dispatch, src/flashcmd.c, src/stm32/flash.c flash_write_block), see shared/reference/flashing.md §1.
 
 import { EventEmitter } from "node:events";
+import { performance } from "node:perf_hooks";
 import { MoonflashError } from "../core/errors.js";
 import {
   Command,
@@ -136,7 +137,7 @@ export interface ThrottleSlice {
   /** Offset of the slice in the chunk. */
   start: number;
   end: number;
-  /** monotonicMs() time at which the slice has crossed the link. */
+  /** performance.now() time at which the slice has crossed the link. */
   releaseAt: number;
 }
 
@@ -156,15 +157,7 @@ export function planThrottle(baud: number, busyUntil: number, now: number, lengt
   return slices;
 }
 
-/**
- * Milliseconds on CLOCK_MONOTONIC (libuv's hrtime), the clock the pty helper stamps bytes with (Python's
- * time.monotonic_ns), so wire time can be counted from when the host wrote.
- */
-export function monotonicMs(): number {
-  return Number(process.hrtime.bigint()) / 1e6;
-}
-
-/** Releases host bytes to the device at the pace planThrottle computes; one timer at a time. */
+/** Releases bytes at the pace planThrottle computes; one timer at a time. */
 class LinkThrottle {
   private readonly queue: { bytes: Buffer; releaseAt: number }[] = [];
   private busyUntil = 0;
@@ -176,9 +169,8 @@ class LinkThrottle {
     private readonly deliver: (bytes: Buffer) => void,
   ) {}
 
-  /** `sentAt`: when the host wrote the bytes (default now); the wire time counts from then. */
-  push(bytes: Buffer, sentAt = monotonicMs()): void {
-    for (const slice of planThrottle(this.baud, this.busyUntil, sentAt, bytes.length)) {
+  push(bytes: Buffer): void {
+    for (const slice of planThrottle(this.baud, this.busyUntil, performance.now(), bytes.length)) {
       this.queue.push({ bytes: bytes.subarray(slice.start, slice.end), releaseAt: slice.releaseAt });
       this.busyUntil = slice.releaseAt;
     }
@@ -195,7 +187,7 @@ class LinkThrottle {
 
   private arm(): void {
     if (this.timer || this.immediate || this.queue.length === 0) return;
-    const wait = this.queue[0]!.releaseAt - monotonicMs();
+    const wait = this.queue[0]!.releaseAt - performance.now();
     // setTimeout fires up to a few ms late, and on a request/response link every late release adds up. Sleep
     // until shortly before the due time, then poll on setImmediate so the link's pace is the baud rate's.
     if (wait > PRECISE_WINDOW_MS) {
@@ -207,7 +199,7 @@ class LinkThrottle {
     }
     this.immediate = setImmediate(() => {
       this.immediate = undefined;
-      const now = monotonicMs();
+      const now = performance.now();
       const due: Buffer[] = [];
       while (this.queue.length > 0 && this.queue[0]!.releaseAt <= now) due.push(this.queue.shift()!.bytes);
       if (due.length > 0) this.deliver(Buffer.concat(due));
@@ -221,11 +213,7 @@ const PRECISE_WINDOW_MS = 2;
 
 /** Events of the device model, as listener argument lists. */
 export interface DeviceModelEvents {
-  /**
-   * Bytes for the host. With a baud throttle, `atMs` (monotonicMs() clock) is when their last byte has crossed the
-   * link: the transport delivers them then, so its own latency does not add to the wire time.
-   */
-  reply: [bytes: Buffer, atMs?: number];
+  reply: [bytes: Buffer];
   bootloader: [];
   block: [block: BlockEvent];
   complete: [];
@@ -273,10 +261,7 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
   private lineBaudRate: number | undefined;
   private readonly timers = new Set<NodeJS.Timeout>();
   private readonly inbound: LinkThrottle | undefined;
-  /** Link speed in baud; undefined = unthrottled. */
-  private readonly baud: number | undefined;
-  /** When the device-to-host direction of a throttled link is free again. */
-  private outboundBusyUntil = 0;
+  private readonly outbound: LinkThrottle | undefined;
 
   constructor(options: DeviceModelOptions = {}) {
     super();
@@ -307,9 +292,9 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
     if (options.baud !== undefined && !(options.baud > 0)) throw invalid(`baud must be positive, got ${options.baud}`);
     if (!(this.writeDelayMs >= 0)) throw invalid(`writeDelayMs must be >= 0, got ${this.writeDelayMs}`);
     this.flash = Buffer.alloc(flashSize, 0xff);
-    this.baud = options.baud;
     if (options.baud !== undefined) {
       this.inbound = new LinkThrottle(options.baud, (bytes) => this.consume(bytes));
+      this.outbound = new LinkThrottle(options.baud, (bytes) => this.emit("reply", bytes));
     }
   }
 
@@ -318,10 +303,10 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
   }
 
   /** Bytes from the host. */
-  receive(bytes: Uint8Array, sentAt?: number): void {
+  receive(bytes: Uint8Array): void {
     if (this.gone) return;
     const chunk = Buffer.from(bytes);
-    if (this.inbound) this.inbound.push(chunk, sentAt);
+    if (this.inbound) this.inbound.push(chunk);
     else this.consume(chunk);
   }
 
@@ -341,6 +326,7 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
     this.inbound?.stop();
+    this.outbound?.stop();
   }
 
   private later(ms: number, fn: () => void): void {
@@ -398,13 +384,8 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
 
   private send(bytes: Buffer): void {
     if (this.faults.some((f) => f.kind === "silence")) return;
-    if (this.baud === undefined) {
-      this.emit("reply", bytes);
-      return;
-    }
-    const arrives = planThrottle(this.baud, this.outboundBusyUntil, monotonicMs(), bytes.length).at(-1)!.releaseAt;
-    this.outboundBusyUntil = arrives;
-    this.emit("reply", bytes, arrives);
+    if (this.outbound) this.outbound.push(bytes);
+    else this.emit("reply", bytes);
   }
 
   private handle(frame: Frame): void {

@@ -5,10 +5,8 @@
 //
 // Framing both ways: 1 type byte, u32 big-endian length, payload.
 //   helper -> node: B <u32 BE baud> (first the initial speed, then each change); R <slave path> once linked;
-//                   D <u64 BE CLOCK_MONOTONIC ns when read> <bytes from the host>; O (slave opened); C (slave closed).
-//   node -> helper: W <u64 BE CLOCK_MONOTONIC ns to write at, 0 = now> <bytes for the host>.
-// The times let a throttled virtual link count wire time from when the host wrote and until the host reads,
-// so the relay's own hops are not added on top of it (a real UART moves bytes while the other side works).
+//                   D <bytes from the host>; O (slave opened); C (slave closed).
+//   node -> helper: W <bytes for the host>.
 // Reads on the master fail with EIO while no process has the slave open: that is "closed", not an error.
 // The slave's line speed is read with TCGETS2 (ispeed/ospeed at offsets 36/40) about every 20 ms.
 // Exit codes: 0 when stdin closes (the parent is gone or closed the relay), 3 when <link> exists and is not a
@@ -17,7 +15,7 @@
 export const PTY_RELAY_EXIT_NOT_A_LINK = 3;
 
 export const PTY_RELAY_SCRIPT = String.raw`
-import errno, fcntl, os, select, signal, stat, struct, sys, termios, time, tty
+import errno, fcntl, os, select, signal, stat, struct, sys, termios, tty
 
 TCGETS2 = 0x802C542A  # _IOR('T', 0x2A, struct termios2): x86-64, arm, arm64, riscv
 POLL_S = 0.02
@@ -72,24 +70,17 @@ def main():
 def relay(master, slave_path):
     inbuf = b""
     out = bytearray()
-    timed = []  # (write at ns, bytes), in order
     opened = False
     baud = read_baud(master)
     emit(b"B", struct.pack(">I", baud))
     emit(b"R", slave_path.encode())
     while True:
-        now_ns = time.monotonic_ns()
-        while timed and timed[0][0] <= now_ns:
-            out += timed.pop(0)[1]
-        timeout = POLL_S if not timed else max(0.0, min(POLL_S, (timed[0][0] - now_ns) / 1e9))
         rlist = [0] + ([master] if opened else [])
         wlist = [master] if opened and out else []
-        readable, writable, _ = select.select(rlist, wlist, [], timeout)
+        readable, writable, _ = select.select(rlist, wlist, [], POLL_S)
         if 0 in readable:
             chunk = os.read(0, 65536)
             if not chunk:
-                for _, pending in timed:
-                    out += pending
                 flush(master, out, opened)
                 return
             inbuf += chunk
@@ -97,19 +88,14 @@ def relay(master, slave_path):
                 size = struct.unpack(">I", inbuf[1:5])[0]
                 if len(inbuf) < 5 + size:
                     break
-                if opened and size > 8:
-                    at = struct.unpack(">Q", inbuf[5:13])[0]
-                    if at == 0:
-                        out += inbuf[13:5 + size]
-                    else:
-                        timed.append((at, inbuf[13:5 + size]))
+                if opened:
+                    out += inbuf[5:5 + size]
                 inbuf = inbuf[5 + size:]
         data = b""
         gone = False
         if not opened or master in readable:
             try:
                 data = os.read(master, 65536)
-                read_ns = time.monotonic_ns()
             except BlockingIOError:
                 pass
             except OSError as e:
@@ -125,7 +111,6 @@ def relay(master, slave_path):
                     emit(b"B", struct.pack(">I", baud))
                 opened = False
                 out.clear()
-                timed.clear()
                 emit(b"C")
             elif now != baud:
                 # Opened, reconfigured and closed between two polls.
@@ -141,11 +126,8 @@ def relay(master, slave_path):
             baud = now
             emit(b"B", struct.pack(">I", baud))
         if data:
-            emit(b"D", struct.pack(">Q", read_ns) + data)
-        now_ns = time.monotonic_ns()
-        while timed and timed[0][0] <= now_ns:
-            out += timed.pop(0)[1]
-        if opened and out:
+            emit(b"D", data)
+        if master in writable and out:
             try:
                 del out[:os.write(master, out)]
             except BlockingIOError:

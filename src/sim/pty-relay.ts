@@ -18,8 +18,7 @@ export interface PtyRelayOptions {
 
 /** Events of a relay, as listener argument lists. 'open'/'close' are about the slave (host) side. */
 export interface PtyRelayEvents {
-  /** `atMs`: when the helper read them from the pty, on the monotonic clock of monotonicMs(). */
-  data: [bytes: Buffer, atMs: number];
+  data: [bytes: Buffer];
   baud: [baud: number];
   open: [];
   close: [];
@@ -37,11 +36,8 @@ export interface PtyRelay extends EventEmitter<PtyRelayEvents> {
   readonly hostOpen: boolean;
   /** Last line speed the host set on the slave. */
   readonly baud: number | undefined;
-  /**
-   * Sends bytes to the host, at `atMs` (monotonicMs() clock) when given, else at once; dropped while nobody has the
-   * slave open, as on a real line.
-   */
-  write(bytes: Uint8Array, atMs?: number): void;
+  /** Sends bytes to the host; dropped while nobody has the slave open, as on a real line. */
+  write(bytes: Uint8Array): void;
   /** Ends the helper (it removes the link) and waits for it to exit. */
   close(): Promise<void>;
 }
@@ -77,12 +73,11 @@ class PythonPtyRelay extends EventEmitter<PtyRelayEvents> implements PtyRelay {
     return this.child.pid ?? -1;
   }
 
-  write(bytes: Uint8Array, atMs?: number): void {
+  write(bytes: Uint8Array): void {
     if (this.exited || bytes.length === 0) return;
-    const header = Buffer.alloc(HEADER_SIZE + 8);
+    const header = Buffer.alloc(HEADER_SIZE);
     header[0] = 0x57; // "W"
-    header.writeUInt32BE(bytes.length + 8, 1);
-    header.writeBigUInt64BE(atMs === undefined ? 0n : BigInt(Math.round(atMs * 1e6)), HEADER_SIZE);
+    header.writeUInt32BE(bytes.length, 1);
     this.child.stdin.write(Buffer.concat([header, bytes]));
   }
 
@@ -136,7 +131,7 @@ class PythonPtyRelay extends EventEmitter<PtyRelayEvents> implements PtyRelay {
         this.onLinked?.();
         return;
       case "D":
-        this.emit("data", Buffer.from(payload.subarray(8)), Number(payload.readBigUInt64BE(0)) / 1e6);
+        this.emit("data", Buffer.from(payload));
         return;
       case "B":
         this.baud = payload.readUInt32BE(0);

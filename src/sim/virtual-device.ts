@@ -49,7 +49,7 @@ class PtyVirtualDevice extends EventEmitter<VirtualDeviceEvents> implements Virt
     super();
     this.currentPath = options.path;
     this.model = new KatapultDeviceModel(options);
-    this.model.on("reply", (bytes, atMs) => this.relay?.write(bytes, atMs));
+    this.model.on("reply", (bytes) => this.relay?.write(bytes));
     this.model.on("block", (block) => this.emit("block", block));
     this.model.on("bootloader", () => {
       this.emit("bootloader");
@@ -83,7 +83,7 @@ class PtyVirtualDevice extends EventEmitter<VirtualDeviceEvents> implements Virt
     this.relay = relay;
     this.currentPath = path;
     if (relay.baud !== undefined) this.model.lineBaud(relay.baud);
-    relay.on("data", (bytes, sentAt) => this.model.receive(bytes, sentAt));
+    relay.on("data", (bytes) => this.model.receive(bytes));
     relay.on("baud", (baud) => this.model.lineBaud(baud));
     relay.on("close", () => this.model.lineClosed());
     relay.on("exit", (code) => {
