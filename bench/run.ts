@@ -80,7 +80,9 @@ function trackPeak(pid: number): { stop(): number } {
   let peak = 0;
   const timer = setInterval(() => {
     try {
-      peak = Math.max(peak, memoryKiB(pid).hwm);
+      // An exiting process's status may lack the field (NaN): keep the last real reading.
+      const hwm = memoryKiB(pid).hwm;
+      if (Number.isFinite(hwm)) peak = Math.max(peak, hwm);
     } catch {
       // exited between polls
     }
@@ -245,13 +247,13 @@ async function main(): Promise<void> {
     "## Reading these figures",
     "",
     "- Idle memory: on this x64 machine an empty Node 20 process already takes about 40 MiB, mostly the node binary's",
-    "  own pages; `serve` adds about 13 MiB of heap and code on top (runtime libraries are bundled into one file, and",
+    "  own pages; `serve` adds about 18 MiB on top, 13 of them heap and code (runtime libraries are bundled into one file, and",
     "  serialport, execa, ws, pino-pretty and cli-progress load only when used). The 45 MB target is below what this",
     "  Node build allows here; measure again on the Pi (arm64) before changing course.",
     "- Flash time against the link limit: Katapult is strictly request/response, 8192 round trips for 256 KiB, so",
     "  every 0.1 ms of per-exchange latency (pty, relay process, event loops; on hardware the USB-serial adapter)",
     "  adds 0.8 s. At 250000 baud the emulated link alone (exchange floor) is already about 1.2× the link limit;",
-    "  our flash is within about 1.0–1.1× of that floor, so the session itself adds little. (Stamping wire time at",
+    "  our flash is within about 1.0–1.15× of that floor, so the session itself adds little. (Stamping wire time at",
     "  the relay, so its hops overlap the transmission, was tried and measured no gain.) Unthrottled runs are",
     "  dominated by the same per-exchange latency and vary with machine load.",
     "- Peak RSS while flashing is mostly V8's young generation growing under thousands of small allocations per",
