@@ -46057,7 +46057,7 @@ var Agent = class _Agent {
     this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }));
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
-    this.session.on("identified", () => void this.recoverOnce());
+    this.session.on("identified", () => void this.recover());
   }
   config;
   logger;
@@ -46068,7 +46068,7 @@ var Agent = class _Agent {
   console;
   unsubscribers = [];
   startedAt = Date.now();
-  recovered = false;
+  recovering = false;
   static async create(opts) {
     const config2 = await loadConfig(opts.dataDir, opts.configFile);
     const logger = opts.logger ?? createLogger({ dataDir: config2.dataDir, level: config2.moonflash.log_level, pretty: opts.pretty ?? false });
@@ -46115,14 +46115,17 @@ var Agent = class _Agent {
       methods: this.methods.map((m) => ({ name: m.name, description: m.description }))
     };
   }
-  async recoverOnce() {
-    if (this.recovered) return;
-    this.recovered = true;
+  async recover() {
+    if (this.recovering || this.runner.current()) return;
+    this.recovering = true;
     try {
-      await recoverInterruptedJob(this.config.dataDir, this.session, this.runner, this.logger.child({ ns: "recovery" }));
+      await recoverInterruptedJob(this.config.dataDir, this.session, this.runner, this.logger.child({ ns: "recovery" }), {
+        serviceTimeoutMs: this.config.moonflash.service_timeout * 1e3
+      });
     } catch (err) {
-      this.recovered = false;
       this.logger.error({ err }, "could not recover the interrupted job; will retry on the next connection");
+    } finally {
+      this.recovering = false;
     }
   }
   async dispatch(byName, name, raw, viaMacro) {

@@ -36,7 +36,7 @@ export class Agent {
   private readonly console: ConsoleReporter;
   private readonly unsubscribers: Array<() => void> = [];
   private readonly startedAt = Date.now();
-  private recovered = false;
+  private recovering = false;
 
   private constructor(
     readonly config: MoonflashConfig,
@@ -60,7 +60,8 @@ export class Agent {
     this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }));
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
-    this.session.on("identified", () => void this.recoverOnce());
+    // On every connection, not only the first: a CLI flash killed while this agent runs leaves a journal too.
+    this.session.on("identified", () => void this.recover());
   }
 
   static async create(opts: AgentOptions): Promise<Agent> {
@@ -114,14 +115,18 @@ export class Agent {
     };
   }
 
-  private async recoverOnce(): Promise<void> {
-    if (this.recovered) return;
-    this.recovered = true;
+  private async recover(): Promise<void> {
+    // A journal of this process's own running job is not an interrupted one.
+    if (this.recovering || this.runner.current()) return;
+    this.recovering = true;
     try {
-      await recoverInterruptedJob(this.config.dataDir, this.session, this.runner, this.logger.child({ ns: "recovery" }));
+      await recoverInterruptedJob(this.config.dataDir, this.session, this.runner, this.logger.child({ ns: "recovery" }), {
+        serviceTimeoutMs: this.config.moonflash.service_timeout * 1000,
+      });
     } catch (err) {
-      this.recovered = false;
       this.logger.error({ err }, "could not recover the interrupted job; will retry on the next connection");
+    } finally {
+      this.recovering = false;
     }
   }
 
