@@ -162,6 +162,22 @@ describe("agent over the unix socket", () => {
     await web.close();
   });
 
+  it("a Moonraker restart mid-flash does not trigger recovery of its own job; Klipper is started once, after the flash", { timeout: 40_000 }, async () => {
+    const image = randomBytes(32 * 1024);
+    await writeFile(join(dir, "fw.bin"), image);
+    await writeFile(join(dir, "config", "moonflash.conf"), `[mcu]\nmethod: katapult\nfirmware: ${join(dir, "fw.bin")}\nbootloader: none\n`);
+    board = await startVirtualDevice({ path: join(dir, "board"), writeDelayMs: 5 });
+    const a = await startAgent();
+    const result = a.flash.flash({ mcu: "mcu" });
+    await new Promise<void>((resolve) => board!.once("block", () => resolve()));
+    await moonraker.restart(300);
+    await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.mcu"), 10_000);
+    // Reconnected while the job is still writing: the journal is this job's own, so nothing is started early.
+    expect(moonraker.serviceActions.map((x) => x.action)).toEqual(["stop"]);
+    expect(await result).toMatchObject({ verified: true, klipper_restarted: true });
+    expect(moonraker.serviceActions.map((x) => x.action)).toEqual(["stop", "start"]);
+  });
+
   it("refuses a second concurrent job with BUSY naming the running one, and flashes the first", async () => {
     const image = randomBytes(16 * 1024);
     await writeFile(join(dir, "fw.bin"), image);
