@@ -42442,6 +42442,7 @@ var KlipperTracker = class {
   }
   /** printer.info: the only source of Klipper's state message while it starts or is in error (no subscription). */
   printerInfo(info) {
+    if (info.state === "ready") return;
     if (typeof info.state_message === "string") this.update({ stateMessage: info.state_message.trim() });
   }
   systemInfo(info) {

@@ -68,7 +68,9 @@ export class KlipperTracker {
   }
 
   /** printer.info: the only source of Klipper's state message while it starts or is in error (no subscription). */
-  printerInfo(info: { state_message?: unknown }): void {
+  printerInfo(info: { state?: unknown; state_message?: unknown }): void {
+    // Klipper says "ready" here ~0.7 s before Moonraker does; until Moonraker agrees, keep state and message together.
+    if (info.state === "ready") return;
     if (typeof info.state_message === "string") this.update({ stateMessage: info.state_message.trim() });
   }
 

@@ -486,7 +486,7 @@ export class AgentSession implements PrinterPort {
   private async readStateMessage(peer: RpcPeer, info: ServerInfo): Promise<void> {
     if (info.klippy_connected !== true) return;
     try {
-      const printer = await peer.request<{ state_message?: unknown }>("printer.info");
+      const printer = await peer.request<{ state?: unknown; state_message?: unknown }>("printer.info");
       if (peer === this.peer) this.tracker.printerInfo(printer);
     } catch (err) {
       this.log.debug({ err }, "printer.info failed while Klipper is not ready");
