@@ -130,8 +130,11 @@ async function main(): Promise<void> {
       say(`   [agent event] result: ${data.ok ? "ok" : `failed ${String(data.code)}`}`);
     }
   });
+  const resultEvent = web.waitForNotification("notify_agent_event", (p) => (p as Array<{ event: string }>)[0]?.event === "flash.result", 120_000);
   await web.call("printer.gcode.script", { script: "FLASH_MCU" });
-  await moonraker.waitFor(() => moonraker.consoleLines.slice(mark).some((l) => /done|failed/.test(l)), 120_000);
+  await resultEvent;
+  // The macro's own summary line follows the job's result once Klipper is back.
+  await moonraker.waitFor(() => moonraker.consoleLines.slice(mark).some((l) => /flashed with|failed/.test(l)), 30_000);
   offEvents();
   say("\n   What the Mainsail console shows:");
   for (const line of consoleFrom(mark)) say(`   ${line}`);

@@ -45958,7 +45958,7 @@ function agentEventAdapter(printer, logger) {
   );
 }
 function respondScript(message, type = "command") {
-  const clean = message.replace(/[\r\n]+/g, " ").replace(/"/g, "'");
+  const clean = message.replace(/[\r\n]+/g, " ").replace(/"/g, "'").replace(/;/g, ",");
   return `RESPOND TYPE=${type} MSG="${clean}"`;
 }
 var BACKLOG_LIMIT = 20;
@@ -45984,8 +45984,10 @@ var ConsoleReporter = class {
     const who = `moonflash ${event.kind} [${event.target}]`;
     switch (event.type) {
       case "stage":
-        this.lastQuarter.delete(event.jobId);
-        if (event.stage !== "started") this.say(`${who}: ${event.stage}${event.message ? ` \u2014 ${event.message}` : ""}`, "command", false);
+        if (event.stage === "started") {
+          const note = event.kind === "flash" ? " Klipper stops while the board is flashed. The result appears here when it is back." : "";
+          this.say(`${who}: started.${note}`, "command", false);
+        } else if (event.message) this.say(`${who}: ${event.message}`, "command", false);
         break;
       case "progress": {
         if (event.total <= 0) break;

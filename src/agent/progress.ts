@@ -20,9 +20,12 @@ export function agentEventAdapter(printer: PrinterPort, logger: Logger): (event:
   );
 }
 
-/** RESPOND's MSG is one double-quoted G-code parameter: no newlines, no double quotes. */
+/**
+ * RESPOND's MSG is one double-quoted G-code parameter: no newlines, no double quotes, and no ';', which starts a
+ * comment in Klipper's G-code parser (gcode.py) and would cut the message short.
+ */
 export function respondScript(message: string, type: "command" | "error" | "echo" = "command"): string {
-  const clean = message.replace(/[\r\n]+/g, " ").replace(/"/g, "'");
+  const clean = message.replace(/[\r\n]+/g, " ").replace(/"/g, "'").replace(/;/g, ",");
   return `RESPOND TYPE=${type} MSG="${clean}"`;
 }
 
@@ -52,8 +55,11 @@ export class ConsoleReporter {
     const who = `moonflash ${event.kind} [${event.target}]`;
     switch (event.type) {
       case "stage":
-        this.lastQuarter.delete(event.jobId);
-        if (event.stage !== "started") this.say(`${who}: ${event.stage}${event.message ? ` — ${event.message}` : ""}`, "command", false);
+        if (event.stage === "started") {
+          // Said once, while the console still works: during a flash Klipper (and so RESPOND) is down.
+          const note = event.kind === "flash" ? " Klipper stops while the board is flashed. The result appears here when it is back." : "";
+          this.say(`${who}: started.${note}`, "command", false);
+        } else if (event.message) this.say(`${who}: ${event.message}`, "command", false);
         break;
       case "progress": {
         if (event.total <= 0) break;

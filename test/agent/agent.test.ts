@@ -207,6 +207,10 @@ describe("agent over the unix socket", () => {
     const seconds = (Date.parse(progress.at(-1)!.ts) - Date.parse(progress[0]!.ts)) / 1000;
     expect(progress.length).toBeLessThanOrEqual(Math.ceil(seconds * 5) + 4);
     expect(events.filter((e) => e.event === "flash.result")).toEqual([expect.objectContaining({ data: expect.objectContaining({ ok: true }) })]);
+
+    // The console: a note before Klipper stops, and the outcome (kept while Klipper was down) once it is back.
+    await moonraker.waitFor(() => moonraker.consoleLines.includes("// moonflash flash [mcu]: done"), 5000);
+    expect(moonraker.consoleLines[0]).toBe("// moonflash flash [mcu]: started. Klipper stops while the board is flashed. The result appears here when it is back.");
     expect(board.model.flash.subarray(0, image.length).equals(image)).toBe(true);
     expect(moonraker.serviceActions.map((a) => `${a.action} ${a.service}`)).toEqual(["stop klipper", "start klipper"]);
     const history = JSON.parse(await readFile(join(dir, "moonflash", "history.json"), "utf8"));
