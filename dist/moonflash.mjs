@@ -44186,6 +44186,33 @@ function encodeConnectPayload(info) {
 }
 
 // src/flash/link.ts
+var ByteLinkBase = class {
+  dataListeners = /* @__PURE__ */ new Set();
+  closeListeners = /* @__PURE__ */ new Set();
+  closed = false;
+  get isOpen() {
+    return !this.closed;
+  }
+  onData(listener) {
+    this.dataListeners.add(listener);
+    return () => this.dataListeners.delete(listener);
+  }
+  onClose(listener) {
+    this.closeListeners.add(listener);
+    return () => this.closeListeners.delete(listener);
+  }
+  emitData(chunk) {
+    if (this.closed) return;
+    for (const listener of [...this.dataListeners]) listener(chunk);
+  }
+  markClosed(error62) {
+    if (this.closed) return;
+    this.closed = true;
+    for (const listener of [...this.closeListeners]) listener(error62);
+    this.closeListeners.clear();
+    this.dataListeners.clear();
+  }
+};
 async function openSerialLink(path11, baud, options = {}) {
   const port = await openPort(path11, baud, options.lock ?? true);
   return new SerialByteLink(path11, port);
@@ -44204,26 +44231,19 @@ async function sendSerialBootloaderRequest(path11, baud) {
     await closePort(port);
   }
 }
-var SerialByteLink = class {
+var SerialByteLink = class extends ByteLinkBase {
   constructor(description, port) {
+    super();
     this.description = description;
     this.port = port;
-    port.on("data", (chunk) => {
-      for (const listener of [...this.dataListeners]) listener(chunk);
-    });
+    port.on("data", (chunk) => this.emitData(chunk));
     port.on("error", () => void 0);
     port.on("close", (error62) => this.markClosed(error62 ?? void 0));
   }
   description;
   port;
-  dataListeners = /* @__PURE__ */ new Set();
-  closeListeners = /* @__PURE__ */ new Set();
-  closed = false;
-  get isOpen() {
-    return !this.closed;
-  }
   async write(bytes) {
-    if (this.closed) throw linkClosedError(this.description);
+    if (!this.isOpen) throw linkClosedError(this.description);
     try {
       await writeAndDrain(this.port, bytes);
     } catch (err) {
@@ -44231,24 +44251,9 @@ var SerialByteLink = class {
       throw linkClosedError(this.description, err);
     }
   }
-  onData(listener) {
-    this.dataListeners.add(listener);
-    return () => this.dataListeners.delete(listener);
-  }
-  onClose(listener) {
-    this.closeListeners.add(listener);
-    return () => this.closeListeners.delete(listener);
-  }
   async close() {
     if (this.port.isOpen) await closePort(this.port);
     this.markClosed();
-  }
-  markClosed(error62) {
-    if (this.closed) return;
-    this.closed = true;
-    for (const listener of [...this.closeListeners]) listener(error62);
-    this.closeListeners.clear();
-    this.dataListeners.clear();
   }
 };
 function linkClosedError(description, cause) {

@@ -21,6 +21,44 @@ export interface ByteLink {
   close(): Promise<void>;
 }
 
+/** The listener half every ByteLink shares: data and close subscribers, and closing exactly once. */
+export abstract class ByteLinkBase implements ByteLink {
+  private readonly dataListeners = new Set<(chunk: Buffer) => void>();
+  private readonly closeListeners = new Set<(error?: Error) => void>();
+  private closed = false;
+
+  abstract readonly description: string;
+  abstract write(bytes: Uint8Array): Promise<void>;
+  abstract close(): Promise<void>;
+
+  get isOpen(): boolean {
+    return !this.closed;
+  }
+
+  onData(listener: (chunk: Buffer) => void): () => void {
+    this.dataListeners.add(listener);
+    return () => this.dataListeners.delete(listener);
+  }
+
+  onClose(listener: (error?: Error) => void): () => void {
+    this.closeListeners.add(listener);
+    return () => this.closeListeners.delete(listener);
+  }
+
+  protected emitData(chunk: Buffer): void {
+    if (this.closed) return;
+    for (const listener of [...this.dataListeners]) listener(chunk);
+  }
+
+  protected markClosed(error?: Error): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const listener of [...this.closeListeners]) listener(error);
+    this.closeListeners.clear();
+    this.dataListeners.clear();
+  }
+}
+
 export interface SerialOpenOptions {
   /** flock the device so a second opener (Klipper, another flash) fails; default true. */
   lock?: boolean;
@@ -54,29 +92,20 @@ export async function sendSerialBootloaderRequest(path: string, baud: number): P
   }
 }
 
-class SerialByteLink implements ByteLink {
-  private readonly dataListeners = new Set<(chunk: Buffer) => void>();
-  private readonly closeListeners = new Set<(error?: Error) => void>();
-  private closed = false;
-
+class SerialByteLink extends ByteLinkBase {
   constructor(
     readonly description: string,
     private readonly port: SerialPort,
   ) {
-    port.on("data", (chunk: Buffer) => {
-      for (const listener of [...this.dataListeners]) listener(chunk);
-    });
+    super();
+    port.on("data", (chunk: Buffer) => this.emitData(chunk));
     // Without an error listener a failed write would crash the process; the write's own callback reports it.
     port.on("error", () => undefined);
     port.on("close", (error?: Error) => this.markClosed(error ?? undefined));
   }
 
-  get isOpen(): boolean {
-    return !this.closed;
-  }
-
   async write(bytes: Uint8Array): Promise<void> {
-    if (this.closed) throw linkClosedError(this.description);
+    if (!this.isOpen) throw linkClosedError(this.description);
     try {
       await writeAndDrain(this.port, bytes);
     } catch (err) {
@@ -86,27 +115,9 @@ class SerialByteLink implements ByteLink {
     }
   }
 
-  onData(listener: (chunk: Buffer) => void): () => void {
-    this.dataListeners.add(listener);
-    return () => this.dataListeners.delete(listener);
-  }
-
-  onClose(listener: (error?: Error) => void): () => void {
-    this.closeListeners.add(listener);
-    return () => this.closeListeners.delete(listener);
-  }
-
   async close(): Promise<void> {
     if (this.port.isOpen) await closePort(this.port);
     this.markClosed();
-  }
-
-  private markClosed(error?: Error): void {
-    if (this.closed) return;
-    this.closed = true;
-    for (const listener of [...this.closeListeners]) listener(error);
-    this.closeListeners.clear();
-    this.dataListeners.clear();
   }
 }
 

@@ -1,8 +1,7 @@
 // In-memory ByteLink pair and a small scripted Katapult peer, for session tests without a pty
 // (ws test/duplex-pair.js idea). The faithful device model lives in src/sim; this peer only has to be scriptable.
 
-import type { ByteLink } from "../../../src/flash/link.js";
-import { linkClosedError } from "../../../src/flash/link.js";
+import { ByteLinkBase, linkClosedError } from "../../../src/flash/link.js";
 import {
   Command,
   FrameDecoder,
@@ -15,36 +14,21 @@ import {
   u32le,
 } from "../../../src/flash/katapult/codec.js";
 
-class MemoryLink implements ByteLink {
+class MemoryLink extends ByteLinkBase {
   peer!: MemoryLink;
-  private readonly dataListeners = new Set<(chunk: Buffer) => void>();
-  private readonly closeListeners = new Set<(error?: Error) => void>();
-  private closed = false;
   /** Every byte written from this end, in order. */
   readonly recording: Buffer[] = [];
 
-  constructor(readonly description: string) {}
-
-  get isOpen(): boolean {
-    return !this.closed;
+  constructor(readonly description: string) {
+    super();
   }
 
   async write(bytes: Uint8Array): Promise<void> {
-    if (this.closed) throw linkClosedError(this.description);
+    if (!this.isOpen) throw linkClosedError(this.description);
     const chunk = Buffer.from(bytes);
     this.recording.push(chunk);
     // Deliver asynchronously, like a real port.
     setImmediate(() => this.peer.deliver(chunk));
-  }
-
-  onData(listener: (chunk: Buffer) => void): () => void {
-    this.dataListeners.add(listener);
-    return () => this.dataListeners.delete(listener);
-  }
-
-  onClose(listener: (error?: Error) => void): () => void {
-    this.closeListeners.add(listener);
-    return () => this.closeListeners.delete(listener);
   }
 
   async close(): Promise<void> {
@@ -58,14 +42,7 @@ class MemoryLink implements ByteLink {
   }
 
   private deliver(chunk: Buffer): void {
-    if (this.closed) return;
-    for (const listener of [...this.dataListeners]) listener(chunk);
-  }
-
-  private markClosed(error?: Error): void {
-    if (this.closed) return;
-    this.closed = true;
-    for (const listener of [...this.closeListeners]) listener(error);
+    this.emitData(chunk);
   }
 }
 
