@@ -80,6 +80,17 @@ interface GcodeLine {
   rest: string;
 }
 
+/** The simulated Klipper's starting state. */
+export interface SimKlipperOptions {
+  state?: KlippyState;
+  stateMessage?: string;
+  softwareVersion?: string;
+  printState?: string;
+  idleState?: string;
+  mcus?: SimMcu[];
+  macros?: Record<string, SimMacro>;
+}
+
 export class SimKlipper {
   private klippyState: KlippyState;
   private klippyMessage: string;
@@ -96,15 +107,7 @@ export class SimKlipper {
 
   constructor(
     private readonly host: KlipperHost,
-    opts: {
-      state?: KlippyState;
-      stateMessage?: string;
-      softwareVersion?: string;
-      printState?: string;
-      idleState?: string;
-      mcus?: SimMcu[];
-      macros?: Record<string, SimMacro>;
-    } = {},
+    opts: SimKlipperOptions = {},
   ) {
     this.klippyState = opts.state ?? "ready";
     this.klippyMessage = opts.stateMessage ?? DEFAULT_STATE_MESSAGES[this.klippyState];

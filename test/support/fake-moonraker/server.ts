@@ -7,7 +7,7 @@ import path from "node:path";
 import { WebSocketServer, type WebSocket } from "ws";
 import { connectTestClient, type TestClient } from "./client.js";
 import { EtxDecoder, encodeEtxFrame } from "./framing.js";
-import { SimKlipper, type KlipperHost, type KlippyState, type SimMacro, type SimMcu } from "./klipper-sim.js";
+import { SimKlipper, type KlipperHost, type SimKlipperOptions } from "./klipper-sim.js";
 import {
   API_VERSION, API_VERSION_STRING, CLIENT_TYPES, COMPONENTS, MOONRAKER_REMOTE_METHODS, MOONRAKER_VERSION,
   REGISTERED_DIRECTORIES, systemInfoStatic,
@@ -24,14 +24,7 @@ export interface FakeMoonrakerOptions {
   apiKey?: string;
   /** Delays of the service actions; defaults are scaled down for tests. */
   timing?: { stopOkMs?: number; stopStateMs?: number; startOkMs?: number; startStateMs?: number; readyMs?: number };
-  klipper?: {
-    state?: KlippyState;
-    stateMessage?: string;
-    softwareVersion?: string;
-    printState?: string;
-    idleState?: string;
-    mcus?: SimMcu[];
-    macros?: Record<string, SimMacro>;
+  klipper?: SimKlipperOptions & {
     /** The klipper unit name, as system_info.instance_ids.klipper reports it (default "klipper"). */
     serviceName?: string;
   };
