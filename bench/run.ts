@@ -11,6 +11,7 @@ import { fileURLToPath } from "node:url";
 import { randomBytes } from "node:crypto";
 import { execa, type ResultPromise } from "execa";
 import { startFakeMoonraker } from "../test/support/fake-moonraker/index.js";
+import { openSerialLink } from "../src/flash/link.js";
 import { FrameDecoder, encodeComplete, encodeConnect, encodeRequestBlock, encodeSendBlock, encodeSendEof } from "../src/flash/katapult/codec.js";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
@@ -151,18 +152,16 @@ async function exchangeFloor(image: Buffer, baud: number | null): Promise<number
   const device: ResultPromise = execa("node", args, { reject: false, timeout: 300_000 });
   try {
     for (let i = 0; i < 100 && !existsSync(link); i++) await sleep(100);
-    const { SerialPort } = await import("serialport");
-    const port = new SerialPort({ path: link, baudRate: baud ?? 250000, autoOpen: false });
-    await new Promise<void>((resolve, reject) => port.open((err) => (err ? reject(err) : resolve())));
+    const port = await openSerialLink(link, baud ?? 250000);
     const decoder = new FrameDecoder();
     let waiting: (() => void) | null = null;
-    port.on("data", (chunk: Buffer) => {
+    port.onData((chunk) => {
       if (decoder.push(chunk).some((item) => "frame" in item)) waiting?.();
     });
     const exchange = (frame: Buffer): Promise<void> =>
       new Promise((resolve) => {
         waiting = resolve;
-        port.write(frame);
+        void port.write(frame);
       });
     const started = process.hrtime.bigint();
     await exchange(encodeConnect());
@@ -176,7 +175,7 @@ async function exchangeFloor(image: Buffer, baud: number | null): Promise<number
     for (let off = 0; off < image.length; off += BLOCK) await exchange(encodeRequestBlock(start + off));
     await exchange(encodeComplete());
     const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-    await new Promise<void>((resolve) => port.close(() => resolve()));
+    await port.close();
     return seconds;
   } finally {
     device.kill("SIGTERM");
@@ -185,18 +184,31 @@ async function exchangeFloor(image: Buffer, baud: number | null): Promise<number
   }
 }
 
+/** `npm run bench -- --flash-only --runs 1` measures the flash alone, prints it and leaves docs/BENCHMARKS.md alone. */
+function parseArgs(argv: string[]): { flashOnly: boolean; runs: number } {
+  const runsAt = argv.indexOf("--runs");
+  const runs = runsAt >= 0 ? Number(argv[runsAt + 1]) : 3;
+  if (!Number.isInteger(runs) || runs < 1) throw new Error("--runs takes a whole number >= 1");
+  return { flashOnly: argv.includes("--flash-only"), runs };
+}
+
 async function main(): Promise<void> {
   if (!existsSync(bundle)) throw new Error("dist/moonflash.mjs is missing: run npm run build");
+  const { flashOnly, runs: runCount } = parseArgs(process.argv.slice(2));
   const mib = (kib: number): string => `${(kib / 1024).toFixed(1)} MiB`;
-  process.stdout.write("idle RSS of serve…\n");
-  const idle = await idleServe();
-  const bare = await bareNode();
-  process.stdout.write(`  serve ${mib(idle.rss)} (anon ${mib(idle.anon)}), bare node ${mib(bare.rss)} (anon ${mib(bare.anon)})\n`);
+  let idle: Memory | undefined;
+  let bare: Memory | undefined;
+  if (!flashOnly) {
+    process.stdout.write("idle RSS of serve…\n");
+    idle = await idleServe();
+    bare = await bareNode();
+    process.stdout.write(`  serve ${mib(idle.rss)} (anon ${mib(idle.anon)}), bare node ${mib(bare.rss)} (anon ${mib(bare.anon)})\n`);
+  }
 
   const image = randomBytes(256 * 1024);
   const runs: Array<FlashRun & { label: string; baud: number | null; floor: number }> = [];
   for (const [label, baud] of [["unthrottled", null], ["250000 baud", 250000]] as const) {
-    for (let i = 1; i <= 3; i++) {
+    for (let i = 1; i <= runCount; i++) {
       process.stdout.write(`exchange floor ${label}, run ${i}…\n`);
       const floor = await exchangeFloor(image, baud);
       process.stdout.write(`flash 256 KiB ${label}, run ${i}…\n`);
@@ -206,6 +218,7 @@ async function main(): Promise<void> {
     }
   }
 
+  if (!idle || !bare) return;
   const cpu = cpus()[0]?.model ?? "unknown CPU";
   const date = new Date().toISOString();
   const lines = [

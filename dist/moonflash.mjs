@@ -5710,7 +5710,7 @@ var require_thread_stream = __commonJS({
         }
         if (this[kImpl].flushing && this[kImpl].bufLen + dataBuf.length >= MAX_STRING) {
           try {
-            writeSync(this);
+            writeSync2(this);
             this[kImpl].flushing = true;
           } catch (err) {
             destroy(this, err);
@@ -5721,7 +5721,7 @@ var require_thread_stream = __commonJS({
         this[kImpl].bufLen += dataBuf.length;
         if (this[kImpl].sync) {
           try {
-            writeSync(this);
+            writeSync2(this);
             return true;
           } catch (err) {
             destroy(this, err);
@@ -5772,7 +5772,7 @@ var require_thread_stream = __commonJS({
         if (this[kImpl].destroyed) {
           return;
         }
-        writeSync(this);
+        writeSync2(this);
         flushSync(this);
       }
       unref() {
@@ -5995,7 +5995,7 @@ var require_thread_stream = __commonJS({
         destroy(stream, err);
       }
     }
-    function writeSync(stream) {
+    function writeSync2(stream) {
       const cb = () => {
         if (stream[kImpl].ending) {
           end(stream);
@@ -44033,6 +44033,7 @@ import { basename as basename5, dirname as dirname5, join as join4 } from "node:
 import { setTimeout as sleep } from "node:timers/promises";
 
 // src/flash/link.ts
+import { readSync, writeSync } from "node:fs";
 import { stat as stat4 } from "node:fs/promises";
 
 // src/flash/katapult/codec.ts
@@ -44141,6 +44142,10 @@ var FrameDecoder = class {
     }
     return items;
   }
+  /** Bytes of a frame that has begun but is not complete yet. */
+  get pending() {
+    return this.buffer.length;
+  }
   /** Drops whatever partial frame is buffered (used when draining before a retry). */
   reset() {
     this.buffer = Buffer.alloc(0);
@@ -44219,43 +44224,104 @@ async function openSerialLink(path11, baud, options = {}) {
 }
 async function requestUsbBootloader(path11) {
   const port = await openPort(path11, 1200, false);
-  await setModemLinesBestEffort(port, { dtr: true });
-  await setModemLinesBestEffort(port, { dtr: false });
+  await port.set({ dtr: true }).catch(() => void 0);
+  await port.set({ dtr: false }).catch(() => void 0);
   await closePort(port);
 }
 async function sendSerialBootloaderRequest(path11, baud) {
   const port = await openPort(path11, baud, true);
   try {
-    await writeAndDrain(port, SERIAL_BOOTLOADER_REQUEST);
+    await port.write(Buffer.from(SERIAL_BOOTLOADER_REQUEST));
+    await port.drain();
   } finally {
     await closePort(port);
   }
 }
+var RETRY_CODES = /* @__PURE__ */ new Set(["EAGAIN", "EWOULDBLOCK", "EINTR"]);
 var SerialByteLink = class extends ByteLinkBase {
   constructor(description, port) {
     super();
     this.description = description;
     this.port = port;
-    port.on("data", (chunk) => this.emitData(chunk));
-    port.on("error", () => void 0);
-    port.on("close", (error62) => this.markClosed(error62 ?? void 0));
+    this.onClose(() => {
+      for (const wake of [...this.writableWaiters]) wake();
+    });
+    port.poller.once("disconnect", (err) => {
+      if (!isCancelled(err)) this.lost(err ?? new Error(`${description} disconnected`));
+    });
+    this.armRead();
   }
   description;
   port;
+  readBuffer = Buffer.allocUnsafe(4096);
+  writableWaiters = /* @__PURE__ */ new Set();
+  closing;
   async write(bytes) {
-    if (!this.isOpen) throw linkClosedError(this.description);
-    try {
-      await writeAndDrain(this.port, bytes);
-    } catch (err) {
-      this.markClosed(err);
-      throw linkClosedError(this.description, err);
+    const buffer = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    let offset = 0;
+    while (offset < buffer.length) {
+      if (!this.isOpen || this.closing || this.port.fd === null) throw linkClosedError(this.description);
+      try {
+        offset += writeSync(this.port.fd, buffer, offset);
+      } catch (err) {
+        if (!RETRY_CODES.has(err.code ?? "")) {
+          this.lost(err);
+          throw linkClosedError(this.description, err);
+        }
+        await this.writable();
+      }
     }
   }
   async close() {
-    if (this.port.isOpen) await closePort(this.port);
+    await this.release();
     this.markClosed();
   }
+  /** Closes the port once; the binding's poller then cancels our pending waits (ignored, we asked for it). */
+  release() {
+    this.closing ??= closePort(this.port);
+    return this.closing;
+  }
+  armRead() {
+    this.port.poller.once("readable", (err) => {
+      if (isCancelled(err)) return;
+      if (err) return this.lost(err);
+      this.readAvailable();
+    });
+  }
+  readAvailable() {
+    while (this.isOpen && !this.closing && this.port.fd !== null) {
+      let count2;
+      try {
+        count2 = readSync(this.port.fd, this.readBuffer, 0, this.readBuffer.length, null);
+      } catch (err) {
+        if (RETRY_CODES.has(err.code ?? "")) break;
+        return this.lost(err);
+      }
+      if (count2 === 0) return this.lost(new Error(`${this.description} hung up`));
+      this.emitData(Buffer.from(this.readBuffer.subarray(0, count2)));
+    }
+    if (this.isOpen && !this.closing) this.armRead();
+  }
+  writable() {
+    return new Promise((resolve3) => {
+      const wake = () => {
+        this.writableWaiters.delete(wake);
+        resolve3();
+      };
+      this.writableWaiters.add(wake);
+      this.port.poller.once("writable", wake);
+    });
+  }
+  /** The device went away: report it once and release the fd. */
+  lost(error62) {
+    if (!this.isOpen || this.closing) return;
+    this.markClosed(error62);
+    void this.release();
+  }
 };
+function isCancelled(err) {
+  return err?.canceled === true;
+}
 function linkClosedError(description, cause) {
   return new MoonflashError(
     "DEVICE_NOT_FOUND",
@@ -44276,13 +44342,21 @@ async function openPort(path11, baud, lock) {
     );
   }
   const { SerialPort } = await import("serialport");
-  const port = new SerialPort({ path: path11, baudRate: baud, autoOpen: false, lock });
+  let port;
   try {
-    await new Promise((resolve3, reject) => port.open((err) => err ? reject(err) : resolve3()));
+    port = await SerialPort.binding.open({ path: path11, baudRate: baud, lock });
   } catch (err) {
     throw openError(path11, err);
   }
+  if (!isPolledPort(port)) {
+    await port.close().catch(() => void 0);
+    throw new MoonflashError("INTERNAL", `Serial flashing needs Linux (or another Unix); this system's serial binding has no pollable file descriptor.`, { device: path11 });
+  }
   return port;
+}
+function isPolledPort(port) {
+  const candidate = port;
+  return typeof candidate.fd === "number" && typeof candidate.poller?.once === "function";
 }
 function openError(path11, err) {
   const text = err.message;
@@ -44307,22 +44381,8 @@ function openError(path11, err) {
   }
   return new MoonflashError("DEVICE_NOT_FOUND", `Could not open ${path11}: ${text}`, { device: path11 }, { cause: err });
 }
-function writeAndDrain(port, bytes) {
-  return new Promise((resolve3, reject) => {
-    port.write(Buffer.from(bytes), (writeErr) => {
-      if (writeErr) return reject(writeErr);
-      port.drain((drainErr) => drainErr ? reject(drainErr) : resolve3());
-    });
-  });
-}
 function closePort(port) {
-  return new Promise((resolve3) => {
-    if (!port.isOpen) return resolve3();
-    port.close(() => resolve3());
-  });
-}
-function setModemLinesBestEffort(port, lines) {
-  return new Promise((resolve3) => port.set(lines, () => resolve3()));
+  return port.isOpen ? port.close().catch(() => void 0) : Promise.resolve();
 }
 
 // src/flash/katapult/image.ts
@@ -44372,6 +44432,12 @@ var DEFAULT_KATAPULT_TIMINGS = Object.freeze({
   busyDelayMs: 1500
 });
 var CONNECT_HINT = "is the board in its bootloader, is Klipper stopped, is the baud right?";
+var DEVICE_TRANSMIT_BUFFER = 96;
+function readAheadLead(blockSize) {
+  const reply = FRAME_OVERHEAD + 8 + blockSize;
+  const lead = 2 * reply - DEVICE_TRANSMIT_BUFFER;
+  return lead < reply ? lead : null;
+}
 var KatapultSession = class {
   constructor(link2, options = {}) {
     this.link = link2;
@@ -44430,12 +44496,7 @@ var KatapultSession = class {
       const remaining = tries - attempt;
       this.log(outcome.kind === "timeout" ? "info" : "debug", `Katapult ${name}: ${outcome.text}, ${remaining} tries remaining`);
       if (remaining === 0) break;
-      if (outcome.kind === "busy") {
-        await this.sleep(this.timings.busyDelayMs);
-      } else {
-        await this.drain(this.timings.drainMs);
-        await this.sleep(this.timings.retryDelayMs);
-      }
+      await this.pauseAfterFailedTry(outcome.kind);
     }
     if (!anyReply) {
       const hint = cmd === Command2.CONNECT ? CONNECT_HINT : "the board stopped answering; check the cable and power, then flash again.";
@@ -44495,17 +44556,40 @@ var KatapultSession = class {
     }
     return reply.length >= 4 ? reply.readUInt32LE(0) : 0;
   }
-  /** Reads every block back and compares it with the padded image; VERIFY_FAILED names the first bad address. */
+  /**
+   * Reads every block back and compares it with the padded image; VERIFY_FAILED names the first bad address.
+   * Each block is requested ahead as readAheadLead() allows; anything unexpected (a timeout, NACK, BUSY, a corrupt
+   * or misaddressed reply) discards the reply to the request sent ahead and reads that block flashtool's way.
+   */
   async verify(image, onBlock) {
     const { blockSize, appStartAddress } = this.requireInfo();
     const total = Math.ceil(image.length / blockSize);
+    const lead = readAheadLead(blockSize);
     const expectedSha = createHash("sha1");
     const receivedSha = createHash("sha1");
     let firstBadAddress = null;
+    let requested = -1;
+    const request = async (index) => {
+      await this.write(encodeFrame(Command2.REQUEST_BLOCK, u32le(appStartAddress + index * blockSize)), "REQUEST_BLOCK");
+      requested = index;
+    };
     for (let index = 0; index < total; index++) {
       const address = appStartAddress + index * blockSize;
       const expected2 = paddedBlock(image, index, blockSize);
-      const received = await this.readBlock(address, index);
+      if (requested < index) await request(index);
+      const ahead = lead !== null && index + 1 < total ? { lead, send: () => request(index + 1) } : void 0;
+      const outcome = await this.awaitReply(Command2.REQUEST_BLOCK, this.timings.timeoutMs, "REQUEST_BLOCK", ahead);
+      let received;
+      if (outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address) {
+        received = outcome.payload.subarray(4);
+      } else {
+        const why = outcome.ok ? `reply for another address than ${hex3(address)}` : outcome.text;
+        this.log(outcome.ok || outcome.kind === "timeout" ? "info" : "debug", `Katapult REQUEST_BLOCK: ${why}, reading block ${index} again`);
+        if (!outcome.ok) await this.pauseAfterFailedTry(outcome.kind);
+        if (requested > index) await this.drain(this.timings.drainMs);
+        requested = index;
+        received = await this.readBlock(address, index);
+      }
       expectedSha.update(expected2);
       receivedSha.update(received);
       if (firstBadAddress === null && !expected2.equals(received)) firstBadAddress = address + firstDifference(expected2, received);
@@ -44583,9 +44667,13 @@ var KatapultSession = class {
       { cause }
     );
   }
-  /** Waits for the reply to `cmd`: the first whole frame decides; garbage before it is skipped. */
-  async awaitReply(cmd, timeoutMs, name) {
+  /**
+   * Waits for the reply to `cmd`: the first whole frame decides; garbage before it is skipped. With `ahead`, the
+   * next request goes out as soon as `ahead.lead` bytes of this reply are in (at most once).
+   */
+  async awaitReply(cmd, timeoutMs, name, ahead) {
     const deadline = Date.now() + timeoutMs;
+    let sentAhead = false;
     while (true) {
       const item = this.items.shift();
       if (item) {
@@ -44612,10 +44700,24 @@ var KatapultSession = class {
       }
       if (this.closedError) throw this.closedLinkError(name);
       this.throwIfAborted();
+      if (ahead && !sentAhead && this.decoder.pending >= ahead.lead) {
+        sentAhead = true;
+        await ahead.send();
+        continue;
+      }
       const left = deadline - Date.now();
       if (left <= 0) return { ok: false, kind: "timeout", text: "response timed out" };
       await this.waitForInput(left);
     }
+  }
+  /** flashtool's pause between tries: after BUSY a longer wait, otherwise discard late input, then wait. */
+  async pauseAfterFailedTry(kind) {
+    if (kind === "busy") {
+      await this.sleep(this.timings.busyDelayMs);
+      return;
+    }
+    await this.drain(this.timings.drainMs);
+    await this.sleep(this.timings.retryDelayMs);
   }
   /** Discards everything that arrives for `ms` (late replies to a failed try must not answer the next one). */
   async drain(ms) {
@@ -46417,7 +46519,6 @@ import { EventEmitter as EventEmitter5 } from "node:events";
 
 // src/sim/katapult-device.ts
 import { EventEmitter as EventEmitter3 } from "node:events";
-import { performance as performance2 } from "node:perf_hooks";
 var APP_JUMP_DELAY_MS = 100;
 var FAULT_KINDS = ["drop-reply", "nack", "busy", "error", "corrupt-readback", "disconnect", "silence"];
 function parseFault(text) {
@@ -46460,63 +46561,6 @@ function parseFault(text) {
       throw bad(`unknown kind "${parts[0]}" (one of ${FAULT_KINDS.join(", ")})`);
   }
 }
-function planThrottle(baud, busyUntil, now, length) {
-  const bytesPerMs = baud / 10 / 1e3;
-  const sliceBytes = Math.max(1, Math.floor(bytesPerMs * 4));
-  const begin = Math.max(now, busyUntil);
-  const slices = [];
-  for (let start = 0; start < length; start += sliceBytes) {
-    const end = Math.min(length, start + sliceBytes);
-    slices.push({ start, end, releaseAt: begin + end / bytesPerMs });
-  }
-  return slices;
-}
-var LinkThrottle = class {
-  constructor(baud, deliver) {
-    this.baud = baud;
-    this.deliver = deliver;
-  }
-  baud;
-  deliver;
-  queue = [];
-  busyUntil = 0;
-  timer;
-  immediate;
-  push(bytes) {
-    for (const slice of planThrottle(this.baud, this.busyUntil, performance2.now(), bytes.length)) {
-      this.queue.push({ bytes: bytes.subarray(slice.start, slice.end), releaseAt: slice.releaseAt });
-      this.busyUntil = slice.releaseAt;
-    }
-    this.arm();
-  }
-  stop() {
-    clearTimeout(this.timer);
-    clearImmediate(this.immediate);
-    this.timer = void 0;
-    this.immediate = void 0;
-    this.queue.length = 0;
-  }
-  arm() {
-    if (this.timer || this.immediate || this.queue.length === 0) return;
-    const wait = this.queue[0].releaseAt - performance2.now();
-    if (wait > PRECISE_WINDOW_MS) {
-      this.timer = setTimeout(() => {
-        this.timer = void 0;
-        this.arm();
-      }, wait - PRECISE_WINDOW_MS);
-      return;
-    }
-    this.immediate = setImmediate(() => {
-      this.immediate = void 0;
-      const now = performance2.now();
-      const due = [];
-      while (this.queue.length > 0 && this.queue[0].releaseAt <= now) due.push(this.queue.shift().bytes);
-      if (due.length > 0) this.deliver(Buffer.concat(due));
-      this.arm();
-    });
-  }
-};
-var PRECISE_WINDOW_MS = 2;
 var KatapultDeviceModel = class extends EventEmitter3 {
   mcuType;
   blockSize;
@@ -46551,8 +46595,6 @@ var KatapultDeviceModel = class extends EventEmitter3 {
   appTail = Buffer.alloc(0);
   lineBaudRate;
   timers = /* @__PURE__ */ new Set();
-  inbound;
-  outbound;
   constructor(options = {}) {
     super();
     this.mcuType = options.mcuType ?? "stm32f103xe";
@@ -46578,13 +46620,8 @@ var KatapultDeviceModel = class extends EventEmitter3 {
     if (!Number.isInteger(this.appStartAddress) || this.appStartAddress < 0 || this.appStartAddress % this.blockSize !== 0) {
       throw invalid(`appStartAddress must be a block-aligned address, got ${this.appStartAddress}`);
     }
-    if (options.baud !== void 0 && !(options.baud > 0)) throw invalid(`baud must be positive, got ${options.baud}`);
     if (!(this.writeDelayMs >= 0)) throw invalid(`writeDelayMs must be >= 0, got ${this.writeDelayMs}`);
     this.flash = Buffer.alloc(flashSize, 255);
-    if (options.baud !== void 0) {
-      this.inbound = new LinkThrottle(options.baud, (bytes) => this.consume(bytes));
-      this.outbound = new LinkThrottle(options.baud, (bytes) => this.emit("reply", bytes));
-    }
   }
   get mode() {
     return this.currentMode;
@@ -46592,9 +46629,7 @@ var KatapultDeviceModel = class extends EventEmitter3 {
   /** Bytes from the host. */
   receive(bytes) {
     if (this.gone) return;
-    const chunk = Buffer.from(bytes);
-    if (this.inbound) this.inbound.push(chunk);
-    else this.consume(chunk);
+    this.consume(Buffer.from(bytes));
   }
   /** The host set the line speed (Klipper's USB CDC watches for 1200 baud). */
   lineBaud(baud) {
@@ -46604,13 +46639,11 @@ var KatapultDeviceModel = class extends EventEmitter3 {
   lineClosed() {
     if (this.currentMode === "app" && this.lineBaudRate === 1200 && !this.gone) this.enterBootloader();
   }
-  /** Cancels pending timers (write delay, throttle, app jump); the model answers nothing afterwards. */
+  /** Cancels pending timers (write delay, app jump); the model answers nothing afterwards. */
   stop() {
     this.gone = true;
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
-    this.inbound?.stop();
-    this.outbound?.stop();
   }
   later(ms, fn) {
     const timer = setTimeout(() => {
@@ -46661,8 +46694,7 @@ var KatapultDeviceModel = class extends EventEmitter3 {
   }
   send(bytes) {
     if (this.faults.some((f) => f.kind === "silence")) return;
-    if (this.outbound) this.outbound.push(bytes);
-    else this.emit("reply", bytes);
+    this.emit("reply", bytes);
   }
   handle(frame) {
     const disconnect2 = this.faults.find((f) => f.kind === "disconnect");
@@ -46785,10 +46817,11 @@ import { EventEmitter as EventEmitter4 } from "node:events";
 // src/sim/pty-relay-script.ts
 var PTY_RELAY_EXIT_NOT_A_LINK = 3;
 var PTY_RELAY_SCRIPT = String.raw`
-import errno, fcntl, os, select, signal, stat, struct, sys, termios, tty
+import collections, errno, fcntl, os, select, signal, stat, struct, sys, termios, time, tty
 
 TCGETS2 = 0x802C542A  # _IOR('T', 0x2A, struct termios2): x86-64, arm, arm64, riscv
 POLL_S = 0.02
+SPIN_S = 0.0
 
 
 def emit(kind, payload=b""):
@@ -46810,8 +46843,76 @@ def read_baud(fd):
         return 0
 
 
+class Wire:
+    """
+    Schedules bytes across a line of rate bytes per second each way; rate 0 means instant. With tx_buffer, the
+    device side has a transmit buffer of that many bytes: a write that does not fit beside its unsent bytes, at
+    the moment the device answered, is dropped whole (Katapult's console_sendf in src/generic/serial_irq.c).
+    """
+
+    def __init__(self, rate, tx_buffer):
+        self.rate = rate
+        self.tx_buffer = tx_buffer
+        self.received = 0                   # host bytes read so far
+        self.arrivals = collections.deque() # (first, end, start): host chunk [first, end) crossing from start
+        self.in_free = 0.0
+        self.out_free = 0.0
+        self.held = collections.deque()     # (release time, bytes) for the host, in order
+
+    def from_host(self, data):
+        if self.rate:
+            start = max(time.monotonic(), self.in_free)
+            self.in_free = start + len(data) / self.rate
+            self.arrivals.append((self.received, self.received + len(data), start))
+        self.received += len(data)
+
+    def crossed(self, count):
+        """When host byte number count (1-based) finished crossing; counts only grow, so older chunks go."""
+        while self.arrivals and self.arrivals[0][1] < count:
+            self.arrivals.popleft()
+        for first, end, start in self.arrivals:
+            if first < count <= end:
+                return start + (count - first) / self.rate
+        return 0.0
+
+    def to_host(self, data, answered, out):
+        if not self.rate:
+            out += data
+            return
+        crossed = self.crossed(answered)
+        # The device answers when the request has crossed, even if the model's answer reached us later.
+        at = crossed or time.monotonic()
+        unsent = max(0.0, (self.out_free - at) * self.rate)
+        if self.tx_buffer and unsent + len(data) > self.tx_buffer + 0.5:
+            return
+        begin = max(time.monotonic(), self.out_free, crossed)
+        # ~0.5 ms slices: a UART's bytes reach the host a few at a time, not as one lump per frame.
+        step = max(1, int(self.rate / 2000))
+        for i in range(0, len(data), step):
+            part = data[i:i + step]
+            self.held.append((begin + (i + len(part)) / self.rate, part))
+        self.out_free = begin + len(data) / self.rate
+
+    def release(self, out):
+        """Moves due bytes to out; returns how long until the next ones are due (None: nothing held)."""
+        now = time.monotonic()
+        if self.held and self.held[0][0] - now < SPIN_S:
+            # select() wakes ~0.1 ms late on a busy machine; the last stretch is waited out here.
+            while time.monotonic() < self.held[0][0]:
+                pass
+            now = time.monotonic()
+        while self.held and self.held[0][0] <= now:
+            out += self.held.popleft()[1]
+        return max(0.0, self.held[0][0] - now - SPIN_S) if self.held else None
+
+    def clear(self):
+        self.held.clear()
+
+
 def main():
     link = sys.argv[1]
+    rate = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    tx_buffer = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     try:
         if not stat.S_ISLNK(os.lstat(link).st_mode):
             sys.stderr.write("%s exists and is not a symlink; refusing to replace it\n" % link)
@@ -46827,7 +46928,7 @@ def main():
     os.symlink(slave_path, tmp)
     os.replace(tmp, link)
     try:
-        relay(master, slave_path)
+        relay(master, slave_path, Wire(rate, tx_buffer))
     finally:
         try:
             if os.readlink(link) == slave_path:
@@ -46837,7 +46938,7 @@ def main():
         os.close(master)
 
 
-def relay(master, slave_path):
+def relay(master, slave_path, wire):
     inbuf = b""
     out = bytearray()
     opened = False
@@ -46845,12 +46946,16 @@ def relay(master, slave_path):
     emit(b"B", struct.pack(">I", baud))
     emit(b"R", slave_path.encode())
     while True:
+        due = wire.release(out)
         rlist = [0] + ([master] if opened else [])
         wlist = [master] if opened and out else []
-        readable, writable, _ = select.select(rlist, wlist, [], POLL_S)
+        timeout = POLL_S if due is None else min(POLL_S, due)
+        readable, writable, _ = select.select(rlist, wlist, [], timeout)
         if 0 in readable:
             chunk = os.read(0, 65536)
             if not chunk:
+                for _, part in wire.held:
+                    out += part
                 flush(master, out, opened)
                 return
             inbuf += chunk
@@ -46859,7 +46964,8 @@ def relay(master, slave_path):
                 if len(inbuf) < 5 + size:
                     break
                 if opened:
-                    out += inbuf[5:5 + size]
+                    answered = struct.unpack(">Q", inbuf[5:13])[0]
+                    wire.to_host(inbuf[13:5 + size], answered, out)
                 inbuf = inbuf[5 + size:]
         data = b""
         gone = False
@@ -46881,6 +46987,7 @@ def relay(master, slave_path):
                     emit(b"B", struct.pack(">I", baud))
                 opened = False
                 out.clear()
+                wire.clear()
                 emit(b"C")
             elif now != baud:
                 # Opened, reconfigured and closed between two polls.
@@ -46896,8 +47003,10 @@ def relay(master, slave_path):
             baud = now
             emit(b"B", struct.pack(">I", baud))
         if data:
+            wire.from_host(data)
             emit(b"D", data)
-        if master in writable and out:
+        wire.release(out)
+        if out:
             try:
                 del out[:os.write(master, out)]
             except BlockingIOError:
@@ -46917,6 +47026,12 @@ def flush(master, out, opened):
             return
 
 
+try:
+    # Wake from select within ~1 us of a release time rather than the default 50 us (PR_SET_TIMERSLACK).
+    import ctypes
+    ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)
+except (OSError, AttributeError):
+    pass
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 # Ctrl-C reaches the whole process group; the parent decides when the relay ends (by closing stdin).
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -46925,6 +47040,7 @@ main()
 
 // src/sim/pty-relay.ts
 var HEADER_SIZE = 5;
+var ANSWERED_SIZE = 8;
 var PythonPtyRelay = class extends EventEmitter4 {
   constructor(linkPath, child, logger) {
     super();
@@ -46947,6 +47063,7 @@ var PythonPtyRelay = class extends EventEmitter4 {
   hostOpen = false;
   baud;
   exited = false;
+  received = 0;
   inbox = Buffer.alloc(0);
   onLinked;
   exitPromise;
@@ -46955,9 +47072,10 @@ var PythonPtyRelay = class extends EventEmitter4 {
   }
   write(bytes) {
     if (this.exited || bytes.length === 0) return;
-    const header = Buffer.alloc(HEADER_SIZE);
+    const header = Buffer.alloc(HEADER_SIZE + ANSWERED_SIZE);
     header[0] = 87;
-    header.writeUInt32BE(bytes.length, 1);
+    header.writeUInt32BE(ANSWERED_SIZE + bytes.length, 1);
+    header.writeBigUInt64BE(BigInt(this.received), HEADER_SIZE);
     this.child.stdin.write(Buffer.concat([header, bytes]));
   }
   async close() {
@@ -47007,6 +47125,7 @@ var PythonPtyRelay = class extends EventEmitter4 {
         this.onLinked?.();
         return;
       case "D":
+        this.received += payload.length;
         this.emit("data", Buffer.from(payload));
         return;
       case "B":
@@ -47037,7 +47156,14 @@ function helperFailure(linkPath, result) {
 }
 async function openPtyRelay(linkPath, options = {}) {
   const { execa: execa2 } = await Promise.resolve().then(() => (init_execa(), execa_exports));
-  const child = execa2(options.python ?? "python3", ["-c", PTY_RELAY_SCRIPT, linkPath], {
+  if (options.baud !== void 0 && !(options.baud > 0)) {
+    throw new MoonflashError("INVALID_PARAMS", `Virtual device: baud must be positive, got ${options.baud}.`, { baud: options.baud });
+  }
+  if (options.transmitBuffer !== void 0 && !(Number.isInteger(options.transmitBuffer) && options.transmitBuffer > 0)) {
+    throw new MoonflashError("INVALID_PARAMS", `Virtual device: transmitBuffer must be a positive whole number, got ${options.transmitBuffer}.`, { transmitBuffer: options.transmitBuffer });
+  }
+  const rate = options.baud === void 0 ? [] : [String(options.baud / 10), String(options.transmitBuffer ?? 0)];
+  const child = execa2(options.python ?? "python3", ["-c", PTY_RELAY_SCRIPT, linkPath, ...rate], {
     stdin: "pipe",
     stdout: "pipe",
     stderr: "pipe",
@@ -47051,6 +47177,7 @@ async function openPtyRelay(linkPath, options = {}) {
 }
 
 // src/sim/virtual-device.ts
+var KATAPULT_SERIAL_TRANSMIT_BUFFER = 96;
 var PtyVirtualDevice = class extends EventEmitter5 {
   constructor(options) {
     super();
@@ -47087,7 +47214,12 @@ var PtyVirtualDevice = class extends EventEmitter5 {
     return this.relay?.slavePath;
   }
   async attach(path11) {
-    const relay = await openPtyRelay(path11, { python: this.options.python, logger: this.options.logger });
+    const relay = await openPtyRelay(path11, {
+      python: this.options.python,
+      logger: this.options.logger,
+      baud: this.options.baud,
+      transmitBuffer: this.options.transmitBuffer ?? KATAPULT_SERIAL_TRANSMIT_BUFFER
+    });
     if (this.stopped) {
       await relay.close();
       return;

@@ -1,9 +1,9 @@
-// Byte links: the only thing the Katapult session talks to. The serial implementation wraps node-serialport;
-// the session never sees paths, baud rates or ioctls (style.md §7.4), so tests can hand it an in-memory pair.
+// Byte links: the only thing the Katapult session talks to. The serial implementation uses node-serialport's
+// binding, loaded on first use (an idle agent does not need it). The session never sees paths, baud rates or
+// ioctls (style.md §7.4), so tests can hand it an in-memory pair.
 
+import { readSync, writeSync } from "node:fs";
 import { stat } from "node:fs/promises";
-// serialport (native) is loaded on first use: an idle agent does not need it (docs/BENCHMARKS.md).
-import type { SerialPort } from "serialport";
 import { MoonflashError } from "../core/errors.js";
 import { SERIAL_BOOTLOADER_REQUEST } from "./katapult/codec.js";
 
@@ -77,8 +77,8 @@ export async function openSerialLink(path: string, baud: number, options: Serial
  */
 export async function requestUsbBootloader(path: string): Promise<void> {
   const port = await openPort(path, 1200, false);
-  await setModemLinesBestEffort(port, { dtr: true });
-  await setModemLinesBestEffort(port, { dtr: false });
+  await port.set({ dtr: true }).catch(() => undefined);
+  await port.set({ dtr: false }).catch(() => undefined);
   await closePort(port);
 }
 
@@ -86,39 +86,131 @@ export async function requestUsbBootloader(path: string): Promise<void> {
 export async function sendSerialBootloaderRequest(path: string, baud: number): Promise<void> {
   const port = await openPort(path, baud, true);
   try {
-    await writeAndDrain(port, SERIAL_BOOTLOADER_REQUEST);
+    await port.write(Buffer.from(SERIAL_BOOTLOADER_REQUEST));
+    await port.drain();
   } finally {
     await closePort(port);
   }
 }
 
+/**
+ * The part of node-serialport's Linux binding (@serialport/bindings-cpp LinuxPortBinding) this file uses: the
+ * binding opens, configures (termios, flock, modem lines) and closes; the link reads and writes the non-blocking
+ * fd itself when the binding's poller reports it ready.
+ */
+interface PolledPort {
+  readonly fd: number | null;
+  readonly isOpen: boolean;
+  readonly poller: { once(event: "readable" | "writable" | "disconnect", callback: (err: Error | null) => void): unknown };
+  write(buffer: Buffer): Promise<void>;
+  set(options: { dtr?: boolean }): Promise<void>;
+  drain(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Read errors that only mean "nothing more right now". */
+const RETRY_CODES = new Set(["EAGAIN", "EWOULDBLOCK", "EINTR"]);
+
+/**
+ * Serial I/O straight on the fd: a synchronous read(2)/write(2) when epoll says the fd is ready. Katapult is one
+ * round trip per 64-byte block, so per-exchange latency is what bounds a flash; the serialport stream's path (a
+ * thread-pool read into a fresh 64 KiB buffer per chunk, a thread-pool write plus tcdrain) cost about 0.7 ms per
+ * exchange here and 100 MiB of peak heap (docs/BENCHMARKS.md).
+ */
 class SerialByteLink extends ByteLinkBase {
+  private readonly readBuffer = Buffer.allocUnsafe(4096);
+  private readonly writableWaiters = new Set<() => void>();
+  private closing: Promise<void> | undefined;
+
   constructor(
     readonly description: string,
-    private readonly port: SerialPort,
+    private readonly port: PolledPort,
   ) {
     super();
-    port.on("data", (chunk: Buffer) => this.emitData(chunk));
-    // Without an error listener a failed write would crash the process; the write's own callback reports it.
-    port.on("error", () => undefined);
-    port.on("close", (error?: Error) => this.markClosed(error ?? undefined));
+    this.onClose(() => {
+      for (const wake of [...this.writableWaiters]) wake();
+    });
+    port.poller.once("disconnect", (err) => {
+      if (!isCancelled(err)) this.lost(err ?? new Error(`${description} disconnected`));
+    });
+    this.armRead();
   }
 
   async write(bytes: Uint8Array): Promise<void> {
-    if (!this.isOpen) throw linkClosedError(this.description);
-    try {
-      await writeAndDrain(this.port, bytes);
-    } catch (err) {
-      // A pty whose master went away only reports it here (EIO on write), never on the read side.
-      this.markClosed(err as Error);
-      throw linkClosedError(this.description, err);
+    const buffer = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    let offset = 0;
+    while (offset < buffer.length) {
+      if (!this.isOpen || this.closing || this.port.fd === null) throw linkClosedError(this.description);
+      try {
+        offset += writeSync(this.port.fd, buffer, offset);
+      } catch (err) {
+        if (!RETRY_CODES.has((err as NodeJS.ErrnoException).code ?? "")) {
+          // A pty whose master went away reports it here (EIO), a USB device that vanished with ENXIO/EIO.
+          this.lost(err as Error);
+          throw linkClosedError(this.description, err);
+        }
+        await this.writable();
+      }
     }
   }
 
   async close(): Promise<void> {
-    if (this.port.isOpen) await closePort(this.port);
+    await this.release();
     this.markClosed();
   }
+
+  /** Closes the port once; the binding's poller then cancels our pending waits (ignored, we asked for it). */
+  private release(): Promise<void> {
+    this.closing ??= closePort(this.port);
+    return this.closing;
+  }
+
+  private armRead(): void {
+    this.port.poller.once("readable", (err) => {
+      if (isCancelled(err)) return;
+      if (err) return this.lost(err);
+      this.readAvailable();
+    });
+  }
+
+  private readAvailable(): void {
+    while (this.isOpen && !this.closing && this.port.fd !== null) {
+      let count: number;
+      try {
+        count = readSync(this.port.fd, this.readBuffer, 0, this.readBuffer.length, null);
+      } catch (err) {
+        if (RETRY_CODES.has((err as NodeJS.ErrnoException).code ?? "")) break;
+        return this.lost(err as Error);
+      }
+      // read(2) of 0 on a tty is a hang-up: the device went away.
+      if (count === 0) return this.lost(new Error(`${this.description} hung up`));
+      this.emitData(Buffer.from(this.readBuffer.subarray(0, count)));
+    }
+    if (this.isOpen && !this.closing) this.armRead();
+  }
+
+  private writable(): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const wake = (): void => {
+        this.writableWaiters.delete(wake);
+        resolve();
+      };
+      this.writableWaiters.add(wake);
+      this.port.poller.once("writable", wake);
+    });
+  }
+
+  /** The device went away: report it once and release the fd. */
+  private lost(error: Error): void {
+    if (!this.isOpen || this.closing) return;
+    this.markClosed(error);
+    void this.release();
+  }
+}
+
+/** The binding cancels pending polls with this error when the port closes. */
+function isCancelled(err: Error | null): boolean {
+  return (err as { canceled?: boolean } | null)?.canceled === true;
 }
 
 /** The error every ByteLink method throws once the device is gone; the session maps it to a job error. */
@@ -131,7 +223,7 @@ export function linkClosedError(description: string, cause?: unknown): Moonflash
   );
 }
 
-async function openPort(path: string, baud: number, lock: boolean): Promise<SerialPort> {
+async function openPort(path: string, baud: number, lock: boolean): Promise<PolledPort> {
   try {
     await stat(path);
   } catch (err) {
@@ -143,13 +235,22 @@ async function openPort(path: string, baud: number, lock: boolean): Promise<Seri
     );
   }
   const { SerialPort } = await import("serialport");
-  const port = new SerialPort({ path, baudRate: baud, autoOpen: false, lock });
+  let port: unknown;
   try {
-    await new Promise<void>((resolve, reject) => port.open((err) => (err ? reject(err) : resolve())));
+    port = await SerialPort.binding.open({ path, baudRate: baud, lock });
   } catch (err) {
     throw openError(path, err as Error);
   }
+  if (!isPolledPort(port)) {
+    await (port as { close(): Promise<void> }).close().catch(() => undefined);
+    throw new MoonflashError("INTERNAL", `Serial flashing needs Linux (or another Unix); this system's serial binding has no pollable file descriptor.`, { device: path });
+  }
   return port;
+}
+
+function isPolledPort(port: unknown): port is PolledPort {
+  const candidate = port as Partial<PolledPort>;
+  return typeof candidate.fd === "number" && typeof candidate.poller?.once === "function";
 }
 
 // node-serialport's open errors carry no errno code, only the strerror text.
@@ -177,23 +278,7 @@ function openError(path: string, err: Error): MoonflashError {
   return new MoonflashError("DEVICE_NOT_FOUND", `Could not open ${path}: ${text}`, { device: path }, { cause: err });
 }
 
-function writeAndDrain(port: SerialPort, bytes: Uint8Array): Promise<void> {
-  return new Promise<void>((resolve, reject) => {
-    port.write(Buffer.from(bytes), (writeErr) => {
-      if (writeErr) return reject(writeErr);
-      port.drain((drainErr) => (drainErr ? reject(drainErr) : resolve()));
-    });
-  });
-}
-
-function closePort(port: SerialPort): Promise<void> {
-  return new Promise<void>((resolve) => {
-    if (!port.isOpen) return resolve();
-    // A close error means the device is already gone, which is what close wants anyway.
-    port.close(() => resolve());
-  });
-}
-
-function setModemLinesBestEffort(port: SerialPort, lines: { dtr: boolean }): Promise<void> {
-  return new Promise<void>((resolve) => port.set(lines, () => resolve()));
+function closePort(port: PolledPort): Promise<void> {
+  // A close error means the device is already gone, which is what close wants anyway.
+  return port.isOpen ? port.close().catch(() => undefined) : Promise.resolve();
 }

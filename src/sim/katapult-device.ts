@@ -1,10 +1,9 @@
 // A virtual Katapult bootloader (and the Klipper app that hands over to it), as a pure byte model: bytes in,
-// reply bytes out through the 'reply' event. No I/O; timers only for the write delay, the link throttle and the
-// 100 ms jump after COMPLETE. Behaviour follows Katapult's firmware (src/command.c command_find_block and
+// reply bytes out through the 'reply' event. No I/O (link speed is the pty relay's); timers only for the write
+// delay and the 100 ms jump after COMPLETE. Behaviour follows Katapult's firmware (src/command.c command_find_block and
 // command_dispatch, src/flashcmd.c, src/stm32/flash.c flash_write_block), see shared/reference/flashing.md §1.
 
 import { EventEmitter } from "node:events";
-import { performance } from "node:perf_hooks";
 import { MoonflashError } from "../core/errors.js";
 import {
   Command,
@@ -61,8 +60,6 @@ export interface DeviceModelOptions {
   pageSize?: number;
   /** Extra time each SEND_BLOCK takes before its reply (and before the next frame is read). Default 0. */
   writeDelayMs?: number;
-  /** Link speed: bytes move no faster than baud/10 per second each way. Default: unthrottled. */
-  baud?: number;
   /** Start in the bootloader ("katapult") or in Klipper ("app"). Default "katapult". */
   mode?: DeviceMode;
   faults?: Fault[];
@@ -133,84 +130,6 @@ export function parseFault(text: string): Fault {
   }
 }
 
-export interface ThrottleSlice {
-  /** Offset of the slice in the chunk. */
-  start: number;
-  end: number;
-  /** performance.now() time at which the slice has crossed the link. */
-  releaseAt: number;
-}
-
-/**
- * Pure schedule of a chunk crossing a link of `baud` (10 bits per byte on the wire): the link is free from
- * max(now, busyUntil); the chunk is cut into slices of about 4 ms so bytes trickle rather than arrive in one lump.
- */
-export function planThrottle(baud: number, busyUntil: number, now: number, length: number): ThrottleSlice[] {
-  const bytesPerMs = baud / 10 / 1000;
-  const sliceBytes = Math.max(1, Math.floor(bytesPerMs * 4));
-  const begin = Math.max(now, busyUntil);
-  const slices: ThrottleSlice[] = [];
-  for (let start = 0; start < length; start += sliceBytes) {
-    const end = Math.min(length, start + sliceBytes);
-    slices.push({ start, end, releaseAt: begin + end / bytesPerMs });
-  }
-  return slices;
-}
-
-/** Releases bytes at the pace planThrottle computes; one timer at a time. */
-class LinkThrottle {
-  private readonly queue: { bytes: Buffer; releaseAt: number }[] = [];
-  private busyUntil = 0;
-  private timer: NodeJS.Timeout | undefined;
-  private immediate: NodeJS.Immediate | undefined;
-
-  constructor(
-    private readonly baud: number,
-    private readonly deliver: (bytes: Buffer) => void,
-  ) {}
-
-  push(bytes: Buffer): void {
-    for (const slice of planThrottle(this.baud, this.busyUntil, performance.now(), bytes.length)) {
-      this.queue.push({ bytes: bytes.subarray(slice.start, slice.end), releaseAt: slice.releaseAt });
-      this.busyUntil = slice.releaseAt;
-    }
-    this.arm();
-  }
-
-  stop(): void {
-    clearTimeout(this.timer);
-    clearImmediate(this.immediate);
-    this.timer = undefined;
-    this.immediate = undefined;
-    this.queue.length = 0;
-  }
-
-  private arm(): void {
-    if (this.timer || this.immediate || this.queue.length === 0) return;
-    const wait = this.queue[0]!.releaseAt - performance.now();
-    // setTimeout fires up to a few ms late, and on a request/response link every late release adds up. Sleep
-    // until shortly before the due time, then poll on setImmediate so the link's pace is the baud rate's.
-    if (wait > PRECISE_WINDOW_MS) {
-      this.timer = setTimeout(() => {
-        this.timer = undefined;
-        this.arm();
-      }, wait - PRECISE_WINDOW_MS);
-      return;
-    }
-    this.immediate = setImmediate(() => {
-      this.immediate = undefined;
-      const now = performance.now();
-      const due: Buffer[] = [];
-      while (this.queue.length > 0 && this.queue[0]!.releaseAt <= now) due.push(this.queue.shift()!.bytes);
-      if (due.length > 0) this.deliver(Buffer.concat(due));
-      this.arm();
-    });
-  }
-}
-
-/** How close to a release the throttle stops sleeping and polls instead (ms). */
-const PRECISE_WINDOW_MS = 2;
-
 /** Events of the device model, as listener argument lists. */
 export interface DeviceModelEvents {
   reply: [bytes: Buffer];
@@ -260,8 +179,6 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
   private appTail = Buffer.alloc(0);
   private lineBaudRate: number | undefined;
   private readonly timers = new Set<NodeJS.Timeout>();
-  private readonly inbound: LinkThrottle | undefined;
-  private readonly outbound: LinkThrottle | undefined;
 
   constructor(options: DeviceModelOptions = {}) {
     super();
@@ -289,13 +206,8 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
     if (!Number.isInteger(this.appStartAddress) || this.appStartAddress < 0 || this.appStartAddress % this.blockSize !== 0) {
       throw invalid(`appStartAddress must be a block-aligned address, got ${this.appStartAddress}`);
     }
-    if (options.baud !== undefined && !(options.baud > 0)) throw invalid(`baud must be positive, got ${options.baud}`);
     if (!(this.writeDelayMs >= 0)) throw invalid(`writeDelayMs must be >= 0, got ${this.writeDelayMs}`);
     this.flash = Buffer.alloc(flashSize, 0xff);
-    if (options.baud !== undefined) {
-      this.inbound = new LinkThrottle(options.baud, (bytes) => this.consume(bytes));
-      this.outbound = new LinkThrottle(options.baud, (bytes) => this.emit("reply", bytes));
-    }
   }
 
   get mode(): DeviceMode {
@@ -305,9 +217,7 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
   /** Bytes from the host. */
   receive(bytes: Uint8Array): void {
     if (this.gone) return;
-    const chunk = Buffer.from(bytes);
-    if (this.inbound) this.inbound.push(chunk);
-    else this.consume(chunk);
+    this.consume(Buffer.from(bytes));
   }
 
   /** The host set the line speed (Klipper's USB CDC watches for 1200 baud). */
@@ -320,13 +230,11 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
     if (this.currentMode === "app" && this.lineBaudRate === 1200 && !this.gone) this.enterBootloader();
   }
 
-  /** Cancels pending timers (write delay, throttle, app jump); the model answers nothing afterwards. */
+  /** Cancels pending timers (write delay, app jump); the model answers nothing afterwards. */
   stop(): void {
     this.gone = true;
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
-    this.inbound?.stop();
-    this.outbound?.stop();
   }
 
   private later(ms: number, fn: () => void): void {
@@ -384,8 +292,7 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
 
   private send(bytes: Buffer): void {
     if (this.faults.some((f) => f.kind === "silence")) return;
-    if (this.outbound) this.outbound.push(bytes);
-    else this.emit("reply", bytes);
+    this.emit("reply", bytes);
   }
 
   private handle(frame: Frame): void {

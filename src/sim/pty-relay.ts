@@ -11,6 +11,13 @@ import { PTY_RELAY_EXIT_NOT_A_LINK, PTY_RELAY_SCRIPT } from "./pty-relay-script.
 export interface PtyRelayOptions {
   /** Python 3 interpreter. Default "python3". */
   python?: string;
+  /** Emulate a UART at this baud (baud/10 bytes per second each way); default: bytes move as fast as the pty. */
+  baud?: number;
+  /**
+   * With `baud`: the device's transmit buffer in bytes. A write that does not fit beside the bytes still unsent
+   * when the device answered is dropped whole, as Katapult's firmware drops a reply. Default: unlimited.
+   */
+  transmitBuffer?: number;
   /** How long the helper may take to create the pty and the link. Default 5000 ms. */
   readyTimeoutMs?: number;
   logger?: Logger;
@@ -36,19 +43,25 @@ export interface PtyRelay extends EventEmitter<PtyRelayEvents> {
   readonly hostOpen: boolean;
   /** Last line speed the host set on the slave. */
   readonly baud: number | undefined;
-  /** Sends bytes to the host; dropped while nobody has the slave open, as on a real line. */
+  /**
+   * Sends bytes to the host; dropped while nobody has the slave open, as on a real line. On a throttled relay they
+   * leave no earlier than every host byte received so far has crossed the wire (they answer those bytes).
+   */
   write(bytes: Uint8Array): void;
   /** Ends the helper (it removes the link) and waits for it to exit. */
   close(): Promise<void>;
 }
 
 const HEADER_SIZE = 5;
+/** The W payload starts with the count of host bytes received when it was written (u64 BE). */
+const ANSWERED_SIZE = 8;
 
 class PythonPtyRelay extends EventEmitter<PtyRelayEvents> implements PtyRelay {
   slavePath = "";
   hostOpen = false;
   baud: number | undefined;
   private exited = false;
+  private received = 0;
   private inbox: Buffer = Buffer.alloc(0);
   private onLinked: (() => void) | undefined;
   private readonly exitPromise: Promise<void>;
@@ -75,9 +88,10 @@ class PythonPtyRelay extends EventEmitter<PtyRelayEvents> implements PtyRelay {
 
   write(bytes: Uint8Array): void {
     if (this.exited || bytes.length === 0) return;
-    const header = Buffer.alloc(HEADER_SIZE);
+    const header = Buffer.alloc(HEADER_SIZE + ANSWERED_SIZE);
     header[0] = 0x57; // "W"
-    header.writeUInt32BE(bytes.length, 1);
+    header.writeUInt32BE(ANSWERED_SIZE + bytes.length, 1);
+    header.writeBigUInt64BE(BigInt(this.received), HEADER_SIZE);
     this.child.stdin.write(Buffer.concat([header, bytes]));
   }
 
@@ -131,6 +145,7 @@ class PythonPtyRelay extends EventEmitter<PtyRelayEvents> implements PtyRelay {
         this.onLinked?.();
         return;
       case "D":
+        this.received += payload.length;
         this.emit("data", Buffer.from(payload));
         return;
       case "B":
@@ -168,7 +183,14 @@ function helperFailure(linkPath: string, result: { exitCode?: number; stderr: un
  */
 export async function openPtyRelay(linkPath: string, options: PtyRelayOptions = {}): Promise<PtyRelay> {
   const { execa } = await import("execa");
-  const child = execa(options.python ?? "python3", ["-c", PTY_RELAY_SCRIPT, linkPath], {
+  if (options.baud !== undefined && !(options.baud > 0)) {
+    throw new MoonflashError("INVALID_PARAMS", `Virtual device: baud must be positive, got ${options.baud}.`, { baud: options.baud });
+  }
+  if (options.transmitBuffer !== undefined && !(Number.isInteger(options.transmitBuffer) && options.transmitBuffer > 0)) {
+    throw new MoonflashError("INVALID_PARAMS", `Virtual device: transmitBuffer must be a positive whole number, got ${options.transmitBuffer}.`, { transmitBuffer: options.transmitBuffer });
+  }
+  const rate = options.baud === undefined ? [] : [String(options.baud / 10), String(options.transmitBuffer ?? 0)];
+  const child = execa(options.python ?? "python3", ["-c", PTY_RELAY_SCRIPT, linkPath, ...rate], {
     stdin: "pipe",
     stdout: "pipe",
     stderr: "pipe",

@@ -8,6 +8,9 @@ import type { Logger } from "pino";
 import { KatapultDeviceModel, type BlockEvent, type DeviceModelOptions } from "./katapult-device.js";
 import { openPtyRelay, type PtyRelay } from "./pty-relay.js";
 
+/** transmit_buf[96] in Katapult's src/generic/serial_irq.c. */
+const KATAPULT_SERIAL_TRANSMIT_BUFFER = 96;
+
 export interface VirtualDeviceOptions extends DeviceModelOptions {
   /** Symlink to create: the device path the host opens. */
   path: string;
@@ -17,6 +20,13 @@ export interface VirtualDeviceOptions extends DeviceModelOptions {
   reappearDelayMs?: number;
   /** Python 3 interpreter for the pty helper. Default "python3". */
   python?: string;
+  /** Link speed: the pty relay passes bytes no faster than a UART at this baud (baud/10 per second each way). */
+  baud?: number;
+  /**
+   * With `baud`: the board's serial transmit buffer; a reply that does not fit beside the unsent rest is dropped.
+   * Default 96, Katapult's UART and CAN builds (transmit_buf in src/generic/serial_irq.c).
+   */
+  transmitBuffer?: number;
   logger?: Logger;
 }
 
@@ -75,7 +85,12 @@ class PtyVirtualDevice extends EventEmitter<VirtualDeviceEvents> implements Virt
   }
 
   async attach(path: string): Promise<void> {
-    const relay = await openPtyRelay(path, { python: this.options.python, logger: this.options.logger });
+    const relay = await openPtyRelay(path, {
+      python: this.options.python,
+      logger: this.options.logger,
+      baud: this.options.baud,
+      transmitBuffer: this.options.transmitBuffer ?? KATAPULT_SERIAL_TRANSMIT_BUFFER,
+    });
     if (this.stopped) {
       await relay.close();
       return;

@@ -113,6 +113,19 @@ describe("KatapultFlasher against a virtual Katapult on a pty", () => {
     },
   );
 
+  it.each([undefined, "drop-reply:REQUEST_BLOCK:4", "busy:REQUEST_BLOCK:4", "nack:REQUEST_BLOCK:4"])(
+    "over an emulated 250000-baud UART with Katapult's 96-byte transmit buffer, read-back ahead loses no reply (fault %s)",
+    async (fault) => {
+      const device = await startDevice({ baud: 250000, faults: fault ? [parseFault(fault)] : [] });
+      const image = randomBytes(64 * 40);
+      const outcome = await flasher().flash(target(device.path, await writeImage(image)), new RecordingContext());
+      expect(outcome.verified).toBe(true);
+      expect(flashed(device, image)).toEqual(image);
+      // One REQUEST_BLOCK per block, plus one for the injected fault: a reply dropped for lack of buffer would add more.
+      expect(commands(device).filter((c) => c === "REQUEST_BLOCK")).toHaveLength(fault ? 41 : 40);
+    },
+  );
+
   it("fails with VERIFY_FAILED on corrupt read-back and still sends COMPLETE", async () => {
     const device = await startDevice({ faults: [parseFault("corrupt-readback:3")] });
     const image = randomBytes(64 * 6);

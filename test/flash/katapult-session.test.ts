@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from "node:crypto";
 import { afterEach, describe, expect, it } from "vitest";
-import { KatapultSession, type KatapultTimings } from "../../src/flash/katapult/session.js";
-import { Command } from "../../src/flash/katapult/codec.js";
+import { KatapultSession, readAheadLead, type KatapultTimings } from "../../src/flash/katapult/session.js";
+import { Command, FrameDecoder, encodeAck, encodeConnectPayload, u32le } from "../../src/flash/katapult/codec.js";
 import { ScriptedKatapult, createLinkPair, type ScriptedPeerOptions } from "./support/memory-link.js";
 import { padded } from "./support/padded.js";
 import { rejection } from "./support/rejection.js";
@@ -159,5 +159,80 @@ describe("KatapultSession over an in-memory link", () => {
     setTimeout(() => controller.abort(), 20);
     const err = await rejection(pending);
     expect(err.code).toBe("CANCELLED");
+  });
+
+  it("reads back ahead: REQUEST_BLOCK n+1 goes out once 64 bytes of reply n are in, never before", async () => {
+    // A hand-driven device: each 80-byte read-back reply is released in steps, and we note what the host sent.
+    const { host, device } = createLinkPair();
+    const session = new KatapultSession(host, { timings: FAST });
+    sessions.push(session);
+    const image = randomBytes(64 * 3);
+    const requests: number[] = [];
+    const decoder = new FrameDecoder();
+    let arrived: (() => void) | null = null;
+    device.onData((chunk) => {
+      for (const item of decoder.push(chunk)) {
+        if (!("frame" in item)) continue;
+        if (item.frame.cmd === Command.CONNECT) {
+          void device.write(encodeAck(Command.CONNECT, encodeConnectPayload({ protocolWord: 0x00010100, appStartAddress: 0x8002000, blockSize: 64, mcuType: "stm32f103xe", softwareVersion: "v1" })));
+        } else if (item.frame.cmd === Command.REQUEST_BLOCK) {
+          requests.push(item.frame.payload.readUInt32LE(0));
+          arrived?.();
+        }
+      }
+    });
+    const nextRequest = (): Promise<void> => new Promise((resolve) => (arrived = resolve));
+    const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 20));
+    await session.connect();
+    expect(readAheadLead(64)).toBe(64);
+
+    let request = nextRequest();
+    const verified = session.verify(image);
+    await request;
+    for (let index = 0; index < 3; index++) {
+      const address = 0x8002000 + index * 64;
+      const reply = encodeAck(Command.REQUEST_BLOCK, Buffer.concat([u32le(address), image.subarray(index * 64, index * 64 + 64)]));
+      expect(reply).toHaveLength(80);
+      await device.write(reply.subarray(0, 63));
+      await settle();
+      // 63 bytes in: a second reply would not fit beside the unsent 17 in a 96-byte transmit buffer.
+      expect(requests).toHaveLength(index + 1);
+      request = nextRequest();
+      await device.write(reply.subarray(63, 64));
+      if (index < 2) {
+        await request;
+        expect(requests).toEqual(Array.from({ length: index + 2 }, (_, i) => 0x8002000 + i * 64));
+      } else {
+        await settle();
+        expect(requests).toHaveLength(3);
+      }
+      await device.write(reply.subarray(64));
+    }
+    expect((await verified).sha1).toBe(createHash("sha1").update(image).digest("hex"));
+  });
+
+  it("never reads ahead when two replies cannot share the device's transmit buffer (block size 128+)", () => {
+    expect(readAheadLead(128)).toBeNull();
+    expect(readAheadLead(512)).toBeNull();
+  });
+
+  it.each([
+    ["a dropped reply", "drop"],
+    ["a BUSY reply", "busy"],
+    ["a NACK", "nack"],
+    ["an ERROR reply", "error"],
+    ["an ACK echoing another command", "wrong-echo"],
+    ["a reply with a bad CRC", "bad-crc"],
+    ["an ACK with another address", "wrong-address"],
+  ] as const)("recovers from %s while reading ahead and still verifies", async (_label, behaviour) => {
+    const { katapult, session } = setup({ splitRepliesAt: 64, script: (cmd, n) => (cmd === "REQUEST_BLOCK" && n === 3 ? behaviour : "ack") });
+    const image = randomBytes(64 * 6);
+    await session.connect();
+    const written = await session.writeImage(image);
+    expect((await session.verify(image)).sha1).toBe(written.sha1);
+    // Six blocks, one faulty try, and for replies that got 64 bytes in before failing the request sent ahead again.
+    const reads = katapult.received.filter((c) => c === "REQUEST_BLOCK").length;
+    expect(reads).toBeGreaterThanOrEqual(7);
+    expect(reads).toBeLessThanOrEqual(8);
   });
 });

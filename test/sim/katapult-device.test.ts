@@ -13,7 +13,7 @@ import {
   u32le,
   type Frame,
 } from "../../src/flash/katapult/codec.js";
-import { KatapultDeviceModel, parseFault, planThrottle, type DeviceModelOptions } from "../../src/sim/katapult-device.js";
+import { KatapultDeviceModel, parseFault, type DeviceModelOptions } from "../../src/sim/katapult-device.js";
 import { isMoonflashError } from "../../src/core/errors.js";
 
 const hex = (text: string): Buffer => Buffer.from(text.replace(/\s+/g, ""), "hex");
@@ -285,40 +285,12 @@ describe("KatapultDeviceModel in app mode (Klipper running)", () => {
   });
 });
 
-describe("link throttle schedule", () => {
-  it("spreads 10 kB at 250000 baud over 400 ms in contiguous slices", () => {
-    const slices = planThrottle(250000, 0, 1000, 10_000);
-    expect(slices[0]!.start).toBe(0);
-    expect(slices.at(-1)!.end).toBe(10_000);
-    for (let i = 1; i < slices.length; i++) {
-      expect(slices[i]!.start).toBe(slices[i - 1]!.end);
-      expect(slices[i]!.releaseAt).toBeGreaterThan(slices[i - 1]!.releaseAt);
-    }
-    expect(slices.at(-1)!.releaseAt).toBeCloseTo(1400, 6);
-  });
-
-  it("queues behind bytes still on the wire", () => {
-    const slices = planThrottle(115200, 2000, 1000, 1152);
-    expect(slices.at(-1)!.releaseAt).toBeCloseTo(2100, 6);
-    expect(slices[0]!.releaseAt).toBeGreaterThan(2000);
-  });
-
-  it("a throttled model still answers, just not synchronously", async () => {
-    const r = rig({ baud: 250000 });
-    expect(r.send(encodeConnect())).toHaveLength(0);
-    await new Promise<void>((resolve) => r.model.on("reply", () => r.all().length >= GOLDEN.connect.length && resolve()));
-    expect(r.all()).toEqual(GOLDEN.connect);
-    r.model.stop();
-  });
-});
-
 describe("KatapultDeviceModel options", () => {
   it.each([
     [{ blockSize: 100 }, /blockSize must be one of 64, 128, 256, 512/],
     [{ pageSize: 100 }, /pageSize must be a multiple of blockSize/],
     [{ flashSize: 1000 }, /flashSize must be a positive multiple of pageSize/],
     [{ appStartAddress: 0x8002001 }, /appStartAddress must be a block-aligned address/],
-    [{ baud: 0 }, /baud must be positive/],
   ])("rejects %o", (options, message) => {
     expect(() => new KatapultDeviceModel(options)).toThrow(message);
   });

@@ -201,3 +201,57 @@ describe("openPtyRelay", () => {
     await until(async () => !(await exists(linkPath)), "the link to be removed");
   });
 });
+
+describe("openPtyRelay with a baud rate (the emulated UART)", () => {
+  it("holds an answer until the request has crossed the line, then sends it at the line's pace", async () => {
+    // 25000 baud = 2500 bytes/s: 250 bytes take 100 ms each way, so the answer cannot be complete before 200 ms.
+    const relay = await openPtyRelay(path.join(dir, "ttyV9"), { python, baud: 25000 });
+    relays.push(relay);
+    const host = await openHost(relay.linkPath);
+    const request = Buffer.alloc(250, 0x11);
+    const answer = Buffer.from(Array.from({ length: 250 }, (_, i) => i & 0xff));
+    const atDevice = readBytes(relay, request.length);
+    const atHost = readBytes(host, answer.length);
+    const sent = performance.now();
+    host.write(request);
+    // The device side sees the bytes as they come out of the pty and answers at once; the relay does the waiting.
+    expect(await atDevice).toEqual(request);
+    relay.write(answer);
+    expect(await atHost).toEqual(answer);
+    expect(performance.now() - sent).toBeGreaterThanOrEqual(200);
+    await closeHost(host);
+  });
+
+  it("drops an answer that does not fit beside the unsent rest of the device's transmit buffer", async () => {
+    const relay = await openPtyRelay(path.join(dir, "ttyV7"), { python, baud: 25000, transmitBuffer: 96 });
+    relays.push(relay);
+    const host = await openHost(relay.linkPath);
+    const first = Buffer.alloc(80, 0xa1);
+    const second = Buffer.alloc(80, 0xb2);
+    const third = Buffer.alloc(80, 0xc3);
+    let answers = 0;
+    relay.on("data", () => {
+      answers += 1;
+      // Two answers at once: 80 + 80 bytes do not fit in 96, so the second one is lost, as the firmware loses it.
+      if (answers === 1) {
+        relay.write(first);
+        relay.write(second);
+      } else {
+        relay.write(third);
+      }
+    });
+    const atHost = readBytes(host, 160);
+    host.write(Buffer.from([1]));
+    await new Promise((resolve) => setTimeout(resolve, 80 / 2.5 + 150));
+    // The first answer has left the buffer: the next one fits again.
+    host.write(Buffer.from([2]));
+    expect(await atHost).toEqual(Buffer.concat([first, third]));
+    await closeHost(host);
+  });
+
+  it("rejects a baud rate that is not positive", async () => {
+    const err = await openPtyRelay(path.join(dir, "ttyV8"), { python, baud: 0 }).catch((e: unknown) => e);
+    expect(isMoonflashError(err) && err.code).toBe("INVALID_PARAMS");
+    expect(await exists(path.join(dir, "ttyV8"))).toBe(false);
+  });
+});

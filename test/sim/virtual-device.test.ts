@@ -214,6 +214,17 @@ describe("startVirtualDevice", () => {
     expect((await host.request(encodeRequestBlock(START))).payload.subarray(8)).toEqual(block);
   });
 
+  it("a throttled device has Katapult's 96-byte transmit buffer: a second read-back reply sent too early is lost", async () => {
+    const dev = await device({ baud: 250000 });
+    const host = await Host.open(dev.path);
+    expect((await host.request(encodeConnect())).cmd).toBe(Response.ACK);
+    // Two REQUEST_BLOCKs back to back: the second 80-byte reply does not fit beside the first, which is still unsent.
+    await host.send(Buffer.concat([encodeRequestBlock(START), encodeRequestBlock(START + 64)]));
+    expect((await host.request(Buffer.alloc(0))).payload.readUInt32LE(4)).toBe(START);
+    await expect(host.request(Buffer.alloc(0), 300)).rejects.toThrow(/no reply/);
+    expect(dev.model.frames.filter((f) => f.name === "REQUEST_BLOCK")).toHaveLength(2);
+  });
+
   it("stop() removes the link", async () => {
     const dev = await device();
     const linkPath = dev.path;

@@ -156,6 +156,11 @@ export class FrameDecoder {
     return items;
   }
 
+  /** Bytes of a frame that has begun but is not complete yet. */
+  get pending(): number {
+    return this.buffer.length;
+  }
+
   /** Drops whatever partial frame is buffered (used when draining before a retry). */
   reset(): void {
     this.buffer = Buffer.alloc(0);

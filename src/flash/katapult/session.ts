@@ -8,6 +8,7 @@ import type { LogLevel } from "../../core/events.js";
 import type { ByteLink } from "../link.js";
 import {
   Command,
+  FRAME_OVERHEAD,
   FrameDecoder,
   Response,
   VALID_BLOCK_SIZES,
@@ -90,6 +91,31 @@ type TryOutcome =
 
 const CONNECT_HINT = "is the board in its bootloader, is Klipper stopped, is the baud right?";
 
+/**
+ * The smallest reply buffer in Katapult's firmware: transmit_buf[96] in src/generic/serial_irq.c (UART) and
+ * canserial.c; USB CDC has 192. console_sendf silently drops a reply that does not fit beside the unsent rest.
+ */
+const DEVICE_TRANSMIT_BUFFER = 96;
+
+/**
+ * Read-back sends REQUEST_BLOCK n+1 while the tail of block n's reply is still on the wire, so the request's own
+ * wire time and the host's turnaround overlap the reply instead of following it. It goes out once this many bytes
+ * of reply n have arrived: whatever of reply n is still unsent then fits beside reply n+1 in the device's transmit
+ * buffer. Null when a reply is too large for that (block sizes above 64): then read-back is strictly one at a time.
+ * Never for writes: a UART bootloader loses bytes that arrive while its flash is being erased or programmed.
+ */
+export function readAheadLead(blockSize: number): number | null {
+  const reply = FRAME_OVERHEAD + 8 + blockSize;
+  const lead = 2 * reply - DEVICE_TRANSMIT_BUFFER;
+  return lead < reply ? lead : null;
+}
+
+/** awaitReply's hook: send the next request once `lead` bytes of the awaited reply are in. */
+interface SendAhead {
+  lead: number;
+  send(): Promise<void>;
+}
+
 export class KatapultSession {
   readonly timings: Readonly<KatapultTimings>;
   private readonly decoder = new FrameDecoder();
@@ -153,12 +179,7 @@ export class KatapultSession {
       const remaining = tries - attempt;
       this.log(outcome.kind === "timeout" ? "info" : "debug", `Katapult ${name}: ${outcome.text}, ${remaining} tries remaining`);
       if (remaining === 0) break;
-      if (outcome.kind === "busy") {
-        await this.sleep(this.timings.busyDelayMs);
-      } else {
-        await this.drain(this.timings.drainMs);
-        await this.sleep(this.timings.retryDelayMs);
-      }
+      await this.pauseAfterFailedTry(outcome.kind);
     }
     if (!anyReply) {
       const hint = cmd === Command.CONNECT ? CONNECT_HINT : "the board stopped answering; check the cable and power, then flash again.";
@@ -222,17 +243,42 @@ export class KatapultSession {
     return reply.length >= 4 ? reply.readUInt32LE(0) : 0;
   }
 
-  /** Reads every block back and compares it with the padded image; VERIFY_FAILED names the first bad address. */
+  /**
+   * Reads every block back and compares it with the padded image; VERIFY_FAILED names the first bad address.
+   * Each block is requested ahead as readAheadLead() allows; anything unexpected (a timeout, NACK, BUSY, a corrupt
+   * or misaddressed reply) discards the reply to the request sent ahead and reads that block flashtool's way.
+   */
   async verify(image: Uint8Array, onBlock?: BlockProgress): Promise<VerifyResult> {
     const { blockSize, appStartAddress } = this.requireInfo();
     const total = Math.ceil(image.length / blockSize);
+    const lead = readAheadLead(blockSize);
     const expectedSha = createHash("sha1");
     const receivedSha = createHash("sha1");
     let firstBadAddress: number | null = null;
+    /** Highest block index whose REQUEST_BLOCK is on the wire. */
+    let requested = -1;
+    const request = async (index: number): Promise<void> => {
+      await this.write(encodeFrame(Command.REQUEST_BLOCK, u32le(appStartAddress + index * blockSize)), "REQUEST_BLOCK");
+      requested = index;
+    };
     for (let index = 0; index < total; index++) {
       const address = appStartAddress + index * blockSize;
       const expected = paddedBlock(image, index, blockSize);
-      const received = await this.readBlock(address, index);
+      if (requested < index) await request(index);
+      const ahead = lead !== null && index + 1 < total ? { lead, send: () => request(index + 1) } : undefined;
+      const outcome = await this.awaitReply(Command.REQUEST_BLOCK, this.timings.timeoutMs, "REQUEST_BLOCK", ahead);
+      let received: Buffer;
+      if (outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address) {
+        received = outcome.payload.subarray(4);
+      } else {
+        const why = outcome.ok ? `reply for another address than ${hex(address)}` : outcome.text;
+        this.log(outcome.ok || outcome.kind === "timeout" ? "info" : "debug", `Katapult REQUEST_BLOCK: ${why}, reading block ${index} again`);
+        if (!outcome.ok) await this.pauseAfterFailedTry(outcome.kind);
+        // The reply to the request sent ahead must not answer the retry.
+        if (requested > index) await this.drain(this.timings.drainMs);
+        requested = index;
+        received = await this.readBlock(address, index);
+      }
       expectedSha.update(expected);
       receivedSha.update(received);
       if (firstBadAddress === null && !expected.equals(received)) firstBadAddress = address + firstDifference(expected, received);
@@ -317,9 +363,13 @@ export class KatapultSession {
     );
   }
 
-  /** Waits for the reply to `cmd`: the first whole frame decides; garbage before it is skipped. */
-  private async awaitReply(cmd: number, timeoutMs: number, name: string): Promise<TryOutcome> {
+  /**
+   * Waits for the reply to `cmd`: the first whole frame decides; garbage before it is skipped. With `ahead`, the
+   * next request goes out as soon as `ahead.lead` bytes of this reply are in (at most once).
+   */
+  private async awaitReply(cmd: number, timeoutMs: number, name: string, ahead?: SendAhead): Promise<TryOutcome> {
     const deadline = Date.now() + timeoutMs;
+    let sentAhead = false;
     while (true) {
       const item = this.items.shift();
       if (item) {
@@ -346,10 +396,25 @@ export class KatapultSession {
       }
       if (this.closedError) throw this.closedLinkError(name);
       this.throwIfAborted();
+      if (ahead && !sentAhead && this.decoder.pending >= ahead.lead) {
+        sentAhead = true;
+        await ahead.send();
+        continue;
+      }
       const left = deadline - Date.now();
       if (left <= 0) return { ok: false, kind: "timeout", text: "response timed out" };
       await this.waitForInput(left);
     }
+  }
+
+  /** flashtool's pause between tries: after BUSY a longer wait, otherwise discard late input, then wait. */
+  private async pauseAfterFailedTry(kind: Exclude<TryOutcome, { ok: true }>["kind"]): Promise<void> {
+    if (kind === "busy") {
+      await this.sleep(this.timings.busyDelayMs);
+      return;
+    }
+    await this.drain(this.timings.drainMs);
+    await this.sleep(this.timings.retryDelayMs);
   }
 
   /** Discards everything that arrives for `ms` (late replies to a failed try must not answer the next one). */

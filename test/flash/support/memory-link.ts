@@ -78,6 +78,8 @@ export interface ScriptedPeerOptions {
   script?: (command: string, n: number) => ScriptedBehaviour;
   /** Flip a bit in read-back data of this block index. */
   corruptReadbackBlock?: number;
+  /** Send every reply longer than this in two writes, split here, as a UART delivers a frame over time. */
+  splitRepliesAt?: number;
 }
 
 /** A scripted Katapult bootloader on the device end of a memory link. */
@@ -116,7 +118,11 @@ export class ScriptedKatapult {
     this.counts.set(name, n);
     this.received.push(name);
     const behaviour = this.options.script?.(name, n) ?? "ack";
-    const reply = (bytes: Buffer): void => void this.link.write(bytes).catch(() => undefined);
+    const split = this.options.splitRepliesAt;
+    const reply = (bytes: Buffer): void => {
+      const parts = split !== undefined && bytes.length > split ? [bytes.subarray(0, split), bytes.subarray(split)] : [bytes];
+      for (const part of parts) void this.link.write(part).catch(() => undefined);
+    };
     switch (behaviour) {
       case "drop":
         return;
