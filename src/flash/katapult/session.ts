@@ -2,7 +2,6 @@
 // write/read-back. Behaviour follows Katapult's scripts/flashtool.py (send_command, send_file, verify_file;
 // shared/reference/flashing.md §1.5). Only the final failure of a command throws.
 
-import { createHash } from "node:crypto";
 import { MoonflashError, isMoonflashError } from "../../core/errors.js";
 import type { LogLevel } from "../../core/events.js";
 import type { ByteLink } from "../link.js";
@@ -18,6 +17,8 @@ import {
   type ConnectInfo,
   type DecodeItem,
 } from "./codec.js";
+// node:crypto is taken with process.getBuiltinModule where it is used: a static import would load it when the agent
+// starts, for code that runs only during a job (idle memory, docs/BENCHMARKS.md).
 
 /** Every number the session waits or retries by; defaults are flashtool.py's. Tests shrink them. */
 export interface KatapultTimings {
@@ -200,7 +201,7 @@ export class KatapultSession {
   async writeImage(image: Uint8Array, onBlock?: BlockProgress): Promise<WriteResult> {
     const { blockSize, appStartAddress } = this.requireInfo();
     const total = Math.ceil(image.length / blockSize);
-    const sha = createHash("sha1");
+    const sha = process.getBuiltinModule("node:crypto").createHash("sha1");
     for (let index = 0; index < total; index++) {
       const block = paddedBlock(image, index, blockSize);
       sha.update(block);
@@ -226,6 +227,7 @@ export class KatapultSession {
   async verify(image: Uint8Array, onBlock?: BlockProgress): Promise<VerifyResult> {
     const { blockSize, appStartAddress } = this.requireInfo();
     const total = Math.ceil(image.length / blockSize);
+    const { createHash } = process.getBuiltinModule("node:crypto");
     const expectedSha = createHash("sha1");
     const receivedSha = createHash("sha1");
     let firstBadAddress: number | null = null;
