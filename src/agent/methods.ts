@@ -2,7 +2,8 @@
 // serves both paths: Klipper macros (action_call_remote_method, fire-and-forget) and clients
 // (server.extensions.request, request/response). The agent derives registration, dispatch and help from it.
 
-import { z } from "zod";
+import * as z from "zod/mini";
+import "../core/zod.js";
 import type { JobRunner } from "../core/jobs.js";
 import type { JobKind } from "../core/events.js";
 import type { FlashEngine } from "../flash/engine.js";
@@ -12,7 +13,7 @@ import { flag } from "./params.js";
 export interface RemoteMethod {
   name: string;
   description: string;
-  params: z.ZodType;
+  params: z.ZodMiniType;
   handler(params: never): Promise<unknown>;
   /** One console line for a macro caller, from the handler's result. */
   summary?(result: never): string;
@@ -26,9 +27,9 @@ export interface MethodDeps {
   info(): Record<string, unknown>;
 }
 
-const noParams = z.object({}).strict();
+const noParams = z.strictObject({});
 
-function define<S extends z.ZodType, R>(m: {
+function define<S extends z.ZodMiniType, R>(m: {
   name: string;
   description: string;
   params: S;
@@ -98,14 +99,12 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
     define({
       name: "flash.mcu",
       description: "Flash one MCU: pre-flight, stop Klipper, flash with fallback, verify, start Klipper.",
-      params: z
-        .object({
-          mcu: z.string({ error: "expected the MCU section name, e.g. \"mcu\" or \"toolhead\"" }).min(1),
-          firmware: z.string().min(1).optional(),
-          method: z.enum(FLASH_METHODS, { error: `expected one of ${FLASH_METHODS.join(", ")}` }).optional(),
-          dry_run: flag.optional(),
-        })
-        .strict(),
+      params: z.strictObject({
+        mcu: z.string({ error: "expected the MCU section name, e.g. \"mcu\" or \"toolhead\"" }).check(z.minLength(1)),
+        firmware: z.optional(z.string().check(z.minLength(1))),
+        method: z.optional(z.enum(FLASH_METHODS, { error: `expected one of ${FLASH_METHODS.join(", ")}` })),
+        dry_run: z.optional(flag),
+      }),
       handler: async (p) => deps.flash().flash(p),
       summary: (r) =>
         "plan" in r

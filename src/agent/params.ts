@@ -1,21 +1,25 @@
 // Parameter validation for remote methods and CLI verbs: zod issues become one INVALID_PARAMS error that names
 // the field and what was expected.
 
-import { z } from "zod";
+import * as z from "zod/mini";
+import "../core/zod.js";
 import { MoonflashError } from "../core/errors.js";
 
 /** Klipper macros pass Jinja values: `dry_run=1`, `dry_run="true"`; clients pass booleans. Accept all of them. */
-export const flag = z.preprocess((value) => {
+export const flag = z.pipe(
+  z.transform((value: unknown) => {
   if (typeof value === "number") return value === 0 ? false : value === 1 ? true : value;
   if (typeof value === "string") {
     const lower = value.trim().toLowerCase();
     if (["1", "true", "yes", "on"].includes(lower)) return true;
     if (["0", "false", "no", "off"].includes(lower)) return false;
   }
-  return value;
-}, z.boolean({ error: "expected true/false (or 1/0)" }));
+    return value;
+  }),
+  z.boolean({ error: "expected true/false (or 1/0)" }),
+);
 
-export function parseParams<S extends z.ZodType>(method: string, schema: S, raw: unknown): z.infer<S> {
+export function parseParams<S extends z.ZodMiniType>(method: string, schema: S, raw: unknown): z.infer<S> {
   const result = schema.safeParse(raw ?? {});
   if (result.success) return result.data;
   const problems = result.error.issues.map((issue) => {

@@ -8,8 +8,8 @@ import { VERSION } from "../version.js";
 import { isMoonflashError, toMoonflashError } from "../core/errors.js";
 import { FLASH_METHODS } from "../flash/types.js";
 import { runServe } from "./serve.js";
-import { runStatus, runDevices, runFlash } from "./offline.js";
-import { runVirtualDevice } from "./virtual-device.js";
+// The other verbs are imported when they run: the bundle splits them into chunks that `serve`, the long-running
+// process, never loads (idle memory, docs/BENCHMARKS.md).
 
 export const EXIT_OK = 0;
 export const EXIT_FAILURE = 1;
@@ -44,7 +44,7 @@ export function buildProgram(): Command {
     .addOption(dataOption())
     .option("--json", "print JSON")
     .action(async (opts: { data: string; json?: boolean }) => {
-      process.exitCode = await runStatus({ dataDir: opts.data, json: !!opts.json });
+      process.exitCode = await (await import("./offline.js")).runStatus({ dataDir: opts.data, json: !!opts.json });
     });
 
   program
@@ -53,7 +53,7 @@ export function buildProgram(): Command {
     .addOption(dataOption())
     .option("--json", "print JSON")
     .action(async (opts: { data: string; json?: boolean }) => {
-      process.exitCode = await runDevices({ dataDir: opts.data, json: !!opts.json });
+      process.exitCode = await (await import("./offline.js")).runDevices({ dataDir: opts.data, json: !!opts.json });
     });
 
   program
@@ -66,7 +66,7 @@ export function buildProgram(): Command {
     .option("--dry-run", "check everything, stop nothing, flash nothing")
     .option("--json", "print job events and the result as JSON lines")
     .action(async (mcu: string, opts: { data: string; firmware?: string; method?: string; dryRun?: boolean; json?: boolean }) => {
-      process.exitCode = await runFlash({
+      process.exitCode = await (await import("./offline.js")).runFlash({
         dataDir: opts.data,
         mcu,
         ...(opts.firmware ? { firmware: resolve(expandHome(opts.firmware)) } : {}),
@@ -88,7 +88,7 @@ export function buildProgram(): Command {
     .option("--reappear-path <link>", "after a bootloader request, come back under this path (USB re-enumeration)")
     .option("--fault <spec...>", "inject faults: drop-reply:SEND_BLOCK:3, busy:SEND_BLOCK:5, nack:CONNECT:1, corrupt-readback, disconnect:10, silence")
     .action(async (opts: { path: string; mcu: string; mode: "katapult" | "app"; baud?: number; blockSize: number; flashSize?: number; reappearPath?: string; fault?: string[] }) => {
-      process.exitCode = await runVirtualDevice(opts);
+      process.exitCode = await (await import("./virtual-device.js")).runVirtualDevice(opts);
     });
 
   return program;

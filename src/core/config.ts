@@ -3,7 +3,8 @@
 
 import { readFile } from "node:fs/promises";
 import { isAbsolute, posix } from "node:path";
-import { z } from "zod";
+import * as z from "zod/mini";
+import "./zod.js";
 import { FLASH_METHODS, type BootloaderRequest, type FlashMethodName } from "../flash/types.js";
 import { configError, parseIni, type IniSection } from "./ini.js";
 import { dataPaths, expandHome } from "./paths.js";
@@ -59,15 +60,18 @@ export interface MoonflashConfig {
 class Invalid extends Error {}
 
 function value<T>(parse: (raw: string) => T) {
-  return z.string().transform((raw, ctx) => {
-    try {
-      return parse(raw);
-    } catch (err) {
-      if (!(err instanceof Invalid)) throw err;
-      ctx.addIssue({ code: "custom", message: err.message });
-      return z.NEVER;
-    }
-  });
+  return z.pipe(
+    z.string(),
+    z.transform((raw: string, ctx) => {
+      try {
+        return parse(raw);
+      } catch (err) {
+        if (!(err instanceof Invalid)) throw err;
+        ctx.issues.push({ code: "custom", message: err.message, input: raw });
+        return z.NEVER;
+      }
+    }),
+  );
 }
 
 function expected(what: string, raw: string): Invalid {
@@ -175,21 +179,21 @@ const byteSize = value((raw) => {
 });
 
 // Empty options are dropped before validation, so "not set" and "set to nothing" both mean the default.
-const unset = <T extends z.ZodType>(schema: T) => schema.nullable().default(null);
+const unset = <T extends z.ZodMiniType>(schema: T) => z._default(z.nullable(schema), null);
 
 // --- section schemas ---
 
 function moonflashSchema(dataDir: string) {
   return z.strictObject({
-    moonraker_socket: absolutePath.default(dataPaths(dataDir).socket),
+    moonraker_socket: z._default(absolutePath, dataPaths(dataDir).socket),
     moonraker_url: unset(url(["ws:", "wss:"], "a websocket URL such as ws://host:7125/websocket")),
     api_key: unset(token),
-    klipper_path: absolutePath.default(expandHome("~/klipper")),
-    katapult_path: absolutePath.default(expandHome("~/katapult")),
-    python: program.default("/usr/bin/python3"),
+    klipper_path: z._default(absolutePath, expandHome("~/klipper")),
+    katapult_path: z._default(absolutePath, expandHome("~/katapult")),
+    python: z._default(program, "/usr/bin/python3"),
     wchisp_path: unset(absolutePath),
-    log_level: oneOf(["debug", "info", "warn", "error"] as const).default("info"),
-    service_timeout: integer(5, 600).default(90),
+    log_level: z._default(oneOf(["debug", "info", "warn", "error"] as const), "info"),
+    service_timeout: z._default(integer(5, 600), 90),
   });
 }
 
@@ -197,31 +201,33 @@ const mcuSchema = z
   .strictObject({
     serial: unset(serialDevice),
     canbus_uuid: unset(canbusUuid),
-    canbus_interface: interfaceName.default("can0"),
-    baud: positiveInteger.default(250000),
+    canbus_interface: z._default(interfaceName, "can0"),
+    baud: z._default(positiveInteger, 250000),
     method: unset(methodList),
     firmware: unset(absolutePath),
     kconfig: unset(absolutePath),
     out_dir: unset(directory),
     mcu_type: unset(token),
     flash_size: unset(byteSize),
-    bootloader: oneOf(["auto", "usb", "serial", "none"] as const).default("auto"),
-    wchisp_transport: oneOf(["usb", "serial"] as const).default("usb"),
-    timeout: integer(10, 3600).default(300),
+    bootloader: z._default(oneOf(["auto", "usb", "serial", "none"] as const), "auto"),
+    wchisp_transport: z._default(oneOf(["usb", "serial"] as const), "usb"),
+    timeout: z._default(integer(10, 3600), 300),
   })
-  .superRefine((mcu, ctx) => {
-    if (mcu.serial !== null && mcu.canbus_uuid !== null) {
-      ctx.addIssue({
-        code: "custom",
-        path: ["canbus_uuid"],
-        message: "serial and canbus_uuid are mutually exclusive; keep the one the board uses",
-      });
-    }
-  });
+  .check(
+    z.superRefine((mcu, ctx) => {
+      if (mcu.serial !== null && mcu.canbus_uuid !== null) {
+        ctx.addIssue({
+          code: "custom",
+          path: ["canbus_uuid"],
+          message: "serial and canbus_uuid are mutually exclusive; keep the one the board uses",
+        });
+      }
+    }),
+  );
 
 const otaSchema = z.strictObject({
   manifest_url: unset(url(["https:"], "an https URL")),
-  channel: oneOf(["stable", "beta"] as const).default("stable"),
+  channel: z._default(oneOf(["stable", "beta"] as const), "stable"),
 });
 
 const KNOWN_SECTIONS = ["moonflash", "mcu", "ota"] as const;
@@ -266,7 +272,7 @@ interface Located {
   error: MoonflashError;
 }
 
-function validateSection<T extends z.ZodType>(file: string, section: IniSection, schema: T, shape: readonly string[], errors: Located[]): z.output<T> | undefined {
+function validateSection<T extends z.ZodMiniType>(file: string, section: IniSection, schema: T, shape: readonly string[], errors: Located[]): z.output<T> | undefined {
   const input: Record<string, string> = {};
   for (const option of section.options.values()) {
     if (option.value !== "") input[option.name] = option.value;
@@ -295,7 +301,7 @@ function validateSection<T extends z.ZodType>(file: string, section: IniSection,
   return undefined;
 }
 
-function defaults<T extends z.ZodType>(schema: T): z.output<T> {
+function defaults<T extends z.ZodMiniType>(schema: T): z.output<T> {
   return schema.parse({});
 }
 

@@ -3,8 +3,8 @@
 
 import { open, rename, rm, mkdir } from "node:fs/promises";
 import { dirname, basename, join } from "node:path";
-import { randomBytes } from "node:crypto";
 import { toMoonflashError } from "./errors.js";
+// node:crypto is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
 
 export async function fsyncDir(dir: string): Promise<void> {
   const handle = await open(dir, "r");
@@ -18,7 +18,7 @@ export async function fsyncDir(dir: string): Promise<void> {
 export async function writeFileDurable(path: string, data: string | Uint8Array, mode = 0o644): Promise<void> {
   const dir = dirname(path);
   await mkdir(dir, { recursive: true });
-  const tmp = join(dir, `.${basename(path)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
+  const tmp = join(dir, `.${basename(path)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
   try {
     const handle = await open(tmp, "w", mode);
     try {

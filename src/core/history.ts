@@ -3,7 +3,8 @@
 
 import { readFileSync, renameSync } from "node:fs";
 import type { Logger } from "pino";
-import { z } from "zod";
+import * as z from "zod/mini";
+import "./zod.js";
 import { writeFileDurable } from "./durable.js";
 import { ERROR_CODES, type ErrorCode } from "./errors.js";
 import type { JobKind } from "./events.js";
@@ -28,13 +29,13 @@ const recordSchema = z.object({
   id: z.string(),
   kind: z.enum(["flash", "ota"]),
   target: z.string(),
-  params: z.unknown().optional(),
+  params: z.optional(z.unknown()),
   startedAt: z.string(),
   finishedAt: z.string(),
   ok: z.boolean(),
-  code: z.enum(Object.keys(ERROR_CODES) as [ErrorCode, ...ErrorCode[]]).optional(),
-  message: z.string().optional(),
-  result: z.unknown().optional(),
+  code: z.optional(z.enum(Object.keys(ERROR_CODES) as [ErrorCode, ...ErrorCode[]])),
+  message: z.optional(z.string()),
+  result: z.optional(z.unknown()),
 });
 
 const fileSchema = z.object({ version: z.literal(1), jobs: z.array(recordSchema) });

@@ -1,13 +1,13 @@
 // Runs one job (flash or OTA) at a time across processes: an in-process slot plus the job lock file,
 // typed events to listeners, durable history, cancellation through the JobContext's AbortSignal.
 
-import { randomBytes } from "node:crypto";
 import type { Logger } from "pino";
 import { isMoonflashError, MoonflashError, toMoonflashError } from "./errors.js";
 import type { JobContext, JobEvent, JobKind, LogLevel, ProgressUnit } from "./events.js";
 import { appendJob, HISTORY_LIMIT, listJobs, type JobRecord } from "./history.js";
 import { acquireJobLock, busyError, type JobLock, type JobLockInfo } from "./lock.js";
 import { dataPaths, type DataPaths } from "./paths.js";
+// node:crypto is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
 
 export type { JobRecord } from "./history.js";
 
@@ -65,7 +65,7 @@ function compactUtc(date: Date): string {
 
 /** Short ids that sort by start time: flash-20261123T124500-ab12 (UTC). */
 export function makeJobId(kind: JobKind, at: Date): string {
-  return `${kind}-${compactUtc(at)}-${randomBytes(2).toString("hex")}`;
+  return `${kind}-${compactUtc(at)}-${process.getBuiltinModule("node:crypto").randomBytes(2).toString("hex")}`;
 }
 
 function cancelledError(jobId: string, cause?: unknown): MoonflashError {

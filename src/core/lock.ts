@@ -3,10 +3,10 @@
 
 import { link, mkdir, open, readFile, rm } from "node:fs/promises";
 import { dirname, join, basename } from "node:path";
-import { randomBytes } from "node:crypto";
 import { MoonflashError, toMoonflashError } from "./errors.js";
 import { fsyncDir, removeDurable } from "./durable.js";
 import type { JobKind } from "./events.js";
+// node:crypto is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
 
 export interface JobLockInfo {
   jobId: string;
@@ -79,7 +79,7 @@ export function busyError(info: JobLockInfo): MoonflashError {
  */
 async function tryCreate(path: string, info: JobLockInfo): Promise<boolean> {
   const dir = dirname(path);
-  const tmp = join(dir, `.${basename(path)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
+  const tmp = join(dir, `.${basename(path)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
   const handle = await open(tmp, "wx", 0o644);
   try {
     await handle.writeFile(JSON.stringify(info) + "\n");

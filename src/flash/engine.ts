@@ -2,11 +2,9 @@
 // Klipper still runs, then flashes with Klipper stopped (guard.ts) and falls back along the chain.
 // `flash.mcu` (agent) and `moonflash flash` (CLI) both call it; it knows the printer only as a PrinterPort.
 
-import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import { readFile, realpath, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
-import { performance } from "node:perf_hooks";
 import type { Logger } from "pino";
 import type { McuConfig, MoonflashConfig } from "../core/config.js";
 import { writeFileDurable } from "../core/durable.js";
@@ -22,6 +20,7 @@ import { FlashtoolFlasher } from "./methods/flashtool.js";
 import { MakeFlasher } from "./methods/make.js";
 import { WchispFlasher } from "./methods/wchisp.js";
 import { FLASH_METHODS, type FlashMethodName, type Flasher, type FlashOutcome, type FlashTarget } from "./types.js";
+// node:crypto is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
 
 /** Defaults for an MCU that only Klipper's config knows (moonflash.conf's own defaults, see core/config.ts). */
 const MCU_DEFAULTS = {
@@ -538,7 +537,7 @@ export class FlashEngine {
     const dir = join(dataPaths(this.config.dataDir).firmware, plan.mcu.replace(/\s+/g, "_"));
     await writeFileDurable(join(dir, "last.bin"), image);
     const meta = {
-      sha256: createHash("sha256").update(image).digest("hex"),
+      sha256: process.getBuiltinModule("node:crypto").createHash("sha256").update(image).digest("hex"),
       size: image.length,
       date: new Date().toISOString(),
       source: plan.firmware,

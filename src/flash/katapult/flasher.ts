@@ -3,7 +3,6 @@
 
 import { readFile, readdir, realpath, stat } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
-import { setTimeout as sleep } from "node:timers/promises";
 import type { Logger } from "pino";
 import { MoonflashError, isMoonflashError, toMoonflashError } from "../../core/errors.js";
 import type { JobContext, LogLevel } from "../../core/events.js";
@@ -11,6 +10,7 @@ import { openSerialLink, requestUsbBootloader, sendSerialBootloaderRequest, type
 import type { FlashOutcome, FlashTarget, Flasher } from "../types.js";
 import { detectImageMcu } from "./image.js";
 import { KatapultSession, type KatapultTimings } from "./session.js";
+// node:timers/promises is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
 
 /** USB ids of a board running Klipper and one sitting in Katapult (flashtool.py). */
 const KLIPPER_USB_ID = "1d50:614e";
@@ -359,7 +359,7 @@ function throwIfCancelled(signal: AbortSignal): void {
 
 async function abortableSleep(ms: number, signal: AbortSignal): Promise<void> {
   try {
-    await sleep(ms, undefined, { signal });
+    await process.getBuiltinModule("node:timers/promises").setTimeout(ms, undefined, { signal });
   } catch {
     throwIfCancelled(signal);
   }

@@ -1,8 +1,8 @@
 // Which MCU a Klipper image was built for. Klipper embeds its zlib-compressed data dictionary (klipper.dict JSON,
 // with "version" and config.MCU) in klipper.bin (scripts/buildcommands.py); flashtool.py finds it by trying
 // zlib.decompress at every offset. We only try offsets that start a valid zlib header, which is far cheaper.
-
-import { inflateSync } from "node:zlib";
+//
+// node:zlib is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
 
 export interface ImageMcu {
   mcu: string;
@@ -32,7 +32,7 @@ function tryDictionaryAt(buf: Buffer, offset: number): ImageMcu | null {
   let text: string;
   try {
     // inflateSync stops at the end of the zlib stream and ignores the firmware bytes after it.
-    text = inflateSync(buf.subarray(offset), { maxOutputLength: MAX_DICTIONARY_BYTES }).toString("utf8");
+    text = process.getBuiltinModule("node:zlib").inflateSync(buf.subarray(offset), { maxOutputLength: MAX_DICTIONARY_BYTES }).toString("utf8");
   } catch {
     return null;
   }

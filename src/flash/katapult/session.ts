@@ -2,7 +2,6 @@
 // write/read-back. Behaviour follows Katapult's scripts/flashtool.py (send_command, send_file, verify_file;
 // shared/reference/flashing.md §1.5). Only the final failure of a command throws.
 
-import { createHash } from "node:crypto";
 import { MoonflashError, isMoonflashError } from "../../core/errors.js";
 import type { LogLevel } from "../../core/events.js";
 import type { ByteLink } from "../link.js";
@@ -19,6 +18,7 @@ import {
   type ConnectInfo,
   type DecodeItem,
 } from "./codec.js";
+// node:crypto is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
 
 /** Every number the session waits or retries by; defaults are flashtool.py's. Tests shrink them. */
 export interface KatapultTimings {
@@ -221,7 +221,7 @@ export class KatapultSession {
   async writeImage(image: Uint8Array, onBlock?: BlockProgress): Promise<WriteResult> {
     const { blockSize, appStartAddress } = this.requireInfo();
     const total = Math.ceil(image.length / blockSize);
-    const sha = createHash("sha1");
+    const sha = process.getBuiltinModule("node:crypto").createHash("sha1");
     for (let index = 0; index < total; index++) {
       const block = paddedBlock(image, index, blockSize);
       sha.update(block);
@@ -252,6 +252,7 @@ export class KatapultSession {
     const { blockSize, appStartAddress } = this.requireInfo();
     const total = Math.ceil(image.length / blockSize);
     const lead = readAheadLead(blockSize);
+    const { createHash } = process.getBuiltinModule("node:crypto");
     const expectedSha = createHash("sha1");
     const receivedSha = createHash("sha1");
     let firstBadAddress: number | null = null;
