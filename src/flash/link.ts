@@ -77,9 +77,14 @@ export async function openSerialLink(path: string, baud: number, options: Serial
  */
 export async function requestUsbBootloader(path: string): Promise<void> {
   const port = await openPort(path, 1200, false);
-  await port.set({ dtr: true }).catch(() => undefined);
-  await port.set({ dtr: false }).catch(() => undefined);
+  await port.set(modemLines(true)).catch(() => undefined);
+  await port.set(modemLines(false)).catch(() => undefined);
   await closePort(port);
+}
+
+/** The binding sets every modem line it is given and clears the rest: RTS stays up, as pyserial and serialport leave it. */
+function modemLines(dtr: boolean): { brk: boolean; cts: boolean; dtr: boolean; rts: boolean } {
+  return { brk: false, cts: false, dtr, rts: true };
 }
 
 /** Asks a board running Klipper over a UART to jump to Katapult: Klipper watches its serial input for this string. */
@@ -103,7 +108,7 @@ interface PolledPort {
   readonly isOpen: boolean;
   readonly poller: { once(event: "readable" | "writable" | "disconnect", callback: (err: Error | null) => void): unknown };
   write(buffer: Buffer): Promise<void>;
-  set(options: { dtr?: boolean }): Promise<void>;
+  set(options: { brk: boolean; cts: boolean; dtr: boolean; rts: boolean }): Promise<void>;
   drain(): Promise<void>;
   close(): Promise<void>;
 }

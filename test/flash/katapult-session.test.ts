@@ -161,7 +161,7 @@ describe("KatapultSession over an in-memory link", () => {
     expect(err.code).toBe("CANCELLED");
   });
 
-  it("reads back ahead: REQUEST_BLOCK n+1 goes out once 64 bytes of reply n are in, never before", async () => {
+  it("reads back ahead: REQUEST_BLOCK n+1 goes out once 52 bytes of reply n are in, never before", async () => {
     // A hand-driven device: each 80-byte read-back reply is released in steps, and we note what the host sent.
     const { host, device } = createLinkPair();
     const session = new KatapultSession(host, { timings: FAST });
@@ -184,7 +184,7 @@ describe("KatapultSession over an in-memory link", () => {
     const nextRequest = (): Promise<void> => new Promise((resolve) => (arrived = resolve));
     const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 20));
     await session.connect();
-    expect(readAheadLead(64)).toBe(64);
+    expect(readAheadLead(64)).toBe(52);
 
     let request = nextRequest();
     const verified = session.verify(image);
@@ -193,12 +193,12 @@ describe("KatapultSession over an in-memory link", () => {
       const address = 0x8002000 + index * 64;
       const reply = encodeAck(Command.REQUEST_BLOCK, Buffer.concat([u32le(address), image.subarray(index * 64, index * 64 + 64)]));
       expect(reply).toHaveLength(80);
-      await device.write(reply.subarray(0, 63));
+      await device.write(reply.subarray(0, 51));
       await settle();
-      // 63 bytes in: a second reply would not fit beside the unsent 17 in a 96-byte transmit buffer.
+      // 51 bytes in: once the 12-byte request crossed, 17 could still be unsent, and 17 + 80 exceed the 96-byte buffer.
       expect(requests).toHaveLength(index + 1);
       request = nextRequest();
-      await device.write(reply.subarray(63, 64));
+      await device.write(reply.subarray(51, 52));
       if (index < 2) {
         await request;
         expect(requests).toEqual(Array.from({ length: index + 2 }, (_, i) => 0x8002000 + i * 64));
@@ -206,7 +206,7 @@ describe("KatapultSession over an in-memory link", () => {
         await settle();
         expect(requests).toHaveLength(3);
       }
-      await device.write(reply.subarray(64));
+      await device.write(reply.subarray(52));
     }
     expect((await verified).sha1).toBe(createHash("sha1").update(image).digest("hex"));
   });
@@ -225,12 +225,12 @@ describe("KatapultSession over an in-memory link", () => {
     ["a reply with a bad CRC", "bad-crc"],
     ["an ACK with another address", "wrong-address"],
   ] as const)("recovers from %s while reading ahead and still verifies", async (_label, behaviour) => {
-    const { katapult, session } = setup({ splitRepliesAt: 64, script: (cmd, n) => (cmd === "REQUEST_BLOCK" && n === 3 ? behaviour : "ack") });
+    const { katapult, session } = setup({ splitRepliesAt: 52, script: (cmd, n) => (cmd === "REQUEST_BLOCK" && n === 3 ? behaviour : "ack") });
     const image = randomBytes(64 * 6);
     await session.connect();
     const written = await session.writeImage(image);
     expect((await session.verify(image)).sha1).toBe(written.sha1);
-    // Six blocks, one faulty try, and for replies that got 64 bytes in before failing the request sent ahead again.
+    // Six blocks, one faulty try, and for replies that got 52 bytes in before failing the request sent ahead again.
     const reads = katapult.received.filter((c) => c === "REQUEST_BLOCK").length;
     expect(reads).toBeGreaterThanOrEqual(7);
     expect(reads).toBeLessThanOrEqual(8);

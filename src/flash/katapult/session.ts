@@ -100,13 +100,16 @@ const DEVICE_TRANSMIT_BUFFER = 96;
 /**
  * Read-back sends REQUEST_BLOCK n+1 while the tail of block n's reply is still on the wire, so the request's own
  * wire time and the host's turnaround overlap the reply instead of following it. It goes out once this many bytes
- * of reply n have arrived: whatever of reply n is still unsent then fits beside reply n+1 in the device's transmit
- * buffer. Null when a reply is too large for that (block sizes above 64): then read-back is strictly one at a time.
+ * of reply n have arrived: the device has sent at least those, and at least as many again as the request has bytes
+ * while the request crosses (a UART runs at one baud both ways), so when the request is in, what is left of reply n
+ * fits beside reply n+1 in the device's transmit buffer (64-byte blocks: 52 = 2 x 80 - 96 - 12). Null when two
+ * replies cannot share the buffer (blocks above 64 bytes): then read-back is strictly one at a time.
  * Never for writes: a UART bootloader loses bytes that arrive while its flash is being erased or programmed.
  */
 export function readAheadLead(blockSize: number): number | null {
   const reply = FRAME_OVERHEAD + 8 + blockSize;
-  const lead = 2 * reply - DEVICE_TRANSMIT_BUFFER;
+  const request = FRAME_OVERHEAD + 4;
+  const lead = 2 * reply - DEVICE_TRANSMIT_BUFFER - request;
   return lead < reply ? lead : null;
 }
 

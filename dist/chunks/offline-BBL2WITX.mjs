@@ -14,7 +14,7 @@ import {
   loadConfig,
   readJobLock,
   throttleProgress
-} from "./chunk-6M5YYPQS.mjs";
+} from "./chunk-I3CM7RVA.mjs";
 import {
   MoonflashError,
   toMoonflashError

@@ -10405,9 +10405,12 @@ async function openSerialLink(path6, baud, options = {}) {
 }
 async function requestUsbBootloader(path6) {
   const port = await openPort(path6, 1200, false);
-  await port.set({ dtr: true }).catch(() => void 0);
-  await port.set({ dtr: false }).catch(() => void 0);
+  await port.set(modemLines(true)).catch(() => void 0);
+  await port.set(modemLines(false)).catch(() => void 0);
   await closePort(port);
+}
+function modemLines(dtr) {
+  return { brk: false, cts: false, dtr, rts: true };
 }
 async function sendSerialBootloaderRequest(path6, baud) {
   const port = await openPort(path6, baud, true);
@@ -10614,7 +10617,8 @@ var CONNECT_HINT = "is the board in its bootloader, is Klipper stopped, is the b
 var DEVICE_TRANSMIT_BUFFER = 96;
 function readAheadLead(blockSize) {
   const reply = FRAME_OVERHEAD + 8 + blockSize;
-  const lead = 2 * reply - DEVICE_TRANSMIT_BUFFER;
+  const request = FRAME_OVERHEAD + 4;
+  const lead = 2 * reply - DEVICE_TRANSMIT_BUFFER - request;
   return lead < reply ? lead : null;
 }
 var KatapultSession = class {
