@@ -157,6 +157,11 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
   readonly frames: ReceivedFrame[] = [];
   /** Bytes programmed by accepted SEND_BLOCKs (identical retransmits are not counted again). */
   written = 0;
+  /**
+   * Bytes that reached the device while it was programming a block (its write delay): a UART bootloader loses
+   * them, its CPU stalling on flash, so a host must never make this grow. Kept (not dropped) so tests can show it.
+   */
+  bytesWhileWriting = 0;
   /** True once COMPLETE was accepted ('complete' follows ~100 ms later, when the app starts). */
   completed = false;
   private currentMode: DeviceMode;
@@ -217,6 +222,7 @@ export class KatapultDeviceModel extends EventEmitter<DeviceModelEvents> {
   /** Bytes from the host. */
   receive(bytes: Uint8Array): void {
     if (this.gone) return;
+    if (this.holding) this.bytesWhileWriting += bytes.length;
     this.consume(Buffer.from(bytes));
   }
 

@@ -126,6 +126,16 @@ describe("KatapultFlasher against a virtual Katapult on a pty", () => {
     },
   );
 
+  it("over an emulated UART, never sends while the board programs a block (write ahead starts on the ACK's first bytes)", async () => {
+    const device = await startDevice({ baud: 250000, writeDelayMs: 2 });
+    const image = randomBytes(64 * 30);
+    const outcome = await flasher().flash(target(device.path, await writeImage(image)), new RecordingContext());
+    expect(outcome.verified).toBe(true);
+    expect(flashed(device, image)).toEqual(image);
+    expect(commands(device).filter((c) => c === "SEND_BLOCK")).toHaveLength(30);
+    expect(device.model.bytesWhileWriting).toBe(0);
+  });
+
   it("fails with VERIFY_FAILED on corrupt read-back and still sends COMPLETE", async () => {
     const device = await startDevice({ faults: [parseFault("corrupt-readback:3")] });
     const image = randomBytes(64 * 6);

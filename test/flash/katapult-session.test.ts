@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from "node:crypto";
 import { afterEach, describe, expect, it } from "vitest";
 import { KatapultSession, readAheadLead, type KatapultTimings } from "../../src/flash/katapult/session.js";
-import { Command, FrameDecoder, encodeAck, encodeConnectPayload, u32le } from "../../src/flash/katapult/codec.js";
+import { Command, FrameDecoder, encodeAck, encodeConnectPayload, encodeNack, u32le } from "../../src/flash/katapult/codec.js";
 import { ScriptedKatapult, createLinkPair, type ScriptedPeerOptions } from "./support/memory-link.js";
 import { padded } from "./support/padded.js";
 import { rejection } from "./support/rejection.js";
@@ -234,5 +234,78 @@ describe("KatapultSession over an in-memory link", () => {
     const reads = katapult.received.filter((c) => c === "REQUEST_BLOCK").length;
     expect(reads).toBeGreaterThanOrEqual(7);
     expect(reads).toBeLessThanOrEqual(8);
+  });
+
+  it("writes ahead: SEND_BLOCK n+1 goes out once ACK n begins (01 88 A0 02), never on a NACK", async () => {
+    const { host, device } = createLinkPair();
+    const session = new KatapultSession(host, { timings: FAST });
+    sessions.push(session);
+    const image = randomBytes(64 * 3);
+    const blocks: number[] = [];
+    const decoder = new FrameDecoder();
+    let arrived: (() => void) | null = null;
+    device.onData((chunk) => {
+      for (const item of decoder.push(chunk)) {
+        if (!("frame" in item)) continue;
+        if (item.frame.cmd === Command.CONNECT) {
+          void device.write(encodeAck(Command.CONNECT, encodeConnectPayload({ protocolWord: 0x00010100, appStartAddress: 0x8002000, blockSize: 64, mcuType: "stm32f103xe", softwareVersion: "v1" })));
+        } else if (item.frame.cmd === Command.SEND_BLOCK) {
+          blocks.push(item.frame.payload.readUInt32LE(0));
+          arrived?.();
+        }
+      }
+    });
+    const nextBlock = (): Promise<void> => new Promise((resolve) => (arrived = resolve));
+    const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 20));
+    const ack = (index: number): Buffer => encodeAck(Command.SEND_BLOCK, u32le(0x8002000 + index * 64));
+    await session.connect();
+
+    let next = nextBlock();
+    const written = session.writeImage(image);
+    await next;
+    // Block 0: three bytes of its ACK say nothing yet; the fourth (LEN 2) makes it a block ACK.
+    await device.write(ack(0).subarray(0, 3));
+    await settle();
+    expect(blocks).toEqual([0x8002000]);
+    next = nextBlock();
+    await device.write(ack(0).subarray(3, 4));
+    await next;
+    expect(blocks).toEqual([0x8002000, 0x8002040]);
+    await device.write(ack(0).subarray(4));
+    // Block 1 is NACKed: nothing goes ahead, block 1 is sent again.
+    await device.write(encodeNack().subarray(0, 4));
+    await settle();
+    expect(blocks).toHaveLength(2);
+    next = nextBlock();
+    await device.write(encodeNack().subarray(4));
+    await next;
+    expect(blocks).toEqual([0x8002000, 0x8002040, 0x8002040]);
+    next = nextBlock();
+    await device.write(ack(1));
+    await next;
+    await device.write(ack(2));
+    expect((await written).sha1).toBe(createHash("sha1").update(image).digest("hex"));
+    expect(blocks).toEqual([0x8002000, 0x8002040, 0x8002040, 0x8002080]);
+  });
+
+  it.each([
+    ["a dropped reply", "drop"],
+    ["a BUSY reply", "busy"],
+    ["a NACK", "nack"],
+    ["an ERROR reply", "error"],
+    ["an ACK echoing another command", "wrong-echo"],
+    ["a reply with a bad CRC", "bad-crc"],
+    ["an ACK with another address", "wrong-address"],
+  ] as const)("recovers from %s while writing ahead and still writes every block", async (_label, behaviour) => {
+    const { katapult, session } = setup({ splitRepliesAt: 4, script: (cmd, n) => (cmd === "SEND_BLOCK" && n === 3 ? behaviour : "ack") });
+    const image = randomBytes(64 * 6);
+    await session.connect();
+    const written = await session.writeImage(image);
+    expect(katapult.image()).toEqual(image);
+    expect((await session.verify(image)).sha1).toBe(written.sha1);
+    // Six blocks, the faulty try, and for an ACK-looking reply the block sent ahead once more.
+    const writes = katapult.received.filter((c) => c === "SEND_BLOCK").length;
+    expect(writes).toBeGreaterThanOrEqual(7);
+    expect(writes).toBeLessThanOrEqual(8);
   });
 });

@@ -222,6 +222,17 @@ describe("KatapultDeviceModel faults", () => {
     await new Promise<void>((resolve) => r.model.on("reply", () => r.all().length >= 16 + GOLDEN.connect.length && resolve()));
     expect(r.all()).toEqual(Buffer.concat([GOLDEN.sendBlockAtStart, GOLDEN.connect]));
   });
+
+  it("counts bytes that arrive while a block is being programmed (a UART bootloader would lose them)", async () => {
+    const r = rig({ writeDelayMs: 20 });
+    r.send(encodeSendBlock(START, block(1)));
+    expect(r.model.bytesWhileWriting).toBe(0);
+    r.send(encodeConnect());
+    expect(r.model.bytesWhileWriting).toBe(encodeConnect().length);
+    await new Promise<void>((resolve) => r.model.on("reply", () => r.all().length >= 16 + GOLDEN.connect.length && resolve()));
+    r.send(encodeConnect());
+    expect(r.model.bytesWhileWriting).toBe(encodeConnect().length);
+  });
 });
 
 describe("parseFault", () => {

@@ -156,9 +156,9 @@ export class FrameDecoder {
     return items;
   }
 
-  /** Bytes of a frame that has begun but is not complete yet. */
-  get pending(): number {
-    return this.buffer.length;
+  /** The bytes of a frame that has begun but is not complete yet (empty when none). */
+  get partial(): Buffer {
+    return this.buffer;
   }
 
   /** Drops whatever partial frame is buffered (used when draining before a retry). */

@@ -69,6 +69,13 @@ export interface SendOptions {
   timeoutMs?: number;
 }
 
+/** A try already made with the next request sent ahead (pipelined): it counts as the first of the retries. */
+interface FirstTry {
+  outcome: TryOutcome;
+  /** The request sent ahead is on the wire: its reply must not answer the retry. */
+  aheadInFlight: boolean;
+}
+
 export interface WriteResult {
   blocks: number;
   /** Bytes written including the 0xFF padding of the last block. */
@@ -88,6 +95,7 @@ export type BlockProgress = (done: number, total: number) => void;
 type TryOutcome =
   | { ok: true; payload: Buffer }
   | { ok: false; kind: "timeout" | "busy" | "nack" | "error" | "bad-frame" | "wrong-echo"; text: string };
+type FailedTry = Exclude<TryOutcome, { ok: true }>;
 
 const CONNECT_HINT = "is the board in its bootloader, is Klipper stopped, is the baud right?";
 
@@ -113,9 +121,20 @@ export function readAheadLead(blockSize: number): number | null {
   return lead < reply ? lead : null;
 }
 
-/** awaitReply's hook: send the next request once `lead` bytes of the awaited reply are in. */
+/**
+ * A write is acknowledged only after the bootloader has programmed the block (command_write_block answers after
+ * flash_write_block returns, on every platform), so the first bytes of a success ACK mean its flash is idle again.
+ * SEND_BLOCK n+1 goes out then, while the ACK's tail is still on the wire: the host still never transmits while
+ * the board's flash is busy, which a UART bootloader could not survive, and the turnaround overlaps the ACK.
+ */
+function startsBlockAck(partial: Buffer): boolean {
+  // 01 88 | ACK | LEN 2 (the echoed command and the address): anything else (NACK, ERROR, BUSY) waits.
+  return partial.length >= 4 && partial[2] === Response.ACK && partial[3] === 2;
+}
+
+/** awaitReply's hook: send the next request once the partial reply makes `ready` true. */
 interface SendAhead {
-  lead: number;
+  ready(partial: Buffer): boolean;
   send(): Promise<void>;
 }
 
@@ -166,23 +185,32 @@ export class KatapultSession {
    * PROTOCOL_ERROR otherwise, DEVICE_NOT_FOUND when the link closes, CANCELLED when the signal aborts.
    */
   async sendCommand(cmd: number, payload: Uint8Array = new Uint8Array(0), options: SendOptions = {}): Promise<Buffer> {
+    return this.retryCommand(cmd, payload, options);
+  }
+
+  private async retryCommand(cmd: number, payload: Uint8Array, options: SendOptions, first?: FirstTry & { outcome: FailedTry }): Promise<Buffer> {
     const tries = options.tries ?? this.timings.tries;
     const timeoutMs = options.timeoutMs ?? this.timings.timeoutMs;
     const name = commandName(cmd);
     const frame = encodeFrame(cmd, payload);
-    let last: Exclude<TryOutcome, { ok: true }> = { ok: false, kind: "timeout", text: "no reply" };
+    let last: FailedTry = { ok: false, kind: "timeout", text: "no reply" };
     let anyReply = false;
     for (let attempt = 1; attempt <= tries; attempt++) {
-      this.throwIfAborted();
-      await this.write(frame, name);
-      const outcome = await this.awaitReply(cmd, timeoutMs, name);
+      let outcome: TryOutcome;
+      if (attempt === 1 && first) {
+        outcome = first.outcome;
+      } else {
+        this.throwIfAborted();
+        await this.write(frame, name);
+        outcome = await this.awaitReply(cmd, timeoutMs, name);
+      }
       if (outcome.ok) return outcome.payload;
       last = outcome;
       if (outcome.kind !== "timeout") anyReply = true;
       const remaining = tries - attempt;
       this.log(outcome.kind === "timeout" ? "info" : "debug", `Katapult ${name}: ${outcome.text}, ${remaining} tries remaining`);
       if (remaining === 0) break;
-      await this.pauseAfterFailedTry(outcome.kind);
+      await this.pauseAfterFailedTry(outcome.kind, attempt === 1 && first?.aheadInFlight === true);
     }
     if (!anyReply) {
       const hint = cmd === Command.CONNECT ? CONNECT_HINT : "the board stopped answering; check the cable and power, then flash again.";
@@ -220,16 +248,39 @@ export class KatapultSession {
     return info;
   }
 
-  /** Writes the image block by block from the application start; the last block is padded with 0xFF. */
+  /**
+   * Writes the image block by block from the application start; the last block is padded with 0xFF. The next
+   * block goes out as soon as the current one's ACK begins (startsBlockAck); anything unexpected discards the reply
+   * to a block sent ahead and writes that block flashtool's way (a block the board already holds is acknowledged
+   * again without programming: Katapult ignores identical retransmits).
+   */
   async writeImage(image: Uint8Array, onBlock?: BlockProgress): Promise<WriteResult> {
     const { blockSize, appStartAddress } = this.requireInfo();
     const total = Math.ceil(image.length / blockSize);
     const sha = process.getBuiltinModule("node:crypto").createHash("sha1");
+    /** Highest block index whose SEND_BLOCK is on the wire. */
+    let sent = -1;
+    const send = async (index: number): Promise<void> => {
+      const address = appStartAddress + index * blockSize;
+      await this.write(encodeFrame(Command.SEND_BLOCK, Buffer.concat([u32le(address), paddedBlock(image, index, blockSize)])), "SEND_BLOCK");
+      sent = index;
+    };
     for (let index = 0; index < total; index++) {
       const block = paddedBlock(image, index, blockSize);
       sha.update(block);
       const address = appStartAddress + index * blockSize;
-      await this.writeBlock(address, block);
+      const ahead = index + 1 < total ? { ready: startsBlockAck, send: () => send(index + 1) } : undefined;
+      let outcome: TryOutcome;
+      try {
+        if (sent < index) await send(index);
+        outcome = await this.awaitReply(Command.SEND_BLOCK, this.timings.blockTimeoutMs, "SEND_BLOCK", ahead);
+      } catch (err) {
+        throw asWriteFailure(err, address);
+      }
+      if (!(outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address)) {
+        await this.writeBlock(address, block, { outcome, aheadInFlight: sent > index });
+        sent = index;
+      }
       onBlock?.(index + 1, total);
     }
     return { blocks: total, paddedBytes: total * blockSize, sha1: sha.digest("hex") };
@@ -269,19 +320,14 @@ export class KatapultSession {
       const address = appStartAddress + index * blockSize;
       const expected = paddedBlock(image, index, blockSize);
       if (requested < index) await request(index);
-      const ahead = lead !== null && index + 1 < total ? { lead, send: () => request(index + 1) } : undefined;
+      const ahead = lead !== null && index + 1 < total ? { ready: (partial: Buffer) => partial.length >= lead, send: () => request(index + 1) } : undefined;
       const outcome = await this.awaitReply(Command.REQUEST_BLOCK, this.timings.timeoutMs, "REQUEST_BLOCK", ahead);
       let received: Buffer;
       if (outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address) {
         received = outcome.payload.subarray(4);
       } else {
-        const why = outcome.ok ? `reply for another address than ${hex(address)}` : outcome.text;
-        this.log(outcome.ok || outcome.kind === "timeout" ? "info" : "debug", `Katapult REQUEST_BLOCK: ${why}, reading block ${index} again`);
-        if (!outcome.ok) await this.pauseAfterFailedTry(outcome.kind);
-        // The reply to the request sent ahead must not answer the retry.
-        if (requested > index) await this.drain(this.timings.drainMs);
+        received = await this.readBlock(address, index, { outcome, aheadInFlight: requested > index });
         requested = index;
-        received = await this.readBlock(address, index);
       }
       expectedSha.update(expected);
       receivedSha.update(received);
@@ -305,15 +351,13 @@ export class KatapultSession {
     await this.sendCommand(Command.COMPLETE);
   }
 
-  private async writeBlock(address: number, block: Buffer): Promise<void> {
+  /** SEND_BLOCK with flashtool's retries: block tries per send, inside a loop that re-sends on a wrong echoed address. */
+  private async writeBlock(address: number, block: Buffer, first?: FirstTry): Promise<void> {
     let echoed = -1;
     for (let attempt = 1; attempt <= this.timings.addressMismatchTries; attempt++) {
       let reply: Buffer;
       try {
-        reply = await this.sendCommand(Command.SEND_BLOCK, Buffer.concat([u32le(address), block]), {
-          tries: this.timings.blockTries,
-          timeoutMs: this.timings.blockTimeoutMs,
-        });
+        reply = await this.replyFor(Command.SEND_BLOCK, Buffer.concat([u32le(address), block]), { tries: this.timings.blockTries, timeoutMs: this.timings.blockTimeoutMs }, attempt === 1 ? first : undefined);
       } catch (err) {
         throw asWriteFailure(err, address);
       }
@@ -329,9 +373,24 @@ export class KatapultSession {
     );
   }
 
-  private async readBlock(address: number, index: number): Promise<Buffer> {
+  /**
+   * The reply of one retried command; a pipelined first try counts as its first try. An ACK from that try is
+   * returned as it is (the caller checks its address), after the reply to the request sent ahead is discarded.
+   */
+  private async replyFor(cmd: number, payload: Uint8Array, options: SendOptions, first: FirstTry | undefined): Promise<Buffer> {
+    if (!first) return this.retryCommand(cmd, payload, options);
+    const { outcome, aheadInFlight } = first;
+    if (outcome.ok) {
+      if (aheadInFlight) await this.drain(this.timings.drainMs);
+      return outcome.payload;
+    }
+    return this.retryCommand(cmd, payload, options, { outcome, aheadInFlight });
+  }
+
+  /** REQUEST_BLOCK with flashtool's retries, inside a loop that asks again on a wrong echoed address. */
+  private async readBlock(address: number, index: number, first?: FirstTry): Promise<Buffer> {
     for (let attempt = 1; attempt <= this.timings.addressMismatchTries; attempt++) {
-      const reply = await this.sendCommand(Command.REQUEST_BLOCK, u32le(address));
+      const reply = await this.replyFor(Command.REQUEST_BLOCK, u32le(address), {}, attempt === 1 ? first : undefined);
       const echoed = reply.length >= 4 ? reply.readUInt32LE(0) : -1;
       if (echoed === address) return reply.subarray(4);
       this.log("info", `Katapult REQUEST_BLOCK: expected address ${hex(address)}, bootloader echoed ${hex(echoed)}`);
@@ -369,7 +428,7 @@ export class KatapultSession {
 
   /**
    * Waits for the reply to `cmd`: the first whole frame decides; garbage before it is skipped. With `ahead`, the
-   * next request goes out as soon as `ahead.lead` bytes of this reply are in (at most once).
+   * next request goes out as soon as the part of this reply received so far satisfies `ahead.ready` (at most once).
    */
   private async awaitReply(cmd: number, timeoutMs: number, name: string, ahead?: SendAhead): Promise<TryOutcome> {
     const deadline = Date.now() + timeoutMs;
@@ -400,7 +459,7 @@ export class KatapultSession {
       }
       if (this.closedError) throw this.closedLinkError(name);
       this.throwIfAborted();
-      if (ahead && !sentAhead && this.decoder.pending >= ahead.lead) {
+      if (ahead && !sentAhead && ahead.ready(this.decoder.partial)) {
         sentAhead = true;
         await ahead.send();
         continue;
@@ -411,10 +470,14 @@ export class KatapultSession {
     }
   }
 
-  /** flashtool's pause between tries: after BUSY a longer wait, otherwise discard late input, then wait. */
-  private async pauseAfterFailedTry(kind: Exclude<TryOutcome, { ok: true }>["kind"]): Promise<void> {
+  /**
+   * flashtool's pause between tries: after BUSY a longer wait, otherwise discard late input, then wait. With a
+   * request sent ahead still on the wire, its reply is discarded in any case.
+   */
+  private async pauseAfterFailedTry(kind: FailedTry["kind"], aheadInFlight = false): Promise<void> {
     if (kind === "busy") {
       await this.sleep(this.timings.busyDelayMs);
+      if (aheadInFlight) await this.drain(this.timings.drainMs);
       return;
     }
     await this.drain(this.timings.drainMs);

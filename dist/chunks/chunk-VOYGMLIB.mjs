@@ -178,9 +178,9 @@ var FrameDecoder = class {
     }
     return items;
   }
-  /** Bytes of a frame that has begun but is not complete yet. */
-  get pending() {
-    return this.buffer.length;
+  /** The bytes of a frame that has begun but is not complete yet (empty when none). */
+  get partial() {
+    return this.buffer;
   }
   /** Drops whatever partial frame is buffered (used when draining before a retry). */
   reset() {

@@ -16,7 +16,7 @@ import {
   toJsonRpcError,
   toMoonflashError,
   u32le
-} from "./chunk-RGJJH4ZP.mjs";
+} from "./chunk-VOYGMLIB.mjs";
 import {
   __commonJS,
   __require,
@@ -10621,6 +10621,9 @@ function readAheadLead(blockSize) {
   const lead = 2 * reply - DEVICE_TRANSMIT_BUFFER - request;
   return lead < reply ? lead : null;
 }
+function startsBlockAck(partial2) {
+  return partial2.length >= 4 && partial2[2] === Response.ACK && partial2[3] === 2;
+}
 var KatapultSession = class {
   constructor(link2, options = {}) {
     this.link = link2;
@@ -10663,6 +10666,9 @@ var KatapultSession = class {
    * PROTOCOL_ERROR otherwise, DEVICE_NOT_FOUND when the link closes, CANCELLED when the signal aborts.
    */
   async sendCommand(cmd, payload = new Uint8Array(0), options = {}) {
+    return this.retryCommand(cmd, payload, options);
+  }
+  async retryCommand(cmd, payload, options, first) {
     const tries = options.tries ?? this.timings.tries;
     const timeoutMs = options.timeoutMs ?? this.timings.timeoutMs;
     const name = commandName(cmd);
@@ -10670,16 +10676,21 @@ var KatapultSession = class {
     let last = { ok: false, kind: "timeout", text: "no reply" };
     let anyReply = false;
     for (let attempt = 1; attempt <= tries; attempt++) {
-      this.throwIfAborted();
-      await this.write(frame, name);
-      const outcome = await this.awaitReply(cmd, timeoutMs, name);
+      let outcome;
+      if (attempt === 1 && first) {
+        outcome = first.outcome;
+      } else {
+        this.throwIfAborted();
+        await this.write(frame, name);
+        outcome = await this.awaitReply(cmd, timeoutMs, name);
+      }
       if (outcome.ok) return outcome.payload;
       last = outcome;
       if (outcome.kind !== "timeout") anyReply = true;
       const remaining = tries - attempt;
       this.log(outcome.kind === "timeout" ? "info" : "debug", `Katapult ${name}: ${outcome.text}, ${remaining} tries remaining`);
       if (remaining === 0) break;
-      await this.pauseAfterFailedTry(outcome.kind);
+      await this.pauseAfterFailedTry(outcome.kind, attempt === 1 && first?.aheadInFlight === true);
     }
     if (!anyReply) {
       const hint = cmd === Command.CONNECT ? CONNECT_HINT : "the board stopped answering; check the cable and power, then flash again.";
@@ -10715,16 +10726,38 @@ var KatapultSession = class {
     this.info = info;
     return info;
   }
-  /** Writes the image block by block from the application start; the last block is padded with 0xFF. */
+  /**
+   * Writes the image block by block from the application start; the last block is padded with 0xFF. The next
+   * block goes out as soon as the current one's ACK begins (startsBlockAck); anything unexpected discards the reply
+   * to a block sent ahead and writes that block flashtool's way (a block the board already holds is acknowledged
+   * again without programming: Katapult ignores identical retransmits).
+   */
   async writeImage(image, onBlock) {
     const { blockSize, appStartAddress } = this.requireInfo();
     const total = Math.ceil(image.length / blockSize);
     const sha = process.getBuiltinModule("node:crypto").createHash("sha1");
+    let sent = -1;
+    const send = async (index) => {
+      const address = appStartAddress + index * blockSize;
+      await this.write(encodeFrame(Command.SEND_BLOCK, Buffer.concat([u32le(address), paddedBlock(image, index, blockSize)])), "SEND_BLOCK");
+      sent = index;
+    };
     for (let index = 0; index < total; index++) {
       const block = paddedBlock(image, index, blockSize);
       sha.update(block);
       const address = appStartAddress + index * blockSize;
-      await this.writeBlock(address, block);
+      const ahead = index + 1 < total ? { ready: startsBlockAck, send: () => send(index + 1) } : void 0;
+      let outcome;
+      try {
+        if (sent < index) await send(index);
+        outcome = await this.awaitReply(Command.SEND_BLOCK, this.timings.blockTimeoutMs, "SEND_BLOCK", ahead);
+      } catch (err) {
+        throw asWriteFailure(err, address);
+      }
+      if (!(outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address)) {
+        await this.writeBlock(address, block, { outcome, aheadInFlight: sent > index });
+        sent = index;
+      }
       onBlock?.(index + 1, total);
     }
     return { blocks: total, paddedBytes: total * blockSize, sha1: sha.digest("hex") };
@@ -10761,18 +10794,14 @@ var KatapultSession = class {
       const address = appStartAddress + index * blockSize;
       const expected2 = paddedBlock(image, index, blockSize);
       if (requested < index) await request(index);
-      const ahead = lead !== null && index + 1 < total ? { lead, send: () => request(index + 1) } : void 0;
+      const ahead = lead !== null && index + 1 < total ? { ready: (partial2) => partial2.length >= lead, send: () => request(index + 1) } : void 0;
       const outcome = await this.awaitReply(Command.REQUEST_BLOCK, this.timings.timeoutMs, "REQUEST_BLOCK", ahead);
       let received;
       if (outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address) {
         received = outcome.payload.subarray(4);
       } else {
-        const why = outcome.ok ? `reply for another address than ${hex(address)}` : outcome.text;
-        this.log(outcome.ok || outcome.kind === "timeout" ? "info" : "debug", `Katapult REQUEST_BLOCK: ${why}, reading block ${index} again`);
-        if (!outcome.ok) await this.pauseAfterFailedTry(outcome.kind);
-        if (requested > index) await this.drain(this.timings.drainMs);
+        received = await this.readBlock(address, index, { outcome, aheadInFlight: requested > index });
         requested = index;
-        received = await this.readBlock(address, index);
       }
       expectedSha.update(expected2);
       receivedSha.update(received);
@@ -10794,15 +10823,13 @@ var KatapultSession = class {
   async complete() {
     await this.sendCommand(Command.COMPLETE);
   }
-  async writeBlock(address, block) {
+  /** SEND_BLOCK with flashtool's retries: block tries per send, inside a loop that re-sends on a wrong echoed address. */
+  async writeBlock(address, block, first) {
     let echoed = -1;
     for (let attempt = 1; attempt <= this.timings.addressMismatchTries; attempt++) {
       let reply;
       try {
-        reply = await this.sendCommand(Command.SEND_BLOCK, Buffer.concat([u32le(address), block]), {
-          tries: this.timings.blockTries,
-          timeoutMs: this.timings.blockTimeoutMs
-        });
+        reply = await this.replyFor(Command.SEND_BLOCK, Buffer.concat([u32le(address), block]), { tries: this.timings.blockTries, timeoutMs: this.timings.blockTimeoutMs }, attempt === 1 ? first : void 0);
       } catch (err) {
         throw asWriteFailure(err, address);
       }
@@ -10817,9 +10844,23 @@ var KatapultSession = class {
       { address: hex(address), echoedAddress: hex(echoed) }
     );
   }
-  async readBlock(address, index) {
+  /**
+   * The reply of one retried command; a pipelined first try counts as its first try. An ACK from that try is
+   * returned as it is (the caller checks its address), after the reply to the request sent ahead is discarded.
+   */
+  async replyFor(cmd, payload, options, first) {
+    if (!first) return this.retryCommand(cmd, payload, options);
+    const { outcome, aheadInFlight } = first;
+    if (outcome.ok) {
+      if (aheadInFlight) await this.drain(this.timings.drainMs);
+      return outcome.payload;
+    }
+    return this.retryCommand(cmd, payload, options, { outcome, aheadInFlight });
+  }
+  /** REQUEST_BLOCK with flashtool's retries, inside a loop that asks again on a wrong echoed address. */
+  async readBlock(address, index, first) {
     for (let attempt = 1; attempt <= this.timings.addressMismatchTries; attempt++) {
-      const reply = await this.sendCommand(Command.REQUEST_BLOCK, u32le(address));
+      const reply = await this.replyFor(Command.REQUEST_BLOCK, u32le(address), {}, attempt === 1 ? first : void 0);
       const echoed = reply.length >= 4 ? reply.readUInt32LE(0) : -1;
       if (echoed === address) return reply.subarray(4);
       this.log("info", `Katapult REQUEST_BLOCK: expected address ${hex(address)}, bootloader echoed ${hex(echoed)}`);
@@ -10853,7 +10894,7 @@ var KatapultSession = class {
   }
   /**
    * Waits for the reply to `cmd`: the first whole frame decides; garbage before it is skipped. With `ahead`, the
-   * next request goes out as soon as `ahead.lead` bytes of this reply are in (at most once).
+   * next request goes out as soon as the part of this reply received so far satisfies `ahead.ready` (at most once).
    */
   async awaitReply(cmd, timeoutMs, name, ahead) {
     const deadline = Date.now() + timeoutMs;
@@ -10884,7 +10925,7 @@ var KatapultSession = class {
       }
       if (this.closedError) throw this.closedLinkError(name);
       this.throwIfAborted();
-      if (ahead && !sentAhead && this.decoder.pending >= ahead.lead) {
+      if (ahead && !sentAhead && ahead.ready(this.decoder.partial)) {
         sentAhead = true;
         await ahead.send();
         continue;
@@ -10894,10 +10935,14 @@ var KatapultSession = class {
       await this.waitForInput(left);
     }
   }
-  /** flashtool's pause between tries: after BUSY a longer wait, otherwise discard late input, then wait. */
-  async pauseAfterFailedTry(kind) {
+  /**
+   * flashtool's pause between tries: after BUSY a longer wait, otherwise discard late input, then wait. With a
+   * request sent ahead still on the wire, its reply is discarded in any case.
+   */
+  async pauseAfterFailedTry(kind, aheadInFlight = false) {
     if (kind === "busy") {
       await this.sleep(this.timings.busyDelayMs);
+      if (aheadInFlight) await this.drain(this.timings.drainMs);
       return;
     }
     await this.drain(this.timings.drainMs);

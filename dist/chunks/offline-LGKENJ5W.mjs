@@ -14,11 +14,11 @@ import {
   loadConfig,
   readJobLock,
   throttleProgress
-} from "./chunk-I3CM7RVA.mjs";
+} from "./chunk-5FTLU2WD.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./chunk-RGJJH4ZP.mjs";
+} from "./chunk-VOYGMLIB.mjs";
 import "./chunk-HEYCKE5Q.mjs";
 
 // src/cli/render.ts

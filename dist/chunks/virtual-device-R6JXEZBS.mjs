@@ -13,7 +13,7 @@ import {
   encodeError,
   encodeNack,
   u32le
-} from "./chunk-RGJJH4ZP.mjs";
+} from "./chunk-VOYGMLIB.mjs";
 import "./chunk-HEYCKE5Q.mjs";
 
 // src/sim/virtual-device.ts
@@ -76,6 +76,11 @@ var KatapultDeviceModel = class extends EventEmitter {
   frames = [];
   /** Bytes programmed by accepted SEND_BLOCKs (identical retransmits are not counted again). */
   written = 0;
+  /**
+   * Bytes that reached the device while it was programming a block (its write delay): a UART bootloader loses
+   * them, its CPU stalling on flash, so a host must never make this grow. Kept (not dropped) so tests can show it.
+   */
+  bytesWhileWriting = 0;
   /** True once COMPLETE was accepted ('complete' follows ~100 ms later, when the app starts). */
   completed = false;
   currentMode;
@@ -131,6 +136,7 @@ var KatapultDeviceModel = class extends EventEmitter {
   /** Bytes from the host. */
   receive(bytes) {
     if (this.gone) return;
+    if (this.holding) this.bytesWhileWriting += bytes.length;
     this.consume(Buffer.from(bytes));
   }
   /** The host set the line speed (Klipper's USB CDC watches for 1200 baud). */
