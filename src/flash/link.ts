@@ -119,8 +119,8 @@ const RETRY_CODES = new Set(["EAGAIN", "EWOULDBLOCK", "EINTR"]);
 /**
  * Serial I/O straight on the fd: a synchronous read(2)/write(2) when epoll says the fd is ready. Katapult is one
  * round trip per 64-byte block, so per-exchange latency is what bounds a flash; the serialport stream's path (a
- * thread-pool read into a fresh 64 KiB buffer per chunk, a thread-pool write plus tcdrain) cost about 0.7 ms per
- * exchange here and 100 MiB of peak heap (docs/BENCHMARKS.md).
+ * thread-pool read into a fresh 64 KiB buffer per chunk, a thread-pool write plus tcdrain) cost about 0.7 ms more
+ * per exchange in a measurement on the virtual device.
  */
 class SerialByteLink extends ByteLinkBase {
   private readonly readBuffer = Buffer.allocUnsafe(4096);
