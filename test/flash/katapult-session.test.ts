@@ -29,6 +29,46 @@ function setup(peer: ScriptedPeerOptions = {}, signal?: AbortSignal) {
   return { host, device, katapult, session, logs };
 }
 
+/** Every way a reply can go wrong, as the scripted peer plays it. */
+const FAULTY_REPLIES = [
+  ["a dropped reply", "drop"],
+  ["a BUSY reply", "busy"],
+  ["a NACK", "nack"],
+  ["an ERROR reply", "error"],
+  ["an ACK echoing another command", "wrong-echo"],
+  ["a reply with a bad CRC", "bad-crc"],
+  ["an ACK with another address", "wrong-address"],
+] as const;
+
+/**
+ * A hand-driven device on a memory link: it answers CONNECT itself and records the address of every `watched`
+ * frame; the test releases the other replies byte by byte. `next()` resolves when the next watched frame arrives.
+ */
+function handDriven(watched: number) {
+  const { host, device } = createLinkPair();
+  const session = new KatapultSession(host, { timings: FAST });
+  sessions.push(session);
+  const addresses: number[] = [];
+  const decoder = new FrameDecoder();
+  let arrived: (() => void) | null = null;
+  device.onData((chunk) => {
+    for (const item of decoder.push(chunk)) {
+      if (!("frame" in item)) continue;
+      if (item.frame.cmd === Command.CONNECT) {
+        void device.write(encodeAck(Command.CONNECT, encodeConnectPayload({ protocolWord: 0x00010100, appStartAddress: 0x8002000, blockSize: 64, mcuType: "stm32f103xe", softwareVersion: "v1" })));
+      } else if (item.frame.cmd === watched) {
+        addresses.push(item.frame.payload.readUInt32LE(0));
+        arrived?.();
+      }
+    }
+  });
+  const next = (): Promise<void> => new Promise((resolve) => (arrived = resolve));
+  return { device, session, addresses, next };
+}
+
+/** Long enough for the session to react to bytes it was given (it reacts within microseconds). */
+const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 20));
+
 describe("KatapultSession over an in-memory link", () => {
   it("sends the golden CONNECT frame and decodes the reply", async () => {
     const { host, session } = setup({ mcuType: "stm32f446xx", blockSize: 128, appStartAddress: 0x8008000 });
@@ -56,15 +96,7 @@ describe("KatapultSession over an in-memory link", () => {
     expect(host.recording.at(-1)).toEqual(Buffer.from("01881500911b9903", "hex"));
   });
 
-  it.each([
-    ["a dropped reply", "drop"],
-    ["a BUSY reply", "busy"],
-    ["a NACK", "nack"],
-    ["an ERROR reply", "error"],
-    ["an ACK echoing another command", "wrong-echo"],
-    ["a reply with a bad CRC", "bad-crc"],
-    ["an ACK with another address", "wrong-address"],
-  ] as const)("retries SEND_BLOCK after %s and still writes every block", async (_label, behaviour) => {
+  it.each(FAULTY_REPLIES)("retries SEND_BLOCK after %s and still writes every block", async (_label, behaviour) => {
     const { katapult, session, logs } = setup({ script: (cmd, n) => (cmd === "SEND_BLOCK" && n === 3 ? behaviour : "ack") });
     const image = randomBytes(64 * 5);
     await session.connect();
@@ -162,27 +194,9 @@ describe("KatapultSession over an in-memory link", () => {
   });
 
   it("reads back ahead: REQUEST_BLOCK n+1 goes out once 52 bytes of reply n are in, never before", async () => {
-    // A hand-driven device: each 80-byte read-back reply is released in steps, and we note what the host sent.
-    const { host, device } = createLinkPair();
-    const session = new KatapultSession(host, { timings: FAST });
-    sessions.push(session);
+    // Each 80-byte read-back reply is released in steps, and we note what the host sent.
+    const { device, session, addresses: requests, next: nextRequest } = handDriven(Command.REQUEST_BLOCK);
     const image = randomBytes(64 * 3);
-    const requests: number[] = [];
-    const decoder = new FrameDecoder();
-    let arrived: (() => void) | null = null;
-    device.onData((chunk) => {
-      for (const item of decoder.push(chunk)) {
-        if (!("frame" in item)) continue;
-        if (item.frame.cmd === Command.CONNECT) {
-          void device.write(encodeAck(Command.CONNECT, encodeConnectPayload({ protocolWord: 0x00010100, appStartAddress: 0x8002000, blockSize: 64, mcuType: "stm32f103xe", softwareVersion: "v1" })));
-        } else if (item.frame.cmd === Command.REQUEST_BLOCK) {
-          requests.push(item.frame.payload.readUInt32LE(0));
-          arrived?.();
-        }
-      }
-    });
-    const nextRequest = (): Promise<void> => new Promise((resolve) => (arrived = resolve));
-    const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 20));
     await session.connect();
     expect(readAheadLead(64)).toBe(52);
 
@@ -216,15 +230,7 @@ describe("KatapultSession over an in-memory link", () => {
     expect(readAheadLead(512)).toBeNull();
   });
 
-  it.each([
-    ["a dropped reply", "drop"],
-    ["a BUSY reply", "busy"],
-    ["a NACK", "nack"],
-    ["an ERROR reply", "error"],
-    ["an ACK echoing another command", "wrong-echo"],
-    ["a reply with a bad CRC", "bad-crc"],
-    ["an ACK with another address", "wrong-address"],
-  ] as const)("recovers from %s while reading ahead and still verifies", async (_label, behaviour) => {
+  it.each(FAULTY_REPLIES)("recovers from %s while reading ahead and still verifies", async (_label, behaviour) => {
     const { katapult, session } = setup({ splitRepliesAt: 52, script: (cmd, n) => (cmd === "REQUEST_BLOCK" && n === 3 ? behaviour : "ack") });
     const image = randomBytes(64 * 6);
     await session.connect();
@@ -237,26 +243,8 @@ describe("KatapultSession over an in-memory link", () => {
   });
 
   it("writes ahead: SEND_BLOCK n+1 goes out once ACK n begins (01 88 A0 02), never on a NACK", async () => {
-    const { host, device } = createLinkPair();
-    const session = new KatapultSession(host, { timings: FAST });
-    sessions.push(session);
+    const { device, session, addresses: blocks, next: nextBlock } = handDriven(Command.SEND_BLOCK);
     const image = randomBytes(64 * 3);
-    const blocks: number[] = [];
-    const decoder = new FrameDecoder();
-    let arrived: (() => void) | null = null;
-    device.onData((chunk) => {
-      for (const item of decoder.push(chunk)) {
-        if (!("frame" in item)) continue;
-        if (item.frame.cmd === Command.CONNECT) {
-          void device.write(encodeAck(Command.CONNECT, encodeConnectPayload({ protocolWord: 0x00010100, appStartAddress: 0x8002000, blockSize: 64, mcuType: "stm32f103xe", softwareVersion: "v1" })));
-        } else if (item.frame.cmd === Command.SEND_BLOCK) {
-          blocks.push(item.frame.payload.readUInt32LE(0));
-          arrived?.();
-        }
-      }
-    });
-    const nextBlock = (): Promise<void> => new Promise((resolve) => (arrived = resolve));
-    const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 20));
     const ack = (index: number): Buffer => encodeAck(Command.SEND_BLOCK, u32le(0x8002000 + index * 64));
     await session.connect();
 
@@ -288,15 +276,7 @@ describe("KatapultSession over an in-memory link", () => {
     expect(blocks).toEqual([0x8002000, 0x8002040, 0x8002040, 0x8002080]);
   });
 
-  it.each([
-    ["a dropped reply", "drop"],
-    ["a BUSY reply", "busy"],
-    ["a NACK", "nack"],
-    ["an ERROR reply", "error"],
-    ["an ACK echoing another command", "wrong-echo"],
-    ["a reply with a bad CRC", "bad-crc"],
-    ["an ACK with another address", "wrong-address"],
-  ] as const)("recovers from %s while writing ahead and still writes every block", async (_label, behaviour) => {
+  it.each(FAULTY_REPLIES)("recovers from %s while writing ahead and still writes every block", async (_label, behaviour) => {
     const { katapult, session } = setup({ splitRepliesAt: 4, script: (cmd, n) => (cmd === "SEND_BLOCK" && n === 3 ? behaviour : "ack") });
     const image = randomBytes(64 * 6);
     await session.connect();
