@@ -131,7 +131,7 @@ async function flashRun(image: Buffer, baud: number | null): Promise<FlashRun> {
   const firmware = join(dir, "fw.bin");
   await writeFile(firmware, image);
   await mkdir(join(dir, "config"), { recursive: true });
-  await writeFile(join(dir, "config", "moonflash.conf"), `[mcu]\nmethod: katapult\nfirmware: ${firmware}\nbootloader: none\nbaud: ${baud ?? 250000}\n`);
+  await writeFile(join(dir, "config", "moonflash.conf"), `[mcu]\nmethod: katapult\nfirmware: ${firmware}\nbootloader: none\nbaud: ${baud ?? 250000}\n# the virtual board has 1 MiB (--flash-size below); Klipper's table for its MCU type would say less\nflash_size: 1M\n`);
   const args = [bundle, "virtual-device", "--path", link, "--flash-size", String(1024 * 1024)];
   if (baud) args.push("--baud", String(baud));
   const device: ResultPromise = execa("node", args, { reject: false, timeout: 300_000 });

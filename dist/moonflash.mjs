@@ -5,11 +5,11 @@ import {
   Agent,
   FLASH_METHODS,
   VERSION
-} from "./chunks/chunk-5FTLU2WD.mjs";
+} from "./chunks/chunk-Y4YU7ISC.mjs";
 import {
   isMoonflashError,
   toMoonflashError
-} from "./chunks/chunk-VOYGMLIB.mjs";
+} from "./chunks/chunk-6I3D7RSD.mjs";
 import {
   __commonJS,
   __require,
@@ -3495,13 +3495,13 @@ function buildProgram() {
     process.exitCode = await runServe({ dataDir: opts.data, ...opts.config ? { configFile: resolve(expandHome(opts.config)) } : {} });
   });
   program2.command("status").description("show the running job and the last results").addOption(dataOption()).option("--json", "print JSON").action(async (opts) => {
-    process.exitCode = await (await import("./chunks/offline-LGKENJ5W.mjs")).runStatus({ dataDir: opts.data, json: !!opts.json });
+    process.exitCode = await (await import("./chunks/offline-7GDOEGRL.mjs")).runStatus({ dataDir: opts.data, json: !!opts.json });
   });
   program2.command("devices").description("list serial devices and CAN nodes, mapped to Klipper's [mcu] sections").addOption(dataOption()).option("--json", "print JSON").action(async (opts) => {
-    process.exitCode = await (await import("./chunks/offline-LGKENJ5W.mjs")).runDevices({ dataDir: opts.data, json: !!opts.json });
+    process.exitCode = await (await import("./chunks/offline-7GDOEGRL.mjs")).runDevices({ dataDir: opts.data, json: !!opts.json });
   });
   program2.command("flash").description("flash one MCU (stops Klipper, flashes, verifies, starts Klipper)").argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"').addOption(dataOption()).option("--firmware <file>", "image to flash (default from moonflash.conf, else <klipper>/out/klipper.bin)").addOption(new Option("--method <method>", "use only this method").choices([...FLASH_METHODS])).option("--dry-run", "check everything, stop nothing, flash nothing").option("--json", "print job events and the result as JSON lines").action(async (mcu, opts) => {
-    process.exitCode = await (await import("./chunks/offline-LGKENJ5W.mjs")).runFlash({
+    process.exitCode = await (await import("./chunks/offline-7GDOEGRL.mjs")).runFlash({
       dataDir: opts.data,
       mcu,
       ...opts.firmware ? { firmware: resolve(expandHome(opts.firmware)) } : {},
@@ -3511,7 +3511,7 @@ function buildProgram() {
     });
   });
   program2.command("virtual-device").description("serve a virtual Katapult board on a pseudo-terminal, to try moonflash without hardware").requiredOption("--path <link>", "where to create the device link, e.g. /tmp/virtual-mcu").option("--mcu <type>", "MCU type the bootloader reports", "stm32f103xe").addOption(new Option("--mode <mode>", "katapult: in the bootloader; app: running Klipper, waits for a bootloader request").choices(["katapult", "app"]).default("katapult")).option("--baud <n>", "throttle the link to this baud rate", (v) => parsePositiveInt("--baud", v)).option("--block-size <n>", "Katapult block size", (v) => parsePositiveInt("--block-size", v), 64).option("--flash-size <bytes>", "application flash size in bytes", (v) => parsePositiveInt("--flash-size", v)).option("--reappear-path <link>", "after a bootloader request, come back under this path (USB re-enumeration)").option("--fault <spec...>", "inject faults: drop-reply:SEND_BLOCK:3, busy:SEND_BLOCK:5, nack:CONNECT:1, corrupt-readback, disconnect:10, silence").action(async (opts) => {
-    process.exitCode = await (await import("./chunks/virtual-device-R6JXEZBS.mjs")).runVirtualDevice(opts);
+    process.exitCode = await (await import("./chunks/virtual-device-R43OQ3CA.mjs")).runVirtualDevice(opts);
   });
   return program2;
 }

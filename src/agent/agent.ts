@@ -1,18 +1,23 @@
 // The agent: composition of config, logger, job runner, Moonraker session, engines and progress adapters.
 // It wires engines to remote methods; engines never see the transport.
 
+import { existsSync } from "node:fs";
 import type { Logger } from "pino";
 import { loadConfig, configSummary, type MoonflashConfig } from "../core/config.js";
 import { createLogger } from "../core/log.js";
 import { JobRunner } from "../core/jobs.js";
 import { isMoonflashError, toMoonflashError } from "../core/errors.js";
+import { dataPaths } from "../core/paths.js";
 import { AgentSession, type MoonrakerEndpoint } from "../moonraker/session.js";
 import { FlashEngine } from "../flash/engine.js";
-import { recoverInterruptedJob } from "../flash/guard.js";
+import { readJournal, recoverInterruptedJob } from "../flash/guard.js";
 import { buildMethodTable, type RemoteMethod } from "./methods.js";
 import { parseParams } from "./params.js";
 import { ConsoleReporter, agentEventAdapter } from "./progress.js";
 import { VERSION, PROJECT_URL, AGENT_NAME } from "../version.js";
+
+/** How often a journal left by a job that could not start Klipper (or by a dead CLI flash) is looked for. */
+const RECOVERY_CHECK_MS = 10_000;
 
 export interface AgentOptions {
   dataDir: string;
@@ -37,6 +42,7 @@ export class Agent {
   private readonly unsubscribers: Array<() => void> = [];
   private readonly startedAt = Date.now();
   private recovering = false;
+  private recoveryTimer: NodeJS.Timeout | null = null;
 
   private constructor(
     readonly config: MoonflashConfig,
@@ -45,7 +51,15 @@ export class Agent {
     this.runner = new JobRunner({ dataDir: config.dataDir, logger });
     // Handlers reach the engine at call time: the engine needs the session, and the session needs the names.
     const flash = (): FlashEngine => this.flash;
-    this.methods = buildMethodTable({ runner: this.runner, flash, info: () => this.info() });
+    this.methods = buildMethodTable({
+      runner: this.runner,
+      flash,
+      info: () => this.info(),
+      pendingKlipperStart: async () => {
+        const journal = await readJournal(config.dataDir);
+        return journal?.restartPending ? { jobId: journal.jobId, service: journal.klipperService } : null;
+      },
+    });
     const byName = new Map(this.methods.map((m) => [m.name, m]));
     this.session = new AgentSession({
       endpoint: endpointFromConfig(config),
@@ -62,6 +76,11 @@ export class Agent {
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
     // On every connection, not only the first: a CLI flash killed while this agent runs leaves a journal too.
     this.session.on("identified", () => void this.recover());
+    // A job that could not start Klipper again leaves its journal: keep trying from here, at once and then
+    // every RECOVERY_CHECK_MS (also for a CLI job that gave up and exited).
+    this.unsubscribers.push(this.runner.on((event) => {
+      if (event.type === "result") void this.recover();
+    }));
   }
 
   static async create(opts: AgentOptions): Promise<Agent> {
@@ -73,11 +92,17 @@ export class Agent {
   start(): void {
     this.logger.info({ version: VERSION, dataDir: this.config.dataDir, config: this.config.exists ? this.config.file : "(defaults)" }, "moonflash agent starting");
     this.session.start();
+    this.recoveryTimer = setInterval(() => {
+      if (existsSync(dataPaths(this.config.dataDir).journal)) void this.recover();
+    }, RECOVERY_CHECK_MS);
+    this.recoveryTimer.unref();
   }
 
   /** Waits for a running job (it restarts Klipper in its own finally), then closes the session. */
   async stop(): Promise<void> {
     await this.waitForIdle(120_000);
+    if (this.recoveryTimer) clearInterval(this.recoveryTimer);
+    this.recoveryTimer = null;
     for (const u of this.unsubscribers) u();
     this.console.close();
     await this.session.stop();
@@ -124,7 +149,7 @@ export class Agent {
         serviceTimeoutMs: this.config.moonflash.service_timeout * 1000,
       });
     } catch (err) {
-      this.logger.error({ err }, "could not recover the interrupted job; will retry on the next connection");
+      this.logger.error({ err }, `could not start Klipper for the journal yet; retrying on the next connection and every ${RECOVERY_CHECK_MS / 1000} s`);
     } finally {
       this.recovering = false;
     }
@@ -135,16 +160,16 @@ export class Agent {
     if (!method) throw toMoonflashError(new Error(`unknown method ${name}`));
     this.logger.info({ method: name, params: raw, viaMacro }, "remote call");
     const lastJob = this.runner.history(undefined, 1)[0]?.id;
+    // A call that ran a job has its outcome on the console already, through the job's result event.
+    const jobReported = (): boolean => this.runner.history(undefined, 1)[0]?.id !== lastJob;
     try {
       const params = parseParams(name, method.params, raw);
       const result = await method.handler(params as never);
-      if (viaMacro && method.summary) this.console.say(method.summary(result as never));
+      if (viaMacro && method.summary && !jobReported()) this.console.say(method.summary(result as never));
       return result;
     } catch (err) {
       const e = toMoonflashError(err);
-      // A job's failure is already on the console through its result event; say the rest here.
-      const jobReported = this.runner.history(undefined, 1)[0]?.id !== lastJob;
-      if (viaMacro && !jobReported) this.console.say(`moonflash: ${name} failed [${e.code}] ${e.message}`, "error");
+      if (viaMacro && !jobReported()) this.console.say(`moonflash: ${name} failed [${e.code}] ${e.message}`, "error");
       if (!isMoonflashError(err)) this.logger.error({ err }, `${name} failed unexpectedly`);
       throw e;
     }

@@ -4,10 +4,13 @@
 
 import * as z from "zod/mini";
 import "../core/zod.js";
+import { MoonflashError } from "../core/errors.js";
 import type { JobRunner } from "../core/jobs.js";
 import type { JobKind } from "../core/events.js";
+import type { JobRecord } from "../core/history.js";
 import type { FlashEngine } from "../flash/engine.js";
 import { FLASH_METHODS } from "../flash/types.js";
+import { mcuUserName } from "../flash/mcu-name.js";
 import { flag } from "./params.js";
 
 export interface RemoteMethod {
@@ -25,6 +28,8 @@ export interface MethodDeps {
   flash: () => FlashEngine;
   /** agent.info's content; built by the agent, which knows the session and config. */
   info(): Record<string, unknown>;
+  /** A job that ended without confirming Klipper runs again: the agent keeps starting it (the journal says so). */
+  pendingKlipperStart?(): Promise<{ jobId: string; service: string } | null>;
 }
 
 const noParams = z.strictObject({});
@@ -39,26 +44,54 @@ function define<S extends z.ZodMiniType, R>(m: {
   return m as unknown as RemoteMethod;
 }
 
-function jobStatus(runner: JobRunner, kind: JobKind) {
-  const current = runner.current();
+async function jobStatus(deps: MethodDeps, kind: JobKind) {
+  const current = deps.runner.current();
   return {
     current: current && current.kind === kind ? current : null,
     // A job of the other kind also blocks this one (one job at a time); say so instead of hiding it.
     other: current && current.kind !== kind ? { id: current.id, kind: current.kind, target: current.target } : null,
-    last: runner.history(kind, 10),
+    last: deps.runner.history(kind, 10),
+    klipper_start_pending: current ? null : ((await deps.pendingKlipperStart?.()) ?? null),
   };
 }
 
-function describeStatus(kind: JobKind, status: ReturnType<typeof jobStatus>): string {
+function jobTarget(kind: JobKind, target: string): string {
+  return kind === "flash" ? mcuUserName(target) : target;
+}
+
+function ago(iso: string, now = Date.now()): string {
+  const s = Math.max(0, Math.round((now - Date.parse(iso)) / 1000));
+  if (s < 60) return `${s} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 48 * 3600) return `${Math.floor(s / 3600)} h ago`;
+  return `${Math.floor(s / 86400)} days ago`;
+}
+
+// Console lines name the MCU and the outcome; job ids stay in the JSON result and the logs, where they are useful.
+function describeStatus(kind: JobKind, status: Awaited<ReturnType<typeof jobStatus>>): string {
   const c = status.current;
   if (c) {
     const pct = c.progress && c.progress.total > 0 ? ` ${Math.floor((100 * c.progress.done) / c.progress.total)}%` : "";
-    return `moonflash: ${kind} job ${c.id} on ${c.target}: ${c.stage}${pct}`;
+    return `moonflash: ${kind} of ${jobTarget(kind, c.target)} running: ${c.stage}${pct}`;
   }
-  const last = status.last[0];
+  const last: JobRecord | undefined = status.last[0];
   if (!last) return `moonflash: no ${kind} job has run yet`;
-  const outcome = last.ok ? "ok" : `failed (${last.code}: ${last.message})`;
-  return `moonflash: idle; last ${kind} job ${last.id} on ${last.target}: ${outcome}`;
+  const dryRun = (last.params as { dry_run?: unknown } | undefined)?.dry_run === true ? " (dry run)" : "";
+  const outcome = last.ok ? "ok" : `failed [${last.code}] ${last.message}`;
+  const pending = status.klipper_start_pending
+    ? ` ${status.klipper_start_pending.service} is still to be started: moonflash keeps trying.`
+    : "";
+  return `moonflash: idle. Last ${kind} of ${jobTarget(kind, last.target)}${dryRun}: ${outcome} (${ago(last.finishedAt)}).${pending}`;
+}
+
+/** INVALID_PARAMS for flash.mcu without mcu, naming the MCUs as FLASH_MCU's MCU= takes them. */
+async function mcuMissing(flash: FlashEngine): Promise<MoonflashError> {
+  const known = (await flash.devices()).mcus.map((m) => mcuUserName(m.section));
+  const example = known.find((name) => name !== "mcu") ?? known[0];
+  const list = example === undefined
+    ? "No MCU is known: start Klipper, or add an [mcu NAME] section to moonflash.conf."
+    : `Known MCUs: ${known.join(", ")} (e.g. FLASH_MCU MCU=${example})`;
+  return new MoonflashError("INVALID_PARAMS", `FLASH_MCU needs MCU=<name>. ${list}`, { method: "flash.mcu", missing: "mcu", known });
 }
 
 export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
@@ -75,14 +108,14 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       name: "flash.status",
       description: "The running flash job with its progress, and the last flash results.",
       params: noParams,
-      handler: async () => jobStatus(runner, "flash"),
+      handler: () => jobStatus(deps, "flash"),
       summary: (s) => describeStatus("flash", s),
     }),
     define({
       name: "ota.status",
       description: "The running OTA job with its progress, and the last OTA results.",
       params: noParams,
-      handler: async () => jobStatus(runner, "ota"),
+      handler: () => jobStatus(deps, "ota"),
       summary: (s) => describeStatus("ota", s),
     }),
     define({
@@ -100,12 +133,23 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       name: "flash.mcu",
       description: "Flash one MCU: pre-flight, stop Klipper, flash with fallback, verify, start Klipper.",
       params: z.strictObject({
-        mcu: z.string({ error: "expected the MCU section name, e.g. \"mcu\" or \"toolhead\"" }).check(z.minLength(1)),
+        // Optional so that a bare FLASH_MCU (a click on Mainsail's macro button) gets the list of MCUs, not a flash.
+        mcu: z.optional(z.string({ error: "expected the MCU section name, e.g. \"mcu\" or \"toolhead\"" })),
         firmware: z.optional(z.string().check(z.minLength(1))),
-        method: z.optional(z.enum(FLASH_METHODS, { error: `expected one of ${FLASH_METHODS.join(", ")}` })),
+        // Not `method`: Klipper's action_call_remote_method(method, **kwargs) (klippy/extras/gcode_macro.py) takes
+        // that name itself, so a macro could never pass it.
+        flash_method: z.optional(z.enum(FLASH_METHODS, { error: `expected one of ${FLASH_METHODS.join(", ")}` })),
         dry_run: z.optional(flag),
       }),
-      handler: async (p) => deps.flash().flash(p),
+      handler: async ({ mcu, firmware, flash_method, dry_run }) => {
+        if (mcu === undefined || mcu.trim() === "") throw await mcuMissing(deps.flash());
+        return deps.flash().flash({
+          mcu,
+          ...(firmware === undefined ? {} : { firmware }),
+          ...(flash_method === undefined ? {} : { method: flash_method }),
+          ...(dry_run === undefined ? {} : { dry_run }),
+        });
+      },
       summary: (r) =>
         "plan" in r
           ? `moonflash: dry run for [${r.mcu}]: would flash ${r.firmware} to ${r.device} with ${r.methods.join(" → ")}`
@@ -116,7 +160,11 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       description: "Cancel the running flash job; allowed until writing starts.",
       params: noParams,
       handler: async () => ({ cancelled: deps.flash().cancel().id }),
-      summary: (r) => `moonflash: cancelling flash job ${r.cancelled}`,
+      summary: (r) => {
+        const job = runner.current();
+        const target = job?.id === r.cancelled ? job.target : runner.history("flash", 10).find((j) => j.id === r.cancelled)?.target;
+        return `moonflash: cancelling the flash${target === undefined ? "" : ` of ${mcuUserName(target)}`}`;
+      },
     }),
   ];
 }

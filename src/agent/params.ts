@@ -24,11 +24,25 @@ export function parseParams<S extends z.ZodMiniType>(method: string, schema: S, 
   if (result.success) return result.data;
   const problems = result.error.issues.map((issue) => {
     const field = issue.path.length ? issue.path.join(".") : "params";
-    if (issue.code === "unrecognized_keys") return `unknown parameter(s) ${issue.keys.map((k) => `'${k}'`).join(", ")}`;
+    if (issue.code === "unrecognized_keys") {
+      return `unknown parameter(s) ${issue.keys.map((k) => `'${k}'${didYouMean(k, knownKeys(schema))}`).join(", ")}`;
+    }
     return `${field}: ${issue.message}`;
   });
   throw new MoonflashError("INVALID_PARAMS", `${method}: ${problems.join("; ")}`, {
     method,
     issues: result.error.issues.map((i) => ({ path: i.path.map(String), code: i.code, message: i.message })),
   });
+}
+
+function knownKeys(schema: z.ZodMiniType): string[] {
+  const shape = (schema as { _zod?: { def?: { shape?: Record<string, unknown> } } })._zod?.def?.shape;
+  return shape ? Object.keys(shape) : [];
+}
+
+/** A hint for a renamed or mistyped key: `method` → `flash_method`, `dryrun` → `dry_run`. */
+function didYouMean(key: string, known: string[]): string {
+  const squash = (k: string): string => k.toLowerCase().replace(/_/g, "");
+  const match = known.find((k) => squash(k) === squash(key)) ?? known.find((k) => k.endsWith(`_${key.toLowerCase()}`));
+  return match === undefined ? "" : ` (did you mean '${match}'?)`;
 }

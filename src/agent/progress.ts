@@ -1,12 +1,14 @@
 // Progress adapters: they subscribe to job events and translate them for people. Engines know none of them.
 // - Moonraker agent events (connection.send_event → notify_agent_event), throttled to 5 per second per job.
-// - Klipper console lines (RESPOND), the one channel Mainsail and Fluidd show. RESPOND needs Klipper connected;
-//   while it is stopped for flashing, warnings and the result wait in a small backlog and appear once it is back.
+// - Klipper console lines (RESPOND), the one channel Mainsail and Fluidd show. RESPOND needs Klipper up; lines
+//   that matter (warnings, results, notices) wait in an ordered queue while it is stopped or Moonraker restarts,
+//   and a line whose send fails is sent again, so the outcome of a job always reaches the console.
 
 import type { Logger } from "pino";
-import type { JobEvent } from "../core/events.js";
-import type { PrinterPort } from "../core/printer.js";
+import type { JobEvent, JobKind } from "../core/events.js";
+import type { PrinterPort, PrinterState } from "../core/printer.js";
 import { throttleProgress } from "../core/jobs.js";
+import { mcuUserName } from "../flash/mcu-name.js";
 
 export function agentEventAdapter(printer: PrinterPort, logger: Logger): (event: JobEvent) => void {
   return throttleProgress(
@@ -29,11 +31,57 @@ export function respondScript(message: string, type: "command" | "error" | "echo
   return `RESPOND TYPE=${type} MSG="${clean}"`;
 }
 
-const BACKLOG_LIMIT = 20;
+/** Lines kept while the console is unreachable; past it the oldest go, and the console is told how many. */
+const QUEUE_LIMIT = 50;
+const RETRY_MIN_MS = 500;
+const RETRY_MAX_MS = 10_000;
+
+type LineType = "command" | "error";
+
+/**
+ * RESPOND works once Klippy has left "startup" (ready, or error/shutdown: respond.py registers RESPOND for a
+ * printer that is not ready). While Klipper starts, Moonraker has not registered the printer endpoints yet and
+ * refuses printer.gcode.script.
+ */
+export function consoleReachable(state: PrinterState): boolean {
+  return state.moonrakerConnected && state.klippyConnected && ["ready", "error", "shutdown"].includes(state.klippyState);
+}
+
+/** A job's target as a console user types it: "toolhead" for the flash of [mcu toolhead] (FLASH_MCU MCU=toolhead). */
+function targetName(kind: JobKind, target: string): string {
+  return kind === "flash" ? mcuUserName(target) : target;
+}
+
+/** The console line a job's result becomes: what happened, in the words of someone at the printer. */
+export function resultLine(event: Extract<JobEvent, { type: "result" }>): { message: string; type: LineType } {
+  const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
+  if (!event.ok) return { message: `${who} failed [${event.code ?? "INTERNAL"}] ${event.message ?? ""}`.trim(), type: "error" };
+  const d = (event.details ?? {}) as Record<string, unknown>;
+  if (event.kind === "flash" && d.dry_run === true) {
+    const plan = (d.plan ?? {}) as Record<string, unknown>;
+    const methods = Array.isArray(d.methods) ? d.methods.join(" then ") : "";
+    return {
+      message: `${who}: dry run, nothing was stopped or written. It would flash ${String(d.firmware)} (${String(plan.firmware_bytes)} bytes) to ${String(d.device)} with ${methods}.`,
+      type: "command",
+    };
+  }
+  if (event.kind === "flash" && typeof d.method === "string") {
+    const seconds = typeof d.elapsed_ms === "number" ? ` in ${(d.elapsed_ms / 1000).toFixed(1)} s` : "";
+    const verified = d.verified === true ? ", verified" : "";
+    const klipper = d.klipper_restarted === true ? " Klipper is running again." : "";
+    return { message: `${who}: flashed with ${d.method}${seconds} (${String(d.bytes)} bytes${verified}).${klipper}`, type: "command" };
+  }
+  return { message: `${who}: done`, type: "command" };
+}
 
 export class ConsoleReporter {
-  private queue: Promise<void> = Promise.resolve();
-  private backlog: Array<{ message: string; type: "command" | "error" }> = [];
+  private readonly queue: Array<{ message: string; type: LineType }> = [];
+  private dropped = 0;
+  private sending = false;
+  private closed = false;
+  private retryTimer: NodeJS.Timeout | null = null;
+  private retryDelayMs = RETRY_MIN_MS;
+  private reachable: boolean;
   private lastQuarter = new Map<string, number>();
   private readonly unsubscribe: () => void;
 
@@ -41,25 +89,42 @@ export class ConsoleReporter {
     private readonly printer: PrinterPort,
     private readonly logger: Logger,
   ) {
+    this.reachable = consoleReachable(printer.state());
     this.unsubscribe = printer.onStateChange((state) => {
-      if (state.klippyConnected && state.klippyState !== "disconnected" && this.backlog.length) this.flush();
+      const reachable = consoleReachable(state);
+      // The console came back (Klipper ready, Moonraker reconnected): a pending retry need not wait its pause.
+      if (reachable && !this.reachable && this.retryTimer) {
+        clearTimeout(this.retryTimer);
+        this.retryTimer = null;
+        this.retryDelayMs = RETRY_MIN_MS;
+      }
+      this.reachable = reachable;
+      this.pump();
     });
   }
 
   close(): void {
+    this.closed = true;
     this.unsubscribe();
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.retryTimer = null;
   }
 
-  /** Job events → console lines: stages, progress at each quarter, warnings, errors and the result. */
+  /** Lines still waiting for the console (tests and status). */
+  get pending(): number {
+    return this.queue.length;
+  }
+
+  /** Job events → console lines: the stop of Klipper, progress at each quarter, warnings, results and notices. */
   readonly onJobEvent = (event: JobEvent): void => {
-    const who = `moonflash ${event.kind} [${event.target}]`;
+    const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
     switch (event.type) {
       case "stage":
-        if (event.stage === "started") {
-          // Said once, while the console still works: during a flash Klipper (and so RESPOND) is down.
-          const note = event.kind === "flash" ? " Klipper stops while the board is flashed. The result appears here when it is back." : "";
-          this.say(`${who}: started.${note}`, "command", false);
-        } else if (event.message) this.say(`${who}: ${event.message}`, "command", false);
+        if (event.stage === "started" && event.kind === "flash") this.say(`${who}: checking the board and the firmware`, "command", false);
+        else if (event.stage === "stop-klipper") {
+          // Pre-flight has passed and Klipper is about to stop; said while the console still works.
+          this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.`);
+        } else if (event.message && event.stage !== "start-klipper") this.say(`${who}: ${event.message}`, "command", false);
         break;
       case "progress": {
         if (event.total <= 0) break;
@@ -71,40 +136,67 @@ export class ConsoleReporter {
         break;
       }
       case "log":
-        if (event.level === "warn" || event.level === "error") this.say(`${who}: ${event.message}`, event.level === "error" ? "error" : "command", true);
+        if (event.level === "warn" || event.level === "error") this.say(`${who}: ${event.message}`, event.level === "error" ? "error" : "command");
         break;
-      case "result":
+      case "result": {
         for (const key of this.lastQuarter.keys()) if (key.startsWith(`${event.jobId}:`)) this.lastQuarter.delete(key);
-        this.say(event.ok ? `${who}: done` : `${who}: failed [${event.code}] ${event.message ?? ""}`, event.ok ? "command" : "error", true);
+        const line = resultLine(event);
+        this.say(line.message, line.type);
+        break;
+      }
+      case "notice":
+        this.say(`${who}: ${event.message}`);
         break;
     }
   };
 
-  /** Prints now when Klipper is connected; otherwise keeps lines that matter for later. */
-  say(message: string, type: "command" | "error" = "command", keepWhileDown = true): void {
-    const state = this.printer.state();
-    if (!state.klippyConnected || state.klippyState === "disconnected") {
-      if (keepWhileDown) {
-        this.backlog.push({ message, type });
-        if (this.backlog.length > BACKLOG_LIMIT) this.backlog.shift();
-      }
+  /**
+   * Queues a line for the console. `keep` false marks a line that only means something now (a progress step):
+   * it is shown if the console is reachable and otherwise skipped (logged), never queued for later.
+   */
+  say(message: string, type: LineType = "command", keep = true): void {
+    if (this.closed) return;
+    if (!keep && !consoleReachable(this.printer.state())) {
+      this.logger.debug({ message }, "console unreachable; progress line skipped");
       return;
     }
-    this.send(message, type);
+    this.queue.push({ message, type });
+    if (this.queue.length > QUEUE_LIMIT) {
+      const [lost] = this.queue.splice(0, 1);
+      this.dropped++;
+      this.logger.warn({ message: lost?.message }, "console queue full; the oldest line is not shown");
+    }
+    this.pump();
   }
 
-  private flush(): void {
-    const lines = this.backlog;
-    this.backlog = [];
-    for (const line of lines) this.send(line.message, line.type);
-  }
-
-  private send(message: string, type: "command" | "error"): void {
-    // One at a time, so lines keep their order in the console.
-    this.queue = this.queue.then(() =>
-      this.printer.gcode(respondScript(message, type)).catch((err: unknown) => {
-        this.logger.debug({ err, message }, "console line not delivered");
-      }),
-    );
+  /** Sends the head of the queue when the console is reachable; one at a time, so lines keep their order. */
+  private pump(): void {
+    if (this.closed || this.sending || this.retryTimer || this.queue.length === 0) return;
+    if (!consoleReachable(this.printer.state())) return;
+    if (this.dropped > 0) {
+      this.queue.unshift({ message: `moonflash: ${this.dropped} earlier console line(s) could not be shown. See moonflash.log`, type: "command" });
+      this.dropped = 0;
+    }
+    const line = this.queue[0]!;
+    this.sending = true;
+    this.printer.gcode(respondScript(line.message, line.type)).then(
+      () => {
+        if (this.queue[0] === line) this.queue.shift();
+        this.retryDelayMs = RETRY_MIN_MS;
+      },
+      (err: unknown) => {
+        // Kept at the head and sent again: Moonraker restarting or Klipper still starting refuses it for a while.
+        this.logger.debug({ err, message: line.message }, `console line not delivered; retrying in ${this.retryDelayMs} ms`);
+        if (this.closed) return;
+        this.retryTimer = setTimeout(() => {
+          this.retryTimer = null;
+          this.pump();
+        }, this.retryDelayMs);
+        this.retryDelayMs = Math.min(this.retryDelayMs * 2, RETRY_MAX_MS);
+      },
+    ).finally(() => {
+      this.sending = false;
+      this.pump();
+    });
   }
 }

@@ -5,12 +5,13 @@ import type { Logger } from "pino";
 import { loadConfig, type MoonflashConfig } from "../core/config.js";
 import { createLogger } from "../core/log.js";
 import { JobRunner, throttleProgress } from "../core/jobs.js";
-import { readJobLock } from "../core/lock.js";
+import { isProcessAlive, readJobLock } from "../core/lock.js";
 import { dataPaths } from "../core/paths.js";
 import { MoonflashError, toMoonflashError } from "../core/errors.js";
 import { initialPrinterState, type PrinterPort } from "../core/printer.js";
 import { AgentSession } from "../moonraker/session.js";
 import { FlashEngine } from "../flash/engine.js";
+import { readJournal } from "../flash/guard.js";
 import { endpointFromConfig } from "../agent/agent.js";
 import { AGENT_NAME, PROJECT_URL, VERSION } from "../version.js";
 import { ProgressRenderer } from "./render.js";
@@ -80,13 +81,20 @@ export async function runStatus(opts: { dataDir: string; json: boolean }): Promi
   try {
     const ctx = await context(opts.dataDir);
     const lock = await readJobLock(dataPaths(ctx.config.dataDir).lock);
-    const status = { running: lock, last: ctx.runner.history(undefined, 10) };
+    // A lock whose process is gone is no running job: a job killed with its process, cleared by recovery.
+    const running = lock && isProcessAlive(lock.pid) ? lock : null;
+    const staleLock = lock && !running ? lock : null;
+    const journal = await readJournal(ctx.config.dataDir);
+    const klipperRestartPending = journal?.restartPending === true || (journal !== null && !isProcessAlive(journal.pid));
+    const status = { running, stale_lock: staleLock, klipper_restart_pending: klipperRestartPending, last: ctx.runner.history(undefined, 10) };
     if (opts.json) {
       process.stdout.write(`${JSON.stringify(status)}\n`);
       return 0;
     }
-    if (lock) process.stdout.write(`running: ${lock.kind} job ${lock.jobId} on ${lock.target} (pid ${lock.pid}, since ${lock.startedAt})\n`);
+    if (running) process.stdout.write(`running: ${running.kind} job ${running.jobId} on ${running.target} (pid ${running.pid}, since ${running.startedAt})\n`);
     else process.stdout.write("running: nothing\n");
+    if (staleLock) process.stdout.write(`note: job ${staleLock.jobId} of process ${staleLock.pid} did not finish (that process is gone); the service records it as INTERRUPTED\n`);
+    if (klipperRestartPending) process.stdout.write(`note: ${journal?.klipperService ?? "klipper"} is still to be started after job ${journal?.jobId}; the moonflash service keeps trying\n`);
     if (!status.last.length) process.stdout.write("no jobs have run yet\n");
     for (const job of status.last) {
       const outcome = job.ok ? "ok" : `FAILED ${job.code}: ${job.message}`;

@@ -22,6 +22,8 @@ export type JobEvent = JobEventBase &
     | { type: "progress"; done: number; total: number; unit: ProgressUnit; phase?: string }
     | { type: "log"; level: LogLevel; message: string }
     | { type: "result"; ok: boolean; code?: ErrorCode; message?: string; details?: unknown }
+    /** Something people should learn about a job after its result, e.g. Klipper started again later. */
+    | { type: "notice"; message: string }
   );
 
 export type JobEventType = JobEvent["type"];

@@ -71,7 +71,7 @@ export function makeJobId(kind: JobKind, at: Date): string {
 function cancelledError(jobId: string, cause?: unknown): MoonflashError {
   return new MoonflashError(
     "CANCELLED",
-    `Job ${jobId} was cancelled before anything was written; start it again when ready.`,
+    "The job was cancelled before anything was written; start it again when ready.",
     { jobId },
     cause === undefined ? undefined : { cause },
   );
@@ -225,7 +225,7 @@ export class JobRunner {
       const reason = job.cancelReason ?? "the job is at a step that must finish";
       throw new MoonflashError(
         "CANCEL_REFUSED",
-        `Job ${job.info.jobId} cannot be cancelled now: ${reason}. Wait for it to finish.`,
+        `The ${job.info.kind} job on ${job.info.target} cannot be cancelled now: ${reason}. Wait for it to finish.`,
         { jobId: job.info.jobId, reason },
       );
     }
@@ -250,7 +250,10 @@ export class JobRunner {
     };
   }
 
-  /** Records a job the previous process did not finish (it died) as failed with INTERRUPTED. */
+  /**
+   * Records a job the previous process did not finish (it died) as failed with INTERRUPTED, and tells listeners
+   * through a result event, as if the job had ended now.
+   */
   async interrupted(record: InterruptedJob): Promise<void> {
     const message =
       record.message ?? "moonflash stopped while this job ran; check the device and run the job again.";
@@ -270,9 +273,16 @@ export class JobRunner {
       this.logger,
     );
     this.logger.warn({ jobId: record.id, kind: record.kind, target: record.target }, `interrupted job recorded: ${message}`);
+    this.emit({ ...this.base({ jobId: record.id, kind: record.kind, target: record.target }), type: "result", ok: false, code: "INTERRUPTED", message });
   }
 
-  private base(info: JobLockInfo): { jobId: string; kind: JobKind; target: string; ts: string } {
+  /** Tells listeners something about a job that has ended (e.g. Klipper started again later). */
+  notice(job: { id: string; kind: JobKind; target: string }, message: string): void {
+    this.logger.info({ jobId: job.id, kind: job.kind, target: job.target }, message);
+    this.emit({ ...this.base({ jobId: job.id, kind: job.kind, target: job.target }), type: "notice", message });
+  }
+
+  private base(info: Pick<JobLockInfo, "jobId" | "kind" | "target">): { jobId: string; kind: JobKind; target: string; ts: string } {
     return { jobId: info.jobId, kind: info.kind, target: info.target, ts: this.now().toISOString() };
   }
 

@@ -64,10 +64,28 @@ export async function readJobLock(path: string): Promise<JobLockInfo | null> {
   }
 }
 
+/** Removes a lock whose owner process is gone (a job killed with the agent); returns what it held, or null. */
+export async function clearStaleJobLock(path: string): Promise<JobLockInfo | null> {
+  let text: string;
+  try {
+    text = await readFile(path, "utf8");
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return null;
+    throw toMoonflashError(err);
+  }
+  const owner = parseLockInfo(text);
+  if (owner && (owner.pid === process.pid || isProcessAlive(owner.pid))) return null;
+  // Only what was judged: a lock a new job took meanwhile survives.
+  if ((await readFile(path, "utf8").catch(() => null)) !== text) return null;
+  await removeDurable(path);
+  return owner;
+}
+
 export function busyError(info: JobLockInfo): MoonflashError {
   return new MoonflashError(
     "BUSY",
-    `${info.kind} job ${info.jobId} on ${info.target} is running (pid ${info.pid}, since ${info.startedAt}); wait for it or cancel it`,
+    // The job id stays in details (and logs): a console reader knows the job by what it acts on.
+    `${info.kind === "ota" ? "An OTA" : "A flash"} job on ${info.target} is running (pid ${info.pid}, since ${info.startedAt}); wait for it or cancel it`,
     { ...info },
   );
 }

@@ -3,7 +3,8 @@
 // `flash.mcu` (agent) and `moonflash flash` (CLI) both call it; it knows the printer only as a PrinterPort.
 
 import { existsSync } from "node:fs";
-import { readFile, realpath, stat } from "node:fs/promises";
+import type { Stats } from "node:fs";
+import { readFile, readlink, realpath, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import type { Logger } from "pino";
 import type { McuConfig, MoonflashConfig } from "../core/config.js";
@@ -16,6 +17,8 @@ import type { CanbusNode, McuInfo, PrinterPort } from "../core/printer.js";
 import { discoverCanNodes, discoverDevices, mapDevicesToMcus, type DiscoveredDevice, type DiscoverOptions } from "./discovery.js";
 import { assertNotPrinting, withKlipperStopped } from "./guard.js";
 import { KatapultFlasher } from "./katapult/flasher.js";
+import { mcuFlash } from "./mcu-flash.js";
+import { mcuUserName } from "./mcu-name.js";
 import { FlashtoolFlasher } from "./methods/flashtool.js";
 import { MakeFlasher } from "./methods/make.js";
 import { WchispFlasher } from "./methods/wchisp.js";
@@ -34,8 +37,14 @@ const MCU_DEFAULTS = {
 /** Methods tried when neither the request nor moonflash.conf names one. */
 const AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"] } as const satisfies Record<string, readonly FlashMethodName[]>;
 
-/** Failures after which another method must not run: the user stopped it, or the image is wrong for the board. */
-const FINAL_CODES: ReadonlySet<ErrorCode> = new Set(["CANCELLED", "PRINTER_BUSY", "MCU_MISMATCH"]);
+/**
+ * Failures after which another method must not run: the user stopped it, or the image is wrong for the board (built
+ * for another MCU, or larger than its flash: another method would write it just as truncated).
+ */
+const FINAL_CODES: ReadonlySet<ErrorCode> = new Set(["CANCELLED", "PRINTER_BUSY", "MCU_MISMATCH", "FIRMWARE_TOO_LARGE"]);
+
+/** How a macro user and a CLI user give the image, for messages both may read. */
+const FIRMWARE_PARAM_HINT = "give its path with FIRMWARE= (macro) or --firmware (CLI)";
 
 export interface FlashParams {
   /** "mcu", "toolhead" or "mcu toolhead". */
@@ -171,20 +180,23 @@ function parseMethods(value: string | string[]): FlashMethodName[] {
   return [...new Set(names)] as FlashMethodName[];
 }
 
-/** Checks the image before anything is touched; returns its size. */
-async function checkFirmware(path: string, flashSize: number | null): Promise<number> {
+/**
+ * Checks the image before anything is touched; returns its size. Its size is compared with `flash_size:` when
+ * moonflash.conf gives one, else with the flash Klipper's Kconfig gives the expected MCU type (mcu-flash.ts).
+ */
+async function checkFirmware(path: string, flashSize: number | null, expectedMcuType: string | null, section: string): Promise<number> {
   let size: number;
   try {
     const s = await stat(path);
     if (!s.isFile()) {
-      throw new MoonflashError("FIRMWARE_NOT_FOUND", `The firmware ${path} is not a file. Give the path of the built image (e.g. out/klipper.bin).`, { firmware: path });
+      throw new MoonflashError("FIRMWARE_NOT_FOUND", `The firmware ${path} is not a file. Give the path of the built image (e.g. out/klipper.bin): ${FIRMWARE_PARAM_HINT}.`, { firmware: path });
     }
     size = s.size;
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === "ENOENT") {
       throw new MoonflashError(
         "FIRMWARE_NOT_FOUND",
-        `The firmware ${path} does not exist. Build it first (make in the Klipper tree) or give its path with firmware=.`,
+        `The firmware ${path} does not exist. Build it first (make in the Klipper tree) or ${FIRMWARE_PARAM_HINT}.`,
         { firmware: path },
       );
     }
@@ -193,11 +205,29 @@ async function checkFirmware(path: string, flashSize: number | null): Promise<nu
   if (size === 0) {
     throw new MoonflashError("FIRMWARE_EMPTY", `The firmware ${path} is empty. Rebuild it; an interrupted build leaves an empty file.`, { firmware: path });
   }
-  if (flashSize !== null && size > flashSize) {
+  if (flashSize !== null) {
+    if (size > flashSize) {
+      throw new MoonflashError(
+        "FIRMWARE_TOO_LARGE",
+        `The firmware ${path} is ${size} bytes but the MCU has ${flashSize} bytes for the application. Check the build's MCU and bootloader offset, or flash_size in moonflash.conf.`,
+        { firmware: path, bytes: size, flashSize, source: "moonflash.conf flash_size" },
+      );
+    }
+    return size;
+  }
+  const chip = expectedMcuType ? mcuFlash(expectedMcuType) : undefined;
+  if (chip && size > chip.flashSize) {
+    // The bootloader's offset is known only once it answers (Katapult CONNECT), after Klipper is stopped: here the
+    // image can only be compared with the whole flash; the Katapult flasher checks the room after the bootloader.
+    const limit = chip.wholeFlash
+      ? `${expectedMcuType} has only ${chip.flashSize} bytes of flash in all`
+      : `a Klipper build for ${expectedMcuType} holds at most ${chip.flashSize} bytes`;
     throw new MoonflashError(
       "FIRMWARE_TOO_LARGE",
-      `The firmware ${path} is ${size} bytes but the MCU has ${flashSize} bytes for the application. Check the build's MCU and bootloader offset, or flash_size in moonflash.conf.`,
-      { firmware: path, bytes: size, flashSize },
+      `The firmware ${path} is ${size} bytes but ${limit} (FLASH_SIZE in ${chip.source}), before counting the bootloader, ` +
+        `whose size is known only once it answers. Nothing was stopped or written. Build the firmware for this board ` +
+        `(make menuconfig: processor model), or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf.`,
+      { firmware: path, bytes: size, flashSize: chip.flashSize, mcuType: expectedMcuType, source: chip.source },
     );
   }
   return size;
@@ -205,24 +235,45 @@ async function checkFirmware(path: string, flashSize: number | null): Promise<nu
 
 /**
  * A serial path is accepted only when what it really points to is a character device under /dev: a pty
- * symlink anywhere is fine (it resolves to /dev/pts/N), a link to /etc/passwd or a plain file is not.
+ * symlink anywhere is fine (it resolves to /dev/pts/N), a link to /etc/passwd or a plain file is not. A path that
+ * resolves to nothing (missing, or a link whose target is gone, as a /dev/serial/by-id link is while its board is
+ * unplugged) is a missing device wherever it is: DEVICE_NOT_FOUND, not PATH_REJECTED.
  */
 async function checkDevicePath(path: string): Promise<string> {
   const absolute = resolve(path);
+  const missing = (extra: { linkTarget?: string; realPath?: string }, cause: unknown): MoonflashError =>
+    new MoonflashError(
+      "DEVICE_NOT_FOUND",
+      `The serial device ${path} is not present${extra.linkTarget ? ` (it is a link to ${extra.linkTarget}, which does not exist)` : ""}. ` +
+        `Check the USB cable, that the board is powered and the serial: path; flash.devices (MOONFLASH_DEVICES) lists what is connected.`,
+      { device: path, ...extra },
+      { cause },
+    );
   let real: string;
   try {
     real = await realpath(absolute);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT" && absolute.startsWith("/dev/")) {
-      throw new MoonflashError(
-        "DEVICE_NOT_FOUND",
-        `The serial device ${path} is not present. Check the USB cable and that the board is powered; see flash.devices for what is connected.`,
-        { device: path },
-      );
+    const errno = (err as NodeJS.ErrnoException).code;
+    if (errno === "ENOENT" || errno === "ENOTDIR") {
+      const linkTarget = await readlink(absolute).catch(() => null);
+      throw missing(linkTarget ? { linkTarget } : {}, err);
     }
-    throw new MoonflashError("PATH_REJECTED", `The serial device ${path} is not a device under /dev. Use the board's /dev/serial/by-id or /dev/serial/by-path link.`, { device: path });
+    // ELOOP (a link cycle), EACCES: something is there, but not a device moonflash can use.
+    throw new MoonflashError(
+      "PATH_REJECTED",
+      `The serial device ${path} cannot be resolved (${errno ?? (err as Error).message}). Use the board's /dev/serial/by-id or /dev/serial/by-path link.`,
+      { device: path, errno },
+      { cause: err },
+    );
   }
-  const s = await stat(real);
+  let s: Stats;
+  try {
+    s = await stat(real);
+  } catch (err) {
+    // Unplugged between realpath and stat.
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") throw missing({ realPath: real }, err);
+    throw toMoonflashError(err);
+  }
   if (!real.startsWith("/dev/") || !s.isCharacterDevice()) {
     throw new MoonflashError(
       "PATH_REJECTED",
@@ -445,11 +496,15 @@ export class FlashEngine {
     const own: McuConfig | undefined = this.config.mcus[section];
     if (!klipper && !own) {
       const known = [...new Set([...klipperMcus.map((m) => m.section), ...Object.keys(this.config.mcus)])].sort();
+      // Listed as typed: section "mcu toolhead" is FLASH_MCU MCU=toolhead / moonflash flash toolhead.
+      const names = known.map(mcuUserName);
+      const example = names.find((n) => n !== "mcu") ?? names[0] ?? "NAME";
       throw new MoonflashError(
         "UNKNOWN_MCU",
-        `Unknown MCU '${params.mcu}'. Known MCUs: ${known.join(", ") || "none"}. ` +
-          `Use one of these, or add an [${section}] section with serial: or canbus_uuid: to moonflash.conf.`,
-        { mcu: params.mcu, known },
+        `Unknown MCU '${params.mcu}'. Known MCUs: ${names.join(", ") || "none"}. ` +
+          `Use one of these names (e.g. FLASH_MCU MCU=${example} in a macro, moonflash flash ${example} on the command line), ` +
+          `or add an [${section}] section with serial: or canbus_uuid: to moonflash.conf.`,
+        { mcu: params.mcu, known, names },
       );
     }
 
@@ -469,9 +524,9 @@ export class FlashEngine {
 
     const methods = params.method !== undefined ? parseMethods(params.method) : (own?.method ?? [...(serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus)]);
     const firmware = resolve(params.firmware ?? own?.firmware ?? join(this.config.moonflash.klipper_path, "out", "klipper.bin"));
-    const firmwareBytes = await checkFirmware(firmware, own?.flash_size ?? null);
-    const deviceRealPath = serial ? await checkDevicePath(serial) : null;
     const expectedMcuType = own?.mcu_type ?? klipper?.mcuType ?? null;
+    const firmwareBytes = await checkFirmware(firmware, own?.flash_size ?? null, expectedMcuType, section);
+    const deviceRealPath = serial ? await checkDevicePath(serial) : null;
 
     const target: FlashTarget = {
       mcu: section,

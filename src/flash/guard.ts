@@ -7,9 +7,10 @@ import type { Logger } from "pino";
 import type { JobKind } from "../core/events.js";
 import type { JobRunner } from "../core/jobs.js";
 import { dataPaths } from "../core/paths.js";
-import type { PrinterPort } from "../core/printer.js";
+import type { PrinterPort, PrinterState } from "../core/printer.js";
 import { writeFileDurable, removeDurable } from "../core/durable.js";
 import { MoonflashError, toMoonflashError, type ErrorCode } from "../core/errors.js";
+import { clearStaleJobLock, isProcessAlive } from "../core/lock.js";
 
 /** What the journal file holds while Klipper is stopped for a job. */
 export interface FlashJournal {
@@ -21,9 +22,14 @@ export interface FlashJournal {
   startedAt: string;
   klipperService: string;
   klipperWasRunning: boolean;
+  /**
+   * The job itself has ended (its result is recorded), but Klipper could not be confirmed started: only the start
+   * is left to do, and recovery must not record the job a second time.
+   */
+  restartPending?: boolean;
 }
 
-export type KlipperRestart = { ok: true } | { ok: false; code: ErrorCode; message: string };
+export type KlipperRestart = { ok: true } | { ok: false; code: ErrorCode; message: string; pending: true };
 
 export interface GuardOptions {
   jobId: string;
@@ -108,20 +114,12 @@ export async function readJournal(dataDir: string): Promise<FlashJournal | null>
   );
 }
 
-function processAlive(pid: number): boolean {
-  if (pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
-
 /**
  * Runs `work` with Klipper stopped. Order: printing check, durable journal, stop (waits for inactive), work,
- * then always: start Klipper again if it ran before, remove the journal. SIGINT/SIGTERM during the guard
- * abort `work`'s signal and are re-raised once Klipper is back, so Ctrl-C never leaves the printer down.
+ * then always: bring Klipper back if it ran before (across Moonraker restarts, see bringKlipperBack). The journal
+ * goes only once Klipper is confirmed started; otherwise it stays, marked restartPending, and the agent's recovery
+ * keeps starting Klipper. SIGINT/SIGTERM during the guard abort `work`'s signal and are re-raised once Klipper is
+ * back, so Ctrl-C never leaves the printer down.
  */
 export async function withKlipperStopped<T>(
   printer: PrinterPort,
@@ -170,7 +168,12 @@ export async function withKlipperStopped<T>(
       if (klipperWasRunning) {
         logger.info(`stopping ${klipperService}`);
         opts.onStage?.("stop-klipper", `stopping ${klipperService}`);
-        await printer.stopService(klipperService, opts.serviceTimeoutMs);
+        try {
+          await printer.stopService(klipperService, opts.serviceTimeoutMs);
+        } catch (err) {
+          const e = toMoonflashError(err, "SERVICE_FAILED");
+          throw new MoonflashError(e.code, `Stopping Klipper did not complete, so nothing was written to the board: ${e.message}`, e.details, { cause: e });
+        }
       }
       // A signal that came while Klipper was stopping: do not start the work at all.
       if (shutdown.signal.aborted) throw shutdown.signal.reason;
@@ -179,23 +182,42 @@ export async function withKlipperStopped<T>(
       const error = toMoonflashError(err);
       klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
       if (klipperRestart) error.details.klipperRestart = klipperRestart;
+      if (klipperRestart && !klipperRestart.ok) {
+        throw new MoonflashError(error.code, `${error.message} ${stillStoppedNote(klipperService)}`, error.details, { cause: error });
+      }
       throw error;
     }
     klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
     if (klipperRestart && !klipperRestart.ok) {
       throw new MoonflashError(
         klipperRestart.code,
-        `The ${opts.kind} job finished, but Klipper did not start again: ${klipperRestart.message} ` +
-          `Start it from the web UI (Machine → Services → ${klipperService}) or with \`sudo systemctl start ${klipperService}\`.`,
+        `The ${opts.kind} job finished, but moonflash could not confirm that Klipper runs: ${klipperRestart.message} ${stillStoppedNote(klipperService)}`,
         { klipperRestart, result: value },
       );
     }
     return { value, klipperWasRunning, klipperRestart };
   } finally {
-    await removeDurable(journalPath).catch((err: unknown) => logger.error({ err }, `could not remove the journal ${journalPath}`));
+    await settleJournal(journalPath, journal, klipperRestart, logger);
     for (const [signal, handler] of handlers) process.removeListener(signal, handler);
     // Re-raise only when nobody else listens: then the default action (exit by that signal) is what the user asked for.
     if (caughtSignal && process.listenerCount(caughtSignal) === 0) process.kill(process.pid, caughtSignal);
+  }
+}
+
+function stillStoppedNote(service: string): string {
+  return (
+    `moonflash keeps checking, starts ${service} if it is stopped and says so here once it runs; ` +
+    `you can also start it from the web UI (Machine → Services → ${service}) or with \`sudo systemctl start ${service}\`.`
+  );
+}
+
+/** The journal goes once Klipper runs (or never had to); otherwise only the start is left to recover. */
+async function settleJournal(path: string, journal: FlashJournal, restart: KlipperRestart | null, logger: Logger): Promise<void> {
+  try {
+    if (restart === null || restart.ok) await removeDurable(path);
+    else await writeFileDurable(path, `${JSON.stringify({ ...journal, restartPending: true }, null, 2)}\n`);
+  } catch (err) {
+    logger.error({ err }, `could not update the journal ${path}`);
   }
 }
 
@@ -215,16 +237,103 @@ async function restartKlipper(
   opts: GuardOptions,
 ): Promise<KlipperRestart | null> {
   if (!wasRunning) return null;
-  try {
-    opts.logger.info(`starting ${service}`);
-    opts.onStage?.("start-klipper", `starting ${service}`);
-    await printer.startService(service, opts.serviceTimeoutMs);
-    return { ok: true };
-  } catch (err) {
-    const e = toMoonflashError(err, "SERVICE_FAILED");
-    opts.logger.error({ err: e }, `could not start ${service} again: ${e.message}`);
-    return { ok: false, code: e.code, message: e.message };
+  opts.logger.info(`starting ${service}`);
+  opts.onStage?.("start-klipper", `starting ${service}`);
+  const outcome = await bringKlipperBack(printer, service, { timeoutMs: opts.serviceTimeoutMs, logger: opts.logger });
+  if (!outcome.ok) opts.logger.error({ outcome }, `could not start ${service} again yet: ${outcome.message}`);
+  return outcome;
+}
+
+/** Fresh waits granted when Moonraker comes back, so a flapping Moonraker cannot hold a job forever. */
+const MAX_FRESH_WAITS = 3;
+/** Pause before asking again after Moonraker refused the start, or a request failed while still connected. */
+const RETRY_PAUSE_MS = 1000;
+
+const serviceActive = (state: PrinterState, service: string): boolean => state.services[service]?.active_state === "active";
+/** systemd says "activating"; Moonraker's supervisord provider reports a starting program as inactive/starting. */
+const serviceStarting = (state: PrinterState, service: string): boolean => {
+  const unit = state.services[service];
+  return unit?.active_state === "activating" || unit?.sub_state === "starting";
+};
+/** Klippy left "startup": ready, or error/shutdown (e.g. another MCU still outdated), which Klipper itself shows. */
+const klippyUp = (state: PrinterState): boolean =>
+  state.moonrakerConnected && state.klippyConnected && state.klippyState !== "startup" && state.klippyState !== "disconnected";
+
+/** Resolves true once `pred` holds for the printer's state, false after `timeoutMs`. */
+function waitForPrinter(printer: PrinterPort, pred: (state: PrinterState) => boolean, timeoutMs: number): Promise<boolean> {
+  if (pred(printer.state())) return Promise.resolve(true);
+  if (timeoutMs <= 0) return Promise.resolve(false);
+  return new Promise((resolve) => {
+    const finish = (value: boolean): void => {
+      clearTimeout(timer);
+      off();
+      resolve(value);
+    };
+    const timer = setTimeout(() => finish(false), timeoutMs);
+    const off = printer.onStateChange((state) => {
+      if (pred(state)) finish(true);
+    });
+  });
+}
+
+const pause = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)));
+
+/**
+ * Gets Klipper's service running again, whatever Moonraker does meanwhile. Without a connection it waits for the
+ * reconnect; after every (re)connect it judges by the service state Moonraker reports (a start that went through
+ * while the connection dropped counts as started); only a stopped service is started. Success is the service
+ * active; Klippy leaving "startup" is then awaited within the same time, so the console works again. Each return
+ * of Moonraker grants a fresh `timeoutMs` (at most MAX_FRESH_WAITS times). Never throws.
+ */
+export async function bringKlipperBack(
+  printer: PrinterPort,
+  service: string,
+  opts: { timeoutMs: number; logger: Logger },
+): Promise<KlipperRestart> {
+  const { timeoutMs, logger } = opts;
+  let deadline = Date.now() + timeoutMs;
+  let freshWaits = 0;
+  let last: MoonflashError | null = null;
+  for (;;) {
+    const remaining = deadline - Date.now();
+    if (remaining <= 0) break;
+    if (!printer.state().moonrakerConnected) {
+      logger.warn(`Moonraker is not connected; waiting for it to start ${service}`);
+      if (!(await waitForPrinter(printer, (s) => s.moonrakerConnected, remaining))) {
+        last = new MoonflashError(
+          "MOONRAKER_UNAVAILABLE",
+          `Moonraker was not reachable for ${Math.round(timeoutMs / 1000)} s, so ${service} could not be started.`,
+          { service },
+        );
+        break;
+      }
+      if (freshWaits++ < MAX_FRESH_WAITS) deadline = Date.now() + timeoutMs;
+      continue;
+    }
+    if (serviceStarting(printer.state(), service)) {
+      // A start already under way (ours, sent before the connection dropped): wait for it instead of starting twice.
+      await waitForPrinter(printer, (s) => !s.moonrakerConnected || !serviceStarting(s, service), deadline - Date.now());
+      continue;
+    }
+    if (serviceActive(printer.state(), service)) {
+      if (!(await waitForPrinter(printer, klippyUp, deadline - Date.now()))) {
+        logger.warn(`${service} runs but Klipper has not reported ready or an error yet`);
+      }
+      return { ok: true };
+    }
+    try {
+      await printer.startService(service, remaining);
+      return { ok: true };
+    } catch (err) {
+      last = toMoonflashError(err, "SERVICE_FAILED");
+      logger.warn({ code: last.code }, `starting ${service} did not complete: ${last.message}`);
+      if (last.code === "SERVICE_TIMEOUT") break;
+      // MOONRAKER_UNAVAILABLE: the connection dropped mid-request; the loop waits for it and asks the real state.
+      if (printer.state().moonrakerConnected) await pause(Math.min(RETRY_PAUSE_MS, deadline - Date.now()));
+    }
   }
+  const reason = last ?? new MoonflashError("SERVICE_TIMEOUT", `${service} did not start within ${Math.round(timeoutMs / 1000)} s.`);
+  return { ok: false, code: reason.code, message: reason.message, pending: true };
 }
 
 export interface RecoveryOutcome {
@@ -233,35 +342,48 @@ export interface RecoveryOutcome {
 }
 
 /**
- * At agent start: a journal means a job was killed while Klipper was stopped. Start Klipper (when it ran),
- * record the job as INTERRUPTED, remove the journal. A journal whose process is still alive belongs to a job
- * running right now (e.g. a CLI flash) and is left alone. Throws when Klipper cannot be started, keeping the
- * journal so the next attempt tries again.
+ * Finishes what a journal promises: Klipper started again. Two cases:
+ * - the job's process died with Klipper stopped (SIGKILL, power): start Klipper, clear the dead process's job
+ *   lock, record the job as INTERRUPTED (its result event tells the console);
+ * - the job ended but could not start Klipper (restartPending): start it and say so (a notice event).
+ * A journal whose process is still alive belongs to a job running right now (e.g. a CLI flash) and is left alone.
+ * Throws when Klipper cannot be started yet, keeping the journal so the next attempt tries again.
  */
 export async function recoverInterruptedJob(
   dataDir: string,
   printer: PrinterPort,
-  runner: Pick<JobRunner, "interrupted">,
+  runner: Pick<JobRunner, "interrupted" | "notice">,
   logger: Logger,
   opts: { serviceTimeoutMs?: number } = {},
 ): Promise<RecoveryOutcome | null> {
   const journal = await readJournal(dataDir);
   if (!journal) return null;
-  if (journal.pid !== process.pid && processAlive(journal.pid)) {
+  const paths = dataPaths(dataDir);
+  if (journal.pid !== process.pid && isProcessAlive(journal.pid) && !journal.restartPending) {
     logger.info({ journal }, `job ${journal.jobId} is still running in process ${journal.pid}; nothing to recover`);
     return null;
   }
-  logger.warn({ journal }, `job ${journal.jobId} on ${journal.target} was interrupted while Klipper was stopped; recovering`);
+  logger.warn({ journal }, journal.restartPending
+    ? `Klipper is still to be started after job ${journal.jobId}; starting it`
+    : `job ${journal.jobId} on ${journal.target} was interrupted while Klipper was stopped; recovering`);
   if (journal.klipperWasRunning) {
-    await printer.startService(journal.klipperService, opts.serviceTimeoutMs ?? 90_000);
-    logger.info(`started ${journal.klipperService} again after the interrupted job`);
+    const restart = await bringKlipperBack(printer, journal.klipperService, { timeoutMs: opts.serviceTimeoutMs ?? 90_000, logger });
+    if (!restart.ok) throw new MoonflashError(restart.code, restart.message, { journal });
+    logger.info(`started ${journal.klipperService} again after job ${journal.jobId}`);
   }
-  await runner.interrupted({
-    id: journal.jobId,
-    kind: journal.kind,
-    target: journal.target,
-    startedAt: journal.startedAt,
-  });
-  await removeDurable(dataPaths(dataDir).journal);
+  const stale = await clearStaleJobLock(paths.lock);
+  if (stale) logger.info({ lock: stale }, `removed the job lock of the dead process ${stale.pid}`);
+  const ref = { id: journal.jobId, kind: journal.kind, target: journal.target, startedAt: journal.startedAt };
+  if (journal.restartPending) {
+    runner.notice(ref, `Klipper is running again (moonflash could not confirm it when this ${journal.kind} job ended).`);
+  } else {
+    const started = journal.klipperWasRunning ? " Klipper was started again." : "";
+    await runner.interrupted({
+      ...ref,
+      message: `moonflash stopped while this ${journal.kind} job ran (started ${journal.startedAt}).${started} ` +
+        "The board may hold a partial image and wait in its bootloader: run the same flash again.",
+    });
+  }
+  await removeDurable(paths.journal);
   return { journal, klipperStarted: journal.klipperWasRunning };
 }

@@ -29,7 +29,7 @@ export interface FlashTarget {
   /** OUT for `make flash` (ends with "/"). */
   outDir?: string;
   wchispTransport: "usb" | "serial";
-  /** Bytes available to the application (config `flash_size`), when known. */
+  /** The chip's whole flash (config `flash_size`), when configured; the bootloader's share is subtracted after CONNECT. */
   flashSize?: number | null;
   /** Per-attempt timeout in milliseconds. */
   timeoutMs: number;

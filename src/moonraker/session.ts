@@ -335,6 +335,10 @@ export class AgentSession implements PrinterPort {
     this.connectionId = null;
     this.stopKlippyPoll();
     this.tracker.moonrakerLost();
+    // A service wait cannot be judged without Moonraker: its caller asks the real state after the reconnect.
+    for (const waiter of [...this.waiters]) {
+      waiter.reject(unavailable("the Moonraker connection closed while waiting for a service to change state"));
+    }
     if (wasIdentified) {
       if (this.running) {
         this.log.warn({ endpoint: this.endpointName, err: error }, "lost the Moonraker connection; reconnecting");

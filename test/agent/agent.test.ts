@@ -67,8 +67,8 @@ describe("agent over the unix socket", () => {
   it("answers flash.status, ota.status and agent.info through server.extensions.request with non-null results", async () => {
     await startAgent();
     const web = await moonraker.connectClient({ transport: "ws" });
-    expect(await web.call("server.extensions.request", { agent: "moonflash", method: "flash.status" })).toEqual({ current: null, other: null, last: [] });
-    expect(await web.call("server.extensions.request", { agent: "moonflash", method: "ota.status" })).toEqual({ current: null, other: null, last: [] });
+    expect(await web.call("server.extensions.request", { agent: "moonflash", method: "flash.status" })).toEqual({ current: null, other: null, last: [], klipper_start_pending: null });
+    expect(await web.call("server.extensions.request", { agent: "moonflash", method: "ota.status" })).toEqual({ current: null, other: null, last: [], klipper_start_pending: null });
     const info = (await web.call("server.extensions.request", { agent: "moonflash", method: "agent.info" })) as { methods: Array<{ name: string }> };
     expect(info).toMatchObject({ name: "moonflash", moonraker: { connected: true }, klipper: { state: "ready", service: "klipper" } });
     expect(info.methods.map((m) => m.name)).toContain("flash.mcu");
@@ -190,7 +190,7 @@ describe("agent over the unix socket", () => {
     await new Promise<void>((resolve) => board!.once("block", () => resolve()));
     const err = await expectAgentError(web.call("server.extensions.request", { agent: "moonflash", method: "flash.mcu", arguments: { mcu: "mcu" } }));
     expect(err.data).toMatchObject({ data: { code: "BUSY" } });
-    expect((err.data as { message: string }).message).toMatch(/flash job flash-\S+ on mcu is running/);
+    expect((err.data as { message: string }).message).toMatch(/^A flash job on mcu is running \(pid \d+, since /);
     const result = (await first) as Record<string, unknown>;
     expect(result).toMatchObject({ mcu: "mcu", method: "katapult", verified: true, bytes: image.length, klipper_restarted: true });
 
@@ -208,9 +208,17 @@ describe("agent over the unix socket", () => {
     expect(progress.length).toBeLessThanOrEqual(Math.ceil(seconds * 5) + 4);
     expect(events.filter((e) => e.event === "flash.result")).toEqual([expect.objectContaining({ data: expect.objectContaining({ ok: true }) })]);
 
-    // The console: a note before Klipper stops, and the outcome (kept while Klipper was down) once it is back.
-    await moonraker.waitFor(() => moonraker.consoleLines.includes("// moonflash flash [mcu]: done"), 5000);
-    expect(moonraker.consoleLines[0]).toBe("// moonflash flash [mcu]: started. Klipper stops while the board is flashed. The result appears here when it is back.");
+    // The console: the check, a note once pre-flight passed and Klipper is about to stop, and the result line
+    // (kept while Klipper was down) once it is back; no "done" and no job id.
+    const resultLine = new RegExp(`^// moonflash: flash mcu: flashed with katapult in \\d+\\.\\d s \\(${image.length} bytes, verified\\)\\. Klipper is running again\\.$`);
+    await moonraker.waitFor(() => moonraker.consoleLines.some((l) => resultLine.test(l)), 5000);
+    const ours = moonraker.consoleLines.filter((l) => l.includes("moonflash"));
+    expect(ours.slice(0, 2)).toEqual([
+      "// moonflash: flash mcu: checking the board and the firmware",
+      "// moonflash: flash mcu: stopping Klipper to flash the board. The result appears here when Klipper is back.",
+    ]);
+    expect(ours.at(-1)).toMatch(resultLine);
+    expect(ours.filter((l) => / done$|flash-\d{8}T/.test(l))).toEqual([]);
     expect(board.model.flash.subarray(0, image.length).equals(image)).toBe(true);
     expect(moonraker.serviceActions.map((a) => `${a.action} ${a.service}`)).toEqual(["stop klipper", "start klipper"]);
     const history = JSON.parse(await readFile(join(dir, "moonflash", "history.json"), "utf8"));

@@ -55,7 +55,7 @@ describe("moonflash CLI", () => {
   it("status shows nothing running and an empty history on a fresh data dir", async () => {
     const result = await cli(["status", "--data", dir, "--json"]);
     expect(result.exitCode).toBe(0);
-    expect(JSON.parse(result.stdout)).toEqual({ running: null, last: [] });
+    expect(JSON.parse(result.stdout)).toEqual({ running: null, stale_lock: null, klipper_restart_pending: false, last: [] });
   });
 
   it("serve keeps retrying a missing socket with backoff: no crash, one warning, not a log line per attempt", async () => {
@@ -154,7 +154,7 @@ describe("moonflash CLI", () => {
       const result = await cli(["flash", "mcu", "--data", dir]);
       expect(result.exitCode).toBe(1);
       expect(result.stderr).toContain("[BUSY]");
-      expect(result.stderr).toContain("ota-test-1");
+      expect(result.stderr).toContain("An OTA job on host is running");
       expect(moonraker.serviceActions).toEqual([]);
     });
 

@@ -69,6 +69,12 @@ it("SIGKILL mid-flash, then restart: Klipper is started again and the job is rec
   expect(await exists(join(dir, "moonflash", "journal.json"))).toBe(true);
   expect(await exists(join(dir, "moonflash", "job.lock"))).toBe(true);
 
+  // `moonflash status` never shows the dead process's job as running.
+  const status1 = await execa("node", ["--import", "tsx", join(repo, "src/cli/main.ts"), "status", "--data", dir], { cwd: repo, reject: false, timeout: 30_000 });
+  expect(status1.stdout).toMatch(/^running: nothing$/m);
+  expect(status1.stdout).toMatch(/^note: job flash-\S+ of process \d+ did not finish \(that process is gone\)/m);
+  expect(status1.stdout).toMatch(/^note: klipper is still to be started after job flash-\S+/m);
+
   serve();
   await moonraker.waitFor(() => moonraker.serviceActions.map((a) => a.action).join(",") === "stop,start", 20_000);
   await moonraker.waitFor(() => moonraker.klipper.state === "ready", 10_000);
@@ -81,6 +87,15 @@ it("SIGKILL mid-flash, then restart: Klipper is started again and the job is rec
   };
   expect(status.current).toBeNull();
   expect(status.last[0]).toMatchObject({ ok: false, code: "INTERRUPTED", target: "mcu" });
+  // Recovery clears the dead process's lock and tells the console once, when Klipper is back.
+  expect(await exists(join(dir, "moonflash", "job.lock"))).toBe(false);
+  await moonraker.waitFor(() => moonraker.consoleLines.some((l) => l.startsWith("!! moonflash: flash mcu failed [INTERRUPTED]")), 10_000);
+  const told = moonraker.consoleLines.filter((l) => l.includes("[INTERRUPTED]"));
+  expect(told).toHaveLength(1);
+  expect(told[0]).toMatch(/moonflash stopped while this flash job ran .*Klipper was started again\. .*run the same flash again/);
+  const status2 = await execa("node", ["--import", "tsx", join(repo, "src/cli/main.ts"), "status", "--data", dir], { cwd: repo, reject: false, timeout: 30_000 });
+  expect(status2.stdout).toMatch(/^running: nothing$/m);
+  expect(status2.stdout).not.toMatch(/^note:/m);
 
   // The dead process's lock is stale: a new job runs (a dry run, so nothing is stopped again).
   const plan = await web.call("server.extensions.request", { agent: "moonflash", method: "flash.mcu", arguments: { mcu: "mcu", dry_run: true } });

@@ -147,7 +147,7 @@ describe("JobRunner", () => {
     const firstId = await started.promise;
     expect(await secondOutcome).toMatchObject({
       code: "BUSY",
-      message: expect.stringMatching(new RegExp(`^flash job ${firstId} on mcu is running \\(pid ${process.pid}, since 2026-11-23T12:45:00.000Z\\); wait for it or cancel it$`)),
+      message: expect.stringMatching(new RegExp(`^A flash job on mcu is running \\(pid ${process.pid}, since 2026-11-23T12:45:00.000Z\\); wait for it or cancel it$`)),
     });
     expect(ranSecond).toBe(false);
     expect(runner.current()?.id).toBe(firstId);
@@ -227,7 +227,7 @@ describe("JobRunner", () => {
     }
     expect(refusal).toMatchObject({
       code: "CANCEL_REFUSED",
-      message: `Job ${ctx.jobId} cannot be cancelled now: flash writing has started. Wait for it to finish.`,
+      message: "The flash job on mcu cannot be cancelled now: flash writing has started. Wait for it to finish.",
       details: { jobId: ctx.jobId, reason: "flash writing has started" },
     });
     ctx.setCancellable(true);

@@ -47,7 +47,7 @@ describe("acquireJobLock", () => {
     const lock = await acquireJobLock(lockPath, info());
     await expect(acquireJobLock(lockPath, info({ jobId: "ota-20261123T130000-0000", kind: "ota", target: "klipper" }))).rejects.toMatchObject({
       code: "BUSY",
-      message: `flash job flash-20261123T124500-ab12 on mcu is running (pid ${process.pid}, since 2026-11-23T12:45:00.000Z); wait for it or cancel it`,
+      message: `A flash job on mcu is running (pid ${process.pid}, since 2026-11-23T12:45:00.000Z); wait for it or cancel it`,
       details: info(),
     });
     await expect(readJobLock(lockPath)).resolves.toEqual(info());
@@ -131,7 +131,7 @@ describe("job lock across processes", () => {
     };
     await expect(runner.run({ kind: "ota", target: "klipper" }, work)).rejects.toMatchObject({
       code: "BUSY",
-      message: expect.stringMatching(new RegExp(`^flash job ${childJobId} on mcu toolhead is running \\(pid ${child.pid}, since `)),
+      message: expect.stringMatching(new RegExp(`^A flash job on mcu toolhead is running \\(pid ${child.pid}, since `)),
       details: { jobId: childJobId, pid: child.pid, kind: "flash", target: "mcu toolhead" },
     });
     expect(ran).toBe(false);

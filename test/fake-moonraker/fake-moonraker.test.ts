@@ -168,8 +168,9 @@ describe("fake Moonraker", () => {
     const web = await client(fake);
 
     await web.call("printer.gcode.script", { script: "RESPOND TYPE=command MSG=\"action:prompt_begin Flash\"\nRESPOND TYPE=error MSG=bad\nM117 Flashing mcu" });
+    // As in Klipper, the line's parameters reach the remote method only if the template passes them on.
     await web.call("printer.gcode.script", { script: "FLASH_MCU MCU=toolhead" });
-    expect(await agent.waitForNotification("moonflash_flash")).toEqual({ force: 1, mcu: "toolhead" });
+    expect(await agent.waitForNotification("moonflash_flash")).toEqual({ force: 1 });
     const display = (await web.call("printer.objects.query", { objects: { display_status: ["message"] } })) as { status: unknown };
     expect(display.status).toEqual({ display_status: { message: "Flashing mcu" } });
 
@@ -182,6 +183,85 @@ describe("fake Moonraker", () => {
       `// ${message.split("\n").map((l) => l.trim()).join("\n// ")}`, "!! MCU Protocol error",
     ]);
     expect(agent.notifications.filter((n) => n.method === "moonflash_flash")).toHaveLength(1);
+  });
+
+  it("calls remote methods from macros with Klipper's signature: a method= keyword is Klipper's TypeError", async () => {
+    const fake = await start({ klipper: { macros: {
+      OLD_FLASH: { method: "moonflash_flash", params: { mcu: "toolhead", method: "katapult" } },
+      NEW_FLASH: { method: "moonflash_flash", params: { mcu: "toolhead", flash_method: "katapult", dry_run: true } },
+    } } });
+    const agent = await client(fake, { transport: "unix", name: "moonflash", type: "agent" });
+    await agent.call("connection.register_remote_method", { method_name: "moonflash_flash" });
+    const web = await client(fake);
+
+    const error = "Error evaluating 'gcode_macro OLD_FLASH:gcode': TypeError: PrinterGCodeMacro._action_call_remote_method() got multiple values for argument 'method'";
+    expect(await rpcError(web.call("printer.gcode.script", { script: "OLD_FLASH" }))).toEqual({ code: 400, message: `${error}\n` });
+    await web.call("printer.gcode.script", { script: "NEW_FLASH" });
+    expect(await agent.waitForNotification("moonflash_flash")).toEqual({ mcu: "toolhead", flash_method: "katapult", dry_run: true });
+    expect(fake.consoleLines).toEqual([`!! ${error}`]);
+    expect(agent.notifications.filter((n) => n.method === "moonflash_flash")).toHaveLength(1);
+  });
+
+  it("renders a macro file's templates as Klipper does: params, rawparams, printer, action_* helpers, errors", async () => {
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), "moonflash-macros-"));
+    cleanups.push(() => fs.rm(dir, { recursive: true, force: true }));
+    const cfg = path.join(dir, "macros.cfg");
+    await fs.writeFile(cfg, [
+      "[gcode_macro SHOW]",
+      "description: shows what a template sees",
+      "variable_count: 3",
+      "gcode:",
+      "  {action_respond_info(\"mcu=%s raw=%s state=%s count=%d\" % (params.MCU, rawparams, printer.print_stats.state, count))}",
+      "  {action_call_remote_method(\"agent_echo\", **params)}",
+      "  {action_call_remote_method(\"not_registered\", x=1)}",
+      "  RESPOND MSG=\"after the template\"",
+      "[gcode_macro REFUSE]",
+      "gcode:",
+      "  {action_raise_error(\"REFUSE needs X=\")}",
+      "[gcode_macro OUTER]",
+      "gcode:",
+      "  REFUSE",
+      "[gcode_macro SELF]",
+      "gcode:",
+      "  SELF",
+      "[gcode_macro UNDEFINED_ARG]",
+      "gcode:",
+      "  {action_call_remote_method(\"agent_echo\", mcu=params.MCU)}",
+      "",
+    ].join("\n"));
+    const fake = await start({ klipper: { macroFile: cfg } });
+    const agent = await client(fake, { transport: "unix", name: "echo", type: "agent" });
+    await agent.call("connection.register_remote_method", { method_name: "agent_echo" });
+    const web = await client(fake);
+
+    await web.call("printer.gcode.script", { script: "show mcu=toolhead  Extra='a b' ; comment" });
+    expect(await agent.waitForNotification("agent_echo")).toEqual({ MCU: "toolhead", EXTRA: "a b" });
+    expect(fake.consoleLines.splice(0)).toEqual([
+      "// mcu=toolhead raw=mcu=toolhead  Extra='a b' ; comment state=standby count=3", "echo: after the template",
+    ]);
+    const objects = (await web.call("printer.objects.query", { objects: { "gcode_macro SHOW": null, configfile: ["settings"] } })) as {
+      status: { "gcode_macro SHOW": unknown; configfile: { settings: Record<string, unknown> } };
+    };
+    expect(objects.status["gcode_macro SHOW"]).toEqual({ count: 3 });
+    expect(objects.status.configfile.settings["gcode_macro show"]).toMatchObject({ description: "shows what a template sees" });
+
+    // An error raised in a nested macro shows at each level, as gcode.py reports it while unwinding.
+    const refused = "Error evaluating 'gcode_macro REFUSE:gcode': gcode.CommandError: REFUSE needs X=";
+    expect(await rpcError(web.call("printer.gcode.script", { script: "OUTER" }))).toEqual({ code: 400, message: `${refused}\n` });
+    expect(await rpcError(web.call("printer.gcode.script", { script: "SELF" }))).toMatchObject({ message: "Macro SELF called recursively" });
+    expect(await rpcError(web.call("printer.gcode.script", { script: "SHOW toolhead" }))).toMatchObject({ message: "Malformed command 'SHOW toolhead'" });
+    expect(fake.consoleLines.splice(0)).toEqual([
+      `!! ${refused}`, `!! ${refused}`, "!! Macro SELF called recursively", "!! Macro SELF called recursively",
+      "!! Malformed command 'SHOW toolhead'",
+    ]);
+
+    // A value JSON cannot encode (Jinja's Undefined for a missing parameter) shuts Klipper down (webhooks.py).
+    await web.call("printer.gcode.script", { script: "UNDEFINED_ARG" });
+    expect(fake.klipper.state).toBe("shutdown");
+    // json's or msgspec's wording, whichever Klipper would use here.
+    expect(fake.klipper.stateMessage).toMatch(/^json encoding error: .*\bUndefined\b/);
+    expect(fake.consoleLines).toEqual(["// Klipper state: Shutdown"]);
+    expect(agent.notifications.filter((n) => n.method === "agent_echo")).toHaveLength(1);
   });
 
   it("fails pending extension requests with 500 when the agent disconnects", async () => {

@@ -22,8 +22,26 @@ describe("FlashEngine pre-flight: bad input changes nothing", () => {
     message?: RegExp;
   };
   const cases: Case[] = [
-    { name: "unknown MCU", code: "UNKNOWN_MCU", params: () => ({ mcu: "extruder_board" }), message: /Known MCUs: mcu\b/ },
-    { name: "missing firmware", code: "FIRMWARE_NOT_FOUND", params: (b) => ({ firmware: join(b.dir, "nope.bin") }) },
+    {
+      name: "unknown MCU",
+      code: "UNKNOWN_MCU",
+      params: () => ({ mcu: "extruder_board" }),
+      message: /^Unknown MCU 'extruder_board'\. Known MCUs: mcu\. Use one of these names \(e\.g\. FLASH_MCU MCU=mcu in a macro, moonflash flash mcu on the command line\)/,
+    },
+    {
+      // Names as the user types them: section [mcu emu] is "emu" (FLASH_MCU MCU=emu), not "mcu emu".
+      name: "unknown MCU, with a second section",
+      code: "UNKNOWN_MCU",
+      conf: async (b) => `${mcuSection(b)}\n[mcu emu]\ncanbus_uuid: 0123456789ab\n`,
+      params: () => ({ mcu: "extruder_board" }),
+      message: /Known MCUs: mcu, emu\. Use one of these names \(e\.g\. FLASH_MCU MCU=emu in a macro, moonflash flash emu on the command line\), or add an \[mcu extruder_board\] section/,
+    },
+    {
+      name: "missing firmware",
+      code: "FIRMWARE_NOT_FOUND",
+      params: (b) => ({ firmware: join(b.dir, "nope.bin") }),
+      message: /give its path with FIRMWARE= \(macro\) or --firmware \(CLI\)\.$/,
+    },
     {
       name: "empty firmware",
       code: "FIRMWARE_EMPTY",
@@ -34,6 +52,28 @@ describe("FlashEngine pre-flight: bad input changes nothing", () => {
       },
     },
     { name: "firmware larger than flash_size", code: "FIRMWARE_TOO_LARGE", conf: async (b) => mcuSection(b, "flash_size: 4K\n") },
+    {
+      // No flash_size: Klipper reports stm32f103xe, for which Klipper links at most 128 KiB (src/stm32/Kconfig).
+      name: "firmware larger than the flash of Klipper's MCU type, no flash_size",
+      code: "FIRMWARE_TOO_LARGE",
+      conf: async (b) => {
+        await writeFile(join(b.dir, "big.bin"), Buffer.alloc(300_000, 0x5a));
+        return mcuSection(b);
+      },
+      params: (b) => ({ firmware: join(b.dir, "big.bin") }),
+      message:
+        /is 300000 bytes but a Klipper build for stm32f103xe holds at most 131072 bytes \(FLASH_SIZE in Klipper src\/stm32\/Kconfig\), before counting the bootloader, whose size is known only once it answers\. Nothing was stopped or written\./,
+    },
+    {
+      name: "firmware larger than the whole flash of moonflash.conf's mcu_type, no flash_size",
+      code: "FIRMWARE_TOO_LARGE",
+      conf: async (b) => {
+        await writeFile(join(b.dir, "big.bin"), Buffer.alloc(600_000, 0x5a));
+        return mcuSection(b, "mcu_type: stm32f446xx\n");
+      },
+      params: (b) => ({ firmware: join(b.dir, "big.bin") }),
+      message: /but stm32f446xx has only 524288 bytes of flash in all .* set flash_size: in \[mcu\] of moonflash\.conf\.$/,
+    },
     {
       name: "device linked to /etc/passwd",
       code: "PATH_REJECTED",
@@ -49,7 +89,19 @@ describe("FlashEngine pre-flight: bad input changes nothing", () => {
         await writeFile(join(dir, "ttyFILE"), "");
         return join(dir, "ttyFILE");
       },
+      message: /resolves to .*ttyFILE, which is not a character device under \/dev/,
     },
+    {
+      // A missing device is DEVICE_NOT_FOUND wherever its path is, e.g. a link in /tmp whose board is unplugged.
+      name: "device that is a dangling symlink outside /dev",
+      code: "DEVICE_NOT_FOUND",
+      klipperSerial: async (dir) => {
+        await symlink(join(dir, "ttyUNPLUGGED"), join(dir, "ttyLINK"));
+        return join(dir, "ttyLINK");
+      },
+      message: /ttyLINK is not present \(it is a link to .*ttyUNPLUGGED, which does not exist\)/,
+    },
+    { name: "device path outside /dev that does not exist", code: "DEVICE_NOT_FOUND", klipperSerial: async (dir) => join(dir, "ttyMISSING"), message: /ttyMISSING is not present\./ },
     { name: "device under /dev that is absent", code: "DEVICE_NOT_FOUND", conf: async (b) => mcuSection(b, "serial: /dev/serial/by-id/usb-Klipper_stm32f103xe_gone-if00\n") },
     { name: "unknown method", code: "UNKNOWN_FLASH_METHOD", params: () => ({ method: "avrdude" }), message: /katapult, flashtool, make, wchisp/ },
   ];
@@ -98,6 +150,23 @@ describe("FlashEngine pre-flight: bad input changes nothing", () => {
 });
 
 describe("FlashEngine.plan resolution", () => {
+  it("flash_size in moonflash.conf overrides the MCU type's flash from the table", async () => {
+    const b = await setUp();
+    const big = join(b.dir, "big.bin");
+    await writeFile(big, Buffer.alloc(300_000, 0x5a));
+    const plan = await b.engine(mcuSection(b, "flash_size: 1M\n")).plan({ mcu: "mcu", firmware: big });
+    expect(plan).toMatchObject({ firmware_bytes: 300_000, expected_mcu_type: "stm32f103xe", methods: ["katapult", "make"] });
+    await expectKlipperUntouched(b);
+  });
+
+  it("an MCU type the table does not know is not size-checked before the bootloader answers", async () => {
+    const b = await setUp();
+    const big = join(b.dir, "big.bin");
+    await writeFile(big, Buffer.alloc(300_000, 0x5a));
+    const plan = await b.engine(mcuSection(b, "mcu_type: stm32u575xx\n")).plan({ mcu: "mcu", firmware: big });
+    expect(plan).toMatchObject({ firmware_bytes: 300_000, expected_mcu_type: "stm32u575xx" });
+  });
+
   it("moonflash.conf's serial overrides Klipper's, and a board only moonflash.conf lists can be planned", async () => {
     const b = await setUp({ klipperSerial: async () => "/dev/serial/by-id/usb-Klipper_stm32f103xe_old-if00" });
     const pts = b.device.slavePath!;

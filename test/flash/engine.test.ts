@@ -100,6 +100,36 @@ describe("FlashEngine.flash", () => {
     expect(b.actions()).toEqual(["stop klipper", "start klipper"]);
   });
 
+  it("does not fall back after FIRMWARE_TOO_LARGE found once Katapult answers: another method would write it as truncated", async () => {
+    const b = await setUp();
+    // 12 KiB of flash less the 8 KiB bootloader (application at 0x8002000) leaves 4 KiB for the 5000-byte image;
+    // pre-flight cannot know the bootloader's share and lets it through.
+    const engine = b.engine(mcuSection(b, "flash_size: 12K\n"));
+    const err = await engine.flash({ mcu: "mcu" }).catch((e: unknown) => e);
+    expect(isMoonflashError(err) && err.code).toBe("FIRMWARE_TOO_LARGE");
+    expect((err as MoonflashError).details).toMatchObject({ available: 4096, imageBytes: 5000 });
+    const attempts = (err as MoonflashError).details.attempts as Array<{ method: string; code: string }>;
+    expect(attempts.map((a) => [a.method, a.code])).toEqual([["katapult", "FIRMWARE_TOO_LARGE"]]);
+    expect(existsSync(join(b.klipperPath, "flash-args.txt"))).toBe(false);
+    expect(b.device.model.frames.map((f) => f.name)).not.toContain("SEND_BLOCK");
+    expect(b.actions()).toEqual(["stop klipper", "start klipper"]);
+  });
+
+  it("a Katapult write that fails mid-way leaves the board in Katapult (no COMPLETE) and make flash takes over", async () => {
+    // quickKatapult tries a block twice: SEND_BLOCK frames 2 and 3 are block 1 and its retry.
+    const b = await setUp({ faults: [{ kind: "error", command: "SEND_BLOCK", n: 2 }, { kind: "error", command: "SEND_BLOCK", n: 3 }] });
+    const result = await flashOk(b.engine(mcuSection(b)), { mcu: "mcu" });
+    expect(result.method).toBe("make");
+    expect(result.attempts.map((a) => [a.method, a.ok, a.code])).toEqual([
+      ["katapult", false, "FLASH_FAILED"],
+      ["make", true, undefined],
+    ]);
+    expect(result.attempts[0]!.message).toContain("COMPLETE was not sent, so the board stays in Katapult");
+    expect(b.device.model.frames.map((f) => f.name)).not.toContain("COMPLETE");
+    expect(b.device.model.completed).toBe(false);
+    expect(b.actions()).toEqual(["stop klipper", "start klipper"]);
+  });
+
   it.each(["printing", "paused"])("refuses with PRINTER_BUSY while print_stats is %s and stops nothing", async (printState) => {
     const b = await setUp({ printState });
     await waitUntil(() => b.rig.session.isPrinting(), "the session to see the print");

@@ -136,40 +136,100 @@ describe("KatapultFlasher against a virtual Katapult on a pty", () => {
     expect(device.model.bytesWhileWriting).toBe(0);
   });
 
-  it("fails with VERIFY_FAILED on corrupt read-back and still sends COMPLETE", async () => {
-    const device = await startDevice({ faults: [parseFault("corrupt-readback:3")] });
+  it("fails with VERIFY_FAILED on corrupt read-back and does not send COMPLETE: the bad image is not started", async () => {
+    const device = await startDevice({ mode: "app", faults: [parseFault("corrupt-readback:3")] });
     const image = randomBytes(64 * 6);
-    const err = await rejection(flasher().flash(target(device.path, await writeImage(image)), new RecordingContext()));
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(image), { bootloader: "serial" }), new RecordingContext()));
     expect(err.code).toBe("VERIFY_FAILED");
     expect(err.details.firstBadAddress).toMatch(/^0x80020C/);
-    expect(commands(device).at(-1)).toBe("COMPLETE");
+    expect(err.message).toContain("COMPLETE was not sent, so the board stays in Katapult");
+    expect(commands(device)).not.toContain("COMPLETE");
+    expect(device.model.completed).toBe(false);
+    expect(device.model.mode).toBe("katapult");
   });
 
-  it("fails with DEVICE_TIMEOUT when the bootloader never answers", async () => {
-    const device = await startDevice({ faults: [parseFault("silence")] });
+  it("fails with DEVICE_TIMEOUT when the bootloader never answers; COMPLETE goes out once to the board it asked into Katapult", async () => {
+    const device = await startDevice({ mode: "app", faults: [parseFault("silence")] });
     const f = flasher({ timings: { ...FAST, tries: 2, timeoutMs: 150 } });
-    const err = await rejection(f.flash(target(device.path, await writeImage(randomBytes(256))), new RecordingContext()));
+    const err = await rejection(f.flash(target(device.path, await writeImage(randomBytes(256)), { bootloader: "serial" }), new RecordingContext()));
     expect(err.code).toBe("DEVICE_TIMEOUT");
     expect(err.message).toBe("Katapult did not answer CONNECT after 2 tries: is the board in its bootloader, is Klipper stopped, is the baud right?");
-    // COMPLETE still goes out, but once: the device never answered anything.
+    // Nothing was written and the board was running its application before: COMPLETE, but once, as it never answered.
     expect(commands(device)).toEqual(["CONNECT", "CONNECT", "COMPLETE"]);
   });
 
-  it("fails with FLASH_FAILED naming the address when the device disconnects mid-write", async () => {
+  it("fails with FLASH_FAILED naming the address when the device disconnects mid-write, and says how to recover", async () => {
     const device = await startDevice({ faults: [parseFault("disconnect:10")] });
     const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(64 * 30))), new RecordingContext()));
     expect(err.code).toBe("FLASH_FAILED");
-    expect(err.details.address).toBe("0x8002280");
+    expect(err.details).toMatchObject({ address: "0x8002280", leftInBootloader: false });
+    expect(err.message).toContain("The board disconnected and may hold an incomplete image");
+    expect(device.model.completed).toBe(false);
   });
 
-  it("refuses MCU_MISMATCH from the configured mcu_type before any SEND_BLOCK and still sends COMPLETE", async () => {
-    const device = await startDevice({ mcuType: "stm32f103xe" });
+  it("a write that fails mid-way (fault error:SEND_BLOCK on three tries) sends no COMPLETE and leaves the board in Katapult", async () => {
+    // SEND_BLOCK frames 5-7 are block 4 and its two retries (flashtool's 3 tries per block).
+    const faults = ["error:SEND_BLOCK:5", "error:SEND_BLOCK:6", "error:SEND_BLOCK:7"].map(parseFault);
+    const device = await startDevice({ mode: "app", faults });
     const ctx = new RecordingContext();
-    const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(512)), { expectedMcuType: "STM32F446XX" }), ctx));
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(64 * 20)), { bootloader: "serial", mcu: "mcu toolhead" }), ctx));
+    expect(err.code).toBe("FLASH_FAILED");
+    expect(err.details).toMatchObject({ address: "0x8002100", leftInBootloader: true });
+    expect(err.message).toBe(
+      "Flash write failed, flash address 0x8002100: Katapult refused SEND_BLOCK 3 times (last: ERROR reply (command failed)). Flash again. " +
+        "COMPLETE was not sent, so the board stays in Katapult instead of starting an incomplete image: run the flash again " +
+        "(FLASH_MCU MCU=toolhead in a macro, or moonflash flash toolhead). A reset or power-cycle before that would start the incomplete image.",
+    );
+    expect(device.model.frames.filter((f) => f.name === "SEND_BLOCK")).toHaveLength(7);
+    expect(commands(device)).not.toContain("COMPLETE");
+    // The model sets `completed` as it accepts COMPLETE (the 'complete' event follows ~100 ms later).
+    expect(device.model.completed).toBe(false);
+    expect(device.model.mode).toBe("katapult");
+    expect(ctx.logs()).toContainEqual({ level: "warn", message: expect.stringContaining("Not sending COMPLETE") });
+    // The board answers the next CONNECT where it was left: a retry needs no bootloader request.
+    const retry = await flasher().flash(target(device.path, await writeImage(randomBytes(64 * 20), "retry.bin"), { bootloader: "auto" }), new RecordingContext());
+    expect(retry.verified).toBe(true);
+    expect(device.model.completed).toBe(true);
+  });
+
+  it("the trial's truncated image: a board whose MCU type the table does not know fails past its flash end, stays in Katapult, and a retry flashes it", async () => {
+    // 16 KiB of application flash; writes past it get ERROR, as on the real board.
+    const device = await startDevice({ mode: "app", mcuType: "virtual_unknown_mcu", flashSize: 16 * 1024 });
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(20 * 1024)), { bootloader: "serial" }), new RecordingContext()));
+    expect(err.code).toBe("FLASH_FAILED");
+    expect(err.details.address).toBe("0x8006000");
+    expect(err.message).toContain("the board stays in Katapult");
+    expect(err.message).toContain("FLASH_MCU MCU=mcu");
+    expect(commands(device)).not.toContain("COMPLETE");
+    expect(device.model.mode).toBe("katapult");
+
+    const image = randomBytes(12 * 1024);
+    const retry = await flasher().flash(target(device.path, await writeImage(image, "fits.bin"), { bootloader: "auto" }), new RecordingContext());
+    expect(retry.verified).toBe(true);
+    expect(flashed(device, image)).toEqual(image);
+    expect(commands(device).at(-1)).toBe("COMPLETE");
+  });
+
+  it("refuses MCU_MISMATCH from the configured mcu_type before any SEND_BLOCK; COMPLETE sends the board back to its application", async () => {
+    const device = await startDevice({ mode: "app", mcuType: "stm32f103xe" });
+    const backInApp = new Promise<void>((resolve) => device.once("complete", resolve));
+    const ctx = new RecordingContext();
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(512)), { expectedMcuType: "STM32F446XX", bootloader: "serial" }), ctx));
     expect(err.code).toBe("MCU_MISMATCH");
     expect(err.details).toMatchObject({ expectedMcu: "STM32F446XX", bootloaderMcu: "stm32f103xe" });
     expect(commands(device)).toEqual(["CONNECT", "COMPLETE"]);
     expect(ctx.calls.some((c) => c.call === "setCancellable")).toBe(false);
+    await backInApp;
+    expect(device.model.mode).toBe("app");
+  });
+
+  it("refuses MCU_MISMATCH on a board that was already in Katapult and leaves it there (its flash may hold anything)", async () => {
+    const device = await startDevice({ mcuType: "stm32f103xe" });
+    const ctx = new RecordingContext();
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(512)), { expectedMcuType: "rp2040", bootloader: "none" }), ctx));
+    expect(err.code).toBe("MCU_MISMATCH");
+    expect(commands(device)).toEqual(["CONNECT"]);
+    expect(ctx.logs()).toContainEqual({ level: "info", message: "Not sending COMPLETE: the board was in Katapult before this flash began, so it stays there" });
   });
 
   it("refuses an image whose embedded Klipper dictionary names another MCU", async () => {
@@ -188,13 +248,53 @@ describe("KatapultFlasher against a virtual Katapult on a pty", () => {
     expect(flashed(device, image)).toEqual(padded(image));
   });
 
-  it("refuses an image larger than the flash after the bootloader (FIRMWARE_TOO_LARGE) without writing", async () => {
+  it("refuses an image larger than the flash after the bootloader (flash_size, FIRMWARE_TOO_LARGE) without writing", async () => {
     const device = await startDevice();
     // 16 KiB flash with an 8 KiB bootloader (app at 0x8002000) leaves 8 KiB.
     const t = { ...target(device.path, await writeImage(randomBytes(8 * 1024 + 1))), flashSize: 16 * 1024 };
     const err = await rejection(flasher().flash(t, new RecordingContext()));
     expect(err.code).toBe("FIRMWARE_TOO_LARGE");
+    expect(err.details).toMatchObject({ available: 8 * 1024, flashSize: 16 * 1024, source: "moonflash.conf flash_size" });
+    // Already in Katapult when the flash began (bootloader: none): it stays there.
+    expect(commands(device)).toEqual(["CONNECT"]);
+  });
+
+  it("without flash_size, refuses an image larger than Klipper's flash for the reported MCU type before the first block (the trial's 300000 bytes)", async () => {
+    // stm32f103xe with 256 KiB of flash, as on the trial's board; Klipper links at most 128 KiB for that type.
+    const device = await startDevice({ mode: "app", mcuType: "stm32f103xe", flashSize: 256 * 1024 });
+    const blocks: unknown[] = [];
+    device.on("block", (b) => blocks.push(b));
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(300_000)), { bootloader: "serial" }), new RecordingContext()));
+    expect(err.code).toBe("FIRMWARE_TOO_LARGE");
+    expect(err.message).toBe(
+      "The image is 300000 bytes but a Klipper build for stm32f103xe, the MCU this bootloader reports, holds at most 131072 bytes " +
+        "(FLASH_SIZE in Klipper src/stm32/Kconfig). Nothing was written. Build the firmware for this board (make menuconfig: processor model, " +
+        "bootloader offset), or, if the chip really has room for this image, set flash_size: in [mcu] of moonflash.conf.",
+    );
+    expect(err.details).toMatchObject({ imageBytes: 300_000, available: 131072, mcuType: "stm32f103xe", appStart: "0x8002000" });
+    expect(commands(device)).not.toContain("SEND_BLOCK");
+    expect(device.model.written).toBe(0);
+    expect(blocks).toEqual([]);
+    // Nothing was written to a board that was running its application: it goes back to it.
     expect(commands(device)).toEqual(["CONNECT", "COMPLETE"]);
+  });
+
+  it("without flash_size, a chip whose whole flash is known loses the bootloader's share: stm32f446xx with a 32 KiB bootloader keeps 480 KiB", async () => {
+    const device = await startDevice({ mcuType: "stm32f446xx", appStartAddress: 0x8008000 });
+    const err = await rejection(flasher().flash(target(device.path, await writeImage(randomBytes(480 * 1024 + 1))), new RecordingContext()));
+    expect(err.code).toBe("FIRMWARE_TOO_LARGE");
+    expect(err.details).toMatchObject({ available: 480 * 1024, flashSize: 512 * 1024, appStart: "0x8008000", source: "Klipper src/stm32/Kconfig" });
+    expect(err.message).toContain("stm32f446xx has 524288 bytes of flash (FLASH_SIZE in Klipper src/stm32/Kconfig) and only 491520 follow the bootloader");
+    expect(device.model.written).toBe(0);
+  });
+
+  it("without flash_size, a type whose chips may have more flash than Klipper links is not cut by the bootloader: stm32f103xe after a 64 KiB bootloader takes 65 KiB", async () => {
+    // Klipper links 128 KiB from the application start for stm32f103xe; 128 KiB - 64 KiB would wrongly refuse this image.
+    const device = await startDevice({ mcuType: "stm32f103xe", appStartAddress: 0x8010000 });
+    const image = randomBytes(65 * 1024);
+    const outcome = await flasher().flash(target(device.path, await writeImage(image)), new RecordingContext());
+    expect(outcome.verified).toBe(true);
+    expect(flashed(device, image)).toEqual(image);
   });
 
   it("honours cancellation before writing starts", async () => {

@@ -1,5 +1,5 @@
 // The "katapult" flash method: our own Katapult host over a serial link (USB CDC, UART, pty). Bootloader entry
-// follows flashtool.py's serial mode (shared/reference/flashing.md §2.1); the protocol lives in session.ts.
+// follows Katapult's scripts/flashtool.py serial mode (SerialSocket.run); the protocol lives in session.ts.
 
 import { readFile, readdir, realpath, stat } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
@@ -7,8 +7,11 @@ import type { Logger } from "pino";
 import { MoonflashError, isMoonflashError, toMoonflashError } from "../../core/errors.js";
 import type { JobContext, LogLevel } from "../../core/events.js";
 import { openSerialLink, requestUsbBootloader, sendSerialBootloaderRequest, type ByteLink } from "../link.js";
+import { mcuFlash } from "../mcu-flash.js";
+import { flashCommandsFor } from "../mcu-name.js";
 import type { FlashOutcome, FlashTarget, Flasher } from "../types.js";
 import { detectImageMcu } from "./image.js";
+import type { ConnectInfo } from "./codec.js";
 import { KatapultSession, type KatapultTimings } from "./session.js";
 // node:timers/promises is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
 
@@ -34,6 +37,12 @@ export interface KatapultFlasherOptions {
   sysfsRoot?: string;
   /** Where udev keeps the stable per-port links. Default "/dev/serial/by-path". */
   byPathDir?: string;
+}
+
+/** Where Katapult is to be found, and whether this attempt brought the board there from its application. */
+interface Entered {
+  path: string;
+  fromApplication: boolean;
 }
 
 export class KatapultFlasher implements Flasher {
@@ -73,14 +82,15 @@ export class KatapultFlasher implements Flasher {
     if (embedded) this.note(ctx, "info", `Image built for ${embedded.mcu} (Klipper ${embedded.version})`);
 
     ctx.stage("bootloader", `Entering Katapult on ${device} (${target.bootloader})`);
-    const path = await this.enterBootloader(target, device, ctx);
-    throwIfCancelled(ctx.signal);
+    const { path, fromApplication } = await this.enterBootloader(target, device, ctx);
 
     ctx.stage("connect", `Connecting to Katapult on ${path}`);
     const link = await this.openWithRetry(path, target.baud, ctx.signal);
     // Cancellation may stop the job only until the first block is sent.
     const cancel = new AbortController();
+    /** Set just before the first SEND_BLOCK: from then on the application area may hold part of the new image. */
     let writing = false;
+    let verified = false;
     let answered = false;
     const onAbort = (): void => {
       if (!writing) cancel.abort();
@@ -88,12 +98,14 @@ export class KatapultFlasher implements Flasher {
     ctx.signal.addEventListener("abort", onAbort, { once: true });
     const session = new KatapultSession(link, { timings: this.config.timings, signal: cancel.signal, log: (level, text) => this.note(ctx, level, text) });
     try {
+      // Checked here, with the link open, so that a board just asked into Katapult is sent back (leaveBootloader).
+      throwIfCancelled(ctx.signal);
       const info = await session.connect();
       answered = true;
       this.note(ctx, "info", `Katapult ${info.softwareVersion} (protocol ${info.protocolVersion}) on ${path}: MCU ${info.mcuType}, block size ${info.blockSize}, application at 0x${info.appStartAddress.toString(16)}`);
       checkMcu(embedded?.mcu, info.mcuType, "The image was built for", "its Klipper dictionary");
       checkMcu(target.expectedMcuType, info.mcuType, "This board is expected to be", "moonflash.conf mcu_type, or the MCU Klipper reported");
-      checkSize(image.length, info.appStartAddress, target.flashSize ?? null);
+      checkSize(image.length, info, target.flashSize ?? null, target.mcu);
       throwIfCancelled(ctx.signal);
 
       writing = true;
@@ -104,8 +116,9 @@ export class KatapultFlasher implements Flasher {
       const pages = await session.sendEof();
       this.note(ctx, "info", `Write complete: ${pages} pages`);
       ctx.stage("verify", `Verifying ${written.blocks} blocks`);
-      const verified = await session.verify(image, (done) => ctx.progress(blockBytes(done), image.length, "bytes", "verify"));
-      this.note(ctx, "info", `Verification complete: SHA-1 ${verified.sha1}`);
+      const readBack = await session.verify(image, (done) => ctx.progress(blockBytes(done), image.length, "bytes", "verify"));
+      verified = true;
+      this.note(ctx, "info", `Verification complete: SHA-1 ${readBack.sha1}`);
       return {
         bytes: image.length,
         verified: true,
@@ -121,27 +134,52 @@ export class KatapultFlasher implements Flasher {
         },
       };
     } catch (err) {
-      throw toMoonflashError(err, "FLASH_FAILED");
+      const error = toMoonflashError(err, "FLASH_FAILED");
+      throw writing ? incompleteImageError(error, !link.isOpen || error.details.disconnected === true, target.mcu) : error;
     } finally {
       ctx.signal.removeEventListener("abort", onAbort);
       session.dispose();
-      await this.completeQuietly(link, ctx, answered);
+      await this.leaveBootloader(link, ctx, { verified, writing, fromApplication, answered });
       await link.close();
     }
   }
 
   /**
-   * COMPLETE makes the bootloader jump to whatever is in flash, also after a failure (flashtool's `finally`).
-   * Its own failure is only logged: it must never replace the error that ended the flash. When CONNECT never
-   * got an answer, one try is enough (flashtool spends another ~14 s retrying COMPLETE to a silent device).
+   * COMPLETE makes Katapult start whatever the application area holds (Katapult src/flashcmd.c command_complete).
+   * flashtool.py sends it in a `finally`, after failures too; we send it only when what it starts is known sound:
+   * - after a verified write;
+   * - after a failure before the first SEND_BLOCK (no answer to CONNECT, MCU_MISMATCH, FIRMWARE_TOO_LARGE, a
+   *   cancel) when this attempt brought the board from its application into Katapult: that application is
+   *   untouched, and a refused flash should change nothing. A board reached through a wrong serial path (the usual
+   *   MCU_MISMATCH) goes back to work instead of sitting in its bootloader.
+   * Never once a block was sent and the image did not verify (write, EOF or read-back failed): the application area
+   * holds part of the new image. Staying in Katapult lets a retry, or the next method, write it whole (Klipper's
+   * `make flash` hands a board in Katapult to flashtool.py, scripts/flash_usb.py). Nor for a board that was, or may
+   * have been, in Katapult already: what its flash holds is unknown, e.g. the rest of an earlier failed write.
+   * Katapult has no timeout: it stays until COMPLETE or a reset (src/sched.c, src/bootentry.c), and a reset starts
+   * any application whose first word is programmed (src/generic/armcm_canboot.c application_check_valid).
+   * COMPLETE's own failure is only logged: it must never replace the error that ended the flash. When CONNECT
+   * never got an answer, one try is enough (flashtool spends another ~14 s retrying COMPLETE to a silent device).
    */
-  private async completeQuietly(link: ByteLink, ctx: JobContext, answered: boolean): Promise<void> {
+  private async leaveBootloader(
+    link: ByteLink,
+    ctx: JobContext,
+    state: { verified: boolean; writing: boolean; fromApplication: boolean; answered: boolean },
+  ): Promise<void> {
+    if (!state.verified && state.writing) {
+      this.note(ctx, "warn", "Not sending COMPLETE: the new image was not written and verified whole, so the board stays in Katapult");
+      return;
+    }
+    if (!state.verified && !state.fromApplication) {
+      this.note(ctx, "info", "Not sending COMPLETE: the board was in Katapult before this flash began, so it stays there");
+      return;
+    }
     if (!link.isOpen) {
       this.note(ctx, "warn", "Not sending COMPLETE: the device is gone");
       return;
     }
-    // A fresh session without the cancel signal: a cancelled job still leaves the bootloader.
-    const timings = answered ? this.config.timings : { ...this.config.timings, tries: 1 };
+    // A fresh session without the cancel signal: a cancelled job still sends the board back to its application.
+    const timings = state.answered ? this.config.timings : { ...this.config.timings, tries: 1 };
     const session = new KatapultSession(link, { timings, log: (level, text) => this.note(ctx, level, text) });
     try {
       await session.complete();
@@ -152,11 +190,17 @@ export class KatapultFlasher implements Flasher {
     }
   }
 
-  /** Puts the board into Katapult as `target.bootloader` says; returns the device path to talk to. */
-  private async enterBootloader(target: FlashTarget, device: string, ctx: JobContext): Promise<string> {
+  /**
+   * Puts the board into Katapult as `target.bootloader` says. `fromApplication` (see leaveBootloader) is true when
+   * this attempt asked a running application into Katapult: bootloader serial, usb with the re-enumeration seen, or
+   * auto finding Klipper's USB id or a UART board that does not answer CONNECT. It is false when the board was, or
+   * may have been, in Katapult already: none, Katapult's USB id, a board answering the probe CONNECT, or a USB
+   * request after which no re-enumeration was seen.
+   */
+  private async enterBootloader(target: FlashTarget, device: string, ctx: JobContext): Promise<Entered> {
     switch (target.bootloader) {
       case "none":
-        return device;
+        return { path: device, fromApplication: false };
       case "serial":
         return this.enterViaSerialRequest(device, target.baud, ctx);
       case "usb":
@@ -169,26 +213,26 @@ export class KatapultFlasher implements Flasher {
         }
         if (usbId === KATAPULT_USB_ID) {
           this.note(ctx, "info", `${device} is a USB device running Katapult`);
-          return device;
+          return { path: device, fromApplication: false };
         }
-        if (await this.answersConnect(device, target.baud, ctx)) return device;
+        if (await this.answersConnect(device, target.baud, ctx)) return { path: device, fromApplication: false };
         return this.enterViaSerialRequest(device, target.baud, ctx);
       }
     }
   }
 
-  private async enterViaSerialRequest(device: string, baud: number, ctx: JobContext): Promise<string> {
+  private async enterViaSerialRequest(device: string, baud: number, ctx: JobContext): Promise<Entered> {
     this.note(ctx, "info", `Sending the serial bootloader request to ${device} at ${baud} baud`);
     await sendSerialBootloaderRequest(device, baud);
     await abortableSleep(this.options.serialRequestSettleMs, ctx.signal);
-    return device;
+    return { path: device, fromApplication: true };
   }
 
   /**
    * 1200-baud request, then waits for the board to re-enumerate. It may come back under another name: the same
    * path, the by-id sibling renamed usb-Klipper_ → usb-katapult_, or the stable by-path link.
    */
-  private async enterViaUsb(device: string, ctx: JobContext): Promise<string> {
+  private async enterViaUsb(device: string, ctx: JobContext): Promise<Entered> {
     const candidates = [device];
     const name = basename(device);
     if (name.includes("usb-Klipper_")) candidates.push(join(dirname(device), name.replace("usb-Klipper_", "usb-katapult_")));
@@ -213,15 +257,16 @@ export class KatapultFlasher implements Flasher {
         const initial = before.get(candidate) ?? null;
         if (initial === null || vanished.has(candidate) || inode !== initial) {
           this.note(ctx, "info", `Katapult detected on ${candidate}`);
-          return candidate;
+          return { path: candidate, fromApplication: true };
         }
       }
     }
-    // flashtool also carries on with the old path when it sees no change: some boards re-enumerate too fast to notice.
+    // flashtool also carries on with the old path when it sees no change: some boards re-enumerate too fast to
+    // notice. Then the board may as well have been in Katapult already: not known to come from its application.
     for (const candidate of candidates) {
       if ((await inodeOf(candidate)) !== null) {
         this.note(ctx, "warn", `No USB re-enumeration seen within ${this.options.bootloaderTimeoutMs} ms; trying ${candidate}`);
-        return candidate;
+        return { path: candidate, fromApplication: false };
       }
     }
     throw new MoonflashError(
@@ -337,20 +382,66 @@ function checkMcu(expectedMcu: string | undefined, bootloaderMcu: string, what: 
 }
 
 /**
- * The application area is the flash size minus what lies below the application start. Flash starts at a
- * 1 MiB-aligned base on every Katapult target (stm32 0x08000000, rp2040 0x10000000, lpc176x 0).
+ * Refuses, before the first block, an image that cannot fit after the bootloader: the board would take every block
+ * up to the end of its flash, fail there and hold a truncated application. The flash is moonflash.conf's
+ * flash_size (the chip's whole flash) when given, else what mcu-flash.ts knows of the MCU type the bootloader
+ * reports. The room after the bootloader is that size less the application start's offset into flash when the
+ * size covers the bootloader (flash_size, wholeFlash entries); otherwise all that is known is Klipper's link
+ * limit, which already counts from the application start (mcu-flash.ts).
  */
-function checkSize(imageBytes: number, appStartAddress: number, flashSize: number | null): void {
-  if (!flashSize) return;
-  const base = appStartAddress - (appStartAddress % 0x100000);
-  const available = flashSize - (appStartAddress - base);
-  if (imageBytes > available) {
-    throw new MoonflashError(
-      "FIRMWARE_TOO_LARGE",
-      `The image is ${imageBytes} bytes but only ${available} bytes of flash follow the bootloader. Nothing was written; check the board's menuconfig (MCU model, bootloader offset).`,
-      { imageBytes, available, flashSize },
-    );
+function checkSize(imageBytes: number, info: ConnectInfo, configured: number | null, section: string): void {
+  const appStart = info.appStartAddress;
+  const appStartHex = `0x${appStart.toString(16)}`;
+  const chip = mcuFlash(info.mcuType);
+  let available: number;
+  let flashSize: number;
+  let limit: string;
+  let source: string;
+  if (configured) {
+    // A type the table does not know: flash starts 1 MiB-aligned on every Katapult target (stm32 0x08000000,
+    // rp2040 0x10000000, lpc176x 0).
+    const base = chip?.flashBase ?? appStart - (appStart % 0x100000);
+    available = Math.max(0, configured - (appStart - base));
+    flashSize = configured;
+    source = "moonflash.conf flash_size";
+    limit = `only ${available} bytes of flash follow the bootloader (flash_size ${configured} in moonflash.conf, application at ${appStartHex})`;
+  } else if (chip) {
+    const offset = appStart - chip.flashBase;
+    flashSize = chip.flashSize;
+    source = chip.source;
+    // An application start outside the flash the table describes says the table does not fit this board: then only
+    // the whole size is held against the image.
+    if (chip.wholeFlash && offset >= 0 && offset < chip.flashSize) {
+      available = chip.flashSize - offset;
+      limit = `${info.mcuType} has ${chip.flashSize} bytes of flash (FLASH_SIZE in ${chip.source}) and only ${available} follow the bootloader (application at ${appStartHex})`;
+    } else {
+      available = chip.flashSize;
+      limit = `a Klipper build for ${info.mcuType}, the MCU this bootloader reports, holds at most ${chip.flashSize} bytes (FLASH_SIZE in ${chip.source})`;
+    }
+  } else {
+    return;
   }
+  if (imageBytes <= available) return;
+  const fix = configured
+    ? `or correct flash_size in [${section}] of moonflash.conf`
+    : `or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf`;
+  throw new MoonflashError(
+    "FIRMWARE_TOO_LARGE",
+    `The image is ${imageBytes} bytes but ${limit}. Nothing was written. Build the firmware for this board (make menuconfig: processor model, bootloader offset), ${fix}.`,
+    { imageBytes, available, flashSize, mcuType: info.mcuType, appStart: appStartHex, source },
+  );
+}
+
+/**
+ * A failure once writing began. The error keeps its code; the message says where the board is and what to do,
+ * since COMPLETE was not sent (leaveBootloader).
+ */
+function incompleteImageError(error: MoonflashError, disconnected: boolean, section: string): MoonflashError {
+  const again = `run the flash again (${flashCommandsFor(section)})`;
+  const next = disconnected
+    ? `The board disconnected and may hold an incomplete image: reconnect it, enter Katapult if it does not come back in it (double-tap reset on most boards), then ${again}.`
+    : `COMPLETE was not sent, so the board stays in Katapult instead of starting an incomplete image: ${again}. A reset or power-cycle before that would start the incomplete image.`;
+  return new MoonflashError(error.code, `${error.message} ${next}`, { ...error.details, leftInBootloader: !disconnected }, { cause: error });
 }
 
 function throwIfCancelled(signal: AbortSignal): void {

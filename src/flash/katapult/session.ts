@@ -1,6 +1,6 @@
 // Katapult host session over a ByteLink: timeouts, retries, BUSY back-off, draining between tries, block
-// write/read-back. Behaviour follows Katapult's scripts/flashtool.py (send_command, send_file, verify_file;
-// shared/reference/flashing.md §1.5). Only the final failure of a command throws.
+// write/read-back. Behaviour follows Katapult's scripts/flashtool.py (send_command, send_file, verify_file).
+// Only the final failure of a command throws.
 
 import { MoonflashError, isMoonflashError } from "../../core/errors.js";
 import type { LogLevel } from "../../core/events.js";
@@ -221,9 +221,12 @@ export class KatapultSession {
         device: this.link.description,
       });
     }
+    // Once blocks were sent, a power-cycle would start whatever they left in flash (the flasher keeps the board in
+    // Katapult then): only before that is it the advice.
+    const advice = cmd === Command.CONNECT || cmd === Command.COMPLETE ? "Power-cycle the board and flash again." : "Flash again.";
     throw new MoonflashError(
       "PROTOCOL_ERROR",
-      `Katapult refused ${name} ${tries} times (last: ${last.text}). Power-cycle the board and flash again.`,
+      `Katapult refused ${name} ${tries} times (last: ${last.text}). ${advice}`,
       { command: name, tries, lastReply: last.kind, device: this.link.description },
     );
   }
@@ -368,7 +371,7 @@ export class KatapultSession {
     }
     throw new MoonflashError(
       "FLASH_FAILED",
-      `Flash write failed, flash address ${hex(address)}: the bootloader kept acknowledging another address (${hex(echoed)}). Power-cycle the board and flash again.`,
+      `Flash write failed, flash address ${hex(address)}: the bootloader kept acknowledging another address (${hex(echoed)}). Flash again.`,
       { address: hex(address), echoedAddress: hex(echoed) },
     );
   }

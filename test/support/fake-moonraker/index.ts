@@ -4,6 +4,7 @@ import { FakeMoonrakerServer, type FakeMoonraker, type FakeMoonrakerOptions } fr
 export { connectTestClient, RpcCallError, type TestClient, type TestClientTarget } from "./client.js";
 export { EtxDecoder, encodeEtxFrame, ETX } from "./framing.js";
 export { SimKlipper, mcuProtocolErrorMessage, type KlippyState, type SimMacro, type SimMcu } from "./klipper-sim.js";
+export type { MacroDefinition } from "./macro-render.js";
 export type { ConnectClientOptions, FakeMoonraker, FakeMoonrakerOptions } from "./server.js";
 
 /** Starts a fake Moonraker listening on `<dataDir>/comms/moonraker.sock` and (unless disabled) a websocket on 127.0.0.1. */

@@ -1,5 +1,7 @@
 // A scriptable stand-in for klippy as Moonraker sees it: state, printer objects, and a tiny G-code interpreter
-// (RESPOND, M118, M117, SET_DISPLAY_TEXT, M73, FIRMWARE_RESTART/RESTART, macros calling remote methods).
+// (RESPOND, M118, M117, SET_DISPLAY_TEXT, M73, FIRMWARE_RESTART/RESTART, and G-code macros rendered with real Jinja2
+// as Klipper renders them, see macro-render.ts).
+import { loadMacroFile, renderMacro, type MacroDefinition } from "./macro-render.js";
 import { KLIPPER_VERSION, baseConfigSettings, mcuLastStats, printerInfoStatic } from "./recorded.js";
 import { ServerError } from "./server-error.js";
 
@@ -13,7 +15,10 @@ export interface SimMcu {
   mcu_constants?: Record<string, unknown>;
 }
 
-/** A `[gcode_macro NAME]` whose template calls `action_call_remote_method(method, **params)`. */
+/**
+ * A `[gcode_macro NAME]` whose gcode is `{action_call_remote_method("<method>", key=value, ...)}` with `params` as the
+ * keyword arguments, so a `method` key collides with Klipper's positional `method` as it does in Klipper.
+ */
 export interface SimMacro {
   method: string;
   params?: Record<string, unknown>;
@@ -27,8 +32,12 @@ export interface KlipperHost {
   statusChanged(): void;
   /** Klippy dropped its connection to Moonraker: subscriptions are gone. */
   klippyDisconnected(): void;
+  /** Klippy connected to Moonraker (again). */
+  klippyConnected?(): void;
   /** A macro called a remote method; Moonraker forwards it to the agent that registered it, if any. */
   callRemoteMethod(method: string, params: Record<string, unknown>): void;
+  /** The remote methods Moonraker has registered with Klipper on behalf of its agents. */
+  remoteMethods(): string[];
   /** Run `fn` after `ms`, cancelled when the fake stops. */
   schedule(fn: () => void, ms: number): void;
   /** How long klippy takes to reconnect after FIRMWARE_RESTART/RESTART. */
@@ -76,9 +85,14 @@ export function mcuProtocolErrorMessage(
 
 interface GcodeLine {
   command: string;
-  /** Everything after the command word, as typed. */
+  /** Everything after the command word, without the comment. */
   rest: string;
+  /** The line as typed, trimmed, comment included (gcode.py: GCodeCommand's commandline). */
+  origline: string;
 }
+
+/** A G-code command error (gcode.py: CommandError): shown as "!! message" wherever a script level catches it. */
+class GcodeError extends Error {}
 
 /** The simulated Klipper's starting state. */
 export interface SimKlipperOptions {
@@ -89,6 +103,8 @@ export interface SimKlipperOptions {
   idleState?: string;
   mcus?: SimMcu[];
   macros?: Record<string, SimMacro>;
+  /** A Klipper config file whose [gcode_macro NAME] sections are loaded too (e.g. moonraker/moonflash.cfg). */
+  macroFile?: string;
 }
 
 export class SimKlipper {
@@ -100,7 +116,11 @@ export class SimKlipper {
   private displayMessage: string | null = null;
   private displayProgress = 0;
   private mcuList: SimMcu[];
-  private readonly macroTable = new Map<string, SimMacro>();
+  private readonly macroTable = new Map<string, MacroDefinition>();
+  /** Macros being rendered or run; Klipper refuses to re-enter one (gcode_macro.py: in_script). */
+  private readonly runningMacros = new Set<string>();
+  /** Scripts run one at a time, as under Klipper's gcode mutex. */
+  private scriptQueue: Promise<unknown> = Promise.resolve();
   private active = true;
   private connectedToMoonraker = true;
   private readonly startedAt = performance.now();
@@ -115,7 +135,8 @@ export class SimKlipper {
     this.printStateValue = opts.printState ?? "standby";
     this.idleStateValue = opts.idleState ?? "Idle";
     this.mcuList = opts.mcus ?? [{ section: "mcu", settings: { serial: "/tmp/klipper_host_mcu" } }];
-    for (const [name, macro] of Object.entries(opts.macros ?? {})) this.macroTable.set(name.toUpperCase(), macro);
+    for (const [name, macro] of Object.entries(opts.macros ?? {})) this.addMacro(name, macro);
+    for (const macro of opts.macroFile ? loadMacroFile(opts.macroFile) : []) this.macroTable.set(macro.name, macro);
   }
 
   /** True while the klipper service (supervisord program) runs. */
@@ -182,7 +203,19 @@ export class SimKlipper {
   }
 
   addMacro(name: string, macro: SimMacro): void {
-    this.macroTable.set(name.toUpperCase(), macro);
+    this.macroTable.set(name.toUpperCase(), {
+      section: `gcode_macro ${name}`,
+      name: name.toUpperCase(),
+      description: "G-Code macro",
+      gcode: remoteCallTemplate(macro),
+      variables: {},
+      remoteCall: { method: macro.method, params: { ...macro.params } },
+    });
+  }
+
+  /** The loaded macros by command name. */
+  get macros(): ReadonlyMap<string, MacroDefinition> {
+    return this.macroTable;
   }
 
   /** The service was stopped: klippy's connection to Moonraker goes away. */
@@ -206,6 +239,7 @@ export class SimKlipper {
   connect(): void {
     if (this.connectedToMoonraker || !this.active) return;
     this.connectedToMoonraker = true;
+    this.host.klippyConnected?.();
     this.announceState();
   }
 
@@ -228,7 +262,7 @@ export class SimKlipper {
       "gcode", "webhooks", "configfile",
       ...this.mcuList.map((m) => m.section),
       "gcode_move", "print_stats", "virtual_sdcard", "display_status", "pause_resume",
-      ...[...this.macroTable.keys()].map((name) => `gcode_macro ${name}`),
+      ...[...this.macroTable.values()].map((macro) => macro.section),
       "toolhead", "idle_timeout", "system_stats", "manual_probe",
     ];
   }
@@ -238,8 +272,8 @@ export class SimKlipper {
     const settings: Record<string, Record<string, unknown>> = {};
     for (const mcu of this.mcuList) settings[mcu.section] = { ...mcu.settings };
     Object.assign(settings, baseConfigSettings());
-    for (const [name, macro] of this.macroTable) {
-      settings[`gcode_macro ${name.toLowerCase()}`] = { gcode: renderMacroTemplate(macro), description: "G-Code macro" };
+    for (const macro of this.macroTable.values()) {
+      settings[macro.section.toLowerCase()] = { gcode: macro.gcode, description: macro.description };
     }
     const config: Record<string, Record<string, string>> = {};
     for (const [section, options] of Object.entries(settings)) {
@@ -276,24 +310,51 @@ export class SimKlipper {
         last_stats: mcuLastStats(),
       };
     }
-    for (const name of this.macroTable.keys()) status[`gcode_macro ${name}`] = {};
+    // A macro's status is its variables (gcode_macro.py: get_status).
+    for (const macro of this.macroTable.values()) status[macro.section] = { ...macro.variables };
     return status;
   }
 
-  /** printer.gcode.script: runs line by line; the first error stops the script (gcode.py: run_script). */
-  runScript(script: string): void {
-    for (const raw of script.split("\n")) {
-      const line = parseGcodeLine(raw);
-      if (line !== null) this.runCommand(line);
-    }
-    this.host.statusChanged();
+  /**
+   * printer.gcode.script: runs line by line; the first error stops the script and is the request's error
+   * (gcode.py: run_script). Scripts run one at a time.
+   */
+  runScript(script: string): Promise<void> {
+    const run = this.scriptQueue.then(async () => {
+      try {
+        await this.runLines(script.split("\n"));
+      } catch (err) {
+        if (err instanceof GcodeError) throw new ServerError(err.message, 400);
+        throw err;
+      } finally {
+        this.host.statusChanged();
+      }
+    });
+    this.scriptQueue = run.catch(() => undefined);
+    return run;
   }
 
-  private runCommand({ command, rest }: GcodeLine): void {
+  // gcode.py: _process_commands without an ack: each level that catches a command error shows it, then passes it
+  // up, so an error inside a macro's G-code shows once for every macro level around it, as in Klipper.
+  private async runLines(lines: string[]): Promise<void> {
+    for (const raw of lines) {
+      const line = parseGcodeLine(raw);
+      if (line === null) continue;
+      try {
+        await this.runCommand(line);
+      } catch (err) {
+        if (err instanceof GcodeError) this.respondError(err.message);
+        throw err;
+      }
+    }
+  }
+
+  private async runCommand(line: GcodeLine): Promise<void> {
+    const { command, rest } = line;
     // RESPOND, M118 and the restarts are registered with when_not_ready=True; everything else needs `ready`.
     switch (command) {
       case "RESPOND":
-        this.respond(extendedParams(rest));
+        this.respond(extendedParams(line));
         return;
       case "M118":
         this.emit(`echo: ${rest}`);
@@ -303,11 +364,10 @@ export class SimKlipper {
         this.scheduleRestart();
         return;
     }
-    if (this.klippyState !== "ready") this.fail(this.klippyMessage);
+    if (this.klippyState !== "ready") throw new GcodeError(this.klippyMessage);
     const macro = this.macroTable.get(command);
     if (macro !== undefined) {
-      const lineArgs = Object.fromEntries(Object.entries(extendedParams(rest)).map(([k, v]) => [k.toLowerCase(), v]));
-      this.host.callRemoteMethod(macro.method, { ...macro.params, ...lineArgs });
+      await this.runMacro(macro, line);
       return;
     }
     switch (command) {
@@ -315,7 +375,7 @@ export class SimKlipper {
         this.displayMessage = rest === "" ? null : rest;
         return;
       case "SET_DISPLAY_TEXT":
-        this.displayMessage = extendedParams(rest).MSG ?? null;
+        this.displayMessage = extendedParams(line).MSG ?? null;
         return;
       case "M73": {
         const percent = Number(/(?:^|\s)P(\S+)/i.exec(rest)?.[1] ?? "0");
@@ -327,13 +387,56 @@ export class SimKlipper {
     }
   }
 
+  // gcode_macro.py: GCodeMacro.cmd. The template runs its action_* calls while it renders (remote calls reach
+  // Moonraker even when the render fails later); then its output runs as G-code.
+  private async runMacro(macro: MacroDefinition, line: GcodeLine): Promise<void> {
+    if (this.runningMacros.has(macro.name)) throw new GcodeError(`Macro ${macro.name} called recursively`);
+    const params = extendedParams(line);
+    if (macro.remoteCall) {
+      // gcode_macro.py: _action_call_remote_method(self, method, **kwargs) — a keyword named "method" collides.
+      if ("method" in macro.remoteCall.params) {
+        throw new GcodeError(
+          `Error evaluating '${macro.section}:gcode': TypeError: PrinterGCodeMacro._action_call_remote_method() got multiple values for argument 'method'\n`,
+        );
+      }
+      this.host.callRemoteMethod(macro.remoteCall.method, macro.remoteCall.params);
+      return;
+    }
+    this.runningMacros.add(macro.name);
+    try {
+      const result = await renderMacro({
+        macro,
+        params,
+        rawparams: rawParams(line),
+        printer: this.status(),
+        remoteMethods: this.host.remoteMethods(),
+      });
+      for (const event of result.events) {
+        if (event.type === "remote_method") this.host.callRemoteMethod(event.method, event.params);
+        else if (event.type === "respond_info") this.respondInfo(event.message);
+        else this.invokeShutdown(event.message);
+      }
+      if ("error" in result) throw new GcodeError(result.error);
+      await this.runLines(result.output.split("\n"));
+    } finally {
+      this.runningMacros.delete(macro.name);
+    }
+  }
+
+  // klippy.py: invoke_shutdown; gcode.py reports the new state on the console.
+  private invokeShutdown(message: string): void {
+    if (this.klippyState === "shutdown") return;
+    this.respondInfo("Klipper state: Shutdown");
+    this.setState("shutdown", message);
+  }
+
   private respond(params: Record<string, string>): void {
     const prefixes: Record<string, string> = { echo: "echo:", command: "//", error: "!!" };
     let prefix = prefixes.echo;
     if (params.TYPE !== undefined) {
       prefix = prefixes[params.TYPE.toLowerCase()];
       if (prefix === undefined) {
-        this.fail(`RESPOND TYPE '${params.TYPE}' is invalid. Must be one of 'echo', 'command', or 'error'`);
+        throw new GcodeError(`RESPOND TYPE '${params.TYPE}' is invalid. Must be one of 'echo', 'command', or 'error'`);
       }
     }
     this.emit(`${params.PREFIX ?? prefix} ${params.MSG ?? ""}`);
@@ -356,45 +459,76 @@ export class SimKlipper {
     this.host.notifyAll("notify_gcode_response", [line]);
   }
 
+  // gcode.py: respond_info.
+  private respondInfo(message: string): void {
+    this.emit(`// ${message.trim().split("\n").map((l) => l.trim()).join("\n// ")}`);
+  }
+
   // gcode.py: _respond_error — a multi-line message is echoed as info, then the first line as the error.
-  private fail(message: string): never {
-    const lines = message.trim().split("\n").map((l) => l.trim());
-    if (lines.length > 1) this.emit(`// ${lines.join("\n// ")}`);
-    this.emit(`!! ${lines[0] ?? ""}`);
-    throw new ServerError(message, 400);
+  private respondError(message: string): void {
+    const lines = message.trim().split("\n");
+    if (lines.length > 1) this.respondInfo(lines.join("\n"));
+    this.emit(`!! ${lines[0]?.trim() ?? ""}`);
   }
 }
 
 function parseGcodeLine(raw: string): GcodeLine | null {
-  const line = raw.split(";")[0]?.trim() ?? "";
+  const origline = raw.trim();
+  const line = origline.split(";")[0]?.trim() ?? "";
   if (line === "") return null;
   const match = /^(\S+)\s*(.*)$/.exec(line);
   if (match === null) return null;
-  return { command: (match[1] ?? "").toUpperCase(), rest: match[2] ?? "" };
+  return { command: (match[1] ?? "").toUpperCase(), rest: match[2] ?? "", origline };
 }
 
-/** KEY=VALUE parameters of an extended command; values may be quoted as shlex does. Keys are upper-cased. */
-function extendedParams(rest: string): Record<string, string> {
+/** What follows the command word in the line as typed, less one separating space (gcode.py). */
+function rawParams(line: GcodeLine): string {
+  let rest = line.origline.slice(line.command.length);
+  if (/^\s/.test(rest)) rest = rest.slice(1);
+  return rest;
+}
+
+/**
+ * KEY=VALUE parameters of an extended command (gcode.py: _get_extended_params): split as shlex does in POSIX mode
+ * with '#' and ';' starting a comment; keys upper-cased; a word without '=' makes the command malformed.
+ */
+function extendedParams(line: GcodeLine): Record<string, string> {
   const params: Record<string, string> = {};
-  for (const token of shellSplit(rest)) {
+  const tokens = shellSplit(rawParams(line));
+  if (tokens === null) throw new GcodeError(`Malformed command '${line.origline}'`);
+  for (const token of tokens) {
     const eq = token.indexOf("=");
-    if (eq > 0) params[token.slice(0, eq).toUpperCase()] = token.slice(eq + 1);
+    if (eq < 0) throw new GcodeError(`Malformed command '${line.origline}'`);
+    params[token.slice(0, eq).toUpperCase()] = token.slice(eq + 1);
   }
   return params;
 }
 
-function shellSplit(text: string): string[] {
+/** null where shlex fails: an unclosed quote or a trailing backslash. */
+function shellSplit(text: string): string[] | null {
   const tokens: string[] = [];
   let current = "";
   let inToken = false;
   let quote: string | null = null;
-  for (const ch of text) {
-    if (quote !== null) {
+  for (let i = 0; i < text.length; i++) {
+    const ch = text[i]!;
+    if (quote === "'") {
       if (ch === quote) quote = null;
+      else current += ch;
+    } else if (quote === '"') {
+      // Inside double quotes a backslash escapes only '"' and '\\'.
+      if (ch === "\\" && (text[i + 1] === '"' || text[i + 1] === "\\")) current += text[++i];
+      else if (ch === quote) quote = null;
       else current += ch;
     } else if (ch === '"' || ch === "'") {
       quote = ch;
       inToken = true;
+    } else if (ch === "\\") {
+      if (i + 1 === text.length) return null;
+      current += text[++i];
+      inToken = true;
+    } else if (ch === "#" || ch === ";") {
+      break;
     } else if (/\s/.test(ch)) {
       if (inToken) tokens.push(current);
       current = "";
@@ -404,12 +538,13 @@ function shellSplit(text: string): string[] {
       inToken = true;
     }
   }
+  if (quote !== null) return null;
   if (inToken) tokens.push(current);
   return tokens;
 }
 
-/** The gcode option as configfile.settings shows it for a one-line remote-call macro. */
-function renderMacroTemplate(macro: SimMacro): string {
+/** The gcode option of a SimMacro, as configfile.settings shows it for a one-line remote-call macro. */
+function remoteCallTemplate(macro: SimMacro): string {
   const args = Object.entries(macro.params ?? {}).map(([key, value]) => `${key}=${jinjaLiteral(value)}`);
   return `\n{action_call_remote_method(${[JSON.stringify(macro.method), ...args].join(", ")})}`;
 }

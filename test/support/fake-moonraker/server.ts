@@ -23,7 +23,15 @@ export interface FakeMoonrakerOptions {
   /** When set, websocket clients must send X-Api-Key at upgrade or api_key in identify. */
   apiKey?: string;
   /** Delays of the service actions; defaults are scaled down for tests. */
-  timing?: { stopOkMs?: number; stopStateMs?: number; startOkMs?: number; startStateMs?: number; readyMs?: number };
+  timing?: {
+    stopOkMs?: number;
+    stopStateMs?: number;
+    startOkMs?: number;
+    startStateMs?: number;
+    readyMs?: number;
+    /** After a restart of the fake, how long until the running Klippy has connected to it again. */
+    klippyReconnectMs?: number;
+  };
   klipper?: SimKlipperOptions & {
     /** The klipper unit name, as system_info.instance_ids.klipper reports it (default "klipper"). */
     serviceName?: string;
@@ -92,7 +100,7 @@ class Connection {
 
 type Handler = (conn: Connection, params: Record<string, unknown>) => unknown;
 
-const DEFAULT_TIMING = { stopOkMs: 50, stopStateMs: 20, startOkMs: 100, startStateMs: 20, readyMs: 100 };
+const DEFAULT_TIMING = { stopOkMs: 50, stopStateMs: 20, startOkMs: 100, startStateMs: 20, readyMs: 100, klippyReconnectMs: 100 };
 
 export class FakeMoonrakerServer implements FakeMoonraker {
   readonly socketPath: string;
@@ -129,7 +137,11 @@ export class FakeMoonrakerServer implements FakeMoonraker {
       klippyDisconnected: () => {
         for (const conn of this.connections) this.clearSubscription(conn);
       },
+      klippyConnected: () => {
+        this.klippySeenSinceStart = true;
+      },
       callRemoteMethod: (method, params) => this.forwardRemoteCall(method, params),
+      remoteMethods: () => this.remoteMethods(),
       schedule: (fn, ms) => this.schedule(fn, ms),
       restartMs: this.timing.readyMs,
     };
@@ -295,6 +307,8 @@ export class FakeMoonrakerServer implements FakeMoonraker {
     };
     const printer = (method: string, handler: Handler): void => {
       on(method, (conn, params) => {
+        // Moonraker registers the printer endpoints when Klippy first connects after its own start.
+        if (!this.klippySeenSinceStart) throw new ServerError("Method not found", 404);
         if (!this.klipper.connected) throw new ServerError("Klippy Host not connected", 503);
         return handler(conn, params);
       });
@@ -372,16 +386,17 @@ export class FakeMoonrakerServer implements FakeMoonraker {
       conn.lastPushed = snapshotOf(status);
       return { eventtime: this.klipper.eventtime(), status };
     });
-    printer("printer.gcode.script", (_conn, params) => {
-      this.klipper.runScript(requireString(params, "script"));
+    // Macros render in a python3 child process (macro-render.ts), so a script may take a moment.
+    printer("printer.gcode.script", async (_conn, params) => {
+      await this.klipper.runScript(requireString(params, "script"));
       return "ok";
     });
-    printer("printer.firmware_restart", () => {
-      this.klipper.runScript("FIRMWARE_RESTART");
+    printer("printer.firmware_restart", async () => {
+      await this.klipper.runScript("FIRMWARE_RESTART");
       return "ok";
     });
-    printer("printer.restart", () => {
-      this.klipper.runScript("RESTART");
+    printer("printer.restart", async () => {
+      await this.klipper.runScript("RESTART");
       return "ok";
     });
     printer("printer.emergency_stop", () => {
@@ -568,12 +583,20 @@ export class FakeMoonrakerServer implements FakeMoonraker {
    */
   async restart(downMs = 50): Promise<void> {
     await this.closeListeners();
+    // Klippy keeps running but loses its Moonraker connection; the new Moonraker connects to it again a moment
+    // after it starts, and until then knows no printer endpoints.
+    this.klipper.disconnect();
+    this.klippySeenSinceStart = false;
     await fs.writeFile(this.socketPath, "");
     await new Promise((resolve) => setTimeout(resolve, downMs));
     if (this.stopped) return;
     this.refuseUnixUntil = Date.now() + 150;
     await this.listen();
+    this.schedule(() => this.klipper.connect(), this.timing.klippyReconnectMs);
   }
+
+  /** False from a restart until Klippy has connected again (a fresh fake counts as having seen it). */
+  private klippySeenSinceStart = true;
 
   /** Until then, new unix socket connections are dropped: the socket file exists but Moonraker does not accept yet. */
   private refuseUnixUntil = 0;

@@ -11,14 +11,16 @@ import {
   dataPaths,
   endpointFromConfig,
   initialPrinterState,
+  isProcessAlive,
   loadConfig,
   readJobLock,
+  readJournal,
   throttleProgress
-} from "./chunk-5FTLU2WD.mjs";
+} from "./chunk-Y4YU7ISC.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./chunk-VOYGMLIB.mjs";
+} from "./chunk-6I3D7RSD.mjs";
 import "./chunk-HEYCKE5Q.mjs";
 
 // src/cli/render.ts
@@ -159,15 +161,23 @@ async function runStatus(opts) {
   try {
     const ctx = await context(opts.dataDir);
     const lock = await readJobLock(dataPaths(ctx.config.dataDir).lock);
-    const status = { running: lock, last: ctx.runner.history(void 0, 10) };
+    const running = lock && isProcessAlive(lock.pid) ? lock : null;
+    const staleLock = lock && !running ? lock : null;
+    const journal = await readJournal(ctx.config.dataDir);
+    const klipperRestartPending = journal?.restartPending === true || journal !== null && !isProcessAlive(journal.pid);
+    const status = { running, stale_lock: staleLock, klipper_restart_pending: klipperRestartPending, last: ctx.runner.history(void 0, 10) };
     if (opts.json) {
       process.stdout.write(`${JSON.stringify(status)}
 `);
       return 0;
     }
-    if (lock) process.stdout.write(`running: ${lock.kind} job ${lock.jobId} on ${lock.target} (pid ${lock.pid}, since ${lock.startedAt})
+    if (running) process.stdout.write(`running: ${running.kind} job ${running.jobId} on ${running.target} (pid ${running.pid}, since ${running.startedAt})
 `);
     else process.stdout.write("running: nothing\n");
+    if (staleLock) process.stdout.write(`note: job ${staleLock.jobId} of process ${staleLock.pid} did not finish (that process is gone); the service records it as INTERRUPTED
+`);
+    if (klipperRestartPending) process.stdout.write(`note: ${journal?.klipperService ?? "klipper"} is still to be started after job ${journal?.jobId}; the moonflash service keeps trying
+`);
     if (!status.last.length) process.stdout.write("no jobs have run yet\n");
     for (const job of status.last) {
       const outcome = job.ok ? "ok" : `FAILED ${job.code}: ${job.message}`;

@@ -16,7 +16,7 @@ import {
   toJsonRpcError,
   toMoonflashError,
   u32le
-} from "./chunk-VOYGMLIB.mjs";
+} from "./chunk-6I3D7RSD.mjs";
 import {
   __commonJS,
   __require,
@@ -2598,7 +2598,7 @@ var require_transport = __commonJS({
   "node_modules/pino/lib/transport.js"(exports, module) {
     "use strict";
     var { createRequire: createRequire2 } = __require("module");
-    var { existsSync: existsSync3 } = __require("node:fs");
+    var { existsSync: existsSync4 } = __require("node:fs");
     var getCallers = require_caller();
     var { join: join6, isAbsolute: isAbsolute2, sep: sep2 } = __require("node:path");
     var { fileURLToPath } = __require("node:url");
@@ -2673,7 +2673,7 @@ var require_transport = __commonJS({
           return false;
         }
       }
-      return isAbsolute2(path6) && !existsSync3(path6);
+      return isAbsolute2(path6) && !existsSync4(path6);
     }
     function stripQuotes(value2) {
       const first = value2[0];
@@ -8323,10 +8323,25 @@ async function readJobLock(path6) {
     throw toMoonflashError(err);
   }
 }
+async function clearStaleJobLock(path6) {
+  let text;
+  try {
+    text = await readFile3(path6, "utf8");
+  } catch (err) {
+    if (err.code === "ENOENT") return null;
+    throw toMoonflashError(err);
+  }
+  const owner = parseLockInfo(text);
+  if (owner && (owner.pid === process.pid || isProcessAlive(owner.pid))) return null;
+  if (await readFile3(path6, "utf8").catch(() => null) !== text) return null;
+  await removeDurable(path6);
+  return owner;
+}
 function busyError(info) {
   return new MoonflashError(
     "BUSY",
-    `${info.kind} job ${info.jobId} on ${info.target} is running (pid ${info.pid}, since ${info.startedAt}); wait for it or cancel it`,
+    // The job id stays in details (and logs): a console reader knows the job by what it acts on.
+    `${info.kind === "ota" ? "An OTA" : "A flash"} job on ${info.target} is running (pid ${info.pid}, since ${info.startedAt}); wait for it or cancel it`,
     { ...info }
   );
 }
@@ -8467,7 +8482,7 @@ function makeJobId(kind, at) {
 function cancelledError(jobId, cause) {
   return new MoonflashError(
     "CANCELLED",
-    `Job ${jobId} was cancelled before anything was written; start it again when ready.`,
+    "The job was cancelled before anything was written; start it again when ready.",
     { jobId },
     cause === void 0 ? void 0 : { cause }
   );
@@ -8605,7 +8620,7 @@ var JobRunner = class {
       const reason = job.cancelReason ?? "the job is at a step that must finish";
       throw new MoonflashError(
         "CANCEL_REFUSED",
-        `Job ${job.info.jobId} cannot be cancelled now: ${reason}. Wait for it to finish.`,
+        `The ${job.info.kind} job on ${job.info.target} cannot be cancelled now: ${reason}. Wait for it to finish.`,
         { jobId: job.info.jobId, reason }
       );
     }
@@ -8627,7 +8642,10 @@ var JobRunner = class {
       this.listeners.delete(listener);
     };
   }
-  /** Records a job the previous process did not finish (it died) as failed with INTERRUPTED. */
+  /**
+   * Records a job the previous process did not finish (it died) as failed with INTERRUPTED, and tells listeners
+   * through a result event, as if the job had ended now.
+   */
   async interrupted(record) {
     const message = record.message ?? "moonflash stopped while this job ran; check the device and run the job again.";
     await appendJob(
@@ -8646,6 +8664,12 @@ var JobRunner = class {
       this.logger
     );
     this.logger.warn({ jobId: record.id, kind: record.kind, target: record.target }, `interrupted job recorded: ${message}`);
+    this.emit({ ...this.base({ jobId: record.id, kind: record.kind, target: record.target }), type: "result", ok: false, code: "INTERRUPTED", message });
+  }
+  /** Tells listeners something about a job that has ended (e.g. Klipper started again later). */
+  notice(job, message) {
+    this.logger.info({ jobId: job.id, kind: job.kind, target: job.target }, message);
+    this.emit({ ...this.base({ jobId: job.id, kind: job.kind, target: job.target }), type: "notice", message });
   }
   base(info) {
     return { jobId: info.jobId, kind: info.kind, target: info.target, ts: this.now().toISOString() };
@@ -9213,8 +9237,8 @@ var AgentSession = class {
     const started = () => {
       const state = this.tracker.state;
       const klippyNeeded = unit === state.klipperService;
-      const klippyUp = state.klippyConnected && state.klippyState !== "startup";
-      return state.services[unit]?.active_state === "active" && (!klippyNeeded || klippyUp);
+      const klippyUp2 = state.klippyConnected && state.klippyState !== "startup";
+      return state.services[unit]?.active_state === "active" && (!klippyNeeded || klippyUp2);
     };
     if (started()) return;
     if (unit === this.tracker.state.klipperService && this.klippyPolling) {
@@ -9356,6 +9380,9 @@ var AgentSession = class {
     this.connectionId = null;
     this.stopKlippyPoll();
     this.tracker.moonrakerLost();
+    for (const waiter of [...this.waiters]) {
+      waiter.reject(unavailable2("the Moonraker connection closed while waiting for a service to change state"));
+    }
     if (wasIdentified) {
       if (this.running) {
         this.log.warn({ endpoint: this.endpointName, err: error2 }, "lost the Moonraker connection; reconnecting");
@@ -9694,13 +9721,262 @@ function errorText(err) {
   return err instanceof Error ? err.message : String(err);
 }
 
+// src/flash/guard.ts
+import { readFile as readFile4 } from "node:fs/promises";
+var SHUTDOWN_SIGNALS = ["SIGINT", "SIGTERM"];
+function assertNotPrinting(printer) {
+  if (!printer.isPrinting()) return;
+  const printState = printer.state().printState ?? "printing";
+  throw new MoonflashError(
+    "PRINTER_BUSY",
+    `The printer is printing (print_stats: ${printState}). Flashing stops Klipper; wait for the print to end or cancel it.`,
+    { printState, idleState: printer.state().idleState }
+  );
+}
+function klipperIsRunning(printer) {
+  const state = printer.state();
+  const unit = state.services[state.klipperService];
+  if (unit) return unit.active_state === "active" || unit.active_state === "activating" || unit.active_state === "reloading";
+  if (state.klippyConnected) return true;
+  if (!state.moonrakerConnected) {
+    throw new MoonflashError(
+      "MOONRAKER_UNAVAILABLE",
+      "moonflash has no Moonraker connection, so it cannot stop Klipper before flashing. Check that Moonraker runs and moonflash.conf's moonraker_socket, then try again.",
+      { klipperService: state.klipperService }
+    );
+  }
+  return false;
+}
+function parseJournal(text) {
+  try {
+    const j = JSON.parse(text);
+    if (typeof j.jobId !== "string" || typeof j.klipperService !== "string" || typeof j.klipperWasRunning !== "boolean") return null;
+    return j;
+  } catch {
+    return null;
+  }
+}
+async function readJournal(dataDir) {
+  let text;
+  try {
+    text = await readFile4(dataPaths(dataDir).journal, "utf8");
+  } catch (err) {
+    if (err.code === "ENOENT") return null;
+    throw toMoonflashError(err);
+  }
+  return parseJournal(text) ?? {
+    jobId: "unknown",
+    kind: "flash",
+    target: "unknown",
+    pid: 0,
+    startedAt: (/* @__PURE__ */ new Date(0)).toISOString(),
+    klipperService: "klipper",
+    klipperWasRunning: true
+  };
+}
+async function withKlipperStopped(printer, journalPath, opts, work) {
+  assertNotPrinting(printer);
+  const { logger } = opts;
+  const klipperService = printer.state().klipperService;
+  let klipperWasRunning = klipperIsRunning(printer);
+  const leftover = await readJournalFile(journalPath);
+  if (leftover) {
+    logger.warn({ journal: leftover }, "an earlier job's journal is still present; Klipper will be started after this job if it ran then");
+    klipperWasRunning ||= leftover.klipperWasRunning;
+  }
+  const journal = {
+    jobId: opts.jobId,
+    kind: opts.kind,
+    target: opts.target,
+    pid: process.pid,
+    startedAt: (/* @__PURE__ */ new Date()).toISOString(),
+    klipperService,
+    klipperWasRunning
+  };
+  await writeFileDurable(journalPath, `${JSON.stringify(journal, null, 2)}
+`);
+  const shutdown = new AbortController();
+  let caughtSignal = null;
+  const onSignal = (signal) => {
+    if (caughtSignal) return;
+    caughtSignal = signal;
+    logger.warn(`${signal} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
+    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal}).`));
+  };
+  const handlers = SHUTDOWN_SIGNALS.map((signal) => [signal, () => onSignal(signal)]);
+  for (const [signal, handler] of handlers) process.on(signal, handler);
+  let klipperRestart = null;
+  try {
+    let value2;
+    try {
+      if (klipperWasRunning) {
+        logger.info(`stopping ${klipperService}`);
+        opts.onStage?.("stop-klipper", `stopping ${klipperService}`);
+        try {
+          await printer.stopService(klipperService, opts.serviceTimeoutMs);
+        } catch (err) {
+          const e = toMoonflashError(err, "SERVICE_FAILED");
+          throw new MoonflashError(e.code, `Stopping Klipper did not complete, so nothing was written to the board: ${e.message}`, e.details, { cause: e });
+        }
+      }
+      if (shutdown.signal.aborted) throw shutdown.signal.reason;
+      value2 = await work(shutdown.signal);
+    } catch (err) {
+      const error2 = toMoonflashError(err);
+      klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
+      if (klipperRestart) error2.details.klipperRestart = klipperRestart;
+      if (klipperRestart && !klipperRestart.ok) {
+        throw new MoonflashError(error2.code, `${error2.message} ${stillStoppedNote(klipperService)}`, error2.details, { cause: error2 });
+      }
+      throw error2;
+    }
+    klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
+    if (klipperRestart && !klipperRestart.ok) {
+      throw new MoonflashError(
+        klipperRestart.code,
+        `The ${opts.kind} job finished, but moonflash could not confirm that Klipper runs: ${klipperRestart.message} ${stillStoppedNote(klipperService)}`,
+        { klipperRestart, result: value2 }
+      );
+    }
+    return { value: value2, klipperWasRunning, klipperRestart };
+  } finally {
+    await settleJournal(journalPath, journal, klipperRestart, logger);
+    for (const [signal, handler] of handlers) process.removeListener(signal, handler);
+    if (caughtSignal && process.listenerCount(caughtSignal) === 0) process.kill(process.pid, caughtSignal);
+  }
+}
+function stillStoppedNote(service) {
+  return `moonflash keeps checking, starts ${service} if it is stopped and says so here once it runs; you can also start it from the web UI (Machine \u2192 Services \u2192 ${service}) or with \`sudo systemctl start ${service}\`.`;
+}
+async function settleJournal(path6, journal, restart, logger) {
+  try {
+    if (restart === null || restart.ok) await removeDurable(path6);
+    else await writeFileDurable(path6, `${JSON.stringify({ ...journal, restartPending: true }, null, 2)}
+`);
+  } catch (err) {
+    logger.error({ err }, `could not update the journal ${path6}`);
+  }
+}
+async function readJournalFile(path6) {
+  try {
+    return parseJournal(await readFile4(path6, "utf8"));
+  } catch {
+    return null;
+  }
+}
+async function restartKlipper(printer, service, wasRunning, opts) {
+  if (!wasRunning) return null;
+  opts.logger.info(`starting ${service}`);
+  opts.onStage?.("start-klipper", `starting ${service}`);
+  const outcome = await bringKlipperBack(printer, service, { timeoutMs: opts.serviceTimeoutMs, logger: opts.logger });
+  if (!outcome.ok) opts.logger.error({ outcome }, `could not start ${service} again yet: ${outcome.message}`);
+  return outcome;
+}
+var MAX_FRESH_WAITS = 3;
+var RETRY_PAUSE_MS = 1e3;
+var serviceActive = (state, service) => state.services[service]?.active_state === "active";
+var serviceStarting = (state, service) => {
+  const unit = state.services[service];
+  return unit?.active_state === "activating" || unit?.sub_state === "starting";
+};
+var klippyUp = (state) => state.moonrakerConnected && state.klippyConnected && state.klippyState !== "startup" && state.klippyState !== "disconnected";
+function waitForPrinter(printer, pred, timeoutMs) {
+  if (pred(printer.state())) return Promise.resolve(true);
+  if (timeoutMs <= 0) return Promise.resolve(false);
+  return new Promise((resolve2) => {
+    const finish = (value2) => {
+      clearTimeout(timer);
+      off();
+      resolve2(value2);
+    };
+    const timer = setTimeout(() => finish(false), timeoutMs);
+    const off = printer.onStateChange((state) => {
+      if (pred(state)) finish(true);
+    });
+  });
+}
+var pause = (ms) => new Promise((resolve2) => setTimeout(resolve2, Math.max(0, ms)));
+async function bringKlipperBack(printer, service, opts) {
+  const { timeoutMs, logger } = opts;
+  let deadline = Date.now() + timeoutMs;
+  let freshWaits = 0;
+  let last = null;
+  for (; ; ) {
+    const remaining = deadline - Date.now();
+    if (remaining <= 0) break;
+    if (!printer.state().moonrakerConnected) {
+      logger.warn(`Moonraker is not connected; waiting for it to start ${service}`);
+      if (!await waitForPrinter(printer, (s) => s.moonrakerConnected, remaining)) {
+        last = new MoonflashError(
+          "MOONRAKER_UNAVAILABLE",
+          `Moonraker was not reachable for ${Math.round(timeoutMs / 1e3)} s, so ${service} could not be started.`,
+          { service }
+        );
+        break;
+      }
+      if (freshWaits++ < MAX_FRESH_WAITS) deadline = Date.now() + timeoutMs;
+      continue;
+    }
+    if (serviceStarting(printer.state(), service)) {
+      await waitForPrinter(printer, (s) => !s.moonrakerConnected || !serviceStarting(s, service), deadline - Date.now());
+      continue;
+    }
+    if (serviceActive(printer.state(), service)) {
+      if (!await waitForPrinter(printer, klippyUp, deadline - Date.now())) {
+        logger.warn(`${service} runs but Klipper has not reported ready or an error yet`);
+      }
+      return { ok: true };
+    }
+    try {
+      await printer.startService(service, remaining);
+      return { ok: true };
+    } catch (err) {
+      last = toMoonflashError(err, "SERVICE_FAILED");
+      logger.warn({ code: last.code }, `starting ${service} did not complete: ${last.message}`);
+      if (last.code === "SERVICE_TIMEOUT") break;
+      if (printer.state().moonrakerConnected) await pause(Math.min(RETRY_PAUSE_MS, deadline - Date.now()));
+    }
+  }
+  const reason = last ?? new MoonflashError("SERVICE_TIMEOUT", `${service} did not start within ${Math.round(timeoutMs / 1e3)} s.`);
+  return { ok: false, code: reason.code, message: reason.message, pending: true };
+}
+async function recoverInterruptedJob(dataDir, printer, runner, logger, opts = {}) {
+  const journal = await readJournal(dataDir);
+  if (!journal) return null;
+  const paths = dataPaths(dataDir);
+  if (journal.pid !== process.pid && isProcessAlive(journal.pid) && !journal.restartPending) {
+    logger.info({ journal }, `job ${journal.jobId} is still running in process ${journal.pid}; nothing to recover`);
+    return null;
+  }
+  logger.warn({ journal }, journal.restartPending ? `Klipper is still to be started after job ${journal.jobId}; starting it` : `job ${journal.jobId} on ${journal.target} was interrupted while Klipper was stopped; recovering`);
+  if (journal.klipperWasRunning) {
+    const restart = await bringKlipperBack(printer, journal.klipperService, { timeoutMs: opts.serviceTimeoutMs ?? 9e4, logger });
+    if (!restart.ok) throw new MoonflashError(restart.code, restart.message, { journal });
+    logger.info(`started ${journal.klipperService} again after job ${journal.jobId}`);
+  }
+  const stale = await clearStaleJobLock(paths.lock);
+  if (stale) logger.info({ lock: stale }, `removed the job lock of the dead process ${stale.pid}`);
+  const ref = { id: journal.jobId, kind: journal.kind, target: journal.target, startedAt: journal.startedAt };
+  if (journal.restartPending) {
+    runner.notice(ref, `Klipper is running again (moonflash could not confirm it when this ${journal.kind} job ended).`);
+  } else {
+    const started = journal.klipperWasRunning ? " Klipper was started again." : "";
+    await runner.interrupted({
+      ...ref,
+      message: `moonflash stopped while this ${journal.kind} job ran (started ${journal.startedAt}).${started} The board may hold a partial image and wait in its bootloader: run the same flash again.`
+    });
+  }
+  await removeDurable(paths.journal);
+  return { journal, klipperStarted: journal.klipperWasRunning };
+}
+
 // src/flash/engine.ts
 import { existsSync as existsSync2 } from "node:fs";
-import { readFile as readFile7, realpath as realpath3, stat as stat9 } from "node:fs/promises";
+import { readFile as readFile7, readlink as readlink2, realpath as realpath3, stat as stat9 } from "node:fs/promises";
 import { join as join5, resolve } from "node:path";
 
 // src/flash/discovery.ts
-import { readdir, readFile as readFile4, readlink, realpath, stat as stat3 } from "node:fs/promises";
+import { readdir, readFile as readFile5, readlink, realpath, stat as stat3 } from "node:fs/promises";
 import path2 from "node:path";
 
 // src/flash/methods/process.ts
@@ -9954,7 +10230,7 @@ async function resolveDevicePath(p) {
 }
 async function readTrimmed(file) {
   try {
-    const text = (await readFile4(file, "utf8")).trim();
+    const text = (await readFile5(file, "utf8")).trim();
     return text.length > 0 ? text : void 0;
   } catch {
     return void 0;
@@ -10198,173 +10474,6 @@ async function discoverCanNodes(opts) {
   return parseCanQueryOutput(stdout);
 }
 
-// src/flash/guard.ts
-import { readFile as readFile5 } from "node:fs/promises";
-var SHUTDOWN_SIGNALS = ["SIGINT", "SIGTERM"];
-function assertNotPrinting(printer) {
-  if (!printer.isPrinting()) return;
-  const printState = printer.state().printState ?? "printing";
-  throw new MoonflashError(
-    "PRINTER_BUSY",
-    `The printer is printing (print_stats: ${printState}). Flashing stops Klipper; wait for the print to end or cancel it.`,
-    { printState, idleState: printer.state().idleState }
-  );
-}
-function klipperIsRunning(printer) {
-  const state = printer.state();
-  const unit = state.services[state.klipperService];
-  if (unit) return unit.active_state === "active" || unit.active_state === "activating" || unit.active_state === "reloading";
-  if (state.klippyConnected) return true;
-  if (!state.moonrakerConnected) {
-    throw new MoonflashError(
-      "MOONRAKER_UNAVAILABLE",
-      "moonflash has no Moonraker connection, so it cannot stop Klipper before flashing. Check that Moonraker runs and moonflash.conf's moonraker_socket, then try again.",
-      { klipperService: state.klipperService }
-    );
-  }
-  return false;
-}
-function parseJournal(text) {
-  try {
-    const j = JSON.parse(text);
-    if (typeof j.jobId !== "string" || typeof j.klipperService !== "string" || typeof j.klipperWasRunning !== "boolean") return null;
-    return j;
-  } catch {
-    return null;
-  }
-}
-async function readJournal(dataDir) {
-  let text;
-  try {
-    text = await readFile5(dataPaths(dataDir).journal, "utf8");
-  } catch (err) {
-    if (err.code === "ENOENT") return null;
-    throw toMoonflashError(err);
-  }
-  return parseJournal(text) ?? {
-    jobId: "unknown",
-    kind: "flash",
-    target: "unknown",
-    pid: 0,
-    startedAt: (/* @__PURE__ */ new Date(0)).toISOString(),
-    klipperService: "klipper",
-    klipperWasRunning: true
-  };
-}
-function processAlive(pid) {
-  if (pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return err.code === "EPERM";
-  }
-}
-async function withKlipperStopped(printer, journalPath, opts, work) {
-  assertNotPrinting(printer);
-  const { logger } = opts;
-  const klipperService = printer.state().klipperService;
-  let klipperWasRunning = klipperIsRunning(printer);
-  const leftover = await readJournalFile(journalPath);
-  if (leftover) {
-    logger.warn({ journal: leftover }, "an earlier job's journal is still present; Klipper will be started after this job if it ran then");
-    klipperWasRunning ||= leftover.klipperWasRunning;
-  }
-  const journal = {
-    jobId: opts.jobId,
-    kind: opts.kind,
-    target: opts.target,
-    pid: process.pid,
-    startedAt: (/* @__PURE__ */ new Date()).toISOString(),
-    klipperService,
-    klipperWasRunning
-  };
-  await writeFileDurable(journalPath, `${JSON.stringify(journal, null, 2)}
-`);
-  const shutdown = new AbortController();
-  let caughtSignal = null;
-  const onSignal = (signal) => {
-    if (caughtSignal) return;
-    caughtSignal = signal;
-    logger.warn(`${signal} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
-    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal}).`));
-  };
-  const handlers = SHUTDOWN_SIGNALS.map((signal) => [signal, () => onSignal(signal)]);
-  for (const [signal, handler] of handlers) process.on(signal, handler);
-  let klipperRestart = null;
-  try {
-    let value2;
-    try {
-      if (klipperWasRunning) {
-        logger.info(`stopping ${klipperService}`);
-        opts.onStage?.("stop-klipper", `stopping ${klipperService}`);
-        await printer.stopService(klipperService, opts.serviceTimeoutMs);
-      }
-      if (shutdown.signal.aborted) throw shutdown.signal.reason;
-      value2 = await work(shutdown.signal);
-    } catch (err) {
-      const error2 = toMoonflashError(err);
-      klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
-      if (klipperRestart) error2.details.klipperRestart = klipperRestart;
-      throw error2;
-    }
-    klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
-    if (klipperRestart && !klipperRestart.ok) {
-      throw new MoonflashError(
-        klipperRestart.code,
-        `The ${opts.kind} job finished, but Klipper did not start again: ${klipperRestart.message} Start it from the web UI (Machine \u2192 Services \u2192 ${klipperService}) or with \`sudo systemctl start ${klipperService}\`.`,
-        { klipperRestart, result: value2 }
-      );
-    }
-    return { value: value2, klipperWasRunning, klipperRestart };
-  } finally {
-    await removeDurable(journalPath).catch((err) => logger.error({ err }, `could not remove the journal ${journalPath}`));
-    for (const [signal, handler] of handlers) process.removeListener(signal, handler);
-    if (caughtSignal && process.listenerCount(caughtSignal) === 0) process.kill(process.pid, caughtSignal);
-  }
-}
-async function readJournalFile(path6) {
-  try {
-    return parseJournal(await readFile5(path6, "utf8"));
-  } catch {
-    return null;
-  }
-}
-async function restartKlipper(printer, service, wasRunning, opts) {
-  if (!wasRunning) return null;
-  try {
-    opts.logger.info(`starting ${service}`);
-    opts.onStage?.("start-klipper", `starting ${service}`);
-    await printer.startService(service, opts.serviceTimeoutMs);
-    return { ok: true };
-  } catch (err) {
-    const e = toMoonflashError(err, "SERVICE_FAILED");
-    opts.logger.error({ err: e }, `could not start ${service} again: ${e.message}`);
-    return { ok: false, code: e.code, message: e.message };
-  }
-}
-async function recoverInterruptedJob(dataDir, printer, runner, logger, opts = {}) {
-  const journal = await readJournal(dataDir);
-  if (!journal) return null;
-  if (journal.pid !== process.pid && processAlive(journal.pid)) {
-    logger.info({ journal }, `job ${journal.jobId} is still running in process ${journal.pid}; nothing to recover`);
-    return null;
-  }
-  logger.warn({ journal }, `job ${journal.jobId} on ${journal.target} was interrupted while Klipper was stopped; recovering`);
-  if (journal.klipperWasRunning) {
-    await printer.startService(journal.klipperService, opts.serviceTimeoutMs ?? 9e4);
-    logger.info(`started ${journal.klipperService} again after the interrupted job`);
-  }
-  await runner.interrupted({
-    id: journal.jobId,
-    kind: journal.kind,
-    target: journal.target,
-    startedAt: journal.startedAt
-  });
-  await removeDurable(dataPaths(dataDir).journal);
-  return { journal, klipperStarted: journal.klipperWasRunning };
-}
-
 // src/flash/katapult/flasher.ts
 import { readFile as readFile6, readdir as readdir2, realpath as realpath2, stat as stat5 } from "node:fs/promises";
 import { basename as basename5, dirname as dirname5, join as join4 } from "node:path";
@@ -10569,6 +10678,107 @@ function closePort(port) {
   return port.isOpen ? port.close().catch(() => void 0) : Promise.resolve();
 }
 
+// src/flash/mcu-flash.ts
+var STM32 = "Klipper src/stm32/Kconfig";
+var RP = "Klipper src/rp2040/Kconfig";
+var LPC = "Klipper src/lpc176x/Kconfig";
+var SAMD = "Klipper src/atsamd/Kconfig";
+var SAM = "Klipper src/atsam/Kconfig";
+var HC32 = "Klipper src/hc32f460/Kconfig";
+var KiB = 1024;
+var TABLE = [
+  // STM32: FLASH_BOOT_ADDRESS 0x8000000. wholeFlash where the family's largest part has FLASH_SIZE.
+  ["stm32f031x6", 32 * KiB, 134217728, true, STM32],
+  // F031x4/x6: 16/32 KiB
+  ["stm32f042x6", 32 * KiB, 134217728, true, STM32],
+  // F042x4/x6: 16/32 KiB
+  ["stm32f070xb", 128 * KiB, 134217728, true, STM32],
+  // F070x6/xB: 32/128 KiB (the x6 option links 32 KiB)
+  ["stm32f072xb", 128 * KiB, 134217728, true, STM32],
+  // F072x8/xB: 64/128 KiB
+  // Every STM32F103 (64 KiB linked, "Flash size of stm32f103x8") and the Nation N32G45x (128 KiB linked); parts to 1 MiB.
+  ["stm32f103xe", 128 * KiB, 134217728, false, STM32],
+  ["stm32f207xx", 256 * KiB, 134217728, false, STM32],
+  // F207: to 1 MiB
+  ["stm32f401xc", 256 * KiB, 134217728, false, STM32],
+  // F401xB..xE: to 512 KiB
+  ["stm32f405xx", 512 * KiB, 134217728, false, STM32],
+  // F405xG: 1 MiB
+  ["stm32f407xx", 512 * KiB, 134217728, false, STM32],
+  // F407xE/xG: 512 KiB / 1 MiB
+  ["stm32f429xx", 512 * KiB, 134217728, false, STM32],
+  // F429: to 2 MiB
+  ["stm32f446xx", 512 * KiB, 134217728, true, STM32],
+  // F446xC/xE: 256/512 KiB
+  ["stm32f765xx", 2048 * KiB, 134217728, true, STM32],
+  // F765xG/xI: 1/2 MiB
+  ["stm32g070xx", 128 * KiB, 134217728, true, STM32],
+  // G070xB: 128 KiB
+  ["stm32g071xx", 128 * KiB, 134217728, true, STM32],
+  // G071x6..xB: to 128 KiB
+  ["stm32g0b0xx", 128 * KiB, 134217728, false, STM32],
+  // G0B0xE: 512 KiB
+  ["stm32g0b1xx", 128 * KiB, 134217728, false, STM32],
+  // G0B1xB..xE: to 512 KiB
+  ["stm32g431xx", 128 * KiB, 134217728, true, STM32],
+  // G431x6..xB: to 128 KiB
+  ["stm32g474xx", 256 * KiB, 134217728, false, STM32],
+  // G474xB..xE: to 512 KiB
+  ["stm32h723xx", 256 * KiB, 134217728, false, STM32],
+  // H723xE/xG: 512 KiB / 1 MiB
+  ["stm32h743xx", 2048 * KiB, 134217728, true, STM32],
+  // H743xG/xI: 1/2 MiB
+  ["stm32h750xx", 128 * KiB, 134217728, true, STM32],
+  // H750xB: 128 KiB
+  ["stm32l412xx", 64 * KiB, 134217728, false, STM32],
+  // L412x8/xB: 64/128 KiB
+  // RP2040/RP2350: external QSPI flash at 0x10000000 (FLASH_BOOT_ADDRESS 0x10000100 on rp2040 is after its stage2).
+  ["rp2040", 2048 * KiB, 268435456, true, RP],
+  ["rp2350", 2048 * KiB, 268435456, true, RP],
+  // LPC176x: FLASH_BOOT_ADDRESS 0; both parts have 512 KiB.
+  ["lpc1768", 512 * KiB, 0, true, LPC],
+  ["lpc1769", 512 * KiB, 0, true, LPC],
+  // SAMC21/SAMD21/SAMD51/SAME5x: FLASH_BOOT_ADDRESS 0; the part number names the flash (15: 32 KiB, 18: 256 KiB, 19: 512 KiB, 20: 1 MiB).
+  ["samc21g18a", 256 * KiB, 0, true, SAMD],
+  ["samd21g18a", 256 * KiB, 0, true, SAMD],
+  ["samd21e18a", 256 * KiB, 0, true, SAMD],
+  ["samd21j18a", 256 * KiB, 0, true, SAMD],
+  ["samd21e15a", 32 * KiB, 0, true, SAMD],
+  ["samd51g19a", 512 * KiB, 0, true, SAMD],
+  ["samd51j19a", 512 * KiB, 0, true, SAMD],
+  ["samd51n19a", 512 * KiB, 0, true, SAMD],
+  ["samd51p20a", 1024 * KiB, 0, true, SAMD],
+  ["same51j19a", 512 * KiB, 0, true, SAMD],
+  ["same51n19a", 512 * KiB, 0, true, SAMD],
+  ["same54p20a", 1024 * KiB, 0, true, SAMD],
+  // SAM3X/SAM4: flash begins where FLASH_APPLICATION_ADDRESS defaults to without a bootloader (0x80000, 0x400000).
+  ["sam3x8e", 512 * KiB, 524288, true, SAM],
+  ["sam3x8c", 512 * KiB, 524288, true, SAM],
+  ["sam4s8c", 512 * KiB, 4194304, true, SAM],
+  ["sam4e8e", 512 * KiB, 4194304, true, SAM],
+  // SAME70Q20B: Klipper links 128 KiB at 0 (the flash's ITCM mirror); the chip has 1 MiB.
+  ["same70q20b", 128 * KiB, 0, false, SAM],
+  // HC32F460xC/xE: 256/512 KiB.
+  ["hc32f460", 256 * KiB, 0, false, HC32]
+];
+var BY_TYPE = new Map(
+  TABLE.map(([type, flashSize, flashBase, wholeFlash, source]) => [type, Object.freeze({ flashSize, flashBase, wholeFlash, source })])
+);
+function mcuFlash(mcuType) {
+  return BY_TYPE.get(mcuType.trim().toLowerCase());
+}
+
+// src/flash/mcu-name.ts
+function mcuUserName(section) {
+  const words = section.trim().split(/\s+/).filter(Boolean);
+  if (words[0] === "mcu" && words.length > 1) words.shift();
+  return words.join(" ") || "mcu";
+}
+function flashCommandsFor(section) {
+  const name = mcuUserName(section);
+  return `FLASH_MCU MCU=${name} in a macro, or moonflash flash ${name}`;
+}
+
 // src/flash/katapult/image.ts
 var MAX_DICTIONARY_BYTES = 4 * 1024 * 1024;
 function detectImageMcu(image) {
@@ -10701,9 +10911,10 @@ var KatapultSession = class {
         device: this.link.description
       });
     }
+    const advice = cmd === Command.CONNECT || cmd === Command.COMPLETE ? "Power-cycle the board and flash again." : "Flash again.";
     throw new MoonflashError(
       "PROTOCOL_ERROR",
-      `Katapult refused ${name} ${tries} times (last: ${last.text}). Power-cycle the board and flash again.`,
+      `Katapult refused ${name} ${tries} times (last: ${last.text}). ${advice}`,
       { command: name, tries, lastReply: last.kind, device: this.link.description }
     );
   }
@@ -10840,7 +11051,7 @@ var KatapultSession = class {
     }
     throw new MoonflashError(
       "FLASH_FAILED",
-      `Flash write failed, flash address ${hex(address)}: the bootloader kept acknowledging another address (${hex(echoed)}). Power-cycle the board and flash again.`,
+      `Flash write failed, flash address ${hex(address)}: the bootloader kept acknowledging another address (${hex(echoed)}). Flash again.`,
       { address: hex(address), echoedAddress: hex(echoed) }
     );
   }
@@ -11057,12 +11268,12 @@ var KatapultFlasher = class {
     const embedded = detectImageMcu(image);
     if (embedded) this.note(ctx, "info", `Image built for ${embedded.mcu} (Klipper ${embedded.version})`);
     ctx.stage("bootloader", `Entering Katapult on ${device} (${target.bootloader})`);
-    const path6 = await this.enterBootloader(target, device, ctx);
-    throwIfCancelled(ctx.signal);
+    const { path: path6, fromApplication } = await this.enterBootloader(target, device, ctx);
     ctx.stage("connect", `Connecting to Katapult on ${path6}`);
     const link2 = await this.openWithRetry(path6, target.baud, ctx.signal);
     const cancel = new AbortController();
     let writing = false;
+    let verified = false;
     let answered = false;
     const onAbort = () => {
       if (!writing) cancel.abort();
@@ -11070,12 +11281,13 @@ var KatapultFlasher = class {
     ctx.signal.addEventListener("abort", onAbort, { once: true });
     const session = new KatapultSession(link2, { timings: this.config.timings, signal: cancel.signal, log: (level, text) => this.note(ctx, level, text) });
     try {
+      throwIfCancelled(ctx.signal);
       const info = await session.connect();
       answered = true;
       this.note(ctx, "info", `Katapult ${info.softwareVersion} (protocol ${info.protocolVersion}) on ${path6}: MCU ${info.mcuType}, block size ${info.blockSize}, application at 0x${info.appStartAddress.toString(16)}`);
       checkMcu(embedded?.mcu, info.mcuType, "The image was built for", "its Klipper dictionary");
       checkMcu(target.expectedMcuType, info.mcuType, "This board is expected to be", "moonflash.conf mcu_type, or the MCU Klipper reported");
-      checkSize2(image.length, info.appStartAddress, target.flashSize ?? null);
+      checkSize2(image.length, info, target.flashSize ?? null, target.mcu);
       throwIfCancelled(ctx.signal);
       writing = true;
       ctx.setCancellable(false, NOT_CANCELLABLE_WHILE_WRITING);
@@ -11085,8 +11297,9 @@ var KatapultFlasher = class {
       const pages = await session.sendEof();
       this.note(ctx, "info", `Write complete: ${pages} pages`);
       ctx.stage("verify", `Verifying ${written.blocks} blocks`);
-      const verified = await session.verify(image, (done) => ctx.progress(blockBytes(done), image.length, "bytes", "verify"));
-      this.note(ctx, "info", `Verification complete: SHA-1 ${verified.sha1}`);
+      const readBack = await session.verify(image, (done) => ctx.progress(blockBytes(done), image.length, "bytes", "verify"));
+      verified = true;
+      this.note(ctx, "info", `Verification complete: SHA-1 ${readBack.sha1}`);
       return {
         bytes: image.length,
         verified: true,
@@ -11102,25 +11315,46 @@ var KatapultFlasher = class {
         }
       };
     } catch (err) {
-      throw toMoonflashError(err, "FLASH_FAILED");
+      const error2 = toMoonflashError(err, "FLASH_FAILED");
+      throw writing ? incompleteImageError(error2, !link2.isOpen || error2.details.disconnected === true, target.mcu) : error2;
     } finally {
       ctx.signal.removeEventListener("abort", onAbort);
       session.dispose();
-      await this.completeQuietly(link2, ctx, answered);
+      await this.leaveBootloader(link2, ctx, { verified, writing, fromApplication, answered });
       await link2.close();
     }
   }
   /**
-   * COMPLETE makes the bootloader jump to whatever is in flash, also after a failure (flashtool's `finally`).
-   * Its own failure is only logged: it must never replace the error that ended the flash. When CONNECT never
-   * got an answer, one try is enough (flashtool spends another ~14 s retrying COMPLETE to a silent device).
+   * COMPLETE makes Katapult start whatever the application area holds (Katapult src/flashcmd.c command_complete).
+   * flashtool.py sends it in a `finally`, after failures too; we send it only when what it starts is known sound:
+   * - after a verified write;
+   * - after a failure before the first SEND_BLOCK (no answer to CONNECT, MCU_MISMATCH, FIRMWARE_TOO_LARGE, a
+   *   cancel) when this attempt brought the board from its application into Katapult: that application is
+   *   untouched, and a refused flash should change nothing. A board reached through a wrong serial path (the usual
+   *   MCU_MISMATCH) goes back to work instead of sitting in its bootloader.
+   * Never once a block was sent and the image did not verify (write, EOF or read-back failed): the application area
+   * holds part of the new image. Staying in Katapult lets a retry, or the next method, write it whole (Klipper's
+   * `make flash` hands a board in Katapult to flashtool.py, scripts/flash_usb.py). Nor for a board that was, or may
+   * have been, in Katapult already: what its flash holds is unknown, e.g. the rest of an earlier failed write.
+   * Katapult has no timeout: it stays until COMPLETE or a reset (src/sched.c, src/bootentry.c), and a reset starts
+   * any application whose first word is programmed (src/generic/armcm_canboot.c application_check_valid).
+   * COMPLETE's own failure is only logged: it must never replace the error that ended the flash. When CONNECT
+   * never got an answer, one try is enough (flashtool spends another ~14 s retrying COMPLETE to a silent device).
    */
-  async completeQuietly(link2, ctx, answered) {
+  async leaveBootloader(link2, ctx, state) {
+    if (!state.verified && state.writing) {
+      this.note(ctx, "warn", "Not sending COMPLETE: the new image was not written and verified whole, so the board stays in Katapult");
+      return;
+    }
+    if (!state.verified && !state.fromApplication) {
+      this.note(ctx, "info", "Not sending COMPLETE: the board was in Katapult before this flash began, so it stays there");
+      return;
+    }
     if (!link2.isOpen) {
       this.note(ctx, "warn", "Not sending COMPLETE: the device is gone");
       return;
     }
-    const timings = answered ? this.config.timings : { ...this.config.timings, tries: 1 };
+    const timings = state.answered ? this.config.timings : { ...this.config.timings, tries: 1 };
     const session = new KatapultSession(link2, { timings, log: (level, text) => this.note(ctx, level, text) });
     try {
       await session.complete();
@@ -11130,11 +11364,17 @@ var KatapultFlasher = class {
       session.dispose();
     }
   }
-  /** Puts the board into Katapult as `target.bootloader` says; returns the device path to talk to. */
+  /**
+   * Puts the board into Katapult as `target.bootloader` says. `fromApplication` (see leaveBootloader) is true when
+   * this attempt asked a running application into Katapult: bootloader serial, usb with the re-enumeration seen, or
+   * auto finding Klipper's USB id or a UART board that does not answer CONNECT. It is false when the board was, or
+   * may have been, in Katapult already: none, Katapult's USB id, a board answering the probe CONNECT, or a USB
+   * request after which no re-enumeration was seen.
+   */
   async enterBootloader(target, device, ctx) {
     switch (target.bootloader) {
       case "none":
-        return device;
+        return { path: device, fromApplication: false };
       case "serial":
         return this.enterViaSerialRequest(device, target.baud, ctx);
       case "usb":
@@ -11147,9 +11387,9 @@ var KatapultFlasher = class {
         }
         if (usbId === KATAPULT_USB_ID) {
           this.note(ctx, "info", `${device} is a USB device running Katapult`);
-          return device;
+          return { path: device, fromApplication: false };
         }
-        if (await this.answersConnect(device, target.baud, ctx)) return device;
+        if (await this.answersConnect(device, target.baud, ctx)) return { path: device, fromApplication: false };
         return this.enterViaSerialRequest(device, target.baud, ctx);
       }
     }
@@ -11158,7 +11398,7 @@ var KatapultFlasher = class {
     this.note(ctx, "info", `Sending the serial bootloader request to ${device} at ${baud} baud`);
     await sendSerialBootloaderRequest(device, baud);
     await abortableSleep(this.options.serialRequestSettleMs, ctx.signal);
-    return device;
+    return { path: device, fromApplication: true };
   }
   /**
    * 1200-baud request, then waits for the board to re-enumerate. It may come back under another name: the same
@@ -11187,14 +11427,14 @@ var KatapultFlasher = class {
         const initial = before.get(candidate) ?? null;
         if (initial === null || vanished.has(candidate) || inode !== initial) {
           this.note(ctx, "info", `Katapult detected on ${candidate}`);
-          return candidate;
+          return { path: candidate, fromApplication: true };
         }
       }
     }
     for (const candidate of candidates) {
       if (await inodeOf(candidate) !== null) {
         this.note(ctx, "warn", `No USB re-enumeration seen within ${this.options.bootloaderTimeoutMs} ms; trying ${candidate}`);
-        return candidate;
+        return { path: candidate, fromApplication: false };
       }
     }
     throw new MoonflashError(
@@ -11298,17 +11538,46 @@ function checkMcu(expectedMcu, bootloaderMcu, what, source) {
     { expectedMcu, bootloaderMcu, source }
   );
 }
-function checkSize2(imageBytes, appStartAddress, flashSize) {
-  if (!flashSize) return;
-  const base = appStartAddress - appStartAddress % 1048576;
-  const available = flashSize - (appStartAddress - base);
-  if (imageBytes > available) {
-    throw new MoonflashError(
-      "FIRMWARE_TOO_LARGE",
-      `The image is ${imageBytes} bytes but only ${available} bytes of flash follow the bootloader. Nothing was written; check the board's menuconfig (MCU model, bootloader offset).`,
-      { imageBytes, available, flashSize }
-    );
+function checkSize2(imageBytes, info, configured, section) {
+  const appStart = info.appStartAddress;
+  const appStartHex = `0x${appStart.toString(16)}`;
+  const chip = mcuFlash(info.mcuType);
+  let available;
+  let flashSize;
+  let limit;
+  let source;
+  if (configured) {
+    const base = chip?.flashBase ?? appStart - appStart % 1048576;
+    available = Math.max(0, configured - (appStart - base));
+    flashSize = configured;
+    source = "moonflash.conf flash_size";
+    limit = `only ${available} bytes of flash follow the bootloader (flash_size ${configured} in moonflash.conf, application at ${appStartHex})`;
+  } else if (chip) {
+    const offset = appStart - chip.flashBase;
+    flashSize = chip.flashSize;
+    source = chip.source;
+    if (chip.wholeFlash && offset >= 0 && offset < chip.flashSize) {
+      available = chip.flashSize - offset;
+      limit = `${info.mcuType} has ${chip.flashSize} bytes of flash (FLASH_SIZE in ${chip.source}) and only ${available} follow the bootloader (application at ${appStartHex})`;
+    } else {
+      available = chip.flashSize;
+      limit = `a Klipper build for ${info.mcuType}, the MCU this bootloader reports, holds at most ${chip.flashSize} bytes (FLASH_SIZE in ${chip.source})`;
+    }
+  } else {
+    return;
   }
+  if (imageBytes <= available) return;
+  const fix = configured ? `or correct flash_size in [${section}] of moonflash.conf` : `or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf`;
+  throw new MoonflashError(
+    "FIRMWARE_TOO_LARGE",
+    `The image is ${imageBytes} bytes but ${limit}. Nothing was written. Build the firmware for this board (make menuconfig: processor model, bootloader offset), ${fix}.`,
+    { imageBytes, available, flashSize, mcuType: info.mcuType, appStart: appStartHex, source }
+  );
+}
+function incompleteImageError(error2, disconnected, section) {
+  const again = `run the flash again (${flashCommandsFor(section)})`;
+  const next = disconnected ? `The board disconnected and may hold an incomplete image: reconnect it, enter Katapult if it does not come back in it (double-tap reset on most boards), then ${again}.` : `COMPLETE was not sent, so the board stays in Katapult instead of starting an incomplete image: ${again}. A reset or power-cycle before that would start the incomplete image.`;
+  return new MoonflashError(error2.code, `${error2.message} ${next}`, { ...error2.details, leftInBootloader: !disconnected }, { cause: error2 });
 }
 function throwIfCancelled(signal) {
   if (signal.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
@@ -11798,7 +12067,8 @@ var MCU_DEFAULTS = {
   timeout: 300
 };
 var AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"] };
-var FINAL_CODES = /* @__PURE__ */ new Set(["CANCELLED", "PRINTER_BUSY", "MCU_MISMATCH"]);
+var FINAL_CODES = /* @__PURE__ */ new Set(["CANCELLED", "PRINTER_BUSY", "MCU_MISMATCH", "FIRMWARE_TOO_LARGE"]);
+var FIRMWARE_PARAM_HINT = "give its path with FIRMWARE= (macro) or --firmware (CLI)";
 function defaultFlashers(config2, opts) {
   const m = config2.moonflash;
   const logger = (method) => opts.logger.child({ method });
@@ -11835,19 +12105,19 @@ function parseMethods(value2) {
   }
   return [...new Set(names)];
 }
-async function checkFirmware(path6, flashSize) {
+async function checkFirmware(path6, flashSize, expectedMcuType, section) {
   let size;
   try {
     const s = await stat9(path6);
     if (!s.isFile()) {
-      throw new MoonflashError("FIRMWARE_NOT_FOUND", `The firmware ${path6} is not a file. Give the path of the built image (e.g. out/klipper.bin).`, { firmware: path6 });
+      throw new MoonflashError("FIRMWARE_NOT_FOUND", `The firmware ${path6} is not a file. Give the path of the built image (e.g. out/klipper.bin): ${FIRMWARE_PARAM_HINT}.`, { firmware: path6 });
     }
     size = s.size;
   } catch (err) {
     if (err.code === "ENOENT") {
       throw new MoonflashError(
         "FIRMWARE_NOT_FOUND",
-        `The firmware ${path6} does not exist. Build it first (make in the Klipper tree) or give its path with firmware=.`,
+        `The firmware ${path6} does not exist. Build it first (make in the Klipper tree) or ${FIRMWARE_PARAM_HINT}.`,
         { firmware: path6 }
       );
     }
@@ -11856,31 +12126,58 @@ async function checkFirmware(path6, flashSize) {
   if (size === 0) {
     throw new MoonflashError("FIRMWARE_EMPTY", `The firmware ${path6} is empty. Rebuild it; an interrupted build leaves an empty file.`, { firmware: path6 });
   }
-  if (flashSize !== null && size > flashSize) {
+  if (flashSize !== null) {
+    if (size > flashSize) {
+      throw new MoonflashError(
+        "FIRMWARE_TOO_LARGE",
+        `The firmware ${path6} is ${size} bytes but the MCU has ${flashSize} bytes for the application. Check the build's MCU and bootloader offset, or flash_size in moonflash.conf.`,
+        { firmware: path6, bytes: size, flashSize, source: "moonflash.conf flash_size" }
+      );
+    }
+    return size;
+  }
+  const chip = expectedMcuType ? mcuFlash(expectedMcuType) : void 0;
+  if (chip && size > chip.flashSize) {
+    const limit = chip.wholeFlash ? `${expectedMcuType} has only ${chip.flashSize} bytes of flash in all` : `a Klipper build for ${expectedMcuType} holds at most ${chip.flashSize} bytes`;
     throw new MoonflashError(
       "FIRMWARE_TOO_LARGE",
-      `The firmware ${path6} is ${size} bytes but the MCU has ${flashSize} bytes for the application. Check the build's MCU and bootloader offset, or flash_size in moonflash.conf.`,
-      { firmware: path6, bytes: size, flashSize }
+      `The firmware ${path6} is ${size} bytes but ${limit} (FLASH_SIZE in ${chip.source}), before counting the bootloader, whose size is known only once it answers. Nothing was stopped or written. Build the firmware for this board (make menuconfig: processor model), or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf.`,
+      { firmware: path6, bytes: size, flashSize: chip.flashSize, mcuType: expectedMcuType, source: chip.source }
     );
   }
   return size;
 }
 async function checkDevicePath(path6) {
   const absolute = resolve(path6);
+  const missing = (extra, cause) => new MoonflashError(
+    "DEVICE_NOT_FOUND",
+    `The serial device ${path6} is not present${extra.linkTarget ? ` (it is a link to ${extra.linkTarget}, which does not exist)` : ""}. Check the USB cable, that the board is powered and the serial: path; flash.devices (MOONFLASH_DEVICES) lists what is connected.`,
+    { device: path6, ...extra },
+    { cause }
+  );
   let real;
   try {
     real = await realpath3(absolute);
   } catch (err) {
-    if (err.code === "ENOENT" && absolute.startsWith("/dev/")) {
-      throw new MoonflashError(
-        "DEVICE_NOT_FOUND",
-        `The serial device ${path6} is not present. Check the USB cable and that the board is powered; see flash.devices for what is connected.`,
-        { device: path6 }
-      );
+    const errno = err.code;
+    if (errno === "ENOENT" || errno === "ENOTDIR") {
+      const linkTarget = await readlink2(absolute).catch(() => null);
+      throw missing(linkTarget ? { linkTarget } : {}, err);
     }
-    throw new MoonflashError("PATH_REJECTED", `The serial device ${path6} is not a device under /dev. Use the board's /dev/serial/by-id or /dev/serial/by-path link.`, { device: path6 });
+    throw new MoonflashError(
+      "PATH_REJECTED",
+      `The serial device ${path6} cannot be resolved (${errno ?? err.message}). Use the board's /dev/serial/by-id or /dev/serial/by-path link.`,
+      { device: path6, errno },
+      { cause: err }
+    );
   }
-  const s = await stat9(real);
+  let s;
+  try {
+    s = await stat9(real);
+  } catch (err) {
+    if (err.code === "ENOENT") throw missing({ realPath: real }, err);
+    throw toMoonflashError(err);
+  }
   if (!real.startsWith("/dev/") || !s.isCharacterDevice()) {
     throw new MoonflashError(
       "PATH_REJECTED",
@@ -12084,10 +12381,12 @@ var FlashEngine = class {
     const own2 = this.config.mcus[section];
     if (!klipper && !own2) {
       const known = [.../* @__PURE__ */ new Set([...klipperMcus.map((m) => m.section), ...Object.keys(this.config.mcus)])].sort();
+      const names = known.map(mcuUserName);
+      const example = names.find((n) => n !== "mcu") ?? names[0] ?? "NAME";
       throw new MoonflashError(
         "UNKNOWN_MCU",
-        `Unknown MCU '${params.mcu}'. Known MCUs: ${known.join(", ") || "none"}. Use one of these, or add an [${section}] section with serial: or canbus_uuid: to moonflash.conf.`,
-        { mcu: params.mcu, known }
+        `Unknown MCU '${params.mcu}'. Known MCUs: ${names.join(", ") || "none"}. Use one of these names (e.g. FLASH_MCU MCU=${example} in a macro, moonflash flash ${example} on the command line), or add an [${section}] section with serial: or canbus_uuid: to moonflash.conf.`,
+        { mcu: params.mcu, known, names }
       );
     }
     const fromOwn = !!(own2?.serial || own2?.canbus_uuid);
@@ -12104,9 +12403,9 @@ var FlashEngine = class {
     }
     const methods = params.method !== void 0 ? parseMethods(params.method) : own2?.method ?? [...serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus];
     const firmware = resolve(params.firmware ?? own2?.firmware ?? join5(this.config.moonflash.klipper_path, "out", "klipper.bin"));
-    const firmwareBytes = await checkFirmware(firmware, own2?.flash_size ?? null);
-    const deviceRealPath = serial ? await checkDevicePath(serial) : null;
     const expectedMcuType = own2?.mcu_type ?? klipper?.mcuType ?? null;
+    const firmwareBytes = await checkFirmware(firmware, own2?.flash_size ?? null, expectedMcuType, section);
+    const deviceRealPath = serial ? await checkDevicePath(serial) : null;
     const target = {
       mcu: section,
       ...serial ? { device: serial } : {},
@@ -12175,6 +12474,9 @@ var FlashEngine = class {
   }
 };
 
+// src/agent/agent.ts
+import { existsSync as existsSync3 } from "node:fs";
+
 // src/agent/params.ts
 var flag = pipe(
   transform((value2) => {
@@ -12193,7 +12495,9 @@ function parseParams(method, schema, raw) {
   if (result.success) return result.data;
   const problems = result.error.issues.map((issue2) => {
     const field = issue2.path.length ? issue2.path.join(".") : "params";
-    if (issue2.code === "unrecognized_keys") return `unknown parameter(s) ${issue2.keys.map((k) => `'${k}'`).join(", ")}`;
+    if (issue2.code === "unrecognized_keys") {
+      return `unknown parameter(s) ${issue2.keys.map((k) => `'${k}'${didYouMean(k, knownKeys(schema))}`).join(", ")}`;
+    }
     return `${field}: ${issue2.message}`;
   });
   throw new MoonflashError("INVALID_PARAMS", `${method}: ${problems.join("; ")}`, {
@@ -12201,31 +12505,59 @@ function parseParams(method, schema, raw) {
     issues: result.error.issues.map((i) => ({ path: i.path.map(String), code: i.code, message: i.message }))
   });
 }
+function knownKeys(schema) {
+  const shape = schema._zod?.def?.shape;
+  return shape ? Object.keys(shape) : [];
+}
+function didYouMean(key, known) {
+  const squash = (k) => k.toLowerCase().replace(/_/g, "");
+  const match = known.find((k) => squash(k) === squash(key)) ?? known.find((k) => k.endsWith(`_${key.toLowerCase()}`));
+  return match === void 0 ? "" : ` (did you mean '${match}'?)`;
+}
 
 // src/agent/methods.ts
 var noParams = strictObject({});
 function define(m) {
   return m;
 }
-function jobStatus(runner, kind) {
-  const current = runner.current();
+async function jobStatus(deps, kind) {
+  const current = deps.runner.current();
   return {
     current: current && current.kind === kind ? current : null,
     // A job of the other kind also blocks this one (one job at a time); say so instead of hiding it.
     other: current && current.kind !== kind ? { id: current.id, kind: current.kind, target: current.target } : null,
-    last: runner.history(kind, 10)
+    last: deps.runner.history(kind, 10),
+    klipper_start_pending: current ? null : await deps.pendingKlipperStart?.() ?? null
   };
+}
+function jobTarget(kind, target) {
+  return kind === "flash" ? mcuUserName(target) : target;
+}
+function ago(iso, now = Date.now()) {
+  const s = Math.max(0, Math.round((now - Date.parse(iso)) / 1e3));
+  if (s < 60) return `${s} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 48 * 3600) return `${Math.floor(s / 3600)} h ago`;
+  return `${Math.floor(s / 86400)} days ago`;
 }
 function describeStatus(kind, status) {
   const c = status.current;
   if (c) {
     const pct = c.progress && c.progress.total > 0 ? ` ${Math.floor(100 * c.progress.done / c.progress.total)}%` : "";
-    return `moonflash: ${kind} job ${c.id} on ${c.target}: ${c.stage}${pct}`;
+    return `moonflash: ${kind} of ${jobTarget(kind, c.target)} running: ${c.stage}${pct}`;
   }
   const last = status.last[0];
   if (!last) return `moonflash: no ${kind} job has run yet`;
-  const outcome = last.ok ? "ok" : `failed (${last.code}: ${last.message})`;
-  return `moonflash: idle; last ${kind} job ${last.id} on ${last.target}: ${outcome}`;
+  const dryRun = last.params?.dry_run === true ? " (dry run)" : "";
+  const outcome = last.ok ? "ok" : `failed [${last.code}] ${last.message}`;
+  const pending = status.klipper_start_pending ? ` ${status.klipper_start_pending.service} is still to be started: moonflash keeps trying.` : "";
+  return `moonflash: idle. Last ${kind} of ${jobTarget(kind, last.target)}${dryRun}: ${outcome} (${ago(last.finishedAt)}).${pending}`;
+}
+async function mcuMissing(flash) {
+  const known = (await flash.devices()).mcus.map((m) => mcuUserName(m.section));
+  const example = known.find((name) => name !== "mcu") ?? known[0];
+  const list = example === void 0 ? "No MCU is known: start Klipper, or add an [mcu NAME] section to moonflash.conf." : `Known MCUs: ${known.join(", ")} (e.g. FLASH_MCU MCU=${example})`;
+  return new MoonflashError("INVALID_PARAMS", `FLASH_MCU needs MCU=<name>. ${list}`, { method: "flash.mcu", missing: "mcu", known });
 }
 function buildMethodTable(deps) {
   const { runner } = deps;
@@ -12241,14 +12573,14 @@ function buildMethodTable(deps) {
       name: "flash.status",
       description: "The running flash job with its progress, and the last flash results.",
       params: noParams,
-      handler: async () => jobStatus(runner, "flash"),
+      handler: () => jobStatus(deps, "flash"),
       summary: (s) => describeStatus("flash", s)
     }),
     define({
       name: "ota.status",
       description: "The running OTA job with its progress, and the last OTA results.",
       params: noParams,
-      handler: async () => jobStatus(runner, "ota"),
+      handler: () => jobStatus(deps, "ota"),
       summary: (s) => describeStatus("ota", s)
     }),
     define({
@@ -12266,12 +12598,23 @@ function buildMethodTable(deps) {
       name: "flash.mcu",
       description: "Flash one MCU: pre-flight, stop Klipper, flash with fallback, verify, start Klipper.",
       params: strictObject({
-        mcu: string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' }).check(_minLength(1)),
+        // Optional so that a bare FLASH_MCU (a click on Mainsail's macro button) gets the list of MCUs, not a flash.
+        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
         firmware: optional(string2().check(_minLength(1))),
-        method: optional(_enum(FLASH_METHODS, { error: `expected one of ${FLASH_METHODS.join(", ")}` })),
+        // Not `method`: Klipper's action_call_remote_method(method, **kwargs) (klippy/extras/gcode_macro.py) takes
+        // that name itself, so a macro could never pass it.
+        flash_method: optional(_enum(FLASH_METHODS, { error: `expected one of ${FLASH_METHODS.join(", ")}` })),
         dry_run: optional(flag)
       }),
-      handler: async (p) => deps.flash().flash(p),
+      handler: async ({ mcu, firmware, flash_method, dry_run }) => {
+        if (mcu === void 0 || mcu.trim() === "") throw await mcuMissing(deps.flash());
+        return deps.flash().flash({
+          mcu,
+          ...firmware === void 0 ? {} : { firmware },
+          ...flash_method === void 0 ? {} : { method: flash_method },
+          ...dry_run === void 0 ? {} : { dry_run }
+        });
+      },
       summary: (r) => "plan" in r ? `moonflash: dry run for [${r.mcu}]: would flash ${r.firmware} to ${r.device} with ${r.methods.join(" \u2192 ")}` : `moonflash: [${r.mcu}] flashed with ${r.method} in ${(r.elapsed_ms / 1e3).toFixed(1)} s (${r.bytes} bytes${r.verified ? ", verified" : ""})`
     }),
     define({
@@ -12279,7 +12622,11 @@ function buildMethodTable(deps) {
       description: "Cancel the running flash job; allowed until writing starts.",
       params: noParams,
       handler: async () => ({ cancelled: deps.flash().cancel().id }),
-      summary: (r) => `moonflash: cancelling flash job ${r.cancelled}`
+      summary: (r) => {
+        const job = runner.current();
+        const target = job?.id === r.cancelled ? job.target : runner.history("flash", 10).find((j) => j.id === r.cancelled)?.target;
+        return `moonflash: cancelling the flash${target === void 0 ? "" : ` of ${mcuUserName(target)}`}`;
+      }
     })
   ];
 }
@@ -12300,33 +12647,81 @@ function respondScript(message, type = "command") {
   const clean = message.replace(/[\r\n]+/g, " ").replace(/"/g, "'").replace(/;/g, ",");
   return `RESPOND TYPE=${type} MSG="${clean}"`;
 }
-var BACKLOG_LIMIT = 20;
+var QUEUE_LIMIT = 50;
+var RETRY_MIN_MS = 500;
+var RETRY_MAX_MS = 1e4;
+function consoleReachable(state) {
+  return state.moonrakerConnected && state.klippyConnected && ["ready", "error", "shutdown"].includes(state.klippyState);
+}
+function targetName(kind, target) {
+  return kind === "flash" ? mcuUserName(target) : target;
+}
+function resultLine(event) {
+  const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
+  if (!event.ok) return { message: `${who} failed [${event.code ?? "INTERNAL"}] ${event.message ?? ""}`.trim(), type: "error" };
+  const d = event.details ?? {};
+  if (event.kind === "flash" && d.dry_run === true) {
+    const plan = d.plan ?? {};
+    const methods = Array.isArray(d.methods) ? d.methods.join(" then ") : "";
+    return {
+      message: `${who}: dry run, nothing was stopped or written. It would flash ${String(d.firmware)} (${String(plan.firmware_bytes)} bytes) to ${String(d.device)} with ${methods}.`,
+      type: "command"
+    };
+  }
+  if (event.kind === "flash" && typeof d.method === "string") {
+    const seconds = typeof d.elapsed_ms === "number" ? ` in ${(d.elapsed_ms / 1e3).toFixed(1)} s` : "";
+    const verified = d.verified === true ? ", verified" : "";
+    const klipper = d.klipper_restarted === true ? " Klipper is running again." : "";
+    return { message: `${who}: flashed with ${d.method}${seconds} (${String(d.bytes)} bytes${verified}).${klipper}`, type: "command" };
+  }
+  return { message: `${who}: done`, type: "command" };
+}
 var ConsoleReporter = class {
   constructor(printer, logger) {
     this.printer = printer;
     this.logger = logger;
+    this.reachable = consoleReachable(printer.state());
     this.unsubscribe = printer.onStateChange((state) => {
-      if (state.klippyConnected && state.klippyState !== "disconnected" && this.backlog.length) this.flush();
+      const reachable = consoleReachable(state);
+      if (reachable && !this.reachable && this.retryTimer) {
+        clearTimeout(this.retryTimer);
+        this.retryTimer = null;
+        this.retryDelayMs = RETRY_MIN_MS;
+      }
+      this.reachable = reachable;
+      this.pump();
     });
   }
   printer;
   logger;
-  queue = Promise.resolve();
-  backlog = [];
+  queue = [];
+  dropped = 0;
+  sending = false;
+  closed = false;
+  retryTimer = null;
+  retryDelayMs = RETRY_MIN_MS;
+  reachable;
   lastQuarter = /* @__PURE__ */ new Map();
   unsubscribe;
   close() {
+    this.closed = true;
     this.unsubscribe();
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.retryTimer = null;
   }
-  /** Job events \u2192 console lines: stages, progress at each quarter, warnings, errors and the result. */
+  /** Lines still waiting for the console (tests and status). */
+  get pending() {
+    return this.queue.length;
+  }
+  /** Job events \u2192 console lines: the stop of Klipper, progress at each quarter, warnings, results and notices. */
   onJobEvent = (event) => {
-    const who = `moonflash ${event.kind} [${event.target}]`;
+    const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
     switch (event.type) {
       case "stage":
-        if (event.stage === "started") {
-          const note = event.kind === "flash" ? " Klipper stops while the board is flashed. The result appears here when it is back." : "";
-          this.say(`${who}: started.${note}`, "command", false);
-        } else if (event.message) this.say(`${who}: ${event.message}`, "command", false);
+        if (event.stage === "started" && event.kind === "flash") this.say(`${who}: checking the board and the firmware`, "command", false);
+        else if (event.stage === "stop-klipper") {
+          this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.`);
+        } else if (event.message && event.stage !== "start-klipper") this.say(`${who}: ${event.message}`, "command", false);
         break;
       case "progress": {
         if (event.total <= 0) break;
@@ -12338,41 +12733,70 @@ var ConsoleReporter = class {
         break;
       }
       case "log":
-        if (event.level === "warn" || event.level === "error") this.say(`${who}: ${event.message}`, event.level === "error" ? "error" : "command", true);
+        if (event.level === "warn" || event.level === "error") this.say(`${who}: ${event.message}`, event.level === "error" ? "error" : "command");
         break;
-      case "result":
+      case "result": {
         for (const key of this.lastQuarter.keys()) if (key.startsWith(`${event.jobId}:`)) this.lastQuarter.delete(key);
-        this.say(event.ok ? `${who}: done` : `${who}: failed [${event.code}] ${event.message ?? ""}`, event.ok ? "command" : "error", true);
+        const line = resultLine(event);
+        this.say(line.message, line.type);
+        break;
+      }
+      case "notice":
+        this.say(`${who}: ${event.message}`);
         break;
     }
   };
-  /** Prints now when Klipper is connected; otherwise keeps lines that matter for later. */
-  say(message, type = "command", keepWhileDown = true) {
-    const state = this.printer.state();
-    if (!state.klippyConnected || state.klippyState === "disconnected") {
-      if (keepWhileDown) {
-        this.backlog.push({ message, type });
-        if (this.backlog.length > BACKLOG_LIMIT) this.backlog.shift();
-      }
+  /**
+   * Queues a line for the console. `keep` false marks a line that only means something now (a progress step):
+   * it is shown if the console is reachable and otherwise skipped (logged), never queued for later.
+   */
+  say(message, type = "command", keep = true) {
+    if (this.closed) return;
+    if (!keep && !consoleReachable(this.printer.state())) {
+      this.logger.debug({ message }, "console unreachable; progress line skipped");
       return;
     }
-    this.send(message, type);
+    this.queue.push({ message, type });
+    if (this.queue.length > QUEUE_LIMIT) {
+      const [lost] = this.queue.splice(0, 1);
+      this.dropped++;
+      this.logger.warn({ message: lost?.message }, "console queue full; the oldest line is not shown");
+    }
+    this.pump();
   }
-  flush() {
-    const lines = this.backlog;
-    this.backlog = [];
-    for (const line of lines) this.send(line.message, line.type);
-  }
-  send(message, type) {
-    this.queue = this.queue.then(
-      () => this.printer.gcode(respondScript(message, type)).catch((err) => {
-        this.logger.debug({ err, message }, "console line not delivered");
-      })
-    );
+  /** Sends the head of the queue when the console is reachable; one at a time, so lines keep their order. */
+  pump() {
+    if (this.closed || this.sending || this.retryTimer || this.queue.length === 0) return;
+    if (!consoleReachable(this.printer.state())) return;
+    if (this.dropped > 0) {
+      this.queue.unshift({ message: `moonflash: ${this.dropped} earlier console line(s) could not be shown. See moonflash.log`, type: "command" });
+      this.dropped = 0;
+    }
+    const line = this.queue[0];
+    this.sending = true;
+    this.printer.gcode(respondScript(line.message, line.type)).then(
+      () => {
+        if (this.queue[0] === line) this.queue.shift();
+        this.retryDelayMs = RETRY_MIN_MS;
+      },
+      (err) => {
+        this.logger.debug({ err, message: line.message }, `console line not delivered; retrying in ${this.retryDelayMs} ms`);
+        if (this.closed) return;
+        this.retryTimer = setTimeout(() => {
+          this.retryTimer = null;
+          this.pump();
+        }, this.retryDelayMs);
+        this.retryDelayMs = Math.min(this.retryDelayMs * 2, RETRY_MAX_MS);
+      }
+    ).finally(() => {
+      this.sending = false;
+      this.pump();
+    });
   }
 };
 
 // src/agent/agent.ts
+var RECOVERY_CHECK_MS = 1e4;
 function endpointFromConfig(config2) {
   const m = config2.moonflash;
   if (m.moonraker_url) return { kind: "ws", url: m.moonraker_url, ...m.api_key ? { apiKey: m.api_key } : {} };
@@ -12384,7 +12808,15 @@ var Agent = class _Agent {
     this.logger = logger;
     this.runner = new JobRunner({ dataDir: config2.dataDir, logger });
     const flash = () => this.flash;
-    this.methods = buildMethodTable({ runner: this.runner, flash, info: () => this.info() });
+    this.methods = buildMethodTable({
+      runner: this.runner,
+      flash,
+      info: () => this.info(),
+      pendingKlipperStart: async () => {
+        const journal = await readJournal(config2.dataDir);
+        return journal?.restartPending ? { jobId: journal.jobId, service: journal.klipperService } : null;
+      }
+    });
     const byName = new Map(this.methods.map((m) => [m.name, m]));
     this.session = new AgentSession({
       endpoint: endpointFromConfig(config2),
@@ -12400,6 +12832,9 @@ var Agent = class _Agent {
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
     this.session.on("identified", () => void this.recover());
+    this.unsubscribers.push(this.runner.on((event) => {
+      if (event.type === "result") void this.recover();
+    }));
   }
   config;
   logger;
@@ -12411,6 +12846,7 @@ var Agent = class _Agent {
   unsubscribers = [];
   startedAt = Date.now();
   recovering = false;
+  recoveryTimer = null;
   static async create(opts) {
     const config2 = await loadConfig(opts.dataDir, opts.configFile);
     const logger = opts.logger ?? createLogger({ dataDir: config2.dataDir, level: config2.moonflash.log_level, pretty: opts.pretty ?? false });
@@ -12419,10 +12855,16 @@ var Agent = class _Agent {
   start() {
     this.logger.info({ version: VERSION, dataDir: this.config.dataDir, config: this.config.exists ? this.config.file : "(defaults)" }, "moonflash agent starting");
     this.session.start();
+    this.recoveryTimer = setInterval(() => {
+      if (existsSync3(dataPaths(this.config.dataDir).journal)) void this.recover();
+    }, RECOVERY_CHECK_MS);
+    this.recoveryTimer.unref();
   }
   /** Waits for a running job (it restarts Klipper in its own finally), then closes the session. */
   async stop() {
     await this.waitForIdle(12e4);
+    if (this.recoveryTimer) clearInterval(this.recoveryTimer);
+    this.recoveryTimer = null;
     for (const u of this.unsubscribers) u();
     this.console.close();
     await this.session.stop();
@@ -12465,7 +12907,7 @@ var Agent = class _Agent {
         serviceTimeoutMs: this.config.moonflash.service_timeout * 1e3
       });
     } catch (err) {
-      this.logger.error({ err }, "could not recover the interrupted job; will retry on the next connection");
+      this.logger.error({ err }, `could not start Klipper for the journal yet; retrying on the next connection and every ${RECOVERY_CHECK_MS / 1e3} s`);
     } finally {
       this.recovering = false;
     }
@@ -12475,15 +12917,15 @@ var Agent = class _Agent {
     if (!method) throw toMoonflashError(new Error(`unknown method ${name}`));
     this.logger.info({ method: name, params: raw, viaMacro }, "remote call");
     const lastJob = this.runner.history(void 0, 1)[0]?.id;
+    const jobReported = () => this.runner.history(void 0, 1)[0]?.id !== lastJob;
     try {
       const params = parseParams(name, method.params, raw);
       const result = await method.handler(params);
-      if (viaMacro && method.summary) this.console.say(method.summary(result));
+      if (viaMacro && method.summary && !jobReported()) this.console.say(method.summary(result));
       return result;
     } catch (err) {
       const e = toMoonflashError(err);
-      const jobReported = this.runner.history(void 0, 1)[0]?.id !== lastJob;
-      if (viaMacro && !jobReported) this.console.say(`moonflash: ${name} failed [${e.code}] ${e.message}`, "error");
+      if (viaMacro && !jobReported()) this.console.say(`moonflash: ${name} failed [${e.code}] ${e.message}`, "error");
       if (!isMoonflashError(err)) this.logger.error({ err }, `${name} failed unexpectedly`);
       throw e;
     }
@@ -12501,11 +12943,13 @@ export {
   dataPaths,
   loadConfig,
   createLogger,
+  isProcessAlive,
   readJobLock,
   JobRunner,
   throttleProgress,
   initialPrinterState,
   AgentSession,
+  readJournal,
   FlashEngine,
   endpointFromConfig,
   Agent

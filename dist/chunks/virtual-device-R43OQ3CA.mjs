@@ -13,7 +13,7 @@ import {
   encodeError,
   encodeNack,
   u32le
-} from "./chunk-VOYGMLIB.mjs";
+} from "./chunk-6I3D7RSD.mjs";
 import "./chunk-HEYCKE5Q.mjs";
 
 // src/sim/virtual-device.ts

@@ -1,0 +1,239 @@
+// The shipped Klipper macros (moonraker/moonflash.cfg) end to end: Klipper's macro path renders them with real
+// Jinja2 and Klipper's action_call_remote_method(method, **kwargs) (klippy/extras/gcode_macro.py), the fake Moonraker
+// forwards the call, and a real agent answers on the console. Issue 7, items 9 and 10.
+
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { mkdtemp, mkdir, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { randomBytes } from "node:crypto";
+import { Writable } from "node:stream";
+import pino from "pino";
+import { Agent } from "../../src/agent/agent.js";
+import { JobRunner } from "../../src/core/jobs.js";
+import { buildMethodTable } from "../../src/agent/methods.js";
+import type { FlashEngine } from "../../src/flash/engine.js";
+import { startFakeMoonraker, type FakeMoonraker, type FakeMoonrakerOptions, RpcCallError } from "../support/fake-moonraker/index.js";
+import { startVirtualDevice, type VirtualDevice } from "../../src/sim/virtual-device.js";
+
+const MACRO_FILE = resolve(import.meta.dirname, "../../moonraker/moonflash.cfg");
+
+let dir: string;
+let moonraker: FakeMoonraker;
+let agent: Agent | null = null;
+let board: VirtualDevice | null = null;
+/** The agent's log records, to see each remote call as it arrived. */
+let logRecords: Array<Record<string, unknown>> = [];
+
+async function startPrinter(klipper: FakeMoonrakerOptions["klipper"] = {}): Promise<FakeMoonraker> {
+  return startFakeMoonraker({
+    dataDir: dir,
+    klipper: {
+      mcus: [
+        { section: "mcu", settings: { serial: join(dir, "main-board") } },
+        { section: "mcu toolhead", settings: { serial: "/dev/serial/by-id/usb-Klipper_rp2040_toolhead-if00" } },
+      ],
+      macroFile: MACRO_FILE,
+      ...klipper,
+    },
+  });
+}
+
+async function startAgent(): Promise<Agent> {
+  const sink = new Writable({
+    write(chunk: Buffer, _encoding, done) {
+      for (const line of chunk.toString().split("\n").filter(Boolean)) logRecords.push(JSON.parse(line) as Record<string, unknown>);
+      done();
+    },
+  });
+  agent = await Agent.create({ dataDir: dir, logger: pino({ level: "info" }, sink) });
+  agent.start();
+  await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.cancel") && agent!.session.identified, 10_000);
+  return agent;
+}
+
+function remoteCalls(): Array<{ method: unknown; params: unknown; viaMacro: unknown }> {
+  return logRecords.filter((r) => r.msg === "remote call").map((r) => ({ method: r.method, params: r.params, viaMacro: r.viaMacro }));
+}
+
+/** Runs a macro as a Mainsail user would (printer.gcode.script) and waits for the console line that answers it. */
+async function macro(script: string, answer: RegExp | string): Promise<string> {
+  const web = await moonraker.connectClient({ transport: "ws" });
+  try {
+    const before = moonraker.consoleLines.length;
+    await web.call("printer.gcode.script", { script });
+    const matches = (l: string): boolean => (typeof answer === "string" ? l === answer : answer.test(l));
+    await moonraker.waitFor(() => moonraker.consoleLines.slice(before).some(matches), 10_000);
+    return moonraker.consoleLines.slice(before).find(matches)!;
+  } finally {
+    await web.close();
+  }
+}
+
+/** PARAM= names a macro's description documents, e.g. "FLASH_MCU MCU=<name> [METHOD=…]" → MCU, METHOD. */
+function documentedParams(description: string): string[] {
+  return [...description.matchAll(/\b([A-Z][A-Z_]*)=/g)].map((m) => m[1]!);
+}
+
+beforeEach(async () => {
+  dir = await mkdtemp(join(tmpdir(), "moonflash-macros-"));
+  logRecords = [];
+  await mkdir(join(dir, "config"), { recursive: true });
+  await writeFile(join(dir, "fw.bin"), randomBytes(8 * 1024));
+  // [mcu emu] is moonflash.conf's own board; Klipper's config lists mcu and toolhead.
+  await writeFile(join(dir, "config", "moonflash.conf"), `[mcu emu]\nserial: ${join(dir, "emu")}\nbootloader: none\n`);
+  board = await startVirtualDevice({ path: join(dir, "emu") });
+  moonraker = await startPrinter();
+});
+
+afterEach(async () => {
+  await agent?.stop();
+  agent = null;
+  await board?.stop();
+  board = null;
+  await moonraker.stop();
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe("the shipped macros through Klipper's macro path", () => {
+  it("each description says what the macro does and names its parameters", () => {
+    const macros = moonraker.klipper.macros;
+    expect([...macros.keys()].sort()).toEqual(["FLASH_MCU", "MOONFLASH_CANCEL", "MOONFLASH_DEVICES", "MOONFLASH_STATUS"]);
+    for (const m of macros.values()) expect(m.description).toMatch(/^moonflash: \w.{20,}/);
+    expect(macros.get("FLASH_MCU")!.description).toContain("FLASH_MCU MCU=<name> [METHOD=katapult|flashtool|make|wchisp] [FIRMWARE=/path] [DRY_RUN=1]");
+    expect(documentedParams(macros.get("FLASH_MCU")!.description)).toEqual(["MCU", "METHOD", "FIRMWARE", "DRY_RUN"]);
+    for (const name of ["MOONFLASH_STATUS", "MOONFLASH_DEVICES", "MOONFLASH_CANCEL"]) {
+      expect(documentedParams(macros.get(name)!.description)).toEqual([]);
+    }
+  });
+
+  it("every macro, with every parameter it documents, reaches the agent with the right params and answers on the console", async () => {
+    await startAgent();
+    const fw = join(dir, "fw.bin");
+    const cases = [
+      { script: "MOONFLASH_STATUS", method: "flash.status", params: {}, answer: "// moonflash: no flash job has run yet" },
+      { script: "MOONFLASH_DEVICES", method: "flash.devices", params: {}, answer: /^\/\/ moonflash: \d+ serial device\(s\)/ },
+      {
+        script: `FLASH_MCU MCU=emu METHOD=katapult FIRMWARE=${fw} DRY_RUN=1`,
+        method: "flash.mcu",
+        params: { mcu: "emu", flash_method: "katapult", firmware: fw, dry_run: "1" },
+        answer: `// moonflash: flash emu: dry run, nothing was stopped or written. It would flash ${fw} (8192 bytes) to ${join(dir, "emu")} with katapult.`,
+      },
+      {
+        script: "MOONFLASH_CANCEL",
+        method: "flash.cancel",
+        params: {},
+        answer: "!! moonflash: flash.cancel failed [NO_JOB] No flash job is running, so there is nothing to cancel.",
+      },
+    ];
+    // The table covers every shipped macro and every parameter its description documents.
+    expect(cases.map((c) => c.script.split(" ")[0]).sort()).toEqual([...moonraker.klipper.macros.keys()].sort());
+    for (const [name, m] of moonraker.klipper.macros) {
+      const typed = cases.find((c) => c.script.split(" ")[0] === name)!.script;
+      for (const param of documentedParams(m.description)) expect(typed).toContain(` ${param}=`);
+    }
+
+    for (const c of cases) {
+      await macro(c.script, c.answer);
+      expect(remoteCalls().at(-1)).toEqual({ method: c.method, params: c.params, viaMacro: true });
+    }
+    expect(remoteCalls()).toHaveLength(cases.length);
+    expect(moonraker.consoleLines.filter((l) => l.includes("Error evaluating"))).toEqual([]);
+    expect(moonraker.serviceActions).toEqual([]);
+
+    // The status line names the MCU as typed and the outcome, never the job id.
+    await macro("MOONFLASH_STATUS", /^\/\/ moonflash: idle\. Last flash of emu \(dry run\): ok \(\d+ s ago\)\.$/);
+    await macro(`FLASH_MCU MCU=emu FIRMWARE=${join(dir, "missing.bin")} DRY_RUN=1`, /^!! moonflash: flash emu failed \[FIRMWARE_NOT_FOUND\]/);
+    await macro("MOONFLASH_STATUS", /^\/\/ moonflash: idle\. Last flash of emu \(dry run\): failed \[FIRMWARE_NOT_FOUND\] .+ \(\d+ s ago\)\.$/);
+    expect(moonraker.consoleLines.filter((l) => /flash-\d{8}T/.test(l))).toEqual([]);
+    expect(board!.model.frames).toEqual([]);
+  });
+
+  it("FLASH_MCU without MCU= (a click on its button) names the known MCUs and stops and flashes nothing", async () => {
+    const a = await startAgent();
+    const refusal = "!! moonflash: flash.mcu failed [INVALID_PARAMS] FLASH_MCU needs MCU=<name>. Known MCUs: mcu, emu, toolhead (e.g. FLASH_MCU MCU=emu)";
+    await macro("FLASH_MCU", refusal);
+    await macro("FLASH_MCU METHOD=katapult", refusal);
+    expect(remoteCalls()).toEqual([
+      { method: "flash.mcu", params: {}, viaMacro: true },
+      { method: "flash.mcu", params: { flash_method: "katapult" }, viaMacro: true },
+    ]);
+    // A mistyped parameter is refused too: DRYRUN=1 must not become a real flash.
+    await macro("FLASH_MCU MCU=emu DRYRUN=1", "!! moonflash: flash.mcu failed [INVALID_PARAMS] flash.mcu: unknown parameter(s) 'dryrun' (did you mean 'dry_run'?)");
+
+    // A client gets the same refusal.
+    const web = await moonraker.connectClient({ transport: "ws" });
+    const err = await web.call("server.extensions.request", { agent: "moonflash", method: "flash.mcu", arguments: { dry_run: true } }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(RpcCallError);
+    expect((err as RpcCallError).data).toMatchObject({
+      code: -32602,
+      message: "FLASH_MCU needs MCU=<name>. Known MCUs: mcu, emu, toolhead (e.g. FLASH_MCU MCU=emu)",
+      data: { code: "INVALID_PARAMS", details: { known: ["mcu", "emu", "toolhead"] } },
+    });
+    await web.close();
+
+    expect(moonraker.serviceActions).toEqual([]);
+    expect(a.runner.history()).toEqual([]);
+    expect(board!.model.frames).toEqual([]);
+    expect(moonraker.consoleLines.filter((l) => l.includes("Error evaluating"))).toEqual([]);
+  });
+
+  it("regression: a macro passing method= gets Klipper's TypeError on the console and never reaches the agent", async () => {
+    // The macro as shipped before issue 7, and the simple macro table's form of the same call.
+    await moonraker.stop();
+    const oldCfg = join(dir, "old-moonflash.cfg");
+    await writeFile(oldCfg, [
+      "[gcode_macro FLASH_MCU]",
+      "gcode:",
+      "  {% set mcu = params.MCU|default(\"mcu\") %}",
+      "  {action_call_remote_method(\"flash.mcu\", mcu=mcu, method=params.METHOD|lower, dry_run=1)}",
+      "",
+    ].join("\n"));
+    moonraker = await startPrinter({ macroFile: oldCfg, macros: { OLD_FLASH: { method: "flash.mcu", params: { mcu: "emu", method: "katapult" } } } });
+    await startAgent();
+    const web = await moonraker.connectClient({ transport: "ws" });
+    const typeError = "TypeError: PrinterGCodeMacro._action_call_remote_method() got multiple values for argument 'method'";
+    for (const [script, macroName] of [["FLASH_MCU MCU=emu METHOD=katapult", "FLASH_MCU"], ["OLD_FLASH", "OLD_FLASH"]] as const) {
+      const failed = await web.call("printer.gcode.script", { script }).then(() => null, (e: unknown) => e);
+      expect(failed).toMatchObject({ code: 400 });
+      expect(moonraker.consoleLines.at(-1)).toBe(`!! Error evaluating 'gcode_macro ${macroName}:gcode': ${typeError}`);
+    }
+    await web.close();
+    expect(remoteCalls()).toEqual([]);
+    expect(moonraker.serviceActions).toEqual([]);
+  });
+});
+
+describe("console lines of flash.status and flash.cancel", () => {
+  it("name the MCU and the stage of a running flash, never its job id", async () => {
+    const runner = new JobRunner({ dataDir: dir, logger: pino({ level: "silent" }) });
+    // flash.cancel's handler calls FlashEngine.cancel, which is runner.cancel("flash").
+    const engine = { cancel: () => runner.cancel("flash") } as unknown as FlashEngine;
+    const methods = new Map(buildMethodTable({ runner, flash: () => engine, info: () => ({}) }).map((m) => [m.name, m]));
+    const say = async (name: string): Promise<string> => {
+      const m = methods.get(name)!;
+      return m.summary!((await m.handler({} as never)) as never);
+    };
+
+    let started!: () => void;
+    const running = new Promise<void>((r) => (started = r));
+    const job = runner.run({ kind: "flash", target: "mcu toolhead", params: { mcu: "toolhead" } }, async (ctx) => {
+      ctx.stage("katapult");
+      ctx.progress(512, 2048, "bytes", "write");
+      started();
+      await new Promise((_resolve, reject) => ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason)));
+    });
+    await running;
+    expect(await say("flash.status")).toBe("moonflash: flash of toolhead running: katapult 25%");
+    expect(await say("flash.cancel")).toBe("moonflash: cancelling the flash of toolhead");
+    await expect(job).rejects.toMatchObject({ code: "CANCELLED" });
+    // The line adds no id of its own; the error's message is shown as the runner recorded it.
+    const last = runner.history("flash", 1)[0]!;
+    const status = await say("flash.status");
+    expect(status).toMatch(/^moonflash: idle\. Last flash of toolhead: failed \[CANCELLED\] .+ \(\d+ s ago\)\.$/);
+    expect(status.replace(last.message!, "")).not.toContain(last.id);
+  });
+});
