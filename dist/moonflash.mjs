@@ -5,7 +5,7 @@ import {
   Agent,
   FLASH_METHODS,
   VERSION
-} from "./chunks/chunk-Y4YU7ISC.mjs";
+} from "./chunks/chunk-IY77G4LY.mjs";
 import {
   isMoonflashError,
   toMoonflashError
@@ -3495,13 +3495,13 @@ function buildProgram() {
     process.exitCode = await runServe({ dataDir: opts.data, ...opts.config ? { configFile: resolve(expandHome(opts.config)) } : {} });
   });
   program2.command("status").description("show the running job and the last results").addOption(dataOption()).option("--json", "print JSON").action(async (opts) => {
-    process.exitCode = await (await import("./chunks/offline-7GDOEGRL.mjs")).runStatus({ dataDir: opts.data, json: !!opts.json });
+    process.exitCode = await (await import("./chunks/offline-WNFI42EK.mjs")).runStatus({ dataDir: opts.data, json: !!opts.json });
   });
   program2.command("devices").description("list serial devices and CAN nodes, mapped to Klipper's [mcu] sections").addOption(dataOption()).option("--json", "print JSON").action(async (opts) => {
-    process.exitCode = await (await import("./chunks/offline-7GDOEGRL.mjs")).runDevices({ dataDir: opts.data, json: !!opts.json });
+    process.exitCode = await (await import("./chunks/offline-WNFI42EK.mjs")).runDevices({ dataDir: opts.data, json: !!opts.json });
   });
   program2.command("flash").description("flash one MCU (stops Klipper, flashes, verifies, starts Klipper)").argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"').addOption(dataOption()).option("--firmware <file>", "image to flash (default from moonflash.conf, else <klipper>/out/klipper.bin)").addOption(new Option("--method <method>", "use only this method").choices([...FLASH_METHODS])).option("--dry-run", "check everything, stop nothing, flash nothing").option("--json", "print job events and the result as JSON lines").action(async (mcu, opts) => {
-    process.exitCode = await (await import("./chunks/offline-7GDOEGRL.mjs")).runFlash({
+    process.exitCode = await (await import("./chunks/offline-WNFI42EK.mjs")).runFlash({
       dataDir: opts.data,
       mcu,
       ...opts.firmware ? { firmware: resolve(expandHome(opts.firmware)) } : {},

@@ -11,7 +11,7 @@ import { dataPaths } from "../core/paths.js";
 import { AgentSession, type MoonrakerEndpoint } from "../moonraker/session.js";
 import { FlashEngine } from "../flash/engine.js";
 import { readJournal, recoverInterruptedJob } from "../flash/guard.js";
-import { buildMethodTable, type RemoteMethod } from "./methods.js";
+import { buildMethodTable, macroDialect, type RemoteMethod } from "./methods.js";
 import { parseParams } from "./params.js";
 import { ConsoleReporter, agentEventAdapter } from "./progress.js";
 import { VERSION, PROJECT_URL, AGENT_NAME } from "../version.js";
@@ -163,13 +163,13 @@ export class Agent {
     // A call that ran a job has its outcome on the console already, through the job's result event.
     const jobReported = (): boolean => this.runner.history(undefined, 1)[0]?.id !== lastJob;
     try {
-      const params = parseParams(name, method.params, raw);
+      const params = parseParams(name, method.params, raw, viaMacro ? macroDialect(method) : undefined);
       const result = await method.handler(params as never);
       if (viaMacro && method.summary && !jobReported()) this.console.say(method.summary(result as never));
       return result;
     } catch (err) {
       const e = toMoonflashError(err);
-      if (viaMacro && !jobReported()) this.console.say(`moonflash: ${name} failed [${e.code}] ${e.message}`, "error");
+      if (viaMacro && !jobReported()) this.console.say(`moonflash: ${method.macro?.command ?? name} failed [${e.code}] ${e.message}`, "error");
       if (!isMoonflashError(err)) this.logger.error({ err }, `${name} failed unexpectedly`);
       throw e;
     }

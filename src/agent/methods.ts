@@ -11,7 +11,7 @@ import type { JobRecord } from "../core/history.js";
 import type { FlashEngine } from "../flash/engine.js";
 import { FLASH_METHODS } from "../flash/types.js";
 import { mcuUserName } from "../flash/mcu-name.js";
-import { flag } from "./params.js";
+import { clientDialect, flag, type ParamDialect } from "./params.js";
 
 export interface RemoteMethod {
   name: string;
@@ -20,6 +20,15 @@ export interface RemoteMethod {
   handler(params: never): Promise<unknown>;
   /** One console line for a macro caller, from the handler's result. */
   summary?(result: never): string;
+  /** The shipped macro that calls it (moonraker/moonflash.cfg) and what its parameters are called there. */
+  macro?: { command: string; params?: Record<string, string> };
+}
+
+/** Errors for a macro caller name the macro and its parameters as typed (FLASH_MCU, DRY_RUN=). */
+export function macroDialect(method: RemoteMethod): ParamDialect {
+  if (!method.macro) return clientDialect(method.name);
+  const { command, params = {} } = method.macro;
+  return { method: command, param: (key) => params[key] ?? key.toUpperCase() };
 }
 
 export interface MethodDeps {
@@ -40,6 +49,7 @@ function define<S extends z.ZodMiniType, R>(m: {
   params: S;
   handler: (params: z.infer<S>) => Promise<R>;
   summary?: (result: R) => string;
+  macro?: RemoteMethod["macro"];
 }): RemoteMethod {
   return m as unknown as RemoteMethod;
 }
@@ -110,6 +120,7 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       params: noParams,
       handler: () => jobStatus(deps, "flash"),
       summary: (s) => describeStatus("flash", s),
+      macro: { command: "MOONFLASH_STATUS" },
     }),
     define({
       name: "ota.status",
@@ -123,6 +134,7 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       description: "Serial devices and CAN nodes found, classified and mapped to Klipper's [mcu] sections.",
       params: noParams,
       handler: async () => deps.flash().devices(),
+      macro: { command: "MOONFLASH_DEVICES" },
       summary: (r) => {
         const serial = r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` → [${d.mcu}]` : ""}`).join(", ") || "none";
         const can = r.canbus.map((c) => (c.error ? `${c.interface}: ${c.error.message}` : `${c.interface}: ${c.nodes.map((n) => `${n.uuid} ${n.application}${n.mcu ? ` → [${n.mcu}]` : ""}`).join(", ") || "no unassigned nodes"}`));
@@ -150,16 +162,15 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
           ...(dry_run === undefined ? {} : { dry_run }),
         });
       },
-      summary: (r) =>
-        "plan" in r
-          ? `moonflash: dry run for [${r.mcu}]: would flash ${r.firmware} to ${r.device} with ${r.methods.join(" → ")}`
-          : `moonflash: [${r.mcu}] flashed with ${r.method} in ${(r.elapsed_ms / 1000).toFixed(1)} s (${r.bytes} bytes${r.verified ? ", verified" : ""})`,
+      // No summary: the job's own result line tells the console.
+      macro: { command: "FLASH_MCU", params: { mcu: "MCU", flash_method: "METHOD", firmware: "FIRMWARE", dry_run: "DRY_RUN" } },
     }),
     define({
       name: "flash.cancel",
       description: "Cancel the running flash job; allowed until writing starts.",
       params: noParams,
       handler: async () => ({ cancelled: deps.flash().cancel().id }),
+      macro: { command: "MOONFLASH_CANCEL" },
       summary: (r) => {
         const job = runner.current();
         const target = job?.id === r.cancelled ? job.target : runner.history("flash", 10).find((j) => j.id === r.cancelled)?.target;

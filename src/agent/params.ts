@@ -19,17 +19,28 @@ export const flag = z.pipe(
   z.boolean({ error: "expected true/false (or 1/0)" }),
 );
 
-export function parseParams<S extends z.ZodMiniType>(method: string, schema: S, raw: unknown): z.infer<S> {
+/**
+ * How a caller names a method and its parameters: clients use the remote method's own names (flash.mcu, dry_run),
+ * a macro user types the macro's (FLASH_MCU, DRY_RUN=), so errors speak the caller's dialect.
+ */
+export interface ParamDialect {
+  method: string;
+  param(key: string): string;
+}
+
+export const clientDialect = (method: string): ParamDialect => ({ method, param: (key) => key });
+
+export function parseParams<S extends z.ZodMiniType>(method: string, schema: S, raw: unknown, dialect: ParamDialect = clientDialect(method)): z.infer<S> {
   const result = schema.safeParse(raw ?? {});
   if (result.success) return result.data;
   const problems = result.error.issues.map((issue) => {
-    const field = issue.path.length ? issue.path.join(".") : "params";
+    const field = issue.path.length ? dialect.param(issue.path.join(".")) : "params";
     if (issue.code === "unrecognized_keys") {
-      return `unknown parameter(s) ${issue.keys.map((k) => `'${k}'${didYouMean(k, knownKeys(schema))}`).join(", ")}`;
+      return `unknown parameter(s) ${issue.keys.map((k) => `'${dialect.param(k)}'${didYouMean(k, knownKeys(schema), dialect)}`).join(", ")}`;
     }
     return `${field}: ${issue.message}`;
   });
-  throw new MoonflashError("INVALID_PARAMS", `${method}: ${problems.join("; ")}`, {
+  throw new MoonflashError("INVALID_PARAMS", `${dialect.method}: ${problems.join("; ")}`, {
     method,
     issues: result.error.issues.map((i) => ({ path: i.path.map(String), code: i.code, message: i.message })),
   });
@@ -41,8 +52,8 @@ function knownKeys(schema: z.ZodMiniType): string[] {
 }
 
 /** A hint for a renamed or mistyped key: `method` → `flash_method`, `dryrun` → `dry_run`. */
-function didYouMean(key: string, known: string[]): string {
+function didYouMean(key: string, known: string[], dialect: ParamDialect): string {
   const squash = (k: string): string => k.toLowerCase().replace(/_/g, "");
   const match = known.find((k) => squash(k) === squash(key)) ?? known.find((k) => k.endsWith(`_${key.toLowerCase()}`));
-  return match === undefined ? "" : ` (did you mean '${match}'?)`;
+  return match === undefined || dialect.param(match) === dialect.param(key) ? "" : ` (did you mean '${dialect.param(match)}'?)`;
 }

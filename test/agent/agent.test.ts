@@ -96,7 +96,7 @@ describe("agent over the unix socket", () => {
     expect((unknownParam.data as { message: string }).message).toContain("unknown parameter(s) 'dryrun'");
 
     await web.call("printer.gcode.script", { script: "FLASH_BAD" });
-    await moonraker.waitFor(() => moonraker.consoleLines.some((l) => l.startsWith("!! moonflash: flash.mcu failed [INVALID_PARAMS]")), 5000);
+    await moonraker.waitFor(() => moonraker.consoleLines.some((l) => l.startsWith("!! moonflash: FLASH_MCU failed [INVALID_PARAMS] FLASH_MCU: MCU: ")), 5000);
     expect(moonraker.serviceActions).toEqual([]);
     await web.close();
   });

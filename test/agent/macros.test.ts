@@ -123,7 +123,7 @@ describe("the shipped macros through Klipper's macro path", () => {
         script: "MOONFLASH_CANCEL",
         method: "flash.cancel",
         params: {},
-        answer: "!! moonflash: flash.cancel failed [NO_JOB] No flash job is running, so there is nothing to cancel.",
+        answer: "!! moonflash: MOONFLASH_CANCEL failed [NO_JOB] No flash job is running, so there is nothing to cancel.",
       },
     ];
     // The table covers every shipped macro and every parameter its description documents.
@@ -151,7 +151,7 @@ describe("the shipped macros through Klipper's macro path", () => {
 
   it("FLASH_MCU without MCU= (a click on its button) names the known MCUs and stops and flashes nothing", async () => {
     const a = await startAgent();
-    const refusal = "!! moonflash: flash.mcu failed [INVALID_PARAMS] FLASH_MCU needs MCU=<name>. Known MCUs: mcu, emu, toolhead (e.g. FLASH_MCU MCU=emu)";
+    const refusal = "!! moonflash: FLASH_MCU failed [INVALID_PARAMS] FLASH_MCU needs MCU=<name>. Known MCUs: mcu, emu, toolhead (e.g. FLASH_MCU MCU=emu)";
     await macro("FLASH_MCU", refusal);
     await macro("FLASH_MCU METHOD=katapult", refusal);
     expect(remoteCalls()).toEqual([
@@ -159,7 +159,7 @@ describe("the shipped macros through Klipper's macro path", () => {
       { method: "flash.mcu", params: { flash_method: "katapult" }, viaMacro: true },
     ]);
     // A mistyped parameter is refused too: DRYRUN=1 must not become a real flash.
-    await macro("FLASH_MCU MCU=emu DRYRUN=1", "!! moonflash: flash.mcu failed [INVALID_PARAMS] flash.mcu: unknown parameter(s) 'dryrun' (did you mean 'dry_run'?)");
+    await macro("FLASH_MCU MCU=emu DRYRUN=1", "!! moonflash: FLASH_MCU failed [INVALID_PARAMS] FLASH_MCU: unknown parameter(s) 'DRYRUN' (did you mean 'DRY_RUN'?)");
 
     // A client gets the same refusal.
     const web = await moonraker.connectClient({ transport: "ws" });

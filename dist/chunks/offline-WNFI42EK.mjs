@@ -16,7 +16,7 @@ import {
   readJobLock,
   readJournal,
   throttleProgress
-} from "./chunk-Y4YU7ISC.mjs";
+} from "./chunk-IY77G4LY.mjs";
 import {
   MoonflashError,
   toMoonflashError

@@ -12490,17 +12490,18 @@ var flag = pipe(
   }),
   boolean2({ error: "expected true/false (or 1/0)" })
 );
-function parseParams(method, schema, raw) {
+var clientDialect = (method) => ({ method, param: (key) => key });
+function parseParams(method, schema, raw, dialect = clientDialect(method)) {
   const result = schema.safeParse(raw ?? {});
   if (result.success) return result.data;
   const problems = result.error.issues.map((issue2) => {
-    const field = issue2.path.length ? issue2.path.join(".") : "params";
+    const field = issue2.path.length ? dialect.param(issue2.path.join(".")) : "params";
     if (issue2.code === "unrecognized_keys") {
-      return `unknown parameter(s) ${issue2.keys.map((k) => `'${k}'${didYouMean(k, knownKeys(schema))}`).join(", ")}`;
+      return `unknown parameter(s) ${issue2.keys.map((k) => `'${dialect.param(k)}'${didYouMean(k, knownKeys(schema), dialect)}`).join(", ")}`;
     }
     return `${field}: ${issue2.message}`;
   });
-  throw new MoonflashError("INVALID_PARAMS", `${method}: ${problems.join("; ")}`, {
+  throw new MoonflashError("INVALID_PARAMS", `${dialect.method}: ${problems.join("; ")}`, {
     method,
     issues: result.error.issues.map((i) => ({ path: i.path.map(String), code: i.code, message: i.message }))
   });
@@ -12509,13 +12510,18 @@ function knownKeys(schema) {
   const shape = schema._zod?.def?.shape;
   return shape ? Object.keys(shape) : [];
 }
-function didYouMean(key, known) {
+function didYouMean(key, known, dialect) {
   const squash = (k) => k.toLowerCase().replace(/_/g, "");
   const match = known.find((k) => squash(k) === squash(key)) ?? known.find((k) => k.endsWith(`_${key.toLowerCase()}`));
-  return match === void 0 ? "" : ` (did you mean '${match}'?)`;
+  return match === void 0 || dialect.param(match) === dialect.param(key) ? "" : ` (did you mean '${dialect.param(match)}'?)`;
 }
 
 // src/agent/methods.ts
+function macroDialect(method) {
+  if (!method.macro) return clientDialect(method.name);
+  const { command, params = {} } = method.macro;
+  return { method: command, param: (key) => params[key] ?? key.toUpperCase() };
+}
 var noParams = strictObject({});
 function define(m) {
   return m;
@@ -12574,7 +12580,8 @@ function buildMethodTable(deps) {
       description: "The running flash job with its progress, and the last flash results.",
       params: noParams,
       handler: () => jobStatus(deps, "flash"),
-      summary: (s) => describeStatus("flash", s)
+      summary: (s) => describeStatus("flash", s),
+      macro: { command: "MOONFLASH_STATUS" }
     }),
     define({
       name: "ota.status",
@@ -12588,6 +12595,7 @@ function buildMethodTable(deps) {
       description: "Serial devices and CAN nodes found, classified and mapped to Klipper's [mcu] sections.",
       params: noParams,
       handler: async () => deps.flash().devices(),
+      macro: { command: "MOONFLASH_DEVICES" },
       summary: (r) => {
         const serial = r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` \u2192 [${d.mcu}]` : ""}`).join(", ") || "none";
         const can = r.canbus.map((c) => c.error ? `${c.interface}: ${c.error.message}` : `${c.interface}: ${c.nodes.map((n) => `${n.uuid} ${n.application}${n.mcu ? ` \u2192 [${n.mcu}]` : ""}`).join(", ") || "no unassigned nodes"}`);
@@ -12615,13 +12623,15 @@ function buildMethodTable(deps) {
           ...dry_run === void 0 ? {} : { dry_run }
         });
       },
-      summary: (r) => "plan" in r ? `moonflash: dry run for [${r.mcu}]: would flash ${r.firmware} to ${r.device} with ${r.methods.join(" \u2192 ")}` : `moonflash: [${r.mcu}] flashed with ${r.method} in ${(r.elapsed_ms / 1e3).toFixed(1)} s (${r.bytes} bytes${r.verified ? ", verified" : ""})`
+      // No summary: the job's own result line tells the console.
+      macro: { command: "FLASH_MCU", params: { mcu: "MCU", flash_method: "METHOD", firmware: "FIRMWARE", dry_run: "DRY_RUN" } }
     }),
     define({
       name: "flash.cancel",
       description: "Cancel the running flash job; allowed until writing starts.",
       params: noParams,
       handler: async () => ({ cancelled: deps.flash().cancel().id }),
+      macro: { command: "MOONFLASH_CANCEL" },
       summary: (r) => {
         const job = runner.current();
         const target = job?.id === r.cancelled ? job.target : runner.history("flash", 10).find((j) => j.id === r.cancelled)?.target;
@@ -12919,13 +12929,13 @@ var Agent = class _Agent {
     const lastJob = this.runner.history(void 0, 1)[0]?.id;
     const jobReported = () => this.runner.history(void 0, 1)[0]?.id !== lastJob;
     try {
-      const params = parseParams(name, method.params, raw);
+      const params = parseParams(name, method.params, raw, viaMacro ? macroDialect(method) : void 0);
       const result = await method.handler(params);
       if (viaMacro && method.summary && !jobReported()) this.console.say(method.summary(result));
       return result;
     } catch (err) {
       const e = toMoonflashError(err);
-      if (viaMacro && !jobReported()) this.console.say(`moonflash: ${name} failed [${e.code}] ${e.message}`, "error");
+      if (viaMacro && !jobReported()) this.console.say(`moonflash: ${method.macro?.command ?? name} failed [${e.code}] ${e.message}`, "error");
       if (!isMoonflashError(err)) this.logger.error({ err }, `${name} failed unexpectedly`);
       throw e;
     }
