@@ -1,8 +1,18 @@
 import js from "@eslint/js";
 import tseslint from "typescript-eslint";
 
+// The design's "never"s, as import rules. Folders: core (errors, jobs, config values, paths), moonraker (transport
+// and agent session), flash and ota (engines), sim (virtual hardware), agent (remote methods and progress
+// adapters), cli; src/app.ts is the composition root and src/moonflash-conf.ts assembles the config file.
+// test/lint/boundaries.test.ts proves each rule fires.
+const banned = (names, why) => ({
+  group: names.flatMap((name) => (name.endsWith(".js") ? [`**/${name}`, `./${name}`] : [`**/${name}/**`])),
+  message: why,
+});
+const ROOT = ["app.js", "moonflash-conf.js"];
+
 export default tseslint.config(
-  { ignores: ["dist/**", "node_modules/**", "coverage/**"] },
+  { ignores: ["dist/**", "node_modules/**", "coverage/**", "test/lint/fixtures/**"] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {
@@ -13,12 +23,39 @@ export default tseslint.config(
     },
   },
   {
-    // Engines and core never reach for the transport or the CLI: they get ports (interfaces) instead.
-    files: ["src/core/**/*.ts", "src/flash/**/*.ts", "src/ota/**/*.ts", "src/sim/**/*.ts"],
-    rules: {
-      "no-restricted-imports": ["error", { patterns: [
-        { group: ["**/moonraker/**", "**/agent/**", "**/cli/**"], message: "engines and core must not import the transport, agent or CLI" },
-      ] }],
-    },
+    files: ["src/core/**/*.ts"],
+    rules: { "no-restricted-imports": ["error", { patterns: [
+      banned(["flash", "ota", "moonraker", "agent", "cli", "sim", ...ROOT], "core knows no engine, transport, agent or CLI: they build on core, never the reverse"),
+    ] }] },
+  },
+  {
+    files: ["src/flash/**/*.ts"],
+    rules: { "no-restricted-imports": ["error", { patterns: [
+      banned(["moonraker", "agent", "cli", "ota", ...ROOT], "the flash engine gets a PrinterPort and its settings; it never imports the transport, the agent, the CLI, OTA or the composition root"),
+    ] }] },
+  },
+  {
+    files: ["src/ota/**/*.ts"],
+    rules: { "no-restricted-imports": ["error", { patterns: [
+      banned(["moonraker", "agent", "cli", ...ROOT], "the OTA engine gets a PrinterPort and its settings; it never imports the transport, the agent, the CLI or the composition root"),
+    ] }] },
+  },
+  {
+    files: ["src/moonraker/**/*.ts"],
+    rules: { "no-restricted-imports": ["error", { patterns: [
+      banned(["flash", "ota", "agent", "cli", "sim", ...ROOT], "the Moonraker transport and session know no engine, agent or CLI"),
+    ] }] },
+  },
+  {
+    files: ["src/sim/**/*.ts"],
+    rules: { "no-restricted-imports": ["error", { patterns: [
+      banned(["moonraker", "agent", "cli", "ota", ...ROOT], "virtual hardware speaks bytes; it knows no transport, agent or CLI"),
+    ] }] },
+  },
+  {
+    files: ["src/agent/**/*.ts"],
+    rules: { "no-restricted-imports": ["error", { patterns: [
+      banned(["cli", "app.js"], "the agent is built by the composition root (src/app.ts) and knows no CLI"),
+    ] }] },
   },
 );

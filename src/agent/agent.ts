@@ -1,36 +1,37 @@
-// The agent: composition of config, logger, job runner, Moonraker session, engines and progress adapters.
-// It wires engines to remote methods; engines never see the transport.
+// The agent: wires engines to remote methods and job events to the progress adapters (console, agent events),
+// and keeps Klipper's promise after an interrupted job. It is built by the composition root (src/app.ts);
+// engines never see the transport.
 
 import { existsSync } from "node:fs";
 import type { Logger } from "pino";
-import { loadConfig, configSummary, type MoonflashConfig } from "../core/config.js";
-import { createLogger } from "../core/log.js";
-import { JobRunner } from "../core/jobs.js";
+import { configSummary, type MoonflashConfig } from "../moonflash-conf.js";
+import type { JobRunner } from "../core/jobs.js";
+import type { PrinterPort } from "../core/printer.js";
 import { isMoonflashError, toMoonflashError } from "../core/errors.js";
 import { dataPaths } from "../core/paths.js";
-import { AgentSession, type MoonrakerEndpoint } from "../moonraker/session.js";
-import { FlashEngine } from "../flash/engine.js";
+import type { AgentSession, AgentSessionOptions } from "../moonraker/session.js";
+import type { FlashEngine } from "../flash/engine.js";
 import { readJournal, recoverInterruptedJob } from "../flash/guard.js";
 import { buildMethodTable, macroDialect, type RemoteMethod } from "./methods.js";
 import { parseParams } from "./params.js";
 import { ConsoleReporter, agentEventAdapter } from "./progress.js";
-import { VERSION, PROJECT_URL, AGENT_NAME } from "../version.js";
+import { VERSION, AGENT_NAME } from "../version.js";
 
 /** How often a journal left by a job that could not start Klipper (or by a dead CLI flash) is looked for. */
 const RECOVERY_CHECK_MS = 10_000;
 
-export interface AgentOptions {
-  dataDir: string;
-  configFile?: string;
-  /** Pretty log lines on stdout as well as the log file. */
-  pretty?: boolean;
-  logger?: Logger;
+/** What every moonflash process has (the composition root, src/app.ts, builds it). */
+export interface AgentRuntime {
+  config: MoonflashConfig;
+  logger: Logger;
+  runner: JobRunner;
+  endpointName: string;
 }
 
-export function endpointFromConfig(config: MoonflashConfig): MoonrakerEndpoint {
-  const m = config.moonflash;
-  if (m.moonraker_url) return { kind: "ws", url: m.moonraker_url, ...(m.api_key ? { apiKey: m.api_key } : {}) };
-  return { kind: "unix", path: m.moonraker_socket };
+/** What the composition root gives the agent to build its session and engines with. */
+export interface AgentParts {
+  session(methods: string[], onCall: AgentSessionOptions["onCall"]): AgentSession;
+  flash(printer: PrinterPort): FlashEngine;
 }
 
 export class Agent {
@@ -44,11 +45,16 @@ export class Agent {
   private recovering = false;
   private recoveryTimer: NodeJS.Timeout | null = null;
 
-  private constructor(
-    readonly config: MoonflashConfig,
-    readonly logger: Logger,
-  ) {
-    this.runner = new JobRunner({ dataDir: config.dataDir, logger });
+  readonly config: MoonflashConfig;
+  readonly logger: Logger;
+  private readonly endpointName: string;
+
+  constructor(rt: AgentRuntime, parts: AgentParts) {
+    const { config, logger } = rt;
+    this.config = config;
+    this.logger = logger;
+    this.endpointName = rt.endpointName;
+    this.runner = rt.runner;
     // Handlers reach the engine at call time: the engine needs the session, and the session needs the names.
     const flash = (): FlashEngine => this.flash;
     this.methods = buildMethodTable({
@@ -61,16 +67,11 @@ export class Agent {
       },
     });
     const byName = new Map(this.methods.map((m) => [m.name, m]));
-    this.session = new AgentSession({
-      endpoint: endpointFromConfig(config),
-      clientName: AGENT_NAME,
-      version: VERSION,
-      url: PROJECT_URL,
-      methods: this.methods.map((m) => m.name),
-      onCall: (method, params, info) => this.dispatch(byName, method, params, info.viaMacro),
-      logger: logger.child({ ns: "moonraker" }),
-    });
-    this.flash = new FlashEngine({ config, printer: this.session, runner: this.runner, logger: logger.child({ ns: "flash" }) });
+    this.session = parts.session(
+      this.methods.map((m) => m.name),
+      (method, params, info) => this.dispatch(byName, method, params, info.viaMacro),
+    );
+    this.flash = parts.flash(this.session);
     this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }));
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
@@ -81,12 +82,6 @@ export class Agent {
     this.unsubscribers.push(this.runner.on((event) => {
       if (event.type === "result") void this.recover();
     }));
-  }
-
-  static async create(opts: AgentOptions): Promise<Agent> {
-    const config = await loadConfig(opts.dataDir, opts.configFile);
-    const logger = opts.logger ?? createLogger({ dataDir: config.dataDir, level: config.moonflash.log_level, pretty: opts.pretty ?? false });
-    return new Agent(config, logger);
   }
 
   start(): void {
@@ -134,7 +129,7 @@ export class Agent {
       uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
       data_dir: this.config.dataDir,
       config: configSummary(this.config),
-      moonraker: { connected: s.moonrakerConnected, version: s.moonrakerVersion, endpoint: describeEndpoint(endpointFromConfig(this.config)) },
+      moonraker: { connected: s.moonrakerConnected, version: s.moonrakerVersion, endpoint: this.endpointName },
       klipper: { connected: s.klippyConnected, state: s.klippyState, state_message: s.stateMessage, print_state: s.printState, idle_state: s.idleState, service: s.klipperService },
       methods: this.methods.map((m) => ({ name: m.name, description: m.description })),
     };
@@ -174,8 +169,4 @@ export class Agent {
       throw e;
     }
   }
-}
-
-function describeEndpoint(e: MoonrakerEndpoint): string {
-  return e.kind === "unix" ? `unix:${e.path}` : e.url;
 }

@@ -6,14 +6,11 @@ import { homedir } from "node:os";
 import { join, resolve } from "node:path";
 import { VERSION } from "../version.js";
 import { isMoonflashError, toMoonflashError } from "../core/errors.js";
+import { EXIT_OK, EXIT_USAGE, exitCodeFor } from "../app.js";
 import { FLASH_METHODS } from "../flash/types.js";
 import { runServe } from "./serve.js";
 // The other verbs are imported when they run: the bundle splits them into chunks that `serve`, the long-running
 // process, never loads (idle memory, docs/BENCHMARKS.md).
-
-export const EXIT_OK = 0;
-export const EXIT_FAILURE = 1;
-export const EXIT_USAGE = 2;
 
 function expandHome(p: string): string {
   return p === "~" || p.startsWith("~/") ? join(homedir(), p.slice(1)) : p;
@@ -113,8 +110,23 @@ export async function main(argv: string[]): Promise<number> {
     const e = toMoonflashError(err);
     process.stderr.write(`moonflash: ${e.message} [${e.code}]\n`);
     if (!isMoonflashError(err)) process.stderr.write(`${(err as Error)?.stack ?? ""}\n`);
-    return e.code === "INVALID_PARAMS" || e.code === "CONFIG_INVALID" ? EXIT_USAGE : EXIT_FAILURE;
+    return exitCodeFor(e);
   }
 }
 
+/**
+ * `moonflash status | head -3`: once the reader has gone, output is pointless, not an error. A verb ends quietly
+ * with the exit code it had; the service (whose output is only a copy of its log) keeps running without it.
+ */
+function quietOnClosedPipe(serving: boolean): void {
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.on("error", (err: NodeJS.ErrnoException) => {
+      if (serving) return;
+      if (err.code !== "EPIPE") throw err;
+      process.exit(typeof process.exitCode === "number" ? process.exitCode : EXIT_OK);
+    });
+  }
+}
+
+quietOnClosedPipe(process.argv[2] === "serve");
 process.exitCode = await main(process.argv);

@@ -1,85 +1,26 @@
 // CLI verbs that drive the engines in this process. They take the same job lock as the service, so a CLI flash
 // and a service flash can never overlap; Klipper is still stopped and started through Moonraker.
 
-import type { Logger } from "pino";
-import { loadConfig, type MoonflashConfig } from "../core/config.js";
-import { createLogger } from "../core/log.js";
-import { JobRunner, throttleProgress } from "../core/jobs.js";
+import { throttleProgress } from "../core/jobs.js";
 import { isProcessAlive, readJobLock } from "../core/lock.js";
 import { dataPaths } from "../core/paths.js";
 import { MoonflashError, toMoonflashError } from "../core/errors.js";
 import { initialPrinterState, type PrinterPort } from "../core/printer.js";
-import { AgentSession } from "../moonraker/session.js";
-import { FlashEngine } from "../flash/engine.js";
+import type { AgentSession } from "../moonraker/session.js";
 import { readJournal } from "../flash/guard.js";
-import { endpointFromConfig } from "../agent/agent.js";
-import { AGENT_NAME, PROJECT_URL, VERSION } from "../version.js";
+import { connectPrinter, createFlashEngine, createRuntime, exitCodeFor } from "../app.js";
 import { ProgressRenderer } from "./render.js";
-
-interface Context {
-  config: MoonflashConfig;
-  logger: Logger;
-  runner: JobRunner;
-}
-
-async function context(dataDir: string): Promise<Context> {
-  const config = await loadConfig(dataDir);
-  // The CLI talks to the terminal itself; the log file still gets everything for later.
-  const logger = createLogger({ dataDir: config.dataDir, level: config.moonflash.log_level, pretty: false });
-  return { config, logger, runner: new JobRunner({ dataDir: config.dataDir, logger }) };
-}
-
-/** A short-lived Moonraker session for this CLI run; resolves once identified or rejects after `timeoutMs`. */
-async function connectPrinter(ctx: Context, timeoutMs: number): Promise<AgentSession> {
-  const session = new AgentSession({
-    endpoint: endpointFromConfig(ctx.config),
-    clientName: `${AGENT_NAME}-cli-${process.pid}`,
-    version: VERSION,
-    url: PROJECT_URL,
-    methods: [],
-    onCall: async () => {
-      throw new MoonflashError("INVALID_PARAMS", "the moonflash CLI serves no remote methods");
-    },
-    logger: ctx.logger.child({ ns: "moonraker" }),
-    backoff: { initialMs: 200, maxMs: 1000 },
-  });
-  session.start();
-  try {
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        reject(
-          new MoonflashError(
-            "MOONRAKER_UNAVAILABLE",
-            `Could not reach Moonraker at ${describe(ctx.config)} within ${timeoutMs / 1000} s. Is Moonraker running? Check moonraker_socket / moonraker_url in moonflash.conf.`,
-          ),
-        );
-      }, timeoutMs);
-      session.on("identified", () => {
-        clearTimeout(timer);
-        resolve();
-      });
-    });
-  } catch (err) {
-    await session.stop();
-    throw err;
-  }
-  return session;
-}
-
-function describe(config: MoonflashConfig): string {
-  return config.moonflash.moonraker_url ?? config.moonflash.moonraker_socket;
-}
 
 function fail(err: unknown, json: boolean): number {
   const e = toMoonflashError(err);
   if (json) process.stdout.write(`${JSON.stringify({ ok: false, code: e.code, message: e.message, details: e.details })}\n`);
   else process.stderr.write(`moonflash: ${e.message} [${e.code}]\n`);
-  return e.code === "INVALID_PARAMS" || e.code === "CONFIG_INVALID" ? 2 : 1;
+  return exitCodeFor(e);
 }
 
 export async function runStatus(opts: { dataDir: string; json: boolean }): Promise<number> {
   try {
-    const ctx = await context(opts.dataDir);
+    const ctx = await createRuntime({ dataDir: opts.dataDir, pretty: false });
     const lock = await readJobLock(dataPaths(ctx.config.dataDir).lock);
     // A lock whose process is gone is no running job: a job killed with its process, cleared by recovery.
     const running = lock && isProcessAlive(lock.pid) ? lock : null;
@@ -109,13 +50,13 @@ export async function runStatus(opts: { dataDir: string; json: boolean }): Promi
 export async function runDevices(opts: { dataDir: string; json: boolean }): Promise<number> {
   let session: AgentSession | null = null;
   try {
-    const ctx = await context(opts.dataDir);
+    const ctx = await createRuntime({ dataDir: opts.dataDir, pretty: false });
     // Klipper's [mcu] sections come through Moonraker; without it, moonflash.conf's sections still map.
     session = await connectPrinter(ctx, 3000).catch((err: unknown) => {
       if (!opts.json) process.stderr.write(`moonflash: ${toMoonflashError(err).message} Listing without Klipper's config.\n`);
       return null;
     });
-    const engine = new FlashEngine({ config: ctx.config, printer: session ?? offlinePrinter(), runner: ctx.runner, logger: ctx.logger.child({ ns: "flash" }) });
+    const engine = createFlashEngine(ctx, session ?? offlinePrinter());
     const report = await engine.devices();
     if (opts.json) process.stdout.write(`${JSON.stringify(report)}\n`);
     else {
@@ -142,9 +83,9 @@ export async function runFlash(opts: { dataDir: string; mcu: string; firmware?: 
   let session: AgentSession | null = null;
   let renderer: ProgressRenderer | null = null;
   try {
-    const ctx = await context(opts.dataDir);
+    const ctx = await createRuntime({ dataDir: opts.dataDir, pretty: false });
     session = await connectPrinter(ctx, 10_000);
-    const engine = new FlashEngine({ config: ctx.config, printer: session, runner: ctx.runner, logger: ctx.logger.child({ ns: "flash" }) });
+    const engine = createFlashEngine(ctx, session);
     renderer = new ProgressRenderer({ json: opts.json });
     // A bar or a JSON line per block would be thousands per flash: 10 updates a second read the same.
     ctx.runner.on(throttleProgress(renderer.onJobEvent, { maxPerSecond: 10 }));

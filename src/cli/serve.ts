@@ -1,10 +1,10 @@
 // `moonflash serve`: the long-running agent. Stops cleanly on SIGINT/SIGTERM, letting a running job finish
 // (its guard starts Klipper again) before the Moonraker session closes.
 
-import { Agent } from "../agent/agent.js";
+import { createAgent } from "../app.js";
 
 export async function runServe(opts: { dataDir: string; configFile?: string }): Promise<number> {
-  const agent = await Agent.create({ dataDir: opts.dataDir, ...(opts.configFile ? { configFile: opts.configFile } : {}), pretty: process.stdout.isTTY === true });
+  const agent = await createAgent({ dataDir: opts.dataDir, ...(opts.configFile ? { configFile: opts.configFile } : {}), pretty: process.stdout.isTTY === true });
   agent.start();
   await new Promise<void>((resolve) => {
     let stopping = false;

@@ -20,6 +20,7 @@ export const ERROR_CODES = {
   UNKNOWN_FLASH_METHOD: { status: 400, doc: "The flash method is not one of katapult, flashtool, make, wchisp." },
   DEVICE_NOT_FOUND: { status: 404, doc: "The MCU's serial device or CAN node is not present (also a serial path that is missing or a link to nothing)." },
   DEVICE_IN_USE: { status: 409, doc: "Another process holds the serial device open." },
+  DEVICE_PERMISSION: { status: 403, doc: "The user moonflash runs as may not open the serial device: add it to the dialout group (sudo usermod -aG dialout $USER), then log in again or restart the service." },
   PATH_REJECTED: { status: 400, doc: "An existing path is not one moonflash accepts (e.g. a serial path that is not a character device under /dev)." },
   FIRMWARE_NOT_FOUND: { status: 404, doc: "The firmware image does not exist." },
   FIRMWARE_EMPTY: { status: 400, doc: "The firmware image is empty." },

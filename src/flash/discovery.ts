@@ -8,7 +8,7 @@ import path from "node:path";
 import type { Logger } from "pino";
 import { MoonflashError } from "../core/errors.js";
 import type { CanbusNode, PrinterPort } from "../core/printer.js";
-import { findExecutable, runTool } from "./methods/process.js";
+import { findExecutable, runTool } from "../core/tool.js";
 import { classifyUsbDevice, type UsbDeviceKind } from "./usb-ids.js";
 
 export interface DiscoveredDevice {
@@ -239,26 +239,68 @@ export async function discoverDevices(opts: DiscoverOptions = {}): Promise<Disco
   }
 
   const holders = await findHolders(procRoot, new Set(byRealPath.keys()));
-  const devices: DiscoveredDevice[] = [];
-  for (const draft of byRealPath.values()) {
-    const mcuType = draft.byId ? parseMcuTypeFromById(draft.byId) : undefined;
-    let { kind, label } = classifyUsbDevice(draft);
-    // No USB ids (e.g. serialport-less machine without sysfs USB info) but the by-id name says what runs on it.
-    if (kind === "unknown" && draft.byId) {
-      const runs = /^usb-(klipper|katapult|canboot)_/i.exec(path.basename(draft.byId))?.[1]?.toLowerCase();
-      if (runs === "klipper") ({ kind, label } = classifyUsbDevice({ manufacturer: "klipper" }));
-      if (runs === "katapult" || runs === "canboot") ({ kind, label } = classifyUsbDevice({ manufacturer: "katapult" }));
-    }
-    const device: DiscoveredDevice = { ...draft, kind, label };
-    if (mcuType) device.mcuType = mcuType;
-    const holder = holders.get(draft.path);
-    if (holder) device.heldBy = holder;
-    for (const key of Object.keys(device) as Array<keyof DiscoveredDevice>) {
-      if (device[key] === undefined) delete device[key];
-    }
-    devices.push(device);
+  return [...byRealPath.values()].map((draft) => classify(draft, holders.get(draft.path))).sort((a, b) => a.path.localeCompare(b.path));
+}
+
+/** A draft with what runs on it (usb-ids.ts), the MCU type its by-id name gives and the process holding it. */
+function classify(draft: DeviceDraft, heldBy?: { pid: number; command: string }): DiscoveredDevice {
+  const mcuType = draft.byId ? parseMcuTypeFromById(draft.byId) : undefined;
+  let { kind, label } = classifyUsbDevice(draft);
+  // No USB ids (e.g. serialport-less machine without sysfs USB info) but the by-id name says what runs on it.
+  if (kind === "unknown" && draft.byId) {
+    const runs = /^usb-(klipper|katapult|canboot)_/i.exec(path.basename(draft.byId))?.[1]?.toLowerCase();
+    if (runs === "klipper") ({ kind, label } = classifyUsbDevice({ manufacturer: "klipper" }));
+    if (runs === "katapult" || runs === "canboot") ({ kind, label } = classifyUsbDevice({ manufacturer: "katapult" }));
   }
-  return devices.sort((a, b) => a.path.localeCompare(b.path));
+  const device: DiscoveredDevice = { ...draft, kind, label };
+  if (mcuType) device.mcuType = mcuType;
+  if (heldBy) device.heldBy = heldBy;
+  for (const key of Object.keys(device) as Array<keyof DiscoveredDevice>) {
+    if (device[key] === undefined) delete device[key];
+  }
+  return device;
+}
+
+export interface IdentifyOptions {
+  devRoot?: string;
+  sysRoot?: string;
+}
+
+/**
+ * One serial device as discoverDevices classifies it (sysfs USB ids, /dev/serial links, usb-ids.ts), or null when
+ * `devicePath` does not resolve. It neither scans /proc nor spawns udevadm, so a flasher can ask it while it
+ * waits for a board.
+ */
+export async function identifyDevice(devicePath: string, opts: IdentifyOptions = {}): Promise<DiscoveredDevice | null> {
+  const devRoot = opts.devRoot ?? "/dev";
+  const sysRoot = opts.sysRoot ?? "/sys";
+  const real = await resolveDevicePath(devicePath);
+  if (!real) return null;
+  const draft: DeviceDraft = { path: real, ...(await readUsbParent(path.join(sysRoot, "class", "tty", path.basename(real), "device"), sysRoot)) };
+  draft.byId = (await scanLinks(path.join(devRoot, "serial", "by-id"))).find(([, target]) => target === real)?.[0];
+  draft.byPath = (await scanLinks(path.join(devRoot, "serial", "by-path"))).find(([, target]) => target === real)?.[0];
+  return classify(draft);
+}
+
+/**
+ * Where a USB board that `devicePath` reaches while it runs Klipper may be found once it re-enumerates in Katapult:
+ * the same path; its by-id name (the configured path's own, or the one discovery found) with usb-Klipper_ turned
+ * into usb-katapult_, as udev names the link usb-<manufacturer>_<product>_<serial> and the manufacturer string
+ * changes (USB_MANUFACTURER in Klipper's and Katapult's src/Kconfig); and its by-path link, which names the USB
+ * port and so stays.
+ */
+export function reenumerationCandidates(devicePath: string, device: DiscoveredDevice | null): string[] {
+  const candidates = [devicePath];
+  const add = (candidate: string | undefined): void => {
+    if (candidate && !candidates.includes(candidate)) candidates.push(candidate);
+  };
+  for (const byId of [devicePath, device?.byId]) {
+    if (byId && path.basename(byId).includes("usb-Klipper_")) {
+      add(path.join(path.dirname(byId), path.basename(byId).replace("usb-Klipper_", "usb-katapult_")));
+    }
+  }
+  add(device?.byPath);
+  return candidates;
 }
 
 export interface McuSerialConfig {
@@ -301,7 +343,7 @@ export interface DiscoverCanNodesOptions {
   timeoutMs?: number;
 }
 
-/** `Detected UUID: 0a1b2c3d4e5f, Application: Katapult` lines of flashtool.py -q (flashing.md §2.2). */
+/** `Detected UUID: 0a1b2c3d4e5f, Application: Katapult` lines of flashtool.py -q (Katapult scripts/flashtool.py). */
 export function parseCanQueryOutput(lines: readonly string[]): CanbusNode[] {
   const nodes: CanbusNode[] = [];
   for (const line of lines) {

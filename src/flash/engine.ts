@@ -7,7 +7,7 @@ import type { Stats } from "node:fs";
 import { readFile, readlink, realpath, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import type { Logger } from "pino";
-import type { McuConfig, MoonflashConfig } from "../core/config.js";
+import { MCU_DEFAULTS, parseFlashMethods, type FlashSettings, type McuConfig } from "./config.js";
 import { writeFileDurable } from "../core/durable.js";
 import { MoonflashError, toMoonflashError, type ErrorCode } from "../core/errors.js";
 import type { JobContext, LogLevel } from "../core/events.js";
@@ -22,17 +22,8 @@ import { mcuUserName } from "./mcu-name.js";
 import { FlashtoolFlasher } from "./methods/flashtool.js";
 import { MakeFlasher } from "./methods/make.js";
 import { WchispFlasher } from "./methods/wchisp.js";
-import { FLASH_METHODS, type FlashMethodName, type Flasher, type FlashOutcome, type FlashTarget } from "./types.js";
+import { type FlashMethodName, type Flasher, type FlashJobTarget, type FlashOutcome, type FlashTarget } from "./types.js";
 // node:crypto is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
-
-/** Defaults for an MCU that only Klipper's config knows (moonflash.conf's own defaults, see core/config.ts). */
-const MCU_DEFAULTS = {
-  canbus_interface: "can0",
-  baud: 250000,
-  bootloader: "auto",
-  wchisp_transport: "usb",
-  timeout: 300,
-} as const;
 
 /** Methods tried when neither the request nor moonflash.conf names one. */
 const AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"] } as const satisfies Record<string, readonly FlashMethodName[]>;
@@ -124,7 +115,7 @@ export interface DevicesReport {
 }
 
 export interface FlashEngineOptions {
-  config: MoonflashConfig;
+  config: FlashSettings;
   printer: PrinterPort;
   runner: JobRunner;
   logger: Logger;
@@ -138,7 +129,7 @@ export interface FlashEngineOptions {
 
 /** The flashers moonflash.conf asks for: our own Katapult host, flashtool.py, make flash, wchisp. */
 export function defaultFlashers(
-  config: MoonflashConfig,
+  config: FlashSettings,
   opts: { logger: Logger; installBin?: string; discovery?: DiscoverOptions },
 ): Record<FlashMethodName, Flasher> {
   const m = config.moonflash;
@@ -163,36 +154,19 @@ export function mcuSectionName(name: string): string {
   return words.length === 0 ? "mcu" : `mcu ${words.join(" ")}`;
 }
 
-function parseMethods(value: string | string[]): FlashMethodName[] {
-  const names = (Array.isArray(value) ? value : [value]).flatMap((v) => v.split(",")).map((v) => v.trim()).filter(Boolean);
-  if (names.length === 0) {
-    throw new MoonflashError("UNKNOWN_FLASH_METHOD", `No flash method given. Use one of: ${FLASH_METHODS.join(", ")}.`, { method: value });
-  }
-  for (const name of names) {
-    if (!(FLASH_METHODS as readonly string[]).includes(name)) {
-      throw new MoonflashError(
-        "UNKNOWN_FLASH_METHOD",
-        `Unknown flash method '${name}'. Use one of: ${FLASH_METHODS.join(", ")}.`,
-        { method: name, known: [...FLASH_METHODS] },
-      );
-    }
-  }
-  return [...new Set(names)] as FlashMethodName[];
-}
-
 /**
- * Checks the image before anything is touched; returns its size. Its size is compared with `flash_size:` when
- * moonflash.conf gives one, else with the flash Klipper's Kconfig gives the expected MCU type (mcu-flash.ts).
+ * Reads and checks the image, once per job, before anything is touched. Its size is compared with `flash_size:`
+ * when moonflash.conf gives one, else with the flash Klipper's Kconfig gives the expected MCU type (mcu-flash.ts).
+ * The methods get these bytes; none reads or checks the file again.
  */
-async function checkFirmware(path: string, flashSize: number | null, expectedMcuType: string | null, section: string): Promise<number> {
-  let size: number;
+async function readFirmware(path: string, flashSize: number | null, expectedMcuType: string | null, section: string): Promise<Buffer> {
+  let image: Buffer;
   try {
-    const s = await stat(path);
-    if (!s.isFile()) {
+    image = await readFile(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "EISDIR") {
       throw new MoonflashError("FIRMWARE_NOT_FOUND", `The firmware ${path} is not a file. Give the path of the built image (e.g. out/klipper.bin): ${FIRMWARE_PARAM_HINT}.`, { firmware: path });
     }
-    size = s.size;
-  } catch (err) {
     if ((err as NodeJS.ErrnoException).code === "ENOENT") {
       throw new MoonflashError(
         "FIRMWARE_NOT_FOUND",
@@ -202,6 +176,7 @@ async function checkFirmware(path: string, flashSize: number | null, expectedMcu
     }
     throw toMoonflashError(err);
   }
+  const size = image.length;
   if (size === 0) {
     throw new MoonflashError("FIRMWARE_EMPTY", `The firmware ${path} is empty. Rebuild it; an interrupted build leaves an empty file.`, { firmware: path });
   }
@@ -213,7 +188,7 @@ async function checkFirmware(path: string, flashSize: number | null, expectedMcu
         { firmware: path, bytes: size, flashSize, source: "moonflash.conf flash_size" },
       );
     }
-    return size;
+    return image;
   }
   const chip = expectedMcuType ? mcuFlash(expectedMcuType) : undefined;
   if (chip && size > chip.flashSize) {
@@ -230,7 +205,7 @@ async function checkFirmware(path: string, flashSize: number | null, expectedMcu
       { firmware: path, bytes: size, flashSize: chip.flashSize, mcuType: expectedMcuType, source: chip.source },
     );
   }
-  return size;
+  return image;
 }
 
 /**
@@ -318,7 +293,7 @@ function contextWithShutdown(ctx: JobContext, shutdown: AbortSignal): JobContext
 }
 
 export class FlashEngine {
-  private readonly config: MoonflashConfig;
+  private readonly config: FlashSettings;
   private readonly printer: PrinterPort;
   private readonly runner: JobRunner;
   private readonly logger: Logger;
@@ -373,7 +348,7 @@ export class FlashEngine {
 
   /** Resolves and pre-flights a flash without stopping or writing anything. */
   async plan(params: FlashParams): Promise<FlashPlan> {
-    return this.buildPlan(params, (level, message) => this.logger[level](message));
+    return (await this.buildPlan(params, (level, message) => this.logger[level](message))).plan;
   }
 
   /** Runs one flash job: plan, keep the image, stop Klipper, try each method, start Klipper. */
@@ -382,13 +357,13 @@ export class FlashEngine {
     return this.runner.run({ kind: "flash", target: section, params }, async (ctx) => {
       const started = performance.now();
       ctx.stage("plan");
-      const plan = await this.buildPlan(params, (level, message) => ctx.log(level, message));
+      const { plan, image } = await this.buildPlan(params, (level, message) => ctx.log(level, message));
       if (params.dry_run) {
         return { dry_run: true, mcu: plan.mcu, device: plan.device, firmware: plan.firmware, methods: plan.methods, plan };
       }
       assertNotPrinting(this.printer);
       ctx.stage("keep-image");
-      await this.keepImage(plan);
+      await this.keepImage(plan, image);
 
       const attempts: FlashAttempt[] = [];
       const guarded = await withKlipperStopped(
@@ -402,7 +377,7 @@ export class FlashEngine {
           logger: this.logger,
           onStage: (stage, message) => ctx.stage(stage, message),
         },
-        (shutdown) => this.runChain(plan, contextWithShutdown(ctx, shutdown), attempts),
+        (shutdown) => this.runChain(plan, { ...plan.target, image }, contextWithShutdown(ctx, shutdown), attempts),
       );
       const { method, outcome } = guarded.value;
       return {
@@ -425,6 +400,7 @@ export class FlashEngine {
 
   private async runChain(
     plan: FlashPlan,
+    target: FlashJobTarget,
     ctx: JobContext,
     attempts: FlashAttempt[],
   ): Promise<{ method: FlashMethodName; outcome: FlashOutcome }> {
@@ -434,7 +410,7 @@ export class FlashEngine {
       ctx.stage(method, `flashing ${plan.mcu} with ${method}`);
       const started = performance.now();
       try {
-        const outcome = await this.flashers[method].flash(plan.target, ctx);
+        const outcome = await this.flashers[method].flash(target, ctx);
         attempts.push({ method, ok: true, elapsed_ms: Math.round(performance.now() - started) });
         return { method, outcome };
       } catch (err) {
@@ -489,7 +465,7 @@ export class FlashEngine {
     }
   }
 
-  private async buildPlan(params: FlashParams, log: (level: LogLevel, message: string) => void): Promise<FlashPlan> {
+  private async buildPlan(params: FlashParams, log: (level: LogLevel, message: string) => void): Promise<{ plan: FlashPlan; image: Buffer }> {
     const section = mcuSectionName(params.mcu);
     const klipperMcus = await this.klipperMcus();
     const klipper = klipperMcus.find((m) => m.section === section);
@@ -522,10 +498,10 @@ export class FlashEngine {
       );
     }
 
-    const methods = params.method !== undefined ? parseMethods(params.method) : (own?.method ?? [...(serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus)]);
+    const methods = params.method !== undefined ? parseFlashMethods(params.method) : (own?.method ?? [...(serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus)]);
     const firmware = resolve(params.firmware ?? own?.firmware ?? join(this.config.moonflash.klipper_path, "out", "klipper.bin"));
     const expectedMcuType = own?.mcu_type ?? klipper?.mcuType ?? null;
-    const firmwareBytes = await checkFirmware(firmware, own?.flash_size ?? null, expectedMcuType, section);
+    const image = await readFirmware(firmware, own?.flash_size ?? null, expectedMcuType, section);
     const deviceRealPath = serial ? await checkDevicePath(serial) : null;
 
     const target: FlashTarget = {
@@ -573,22 +549,23 @@ export class FlashEngine {
       throw new MoonflashError(reportedError.code, reportedError.message, { ...reportedError.details, skipped }, { cause: reportedError });
     }
 
-    return {
+    const plan: FlashPlan = {
       mcu: section,
       device: serial ?? `${canbusInterface}:${canbusUuid}`,
       device_real_path: deviceRealPath,
       firmware,
-      firmware_bytes: firmwareBytes,
+      firmware_bytes: image.length,
       methods: usable,
       skipped,
       expected_mcu_type: expectedMcuType,
       target,
     };
+    // The bytes stay beside the plan, not in it: a plan is JSON (dry run, logs).
+    return { plan, image };
   }
 
   /** A durable copy of what is about to be flashed, so the last image of each MCU can be found (and re-flashed) later. */
-  private async keepImage(plan: FlashPlan): Promise<void> {
-    const image = await readFile(plan.firmware);
+  private async keepImage(plan: FlashPlan, image: Buffer): Promise<void> {
     const dir = join(dataPaths(this.config.dataDir).firmware, plan.mcu.replace(/\s+/g, "_"));
     await writeFileDurable(join(dir, "last.bin"), image);
     const meta = {

@@ -17,7 +17,7 @@ export interface FlashTarget {
   canbusUuid?: string;
   canbusInterface: string;
   baud: number;
-  /** Absolute path of the image to flash. */
+  /** Absolute path of the image (external tools read it; messages name it). */
   firmwarePath: string;
   /** MCU type the image was built for, when known (klipper.bin's dictionary or config `mcu_type`). */
   expectedMcuType?: string;
@@ -33,6 +33,11 @@ export interface FlashTarget {
   flashSize?: number | null;
   /** Per-attempt timeout in milliseconds. */
   timeoutMs: number;
+}
+
+/** The target of one flash attempt: the image itself comes along, read and checked once per job by the engine. */
+export interface FlashJobTarget extends FlashTarget {
+  image: Buffer;
 }
 
 export interface FlashOutcome {
@@ -51,5 +56,5 @@ export interface Flasher {
   /** Checks that can run while Klipper is up (tool present, device plausible). Throws MoonflashError. */
   preflight(target: FlashTarget): Promise<void>;
   /** Flashes; reports through ctx; honours ctx.signal until writing starts. Throws MoonflashError. */
-  flash(target: FlashTarget, ctx: JobContext): Promise<FlashOutcome>;
+  flash(target: FlashJobTarget, ctx: JobContext): Promise<FlashOutcome>;
 }

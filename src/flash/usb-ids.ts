@@ -1,5 +1,6 @@
-// USB ids moonflash recognises, one row per id with where it comes from. Discovery classifies serial devices
-// with this table; the flashers use the kind to pick candidates (e.g. wchisp's port autodetect).
+// USB ids moonflash recognises, one row per id with where it comes from: the only such table. Discovery
+// classifies serial devices with it; the flashers ask discovery for the kind (Katapult's bootloader entry,
+// wchisp's port autodetect) and never compare ids themselves.
 
 export const USB_DEVICE_KINDS = [
   "klipper",
@@ -29,35 +30,35 @@ export const USB_IDS: readonly UsbIdEntry[] = [
     productId: "614e",
     kind: "klipper",
     label: "Klipper (USB)",
-    source: "Klipper src/Kconfig USB_DEVICE_ID default; Katapult scripts/flashtool.py KLIPPER_USB_ID (flashing.md §2.1)",
+    source: "Klipper src/Kconfig USB_DEVICE_ID default; Katapult scripts/flashtool.py KLIPPER_USB_ID",
   },
   {
     vendorId: "1d50",
     productId: "6177",
     kind: "katapult",
     label: "Katapult bootloader (USB)",
-    source: "Katapult src/Kconfig USB_DEVICE_ID; flashtool.py KATAPULT_USB_ID; Moonraker utils/sysfs_devs.py (flashing.md §2.1)",
+    source: "Katapult src/Kconfig USB_DEVICE_ID; flashtool.py KATAPULT_USB_ID; Moonraker utils/sysfs_devs.py",
   },
   {
     vendorId: "1d50",
     productId: "606f",
     kind: "usb-can-bridge",
     label: "Klipper USB-CAN bridge",
-    source: "Klipper src/Kconfig USB_DEVICE_ID for USBCANBUS; flashtool.py _search_canbus_bridge (flashing.md §2.2)",
+    source: "Klipper src/Kconfig USB_DEVICE_ID for USBCANBUS; flashtool.py _search_canbus_bridge",
   },
   {
     vendorId: "4348",
     productId: "55e0",
     kind: "wch-isp",
     label: "WCH ISP bootloader (USB)",
-    source: "ch32-rs/wchisp src/transport/usb.rs device ids (flashing.md §5.1)",
+    source: "ch32-rs/wchisp src/transport/usb.rs device ids",
   },
   {
     vendorId: "1a86",
     productId: "55e0",
     kind: "wch-isp",
     label: "WCH ISP bootloader (USB)",
-    source: "ch32-rs/wchisp src/transport/usb.rs device ids (flashing.md §5.1)",
+    source: "ch32-rs/wchisp src/transport/usb.rs device ids",
   },
   {
     vendorId: "0483",
@@ -71,14 +72,14 @@ export const USB_IDS: readonly UsbIdEntry[] = [
     productId: "0003",
     kind: "rp2-boot",
     label: "RP2040 BOOTSEL",
-    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id (flashing.md §4.1)",
+    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id",
   },
   {
     vendorId: "2e8a",
     productId: "000f",
     kind: "rp2-boot",
     label: "RP2350 BOOTSEL",
-    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id for rp2350 (flashing.md §4.1)",
+    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id for rp2350",
   },
   {
     vendorId: "1a86",

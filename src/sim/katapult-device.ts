@@ -1,7 +1,8 @@
 // A virtual Katapult bootloader (and the Klipper app that hands over to it), as a pure byte model: bytes in,
 // reply bytes out through the 'reply' event. No I/O (link speed is the pty relay's); timers only for the write
 // delay and the 100 ms jump after COMPLETE. Behaviour follows Katapult's firmware (src/command.c command_find_block and
-// command_dispatch, src/flashcmd.c, src/stm32/flash.c flash_write_block), see shared/reference/flashing.md §1.
+// command_dispatch, src/flashcmd.c, src/stm32/flash.c flash_write_block) and the host side in its
+// scripts/flashtool.py.
 
 import { EventEmitter } from "node:events";
 import { MoonflashError } from "../core/errors.js";

@@ -1,7 +1,8 @@
 // Source of the Python 3 helper behind pty-relay.ts, run as
 // `python3 -c PTY_RELAY_SCRIPT <link> [<bytes/s> [<device transmit buffer bytes>]]`. Stdlib only.
 // Why Python: Node has no openpty, and socat keeps both slave fds open, which makes flashtool.py (and any
-// "is the port in use" check) refuse the device (shared/reference/flashing.md §3). The helper owns the pty
+// "is the port in use" check) refuse the device (Katapult scripts/flashtool.py: validate_device walks /proc/*/fd
+// and fails "Serial device ... in use by another program"). The helper owns the pty
 // master, CLOSES its slave fd, links the slave at <link> and relays bytes over stdin/stdout.
 //
 // Framing both ways: 1 type byte, u32 big-endian length, payload.

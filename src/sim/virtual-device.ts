@@ -1,7 +1,7 @@
 // A virtual Katapult board on a real pseudo-terminal: the device model (katapult-device.ts) wired to a pty relay
 // (pty-relay.ts). Hosts open `path` like a serial port. With `reappearPath` it imitates USB re-enumeration: after
 // a bootloader request the pty vanishes and a new one appears at `reappearPath` (by-id names change from
-// usb-Klipper_… to usb-katapult_…, flashing.md §2.1), and after COMPLETE it comes back at `path`.
+// usb-Klipper_… to usb-katapult_…), and after COMPLETE it comes back at `path`.
 
 import { EventEmitter } from "node:events";
 import type { Logger } from "pino";

@@ -6,7 +6,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import pino from "pino";
-import { Agent } from "../../src/agent/agent.js";
+import type { Agent } from "../../src/agent/agent.js";
+import { createAgent } from "../../src/app.js";
 import { startFakeMoonraker, type FakeMoonraker, RpcCallError } from "../support/fake-moonraker/index.js";
 import { startVirtualDevice, type VirtualDevice } from "../../src/sim/virtual-device.js";
 
@@ -16,7 +17,7 @@ let agent: Agent | null = null;
 let board: VirtualDevice | null = null;
 
 async function startAgent(): Promise<Agent> {
-  agent = await Agent.create({ dataDir: dir, logger: pino({ level: "silent" }) });
+  agent = await createAgent({ dataDir: dir, logger: pino({ level: "silent" }) });
   agent.start();
   await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.cancel") && agent!.session.identified, 10_000);
   return agent;

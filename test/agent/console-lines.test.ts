@@ -7,7 +7,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import pino from "pino";
-import { Agent } from "../../src/agent/agent.js";
+import type { Agent } from "../../src/agent/agent.js";
+import { createAgent } from "../../src/app.js";
 import { startFakeMoonraker, type FakeMoonraker } from "../support/fake-moonraker/index.js";
 import { startVirtualDevice, type VirtualDevice } from "../../src/sim/virtual-device.js";
 
@@ -23,7 +24,7 @@ beforeEach(async () => {
   await writeFile(join(dir, "config", "moonflash.conf"), `[mcu emu]\nserial: ${join(dir, "board")}\nmethod: katapult\nfirmware: ${join(dir, "fw.bin")}\nbootloader: none\n`);
   board = await startVirtualDevice({ path: join(dir, "board") });
   moonraker = await startFakeMoonraker({ dataDir: dir, websocket: false });
-  agent = await Agent.create({ dataDir: dir, logger: pino({ level: "silent" }) });
+  agent = await createAgent({ dataDir: dir, logger: pino({ level: "silent" }) });
   agent.start();
   await moonraker.waitFor(() => agent.session.identified && agent.session.state().klippyState === "ready", 10_000);
 });

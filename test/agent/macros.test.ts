@@ -9,7 +9,8 @@ import { join, resolve } from "node:path";
 import { randomBytes } from "node:crypto";
 import { Writable } from "node:stream";
 import pino from "pino";
-import { Agent } from "../../src/agent/agent.js";
+import type { Agent } from "../../src/agent/agent.js";
+import { createAgent } from "../../src/app.js";
 import { JobRunner } from "../../src/core/jobs.js";
 import { buildMethodTable } from "../../src/agent/methods.js";
 import type { FlashEngine } from "../../src/flash/engine.js";
@@ -46,7 +47,7 @@ async function startAgent(): Promise<Agent> {
       done();
     },
   });
-  agent = await Agent.create({ dataDir: dir, logger: pino({ level: "info" }, sink) });
+  agent = await createAgent({ dataDir: dir, logger: pino({ level: "info" }, sink) });
   agent.start();
   await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.cancel") && agent!.session.identified, 10_000);
   return agent;

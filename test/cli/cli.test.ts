@@ -58,6 +58,16 @@ describe("moonflash CLI", () => {
     expect(JSON.parse(result.stdout)).toEqual({ running: null, stale_lock: null, klipper_restart_pending: false, last: [] });
   });
 
+  it("exits quietly with its own exit code when its output pipe closes (moonflash status | head -1)", async () => {
+    const status = cli(["status", "--data", dir]);
+    // The reader goes away before the verb writes its first line, as `head` does after the lines it wanted.
+    status.stdout?.destroy();
+    const result = await status;
+    expect(result.stderr).not.toMatch(/EPIPE|Unhandled|at /);
+    expect(result.exitCode).toBe(0);
+    expect(result.signal).toBeUndefined();
+  });
+
   it("serve keeps retrying a missing socket with backoff: no crash, one warning, not a log line per attempt", async () => {
     // Debug level, so every connection attempt is in the log and can be counted.
     await writeFile(join(dir, "config", "moonflash.conf"), "[moonflash]\nlog_level: debug\n");

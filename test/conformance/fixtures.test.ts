@@ -1,86 +1,12 @@
-// Replays every scenario recorded from a real Klipper + Moonraker (shared/fixtures/moonraker/*.jsonl) against
-// the fake, configured like the recording rig, and checks that the fake sends what Moonraker sent.
+// Replays every scenario recorded from a real Klipper + Moonraker (test/fixtures/moonraker/*.jsonl, written by
+// `npm run record:moonraker`, scripts/record-moonraker.ts) against the fake, configured like the recording rig, and
+// checks that the fake sends what Moonraker sent.
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { connectTestClient, startFakeMoonraker, type FakeMoonraker, type TestClient } from "../support/fake-moonraker/index.js";
-
-const repoRoot = path.resolve(import.meta.dirname, "../..");
-const fixturesDir = path.resolve(repoRoot, "../shared/fixtures/moonraker");
-const fixtureFiles = fs.readdirSync(fixturesDir).filter((f) => f.endsWith(".jsonl")).sort();
-
-type Message = Record<string, unknown>;
-interface RecordedLine {
-  conn: string;
-  dir: "send" | "recv";
-  msg: Message;
-}
-
-// Moonraker pushes proc stats about once a second on every connection; they carry nothing this test checks.
-const isProcStat = (m: unknown): boolean => (m as Message | null)?.method === "notify_proc_stat_update";
-
-function loadScenario(file: string): RecordedLine[] {
-  return fs
-    .readFileSync(path.join(fixturesDir, file), "utf8")
-    .split("\n")
-    .filter((line) => line.trim() !== "")
-    .map((line) => JSON.parse(line) as RecordedLine)
-    .filter((line) => !(line.dir === "recv" && isProcStat(line.msg)));
-}
-
-/**
- * Compares a recorded message with one the fake sent. Strings, booleans, null, key sets and array lengths must be
- * equal; numbers must be numbers and equal only for error codes and api_version (ids, times and stats vary).
- * The top-level id of a server-made request (an agent call) may differ; every other id must be equal.
- */
-function compareMessages(expected: Message, actual: unknown): string[] {
-  const problems: string[] = [];
-  const walk = (exp: unknown, act: unknown, at: string, exactNumbers: boolean): void => {
-    if (exp === null || typeof exp !== "object") {
-      if (typeof exp === "number") {
-        if (typeof act !== "number") problems.push(`${at}: expected a number, got ${JSON.stringify(act)}`);
-        else if (exactNumbers && act !== exp) problems.push(`${at}: expected ${exp}, got ${act}`);
-      } else if (exp !== act) {
-        problems.push(`${at}: expected ${JSON.stringify(exp)}, got ${JSON.stringify(act)}`);
-      }
-      return;
-    }
-    if (Array.isArray(exp)) {
-      if (!Array.isArray(act) || act.length !== exp.length) {
-        problems.push(`${at}: expected an array of ${exp.length}, got ${JSON.stringify(act)}`);
-        return;
-      }
-      exp.forEach((item, i) => walk(item, act[i], `${at}[${i}]`, exactNumbers));
-      return;
-    }
-    if (act === null || typeof act !== "object" || Array.isArray(act)) {
-      problems.push(`${at}: expected an object, got ${JSON.stringify(act)}`);
-      return;
-    }
-    const actObj = act as Message;
-    const expKeys = Object.keys(exp).sort();
-    const actKeys = Object.keys(actObj).sort();
-    if (JSON.stringify(expKeys) !== JSON.stringify(actKeys)) {
-      problems.push(`${at}: keys differ, expected [${expKeys.join(", ")}], got [${actKeys.join(", ")}]`);
-      return;
-    }
-    for (const key of expKeys) {
-      const exact = exactNumbers || key === "code" || key === "api_version";
-      walk((exp as Message)[key], actObj[key], `${at}.${key}`, exact);
-    }
-  };
-  const isServerRequest = typeof expected.method === "string" && expected.id !== undefined;
-  const { id: expId, ...expRest } = expected;
-  const { id: actId, ...actRest } = (actual ?? {}) as Message;
-  if (isServerRequest) {
-    if (typeof actId !== "number") problems.push(`id: expected a server-made numeric id, got ${JSON.stringify(actId)}`);
-  } else if (expId !== actId) {
-    problems.push(`id: expected ${JSON.stringify(expId)}, got ${JSON.stringify(actId)}`);
-  }
-  walk(expRest, actRest, "msg", false);
-  return problems;
-}
+import { compareMessages, fixtureFiles, isProcStat, loadScenario, rigFakeOptions, type Message, type RecordedLine } from "./recorded-traffic.js";
 
 async function waitUntil(pred: () => boolean, timeoutMs: number, describeFailure: () => string): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -238,14 +164,7 @@ describe("fake Moonraker replays the recorded Moonraker traffic", () => {
     it(file, async () => {
       const dataDir = await fs.promises.mkdtemp(path.join(os.tmpdir(), "moonflash-conformance-"));
       cleanups.push(() => fs.promises.rm(dataDir, { recursive: true, force: true }));
-      // The recording rig: README.md of the fixtures.
-      const fake = await startFakeMoonraker({
-        dataDir,
-        klipper: {
-          mcus: [{ section: "mcu", settings: { serial: "/tmp/klipper_host_mcu" } }],
-          macros: { FLASH_TEST: { method: "flash_test", params: { device: "abc", dry_run: 1 } } },
-        },
-      });
+      const fake = await startFakeMoonraker(rigFakeOptions(dataDir));
       cleanups.push(() => fake.stop());
       const replay = new ScenarioReplay(loadScenario(file), fake);
       cleanups.push(() => replay.closeAll());

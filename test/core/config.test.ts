@@ -2,7 +2,7 @@ import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { homedir, tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { configSummary, loadConfig, parseConfig } from "../../src/core/config.js";
+import { configSummary, loadConfig, parseConfig } from "../../src/moonflash-conf.js";
 import { isMoonflashError, type MoonflashError } from "../../src/core/errors.js";
 
 const FILE = "/data/config/moonflash.conf";

@@ -5,7 +5,7 @@ import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import pino from "pino";
 import { ERROR_CODES } from "../../src/core/errors.js";
-import { parseConfig } from "../../src/core/config.js";
+import { parseConfig } from "../../src/moonflash-conf.js";
 import { buildMethodTable } from "../../src/agent/methods.js";
 import { JobRunner } from "../../src/core/jobs.js";
 

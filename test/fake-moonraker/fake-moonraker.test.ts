@@ -149,6 +149,8 @@ describe("fake Moonraker", () => {
       print_stats: { state: "printing", filename: "" },
       idle_timeout: { state: "Printing" },
       "mcu toolhead": { mcu_version: "v0.12.0-1" },
+      // Klipper answers an unknown object with an empty one (recorded, test/fixtures/moonraker/objects_query.jsonl).
+      nope: {},
     });
     const pushed = await web.waitForNotification("notify_status_update");
     expect(pushed).toEqual([{ print_stats: { state: "printing" } }, expect.any(Number)]);

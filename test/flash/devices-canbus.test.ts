@@ -3,7 +3,7 @@
 // itself is the edge we cannot have here: the fake Moonraker answers the query as the real one does.)
 
 import { afterEach, expect, it } from "vitest";
-import { parseConfig } from "../../src/core/config.js";
+import { parseConfig } from "../../src/moonflash-conf.js";
 import { FlashEngine } from "../../src/flash/engine.js";
 import { startRig, type PrinterRig } from "../fixtures/engine/rig.js";
 

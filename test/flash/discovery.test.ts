@@ -5,8 +5,10 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import {
   discoverDevices,
+  identifyDevice,
   mapDevicesToMcus,
   parseMcuTypeFromById,
+  reenumerationCandidates,
   resolveDevicePath,
   type DiscoveredDevice,
 } from "../../src/flash/discovery.js";
@@ -100,6 +102,52 @@ describe("discoverDevices (simulated USB)", () => {
     await expect(
       discoverDevices({ devRoot: missing, sysRoot: missing, procRoot: missing, useSerialportList: false }),
     ).resolves.toEqual([]);
+  });
+});
+
+describe("identifyDevice (simulated USB)", () => {
+  const roots = (): { devRoot: string; sysRoot: string } => ({ devRoot: tree.devRoot, sysRoot: tree.sysRoot });
+
+  it.each([
+    ["its by-id link", () => path.join(tree.devRoot, "serial", "by-id", KLIPPER_BY_ID)],
+    ["its by-path link", () => path.join(tree.devRoot, "serial", "by-path", KLIPPER_BY_PATH)],
+    ["its tty", () => tree.dev("ttyACM0")],
+  ])("describes one device, reached by %s, as discoverDevices does (without the /proc scan)", async (_spelling, devicePath) => {
+    const { heldBy: _heldBy, ...expected } = device("ttyACM0")!;
+    expect(await identifyDevice(devicePath(), roots())).toEqual(expected);
+  });
+
+  it("classifies Katapult, a custom-id Klipper board and a plain UART with the same table", async () => {
+    expect(await identifyDevice(tree.dev("ttyACM1"), roots())).toMatchObject({ kind: "katapult", label: "Katapult bootloader (USB)" });
+    expect(await identifyDevice(tree.dev("ttyACM2"), roots())).toMatchObject({ kind: "klipper", label: "Klipper (USB, custom id)" });
+    expect(await identifyDevice(tree.dev("ttyS0"), roots())).toEqual({ path: tree.dev("ttyS0"), kind: "unknown", label: "Serial port" });
+  });
+
+  it("returns null for a path that does not resolve", async () => {
+    expect(await identifyDevice(path.join(tree.devRoot, "ttyACM9"), roots())).toBeNull();
+  });
+});
+
+describe("reenumerationCandidates (simulated USB)", () => {
+  it("from the tty: the tty, the usb-katapult_ name of its by-id link, its by-path link", async () => {
+    const identity = await identifyDevice(tree.dev("ttyACM0"), { devRoot: tree.devRoot, sysRoot: tree.sysRoot });
+    expect(reenumerationCandidates(tree.dev("ttyACM0"), identity)).toEqual([
+      tree.dev("ttyACM0"),
+      path.join(tree.devRoot, "serial", "by-id", "usb-katapult_stm32f446xx_1A0033000851313339373836-if00"),
+      path.join(tree.devRoot, "serial", "by-path", KLIPPER_BY_PATH),
+    ]);
+  });
+
+  it("from a by-id path discovery cannot resolve: its own usb-katapult_ name", () => {
+    expect(reenumerationCandidates("/dev/serial/by-id/usb-Klipper_rp2040_E661-if00", null)).toEqual([
+      "/dev/serial/by-id/usb-Klipper_rp2040_E661-if00",
+      "/dev/serial/by-id/usb-katapult_rp2040_E661-if00",
+    ]);
+  });
+
+  it("nothing else for a device with no Klipper by-id name and no by-path link", async () => {
+    const identity = await identifyDevice(tree.dev("ttyS0"), { devRoot: tree.devRoot, sysRoot: tree.sysRoot });
+    expect(reenumerationCandidates(tree.dev("ttyS0"), identity)).toEqual([tree.dev("ttyS0")]);
   });
 });
 

@@ -50,6 +50,20 @@ describe("FlashEngine.flash", () => {
     ]);
   });
 
+  it("reads and checks the image once per job: a file replaced after the check changes nothing that is flashed", async () => {
+    const b = await setUp();
+    const engine = b.engine(mcuSection(b));
+    // Rebuilt (or truncated) while the job runs: after pre-flight, before Klipper stops and the board is written.
+    b.rig.runner.on((e) => {
+      if (e.type === "stage" && e.stage === "keep-image") void writeFile(b.firmware, Buffer.alloc(0));
+    });
+    const result = await flashOk(engine, { mcu: "mcu" });
+    expect(result).toMatchObject({ bytes: b.image.length, verified: true });
+    expect(b.device.model.flash.subarray(0, b.image.length).equals(b.image)).toBe(true);
+    expect((await readFile(join(b.rig.dataDir, "moonflash", "firmware", "mcu", "last.bin"))).equals(b.image)).toBe(true);
+    expect((await readFile(b.firmware)).length).toBe(0);
+  });
+
   it("falls back to make flash when Katapult fails, reporting Katapult's failure before make starts", async () => {
     const b = await setUp({ faults: [{ kind: "silence" }] });
     const engine = b.engine(mcuSection(b));

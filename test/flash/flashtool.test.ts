@@ -8,7 +8,7 @@ import { describe, expect, it } from "vitest";
 import type { CanbusNode, PrinterPort, PrinterState } from "../../src/core/printer.js";
 import { discoverCanNodes } from "../../src/flash/discovery.js";
 import { FlashtoolFlasher } from "../../src/flash/methods/flashtool.js";
-import { runTool } from "../../src/flash/methods/process.js";
+import { runTool } from "../../src/core/tool.js";
 import { RecordingContext } from "./support/recording-context.js";
 import { rejection } from "./support/rejection.js";
 import { useToolFixture } from "./support/tool-fixture.js";

@@ -1,4 +1,4 @@
-// The pure Katapult codec: CRC, golden frames (flashing.md §1.3, computed with the real CRC), CONNECT decoding with
+// The pure Katapult codec: CRC, golden frames (computed with the real CRC of Katapult scripts/flashtool.py), CONNECT decoding with
 // the firmware's NUL quirk (§1.4), and the incremental decoder's resync rules.
 
 import { describe, expect, it } from "vitest";

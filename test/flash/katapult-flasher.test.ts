@@ -1,12 +1,14 @@
 import { randomBytes } from "node:crypto";
-import { mkdir, mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
+import { existsSync, readFileSync } from "node:fs";
+import { mkdir, mkdtemp, realpath, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import { deflateSync } from "node:zlib";
+import pino from "pino";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { KatapultFlasher, NOT_CANCELLABLE_WHILE_WRITING, type KatapultFlasherOptions } from "../../src/flash/katapult/flasher.js";
 import type { KatapultTimings } from "../../src/flash/katapult/session.js";
-import type { FlashTarget } from "../../src/flash/types.js";
+import type { FlashJobTarget } from "../../src/flash/types.js";
 import { parseFault } from "../../src/sim/katapult-device.js";
 import { startVirtualDevice, type VirtualDevice, type VirtualDeviceOptions } from "../../src/sim/virtual-device.js";
 import { RecordingContext } from "./support/recording-context.js";
@@ -46,13 +48,15 @@ async function writeImage(bytes: Buffer, name = "klipper.bin"): Promise<string> 
   return path;
 }
 
-function target(device: string, firmwarePath: string, extra: Partial<FlashTarget> = {}): FlashTarget {
+/** What the engine hands the flasher: the image is read (and checked) once per job, by the engine. */
+function target(device: string, firmwarePath: string, extra: Partial<FlashJobTarget> = {}): FlashJobTarget {
   return {
     mcu: "mcu",
     device,
     canbusInterface: "can0",
     baud: 250000,
     firmwarePath,
+    image: existsSync(firmwarePath) ? readFileSync(firmwarePath) : Buffer.alloc(0),
     bootloader: "none",
     klipperPath: join(dir, "klipper"),
     wchispTransport: "usb",
@@ -63,6 +67,11 @@ function target(device: string, firmwarePath: string, extra: Partial<FlashTarget
 
 function flasher(options: KatapultFlasherOptions = {}): KatapultFlasher {
   return new KatapultFlasher({ timings: FAST, bootloaderTimeoutMs: 3000, serialRequestSettleMs: 100, autoProbeTimeoutMs: 200, ...options });
+}
+
+/** Discovery roots with nothing in them: this machine's /dev/serial and /sys stay out of the test. */
+function noSystemTree(): Pick<KatapultFlasherOptions, "devRoot" | "sysRoot"> {
+  return { devRoot: join(dir, "no-dev"), sysRoot: join(dir, "no-sys") };
 }
 
 function flashed(device: VirtualDevice, image: Buffer): Buffer {
@@ -323,7 +332,7 @@ describe("KatapultFlasher against a virtual Katapult on a pty", () => {
     const katapultPath = join(byId, "usb-katapult_stm32f446xx_12345-if00");
     const device = await startDevice({ mode: "app", mcuType: "stm32f446xx", path: klipperPath, reappearPath: katapultPath, reappearDelayMs: 200 });
     const image = randomBytes(64 * 5);
-    const outcome = await flasher({ byPathDir: join(dir, "no-by-path") }).flash(target(klipperPath, await writeImage(image), { bootloader: "usb" }), new RecordingContext());
+    const outcome = await flasher(noSystemTree()).flash(target(klipperPath, await writeImage(image), { bootloader: "usb" }), new RecordingContext());
     expect(outcome.device).toBe(katapultPath);
     expect(flashed(device, image)).toEqual(image);
   });
@@ -331,7 +340,7 @@ describe("KatapultFlasher against a virtual Katapult on a pty", () => {
   it("uses the same path when a USB board enters Katapult without re-enumerating (bootloader: usb)", async () => {
     const device = await startDevice({ mode: "app" });
     const image = randomBytes(64 * 3);
-    const f = flasher({ bootloaderTimeoutMs: 400, byPathDir: join(dir, "no-by-path") });
+    const f = flasher({ bootloaderTimeoutMs: 400, ...noSystemTree() });
     const outcome = await f.flash(target(device.path, await writeImage(image), { bootloader: "usb" }), new RecordingContext());
     expect(outcome.device).toBe(device.path);
     expect(flashed(device, image)).toEqual(image);
@@ -374,15 +383,54 @@ describe("KatapultFlasher against a virtual Katapult on a pty", () => {
 
     const image = randomBytes(64 * 3);
     const ctx = new RecordingContext();
-    const outcome = await flasher({ sysfsRoot: sysfs, byPathDir: join(dir, "no-by-path") }).flash(target(klipperPath, await writeImage(image), { bootloader: "auto" }), ctx);
+    const outcome = await flasher({ ...noSystemTree(), sysRoot: sysfs }).flash(target(klipperPath, await writeImage(image), { bootloader: "auto" }), ctx);
     expect(outcome.device).toBe(katapultPath);
     expect(ctx.calls.some((c) => c.call === "log" && c.message.includes("running Klipper"))).toBe(true);
     expect(flashed(device, image)).toEqual(image);
   });
 
+  it("auto on a board configured by its tty: discovery finds its usb-Klipper_ by-id link, and the board is followed to usb-katapult_ (simulated USB)", async () => {
+    const devRoot = join(dir, "dev");
+    const byId = join(devRoot, "serial", "by-id");
+    await mkdir(byId, { recursive: true });
+    const katapultPath = join(byId, "usb-katapult_stm32f446xx_777-if00");
+    const device = await startDevice({ mode: "app", mcuType: "stm32f446xx", path: join(byId, "usb-Klipper_stm32f446xx_777-if00"), reappearPath: katapultPath, reappearDelayMs: 200 });
+    const tty = device.slavePath!;
+    const image = randomBytes(64 * 3);
+    const ctx = new RecordingContext();
+    const outcome = await flasher({ devRoot, sysRoot: join(dir, "no-sys") }).flash(target(tty, await writeImage(image), { bootloader: "auto" }), ctx);
+    expect(ctx.logs()).toContainEqual({ level: "info", message: expect.stringContaining(`${tty} is a USB device running Klipper`) });
+    // Re-enumerated, the board is the pty behind the usb-katapult_ link (its number may be the old tty's again).
+    expect(await realpath(outcome.device)).toBe(await realpath(katapultPath));
+    expect(flashed(device, image)).toEqual(image);
+    expect(device.model.completed).toBe(true);
+  });
+
+  it("auto on a USB board discovery classifies as Katapult connects without a request (simulated USB sysfs)", async () => {
+    const device = await startDevice({ mcuType: "rp2040" });
+    const sysfs = join(dir, "sys");
+    const usbDevice = join(sysfs, "devices", "usb1", "1-2");
+    await mkdir(join(usbDevice, "1-2:1.0"), { recursive: true });
+    await writeFile(join(usbDevice, "idVendor"), "1d50\n");
+    await writeFile(join(usbDevice, "idProduct"), "6177\n");
+    const ttyDir = join(sysfs, "class", "tty", basename(device.slavePath!));
+    await mkdir(ttyDir, { recursive: true });
+    await symlink(join(usbDevice, "1-2:1.0"), join(ttyDir, "device"));
+
+    const image = randomBytes(64 * 3);
+    const ctx = new RecordingContext();
+    await flasher({ ...noSystemTree(), sysRoot: sysfs }).flash(target(device.path, await writeImage(image), { bootloader: "auto" }), ctx);
+    expect(ctx.logs()).toContainEqual({ level: "info", message: expect.stringContaining("is a USB device running Katapult (Katapult bootloader (USB))") });
+    // No probe CONNECT: the first CONNECT is the flash's own.
+    expect(commands(device).filter((c) => c === "CONNECT")).toHaveLength(1);
+    expect(flashed(device, image)).toEqual(image);
+    // It was in Katapult before: COMPLETE only because the new image verified.
+    expect(commands(device).at(-1)).toBe("COMPLETE");
+  });
+
   it("times out with BOOTLOADER_TIMEOUT when the USB board comes back under a name it cannot follow (simulated USB)", async () => {
     const device = await startDevice({ mode: "app", reappearPath: join(dir, "usb-unknown-name"), reappearDelayMs: 100 });
-    const f = flasher({ bootloaderTimeoutMs: 400, byPathDir: join(dir, "no-by-path") });
+    const f = flasher({ bootloaderTimeoutMs: 400, ...noSystemTree() });
     const err = await rejection(f.flash(target(device.path, await writeImage(randomBytes(64)), { bootloader: "usb" }), new RecordingContext()));
     expect(err.code).toBe("BOOTLOADER_TIMEOUT");
   });
@@ -395,13 +443,24 @@ describe("KatapultFlasher against a virtual Katapult on a pty", () => {
     expect(can.code).toBe("DEVICE_NOT_FOUND");
     expect(can.message).toContain("flashtool");
   });
+});
 
-  it("reports a missing or empty firmware image before touching the device", async () => {
-    const device = await startDevice();
-    const missing = await rejection(flasher().flash(target(device.path, join(dir, "missing.bin")), new RecordingContext()));
-    expect(missing.code).toBe("FIRMWARE_NOT_FOUND");
-    const empty = await rejection(flasher().flash(target(device.path, await writeImage(Buffer.alloc(0))), new RecordingContext()));
-    expect(empty.code).toBe("FIRMWARE_EMPTY");
-    expect(commands(device)).toEqual([]);
+describe("KatapultFlasher through serialport's public read/write (the binding's internals treated as missing)", () => {
+  it("asks a board on an emulated 250000-baud UART into Katapult, flashes and verifies it, and warns once", async () => {
+    const device = await startDevice({ mode: "app", baud: 250000 });
+    const lines: Array<Record<string, unknown>> = [];
+    const logger = pino({ level: "warn" }, { write: (line: string) => lines.push(JSON.parse(line) as Record<string, unknown>) });
+    const image = randomBytes(64 * 40 + 5);
+    const outcome = await flasher({ logger, ignoreBindingInternals: true }).flash(target(device.path, await writeImage(image), { bootloader: "auto" }), new RecordingContext());
+
+    expect(outcome.verified).toBe(true);
+    expect(flashed(device, image)).toEqual(padded(image));
+    // The probe CONNECT got no answer from Klipper, the serial request moved the board, then one exchange per block
+    // each way: a reply lost to the slower link would show as a REQUEST_BLOCK retry.
+    expect(commands(device).filter((c) => c === "SEND_BLOCK")).toHaveLength(41);
+    expect(commands(device).filter((c) => c === "REQUEST_BLOCK")).toHaveLength(41);
+    expect(device.model.completed).toBe(true);
+    // Two links were opened, the probe's and the flash's: one warning.
+    expect(lines.filter((l) => String(l.msg).includes("public read/write"))).toHaveLength(1);
   });
 });

@@ -19,7 +19,7 @@ import { isMoonflashError } from "../../src/core/errors.js";
 const hex = (text: string): Buffer => Buffer.from(text.replace(/\s+/g, ""), "hex");
 const START = 0x8002000;
 
-// Golden replies computed with an independent CRC-16/MCRF4XX implementation (flashing.md §1.3).
+// Golden replies computed with an independent CRC-16/MCRF4XX implementation.
 const GOLDEN = {
   connect: hex(
     "01 88 a0 0c 11 00 00 00 00 01 01 00 00 20 00 08 40 00 00 00 73 74 6d 33 32 66 31 30 33 78 65 00 00 00 00 00" +

@@ -1,7 +1,7 @@
 // Katapult wire protocol, pure: constants, CRC, frame encoding and an incremental frame decoder.
 // Frame (both directions): 01 88 | CMD | LEN | PAYLOAD (LEN*4 bytes) | CRC lo hi | 99 03
 // CRC-16/MCRF4XX (Klipper's crc16_ccitt) over CMD, LEN and payload. Source: Arksine/katapult
-// scripts/flashtool.py and src/command.c (see shared/reference/flashing.md §1).
+// scripts/flashtool.py and src/command.c (command ids in src/command.h).
 
 export const FRAME_HEADER = Uint8Array.of(0x01, 0x88);
 export const FRAME_TRAILER = Uint8Array.of(0x99, 0x03);
@@ -186,7 +186,7 @@ export interface ConnectInfo {
 
 /**
  * Decodes a CONNECT ACK payload (after the echoed command word). Firmware puts a whole zero word between the
- * MCU string and the version string, so the version keeps leading NULs: strip every NUL (flashing.md §1.4).
+ * MCU string and the version string, so the version keeps leading NULs: strip every NUL (Katapult src/flashcmd.c command_connect).
  */
 export function decodeConnect(ackPayload: Uint8Array): ConnectInfo {
   const buf = Buffer.from(ackPayload);

@@ -1,23 +1,21 @@
 // The "katapult" flash method: our own Katapult host over a serial link (USB CDC, UART, pty). Bootloader entry
-// follows Katapult's scripts/flashtool.py serial mode (SerialSocket.run); the protocol lives in session.ts.
+// follows Katapult's scripts/flashtool.py serial mode: the requests live in bootloader-request.ts, what runs on a
+// device (Klipper, Katapult, by usb-ids.ts) comes from discovery.ts, the protocol lives in session.ts.
 
-import { readFile, readdir, realpath, stat } from "node:fs/promises";
-import { basename, dirname, join } from "node:path";
+import { stat } from "node:fs/promises";
 import type { Logger } from "pino";
 import { MoonflashError, isMoonflashError, toMoonflashError } from "../../core/errors.js";
 import type { JobContext, LogLevel } from "../../core/events.js";
-import { openSerialLink, requestUsbBootloader, sendSerialBootloaderRequest, type ByteLink } from "../link.js";
+import { identifyDevice, reenumerationCandidates, type DiscoveredDevice, type IdentifyOptions } from "../discovery.js";
+import { openSerialLink, type ByteLink } from "../link.js";
 import { mcuFlash } from "../mcu-flash.js";
 import { flashCommandsFor } from "../mcu-name.js";
-import type { FlashOutcome, FlashTarget, Flasher } from "../types.js";
+import type { FlashJobTarget, FlashOutcome, FlashTarget, Flasher } from "../types.js";
+import { requestUsbBootloader, sendSerialBootloaderRequest } from "./bootloader-request.js";
 import { detectImageMcu } from "./image.js";
 import type { ConnectInfo } from "./codec.js";
 import { KatapultSession, type KatapultTimings } from "./session.js";
 // node:timers/promises is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
-
-/** USB ids of a board running Klipper and one sitting in Katapult (flashtool.py). */
-const KLIPPER_USB_ID = "1d50:614e";
-const KATAPULT_USB_ID = "1d50:6177";
 
 export const NOT_CANCELLABLE_WHILE_WRITING = "writing flash: stopping now would leave the board without firmware";
 
@@ -33,10 +31,12 @@ export interface KatapultFlasherOptions {
   serialRequestSettleMs?: number;
   /** `auto` on a non-USB device first tries one CONNECT with this timeout, ms. Default 500. */
   autoProbeTimeoutMs?: number;
-  /** Root of sysfs (tests point it at a fake tree). Default "/sys". */
-  sysfsRoot?: string;
-  /** Where udev keeps the stable per-port links. Default "/dev/serial/by-path". */
-  byPathDir?: string;
+  /** Where discovery reads /dev/serial links; tests point it at a fake tree. Default "/dev". */
+  devRoot?: string;
+  /** Where discovery reads USB ids; tests point it at a fake tree. Default "/sys". */
+  sysRoot?: string;
+  /** Serial links treat the binding's internals as missing and use its public API (link.ts): the test seam. */
+  ignoreBindingInternals?: boolean;
 }
 
 /** Where Katapult is to be found, and whether this attempt brought the board there from its application. */
@@ -47,7 +47,8 @@ interface Entered {
 
 export class KatapultFlasher implements Flasher {
   readonly name = "katapult" as const;
-  private readonly options: Required<Omit<KatapultFlasherOptions, "logger" | "timings">>;
+  private readonly options: Required<Pick<KatapultFlasherOptions, "bootloaderTimeoutMs" | "bootloaderPollMs" | "serialRequestSettleMs" | "autoProbeTimeoutMs">>;
+  private readonly discoveryRoots: IdentifyOptions;
 
   constructor(private readonly config: KatapultFlasherOptions = {}) {
     this.options = {
@@ -55,9 +56,8 @@ export class KatapultFlasher implements Flasher {
       bootloaderPollMs: config.bootloaderPollMs ?? 100,
       serialRequestSettleMs: config.serialRequestSettleMs ?? 1000,
       autoProbeTimeoutMs: config.autoProbeTimeoutMs ?? 500,
-      sysfsRoot: config.sysfsRoot ?? "/sys",
-      byPathDir: config.byPathDir ?? "/dev/serial/by-path",
     };
+    this.discoveryRoots = { devRoot: config.devRoot, sysRoot: config.sysRoot };
   }
 
   async preflight(target: FlashTarget): Promise<void> {
@@ -74,10 +74,10 @@ export class KatapultFlasher implements Flasher {
     }
   }
 
-  async flash(target: FlashTarget, ctx: JobContext): Promise<FlashOutcome> {
+  async flash(target: FlashJobTarget, ctx: JobContext): Promise<FlashOutcome> {
     const device = requireDevice(target);
     throwIfCancelled(ctx.signal);
-    const image = await readImage(target.firmwarePath);
+    const image = target.image;
     const embedded = detectImageMcu(image);
     if (embedded) this.note(ctx, "info", `Image built for ${embedded.mcu} (Klipper ${embedded.version})`);
 
@@ -204,15 +204,15 @@ export class KatapultFlasher implements Flasher {
       case "serial":
         return this.enterViaSerialRequest(device, target.baud, ctx);
       case "usb":
-        return this.enterViaUsb(device, ctx);
+        return this.enterViaUsb(device, await identifyDevice(device, this.discoveryRoots), ctx);
       case "auto": {
-        const usbId = await this.usbIdOf(device);
-        if (usbId === KLIPPER_USB_ID) {
-          this.note(ctx, "info", `${device} is a USB device running Klipper`);
-          return this.enterViaUsb(device, ctx);
+        const identity = await identifyDevice(device, this.discoveryRoots);
+        if (identity?.kind === "klipper") {
+          this.note(ctx, "info", `${device} is a USB device running Klipper (${identity.label})`);
+          return this.enterViaUsb(device, identity, ctx);
         }
-        if (usbId === KATAPULT_USB_ID) {
-          this.note(ctx, "info", `${device} is a USB device running Katapult`);
+        if (identity?.kind === "katapult") {
+          this.note(ctx, "info", `${device} is a USB device running Katapult (${identity.label})`);
           return { path: device, fromApplication: false };
         }
         if (await this.answersConnect(device, target.baud, ctx)) return { path: device, fromApplication: false };
@@ -229,15 +229,12 @@ export class KatapultFlasher implements Flasher {
   }
 
   /**
-   * 1200-baud request, then waits for the board to re-enumerate. It may come back under another name: the same
-   * path, the by-id sibling renamed usb-Klipper_ → usb-katapult_, or the stable by-path link.
+   * 1200-baud request, then waits for the board to re-enumerate under one of the names discovery expects it
+   * back under (reenumerationCandidates): the same path, the by-id name renamed usb-Klipper_ → usb-katapult_, or
+   * the stable by-path link.
    */
-  private async enterViaUsb(device: string, ctx: JobContext): Promise<Entered> {
-    const candidates = [device];
-    const name = basename(device);
-    if (name.includes("usb-Klipper_")) candidates.push(join(dirname(device), name.replace("usb-Klipper_", "usb-katapult_")));
-    const byPath = await this.byPathLinkOf(device);
-    if (byPath && !candidates.includes(byPath)) candidates.push(byPath);
+  private async enterViaUsb(device: string, identity: DiscoveredDevice | null, ctx: JobContext): Promise<Entered> {
+    const candidates = reenumerationCandidates(device, identity);
     const before = new Map<string, number | null>();
     for (const candidate of candidates) before.set(candidate, await inodeOf(candidate));
     const vanished = new Set<string>();
@@ -278,7 +275,7 @@ export class KatapultFlasher implements Flasher {
 
   /** One short CONNECT: a UART board already sitting in Katapult answers, one running Klipper does not. */
   private async answersConnect(device: string, baud: number, ctx: JobContext): Promise<boolean> {
-    const link = await openSerialLink(device, baud);
+    const link = await this.openLink(device, baud);
     const session = new KatapultSession(link, { timings: { ...this.config.timings, tries: 1, timeoutMs: this.options.autoProbeTimeoutMs }, signal: ctx.signal });
     try {
       await session.connect();
@@ -294,54 +291,22 @@ export class KatapultFlasher implements Flasher {
     }
   }
 
-  /** USB vendor:product of the device behind a tty, or null for UARTs and ptys (no USB parent in sysfs). */
-  private async usbIdOf(device: string): Promise<string | null> {
-    let ttyName: string;
-    try {
-      ttyName = basename(await realpath(device));
-    } catch {
-      return null;
-    }
-    const ttyDir = `${this.options.sysfsRoot}/class/tty/${ttyName}/device`;
-    // `device` is the USB interface for ttyACM (ids one level up) and a child of it for ttyUSB (two levels up).
-    // String paths, not path.join: the kernel must resolve `..` after following the symlink.
-    for (const up of ["/..", "/../.."]) {
-      try {
-        const vendor = (await readFile(`${ttyDir}${up}/idVendor`, "utf8")).trim().toLowerCase();
-        const product = (await readFile(`${ttyDir}${up}/idProduct`, "utf8")).trim().toLowerCase();
-        return `${vendor}:${product}`;
-      } catch {
-        continue;
-      }
-    }
-    return null;
-  }
-
-  private async byPathLinkOf(device: string): Promise<string | null> {
-    try {
-      const target = await realpath(device);
-      for (const entry of await readdir(this.options.byPathDir)) {
-        const link = join(this.options.byPathDir, entry);
-        if ((await realpath(link).catch(() => null)) === target) return link;
-      }
-    } catch {
-      return null;
-    }
-    return null;
-  }
-
-  /** A freshly enumerated tty can exist before udev has given it its permissions; retry until the deadline. */
+  /** A freshly enumerated tty can be missing, or exist before udev has given it its permissions; retry until the deadline. */
   private async openWithRetry(path: string, baud: number, signal: AbortSignal): Promise<ByteLink> {
     const deadline = Date.now() + this.options.bootloaderTimeoutMs;
     while (true) {
       try {
-        return await openSerialLink(path, baud);
+        return await this.openLink(path, baud);
       } catch (err) {
-        const retriable = isMoonflashError(err) && err.code === "DEVICE_NOT_FOUND";
+        const retriable = isMoonflashError(err) && (err.code === "DEVICE_NOT_FOUND" || err.code === "DEVICE_PERMISSION");
         if (!retriable || Date.now() >= deadline) throw err;
         await abortableSleep(this.options.bootloaderPollMs, signal);
       }
     }
+  }
+
+  private openLink(path: string, baud: number): Promise<ByteLink> {
+    return openSerialLink(path, baud, { logger: this.config.logger, ignoreBindingInternals: this.config.ignoreBindingInternals });
   }
 
   private note(ctx: JobContext, level: LogLevel, message: string): void {
@@ -359,17 +324,6 @@ function requireDevice(target: FlashTarget): string {
     );
   }
   return target.device;
-}
-
-async function readImage(path: string): Promise<Buffer> {
-  let image: Buffer;
-  try {
-    image = await readFile(path);
-  } catch (err) {
-    throw new MoonflashError("FIRMWARE_NOT_FOUND", `Cannot read the firmware image ${path}: build it first (make) or fix the firmware path.`, { path }, { cause: err });
-  }
-  if (image.length === 0) throw new MoonflashError("FIRMWARE_EMPTY", `The firmware image ${path} is empty: rebuild it.`, { path });
-  return image;
 }
 
 function checkMcu(expectedMcu: string | undefined, bootloaderMcu: string, what: string, source: string): void {

@@ -1,16 +1,16 @@
 // Flashing through Katapult's own scripts/flashtool.py (serial or CAN). Its stdout is parsed as a byte stream
-// because the progress bars are written one `#` at a time without newlines (flashing.md §1.6); success needs
+// because the progress bars are written one `#` at a time without newlines (Katapult scripts/flashtool.py); success needs
 // exit 0 AND "Programming Complete", since flashtool exits 0 when the board never reached Katapult (§2.1).
 
 import { constants as fsConstants } from "node:fs";
-import { access, stat } from "node:fs/promises";
+import { access } from "node:fs/promises";
 import path from "node:path";
 import type { Logger } from "pino";
 import { MoonflashError, type ErrorCode } from "../../core/errors.js";
 import type { JobContext } from "../../core/events.js";
 import { resolveDevicePath } from "../discovery.js";
-import type { FlashOutcome, FlashTarget, Flasher } from "../types.js";
-import { findExecutable, runTool, toolErrorDetails } from "./process.js";
+import type { FlashJobTarget, FlashOutcome, FlashTarget, Flasher } from "../types.js";
+import { findExecutable, runTool, toolErrorDetails } from "../../core/tool.js";
 
 export interface FlashtoolFlasherOptions {
   /** Python interpreter that has pyserial (e.g. /usr/bin/python3); a name is looked up on PATH. */
@@ -23,7 +23,7 @@ export interface FlashtoolFlasherOptions {
 /** flashtool prints one `#` per 2 % between `[` and `]`. */
 const BAR_HASHES = 50;
 
-/** Known FlashError texts (flashing.md §2) → the code a caller can act on; first match wins. */
+/** Known FlashError texts (Katapult scripts/flashtool.py) → the code a caller can act on; first match wins. */
 const FLASH_ERROR_CODES: Array<[RegExp, ErrorCode]> = [
   [/Checksum mismatch/i, "VERIFY_FAILED"],
   [/ in use/i, "DEVICE_IN_USE"],
@@ -92,7 +92,7 @@ class FlashtoolOutputParser {
   }
 
   private finishLine(): void {
-    // The software version line carries NUL padding from the CONNECT reply (flashing.md §1.4).
+    // The software version line carries NUL padding from the CONNECT reply (Katapult src/flashcmd.c command_connect).
     const text = this.line.replace(/\r$/, "").replace(/\0/g, "");
     this.line = "";
     if (text.startsWith("Verifying")) this.verifying = true;
@@ -174,16 +174,9 @@ export class FlashtoolFlasher implements Flasher {
     return [this.script, ...transport, "-f", target.firmwarePath];
   }
 
-  async flash(target: FlashTarget, ctx: JobContext): Promise<FlashOutcome> {
+  async flash(target: FlashJobTarget, ctx: JobContext): Promise<FlashOutcome> {
     await this.preflight(target);
-    let bytes: number;
-    try {
-      bytes = (await stat(target.firmwarePath)).size;
-    } catch {
-      throw new MoonflashError("FIRMWARE_NOT_FOUND", `Firmware ${target.firmwarePath} does not exist; build it or give another path.`, {
-        firmwarePath: target.firmwarePath,
-      });
-    }
+    const bytes = target.image.length;
     const args = this.buildArgs(target);
     const seen: RunObservations = { programmingComplete: false, verificationComplete: false, notKatapult: false };
     const parser = new FlashtoolOutputParser(

@@ -1,5 +1,5 @@
 // Flashing with Klipper's own `make flash FLASH_DEVICE=…` (flash_usb.py → dfu-util, hid-flash, rp2040_flash,
-// bossac, avrdude or Katapult's flashtool; flashing.md §4.1). dfu-util's `:leave` often ends in
+// bossac, avrdude or Katapult's flashtool). dfu-util's `:leave` often ends in
 // "Error during download get_status" after a complete download, so make reports a failure for a board that was
 // flashed; that case is recognised and reported as success with a warning.
 
@@ -10,8 +10,8 @@ import type { Logger } from "pino";
 import { MoonflashError } from "../../core/errors.js";
 import type { JobContext } from "../../core/events.js";
 import { resolveDevicePath } from "../discovery.js";
-import type { FlashOutcome, FlashTarget, Flasher } from "../types.js";
-import { findExecutable, runTool, toolErrorDetails } from "./process.js";
+import type { FlashJobTarget, FlashOutcome, FlashTarget, Flasher } from "../types.js";
+import { findExecutable, runTool, toolErrorDetails } from "../../core/tool.js";
 
 export interface MakeFlasherOptions {
   /** make executable; default "make" from PATH. */
@@ -21,7 +21,7 @@ export interface MakeFlasherOptions {
 
 /** Lines that show the tool read the image back and it matched (flashtool, bossac, avrdude, stm32flash). */
 const VERIFIED_LINE = /Verification Complete|Verify successful|bytes of flash verified|Verifying memory.*OK|^Verify\s+.*100%|^Verify OK/i;
-/** dfu-util finished sending the image (flashing.md §4.1, BTT Manta-M5P#31). */
+/** dfu-util finished sending the image (dfu-util src/main.c; BTT Manta-M5P#31). */
 const DFU_DOWNLOAD_DONE = /Download done\.|File downloaded successfully|Transitioning to dfuMANIFEST state/;
 const DFU_GET_STATUS_ERROR = /Error during download get_status/;
 
@@ -87,9 +87,9 @@ export class MakeFlasher implements Flasher {
     return args;
   }
 
-  async flash(target: FlashTarget, ctx: JobContext): Promise<FlashOutcome> {
+  async flash(target: FlashJobTarget, ctx: JobContext): Promise<FlashOutcome> {
     await this.preflight(target);
-    const bytes = await stat(target.firmwarePath).then((s) => s.size, () => 0);
+    const bytes = target.image.length;
     const args = this.buildArgs(target);
     let verified = false;
     let downloadDone = false;

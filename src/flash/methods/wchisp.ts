@@ -1,16 +1,14 @@
-// Flashing WCH chips (CH32V20x etc.) in their ROM ISP bootloader with ch32-rs/wchisp (flashing.md §5).
+// Flashing WCH chips (CH32V20x etc.) in their ROM ISP bootloader with ch32-rs/wchisp.
 // wchisp never puts the chip into ISP itself (BOOT0 strap), writes from flash offset 0, and logs
 // `HH:MM:SS [LEVEL] msg`; success needs exit 0 AND "Verify OK".
 
-import { constants as fsConstants } from "node:fs";
-import { access, stat } from "node:fs/promises";
 import path from "node:path";
 import type { Logger } from "pino";
 import { MoonflashError, type ErrorCode } from "../../core/errors.js";
 import type { JobContext } from "../../core/events.js";
 import { discoverDevices, resolveDevicePath, type DiscoveredDevice } from "../discovery.js";
-import type { FlashOutcome, FlashTarget, Flasher } from "../types.js";
-import { findExecutable, runTool, toolErrorDetails } from "./process.js";
+import type { FlashJobTarget, FlashOutcome, FlashTarget, Flasher } from "../types.js";
+import { findExecutable, runTool, toolErrorDetails } from "../../core/tool.js";
 
 export interface WchispFlasherOptions {
   /** Config `wchisp_path`; tried first. */
@@ -111,18 +109,10 @@ export class WchispFlasher implements Flasher {
     return [...transport, "flash", target.firmwarePath];
   }
 
-  async flash(target: FlashTarget, ctx: JobContext): Promise<FlashOutcome> {
+  async flash(target: FlashJobTarget, ctx: JobContext): Promise<FlashOutcome> {
     const command = await this.locate();
     const port = await this.resolvePort(target);
-    let bytes: number;
-    try {
-      bytes = (await stat(target.firmwarePath)).size;
-      await access(target.firmwarePath, fsConstants.R_OK);
-    } catch {
-      throw new MoonflashError("FIRMWARE_NOT_FOUND", `Firmware ${target.firmwarePath} does not exist; build it or give another path.`, {
-        firmwarePath: target.firmwarePath,
-      });
-    }
+    const bytes = target.image.length;
     if (port !== undefined && !WCHISP_BAUDS.has(target.baud)) {
       ctx.log("debug", `wchisp supports 115200, 1000000 or 2000000 baud; using its default 115200 instead of ${target.baud}`);
     }

@@ -9,7 +9,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import pino from "pino";
-import { Agent } from "../../../src/agent/agent.js";
+import type { Agent } from "../../../src/agent/agent.js";
+import { createAgent } from "../../../src/app.js";
 import { startFakeMoonraker, type FakeMoonraker } from "../../support/fake-moonraker/index.js";
 import { startVirtualDevice, type VirtualDevice } from "../../../src/sim/virtual-device.js";
 
@@ -40,7 +41,7 @@ beforeEach(async () => {
     timing: { stopOkMs: 150, stopStateMs: 20, startOkMs: 150, startStateMs: 20, readyMs: 400, klippyReconnectMs: 200 },
     klipper: { mcus: [{ section: "mcu", settings: { serial: join(dir, "board") }, mcu_constants: { MCU: "stm32f103xe" } }] },
   });
-  agent = await Agent.create({ dataDir: dir, logger: pino({ level: "silent" }) });
+  agent = await createAgent({ dataDir: dir, logger: pino({ level: "silent" }) });
   agent.start();
   await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.mcu") && agent!.session.state().klippyState === "ready", 10_000);
 });

@@ -1,12 +1,13 @@
 // Shared setup of the tests that run a fake external tool (flashtool.py, make, wchisp) as a real child process:
 // a temp dir with the firmware image, the env vars that pick the fake's scenario and where it records its
-// arguments, and a FlashTarget builder with the common defaults.
+// arguments, and a FlashJobTarget builder with the common defaults.
 
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, afterEach, beforeAll } from "vitest";
-import type { FlashTarget } from "../../../src/flash/types.js";
+import { readFileSync } from "node:fs";
+import type { FlashJobTarget } from "../../../src/flash/types.js";
 
 export interface ToolFixtureOptions {
   /** The temp dir is moonflash-<name>-XXXXXX. */
@@ -20,7 +21,7 @@ export interface ToolFixtureOptions {
   /** More setup in the temp dir (device stand-ins, config files), after the firmware is written. */
   setup?: (dir: string) => Promise<void>;
   /** This tool's target fields on top of the common defaults; called per target, after setup. */
-  target?: () => Partial<FlashTarget>;
+  target?: () => Partial<FlashJobTarget>;
 }
 
 export interface ToolFixture {
@@ -33,7 +34,7 @@ export interface ToolFixture {
   useMode(mode: string): void;
   /** The recorded lines. */
   recordedLines(): Promise<string[]>;
-  target(overrides?: Partial<FlashTarget>): FlashTarget;
+  target(overrides?: Partial<FlashJobTarget>): FlashJobTarget;
 }
 
 /** Registers the beforeAll/afterEach/afterAll hooks of the file it is called in. */
@@ -62,6 +63,8 @@ export function useToolFixture(options: ToolFixtureOptions): ToolFixture {
         canbusInterface: "can0",
         baud: 250000,
         firmwarePath: fixture.firmware,
+        // What the engine hands a method: the image it read and checked once.
+        image: readFileSync(fixture.firmware),
         bootloader: "auto",
         klipperPath: "/nonexistent",
         wchispTransport: "usb",

@@ -261,7 +261,8 @@ export class SimKlipper {
     return [
       "gcode", "webhooks", "configfile",
       ...this.mcuList.map((m) => m.section),
-      "gcode_move", "print_stats", "virtual_sdcard", "display_status", "pause_resume",
+      // The rig's printer.cfg order: [virtual_sdcard], [pause_resume], [display_status].
+      "gcode_move", "print_stats", "virtual_sdcard", "pause_resume", "display_status",
       ...[...this.macroTable.values()].map((macro) => macro.section),
       "toolhead", "idle_timeout", "system_stats", "manual_probe",
     ];

@@ -1,5 +1,7 @@
-// Values the fake reports as they were recorded on the rig (shared/fixtures/moonraker/objects_query.jsonl):
-// Moonraker v0.10.0-31 on Debian 12 with supervisord_cli, Klipper v0.13.0-730 with the Linux host MCU.
+// Values the fake reports as they were recorded on the rig (test/fixtures/moonraker/objects_query.jsonl, written by
+// scripts/record-moonraker.ts): Moonraker v0.10.0-31 on Debian 12 with supervisord_cli, Klipper v0.13.0-730 with
+// the Linux host MCU. Where the recording has a "<...>" placeholder (host details such as hostname, CPU, system
+// versions), any string conforms; the values here are the earlier rig's.
 
 export const MOONRAKER_VERSION = "v0.10.0-31-gd5ee171";
 export const API_VERSION = [1, 5, 0];
@@ -24,7 +26,7 @@ export function printerInfoStatic(): Record<string, unknown> {
   return {
     hostname: "127.0.0.1",
     klipper_path: "~/klipper",
-    python_path: "/usr/bin/python3",
+    python_path: "~/venv/bin/python",
     process_id: process.pid,
     user_id: 0,
     group_id: 0,
@@ -67,6 +69,7 @@ export function systemInfoStatic(): Record<string, unknown> {
 export function baseConfigSettings(): Record<string, Record<string, unknown>> {
   const heatersOff = "\n{% if 'heaters' in printer %}\n   TURN_OFF_HEATERS\n{% endif %}\n";
   return {
+    respond: { default_type: "echo", default_prefix: "echo:" },
     virtual_sdcard: { path: "~/printer_data/gcodes", on_error_gcode: heatersOff },
     pause_resume: { recover_velocity: 50.0 },
     printer: { max_velocity: 1.0, max_accel: 1.0, minimum_cruise_ratio: 0.5, square_corner_velocity: 5.0, kinematics: "none" },

@@ -12,7 +12,7 @@ import {
   API_VERSION, API_VERSION_STRING, CLIENT_TYPES, COMPONENTS, MOONRAKER_REMOTE_METHODS, MOONRAKER_VERSION,
   REGISTERED_DIRECTORIES, systemInfoStatic,
 } from "./recorded.js";
-import { ServerError, requireString } from "./server-error.js";
+import { ServerError, pythonRepr, requireString } from "./server-error.js";
 
 export interface FakeMoonrakerOptions {
   dataDir: string;
@@ -36,6 +36,11 @@ export interface FakeMoonrakerOptions {
     /** The klipper unit name, as system_info.instance_ids.klipper reports it (default "klipper"). */
     serviceName?: string;
   };
+  /**
+   * The services Moonraker may manage and their states at start, in the order machine.system_info lists them
+   * (default: the klipper service, klipper_mcu and moonraker, all running).
+   */
+  services?: Record<string, { active_state: string; sub_state: string }>;
   serialDevices?: Array<Record<string, unknown>>;
   canbus?: Record<string, Array<{ uuid: string; application: string }>>;
 }
@@ -128,9 +133,9 @@ export class FakeMoonrakerServer implements FakeMoonraker {
     this.port = opts.port ?? 0;
     this.timing = { ...DEFAULT_TIMING, ...opts.timing };
     this.klipperService = opts.klipper?.serviceName ?? "klipper";
-    for (const name of [this.klipperService, "klipper_mcu", "moonraker"]) {
-      this.services.set(name, { active_state: "active", sub_state: "running" });
-    }
+    const running = { active_state: "active", sub_state: "running" };
+    const services = opts.services ?? { [this.klipperService]: running, klipper_mcu: running, moonraker: running };
+    for (const [name, state] of Object.entries(services)) this.services.set(name, { ...state });
     const host: KlipperHost = {
       notifyAll: (method, params) => this.notifyAll(method, params),
       statusChanged: () => this.pushStatusUpdates(),
@@ -284,10 +289,10 @@ export class FakeMoonrakerServer implements FakeMoonraker {
     if (call === undefined) return;
     conn.pendingAgentCalls.delete(msg.id);
     const name = conn.clientData?.name ?? `Client ${conn.uid}`;
-    if (msg.error !== undefined) call.reject(new ServerError(`Agent ${name} RPC error`, 424, msg.error));
-    // Moonraker treats a null or missing result as an agent error (common.py: process_response).
-    else if (msg.result === undefined || msg.result === null) {
-      call.reject(new ServerError(`Agent ${name} RPC error`, 424, { code: -32600, message: "Invalid Response: no result" }));
+    // Moonraker treats a null or missing result as an agent error whose data is the reply's `error`, null when it has
+    // none (moonraker/common.py: JsonRPC.process_response).
+    if (msg.result === undefined || msg.result === null) {
+      call.reject(new ServerError(`Agent ${name} RPC error`, 424, msg.error ?? null));
     } else call.resolve(msg.result);
   }
 
@@ -407,7 +412,7 @@ export class FakeMoonrakerServer implements FakeMoonraker {
 
   private identify(conn: Connection, params: Record<string, unknown>): unknown {
     // Order as in websockets.py: _handle_identify.
-    if (conn.clientData !== null) throw new ServerError(`Connection already identified: ${pythonDictRepr(conn.clientData)}`);
+    if (conn.clientData !== null) throw new ServerError(`Connection already identified: ${pythonRepr(conn.clientData)}`);
     const name = requireString(params, "client_name");
     const version = requireString(params, "version");
     const type = requireString(params, "type").toLowerCase();
@@ -506,13 +511,13 @@ export class FakeMoonrakerServer implements FakeMoonraker {
 
   // --- printer objects ---
 
+  // klippy/webhooks.py: QueryStatusHelper._do_query — an unknown object answers {}, an unknown field null.
   private filterStatus(filter: ObjectFilter): Record<string, Record<string, unknown>> {
     const all = this.klipper.status();
     const out: Record<string, Record<string, unknown>> = {};
     for (const [name, fields] of Object.entries(filter)) {
-      const full = all[name];
-      if (full === undefined) continue;
-      out[name] = fields === null ? full : Object.fromEntries(fields.filter((f) => f in full).map((f) => [f, full[f]]));
+      const full = all[name] ?? {};
+      out[name] = fields === null ? full : Object.fromEntries(fields.map((f) => [f, f in full ? full[f] : null]));
     }
     return out;
   }
@@ -644,13 +649,20 @@ export class FakeMoonrakerServer implements FakeMoonraker {
   }
 }
 
+// Klipper checks the query (klippy/webhooks.py: QueryStatusHelper._handle_query, WebRequest.get); Moonraker passes
+// its error on as a 400.
 function objectFilter(params: Record<string, unknown>): ObjectFilter {
+  if (!("objects" in params)) throw new ServerError("Missing Argument [objects]");
   const objects = params.objects;
-  if (objects === undefined || objects === null) throw new ServerError("No data for argument: objects");
-  if (typeof objects !== "object" || Array.isArray(objects)) throw new ServerError("Argument 'objects' must be an object");
+  if (typeof objects !== "object" || objects === null || Array.isArray(objects)) {
+    throw new ServerError("Invalid Argument Type [objects]");
+  }
   const filter: ObjectFilter = {};
   for (const [name, fields] of Object.entries(objects as Record<string, unknown>)) {
-    filter[name] = Array.isArray(fields) ? fields.filter((f): f is string => typeof f === "string") : null;
+    if (fields !== null && !(Array.isArray(fields) && fields.every((f) => typeof f === "string"))) {
+      throw new ServerError("Invalid argument");
+    }
+    filter[name] = fields;
   }
   return filter;
 }
@@ -662,14 +674,4 @@ function snapshotOf(status: Record<string, Record<string, unknown>>): Map<string
       new Map(Object.entries(fields).map(([field, value]) => [field, JSON.stringify(value)])),
     ]),
   );
-}
-
-/** Python's repr() of a flat dict of strings, as Moonraker's f-string shows client_data. */
-function pythonDictRepr(data: ClientData): string {
-  const repr = (s: string): string => {
-    const quote = s.includes("'") && !s.includes('"') ? '"' : "'";
-    const escaped = s.replace(/\\/g, "\\\\").replace(new RegExp(quote, "g"), `\\${quote}`);
-    return `${quote}${escaped}${quote}`;
-  };
-  return `{${Object.entries(data).map(([k, v]) => `${repr(k)}: ${repr(v)}`).join(", ")}}`;
 }

@@ -1,5 +1,5 @@
-// Shared runner for the external flash tools (flashtool.py, make, wchisp): one execa call with an argument
-// array and a timeout, output streamed line by line (and as raw chunks for byte-level progress), a tail kept
+// The one runner for external tools (flashtool.py, make, wchisp; later the OTA steps): one execa call with an
+// argument array and a timeout, output streamed line by line (and as raw chunks for byte-level progress), a tail kept
 // for error details, and spawn/timeout/cancel failures turned into MoonflashErrors.
 
 import { constants as fsConstants } from "node:fs";
@@ -7,7 +7,7 @@ import { access, stat } from "node:fs/promises";
 import path from "node:path";
 import { StringDecoder } from "node:string_decoder";
 import type { Readable } from "node:stream";
-import { MoonflashError } from "../../core/errors.js";
+import { MoonflashError } from "./errors.js";
 
 export interface RunToolOptions {
   /** Executable: a path or a name looked up on PATH. */

@@ -16,12 +16,12 @@ import {
   toJsonRpcError,
   toMoonflashError,
   u32le
-} from "./chunk-6I3D7RSD.mjs";
+} from "./shared-moonflash+offline+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./chunk-HEYCKE5Q.mjs";
+} from "./shared-execa+moonflash+offline+virtual-device+wrapper.mjs";
 
 // node_modules/pino-std-serializers/lib/err-helpers.js
 var require_err_helpers = __commonJS({
@@ -2035,7 +2035,7 @@ var require_thread_stream = __commonJS({
     var { version: version2 } = require_package();
     var { EventEmitter: EventEmitter2 } = __require("events");
     var { Worker } = __require("worker_threads");
-    var { join: join6 } = __require("path");
+    var { join: join5 } = __require("path");
     var { pathToFileURL } = __require("url");
     var { wait } = require_wait();
     var {
@@ -2087,7 +2087,7 @@ var require_thread_stream = __commonJS({
     function createWorker(stream, opts) {
       const { filename, workerData } = opts;
       const bundlerOverrides = "__bundlerPathsOverrides" in globalThis ? globalThis.__bundlerPathsOverrides : {};
-      const toExecute = bundlerOverrides["thread-stream-worker"] || join6(__dirname, "lib", "worker.js");
+      const toExecute = bundlerOverrides["thread-stream-worker"] || join5(__dirname, "lib", "worker.js");
       const worker = new Worker(toExecute, {
         ...opts.workerOpts,
         name: opts.workerOpts?.name || "thread-stream",
@@ -2600,7 +2600,7 @@ var require_transport = __commonJS({
     var { createRequire: createRequire2 } = __require("module");
     var { existsSync: existsSync4 } = __require("node:fs");
     var getCallers = require_caller();
-    var { join: join6, isAbsolute: isAbsolute2, sep: sep2 } = __require("node:path");
+    var { join: join5, isAbsolute: isAbsolute2, sep: sep2 } = __require("node:path");
     var { fileURLToPath } = __require("node:url");
     var sleep = require_atomic_sleep();
     var onExit = require_on_exit_leak_free();
@@ -2755,7 +2755,7 @@ var require_transport = __commonJS({
         throw new Error("only one of target or targets can be specified");
       }
       if (targets) {
-        target = bundlerOverrides["pino-worker"] || join6(__dirname, "worker.js");
+        target = bundlerOverrides["pino-worker"] || join5(__dirname, "worker.js");
         options.targets = targets.filter((dest) => dest.target).map((dest) => {
           return {
             ...dest,
@@ -2776,7 +2776,7 @@ var require_transport = __commonJS({
         const pipelinesHaveLevel = options.pipelines.some((p) => p.some((t) => t.level != null));
         usesMultistream = options.targets.length + options.pipelines.length > 1 || targetsHaveLevel || pipelinesHaveLevel;
       } else if (pipeline) {
-        target = bundlerOverrides["pino-worker"] || join6(__dirname, "worker.js");
+        target = bundlerOverrides["pino-worker"] || join5(__dirname, "worker.js");
         options.pipelines = [pipeline.map((dest) => {
           return {
             ...dest,
@@ -2803,7 +2803,7 @@ var require_transport = __commonJS({
           return origin;
         }
         if (origin === "pino/file") {
-          return join6(__dirname, "..", "file.js");
+          return join5(__dirname, "..", "file.js");
         }
         let fixTarget2;
         for (const filePath of callers) {
@@ -3783,7 +3783,7 @@ var require_safe_stable_stringify = __commonJS({
               return circularValue;
             }
             let res = "";
-            let join6 = ",";
+            let join5 = ",";
             const originalIndentation = indentation;
             if (Array.isArray(value2)) {
               if (value2.length === 0) {
@@ -3797,7 +3797,7 @@ var require_safe_stable_stringify = __commonJS({
                 indentation += spacer;
                 res += `
 ${indentation}`;
-                join6 = `,
+                join5 = `,
 ${indentation}`;
               }
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
@@ -3805,13 +3805,13 @@ ${indentation}`;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyFnReplacer(String(i), value2, stack, replacer, spacer, indentation);
                 res += tmp2 !== void 0 ? tmp2 : "null";
-                res += join6;
+                res += join5;
               }
               const tmp = stringifyFnReplacer(String(i), value2, stack, replacer, spacer, indentation);
               res += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res += `${join6}"... ${getItemCount(removedKeys)} not stringified"`;
+                res += `${join5}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               if (spacer !== "") {
                 res += `
@@ -3832,7 +3832,7 @@ ${originalIndentation}`;
             let separator = "";
             if (spacer !== "") {
               indentation += spacer;
-              join6 = `,
+              join5 = `,
 ${indentation}`;
               whitespace = " ";
             }
@@ -3846,13 +3846,13 @@ ${indentation}`;
               const tmp = stringifyFnReplacer(key2, value2, stack, replacer, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}:${whitespace}${tmp}`;
-                separator = join6;
+                separator = join5;
               }
             }
             if (keyLength > maximumBreadth) {
               const removedKeys = keyLength - maximumBreadth;
               res += `${separator}"...":${whitespace}"${getItemCount(removedKeys)} not stringified"`;
-              separator = join6;
+              separator = join5;
             }
             if (spacer !== "" && separator.length > 1) {
               res = `
@@ -3893,7 +3893,7 @@ ${originalIndentation}`;
             }
             const originalIndentation = indentation;
             let res = "";
-            let join6 = ",";
+            let join5 = ",";
             if (Array.isArray(value2)) {
               if (value2.length === 0) {
                 return "[]";
@@ -3906,7 +3906,7 @@ ${originalIndentation}`;
                 indentation += spacer;
                 res += `
 ${indentation}`;
-                join6 = `,
+                join5 = `,
 ${indentation}`;
               }
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
@@ -3914,13 +3914,13 @@ ${indentation}`;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyArrayReplacer(String(i), value2[i], stack, replacer, spacer, indentation);
                 res += tmp2 !== void 0 ? tmp2 : "null";
-                res += join6;
+                res += join5;
               }
               const tmp = stringifyArrayReplacer(String(i), value2[i], stack, replacer, spacer, indentation);
               res += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res += `${join6}"... ${getItemCount(removedKeys)} not stringified"`;
+                res += `${join5}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               if (spacer !== "") {
                 res += `
@@ -3933,7 +3933,7 @@ ${originalIndentation}`;
             let whitespace = "";
             if (spacer !== "") {
               indentation += spacer;
-              join6 = `,
+              join5 = `,
 ${indentation}`;
               whitespace = " ";
             }
@@ -3942,7 +3942,7 @@ ${indentation}`;
               const tmp = stringifyArrayReplacer(key2, value2[key2], stack, replacer, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}:${whitespace}${tmp}`;
-                separator = join6;
+                separator = join5;
               }
             }
             if (spacer !== "" && separator.length > 1) {
@@ -4000,20 +4000,20 @@ ${originalIndentation}`;
               indentation += spacer;
               let res2 = `
 ${indentation}`;
-              const join7 = `,
+              const join6 = `,
 ${indentation}`;
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
               let i = 0;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyIndent(String(i), value2[i], stack, spacer, indentation);
                 res2 += tmp2 !== void 0 ? tmp2 : "null";
-                res2 += join7;
+                res2 += join6;
               }
               const tmp = stringifyIndent(String(i), value2[i], stack, spacer, indentation);
               res2 += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res2 += `${join7}"... ${getItemCount(removedKeys)} not stringified"`;
+                res2 += `${join6}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               res2 += `
 ${originalIndentation}`;
@@ -4029,16 +4029,16 @@ ${originalIndentation}`;
               return '"[Object]"';
             }
             indentation += spacer;
-            const join6 = `,
+            const join5 = `,
 ${indentation}`;
             let res = "";
             let separator = "";
             let maximumPropertiesToStringify = Math.min(keyLength, maximumBreadth);
             if (isTypedArrayWithEntries(value2)) {
-              res += stringifyTypedArray(value2, join6, maximumBreadth);
+              res += stringifyTypedArray(value2, join5, maximumBreadth);
               keys = keys.slice(value2.length);
               maximumPropertiesToStringify -= value2.length;
-              separator = join6;
+              separator = join5;
             }
             if (deterministic) {
               keys = sort(keys, comparator);
@@ -4049,13 +4049,13 @@ ${indentation}`;
               const tmp = stringifyIndent(key2, value2[key2], stack, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}: ${tmp}`;
-                separator = join6;
+                separator = join5;
               }
             }
             if (keyLength > maximumBreadth) {
               const removedKeys = keyLength - maximumBreadth;
               res += `${separator}"...": "${getItemCount(removedKeys)} not stringified"`;
-              separator = join6;
+              separator = join5;
             }
             if (separator !== "") {
               res = `
@@ -5560,9 +5560,6 @@ var VERSION = true ? "0.1.0" : sourceVersion();
 var AGENT_NAME = "moonflash";
 var PROJECT_URL = "https://github.com/moonflash/moonflash";
 
-// src/flash/types.ts
-var FLASH_METHODS = ["katapult", "flashtool", "make", "wchisp"];
-
 // src/core/paths.ts
 import { homedir } from "node:os";
 import { join } from "node:path";
@@ -5586,9 +5583,162 @@ function expandHome(path6, home = homedir()) {
   return path6;
 }
 
-// src/core/config.ts
-import { readFile } from "node:fs/promises";
-import { isAbsolute, posix } from "node:path";
+// src/flash/types.ts
+var FLASH_METHODS = ["katapult", "flashtool", "make", "wchisp"];
+
+// src/core/lock.ts
+import { link, mkdir as mkdir2, open as open2, readFile, rm as rm2 } from "node:fs/promises";
+import { dirname as dirname2, join as join3, basename as basename2 } from "node:path";
+
+// src/core/durable.ts
+import { open, rename, rm, mkdir } from "node:fs/promises";
+import { dirname, basename, join as join2 } from "node:path";
+async function fsyncDir(dir) {
+  const handle = await open(dir, "r");
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+async function writeFileDurable(path6, data, mode = 420) {
+  const dir = dirname(path6);
+  await mkdir(dir, { recursive: true });
+  const tmp = join2(dir, `.${basename(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
+  try {
+    const handle = await open(tmp, "w", mode);
+    try {
+      await handle.writeFile(data);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await rename(tmp, path6);
+    await fsyncDir(dir);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw toMoonflashError(err);
+  }
+}
+async function removeDurable(path6) {
+  await rm(path6, { force: true });
+  await fsyncDir(dirname(path6));
+}
+
+// src/core/lock.ts
+function parseLockInfo(text) {
+  try {
+    const data = JSON.parse(text);
+    if (data && typeof data.jobId === "string" && (data.kind === "flash" || data.kind === "ota") && typeof data.target === "string" && Number.isSafeInteger(data.pid) && data.pid > 0 && typeof data.startedAt === "string") {
+      return { jobId: data.jobId, kind: data.kind, target: data.target, pid: data.pid, startedAt: data.startedAt };
+    }
+  } catch {
+  }
+  return null;
+}
+function isProcessAlive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return err.code === "EPERM";
+  }
+}
+async function readJobLock(path6) {
+  try {
+    return parseLockInfo(await readFile(path6, "utf8"));
+  } catch (err) {
+    if (err.code === "ENOENT") return null;
+    throw toMoonflashError(err);
+  }
+}
+async function clearStaleJobLock(path6) {
+  let text;
+  try {
+    text = await readFile(path6, "utf8");
+  } catch (err) {
+    if (err.code === "ENOENT") return null;
+    throw toMoonflashError(err);
+  }
+  const owner = parseLockInfo(text);
+  if (owner && (owner.pid === process.pid || isProcessAlive(owner.pid))) return null;
+  if (await readFile(path6, "utf8").catch(() => null) !== text) return null;
+  await removeDurable(path6);
+  return owner;
+}
+function busyError(info) {
+  return new MoonflashError(
+    "BUSY",
+    // The job id stays in details (and logs): a console reader knows the job by what it acts on.
+    `${info.kind === "ota" ? "An OTA" : "A flash"} job on ${info.target} is running (pid ${info.pid}, since ${info.startedAt}); wait for it or cancel it`,
+    { ...info }
+  );
+}
+async function tryCreate(path6, info) {
+  const dir = dirname2(path6);
+  const tmp = join3(dir, `.${basename2(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
+  const handle = await open2(tmp, "wx", 420);
+  try {
+    await handle.writeFile(JSON.stringify(info) + "\n");
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  try {
+    await link(tmp, path6);
+    await fsyncDir(dir);
+    return true;
+  } catch (err) {
+    if (err.code === "EEXIST") return false;
+    throw err;
+  } finally {
+    await rm2(tmp, { force: true });
+  }
+}
+async function acquireJobLock(path6, info) {
+  try {
+    await mkdir2(dirname2(path6), { recursive: true });
+    for (let attempt = 0; attempt < 2; attempt++) {
+      if (await tryCreate(path6, info)) return makeLock(path6, info);
+      let text;
+      try {
+        text = await readFile(path6, "utf8");
+      } catch (err) {
+        if (err.code === "ENOENT") continue;
+        throw err;
+      }
+      const owner2 = parseLockInfo(text);
+      if (owner2 && isProcessAlive(owner2.pid)) throw busyError(owner2);
+      const again = await readFile(path6, "utf8").catch(() => null);
+      if (again === text) await removeDurable(path6);
+    }
+    const owner = await readJobLock(path6);
+    if (owner) throw busyError(owner);
+    throw new MoonflashError(
+      "INTERNAL",
+      `Could not take the job lock ${path6}: it keeps reappearing with unreadable content. Stop other moonflash processes, then delete it.`,
+      { path: path6 }
+    );
+  } catch (err) {
+    throw toMoonflashError(err);
+  }
+}
+function makeLock(path6, info) {
+  let released = false;
+  return {
+    path: path6,
+    info,
+    async release() {
+      if (released) return;
+      released = true;
+      const owner = await readJobLock(path6).catch(() => null);
+      if (owner && owner.jobId === info.jobId && owner.pid === info.pid) await removeDurable(path6);
+    }
+  };
+}
+
+// src/core/history.ts
+import { readFileSync, renameSync } from "node:fs";
 
 // node_modules/zod/v4/core/util.js
 function getEnumValues(entries) {
@@ -7215,6 +7365,606 @@ function superRefine(fn, params) {
 // src/core/zod.ts
 config(en_default());
 
+// src/core/history.ts
+var HISTORY_LIMIT = 50;
+var recordSchema = object({
+  id: string2(),
+  kind: _enum(["flash", "ota"]),
+  target: string2(),
+  params: optional(unknown()),
+  startedAt: string2(),
+  finishedAt: string2(),
+  ok: boolean2(),
+  code: optional(_enum(Object.keys(ERROR_CODES))),
+  message: optional(string2()),
+  result: optional(unknown())
+});
+var fileSchema = object({ version: literal(1), jobs: array(recordSchema) });
+var appendQueues = /* @__PURE__ */ new Map();
+function compactTimestamp(date2) {
+  return date2.toISOString().replace(/[-:]/g, "").replace(".", "");
+}
+function readRecords(path6, logger) {
+  let text;
+  try {
+    text = readFileSync(path6, "utf8");
+  } catch (err) {
+    if (err.code === "ENOENT") return [];
+    logger.warn({ err, path: path6 }, "cannot read the job history; showing none");
+    return [];
+  }
+  let parsed;
+  try {
+    const result = fileSchema.safeParse(JSON.parse(text));
+    if (result.success) parsed = result.data;
+  } catch {
+  }
+  if (parsed) return parsed.jobs;
+  const aside = `${path6}.corrupt-${compactTimestamp(/* @__PURE__ */ new Date())}`;
+  try {
+    renameSync(path6, aside);
+    logger.warn({ path: path6, movedTo: aside }, "job history was corrupt; moved it aside and started a new one");
+  } catch (err) {
+    logger.warn({ err, path: path6 }, "job history is corrupt and could not be moved aside; it will be overwritten");
+  }
+  return [];
+}
+function listJobs(path6, logger) {
+  return readRecords(path6, logger).reverse();
+}
+function appendJob(path6, record, logger, limit = HISTORY_LIMIT) {
+  const previous = appendQueues.get(path6) ?? Promise.resolve();
+  const next = previous.then(async () => {
+    const jobs = readRecords(path6, logger);
+    jobs.push(record);
+    const kept = jobs.slice(-limit);
+    await writeFileDurable(path6, JSON.stringify({ version: 1, jobs: kept }, null, 1) + "\n");
+  });
+  const settled = next.catch(() => void 0);
+  appendQueues.set(path6, settled);
+  void settled.then(() => {
+    if (appendQueues.get(path6) === settled) appendQueues.delete(path6);
+  });
+  return next;
+}
+
+// src/core/jobs.ts
+function compactUtc(date2) {
+  return date2.toISOString().slice(0, 19).replace(/[-:]/g, "");
+}
+function makeJobId(kind, at) {
+  return `${kind}-${compactUtc(at)}-${process.getBuiltinModule("node:crypto").randomBytes(2).toString("hex")}`;
+}
+function cancelledError(jobId, cause) {
+  return new MoonflashError(
+    "CANCELLED",
+    "The job was cancelled before anything was written; start it again when ready.",
+    { jobId },
+    cause === void 0 ? void 0 : { cause }
+  );
+}
+var JobRunner = class {
+  logger;
+  now;
+  paths;
+  listeners = /* @__PURE__ */ new Set();
+  active = null;
+  constructor(opts) {
+    this.logger = opts.logger;
+    this.now = opts.now ?? (() => /* @__PURE__ */ new Date());
+    this.paths = dataPaths(opts.dataDir);
+  }
+  /** Runs `work` as the one job of this machine; throws BUSY when another job runs here or in another process. */
+  async run(spec, work) {
+    if (this.active) throw busyError(this.active.info);
+    const startedAt = this.now();
+    const info = {
+      jobId: makeJobId(spec.kind, startedAt),
+      kind: spec.kind,
+      target: spec.target,
+      pid: process.pid,
+      startedAt: startedAt.toISOString()
+    };
+    const job = {
+      info,
+      stage: "starting",
+      progress: null,
+      cancellable: true,
+      cancelReason: void 0,
+      controller: new AbortController()
+    };
+    this.active = job;
+    let lock;
+    try {
+      lock = await acquireJobLock(this.paths.lock, info);
+    } catch (err) {
+      this.active = null;
+      throw toMoonflashError(err);
+    }
+    const log = this.logger.child({ jobId: info.jobId, kind: info.kind, target: info.target });
+    let finished = false;
+    const ctx = {
+      jobId: info.jobId,
+      kind: info.kind,
+      target: info.target,
+      signal: job.controller.signal,
+      stage: (stage, message) => {
+        if (finished) return;
+        job.stage = stage;
+        log.info({ stage }, message ?? `stage ${stage}`);
+        this.emit({ ...this.base(info), type: "stage", stage, ...message === void 0 ? {} : { message } });
+      },
+      progress: (done, total, unit, phase) => {
+        if (finished) return;
+        job.progress = { done, total, unit, ...phase === void 0 ? {} : { phase } };
+        this.emit({ ...this.base(info), type: "progress", ...job.progress });
+      },
+      log: (level, message) => {
+        if (finished) return;
+        log[level](message);
+        this.emit({ ...this.base(info), type: "log", level, message });
+      },
+      setCancellable: (cancellable, reason) => {
+        job.cancellable = cancellable;
+        job.cancelReason = cancellable ? void 0 : reason;
+      }
+    };
+    log.info({ params: spec.params }, "job started");
+    ctx.stage("started");
+    let outcome;
+    try {
+      if (job.controller.signal.aborted) throw cancelledError(info.jobId);
+      outcome = { ok: true, value: await work(ctx) };
+    } catch (err) {
+      const error3 = job.controller.signal.aborted && !isMoonflashError(err) ? cancelledError(info.jobId, err) : toMoonflashError(err);
+      outcome = { ok: false, error: error3 };
+    }
+    finished = true;
+    const record = {
+      id: info.jobId,
+      kind: info.kind,
+      target: info.target,
+      ...spec.params === void 0 ? {} : { params: spec.params },
+      startedAt: info.startedAt,
+      finishedAt: this.now().toISOString(),
+      ok: outcome.ok,
+      ...outcome.ok ? outcome.value === void 0 ? {} : { result: outcome.value } : { code: outcome.error.code, message: outcome.error.message }
+    };
+    try {
+      await appendJob(this.paths.history, record, this.logger);
+    } catch (err) {
+      log.error({ err }, "could not record the job in history");
+    }
+    try {
+      await lock.release();
+    } catch (err) {
+      log.error({ err, path: lock.path }, "could not remove the job lock; the next job will find it stale");
+    }
+    this.active = null;
+    if (outcome.ok) {
+      log.info("job succeeded");
+      this.emit({ ...this.base(info), type: "result", ok: true, ...outcome.value === void 0 ? {} : { details: outcome.value } });
+      return outcome.value;
+    }
+    const { error: error2 } = outcome;
+    log.warn({ code: error2.code, details: error2.details }, `job failed: ${error2.message}`);
+    this.emit({ ...this.base(info), type: "result", ok: false, code: error2.code, message: error2.message, details: error2.details });
+    throw error2;
+  }
+  /** The running job of this process, or null. */
+  current() {
+    const job = this.active;
+    if (!job) return null;
+    return {
+      id: job.info.jobId,
+      kind: job.info.kind,
+      target: job.info.target,
+      stage: job.stage,
+      progress: job.progress && { ...job.progress },
+      startedAt: job.info.startedAt,
+      cancellable: job.cancellable,
+      ...job.cancelReason === void 0 ? {} : { cancelReason: job.cancelReason }
+    };
+  }
+  /** Aborts the running job's signal. NO_JOB when none (of that kind) runs; CANCEL_REFUSED while not cancellable. */
+  cancel(kind) {
+    const job = this.active;
+    if (!job || kind !== void 0 && job.info.kind !== kind) {
+      throw new MoonflashError("NO_JOB", `No ${kind ?? "flash or OTA"} job is running, so there is nothing to cancel.`, { kind: kind ?? null });
+    }
+    if (!job.cancellable) {
+      const reason = job.cancelReason ?? "the job is at a step that must finish";
+      throw new MoonflashError(
+        "CANCEL_REFUSED",
+        `The ${job.info.kind} job on ${job.info.target} cannot be cancelled now: ${reason}. Wait for it to finish.`,
+        { jobId: job.info.jobId, reason }
+      );
+    }
+    if (!job.controller.signal.aborted) {
+      this.logger.info({ jobId: job.info.jobId }, "job cancel requested");
+      job.controller.abort(cancelledError(job.info.jobId));
+    }
+    return { id: job.info.jobId };
+  }
+  /** Recent jobs (also those run by other moonflash processes), newest first. */
+  history(kind, limit = HISTORY_LIMIT) {
+    const jobs = listJobs(this.paths.history, this.logger);
+    return (kind === void 0 ? jobs : jobs.filter((job) => job.kind === kind)).slice(0, Math.max(0, limit));
+  }
+  /** Subscribes to every job event; returns the unsubscribe function. */
+  on(listener) {
+    this.listeners.add(listener);
+    return () => {
+      this.listeners.delete(listener);
+    };
+  }
+  /**
+   * Records a job the previous process did not finish (it died) as failed with INTERRUPTED, and tells listeners
+   * through a result event, as if the job had ended now.
+   */
+  async interrupted(record) {
+    const message = record.message ?? "moonflash stopped while this job ran; check the device and run the job again.";
+    await appendJob(
+      this.paths.history,
+      {
+        id: record.id,
+        kind: record.kind,
+        target: record.target,
+        ...record.params === void 0 ? {} : { params: record.params },
+        startedAt: record.startedAt,
+        finishedAt: this.now().toISOString(),
+        ok: false,
+        code: "INTERRUPTED",
+        message
+      },
+      this.logger
+    );
+    this.logger.warn({ jobId: record.id, kind: record.kind, target: record.target }, `interrupted job recorded: ${message}`);
+    this.emit({ ...this.base({ jobId: record.id, kind: record.kind, target: record.target }), type: "result", ok: false, code: "INTERRUPTED", message });
+  }
+  /** Tells listeners something about a job that has ended (e.g. Klipper started again later). */
+  notice(job, message) {
+    this.logger.info({ jobId: job.id, kind: job.kind, target: job.target }, message);
+    this.emit({ ...this.base({ jobId: job.id, kind: job.kind, target: job.target }), type: "notice", message });
+  }
+  base(info) {
+    return { jobId: info.jobId, kind: info.kind, target: info.target, ts: this.now().toISOString() };
+  }
+  // One failing adapter must not stop the others or the job (moonraker's send_event, zigbee2mqtt's eventBus).
+  emit(event) {
+    for (const listener of [...this.listeners]) {
+      try {
+        const returned = listener(event);
+        if (returned instanceof Promise) {
+          returned.catch((err) => this.logger.error({ err, event: event.type }, "job event listener failed"));
+        }
+      } catch (err) {
+        this.logger.error({ err, event: event.type }, "job event listener failed");
+      }
+    }
+  }
+};
+function throttleProgress(listener, opts) {
+  const interval = 1e3 / opts.maxPerSecond;
+  const onError = opts.onError ?? ((err) => process.emitWarning(err instanceof Error ? err : String(err)));
+  const jobs = /* @__PURE__ */ new Map();
+  const send = (state, event) => {
+    state.lastSent = Date.now();
+    listener(event);
+  };
+  const flush = (state) => {
+    if (state.timer) clearTimeout(state.timer);
+    state.timer = null;
+    const pending = state.pending;
+    state.pending = null;
+    if (pending) send(state, pending);
+  };
+  return (event) => {
+    const state = jobs.get(event.jobId);
+    if (event.type !== "progress") {
+      if (event.type === "result") jobs.delete(event.jobId);
+      if (state) flush(state);
+      listener(event);
+      return;
+    }
+    const phase = event.phase ?? "";
+    if (!state || state.phase !== phase) {
+      if (state) flush(state);
+      const fresh = { phase, lastSent: 0, pending: null, timer: null };
+      jobs.set(event.jobId, fresh);
+      send(fresh, event);
+      return;
+    }
+    const now = Date.now();
+    if (now - state.lastSent >= interval) {
+      state.pending = null;
+      if (state.timer) clearTimeout(state.timer);
+      state.timer = null;
+      send(state, event);
+      return;
+    }
+    state.pending = event;
+    state.timer ??= setTimeout(() => {
+      state.timer = null;
+      try {
+        flush(state);
+      } catch (err) {
+        onError(err);
+      }
+    }, state.lastSent + interval - now);
+  };
+}
+
+// src/flash/guard.ts
+import { readFile as readFile2 } from "node:fs/promises";
+var SHUTDOWN_SIGNALS = ["SIGINT", "SIGTERM"];
+function assertNotPrinting(printer) {
+  if (!printer.isPrinting()) return;
+  const printState = printer.state().printState ?? "printing";
+  throw new MoonflashError(
+    "PRINTER_BUSY",
+    `The printer is printing (print_stats: ${printState}). Flashing stops Klipper; wait for the print to end or cancel it.`,
+    { printState, idleState: printer.state().idleState }
+  );
+}
+function klipperIsRunning(printer) {
+  const state = printer.state();
+  const unit = state.services[state.klipperService];
+  if (unit) return unit.active_state === "active" || unit.active_state === "activating" || unit.active_state === "reloading";
+  if (state.klippyConnected) return true;
+  if (!state.moonrakerConnected) {
+    throw new MoonflashError(
+      "MOONRAKER_UNAVAILABLE",
+      "moonflash has no Moonraker connection, so it cannot stop Klipper before flashing. Check that Moonraker runs and moonflash.conf's moonraker_socket, then try again.",
+      { klipperService: state.klipperService }
+    );
+  }
+  return false;
+}
+function parseJournal(text) {
+  try {
+    const j = JSON.parse(text);
+    if (typeof j.jobId !== "string" || typeof j.klipperService !== "string" || typeof j.klipperWasRunning !== "boolean") return null;
+    return j;
+  } catch {
+    return null;
+  }
+}
+async function readJournal(dataDir) {
+  let text;
+  try {
+    text = await readFile2(dataPaths(dataDir).journal, "utf8");
+  } catch (err) {
+    if (err.code === "ENOENT") return null;
+    throw toMoonflashError(err);
+  }
+  return parseJournal(text) ?? {
+    jobId: "unknown",
+    kind: "flash",
+    target: "unknown",
+    pid: 0,
+    startedAt: (/* @__PURE__ */ new Date(0)).toISOString(),
+    klipperService: "klipper",
+    klipperWasRunning: true
+  };
+}
+async function withKlipperStopped(printer, journalPath, opts, work) {
+  assertNotPrinting(printer);
+  const { logger } = opts;
+  const klipperService = printer.state().klipperService;
+  let klipperWasRunning = klipperIsRunning(printer);
+  const leftover = await readJournalFile(journalPath);
+  if (leftover) {
+    logger.warn({ journal: leftover }, "an earlier job's journal is still present; Klipper will be started after this job if it ran then");
+    klipperWasRunning ||= leftover.klipperWasRunning;
+  }
+  const journal = {
+    jobId: opts.jobId,
+    kind: opts.kind,
+    target: opts.target,
+    pid: process.pid,
+    startedAt: (/* @__PURE__ */ new Date()).toISOString(),
+    klipperService,
+    klipperWasRunning
+  };
+  await writeFileDurable(journalPath, `${JSON.stringify(journal, null, 2)}
+`);
+  const shutdown = new AbortController();
+  let caughtSignal = null;
+  const onSignal = (signal) => {
+    if (caughtSignal) return;
+    caughtSignal = signal;
+    logger.warn(`${signal} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
+    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal}).`));
+  };
+  const handlers = SHUTDOWN_SIGNALS.map((signal) => [signal, () => onSignal(signal)]);
+  for (const [signal, handler] of handlers) process.on(signal, handler);
+  let klipperRestart = null;
+  try {
+    let value2;
+    try {
+      if (klipperWasRunning) {
+        logger.info(`stopping ${klipperService}`);
+        opts.onStage?.("stop-klipper", `stopping ${klipperService}`);
+        try {
+          await printer.stopService(klipperService, opts.serviceTimeoutMs);
+        } catch (err) {
+          const e = toMoonflashError(err, "SERVICE_FAILED");
+          throw new MoonflashError(e.code, `Stopping Klipper did not complete, so nothing was written to the board: ${e.message}`, e.details, { cause: e });
+        }
+      }
+      if (shutdown.signal.aborted) throw shutdown.signal.reason;
+      value2 = await work(shutdown.signal);
+    } catch (err) {
+      const error2 = toMoonflashError(err);
+      klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
+      if (klipperRestart) error2.details.klipperRestart = klipperRestart;
+      if (klipperRestart && !klipperRestart.ok) {
+        throw new MoonflashError(error2.code, `${error2.message} ${stillStoppedNote(klipperService)}`, error2.details, { cause: error2 });
+      }
+      throw error2;
+    }
+    klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
+    if (klipperRestart && !klipperRestart.ok) {
+      throw new MoonflashError(
+        klipperRestart.code,
+        `The ${opts.kind} job finished, but moonflash could not confirm that Klipper runs: ${klipperRestart.message} ${stillStoppedNote(klipperService)}`,
+        { klipperRestart, result: value2 }
+      );
+    }
+    return { value: value2, klipperWasRunning, klipperRestart };
+  } finally {
+    await settleJournal(journalPath, journal, klipperRestart, logger);
+    for (const [signal, handler] of handlers) process.removeListener(signal, handler);
+    if (caughtSignal && process.listenerCount(caughtSignal) === 0) process.kill(process.pid, caughtSignal);
+  }
+}
+function stillStoppedNote(service) {
+  return `moonflash keeps checking, starts ${service} if it is stopped and says so here once it runs; you can also start it from the web UI (Machine \u2192 Services \u2192 ${service}) or with \`sudo systemctl start ${service}\`.`;
+}
+async function settleJournal(path6, journal, restart, logger) {
+  try {
+    if (restart === null || restart.ok) await removeDurable(path6);
+    else await writeFileDurable(path6, `${JSON.stringify({ ...journal, restartPending: true }, null, 2)}
+`);
+  } catch (err) {
+    logger.error({ err }, `could not update the journal ${path6}`);
+  }
+}
+async function readJournalFile(path6) {
+  try {
+    return parseJournal(await readFile2(path6, "utf8"));
+  } catch {
+    return null;
+  }
+}
+async function restartKlipper(printer, service, wasRunning, opts) {
+  if (!wasRunning) return null;
+  opts.logger.info(`starting ${service}`);
+  opts.onStage?.("start-klipper", `starting ${service}`);
+  const outcome = await bringKlipperBack(printer, service, { timeoutMs: opts.serviceTimeoutMs, logger: opts.logger });
+  if (!outcome.ok) opts.logger.error({ outcome }, `could not start ${service} again yet: ${outcome.message}`);
+  return outcome;
+}
+var MAX_FRESH_WAITS = 3;
+var RETRY_PAUSE_MS = 1e3;
+var serviceActive = (state, service) => state.services[service]?.active_state === "active";
+var serviceStarting = (state, service) => {
+  const unit = state.services[service];
+  return unit?.active_state === "activating" || unit?.sub_state === "starting";
+};
+var klippyUp = (state) => state.moonrakerConnected && state.klippyConnected && state.klippyState !== "startup" && state.klippyState !== "disconnected";
+function waitForPrinter(printer, pred, timeoutMs) {
+  if (pred(printer.state())) return Promise.resolve(true);
+  if (timeoutMs <= 0) return Promise.resolve(false);
+  return new Promise((resolve2) => {
+    const finish = (value2) => {
+      clearTimeout(timer);
+      off();
+      resolve2(value2);
+    };
+    const timer = setTimeout(() => finish(false), timeoutMs);
+    const off = printer.onStateChange((state) => {
+      if (pred(state)) finish(true);
+    });
+  });
+}
+var pause = (ms) => new Promise((resolve2) => setTimeout(resolve2, Math.max(0, ms)));
+async function bringKlipperBack(printer, service, opts) {
+  const { timeoutMs, logger } = opts;
+  let deadline = Date.now() + timeoutMs;
+  let freshWaits = 0;
+  let last = null;
+  for (; ; ) {
+    const remaining = deadline - Date.now();
+    if (remaining <= 0) break;
+    if (!printer.state().moonrakerConnected) {
+      logger.warn(`Moonraker is not connected; waiting for it to start ${service}`);
+      if (!await waitForPrinter(printer, (s) => s.moonrakerConnected, remaining)) {
+        last = new MoonflashError(
+          "MOONRAKER_UNAVAILABLE",
+          `Moonraker was not reachable for ${Math.round(timeoutMs / 1e3)} s, so ${service} could not be started.`,
+          { service }
+        );
+        break;
+      }
+      if (freshWaits++ < MAX_FRESH_WAITS) deadline = Date.now() + timeoutMs;
+      continue;
+    }
+    if (serviceStarting(printer.state(), service)) {
+      await waitForPrinter(printer, (s) => !s.moonrakerConnected || !serviceStarting(s, service), deadline - Date.now());
+      continue;
+    }
+    if (serviceActive(printer.state(), service)) {
+      if (!await waitForPrinter(printer, klippyUp, deadline - Date.now())) {
+        logger.warn(`${service} runs but Klipper has not reported ready or an error yet`);
+      }
+      return { ok: true };
+    }
+    try {
+      await printer.startService(service, remaining);
+      return { ok: true };
+    } catch (err) {
+      last = toMoonflashError(err, "SERVICE_FAILED");
+      logger.warn({ code: last.code }, `starting ${service} did not complete: ${last.message}`);
+      if (last.code === "SERVICE_TIMEOUT") break;
+      if (printer.state().moonrakerConnected) await pause(Math.min(RETRY_PAUSE_MS, deadline - Date.now()));
+    }
+  }
+  const reason = last ?? new MoonflashError("SERVICE_TIMEOUT", `${service} did not start within ${Math.round(timeoutMs / 1e3)} s.`);
+  return { ok: false, code: reason.code, message: reason.message, pending: true };
+}
+async function recoverInterruptedJob(dataDir, printer, runner, logger, opts = {}) {
+  const journal = await readJournal(dataDir);
+  if (!journal) return null;
+  const paths = dataPaths(dataDir);
+  if (journal.pid !== process.pid && isProcessAlive(journal.pid) && !journal.restartPending) {
+    logger.info({ journal }, `job ${journal.jobId} is still running in process ${journal.pid}; nothing to recover`);
+    return null;
+  }
+  logger.warn({ journal }, journal.restartPending ? `Klipper is still to be started after job ${journal.jobId}; starting it` : `job ${journal.jobId} on ${journal.target} was interrupted while Klipper was stopped; recovering`);
+  if (journal.klipperWasRunning) {
+    const restart = await bringKlipperBack(printer, journal.klipperService, { timeoutMs: opts.serviceTimeoutMs ?? 9e4, logger });
+    if (!restart.ok) throw new MoonflashError(restart.code, restart.message, { journal });
+    logger.info(`started ${journal.klipperService} again after job ${journal.jobId}`);
+  }
+  const stale = await clearStaleJobLock(paths.lock);
+  if (stale) logger.info({ lock: stale }, `removed the job lock of the dead process ${stale.pid}`);
+  const ref = { id: journal.jobId, kind: journal.kind, target: journal.target, startedAt: journal.startedAt };
+  if (journal.restartPending) {
+    runner.notice(ref, `Klipper is running again (moonflash could not confirm it when this ${journal.kind} job ended).`);
+  } else {
+    const started = journal.klipperWasRunning ? " Klipper was started again." : "";
+    await runner.interrupted({
+      ...ref,
+      message: `moonflash stopped while this ${journal.kind} job ran (started ${journal.startedAt}).${started} The board may hold a partial image and wait in its bootloader: run the same flash again.`
+    });
+  }
+  await removeDurable(paths.journal);
+  return { journal, klipperStarted: journal.klipperWasRunning };
+}
+
+// src/core/printer.ts
+function initialPrinterState() {
+  return {
+    moonrakerConnected: false,
+    klippyConnected: false,
+    klippyState: "disconnected",
+    stateMessage: "",
+    printState: null,
+    idleState: null,
+    klipperService: "klipper",
+    services: {},
+    moonrakerVersion: null
+  };
+}
+
+// src/moonflash-conf.ts
+import { readFile as readFile3 } from "node:fs/promises";
+
+// src/core/config-values.ts
+import { isAbsolute, posix } from "node:path";
+
 // src/core/ini.ts
 function configError(where, problem, extra = {}) {
   const section = where.section === void 0 ? "" : `[${where.section}] `;
@@ -7308,7 +8058,7 @@ function parseIni(text, file) {
   return doc;
 }
 
-// src/core/config.ts
+// src/core/config-values.ts
 var Invalid = class extends Error {
 };
 function value(parse2) {
@@ -7384,22 +8134,6 @@ var interfaceName = value((raw) => {
   if (!/^[\w.-]{1,15}$/.test(raw)) throw expected("a network interface name such as can0", raw);
   return raw;
 });
-var methodList = value((raw) => {
-  if (raw === "auto") return null;
-  const names = raw.split(",").map((name) => name.trim());
-  const seen = /* @__PURE__ */ new Set();
-  for (const name of names) {
-    if (!FLASH_METHODS.includes(name)) {
-      const hint = suggest(name, FLASH_METHODS);
-      throw new Invalid(
-        `unknown method '${name}'${hint ? ` (did you mean '${hint}'?)` : ""}; expected a comma list of ${FLASH_METHODS.join(", ")} or auto`
-      );
-    }
-    if (seen.has(name)) throw new Invalid(`method '${name}' is listed twice`);
-    seen.add(name);
-  }
-  return names;
-});
 var SIZE_UNITS = { "": 1, k: 1024, m: 1024 * 1024 };
 var byteSize = value((raw) => {
   const match = /^(\d+)\s*(?:([kKmM])(?:i?B)?)?$/.exec(raw);
@@ -7408,49 +8142,6 @@ var byteSize = value((raw) => {
   return n;
 });
 var unset = (schema) => _default(nullable(schema), null);
-function moonflashSchema(dataDir) {
-  return strictObject({
-    moonraker_socket: _default(absolutePath, dataPaths(dataDir).socket),
-    moonraker_url: unset(url(["ws:", "wss:"], "a websocket URL such as ws://host:7125/websocket")),
-    api_key: unset(token),
-    klipper_path: _default(absolutePath, expandHome("~/klipper")),
-    katapult_path: _default(absolutePath, expandHome("~/katapult")),
-    python: _default(program, "/usr/bin/python3"),
-    wchisp_path: unset(absolutePath),
-    log_level: _default(oneOf(["debug", "info", "warn", "error"]), "info"),
-    service_timeout: _default(integer2(5, 600), 90)
-  });
-}
-var mcuSchema = strictObject({
-  serial: unset(serialDevice),
-  canbus_uuid: unset(canbusUuid),
-  canbus_interface: _default(interfaceName, "can0"),
-  baud: _default(positiveInteger, 25e4),
-  method: unset(methodList),
-  firmware: unset(absolutePath),
-  kconfig: unset(absolutePath),
-  out_dir: unset(directory),
-  mcu_type: unset(token),
-  flash_size: unset(byteSize),
-  bootloader: _default(oneOf(["auto", "usb", "serial", "none"]), "auto"),
-  wchisp_transport: _default(oneOf(["usb", "serial"]), "usb"),
-  timeout: _default(integer2(10, 3600), 300)
-}).check(
-  superRefine((mcu, ctx) => {
-    if (mcu.serial !== null && mcu.canbus_uuid !== null) {
-      ctx.addIssue({
-        code: "custom",
-        path: ["canbus_uuid"],
-        message: "serial and canbus_uuid are mutually exclusive; keep the one the board uses"
-      });
-    }
-  })
-);
-var otaSchema = strictObject({
-  manifest_url: unset(url(["https:"], "an https URL")),
-  channel: _default(oneOf(["stable", "beta"]), "stable")
-});
-var KNOWN_SECTIONS = ["moonflash", "mcu", "ota"];
 function editDistance(a, b) {
   const d = Array.from(
     { length: a.length + 1 },
@@ -7509,6 +8200,92 @@ function validateSection(file, section, schema, shape, errors) {
 function defaults(schema) {
   return schema.parse({});
 }
+
+// src/flash/config.ts
+function methodListProblem(names) {
+  const seen = /* @__PURE__ */ new Set();
+  for (const name of names) {
+    if (!FLASH_METHODS.includes(name)) {
+      const hint = suggest(name, FLASH_METHODS);
+      return { name, repeated: false, ...hint ? { hint } : {} };
+    }
+    if (seen.has(name)) return { name, repeated: true };
+    seen.add(name);
+  }
+  return null;
+}
+function parseFlashMethods(value2) {
+  const names = [...new Set((Array.isArray(value2) ? value2 : [value2]).flatMap((v) => v.split(",")).map((v) => v.trim()).filter(Boolean))];
+  if (names.length === 0) {
+    throw new MoonflashError("UNKNOWN_FLASH_METHOD", `No flash method given. Use one of: ${FLASH_METHODS.join(", ")}.`, { method: value2 });
+  }
+  const problem = methodListProblem(names);
+  if (problem) {
+    const hint = problem.hint ? ` (did you mean '${problem.hint}'?)` : "";
+    throw new MoonflashError("UNKNOWN_FLASH_METHOD", `Unknown flash method '${problem.name}'${hint}. Use one of: ${FLASH_METHODS.join(", ")}.`, {
+      method: problem.name,
+      known: [...FLASH_METHODS]
+    });
+  }
+  return names;
+}
+var methodList = value((raw) => {
+  if (raw === "auto") return null;
+  const names = raw.split(",").map((name) => name.trim());
+  const problem = methodListProblem(names);
+  if (problem?.repeated) throw new Invalid(`method '${problem.name}' is listed twice`);
+  if (problem) {
+    const hint = problem.hint ? ` (did you mean '${problem.hint}'?)` : "";
+    throw new Invalid(`unknown method '${problem.name}'${hint}; expected a comma list of ${FLASH_METHODS.join(", ")} or auto`);
+  }
+  return names;
+});
+var mcuSchema = strictObject({
+  serial: unset(serialDevice),
+  canbus_uuid: unset(canbusUuid),
+  canbus_interface: _default(interfaceName, "can0"),
+  baud: _default(positiveInteger, 25e4),
+  method: unset(methodList),
+  firmware: unset(absolutePath),
+  kconfig: unset(absolutePath),
+  out_dir: unset(directory),
+  mcu_type: unset(token),
+  flash_size: unset(byteSize),
+  bootloader: _default(oneOf(["auto", "usb", "serial", "none"]), "auto"),
+  wchisp_transport: _default(oneOf(["usb", "serial"]), "usb"),
+  timeout: _default(integer2(10, 3600), 300)
+}).check(
+  superRefine((mcu, ctx) => {
+    if (mcu.serial !== null && mcu.canbus_uuid !== null) {
+      ctx.addIssue({
+        code: "custom",
+        path: ["canbus_uuid"],
+        message: "serial and canbus_uuid are mutually exclusive; keep the one the board uses"
+      });
+    }
+  })
+);
+var MCU_DEFAULTS = defaults(mcuSchema);
+
+// src/moonflash-conf.ts
+function moonflashSchema(dataDir) {
+  return strictObject({
+    moonraker_socket: _default(absolutePath, dataPaths(dataDir).socket),
+    moonraker_url: unset(url(["ws:", "wss:"], "a websocket URL such as ws://host:7125/websocket")),
+    api_key: unset(token),
+    klipper_path: _default(absolutePath, expandHome("~/klipper")),
+    katapult_path: _default(absolutePath, expandHome("~/katapult")),
+    python: _default(program, "/usr/bin/python3"),
+    wchisp_path: unset(absolutePath),
+    log_level: _default(oneOf(["debug", "info", "warn", "error"]), "info"),
+    service_timeout: _default(integer2(5, 600), 90)
+  });
+}
+var otaSchema = strictObject({
+  manifest_url: unset(url(["https:"], "an https URL")),
+  channel: _default(oneOf(["stable", "beta"]), "stable")
+});
+var KNOWN_SECTIONS = ["moonflash", "mcu", "ota"];
 function parseConfig(text, file, dataDir) {
   const doc = parseIni(text, file);
   const errors = [];
@@ -7570,7 +8347,7 @@ function parseConfig(text, file, dataDir) {
 async function loadConfig(dataDir, file = dataPaths(dataDir).config) {
   let text;
   try {
-    text = await readFile(file, "utf8");
+    text = await readFile3(file, "utf8");
   } catch (err) {
     const errno = err.code;
     if (errno === "ENOENT") return { ...parseConfig("", file, dataDir), exists: false };
@@ -7609,7 +8386,7 @@ function configSummary(cfg) {
 // src/core/log.ts
 var import_pino = __toESM(require_pino(), 1);
 import { mkdirSync } from "node:fs";
-import { basename, dirname } from "node:path";
+import { basename as basename3, dirname as dirname3 } from "node:path";
 import { createRequire } from "node:module";
 
 // node_modules/rotating-file-stream/dist/esm/index.js
@@ -7617,7 +8394,7 @@ import { exec } from "child_process";
 import { createGzip } from "zlib";
 import { Writable } from "stream";
 import { access, constants, createReadStream, createWriteStream } from "fs";
-import { mkdir, open, readFile as readFile2, rename, stat, unlink, writeFile } from "fs/promises";
+import { mkdir as mkdir3, open as open3, readFile as readFile4, rename as rename2, stat, unlink, writeFile } from "fs/promises";
 import { sep } from "path";
 import { TextDecoder } from "util";
 import { setTimeout as setTimeout2 } from "timers";
@@ -7662,8 +8439,8 @@ var RotatingFileStream = class extends Writable {
     this.filename = path6 + generator(null);
     this.fsCreateReadStream = createReadStream;
     this.fsCreateWriteStream = createWriteStream;
-    this.fsOpen = open;
-    this.fsReadFile = readFile2;
+    this.fsOpen = open3;
+    this.fsReadFile = readFile4;
     this.fsStat = stat;
     this.fsUnlink = unlink;
     this.generator = generator;
@@ -7759,17 +8536,17 @@ var RotatingFileStream = class extends Writable {
     return this.rotate();
   }
   async makePath(name) {
-    return mkdir(name.split(sep).slice(0, -1).join(sep), { recursive: true });
+    return mkdir3(name.split(sep).slice(0, -1).join(sep), { recursive: true });
   }
   async reopen(size) {
     let file;
     try {
-      file = await open(this.filename, "a", this.options.mode);
+      file = await open3(this.filename, "a", this.options.mode);
     } catch (e) {
       if (e.code !== "ENOENT")
         throw e;
       await this.makePath(this.filename);
-      file = await open(this.filename, "a", this.options.mode);
+      file = await open3(this.filename, "a", this.options.mode);
     }
     this.file = file;
     this.size = size;
@@ -7815,7 +8592,7 @@ var RotatingFileStream = class extends Writable {
     if (compress)
       await this.compress(filename);
     else
-      await rename(this.filename, filename);
+      await rename2(this.filename, filename);
     return this.rotated(filename);
   }
   async touch(filename) {
@@ -7826,7 +8603,7 @@ var RotatingFileStream = class extends Writable {
       if (e.code !== "ENOENT")
         throw e;
       await this.makePath(filename);
-      file = await open(filename, "a");
+      file = await open3(filename, "a");
     }
     await file.close();
     return this.unlink(filename);
@@ -7845,12 +8622,12 @@ var RotatingFileStream = class extends Writable {
         await this.compress(currName);
       else {
         try {
-          await rename(prevName, currName);
+          await rename2(prevName, currName);
         } catch (e) {
           if (e.code !== "ENOENT")
             throw e;
           await this.makePath(currName);
-          await rename(prevName, currName);
+          await rename2(prevName, currName);
         }
       }
     }
@@ -8222,8 +8999,8 @@ function createStream(filename, options) {
 // src/core/log.ts
 var ownedStreams = /* @__PURE__ */ new WeakMap();
 function openRotatingLog(path6, rotateSize = "10M", keep = 3) {
-  mkdirSync(dirname(path6), { recursive: true });
-  const stream = createStream(basename(path6), { path: dirname(path6), size: rotateSize, rotate: keep });
+  mkdirSync(dirname3(path6), { recursive: true });
+  const stream = createStream(basename3(path6), { path: dirname3(path6), size: rotateSize, rotate: keep });
   stream.on("error", (err) => process.stderr.write(`moonflash: log file ${path6}: ${err.message}
 `));
   stream.on("warning", (err) => process.stderr.write(`moonflash: log file ${path6}: ${err.message}
@@ -8257,1729 +9034,16 @@ function createLogger(opts) {
   return logger;
 }
 
-// src/core/lock.ts
-import { link, mkdir as mkdir3, open as open3, readFile as readFile3, rm as rm2 } from "node:fs/promises";
-import { dirname as dirname3, join as join3, basename as basename3 } from "node:path";
-
-// src/core/durable.ts
-import { open as open2, rename as rename2, rm, mkdir as mkdir2 } from "node:fs/promises";
-import { dirname as dirname2, basename as basename2, join as join2 } from "node:path";
-async function fsyncDir(dir) {
-  const handle = await open2(dir, "r");
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}
-async function writeFileDurable(path6, data, mode = 420) {
-  const dir = dirname2(path6);
-  await mkdir2(dir, { recursive: true });
-  const tmp = join2(dir, `.${basename2(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
-  try {
-    const handle = await open2(tmp, "w", mode);
-    try {
-      await handle.writeFile(data);
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
-    await rename2(tmp, path6);
-    await fsyncDir(dir);
-  } catch (err) {
-    await rm(tmp, { force: true });
-    throw toMoonflashError(err);
-  }
-}
-async function removeDurable(path6) {
-  await rm(path6, { force: true });
-  await fsyncDir(dirname2(path6));
-}
-
-// src/core/lock.ts
-function parseLockInfo(text) {
-  try {
-    const data = JSON.parse(text);
-    if (data && typeof data.jobId === "string" && (data.kind === "flash" || data.kind === "ota") && typeof data.target === "string" && Number.isSafeInteger(data.pid) && data.pid > 0 && typeof data.startedAt === "string") {
-      return { jobId: data.jobId, kind: data.kind, target: data.target, pid: data.pid, startedAt: data.startedAt };
-    }
-  } catch {
-  }
-  return null;
-}
-function isProcessAlive(pid) {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return err.code === "EPERM";
-  }
-}
-async function readJobLock(path6) {
-  try {
-    return parseLockInfo(await readFile3(path6, "utf8"));
-  } catch (err) {
-    if (err.code === "ENOENT") return null;
-    throw toMoonflashError(err);
-  }
-}
-async function clearStaleJobLock(path6) {
-  let text;
-  try {
-    text = await readFile3(path6, "utf8");
-  } catch (err) {
-    if (err.code === "ENOENT") return null;
-    throw toMoonflashError(err);
-  }
-  const owner = parseLockInfo(text);
-  if (owner && (owner.pid === process.pid || isProcessAlive(owner.pid))) return null;
-  if (await readFile3(path6, "utf8").catch(() => null) !== text) return null;
-  await removeDurable(path6);
-  return owner;
-}
-function busyError(info) {
-  return new MoonflashError(
-    "BUSY",
-    // The job id stays in details (and logs): a console reader knows the job by what it acts on.
-    `${info.kind === "ota" ? "An OTA" : "A flash"} job on ${info.target} is running (pid ${info.pid}, since ${info.startedAt}); wait for it or cancel it`,
-    { ...info }
-  );
-}
-async function tryCreate(path6, info) {
-  const dir = dirname3(path6);
-  const tmp = join3(dir, `.${basename3(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
-  const handle = await open3(tmp, "wx", 420);
-  try {
-    await handle.writeFile(JSON.stringify(info) + "\n");
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  try {
-    await link(tmp, path6);
-    await fsyncDir(dir);
-    return true;
-  } catch (err) {
-    if (err.code === "EEXIST") return false;
-    throw err;
-  } finally {
-    await rm2(tmp, { force: true });
-  }
-}
-async function acquireJobLock(path6, info) {
-  try {
-    await mkdir3(dirname3(path6), { recursive: true });
-    for (let attempt = 0; attempt < 2; attempt++) {
-      if (await tryCreate(path6, info)) return makeLock(path6, info);
-      let text;
-      try {
-        text = await readFile3(path6, "utf8");
-      } catch (err) {
-        if (err.code === "ENOENT") continue;
-        throw err;
-      }
-      const owner2 = parseLockInfo(text);
-      if (owner2 && isProcessAlive(owner2.pid)) throw busyError(owner2);
-      const again = await readFile3(path6, "utf8").catch(() => null);
-      if (again === text) await removeDurable(path6);
-    }
-    const owner = await readJobLock(path6);
-    if (owner) throw busyError(owner);
-    throw new MoonflashError(
-      "INTERNAL",
-      `Could not take the job lock ${path6}: it keeps reappearing with unreadable content. Stop other moonflash processes, then delete it.`,
-      { path: path6 }
-    );
-  } catch (err) {
-    throw toMoonflashError(err);
-  }
-}
-function makeLock(path6, info) {
-  let released = false;
-  return {
-    path: path6,
-    info,
-    async release() {
-      if (released) return;
-      released = true;
-      const owner = await readJobLock(path6).catch(() => null);
-      if (owner && owner.jobId === info.jobId && owner.pid === info.pid) await removeDurable(path6);
-    }
-  };
-}
-
-// src/core/history.ts
-import { readFileSync, renameSync } from "node:fs";
-var HISTORY_LIMIT = 50;
-var recordSchema = object({
-  id: string2(),
-  kind: _enum(["flash", "ota"]),
-  target: string2(),
-  params: optional(unknown()),
-  startedAt: string2(),
-  finishedAt: string2(),
-  ok: boolean2(),
-  code: optional(_enum(Object.keys(ERROR_CODES))),
-  message: optional(string2()),
-  result: optional(unknown())
-});
-var fileSchema = object({ version: literal(1), jobs: array(recordSchema) });
-var appendQueues = /* @__PURE__ */ new Map();
-function compactTimestamp(date2) {
-  return date2.toISOString().replace(/[-:]/g, "").replace(".", "");
-}
-function readRecords(path6, logger) {
-  let text;
-  try {
-    text = readFileSync(path6, "utf8");
-  } catch (err) {
-    if (err.code === "ENOENT") return [];
-    logger.warn({ err, path: path6 }, "cannot read the job history; showing none");
-    return [];
-  }
-  let parsed;
-  try {
-    const result = fileSchema.safeParse(JSON.parse(text));
-    if (result.success) parsed = result.data;
-  } catch {
-  }
-  if (parsed) return parsed.jobs;
-  const aside = `${path6}.corrupt-${compactTimestamp(/* @__PURE__ */ new Date())}`;
-  try {
-    renameSync(path6, aside);
-    logger.warn({ path: path6, movedTo: aside }, "job history was corrupt; moved it aside and started a new one");
-  } catch (err) {
-    logger.warn({ err, path: path6 }, "job history is corrupt and could not be moved aside; it will be overwritten");
-  }
-  return [];
-}
-function listJobs(path6, logger) {
-  return readRecords(path6, logger).reverse();
-}
-function appendJob(path6, record, logger, limit = HISTORY_LIMIT) {
-  const previous = appendQueues.get(path6) ?? Promise.resolve();
-  const next = previous.then(async () => {
-    const jobs = readRecords(path6, logger);
-    jobs.push(record);
-    const kept = jobs.slice(-limit);
-    await writeFileDurable(path6, JSON.stringify({ version: 1, jobs: kept }, null, 1) + "\n");
-  });
-  const settled = next.catch(() => void 0);
-  appendQueues.set(path6, settled);
-  void settled.then(() => {
-    if (appendQueues.get(path6) === settled) appendQueues.delete(path6);
-  });
-  return next;
-}
-
-// src/core/jobs.ts
-function compactUtc(date2) {
-  return date2.toISOString().slice(0, 19).replace(/[-:]/g, "");
-}
-function makeJobId(kind, at) {
-  return `${kind}-${compactUtc(at)}-${process.getBuiltinModule("node:crypto").randomBytes(2).toString("hex")}`;
-}
-function cancelledError(jobId, cause) {
-  return new MoonflashError(
-    "CANCELLED",
-    "The job was cancelled before anything was written; start it again when ready.",
-    { jobId },
-    cause === void 0 ? void 0 : { cause }
-  );
-}
-var JobRunner = class {
-  logger;
-  now;
-  paths;
-  listeners = /* @__PURE__ */ new Set();
-  active = null;
-  constructor(opts) {
-    this.logger = opts.logger;
-    this.now = opts.now ?? (() => /* @__PURE__ */ new Date());
-    this.paths = dataPaths(opts.dataDir);
-  }
-  /** Runs `work` as the one job of this machine; throws BUSY when another job runs here or in another process. */
-  async run(spec, work) {
-    if (this.active) throw busyError(this.active.info);
-    const startedAt = this.now();
-    const info = {
-      jobId: makeJobId(spec.kind, startedAt),
-      kind: spec.kind,
-      target: spec.target,
-      pid: process.pid,
-      startedAt: startedAt.toISOString()
-    };
-    const job = {
-      info,
-      stage: "starting",
-      progress: null,
-      cancellable: true,
-      cancelReason: void 0,
-      controller: new AbortController()
-    };
-    this.active = job;
-    let lock;
-    try {
-      lock = await acquireJobLock(this.paths.lock, info);
-    } catch (err) {
-      this.active = null;
-      throw toMoonflashError(err);
-    }
-    const log = this.logger.child({ jobId: info.jobId, kind: info.kind, target: info.target });
-    let finished = false;
-    const ctx = {
-      jobId: info.jobId,
-      kind: info.kind,
-      target: info.target,
-      signal: job.controller.signal,
-      stage: (stage, message) => {
-        if (finished) return;
-        job.stage = stage;
-        log.info({ stage }, message ?? `stage ${stage}`);
-        this.emit({ ...this.base(info), type: "stage", stage, ...message === void 0 ? {} : { message } });
-      },
-      progress: (done, total, unit, phase) => {
-        if (finished) return;
-        job.progress = { done, total, unit, ...phase === void 0 ? {} : { phase } };
-        this.emit({ ...this.base(info), type: "progress", ...job.progress });
-      },
-      log: (level, message) => {
-        if (finished) return;
-        log[level](message);
-        this.emit({ ...this.base(info), type: "log", level, message });
-      },
-      setCancellable: (cancellable, reason) => {
-        job.cancellable = cancellable;
-        job.cancelReason = cancellable ? void 0 : reason;
-      }
-    };
-    log.info({ params: spec.params }, "job started");
-    ctx.stage("started");
-    let outcome;
-    try {
-      if (job.controller.signal.aborted) throw cancelledError(info.jobId);
-      outcome = { ok: true, value: await work(ctx) };
-    } catch (err) {
-      const error3 = job.controller.signal.aborted && !isMoonflashError(err) ? cancelledError(info.jobId, err) : toMoonflashError(err);
-      outcome = { ok: false, error: error3 };
-    }
-    finished = true;
-    const record = {
-      id: info.jobId,
-      kind: info.kind,
-      target: info.target,
-      ...spec.params === void 0 ? {} : { params: spec.params },
-      startedAt: info.startedAt,
-      finishedAt: this.now().toISOString(),
-      ok: outcome.ok,
-      ...outcome.ok ? outcome.value === void 0 ? {} : { result: outcome.value } : { code: outcome.error.code, message: outcome.error.message }
-    };
-    try {
-      await appendJob(this.paths.history, record, this.logger);
-    } catch (err) {
-      log.error({ err }, "could not record the job in history");
-    }
-    try {
-      await lock.release();
-    } catch (err) {
-      log.error({ err, path: lock.path }, "could not remove the job lock; the next job will find it stale");
-    }
-    this.active = null;
-    if (outcome.ok) {
-      log.info("job succeeded");
-      this.emit({ ...this.base(info), type: "result", ok: true, ...outcome.value === void 0 ? {} : { details: outcome.value } });
-      return outcome.value;
-    }
-    const { error: error2 } = outcome;
-    log.warn({ code: error2.code, details: error2.details }, `job failed: ${error2.message}`);
-    this.emit({ ...this.base(info), type: "result", ok: false, code: error2.code, message: error2.message, details: error2.details });
-    throw error2;
-  }
-  /** The running job of this process, or null. */
-  current() {
-    const job = this.active;
-    if (!job) return null;
-    return {
-      id: job.info.jobId,
-      kind: job.info.kind,
-      target: job.info.target,
-      stage: job.stage,
-      progress: job.progress && { ...job.progress },
-      startedAt: job.info.startedAt,
-      cancellable: job.cancellable,
-      ...job.cancelReason === void 0 ? {} : { cancelReason: job.cancelReason }
-    };
-  }
-  /** Aborts the running job's signal. NO_JOB when none (of that kind) runs; CANCEL_REFUSED while not cancellable. */
-  cancel(kind) {
-    const job = this.active;
-    if (!job || kind !== void 0 && job.info.kind !== kind) {
-      throw new MoonflashError("NO_JOB", `No ${kind ?? "flash or OTA"} job is running, so there is nothing to cancel.`, { kind: kind ?? null });
-    }
-    if (!job.cancellable) {
-      const reason = job.cancelReason ?? "the job is at a step that must finish";
-      throw new MoonflashError(
-        "CANCEL_REFUSED",
-        `The ${job.info.kind} job on ${job.info.target} cannot be cancelled now: ${reason}. Wait for it to finish.`,
-        { jobId: job.info.jobId, reason }
-      );
-    }
-    if (!job.controller.signal.aborted) {
-      this.logger.info({ jobId: job.info.jobId }, "job cancel requested");
-      job.controller.abort(cancelledError(job.info.jobId));
-    }
-    return { id: job.info.jobId };
-  }
-  /** Recent jobs (also those run by other moonflash processes), newest first. */
-  history(kind, limit = HISTORY_LIMIT) {
-    const jobs = listJobs(this.paths.history, this.logger);
-    return (kind === void 0 ? jobs : jobs.filter((job) => job.kind === kind)).slice(0, Math.max(0, limit));
-  }
-  /** Subscribes to every job event; returns the unsubscribe function. */
-  on(listener) {
-    this.listeners.add(listener);
-    return () => {
-      this.listeners.delete(listener);
-    };
-  }
-  /**
-   * Records a job the previous process did not finish (it died) as failed with INTERRUPTED, and tells listeners
-   * through a result event, as if the job had ended now.
-   */
-  async interrupted(record) {
-    const message = record.message ?? "moonflash stopped while this job ran; check the device and run the job again.";
-    await appendJob(
-      this.paths.history,
-      {
-        id: record.id,
-        kind: record.kind,
-        target: record.target,
-        ...record.params === void 0 ? {} : { params: record.params },
-        startedAt: record.startedAt,
-        finishedAt: this.now().toISOString(),
-        ok: false,
-        code: "INTERRUPTED",
-        message
-      },
-      this.logger
-    );
-    this.logger.warn({ jobId: record.id, kind: record.kind, target: record.target }, `interrupted job recorded: ${message}`);
-    this.emit({ ...this.base({ jobId: record.id, kind: record.kind, target: record.target }), type: "result", ok: false, code: "INTERRUPTED", message });
-  }
-  /** Tells listeners something about a job that has ended (e.g. Klipper started again later). */
-  notice(job, message) {
-    this.logger.info({ jobId: job.id, kind: job.kind, target: job.target }, message);
-    this.emit({ ...this.base({ jobId: job.id, kind: job.kind, target: job.target }), type: "notice", message });
-  }
-  base(info) {
-    return { jobId: info.jobId, kind: info.kind, target: info.target, ts: this.now().toISOString() };
-  }
-  // One failing adapter must not stop the others or the job (moonraker's send_event, zigbee2mqtt's eventBus).
-  emit(event) {
-    for (const listener of [...this.listeners]) {
-      try {
-        const returned = listener(event);
-        if (returned instanceof Promise) {
-          returned.catch((err) => this.logger.error({ err, event: event.type }, "job event listener failed"));
-        }
-      } catch (err) {
-        this.logger.error({ err, event: event.type }, "job event listener failed");
-      }
-    }
-  }
-};
-function throttleProgress(listener, opts) {
-  const interval = 1e3 / opts.maxPerSecond;
-  const onError = opts.onError ?? ((err) => process.emitWarning(err instanceof Error ? err : String(err)));
-  const jobs = /* @__PURE__ */ new Map();
-  const send = (state, event) => {
-    state.lastSent = Date.now();
-    listener(event);
-  };
-  const flush = (state) => {
-    if (state.timer) clearTimeout(state.timer);
-    state.timer = null;
-    const pending = state.pending;
-    state.pending = null;
-    if (pending) send(state, pending);
-  };
-  return (event) => {
-    const state = jobs.get(event.jobId);
-    if (event.type !== "progress") {
-      if (event.type === "result") jobs.delete(event.jobId);
-      if (state) flush(state);
-      listener(event);
-      return;
-    }
-    const phase = event.phase ?? "";
-    if (!state || state.phase !== phase) {
-      if (state) flush(state);
-      const fresh = { phase, lastSent: 0, pending: null, timer: null };
-      jobs.set(event.jobId, fresh);
-      send(fresh, event);
-      return;
-    }
-    const now = Date.now();
-    if (now - state.lastSent >= interval) {
-      state.pending = null;
-      if (state.timer) clearTimeout(state.timer);
-      state.timer = null;
-      send(state, event);
-      return;
-    }
-    state.pending = event;
-    state.timer ??= setTimeout(() => {
-      state.timer = null;
-      try {
-        flush(state);
-      } catch (err) {
-        onError(err);
-      }
-    }, state.lastSent + interval - now);
-  };
-}
-
-// src/core/printer.ts
-function initialPrinterState() {
-  return {
-    moonrakerConnected: false,
-    klippyConnected: false,
-    klippyState: "disconnected",
-    stateMessage: "",
-    printState: null,
-    idleState: null,
-    klipperService: "klipper",
-    services: {},
-    moonrakerVersion: null
-  };
-}
-
-// src/moonraker/session.ts
-import { watch, existsSync } from "node:fs";
-import { basename as basename4, dirname as dirname4 } from "node:path";
-import { EventEmitter } from "node:events";
-
-// src/moonraker/klipper-tracker.ts
-var KLIPPY_STATES = ["ready", "startup", "shutdown", "error", "disconnected"];
-var KlipperTracker = class {
-  constructor(log) {
-    this.log = log;
-  }
-  log;
-  current = initialPrinterState();
-  listeners = /* @__PURE__ */ new Set();
-  get state() {
-    return this.current;
-  }
-  /** print_stats printing/paused, or idle_timeout Printing (which also covers running macros). */
-  isPrinting() {
-    const { printState, idleState } = this.current;
-    return printState === "printing" || printState === "paused" || idleState === "Printing";
-  }
-  onChange(listener) {
-    this.listeners.add(listener);
-    return () => {
-      this.listeners.delete(listener);
-    };
-  }
-  moonrakerConnected() {
-    this.update({ moonrakerConnected: true });
-  }
-  /** Nothing is known about Klipper without Moonraker; services and the unit name are kept as last seen. */
-  moonrakerLost() {
-    this.update({
-      moonrakerConnected: false,
-      klippyConnected: false,
-      klippyState: "disconnected",
-      stateMessage: "Moonraker is not connected",
-      printState: null,
-      idleState: null
-    });
-  }
-  serverInfo(info) {
-    const connected = info.klippy_connected === true;
-    const klippyState = connected ? toKlippyState(info.klippy_state) : "disconnected";
-    const patch = { klippyConnected: connected, klippyState };
-    if (typeof info.moonraker_version === "string") patch.moonrakerVersion = info.moonraker_version;
-    if (!connected) Object.assign(patch, { printState: null, idleState: null, stateMessage: "Klipper is not connected to Moonraker" });
-    this.update(patch);
-  }
-  /** printer.info: the only source of Klipper's state message while it starts or is in error (no subscription). */
-  printerInfo(info) {
-    if (info.state === "ready") return;
-    if (typeof info.state_message === "string") this.update({ stateMessage: info.state_message.trim() });
-  }
-  systemInfo(info) {
-    const patch = { services: { ...this.current.services, ...info.service_state ?? {} } };
-    const unit = info.instance_ids?.klipper;
-    if (typeof unit === "string" && unit !== "") patch.klipperService = unit;
-    this.update(patch);
-  }
-  serviceStateChanged(changes) {
-    this.update({ services: { ...this.current.services, ...changes } });
-  }
-  klippyReady() {
-    this.update({ klippyConnected: true, klippyState: "ready", stateMessage: "Printer is ready" });
-  }
-  klippyShutdown() {
-    this.update({ klippyConnected: true, klippyState: "shutdown" });
-  }
-  klippyDisconnected() {
-    this.update({
-      klippyConnected: false,
-      klippyState: "disconnected",
-      stateMessage: "Klipper is not connected to Moonraker",
-      printState: null,
-      idleState: null
-    });
-  }
-  /** A subscribe snapshot or a `notify_status_update` diff: `{webhooks: {...}, print_stats: {...}, ...}`. */
-  status(status) {
-    const patch = {};
-    const webhooks = asRecord(status.webhooks);
-    if (typeof webhooks?.state === "string") {
-      patch.klippyState = toKlippyState(webhooks.state);
-      patch.klippyConnected = true;
-    }
-    if (typeof webhooks?.state_message === "string") patch.stateMessage = webhooks.state_message;
-    const printState = asRecord(status.print_stats)?.state;
-    if (typeof printState === "string") patch.printState = printState;
-    const idleState = asRecord(status.idle_timeout)?.state;
-    if (typeof idleState === "string") patch.idleState = idleState;
-    this.update(patch);
-  }
-  update(patch) {
-    const next = { ...this.current, ...patch };
-    if (sameState(this.current, next)) return;
-    this.current = next;
-    for (const listener of this.listeners) {
-      try {
-        listener(next);
-      } catch (err) {
-        this.log.error({ err }, "a printer state listener threw; the others still ran");
-      }
-    }
-  }
-};
-function asRecord(value2) {
-  return typeof value2 === "object" && value2 !== null && !Array.isArray(value2) ? value2 : void 0;
-}
-function toKlippyState(value2) {
-  return KLIPPY_STATES.includes(value2) ? value2 : "disconnected";
-}
-function sameState(a, b) {
-  return JSON.stringify(a) === JSON.stringify(b);
-}
-
-// src/moonraker/rpc.ts
-var import_json_rpc_2 = __toESM(require_dist(), 1);
-
-// src/moonraker/unix-transport.ts
-import net from "node:net";
-var ETX = 3;
-var EtxDecoder = class {
-  pending = [];
-  /** Returns every message completed by this chunk, in order; keeps the unfinished tail. */
-  push(chunk) {
-    const messages = [];
-    let start = 0;
-    for (let end = chunk.indexOf(ETX, start); end !== -1; end = chunk.indexOf(ETX, start)) {
-      this.pending.push(chunk.subarray(start, end));
-      const message = Buffer.concat(this.pending).toString("utf8");
-      this.pending = [];
-      if (message.trim() !== "") messages.push(message);
-      start = end + 1;
-    }
-    if (start < chunk.length) this.pending.push(chunk.subarray(start));
-    return messages;
-  }
-};
-function encodeEtx(message) {
-  return Buffer.concat([Buffer.from(message, "utf8"), Buffer.of(ETX)]);
-}
-function openUnixTransport(path6, handlers, options) {
-  return new Promise((resolve2, reject) => {
-    const socket = net.createConnection({ path: path6 });
-    const decoder = new EtxDecoder();
-    let open4 = false;
-    let closed = false;
-    let lastError;
-    const connectTimer = setTimeout(() => {
-      socket.destroy(new Error(`connecting to ${path6} timed out after ${options.connectTimeoutMs} ms`));
-    }, options.connectTimeoutMs);
-    socket.on("error", (err) => {
-      lastError = err;
-      if (!open4) {
-        clearTimeout(connectTimer);
-        reject(err);
-      }
-    });
-    socket.on("data", (chunk) => {
-      for (const message of decoder.push(chunk)) handlers.onMessage(message);
-    });
-    socket.on("close", () => {
-      clearTimeout(connectTimer);
-      if (!open4 || closed) return;
-      closed = true;
-      handlers.onClose(lastError);
-    });
-    socket.on("connect", () => {
-      clearTimeout(connectTimer);
-      open4 = true;
-      resolve2({
-        description: `unix:${path6}`,
-        send(message) {
-          return new Promise((done, fail) => {
-            if (closed || socket.destroyed) {
-              fail(new Error(`the socket ${path6} is closed`));
-              return;
-            }
-            socket.write(encodeEtx(message), (err) => err ? fail(err) : done());
-          });
-        },
-        close() {
-          socket.destroy();
-        }
-      });
-    });
-  });
-}
-
-// src/moonraker/ws-transport.ts
-async function openWebSocketTransport(url2, apiKey, handlers, options) {
-  const { default: WebSocket } = await import("./wrapper-LRPRZV7E.mjs");
-  return new Promise((resolve2, reject) => {
-    const socket = new WebSocket(url2, {
-      headers: apiKey ? { "X-Api-Key": apiKey } : {},
-      handshakeTimeout: options.connectTimeoutMs
-    });
-    let open4 = false;
-    let closed = false;
-    let lastError;
-    socket.on("error", (err) => {
-      lastError = err;
-      if (!open4) reject(err);
-    });
-    socket.on("message", (data, isBinary) => {
-      if (isBinary) return;
-      handlers.onMessage(data.toString());
-    });
-    socket.on("close", () => {
-      if (!open4 || closed) return;
-      closed = true;
-      handlers.onClose(lastError);
-    });
-    socket.on("open", () => {
-      open4 = true;
-      resolve2({
-        description: url2,
-        send(message) {
-          return new Promise((done, fail) => {
-            if (socket.readyState !== WebSocket.OPEN) {
-              fail(new Error(`the websocket ${url2} is closed`));
-              return;
-            }
-            socket.send(message, (err) => err ? fail(err) : done());
-          });
-        },
-        close() {
-          socket.terminate();
-        }
-      });
-    });
-  });
-}
-
-// src/moonraker/transport.ts
-function openTransport(endpoint, handlers, options) {
-  if (endpoint.kind === "unix") return openUnixTransport(endpoint.path, handlers, options);
-  return openWebSocketTransport(endpoint.url, endpoint.apiKey, handlers, options);
-}
-function describeEndpoint(endpoint) {
-  return endpoint.kind === "unix" ? `unix:${endpoint.path}` : endpoint.url;
-}
-
-// src/moonraker/rpc.ts
-var MoonrakerRpcError = class extends Error {
-  method;
-  code;
-  data;
-  constructor(method, code, message, data) {
-    super(message);
-    this.name = "MoonrakerRpcError";
-    this.method = method;
-    this.code = code;
-    this.data = data;
-  }
-};
-var LOCAL_FAILURE_CODE = 0;
-var RpcPeer = class {
-  constructor(options) {
-    this.options = options;
-    this.log = options.logger;
-    const errorListener = (message, data) => {
-      this.log.debug({ data }, message);
-    };
-    this.peer = new import_json_rpc_2.JSONRPCServerAndClient(
-      new import_json_rpc_2.JSONRPCServer({ errorListener }),
-      new import_json_rpc_2.JSONRPCClient((payload) => this.sendPayload(payload)),
-      { errorListener }
-    );
-  }
-  options;
-  peer;
-  log;
-  transport = null;
-  closed = false;
-  closeListeners = [];
-  /** Registers `handler` for incoming `method` (requests and notifications alike). Register before connect(). */
-  handle(method, handler) {
-    this.peer.addMethodAdvanced(method, async (request) => {
-      const expectsReply = request.id !== void 0;
-      const call = { method, params: request.params, expectsReply };
-      try {
-        const result = await handler(call);
-        return expectsReply ? (0, import_json_rpc_2.createJSONRPCSuccessResponse)(request.id ?? null, result) : null;
-      } catch (err) {
-        if (!expectsReply) {
-          this.log.warn({ err, method }, "handling a notification from Moonraker failed");
-          return null;
-        }
-        const error2 = toJsonRpcError(err);
-        return (0, import_json_rpc_2.createJSONRPCErrorResponse)(request.id ?? null, error2.code, error2.message, error2.data);
-      }
-    });
-  }
-  onClose(listener) {
-    this.closeListeners.push(listener);
-  }
-  async connect(endpoint) {
-    this.transport = await openTransport(
-      endpoint,
-      {
-        onMessage: (message) => this.receive(message),
-        onClose: (error2) => this.handleClosed(error2)
-      },
-      { connectTimeoutMs: this.options.connectTimeoutMs }
-    );
-    this.log.debug({ endpoint: describeEndpoint(endpoint) }, "transport open");
-  }
-  get isOpen() {
-    return this.transport !== null && !this.closed;
-  }
-  /** Calls `method` on Moonraker. Rejects with MoonrakerRpcError for an error answer, MOONRAKER_UNAVAILABLE otherwise. */
-  async request(method, params, timeoutMs) {
-    if (!this.isOpen) throw unavailable(`the Moonraker connection is closed, so ${method} was not sent`, method);
-    const limit = timeoutMs ?? this.options.requestTimeoutMs;
-    try {
-      return await this.peer.timeout(limit).request(method, params, void 0);
-    } catch (err) {
-      if (err instanceof import_json_rpc_2.JSONRPCErrorException && err.code !== LOCAL_FAILURE_CODE) {
-        throw new MoonrakerRpcError(method, err.code, err.message, err.data);
-      }
-      if (this.closed) throw unavailable(`the Moonraker connection closed while ${method} was pending`, method);
-      const reason = err instanceof Error ? err.message : String(err);
-      throw unavailable(`Moonraker did not answer ${method} (${reason}, limit ${limit} ms)`, method);
-    }
-  }
-  /** Sends a notification (no id, no answer on success). */
-  notify(method, params) {
-    if (this.isOpen) this.peer.notify(method, params, void 0);
-  }
-  close() {
-    this.transport?.close();
-  }
-  async sendPayload(payload) {
-    if (!this.transport || this.closed) throw new Error("the Moonraker connection is closed");
-    await this.transport.send(JSON.stringify(payload));
-  }
-  receive(message) {
-    let payload;
-    try {
-      payload = JSON.parse(message);
-    } catch {
-      this.log.warn({ message: message.slice(0, 200) }, "Moonraker sent a message that is not JSON; ignored");
-      return;
-    }
-    if (typeof payload !== "object" || payload === null) {
-      this.log.warn({ message: message.slice(0, 200) }, "Moonraker sent a message that is not JSON-RPC; ignored");
-      return;
-    }
-    this.peer.receiveAndSend(payload, void 0, void 0).catch((err) => {
-      this.log.debug({ err }, "could not process or answer a message from Moonraker");
-    });
-  }
-  handleClosed(error2) {
-    if (this.closed) return;
-    this.closed = true;
-    this.peer.rejectAllPendingRequests("the Moonraker connection closed");
-    for (const listener of this.closeListeners) listener(error2);
-  }
-};
-function unavailable(message, method) {
-  return new MoonflashError(
-    "MOONRAKER_UNAVAILABLE",
-    `${message}. Check that Moonraker is running; moonflash reconnects by itself.`,
-    { method }
-  );
-}
-
-// src/moonraker/session.ts
-var DEFAULT_BACKOFF_INITIAL_MS = 250;
-var DEFAULT_BACKOFF_MAX_MS = 1e4;
-var DEFAULT_REQUEST_TIMEOUT_MS = 3e4;
-var MAX_CONNECT_TIMEOUT_MS = 1e4;
-var KLIPPY_POLL_INITIAL_MS = 500;
-var KLIPPY_POLL_MAX_MS = 5e3;
-var DEFAULT_STOP_TIMEOUT_MS = 6e4;
-var DEFAULT_START_TIMEOUT_MS = 12e4;
-var SERVICE_REQUEST_GRACE_MS = 5e3;
-var SUBSCRIBED_OBJECTS = { webhooks: null, print_stats: null, idle_timeout: null };
-var MCU_OBJECT_FIELDS = ["mcu_version", "mcu_build_versions", "mcu_constants"];
-var MCU_SECTION = /^mcu(\s|$)/i;
-var DUPLICATE_AGENT = /already registered and connected/i;
-var AgentSession = class {
-  connectionId = null;
-  opts;
-  log;
-  endpointName;
-  tracker;
-  events = new EventEmitter();
-  waiters = /* @__PURE__ */ new Set();
-  backoffInitialMs;
-  backoffMaxMs;
-  requestTimeoutMs;
-  running = false;
-  /** The open connection (identified or still in the handshake); null between connections. */
-  peer = null;
-  /** The connection once Moonraker accepted our identify. */
-  callablePeer = null;
-  isIdentified = false;
-  connectAttempt = null;
-  attempts = 0;
-  reconnectDelayMs;
-  reconnectTimer = null;
-  socketWatcher = null;
-  /** Bumped on every start/stop of the Klipper poll so that a poll in flight from an older round ends. */
-  klippyPollRound = 0;
-  klippyPolling = false;
-  klippyPollDelayMs = KLIPPY_POLL_INITIAL_MS;
-  klippyPollTimer = null;
-  /** One warning per outage; the flag clears on the next successful identify. */
-  outageReported = false;
-  duplicateReported = false;
-  constructor(opts) {
-    this.opts = opts;
-    this.log = opts.logger;
-    this.endpointName = describeEndpoint(opts.endpoint);
-    this.tracker = new KlipperTracker(this.log);
-    this.backoffInitialMs = opts.backoff?.initialMs ?? DEFAULT_BACKOFF_INITIAL_MS;
-    this.backoffMaxMs = Math.max(opts.backoff?.maxMs ?? DEFAULT_BACKOFF_MAX_MS, this.backoffInitialMs);
-    this.requestTimeoutMs = opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
-    this.reconnectDelayMs = this.backoffInitialMs;
-    this.tracker.onChange(() => this.settleWaiters());
-  }
-  get identified() {
-    return this.isIdentified;
-  }
-  on(event, fn) {
-    this.events.on(event, fn);
-    return this;
-  }
-  off(event, fn) {
-    this.events.off(event, fn);
-    return this;
-  }
-  start() {
-    if (this.running) return;
-    this.running = true;
-    this.reconnectDelayMs = this.backoffInitialMs;
-    this.beginConnect();
-  }
-  /** Closes the connection and stops reconnecting; pending service waits fail with MOONRAKER_UNAVAILABLE. */
-  async stop() {
-    this.running = false;
-    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
-    this.reconnectTimer = null;
-    this.unwatchSocket();
-    this.stopKlippyPoll();
-    for (const waiter of [...this.waiters]) {
-      waiter.reject(unavailable2("the Moonraker session was stopped"));
-    }
-    const peer = this.peer;
-    if (peer?.isOpen) {
-      const closed = new Promise((resolve2) => peer.onClose(() => resolve2()));
-      peer.close();
-      await closed;
-    }
-    await this.connectAttempt;
-  }
-  // ---- PrinterPort -------------------------------------------------------------------------------------
-  state() {
-    return { ...this.tracker.state, services: { ...this.tracker.state.services } };
-  }
-  isPrinting() {
-    return this.tracker.isPrinting();
-  }
-  onStateChange(listener) {
-    return this.tracker.onChange(listener);
-  }
-  async stopService(service, timeoutMs = DEFAULT_STOP_TIMEOUT_MS) {
-    const peer = this.requirePeer();
-    const unit = service ?? this.tracker.state.klipperService;
-    const stopped = () => isStopped(this.tracker.state.services[unit]);
-    if (stopped()) return;
-    await this.serviceAction(peer, "stop", unit, stopped, timeoutMs);
-  }
-  async startService(service, timeoutMs = DEFAULT_START_TIMEOUT_MS) {
-    const peer = this.requirePeer();
-    const unit = service ?? this.tracker.state.klipperService;
-    const started = () => {
-      const state = this.tracker.state;
-      const klippyNeeded = unit === state.klipperService;
-      const klippyUp2 = state.klippyConnected && state.klippyState !== "startup";
-      return state.services[unit]?.active_state === "active" && (!klippyNeeded || klippyUp2);
-    };
-    if (started()) return;
-    if (unit === this.tracker.state.klipperService && this.klippyPolling) {
-      this.stopKlippyPoll();
-      this.startKlippyPoll();
-    }
-    await this.serviceAction(peer, "start", unit, started, timeoutMs);
-  }
-  async gcode(script) {
-    const peer = this.requirePeer();
-    try {
-      await peer.request("printer.gcode.script", { script });
-    } catch (err) {
-      if (err instanceof MoonrakerRpcError && (err.code === 503 || err.code === -32601)) {
-        throw klipperNotConnected(err.message);
-      }
-      throw requestFailed(err);
-    }
-  }
-  async sendEvent(event, data) {
-    await this.call("connection.send_event", data === void 0 ? { event } : { event, data });
-  }
-  async mcuReport() {
-    const peer = this.requirePeer();
-    if (!this.tracker.state.klippyConnected) return { hostVersion: null, mcus: [] };
-    try {
-      const listed = await peer.request("printer.objects.list");
-      const objectNames = (Array.isArray(listed.objects) ? listed.objects : []).filter(
-        (name) => typeof name === "string" && MCU_SECTION.test(name)
-      );
-      const query = { configfile: ["settings"] };
-      for (const name of objectNames) query[name] = MCU_OBJECT_FIELDS;
-      const queried = await peer.request("printer.objects.query", { objects: query });
-      const printerInfo = await peer.request("printer.info");
-      const status = asRecord(queried.status) ?? {};
-      const settings = asRecord(asRecord(status.configfile)?.settings) ?? {};
-      return {
-        hostVersion: typeof printerInfo.software_version === "string" ? printerInfo.software_version : null,
-        mcus: buildMcuList(objectNames, settings, status)
-      };
-    } catch (err) {
-      if (err instanceof MoonrakerRpcError && (err.code === 503 || err.code === -32601)) {
-        return { hostVersion: null, mcus: [] };
-      }
-      throw requestFailed(err);
-    }
-  }
-  async serialPeripherals() {
-    const result = asRecord(await this.call("machine.peripherals.serial"));
-    return Array.isArray(result?.serial_devices) ? result.serial_devices : [];
-  }
-  async canbusNodes(iface) {
-    const result = asRecord(await this.call("machine.peripherals.canbus", { interface: iface }));
-    return Array.isArray(result?.can_uuids) ? result.can_uuids : [];
-  }
-  // ---- connection lifecycle ------------------------------------------------------------------------------
-  beginConnect() {
-    this.reconnectTimer = null;
-    if (!this.running) return;
-    this.connectAttempt = this.connectOnce().finally(() => {
-      this.connectAttempt = null;
-    });
-  }
-  async connectOnce() {
-    const attempt = ++this.attempts;
-    const peer = new RpcPeer({
-      logger: this.log,
-      requestTimeoutMs: this.requestTimeoutMs,
-      connectTimeoutMs: Math.min(this.requestTimeoutMs, MAX_CONNECT_TIMEOUT_MS)
-    });
-    this.installHandlers(peer);
-    peer.onClose((error2) => this.handleClosed(peer, error2));
-    this.log.debug({ attempt, endpoint: this.endpointName }, "connecting to Moonraker");
-    try {
-      await peer.connect(this.opts.endpoint);
-    } catch (err) {
-      this.reportOutage(`cannot reach Moonraker at ${this.endpointName}: ${errorText(err)}; retrying`, err);
-      this.scheduleReconnect();
-      return;
-    }
-    if (!this.running) {
-      peer.close();
-      return;
-    }
-    this.peer = peer;
-    try {
-      await this.handshake(peer);
-    } catch (err) {
-      if (peer !== this.peer) return;
-      if (err instanceof MoonrakerRpcError && DUPLICATE_AGENT.test(err.message)) {
-        this.reportDuplicate();
-      } else {
-        this.reportOutage(`the Moonraker handshake failed: ${errorText(err)}; retrying`, err);
-      }
-      peer.close();
-    }
-  }
-  async handshake(peer) {
-    const { clientName, version: version2, url: url2 } = this.opts;
-    const identity = await peer.request("server.connection.identify", {
-      client_name: clientName,
-      version: version2,
-      type: "agent",
-      url: url2
-    });
-    this.callablePeer = peer;
-    for (const methodName of this.opts.methods) {
-      try {
-        await peer.request("connection.register_remote_method", { method_name: methodName });
-      } catch (err) {
-        if (!(err instanceof MoonrakerRpcError)) throw err;
-        this.log.error(
-          { method: methodName, reason: err.message },
-          `Moonraker refused the remote method '${methodName}'; macros cannot call it until the owner releases it`
-        );
-      }
-    }
-    await this.loadSystemInfo(peer);
-    await this.syncKlippy(peer);
-    if (peer !== this.peer) return;
-    this.isIdentified = true;
-    this.connectionId = typeof identity.connection_id === "number" ? identity.connection_id : null;
-    this.reconnectDelayMs = this.backoffInitialMs;
-    this.log.info(
-      { endpoint: this.endpointName, connectionId: this.connectionId },
-      this.outageReported ? "reconnected to Moonraker" : "connected to Moonraker"
-    );
-    this.outageReported = false;
-    this.duplicateReported = false;
-    this.tracker.moonrakerConnected();
-    this.unwatchSocket();
-    this.events.emit("identified");
-  }
-  handleClosed(peer, error2) {
-    if (peer !== this.peer) return;
-    this.peer = null;
-    const wasIdentified = this.isIdentified;
-    this.isIdentified = false;
-    this.connectionId = null;
-    this.stopKlippyPoll();
-    this.tracker.moonrakerLost();
-    for (const waiter of [...this.waiters]) {
-      waiter.reject(unavailable2("the Moonraker connection closed while waiting for a service to change state"));
-    }
-    if (wasIdentified) {
-      if (this.running) {
-        this.log.warn({ endpoint: this.endpointName, err: error2 }, "lost the Moonraker connection; reconnecting");
-        this.outageReported = true;
-      } else {
-        this.log.debug("Moonraker connection closed");
-      }
-      this.events.emit("disconnected");
-    }
-    this.scheduleReconnect();
-  }
-  scheduleReconnect() {
-    if (!this.running || this.reconnectTimer) return;
-    const jitter = 0.8 + Math.random() * 0.4;
-    const delay = Math.round(Math.min(this.reconnectDelayMs * jitter, this.backoffMaxMs));
-    this.reconnectDelayMs = Math.min(this.reconnectDelayMs * 2, this.backoffMaxMs);
-    this.log.debug({ delayMs: delay }, "reconnecting to Moonraker after a pause");
-    this.reconnectTimer = setTimeout(() => this.beginConnect(), delay);
-    this.watchSocket();
-  }
-  /**
-   * With the unix socket, Moonraker's restart is visible as its socket file being replaced: start the backoff over
-   * from its shortest pause instead of waiting out one that may have grown to 10 s. Not "connect now": a real
-   * Moonraker creates the file a moment before it accepts, and a refused attempt would earn the long pause again.
-   */
-  watchSocket() {
-    const endpoint = this.opts.endpoint;
-    if (endpoint.kind !== "unix" || this.socketWatcher) return;
-    try {
-      this.socketWatcher = watch(dirname4(endpoint.path), (_event, name) => {
-        if (name !== basename4(endpoint.path) || !this.reconnectTimer || !existsSync(endpoint.path)) return;
-        if (this.reconnectDelayMs <= this.backoffInitialMs * 2) return;
-        clearTimeout(this.reconnectTimer);
-        this.reconnectTimer = null;
-        this.reconnectDelayMs = this.backoffInitialMs;
-        this.log.debug("Moonraker's socket was replaced; retrying with a short pause");
-        this.scheduleReconnect();
-      });
-      this.socketWatcher.on("error", () => this.unwatchSocket());
-    } catch {
-    }
-  }
-  unwatchSocket() {
-    this.socketWatcher?.close();
-    this.socketWatcher = null;
-  }
-  reportOutage(message, err) {
-    if (this.outageReported) {
-      this.log.debug({ err }, message);
-      return;
-    }
-    this.outageReported = true;
-    this.log.warn({ endpoint: this.endpointName, reason: errorText(err) }, message);
-  }
-  reportDuplicate() {
-    if (this.duplicateReported) {
-      this.log.debug("Moonraker still has another agent with our name");
-      return;
-    }
-    this.duplicateReported = true;
-    this.outageReported = true;
-    this.log.error(
-      { name: this.opts.clientName },
-      `another moonflash agent is connected to Moonraker as '${this.opts.clientName}'; stop the other one (only one may run per printer). Retrying with backoff until it goes away.`
-    );
-  }
-  // ---- incoming calls and notifications ------------------------------------------------------------------
-  installHandlers(peer) {
-    for (const method of this.opts.methods) {
-      peer.handle(method, (call) => this.dispatchCall(call));
-    }
-    const current = () => peer === this.peer;
-    peer.handle("notify_klippy_ready", async () => {
-      if (!current()) return;
-      this.tracker.klippyReady();
-      await this.subscribe(peer).catch((err) => this.log.debug({ err }, "subscribing after ready failed"));
-    });
-    peer.handle("notify_klippy_shutdown", async () => {
-      if (!current()) return;
-      this.tracker.klippyShutdown();
-      this.startKlippyPoll();
-    });
-    peer.handle("notify_klippy_disconnected", async () => {
-      if (!current()) return;
-      this.tracker.klippyDisconnected();
-      this.startKlippyPoll();
-    });
-    peer.handle("notify_status_update", async ({ params }) => {
-      const status = Array.isArray(params) ? asRecord(params[0]) : void 0;
-      if (current() && status) this.tracker.status(status);
-    });
-    peer.handle("notify_service_state_changed", async ({ params }) => {
-      const changes = Array.isArray(params) ? asRecord(params[0]) : void 0;
-      if (current() && changes) this.tracker.serviceStateChanged(toServiceStates(changes));
-    });
-  }
-  /** Requests (server.extensions.request) get a non-null result; macro notifications never get an answer. */
-  async dispatchCall(call) {
-    const params = call.params === void 0 || call.params === null ? {} : asRecord(call.params);
-    if (!params) {
-      throw new MoonflashError(
-        "INVALID_PARAMS",
-        `${call.method} takes named arguments (a JSON object), not a list. Pass {"name": value, ...}.`,
-        { method: call.method }
-      );
-    }
-    const viaMacro = !call.expectsReply;
-    this.log.debug({ method: call.method, viaMacro }, "call from Moonraker");
-    const result = await this.opts.onCall(call.method, params, { viaMacro });
-    if (viaMacro) return void 0;
-    return result ?? "ok";
-  }
-  // ---- Klipper state ------------------------------------------------------------------------------------
-  async loadSystemInfo(peer) {
-    try {
-      const result = await peer.request("machine.system_info");
-      if (peer === this.peer) this.tracker.systemInfo(asRecord(result.system_info) ?? {});
-    } catch (err) {
-      if (!(err instanceof MoonrakerRpcError)) throw err;
-      this.log.warn({ reason: err.message }, "machine.system_info failed; assuming the Klipper unit is 'klipper'");
-    }
-  }
-  async syncKlippy(peer) {
-    const info = await peer.request("server.info");
-    if (peer !== this.peer) return;
-    this.tracker.serverInfo(info);
-    if (info.klippy_connected === true && info.klippy_state === "ready") await this.subscribe(peer);
-    else {
-      await this.readStateMessage(peer, info);
-      this.startKlippyPoll();
-    }
-  }
-  /** Klipper connected but not ready (startup, error, shutdown): its state message says why, e.g. MCU Protocol error. */
-  async readStateMessage(peer, info) {
-    if (info.klippy_connected !== true) return;
-    try {
-      const printer = await peer.request("printer.info");
-      if (peer === this.peer) this.tracker.printerInfo(printer);
-    } catch (err) {
-      this.log.debug({ err }, "printer.info failed while Klipper is not ready");
-    }
-  }
-  /** Moonraker drops subscriptions whenever Klipper disconnects, so this runs after every ready. */
-  async subscribe(peer) {
-    this.stopKlippyPoll();
-    try {
-      const result = await peer.request("printer.objects.subscribe", {
-        objects: SUBSCRIBED_OBJECTS
-      });
-      const status = asRecord(result.status);
-      if (peer === this.peer && status) this.tracker.status(status);
-    } catch (err) {
-      if (!(err instanceof MoonrakerRpcError)) throw err;
-      this.log.debug({ reason: err.message }, "subscribing to Klipper objects failed; polling server.info");
-      if (peer === this.peer) this.startKlippyPoll();
-    }
-  }
-  startKlippyPoll() {
-    if (this.klippyPolling || !this.peer) return;
-    this.klippyPolling = true;
-    this.klippyPollDelayMs = KLIPPY_POLL_INITIAL_MS;
-    this.scheduleKlippyPoll(++this.klippyPollRound);
-  }
-  stopKlippyPoll() {
-    this.klippyPolling = false;
-    this.klippyPollRound++;
-    if (this.klippyPollTimer) clearTimeout(this.klippyPollTimer);
-    this.klippyPollTimer = null;
-  }
-  scheduleKlippyPoll(round) {
-    const delay = this.klippyPollDelayMs;
-    this.klippyPollDelayMs = Math.min(this.klippyPollDelayMs * 2, KLIPPY_POLL_MAX_MS);
-    this.klippyPollTimer = setTimeout(() => void this.pollKlippy(round), delay);
-  }
-  async pollKlippy(round) {
-    this.klippyPollTimer = null;
-    const peer = this.peer;
-    const stillPolling = () => round === this.klippyPollRound && peer === this.peer;
-    if (!peer || !stillPolling()) return;
-    try {
-      const info = await peer.request("server.info");
-      if (!stillPolling()) return;
-      this.tracker.serverInfo(info);
-      if (info.klippy_connected === true && info.klippy_state === "ready") {
-        await this.subscribe(peer);
-        return;
-      }
-      await this.readStateMessage(peer, info);
-    } catch (err) {
-      this.log.debug({ err }, "polling server.info failed");
-    }
-    if (stillPolling()) this.scheduleKlippyPoll(round);
-  }
-  // ---- services -----------------------------------------------------------------------------------------
-  async serviceAction(peer, action, unit, reached, timeoutMs) {
-    const wanted = action === "stop" ? "stopped" : "running";
-    const wait = this.waitForState(reached, timeoutMs, () => {
-      const seconds = Math.round(timeoutMs / 100) / 10;
-      return new MoonflashError(
-        "SERVICE_TIMEOUT",
-        `Moonraker did not report the service '${unit}' ${wanted} within ${seconds} s. Check the service (e.g. systemctl status ${unit}) and Moonraker's log, then try again.`,
-        { service: unit, action, timeoutMs }
-      );
-    });
-    const request = peer.request(`machine.services.${action}`, { service: unit }, timeoutMs + SERVICE_REQUEST_GRACE_MS).then(
-      () => void 0,
-      (err) => {
-        if (err instanceof MoonrakerRpcError) {
-          throw new MoonflashError(
-            "SERVICE_FAILED",
-            `Moonraker could not ${action} the service '${unit}': ${err.message}. Check that '${unit}' is listed in moonraker.asvc and that Moonraker may manage it.`,
-            { service: unit, action, rpcCode: err.code }
-          );
-        }
-        throw err;
-      }
-    );
-    try {
-      await Promise.all([request, wait.promise]);
-    } finally {
-      wait.cancel();
-    }
-  }
-  waitForState(reached, timeoutMs, timeoutError) {
-    let waiter;
-    const finish = () => {
-      clearTimeout(timer);
-      this.waiters.delete(waiter);
-    };
-    const promise = new Promise((resolve2, reject) => {
-      waiter = {
-        check: reached,
-        resolve: () => {
-          finish();
-          resolve2();
-        },
-        reject: (err) => {
-          finish();
-          reject(err);
-        }
-      };
-    });
-    this.waiters.add(waiter);
-    const timer = setTimeout(() => waiter.reject(timeoutError()), timeoutMs);
-    return { promise, cancel: finish };
-  }
-  settleWaiters() {
-    for (const waiter of [...this.waiters]) {
-      if (waiter.check()) waiter.resolve();
-    }
-  }
-  // ---- helpers ------------------------------------------------------------------------------------------
-  requirePeer() {
-    if (!this.peer || this.callablePeer !== this.peer) {
-      throw unavailable2(`moonflash is not connected to Moonraker at ${this.endpointName} right now`);
-    }
-    return this.peer;
-  }
-  async call(method, params) {
-    const peer = this.requirePeer();
-    try {
-      return await peer.request(method, params);
-    } catch (err) {
-      throw requestFailed(err);
-    }
-  }
-};
-function isStopped(state) {
-  return state?.active_state === "inactive" || state?.active_state === "failed";
-}
-function toServiceStates(changes) {
-  const states = {};
-  for (const [name, value2] of Object.entries(changes)) {
-    const entry = asRecord(value2);
-    if (typeof entry?.active_state !== "string") continue;
-    states[name] = {
-      active_state: entry.active_state,
-      sub_state: typeof entry.sub_state === "string" ? entry.sub_state : ""
-    };
-  }
-  return states;
-}
-function buildMcuList(objectNames, settings, status) {
-  const sections = /* @__PURE__ */ new Map();
-  for (const name of objectNames) sections.set(name.toLowerCase(), name);
-  for (const key of Object.keys(settings)) {
-    if (MCU_SECTION.test(key) && !sections.has(key.toLowerCase())) sections.set(key.toLowerCase(), key);
-  }
-  return [...sections].map(
-    ([key, section]) => toMcuInfo(section, asRecord(settings[key]) ?? {}, asRecord(status[section]) ?? {})
-  );
-}
-function toMcuInfo(section, settings, object2) {
-  const name = section.replace(MCU_SECTION, "").trim();
-  const info = { section, name: name === "" ? "mcu" : name };
-  const text = (value2) => typeof value2 === "string" && value2 !== "" ? value2 : void 0;
-  const serial = text(settings.serial);
-  if (serial) info.serial = serial;
-  const canbusUuid2 = text(settings.canbus_uuid);
-  if (canbusUuid2) info.canbusUuid = canbusUuid2;
-  const canbusInterface = text(settings.canbus_interface);
-  if (canbusInterface) info.canbusInterface = canbusInterface;
-  const baud = typeof settings.baud === "string" ? Number(settings.baud) : settings.baud;
-  if (typeof baud === "number" && Number.isFinite(baud)) info.baud = baud;
-  const restartMethod = text(settings.restart_method);
-  if (restartMethod) info.restartMethod = restartMethod;
-  const mcuVersion = text(object2.mcu_version);
-  if (mcuVersion) info.mcuVersion = mcuVersion;
-  const buildVersions = text(object2.mcu_build_versions);
-  if (buildVersions) info.mcuBuildVersions = buildVersions;
-  const mcuType = text(asRecord(object2.mcu_constants)?.MCU);
-  if (mcuType) info.mcuType = mcuType;
-  return info;
-}
-function unavailable2(message) {
-  return new MoonflashError(
-    "MOONRAKER_UNAVAILABLE",
-    `${message}. Check that Moonraker is running; moonflash reconnects by itself.`
-  );
-}
-function klipperNotConnected(reason) {
-  return new MoonflashError(
-    "KLIPPER_NOT_CONNECTED",
-    `Klipper is not connected to Moonraker (${reason}). Start Klipper (or wait until it is up) and try again.`
-  );
-}
-function requestFailed(err) {
-  if (!(err instanceof MoonrakerRpcError)) return err;
-  return new MoonflashError(
-    "MOONRAKER_REQUEST_FAILED",
-    `Moonraker answered ${err.method} with an error: ${err.message}. See Moonraker's log for details.`,
-    { method: err.method, rpcCode: err.code, data: err.data }
-  );
-}
-function errorText(err) {
-  return err instanceof Error ? err.message : String(err);
-}
-
-// src/flash/guard.ts
-import { readFile as readFile4 } from "node:fs/promises";
-var SHUTDOWN_SIGNALS = ["SIGINT", "SIGTERM"];
-function assertNotPrinting(printer) {
-  if (!printer.isPrinting()) return;
-  const printState = printer.state().printState ?? "printing";
-  throw new MoonflashError(
-    "PRINTER_BUSY",
-    `The printer is printing (print_stats: ${printState}). Flashing stops Klipper; wait for the print to end or cancel it.`,
-    { printState, idleState: printer.state().idleState }
-  );
-}
-function klipperIsRunning(printer) {
-  const state = printer.state();
-  const unit = state.services[state.klipperService];
-  if (unit) return unit.active_state === "active" || unit.active_state === "activating" || unit.active_state === "reloading";
-  if (state.klippyConnected) return true;
-  if (!state.moonrakerConnected) {
-    throw new MoonflashError(
-      "MOONRAKER_UNAVAILABLE",
-      "moonflash has no Moonraker connection, so it cannot stop Klipper before flashing. Check that Moonraker runs and moonflash.conf's moonraker_socket, then try again.",
-      { klipperService: state.klipperService }
-    );
-  }
-  return false;
-}
-function parseJournal(text) {
-  try {
-    const j = JSON.parse(text);
-    if (typeof j.jobId !== "string" || typeof j.klipperService !== "string" || typeof j.klipperWasRunning !== "boolean") return null;
-    return j;
-  } catch {
-    return null;
-  }
-}
-async function readJournal(dataDir) {
-  let text;
-  try {
-    text = await readFile4(dataPaths(dataDir).journal, "utf8");
-  } catch (err) {
-    if (err.code === "ENOENT") return null;
-    throw toMoonflashError(err);
-  }
-  return parseJournal(text) ?? {
-    jobId: "unknown",
-    kind: "flash",
-    target: "unknown",
-    pid: 0,
-    startedAt: (/* @__PURE__ */ new Date(0)).toISOString(),
-    klipperService: "klipper",
-    klipperWasRunning: true
-  };
-}
-async function withKlipperStopped(printer, journalPath, opts, work) {
-  assertNotPrinting(printer);
-  const { logger } = opts;
-  const klipperService = printer.state().klipperService;
-  let klipperWasRunning = klipperIsRunning(printer);
-  const leftover = await readJournalFile(journalPath);
-  if (leftover) {
-    logger.warn({ journal: leftover }, "an earlier job's journal is still present; Klipper will be started after this job if it ran then");
-    klipperWasRunning ||= leftover.klipperWasRunning;
-  }
-  const journal = {
-    jobId: opts.jobId,
-    kind: opts.kind,
-    target: opts.target,
-    pid: process.pid,
-    startedAt: (/* @__PURE__ */ new Date()).toISOString(),
-    klipperService,
-    klipperWasRunning
-  };
-  await writeFileDurable(journalPath, `${JSON.stringify(journal, null, 2)}
-`);
-  const shutdown = new AbortController();
-  let caughtSignal = null;
-  const onSignal = (signal) => {
-    if (caughtSignal) return;
-    caughtSignal = signal;
-    logger.warn(`${signal} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
-    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal}).`));
-  };
-  const handlers = SHUTDOWN_SIGNALS.map((signal) => [signal, () => onSignal(signal)]);
-  for (const [signal, handler] of handlers) process.on(signal, handler);
-  let klipperRestart = null;
-  try {
-    let value2;
-    try {
-      if (klipperWasRunning) {
-        logger.info(`stopping ${klipperService}`);
-        opts.onStage?.("stop-klipper", `stopping ${klipperService}`);
-        try {
-          await printer.stopService(klipperService, opts.serviceTimeoutMs);
-        } catch (err) {
-          const e = toMoonflashError(err, "SERVICE_FAILED");
-          throw new MoonflashError(e.code, `Stopping Klipper did not complete, so nothing was written to the board: ${e.message}`, e.details, { cause: e });
-        }
-      }
-      if (shutdown.signal.aborted) throw shutdown.signal.reason;
-      value2 = await work(shutdown.signal);
-    } catch (err) {
-      const error2 = toMoonflashError(err);
-      klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
-      if (klipperRestart) error2.details.klipperRestart = klipperRestart;
-      if (klipperRestart && !klipperRestart.ok) {
-        throw new MoonflashError(error2.code, `${error2.message} ${stillStoppedNote(klipperService)}`, error2.details, { cause: error2 });
-      }
-      throw error2;
-    }
-    klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
-    if (klipperRestart && !klipperRestart.ok) {
-      throw new MoonflashError(
-        klipperRestart.code,
-        `The ${opts.kind} job finished, but moonflash could not confirm that Klipper runs: ${klipperRestart.message} ${stillStoppedNote(klipperService)}`,
-        { klipperRestart, result: value2 }
-      );
-    }
-    return { value: value2, klipperWasRunning, klipperRestart };
-  } finally {
-    await settleJournal(journalPath, journal, klipperRestart, logger);
-    for (const [signal, handler] of handlers) process.removeListener(signal, handler);
-    if (caughtSignal && process.listenerCount(caughtSignal) === 0) process.kill(process.pid, caughtSignal);
-  }
-}
-function stillStoppedNote(service) {
-  return `moonflash keeps checking, starts ${service} if it is stopped and says so here once it runs; you can also start it from the web UI (Machine \u2192 Services \u2192 ${service}) or with \`sudo systemctl start ${service}\`.`;
-}
-async function settleJournal(path6, journal, restart, logger) {
-  try {
-    if (restart === null || restart.ok) await removeDurable(path6);
-    else await writeFileDurable(path6, `${JSON.stringify({ ...journal, restartPending: true }, null, 2)}
-`);
-  } catch (err) {
-    logger.error({ err }, `could not update the journal ${path6}`);
-  }
-}
-async function readJournalFile(path6) {
-  try {
-    return parseJournal(await readFile4(path6, "utf8"));
-  } catch {
-    return null;
-  }
-}
-async function restartKlipper(printer, service, wasRunning, opts) {
-  if (!wasRunning) return null;
-  opts.logger.info(`starting ${service}`);
-  opts.onStage?.("start-klipper", `starting ${service}`);
-  const outcome = await bringKlipperBack(printer, service, { timeoutMs: opts.serviceTimeoutMs, logger: opts.logger });
-  if (!outcome.ok) opts.logger.error({ outcome }, `could not start ${service} again yet: ${outcome.message}`);
-  return outcome;
-}
-var MAX_FRESH_WAITS = 3;
-var RETRY_PAUSE_MS = 1e3;
-var serviceActive = (state, service) => state.services[service]?.active_state === "active";
-var serviceStarting = (state, service) => {
-  const unit = state.services[service];
-  return unit?.active_state === "activating" || unit?.sub_state === "starting";
-};
-var klippyUp = (state) => state.moonrakerConnected && state.klippyConnected && state.klippyState !== "startup" && state.klippyState !== "disconnected";
-function waitForPrinter(printer, pred, timeoutMs) {
-  if (pred(printer.state())) return Promise.resolve(true);
-  if (timeoutMs <= 0) return Promise.resolve(false);
-  return new Promise((resolve2) => {
-    const finish = (value2) => {
-      clearTimeout(timer);
-      off();
-      resolve2(value2);
-    };
-    const timer = setTimeout(() => finish(false), timeoutMs);
-    const off = printer.onStateChange((state) => {
-      if (pred(state)) finish(true);
-    });
-  });
-}
-var pause = (ms) => new Promise((resolve2) => setTimeout(resolve2, Math.max(0, ms)));
-async function bringKlipperBack(printer, service, opts) {
-  const { timeoutMs, logger } = opts;
-  let deadline = Date.now() + timeoutMs;
-  let freshWaits = 0;
-  let last = null;
-  for (; ; ) {
-    const remaining = deadline - Date.now();
-    if (remaining <= 0) break;
-    if (!printer.state().moonrakerConnected) {
-      logger.warn(`Moonraker is not connected; waiting for it to start ${service}`);
-      if (!await waitForPrinter(printer, (s) => s.moonrakerConnected, remaining)) {
-        last = new MoonflashError(
-          "MOONRAKER_UNAVAILABLE",
-          `Moonraker was not reachable for ${Math.round(timeoutMs / 1e3)} s, so ${service} could not be started.`,
-          { service }
-        );
-        break;
-      }
-      if (freshWaits++ < MAX_FRESH_WAITS) deadline = Date.now() + timeoutMs;
-      continue;
-    }
-    if (serviceStarting(printer.state(), service)) {
-      await waitForPrinter(printer, (s) => !s.moonrakerConnected || !serviceStarting(s, service), deadline - Date.now());
-      continue;
-    }
-    if (serviceActive(printer.state(), service)) {
-      if (!await waitForPrinter(printer, klippyUp, deadline - Date.now())) {
-        logger.warn(`${service} runs but Klipper has not reported ready or an error yet`);
-      }
-      return { ok: true };
-    }
-    try {
-      await printer.startService(service, remaining);
-      return { ok: true };
-    } catch (err) {
-      last = toMoonflashError(err, "SERVICE_FAILED");
-      logger.warn({ code: last.code }, `starting ${service} did not complete: ${last.message}`);
-      if (last.code === "SERVICE_TIMEOUT") break;
-      if (printer.state().moonrakerConnected) await pause(Math.min(RETRY_PAUSE_MS, deadline - Date.now()));
-    }
-  }
-  const reason = last ?? new MoonflashError("SERVICE_TIMEOUT", `${service} did not start within ${Math.round(timeoutMs / 1e3)} s.`);
-  return { ok: false, code: reason.code, message: reason.message, pending: true };
-}
-async function recoverInterruptedJob(dataDir, printer, runner, logger, opts = {}) {
-  const journal = await readJournal(dataDir);
-  if (!journal) return null;
-  const paths = dataPaths(dataDir);
-  if (journal.pid !== process.pid && isProcessAlive(journal.pid) && !journal.restartPending) {
-    logger.info({ journal }, `job ${journal.jobId} is still running in process ${journal.pid}; nothing to recover`);
-    return null;
-  }
-  logger.warn({ journal }, journal.restartPending ? `Klipper is still to be started after job ${journal.jobId}; starting it` : `job ${journal.jobId} on ${journal.target} was interrupted while Klipper was stopped; recovering`);
-  if (journal.klipperWasRunning) {
-    const restart = await bringKlipperBack(printer, journal.klipperService, { timeoutMs: opts.serviceTimeoutMs ?? 9e4, logger });
-    if (!restart.ok) throw new MoonflashError(restart.code, restart.message, { journal });
-    logger.info(`started ${journal.klipperService} again after job ${journal.jobId}`);
-  }
-  const stale = await clearStaleJobLock(paths.lock);
-  if (stale) logger.info({ lock: stale }, `removed the job lock of the dead process ${stale.pid}`);
-  const ref = { id: journal.jobId, kind: journal.kind, target: journal.target, startedAt: journal.startedAt };
-  if (journal.restartPending) {
-    runner.notice(ref, `Klipper is running again (moonflash could not confirm it when this ${journal.kind} job ended).`);
-  } else {
-    const started = journal.klipperWasRunning ? " Klipper was started again." : "";
-    await runner.interrupted({
-      ...ref,
-      message: `moonflash stopped while this ${journal.kind} job ran (started ${journal.startedAt}).${started} The board may hold a partial image and wait in its bootloader: run the same flash again.`
-    });
-  }
-  await removeDurable(paths.journal);
-  return { journal, klipperStarted: journal.klipperWasRunning };
-}
-
 // src/flash/engine.ts
-import { existsSync as existsSync2 } from "node:fs";
-import { readFile as readFile7, readlink as readlink2, realpath as realpath3, stat as stat9 } from "node:fs/promises";
-import { join as join5, resolve } from "node:path";
+import { existsSync } from "node:fs";
+import { readFile as readFile6, readlink as readlink2, realpath as realpath2, stat as stat7 } from "node:fs/promises";
+import { join as join4, resolve } from "node:path";
 
 // src/flash/discovery.ts
 import { readdir, readFile as readFile5, readlink, realpath, stat as stat3 } from "node:fs/promises";
 import path2 from "node:path";
 
-// src/flash/methods/process.ts
+// src/core/tool.ts
 import { constants as fsConstants } from "node:fs";
 import { access as access2, stat as stat2 } from "node:fs/promises";
 import path from "node:path";
@@ -10038,7 +9102,7 @@ async function runTool(options) {
   }
   const stdoutTail = [];
   const stderrTail = [];
-  const { execa } = await import("./execa-WYLBMD5O.mjs");
+  const { execa } = await import("./execa.mjs");
   const subprocess = execa(options.command, [...options.args], {
     cwd: options.cwd,
     timeout: options.timeoutMs,
@@ -10121,35 +9185,35 @@ var USB_IDS = [
     productId: "614e",
     kind: "klipper",
     label: "Klipper (USB)",
-    source: "Klipper src/Kconfig USB_DEVICE_ID default; Katapult scripts/flashtool.py KLIPPER_USB_ID (flashing.md \xA72.1)"
+    source: "Klipper src/Kconfig USB_DEVICE_ID default; Katapult scripts/flashtool.py KLIPPER_USB_ID"
   },
   {
     vendorId: "1d50",
     productId: "6177",
     kind: "katapult",
     label: "Katapult bootloader (USB)",
-    source: "Katapult src/Kconfig USB_DEVICE_ID; flashtool.py KATAPULT_USB_ID; Moonraker utils/sysfs_devs.py (flashing.md \xA72.1)"
+    source: "Katapult src/Kconfig USB_DEVICE_ID; flashtool.py KATAPULT_USB_ID; Moonraker utils/sysfs_devs.py"
   },
   {
     vendorId: "1d50",
     productId: "606f",
     kind: "usb-can-bridge",
     label: "Klipper USB-CAN bridge",
-    source: "Klipper src/Kconfig USB_DEVICE_ID for USBCANBUS; flashtool.py _search_canbus_bridge (flashing.md \xA72.2)"
+    source: "Klipper src/Kconfig USB_DEVICE_ID for USBCANBUS; flashtool.py _search_canbus_bridge"
   },
   {
     vendorId: "4348",
     productId: "55e0",
     kind: "wch-isp",
     label: "WCH ISP bootloader (USB)",
-    source: "ch32-rs/wchisp src/transport/usb.rs device ids (flashing.md \xA75.1)"
+    source: "ch32-rs/wchisp src/transport/usb.rs device ids"
   },
   {
     vendorId: "1a86",
     productId: "55e0",
     kind: "wch-isp",
     label: "WCH ISP bootloader (USB)",
-    source: "ch32-rs/wchisp src/transport/usb.rs device ids (flashing.md \xA75.1)"
+    source: "ch32-rs/wchisp src/transport/usb.rs device ids"
   },
   {
     vendorId: "0483",
@@ -10163,14 +9227,14 @@ var USB_IDS = [
     productId: "0003",
     kind: "rp2-boot",
     label: "RP2040 BOOTSEL",
-    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id (flashing.md \xA74.1)"
+    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id"
   },
   {
     vendorId: "2e8a",
     productId: "000f",
     kind: "rp2-boot",
     label: "RP2350 BOOTSEL",
-    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id for rp2350 (flashing.md \xA74.1)"
+    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id for rp2350"
   },
   {
     vendorId: "1a86",
@@ -10384,25 +9448,46 @@ async function discoverDevices(opts = {}) {
     }
   }
   const holders = await findHolders(procRoot, new Set(byRealPath.keys()));
-  const devices = [];
-  for (const draft of byRealPath.values()) {
-    const mcuType = draft.byId ? parseMcuTypeFromById(draft.byId) : void 0;
-    let { kind, label } = classifyUsbDevice(draft);
-    if (kind === "unknown" && draft.byId) {
-      const runs = /^usb-(klipper|katapult|canboot)_/i.exec(path2.basename(draft.byId))?.[1]?.toLowerCase();
-      if (runs === "klipper") ({ kind, label } = classifyUsbDevice({ manufacturer: "klipper" }));
-      if (runs === "katapult" || runs === "canboot") ({ kind, label } = classifyUsbDevice({ manufacturer: "katapult" }));
-    }
-    const device = { ...draft, kind, label };
-    if (mcuType) device.mcuType = mcuType;
-    const holder = holders.get(draft.path);
-    if (holder) device.heldBy = holder;
-    for (const key of Object.keys(device)) {
-      if (device[key] === void 0) delete device[key];
-    }
-    devices.push(device);
+  return [...byRealPath.values()].map((draft) => classify(draft, holders.get(draft.path))).sort((a, b) => a.path.localeCompare(b.path));
+}
+function classify(draft, heldBy) {
+  const mcuType = draft.byId ? parseMcuTypeFromById(draft.byId) : void 0;
+  let { kind, label } = classifyUsbDevice(draft);
+  if (kind === "unknown" && draft.byId) {
+    const runs = /^usb-(klipper|katapult|canboot)_/i.exec(path2.basename(draft.byId))?.[1]?.toLowerCase();
+    if (runs === "klipper") ({ kind, label } = classifyUsbDevice({ manufacturer: "klipper" }));
+    if (runs === "katapult" || runs === "canboot") ({ kind, label } = classifyUsbDevice({ manufacturer: "katapult" }));
   }
-  return devices.sort((a, b) => a.path.localeCompare(b.path));
+  const device = { ...draft, kind, label };
+  if (mcuType) device.mcuType = mcuType;
+  if (heldBy) device.heldBy = heldBy;
+  for (const key of Object.keys(device)) {
+    if (device[key] === void 0) delete device[key];
+  }
+  return device;
+}
+async function identifyDevice(devicePath, opts = {}) {
+  const devRoot = opts.devRoot ?? "/dev";
+  const sysRoot = opts.sysRoot ?? "/sys";
+  const real = await resolveDevicePath(devicePath);
+  if (!real) return null;
+  const draft = { path: real, ...await readUsbParent(path2.join(sysRoot, "class", "tty", path2.basename(real), "device"), sysRoot) };
+  draft.byId = (await scanLinks(path2.join(devRoot, "serial", "by-id"))).find(([, target]) => target === real)?.[0];
+  draft.byPath = (await scanLinks(path2.join(devRoot, "serial", "by-path"))).find(([, target]) => target === real)?.[0];
+  return classify(draft);
+}
+function reenumerationCandidates(devicePath, device) {
+  const candidates = [devicePath];
+  const add = (candidate) => {
+    if (candidate && !candidates.includes(candidate)) candidates.push(candidate);
+  };
+  for (const byId of [devicePath, device?.byId]) {
+    if (byId && path2.basename(byId).includes("usb-Klipper_")) {
+      add(path2.join(path2.dirname(byId), path2.basename(byId).replace("usb-Klipper_", "usb-katapult_")));
+    }
+  }
+  add(device?.byPath);
+  return candidates;
 }
 async function mapDevicesToMcus(devices, mcus) {
   const sectionByPath = /* @__PURE__ */ new Map();
@@ -10475,11 +9560,10 @@ async function discoverCanNodes(opts) {
 }
 
 // src/flash/katapult/flasher.ts
-import { readFile as readFile6, readdir as readdir2, realpath as realpath2, stat as stat5 } from "node:fs/promises";
-import { basename as basename5, dirname as dirname5, join as join4 } from "node:path";
+import { stat as stat5 } from "node:fs/promises";
 
 // src/flash/link.ts
-import { readSync, writeSync } from "node:fs";
+import { fstatSync, readSync, statSync, writeSync } from "node:fs";
 import { stat as stat4 } from "node:fs/promises";
 var ByteLinkBase = class {
   dataListeners = /* @__PURE__ */ new Set();
@@ -10509,33 +9593,94 @@ var ByteLinkBase = class {
   }
 };
 async function openSerialLink(path6, baud, options = {}) {
-  const port = await openPort(path6, baud, options.lock ?? true);
-  return new SerialByteLink(path6, port);
+  const port = await openSerialPort(path6, baud, { lock: options.lock ?? true });
+  const access5 = options.ignoreBindingInternals ? { missing: "ignored by the caller" } : directAccess(port, path6);
+  if ("polled" in access5) return new PolledSerialLink(path6, access5.polled);
+  announceFallback(options.logger, path6, access5.missing);
+  return new BindingSerialLink(path6, port);
 }
-async function requestUsbBootloader(path6) {
-  const port = await openPort(path6, 1200, false);
-  await port.set(modemLines(true)).catch(() => void 0);
-  await port.set(modemLines(false)).catch(() => void 0);
-  await closePort(port);
-}
-function modemLines(dtr) {
-  return { brk: false, cts: false, dtr, rts: true };
-}
-async function sendSerialBootloaderRequest(path6, baud) {
-  const port = await openPort(path6, baud, true);
+async function openSerialPort(path6, baud, options) {
   try {
-    await port.write(Buffer.from(SERIAL_BOOTLOADER_REQUEST));
-    await port.drain();
-  } finally {
-    await closePort(port);
+    await stat4(path6);
+  } catch (err) {
+    throw new MoonflashError(
+      "DEVICE_NOT_FOUND",
+      `No serial device at ${path6}. Check the cable and the [mcu] serial setting (ls /dev/serial/by-id/).`,
+      { device: path6 },
+      { cause: err }
+    );
+  }
+  const { SerialPort } = await import("serialport");
+  try {
+    return await SerialPort.binding.open({ path: path6, baudRate: baud, lock: options.lock });
+  } catch (err) {
+    throw openError(path6, err);
   }
 }
+function closeSerialPort(port) {
+  return port.isOpen ? port.close().catch(() => void 0) : Promise.resolve();
+}
+function directAccess(port, path6) {
+  const { fd, poller } = port;
+  if (typeof fd !== "number" || !Number.isInteger(fd) || fd < 0) return { missing: `the binding has no file descriptor (fd: ${String(fd)})` };
+  if (typeof poller?.once !== "function") return { missing: "the binding has no poller with once()" };
+  try {
+    if (fstatSync(fd).rdev !== statSync(path6).rdev) return { missing: `the binding's fd ${fd} is not ${path6}` };
+  } catch (err) {
+    return { missing: `the binding's fd ${fd} cannot be examined (${err.message})` };
+  }
+  return { polled: port };
+}
+var fallbackAnnounced = /* @__PURE__ */ new WeakSet();
+function announceFallback(logger, path6, reason) {
+  if (!logger || fallbackAnnounced.has(logger)) return;
+  fallbackAnnounced.add(logger);
+  logger.warn(
+    { device: path6, reason },
+    `Serial I/O uses serialport's public read/write (slower per exchange): ${reason}. Run npm ci in the moonflash directory to get the pinned @serialport/bindings-cpp back.`
+  );
+}
 var RETRY_CODES = /* @__PURE__ */ new Set(["EAGAIN", "EWOULDBLOCK", "EINTR"]);
-var SerialByteLink = class extends ByteLinkBase {
+var SerialLink = class extends ByteLinkBase {
   constructor(description, port) {
     super();
     this.description = description;
     this.port = port;
+  }
+  description;
+  port;
+  closing;
+  lastWrite = Promise.resolve();
+  write(bytes) {
+    const written = this.lastWrite.then(() => this.writeWhole(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)));
+    this.lastWrite = written.catch(() => void 0);
+    return written;
+  }
+  async close() {
+    await this.release();
+    this.markClosed();
+  }
+  /** Closed, closing or lost: no more reads or writes. */
+  get stopped() {
+    return !this.isOpen || this.closing !== void 0;
+  }
+  /** The device went away: report it once and release the port. */
+  lost(error2) {
+    if (this.stopped) return;
+    this.markClosed(error2);
+    void this.release();
+  }
+  /** Closes the port once; the binding then cancels our pending waits (ignored, we asked for it). */
+  release() {
+    this.closing ??= closeSerialPort(this.port);
+    return this.closing;
+  }
+};
+var PolledSerialLink = class extends SerialLink {
+  readBuffer = Buffer.allocUnsafe(4096);
+  writableWaiters = /* @__PURE__ */ new Set();
+  constructor(description, port) {
+    super(description, port);
     this.onClose(() => {
       for (const wake of [...this.writableWaiters]) wake();
     });
@@ -10544,16 +9689,10 @@ var SerialByteLink = class extends ByteLinkBase {
     });
     this.armRead();
   }
-  description;
-  port;
-  readBuffer = Buffer.allocUnsafe(4096);
-  writableWaiters = /* @__PURE__ */ new Set();
-  closing;
-  async write(bytes) {
-    const buffer = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  async writeWhole(buffer) {
     let offset = 0;
     while (offset < buffer.length) {
-      if (!this.isOpen || this.closing || this.port.fd === null) throw linkClosedError(this.description);
+      if (this.stopped || this.port.fd === null) throw linkClosedError(this.description);
       try {
         offset += writeSync(this.port.fd, buffer, offset);
       } catch (err) {
@@ -10565,15 +9704,6 @@ var SerialByteLink = class extends ByteLinkBase {
       }
     }
   }
-  async close() {
-    await this.release();
-    this.markClosed();
-  }
-  /** Closes the port once; the binding's poller then cancels our pending waits (ignored, we asked for it). */
-  release() {
-    this.closing ??= closePort(this.port);
-    return this.closing;
-  }
   armRead() {
     this.port.poller.once("readable", (err) => {
       if (isCancelled(err)) return;
@@ -10582,7 +9712,7 @@ var SerialByteLink = class extends ByteLinkBase {
     });
   }
   readAvailable() {
-    while (this.isOpen && !this.closing && this.port.fd !== null) {
+    while (!this.stopped && this.port.fd !== null) {
       let count;
       try {
         count = readSync(this.port.fd, this.readBuffer, 0, this.readBuffer.length, null);
@@ -10593,7 +9723,7 @@ var SerialByteLink = class extends ByteLinkBase {
       if (count === 0) return this.lost(new Error(`${this.description} hung up`));
       this.emitData(Buffer.from(this.readBuffer.subarray(0, count)));
     }
-    if (this.isOpen && !this.closing) this.armRead();
+    if (!this.stopped) this.armRead();
   }
   writable() {
     return new Promise((resolve2) => {
@@ -10605,11 +9735,37 @@ var SerialByteLink = class extends ByteLinkBase {
       this.port.poller.once("writable", wake);
     });
   }
-  /** The device went away: report it once and release the fd. */
-  lost(error2) {
-    if (!this.isOpen || this.closing) return;
-    this.markClosed(error2);
-    void this.release();
+};
+var BindingSerialLink = class extends SerialLink {
+  readBuffer = Buffer.allocUnsafe(4096);
+  constructor(description, port) {
+    super(description, port);
+    void this.readLoop();
+  }
+  async writeWhole(buffer) {
+    if (this.stopped) throw linkClosedError(this.description);
+    try {
+      await this.port.write(buffer);
+    } catch (err) {
+      this.lost(err);
+      throw linkClosedError(this.description, err);
+    }
+  }
+  /**
+   * Reads until the link stops. The binding retries a read of 0 bytes (a tty hang-up) itself, so a vanished USB
+   * device shows as the next write's EIO; a pty's vanished master as EIO here.
+   */
+  async readLoop() {
+    while (!this.stopped) {
+      let bytesRead;
+      try {
+        ({ bytesRead } = await this.port.read(this.readBuffer, 0, this.readBuffer.length));
+      } catch (err) {
+        if (!isCancelled(err)) this.lost(err);
+        return;
+      }
+      this.emitData(Buffer.from(this.readBuffer.subarray(0, bytesRead)));
+    }
   }
 };
 function isCancelled(err) {
@@ -10623,34 +9779,6 @@ function linkClosedError(description, cause) {
     { cause }
   );
 }
-async function openPort(path6, baud, lock) {
-  try {
-    await stat4(path6);
-  } catch (err) {
-    throw new MoonflashError(
-      "DEVICE_NOT_FOUND",
-      `No serial device at ${path6}. Check the cable and the [mcu] serial setting (ls /dev/serial/by-id/).`,
-      { device: path6 },
-      { cause: err }
-    );
-  }
-  const { SerialPort } = await import("serialport");
-  let port;
-  try {
-    port = await SerialPort.binding.open({ path: path6, baudRate: baud, lock });
-  } catch (err) {
-    throw openError(path6, err);
-  }
-  if (!isPolledPort(port)) {
-    await port.close().catch(() => void 0);
-    throw new MoonflashError("INTERNAL", `Serial flashing needs Linux (or another Unix); this system's serial binding has no pollable file descriptor.`, { device: path6 });
-  }
-  return port;
-}
-function isPolledPort(port) {
-  const candidate = port;
-  return typeof candidate.fd === "number" && typeof candidate.poller?.once === "function";
-}
 function openError(path6, err) {
   const text = err.message;
   if (/cannot lock port|resource temporarily unavailable/i.test(text)) {
@@ -10663,8 +9791,8 @@ function openError(path6, err) {
   }
   if (/permission denied/i.test(text)) {
     return new MoonflashError(
-      "DEVICE_NOT_FOUND",
-      `No permission to open ${path6}. Add the moonflash user to the dialout group and log in again.`,
+      "DEVICE_PERMISSION",
+      `moonflash may not open ${path6} (permission denied): add the user moonflash runs as to the dialout group (sudo usermod -aG dialout $USER, then log in again or restart the service).`,
       { device: path6 },
       { cause: err }
     );
@@ -10673,9 +9801,6 @@ function openError(path6, err) {
     return new MoonflashError("DEVICE_NOT_FOUND", `No serial device at ${path6}. Check the cable and the [mcu] serial setting.`, { device: path6 }, { cause: err });
   }
   return new MoonflashError("DEVICE_NOT_FOUND", `Could not open ${path6}: ${text}`, { device: path6 }, { cause: err });
-}
-function closePort(port) {
-  return port.isOpen ? port.close().catch(() => void 0) : Promise.resolve();
 }
 
 // src/flash/mcu-flash.ts
@@ -10777,6 +9902,26 @@ function mcuUserName(section) {
 function flashCommandsFor(section) {
   const name = mcuUserName(section);
   return `FLASH_MCU MCU=${name} in a macro, or moonflash flash ${name}`;
+}
+
+// src/flash/katapult/bootloader-request.ts
+async function requestUsbBootloader(path6) {
+  const port = await openSerialPort(path6, 1200, { lock: false });
+  await port.set(modemLines(true)).catch(() => void 0);
+  await port.set(modemLines(false)).catch(() => void 0);
+  await closeSerialPort(port);
+}
+function modemLines(dtr) {
+  return { brk: false, cts: false, dtr, rts: true };
+}
+async function sendSerialBootloaderRequest(path6, baud) {
+  const port = await openSerialPort(path6, baud, { lock: true });
+  try {
+    await port.write(Buffer.from(SERIAL_BOOTLOADER_REQUEST));
+    await port.drain();
+  } finally {
+    await closeSerialPort(port);
+  }
 }
 
 // src/flash/katapult/image.ts
@@ -11230,8 +10375,6 @@ function asWriteFailure(err, address) {
 }
 
 // src/flash/katapult/flasher.ts
-var KLIPPER_USB_ID = "1d50:614e";
-var KATAPULT_USB_ID = "1d50:6177";
 var NOT_CANCELLABLE_WHILE_WRITING = "writing flash: stopping now would leave the board without firmware";
 var KatapultFlasher = class {
   constructor(config2 = {}) {
@@ -11240,14 +10383,14 @@ var KatapultFlasher = class {
       bootloaderTimeoutMs: config2.bootloaderTimeoutMs ?? 8e3,
       bootloaderPollMs: config2.bootloaderPollMs ?? 100,
       serialRequestSettleMs: config2.serialRequestSettleMs ?? 1e3,
-      autoProbeTimeoutMs: config2.autoProbeTimeoutMs ?? 500,
-      sysfsRoot: config2.sysfsRoot ?? "/sys",
-      byPathDir: config2.byPathDir ?? "/dev/serial/by-path"
+      autoProbeTimeoutMs: config2.autoProbeTimeoutMs ?? 500
     };
+    this.discoveryRoots = { devRoot: config2.devRoot, sysRoot: config2.sysRoot };
   }
   config;
   name = "katapult";
   options;
+  discoveryRoots;
   async preflight(target) {
     const device = requireDevice(target);
     try {
@@ -11264,7 +10407,7 @@ var KatapultFlasher = class {
   async flash(target, ctx) {
     const device = requireDevice(target);
     throwIfCancelled(ctx.signal);
-    const image = await readImage(target.firmwarePath);
+    const image = target.image;
     const embedded = detectImageMcu(image);
     if (embedded) this.note(ctx, "info", `Image built for ${embedded.mcu} (Klipper ${embedded.version})`);
     ctx.stage("bootloader", `Entering Katapult on ${device} (${target.bootloader})`);
@@ -11378,15 +10521,15 @@ var KatapultFlasher = class {
       case "serial":
         return this.enterViaSerialRequest(device, target.baud, ctx);
       case "usb":
-        return this.enterViaUsb(device, ctx);
+        return this.enterViaUsb(device, await identifyDevice(device, this.discoveryRoots), ctx);
       case "auto": {
-        const usbId = await this.usbIdOf(device);
-        if (usbId === KLIPPER_USB_ID) {
-          this.note(ctx, "info", `${device} is a USB device running Klipper`);
-          return this.enterViaUsb(device, ctx);
+        const identity = await identifyDevice(device, this.discoveryRoots);
+        if (identity?.kind === "klipper") {
+          this.note(ctx, "info", `${device} is a USB device running Klipper (${identity.label})`);
+          return this.enterViaUsb(device, identity, ctx);
         }
-        if (usbId === KATAPULT_USB_ID) {
-          this.note(ctx, "info", `${device} is a USB device running Katapult`);
+        if (identity?.kind === "katapult") {
+          this.note(ctx, "info", `${device} is a USB device running Katapult (${identity.label})`);
           return { path: device, fromApplication: false };
         }
         if (await this.answersConnect(device, target.baud, ctx)) return { path: device, fromApplication: false };
@@ -11401,15 +10544,12 @@ var KatapultFlasher = class {
     return { path: device, fromApplication: true };
   }
   /**
-   * 1200-baud request, then waits for the board to re-enumerate. It may come back under another name: the same
-   * path, the by-id sibling renamed usb-Klipper_ \u2192 usb-katapult_, or the stable by-path link.
+   * 1200-baud request, then waits for the board to re-enumerate under one of the names discovery expects it
+   * back under (reenumerationCandidates): the same path, the by-id name renamed usb-Klipper_ \u2192 usb-katapult_, or
+   * the stable by-path link.
    */
-  async enterViaUsb(device, ctx) {
-    const candidates = [device];
-    const name = basename5(device);
-    if (name.includes("usb-Klipper_")) candidates.push(join4(dirname5(device), name.replace("usb-Klipper_", "usb-katapult_")));
-    const byPath = await this.byPathLinkOf(device);
-    if (byPath && !candidates.includes(byPath)) candidates.push(byPath);
+  async enterViaUsb(device, identity, ctx) {
+    const candidates = reenumerationCandidates(device, identity);
     const before = /* @__PURE__ */ new Map();
     for (const candidate of candidates) before.set(candidate, await inodeOf(candidate));
     const vanished = /* @__PURE__ */ new Set();
@@ -11445,7 +10585,7 @@ var KatapultFlasher = class {
   }
   /** One short CONNECT: a UART board already sitting in Katapult answers, one running Klipper does not. */
   async answersConnect(device, baud, ctx) {
-    const link2 = await openSerialLink(device, baud);
+    const link2 = await this.openLink(device, baud);
     const session = new KatapultSession(link2, { timings: { ...this.config.timings, tries: 1, timeoutMs: this.options.autoProbeTimeoutMs }, signal: ctx.signal });
     try {
       await session.connect();
@@ -11460,50 +10600,21 @@ var KatapultFlasher = class {
       await link2.close();
     }
   }
-  /** USB vendor:product of the device behind a tty, or null for UARTs and ptys (no USB parent in sysfs). */
-  async usbIdOf(device) {
-    let ttyName;
-    try {
-      ttyName = basename5(await realpath2(device));
-    } catch {
-      return null;
-    }
-    const ttyDir = `${this.options.sysfsRoot}/class/tty/${ttyName}/device`;
-    for (const up of ["/..", "/../.."]) {
-      try {
-        const vendor = (await readFile6(`${ttyDir}${up}/idVendor`, "utf8")).trim().toLowerCase();
-        const product = (await readFile6(`${ttyDir}${up}/idProduct`, "utf8")).trim().toLowerCase();
-        return `${vendor}:${product}`;
-      } catch {
-        continue;
-      }
-    }
-    return null;
-  }
-  async byPathLinkOf(device) {
-    try {
-      const target = await realpath2(device);
-      for (const entry of await readdir2(this.options.byPathDir)) {
-        const link2 = join4(this.options.byPathDir, entry);
-        if (await realpath2(link2).catch(() => null) === target) return link2;
-      }
-    } catch {
-      return null;
-    }
-    return null;
-  }
-  /** A freshly enumerated tty can exist before udev has given it its permissions; retry until the deadline. */
+  /** A freshly enumerated tty can be missing, or exist before udev has given it its permissions; retry until the deadline. */
   async openWithRetry(path6, baud, signal) {
     const deadline = Date.now() + this.options.bootloaderTimeoutMs;
     while (true) {
       try {
-        return await openSerialLink(path6, baud);
+        return await this.openLink(path6, baud);
       } catch (err) {
-        const retriable = isMoonflashError(err) && err.code === "DEVICE_NOT_FOUND";
+        const retriable = isMoonflashError(err) && (err.code === "DEVICE_NOT_FOUND" || err.code === "DEVICE_PERMISSION");
         if (!retriable || Date.now() >= deadline) throw err;
         await abortableSleep(this.options.bootloaderPollMs, signal);
       }
     }
+  }
+  openLink(path6, baud) {
+    return openSerialLink(path6, baud, { logger: this.config.logger, ignoreBindingInternals: this.config.ignoreBindingInternals });
   }
   note(ctx, level, message) {
     this.config.logger?.[level]({ target: ctx.target }, message);
@@ -11519,16 +10630,6 @@ function requireDevice(target) {
     );
   }
   return target.device;
-}
-async function readImage(path6) {
-  let image;
-  try {
-    image = await readFile6(path6);
-  } catch (err) {
-    throw new MoonflashError("FIRMWARE_NOT_FOUND", `Cannot read the firmware image ${path6}: build it first (make) or fix the firmware path.`, { path: path6 }, { cause: err });
-  }
-  if (image.length === 0) throw new MoonflashError("FIRMWARE_EMPTY", `The firmware image ${path6} is empty: rebuild it.`, { path: path6 });
-  return image;
 }
 function checkMcu(expectedMcu, bootloaderMcu, what, source) {
   if (!expectedMcu || expectedMcu.toLowerCase() === bootloaderMcu.toLowerCase()) return;
@@ -11599,7 +10700,7 @@ async function inodeOf(path6) {
 
 // src/flash/methods/flashtool.ts
 import { constants as fsConstants2 } from "node:fs";
-import { access as access3, stat as stat6 } from "node:fs/promises";
+import { access as access3 } from "node:fs/promises";
 import path3 from "node:path";
 var BAR_HASHES = 50;
 var FLASH_ERROR_CODES = [
@@ -11728,14 +10829,7 @@ var FlashtoolFlasher = class {
   }
   async flash(target, ctx) {
     await this.preflight(target);
-    let bytes;
-    try {
-      bytes = (await stat6(target.firmwarePath)).size;
-    } catch {
-      throw new MoonflashError("FIRMWARE_NOT_FOUND", `Firmware ${target.firmwarePath} does not exist; build it or give another path.`, {
-        firmwarePath: target.firmwarePath
-      });
-    }
+    const bytes = target.image.length;
     const args = this.buildArgs(target);
     const seen = { programmingComplete: false, verificationComplete: false, notKatapult: false };
     const parser = new FlashtoolOutputParser(
@@ -11807,7 +10901,7 @@ var FlashtoolFlasher = class {
 
 // src/flash/methods/make.ts
 import { constants as fsConstants3 } from "node:fs";
-import { access as access4, stat as stat7 } from "node:fs/promises";
+import { access as access4, stat as stat6 } from "node:fs/promises";
 import path4 from "node:path";
 var VERIFIED_LINE = /Verification Complete|Verify successful|bytes of flash verified|Verifying memory.*OK|^Verify\s+.*100%|^Verify OK/i;
 var DFU_DOWNLOAD_DONE = /Download done\.|File downloaded successfully|Transitioning to dfuMANIFEST state/;
@@ -11846,7 +10940,7 @@ var MakeFlasher = class {
       );
     }
     if (target.kconfig) {
-      const isFile = await stat7(target.kconfig).then((s) => s.isFile(), () => false);
+      const isFile = await stat6(target.kconfig).then((s) => s.isFile(), () => false);
       if (!isFile) {
         throw new MoonflashError(
           "CONFIG_INVALID",
@@ -11870,7 +10964,7 @@ var MakeFlasher = class {
   }
   async flash(target, ctx) {
     await this.preflight(target);
-    const bytes = await stat7(target.firmwarePath).then((s) => s.size, () => 0);
+    const bytes = target.image.length;
     const args = this.buildArgs(target);
     let verified = false;
     let downloadDone = false;
@@ -11917,8 +11011,6 @@ var MakeFlasher = class {
 };
 
 // src/flash/methods/wchisp.ts
-import { constants as fsConstants4 } from "node:fs";
-import { access as access5, stat as stat8 } from "node:fs/promises";
 import path5 from "node:path";
 var INSTALL_HINT = "Install wchisp (a release binary from https://github.com/ch32-rs/wchisp/releases, or `cargo install wchisp`) and set wchisp_path in moonflash.conf.";
 var WCHISP_BAUDS = /* @__PURE__ */ new Set([115200, 1e6, 2e6]);
@@ -11996,15 +11088,7 @@ var WchispFlasher = class {
   async flash(target, ctx) {
     const command = await this.locate();
     const port = await this.resolvePort(target);
-    let bytes;
-    try {
-      bytes = (await stat8(target.firmwarePath)).size;
-      await access5(target.firmwarePath, fsConstants4.R_OK);
-    } catch {
-      throw new MoonflashError("FIRMWARE_NOT_FOUND", `Firmware ${target.firmwarePath} does not exist; build it or give another path.`, {
-        firmwarePath: target.firmwarePath
-      });
-    }
+    const bytes = target.image.length;
     if (port !== void 0 && !WCHISP_BAUDS.has(target.baud)) {
       ctx.log("debug", `wchisp supports 115200, 1000000 or 2000000 baud; using its default 115200 instead of ${target.baud}`);
     }
@@ -12059,13 +11143,6 @@ var WchispFlasher = class {
 };
 
 // src/flash/engine.ts
-var MCU_DEFAULTS = {
-  canbus_interface: "can0",
-  baud: 25e4,
-  bootloader: "auto",
-  wchisp_transport: "usb",
-  timeout: 300
-};
 var AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"] };
 var FINAL_CODES = /* @__PURE__ */ new Set(["CANCELLED", "PRINTER_BUSY", "MCU_MISMATCH", "FIRMWARE_TOO_LARGE"]);
 var FIRMWARE_PARAM_HINT = "give its path with FIRMWARE= (macro) or --firmware (CLI)";
@@ -12089,31 +11166,14 @@ function mcuSectionName(name) {
   if (words[0] === "mcu") words.shift();
   return words.length === 0 ? "mcu" : `mcu ${words.join(" ")}`;
 }
-function parseMethods(value2) {
-  const names = (Array.isArray(value2) ? value2 : [value2]).flatMap((v) => v.split(",")).map((v) => v.trim()).filter(Boolean);
-  if (names.length === 0) {
-    throw new MoonflashError("UNKNOWN_FLASH_METHOD", `No flash method given. Use one of: ${FLASH_METHODS.join(", ")}.`, { method: value2 });
-  }
-  for (const name of names) {
-    if (!FLASH_METHODS.includes(name)) {
-      throw new MoonflashError(
-        "UNKNOWN_FLASH_METHOD",
-        `Unknown flash method '${name}'. Use one of: ${FLASH_METHODS.join(", ")}.`,
-        { method: name, known: [...FLASH_METHODS] }
-      );
-    }
-  }
-  return [...new Set(names)];
-}
-async function checkFirmware(path6, flashSize, expectedMcuType, section) {
-  let size;
+async function readFirmware(path6, flashSize, expectedMcuType, section) {
+  let image;
   try {
-    const s = await stat9(path6);
-    if (!s.isFile()) {
+    image = await readFile6(path6);
+  } catch (err) {
+    if (err.code === "EISDIR") {
       throw new MoonflashError("FIRMWARE_NOT_FOUND", `The firmware ${path6} is not a file. Give the path of the built image (e.g. out/klipper.bin): ${FIRMWARE_PARAM_HINT}.`, { firmware: path6 });
     }
-    size = s.size;
-  } catch (err) {
     if (err.code === "ENOENT") {
       throw new MoonflashError(
         "FIRMWARE_NOT_FOUND",
@@ -12123,6 +11183,7 @@ async function checkFirmware(path6, flashSize, expectedMcuType, section) {
     }
     throw toMoonflashError(err);
   }
+  const size = image.length;
   if (size === 0) {
     throw new MoonflashError("FIRMWARE_EMPTY", `The firmware ${path6} is empty. Rebuild it; an interrupted build leaves an empty file.`, { firmware: path6 });
   }
@@ -12134,7 +11195,7 @@ async function checkFirmware(path6, flashSize, expectedMcuType, section) {
         { firmware: path6, bytes: size, flashSize, source: "moonflash.conf flash_size" }
       );
     }
-    return size;
+    return image;
   }
   const chip = expectedMcuType ? mcuFlash(expectedMcuType) : void 0;
   if (chip && size > chip.flashSize) {
@@ -12145,7 +11206,7 @@ async function checkFirmware(path6, flashSize, expectedMcuType, section) {
       { firmware: path6, bytes: size, flashSize: chip.flashSize, mcuType: expectedMcuType, source: chip.source }
     );
   }
-  return size;
+  return image;
 }
 async function checkDevicePath(path6) {
   const absolute = resolve(path6);
@@ -12157,7 +11218,7 @@ async function checkDevicePath(path6) {
   );
   let real;
   try {
-    real = await realpath3(absolute);
+    real = await realpath2(absolute);
   } catch (err) {
     const errno = err.code;
     if (errno === "ENOENT" || errno === "ENOTDIR") {
@@ -12173,7 +11234,7 @@ async function checkDevicePath(path6) {
   }
   let s;
   try {
-    s = await stat9(real);
+    s = await stat7(real);
   } catch (err) {
     if (err.code === "ENOENT") throw missing({ realPath: real }, err);
     throw toMoonflashError(err);
@@ -12248,8 +11309,8 @@ var FlashEngine = class {
    */
   async canbusNodes(mcus) {
     const interfaces = [...new Set(mcus.flatMap((m) => m.canbusUuid ? [m.canbusInterface ?? MCU_DEFAULTS.canbus_interface] : []))].sort();
-    const script = join5(this.config.moonflash.katapult_path, "scripts", "flashtool.py");
-    const flashtool = existsSync2(script) ? { python: this.config.moonflash.python, script } : void 0;
+    const script = join4(this.config.moonflash.katapult_path, "scripts", "flashtool.py");
+    const flashtool = existsSync(script) ? { python: this.config.moonflash.python, script } : void 0;
     return Promise.all(
       interfaces.map(async (iface) => {
         try {
@@ -12270,7 +11331,7 @@ var FlashEngine = class {
   }
   /** Resolves and pre-flights a flash without stopping or writing anything. */
   async plan(params) {
-    return this.buildPlan(params, (level, message) => this.logger[level](message));
+    return (await this.buildPlan(params, (level, message) => this.logger[level](message))).plan;
   }
   /** Runs one flash job: plan, keep the image, stop Klipper, try each method, start Klipper. */
   async flash(params) {
@@ -12278,13 +11339,13 @@ var FlashEngine = class {
     return this.runner.run({ kind: "flash", target: section, params }, async (ctx) => {
       const started = performance.now();
       ctx.stage("plan");
-      const plan = await this.buildPlan(params, (level, message) => ctx.log(level, message));
+      const { plan, image } = await this.buildPlan(params, (level, message) => ctx.log(level, message));
       if (params.dry_run) {
         return { dry_run: true, mcu: plan.mcu, device: plan.device, firmware: plan.firmware, methods: plan.methods, plan };
       }
       assertNotPrinting(this.printer);
       ctx.stage("keep-image");
-      await this.keepImage(plan);
+      await this.keepImage(plan, image);
       const attempts = [];
       const guarded = await withKlipperStopped(
         this.printer,
@@ -12297,7 +11358,7 @@ var FlashEngine = class {
           logger: this.logger,
           onStage: (stage, message) => ctx.stage(stage, message)
         },
-        (shutdown) => this.runChain(plan, contextWithShutdown(ctx, shutdown), attempts)
+        (shutdown) => this.runChain(plan, { ...plan.target, image }, contextWithShutdown(ctx, shutdown), attempts)
       );
       const { method, outcome } = guarded.value;
       return {
@@ -12316,14 +11377,14 @@ var FlashEngine = class {
   cancel() {
     return this.runner.cancel("flash");
   }
-  async runChain(plan, ctx, attempts) {
+  async runChain(plan, target, ctx, attempts) {
     let lastError = null;
     for (const [index, method] of plan.methods.entries()) {
       if (ctx.signal.aborted) throw toMoonflashError(ctx.signal.reason ?? new MoonflashError("CANCELLED", "The flash job was cancelled."), "CANCELLED");
       ctx.stage(method, `flashing ${plan.mcu} with ${method}`);
       const started = performance.now();
       try {
-        const outcome = await this.flashers[method].flash(plan.target, ctx);
+        const outcome = await this.flashers[method].flash(target, ctx);
         attempts.push({ method, ok: true, elapsed_ms: Math.round(performance.now() - started) });
         return { method, outcome };
       } catch (err) {
@@ -12401,10 +11462,10 @@ var FlashEngine = class {
         { mcu: section }
       );
     }
-    const methods = params.method !== void 0 ? parseMethods(params.method) : own2?.method ?? [...serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus];
-    const firmware = resolve(params.firmware ?? own2?.firmware ?? join5(this.config.moonflash.klipper_path, "out", "klipper.bin"));
+    const methods = params.method !== void 0 ? parseFlashMethods(params.method) : own2?.method ?? [...serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus];
+    const firmware = resolve(params.firmware ?? own2?.firmware ?? join4(this.config.moonflash.klipper_path, "out", "klipper.bin"));
     const expectedMcuType = own2?.mcu_type ?? klipper?.mcuType ?? null;
-    const firmwareBytes = await checkFirmware(firmware, own2?.flash_size ?? null, expectedMcuType, section);
+    const image = await readFirmware(firmware, own2?.flash_size ?? null, expectedMcuType, section);
     const deviceRealPath = serial ? await checkDevicePath(serial) : null;
     const target = {
       mcu: section,
@@ -12446,31 +11507,1074 @@ var FlashEngine = class {
     if (usable.length === 0 && reportedError) {
       throw new MoonflashError(reportedError.code, reportedError.message, { ...reportedError.details, skipped }, { cause: reportedError });
     }
-    return {
+    const plan = {
       mcu: section,
       device: serial ?? `${canbusInterface}:${canbusUuid2}`,
       device_real_path: deviceRealPath,
       firmware,
-      firmware_bytes: firmwareBytes,
+      firmware_bytes: image.length,
       methods: usable,
       skipped,
       expected_mcu_type: expectedMcuType,
       target
     };
+    return { plan, image };
   }
   /** A durable copy of what is about to be flashed, so the last image of each MCU can be found (and re-flashed) later. */
-  async keepImage(plan) {
-    const image = await readFile7(plan.firmware);
-    const dir = join5(dataPaths(this.config.dataDir).firmware, plan.mcu.replace(/\s+/g, "_"));
-    await writeFileDurable(join5(dir, "last.bin"), image);
+  async keepImage(plan, image) {
+    const dir = join4(dataPaths(this.config.dataDir).firmware, plan.mcu.replace(/\s+/g, "_"));
+    await writeFileDurable(join4(dir, "last.bin"), image);
     const meta2 = {
       sha256: process.getBuiltinModule("node:crypto").createHash("sha256").update(image).digest("hex"),
       size: image.length,
       date: (/* @__PURE__ */ new Date()).toISOString(),
       source: plan.firmware
     };
-    await writeFileDurable(join5(dir, "last.json"), `${JSON.stringify(meta2, null, 2)}
+    await writeFileDurable(join4(dir, "last.json"), `${JSON.stringify(meta2, null, 2)}
 `);
+  }
+};
+
+// src/moonraker/session.ts
+import { EventEmitter } from "node:events";
+
+// src/moonraker/connection.ts
+import { watch, existsSync as existsSync2 } from "node:fs";
+import { basename as basename4, dirname as dirname4 } from "node:path";
+
+// src/moonraker/klipper-tracker.ts
+var KLIPPY_STATES = ["ready", "startup", "shutdown", "error", "disconnected"];
+var KlipperTracker = class {
+  constructor(log) {
+    this.log = log;
+  }
+  log;
+  current = initialPrinterState();
+  listeners = /* @__PURE__ */ new Set();
+  get state() {
+    return this.current;
+  }
+  /** print_stats printing/paused, or idle_timeout Printing (which also covers running macros). */
+  isPrinting() {
+    const { printState, idleState } = this.current;
+    return printState === "printing" || printState === "paused" || idleState === "Printing";
+  }
+  onChange(listener) {
+    this.listeners.add(listener);
+    return () => {
+      this.listeners.delete(listener);
+    };
+  }
+  moonrakerConnected() {
+    this.update({ moonrakerConnected: true });
+  }
+  /** Nothing is known about Klipper without Moonraker; services and the unit name are kept as last seen. */
+  moonrakerLost() {
+    this.update({
+      moonrakerConnected: false,
+      klippyConnected: false,
+      klippyState: "disconnected",
+      stateMessage: "Moonraker is not connected",
+      printState: null,
+      idleState: null
+    });
+  }
+  serverInfo(info) {
+    const connected = info.klippy_connected === true;
+    const klippyState = connected ? toKlippyState(info.klippy_state) : "disconnected";
+    const patch = { klippyConnected: connected, klippyState };
+    if (typeof info.moonraker_version === "string") patch.moonrakerVersion = info.moonraker_version;
+    if (!connected) Object.assign(patch, { printState: null, idleState: null, stateMessage: "Klipper is not connected to Moonraker" });
+    this.update(patch);
+  }
+  /** printer.info: the only source of Klipper's state message while it starts or is in error (no subscription). */
+  printerInfo(info) {
+    if (info.state === "ready") return;
+    if (typeof info.state_message === "string") this.update({ stateMessage: info.state_message.trim() });
+  }
+  systemInfo(info) {
+    const patch = { services: { ...this.current.services, ...info.service_state ?? {} } };
+    const unit = info.instance_ids?.klipper;
+    if (typeof unit === "string" && unit !== "") patch.klipperService = unit;
+    this.update(patch);
+  }
+  serviceStateChanged(changes) {
+    this.update({ services: { ...this.current.services, ...changes } });
+  }
+  klippyReady() {
+    this.update({ klippyConnected: true, klippyState: "ready", stateMessage: "Printer is ready" });
+  }
+  klippyShutdown() {
+    this.update({ klippyConnected: true, klippyState: "shutdown" });
+  }
+  klippyDisconnected() {
+    this.update({
+      klippyConnected: false,
+      klippyState: "disconnected",
+      stateMessage: "Klipper is not connected to Moonraker",
+      printState: null,
+      idleState: null
+    });
+  }
+  /** A subscribe snapshot or a `notify_status_update` diff: `{webhooks: {...}, print_stats: {...}, ...}`. */
+  status(status) {
+    const patch = {};
+    const webhooks = asRecord(status.webhooks);
+    if (typeof webhooks?.state === "string") {
+      patch.klippyState = toKlippyState(webhooks.state);
+      patch.klippyConnected = true;
+    }
+    if (typeof webhooks?.state_message === "string") patch.stateMessage = webhooks.state_message;
+    const printState = asRecord(status.print_stats)?.state;
+    if (typeof printState === "string") patch.printState = printState;
+    const idleState = asRecord(status.idle_timeout)?.state;
+    if (typeof idleState === "string") patch.idleState = idleState;
+    this.update(patch);
+  }
+  update(patch) {
+    const next = { ...this.current, ...patch };
+    if (sameState(this.current, next)) return;
+    this.current = next;
+    for (const listener of this.listeners) {
+      try {
+        listener(next);
+      } catch (err) {
+        this.log.error({ err }, "a printer state listener threw; the others still ran");
+      }
+    }
+  }
+};
+function asRecord(value2) {
+  return typeof value2 === "object" && value2 !== null && !Array.isArray(value2) ? value2 : void 0;
+}
+function toKlippyState(value2) {
+  return KLIPPY_STATES.includes(value2) ? value2 : "disconnected";
+}
+function sameState(a, b) {
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+// src/moonraker/rpc.ts
+var import_json_rpc_2 = __toESM(require_dist(), 1);
+
+// src/moonraker/unix-transport.ts
+import net from "node:net";
+var ETX = 3;
+var EtxDecoder = class {
+  pending = [];
+  /** Returns every message completed by this chunk, in order; keeps the unfinished tail. */
+  push(chunk) {
+    const messages = [];
+    let start = 0;
+    for (let end = chunk.indexOf(ETX, start); end !== -1; end = chunk.indexOf(ETX, start)) {
+      this.pending.push(chunk.subarray(start, end));
+      const message = Buffer.concat(this.pending).toString("utf8");
+      this.pending = [];
+      if (message.trim() !== "") messages.push(message);
+      start = end + 1;
+    }
+    if (start < chunk.length) this.pending.push(chunk.subarray(start));
+    return messages;
+  }
+};
+function encodeEtx(message) {
+  return Buffer.concat([Buffer.from(message, "utf8"), Buffer.of(ETX)]);
+}
+function openUnixTransport(path6, handlers, options) {
+  return new Promise((resolve2, reject) => {
+    const socket = net.createConnection({ path: path6 });
+    const decoder = new EtxDecoder();
+    let open4 = false;
+    let closed = false;
+    let lastError;
+    const connectTimer = setTimeout(() => {
+      socket.destroy(new Error(`connecting to ${path6} timed out after ${options.connectTimeoutMs} ms`));
+    }, options.connectTimeoutMs);
+    socket.on("error", (err) => {
+      lastError = err;
+      if (!open4) {
+        clearTimeout(connectTimer);
+        reject(err);
+      }
+    });
+    socket.on("data", (chunk) => {
+      for (const message of decoder.push(chunk)) handlers.onMessage(message);
+    });
+    socket.on("close", () => {
+      clearTimeout(connectTimer);
+      if (!open4 || closed) return;
+      closed = true;
+      handlers.onClose(lastError);
+    });
+    socket.on("connect", () => {
+      clearTimeout(connectTimer);
+      open4 = true;
+      resolve2({
+        description: `unix:${path6}`,
+        send(message) {
+          return new Promise((done, fail) => {
+            if (closed || socket.destroyed) {
+              fail(new Error(`the socket ${path6} is closed`));
+              return;
+            }
+            socket.write(encodeEtx(message), (err) => err ? fail(err) : done());
+          });
+        },
+        close() {
+          socket.destroy();
+        }
+      });
+    });
+  });
+}
+
+// src/moonraker/ws-transport.ts
+async function openWebSocketTransport(url2, apiKey, handlers, options) {
+  const { default: WebSocket } = await import("./wrapper.mjs");
+  return new Promise((resolve2, reject) => {
+    const socket = new WebSocket(url2, {
+      headers: apiKey ? { "X-Api-Key": apiKey } : {},
+      handshakeTimeout: options.connectTimeoutMs
+    });
+    let open4 = false;
+    let closed = false;
+    let lastError;
+    socket.on("error", (err) => {
+      lastError = err;
+      if (!open4) reject(err);
+    });
+    socket.on("message", (data, isBinary) => {
+      if (isBinary) return;
+      handlers.onMessage(data.toString());
+    });
+    socket.on("close", () => {
+      if (!open4 || closed) return;
+      closed = true;
+      handlers.onClose(lastError);
+    });
+    socket.on("open", () => {
+      open4 = true;
+      resolve2({
+        description: url2,
+        send(message) {
+          return new Promise((done, fail) => {
+            if (socket.readyState !== WebSocket.OPEN) {
+              fail(new Error(`the websocket ${url2} is closed`));
+              return;
+            }
+            socket.send(message, (err) => err ? fail(err) : done());
+          });
+        },
+        close() {
+          socket.terminate();
+        }
+      });
+    });
+  });
+}
+
+// src/moonraker/transport.ts
+function openTransport(endpoint, handlers, options) {
+  if (endpoint.kind === "unix") return openUnixTransport(endpoint.path, handlers, options);
+  return openWebSocketTransport(endpoint.url, endpoint.apiKey, handlers, options);
+}
+function describeEndpoint(endpoint) {
+  return endpoint.kind === "unix" ? `unix:${endpoint.path}` : endpoint.url;
+}
+
+// src/moonraker/rpc.ts
+var MoonrakerRpcError = class extends Error {
+  method;
+  code;
+  data;
+  constructor(method, code, message, data) {
+    super(message);
+    this.name = "MoonrakerRpcError";
+    this.method = method;
+    this.code = code;
+    this.data = data;
+  }
+};
+var LOCAL_FAILURE_CODE = 0;
+var RpcPeer = class {
+  constructor(options) {
+    this.options = options;
+    this.log = options.logger;
+    const errorListener = (message, data) => {
+      this.log.debug({ data }, message);
+    };
+    this.peer = new import_json_rpc_2.JSONRPCServerAndClient(
+      new import_json_rpc_2.JSONRPCServer({ errorListener }),
+      new import_json_rpc_2.JSONRPCClient((payload) => this.sendPayload(payload)),
+      { errorListener }
+    );
+  }
+  options;
+  peer;
+  log;
+  transport = null;
+  closed = false;
+  closeListeners = [];
+  /** Registers `handler` for incoming `method` (requests and notifications alike). Register before connect(). */
+  handle(method, handler) {
+    this.peer.addMethodAdvanced(method, async (request) => {
+      const expectsReply = request.id !== void 0;
+      const call = { method, params: request.params, expectsReply };
+      try {
+        const result = await handler(call);
+        return expectsReply ? (0, import_json_rpc_2.createJSONRPCSuccessResponse)(request.id ?? null, result) : null;
+      } catch (err) {
+        if (!expectsReply) {
+          this.log.warn({ err, method }, "handling a notification from Moonraker failed");
+          return null;
+        }
+        const error2 = toJsonRpcError(err);
+        return (0, import_json_rpc_2.createJSONRPCErrorResponse)(request.id ?? null, error2.code, error2.message, error2.data);
+      }
+    });
+  }
+  onClose(listener) {
+    this.closeListeners.push(listener);
+  }
+  async connect(endpoint) {
+    this.transport = await openTransport(
+      endpoint,
+      {
+        onMessage: (message) => this.receive(message),
+        onClose: (error2) => this.handleClosed(error2)
+      },
+      { connectTimeoutMs: this.options.connectTimeoutMs }
+    );
+    this.log.debug({ endpoint: describeEndpoint(endpoint) }, "transport open");
+  }
+  get isOpen() {
+    return this.transport !== null && !this.closed;
+  }
+  /** Calls `method` on Moonraker. Rejects with MoonrakerRpcError for an error answer, MOONRAKER_UNAVAILABLE otherwise. */
+  async request(method, params, timeoutMs) {
+    if (!this.isOpen) throw unavailable(`the Moonraker connection is closed, so ${method} was not sent`, method);
+    const limit = timeoutMs ?? this.options.requestTimeoutMs;
+    try {
+      return await this.peer.timeout(limit).request(method, params, void 0);
+    } catch (err) {
+      if (err instanceof import_json_rpc_2.JSONRPCErrorException && err.code !== LOCAL_FAILURE_CODE) {
+        throw new MoonrakerRpcError(method, err.code, err.message, err.data);
+      }
+      if (this.closed) throw unavailable(`the Moonraker connection closed while ${method} was pending`, method);
+      const reason = err instanceof Error ? err.message : String(err);
+      throw unavailable(`Moonraker did not answer ${method} (${reason}, limit ${limit} ms)`, method);
+    }
+  }
+  /** Sends a notification (no id, no answer on success). */
+  notify(method, params) {
+    if (this.isOpen) this.peer.notify(method, params, void 0);
+  }
+  close() {
+    this.transport?.close();
+  }
+  async sendPayload(payload) {
+    if (!this.transport || this.closed) throw new Error("the Moonraker connection is closed");
+    await this.transport.send(JSON.stringify(payload));
+  }
+  receive(message) {
+    let payload;
+    try {
+      payload = JSON.parse(message);
+    } catch {
+      this.log.warn({ message: message.slice(0, 200) }, "Moonraker sent a message that is not JSON; ignored");
+      return;
+    }
+    if (typeof payload !== "object" || payload === null) {
+      this.log.warn({ message: message.slice(0, 200) }, "Moonraker sent a message that is not JSON-RPC; ignored");
+      return;
+    }
+    this.peer.receiveAndSend(payload, void 0, void 0).catch((err) => {
+      this.log.debug({ err }, "could not process or answer a message from Moonraker");
+    });
+  }
+  handleClosed(error2) {
+    if (this.closed) return;
+    this.closed = true;
+    this.peer.rejectAllPendingRequests("the Moonraker connection closed");
+    for (const listener of this.closeListeners) listener(error2);
+  }
+};
+function unavailable(message, method) {
+  return new MoonflashError(
+    "MOONRAKER_UNAVAILABLE",
+    `${message}. Check that Moonraker is running; moonflash reconnects by itself.`,
+    { method }
+  );
+}
+
+// src/moonraker/failures.ts
+function unavailable2(message) {
+  return new MoonflashError(
+    "MOONRAKER_UNAVAILABLE",
+    `${message}. Check that Moonraker is running; moonflash reconnects by itself.`
+  );
+}
+function klipperNotConnected(reason) {
+  return new MoonflashError(
+    "KLIPPER_NOT_CONNECTED",
+    `Klipper is not connected to Moonraker (${reason}). Start Klipper (or wait until it is up) and try again.`
+  );
+}
+function isKlipperAway(err) {
+  return err instanceof MoonrakerRpcError && (err.code === 503 || err.code === -32601);
+}
+function requestFailed(err) {
+  if (!(err instanceof MoonrakerRpcError)) return err;
+  return new MoonflashError(
+    "MOONRAKER_REQUEST_FAILED",
+    `Moonraker answered ${err.method} with an error: ${err.message}. See Moonraker's log for details.`,
+    { method: err.method, rpcCode: err.code, data: err.data }
+  );
+}
+function errorText(err) {
+  return err instanceof Error ? err.message : String(err);
+}
+
+// src/moonraker/connection.ts
+var DEFAULT_BACKOFF_INITIAL_MS = 250;
+var DEFAULT_BACKOFF_MAX_MS = 1e4;
+var DEFAULT_REQUEST_TIMEOUT_MS = 3e4;
+var MAX_CONNECT_TIMEOUT_MS = 1e4;
+var DUPLICATE_AGENT = /already registered and connected/i;
+var MoonrakerConnection = class {
+  constructor(opts, hooks) {
+    this.opts = opts;
+    this.hooks = hooks;
+    this.log = opts.logger;
+    this.endpointName = describeEndpoint(opts.endpoint);
+    this.backoffInitialMs = opts.backoff?.initialMs ?? DEFAULT_BACKOFF_INITIAL_MS;
+    this.backoffMaxMs = Math.max(opts.backoff?.maxMs ?? DEFAULT_BACKOFF_MAX_MS, this.backoffInitialMs);
+    this.requestTimeoutMs = opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+    this.reconnectDelayMs = this.backoffInitialMs;
+  }
+  opts;
+  hooks;
+  connectionId = null;
+  endpointName;
+  log;
+  backoffInitialMs;
+  backoffMaxMs;
+  requestTimeoutMs;
+  running = false;
+  /** The open connection (identified or still in the handshake); null between connections. */
+  peer = null;
+  /** The connection once Moonraker accepted our identify. */
+  callablePeer = null;
+  isIdentified = false;
+  connectAttempt = null;
+  attempts = 0;
+  reconnectDelayMs;
+  reconnectTimer = null;
+  socketWatcher = null;
+  /** One warning per outage; the flag clears on the next successful identify. */
+  outageReported = false;
+  duplicateReported = false;
+  get identified() {
+    return this.isIdentified;
+  }
+  /** The open connection, identified or not; null between connections. */
+  get current() {
+    return this.peer;
+  }
+  /** The connection requests may go out on (identified, or in the handshake after identify). */
+  requirePeer() {
+    if (!this.peer || this.callablePeer !== this.peer) {
+      throw unavailable2(`moonflash is not connected to Moonraker at ${this.endpointName} right now`);
+    }
+    return this.peer;
+  }
+  start() {
+    if (this.running) return;
+    this.running = true;
+    this.reconnectDelayMs = this.backoffInitialMs;
+    this.beginConnect();
+  }
+  /** Closes the connection and stops reconnecting. */
+  async stop() {
+    this.running = false;
+    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = null;
+    this.unwatchSocket();
+    const peer = this.peer;
+    if (peer?.isOpen) {
+      const closed = new Promise((resolve2) => peer.onClose(() => resolve2()));
+      peer.close();
+      await closed;
+    }
+    await this.connectAttempt;
+  }
+  beginConnect() {
+    this.reconnectTimer = null;
+    if (!this.running) return;
+    this.connectAttempt = this.connectOnce().finally(() => {
+      this.connectAttempt = null;
+    });
+  }
+  async connectOnce() {
+    const attempt = ++this.attempts;
+    const peer = new RpcPeer({
+      logger: this.log,
+      requestTimeoutMs: this.requestTimeoutMs,
+      connectTimeoutMs: Math.min(this.requestTimeoutMs, MAX_CONNECT_TIMEOUT_MS)
+    });
+    const isCurrent = () => peer === this.peer;
+    for (const method of this.opts.methods) peer.handle(method, (call) => this.dispatchCall(call));
+    this.hooks.install(peer, isCurrent);
+    peer.onClose((error2) => this.handleClosed(peer, error2));
+    this.log.debug({ attempt, endpoint: this.endpointName }, "connecting to Moonraker");
+    try {
+      await peer.connect(this.opts.endpoint);
+    } catch (err) {
+      this.reportOutage(`cannot reach Moonraker at ${this.endpointName}: ${errorText(err)}; retrying`, err);
+      this.scheduleReconnect();
+      return;
+    }
+    if (!this.running) {
+      peer.close();
+      return;
+    }
+    this.peer = peer;
+    try {
+      await this.handshake(peer, isCurrent);
+    } catch (err) {
+      if (!isCurrent()) return;
+      if (err instanceof MoonrakerRpcError && DUPLICATE_AGENT.test(err.message)) {
+        this.reportDuplicate();
+      } else {
+        this.reportOutage(`the Moonraker handshake failed: ${errorText(err)}; retrying`, err);
+      }
+      peer.close();
+    }
+  }
+  async handshake(peer, isCurrent) {
+    const { clientName, version: version2, url: url2 } = this.opts;
+    const identity = await peer.request("server.connection.identify", {
+      client_name: clientName,
+      version: version2,
+      type: "agent",
+      url: url2
+    });
+    this.callablePeer = peer;
+    for (const methodName of this.opts.methods) {
+      try {
+        await peer.request("connection.register_remote_method", { method_name: methodName });
+      } catch (err) {
+        if (!(err instanceof MoonrakerRpcError)) throw err;
+        this.log.error(
+          { method: methodName, reason: err.message },
+          `Moonraker refused the remote method '${methodName}'; macros cannot call it until the owner releases it`
+        );
+      }
+    }
+    await this.hooks.synchronise(peer, isCurrent);
+    if (!isCurrent()) return;
+    this.isIdentified = true;
+    this.connectionId = typeof identity.connection_id === "number" ? identity.connection_id : null;
+    this.reconnectDelayMs = this.backoffInitialMs;
+    this.log.info(
+      { endpoint: this.endpointName, connectionId: this.connectionId },
+      this.outageReported ? "reconnected to Moonraker" : "connected to Moonraker"
+    );
+    this.outageReported = false;
+    this.duplicateReported = false;
+    this.unwatchSocket();
+    this.hooks.identified();
+  }
+  handleClosed(peer, error2) {
+    if (peer !== this.peer) return;
+    this.peer = null;
+    const wasIdentified = this.isIdentified;
+    this.isIdentified = false;
+    this.connectionId = null;
+    if (wasIdentified) {
+      if (this.running) {
+        this.log.warn({ endpoint: this.endpointName, err: error2 }, "lost the Moonraker connection; reconnecting");
+        this.outageReported = true;
+      } else {
+        this.log.debug("Moonraker connection closed");
+      }
+    }
+    this.hooks.lost(wasIdentified);
+    this.scheduleReconnect();
+  }
+  scheduleReconnect() {
+    if (!this.running || this.reconnectTimer) return;
+    const jitter = 0.8 + Math.random() * 0.4;
+    const delay = Math.round(Math.min(this.reconnectDelayMs * jitter, this.backoffMaxMs));
+    this.reconnectDelayMs = Math.min(this.reconnectDelayMs * 2, this.backoffMaxMs);
+    this.log.debug({ delayMs: delay }, "reconnecting to Moonraker after a pause");
+    this.reconnectTimer = setTimeout(() => this.beginConnect(), delay);
+    this.watchSocket();
+  }
+  /**
+   * With the unix socket, Moonraker's restart is visible as its socket file being replaced: start the backoff over
+   * from its shortest pause instead of waiting out one that may have grown to 10 s. Not "connect now": a real
+   * Moonraker creates the file a moment before it accepts, and a refused attempt would earn the long pause again.
+   */
+  watchSocket() {
+    const endpoint = this.opts.endpoint;
+    if (endpoint.kind !== "unix" || this.socketWatcher) return;
+    try {
+      this.socketWatcher = watch(dirname4(endpoint.path), (_event, name) => {
+        if (name !== basename4(endpoint.path) || !this.reconnectTimer || !existsSync2(endpoint.path)) return;
+        if (this.reconnectDelayMs <= this.backoffInitialMs * 2) return;
+        clearTimeout(this.reconnectTimer);
+        this.reconnectTimer = null;
+        this.reconnectDelayMs = this.backoffInitialMs;
+        this.log.debug("Moonraker's socket was replaced; retrying with a short pause");
+        this.scheduleReconnect();
+      });
+      this.socketWatcher.on("error", () => this.unwatchSocket());
+    } catch {
+    }
+  }
+  unwatchSocket() {
+    this.socketWatcher?.close();
+    this.socketWatcher = null;
+  }
+  reportOutage(message, err) {
+    if (this.outageReported) {
+      this.log.debug({ err }, message);
+      return;
+    }
+    this.outageReported = true;
+    this.log.warn({ endpoint: this.endpointName, reason: errorText(err) }, message);
+  }
+  reportDuplicate() {
+    if (this.duplicateReported) {
+      this.log.debug("Moonraker still has another agent with our name");
+      return;
+    }
+    this.duplicateReported = true;
+    this.outageReported = true;
+    this.log.error(
+      { name: this.opts.clientName },
+      `another moonflash agent is connected to Moonraker as '${this.opts.clientName}'; stop the other one (only one may run per printer). Retrying with backoff until it goes away.`
+    );
+  }
+  /** Requests (server.extensions.request) get a non-null result; macro notifications never get an answer. */
+  async dispatchCall(call) {
+    const params = call.params === void 0 || call.params === null ? {} : asRecord(call.params);
+    if (!params) {
+      throw new MoonflashError(
+        "INVALID_PARAMS",
+        `${call.method} takes named arguments (a JSON object), not a list. Pass {"name": value, ...}.`,
+        { method: call.method }
+      );
+    }
+    const viaMacro = !call.expectsReply;
+    this.log.debug({ method: call.method, viaMacro }, "call from Moonraker");
+    const result = await this.opts.onCall(call.method, params, { viaMacro });
+    if (viaMacro) return void 0;
+    return result ?? "ok";
+  }
+};
+
+// src/moonraker/klippy-follower.ts
+var KLIPPY_POLL_INITIAL_MS = 500;
+var KLIPPY_POLL_MAX_MS = 5e3;
+var SUBSCRIBED_OBJECTS = { webhooks: null, print_stats: null, idle_timeout: null };
+var KlippyFollower = class {
+  constructor(log, currentPeer) {
+    this.log = log;
+    this.currentPeer = currentPeer;
+    this.tracker = new KlipperTracker(log);
+  }
+  log;
+  currentPeer;
+  tracker;
+  /** Bumped on every start/stop of the poll so that a poll in flight from an older round ends. */
+  pollRound = 0;
+  polling = false;
+  pollDelayMs = KLIPPY_POLL_INITIAL_MS;
+  pollTimer = null;
+  /** Notification handlers for a new connection. */
+  install(peer, isCurrent) {
+    peer.handle("notify_klippy_ready", async () => {
+      if (!isCurrent()) return;
+      this.tracker.klippyReady();
+      await this.subscribe(peer).catch((err) => this.log.debug({ err }, "subscribing after ready failed"));
+    });
+    peer.handle("notify_klippy_shutdown", async () => {
+      if (!isCurrent()) return;
+      this.tracker.klippyShutdown();
+      this.startPoll();
+    });
+    peer.handle("notify_klippy_disconnected", async () => {
+      if (!isCurrent()) return;
+      this.tracker.klippyDisconnected();
+      this.startPoll();
+    });
+    peer.handle("notify_status_update", async ({ params }) => {
+      const status = Array.isArray(params) ? asRecord(params[0]) : void 0;
+      if (isCurrent() && status) this.tracker.status(status);
+    });
+    peer.handle("notify_service_state_changed", async ({ params }) => {
+      const changes = Array.isArray(params) ? asRecord(params[0]) : void 0;
+      if (isCurrent() && changes) this.tracker.serviceStateChanged(toServiceStates(changes));
+    });
+  }
+  /** Reads everything once on a new connection: system info, then Klippy. */
+  async synchronise(peer, isCurrent) {
+    try {
+      const result = await peer.request("machine.system_info");
+      if (isCurrent()) this.tracker.systemInfo(asRecord(result.system_info) ?? {});
+    } catch (err) {
+      if (!(err instanceof MoonrakerRpcError)) throw err;
+      this.log.warn({ reason: err.message }, "machine.system_info failed; assuming the Klipper unit is 'klipper'");
+    }
+    const info = await peer.request("server.info");
+    if (!isCurrent()) return;
+    this.tracker.serverInfo(info);
+    if (info.klippy_connected === true && info.klippy_state === "ready") await this.subscribe(peer);
+    else {
+      await this.readStateMessage(peer, info);
+      this.startPoll();
+    }
+  }
+  connected() {
+    this.tracker.moonrakerConnected();
+  }
+  lost() {
+    this.stopPoll();
+    this.tracker.moonrakerLost();
+  }
+  /** While Klipper is being started: the poll may have slowed to its cap, and an error start must be seen soon. */
+  quicken() {
+    if (!this.polling) return;
+    this.stopPoll();
+    this.startPoll();
+  }
+  /** Klipper connected but not ready (startup, error, shutdown): its state message says why, e.g. MCU Protocol error. */
+  async readStateMessage(peer, info) {
+    if (info.klippy_connected !== true) return;
+    try {
+      const printer = await peer.request("printer.info");
+      if (peer === this.currentPeer()) this.tracker.printerInfo(printer);
+    } catch (err) {
+      this.log.debug({ err }, "printer.info failed while Klipper is not ready");
+    }
+  }
+  /** Moonraker drops subscriptions whenever Klipper disconnects, so this runs after every ready. */
+  async subscribe(peer) {
+    this.stopPoll();
+    try {
+      const result = await peer.request("printer.objects.subscribe", { objects: SUBSCRIBED_OBJECTS });
+      const status = asRecord(result.status);
+      if (peer === this.currentPeer() && status) this.tracker.status(status);
+    } catch (err) {
+      if (!(err instanceof MoonrakerRpcError)) throw err;
+      this.log.debug({ reason: err.message }, "subscribing to Klipper objects failed; polling server.info");
+      if (peer === this.currentPeer()) this.startPoll();
+    }
+  }
+  startPoll() {
+    if (this.polling || !this.currentPeer()) return;
+    this.polling = true;
+    this.pollDelayMs = KLIPPY_POLL_INITIAL_MS;
+    this.schedulePoll(++this.pollRound);
+  }
+  stopPoll() {
+    this.polling = false;
+    this.pollRound++;
+    if (this.pollTimer) clearTimeout(this.pollTimer);
+    this.pollTimer = null;
+  }
+  schedulePoll(round) {
+    const delay = this.pollDelayMs;
+    this.pollDelayMs = Math.min(this.pollDelayMs * 2, KLIPPY_POLL_MAX_MS);
+    this.pollTimer = setTimeout(() => void this.poll(round), delay);
+  }
+  async poll(round) {
+    this.pollTimer = null;
+    const peer = this.currentPeer();
+    const stillPolling = () => round === this.pollRound && peer === this.currentPeer();
+    if (!peer || !stillPolling()) return;
+    try {
+      const info = await peer.request("server.info");
+      if (!stillPolling()) return;
+      this.tracker.serverInfo(info);
+      if (info.klippy_connected === true && info.klippy_state === "ready") {
+        await this.subscribe(peer);
+        return;
+      }
+      await this.readStateMessage(peer, info);
+    } catch (err) {
+      this.log.debug({ err }, "polling server.info failed");
+    }
+    if (stillPolling()) this.schedulePoll(round);
+  }
+};
+function toServiceStates(changes) {
+  const states = {};
+  for (const [name, value2] of Object.entries(changes)) {
+    const entry = asRecord(value2);
+    if (typeof entry?.active_state !== "string") continue;
+    states[name] = {
+      active_state: entry.active_state,
+      sub_state: typeof entry.sub_state === "string" ? entry.sub_state : ""
+    };
+  }
+  return states;
+}
+
+// src/moonraker/mcu-list.ts
+var MCU_OBJECT_FIELDS = ["mcu_version", "mcu_build_versions", "mcu_constants"];
+var MCU_SECTION = /^mcu(\s|$)/i;
+async function readMcuReport(peer) {
+  try {
+    const listed = await peer.request("printer.objects.list");
+    const objectNames = (Array.isArray(listed.objects) ? listed.objects : []).filter(
+      (name) => typeof name === "string" && MCU_SECTION.test(name)
+    );
+    const query = { configfile: ["settings"] };
+    for (const name of objectNames) query[name] = MCU_OBJECT_FIELDS;
+    const queried = await peer.request("printer.objects.query", { objects: query });
+    const printerInfo = await peer.request("printer.info");
+    const status = asRecord(queried.status) ?? {};
+    const settings = asRecord(asRecord(status.configfile)?.settings) ?? {};
+    return {
+      hostVersion: typeof printerInfo.software_version === "string" ? printerInfo.software_version : null,
+      mcus: buildMcuList(objectNames, settings, status)
+    };
+  } catch (err) {
+    if (isKlipperAway(err)) return { hostVersion: null, mcus: [] };
+    throw requestFailed(err);
+  }
+}
+function buildMcuList(objectNames, settings, status) {
+  const sections = /* @__PURE__ */ new Map();
+  for (const name of objectNames) sections.set(name.toLowerCase(), name);
+  for (const key of Object.keys(settings)) {
+    if (MCU_SECTION.test(key) && !sections.has(key.toLowerCase())) sections.set(key.toLowerCase(), key);
+  }
+  return [...sections].map(
+    ([key, section]) => toMcuInfo(section, asRecord(settings[key]) ?? {}, asRecord(status[section]) ?? {})
+  );
+}
+function toMcuInfo(section, settings, object2) {
+  const name = section.replace(MCU_SECTION, "").trim();
+  const info = { section, name: name === "" ? "mcu" : name };
+  const text = (value2) => typeof value2 === "string" && value2 !== "" ? value2 : void 0;
+  const serial = text(settings.serial);
+  if (serial) info.serial = serial;
+  const canbusUuid2 = text(settings.canbus_uuid);
+  if (canbusUuid2) info.canbusUuid = canbusUuid2;
+  const canbusInterface = text(settings.canbus_interface);
+  if (canbusInterface) info.canbusInterface = canbusInterface;
+  const baud = typeof settings.baud === "string" ? Number(settings.baud) : settings.baud;
+  if (typeof baud === "number" && Number.isFinite(baud)) info.baud = baud;
+  const restartMethod = text(settings.restart_method);
+  if (restartMethod) info.restartMethod = restartMethod;
+  const mcuVersion = text(object2.mcu_version);
+  if (mcuVersion) info.mcuVersion = mcuVersion;
+  const buildVersions = text(object2.mcu_build_versions);
+  if (buildVersions) info.mcuBuildVersions = buildVersions;
+  const mcuType = text(asRecord(object2.mcu_constants)?.MCU);
+  if (mcuType) info.mcuType = mcuType;
+  return info;
+}
+
+// src/moonraker/services.ts
+var DEFAULT_STOP_TIMEOUT_MS = 6e4;
+var DEFAULT_START_TIMEOUT_MS = 12e4;
+var SERVICE_REQUEST_GRACE_MS = 5e3;
+var ServiceControl = class {
+  constructor(tracker, requirePeer, beforeKlipperStart) {
+    this.tracker = tracker;
+    this.requirePeer = requirePeer;
+    this.beforeKlipperStart = beforeKlipperStart;
+    tracker.onChange(() => this.settle());
+  }
+  tracker;
+  requirePeer;
+  beforeKlipperStart;
+  waiters = /* @__PURE__ */ new Set();
+  async stop(service, timeoutMs = DEFAULT_STOP_TIMEOUT_MS) {
+    const peer = this.requirePeer();
+    const unit = service ?? this.tracker.state.klipperService;
+    const stopped = () => isStopped(this.tracker.state.services[unit]);
+    if (stopped()) return;
+    await this.action(peer, "stop", unit, stopped, timeoutMs);
+  }
+  async start(service, timeoutMs = DEFAULT_START_TIMEOUT_MS) {
+    const peer = this.requirePeer();
+    const unit = service ?? this.tracker.state.klipperService;
+    const started = () => {
+      const state = this.tracker.state;
+      const klippyNeeded = unit === state.klipperService;
+      const klippyUp2 = state.klippyConnected && state.klippyState !== "startup";
+      return state.services[unit]?.active_state === "active" && (!klippyNeeded || klippyUp2);
+    };
+    if (started()) return;
+    if (unit === this.tracker.state.klipperService) this.beforeKlipperStart();
+    await this.action(peer, "start", unit, started, timeoutMs);
+  }
+  /** Every pending wait fails with MOONRAKER_UNAVAILABLE (connection lost, or the session stopped). */
+  failAll(reason) {
+    for (const waiter of [...this.waiters]) waiter.reject(unavailable2(reason));
+  }
+  async action(peer, action, unit, reached, timeoutMs) {
+    const wanted = action === "stop" ? "stopped" : "running";
+    const wait = this.waitFor(reached, timeoutMs, () => {
+      const seconds = Math.round(timeoutMs / 100) / 10;
+      return new MoonflashError(
+        "SERVICE_TIMEOUT",
+        `Moonraker did not report the service '${unit}' ${wanted} within ${seconds} s. Check the service (e.g. systemctl status ${unit}) and Moonraker's log, then try again.`,
+        { service: unit, action, timeoutMs }
+      );
+    });
+    const request = peer.request(`machine.services.${action}`, { service: unit }, timeoutMs + SERVICE_REQUEST_GRACE_MS).then(
+      () => void 0,
+      (err) => {
+        if (err instanceof MoonrakerRpcError) {
+          throw new MoonflashError(
+            "SERVICE_FAILED",
+            `Moonraker could not ${action} the service '${unit}': ${err.message}. Check that '${unit}' is listed in moonraker.asvc and that Moonraker may manage it.`,
+            { service: unit, action, rpcCode: err.code }
+          );
+        }
+        throw err;
+      }
+    );
+    try {
+      await Promise.all([request, wait.promise]);
+    } finally {
+      wait.cancel();
+    }
+  }
+  waitFor(reached, timeoutMs, timeoutError) {
+    let waiter;
+    const finish = () => {
+      clearTimeout(timer);
+      this.waiters.delete(waiter);
+    };
+    const promise = new Promise((resolve2, reject) => {
+      waiter = {
+        check: reached,
+        resolve: () => {
+          finish();
+          resolve2();
+        },
+        reject: (err) => {
+          finish();
+          reject(err);
+        }
+      };
+    });
+    this.waiters.add(waiter);
+    const timer = setTimeout(() => waiter.reject(timeoutError()), timeoutMs);
+    return { promise, cancel: finish };
+  }
+  settle() {
+    for (const waiter of [...this.waiters]) {
+      if (waiter.check()) waiter.resolve();
+    }
+  }
+};
+function isStopped(state) {
+  return state?.active_state === "inactive" || state?.active_state === "failed";
+}
+
+// src/moonraker/session.ts
+var AgentSession = class {
+  events = new EventEmitter();
+  connection;
+  klippy;
+  services;
+  constructor(opts) {
+    this.klippy = new KlippyFollower(opts.logger, () => this.connection.current);
+    this.connection = new MoonrakerConnection(opts, {
+      install: (peer, isCurrent) => this.klippy.install(peer, isCurrent),
+      synchronise: (peer, isCurrent) => this.klippy.synchronise(peer, isCurrent),
+      identified: () => {
+        this.klippy.connected();
+        this.events.emit("identified");
+      },
+      lost: (wasIdentified) => {
+        this.klippy.lost();
+        this.services.failAll("the Moonraker connection closed while waiting for a service to change state");
+        if (wasIdentified) this.events.emit("disconnected");
+      }
+    });
+    this.services = new ServiceControl(this.klippy.tracker, () => this.connection.requirePeer(), () => this.klippy.quicken());
+  }
+  get identified() {
+    return this.connection.identified;
+  }
+  get connectionId() {
+    return this.connection.connectionId;
+  }
+  on(event, fn) {
+    this.events.on(event, fn);
+    return this;
+  }
+  off(event, fn) {
+    this.events.off(event, fn);
+    return this;
+  }
+  start() {
+    this.connection.start();
+  }
+  /** Closes the connection and stops reconnecting; pending service waits fail with MOONRAKER_UNAVAILABLE. */
+  async stop() {
+    this.services.failAll("the Moonraker session was stopped");
+    await this.connection.stop();
+  }
+  // ---- PrinterPort -------------------------------------------------------------------------------------
+  state() {
+    const state = this.klippy.tracker.state;
+    return { ...state, services: { ...state.services } };
+  }
+  isPrinting() {
+    return this.klippy.tracker.isPrinting();
+  }
+  onStateChange(listener) {
+    return this.klippy.tracker.onChange(listener);
+  }
+  stopService(service, timeoutMs) {
+    return this.services.stop(service, timeoutMs);
+  }
+  startService(service, timeoutMs) {
+    return this.services.start(service, timeoutMs);
+  }
+  async gcode(script) {
+    const peer = this.connection.requirePeer();
+    try {
+      await peer.request("printer.gcode.script", { script });
+    } catch (err) {
+      if (isKlipperAway(err)) throw klipperNotConnected(err.message);
+      throw requestFailed(err);
+    }
+  }
+  async sendEvent(event, data) {
+    await this.call("connection.send_event", data === void 0 ? { event } : { event, data });
+  }
+  async mcuReport() {
+    const peer = this.connection.requirePeer();
+    if (!this.klippy.tracker.state.klippyConnected) return { hostVersion: null, mcus: [] };
+    return readMcuReport(peer);
+  }
+  async serialPeripherals() {
+    const result = asRecord(await this.call("machine.peripherals.serial"));
+    return Array.isArray(result?.serial_devices) ? result.serial_devices : [];
+  }
+  async canbusNodes(iface) {
+    const result = asRecord(await this.call("machine.peripherals.canbus", { interface: iface }));
+    return Array.isArray(result?.can_uuids) ? result.can_uuids : [];
+  }
+  async call(method, params) {
+    const peer = this.connection.requirePeer();
+    try {
+      return await peer.request(method, params);
+    } catch (err) {
+      throw requestFailed(err);
+    }
   }
 };
 
@@ -12807,16 +12911,25 @@ var ConsoleReporter = class {
 
 // src/agent/agent.ts
 var RECOVERY_CHECK_MS = 1e4;
-function endpointFromConfig(config2) {
-  const m = config2.moonflash;
-  if (m.moonraker_url) return { kind: "ws", url: m.moonraker_url, ...m.api_key ? { apiKey: m.api_key } : {} };
-  return { kind: "unix", path: m.moonraker_socket };
-}
-var Agent = class _Agent {
-  constructor(config2, logger) {
+var Agent = class {
+  runner;
+  session;
+  flash;
+  methods;
+  console;
+  unsubscribers = [];
+  startedAt = Date.now();
+  recovering = false;
+  recoveryTimer = null;
+  config;
+  logger;
+  endpointName;
+  constructor(rt, parts) {
+    const { config: config2, logger } = rt;
     this.config = config2;
     this.logger = logger;
-    this.runner = new JobRunner({ dataDir: config2.dataDir, logger });
+    this.endpointName = rt.endpointName;
+    this.runner = rt.runner;
     const flash = () => this.flash;
     this.methods = buildMethodTable({
       runner: this.runner,
@@ -12828,16 +12941,11 @@ var Agent = class _Agent {
       }
     });
     const byName = new Map(this.methods.map((m) => [m.name, m]));
-    this.session = new AgentSession({
-      endpoint: endpointFromConfig(config2),
-      clientName: AGENT_NAME,
-      version: VERSION,
-      url: PROJECT_URL,
-      methods: this.methods.map((m) => m.name),
-      onCall: (method, params, info) => this.dispatch(byName, method, params, info.viaMacro),
-      logger: logger.child({ ns: "moonraker" })
-    });
-    this.flash = new FlashEngine({ config: config2, printer: this.session, runner: this.runner, logger: logger.child({ ns: "flash" }) });
+    this.session = parts.session(
+      this.methods.map((m) => m.name),
+      (method, params, info) => this.dispatch(byName, method, params, info.viaMacro)
+    );
+    this.flash = parts.flash(this.session);
     this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }));
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
@@ -12845,22 +12953,6 @@ var Agent = class _Agent {
     this.unsubscribers.push(this.runner.on((event) => {
       if (event.type === "result") void this.recover();
     }));
-  }
-  config;
-  logger;
-  runner;
-  session;
-  flash;
-  methods;
-  console;
-  unsubscribers = [];
-  startedAt = Date.now();
-  recovering = false;
-  recoveryTimer = null;
-  static async create(opts) {
-    const config2 = await loadConfig(opts.dataDir, opts.configFile);
-    const logger = opts.logger ?? createLogger({ dataDir: config2.dataDir, level: config2.moonflash.log_level, pretty: opts.pretty ?? false });
-    return new _Agent(config2, logger);
   }
   start() {
     this.logger.info({ version: VERSION, dataDir: this.config.dataDir, config: this.config.exists ? this.config.file : "(defaults)" }, "moonflash agent starting");
@@ -12904,7 +12996,7 @@ var Agent = class _Agent {
       uptime_s: Math.round((Date.now() - this.startedAt) / 1e3),
       data_dir: this.config.dataDir,
       config: configSummary(this.config),
-      moonraker: { connected: s.moonrakerConnected, version: s.moonrakerVersion, endpoint: describeEndpoint2(endpointFromConfig(this.config)) },
+      moonraker: { connected: s.moonrakerConnected, version: s.moonrakerVersion, endpoint: this.endpointName },
       klipper: { connected: s.klippyConnected, state: s.klippyState, state_message: s.stateMessage, print_state: s.printState, idle_state: s.idleState, service: s.klipperService },
       methods: this.methods.map((m) => ({ name: m.name, description: m.description }))
     };
@@ -12941,26 +13033,81 @@ var Agent = class _Agent {
     }
   }
 };
-function describeEndpoint2(e) {
-  return e.kind === "unix" ? `unix:${e.path}` : e.url;
+
+// src/app.ts
+async function createRuntime(opts) {
+  const config2 = await loadConfig(opts.dataDir, opts.configFile);
+  const logger = opts.logger ?? createLogger({ dataDir: config2.dataDir, level: config2.moonflash.log_level, pretty: opts.pretty ?? false });
+  const m = config2.moonflash;
+  const endpoint = m.moonraker_url ? { kind: "ws", url: m.moonraker_url, ...m.api_key ? { apiKey: m.api_key } : {} } : { kind: "unix", path: m.moonraker_socket };
+  return { config: config2, logger, runner: new JobRunner({ dataDir: config2.dataDir, logger }), endpoint, endpointName: describeEndpoint(endpoint) };
+}
+function createSession(rt, role) {
+  return new AgentSession({ ...role, endpoint: rt.endpoint, version: VERSION, url: PROJECT_URL, logger: rt.logger.child({ ns: "moonraker" }) });
+}
+function createFlashEngine(rt, printer) {
+  return new FlashEngine({ config: rt.config, printer, runner: rt.runner, logger: rt.logger.child({ ns: "flash" }) });
+}
+async function createAgent(opts) {
+  const rt = await createRuntime(opts);
+  return new Agent(rt, {
+    session: (methods, onCall) => createSession(rt, { clientName: AGENT_NAME, methods, onCall }),
+    flash: (printer) => createFlashEngine(rt, printer)
+  });
+}
+async function connectPrinter(rt, timeoutMs) {
+  const session = createSession(rt, {
+    clientName: `${AGENT_NAME}-cli-${process.pid}`,
+    methods: [],
+    onCall: async () => {
+      throw new MoonflashError("INVALID_PARAMS", "the moonflash CLI serves no remote methods");
+    },
+    backoff: { initialMs: 200, maxMs: 1e3 }
+  });
+  session.start();
+  try {
+    await new Promise((resolve2, reject) => {
+      const timer = setTimeout(() => {
+        reject(
+          new MoonflashError(
+            "MOONRAKER_UNAVAILABLE",
+            `Could not reach Moonraker at ${rt.endpointName} within ${timeoutMs / 1e3} s. Is Moonraker running? Check moonraker_socket / moonraker_url in moonflash.conf.`
+          )
+        );
+      }, timeoutMs);
+      session.on("identified", () => {
+        clearTimeout(timer);
+        resolve2();
+      });
+    });
+  } catch (err) {
+    await session.stop();
+    throw err;
+  }
+  return session;
+}
+var EXIT_OK = 0;
+var EXIT_FAILURE = 1;
+var EXIT_USAGE = 2;
+function exitCodeFor(err) {
+  const code = toMoonflashError(err).code;
+  return code === "INVALID_PARAMS" || code === "CONFIG_INVALID" ? EXIT_USAGE : EXIT_FAILURE;
 }
 
 export {
   VERSION,
-  AGENT_NAME,
-  PROJECT_URL,
-  FLASH_METHODS,
   dataPaths,
-  loadConfig,
-  createLogger,
+  FLASH_METHODS,
   isProcessAlive,
   readJobLock,
-  JobRunner,
   throttleProgress,
-  initialPrinterState,
-  AgentSession,
   readJournal,
-  FlashEngine,
-  endpointFromConfig,
-  Agent
+  initialPrinterState,
+  createRuntime,
+  createFlashEngine,
+  createAgent,
+  connectPrinter,
+  EXIT_OK,
+  EXIT_USAGE,
+  exitCodeFor
 };

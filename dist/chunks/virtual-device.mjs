@@ -13,8 +13,8 @@ import {
   encodeError,
   encodeNack,
   u32le
-} from "./chunk-6I3D7RSD.mjs";
-import "./chunk-HEYCKE5Q.mjs";
+} from "./shared-moonflash+offline+virtual-device.mjs";
+import "./shared-execa+moonflash+offline+virtual-device+wrapper.mjs";
 
 // src/sim/virtual-device.ts
 import { EventEmitter as EventEmitter3 } from "node:events";
@@ -663,7 +663,7 @@ function helperFailure(linkPath, result) {
   return new MoonflashError("INTERNAL", `The pty helper failed to create ${linkPath}: ${tail || result.originalMessage || `exit ${result.exitCode}`}. Check that its folder exists and is writable.`, { linkPath, exitCode: result.exitCode, stderr: tail });
 }
 async function openPtyRelay(linkPath, options = {}) {
-  const { execa } = await import("./execa-WYLBMD5O.mjs");
+  const { execa } = await import("./execa.mjs");
   if (options.baud !== void 0 && !(options.baud > 0)) {
     throw new MoonflashError("INVALID_PARAMS", `Virtual device: baud must be positive, got ${options.baud}.`, { baud: options.baud });
   }

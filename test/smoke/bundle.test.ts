@@ -1,0 +1,88 @@
+// What a printer runs after `git pull`: the committed bundle, not src/. `node dist/moonflash.mjs serve` as a real
+// child process against the fake Moonraker's unix socket; it must register, answer through Moonraker, and stop
+// cleanly on SIGTERM (what systemd sends).
+
+import { afterEach, beforeEach, expect, it } from "vitest";
+import { cp, mkdtemp, mkdir, readFile, rm, symlink } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { execa, type ResultPromise } from "execa";
+import { startFakeMoonraker, type FakeMoonraker } from "../support/fake-moonraker/index.js";
+
+const repo = resolve(import.meta.dirname, "../..");
+let dir: string;
+let data: string;
+let moonraker: FakeMoonraker;
+let child: ResultPromise | null = null;
+
+beforeEach(async () => {
+  dir = await mkdtemp(join(tmpdir(), "moonflash-smoke-"));
+  data = join(dir, "printer_data");
+  await mkdir(join(data, "config"), { recursive: true });
+  moonraker = await startFakeMoonraker({ dataDir: data });
+});
+
+afterEach(async () => {
+  if (child && child.exitCode === null) {
+    child.kill("SIGKILL");
+    await child;
+  }
+  child = null;
+  await moonraker.stop();
+  await rm(dir, { recursive: true, force: true });
+});
+
+/** Runs `serve` from `bundle` until it answers flash.status through Moonraker, then stops it with SIGTERM. */
+async function serveOnce(bundle: string): Promise<void> {
+  const { version } = JSON.parse(await readFile(join(repo, "package.json"), "utf8")) as { version: string };
+  // cwd outside the checkout: a systemd unit need not set one. No --config: the data dir's defaults apply.
+  child = execa("node", [bundle, "serve", "--data", data], { cwd: dir, reject: false, timeout: 30_000 });
+  await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.status") || child?.exitCode !== null, 15_000);
+  if (child.exitCode !== null) expect.fail(`serve exited early (${child.exitCode}):\n${String((await child).stderr)}`);
+  expect(moonraker.agents()).toEqual([expect.objectContaining({ name: "moonflash", type: "agent", version })]);
+
+  const web = await moonraker.connectClient({ transport: "unix" });
+  expect(await web.call("server.extensions.request", { agent: "moonflash", method: "flash.status", arguments: {} })).toEqual({
+    current: null,
+    other: null,
+    last: [],
+    klipper_start_pending: null,
+  });
+  await web.close();
+
+  child.kill("SIGTERM");
+  const result = await child;
+  expect({ exitCode: result.exitCode, signal: result.signal, timedOut: result.timedOut, stderr: result.stderr }).toEqual({
+    exitCode: 0,
+    signal: undefined,
+    timedOut: false,
+    stderr: "",
+  });
+  await moonraker.waitFor(() => moonraker.agents().length === 0, 5000);
+  const log = await readFile(join(data, "logs", "moonflash.log"), "utf8");
+  expect(log).toContain('"signal":"SIGTERM"');
+}
+
+it("the committed bundle serves: registers, answers flash.status through Moonraker, exits 0 on SIGTERM", async () => {
+  await serveOnce(join(repo, "dist", "moonflash.mjs"));
+});
+
+it("the bundle needs from node_modules only its externals (serialport, pino-pretty, cli-progress)", async () => {
+  // The bundled libraries are installed on printers too (so that npm audit sees them), which would hide a bundle
+  // that quietly loads one of them from node_modules. A copy of dist/ next to a node_modules holding only the
+  // externals (scripts/build.mjs's EXTERNAL) finds nothing else.
+  const app = join(dir, "app");
+  await cp(join(repo, "dist"), join(app, "dist"), { recursive: true });
+  await mkdir(join(app, "node_modules"));
+  for (const name of ["serialport", "pino-pretty", "cli-progress"]) await symlink(join(repo, "node_modules", name), join(app, "node_modules", name));
+  const bundle = join(app, "dist", "moonflash.mjs");
+
+  await serveOnce(bundle);
+  // The other verbs load their own chunks; `devices` loads serialport's native binding.
+  const status = await execa("node", [bundle, "status", "--data", data, "--json"], { cwd: dir, reject: false, timeout: 30_000 });
+  expect(status.exitCode, status.stderr).toBe(0);
+  expect(JSON.parse(status.stdout)).toMatchObject({ running: null, last: [] });
+  const devices = await execa("node", [bundle, "devices", "--data", data, "--json"], { cwd: dir, reject: false, timeout: 30_000 });
+  expect(devices.exitCode, devices.stderr).toBe(0);
+  expect(JSON.parse(devices.stdout)).toMatchObject({ devices: expect.any(Array), mcus: expect.any(Array) });
+});
