@@ -9,8 +9,7 @@ import {
   initialPrinterState,
   isProcessAlive,
   readJobLock,
-  readJournal,
-  throttleProgress
+  readJournal
 } from "./shared-moonflash+offline.mjs";
 import {
   MoonflashError,
@@ -185,7 +184,7 @@ async function runFlash(opts) {
     session = await connectPrinter(ctx, 1e4);
     const engine = createFlashEngine(ctx, session);
     renderer = new ProgressRenderer({ json: opts.json });
-    ctx.runner.on(throttleProgress(renderer.onJobEvent, { maxPerSecond: 10 }));
+    ctx.runner.on(renderer.onJobEvent);
     const result = await engine.flash({
       mcu: opts.mcu,
       ...opts.firmware ? { firmware: opts.firmware } : {},

@@ -5737,8 +5737,272 @@ function makeLock(path6, info) {
   };
 }
 
-// src/core/history.ts
-import { readFileSync, renameSync } from "node:fs";
+// src/flash/guard.ts
+import { readFile as readFile2 } from "node:fs/promises";
+var SHUTDOWN_SIGNALS = ["SIGINT", "SIGTERM"];
+function assertNotPrinting(printer) {
+  if (!printer.isPrinting()) return;
+  const printState = printer.state().printState ?? "printing";
+  throw new MoonflashError(
+    "PRINTER_BUSY",
+    `The printer is printing (print_stats: ${printState}). Flashing stops Klipper; wait for the print to end or cancel it.`,
+    { printState, idleState: printer.state().idleState }
+  );
+}
+function klipperIsRunning(printer) {
+  const state = printer.state();
+  const unit = state.services[state.klipperService];
+  if (unit) return unit.active_state === "active" || unit.active_state === "activating" || unit.active_state === "reloading";
+  if (state.klippyConnected) return true;
+  if (!state.moonrakerConnected) {
+    throw new MoonflashError(
+      "MOONRAKER_UNAVAILABLE",
+      "moonflash has no Moonraker connection, so it cannot stop Klipper before flashing. Check that Moonraker runs and moonflash.conf's moonraker_socket, then try again.",
+      { klipperService: state.klipperService }
+    );
+  }
+  return false;
+}
+function parseJournal(text) {
+  try {
+    const j = JSON.parse(text);
+    if (typeof j.jobId !== "string" || typeof j.klipperService !== "string" || typeof j.klipperWasRunning !== "boolean") return null;
+    return j;
+  } catch {
+    return null;
+  }
+}
+async function readJournal(dataDir) {
+  let text;
+  try {
+    text = await readFile2(dataPaths(dataDir).journal, "utf8");
+  } catch (err) {
+    if (err.code === "ENOENT") return null;
+    throw toMoonflashError(err);
+  }
+  return parseJournal(text) ?? {
+    jobId: "unknown",
+    kind: "flash",
+    target: "unknown",
+    pid: 0,
+    startedAt: (/* @__PURE__ */ new Date(0)).toISOString(),
+    klipperService: "klipper",
+    klipperWasRunning: true
+  };
+}
+async function withKlipperStopped(printer, journalPath, opts, work) {
+  assertNotPrinting(printer);
+  const { logger } = opts;
+  const klipperService = printer.state().klipperService;
+  let klipperWasRunning = klipperIsRunning(printer);
+  const leftover = await readJournalFile(journalPath);
+  if (leftover) {
+    logger.warn({ journal: leftover }, "an earlier job's journal is still present; Klipper will be started after this job if it ran then");
+    klipperWasRunning ||= leftover.klipperWasRunning;
+  }
+  const journal = {
+    jobId: opts.jobId,
+    kind: opts.kind,
+    target: opts.target,
+    pid: process.pid,
+    startedAt: (/* @__PURE__ */ new Date()).toISOString(),
+    klipperService,
+    klipperWasRunning
+  };
+  await writeFileDurable(journalPath, `${JSON.stringify(journal, null, 2)}
+`);
+  const shutdown = new AbortController();
+  let caughtSignal = null;
+  const onSignal = (signal) => {
+    if (caughtSignal) return;
+    caughtSignal = signal;
+    logger.warn(`${signal} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
+    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal}).`));
+  };
+  const handlers = SHUTDOWN_SIGNALS.map((signal) => [signal, () => onSignal(signal)]);
+  for (const [signal, handler] of handlers) process.on(signal, handler);
+  let klipperRestart = null;
+  try {
+    let value2;
+    try {
+      if (klipperWasRunning) {
+        logger.info(`stopping ${klipperService}`);
+        opts.onStage?.("stop-klipper", `stopping ${klipperService}`);
+        try {
+          await printer.stopService(klipperService, opts.serviceTimeoutMs);
+        } catch (err) {
+          const e = toMoonflashError(err, "SERVICE_FAILED");
+          throw new MoonflashError(e.code, `Stopping Klipper did not complete, so nothing was written to the board: ${e.message}`, e.details, { cause: e });
+        }
+      }
+      if (shutdown.signal.aborted) throw shutdown.signal.reason;
+      value2 = await work(shutdown.signal);
+    } catch (err) {
+      const error2 = toMoonflashError(err);
+      klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
+      if (klipperRestart) error2.details.klipperRestart = klipperRestart;
+      if (klipperRestart && !klipperRestart.ok) {
+        throw new MoonflashError(error2.code, `${error2.message} ${stillStoppedNote(klipperService)}`, error2.details, { cause: error2 });
+      }
+      throw error2;
+    }
+    klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
+    if (klipperRestart && !klipperRestart.ok) {
+      throw new MoonflashError(
+        klipperRestart.code,
+        `The ${opts.kind} job finished, but moonflash could not confirm that Klipper runs: ${klipperRestart.message} ${stillStoppedNote(klipperService)}`,
+        { klipperRestart, result: value2 }
+      );
+    }
+    return { value: value2, klipperWasRunning, klipperRestart };
+  } finally {
+    await settleJournal(journalPath, journal, klipperRestart, logger);
+    for (const [signal, handler] of handlers) process.removeListener(signal, handler);
+    if (caughtSignal && process.listenerCount(caughtSignal) === 0) process.kill(process.pid, caughtSignal);
+  }
+}
+function stillStoppedNote(service) {
+  return `moonflash keeps checking, starts ${service} if it is stopped and says so here once it runs; you can also start it from the web UI (Machine \u2192 Services \u2192 ${service}) or with \`sudo systemctl start ${service}\`.`;
+}
+async function settleJournal(path6, journal, restart, logger) {
+  try {
+    if (restart === null || restart.ok) await removeDurable(path6);
+    else await writeFileDurable(path6, `${JSON.stringify({ ...journal, restartPending: true }, null, 2)}
+`);
+  } catch (err) {
+    logger.error({ err }, `could not update the journal ${path6}`);
+  }
+}
+async function readJournalFile(path6) {
+  try {
+    return parseJournal(await readFile2(path6, "utf8"));
+  } catch {
+    return null;
+  }
+}
+async function restartKlipper(printer, service, wasRunning, opts) {
+  if (!wasRunning) return null;
+  opts.logger.info(`starting ${service}`);
+  opts.onStage?.("start-klipper", `starting ${service}`);
+  const outcome = await bringKlipperBack(printer, service, { timeoutMs: opts.serviceTimeoutMs, logger: opts.logger });
+  if (!outcome.ok) opts.logger.error({ outcome }, `could not start ${service} again yet: ${outcome.message}`);
+  return outcome;
+}
+var MAX_FRESH_WAITS = 3;
+var RETRY_PAUSE_MS = 1e3;
+var serviceActive = (state, service) => state.services[service]?.active_state === "active";
+var serviceStarting = (state, service) => {
+  const unit = state.services[service];
+  return unit?.active_state === "activating" || unit?.sub_state === "starting";
+};
+var klippyUp = (state) => state.moonrakerConnected && state.klippyConnected && state.klippyState !== "startup" && state.klippyState !== "disconnected";
+function waitForPrinter(printer, pred, timeoutMs) {
+  if (pred(printer.state())) return Promise.resolve(true);
+  if (timeoutMs <= 0) return Promise.resolve(false);
+  return new Promise((resolve2) => {
+    const finish = (value2) => {
+      clearTimeout(timer);
+      off();
+      resolve2(value2);
+    };
+    const timer = setTimeout(() => finish(false), timeoutMs);
+    const off = printer.onStateChange((state) => {
+      if (pred(state)) finish(true);
+    });
+  });
+}
+var pause = (ms) => new Promise((resolve2) => setTimeout(resolve2, Math.max(0, ms)));
+async function bringKlipperBack(printer, service, opts) {
+  const { timeoutMs, logger } = opts;
+  let deadline = Date.now() + timeoutMs;
+  let freshWaits = 0;
+  let last = null;
+  for (; ; ) {
+    const remaining = deadline - Date.now();
+    if (remaining <= 0) break;
+    if (!printer.state().moonrakerConnected) {
+      logger.warn(`Moonraker is not connected; waiting for it to start ${service}`);
+      if (!await waitForPrinter(printer, (s) => s.moonrakerConnected, remaining)) {
+        last = new MoonflashError(
+          "MOONRAKER_UNAVAILABLE",
+          `Moonraker was not reachable for ${Math.round(timeoutMs / 1e3)} s, so ${service} could not be started.`,
+          { service }
+        );
+        break;
+      }
+      if (freshWaits++ < MAX_FRESH_WAITS) deadline = Date.now() + timeoutMs;
+      continue;
+    }
+    if (serviceStarting(printer.state(), service)) {
+      await waitForPrinter(printer, (s) => !s.moonrakerConnected || !serviceStarting(s, service), deadline - Date.now());
+      continue;
+    }
+    if (serviceActive(printer.state(), service)) {
+      if (!await waitForPrinter(printer, klippyUp, deadline - Date.now())) {
+        logger.warn(`${service} runs but Klipper has not reported ready or an error yet`);
+      }
+      return { ok: true };
+    }
+    try {
+      await printer.startService(service, remaining);
+      return { ok: true };
+    } catch (err) {
+      last = toMoonflashError(err, "SERVICE_FAILED");
+      logger.warn({ code: last.code }, `starting ${service} did not complete: ${last.message}`);
+      if (last.code === "SERVICE_TIMEOUT") break;
+      if (printer.state().moonrakerConnected) await pause(Math.min(RETRY_PAUSE_MS, deadline - Date.now()));
+    }
+  }
+  const reason = last ?? new MoonflashError("SERVICE_TIMEOUT", `${service} did not start within ${Math.round(timeoutMs / 1e3)} s.`);
+  return { ok: false, code: reason.code, message: reason.message, pending: true };
+}
+async function recoverInterruptedJob(dataDir, printer, runner, logger, opts = {}) {
+  const journal = await readJournal(dataDir);
+  if (!journal) return null;
+  const paths = dataPaths(dataDir);
+  if (journal.pid !== process.pid && isProcessAlive(journal.pid) && !journal.restartPending) {
+    logger.info({ journal }, `job ${journal.jobId} is still running in process ${journal.pid}; nothing to recover`);
+    return null;
+  }
+  logger.warn({ journal }, journal.restartPending ? `Klipper is still to be started after job ${journal.jobId}; starting it` : `job ${journal.jobId} on ${journal.target} was interrupted while Klipper was stopped; recovering`);
+  if (journal.klipperWasRunning) {
+    const restart = await bringKlipperBack(printer, journal.klipperService, { timeoutMs: opts.serviceTimeoutMs ?? 9e4, logger });
+    if (!restart.ok) throw new MoonflashError(restart.code, restart.message, { journal });
+    logger.info(`started ${journal.klipperService} again after job ${journal.jobId}`);
+  }
+  const stale = await clearStaleJobLock(paths.lock);
+  if (stale) logger.info({ lock: stale }, `removed the job lock of the dead process ${stale.pid}`);
+  const ref = { id: journal.jobId, kind: journal.kind, target: journal.target, startedAt: journal.startedAt };
+  if (journal.restartPending) {
+    runner.notice(ref, `Klipper is running again (moonflash could not confirm it when this ${journal.kind} job ended).`);
+  } else {
+    const started = journal.klipperWasRunning ? " Klipper was started again." : "";
+    await runner.interrupted({
+      ...ref,
+      message: `moonflash stopped while this ${journal.kind} job ran (started ${journal.startedAt}).${started} The board may hold a partial image and wait in its bootloader: run the same flash again.`
+    });
+  }
+  await removeDurable(paths.journal);
+  return { journal, klipperStarted: journal.klipperWasRunning };
+}
+
+// src/core/printer.ts
+function initialPrinterState() {
+  return {
+    moonrakerConnected: false,
+    klippyConnected: false,
+    klippyState: "disconnected",
+    stateMessage: "",
+    printState: null,
+    idleState: null,
+    klipperService: "klipper",
+    services: {},
+    moonrakerVersion: null
+  };
+}
+
+// src/moonflash-conf.ts
+import { readFile as readFile3 } from "node:fs/promises";
 
 // node_modules/zod/v4/core/util.js
 function getEnumValues(entries) {
@@ -7365,603 +7629,6 @@ function superRefine(fn, params) {
 // src/core/zod.ts
 config(en_default());
 
-// src/core/history.ts
-var HISTORY_LIMIT = 50;
-var recordSchema = object({
-  id: string2(),
-  kind: _enum(["flash", "ota"]),
-  target: string2(),
-  params: optional(unknown()),
-  startedAt: string2(),
-  finishedAt: string2(),
-  ok: boolean2(),
-  code: optional(_enum(Object.keys(ERROR_CODES))),
-  message: optional(string2()),
-  result: optional(unknown())
-});
-var fileSchema = object({ version: literal(1), jobs: array(recordSchema) });
-var appendQueues = /* @__PURE__ */ new Map();
-function compactTimestamp(date2) {
-  return date2.toISOString().replace(/[-:]/g, "").replace(".", "");
-}
-function readRecords(path6, logger) {
-  let text;
-  try {
-    text = readFileSync(path6, "utf8");
-  } catch (err) {
-    if (err.code === "ENOENT") return [];
-    logger.warn({ err, path: path6 }, "cannot read the job history; showing none");
-    return [];
-  }
-  let parsed;
-  try {
-    const result = fileSchema.safeParse(JSON.parse(text));
-    if (result.success) parsed = result.data;
-  } catch {
-  }
-  if (parsed) return parsed.jobs;
-  const aside = `${path6}.corrupt-${compactTimestamp(/* @__PURE__ */ new Date())}`;
-  try {
-    renameSync(path6, aside);
-    logger.warn({ path: path6, movedTo: aside }, "job history was corrupt; moved it aside and started a new one");
-  } catch (err) {
-    logger.warn({ err, path: path6 }, "job history is corrupt and could not be moved aside; it will be overwritten");
-  }
-  return [];
-}
-function listJobs(path6, logger) {
-  return readRecords(path6, logger).reverse();
-}
-function appendJob(path6, record, logger, limit = HISTORY_LIMIT) {
-  const previous = appendQueues.get(path6) ?? Promise.resolve();
-  const next = previous.then(async () => {
-    const jobs = readRecords(path6, logger);
-    jobs.push(record);
-    const kept = jobs.slice(-limit);
-    await writeFileDurable(path6, JSON.stringify({ version: 1, jobs: kept }, null, 1) + "\n");
-  });
-  const settled = next.catch(() => void 0);
-  appendQueues.set(path6, settled);
-  void settled.then(() => {
-    if (appendQueues.get(path6) === settled) appendQueues.delete(path6);
-  });
-  return next;
-}
-
-// src/core/jobs.ts
-function compactUtc(date2) {
-  return date2.toISOString().slice(0, 19).replace(/[-:]/g, "");
-}
-function makeJobId(kind, at) {
-  return `${kind}-${compactUtc(at)}-${process.getBuiltinModule("node:crypto").randomBytes(2).toString("hex")}`;
-}
-function cancelledError(jobId, cause) {
-  return new MoonflashError(
-    "CANCELLED",
-    "The job was cancelled before anything was written; start it again when ready.",
-    { jobId },
-    cause === void 0 ? void 0 : { cause }
-  );
-}
-var JobRunner = class {
-  logger;
-  now;
-  paths;
-  listeners = /* @__PURE__ */ new Set();
-  active = null;
-  constructor(opts) {
-    this.logger = opts.logger;
-    this.now = opts.now ?? (() => /* @__PURE__ */ new Date());
-    this.paths = dataPaths(opts.dataDir);
-  }
-  /** Runs `work` as the one job of this machine; throws BUSY when another job runs here or in another process. */
-  async run(spec, work) {
-    if (this.active) throw busyError(this.active.info);
-    const startedAt = this.now();
-    const info = {
-      jobId: makeJobId(spec.kind, startedAt),
-      kind: spec.kind,
-      target: spec.target,
-      pid: process.pid,
-      startedAt: startedAt.toISOString()
-    };
-    const job = {
-      info,
-      stage: "starting",
-      progress: null,
-      cancellable: true,
-      cancelReason: void 0,
-      controller: new AbortController()
-    };
-    this.active = job;
-    let lock;
-    try {
-      lock = await acquireJobLock(this.paths.lock, info);
-    } catch (err) {
-      this.active = null;
-      throw toMoonflashError(err);
-    }
-    const log = this.logger.child({ jobId: info.jobId, kind: info.kind, target: info.target });
-    let finished = false;
-    const ctx = {
-      jobId: info.jobId,
-      kind: info.kind,
-      target: info.target,
-      signal: job.controller.signal,
-      stage: (stage, message) => {
-        if (finished) return;
-        job.stage = stage;
-        log.info({ stage }, message ?? `stage ${stage}`);
-        this.emit({ ...this.base(info), type: "stage", stage, ...message === void 0 ? {} : { message } });
-      },
-      progress: (done, total, unit, phase) => {
-        if (finished) return;
-        job.progress = { done, total, unit, ...phase === void 0 ? {} : { phase } };
-        this.emit({ ...this.base(info), type: "progress", ...job.progress });
-      },
-      log: (level, message) => {
-        if (finished) return;
-        log[level](message);
-        this.emit({ ...this.base(info), type: "log", level, message });
-      },
-      setCancellable: (cancellable, reason) => {
-        job.cancellable = cancellable;
-        job.cancelReason = cancellable ? void 0 : reason;
-      }
-    };
-    log.info({ params: spec.params }, "job started");
-    ctx.stage("started");
-    let outcome;
-    try {
-      if (job.controller.signal.aborted) throw cancelledError(info.jobId);
-      outcome = { ok: true, value: await work(ctx) };
-    } catch (err) {
-      const error3 = job.controller.signal.aborted && !isMoonflashError(err) ? cancelledError(info.jobId, err) : toMoonflashError(err);
-      outcome = { ok: false, error: error3 };
-    }
-    finished = true;
-    const record = {
-      id: info.jobId,
-      kind: info.kind,
-      target: info.target,
-      ...spec.params === void 0 ? {} : { params: spec.params },
-      startedAt: info.startedAt,
-      finishedAt: this.now().toISOString(),
-      ok: outcome.ok,
-      ...outcome.ok ? outcome.value === void 0 ? {} : { result: outcome.value } : { code: outcome.error.code, message: outcome.error.message }
-    };
-    try {
-      await appendJob(this.paths.history, record, this.logger);
-    } catch (err) {
-      log.error({ err }, "could not record the job in history");
-    }
-    try {
-      await lock.release();
-    } catch (err) {
-      log.error({ err, path: lock.path }, "could not remove the job lock; the next job will find it stale");
-    }
-    this.active = null;
-    if (outcome.ok) {
-      log.info("job succeeded");
-      this.emit({ ...this.base(info), type: "result", ok: true, ...outcome.value === void 0 ? {} : { details: outcome.value } });
-      return outcome.value;
-    }
-    const { error: error2 } = outcome;
-    log.warn({ code: error2.code, details: error2.details }, `job failed: ${error2.message}`);
-    this.emit({ ...this.base(info), type: "result", ok: false, code: error2.code, message: error2.message, details: error2.details });
-    throw error2;
-  }
-  /** The running job of this process, or null. */
-  current() {
-    const job = this.active;
-    if (!job) return null;
-    return {
-      id: job.info.jobId,
-      kind: job.info.kind,
-      target: job.info.target,
-      stage: job.stage,
-      progress: job.progress && { ...job.progress },
-      startedAt: job.info.startedAt,
-      cancellable: job.cancellable,
-      ...job.cancelReason === void 0 ? {} : { cancelReason: job.cancelReason }
-    };
-  }
-  /** Aborts the running job's signal. NO_JOB when none (of that kind) runs; CANCEL_REFUSED while not cancellable. */
-  cancel(kind) {
-    const job = this.active;
-    if (!job || kind !== void 0 && job.info.kind !== kind) {
-      throw new MoonflashError("NO_JOB", `No ${kind ?? "flash or OTA"} job is running, so there is nothing to cancel.`, { kind: kind ?? null });
-    }
-    if (!job.cancellable) {
-      const reason = job.cancelReason ?? "the job is at a step that must finish";
-      throw new MoonflashError(
-        "CANCEL_REFUSED",
-        `The ${job.info.kind} job on ${job.info.target} cannot be cancelled now: ${reason}. Wait for it to finish.`,
-        { jobId: job.info.jobId, reason }
-      );
-    }
-    if (!job.controller.signal.aborted) {
-      this.logger.info({ jobId: job.info.jobId }, "job cancel requested");
-      job.controller.abort(cancelledError(job.info.jobId));
-    }
-    return { id: job.info.jobId };
-  }
-  /** Recent jobs (also those run by other moonflash processes), newest first. */
-  history(kind, limit = HISTORY_LIMIT) {
-    const jobs = listJobs(this.paths.history, this.logger);
-    return (kind === void 0 ? jobs : jobs.filter((job) => job.kind === kind)).slice(0, Math.max(0, limit));
-  }
-  /** Subscribes to every job event; returns the unsubscribe function. */
-  on(listener) {
-    this.listeners.add(listener);
-    return () => {
-      this.listeners.delete(listener);
-    };
-  }
-  /**
-   * Records a job the previous process did not finish (it died) as failed with INTERRUPTED, and tells listeners
-   * through a result event, as if the job had ended now.
-   */
-  async interrupted(record) {
-    const message = record.message ?? "moonflash stopped while this job ran; check the device and run the job again.";
-    await appendJob(
-      this.paths.history,
-      {
-        id: record.id,
-        kind: record.kind,
-        target: record.target,
-        ...record.params === void 0 ? {} : { params: record.params },
-        startedAt: record.startedAt,
-        finishedAt: this.now().toISOString(),
-        ok: false,
-        code: "INTERRUPTED",
-        message
-      },
-      this.logger
-    );
-    this.logger.warn({ jobId: record.id, kind: record.kind, target: record.target }, `interrupted job recorded: ${message}`);
-    this.emit({ ...this.base({ jobId: record.id, kind: record.kind, target: record.target }), type: "result", ok: false, code: "INTERRUPTED", message });
-  }
-  /** Tells listeners something about a job that has ended (e.g. Klipper started again later). */
-  notice(job, message) {
-    this.logger.info({ jobId: job.id, kind: job.kind, target: job.target }, message);
-    this.emit({ ...this.base({ jobId: job.id, kind: job.kind, target: job.target }), type: "notice", message });
-  }
-  base(info) {
-    return { jobId: info.jobId, kind: info.kind, target: info.target, ts: this.now().toISOString() };
-  }
-  // One failing adapter must not stop the others or the job (moonraker's send_event, zigbee2mqtt's eventBus).
-  emit(event) {
-    for (const listener of [...this.listeners]) {
-      try {
-        const returned = listener(event);
-        if (returned instanceof Promise) {
-          returned.catch((err) => this.logger.error({ err, event: event.type }, "job event listener failed"));
-        }
-      } catch (err) {
-        this.logger.error({ err, event: event.type }, "job event listener failed");
-      }
-    }
-  }
-};
-function throttleProgress(listener, opts) {
-  const interval = 1e3 / opts.maxPerSecond;
-  const onError = opts.onError ?? ((err) => process.emitWarning(err instanceof Error ? err : String(err)));
-  const jobs = /* @__PURE__ */ new Map();
-  const send = (state, event) => {
-    state.lastSent = Date.now();
-    listener(event);
-  };
-  const flush = (state) => {
-    if (state.timer) clearTimeout(state.timer);
-    state.timer = null;
-    const pending = state.pending;
-    state.pending = null;
-    if (pending) send(state, pending);
-  };
-  return (event) => {
-    const state = jobs.get(event.jobId);
-    if (event.type !== "progress") {
-      if (event.type === "result") jobs.delete(event.jobId);
-      if (state) flush(state);
-      listener(event);
-      return;
-    }
-    const phase = event.phase ?? "";
-    if (!state || state.phase !== phase) {
-      if (state) flush(state);
-      const fresh = { phase, lastSent: 0, pending: null, timer: null };
-      jobs.set(event.jobId, fresh);
-      send(fresh, event);
-      return;
-    }
-    const now = Date.now();
-    if (now - state.lastSent >= interval) {
-      state.pending = null;
-      if (state.timer) clearTimeout(state.timer);
-      state.timer = null;
-      send(state, event);
-      return;
-    }
-    state.pending = event;
-    state.timer ??= setTimeout(() => {
-      state.timer = null;
-      try {
-        flush(state);
-      } catch (err) {
-        onError(err);
-      }
-    }, state.lastSent + interval - now);
-  };
-}
-
-// src/flash/guard.ts
-import { readFile as readFile2 } from "node:fs/promises";
-var SHUTDOWN_SIGNALS = ["SIGINT", "SIGTERM"];
-function assertNotPrinting(printer) {
-  if (!printer.isPrinting()) return;
-  const printState = printer.state().printState ?? "printing";
-  throw new MoonflashError(
-    "PRINTER_BUSY",
-    `The printer is printing (print_stats: ${printState}). Flashing stops Klipper; wait for the print to end or cancel it.`,
-    { printState, idleState: printer.state().idleState }
-  );
-}
-function klipperIsRunning(printer) {
-  const state = printer.state();
-  const unit = state.services[state.klipperService];
-  if (unit) return unit.active_state === "active" || unit.active_state === "activating" || unit.active_state === "reloading";
-  if (state.klippyConnected) return true;
-  if (!state.moonrakerConnected) {
-    throw new MoonflashError(
-      "MOONRAKER_UNAVAILABLE",
-      "moonflash has no Moonraker connection, so it cannot stop Klipper before flashing. Check that Moonraker runs and moonflash.conf's moonraker_socket, then try again.",
-      { klipperService: state.klipperService }
-    );
-  }
-  return false;
-}
-function parseJournal(text) {
-  try {
-    const j = JSON.parse(text);
-    if (typeof j.jobId !== "string" || typeof j.klipperService !== "string" || typeof j.klipperWasRunning !== "boolean") return null;
-    return j;
-  } catch {
-    return null;
-  }
-}
-async function readJournal(dataDir) {
-  let text;
-  try {
-    text = await readFile2(dataPaths(dataDir).journal, "utf8");
-  } catch (err) {
-    if (err.code === "ENOENT") return null;
-    throw toMoonflashError(err);
-  }
-  return parseJournal(text) ?? {
-    jobId: "unknown",
-    kind: "flash",
-    target: "unknown",
-    pid: 0,
-    startedAt: (/* @__PURE__ */ new Date(0)).toISOString(),
-    klipperService: "klipper",
-    klipperWasRunning: true
-  };
-}
-async function withKlipperStopped(printer, journalPath, opts, work) {
-  assertNotPrinting(printer);
-  const { logger } = opts;
-  const klipperService = printer.state().klipperService;
-  let klipperWasRunning = klipperIsRunning(printer);
-  const leftover = await readJournalFile(journalPath);
-  if (leftover) {
-    logger.warn({ journal: leftover }, "an earlier job's journal is still present; Klipper will be started after this job if it ran then");
-    klipperWasRunning ||= leftover.klipperWasRunning;
-  }
-  const journal = {
-    jobId: opts.jobId,
-    kind: opts.kind,
-    target: opts.target,
-    pid: process.pid,
-    startedAt: (/* @__PURE__ */ new Date()).toISOString(),
-    klipperService,
-    klipperWasRunning
-  };
-  await writeFileDurable(journalPath, `${JSON.stringify(journal, null, 2)}
-`);
-  const shutdown = new AbortController();
-  let caughtSignal = null;
-  const onSignal = (signal) => {
-    if (caughtSignal) return;
-    caughtSignal = signal;
-    logger.warn(`${signal} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
-    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal}).`));
-  };
-  const handlers = SHUTDOWN_SIGNALS.map((signal) => [signal, () => onSignal(signal)]);
-  for (const [signal, handler] of handlers) process.on(signal, handler);
-  let klipperRestart = null;
-  try {
-    let value2;
-    try {
-      if (klipperWasRunning) {
-        logger.info(`stopping ${klipperService}`);
-        opts.onStage?.("stop-klipper", `stopping ${klipperService}`);
-        try {
-          await printer.stopService(klipperService, opts.serviceTimeoutMs);
-        } catch (err) {
-          const e = toMoonflashError(err, "SERVICE_FAILED");
-          throw new MoonflashError(e.code, `Stopping Klipper did not complete, so nothing was written to the board: ${e.message}`, e.details, { cause: e });
-        }
-      }
-      if (shutdown.signal.aborted) throw shutdown.signal.reason;
-      value2 = await work(shutdown.signal);
-    } catch (err) {
-      const error2 = toMoonflashError(err);
-      klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
-      if (klipperRestart) error2.details.klipperRestart = klipperRestart;
-      if (klipperRestart && !klipperRestart.ok) {
-        throw new MoonflashError(error2.code, `${error2.message} ${stillStoppedNote(klipperService)}`, error2.details, { cause: error2 });
-      }
-      throw error2;
-    }
-    klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
-    if (klipperRestart && !klipperRestart.ok) {
-      throw new MoonflashError(
-        klipperRestart.code,
-        `The ${opts.kind} job finished, but moonflash could not confirm that Klipper runs: ${klipperRestart.message} ${stillStoppedNote(klipperService)}`,
-        { klipperRestart, result: value2 }
-      );
-    }
-    return { value: value2, klipperWasRunning, klipperRestart };
-  } finally {
-    await settleJournal(journalPath, journal, klipperRestart, logger);
-    for (const [signal, handler] of handlers) process.removeListener(signal, handler);
-    if (caughtSignal && process.listenerCount(caughtSignal) === 0) process.kill(process.pid, caughtSignal);
-  }
-}
-function stillStoppedNote(service) {
-  return `moonflash keeps checking, starts ${service} if it is stopped and says so here once it runs; you can also start it from the web UI (Machine \u2192 Services \u2192 ${service}) or with \`sudo systemctl start ${service}\`.`;
-}
-async function settleJournal(path6, journal, restart, logger) {
-  try {
-    if (restart === null || restart.ok) await removeDurable(path6);
-    else await writeFileDurable(path6, `${JSON.stringify({ ...journal, restartPending: true }, null, 2)}
-`);
-  } catch (err) {
-    logger.error({ err }, `could not update the journal ${path6}`);
-  }
-}
-async function readJournalFile(path6) {
-  try {
-    return parseJournal(await readFile2(path6, "utf8"));
-  } catch {
-    return null;
-  }
-}
-async function restartKlipper(printer, service, wasRunning, opts) {
-  if (!wasRunning) return null;
-  opts.logger.info(`starting ${service}`);
-  opts.onStage?.("start-klipper", `starting ${service}`);
-  const outcome = await bringKlipperBack(printer, service, { timeoutMs: opts.serviceTimeoutMs, logger: opts.logger });
-  if (!outcome.ok) opts.logger.error({ outcome }, `could not start ${service} again yet: ${outcome.message}`);
-  return outcome;
-}
-var MAX_FRESH_WAITS = 3;
-var RETRY_PAUSE_MS = 1e3;
-var serviceActive = (state, service) => state.services[service]?.active_state === "active";
-var serviceStarting = (state, service) => {
-  const unit = state.services[service];
-  return unit?.active_state === "activating" || unit?.sub_state === "starting";
-};
-var klippyUp = (state) => state.moonrakerConnected && state.klippyConnected && state.klippyState !== "startup" && state.klippyState !== "disconnected";
-function waitForPrinter(printer, pred, timeoutMs) {
-  if (pred(printer.state())) return Promise.resolve(true);
-  if (timeoutMs <= 0) return Promise.resolve(false);
-  return new Promise((resolve2) => {
-    const finish = (value2) => {
-      clearTimeout(timer);
-      off();
-      resolve2(value2);
-    };
-    const timer = setTimeout(() => finish(false), timeoutMs);
-    const off = printer.onStateChange((state) => {
-      if (pred(state)) finish(true);
-    });
-  });
-}
-var pause = (ms) => new Promise((resolve2) => setTimeout(resolve2, Math.max(0, ms)));
-async function bringKlipperBack(printer, service, opts) {
-  const { timeoutMs, logger } = opts;
-  let deadline = Date.now() + timeoutMs;
-  let freshWaits = 0;
-  let last = null;
-  for (; ; ) {
-    const remaining = deadline - Date.now();
-    if (remaining <= 0) break;
-    if (!printer.state().moonrakerConnected) {
-      logger.warn(`Moonraker is not connected; waiting for it to start ${service}`);
-      if (!await waitForPrinter(printer, (s) => s.moonrakerConnected, remaining)) {
-        last = new MoonflashError(
-          "MOONRAKER_UNAVAILABLE",
-          `Moonraker was not reachable for ${Math.round(timeoutMs / 1e3)} s, so ${service} could not be started.`,
-          { service }
-        );
-        break;
-      }
-      if (freshWaits++ < MAX_FRESH_WAITS) deadline = Date.now() + timeoutMs;
-      continue;
-    }
-    if (serviceStarting(printer.state(), service)) {
-      await waitForPrinter(printer, (s) => !s.moonrakerConnected || !serviceStarting(s, service), deadline - Date.now());
-      continue;
-    }
-    if (serviceActive(printer.state(), service)) {
-      if (!await waitForPrinter(printer, klippyUp, deadline - Date.now())) {
-        logger.warn(`${service} runs but Klipper has not reported ready or an error yet`);
-      }
-      return { ok: true };
-    }
-    try {
-      await printer.startService(service, remaining);
-      return { ok: true };
-    } catch (err) {
-      last = toMoonflashError(err, "SERVICE_FAILED");
-      logger.warn({ code: last.code }, `starting ${service} did not complete: ${last.message}`);
-      if (last.code === "SERVICE_TIMEOUT") break;
-      if (printer.state().moonrakerConnected) await pause(Math.min(RETRY_PAUSE_MS, deadline - Date.now()));
-    }
-  }
-  const reason = last ?? new MoonflashError("SERVICE_TIMEOUT", `${service} did not start within ${Math.round(timeoutMs / 1e3)} s.`);
-  return { ok: false, code: reason.code, message: reason.message, pending: true };
-}
-async function recoverInterruptedJob(dataDir, printer, runner, logger, opts = {}) {
-  const journal = await readJournal(dataDir);
-  if (!journal) return null;
-  const paths = dataPaths(dataDir);
-  if (journal.pid !== process.pid && isProcessAlive(journal.pid) && !journal.restartPending) {
-    logger.info({ journal }, `job ${journal.jobId} is still running in process ${journal.pid}; nothing to recover`);
-    return null;
-  }
-  logger.warn({ journal }, journal.restartPending ? `Klipper is still to be started after job ${journal.jobId}; starting it` : `job ${journal.jobId} on ${journal.target} was interrupted while Klipper was stopped; recovering`);
-  if (journal.klipperWasRunning) {
-    const restart = await bringKlipperBack(printer, journal.klipperService, { timeoutMs: opts.serviceTimeoutMs ?? 9e4, logger });
-    if (!restart.ok) throw new MoonflashError(restart.code, restart.message, { journal });
-    logger.info(`started ${journal.klipperService} again after job ${journal.jobId}`);
-  }
-  const stale = await clearStaleJobLock(paths.lock);
-  if (stale) logger.info({ lock: stale }, `removed the job lock of the dead process ${stale.pid}`);
-  const ref = { id: journal.jobId, kind: journal.kind, target: journal.target, startedAt: journal.startedAt };
-  if (journal.restartPending) {
-    runner.notice(ref, `Klipper is running again (moonflash could not confirm it when this ${journal.kind} job ended).`);
-  } else {
-    const started = journal.klipperWasRunning ? " Klipper was started again." : "";
-    await runner.interrupted({
-      ...ref,
-      message: `moonflash stopped while this ${journal.kind} job ran (started ${journal.startedAt}).${started} The board may hold a partial image and wait in its bootloader: run the same flash again.`
-    });
-  }
-  await removeDurable(paths.journal);
-  return { journal, klipperStarted: journal.klipperWasRunning };
-}
-
-// src/core/printer.ts
-function initialPrinterState() {
-  return {
-    moonrakerConnected: false,
-    klippyConnected: false,
-    klippyState: "disconnected",
-    stateMessage: "",
-    printState: null,
-    idleState: null,
-    klipperService: "klipper",
-    services: {},
-    moonrakerVersion: null
-  };
-}
-
-// src/moonflash-conf.ts
-import { readFile as readFile3 } from "node:fs/promises";
-
 // src/core/config-values.ts
 import { isAbsolute, posix } from "node:path";
 
@@ -8380,6 +8047,347 @@ function configSummary(cfg) {
     },
     mcus: structuredClone(cfg.mcus),
     ota: { ...cfg.ota }
+  };
+}
+
+// src/core/history.ts
+import { readFileSync, renameSync } from "node:fs";
+var HISTORY_LIMIT = 50;
+var recordSchema = object({
+  id: string2(),
+  kind: _enum(["flash", "ota"]),
+  target: string2(),
+  params: optional(unknown()),
+  startedAt: string2(),
+  finishedAt: string2(),
+  ok: boolean2(),
+  code: optional(_enum(Object.keys(ERROR_CODES))),
+  message: optional(string2()),
+  result: optional(unknown())
+});
+var fileSchema = object({ version: literal(1), jobs: array(recordSchema) });
+var appendQueues = /* @__PURE__ */ new Map();
+function compactTimestamp(date2) {
+  return date2.toISOString().replace(/[-:]/g, "").replace(".", "");
+}
+function readRecords(path6, logger) {
+  let text;
+  try {
+    text = readFileSync(path6, "utf8");
+  } catch (err) {
+    if (err.code === "ENOENT") return [];
+    logger.warn({ err, path: path6 }, "cannot read the job history; showing none");
+    return [];
+  }
+  let parsed;
+  try {
+    const result = fileSchema.safeParse(JSON.parse(text));
+    if (result.success) parsed = result.data;
+  } catch {
+  }
+  if (parsed) return parsed.jobs;
+  const aside = `${path6}.corrupt-${compactTimestamp(/* @__PURE__ */ new Date())}`;
+  try {
+    renameSync(path6, aside);
+    logger.warn({ path: path6, movedTo: aside }, "job history was corrupt; moved it aside and started a new one");
+  } catch (err) {
+    logger.warn({ err, path: path6 }, "job history is corrupt and could not be moved aside; it will be overwritten");
+  }
+  return [];
+}
+function listJobs(path6, logger) {
+  return readRecords(path6, logger).reverse();
+}
+function appendJob(path6, record, logger, limit = HISTORY_LIMIT) {
+  const previous = appendQueues.get(path6) ?? Promise.resolve();
+  const next = previous.then(async () => {
+    const jobs = readRecords(path6, logger);
+    jobs.push(record);
+    const kept = jobs.slice(-limit);
+    await writeFileDurable(path6, JSON.stringify({ version: 1, jobs: kept }, null, 1) + "\n");
+  });
+  const settled = next.catch(() => void 0);
+  appendQueues.set(path6, settled);
+  void settled.then(() => {
+    if (appendQueues.get(path6) === settled) appendQueues.delete(path6);
+  });
+  return next;
+}
+
+// src/core/jobs.ts
+function compactUtc(date2) {
+  return date2.toISOString().slice(0, 19).replace(/[-:]/g, "");
+}
+function makeJobId(kind, at) {
+  return `${kind}-${compactUtc(at)}-${process.getBuiltinModule("node:crypto").randomBytes(2).toString("hex")}`;
+}
+function cancelledError(jobId, cause) {
+  return new MoonflashError(
+    "CANCELLED",
+    "The job was cancelled before anything was written; start it again when ready.",
+    { jobId },
+    cause === void 0 ? void 0 : { cause }
+  );
+}
+var JobRunner = class {
+  logger;
+  now;
+  paths;
+  listeners = /* @__PURE__ */ new Set();
+  active = null;
+  constructor(opts) {
+    this.logger = opts.logger;
+    this.now = opts.now ?? (() => /* @__PURE__ */ new Date());
+    this.paths = dataPaths(opts.dataDir);
+  }
+  /** Runs `work` as the one job of this machine; throws BUSY when another job runs here or in another process. */
+  async run(spec, work) {
+    if (this.active) throw busyError(this.active.info);
+    const startedAt = this.now();
+    const info = {
+      jobId: makeJobId(spec.kind, startedAt),
+      kind: spec.kind,
+      target: spec.target,
+      pid: process.pid,
+      startedAt: startedAt.toISOString()
+    };
+    const job = {
+      info,
+      stage: "starting",
+      progress: null,
+      cancellable: true,
+      cancelReason: void 0,
+      controller: new AbortController()
+    };
+    this.active = job;
+    let lock;
+    try {
+      lock = await acquireJobLock(this.paths.lock, info);
+    } catch (err) {
+      this.active = null;
+      throw toMoonflashError(err);
+    }
+    const log = this.logger.child({ jobId: info.jobId, kind: info.kind, target: info.target });
+    let finished = false;
+    const ctx = {
+      jobId: info.jobId,
+      kind: info.kind,
+      target: info.target,
+      signal: job.controller.signal,
+      stage: (stage, message) => {
+        if (finished) return;
+        job.stage = stage;
+        log.info({ stage }, message ?? `stage ${stage}`);
+        this.emit({ ...this.base(info), type: "stage", stage, ...message === void 0 ? {} : { message } });
+      },
+      progress: (done, total, unit, phase) => {
+        if (finished) return;
+        job.progress = { done, total, unit, ...phase === void 0 ? {} : { phase } };
+        this.emit({ ...this.base(info), type: "progress", ...job.progress });
+      },
+      log: (level, message) => {
+        if (finished) return;
+        log[level](message);
+        this.emit({ ...this.base(info), type: "log", level, message });
+      },
+      setCancellable: (cancellable, reason) => {
+        job.cancellable = cancellable;
+        job.cancelReason = cancellable ? void 0 : reason;
+      }
+    };
+    log.info({ params: spec.params }, "job started");
+    ctx.stage("started");
+    let outcome;
+    try {
+      if (job.controller.signal.aborted) throw cancelledError(info.jobId);
+      outcome = { ok: true, value: await work(ctx) };
+    } catch (err) {
+      const error3 = job.controller.signal.aborted && !isMoonflashError(err) ? cancelledError(info.jobId, err) : toMoonflashError(err);
+      outcome = { ok: false, error: error3 };
+    }
+    finished = true;
+    const record = {
+      id: info.jobId,
+      kind: info.kind,
+      target: info.target,
+      ...spec.params === void 0 ? {} : { params: spec.params },
+      startedAt: info.startedAt,
+      finishedAt: this.now().toISOString(),
+      ok: outcome.ok,
+      ...outcome.ok ? outcome.value === void 0 ? {} : { result: outcome.value } : { code: outcome.error.code, message: outcome.error.message }
+    };
+    try {
+      await appendJob(this.paths.history, record, this.logger);
+    } catch (err) {
+      log.error({ err }, "could not record the job in history");
+    }
+    try {
+      await lock.release();
+    } catch (err) {
+      log.error({ err, path: lock.path }, "could not remove the job lock; the next job will find it stale");
+    }
+    this.active = null;
+    if (outcome.ok) {
+      log.info("job succeeded");
+      this.emit({ ...this.base(info), type: "result", ok: true, ...outcome.value === void 0 ? {} : { details: outcome.value } });
+      return outcome.value;
+    }
+    const { error: error2 } = outcome;
+    log.warn({ code: error2.code, details: error2.details }, `job failed: ${error2.message}`);
+    this.emit({ ...this.base(info), type: "result", ok: false, code: error2.code, message: error2.message, details: error2.details });
+    throw error2;
+  }
+  /** The running job of this process, or null. */
+  current() {
+    const job = this.active;
+    if (!job) return null;
+    return {
+      id: job.info.jobId,
+      kind: job.info.kind,
+      target: job.info.target,
+      stage: job.stage,
+      progress: job.progress && { ...job.progress },
+      startedAt: job.info.startedAt,
+      cancellable: job.cancellable,
+      ...job.cancelReason === void 0 ? {} : { cancelReason: job.cancelReason }
+    };
+  }
+  /** Aborts the running job's signal. NO_JOB when none (of that kind) runs; CANCEL_REFUSED while not cancellable. */
+  cancel(kind) {
+    const job = this.active;
+    if (!job || kind !== void 0 && job.info.kind !== kind) {
+      throw new MoonflashError("NO_JOB", `No ${kind ?? "flash or OTA"} job is running, so there is nothing to cancel.`, { kind: kind ?? null });
+    }
+    if (!job.cancellable) {
+      const reason = job.cancelReason ?? "the job is at a step that must finish";
+      throw new MoonflashError(
+        "CANCEL_REFUSED",
+        `The ${job.info.kind} job on ${job.info.target} cannot be cancelled now: ${reason}. Wait for it to finish.`,
+        { jobId: job.info.jobId, reason }
+      );
+    }
+    if (!job.controller.signal.aborted) {
+      this.logger.info({ jobId: job.info.jobId }, "job cancel requested");
+      job.controller.abort(cancelledError(job.info.jobId));
+    }
+    return { id: job.info.jobId };
+  }
+  /** Recent jobs (also those run by other moonflash processes), newest first. */
+  history(kind, limit = HISTORY_LIMIT) {
+    const jobs = listJobs(this.paths.history, this.logger);
+    return (kind === void 0 ? jobs : jobs.filter((job) => job.kind === kind)).slice(0, Math.max(0, limit));
+  }
+  /** Subscribes to every job event; returns the unsubscribe function. */
+  on(listener) {
+    this.listeners.add(listener);
+    return () => {
+      this.listeners.delete(listener);
+    };
+  }
+  /**
+   * Records a job the previous process did not finish (it died) as failed with INTERRUPTED, and tells listeners
+   * through a result event, as if the job had ended now.
+   */
+  async interrupted(record) {
+    const message = record.message ?? "moonflash stopped while this job ran; check the device and run the job again.";
+    await appendJob(
+      this.paths.history,
+      {
+        id: record.id,
+        kind: record.kind,
+        target: record.target,
+        ...record.params === void 0 ? {} : { params: record.params },
+        startedAt: record.startedAt,
+        finishedAt: this.now().toISOString(),
+        ok: false,
+        code: "INTERRUPTED",
+        message
+      },
+      this.logger
+    );
+    this.logger.warn({ jobId: record.id, kind: record.kind, target: record.target }, `interrupted job recorded: ${message}`);
+    this.emit({ ...this.base({ jobId: record.id, kind: record.kind, target: record.target }), type: "result", ok: false, code: "INTERRUPTED", message });
+  }
+  /** Tells listeners something about a job that has ended (e.g. Klipper started again later). */
+  notice(job, message) {
+    this.logger.info({ jobId: job.id, kind: job.kind, target: job.target }, message);
+    this.emit({ ...this.base({ jobId: job.id, kind: job.kind, target: job.target }), type: "notice", message });
+  }
+  base(info) {
+    return { jobId: info.jobId, kind: info.kind, target: info.target, ts: this.now().toISOString() };
+  }
+  /**
+   * Progress is throttled here, once, for every adapter: at most PROGRESS_PER_SECOND events per job and phase,
+   * each phase's first and last always. Adapters translate; none throttles again. (job.progress, which
+   * flash.status reads, always holds the latest value.)
+   */
+  emit = throttleProgress((event) => this.deliver(event), {
+    maxPerSecond: PROGRESS_PER_SECOND,
+    onError: (err) => this.logger.error({ err }, "job event listener failed")
+  });
+  // One failing adapter must not stop the others or the job (moonraker's send_event, zigbee2mqtt's eventBus).
+  deliver(event) {
+    for (const listener of [...this.listeners]) {
+      try {
+        const returned = listener(event);
+        if (returned instanceof Promise) {
+          returned.catch((err) => this.logger.error({ err, event: event.type }, "job event listener failed"));
+        }
+      } catch (err) {
+        this.logger.error({ err, event: event.type }, "job event listener failed");
+      }
+    }
+  }
+};
+var PROGRESS_PER_SECOND = 5;
+function throttleProgress(listener, opts) {
+  const interval = 1e3 / opts.maxPerSecond;
+  const onError = opts.onError ?? ((err) => process.emitWarning(err instanceof Error ? err : String(err)));
+  const jobs = /* @__PURE__ */ new Map();
+  const send = (state, event) => {
+    state.lastSent = Date.now();
+    listener(event);
+  };
+  const flush = (state) => {
+    if (state.timer) clearTimeout(state.timer);
+    state.timer = null;
+    const pending = state.pending;
+    state.pending = null;
+    if (pending) send(state, pending);
+  };
+  return (event) => {
+    const state = jobs.get(event.jobId);
+    if (event.type !== "progress") {
+      if (event.type === "result") jobs.delete(event.jobId);
+      if (state) flush(state);
+      listener(event);
+      return;
+    }
+    const phase = event.phase ?? "";
+    if (!state || state.phase !== phase) {
+      if (state) flush(state);
+      const fresh = { phase, lastSent: 0, pending: null, timer: null };
+      jobs.set(event.jobId, fresh);
+      send(fresh, event);
+      return;
+    }
+    const now = Date.now();
+    if (now - state.lastSent >= interval) {
+      state.pending = null;
+      if (state.timer) clearTimeout(state.timer);
+      state.timer = null;
+      send(state, event);
+      return;
+    }
+    state.pending = event;
+    state.timer ??= setTimeout(() => {
+      state.timer = null;
+      try {
+        flush(state);
+      } catch (err) {
+        onError(err);
+      }
+    }, state.lastSent + interval - now);
   };
 }
 
@@ -12747,15 +12755,12 @@ function buildMethodTable(deps) {
 
 // src/agent/progress.ts
 function agentEventAdapter(printer, logger) {
-  return throttleProgress(
-    (event) => {
-      if (!printer.state().moonrakerConnected) return;
-      printer.sendEvent(`${event.kind}.${event.type}`, event).catch((err) => {
-        logger.debug({ err }, "send_event failed");
-      });
-    },
-    { maxPerSecond: 5 }
-  );
+  return (event) => {
+    if (!printer.state().moonrakerConnected) return;
+    printer.sendEvent(`${event.kind}.${event.type}`, event).catch((err) => {
+      logger.debug({ err }, "send_event failed");
+    });
+  };
 }
 function respondScript(message, type = "command") {
   const clean = message.replace(/[\r\n]+/g, " ").replace(/"/g, "'").replace(/;/g, ",");
@@ -13100,7 +13105,6 @@ export {
   FLASH_METHODS,
   isProcessAlive,
   readJobLock,
-  throttleProgress,
   readJournal,
   initialPrinterState,
   createRuntime,

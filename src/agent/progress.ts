@@ -1,5 +1,6 @@
 // Progress adapters: they subscribe to job events and translate them for people. Engines know none of them.
-// - Moonraker agent events (connection.send_event → notify_agent_event), throttled to 5 per second per job.
+// - Moonraker agent events (connection.send_event → notify_agent_event), at the runner's progress rate
+//   (5 per second per job; the runner throttles once for every adapter).
 // - Klipper console lines (RESPOND), the one channel Mainsail and Fluidd show. RESPOND needs Klipper up; lines
 //   that matter (warnings, results, notices) wait in an ordered queue while it is stopped or Moonraker restarts,
 //   and a line whose send fails is sent again, so the outcome of a job always reaches the console.
@@ -7,19 +8,15 @@
 import type { Logger } from "pino";
 import type { JobEvent, JobKind } from "../core/events.js";
 import type { PrinterPort, PrinterState } from "../core/printer.js";
-import { throttleProgress } from "../core/jobs.js";
 import { mcuUserName } from "../flash/mcu-name.js";
 
 export function agentEventAdapter(printer: PrinterPort, logger: Logger): (event: JobEvent) => void {
-  return throttleProgress(
-    (event: JobEvent) => {
-      if (!printer.state().moonrakerConnected) return;
-      printer.sendEvent(`${event.kind}.${event.type}`, event).catch((err: unknown) => {
-        logger.debug({ err }, "send_event failed");
-      });
-    },
-    { maxPerSecond: 5 },
-  );
+  return (event) => {
+    if (!printer.state().moonrakerConnected) return;
+    printer.sendEvent(`${event.kind}.${event.type}`, event).catch((err: unknown) => {
+      logger.debug({ err }, "send_event failed");
+    });
+  };
 }
 
 /**

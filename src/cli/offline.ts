@@ -1,7 +1,6 @@
 // CLI verbs that drive the engines in this process. They take the same job lock as the service, so a CLI flash
 // and a service flash can never overlap; Klipper is still stopped and started through Moonraker.
 
-import { throttleProgress } from "../core/jobs.js";
 import { isProcessAlive, readJobLock } from "../core/lock.js";
 import { dataPaths } from "../core/paths.js";
 import { MoonflashError, toMoonflashError } from "../core/errors.js";
@@ -87,8 +86,7 @@ export async function runFlash(opts: { dataDir: string; mcu: string; firmware?: 
     session = await connectPrinter(ctx, 10_000);
     const engine = createFlashEngine(ctx, session);
     renderer = new ProgressRenderer({ json: opts.json });
-    // A bar or a JSON line per block would be thousands per flash: 10 updates a second read the same.
-    ctx.runner.on(throttleProgress(renderer.onJobEvent, { maxPerSecond: 10 }));
+    ctx.runner.on(renderer.onJobEvent);
     const result = await engine.flash({
       mcu: opts.mcu,
       ...(opts.firmware ? { firmware: opts.firmware } : {}),

@@ -286,8 +286,18 @@ export class JobRunner {
     return { jobId: info.jobId, kind: info.kind, target: info.target, ts: this.now().toISOString() };
   }
 
+  /**
+   * Progress is throttled here, once, for every adapter: at most PROGRESS_PER_SECOND events per job and phase,
+   * each phase's first and last always. Adapters translate; none throttles again. (job.progress, which
+   * flash.status reads, always holds the latest value.)
+   */
+  private readonly emit: (event: JobEvent) => void = throttleProgress((event) => this.deliver(event), {
+    maxPerSecond: PROGRESS_PER_SECOND,
+    onError: (err) => this.logger.error({ err }, "job event listener failed"),
+  });
+
   // One failing adapter must not stop the others or the job (moonraker's send_event, zigbee2mqtt's eventBus).
-  private emit(event: JobEvent): void {
+  private deliver(event: JobEvent): void {
     for (const listener of [...this.listeners]) {
       try {
         const returned: unknown = listener(event);
@@ -302,6 +312,9 @@ export class JobRunner {
 }
 
 type ProgressEvent = Extract<JobEvent, { type: "progress" }>;
+
+/** Progress events per second and job that listeners get: a bar, a status page or agent events all read well at 5. */
+export const PROGRESS_PER_SECOND = 5;
 
 export interface ThrottleOptions {
   /** Progress events forwarded per second and job. */

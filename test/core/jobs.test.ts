@@ -5,7 +5,7 @@ import { pino } from "pino";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { MoonflashError } from "../../src/core/errors.js";
 import type { JobContext, JobEvent } from "../../src/core/events.js";
-import { JobRunner, makeJobId, throttleProgress } from "../../src/core/jobs.js";
+import { JobRunner, makeJobId, PROGRESS_PER_SECOND, throttleProgress } from "../../src/core/jobs.js";
 import { readJobLock } from "../../src/core/lock.js";
 
 function deferred<T = void>() {
@@ -306,6 +306,39 @@ describe("JobRunner", () => {
     expect(runner.history("ota")[0]!.message).toBe("power cut during apply");
     const file = JSON.parse(await readFile(join(dataDir, "moonflash", "history.json"), "utf8")) as { jobs: unknown[] };
     expect(file.jobs).toHaveLength(2);
+  });
+});
+
+describe("JobRunner progress, throttled once for every listener", () => {
+  it("gives listeners each phase's first and last progress and at most PROGRESS_PER_SECOND between; status keeps the latest", async () => {
+    const dataDir = await mkdtemp(join(tmpdir(), "moonflash-throttle-"));
+    const runner = new JobRunner({ dataDir, logger: pino({ level: "silent" }) });
+    const seen: Array<{ phase?: string; done: number; at: number }> = [];
+    runner.on((e) => {
+      if (e.type === "progress") seen.push({ ...(e.phase ? { phase: e.phase } : {}), done: e.done, at: Date.now() });
+    });
+    let latest: unknown;
+    const started = Date.now();
+    await runner.run({ kind: "flash", target: "mcu" }, async (ctx) => {
+      // 2000 blocks over ~0.6 s, as a fast flash reports them, in two phases.
+      for (const phase of ["write", "verify"]) {
+        for (let done = 1; done <= 1000; done++) {
+          ctx.progress(done, 1000, "blocks", phase);
+          if (done % 100 === 0) await new Promise((r) => setTimeout(r, 30));
+        }
+      }
+      latest = runner.current()?.progress;
+    });
+    const seconds = (Date.now() - started) / 1000;
+    for (const phase of ["write", "verify"]) {
+      const ofPhase = seen.filter((p) => p.phase === phase);
+      expect(ofPhase[0]!.done).toBe(1);
+      expect(ofPhase.at(-1)!.done).toBe(1000);
+    }
+    // First and last of each phase, plus at most PROGRESS_PER_SECOND a second in between.
+    expect(seen.length).toBeLessThanOrEqual(Math.ceil(seconds * PROGRESS_PER_SECOND) + 4);
+    expect(latest).toEqual({ done: 1000, total: 1000, unit: "blocks", phase: "verify" });
+    await rm(dataDir, { recursive: true, force: true });
   });
 });
 
