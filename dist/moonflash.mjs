@@ -8,16 +8,16 @@ import {
   VERSION,
   createAgent,
   exitCodeFor
-} from "./chunks/shared-moonflash+offline.mjs";
+} from "./chunks/shared-build+moonflash+offline.mjs";
 import {
   isMoonflashError,
   toMoonflashError
-} from "./chunks/shared-moonflash+offline+virtual-device.mjs";
+} from "./chunks/shared-build+moonflash+offline+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./chunks/shared-execa+moonflash+offline+virtual-device+wrapper.mjs";
+} from "./chunks/shared-build+execa+moonflash+offline+virtual-device+wrapper.mjs";
 
 // node_modules/commander/lib/error.js
 var require_error = __commonJS({
@@ -3508,6 +3508,24 @@ function buildProgram() {
       ...opts.method ? { method: opts.method } : {},
       dryRun: !!opts.dryRun,
       json: !!opts.json
+    });
+  });
+  program2.command("check").description("compare each MCU's firmware version with Klipper's (works with Klipper stopped too)").addOption(dataOption()).option("--json", "print JSON").action(async (opts) => {
+    process.exitCode = await (await import("./chunks/offline.mjs")).runCheck({ dataDir: opts.data, json: !!opts.json });
+  });
+  program2.command("rollback").description("flash the MCU's previous image again (moonflash keeps the last 3 it flashed)").argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"').addOption(dataOption()).option("--dry-run", "show which image would be flashed; stop nothing, flash nothing").option("--json", "print job events and the result as JSON lines").action(async (mcu, opts) => {
+    process.exitCode = await (await import("./chunks/offline.mjs")).runRollback({ dataDir: opts.data, mcu, dryRun: !!opts.dryRun, json: !!opts.json });
+  });
+  program2.command("build").description("build firmware from each MCU's profile (without names: every MCU of moonflash.conf with one); Klipper keeps running").argument("[mcu...]", 'MCU sections: "mcu", "toolhead" or "mcu toolhead"').addOption(dataOption()).option("--force", "build even when profile, Klipper version and compiler are unchanged").option("--json", "print job events and the result as JSON lines").action(async (mcus, opts) => {
+    process.exitCode = await (await import("./chunks/build.mjs")).runBuild({ dataDir: opts.data, mcus, force: !!opts.force, json: !!opts.json });
+  });
+  program2.command("config").description("make an MCU's firmware profile: Klipper's menuconfig, --import a saved .config, or --suggest one from the board").argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"').addOption(dataOption()).option("--import <file>", "copy this saved Klipper .config in as the profile").option("--suggest", "print a profile proposed from the board's MCU type and connection, guesses marked").option("--write", "with --suggest: save the proposal as the profile").action(async (mcu, opts) => {
+    process.exitCode = await (await import("./chunks/build.mjs")).runConfig({
+      dataDir: opts.data,
+      mcu,
+      ...opts.import ? { importFile: resolve(expandHome(opts.import)) } : {},
+      suggest: !!opts.suggest,
+      write: !!opts.write
     });
   });
   program2.command("virtual-device").description("serve a virtual Katapult board on a pseudo-terminal, to try moonflash without hardware").requiredOption("--path <link>", "where to create the device link, e.g. /tmp/virtual-mcu").option("--mcu <type>", "MCU type the bootloader reports", "stm32f103xe").addOption(new Option("--mode <mode>", "katapult: in the bootloader; app: running Klipper, waits for a bootloader request").choices(["katapult", "app"]).default("katapult")).option("--baud <n>", "throttle the link to this baud rate", (v) => parsePositiveInt("--baud", v)).option("--block-size <n>", "Katapult block size", (v) => parsePositiveInt("--block-size", v), 64).option("--flash-size <bytes>", "application flash size in bytes", (v) => parsePositiveInt("--flash-size", v)).option("--reappear-path <link>", "after a bootloader request, come back under this path (USB re-enumeration)").option("--fault <spec...>", "inject faults: drop-reply:SEND_BLOCK:3, busy:SEND_BLOCK:5, nack:CONNECT:1, corrupt-readback, disconnect:10, silence").action(async (opts) => {

@@ -9,6 +9,7 @@ import { JobRunner } from "./core/jobs.js";
 import { createLogger } from "./core/log.js";
 import type { PrinterPort } from "./core/printer.js";
 import { FlashEngine } from "./flash/engine.js";
+import { FirmwareBuilder } from "./flash/build/builder.js";
 import { AgentSession, type AgentSessionOptions } from "./moonraker/session.js";
 import { describeEndpoint, type MoonrakerEndpoint } from "./moonraker/transport.js";
 import { Agent } from "./agent/agent.js";
@@ -53,12 +54,19 @@ export function createFlashEngine(rt: Runtime, printer: PrinterPort): FlashEngin
   return new FlashEngine({ config: rt.config, printer, runner: rt.runner, logger: rt.logger.child({ ns: "flash" }) });
 }
 
+/** Builds firmware per MCU from its profile; needs no printer: a build never stops Klipper. */
+export function createFirmwareBuilder(rt: Runtime): FirmwareBuilder {
+  return new FirmwareBuilder({ settings: rt.config, runner: rt.runner, logger: rt.logger.child({ ns: "build" }) });
+}
+
 /** The service: the agent with its session and engines. */
 export async function createAgent(opts: RuntimeOptions): Promise<Agent> {
   const rt = await createRuntime(opts);
+  const builder = createFirmwareBuilder(rt);
   return new Agent(rt, {
     session: (methods, onCall) => createSession(rt, { clientName: AGENT_NAME, methods, onCall }),
     flash: (printer) => createFlashEngine(rt, printer),
+    build: () => builder,
   });
 }
 

@@ -13,8 +13,8 @@ import {
   encodeError,
   encodeNack,
   u32le
-} from "./shared-moonflash+offline+virtual-device.mjs";
-import "./shared-execa+moonflash+offline+virtual-device+wrapper.mjs";
+} from "./shared-build+moonflash+offline+virtual-device.mjs";
+import "./shared-build+execa+moonflash+offline+virtual-device+wrapper.mjs";
 
 // src/sim/virtual-device.ts
 import { EventEmitter as EventEmitter3 } from "node:events";

@@ -11,6 +11,7 @@ import { isMoonflashError, toMoonflashError } from "../core/errors.js";
 import { dataPaths } from "../core/paths.js";
 import type { AgentSession, AgentSessionOptions } from "../moonraker/session.js";
 import type { FlashEngine } from "../flash/engine.js";
+import type { FirmwareBuilder } from "../flash/build/builder.js";
 import { readJournal, recoverInterruptedJob } from "../flash/guard.js";
 import { buildMethodTable, macroDialect, type RemoteMethod } from "./methods.js";
 import { parseParams } from "./params.js";
@@ -32,6 +33,8 @@ export interface AgentRuntime {
 export interface AgentParts {
   session(methods: string[], onCall: AgentSessionOptions["onCall"]): AgentSession;
   flash(printer: PrinterPort): FlashEngine;
+  /** The firmware builder (flash.build); it needs no printer. */
+  build?(): FirmwareBuilder;
 }
 
 export class Agent {
@@ -60,6 +63,7 @@ export class Agent {
     this.methods = buildMethodTable({
       runner: this.runner,
       flash,
+      ...(parts.build ? { build: parts.build } : {}),
       info: () => this.info(),
       pendingKlipperStart: async () => {
         const journal = await readJournal(config.dataDir);

@@ -9,8 +9,10 @@ import type { JobRunner } from "../core/jobs.js";
 import type { JobKind } from "../core/events.js";
 import type { JobRecord } from "../core/history.js";
 import type { FlashEngine } from "../flash/engine.js";
+import type { FirmwareBuilder } from "../flash/build/builder.js";
 import { FLASH_METHODS } from "../flash/types.js";
 import { mcuUserName } from "../flash/mcu-name.js";
+import { versionSummary } from "../flash/versions.js";
 import { clientDialect, flag, type ParamDialect } from "./params.js";
 
 export interface RemoteMethod {
@@ -35,6 +37,8 @@ export interface MethodDeps {
   runner: JobRunner;
   /** A getter, because the engine is built after the table (it needs the session, which needs the names). */
   flash: () => FlashEngine;
+  /** The firmware builder (flash.build); absent where nothing builds. */
+  build?: () => FirmwareBuilder;
   /** agent.info's content; built by the agent, which knows the session and config. */
   info(): Record<string, unknown>;
   /** A job that ended without confirming Klipper runs again: the agent keeps starting it (the journal says so). */
@@ -104,6 +108,18 @@ async function mcuMissing(flash: FlashEngine): Promise<MoonflashError> {
   return new MoonflashError("INVALID_PARAMS", `FLASH_MCU needs MCU=<name>. ${list}`, { method: "flash.mcu", missing: "mcu", known });
 }
 
+/** INVALID_PARAMS for flash.rollback without mcu, naming the MCUs moonflash has an earlier image of. */
+async function rollbackMcuMissing(flash: FlashEngine): Promise<MoonflashError> {
+  const candidates: string[] = [];
+  for (const section of await flash.store.mcus()) {
+    if ((await flash.store.list(section)).length > 1) candidates.push(mcuUserName(section));
+  }
+  const list = candidates.length
+    ? `MCUs with an earlier image: ${candidates.join(", ")} (e.g. FLASH_ROLLBACK MCU=${candidates[0]})`
+    : "moonflash has no earlier image of any MCU yet: it keeps the last 3 images it flashes to each.";
+  return new MoonflashError("INVALID_PARAMS", `FLASH_ROLLBACK needs MCU=<name>. ${list}`, { method: "flash.rollback", missing: "mcu", candidates });
+}
+
 export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
   const { runner } = deps;
   return [
@@ -142,6 +158,31 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       },
     }),
     define({
+      name: "flash.build",
+      description: "Build firmware from each MCU's profile (make olddefconfig, make) at low priority, without stopping Klipper; a build with unchanged inputs is skipped.",
+      params: z.strictObject({
+        // Without it: every MCU of moonflash.conf that has a profile.
+        mcu: z.optional(z.string({ error: "expected the MCU section name, e.g. \"mcu\" or \"toolhead\"" })),
+        force: z.optional(flag),
+      }),
+      handler: async ({ mcu, force }) => {
+        if (!deps.build) throw new MoonflashError("INTERNAL", "This moonflash process cannot build firmware.");
+        const builder = deps.build();
+        const opts = force === undefined ? {} : { force };
+        if (mcu !== undefined && mcu.trim() !== "") return { builds: [await builder.build(mcu, opts)], failed: [], without_profile: [] };
+        const { builds, failed, withoutProfile } = await builder.buildMany(undefined, opts);
+        const first = failed[0];
+        if (first) {
+          throw new MoonflashError(first.code, `${failed.length} of ${failed.length + builds.length} builds failed; [${first.mcu}]: ${first.message}`, {
+            ...first.details,
+            builds,
+            failed,
+          });
+        }
+        return { builds, failed, without_profile: withoutProfile };
+      },
+    }),
+    define({
       name: "flash.mcu",
       description: "Flash one MCU: pre-flight, stop Klipper, flash with fallback, verify, start Klipper.",
       params: z.strictObject({
@@ -164,6 +205,29 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       },
       // No summary: the job's own result line tells the console.
       macro: { command: "FLASH_MCU", params: { mcu: "MCU", flash_method: "METHOD", firmware: "FIRMWARE", dry_run: "DRY_RUN" } },
+    }),
+    define({
+      name: "flash.check",
+      description: "Klipper's version and each MCU's firmware version: which MCUs Klipper would call outdated, and why.",
+      params: noParams,
+      handler: async () => deps.flash().checkVersions(),
+      summary: (check) => versionSummary(check),
+      macro: { command: "FLASH_CHECK" },
+    }),
+    define({
+      name: "flash.rollback",
+      description: "Flash the image an MCU had before its current one (moonflash keeps the last 3), as a normal flash.",
+      params: z.strictObject({
+        // Optional for the same reason as flash.mcu's: a bare FLASH_ROLLBACK names the MCUs instead of failing on a type.
+        mcu: z.optional(z.string({ error: "expected the MCU section name, e.g. \"mcu\" or \"toolhead\"" })),
+        dry_run: z.optional(flag),
+      }),
+      handler: async ({ mcu, dry_run }) => {
+        if (mcu === undefined || mcu.trim() === "") throw await rollbackMcuMissing(deps.flash());
+        return deps.flash().rollback({ mcu, ...(dry_run === undefined ? {} : { dry_run }) });
+      },
+      // No summary: the job's own result line tells the console.
+      macro: { command: "FLASH_ROLLBACK", params: { mcu: "MCU", dry_run: "DRY_RUN" } },
     }),
     define({
       name: "flash.cancel",

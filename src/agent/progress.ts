@@ -62,6 +62,10 @@ export function resultLine(event: Extract<JobEvent, { type: "result" }>): { mess
       type: "command",
     };
   }
+  if (event.kind === "flash" && typeof d.image === "string" && typeof d.version === "string") {
+    const kept = d.skipped === true ? ", unchanged since the last build" : "";
+    return { message: `${who}: firmware built, ${d.version} (${String(d.bytes)} bytes${kept}).`, type: "command" };
+  }
   if (event.kind === "flash" && typeof d.method === "string") {
     const seconds = typeof d.elapsed_ms === "number" ? ` in ${(d.elapsed_ms / 1000).toFixed(1)} s` : "";
     const verified = d.verified === true ? ", verified" : "";
@@ -117,7 +121,8 @@ export class ConsoleReporter {
     const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
     switch (event.type) {
       case "stage":
-        if (event.stage === "started" && event.kind === "flash") this.say(`${who}: checking the board and the firmware`, "command", false);
+        // "plan" is the pre-flight of a flash (a build or an update has stages of its own).
+        if (event.stage === "plan") this.say(`${who}: checking the board and the firmware`, "command", false);
         else if (event.stage === "stop-klipper") {
           // Pre-flight has passed and Klipper is about to stop; said while the console still works.
           this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.`);

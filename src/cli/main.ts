@@ -74,6 +74,55 @@ export function buildProgram(): Command {
     });
 
   program
+    .command("check")
+    .description("compare each MCU's firmware version with Klipper's (works with Klipper stopped too)")
+    .addOption(dataOption())
+    .option("--json", "print JSON")
+    .action(async (opts: { data: string; json?: boolean }) => {
+      process.exitCode = await (await import("./offline.js")).runCheck({ dataDir: opts.data, json: !!opts.json });
+    });
+
+  program
+    .command("rollback")
+    .description("flash the MCU's previous image again (moonflash keeps the last 3 it flashed)")
+    .argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"')
+    .addOption(dataOption())
+    .option("--dry-run", "show which image would be flashed; stop nothing, flash nothing")
+    .option("--json", "print job events and the result as JSON lines")
+    .action(async (mcu: string, opts: { data: string; dryRun?: boolean; json?: boolean }) => {
+      process.exitCode = await (await import("./offline.js")).runRollback({ dataDir: opts.data, mcu, dryRun: !!opts.dryRun, json: !!opts.json });
+    });
+
+  program
+    .command("build")
+    .description("build firmware from each MCU's profile (without names: every MCU of moonflash.conf with one); Klipper keeps running")
+    .argument("[mcu...]", 'MCU sections: "mcu", "toolhead" or "mcu toolhead"')
+    .addOption(dataOption())
+    .option("--force", "build even when profile, Klipper version and compiler are unchanged")
+    .option("--json", "print job events and the result as JSON lines")
+    .action(async (mcus: string[], opts: { data: string; force?: boolean; json?: boolean }) => {
+      process.exitCode = await (await import("./build.js")).runBuild({ dataDir: opts.data, mcus, force: !!opts.force, json: !!opts.json });
+    });
+
+  program
+    .command("config")
+    .description("make an MCU's firmware profile: Klipper's menuconfig, --import a saved .config, or --suggest one from the board")
+    .argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"')
+    .addOption(dataOption())
+    .option("--import <file>", "copy this saved Klipper .config in as the profile")
+    .option("--suggest", "print a profile proposed from the board's MCU type and connection, guesses marked")
+    .option("--write", "with --suggest: save the proposal as the profile")
+    .action(async (mcu: string, opts: { data: string; import?: string; suggest?: boolean; write?: boolean }) => {
+      process.exitCode = await (await import("./build.js")).runConfig({
+        dataDir: opts.data,
+        mcu,
+        ...(opts.import ? { importFile: resolve(expandHome(opts.import)) } : {}),
+        suggest: !!opts.suggest,
+        write: !!opts.write,
+      });
+    });
+
+  program
     .command("virtual-device")
     .description("serve a virtual Katapult board on a pseudo-terminal, to try moonflash without hardware")
     .requiredOption("--path <link>", "where to create the device link, e.g. /tmp/virtual-mcu")

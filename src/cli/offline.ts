@@ -103,7 +103,58 @@ export async function runFlash(opts: { dataDir: string; mcu: string; firmware?: 
   }
 }
 
-/** Stand-in port for listing devices while Moonraker is unreachable: no Klipper, nothing to stop. */
+/** `moonflash check`: each MCU's version against Klipper's; without Moonraker, the Klipper tree's and the store's. */
+export async function runCheck(opts: { dataDir: string; json: boolean }): Promise<number> {
+  let session: AgentSession | null = null;
+  try {
+    const ctx = await createRuntime({ dataDir: opts.dataDir, pretty: false });
+    session = await connectPrinter(ctx, 3000).catch((err: unknown) => {
+      if (!opts.json) process.stderr.write(`moonflash: ${toMoonflashError(err).message} Checking without Klipper.\n`);
+      return null;
+    });
+    const check = await createFlashEngine(ctx, session ?? offlinePrinter()).checkVersions();
+    if (opts.json) {
+      process.stdout.write(`${JSON.stringify(check)}\n`);
+      return 0;
+    }
+    const host = check.host.version ?? "unknown";
+    const nameWidth = Math.max(8, ...check.mcus.map((m) => m.name.length));
+    const versionWidth = Math.max(host.length, ...check.mcus.map((m) => (m.version ?? "?").length));
+    process.stdout.write(`${"klipper".padEnd(nameWidth)}  ${host.padEnd(versionWidth)}  (${check.host.source}; Klipper is ${check.klipper_state})${check.host.detail ? `: ${check.host.detail}` : ""}\n`);
+    for (const m of check.mcus) {
+      const verdict = m.outdated === null ? "unknown" : m.outdated ? "OUTDATED" : "ok";
+      const rollback = m.rollback ? `; rollback: ${m.rollback.version ?? "an image without a version"}` : "";
+      process.stdout.write(`${m.name.padEnd(nameWidth)}  ${(m.version ?? "?").padEnd(versionWidth)}  ${verdict.padEnd(8)}  ${m.reason}${rollback}\n`);
+    }
+    return 0;
+  } catch (err) {
+    return fail(err, opts.json);
+  } finally {
+    await session?.stop();
+  }
+}
+
+/** `moonflash rollback <mcu>`: the previous image through the same flash job, lock and guard as `moonflash flash`. */
+export async function runRollback(opts: { dataDir: string; mcu: string; dryRun: boolean; json: boolean }): Promise<number> {
+  let session: AgentSession | null = null;
+  let renderer: ProgressRenderer | null = null;
+  try {
+    const ctx = await createRuntime({ dataDir: opts.dataDir, pretty: false });
+    session = await connectPrinter(ctx, 10_000);
+    const engine = createFlashEngine(ctx, session);
+    renderer = new ProgressRenderer({ json: opts.json });
+    ctx.runner.on(renderer.onJobEvent);
+    renderer.done(await engine.rollback({ mcu: opts.mcu, ...(opts.dryRun ? { dry_run: true } : {}) }));
+    return 0;
+  } catch (err) {
+    renderer?.stop();
+    return fail(err, opts.json);
+  } finally {
+    await session?.stop();
+  }
+}
+
+/** Stand-in port for listing devices or checking versions while Moonraker is unreachable: no Klipper, nothing to stop. */
 function offlinePrinter(): PrinterPort {
   const unavailable = (): Promise<never> => Promise.reject(new MoonflashError("MOONRAKER_UNAVAILABLE", "Moonraker is not reachable."));
   const state = initialPrinterState();

@@ -37,6 +37,10 @@ export const ERROR_CODES = {
   CANCEL_REFUSED: { status: 409, doc: "The job cannot be cancelled now (e.g. flash writing has started)." },
   NO_JOB: { status: 404, doc: "There is no running job to act on." },
   INTERRUPTED: { status: 500, doc: "The agent was killed while a job ran; it was recovered on the next start." },
+  VERSION_MISMATCH: { status: 500, doc: "After an update an MCU still reports another firmware version than Klipper; rebuild from the Klipper tree Klipper runs." },
+  NO_ROLLBACK_IMAGE: { status: 404, doc: "moonflash keeps no earlier image of the MCU to roll back to (it keeps the last 3 it flashed), or that image is damaged; flash a firmware file instead." },
+  MISSING_CONFIG: { status: 404, doc: "The MCU's firmware profile (its Kconfig file) is missing or selects no processor; nothing was built, since make olddefconfig would invent an atmega2560 config." },
+  BUILD_FAILED: { status: 500, doc: "Building the firmware (make olddefconfig, make) failed; the last 40 lines of its output are in the details." },
   DISK_FULL: { status: 507, doc: "The disk has no room for a file moonflash must write." },
   INTERNAL: { status: 500, doc: "An unexpected error; see moonflash.log." },
 } as const satisfies Record<string, { status: number; doc: string }>;

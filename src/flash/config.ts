@@ -1,6 +1,7 @@
 // The [mcu] / [mcu NAME] sections of moonflash.conf: how one board is flashed. The one place for their defaults
 // (also used for MCUs only Klipper's config names) and the one place that validates a flash method name.
 
+import { isAbsolute, join, resolve } from "node:path";
 import * as z from "zod/mini";
 import "../core/zod.js";
 import { MoonflashError } from "../core/errors.js";
@@ -8,6 +9,7 @@ import {
   Invalid, absolutePath, byteSize, canbusUuid, defaults, directory, integer, interfaceName, oneOf, positiveInteger,
   serialDevice, suggest, token, unset, value,
 } from "../core/config-values.js";
+import { expandHome } from "../core/paths.js";
 import { FLASH_METHODS, type BootloaderRequest, type FlashMethodName } from "./types.js";
 
 export interface McuConfig {
@@ -21,6 +23,7 @@ export interface McuConfig {
   method: FlashMethodName[] | null;
   /** Image to flash; null = the engine's default, <klipper_path>/out/klipper.bin. */
   firmware: string | null;
+  /** The firmware profile (KCONFIG_CONFIG) as written: absolute, or relative to <data>/config/moonflash/ (resolveKconfig). */
   kconfig: string | null;
   /** OUT for `make flash`, always ending in "/". */
   out_dir: string | null;
@@ -77,6 +80,19 @@ const methodList = value((raw): FlashMethodName[] | null => {
   return names as FlashMethodName[];
 });
 
+/** Where firmware profiles live: beside moonflash.conf, so Mainsail's and Fluidd's file editors reach them. */
+export function firmwareProfileDir(dataDir: string): string {
+  return join(dataDir, "config", "moonflash");
+}
+
+/** A `kconfig:` value as a path: absolute as written (~ expanded), else relative to <data>/config/moonflash/. */
+export function resolveKconfig(kconfig: string, dataDir: string): string {
+  return isAbsolute(kconfig) ? kconfig : resolve(firmwareProfileDir(dataDir), kconfig);
+}
+
+// kconfig: any path; a relative one is resolved against the profile directory by resolveKconfig, which knows dataDir.
+const kconfigPath = value((raw) => expandHome(raw));
+
 export const mcuSchema = z
   .strictObject({
     serial: unset(serialDevice),
@@ -85,7 +101,7 @@ export const mcuSchema = z
     baud: z._default(positiveInteger, 250000),
     method: unset(methodList),
     firmware: unset(absolutePath),
-    kconfig: unset(absolutePath),
+    kconfig: unset(kconfigPath),
     out_dir: unset(directory),
     mcu_type: unset(token),
     flash_size: unset(byteSize),

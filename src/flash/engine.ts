@@ -7,15 +7,15 @@ import type { Stats } from "node:fs";
 import { readFile, readlink, realpath, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import type { Logger } from "pino";
-import { MCU_DEFAULTS, parseFlashMethods, type FlashSettings, type McuConfig } from "./config.js";
-import { writeFileDurable } from "../core/durable.js";
+import { MCU_DEFAULTS, parseFlashMethods, resolveKconfig, type FlashSettings, type McuConfig } from "./config.js";
 import { MoonflashError, toMoonflashError, type ErrorCode } from "../core/errors.js";
 import type { JobContext, LogLevel } from "../core/events.js";
 import type { JobRunner } from "../core/jobs.js";
 import { dataPaths } from "../core/paths.js";
 import type { CanbusNode, McuInfo, PrinterPort } from "../core/printer.js";
 import { discoverCanNodes, discoverDevices, mapDevicesToMcus, type DiscoveredDevice, type DiscoverOptions } from "./discovery.js";
-import { assertNotPrinting, withKlipperStopped } from "./guard.js";
+import { FirmwareStore, IMAGES_KEPT, sha256Of, type StoredImage } from "./firmware-store.js";
+import { assertNotPrinting, withKlipperStopped, type GuardOutcome } from "./guard.js";
 import { KatapultFlasher } from "./katapult/flasher.js";
 import { mcuFlash } from "./mcu-flash.js";
 import { mcuUserName } from "./mcu-name.js";
@@ -23,7 +23,7 @@ import { FlashtoolFlasher } from "./methods/flashtool.js";
 import { MakeFlasher } from "./methods/make.js";
 import { WchispFlasher } from "./methods/wchisp.js";
 import { type FlashMethodName, type Flasher, type FlashJobTarget, type FlashOutcome, type FlashTarget } from "./types.js";
-// node:crypto is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
+import { checkVersions, type VersionCheck } from "./versions.js";
 
 /** Methods tried when neither the request nor moonflash.conf names one. */
 const AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"] } as const satisfies Record<string, readonly FlashMethodName[]>;
@@ -91,6 +91,25 @@ export interface FlashDryRunResult {
   methods: FlashMethodName[];
   plan: FlashPlan;
 }
+
+export interface RollbackParams {
+  /** "mcu", "toolhead" or "mcu toolhead". */
+  mcu: string;
+  dry_run?: boolean;
+}
+
+/** The stored image a rollback flashes (firmware-store.ts). */
+export interface RollbackImage {
+  version: string | null;
+  sha256: string;
+  size: number;
+  /** When it was on the board before. */
+  date: string;
+  source: StoredImage["source"];
+  source_path: string | null;
+}
+
+export type RollbackResult = (FlashResult | FlashDryRunResult) & { rollback_to: RollbackImage };
 
 /** One MCU section as moonflash knows it: from Klipper's config, moonflash.conf, or both. */
 export interface KnownMcu {
@@ -259,6 +278,27 @@ async function checkDevicePath(path: string): Promise<string> {
   return real;
 }
 
+function unknownMcu(typed: string, section: string, klipperMcus: McuInfo[], own: Record<string, McuConfig>): MoonflashError {
+  const known = [...new Set([...klipperMcus.map((m) => m.section), ...Object.keys(own)])].sort();
+  // Listed as typed: section "mcu toolhead" is FLASH_MCU MCU=toolhead / moonflash flash toolhead.
+  const names = known.map(mcuUserName);
+  const example = names.find((n) => n !== "mcu") ?? names[0] ?? "NAME";
+  return new MoonflashError(
+    "UNKNOWN_MCU",
+    `Unknown MCU '${typed}'. Known MCUs: ${names.join(", ") || "none"}. ` +
+      `Use one of these names (e.g. FLASH_MCU MCU=${example} in a macro, moonflash flash ${example} on the command line), ` +
+      `or add an [${section}] section with serial: or canbus_uuid: to moonflash.conf.`,
+    { mcu: typed, known, names },
+  );
+}
+
+/** A stored image for people: "v0.12.0-85-g1234 (flashed 2025-01-02 10:11 UTC, from /home/pi/klipper/out/klipper.bin)". */
+function describeImage(entry: StoredImage): string {
+  const when = `${entry.date.slice(0, 16).replace("T", " ")} UTC`;
+  const from = entry.source === "read-back" ? "read back from the board" : entry.source_path ? `from ${entry.source_path}` : `by ${entry.source}`;
+  return `${entry.version ?? "an image without a Klipper version"} (flashed ${when}, ${from})`;
+}
+
 /** The runner's context with a second abort source: a shutdown signal, honoured only while the job is cancellable. */
 function contextWithShutdown(ctx: JobContext, shutdown: AbortSignal): JobContext {
   const controller = new AbortController();
@@ -299,12 +339,15 @@ export class FlashEngine {
   private readonly logger: Logger;
   private readonly flashers: Record<FlashMethodName, Flasher>;
   private readonly discovery: DiscoverOptions;
+  /** The last images flashed to each MCU: what rollback flashes, and an MCU's version while Klipper is down. */
+  readonly store: FirmwareStore;
 
   constructor(opts: FlashEngineOptions) {
     this.config = opts.config;
     this.printer = opts.printer;
     this.runner = opts.runner;
     this.logger = opts.logger;
+    this.store = new FirmwareStore(dataPaths(opts.config.dataDir).firmware, opts.logger.child({ ns: "firmware-store" }));
     this.discovery = { logger: opts.logger, ...opts.discovery };
     this.flashers = {
       ...defaultFlashers(opts.config, { logger: opts.logger, discovery: this.discovery, ...(opts.installBin ? { installBin: opts.installBin } : {}) }),
@@ -354,43 +397,134 @@ export class FlashEngine {
   /** Runs one flash job: plan, keep the image, stop Klipper, try each method, start Klipper. */
   async flash(params: FlashParams): Promise<FlashResult | FlashDryRunResult> {
     const section = mcuSectionName(params.mcu);
-    return this.runner.run({ kind: "flash", target: section, params }, async (ctx) => {
-      const started = performance.now();
-      ctx.stage("plan");
-      const { plan, image } = await this.buildPlan(params, (level, message) => ctx.log(level, message));
-      if (params.dry_run) {
-        return { dry_run: true, mcu: plan.mcu, device: plan.device, firmware: plan.firmware, methods: plan.methods, plan };
-      }
-      assertNotPrinting(this.printer);
-      ctx.stage("keep-image");
-      await this.keepImage(plan, image);
+    return this.runner.run({ kind: "flash", target: section, params }, (ctx) => this.flashJob(params, ctx));
+  }
 
-      const attempts: FlashAttempt[] = [];
-      const guarded = await withKlipperStopped(
-        this.printer,
-        dataPaths(this.config.dataDir).journal,
-        {
-          jobId: ctx.jobId,
-          kind: "flash",
-          target: plan.mcu,
-          serviceTimeoutMs: this.config.moonflash.service_timeout * 1000,
-          logger: this.logger,
-          onStage: (stage, message) => ctx.stage(stage, message),
-        },
-        (shutdown) => this.runChain(plan, { ...plan.target, image }, contextWithShutdown(ctx, shutdown), attempts),
-      );
-      const { method, outcome } = guarded.value;
-      return {
-        mcu: plan.mcu,
-        device: outcome.device,
-        method,
-        attempts,
-        bytes: outcome.bytes,
-        verified: outcome.verified,
-        elapsed_ms: Math.round(performance.now() - started),
-        klipper_restarted: guarded.klipperRestart?.ok === true,
-      };
+  /**
+   * Flashes the image the MCU had before its current one (firmware-store.ts), as a normal flash job: the same
+   * pre-flight, guard, methods and console lines. NO_ROLLBACK_IMAGE, before any job, when there is none.
+   */
+  async rollback(params: RollbackParams): Promise<RollbackResult> {
+    const section = mcuSectionName(params.mcu);
+    await this.rollbackImage(params.mcu);
+    return this.runner.run({ kind: "flash", target: section, params: { ...params, rollback: true } }, async (ctx) => {
+      // Picked again under the job lock: another flash may have changed the store since.
+      const entry = await this.rollbackImage(params.mcu);
+      ctx.stage("rollback", `rolling back to ${describeImage(entry)}`);
+      const result = await this.flashJob({ mcu: params.mcu, firmware: entry.file, ...(params.dry_run ? { dry_run: true } : {}) }, ctx, entry);
+      const { version, sha256, size, date, source, source_path } = entry;
+      return { ...result, rollback_to: { version, sha256, size, date, source, source_path } };
     });
+  }
+
+  /** Per MCU: its firmware version, Klipper's, and whether Klipper would call it outdated (versions.ts). */
+  async checkVersions(): Promise<VersionCheck> {
+    return checkVersions(this.printer, this.config, { store: this.store, logger: this.logger });
+  }
+
+  /** The entry a rollback of `mcu` flashes; UNKNOWN_MCU or NO_ROLLBACK_IMAGE when there is none to flash. */
+  private async rollbackImage(mcu: string): Promise<StoredImage> {
+    const section = mcuSectionName(mcu);
+    const name = mcuUserName(section);
+    const [current, previous] = await this.store.list(section);
+    const instead = `Flash a firmware file instead: FLASH_MCU MCU=${name} FIRMWARE=/path/to/klipper.bin (moonflash flash ${name} --firmware FILE).`;
+    if (previous && !previous.damaged) return previous;
+    if (previous) {
+      throw new MoonflashError(
+        "NO_ROLLBACK_IMAGE",
+        `The image a rollback of ${name} would flash, ${describeImage(previous)}, is damaged: ${previous.damaged}. Nothing was stopped or written. ${instead}`,
+        { mcu: section, image: previous },
+      );
+    }
+    const klipperMcus = await this.klipperMcus();
+    if (!current && !klipperMcus.some((m) => m.section === section) && !this.config.mcus[section]) throw unknownMcu(mcu, section, klipperMcus, this.config.mcus);
+    const held = current ? `only the one on it now, ${describeImage(current)}` : "none yet";
+    throw new MoonflashError(
+      "NO_ROLLBACK_IMAGE",
+      `There is no earlier image of ${name} to roll back to: moonflash keeps the last ${IMAGES_KEPT} images it flashed to each MCU and has ${held}. Nothing was stopped or written. ${instead}`,
+      { mcu: section, images: current ? 1 : 0 },
+    );
+  }
+
+  /** One flash job's work; `rollback` is the stored image being flashed again, checked against its SHA-256. */
+  private async flashJob(params: FlashParams, ctx: JobContext, rollback?: StoredImage): Promise<FlashResult | FlashDryRunResult> {
+    const started = performance.now();
+    ctx.stage("plan");
+    const { plan, image } = await this.buildPlan(params, (level, message) => ctx.log(level, message));
+    if (rollback && sha256Of(image) !== rollback.sha256) {
+      const name = mcuUserName(plan.mcu);
+      throw new MoonflashError(
+        "NO_ROLLBACK_IMAGE",
+        `The stored image ${plan.firmware} no longer matches its SHA-256: it is damaged, so there is no image to roll ${name} back to. Nothing was stopped or written. ` +
+          `Flash a firmware file instead: FLASH_MCU MCU=${name} FIRMWARE=/path/to/klipper.bin (moonflash flash ${name} --firmware FILE).`,
+        { mcu: plan.mcu, image: rollback },
+      );
+    }
+    if (params.dry_run) {
+      return { dry_run: true, mcu: plan.mcu, device: plan.device, firmware: plan.firmware, methods: plan.methods, plan };
+    }
+    assertNotPrinting(this.printer);
+    ctx.stage("keep-image");
+    await this.keepImage(plan, image);
+
+    const attempts: FlashAttempt[] = [];
+    const guarded = await this.withKlipperStopped(ctx, plan.mcu, async (inner) => {
+      const done = await this.runChain(plan, { ...plan.target, image }, inner, attempts);
+      // Recorded as soon as the board holds it, before Klipper starts: a failed restart does not undo the flash.
+      await this.recordImage(plan, image, ctx, rollback);
+      return done;
+    });
+    const { method, outcome } = guarded.value;
+    return {
+      mcu: plan.mcu,
+      device: outcome.device,
+      method,
+      attempts,
+      bytes: outcome.bytes,
+      verified: outcome.verified,
+      elapsed_ms: Math.round(performance.now() - started),
+      klipper_restarted: guarded.klipperRestart?.ok === true,
+    };
+  }
+
+  /**
+   * For a job that flashes several MCUs under one Klipper stop (update-all): pre-flight one MCU and read its
+   * image once, while Klipper runs, and keep a copy of it. Throws what a single flash's pre-flight throws.
+   */
+  async prepare(params: FlashParams, ctx: JobContext): Promise<{ plan: FlashPlan; image: Buffer }> {
+    const prepared = await this.buildPlan(params, (level, message) => ctx.log(level, message));
+    await this.keepImage(prepared.plan, prepared.image);
+    return prepared;
+  }
+
+  /** For update-all, inside its guard: flash a prepared MCU with its method chain and record the image. */
+  async flashPrepared(plan: FlashPlan, image: Buffer, ctx: JobContext): Promise<{ method: FlashMethodName; outcome: FlashOutcome; attempts: FlashAttempt[] }> {
+    const attempts: FlashAttempt[] = [];
+    try {
+      const done = await this.runChain(plan, { ...plan.target, image }, ctx, attempts);
+      await this.recordImage(plan, image, ctx);
+      return { ...done, attempts };
+    } catch (err) {
+      const e = toMoonflashError(err, "FLASH_FAILED");
+      throw new MoonflashError(e.code, e.message, { ...e.details, attempts }, { cause: e });
+    }
+  }
+
+  /** Runs `work` with Klipper stopped once for it (the guard of a single flash, for a job of several). */
+  withKlipperStopped<T>(ctx: JobContext, target: string, work: (ctx: JobContext) => Promise<T>): Promise<GuardOutcome<T>> {
+    return withKlipperStopped(
+      this.printer,
+      dataPaths(this.config.dataDir).journal,
+      {
+        jobId: ctx.jobId,
+        kind: "flash",
+        target,
+        serviceTimeoutMs: this.config.moonflash.service_timeout * 1000,
+        logger: this.logger,
+        onStage: (stage, message) => ctx.stage(stage, message),
+      },
+      (shutdown) => work(contextWithShutdown(ctx, shutdown)),
+    );
   }
 
   /** Cancels the running flash job; the runner refuses once writing has started. */
@@ -470,19 +604,7 @@ export class FlashEngine {
     const klipperMcus = await this.klipperMcus();
     const klipper = klipperMcus.find((m) => m.section === section);
     const own: McuConfig | undefined = this.config.mcus[section];
-    if (!klipper && !own) {
-      const known = [...new Set([...klipperMcus.map((m) => m.section), ...Object.keys(this.config.mcus)])].sort();
-      // Listed as typed: section "mcu toolhead" is FLASH_MCU MCU=toolhead / moonflash flash toolhead.
-      const names = known.map(mcuUserName);
-      const example = names.find((n) => n !== "mcu") ?? names[0] ?? "NAME";
-      throw new MoonflashError(
-        "UNKNOWN_MCU",
-        `Unknown MCU '${params.mcu}'. Known MCUs: ${names.join(", ") || "none"}. ` +
-          `Use one of these names (e.g. FLASH_MCU MCU=${example} in a macro, moonflash flash ${example} on the command line), ` +
-          `or add an [${section}] section with serial: or canbus_uuid: to moonflash.conf.`,
-        { mcu: params.mcu, known, names },
-      );
-    }
+    if (!klipper && !own) throw unknownMcu(params.mcu, section, klipperMcus, this.config.mcus);
 
     // The device comes from one place, and baud/interface with it: moonflash.conf when it names a device, else Klipper.
     const fromOwn = !!(own?.serial || own?.canbus_uuid);
@@ -514,7 +636,7 @@ export class FlashEngine {
       ...(expectedMcuType ? { expectedMcuType } : {}),
       bootloader: own?.bootloader ?? MCU_DEFAULTS.bootloader,
       klipperPath: this.config.moonflash.klipper_path,
-      ...(own?.kconfig ? { kconfig: own.kconfig } : {}),
+      ...(own?.kconfig ? { kconfig: resolveKconfig(own.kconfig, this.config.dataDir) } : {}),
       ...(own?.out_dir ? { outDir: own.out_dir } : {}),
       wchispTransport: own?.wchisp_transport ?? MCU_DEFAULTS.wchisp_transport,
       timeoutMs: (own?.timeout ?? MCU_DEFAULTS.timeout) * 1000,
@@ -564,16 +686,20 @@ export class FlashEngine {
     return { plan, image };
   }
 
-  /** A durable copy of what is about to be flashed, so the last image of each MCU can be found (and re-flashed) later. */
+  /**
+   * A durable copy of what is about to be flashed, written while Klipper still runs (a full disk stops the job
+   * here). It becomes an entry of the firmware store only once the board holds it (recordImage).
+   */
   private async keepImage(plan: FlashPlan, image: Buffer): Promise<void> {
-    const dir = join(dataPaths(this.config.dataDir).firmware, plan.mcu.replace(/\s+/g, "_"));
-    await writeFileDurable(join(dir, "last.bin"), image);
-    const meta = {
-      sha256: process.getBuiltinModule("node:crypto").createHash("sha256").update(image).digest("hex"),
-      size: image.length,
-      date: new Date().toISOString(),
-      source: plan.firmware,
-    };
-    await writeFileDurable(join(dir, "last.json"), `${JSON.stringify(meta, null, 2)}\n`);
+    await this.store.stage(plan.mcu, image);
+  }
+
+  /** The board holds `image` now: the newest store entry. Never fails the flash; a failure is a warning. */
+  private async recordImage(plan: FlashPlan, image: Buffer, ctx: JobContext, rollback?: StoredImage): Promise<void> {
+    try {
+      await this.store.add(plan.mcu, image, rollback ? { source: "rollback", sourcePath: rollback.source_path } : { source: "flash", sourcePath: plan.firmware });
+    } catch (err) {
+      ctx.log("warn", `the board was flashed, but moonflash could not record the image for a later rollback: ${toMoonflashError(err).message}`);
+    }
   }
 }

@@ -16,6 +16,7 @@ import { buildMethodTable } from "../../src/agent/methods.js";
 import type { FlashEngine } from "../../src/flash/engine.js";
 import { startFakeMoonraker, type FakeMoonraker, type FakeMoonrakerOptions, RpcCallError } from "../support/fake-moonraker/index.js";
 import { startVirtualDevice, type VirtualDevice } from "../../src/sim/virtual-device.js";
+import { FirmwareStore } from "../../src/flash/firmware-store.js";
 
 const MACRO_FILE = resolve(import.meta.dirname, "../../moonraker/moonflash.cfg");
 
@@ -99,11 +100,13 @@ afterEach(async () => {
 describe("the shipped macros through Klipper's macro path", () => {
   it("each description says what the macro does and names its parameters", () => {
     const macros = moonraker.klipper.macros;
-    expect([...macros.keys()].sort()).toEqual(["FLASH_MCU", "MOONFLASH_CANCEL", "MOONFLASH_DEVICES", "MOONFLASH_STATUS"]);
+    expect([...macros.keys()].sort()).toEqual(["FLASH_CHECK", "FLASH_MCU", "FLASH_ROLLBACK", "MOONFLASH_CANCEL", "MOONFLASH_DEVICES", "MOONFLASH_STATUS"]);
     for (const m of macros.values()) expect(m.description).toMatch(/^moonflash: \w.{20,}/);
     expect(macros.get("FLASH_MCU")!.description).toContain("FLASH_MCU MCU=<name> [METHOD=katapult|flashtool|make|wchisp] [FIRMWARE=/path] [DRY_RUN=1]");
     expect(documentedParams(macros.get("FLASH_MCU")!.description)).toEqual(["MCU", "METHOD", "FIRMWARE", "DRY_RUN"]);
-    for (const name of ["MOONFLASH_STATUS", "MOONFLASH_DEVICES", "MOONFLASH_CANCEL"]) {
+    expect(macros.get("FLASH_ROLLBACK")!.description).toContain("FLASH_ROLLBACK MCU=<name> [DRY_RUN=1]");
+    expect(documentedParams(macros.get("FLASH_ROLLBACK")!.description)).toEqual(["MCU", "DRY_RUN"]);
+    for (const name of ["MOONFLASH_STATUS", "MOONFLASH_DEVICES", "MOONFLASH_CANCEL", "FLASH_CHECK"]) {
       expect(documentedParams(macros.get(name)!.description)).toEqual([]);
     }
   });
@@ -111,6 +114,12 @@ describe("the shipped macros through Klipper's macro path", () => {
   it("every macro, with every parameter it documents, reaches the agent with the right params and answers on the console", async () => {
     await startAgent();
     const fw = join(dir, "fw.bin");
+    // Two images flashed to emu before, so FLASH_ROLLBACK has one to go back to.
+    const store = new FirmwareStore(join(dir, "moonflash", "firmware"));
+    const older = randomBytes(4096);
+    await store.add("mcu emu", older, { source: "flash", sourcePath: "/home/pi/older.bin" });
+    await store.add("mcu emu", randomBytes(4096), { source: "flash", sourcePath: "/home/pi/newer.bin" });
+    const olderFile = (await store.previous("mcu emu"))!.file;
     const cases = [
       { script: "MOONFLASH_STATUS", method: "flash.status", params: {}, answer: "// moonflash: no flash job has run yet" },
       { script: "MOONFLASH_DEVICES", method: "flash.devices", params: {}, answer: /^\/\/ moonflash: \d+ serial device\(s\)/ },
@@ -125,6 +134,18 @@ describe("the shipped macros through Klipper's macro path", () => {
         method: "flash.cancel",
         params: {},
         answer: "!! moonflash: MOONFLASH_CANCEL failed [NO_JOB] No flash job is running, so there is nothing to cancel.",
+      },
+      {
+        script: "FLASH_CHECK",
+        method: "flash.check",
+        params: {},
+        answer: "// moonflash: Klipper v0.13.0-730-g84104bbbd. Outdated: none. Up to date: mcu, toolhead. Unknown: emu.",
+      },
+      {
+        script: "FLASH_ROLLBACK MCU=emu DRY_RUN=1",
+        method: "flash.rollback",
+        params: { mcu: "emu", dry_run: "1" },
+        answer: new RegExp(`^// moonflash: flash emu: dry run, nothing was stopped or written\\. It would flash ${olderFile} \\(4096 bytes\\) to ${join(dir, "emu")} with katapult`),
       },
     ];
     // The table covers every shipped macro and every parameter its description documents.

@@ -35,10 +35,11 @@ describe("FlashEngine.flash", () => {
     expect(existsSync(journalPath(b.rig.dataDir))).toBe(false);
     await waitUntil(() => b.rig.session.state().klippyState === "ready", "Klipper ready after the flash");
 
-    const kept = join(b.rig.dataDir, "moonflash", "firmware", "mcu");
-    expect((await readFile(join(kept, "last.bin"))).equals(b.image)).toBe(true);
-    const meta = JSON.parse(await readFile(join(kept, "last.json"), "utf8")) as Record<string, unknown>;
-    expect(meta).toMatchObject({ size: 5000, source: b.firmware, sha256: expect.stringMatching(/^[0-9a-f]{64}$/) });
+    // The firmware store's newest entry: what the board holds now (firmware-store.test.ts, rollback.test.ts).
+    const [kept, ...older] = await engine.store.list("mcu");
+    expect(older).toEqual([]);
+    expect(kept).toMatchObject({ size: 5000, source: "flash", source_path: b.firmware, sha256: expect.stringMatching(/^[0-9a-f]{64}$/) });
+    expect((await readFile(kept!.file)).equals(b.image)).toBe(true);
     expect(b.rig.runner.history("flash", 1)[0]).toMatchObject({ target: "mcu", ok: true });
     const stages = b.events.flatMap((e) => (e.type === "stage" ? [e.stage] : []));
     expect(stages.filter((s) => ["plan", "keep-image", "stop-klipper", "katapult", "start-klipper"].includes(s))).toEqual([
@@ -60,7 +61,7 @@ describe("FlashEngine.flash", () => {
     const result = await flashOk(engine, { mcu: "mcu" });
     expect(result).toMatchObject({ bytes: b.image.length, verified: true });
     expect(b.device.model.flash.subarray(0, b.image.length).equals(b.image)).toBe(true);
-    expect((await readFile(join(b.rig.dataDir, "moonflash", "firmware", "mcu", "last.bin"))).equals(b.image)).toBe(true);
+    expect((await readFile((await engine.store.current("mcu"))!.file)).equals(b.image)).toBe(true);
     expect((await readFile(b.firmware)).length).toBe(0);
   });
 

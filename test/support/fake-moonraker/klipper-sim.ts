@@ -11,6 +11,11 @@ export interface SimMcu {
   section: string;
   settings: Record<string, unknown>;
   mcu_version?: string;
+  /**
+   * The version the board's firmware reports, read when Klipper connects to it (a virtual board: the version in the
+   * image it holds). Overrides mcu_version.
+   */
+  versionFrom?: () => string | undefined;
   mcu_build_versions?: string;
   mcu_constants?: Record<string, unknown>;
 }
@@ -102,6 +107,8 @@ export interface SimKlipperOptions {
   printState?: string;
   idleState?: string;
   mcus?: SimMcu[];
+  /** Check the MCUs' versions against the host's each time Klippy starts, as Klipper does. */
+  checkMcuVersions?: boolean;
   macros?: Record<string, SimMacro>;
   /** A Klipper config file whose [gcode_macro NAME] sections are loaded too (e.g. moonraker/moonflash.cfg). */
   macroFile?: string;
@@ -125,10 +132,13 @@ export class SimKlipper {
   private connectedToMoonraker = true;
   private readonly startedAt = performance.now();
 
+  private readonly checksMcuVersions: boolean;
+
   constructor(
     private readonly host: KlipperHost,
     opts: SimKlipperOptions = {},
   ) {
+    this.checksMcuVersions = opts.checkMcuVersions ?? false;
     this.klippyState = opts.state ?? "ready";
     this.klippyMessage = opts.stateMessage ?? DEFAULT_STATE_MESSAGES[this.klippyState];
     this.hostVersion = opts.softwareVersion ?? KLIPPER_VERSION;
@@ -236,8 +246,29 @@ export class SimKlipper {
     this.host.notifyAll("notify_klippy_disconnected");
   }
 
+  /** What the MCU's firmware reports now. */
+  mcuVersion(mcu: SimMcu): string {
+    return mcu.versionFrom?.() ?? mcu.mcu_version ?? this.hostVersion;
+  }
+
+  /**
+   * Klipper's start-up check (klippy/mcu.py, klippy/extras/error_mcu.py): an MCU whose firmware version differs
+   * from the host's puts Klipper in "MCU Protocol error" naming the MCUs to update; all equal: ready.
+   */
+  private checkMcuVersions(): void {
+    const name = (m: SimMcu): string => (m.section === "mcu" ? "mcu" : m.section.replace(/^mcu\s+/, ""));
+    const outdated = this.mcuList.filter((m) => this.mcuVersion(m) !== this.hostVersion);
+    if (outdated.length === 0) {
+      if (this.klippyState === "error") this.setState("ready");
+      return;
+    }
+    const upToDate = this.mcuList.filter((m) => !outdated.includes(m)).map(name);
+    this.setState("error", mcuProtocolErrorMessage(this.hostVersion, outdated.map((m) => ({ name: name(m), version: this.mcuVersion(m) })), upToDate));
+  }
+
   connect(): void {
     if (this.connectedToMoonraker || !this.active) return;
+    if (this.checksMcuVersions) this.checkMcuVersions();
     this.connectedToMoonraker = true;
     this.host.klippyConnected?.();
     this.announceState();
@@ -305,7 +336,7 @@ export class SimKlipper {
     };
     for (const mcu of this.mcuList) {
       status[mcu.section] = {
-        mcu_version: mcu.mcu_version ?? this.hostVersion,
+        mcu_version: this.mcuVersion(mcu),
         mcu_build_versions: mcu.mcu_build_versions ?? DEFAULT_BUILD_VERSIONS,
         mcu_constants: mcu.mcu_constants ?? DEFAULT_MCU_CONSTANTS,
         last_stats: mcuLastStats(),

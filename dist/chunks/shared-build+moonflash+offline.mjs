@@ -16,12 +16,12 @@ import {
   toJsonRpcError,
   toMoonflashError,
   u32le
-} from "./shared-moonflash+offline+virtual-device.mjs";
+} from "./shared-build+moonflash+offline+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./shared-execa+moonflash+offline+virtual-device+wrapper.mjs";
+} from "./shared-build+execa+moonflash+offline+virtual-device+wrapper.mjs";
 
 // node_modules/pino-std-serializers/lib/err-helpers.js
 var require_err_helpers = __commonJS({
@@ -2035,7 +2035,7 @@ var require_thread_stream = __commonJS({
     var { version: version2 } = require_package();
     var { EventEmitter: EventEmitter2 } = __require("events");
     var { Worker } = __require("worker_threads");
-    var { join: join5 } = __require("path");
+    var { join: join10 } = __require("path");
     var { pathToFileURL } = __require("url");
     var { wait } = require_wait();
     var {
@@ -2087,7 +2087,7 @@ var require_thread_stream = __commonJS({
     function createWorker(stream, opts) {
       const { filename, workerData } = opts;
       const bundlerOverrides = "__bundlerPathsOverrides" in globalThis ? globalThis.__bundlerPathsOverrides : {};
-      const toExecute = bundlerOverrides["thread-stream-worker"] || join5(__dirname, "lib", "worker.js");
+      const toExecute = bundlerOverrides["thread-stream-worker"] || join10(__dirname, "lib", "worker.js");
       const worker = new Worker(toExecute, {
         ...opts.workerOpts,
         name: opts.workerOpts?.name || "thread-stream",
@@ -2598,9 +2598,9 @@ var require_transport = __commonJS({
   "node_modules/pino/lib/transport.js"(exports, module) {
     "use strict";
     var { createRequire: createRequire2 } = __require("module");
-    var { existsSync: existsSync4 } = __require("node:fs");
+    var { existsSync: existsSync5 } = __require("node:fs");
     var getCallers = require_caller();
-    var { join: join5, isAbsolute: isAbsolute2, sep: sep2 } = __require("node:path");
+    var { join: join10, isAbsolute: isAbsolute3, sep: sep2 } = __require("node:path");
     var { fileURLToPath } = __require("node:url");
     var sleep = require_atomic_sleep();
     var onExit = require_on_exit_leak_free();
@@ -2673,7 +2673,7 @@ var require_transport = __commonJS({
           return false;
         }
       }
-      return isAbsolute2(path6) && !existsSync4(path6);
+      return isAbsolute3(path6) && !existsSync5(path6);
     }
     function stripQuotes(value2) {
       const first = value2[0];
@@ -2755,7 +2755,7 @@ var require_transport = __commonJS({
         throw new Error("only one of target or targets can be specified");
       }
       if (targets) {
-        target = bundlerOverrides["pino-worker"] || join5(__dirname, "worker.js");
+        target = bundlerOverrides["pino-worker"] || join10(__dirname, "worker.js");
         options.targets = targets.filter((dest) => dest.target).map((dest) => {
           return {
             ...dest,
@@ -2776,7 +2776,7 @@ var require_transport = __commonJS({
         const pipelinesHaveLevel = options.pipelines.some((p) => p.some((t) => t.level != null));
         usesMultistream = options.targets.length + options.pipelines.length > 1 || targetsHaveLevel || pipelinesHaveLevel;
       } else if (pipeline) {
-        target = bundlerOverrides["pino-worker"] || join5(__dirname, "worker.js");
+        target = bundlerOverrides["pino-worker"] || join10(__dirname, "worker.js");
         options.pipelines = [pipeline.map((dest) => {
           return {
             ...dest,
@@ -2799,11 +2799,11 @@ var require_transport = __commonJS({
       return stream;
       function fixTarget(origin) {
         origin = bundlerOverrides[origin] || origin;
-        if (isAbsolute2(origin) || origin.indexOf("file://") === 0) {
+        if (isAbsolute3(origin) || origin.indexOf("file://") === 0) {
           return origin;
         }
         if (origin === "pino/file") {
-          return join5(__dirname, "..", "file.js");
+          return join10(__dirname, "..", "file.js");
         }
         let fixTarget2;
         for (const filePath of callers) {
@@ -3719,11 +3719,11 @@ var require_safe_stable_stringify = __commonJS({
       }
       return value2 === void 0 ? Infinity : value2;
     }
-    function getItemCount(number2) {
-      if (number2 === 1) {
+    function getItemCount(number3) {
+      if (number3 === 1) {
         return "1 item";
       }
-      return `${number2} items`;
+      return `${number3} items`;
     }
     function getUniqueReplacerSet(replacerArray) {
       const replacerSet = /* @__PURE__ */ new Set();
@@ -3783,7 +3783,7 @@ var require_safe_stable_stringify = __commonJS({
               return circularValue;
             }
             let res = "";
-            let join5 = ",";
+            let join10 = ",";
             const originalIndentation = indentation;
             if (Array.isArray(value2)) {
               if (value2.length === 0) {
@@ -3797,7 +3797,7 @@ var require_safe_stable_stringify = __commonJS({
                 indentation += spacer;
                 res += `
 ${indentation}`;
-                join5 = `,
+                join10 = `,
 ${indentation}`;
               }
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
@@ -3805,13 +3805,13 @@ ${indentation}`;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyFnReplacer(String(i), value2, stack, replacer, spacer, indentation);
                 res += tmp2 !== void 0 ? tmp2 : "null";
-                res += join5;
+                res += join10;
               }
               const tmp = stringifyFnReplacer(String(i), value2, stack, replacer, spacer, indentation);
               res += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res += `${join5}"... ${getItemCount(removedKeys)} not stringified"`;
+                res += `${join10}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               if (spacer !== "") {
                 res += `
@@ -3832,7 +3832,7 @@ ${originalIndentation}`;
             let separator = "";
             if (spacer !== "") {
               indentation += spacer;
-              join5 = `,
+              join10 = `,
 ${indentation}`;
               whitespace = " ";
             }
@@ -3846,13 +3846,13 @@ ${indentation}`;
               const tmp = stringifyFnReplacer(key2, value2, stack, replacer, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}:${whitespace}${tmp}`;
-                separator = join5;
+                separator = join10;
               }
             }
             if (keyLength > maximumBreadth) {
               const removedKeys = keyLength - maximumBreadth;
               res += `${separator}"...":${whitespace}"${getItemCount(removedKeys)} not stringified"`;
-              separator = join5;
+              separator = join10;
             }
             if (spacer !== "" && separator.length > 1) {
               res = `
@@ -3893,7 +3893,7 @@ ${originalIndentation}`;
             }
             const originalIndentation = indentation;
             let res = "";
-            let join5 = ",";
+            let join10 = ",";
             if (Array.isArray(value2)) {
               if (value2.length === 0) {
                 return "[]";
@@ -3906,7 +3906,7 @@ ${originalIndentation}`;
                 indentation += spacer;
                 res += `
 ${indentation}`;
-                join5 = `,
+                join10 = `,
 ${indentation}`;
               }
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
@@ -3914,13 +3914,13 @@ ${indentation}`;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyArrayReplacer(String(i), value2[i], stack, replacer, spacer, indentation);
                 res += tmp2 !== void 0 ? tmp2 : "null";
-                res += join5;
+                res += join10;
               }
               const tmp = stringifyArrayReplacer(String(i), value2[i], stack, replacer, spacer, indentation);
               res += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res += `${join5}"... ${getItemCount(removedKeys)} not stringified"`;
+                res += `${join10}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               if (spacer !== "") {
                 res += `
@@ -3933,7 +3933,7 @@ ${originalIndentation}`;
             let whitespace = "";
             if (spacer !== "") {
               indentation += spacer;
-              join5 = `,
+              join10 = `,
 ${indentation}`;
               whitespace = " ";
             }
@@ -3942,7 +3942,7 @@ ${indentation}`;
               const tmp = stringifyArrayReplacer(key2, value2[key2], stack, replacer, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}:${whitespace}${tmp}`;
-                separator = join5;
+                separator = join10;
               }
             }
             if (spacer !== "" && separator.length > 1) {
@@ -4000,20 +4000,20 @@ ${originalIndentation}`;
               indentation += spacer;
               let res2 = `
 ${indentation}`;
-              const join6 = `,
+              const join11 = `,
 ${indentation}`;
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
               let i = 0;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyIndent(String(i), value2[i], stack, spacer, indentation);
                 res2 += tmp2 !== void 0 ? tmp2 : "null";
-                res2 += join6;
+                res2 += join11;
               }
               const tmp = stringifyIndent(String(i), value2[i], stack, spacer, indentation);
               res2 += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res2 += `${join6}"... ${getItemCount(removedKeys)} not stringified"`;
+                res2 += `${join11}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               res2 += `
 ${originalIndentation}`;
@@ -4029,16 +4029,16 @@ ${originalIndentation}`;
               return '"[Object]"';
             }
             indentation += spacer;
-            const join5 = `,
+            const join10 = `,
 ${indentation}`;
             let res = "";
             let separator = "";
             let maximumPropertiesToStringify = Math.min(keyLength, maximumBreadth);
             if (isTypedArrayWithEntries(value2)) {
-              res += stringifyTypedArray(value2, join5, maximumBreadth);
+              res += stringifyTypedArray(value2, join10, maximumBreadth);
               keys = keys.slice(value2.length);
               maximumPropertiesToStringify -= value2.length;
-              separator = join5;
+              separator = join10;
             }
             if (deterministic) {
               keys = sort(keys, comparator);
@@ -4049,13 +4049,13 @@ ${indentation}`;
               const tmp = stringifyIndent(key2, value2[key2], stack, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}: ${tmp}`;
-                separator = join5;
+                separator = join10;
               }
             }
             if (keyLength > maximumBreadth) {
               const removedKeys = keyLength - maximumBreadth;
               res += `${separator}"...": "${getItemCount(removedKeys)} not stringified"`;
-              separator = join5;
+              separator = join10;
             }
             if (separator !== "") {
               res = `
@@ -4443,8 +4443,8 @@ var require_pino = __commonJS({
         bindings(bindings) {
           return bindings;
         },
-        level(label, number2) {
-          return { level: number2 };
+        level(label, number3) {
+          return { level: number3 };
         }
       }),
       hooks: {
@@ -4735,11 +4735,11 @@ var require_client = __commonJS({
     "use strict";
     var __awaiter = exports && exports.__awaiter || function(thisArg, _arguments, P, generator) {
       function adopt(value2) {
-        return value2 instanceof P ? value2 : new P(function(resolve2) {
-          resolve2(value2);
+        return value2 instanceof P ? value2 : new P(function(resolve3) {
+          resolve3(value2);
         });
       }
-      return new (P || (P = Promise))(function(resolve2, reject) {
+      return new (P || (P = Promise))(function(resolve3, reject) {
         function fulfilled(value2) {
           try {
             step(generator.next(value2));
@@ -4755,7 +4755,7 @@ var require_client = __commonJS({
           }
         }
         function step(result) {
-          result.done ? resolve2(result.value) : adopt(result.value).then(fulfilled, rejected);
+          result.done ? resolve3(result.value) : adopt(result.value).then(fulfilled, rejected);
         }
         step((generator = generator.apply(thisArg, _arguments || [])).next());
       });
@@ -4859,10 +4859,10 @@ var require_client = __commonJS({
           var timeoutRequest = function(ids, request) {
             var timeoutID = setTimeout(function() {
               ids.forEach(function(id) {
-                var resolve2 = _this.idToResolveMap.get(id);
-                if (resolve2) {
+                var resolve3 = _this.idToResolveMap.get(id);
+                if (resolve3) {
                   _this.idToResolveMap.delete(id);
-                  resolve2(overrideCreateJSONRPCErrorResponse(id));
+                  resolve3(overrideCreateJSONRPCErrorResponse(id));
                 }
               });
             }, delay);
@@ -4932,8 +4932,8 @@ var require_client = __commonJS({
             return isDefinedAndNonNull(request.id);
           });
           var promises = requestsWithID.map(function(request) {
-            return new Promise(function(resolve2) {
-              return _this.idToResolveMap.set(request.id, resolve2);
+            return new Promise(function(resolve3) {
+              return _this.idToResolveMap.set(request.id, resolve3);
             });
           });
           var promise = Promise.all(promises).then(function(responses) {
@@ -4966,8 +4966,8 @@ var require_client = __commonJS({
           });
         };
         JSONRPCClient3.prototype.rejectAllPendingRequests = function(message) {
-          this.idToResolveMap.forEach(function(resolve2, id) {
-            return resolve2((0, models_1.createJSONRPCErrorResponse)(id, internal_1.DefaultErrorCode, message));
+          this.idToResolveMap.forEach(function(resolve3, id) {
+            return resolve3((0, models_1.createJSONRPCErrorResponse)(id, internal_1.DefaultErrorCode, message));
           });
           this.idToResolveMap.clear();
         };
@@ -4977,10 +4977,10 @@ var require_client = __commonJS({
             responses = [responses];
           }
           responses.forEach(function(response) {
-            var resolve2 = _this.idToResolveMap.get(response.id);
-            if (resolve2) {
+            var resolve3 = _this.idToResolveMap.get(response.id);
+            if (resolve3) {
               _this.idToResolveMap.delete(response.id);
-              resolve2(response);
+              resolve3(response);
             }
           });
         };
@@ -5008,11 +5008,11 @@ var require_server = __commonJS({
     "use strict";
     var __awaiter = exports && exports.__awaiter || function(thisArg, _arguments, P, generator) {
       function adopt(value2) {
-        return value2 instanceof P ? value2 : new P(function(resolve2) {
-          resolve2(value2);
+        return value2 instanceof P ? value2 : new P(function(resolve3) {
+          resolve3(value2);
         });
       }
-      return new (P || (P = Promise))(function(resolve2, reject) {
+      return new (P || (P = Promise))(function(resolve3, reject) {
         function fulfilled(value2) {
           try {
             step(generator.next(value2));
@@ -5028,7 +5028,7 @@ var require_server = __commonJS({
           }
         }
         function step(result) {
-          result.done ? resolve2(result.value) : adopt(result.value).then(fulfilled, rejected);
+          result.done ? resolve3(result.value) : adopt(result.value).then(fulfilled, rejected);
         }
         step((generator = generator.apply(thisArg, _arguments || [])).next());
       });
@@ -5344,11 +5344,11 @@ var require_server_and_client = __commonJS({
     "use strict";
     var __awaiter = exports && exports.__awaiter || function(thisArg, _arguments, P, generator) {
       function adopt(value2) {
-        return value2 instanceof P ? value2 : new P(function(resolve2) {
-          resolve2(value2);
+        return value2 instanceof P ? value2 : new P(function(resolve3) {
+          resolve3(value2);
         });
       }
-      return new (P || (P = Promise))(function(resolve2, reject) {
+      return new (P || (P = Promise))(function(resolve3, reject) {
         function fulfilled(value2) {
           try {
             step(generator.next(value2));
@@ -5364,7 +5364,7 @@ var require_server_and_client = __commonJS({
           }
         }
         function step(result) {
-          result.done ? resolve2(result.value) : adopt(result.value).then(fulfilled, rejected);
+          result.done ? resolve3(result.value) : adopt(result.value).then(fulfilled, rejected);
         }
         step((generator = generator.apply(thisArg, _arguments || [])).next());
       });
@@ -5586,423 +5586,8 @@ function expandHome(path6, home = homedir()) {
 // src/flash/types.ts
 var FLASH_METHODS = ["katapult", "flashtool", "make", "wchisp"];
 
-// src/core/lock.ts
-import { link, mkdir as mkdir2, open as open2, readFile, rm as rm2 } from "node:fs/promises";
-import { dirname as dirname2, join as join3, basename as basename2 } from "node:path";
-
-// src/core/durable.ts
-import { open, rename, rm, mkdir } from "node:fs/promises";
-import { dirname, basename, join as join2 } from "node:path";
-async function fsyncDir(dir) {
-  const handle = await open(dir, "r");
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}
-async function writeFileDurable(path6, data, mode = 420) {
-  const dir = dirname(path6);
-  await mkdir(dir, { recursive: true });
-  const tmp = join2(dir, `.${basename(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
-  try {
-    const handle = await open(tmp, "w", mode);
-    try {
-      await handle.writeFile(data);
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
-    await rename(tmp, path6);
-    await fsyncDir(dir);
-  } catch (err) {
-    await rm(tmp, { force: true });
-    throw toMoonflashError(err);
-  }
-}
-async function removeDurable(path6) {
-  await rm(path6, { force: true });
-  await fsyncDir(dirname(path6));
-}
-
-// src/core/lock.ts
-function parseLockInfo(text) {
-  try {
-    const data = JSON.parse(text);
-    if (data && typeof data.jobId === "string" && (data.kind === "flash" || data.kind === "ota") && typeof data.target === "string" && Number.isSafeInteger(data.pid) && data.pid > 0 && typeof data.startedAt === "string") {
-      return { jobId: data.jobId, kind: data.kind, target: data.target, pid: data.pid, startedAt: data.startedAt };
-    }
-  } catch {
-  }
-  return null;
-}
-function isProcessAlive(pid) {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return err.code === "EPERM";
-  }
-}
-async function readJobLock(path6) {
-  try {
-    return parseLockInfo(await readFile(path6, "utf8"));
-  } catch (err) {
-    if (err.code === "ENOENT") return null;
-    throw toMoonflashError(err);
-  }
-}
-async function clearStaleJobLock(path6) {
-  let text;
-  try {
-    text = await readFile(path6, "utf8");
-  } catch (err) {
-    if (err.code === "ENOENT") return null;
-    throw toMoonflashError(err);
-  }
-  const owner = parseLockInfo(text);
-  if (owner && (owner.pid === process.pid || isProcessAlive(owner.pid))) return null;
-  if (await readFile(path6, "utf8").catch(() => null) !== text) return null;
-  await removeDurable(path6);
-  return owner;
-}
-function busyError(info) {
-  return new MoonflashError(
-    "BUSY",
-    // The job id stays in details (and logs): a console reader knows the job by what it acts on.
-    `${info.kind === "ota" ? "An OTA" : "A flash"} job on ${info.target} is running (pid ${info.pid}, since ${info.startedAt}); wait for it or cancel it`,
-    { ...info }
-  );
-}
-async function tryCreate(path6, info) {
-  const dir = dirname2(path6);
-  const tmp = join3(dir, `.${basename2(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
-  const handle = await open2(tmp, "wx", 420);
-  try {
-    await handle.writeFile(JSON.stringify(info) + "\n");
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  try {
-    await link(tmp, path6);
-    await fsyncDir(dir);
-    return true;
-  } catch (err) {
-    if (err.code === "EEXIST") return false;
-    throw err;
-  } finally {
-    await rm2(tmp, { force: true });
-  }
-}
-async function acquireJobLock(path6, info) {
-  try {
-    await mkdir2(dirname2(path6), { recursive: true });
-    for (let attempt = 0; attempt < 2; attempt++) {
-      if (await tryCreate(path6, info)) return makeLock(path6, info);
-      let text;
-      try {
-        text = await readFile(path6, "utf8");
-      } catch (err) {
-        if (err.code === "ENOENT") continue;
-        throw err;
-      }
-      const owner2 = parseLockInfo(text);
-      if (owner2 && isProcessAlive(owner2.pid)) throw busyError(owner2);
-      const again = await readFile(path6, "utf8").catch(() => null);
-      if (again === text) await removeDurable(path6);
-    }
-    const owner = await readJobLock(path6);
-    if (owner) throw busyError(owner);
-    throw new MoonflashError(
-      "INTERNAL",
-      `Could not take the job lock ${path6}: it keeps reappearing with unreadable content. Stop other moonflash processes, then delete it.`,
-      { path: path6 }
-    );
-  } catch (err) {
-    throw toMoonflashError(err);
-  }
-}
-function makeLock(path6, info) {
-  let released = false;
-  return {
-    path: path6,
-    info,
-    async release() {
-      if (released) return;
-      released = true;
-      const owner = await readJobLock(path6).catch(() => null);
-      if (owner && owner.jobId === info.jobId && owner.pid === info.pid) await removeDurable(path6);
-    }
-  };
-}
-
-// src/flash/guard.ts
-import { readFile as readFile2 } from "node:fs/promises";
-var SHUTDOWN_SIGNALS = ["SIGINT", "SIGTERM"];
-function assertNotPrinting(printer) {
-  if (!printer.isPrinting()) return;
-  const printState = printer.state().printState ?? "printing";
-  throw new MoonflashError(
-    "PRINTER_BUSY",
-    `The printer is printing (print_stats: ${printState}). Flashing stops Klipper; wait for the print to end or cancel it.`,
-    { printState, idleState: printer.state().idleState }
-  );
-}
-function klipperIsRunning(printer) {
-  const state = printer.state();
-  const unit = state.services[state.klipperService];
-  if (unit) return unit.active_state === "active" || unit.active_state === "activating" || unit.active_state === "reloading";
-  if (state.klippyConnected) return true;
-  if (!state.moonrakerConnected) {
-    throw new MoonflashError(
-      "MOONRAKER_UNAVAILABLE",
-      "moonflash has no Moonraker connection, so it cannot stop Klipper before flashing. Check that Moonraker runs and moonflash.conf's moonraker_socket, then try again.",
-      { klipperService: state.klipperService }
-    );
-  }
-  return false;
-}
-function parseJournal(text) {
-  try {
-    const j = JSON.parse(text);
-    if (typeof j.jobId !== "string" || typeof j.klipperService !== "string" || typeof j.klipperWasRunning !== "boolean") return null;
-    return j;
-  } catch {
-    return null;
-  }
-}
-async function readJournal(dataDir) {
-  let text;
-  try {
-    text = await readFile2(dataPaths(dataDir).journal, "utf8");
-  } catch (err) {
-    if (err.code === "ENOENT") return null;
-    throw toMoonflashError(err);
-  }
-  return parseJournal(text) ?? {
-    jobId: "unknown",
-    kind: "flash",
-    target: "unknown",
-    pid: 0,
-    startedAt: (/* @__PURE__ */ new Date(0)).toISOString(),
-    klipperService: "klipper",
-    klipperWasRunning: true
-  };
-}
-async function withKlipperStopped(printer, journalPath, opts, work) {
-  assertNotPrinting(printer);
-  const { logger } = opts;
-  const klipperService = printer.state().klipperService;
-  let klipperWasRunning = klipperIsRunning(printer);
-  const leftover = await readJournalFile(journalPath);
-  if (leftover) {
-    logger.warn({ journal: leftover }, "an earlier job's journal is still present; Klipper will be started after this job if it ran then");
-    klipperWasRunning ||= leftover.klipperWasRunning;
-  }
-  const journal = {
-    jobId: opts.jobId,
-    kind: opts.kind,
-    target: opts.target,
-    pid: process.pid,
-    startedAt: (/* @__PURE__ */ new Date()).toISOString(),
-    klipperService,
-    klipperWasRunning
-  };
-  await writeFileDurable(journalPath, `${JSON.stringify(journal, null, 2)}
-`);
-  const shutdown = new AbortController();
-  let caughtSignal = null;
-  const onSignal = (signal) => {
-    if (caughtSignal) return;
-    caughtSignal = signal;
-    logger.warn(`${signal} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
-    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal}).`));
-  };
-  const handlers = SHUTDOWN_SIGNALS.map((signal) => [signal, () => onSignal(signal)]);
-  for (const [signal, handler] of handlers) process.on(signal, handler);
-  let klipperRestart = null;
-  try {
-    let value2;
-    try {
-      if (klipperWasRunning) {
-        logger.info(`stopping ${klipperService}`);
-        opts.onStage?.("stop-klipper", `stopping ${klipperService}`);
-        try {
-          await printer.stopService(klipperService, opts.serviceTimeoutMs);
-        } catch (err) {
-          const e = toMoonflashError(err, "SERVICE_FAILED");
-          throw new MoonflashError(e.code, `Stopping Klipper did not complete, so nothing was written to the board: ${e.message}`, e.details, { cause: e });
-        }
-      }
-      if (shutdown.signal.aborted) throw shutdown.signal.reason;
-      value2 = await work(shutdown.signal);
-    } catch (err) {
-      const error2 = toMoonflashError(err);
-      klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
-      if (klipperRestart) error2.details.klipperRestart = klipperRestart;
-      if (klipperRestart && !klipperRestart.ok) {
-        throw new MoonflashError(error2.code, `${error2.message} ${stillStoppedNote(klipperService)}`, error2.details, { cause: error2 });
-      }
-      throw error2;
-    }
-    klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
-    if (klipperRestart && !klipperRestart.ok) {
-      throw new MoonflashError(
-        klipperRestart.code,
-        `The ${opts.kind} job finished, but moonflash could not confirm that Klipper runs: ${klipperRestart.message} ${stillStoppedNote(klipperService)}`,
-        { klipperRestart, result: value2 }
-      );
-    }
-    return { value: value2, klipperWasRunning, klipperRestart };
-  } finally {
-    await settleJournal(journalPath, journal, klipperRestart, logger);
-    for (const [signal, handler] of handlers) process.removeListener(signal, handler);
-    if (caughtSignal && process.listenerCount(caughtSignal) === 0) process.kill(process.pid, caughtSignal);
-  }
-}
-function stillStoppedNote(service) {
-  return `moonflash keeps checking, starts ${service} if it is stopped and says so here once it runs; you can also start it from the web UI (Machine \u2192 Services \u2192 ${service}) or with \`sudo systemctl start ${service}\`.`;
-}
-async function settleJournal(path6, journal, restart, logger) {
-  try {
-    if (restart === null || restart.ok) await removeDurable(path6);
-    else await writeFileDurable(path6, `${JSON.stringify({ ...journal, restartPending: true }, null, 2)}
-`);
-  } catch (err) {
-    logger.error({ err }, `could not update the journal ${path6}`);
-  }
-}
-async function readJournalFile(path6) {
-  try {
-    return parseJournal(await readFile2(path6, "utf8"));
-  } catch {
-    return null;
-  }
-}
-async function restartKlipper(printer, service, wasRunning, opts) {
-  if (!wasRunning) return null;
-  opts.logger.info(`starting ${service}`);
-  opts.onStage?.("start-klipper", `starting ${service}`);
-  const outcome = await bringKlipperBack(printer, service, { timeoutMs: opts.serviceTimeoutMs, logger: opts.logger });
-  if (!outcome.ok) opts.logger.error({ outcome }, `could not start ${service} again yet: ${outcome.message}`);
-  return outcome;
-}
-var MAX_FRESH_WAITS = 3;
-var RETRY_PAUSE_MS = 1e3;
-var serviceActive = (state, service) => state.services[service]?.active_state === "active";
-var serviceStarting = (state, service) => {
-  const unit = state.services[service];
-  return unit?.active_state === "activating" || unit?.sub_state === "starting";
-};
-var klippyUp = (state) => state.moonrakerConnected && state.klippyConnected && state.klippyState !== "startup" && state.klippyState !== "disconnected";
-function waitForPrinter(printer, pred, timeoutMs) {
-  if (pred(printer.state())) return Promise.resolve(true);
-  if (timeoutMs <= 0) return Promise.resolve(false);
-  return new Promise((resolve2) => {
-    const finish = (value2) => {
-      clearTimeout(timer);
-      off();
-      resolve2(value2);
-    };
-    const timer = setTimeout(() => finish(false), timeoutMs);
-    const off = printer.onStateChange((state) => {
-      if (pred(state)) finish(true);
-    });
-  });
-}
-var pause = (ms) => new Promise((resolve2) => setTimeout(resolve2, Math.max(0, ms)));
-async function bringKlipperBack(printer, service, opts) {
-  const { timeoutMs, logger } = opts;
-  let deadline = Date.now() + timeoutMs;
-  let freshWaits = 0;
-  let last = null;
-  for (; ; ) {
-    const remaining = deadline - Date.now();
-    if (remaining <= 0) break;
-    if (!printer.state().moonrakerConnected) {
-      logger.warn(`Moonraker is not connected; waiting for it to start ${service}`);
-      if (!await waitForPrinter(printer, (s) => s.moonrakerConnected, remaining)) {
-        last = new MoonflashError(
-          "MOONRAKER_UNAVAILABLE",
-          `Moonraker was not reachable for ${Math.round(timeoutMs / 1e3)} s, so ${service} could not be started.`,
-          { service }
-        );
-        break;
-      }
-      if (freshWaits++ < MAX_FRESH_WAITS) deadline = Date.now() + timeoutMs;
-      continue;
-    }
-    if (serviceStarting(printer.state(), service)) {
-      await waitForPrinter(printer, (s) => !s.moonrakerConnected || !serviceStarting(s, service), deadline - Date.now());
-      continue;
-    }
-    if (serviceActive(printer.state(), service)) {
-      if (!await waitForPrinter(printer, klippyUp, deadline - Date.now())) {
-        logger.warn(`${service} runs but Klipper has not reported ready or an error yet`);
-      }
-      return { ok: true };
-    }
-    try {
-      await printer.startService(service, remaining);
-      return { ok: true };
-    } catch (err) {
-      last = toMoonflashError(err, "SERVICE_FAILED");
-      logger.warn({ code: last.code }, `starting ${service} did not complete: ${last.message}`);
-      if (last.code === "SERVICE_TIMEOUT") break;
-      if (printer.state().moonrakerConnected) await pause(Math.min(RETRY_PAUSE_MS, deadline - Date.now()));
-    }
-  }
-  const reason = last ?? new MoonflashError("SERVICE_TIMEOUT", `${service} did not start within ${Math.round(timeoutMs / 1e3)} s.`);
-  return { ok: false, code: reason.code, message: reason.message, pending: true };
-}
-async function recoverInterruptedJob(dataDir, printer, runner, logger, opts = {}) {
-  const journal = await readJournal(dataDir);
-  if (!journal) return null;
-  const paths = dataPaths(dataDir);
-  if (journal.pid !== process.pid && isProcessAlive(journal.pid) && !journal.restartPending) {
-    logger.info({ journal }, `job ${journal.jobId} is still running in process ${journal.pid}; nothing to recover`);
-    return null;
-  }
-  logger.warn({ journal }, journal.restartPending ? `Klipper is still to be started after job ${journal.jobId}; starting it` : `job ${journal.jobId} on ${journal.target} was interrupted while Klipper was stopped; recovering`);
-  if (journal.klipperWasRunning) {
-    const restart = await bringKlipperBack(printer, journal.klipperService, { timeoutMs: opts.serviceTimeoutMs ?? 9e4, logger });
-    if (!restart.ok) throw new MoonflashError(restart.code, restart.message, { journal });
-    logger.info(`started ${journal.klipperService} again after job ${journal.jobId}`);
-  }
-  const stale = await clearStaleJobLock(paths.lock);
-  if (stale) logger.info({ lock: stale }, `removed the job lock of the dead process ${stale.pid}`);
-  const ref = { id: journal.jobId, kind: journal.kind, target: journal.target, startedAt: journal.startedAt };
-  if (journal.restartPending) {
-    runner.notice(ref, `Klipper is running again (moonflash could not confirm it when this ${journal.kind} job ended).`);
-  } else {
-    const started = journal.klipperWasRunning ? " Klipper was started again." : "";
-    await runner.interrupted({
-      ...ref,
-      message: `moonflash stopped while this ${journal.kind} job ran (started ${journal.startedAt}).${started} The board may hold a partial image and wait in its bootloader: run the same flash again.`
-    });
-  }
-  await removeDurable(paths.journal);
-  return { journal, klipperStarted: journal.klipperWasRunning };
-}
-
-// src/core/printer.ts
-function initialPrinterState() {
-  return {
-    moonrakerConnected: false,
-    klippyConnected: false,
-    klippyState: "disconnected",
-    stateMessage: "",
-    printState: null,
-    idleState: null,
-    klipperService: "klipper",
-    services: {},
-    moonrakerVersion: null
-  };
-}
-
-// src/moonflash-conf.ts
-import { readFile as readFile3 } from "node:fs/promises";
+// src/flash/config.ts
+import { isAbsolute as isAbsolute2, join as join2, resolve } from "node:path";
 
 // node_modules/zod/v4/core/util.js
 function getEnumValues(entries) {
@@ -6578,6 +6163,7 @@ var safeParseAsync = /* @__PURE__ */ _safeParseAsync($ZodRealError);
 
 // node_modules/zod/v4/core/regexes.js
 var anyString = /^[\s\S]{0,}$/;
+var number = /^-?\d+(?:\.\d+)?$/;
 var boolean = /^(?:true|false)$/i;
 
 // node_modules/zod/v4/core/checks.js
@@ -6608,6 +6194,45 @@ var $ZodCheckMinLength = /* @__PURE__ */ $constructor("$ZodCheckMinLength", (ins
       minimum: def.minimum,
       inclusive: true,
       input,
+      inst,
+      continue: !def.abort
+    });
+  };
+});
+var $ZodCheckStringFormat = /* @__PURE__ */ $constructor("$ZodCheckStringFormat", (inst, def) => {
+  var _a2, _b;
+  $ZodCheck.init(inst, def);
+  if (def.pattern)
+    (_a2 = inst._zod).check ?? (_a2.check = (payload) => {
+      def.pattern.lastIndex = 0;
+      if (def.pattern.test(payload.value))
+        return;
+      payload.issues.push({
+        origin: "string",
+        code: "invalid_format",
+        format: def.format,
+        input: payload.value,
+        ...def.pattern ? { pattern: def.pattern.toString() } : {},
+        inst,
+        continue: !def.abort
+      });
+    });
+  else
+    (_b = inst._zod).check ?? (_b.check = () => {
+    });
+});
+var $ZodCheckRegex = /* @__PURE__ */ $constructor("$ZodCheckRegex", (inst, def) => {
+  $ZodCheckStringFormat.init(inst, def);
+  inst._zod.check = (payload) => {
+    def.pattern.lastIndex = 0;
+    if (def.pattern.test(payload.value))
+      return;
+    payload.issues.push({
+      origin: "string",
+      code: "invalid_format",
+      format: "regex",
+      input: payload.value,
+      pattern: def.pattern.toString(),
       inst,
       continue: !def.abort
     });
@@ -6768,6 +6393,30 @@ var $ZodString = /* @__PURE__ */ $constructor("$ZodString", (inst, def) => {
       code: "invalid_type",
       input: payload.value,
       inst
+    });
+    return payload;
+  };
+});
+var $ZodNumber = /* @__PURE__ */ $constructor("$ZodNumber", (inst, def) => {
+  $ZodType.init(inst, def);
+  inst._zod.pattern = number;
+  inst._zod.parse = (payload, _ctx) => {
+    if (def.coerce)
+      try {
+        payload.value = Number(payload.value);
+      } catch (_) {
+      }
+    const input = payload.value;
+    if (typeof input === "number" && !Number.isNaN(input) && Number.isFinite(input)) {
+      return payload;
+    }
+    const received = typeof input === "number" ? Number.isNaN(input) ? "NaN" : !Number.isFinite(input) ? String(input) : void 0 : void 0;
+    payload.issues.push({
+      expected: "number",
+      code: "invalid_type",
+      input,
+      inst,
+      ...received ? { received } : {}
     });
     return payload;
   };
@@ -7359,6 +7008,10 @@ function _string(Class, params) {
   return new Class(snapshotChecks({ type: "string", ...normalizeParams(params) }));
 }
 // @__NO_SIDE_EFFECTS__
+function _number(Class, params) {
+  return new Class(snapshotChecks({ type: "number", checks: [], ...normalizeParams(params) }));
+}
+// @__NO_SIDE_EFFECTS__
 function _boolean(Class, params) {
   return new Class({
     type: "boolean",
@@ -7384,6 +7037,15 @@ function _minLength(minimum, params) {
     check: "min_length",
     ...normalizeParams(params),
     minimum
+  });
+}
+// @__NO_SIDE_EFFECTS__
+function _regex(pattern, params) {
+  return new $ZodCheckRegex({
+    check: "string_format",
+    format: "regex",
+    ...normalizeParams(params),
+    pattern
   });
 }
 // @__NO_SIDE_EFFECTS__
@@ -7476,6 +7138,14 @@ var ZodMiniString = /* @__PURE__ */ $constructor("ZodMiniString", (inst, def) =>
 // @__NO_SIDE_EFFECTS__
 function string2(params) {
   return _string(ZodMiniString, params);
+}
+var ZodMiniNumber = /* @__PURE__ */ $constructor("ZodMiniNumber", (inst, def) => {
+  $ZodNumber.init(inst, def);
+  ZodMiniType.init(inst, def);
+});
+// @__NO_SIDE_EFFECTS__
+function number2(params) {
+  return _number(ZodMiniNumber, params);
 }
 var ZodMiniBoolean = /* @__PURE__ */ $constructor("ZodMiniBoolean", (inst, def) => {
   $ZodBoolean.init(inst, def);
@@ -7907,6 +7577,13 @@ var methodList = value((raw) => {
   }
   return names;
 });
+function firmwareProfileDir(dataDir) {
+  return join2(dataDir, "config", "moonflash");
+}
+function resolveKconfig(kconfig, dataDir) {
+  return isAbsolute2(kconfig) ? kconfig : resolve(firmwareProfileDir(dataDir), kconfig);
+}
+var kconfigPath = value((raw) => expandHome(raw));
 var mcuSchema = strictObject({
   serial: unset(serialDevice),
   canbus_uuid: unset(canbusUuid),
@@ -7914,7 +7591,7 @@ var mcuSchema = strictObject({
   baud: _default(positiveInteger, 25e4),
   method: unset(methodList),
   firmware: unset(absolutePath),
-  kconfig: unset(absolutePath),
+  kconfig: unset(kconfigPath),
   out_dir: unset(directory),
   mcu_type: unset(token),
   flash_size: unset(byteSize),
@@ -7934,7 +7611,3489 @@ var mcuSchema = strictObject({
 );
 var MCU_DEFAULTS = defaults(mcuSchema);
 
+// src/core/durable.ts
+import { open, rename, rm, mkdir } from "node:fs/promises";
+import { dirname, basename, join as join3 } from "node:path";
+async function fsyncDir(dir) {
+  const handle = await open(dir, "r");
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+async function writeFileDurable(path6, data, mode = 420) {
+  const dir = dirname(path6);
+  await mkdir(dir, { recursive: true });
+  const tmp = join3(dir, `.${basename(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
+  try {
+    const handle = await open(tmp, "w", mode);
+    try {
+      await handle.writeFile(data);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await rename(tmp, path6);
+    await fsyncDir(dir);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw toMoonflashError(err);
+  }
+}
+async function removeDurable(path6) {
+  await rm(path6, { force: true });
+  await fsyncDir(dirname(path6));
+}
+
+// src/core/lock.ts
+import { link, mkdir as mkdir2, open as open2, readFile, rm as rm2 } from "node:fs/promises";
+import { dirname as dirname2, join as join4, basename as basename2 } from "node:path";
+function parseLockInfo(text) {
+  try {
+    const data = JSON.parse(text);
+    if (data && typeof data.jobId === "string" && (data.kind === "flash" || data.kind === "ota") && typeof data.target === "string" && Number.isSafeInteger(data.pid) && data.pid > 0 && typeof data.startedAt === "string") {
+      return { jobId: data.jobId, kind: data.kind, target: data.target, pid: data.pid, startedAt: data.startedAt };
+    }
+  } catch {
+  }
+  return null;
+}
+function isProcessAlive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return err.code === "EPERM";
+  }
+}
+async function readJobLock(path6) {
+  try {
+    return parseLockInfo(await readFile(path6, "utf8"));
+  } catch (err) {
+    if (err.code === "ENOENT") return null;
+    throw toMoonflashError(err);
+  }
+}
+async function clearStaleJobLock(path6) {
+  let text;
+  try {
+    text = await readFile(path6, "utf8");
+  } catch (err) {
+    if (err.code === "ENOENT") return null;
+    throw toMoonflashError(err);
+  }
+  const owner = parseLockInfo(text);
+  if (owner && (owner.pid === process.pid || isProcessAlive(owner.pid))) return null;
+  if (await readFile(path6, "utf8").catch(() => null) !== text) return null;
+  await removeDurable(path6);
+  return owner;
+}
+function busyError(info) {
+  return new MoonflashError(
+    "BUSY",
+    // The job id stays in details (and logs): a console reader knows the job by what it acts on.
+    `${info.kind === "ota" ? "An OTA" : "A flash"} job on ${info.target} is running (pid ${info.pid}, since ${info.startedAt}); wait for it or cancel it`,
+    { ...info }
+  );
+}
+async function tryCreate(path6, info) {
+  const dir = dirname2(path6);
+  const tmp = join4(dir, `.${basename2(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
+  const handle = await open2(tmp, "wx", 420);
+  try {
+    await handle.writeFile(JSON.stringify(info) + "\n");
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  try {
+    await link(tmp, path6);
+    await fsyncDir(dir);
+    return true;
+  } catch (err) {
+    if (err.code === "EEXIST") return false;
+    throw err;
+  } finally {
+    await rm2(tmp, { force: true });
+  }
+}
+async function acquireJobLock(path6, info) {
+  try {
+    await mkdir2(dirname2(path6), { recursive: true });
+    for (let attempt = 0; attempt < 2; attempt++) {
+      if (await tryCreate(path6, info)) return makeLock(path6, info);
+      let text;
+      try {
+        text = await readFile(path6, "utf8");
+      } catch (err) {
+        if (err.code === "ENOENT") continue;
+        throw err;
+      }
+      const owner2 = parseLockInfo(text);
+      if (owner2 && isProcessAlive(owner2.pid)) throw busyError(owner2);
+      const again = await readFile(path6, "utf8").catch(() => null);
+      if (again === text) await removeDurable(path6);
+    }
+    const owner = await readJobLock(path6);
+    if (owner) throw busyError(owner);
+    throw new MoonflashError(
+      "INTERNAL",
+      `Could not take the job lock ${path6}: it keeps reappearing with unreadable content. Stop other moonflash processes, then delete it.`,
+      { path: path6 }
+    );
+  } catch (err) {
+    throw toMoonflashError(err);
+  }
+}
+function makeLock(path6, info) {
+  let released = false;
+  return {
+    path: path6,
+    info,
+    async release() {
+      if (released) return;
+      released = true;
+      const owner = await readJobLock(path6).catch(() => null);
+      if (owner && owner.jobId === info.jobId && owner.pid === info.pid) await removeDurable(path6);
+    }
+  };
+}
+
+// src/flash/discovery.ts
+import { readdir, readFile as readFile2, readlink, realpath, stat as stat2 } from "node:fs/promises";
+import path2 from "node:path";
+
+// src/core/tool.ts
+import { constants as fsConstants } from "node:fs";
+import { access, stat } from "node:fs/promises";
+import path from "node:path";
+import { StringDecoder } from "node:string_decoder";
+function toolErrorDetails(options, result) {
+  return {
+    command: options.command,
+    args: [...options.args],
+    exitCode: result.exitCode ?? null,
+    durationMs: Math.round(result.durationMs),
+    stderrTail: [...result.stderrTail]
+  };
+}
+function followStream(stream, tail, tailLines, onLine, onChunk) {
+  if (!stream) return Promise.resolve();
+  const decoder = new StringDecoder("utf8");
+  let pending = "";
+  const emit = (line) => {
+    tail.push(line);
+    if (tail.length > tailLines) tail.shift();
+    onLine?.(line);
+  };
+  const take = (text) => {
+    if (text.length === 0) return;
+    onChunk?.(text);
+    pending += text;
+    let newline = pending.indexOf("\n");
+    while (newline !== -1) {
+      emit(pending.slice(0, newline).replace(/\r$/, ""));
+      pending = pending.slice(newline + 1);
+      newline = pending.indexOf("\n");
+    }
+  };
+  return new Promise((resolve3) => {
+    stream.on("data", (chunk) => take(decoder.write(chunk)));
+    stream.on("error", () => resolve3());
+    stream.on("close", () => {
+      take(decoder.end());
+      if (pending.length > 0) emit(pending.replace(/\r$/, ""));
+      pending = "";
+      resolve3();
+    });
+  });
+}
+function formatDuration(ms) {
+  return ms < 1e4 ? `${ms} ms` : `${Math.round(ms / 1e3)} s`;
+}
+async function runTool(options) {
+  const tailLines = options.tailLines ?? 40;
+  const name = path.basename(options.command);
+  if (options.signal?.aborted) {
+    throw new MoonflashError("CANCELLED", `Cancelled before ${name} was started; nothing was written.`, {
+      command: options.command,
+      args: [...options.args]
+    });
+  }
+  const stdoutTail = [];
+  const stderrTail = [];
+  const { execa } = await import("./execa.mjs");
+  const subprocess = execa(options.command, [...options.args], {
+    cwd: options.cwd,
+    timeout: options.timeoutMs,
+    cancelSignal: options.signal,
+    reject: false,
+    buffer: false,
+    stdin: "ignore",
+    // Own process group, so what the tool started (make's recipe shell, flash_usb.py, dfu-util) can be
+    // stopped with it instead of lingering and holding our pipes open.
+    detached: true
+  });
+  const pid = subprocess.pid;
+  subprocess.once("exit", () => {
+    if (pid === void 0) return;
+    try {
+      process.kill(-pid, "SIGKILL");
+    } catch {
+    }
+  });
+  const streams = Promise.all([
+    followStream(subprocess.stdout, stdoutTail, tailLines, options.onStdoutLine, options.onStdoutChunk),
+    followStream(subprocess.stderr, stderrTail, tailLines, options.onStderrLine)
+  ]);
+  const result = await subprocess;
+  await streams;
+  const durationMs = result.durationMs;
+  const details = toolErrorDetails(options, { exitCode: result.exitCode, durationMs, stderrTail });
+  if (result.code === "ENOENT") {
+    throw new MoonflashError(
+      "TOOL_NOT_FOUND",
+      `${options.command} was not found. Install it or set its path in moonflash.conf.`,
+      details,
+      { cause: result }
+    );
+  }
+  if (result.code === "EACCES") {
+    throw new MoonflashError(
+      "TOOL_NOT_FOUND",
+      `${options.command} is not executable. Fix its permissions (chmod +x) or set another path in moonflash.conf.`,
+      details,
+      { cause: result }
+    );
+  }
+  if (result.timedOut) {
+    throw new MoonflashError(
+      "TOOL_TIMEOUT",
+      `${name} did not finish within ${formatDuration(options.timeoutMs)} and was stopped. Check the board and its connection, or raise the MCU's timeout in moonflash.conf.`,
+      details
+    );
+  }
+  if (result.isCanceled) {
+    throw new MoonflashError("CANCELLED", `${name} was stopped because the job was cancelled.`, details);
+  }
+  if (result.exitCode === void 0) {
+    const cause = result.signal ? `was killed by ${result.signal}` : `could not be run (${result.shortMessage})`;
+    throw new MoonflashError("FLASH_FAILED", `${name} ${cause}. See moonflash.log for its output.`, details, {
+      cause: result
+    });
+  }
+  return { exitCode: result.exitCode, durationMs, stdoutTail, stderrTail };
+}
+async function findExecutable(command, envPath = process.env.PATH ?? "") {
+  const candidates = command.includes("/") ? [command] : envPath.split(path.delimiter).filter((dir) => dir.length > 0).map((dir) => path.join(dir, command));
+  for (const candidate of candidates) {
+    try {
+      if ((await stat(candidate)).isFile()) {
+        await access(candidate, fsConstants.X_OK);
+        return candidate;
+      }
+    } catch {
+    }
+  }
+  return null;
+}
+
+// src/flash/usb-ids.ts
+var USB_IDS = [
+  {
+    vendorId: "1d50",
+    productId: "614e",
+    kind: "klipper",
+    label: "Klipper (USB)",
+    source: "Klipper src/Kconfig USB_DEVICE_ID default; Katapult scripts/flashtool.py KLIPPER_USB_ID"
+  },
+  {
+    vendorId: "1d50",
+    productId: "6177",
+    kind: "katapult",
+    label: "Katapult bootloader (USB)",
+    source: "Katapult src/Kconfig USB_DEVICE_ID; flashtool.py KATAPULT_USB_ID; Moonraker utils/sysfs_devs.py"
+  },
+  {
+    vendorId: "1d50",
+    productId: "606f",
+    kind: "usb-can-bridge",
+    label: "Klipper USB-CAN bridge",
+    source: "Klipper src/Kconfig USB_DEVICE_ID for USBCANBUS; flashtool.py _search_canbus_bridge"
+  },
+  {
+    vendorId: "4348",
+    productId: "55e0",
+    kind: "wch-isp",
+    label: "WCH ISP bootloader (USB)",
+    source: "ch32-rs/wchisp src/transport/usb.rs device ids"
+  },
+  {
+    vendorId: "1a86",
+    productId: "55e0",
+    kind: "wch-isp",
+    label: "WCH ISP bootloader (USB)",
+    source: "ch32-rs/wchisp src/transport/usb.rs device ids"
+  },
+  {
+    vendorId: "0483",
+    productId: "df11",
+    kind: "stm32-dfu",
+    label: "STM32 ROM DFU bootloader",
+    source: "ST AN3156 USB DFU ROM bootloader id; Klipper docs/Bootloaders.md `make flash FLASH_DEVICE=0483:df11`"
+  },
+  {
+    vendorId: "2e8a",
+    productId: "0003",
+    kind: "rp2-boot",
+    label: "RP2040 BOOTSEL",
+    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id"
+  },
+  {
+    vendorId: "2e8a",
+    productId: "000f",
+    kind: "rp2-boot",
+    label: "RP2350 BOOTSEL",
+    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id for rp2350"
+  },
+  {
+    vendorId: "1a86",
+    productId: "7523",
+    kind: "uart-adapter",
+    label: "CH340 USB-UART adapter",
+    source: "Linux drivers/usb/serial/ch341.c id_table"
+  },
+  {
+    vendorId: "10c4",
+    productId: "ea60",
+    kind: "uart-adapter",
+    label: "CP210x USB-UART adapter",
+    source: "Linux drivers/usb/serial/cp210x.c id_table"
+  },
+  {
+    vendorId: "0403",
+    productId: "6001",
+    kind: "uart-adapter",
+    label: "FTDI FT232 USB-UART adapter",
+    source: "Linux drivers/usb/serial/ftdi_sio_ids.h FTDI_8U232AM_PID"
+  },
+  {
+    vendorId: "067b",
+    productId: "2303",
+    kind: "uart-adapter",
+    label: "PL2303 USB-UART adapter",
+    source: "Linux drivers/usb/serial/pl2303.h PL2303_PRODUCT_ID"
+  }
+];
+function normaliseId(id) {
+  if (id === void 0) return void 0;
+  const hex2 = id.trim().toLowerCase().replace(/^0x/, "");
+  return /^[0-9a-f]{1,4}$/.test(hex2) ? hex2.padStart(4, "0") : void 0;
+}
+function classifyUsbDevice(ids) {
+  const vendorId = normaliseId(ids.vendorId);
+  const productId = normaliseId(ids.productId);
+  const row = USB_IDS.find((r) => r.vendorId === vendorId && r.productId === productId);
+  if (row) return { kind: row.kind, label: row.label };
+  const manufacturer = ids.manufacturer?.trim().toLowerCase();
+  if (manufacturer === "klipper") return { kind: "klipper", label: "Klipper (USB, custom id)" };
+  if (manufacturer === "katapult") return { kind: "katapult", label: "Katapult bootloader (USB, custom id)" };
+  if (vendorId !== void 0 && productId !== void 0) {
+    return { kind: "unknown", label: `USB device ${vendorId}:${productId}` };
+  }
+  return { kind: "unknown", label: "Serial port" };
+}
+
+// src/flash/discovery.ts
+async function resolveDevicePath(p) {
+  try {
+    return await realpath(p);
+  } catch {
+    return null;
+  }
+}
+async function readTrimmed(file) {
+  try {
+    const text = (await readFile2(file, "utf8")).trim();
+    return text.length > 0 ? text : void 0;
+  } catch {
+    return void 0;
+  }
+}
+async function listDir(dir) {
+  try {
+    return await readdir(dir);
+  } catch {
+    return [];
+  }
+}
+async function readUsbParent(deviceDir, sysRoot) {
+  let dir = await resolveDevicePath(deviceDir);
+  const stopAt = path2.resolve(sysRoot);
+  while (dir && dir.startsWith(stopAt) && dir !== stopAt) {
+    const vendorId = await readTrimmed(path2.join(dir, "idVendor"));
+    if (vendorId !== void 0) {
+      return {
+        vendorId: vendorId.toLowerCase(),
+        productId: (await readTrimmed(path2.join(dir, "idProduct")))?.toLowerCase(),
+        manufacturer: await readTrimmed(path2.join(dir, "manufacturer")),
+        product: await readTrimmed(path2.join(dir, "product")),
+        serialNumber: await readTrimmed(path2.join(dir, "serial"))
+      };
+    }
+    dir = path2.dirname(dir);
+  }
+  return {};
+}
+async function scanSysfs(sysRoot, devRoot) {
+  const classDir = path2.join(sysRoot, "class", "tty");
+  const found = [];
+  for (const name of await listDir(classDir)) {
+    const ttyDir = path2.join(classDir, name);
+    const deviceDir = path2.join(ttyDir, "device");
+    try {
+      if (!(await stat2(deviceDir)).isDirectory()) continue;
+    } catch {
+      continue;
+    }
+    if (await readTrimmed(path2.join(ttyDir, "type")) === "0") continue;
+    const real = await resolveDevicePath(path2.join(devRoot, name));
+    if (!real) continue;
+    found.push({ path: real, ...await readUsbParent(deviceDir, sysRoot) });
+  }
+  return found;
+}
+async function scanLinks(dir) {
+  const links = [];
+  for (const name of await listDir(dir)) {
+    const link2 = path2.join(dir, name);
+    const real = await resolveDevicePath(link2);
+    if (real) links.push([link2, real]);
+  }
+  return links;
+}
+async function listWithSerialport(timeoutMs, logger) {
+  if (process.platform === "linux" && !await findExecutable("udevadm")) {
+    logger?.debug("udevadm is not on PATH; skipping serialport's device list");
+    return [];
+  }
+  let timer;
+  try {
+    const { SerialPort } = await import("serialport");
+    const ports = await Promise.race([
+      SerialPort.list(),
+      new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`serialport list took longer than ${timeoutMs} ms`)), timeoutMs);
+      })
+    ]);
+    const drafts = [];
+    for (const port of ports) {
+      const real = await resolveDevicePath(port.path);
+      if (!real) continue;
+      drafts.push({
+        path: real,
+        vendorId: port.vendorId?.toLowerCase(),
+        productId: port.productId?.toLowerCase(),
+        manufacturer: port.manufacturer,
+        serialNumber: port.serialNumber,
+        byIdName: port.pnpId
+      });
+    }
+    return drafts;
+  } catch (err) {
+    logger?.warn({ err }, "serialport could not list devices; using sysfs and /dev/serial only");
+    return [];
+  } finally {
+    clearTimeout(timer);
+  }
+}
+function parseMcuTypeFromById(byIdName) {
+  const match = /^usb-(?:klipper|katapult|canboot)_([^_]+)_.+-if\d+$/i.exec(path2.basename(byIdName));
+  return match?.[1];
+}
+async function findHolders(procRoot, paths) {
+  const holders = /* @__PURE__ */ new Map();
+  if (paths.size === 0) return holders;
+  const skipSelf = path2.resolve(procRoot) === "/proc";
+  for (const entry of await listDir(procRoot)) {
+    if (!/^\d+$/.test(entry)) continue;
+    const pid = Number(entry);
+    if (skipSelf && pid === process.pid) continue;
+    const fdDir = path2.join(procRoot, entry, "fd");
+    for (const fd of await listDir(fdDir)) {
+      let target;
+      try {
+        target = await readlink(path2.join(fdDir, fd));
+      } catch {
+        continue;
+      }
+      if (!paths.has(target) || holders.has(target)) continue;
+      const command = await readTrimmed(path2.join(procRoot, entry, "comm")) ?? (await readTrimmed(path2.join(procRoot, entry, "cmdline")))?.split("\0")[0] ?? "?";
+      holders.set(target, { pid, command });
+    }
+  }
+  return holders;
+}
+function mergeInto(target, extra) {
+  for (const [key, value2] of Object.entries(extra)) {
+    if (value2 !== void 0 && target[key] === void 0) {
+      target[key] = value2;
+    }
+  }
+}
+async function discoverDevices(opts = {}) {
+  const devRoot = opts.devRoot ?? "/dev";
+  const sysRoot = opts.sysRoot ?? "/sys";
+  const procRoot = opts.procRoot ?? "/proc";
+  const byRealPath = /* @__PURE__ */ new Map();
+  const add = (draft) => {
+    const existing = byRealPath.get(draft.path);
+    if (existing) {
+      mergeInto(existing, draft);
+      return existing;
+    }
+    byRealPath.set(draft.path, { ...draft });
+    return byRealPath.get(draft.path);
+  };
+  for (const draft of await scanSysfs(sysRoot, devRoot)) add(draft);
+  for (const [link2, real] of await scanLinks(path2.join(devRoot, "serial", "by-id"))) add({ path: real, byId: link2 });
+  for (const [link2, real] of await scanLinks(path2.join(devRoot, "serial", "by-path"))) add({ path: real, byPath: link2 });
+  if (opts.useSerialportList ?? true) {
+    for (const { byIdName, ...draft } of await listWithSerialport(opts.serialportListTimeoutMs ?? 5e3, opts.logger)) {
+      const device = add(draft);
+      if (device.byId === void 0 && byIdName) {
+        const link2 = path2.join(devRoot, "serial", "by-id", byIdName);
+        if (await resolveDevicePath(link2) === device.path) device.byId = link2;
+      }
+    }
+  }
+  const holders = await findHolders(procRoot, new Set(byRealPath.keys()));
+  return [...byRealPath.values()].map((draft) => classify(draft, holders.get(draft.path))).sort((a, b) => a.path.localeCompare(b.path));
+}
+function classify(draft, heldBy) {
+  const mcuType = draft.byId ? parseMcuTypeFromById(draft.byId) : void 0;
+  let { kind, label } = classifyUsbDevice(draft);
+  if (kind === "unknown" && draft.byId) {
+    const runs = /^usb-(klipper|katapult|canboot)_/i.exec(path2.basename(draft.byId))?.[1]?.toLowerCase();
+    if (runs === "klipper") ({ kind, label } = classifyUsbDevice({ manufacturer: "klipper" }));
+    if (runs === "katapult" || runs === "canboot") ({ kind, label } = classifyUsbDevice({ manufacturer: "katapult" }));
+  }
+  const device = { ...draft, kind, label };
+  if (mcuType) device.mcuType = mcuType;
+  if (heldBy) device.heldBy = heldBy;
+  for (const key of Object.keys(device)) {
+    if (device[key] === void 0) delete device[key];
+  }
+  return device;
+}
+async function identifyDevice(devicePath, opts = {}) {
+  const devRoot = opts.devRoot ?? "/dev";
+  const sysRoot = opts.sysRoot ?? "/sys";
+  const real = await resolveDevicePath(devicePath);
+  if (!real) return null;
+  const draft = { path: real, ...await readUsbParent(path2.join(sysRoot, "class", "tty", path2.basename(real), "device"), sysRoot) };
+  draft.byId = (await scanLinks(path2.join(devRoot, "serial", "by-id"))).find(([, target]) => target === real)?.[0];
+  draft.byPath = (await scanLinks(path2.join(devRoot, "serial", "by-path"))).find(([, target]) => target === real)?.[0];
+  return classify(draft);
+}
+function reenumerationCandidates(devicePath, device) {
+  const candidates = [devicePath];
+  const add = (candidate) => {
+    if (candidate && !candidates.includes(candidate)) candidates.push(candidate);
+  };
+  for (const byId of [devicePath, device?.byId]) {
+    if (byId && path2.basename(byId).includes("usb-Klipper_")) {
+      add(path2.join(path2.dirname(byId), path2.basename(byId).replace("usb-Klipper_", "usb-katapult_")));
+    }
+  }
+  add(device?.byPath);
+  return candidates;
+}
+async function mapDevicesToMcus(devices, mcus) {
+  const sectionByPath = /* @__PURE__ */ new Map();
+  for (const mcu of mcus) {
+    if (!mcu.serial) continue;
+    const real = await resolveDevicePath(mcu.serial);
+    const device = real ? devices.find((d) => d.path === real) : devices.find((d) => d.path === mcu.serial || d.byId === mcu.serial || d.byPath === mcu.serial);
+    if (device && !sectionByPath.has(device.path)) sectionByPath.set(device.path, mcu.section);
+  }
+  return devices.map((d) => {
+    const section = sectionByPath.get(d.path);
+    return section ? { ...d, mcu: section } : { ...d };
+  });
+}
+function parseCanQueryOutput(lines) {
+  const nodes = [];
+  for (const line of lines) {
+    const match = /Detected UUID: ([0-9a-f]{12}), Application: (\S+)/i.exec(line);
+    if (match) nodes.push({ uuid: match[1].toLowerCase(), application: match[2] });
+  }
+  return nodes;
+}
+async function discoverCanNodes(opts) {
+  if (opts.printer?.state().moonrakerConnected) {
+    try {
+      return await opts.printer.canbusNodes(opts.iface);
+    } catch (err) {
+      if (!opts.flashtool) {
+        throw new MoonflashError(
+          "DEVICE_NOT_FOUND",
+          `Moonraker could not query CAN interface ${opts.iface} (${err.message}). Check that it exists and is up (ip link show ${opts.iface}).`,
+          { iface: opts.iface },
+          { cause: err }
+        );
+      }
+    }
+  }
+  if (!opts.flashtool) {
+    throw new MoonflashError(
+      "TOOL_NOT_FOUND",
+      "CAN nodes can be listed only through Moonraker or Katapult's flashtool.py: connect to Moonraker or set katapult_path in moonflash.conf.",
+      { iface: opts.iface }
+    );
+  }
+  const stdout = [];
+  let flashError;
+  const args = [opts.flashtool.script, "-i", opts.iface, "-q"];
+  const result = await runTool({
+    command: opts.flashtool.python,
+    args,
+    timeoutMs: opts.timeoutMs ?? 15e3,
+    onStdoutLine: (line) => stdout.push(line),
+    onStderrLine: (line) => {
+      flashError ??= /(?:^|\.)FlashError: (.*)$/.exec(line)?.[1];
+    }
+  });
+  if (result.exitCode !== 0) {
+    const reason = flashError ?? result.stderrTail.at(-1) ?? `exit code ${result.exitCode}`;
+    const details = { command: opts.flashtool.python, args, exitCode: result.exitCode, stderrTail: result.stderrTail };
+    if (/Unable to bind socket/i.test(reason)) {
+      throw new MoonflashError(
+        "DEVICE_NOT_FOUND",
+        `CAN interface ${opts.iface} is not available (${reason}). Check that it exists and is up (ip link show ${opts.iface}).`,
+        details
+      );
+    }
+    throw new MoonflashError("PROTOCOL_ERROR", `flashtool.py could not query CAN nodes on ${opts.iface}: ${reason}`, details);
+  }
+  return parseCanQueryOutput(stdout);
+}
+
+// src/flash/guard.ts
+import { readFile as readFile3 } from "node:fs/promises";
+var SHUTDOWN_SIGNALS = ["SIGINT", "SIGTERM"];
+function assertNotPrinting(printer) {
+  if (!printer.isPrinting()) return;
+  const printState = printer.state().printState ?? "printing";
+  throw new MoonflashError(
+    "PRINTER_BUSY",
+    `The printer is printing (print_stats: ${printState}). Flashing stops Klipper; wait for the print to end or cancel it.`,
+    { printState, idleState: printer.state().idleState }
+  );
+}
+function klipperIsRunning(printer) {
+  const state = printer.state();
+  const unit = state.services[state.klipperService];
+  if (unit) return unit.active_state === "active" || unit.active_state === "activating" || unit.active_state === "reloading";
+  if (state.klippyConnected) return true;
+  if (!state.moonrakerConnected) {
+    throw new MoonflashError(
+      "MOONRAKER_UNAVAILABLE",
+      "moonflash has no Moonraker connection, so it cannot stop Klipper before flashing. Check that Moonraker runs and moonflash.conf's moonraker_socket, then try again.",
+      { klipperService: state.klipperService }
+    );
+  }
+  return false;
+}
+function parseJournal(text) {
+  try {
+    const j = JSON.parse(text);
+    if (typeof j.jobId !== "string" || typeof j.klipperService !== "string" || typeof j.klipperWasRunning !== "boolean") return null;
+    return j;
+  } catch {
+    return null;
+  }
+}
+async function readJournal(dataDir) {
+  let text;
+  try {
+    text = await readFile3(dataPaths(dataDir).journal, "utf8");
+  } catch (err) {
+    if (err.code === "ENOENT") return null;
+    throw toMoonflashError(err);
+  }
+  return parseJournal(text) ?? {
+    jobId: "unknown",
+    kind: "flash",
+    target: "unknown",
+    pid: 0,
+    startedAt: (/* @__PURE__ */ new Date(0)).toISOString(),
+    klipperService: "klipper",
+    klipperWasRunning: true
+  };
+}
+async function withKlipperStopped(printer, journalPath, opts, work) {
+  assertNotPrinting(printer);
+  const { logger } = opts;
+  const klipperService = printer.state().klipperService;
+  let klipperWasRunning = klipperIsRunning(printer);
+  const leftover = await readJournalFile(journalPath);
+  if (leftover) {
+    logger.warn({ journal: leftover }, "an earlier job's journal is still present; Klipper will be started after this job if it ran then");
+    klipperWasRunning ||= leftover.klipperWasRunning;
+  }
+  const journal = {
+    jobId: opts.jobId,
+    kind: opts.kind,
+    target: opts.target,
+    pid: process.pid,
+    startedAt: (/* @__PURE__ */ new Date()).toISOString(),
+    klipperService,
+    klipperWasRunning
+  };
+  await writeFileDurable(journalPath, `${JSON.stringify(journal, null, 2)}
+`);
+  const shutdown = new AbortController();
+  let caughtSignal = null;
+  const onSignal = (signal) => {
+    if (caughtSignal) return;
+    caughtSignal = signal;
+    logger.warn(`${signal} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
+    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal}).`));
+  };
+  const handlers = SHUTDOWN_SIGNALS.map((signal) => [signal, () => onSignal(signal)]);
+  for (const [signal, handler] of handlers) process.on(signal, handler);
+  let klipperRestart = null;
+  try {
+    let value2;
+    try {
+      if (klipperWasRunning) {
+        logger.info(`stopping ${klipperService}`);
+        opts.onStage?.("stop-klipper", `stopping ${klipperService}`);
+        try {
+          await printer.stopService(klipperService, opts.serviceTimeoutMs);
+        } catch (err) {
+          const e = toMoonflashError(err, "SERVICE_FAILED");
+          throw new MoonflashError(e.code, `Stopping Klipper did not complete, so nothing was written to the board: ${e.message}`, e.details, { cause: e });
+        }
+      }
+      if (shutdown.signal.aborted) throw shutdown.signal.reason;
+      value2 = await work(shutdown.signal);
+    } catch (err) {
+      const error2 = toMoonflashError(err);
+      klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
+      if (klipperRestart) error2.details.klipperRestart = klipperRestart;
+      if (klipperRestart && !klipperRestart.ok) {
+        throw new MoonflashError(error2.code, `${error2.message} ${stillStoppedNote(klipperService)}`, error2.details, { cause: error2 });
+      }
+      throw error2;
+    }
+    klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
+    if (klipperRestart && !klipperRestart.ok) {
+      throw new MoonflashError(
+        klipperRestart.code,
+        `The ${opts.kind} job finished, but moonflash could not confirm that Klipper runs: ${klipperRestart.message} ${stillStoppedNote(klipperService)}`,
+        { klipperRestart, result: value2 }
+      );
+    }
+    return { value: value2, klipperWasRunning, klipperRestart };
+  } finally {
+    await settleJournal(journalPath, journal, klipperRestart, logger);
+    for (const [signal, handler] of handlers) process.removeListener(signal, handler);
+    if (caughtSignal && process.listenerCount(caughtSignal) === 0) process.kill(process.pid, caughtSignal);
+  }
+}
+function stillStoppedNote(service) {
+  return `moonflash keeps checking, starts ${service} if it is stopped and says so here once it runs; you can also start it from the web UI (Machine \u2192 Services \u2192 ${service}) or with \`sudo systemctl start ${service}\`.`;
+}
+async function settleJournal(path6, journal, restart, logger) {
+  try {
+    if (restart === null || restart.ok) await removeDurable(path6);
+    else await writeFileDurable(path6, `${JSON.stringify({ ...journal, restartPending: true }, null, 2)}
+`);
+  } catch (err) {
+    logger.error({ err }, `could not update the journal ${path6}`);
+  }
+}
+async function readJournalFile(path6) {
+  try {
+    return parseJournal(await readFile3(path6, "utf8"));
+  } catch {
+    return null;
+  }
+}
+async function restartKlipper(printer, service, wasRunning, opts) {
+  if (!wasRunning) return null;
+  opts.logger.info(`starting ${service}`);
+  opts.onStage?.("start-klipper", `starting ${service}`);
+  const outcome = await bringKlipperBack(printer, service, { timeoutMs: opts.serviceTimeoutMs, logger: opts.logger });
+  if (!outcome.ok) opts.logger.error({ outcome }, `could not start ${service} again yet: ${outcome.message}`);
+  return outcome;
+}
+var MAX_FRESH_WAITS = 3;
+var RETRY_PAUSE_MS = 1e3;
+var serviceActive = (state, service) => state.services[service]?.active_state === "active";
+var serviceStarting = (state, service) => {
+  const unit = state.services[service];
+  return unit?.active_state === "activating" || unit?.sub_state === "starting";
+};
+var klippyUp = (state) => state.moonrakerConnected && state.klippyConnected && state.klippyState !== "startup" && state.klippyState !== "disconnected";
+function waitForPrinter(printer, pred, timeoutMs) {
+  if (pred(printer.state())) return Promise.resolve(true);
+  if (timeoutMs <= 0) return Promise.resolve(false);
+  return new Promise((resolve3) => {
+    const finish = (value2) => {
+      clearTimeout(timer);
+      off();
+      resolve3(value2);
+    };
+    const timer = setTimeout(() => finish(false), timeoutMs);
+    const off = printer.onStateChange((state) => {
+      if (pred(state)) finish(true);
+    });
+  });
+}
+var pause = (ms) => new Promise((resolve3) => setTimeout(resolve3, Math.max(0, ms)));
+async function bringKlipperBack(printer, service, opts) {
+  const { timeoutMs, logger } = opts;
+  let deadline = Date.now() + timeoutMs;
+  let freshWaits = 0;
+  let last = null;
+  for (; ; ) {
+    const remaining = deadline - Date.now();
+    if (remaining <= 0) break;
+    if (!printer.state().moonrakerConnected) {
+      logger.warn(`Moonraker is not connected; waiting for it to start ${service}`);
+      if (!await waitForPrinter(printer, (s) => s.moonrakerConnected, remaining)) {
+        last = new MoonflashError(
+          "MOONRAKER_UNAVAILABLE",
+          `Moonraker was not reachable for ${Math.round(timeoutMs / 1e3)} s, so ${service} could not be started.`,
+          { service }
+        );
+        break;
+      }
+      if (freshWaits++ < MAX_FRESH_WAITS) deadline = Date.now() + timeoutMs;
+      continue;
+    }
+    if (serviceStarting(printer.state(), service)) {
+      await waitForPrinter(printer, (s) => !s.moonrakerConnected || !serviceStarting(s, service), deadline - Date.now());
+      continue;
+    }
+    if (serviceActive(printer.state(), service)) {
+      if (!await waitForPrinter(printer, klippyUp, deadline - Date.now())) {
+        logger.warn(`${service} runs but Klipper has not reported ready or an error yet`);
+      }
+      return { ok: true };
+    }
+    try {
+      await printer.startService(service, remaining);
+      return { ok: true };
+    } catch (err) {
+      last = toMoonflashError(err, "SERVICE_FAILED");
+      logger.warn({ code: last.code }, `starting ${service} did not complete: ${last.message}`);
+      if (last.code === "SERVICE_TIMEOUT") break;
+      if (printer.state().moonrakerConnected) await pause(Math.min(RETRY_PAUSE_MS, deadline - Date.now()));
+    }
+  }
+  const reason = last ?? new MoonflashError("SERVICE_TIMEOUT", `${service} did not start within ${Math.round(timeoutMs / 1e3)} s.`);
+  return { ok: false, code: reason.code, message: reason.message, pending: true };
+}
+async function recoverInterruptedJob(dataDir, printer, runner, logger, opts = {}) {
+  const journal = await readJournal(dataDir);
+  if (!journal) return null;
+  const paths = dataPaths(dataDir);
+  if (journal.pid !== process.pid && isProcessAlive(journal.pid) && !journal.restartPending) {
+    logger.info({ journal }, `job ${journal.jobId} is still running in process ${journal.pid}; nothing to recover`);
+    return null;
+  }
+  logger.warn({ journal }, journal.restartPending ? `Klipper is still to be started after job ${journal.jobId}; starting it` : `job ${journal.jobId} on ${journal.target} was interrupted while Klipper was stopped; recovering`);
+  if (journal.klipperWasRunning) {
+    const restart = await bringKlipperBack(printer, journal.klipperService, { timeoutMs: opts.serviceTimeoutMs ?? 9e4, logger });
+    if (!restart.ok) throw new MoonflashError(restart.code, restart.message, { journal });
+    logger.info(`started ${journal.klipperService} again after job ${journal.jobId}`);
+  }
+  const stale = await clearStaleJobLock(paths.lock);
+  if (stale) logger.info({ lock: stale }, `removed the job lock of the dead process ${stale.pid}`);
+  const ref = { id: journal.jobId, kind: journal.kind, target: journal.target, startedAt: journal.startedAt };
+  if (journal.restartPending) {
+    runner.notice(ref, `Klipper is running again (moonflash could not confirm it when this ${journal.kind} job ended).`);
+  } else {
+    const started = journal.klipperWasRunning ? " Klipper was started again." : "";
+    await runner.interrupted({
+      ...ref,
+      message: `moonflash stopped while this ${journal.kind} job ran (started ${journal.startedAt}).${started} The board may hold a partial image and wait in its bootloader: run the same flash again.`
+    });
+  }
+  await removeDurable(paths.journal);
+  return { journal, klipperStarted: journal.klipperWasRunning };
+}
+
+// src/flash/mcu-name.ts
+function mcuUserName(section) {
+  const words = section.trim().split(/\s+/).filter(Boolean);
+  if (words[0] === "mcu" && words.length > 1) words.shift();
+  return words.join(" ") || "mcu";
+}
+function flashCommandsFor(section) {
+  const name = mcuUserName(section);
+  return `FLASH_MCU MCU=${name} in a macro, or moonflash flash ${name}`;
+}
+
+// src/flash/engine.ts
+import { existsSync } from "node:fs";
+import { readFile as readFile6, readlink as readlink2, realpath as realpath2, stat as stat7 } from "node:fs/promises";
+import { join as join7, resolve as resolve2 } from "node:path";
+
+// src/flash/firmware-store.ts
+import { readdir as readdir2, readFile as readFile4, rename as rename2, rm as rm3, stat as stat3 } from "node:fs/promises";
+import { join as join5 } from "node:path";
+
+// src/flash/katapult/image.ts
+var MAX_DICTIONARY_BYTES = 4 * 1024 * 1024;
+function detectImageMcu(image) {
+  const buf = Buffer.from(image.buffer, image.byteOffset, image.byteLength);
+  for (let offset = 0; offset + 2 <= buf.length; offset++) {
+    if (!isZlibHeader(buf[offset], buf[offset + 1])) continue;
+    const found = tryDictionaryAt(buf, offset);
+    if (found) return found;
+  }
+  return null;
+}
+function isZlibHeader(cmf, flg) {
+  return (cmf & 15) === 8 && cmf >> 4 <= 7 && (flg & 32) === 0 && (cmf << 8 | flg) % 31 === 0;
+}
+function tryDictionaryAt(buf, offset) {
+  let text;
+  try {
+    text = process.getBuiltinModule("node:zlib").inflateSync(buf.subarray(offset), { maxOutputLength: MAX_DICTIONARY_BYTES }).toString("utf8");
+  } catch {
+    return null;
+  }
+  if (!text.startsWith("{")) return null;
+  try {
+    const dict = JSON.parse(text);
+    const mcu = dict.config?.MCU;
+    if (typeof mcu === "string" && typeof dict.version === "string") return { mcu, version: dict.version };
+  } catch {
+    return null;
+  }
+  return null;
+}
+
+// src/flash/firmware-store.ts
+var IMAGES_KEPT = 3;
+var IMAGE_SOURCES = ["flash", "rollback", "read-back", "ota"];
+var SHA256 = /^[0-9a-f]{64}$/;
+var sidecarSchema = object({
+  format: literal(1),
+  mcu: string2(),
+  sha256: string2().check(_regex(SHA256)),
+  size: number2(),
+  version: nullable(string2()),
+  mcu_type: nullable(string2()),
+  date: string2(),
+  source: _enum(IMAGE_SOURCES),
+  source_path: nullable(string2()),
+  seq: number2()
+});
+var legacySchema = object({ sha256: string2().check(_regex(SHA256)), size: number2(), date: string2(), source: string2() });
+function sha256Of(data) {
+  return process.getBuiltinModule("node:crypto").createHash("sha256").update(data).digest("hex");
+}
+function storeDirName(section) {
+  return section.trim().replace(/\s+/g, "_");
+}
+var isMissing = (err) => err.code === "ENOENT";
+var FirmwareStore = class {
+  constructor(root, logger) {
+    this.root = root;
+    this.logger = logger;
+  }
+  root;
+  logger;
+  dir(mcu) {
+    return join5(this.root, storeDirName(mcu));
+  }
+  /**
+   * Writes the image's bytes before a flash, so a full disk is found while Klipper still runs. Not an entry
+   * yet: add() makes it one once the flash succeeded; a blob nothing refers to is swept by the next add().
+   */
+  async stage(mcu, image) {
+    const file = join5(this.dir(mcu), `${sha256Of(image)}.bin`);
+    if (!await sameBytes(file, image)) await writeFileDurable(file, image);
+    return file;
+  }
+  /** Records that `image` is now on the board; returns its entry. Keeps the newest IMAGES_KEPT. */
+  async add(mcu, image, meta2) {
+    const dir = this.dir(mcu);
+    await this.migrateLegacy(mcu);
+    const sha2562 = sha256Of(image);
+    const before = await this.list(mcu);
+    const file = await this.stage(mcu, image);
+    const detected = detectImageMcu(image);
+    const entry = {
+      mcu,
+      sha256: sha2562,
+      size: image.length,
+      version: detected?.version ?? null,
+      mcu_type: detected?.mcu ?? null,
+      date: (meta2.date ?? /* @__PURE__ */ new Date()).toISOString(),
+      source: meta2.source,
+      source_path: meta2.sourcePath ?? null,
+      file,
+      seq: Math.max(0, ...before.map((e) => e.seq)) + 1
+    };
+    await writeFileDurable(join5(dir, `${sha2562}.json`), sidecarText(entry));
+    await this.prune(mcu, [entry, ...before.filter((e) => e.sha256 !== sha2562)]);
+    return entry;
+  }
+  /** The MCU's images, newest first; entries whose stored copy is gone or cut short say so in `damaged`. */
+  async list(mcu) {
+    return this.listIn(this.dir(mcu), mcu);
+  }
+  async listIn(dir, mcu) {
+    let names;
+    try {
+      names = await readdir2(dir);
+    } catch (err) {
+      if (isMissing(err) || err.code === "ENOTDIR") return [];
+      throw toMoonflashError(err);
+    }
+    const entries = [];
+    for (const name of names) {
+      const sha = /^([0-9a-f]{64})\.json$/.exec(name)?.[1];
+      if (!sha) continue;
+      const entry = await this.readSidecar(join5(dir, name), sha);
+      if (entry) entries.push(entry);
+    }
+    const legacy = await readLegacy(dir, mcu);
+    if (legacy && !entries.some((e) => e.sha256 === legacy.sha256)) entries.push(legacy);
+    return entries.sort((a, b) => b.seq - a.seq);
+  }
+  /** What the board holds now, as far as moonflash knows: the newest entry. */
+  async current(mcu) {
+    return (await this.list(mcu))[0] ?? null;
+  }
+  /** The image a rollback flashes: the one before the newest. */
+  async previous(mcu) {
+    return (await this.list(mcu))[1] ?? null;
+  }
+  /** Sections with at least one entry. */
+  async mcus() {
+    let dirs;
+    try {
+      dirs = await readdir2(this.root);
+    } catch (err) {
+      if (isMissing(err)) return [];
+      throw toMoonflashError(err);
+    }
+    const sections = /* @__PURE__ */ new Set();
+    for (const name of dirs) {
+      const first = (await this.listIn(join5(this.root, name), name.replace(/_/g, " ")))[0];
+      if (first) sections.add(first.mcu);
+    }
+    return [...sections].sort();
+  }
+  async readSidecar(path6, sha) {
+    let parsed;
+    try {
+      const result = sidecarSchema.safeParse(JSON.parse(await readFile4(path6, "utf8")));
+      if (!result.success || result.data.sha256 !== sha) throw new Error(result.success ? "its sha256 is not its name" : result.error.message);
+      parsed = result.data;
+    } catch (err) {
+      if (isMissing(err)) return null;
+      this.logger?.warn({ err, path: path6 }, "a stored firmware entry is unreadable; ignoring it");
+      return null;
+    }
+    const { format: _format, ...fields } = parsed;
+    const file = path6.replace(/\.json$/, ".bin");
+    const entry = { ...fields, file };
+    const damaged = await damage(file, parsed.size);
+    if (damaged) entry.damaged = damaged;
+    return entry;
+  }
+  /** Turns last.bin + last.json into an entry of this store (or removes them when they are unusable). */
+  async migrateLegacy(mcu) {
+    const dir = this.dir(mcu);
+    const legacyMeta = join5(dir, "last.json");
+    const legacyBin = join5(dir, "last.bin");
+    try {
+      await stat3(legacyMeta);
+    } catch {
+      try {
+        await stat3(legacyBin);
+      } catch {
+        return;
+      }
+    }
+    const legacy = await readLegacy(dir, mcu);
+    const known = legacy ? await stat3(join5(dir, `${legacy.sha256}.json`)).then(() => true, () => false) : false;
+    if (legacy && !known) {
+      const file = join5(dir, `${legacy.sha256}.bin`);
+      await rename2(legacyBin, file);
+      await fsyncDir(dir);
+      await writeFileDurable(join5(dir, `${legacy.sha256}.json`), sidecarText({ ...legacy, file }));
+      this.logger?.info({ mcu, sha256: legacy.sha256 }, "moved the image kept by an older moonflash into the firmware store");
+    } else if (!legacy) {
+      this.logger?.warn({ mcu, dir }, "the image kept by an older moonflash is incomplete or damaged; removing it");
+    }
+    await removeDurable(legacyMeta);
+    await removeDurable(legacyBin);
+  }
+  /** Keeps the newest IMAGES_KEPT entries; removes the rest and any blob no entry refers to (a failed flash's). */
+  async prune(mcu, newestFirst) {
+    const dir = this.dir(mcu);
+    const kept = new Set(newestFirst.slice(0, IMAGES_KEPT).map((e) => e.sha256));
+    for (const old of newestFirst.slice(IMAGES_KEPT)) await removeDurable(join5(dir, `${old.sha256}.json`));
+    for (const name of await readdir2(dir)) {
+      const sha = /^([0-9a-f]{64})\.bin$/.exec(name)?.[1];
+      if (sha && !kept.has(sha)) await rm3(join5(dir, name), { force: true });
+      if (/^\..+\.tmp$/.test(name)) await rm3(join5(dir, name), { force: true });
+    }
+    await fsyncDir(dir);
+  }
+};
+async function readLegacy(dir, mcu) {
+  let meta2;
+  try {
+    const result = legacySchema.safeParse(JSON.parse(await readFile4(join5(dir, "last.json"), "utf8")));
+    if (!result.success) return null;
+    meta2 = result.data;
+  } catch {
+    return null;
+  }
+  const file = join5(dir, "last.bin");
+  let image;
+  try {
+    image = await readFile4(file);
+  } catch {
+    return null;
+  }
+  if (sha256Of(image) !== meta2.sha256) return null;
+  const detected = detectImageMcu(image);
+  return {
+    mcu,
+    sha256: meta2.sha256,
+    size: image.length,
+    version: detected?.version ?? null,
+    mcu_type: detected?.mcu ?? null,
+    date: meta2.date,
+    source: "flash",
+    source_path: meta2.source,
+    file,
+    seq: 0
+  };
+}
+function sidecarText(entry) {
+  const { file: _file2, damaged: _damaged, ...fields } = entry;
+  return `${JSON.stringify({ format: 1, ...fields }, null, 2)}
+`;
+}
+async function damage(file, size) {
+  try {
+    const s = await stat3(file);
+    return s.size === size ? null : `the stored image has ${s.size} bytes instead of ${size}`;
+  } catch (err) {
+    if (isMissing(err)) return "the stored image file is missing";
+    return `the stored image cannot be read (${err.code ?? String(err)})`;
+  }
+}
+async function sameBytes(file, image) {
+  try {
+    const existing = await readFile4(file);
+    return existing.equals(image);
+  } catch {
+    return false;
+  }
+}
+
+// src/flash/katapult/flasher.ts
+import { stat as stat5 } from "node:fs/promises";
+
+// src/flash/link.ts
+import { fstatSync, readSync, statSync, writeSync } from "node:fs";
+import { stat as stat4 } from "node:fs/promises";
+var ByteLinkBase = class {
+  dataListeners = /* @__PURE__ */ new Set();
+  closeListeners = /* @__PURE__ */ new Set();
+  closed = false;
+  get isOpen() {
+    return !this.closed;
+  }
+  onData(listener) {
+    this.dataListeners.add(listener);
+    return () => this.dataListeners.delete(listener);
+  }
+  onClose(listener) {
+    this.closeListeners.add(listener);
+    return () => this.closeListeners.delete(listener);
+  }
+  emitData(chunk) {
+    if (this.closed) return;
+    for (const listener of [...this.dataListeners]) listener(chunk);
+  }
+  markClosed(error2) {
+    if (this.closed) return;
+    this.closed = true;
+    for (const listener of [...this.closeListeners]) listener(error2);
+    this.closeListeners.clear();
+    this.dataListeners.clear();
+  }
+};
+async function openSerialLink(path6, baud, options = {}) {
+  const port = await openSerialPort(path6, baud, { lock: options.lock ?? true });
+  const access5 = options.ignoreBindingInternals ? { missing: "ignored by the caller" } : directAccess(port, path6);
+  if ("polled" in access5) return new PolledSerialLink(path6, access5.polled);
+  announceFallback(options.logger, path6, access5.missing);
+  return new BindingSerialLink(path6, port);
+}
+async function openSerialPort(path6, baud, options) {
+  try {
+    await stat4(path6);
+  } catch (err) {
+    throw new MoonflashError(
+      "DEVICE_NOT_FOUND",
+      `No serial device at ${path6}. Check the cable and the [mcu] serial setting (ls /dev/serial/by-id/).`,
+      { device: path6 },
+      { cause: err }
+    );
+  }
+  const { SerialPort } = await import("serialport");
+  try {
+    return await SerialPort.binding.open({ path: path6, baudRate: baud, lock: options.lock });
+  } catch (err) {
+    throw openError(path6, err);
+  }
+}
+function closeSerialPort(port) {
+  return port.isOpen ? port.close().catch(() => void 0) : Promise.resolve();
+}
+function directAccess(port, path6) {
+  const { fd, poller } = port;
+  if (typeof fd !== "number" || !Number.isInteger(fd) || fd < 0) return { missing: `the binding has no file descriptor (fd: ${String(fd)})` };
+  if (typeof poller?.once !== "function") return { missing: "the binding has no poller with once()" };
+  try {
+    if (fstatSync(fd).rdev !== statSync(path6).rdev) return { missing: `the binding's fd ${fd} is not ${path6}` };
+  } catch (err) {
+    return { missing: `the binding's fd ${fd} cannot be examined (${err.message})` };
+  }
+  return { polled: port };
+}
+var fallbackAnnounced = /* @__PURE__ */ new WeakSet();
+function announceFallback(logger, path6, reason) {
+  if (!logger || fallbackAnnounced.has(logger)) return;
+  fallbackAnnounced.add(logger);
+  logger.warn(
+    { device: path6, reason },
+    `Serial I/O uses serialport's public read/write (slower per exchange): ${reason}. Run npm ci in the moonflash directory to get the pinned @serialport/bindings-cpp back.`
+  );
+}
+var RETRY_CODES = /* @__PURE__ */ new Set(["EAGAIN", "EWOULDBLOCK", "EINTR"]);
+var SerialLink = class extends ByteLinkBase {
+  constructor(description, port) {
+    super();
+    this.description = description;
+    this.port = port;
+  }
+  description;
+  port;
+  closing;
+  lastWrite = Promise.resolve();
+  write(bytes) {
+    const written = this.lastWrite.then(() => this.writeWhole(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)));
+    this.lastWrite = written.catch(() => void 0);
+    return written;
+  }
+  async close() {
+    await this.release();
+    this.markClosed();
+  }
+  /** Closed, closing or lost: no more reads or writes. */
+  get stopped() {
+    return !this.isOpen || this.closing !== void 0;
+  }
+  /** The device went away: report it once and release the port. */
+  lost(error2) {
+    if (this.stopped) return;
+    this.markClosed(error2);
+    void this.release();
+  }
+  /** Closes the port once; the binding then cancels our pending waits (ignored, we asked for it). */
+  release() {
+    this.closing ??= closeSerialPort(this.port);
+    return this.closing;
+  }
+};
+var PolledSerialLink = class extends SerialLink {
+  readBuffer = Buffer.allocUnsafe(4096);
+  writableWaiters = /* @__PURE__ */ new Set();
+  constructor(description, port) {
+    super(description, port);
+    this.onClose(() => {
+      for (const wake of [...this.writableWaiters]) wake();
+    });
+    port.poller.once("disconnect", (err) => {
+      if (!isCancelled(err)) this.lost(err ?? new Error(`${description} disconnected`));
+    });
+    this.armRead();
+  }
+  async writeWhole(buffer) {
+    let offset = 0;
+    while (offset < buffer.length) {
+      if (this.stopped || this.port.fd === null) throw linkClosedError(this.description);
+      try {
+        offset += writeSync(this.port.fd, buffer, offset);
+      } catch (err) {
+        if (!RETRY_CODES.has(err.code ?? "")) {
+          this.lost(err);
+          throw linkClosedError(this.description, err);
+        }
+        await this.writable();
+      }
+    }
+  }
+  armRead() {
+    this.port.poller.once("readable", (err) => {
+      if (isCancelled(err)) return;
+      if (err) return this.lost(err);
+      this.readAvailable();
+    });
+  }
+  readAvailable() {
+    while (!this.stopped && this.port.fd !== null) {
+      let count;
+      try {
+        count = readSync(this.port.fd, this.readBuffer, 0, this.readBuffer.length, null);
+      } catch (err) {
+        if (RETRY_CODES.has(err.code ?? "")) break;
+        return this.lost(err);
+      }
+      if (count === 0) return this.lost(new Error(`${this.description} hung up`));
+      this.emitData(Buffer.from(this.readBuffer.subarray(0, count)));
+    }
+    if (!this.stopped) this.armRead();
+  }
+  writable() {
+    return new Promise((resolve3) => {
+      const wake = () => {
+        this.writableWaiters.delete(wake);
+        resolve3();
+      };
+      this.writableWaiters.add(wake);
+      this.port.poller.once("writable", wake);
+    });
+  }
+};
+var BindingSerialLink = class extends SerialLink {
+  readBuffer = Buffer.allocUnsafe(4096);
+  constructor(description, port) {
+    super(description, port);
+    void this.readLoop();
+  }
+  async writeWhole(buffer) {
+    if (this.stopped) throw linkClosedError(this.description);
+    try {
+      await this.port.write(buffer);
+    } catch (err) {
+      this.lost(err);
+      throw linkClosedError(this.description, err);
+    }
+  }
+  /**
+   * Reads until the link stops. The binding retries a read of 0 bytes (a tty hang-up) itself, so a vanished USB
+   * device shows as the next write's EIO; a pty's vanished master as EIO here.
+   */
+  async readLoop() {
+    while (!this.stopped) {
+      let bytesRead;
+      try {
+        ({ bytesRead } = await this.port.read(this.readBuffer, 0, this.readBuffer.length));
+      } catch (err) {
+        if (!isCancelled(err)) this.lost(err);
+        return;
+      }
+      this.emitData(Buffer.from(this.readBuffer.subarray(0, bytesRead)));
+    }
+  }
+};
+function isCancelled(err) {
+  return err?.canceled === true;
+}
+function linkClosedError(description, cause) {
+  return new MoonflashError(
+    "DEVICE_NOT_FOUND",
+    `The serial link to ${description} is closed (the device disconnected or reset). Check the cable and that the board is powered, then flash again.`,
+    { device: description, disconnected: true },
+    { cause }
+  );
+}
+function openError(path6, err) {
+  const text = err.message;
+  if (/cannot lock port|resource temporarily unavailable/i.test(text)) {
+    return new MoonflashError(
+      "DEVICE_IN_USE",
+      `${path6} is held open by another program (Klipper?). Stop it before flashing.`,
+      { device: path6 },
+      { cause: err }
+    );
+  }
+  if (/permission denied/i.test(text)) {
+    return new MoonflashError(
+      "DEVICE_PERMISSION",
+      `moonflash may not open ${path6} (permission denied): add the user moonflash runs as to the dialout group (sudo usermod -aG dialout $USER, then log in again or restart the service).`,
+      { device: path6 },
+      { cause: err }
+    );
+  }
+  if (/no such file/i.test(text)) {
+    return new MoonflashError("DEVICE_NOT_FOUND", `No serial device at ${path6}. Check the cable and the [mcu] serial setting.`, { device: path6 }, { cause: err });
+  }
+  return new MoonflashError("DEVICE_NOT_FOUND", `Could not open ${path6}: ${text}`, { device: path6 }, { cause: err });
+}
+
+// src/flash/mcu-flash.ts
+var STM32 = "Klipper src/stm32/Kconfig";
+var RP = "Klipper src/rp2040/Kconfig";
+var LPC = "Klipper src/lpc176x/Kconfig";
+var SAMD = "Klipper src/atsamd/Kconfig";
+var SAM = "Klipper src/atsam/Kconfig";
+var HC32 = "Klipper src/hc32f460/Kconfig";
+var KiB = 1024;
+var TABLE = [
+  // STM32: FLASH_BOOT_ADDRESS 0x8000000. wholeFlash where the family's largest part has FLASH_SIZE.
+  ["stm32f031x6", 32 * KiB, 134217728, true, STM32],
+  // F031x4/x6: 16/32 KiB
+  ["stm32f042x6", 32 * KiB, 134217728, true, STM32],
+  // F042x4/x6: 16/32 KiB
+  ["stm32f070xb", 128 * KiB, 134217728, true, STM32],
+  // F070x6/xB: 32/128 KiB (the x6 option links 32 KiB)
+  ["stm32f072xb", 128 * KiB, 134217728, true, STM32],
+  // F072x8/xB: 64/128 KiB
+  // Every STM32F103 (64 KiB linked, "Flash size of stm32f103x8") and the Nation N32G45x (128 KiB linked); parts to 1 MiB.
+  ["stm32f103xe", 128 * KiB, 134217728, false, STM32],
+  ["stm32f207xx", 256 * KiB, 134217728, false, STM32],
+  // F207: to 1 MiB
+  ["stm32f401xc", 256 * KiB, 134217728, false, STM32],
+  // F401xB..xE: to 512 KiB
+  ["stm32f405xx", 512 * KiB, 134217728, false, STM32],
+  // F405xG: 1 MiB
+  ["stm32f407xx", 512 * KiB, 134217728, false, STM32],
+  // F407xE/xG: 512 KiB / 1 MiB
+  ["stm32f429xx", 512 * KiB, 134217728, false, STM32],
+  // F429: to 2 MiB
+  ["stm32f446xx", 512 * KiB, 134217728, true, STM32],
+  // F446xC/xE: 256/512 KiB
+  ["stm32f765xx", 2048 * KiB, 134217728, true, STM32],
+  // F765xG/xI: 1/2 MiB
+  ["stm32g070xx", 128 * KiB, 134217728, true, STM32],
+  // G070xB: 128 KiB
+  ["stm32g071xx", 128 * KiB, 134217728, true, STM32],
+  // G071x6..xB: to 128 KiB
+  ["stm32g0b0xx", 128 * KiB, 134217728, false, STM32],
+  // G0B0xE: 512 KiB
+  ["stm32g0b1xx", 128 * KiB, 134217728, false, STM32],
+  // G0B1xB..xE: to 512 KiB
+  ["stm32g431xx", 128 * KiB, 134217728, true, STM32],
+  // G431x6..xB: to 128 KiB
+  ["stm32g474xx", 256 * KiB, 134217728, false, STM32],
+  // G474xB..xE: to 512 KiB
+  ["stm32h723xx", 256 * KiB, 134217728, false, STM32],
+  // H723xE/xG: 512 KiB / 1 MiB
+  ["stm32h743xx", 2048 * KiB, 134217728, true, STM32],
+  // H743xG/xI: 1/2 MiB
+  ["stm32h750xx", 128 * KiB, 134217728, true, STM32],
+  // H750xB: 128 KiB
+  ["stm32l412xx", 64 * KiB, 134217728, false, STM32],
+  // L412x8/xB: 64/128 KiB
+  // RP2040/RP2350: external QSPI flash at 0x10000000 (FLASH_BOOT_ADDRESS 0x10000100 on rp2040 is after its stage2).
+  ["rp2040", 2048 * KiB, 268435456, true, RP],
+  ["rp2350", 2048 * KiB, 268435456, true, RP],
+  // LPC176x: FLASH_BOOT_ADDRESS 0; both parts have 512 KiB.
+  ["lpc1768", 512 * KiB, 0, true, LPC],
+  ["lpc1769", 512 * KiB, 0, true, LPC],
+  // SAMC21/SAMD21/SAMD51/SAME5x: FLASH_BOOT_ADDRESS 0; the part number names the flash (15: 32 KiB, 18: 256 KiB, 19: 512 KiB, 20: 1 MiB).
+  ["samc21g18a", 256 * KiB, 0, true, SAMD],
+  ["samd21g18a", 256 * KiB, 0, true, SAMD],
+  ["samd21e18a", 256 * KiB, 0, true, SAMD],
+  ["samd21j18a", 256 * KiB, 0, true, SAMD],
+  ["samd21e15a", 32 * KiB, 0, true, SAMD],
+  ["samd51g19a", 512 * KiB, 0, true, SAMD],
+  ["samd51j19a", 512 * KiB, 0, true, SAMD],
+  ["samd51n19a", 512 * KiB, 0, true, SAMD],
+  ["samd51p20a", 1024 * KiB, 0, true, SAMD],
+  ["same51j19a", 512 * KiB, 0, true, SAMD],
+  ["same51n19a", 512 * KiB, 0, true, SAMD],
+  ["same54p20a", 1024 * KiB, 0, true, SAMD],
+  // SAM3X/SAM4: flash begins where FLASH_APPLICATION_ADDRESS defaults to without a bootloader (0x80000, 0x400000).
+  ["sam3x8e", 512 * KiB, 524288, true, SAM],
+  ["sam3x8c", 512 * KiB, 524288, true, SAM],
+  ["sam4s8c", 512 * KiB, 4194304, true, SAM],
+  ["sam4e8e", 512 * KiB, 4194304, true, SAM],
+  // SAME70Q20B: Klipper links 128 KiB at 0 (the flash's ITCM mirror); the chip has 1 MiB.
+  ["same70q20b", 128 * KiB, 0, false, SAM],
+  // HC32F460xC/xE: 256/512 KiB.
+  ["hc32f460", 256 * KiB, 0, false, HC32]
+];
+var BY_TYPE = new Map(
+  TABLE.map(([type, flashSize, flashBase, wholeFlash, source]) => [type, Object.freeze({ flashSize, flashBase, wholeFlash, source })])
+);
+function mcuFlash(mcuType) {
+  return BY_TYPE.get(mcuType.trim().toLowerCase());
+}
+
+// src/flash/katapult/bootloader-request.ts
+async function requestUsbBootloader(path6) {
+  const port = await openSerialPort(path6, 1200, { lock: false });
+  await port.set(modemLines(true)).catch(() => void 0);
+  await port.set(modemLines(false)).catch(() => void 0);
+  await closeSerialPort(port);
+}
+function modemLines(dtr) {
+  return { brk: false, cts: false, dtr, rts: true };
+}
+async function sendSerialBootloaderRequest(path6, baud) {
+  const port = await openSerialPort(path6, baud, { lock: true });
+  try {
+    await port.write(Buffer.from(SERIAL_BOOTLOADER_REQUEST));
+    await port.drain();
+  } finally {
+    await closeSerialPort(port);
+  }
+}
+
+// src/flash/katapult/session.ts
+var DEFAULT_KATAPULT_TIMINGS = Object.freeze({
+  tries: 5,
+  timeoutMs: 2e3,
+  blockTries: 3,
+  blockTimeoutMs: 5e3,
+  addressMismatchTries: 3,
+  addressMismatchDelayMs: 100,
+  drainMs: 250,
+  retryDelayMs: 500,
+  busyDelayMs: 1500
+});
+var CONNECT_HINT = "is the board in its bootloader, is Klipper stopped, is the baud right?";
+var DEVICE_TRANSMIT_BUFFER = 96;
+function readAheadLead(blockSize) {
+  const reply = FRAME_OVERHEAD + 8 + blockSize;
+  const request = FRAME_OVERHEAD + 4;
+  const lead = 2 * reply - DEVICE_TRANSMIT_BUFFER - request;
+  return lead < reply ? lead : null;
+}
+function startsBlockAck(partial2) {
+  return partial2.length >= 4 && partial2[2] === Response.ACK && partial2[3] === 2;
+}
+var KatapultSession = class {
+  constructor(link2, options = {}) {
+    this.link = link2;
+    this.timings = Object.freeze({ ...DEFAULT_KATAPULT_TIMINGS, ...options.timings });
+    this.signal = options.signal;
+    this.log = options.log ?? (() => void 0);
+    this.unsubscribe = [
+      link2.onData((chunk) => {
+        this.items.push(...this.decoder.push(chunk));
+        this.notify();
+      }),
+      link2.onClose((error2) => {
+        this.closedError = error2 ?? new Error("link closed");
+        this.notify();
+      })
+    ];
+    if (!link2.isOpen) this.closedError = new Error("link closed");
+  }
+  link;
+  timings;
+  decoder = new FrameDecoder();
+  items = [];
+  wake = null;
+  closedError = null;
+  signal;
+  log;
+  unsubscribe;
+  info = null;
+  /** The CONNECT reply, once connect() succeeded. */
+  get connectInfo() {
+    return this.info;
+  }
+  /** Stops listening to the link (the link itself belongs to the caller). */
+  dispose() {
+    for (const off of this.unsubscribe) off();
+  }
+  /**
+   * Sends one command and returns the ACK payload after the echoed command word. Retries on timeout, NACK,
+   * ERROR, BUSY, corrupt frames and a wrong echoed id; throws DEVICE_TIMEOUT when no try got any reply,
+   * PROTOCOL_ERROR otherwise, DEVICE_NOT_FOUND when the link closes, CANCELLED when the signal aborts.
+   */
+  async sendCommand(cmd, payload = new Uint8Array(0), options = {}) {
+    return this.retryCommand(cmd, payload, options);
+  }
+  async retryCommand(cmd, payload, options, first) {
+    const tries = options.tries ?? this.timings.tries;
+    const timeoutMs = options.timeoutMs ?? this.timings.timeoutMs;
+    const name = commandName(cmd);
+    const frame = encodeFrame(cmd, payload);
+    let last = { ok: false, kind: "timeout", text: "no reply" };
+    let anyReply = false;
+    for (let attempt = 1; attempt <= tries; attempt++) {
+      let outcome;
+      if (attempt === 1 && first) {
+        outcome = first.outcome;
+      } else {
+        this.throwIfAborted();
+        await this.write(frame, name);
+        outcome = await this.awaitReply(cmd, timeoutMs, name);
+      }
+      if (outcome.ok) return outcome.payload;
+      last = outcome;
+      if (outcome.kind !== "timeout") anyReply = true;
+      const remaining = tries - attempt;
+      this.log(outcome.kind === "timeout" ? "info" : "debug", `Katapult ${name}: ${outcome.text}, ${remaining} tries remaining`);
+      if (remaining === 0) break;
+      await this.pauseAfterFailedTry(outcome.kind, attempt === 1 && first?.aheadInFlight === true);
+    }
+    if (!anyReply) {
+      const hint = cmd === Command.CONNECT ? CONNECT_HINT : "the board stopped answering; check the cable and power, then flash again.";
+      throw new MoonflashError("DEVICE_TIMEOUT", `Katapult did not answer ${name} after ${tries} tries: ${hint}`, {
+        command: name,
+        tries,
+        timeoutMs,
+        device: this.link.description
+      });
+    }
+    const advice = cmd === Command.CONNECT || cmd === Command.COMPLETE ? "Power-cycle the board and flash again." : "Flash again.";
+    throw new MoonflashError(
+      "PROTOCOL_ERROR",
+      `Katapult refused ${name} ${tries} times (last: ${last.text}). ${advice}`,
+      { command: name, tries, lastReply: last.kind, device: this.link.description }
+    );
+  }
+  /** CONNECT: learns block size, application start and MCU type. */
+  async connect() {
+    const payload = await this.sendCommand(Command.CONNECT);
+    let info;
+    try {
+      info = decodeConnect(payload);
+    } catch (err) {
+      throw new MoonflashError("PROTOCOL_ERROR", `Katapult sent a malformed CONNECT reply (${err.message}). Update Katapult on the board.`, { device: this.link.description }, { cause: err });
+    }
+    if (!VALID_BLOCK_SIZES.includes(info.blockSize)) {
+      throw new MoonflashError(
+        "PROTOCOL_ERROR",
+        `Katapult reported block size ${info.blockSize}; only ${VALID_BLOCK_SIZES.join(", ")} are valid. Rebuild Katapult with a supported block size.`,
+        { blockSize: info.blockSize, device: this.link.description }
+      );
+    }
+    this.info = info;
+    return info;
+  }
+  /**
+   * Writes the image block by block from the application start; the last block is padded with 0xFF. The next
+   * block goes out as soon as the current one's ACK begins (startsBlockAck); anything unexpected discards the reply
+   * to a block sent ahead and writes that block flashtool's way (a block the board already holds is acknowledged
+   * again without programming: Katapult ignores identical retransmits).
+   */
+  async writeImage(image, onBlock) {
+    const { blockSize, appStartAddress } = this.requireInfo();
+    const total = Math.ceil(image.length / blockSize);
+    const sha = process.getBuiltinModule("node:crypto").createHash("sha1");
+    let sent = -1;
+    const send = async (index) => {
+      const address = appStartAddress + index * blockSize;
+      await this.write(encodeFrame(Command.SEND_BLOCK, Buffer.concat([u32le(address), paddedBlock(image, index, blockSize)])), "SEND_BLOCK");
+      sent = index;
+    };
+    for (let index = 0; index < total; index++) {
+      const block = paddedBlock(image, index, blockSize);
+      sha.update(block);
+      const address = appStartAddress + index * blockSize;
+      const ahead = index + 1 < total ? { ready: startsBlockAck, send: () => send(index + 1) } : void 0;
+      let outcome;
+      try {
+        if (sent < index) await send(index);
+        outcome = await this.awaitReply(Command.SEND_BLOCK, this.timings.blockTimeoutMs, "SEND_BLOCK", ahead);
+      } catch (err) {
+        throw asWriteFailure(err, address);
+      }
+      if (!(outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address)) {
+        await this.writeBlock(address, block, { outcome, aheadInFlight: sent > index });
+        sent = index;
+      }
+      onBlock?.(index + 1, total);
+    }
+    return { blocks: total, paddedBytes: total * blockSize, sha1: sha.digest("hex") };
+  }
+  /** SEND_EOF: the bootloader flushes its page buffer and reports the number of flash pages written. */
+  async sendEof() {
+    let reply;
+    try {
+      reply = await this.sendCommand(Command.SEND_EOF);
+    } catch (err) {
+      throw asWriteFailure(err, null);
+    }
+    return reply.length >= 4 ? reply.readUInt32LE(0) : 0;
+  }
+  /**
+   * Reads every block back and compares it with the padded image; VERIFY_FAILED names the first bad address.
+   * Each block is requested ahead as readAheadLead() allows; anything unexpected (a timeout, NACK, BUSY, a corrupt
+   * or misaddressed reply) discards the reply to the request sent ahead and reads that block flashtool's way.
+   */
+  async verify(image, onBlock) {
+    const { blockSize, appStartAddress } = this.requireInfo();
+    const total = Math.ceil(image.length / blockSize);
+    const lead = readAheadLead(blockSize);
+    const { createHash } = process.getBuiltinModule("node:crypto");
+    const expectedSha = createHash("sha1");
+    const receivedSha = createHash("sha1");
+    let firstBadAddress = null;
+    let requested = -1;
+    const request = async (index) => {
+      await this.write(encodeFrame(Command.REQUEST_BLOCK, u32le(appStartAddress + index * blockSize)), "REQUEST_BLOCK");
+      requested = index;
+    };
+    for (let index = 0; index < total; index++) {
+      const address = appStartAddress + index * blockSize;
+      const expected2 = paddedBlock(image, index, blockSize);
+      if (requested < index) await request(index);
+      const ahead = lead !== null && index + 1 < total ? { ready: (partial2) => partial2.length >= lead, send: () => request(index + 1) } : void 0;
+      const outcome = await this.awaitReply(Command.REQUEST_BLOCK, this.timings.timeoutMs, "REQUEST_BLOCK", ahead);
+      let received;
+      if (outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address) {
+        received = outcome.payload.subarray(4);
+      } else {
+        received = await this.readBlock(address, index, { outcome, aheadInFlight: requested > index });
+        requested = index;
+      }
+      expectedSha.update(expected2);
+      receivedSha.update(received);
+      if (firstBadAddress === null && !expected2.equals(received)) firstBadAddress = address + firstDifference(expected2, received);
+      onBlock?.(index + 1, total);
+    }
+    const expectedHex = expectedSha.digest("hex");
+    const receivedHex = receivedSha.digest("hex");
+    if (firstBadAddress !== null || expectedHex !== receivedHex) {
+      throw new MoonflashError(
+        "VERIFY_FAILED",
+        `Read-back verification failed: expected SHA-1 ${expectedHex}, received ${receivedHex}, first difference at flash address ${hex(firstBadAddress ?? appStartAddress)}. The board's flash may be worn or the link noisy: flash again, and replace the board if it keeps failing.`,
+        { expectedSha1: expectedHex, receivedSha1: receivedHex, firstBadAddress: firstBadAddress === null ? null : hex(firstBadAddress) }
+      );
+    }
+    return { blocks: total, sha1: receivedHex };
+  }
+  /** COMPLETE: the bootloader jumps to the application about 100 ms later. */
+  async complete() {
+    await this.sendCommand(Command.COMPLETE);
+  }
+  /** SEND_BLOCK with flashtool's retries: block tries per send, inside a loop that re-sends on a wrong echoed address. */
+  async writeBlock(address, block, first) {
+    let echoed = -1;
+    for (let attempt = 1; attempt <= this.timings.addressMismatchTries; attempt++) {
+      let reply;
+      try {
+        reply = await this.replyFor(Command.SEND_BLOCK, Buffer.concat([u32le(address), block]), { tries: this.timings.blockTries, timeoutMs: this.timings.blockTimeoutMs }, attempt === 1 ? first : void 0);
+      } catch (err) {
+        throw asWriteFailure(err, address);
+      }
+      echoed = reply.length >= 4 ? reply.readUInt32LE(0) : -1;
+      if (echoed === address) return;
+      this.log("info", `Katapult SEND_BLOCK: expected address ${hex(address)}, bootloader echoed ${hex(echoed)}`);
+      await this.sleep(this.timings.addressMismatchDelayMs);
+    }
+    throw new MoonflashError(
+      "FLASH_FAILED",
+      `Flash write failed, flash address ${hex(address)}: the bootloader kept acknowledging another address (${hex(echoed)}). Flash again.`,
+      { address: hex(address), echoedAddress: hex(echoed) }
+    );
+  }
+  /**
+   * The reply of one retried command; a pipelined first try counts as its first try. An ACK from that try is
+   * returned as it is (the caller checks its address), after the reply to the request sent ahead is discarded.
+   */
+  async replyFor(cmd, payload, options, first) {
+    if (!first) return this.retryCommand(cmd, payload, options);
+    const { outcome, aheadInFlight } = first;
+    if (outcome.ok) {
+      if (aheadInFlight) await this.drain(this.timings.drainMs);
+      return outcome.payload;
+    }
+    return this.retryCommand(cmd, payload, options, { outcome, aheadInFlight });
+  }
+  /** REQUEST_BLOCK with flashtool's retries, inside a loop that asks again on a wrong echoed address. */
+  async readBlock(address, index, first) {
+    for (let attempt = 1; attempt <= this.timings.addressMismatchTries; attempt++) {
+      const reply = await this.replyFor(Command.REQUEST_BLOCK, u32le(address), {}, attempt === 1 ? first : void 0);
+      const echoed = reply.length >= 4 ? reply.readUInt32LE(0) : -1;
+      if (echoed === address) return reply.subarray(4);
+      this.log("info", `Katapult REQUEST_BLOCK: expected address ${hex(address)}, bootloader echoed ${hex(echoed)}`);
+      await this.sleep(this.timings.addressMismatchDelayMs);
+    }
+    throw new MoonflashError("PROTOCOL_ERROR", `Block Request Error, block ${index} (flash address ${hex(address)}): the bootloader returned other blocks. Flash again.`, {
+      block: index,
+      address: hex(address)
+    });
+  }
+  requireInfo() {
+    if (!this.info) throw new MoonflashError("INTERNAL", "Katapult session used before connect().");
+    return this.info;
+  }
+  async write(frame, name) {
+    if (this.closedError) throw this.closedLinkError(name);
+    try {
+      await this.link.write(frame);
+    } catch (err) {
+      throw this.closedLinkError(name, err);
+    }
+  }
+  closedLinkError(name, cause = this.closedError) {
+    if (isMoonflashError(cause)) return cause;
+    return new MoonflashError(
+      "DEVICE_NOT_FOUND",
+      `The link to ${this.link.description} closed during ${name}: the device disconnected or reset. Check the cable and power, then flash again.`,
+      { command: name, device: this.link.description, disconnected: true },
+      { cause }
+    );
+  }
+  /**
+   * Waits for the reply to `cmd`: the first whole frame decides; garbage before it is skipped. With `ahead`, the
+   * next request goes out as soon as the part of this reply received so far satisfies `ahead.ready` (at most once).
+   */
+  async awaitReply(cmd, timeoutMs, name, ahead) {
+    const deadline = Date.now() + timeoutMs;
+    let sentAhead = false;
+    while (true) {
+      const item = this.items.shift();
+      if (item) {
+        if ("fault" in item) {
+          if (item.fault.kind === "garbage-skipped") continue;
+          return { ok: false, kind: "bad-frame", text: `corrupt reply (${item.fault.kind})` };
+        }
+        const { frame } = item;
+        switch (frame.cmd) {
+          case Response.ACK: {
+            const echoed = frame.payload.length >= 4 ? frame.payload.readUInt32LE(0) : -1;
+            if (echoed !== cmd) return { ok: false, kind: "wrong-echo", text: `ACK for ${commandName(echoed)} instead of ${name}` };
+            return { ok: true, payload: frame.payload.subarray(4) };
+          }
+          case Response.BUSY:
+            return { ok: false, kind: "busy", text: "received busy signal" };
+          case Response.NACK:
+            return { ok: false, kind: "nack", text: "NACK (the bootloader saw a malformed frame)" };
+          case Response.ERROR:
+            return { ok: false, kind: "error", text: "ERROR reply (command failed)" };
+          default:
+            return { ok: false, kind: "bad-frame", text: `unexpected reply code ${commandName(frame.cmd)}` };
+        }
+      }
+      if (this.closedError) throw this.closedLinkError(name);
+      this.throwIfAborted();
+      if (ahead && !sentAhead && ahead.ready(this.decoder.partial)) {
+        sentAhead = true;
+        await ahead.send();
+        continue;
+      }
+      const left = deadline - Date.now();
+      if (left <= 0) return { ok: false, kind: "timeout", text: "response timed out" };
+      await this.waitForInput(left);
+    }
+  }
+  /**
+   * flashtool's pause between tries: after BUSY a longer wait, otherwise discard late input, then wait. With a
+   * request sent ahead still on the wire, its reply is discarded in any case.
+   */
+  async pauseAfterFailedTry(kind, aheadInFlight = false) {
+    if (kind === "busy") {
+      await this.sleep(this.timings.busyDelayMs);
+      if (aheadInFlight) await this.drain(this.timings.drainMs);
+      return;
+    }
+    await this.drain(this.timings.drainMs);
+    await this.sleep(this.timings.retryDelayMs);
+  }
+  /** Discards everything that arrives for `ms` (late replies to a failed try must not answer the next one). */
+  async drain(ms) {
+    const deadline = Date.now() + ms;
+    this.items.length = 0;
+    this.decoder.reset();
+    while (true) {
+      const left = deadline - Date.now();
+      if (left <= 0 || this.closedError) break;
+      await this.waitForInput(left);
+      this.items.length = 0;
+    }
+    this.decoder.reset();
+  }
+  waitForInput(ms) {
+    return new Promise((resolve3) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.signal?.removeEventListener("abort", done);
+        if (this.wake === done) this.wake = null;
+        resolve3();
+      };
+      const timer = setTimeout(done, ms);
+      this.signal?.addEventListener("abort", done, { once: true });
+      this.wake = done;
+    });
+  }
+  notify() {
+    this.wake?.();
+  }
+  async sleep(ms) {
+    if (ms <= 0) return;
+    await new Promise((resolve3) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.signal?.removeEventListener("abort", done);
+        resolve3();
+      };
+      const timer = setTimeout(done, ms);
+      this.signal?.addEventListener("abort", done, { once: true });
+    });
+    this.throwIfAborted();
+  }
+  throwIfAborted() {
+    if (this.signal?.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
+  }
+};
+function paddedBlock(image, index, blockSize) {
+  const start = index * blockSize;
+  const block = Buffer.alloc(blockSize, 255);
+  block.set(image.subarray(start, Math.min(start + blockSize, image.length)));
+  return block;
+}
+function firstDifference(a, b) {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return n;
+}
+function hex(value2) {
+  return `0x${(value2 >>> 0).toString(16).toUpperCase()}`;
+}
+function asWriteFailure(err, address) {
+  if (!isMoonflashError(err) || err.code === "CANCELLED") return err;
+  const where = address === null ? "at end of file" : `flash address ${hex(address)}`;
+  const details = { ...err.details, ...address === null ? {} : { address: hex(address) } };
+  if (err.code === "PROTOCOL_ERROR" || err.details.disconnected === true) {
+    return new MoonflashError("FLASH_FAILED", `Flash write failed, ${where}: ${err.message}`, details, { cause: err });
+  }
+  return new MoonflashError(err.code, `${err.message} (${where})`, details, { cause: err });
+}
+
+// src/flash/katapult/flasher.ts
+var NOT_CANCELLABLE_WHILE_WRITING = "writing flash: stopping now would leave the board without firmware";
+var KatapultFlasher = class {
+  constructor(config2 = {}) {
+    this.config = config2;
+    this.options = {
+      bootloaderTimeoutMs: config2.bootloaderTimeoutMs ?? 8e3,
+      bootloaderPollMs: config2.bootloaderPollMs ?? 100,
+      serialRequestSettleMs: config2.serialRequestSettleMs ?? 1e3,
+      autoProbeTimeoutMs: config2.autoProbeTimeoutMs ?? 500
+    };
+    this.discoveryRoots = { devRoot: config2.devRoot, sysRoot: config2.sysRoot };
+  }
+  config;
+  name = "katapult";
+  options;
+  discoveryRoots;
+  async preflight(target) {
+    const device = requireDevice(target);
+    try {
+      await stat5(device);
+    } catch (err) {
+      throw new MoonflashError(
+        "DEVICE_NOT_FOUND",
+        `No serial device at ${device}. Check the cable and the [${target.mcu}] serial setting (ls /dev/serial/by-id/).`,
+        { device },
+        { cause: err }
+      );
+    }
+  }
+  async flash(target, ctx) {
+    const device = requireDevice(target);
+    throwIfCancelled(ctx.signal);
+    const image = target.image;
+    const embedded = detectImageMcu(image);
+    if (embedded) this.note(ctx, "info", `Image built for ${embedded.mcu} (Klipper ${embedded.version})`);
+    ctx.stage("bootloader", `Entering Katapult on ${device} (${target.bootloader})`);
+    const { path: path6, fromApplication } = await this.enterBootloader(target, device, ctx);
+    ctx.stage("connect", `Connecting to Katapult on ${path6}`);
+    const link2 = await this.openWithRetry(path6, target.baud, ctx.signal);
+    const cancel = new AbortController();
+    let writing = false;
+    let verified = false;
+    let answered = false;
+    const onAbort = () => {
+      if (!writing) cancel.abort();
+    };
+    ctx.signal.addEventListener("abort", onAbort, { once: true });
+    const session = new KatapultSession(link2, { timings: this.config.timings, signal: cancel.signal, log: (level, text) => this.note(ctx, level, text) });
+    try {
+      throwIfCancelled(ctx.signal);
+      const info = await session.connect();
+      answered = true;
+      this.note(ctx, "info", `Katapult ${info.softwareVersion} (protocol ${info.protocolVersion}) on ${path6}: MCU ${info.mcuType}, block size ${info.blockSize}, application at 0x${info.appStartAddress.toString(16)}`);
+      checkMcu(embedded?.mcu, info.mcuType, "The image was built for", "its Klipper dictionary");
+      checkMcu(target.expectedMcuType, info.mcuType, "This board is expected to be", "moonflash.conf mcu_type, or the MCU Klipper reported");
+      checkSize(image.length, info, target.flashSize ?? null, target.mcu);
+      throwIfCancelled(ctx.signal);
+      writing = true;
+      ctx.setCancellable(false, NOT_CANCELLABLE_WHILE_WRITING);
+      ctx.stage("write", `Writing ${image.length} bytes`);
+      const blockBytes = (done) => Math.min(done * info.blockSize, image.length);
+      const written = await session.writeImage(image, (done) => ctx.progress(blockBytes(done), image.length, "bytes", "write"));
+      const pages = await session.sendEof();
+      this.note(ctx, "info", `Write complete: ${pages} pages`);
+      ctx.stage("verify", `Verifying ${written.blocks} blocks`);
+      const readBack = await session.verify(image, (done) => ctx.progress(blockBytes(done), image.length, "bytes", "verify"));
+      verified = true;
+      this.note(ctx, "info", `Verification complete: SHA-1 ${readBack.sha1}`);
+      return {
+        bytes: image.length,
+        verified: true,
+        device: path6,
+        details: {
+          blockSize: info.blockSize,
+          appStart: `0x${info.appStartAddress.toString(16)}`,
+          mcuType: info.mcuType,
+          softwareVersion: info.softwareVersion,
+          protocolVersion: info.protocolVersion,
+          pages,
+          sha1: written.sha1
+        }
+      };
+    } catch (err) {
+      const error2 = toMoonflashError(err, "FLASH_FAILED");
+      throw writing ? incompleteImageError(error2, !link2.isOpen || error2.details.disconnected === true, target.mcu) : error2;
+    } finally {
+      ctx.signal.removeEventListener("abort", onAbort);
+      session.dispose();
+      await this.leaveBootloader(link2, ctx, { verified, writing, fromApplication, answered });
+      await link2.close();
+    }
+  }
+  /**
+   * COMPLETE makes Katapult start whatever the application area holds (Katapult src/flashcmd.c command_complete).
+   * flashtool.py sends it in a `finally`, after failures too; we send it only when what it starts is known sound:
+   * - after a verified write;
+   * - after a failure before the first SEND_BLOCK (no answer to CONNECT, MCU_MISMATCH, FIRMWARE_TOO_LARGE, a
+   *   cancel) when this attempt brought the board from its application into Katapult: that application is
+   *   untouched, and a refused flash should change nothing. A board reached through a wrong serial path (the usual
+   *   MCU_MISMATCH) goes back to work instead of sitting in its bootloader.
+   * Never once a block was sent and the image did not verify (write, EOF or read-back failed): the application area
+   * holds part of the new image. Staying in Katapult lets a retry, or the next method, write it whole (Klipper's
+   * `make flash` hands a board in Katapult to flashtool.py, scripts/flash_usb.py). Nor for a board that was, or may
+   * have been, in Katapult already: what its flash holds is unknown, e.g. the rest of an earlier failed write.
+   * Katapult has no timeout: it stays until COMPLETE or a reset (src/sched.c, src/bootentry.c), and a reset starts
+   * any application whose first word is programmed (src/generic/armcm_canboot.c application_check_valid).
+   * COMPLETE's own failure is only logged: it must never replace the error that ended the flash. When CONNECT
+   * never got an answer, one try is enough (flashtool spends another ~14 s retrying COMPLETE to a silent device).
+   */
+  async leaveBootloader(link2, ctx, state) {
+    if (!state.verified && state.writing) {
+      this.note(ctx, "warn", "Not sending COMPLETE: the new image was not written and verified whole, so the board stays in Katapult");
+      return;
+    }
+    if (!state.verified && !state.fromApplication) {
+      this.note(ctx, "info", "Not sending COMPLETE: the board was in Katapult before this flash began, so it stays there");
+      return;
+    }
+    if (!link2.isOpen) {
+      this.note(ctx, "warn", "Not sending COMPLETE: the device is gone");
+      return;
+    }
+    const timings = state.answered ? this.config.timings : { ...this.config.timings, tries: 1 };
+    const session = new KatapultSession(link2, { timings, log: (level, text) => this.note(ctx, level, text) });
+    try {
+      await session.complete();
+    } catch (err) {
+      this.note(ctx, "warn", `COMPLETE failed (${err.message}); the board may stay in Katapult until it is reset`);
+    } finally {
+      session.dispose();
+    }
+  }
+  /**
+   * Puts the board into Katapult as `target.bootloader` says. `fromApplication` (see leaveBootloader) is true when
+   * this attempt asked a running application into Katapult: bootloader serial, usb with the re-enumeration seen, or
+   * auto finding Klipper's USB id or a UART board that does not answer CONNECT. It is false when the board was, or
+   * may have been, in Katapult already: none, Katapult's USB id, a board answering the probe CONNECT, or a USB
+   * request after which no re-enumeration was seen.
+   */
+  async enterBootloader(target, device, ctx) {
+    switch (target.bootloader) {
+      case "none":
+        return { path: device, fromApplication: false };
+      case "serial":
+        return this.enterViaSerialRequest(device, target.baud, ctx);
+      case "usb":
+        return this.enterViaUsb(device, await identifyDevice(device, this.discoveryRoots), ctx);
+      case "auto": {
+        const identity = await identifyDevice(device, this.discoveryRoots);
+        if (identity?.kind === "klipper") {
+          this.note(ctx, "info", `${device} is a USB device running Klipper (${identity.label})`);
+          return this.enterViaUsb(device, identity, ctx);
+        }
+        if (identity?.kind === "katapult") {
+          this.note(ctx, "info", `${device} is a USB device running Katapult (${identity.label})`);
+          return { path: device, fromApplication: false };
+        }
+        if (await this.answersConnect(device, target.baud, ctx)) return { path: device, fromApplication: false };
+        return this.enterViaSerialRequest(device, target.baud, ctx);
+      }
+    }
+  }
+  async enterViaSerialRequest(device, baud, ctx) {
+    this.note(ctx, "info", `Sending the serial bootloader request to ${device} at ${baud} baud`);
+    await sendSerialBootloaderRequest(device, baud);
+    await abortableSleep(this.options.serialRequestSettleMs, ctx.signal);
+    return { path: device, fromApplication: true };
+  }
+  /**
+   * 1200-baud request, then waits for the board to re-enumerate under one of the names discovery expects it
+   * back under (reenumerationCandidates): the same path, the by-id name renamed usb-Klipper_ \u2192 usb-katapult_, or
+   * the stable by-path link.
+   */
+  async enterViaUsb(device, identity, ctx) {
+    const candidates = reenumerationCandidates(device, identity);
+    const before = /* @__PURE__ */ new Map();
+    for (const candidate of candidates) before.set(candidate, await inodeOf(candidate));
+    const vanished = /* @__PURE__ */ new Set();
+    this.note(ctx, "info", `Requesting the USB bootloader on ${device}`);
+    await requestUsbBootloader(device);
+    const deadline = Date.now() + this.options.bootloaderTimeoutMs;
+    while (Date.now() < deadline) {
+      await abortableSleep(this.options.bootloaderPollMs, ctx.signal);
+      for (const candidate of candidates) {
+        const inode = await inodeOf(candidate);
+        if (inode === null) {
+          vanished.add(candidate);
+          continue;
+        }
+        const initial = before.get(candidate) ?? null;
+        if (initial === null || vanished.has(candidate) || inode !== initial) {
+          this.note(ctx, "info", `Katapult detected on ${candidate}`);
+          return { path: candidate, fromApplication: true };
+        }
+      }
+    }
+    for (const candidate of candidates) {
+      if (await inodeOf(candidate) !== null) {
+        this.note(ctx, "warn", `No USB re-enumeration seen within ${this.options.bootloaderTimeoutMs} ms; trying ${candidate}`);
+        return { path: candidate, fromApplication: false };
+      }
+    }
+    throw new MoonflashError(
+      "BOOTLOADER_TIMEOUT",
+      `The board did not come back after the USB bootloader request on ${device} within ${this.options.bootloaderTimeoutMs} ms. Check that Katapult is installed; power-cycle the board (double-tap reset enters Katapult on most boards) and flash again.`,
+      { device, candidates, timeoutMs: this.options.bootloaderTimeoutMs }
+    );
+  }
+  /** One short CONNECT: a UART board already sitting in Katapult answers, one running Klipper does not. */
+  async answersConnect(device, baud, ctx) {
+    const link2 = await this.openLink(device, baud);
+    const session = new KatapultSession(link2, { timings: { ...this.config.timings, tries: 1, timeoutMs: this.options.autoProbeTimeoutMs }, signal: ctx.signal });
+    try {
+      await session.connect();
+      this.note(ctx, "info", `${device} already answers as Katapult`);
+      return true;
+    } catch (err) {
+      if (isMoonflashError(err) && err.code === "CANCELLED") throw err;
+      this.note(ctx, "debug", `${device} does not answer CONNECT (${err.message})`);
+      return false;
+    } finally {
+      session.dispose();
+      await link2.close();
+    }
+  }
+  /** A freshly enumerated tty can be missing, or exist before udev has given it its permissions; retry until the deadline. */
+  async openWithRetry(path6, baud, signal) {
+    const deadline = Date.now() + this.options.bootloaderTimeoutMs;
+    while (true) {
+      try {
+        return await this.openLink(path6, baud);
+      } catch (err) {
+        const retriable = isMoonflashError(err) && (err.code === "DEVICE_NOT_FOUND" || err.code === "DEVICE_PERMISSION");
+        if (!retriable || Date.now() >= deadline) throw err;
+        await abortableSleep(this.options.bootloaderPollMs, signal);
+      }
+    }
+  }
+  openLink(path6, baud) {
+    return openSerialLink(path6, baud, { logger: this.config.logger, ignoreBindingInternals: this.config.ignoreBindingInternals });
+  }
+  note(ctx, level, message) {
+    this.config.logger?.[level]({ target: ctx.target }, message);
+    if (level !== "debug") ctx.log(level, message);
+  }
+};
+function requireDevice(target) {
+  if (!target.device) {
+    throw new MoonflashError(
+      "DEVICE_NOT_FOUND",
+      `[${target.mcu}] has no serial device; the katapult method flashes serial and USB boards only. Use the flashtool method for CAN.`,
+      { mcu: target.mcu }
+    );
+  }
+  return target.device;
+}
+function checkMcu(expectedMcu, bootloaderMcu, what, source) {
+  if (!expectedMcu || expectedMcu.toLowerCase() === bootloaderMcu.toLowerCase()) return;
+  throw new MoonflashError(
+    "MCU_MISMATCH",
+    `${what} ${expectedMcu} (${source}) but Katapult on this device reports ${bootloaderMcu}. Nothing was written; check the device path and build the firmware for this board (make menuconfig), then flash again.`,
+    { expectedMcu, bootloaderMcu, source }
+  );
+}
+function checkSize(imageBytes, info, configured, section) {
+  const appStart = info.appStartAddress;
+  const appStartHex = `0x${appStart.toString(16)}`;
+  const chip = mcuFlash(info.mcuType);
+  let available;
+  let flashSize;
+  let limit;
+  let source;
+  if (configured) {
+    const base = chip?.flashBase ?? appStart - appStart % 1048576;
+    available = Math.max(0, configured - (appStart - base));
+    flashSize = configured;
+    source = "moonflash.conf flash_size";
+    limit = `only ${available} bytes of flash follow the bootloader (flash_size ${configured} in moonflash.conf, application at ${appStartHex})`;
+  } else if (chip) {
+    const offset = appStart - chip.flashBase;
+    flashSize = chip.flashSize;
+    source = chip.source;
+    if (chip.wholeFlash && offset >= 0 && offset < chip.flashSize) {
+      available = chip.flashSize - offset;
+      limit = `${info.mcuType} has ${chip.flashSize} bytes of flash (FLASH_SIZE in ${chip.source}) and only ${available} follow the bootloader (application at ${appStartHex})`;
+    } else {
+      available = chip.flashSize;
+      limit = `a Klipper build for ${info.mcuType}, the MCU this bootloader reports, holds at most ${chip.flashSize} bytes (FLASH_SIZE in ${chip.source})`;
+    }
+  } else {
+    return;
+  }
+  if (imageBytes <= available) return;
+  const fix = configured ? `or correct flash_size in [${section}] of moonflash.conf` : `or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf`;
+  throw new MoonflashError(
+    "FIRMWARE_TOO_LARGE",
+    `The image is ${imageBytes} bytes but ${limit}. Nothing was written. Build the firmware for this board (make menuconfig: processor model, bootloader offset), ${fix}.`,
+    { imageBytes, available, flashSize, mcuType: info.mcuType, appStart: appStartHex, source }
+  );
+}
+function incompleteImageError(error2, disconnected, section) {
+  const again = `run the flash again (${flashCommandsFor(section)})`;
+  const next = disconnected ? `The board disconnected and may hold an incomplete image: reconnect it, enter Katapult if it does not come back in it (double-tap reset on most boards), then ${again}.` : `COMPLETE was not sent, so the board stays in Katapult instead of starting an incomplete image: ${again}. A reset or power-cycle before that would start the incomplete image.`;
+  return new MoonflashError(error2.code, `${error2.message} ${next}`, { ...error2.details, leftInBootloader: !disconnected }, { cause: error2 });
+}
+function throwIfCancelled(signal) {
+  if (signal.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
+}
+async function abortableSleep(ms, signal) {
+  try {
+    await process.getBuiltinModule("node:timers/promises").setTimeout(ms, void 0, { signal });
+  } catch {
+    throwIfCancelled(signal);
+  }
+}
+async function inodeOf(path6) {
+  try {
+    return (await stat5(path6)).ino;
+  } catch {
+    return null;
+  }
+}
+
+// src/flash/methods/flashtool.ts
+import { constants as fsConstants2 } from "node:fs";
+import { access as access2 } from "node:fs/promises";
+import path3 from "node:path";
+var BAR_HASHES = 50;
+var FLASH_ERROR_CODES = [
+  [/Checksum mismatch/i, "VERIFY_FAILED"],
+  [/ in use/i, "DEVICE_IN_USE"],
+  [/Error sending command \[CONNECT\]/i, "DEVICE_TIMEOUT"],
+  [/No Serial Device found|Unable to bind socket|Unable to find node/i, "DEVICE_NOT_FOUND"],
+  [/does not match MCU/i, "MCU_MISMATCH"],
+  [/UUID mismatch/i, "MCU_MISMATCH"],
+  [/pyserial python package was not found/i, "TOOL_NOT_FOUND"]
+];
+var FLASH_ERROR_HINTS = {
+  VERIFY_FAILED: "The written image does not read back the same; flash again, and if it repeats check the board's power and cable.",
+  DEVICE_IN_USE: "Stop Klipper (or whatever holds the port) and try again.",
+  DEVICE_TIMEOUT: "The board did not answer in Katapult: check that it is in the bootloader, and the baud rate or CAN interface.",
+  DEVICE_NOT_FOUND: "Check the serial path or CAN UUID in the MCU's config and that the board is connected.",
+  MCU_MISMATCH: "The image was built for another board; rebuild it for this MCU.",
+  TOOL_NOT_FOUND: "Install pyserial for this Python (sudo apt install python3-serial) or set `python` in moonflash.conf."
+};
+var FlashtoolOutputParser = class {
+  constructor(onLine, onBarProgress) {
+    this.onLine = onLine;
+    this.onBarProgress = onBarProgress;
+  }
+  onLine;
+  onBarProgress;
+  line = "";
+  inBar = false;
+  hashes = 0;
+  bars = 0;
+  verifying = false;
+  push(chunk) {
+    for (const char of chunk) {
+      if (this.inBar) {
+        if (char === "#") {
+          this.hashes = Math.min(this.hashes + 1, BAR_HASHES);
+          this.onBarProgress(this.phase(), this.hashes * 100 / BAR_HASHES);
+        } else if (char === "]") {
+          if (this.hashes < BAR_HASHES) this.onBarProgress(this.phase(), 100);
+          this.inBar = false;
+          this.bars += 1;
+        }
+        continue;
+      }
+      if (char === "[" && this.line.length === 0) {
+        this.inBar = true;
+        this.hashes = 0;
+        continue;
+      }
+      if (char === "\n") {
+        this.finishLine();
+        continue;
+      }
+      this.line += char;
+    }
+  }
+  end() {
+    if (this.line.length > 0) this.finishLine();
+  }
+  phase() {
+    return this.verifying || this.bars >= 1 ? "verify" : "write";
+  }
+  finishLine() {
+    const text = this.line.replace(/\r$/, "").replace(/\0/g, "");
+    this.line = "";
+    if (text.startsWith("Verifying")) this.verifying = true;
+    this.onLine(text);
+  }
+};
+var FlashtoolFlasher = class {
+  name = "flashtool";
+  python;
+  script;
+  logger;
+  constructor(options) {
+    this.python = options.python;
+    this.script = path3.join(options.katapultPath, "scripts", "flashtool.py");
+    this.logger = options.logger;
+  }
+  async preflight(target) {
+    if (!await findExecutable(this.python)) {
+      throw new MoonflashError(
+        "TOOL_NOT_FOUND",
+        `Python interpreter '${this.python}' was not found. Install python3 with pyserial or set \`python\` in moonflash.conf.`,
+        { python: this.python }
+      );
+    }
+    try {
+      await access2(this.script, fsConstants2.R_OK);
+    } catch {
+      throw new MoonflashError(
+        "TOOL_NOT_FOUND",
+        `Katapult's flashtool.py was not found at ${this.script}. Clone https://github.com/Arksine/katapult or set katapult_path in moonflash.conf.`,
+        { script: this.script }
+      );
+    }
+    if (target.device) {
+      if (!await resolveDevicePath(target.device)) {
+        throw new MoonflashError(
+          "DEVICE_NOT_FOUND",
+          `Serial device ${target.device} of [${target.mcu}] is not present. Check the cable and the serial: path.`,
+          { mcu: target.mcu, device: target.device }
+        );
+      }
+    } else {
+      if (!target.canbusUuid) {
+        throw new MoonflashError(
+          "INVALID_PARAMS",
+          `[${target.mcu}] has neither serial nor canbus_uuid; flashtool needs one of them.`,
+          { mcu: target.mcu }
+        );
+      }
+      if (!/^[0-9a-f]{12}$/i.test(target.canbusUuid)) {
+        throw new MoonflashError(
+          "INVALID_PARAMS",
+          `canbus_uuid '${target.canbusUuid}' of [${target.mcu}] is not 12 hex digits; copy it from Klipper's config.`,
+          { mcu: target.mcu, canbusUuid: target.canbusUuid }
+        );
+      }
+    }
+  }
+  /** Command-line arguments after the interpreter. */
+  buildArgs(target) {
+    const transport = target.device ? ["-d", target.device, "-b", String(target.baud)] : ["-i", target.canbusInterface, "-u", (target.canbusUuid ?? "").toLowerCase()];
+    return [this.script, ...transport, "-f", target.firmwarePath];
+  }
+  async flash(target, ctx) {
+    await this.preflight(target);
+    const bytes = target.image.length;
+    const args = this.buildArgs(target);
+    const seen = { programmingComplete: false, verificationComplete: false, notKatapult: false };
+    const parser = new FlashtoolOutputParser(
+      (line) => this.onLine(line, seen, ctx),
+      (phase, percent) => ctx.progress(Math.round(percent), 100, "percent", phase)
+    );
+    ctx.stage("connect", target.device ? `flashtool.py on ${target.device}` : `flashtool.py on CAN ${target.canbusUuid}`);
+    this.logger?.info({ command: this.python, args }, "running flashtool.py");
+    const result = await runTool({
+      command: this.python,
+      args,
+      timeoutMs: target.timeoutMs,
+      signal: ctx.signal,
+      onStdoutChunk: (chunk) => parser.push(chunk),
+      onStderrLine: (line) => {
+        seen.firstFlashError ??= /(?:^|\.)FlashError: (.*)$/.exec(line)?.[1];
+        const info = /^INFO:root:(.*)$/.exec(line);
+        if (info) ctx.log("info", info[1]);
+        else if (line.trim().length > 0) ctx.log("debug", line);
+      }
+    });
+    parser.end();
+    const details = {
+      ...toolErrorDetails({ command: this.python, args }, result),
+      ...seen.sha ? { sha1: seen.sha } : {},
+      ...seen.pages !== void 0 ? { pages: seen.pages } : {}
+    };
+    if (result.exitCode === 0 && seen.programmingComplete) {
+      const device = seen.newDevice ?? target.device ?? `${target.canbusInterface}:${target.canbusUuid}`;
+      return { bytes, verified: seen.verificationComplete, device, details };
+    }
+    if (result.exitCode === 0) {
+      const why = seen.notKatapult ? "the board did not enter Katapult" : "flashtool.py ended without 'Programming Complete'";
+      throw new MoonflashError(
+        "FLASH_FAILED",
+        `Nothing was flashed: ${why}. Check that Katapult is installed on the board, or flash it another way (make flash, SD card).`,
+        details
+      );
+    }
+    const reason = seen.firstFlashError ?? result.stderrTail.filter((l) => l.trim()).at(-1) ?? `exit code ${result.exitCode}`;
+    const code = FLASH_ERROR_CODES.find(([pattern]) => pattern.test(reason))?.[1] ?? "FLASH_FAILED";
+    const hint = FLASH_ERROR_HINTS[code] ?? "See the job log for flashtool.py's output.";
+    throw new MoonflashError(code, `flashtool.py failed: ${reason}. ${hint}`, details);
+  }
+  onLine(line, seen, ctx) {
+    if (line.length === 0) return;
+    ctx.log("info", line);
+    if (line.startsWith("Flashing")) {
+      ctx.setCancellable(false, "flashtool.py is writing the firmware");
+      ctx.stage("write", line);
+    } else if (line.startsWith("Verifying")) {
+      ctx.stage("verify", line);
+    } else if (line.startsWith("Programming Complete")) {
+      seen.programmingComplete = true;
+    } else if (line.startsWith("Device is not Katapult") || line.startsWith("Bootloader Request Complete")) {
+      seen.notKatapult = true;
+    }
+    const sha = /^Verification Complete: SHA = ([0-9A-Fa-f]+)/.exec(line);
+    if (sha) {
+      seen.verificationComplete = true;
+      seen.sha = sha[1].toLowerCase();
+    }
+    const pages = /^Write complete: (\d+) pages/.exec(line);
+    if (pages) seen.pages = Number(pages[1]);
+    const moved = /^Katapult detected (?:on|at serial port) (\S+)/.exec(line);
+    if (moved) seen.newDevice = moved[1];
+  }
+};
+
+// src/flash/methods/make.ts
+import { constants as fsConstants3 } from "node:fs";
+import { access as access3, stat as stat6 } from "node:fs/promises";
+import path4 from "node:path";
+var VERIFIED_LINE = /Verification Complete|Verify successful|bytes of flash verified|Verifying memory.*OK|^Verify\s+.*100%|^Verify OK/i;
+var DFU_DOWNLOAD_DONE = /Download done\.|File downloaded successfully|Transitioning to dfuMANIFEST state/;
+var DFU_GET_STATUS_ERROR = /Error during download get_status/;
+var MakeFlasher = class {
+  name = "make";
+  make;
+  logger;
+  constructor(options = {}) {
+    this.make = options.make ?? "make";
+    this.logger = options.logger;
+  }
+  async preflight(target) {
+    if (!target.device) {
+      throw new MoonflashError(
+        "INVALID_PARAMS",
+        `make flash needs a serial or USB device, but [${target.mcu}] has none. CAN nodes are flashed with the katapult or flashtool method.`,
+        { mcu: target.mcu }
+      );
+    }
+    if (!/^[0-9a-f]{4}:[0-9a-f]{4}$/i.test(target.device) && !await resolveDevicePath(target.device)) {
+      throw new MoonflashError(
+        "DEVICE_NOT_FOUND",
+        `Device ${target.device} of [${target.mcu}] is not present. Check the cable and the serial: path.`,
+        { mcu: target.mcu, device: target.device }
+      );
+    }
+    const makefile = path4.join(target.klipperPath, "Makefile");
+    try {
+      await access3(makefile, fsConstants3.R_OK);
+    } catch {
+      throw new MoonflashError(
+        "TOOL_NOT_FOUND",
+        `No Makefile in ${target.klipperPath}; set klipper_path in moonflash.conf to your Klipper checkout.`,
+        { klipperPath: target.klipperPath }
+      );
+    }
+    if (target.kconfig) {
+      const isFile = await stat6(target.kconfig).then((s) => s.isFile(), () => false);
+      if (!isFile) {
+        throw new MoonflashError(
+          "CONFIG_INVALID",
+          `kconfig ${target.kconfig} of [${target.mcu}] does not exist. Save the board's menuconfig there or fix the path; make would otherwise build a default config.`,
+          { mcu: target.mcu, kconfig: target.kconfig }
+        );
+      }
+    }
+    if (!await findExecutable(this.make)) {
+      throw new MoonflashError("TOOL_NOT_FOUND", `${this.make} is not installed. Install it (sudo apt install make).`, {
+        command: this.make
+      });
+    }
+  }
+  /** `flash FLASH_DEVICE=\u2026 [KCONFIG_CONFIG=\u2026] [OUT=\u2026/]`; OUT gets its trailing slash because Klipper concatenates it. */
+  buildArgs(target) {
+    const args = ["flash", `FLASH_DEVICE=${target.device ?? ""}`];
+    if (target.kconfig) args.push(`KCONFIG_CONFIG=${target.kconfig}`);
+    if (target.outDir) args.push(`OUT=${target.outDir.endsWith("/") ? target.outDir : `${target.outDir}/`}`);
+    return args;
+  }
+  async flash(target, ctx) {
+    await this.preflight(target);
+    const bytes = target.image.length;
+    const args = this.buildArgs(target);
+    let verified = false;
+    let downloadDone = false;
+    let falseFailure = false;
+    const recentLines = [];
+    const onLine = (line) => {
+      if (line.trim().length === 0) return;
+      ctx.log("info", line);
+      recentLines.push(line.trim());
+      if (recentLines.length > 3) recentLines.shift();
+      if (VERIFIED_LINE.test(line)) verified = true;
+      if (DFU_DOWNLOAD_DONE.test(line)) downloadDone = true;
+      else if (downloadDone && DFU_GET_STATUS_ERROR.test(line)) falseFailure = true;
+    };
+    ctx.setCancellable(false, "make flash is running");
+    ctx.stage("write", `make flash FLASH_DEVICE=${target.device}`);
+    this.logger?.info({ command: this.make, args, cwd: target.klipperPath }, "running make flash");
+    const result = await runTool({
+      command: this.make,
+      args,
+      cwd: target.klipperPath,
+      timeoutMs: target.timeoutMs,
+      signal: ctx.signal,
+      onStdoutLine: onLine,
+      onStderrLine: onLine
+    });
+    const details = toolErrorDetails({ command: this.make, args }, result);
+    const device = target.device ?? "";
+    if (result.exitCode === 0) return { bytes, verified, device, details };
+    if (falseFailure) {
+      ctx.log(
+        "warn",
+        "dfu-util reported 'Error during download get_status' after the download completed; this is its known false failure, the image was written."
+      );
+      return { bytes, verified, device, details: { ...details, dfuFalseFailure: true } };
+    }
+    const lastLines = recentLines.join(" | ");
+    throw new MoonflashError(
+      "FLASH_FAILED",
+      `make flash failed (exit ${result.exitCode})${lastLines ? `: ${lastLines}` : ""}. See the job log for the full output.`,
+      details
+    );
+  }
+};
+
+// src/flash/methods/wchisp.ts
+import path5 from "node:path";
+var INSTALL_HINT = "Install wchisp (a release binary from https://github.com/ch32-rs/wchisp/releases, or `cargo install wchisp`) and set wchisp_path in moonflash.conf.";
+var WCHISP_BAUDS = /* @__PURE__ */ new Set([115200, 1e6, 2e6]);
+var ERROR_CODES_BY_TEXT = [
+  [/Verify failed/i, "VERIFY_FAILED"],
+  [/No WCH ISP USB device found|No serial port/i, "DEVICE_NOT_FOUND"]
+];
+var ERROR_HINTS = {
+  VERIFY_FAILED: "The chip's flash does not match the image; flash again, and check power and wiring if it repeats.",
+  DEVICE_NOT_FOUND: "Put the chip into its ISP bootloader (hold BOOT0 while resetting) and check the cable and udev rule."
+};
+var ANSI = /\u001b\[[0-9;]*m/g;
+var LOG_LINE = /^\d\d:\d\d:\d\d \[(\w+)\]\s*(.*)$/;
+var WchispFlasher = class {
+  name = "wchisp";
+  options;
+  discover;
+  constructor(options = {}) {
+    this.options = options;
+    this.discover = options.discover ?? (() => discoverDevices({ logger: options.logger }));
+  }
+  /** The wchisp binary: config path, then the install's bin/, then PATH. */
+  async locate() {
+    const { wchispPath, installBin } = this.options;
+    if (wchispPath) {
+      const found = await findExecutable(wchispPath);
+      if (found) return found;
+      throw new MoonflashError("TOOL_NOT_FOUND", `wchisp_path ${wchispPath} is not an executable file. ${INSTALL_HINT}`, {
+        wchispPath
+      });
+    }
+    if (installBin) {
+      const bundled = path5.join(installBin, "wchisp");
+      if (await findExecutable(bundled)) return bundled;
+    }
+    const onPath = await findExecutable("wchisp");
+    if (onPath) return onPath;
+    throw new MoonflashError("TOOL_NOT_FOUND", `wchisp was not found. ${INSTALL_HINT}`, {
+      searched: [installBin ? path5.join(installBin, "wchisp") : null, "PATH"].filter(Boolean)
+    });
+  }
+  /** The serial port to use: the configured one, else the only USB-UART/WCH candidate present. */
+  async resolvePort(target) {
+    if (target.wchispTransport !== "serial") return void 0;
+    if (target.device) {
+      if (await resolveDevicePath(target.device)) return target.device;
+      throw new MoonflashError(
+        "DEVICE_NOT_FOUND",
+        `Serial port ${target.device} of [${target.mcu}] is not present. Check the USB-UART adapter and the serial: path.`,
+        { mcu: target.mcu, device: target.device }
+      );
+    }
+    const candidates = (await this.discover()).filter((d) => d.kind === "uart-adapter" || d.kind === "wch-isp");
+    if (candidates.length === 1) return candidates[0].byPath ?? candidates[0].path;
+    const listed = candidates.map((d) => `${d.byPath ?? d.path} (${d.label})`);
+    throw new MoonflashError(
+      "DEVICE_NOT_FOUND",
+      candidates.length === 0 ? `No USB-UART adapter found for wchisp on [${target.mcu}]. Connect it and set serial: in [${target.mcu}] of moonflash.conf.` : `Several serial adapters could be the ISP port of [${target.mcu}]: ${listed.join(", ")}. Set serial: in [${target.mcu}] of moonflash.conf explicitly.`,
+      { mcu: target.mcu, candidates: listed }
+    );
+  }
+  async preflight(target) {
+    await this.locate();
+    await this.resolvePort(target);
+  }
+  /** Top-level transport flags go before the subcommand (clap). */
+  buildArgs(target, port) {
+    const transport = [];
+    if (port !== void 0) {
+      transport.push("-s", "-p", port);
+      if (WCHISP_BAUDS.has(target.baud)) transport.push("-b", String(target.baud));
+    }
+    return [...transport, "flash", target.firmwarePath];
+  }
+  async flash(target, ctx) {
+    const command = await this.locate();
+    const port = await this.resolvePort(target);
+    const bytes = target.image.length;
+    if (port !== void 0 && !WCHISP_BAUDS.has(target.baud)) {
+      ctx.log("debug", `wchisp supports 115200, 1000000 or 2000000 baud; using its default 115200 instead of ${target.baud}`);
+    }
+    const args = this.buildArgs(target, port);
+    let firmwareSize = bytes;
+    let verifyOk = false;
+    let errorText2;
+    const onLine = (raw) => {
+      const line = raw.replace(ANSI, "").trimEnd();
+      if (line.length === 0) return;
+      const error2 = /^Error: (.*)$/.exec(line);
+      if (error2) errorText2 ??= error2[1];
+      const log = LOG_LINE.exec(line);
+      const message = log ? log[2] : line;
+      const level = log?.[1]?.toUpperCase();
+      ctx.log(level === "ERROR" || error2 ? "error" : level === "WARN" ? "warn" : "info", message);
+      if (!log) return;
+      const size = /^Firmware size: (\d+)/.exec(message);
+      if (size) firmwareSize = Number(size[1]);
+      if (message.startsWith("Erasing...")) {
+        ctx.setCancellable(false, "wchisp is erasing and writing the chip");
+        ctx.stage("erase", message);
+      } else if (message.startsWith("Writing to code flash")) {
+        ctx.stage("write", message);
+      } else if (message.startsWith("Verifying...")) {
+        ctx.stage("verify", message);
+      } else if (message.startsWith("Verify OK")) {
+        verifyOk = true;
+      }
+      const written = /^Code flash (\d+) bytes written/.exec(message);
+      if (written) ctx.progress(Math.min(Number(written[1]), firmwareSize), firmwareSize, "bytes", "write");
+    };
+    ctx.stage("connect", port ? `wchisp on ${port}` : "wchisp over USB");
+    this.options.logger?.info({ command, args }, "running wchisp");
+    const result = await runTool({
+      command,
+      args,
+      timeoutMs: target.timeoutMs,
+      signal: ctx.signal,
+      onStdoutLine: onLine,
+      onStderrLine: onLine
+    });
+    const details = toolErrorDetails({ command, args }, result);
+    if (result.exitCode === 0 && verifyOk) {
+      return { bytes, verified: true, device: port ?? "usb", details };
+    }
+    const reason = errorText2 ?? (result.exitCode === 0 ? "it ended without 'Verify OK'" : `exit code ${result.exitCode}`);
+    const code = errorText2 ? ERROR_CODES_BY_TEXT.find(([pattern]) => pattern.test(errorText2))?.[1] ?? "FLASH_FAILED" : "FLASH_FAILED";
+    const hint = ERROR_HINTS[code] ?? "See the job log for wchisp's output.";
+    throw new MoonflashError(code, `wchisp failed: ${reason}. ${hint}`, details);
+  }
+};
+
+// src/flash/versions.ts
+import { readFile as readFile5 } from "node:fs/promises";
+import { join as join6 } from "node:path";
+var PROTOCOL_ERROR = "MCU Protocol error";
+var HOST_LINE = /^Your Klipper version is:\s*(.*)$/;
+var SHOULD_UPDATE = "MCU(s) which should be updated:";
+var UP_TO_DATE = "Up-to-date MCU(s):";
+var MCU_LINE = /^(\S+): Current version (.*)$/;
+function parseMcuProtocolError(message) {
+  const lines = message.split(/\r?\n/).map((l) => l.trim());
+  const first = lines.findIndex((l) => l !== "");
+  if (first < 0 || lines[first] !== PROTOCOL_ERROR) return null;
+  const report = { hostVersion: null, outdated: [], upToDate: [], detail: null };
+  let list = null;
+  for (const line of lines.slice(first + 1)) {
+    const host = HOST_LINE.exec(line);
+    if (host) {
+      report.hostVersion = host[1].trim() || null;
+      list = null;
+    } else if (line === SHOULD_UPDATE) list = report.outdated;
+    else if (line === UP_TO_DATE) list = report.upToDate;
+    else if (line === "") list = null;
+    else if (list && line !== "<none>") {
+      const m = MCU_LINE.exec(line);
+      list.push(m ? { name: m[1], version: m[2].trim() || null } : { name: line, version: null });
+    }
+  }
+  const last = lines.filter((l) => l !== "").at(-1);
+  if (last !== void 0 && last !== PROTOCOL_ERROR) report.detail = last;
+  return report;
+}
+function isOutdated(mcuVersion, hostVersion) {
+  if (!mcuVersion || !hostVersion) return null;
+  return mcuVersion !== hostVersion;
+}
+function sectionForListedName(name, known) {
+  if (name === "mcu") return "mcu";
+  return known.find((s) => s !== "mcu" && s.split(/\s+/).at(-1) === name) ?? `mcu ${name}`;
+}
+function klipperCondition(state) {
+  if (!state.moonrakerConnected) return "Moonraker is not reachable";
+  if (!state.klippyConnected) return "Klipper is stopped";
+  const first = state.stateMessage.split("\n")[0]?.trim();
+  switch (state.klippyState) {
+    case "startup":
+      return "Klipper is starting";
+    case "shutdown":
+      return `Klipper is shut down${first ? ` (${first})` : ""}`;
+    case "error":
+      return `Klipper is in error${first ? ` (${first})` : ""}`;
+    default:
+      return `Klipper is ${state.klippyState}`;
+  }
+}
+function versionOrUnknown(version2) {
+  return version2 ?? "an unknown version";
+}
+async function checkVersions(printer, settings, opts = {}) {
+  const state = printer.state();
+  const store = opts.store ?? new FirmwareStore(dataPaths(settings.dataDir).firmware, opts.logger);
+  let report = { hostVersion: null, mcus: [] };
+  if (state.klippyConnected) {
+    try {
+      report = await printer.mcuReport();
+    } catch (err) {
+      opts.logger?.warn({ err }, "could not read Klipper's MCU versions");
+    }
+  }
+  const protocol = state.klippyState === "error" ? parseMcuProtocolError(state.stateMessage) : null;
+  let host;
+  if (protocol?.hostVersion) host = { version: protocol.hostVersion, source: "protocol-error" };
+  else if (report.hostVersion) host = { version: report.hostVersion, source: "klipper" };
+  else host = await treeVersion(settings.moonflash.klipper_path, opts.gitTimeoutMs ?? 1e4);
+  const sections = [];
+  const addSection = (s) => {
+    if (!sections.includes(s)) sections.push(s);
+  };
+  for (const m of report.mcus) addSection(m.section);
+  const listed = /* @__PURE__ */ new Map();
+  const addListed = (entries, outdated) => {
+    for (const e of entries) {
+      const section = sectionForListedName(e.name, [...sections, ...Object.keys(settings.mcus)]);
+      listed.set(section, { version: e.version ?? (outdated ? null : host.version), outdated });
+      addSection(section);
+    }
+  };
+  addListed(protocol?.outdated ?? [], true);
+  addListed(protocol?.upToDate ?? [], false);
+  for (const s of Object.keys(settings.mcus)) addSection(s);
+  if (report.mcus.length === 0 && !protocol) {
+    for (const s of await store.mcus().catch(() => [])) addSection(s);
+  }
+  const mcus = [];
+  for (const section of sections) {
+    const images = await store.list(section).catch((err) => {
+      opts.logger?.warn({ err: toMoonflashError(err), mcu: section }, "could not read the firmware store");
+      return [];
+    });
+    const previous = images[1];
+    const rollback = previous && !previous.damaged ? { version: previous.version, date: previous.date, sha256: previous.sha256 } : null;
+    mcus.push({ mcu: section, name: mcuUserName(section), ...judge(section, images[0]), rollback });
+  }
+  return { klipper_state: state.klippyState, host, mcus, protocol_error: protocol ? { detail: protocol.detail } : null };
+  function judge(section, current) {
+    const hostV = host.version;
+    const fromError = listed.get(section);
+    if (fromError) {
+      return {
+        version: fromError.version,
+        source: "protocol-error",
+        outdated: fromError.outdated,
+        reason: fromError.outdated ? `Klipper's "MCU Protocol error" lists it to be updated: it runs ${versionOrUnknown(fromError.version)}, Klipper is ${versionOrUnknown(hostV)}` : `Klipper's "MCU Protocol error" lists it as up to date (${versionOrUnknown(fromError.version)})`
+      };
+    }
+    const mcuVersion = report.mcus.find((m) => m.section === section)?.mcuVersion;
+    if (mcuVersion) {
+      const outdated = isOutdated(mcuVersion, hostV);
+      return {
+        version: mcuVersion,
+        source: "klipper",
+        outdated,
+        reason: outdated === null ? `it runs ${mcuVersion}; the Klipper version is unknown` : outdated ? `it runs ${mcuVersion}, Klipper is ${hostV}: Klipper wants every MCU on its own version` : `it runs ${mcuVersion}, the same as Klipper`
+      };
+    }
+    const why = state.klippyConnected && report.mcus.some((m) => m.section === section) ? `${klipperCondition(state)} and reports no version for it` : report.mcus.length > 0 && state.klippyConnected ? "it is not in Klipper's config (only in moonflash.conf), so Klipper does not report its version" : `${klipperCondition(state)}, so the MCU cannot be asked`;
+    if (current) {
+      const outdated = isOutdated(current.version, hostV);
+      const flashed = `the last image moonflash put on it (${current.date}) is ${versionOrUnknown(current.version)}`;
+      return {
+        version: current.version,
+        source: "firmware-store",
+        outdated,
+        reason: `${why}; ${flashed}${outdated === null ? "" : outdated ? `, Klipper is ${hostV}` : ", the same as Klipper"}`
+      };
+    }
+    return { version: null, source: "unknown", outdated: null, reason: `${why}, and moonflash has flashed no image to it` };
+  }
+}
+async function treeVersion(klipperPath, timeoutMs) {
+  let detail;
+  try {
+    const run = await runTool({
+      command: "git",
+      args: ["-C", klipperPath, "describe", "--always", "--tags", "--long", "--dirty"],
+      timeoutMs,
+      tailLines: 5
+    });
+    const version2 = run.stdoutTail.map((l) => l.trim()).filter(Boolean).at(-1);
+    if (run.exitCode === 0 && version2) return { version: version2, source: "git-describe" };
+    detail = `git describe in ${klipperPath} failed: ${run.stderrTail.join(" ").trim() || `exit code ${run.exitCode}`}`;
+  } catch (err) {
+    detail = `git describe in ${klipperPath} failed: ${toMoonflashError(err).message}`;
+  }
+  try {
+    const version2 = (await readFile5(join6(klipperPath, "klippy", ".version"), "utf8")).trim();
+    if (version2) return { version: version2, source: "version-file" };
+  } catch {
+  }
+  return { version: null, source: "unknown", detail: `${detail}. Check klipper_path in moonflash.conf.` };
+}
+function versionSummary(check) {
+  const outdated = check.mcus.filter((m) => m.outdated === true);
+  const upToDate = check.mcus.filter((m) => m.outdated === false);
+  const unknown2 = check.mcus.filter((m) => m.outdated === null);
+  const host = check.host.version ? `Klipper ${check.host.version}` : "Klipper's version is unknown";
+  const where = check.protocol_error ? " (MCU Protocol error)" : check.host.source === "git-describe" || check.host.source === "version-file" ? " (Klipper is not running: its source tree's version)" : "";
+  const parts = [`moonflash: ${host}${where}.`];
+  parts.push(outdated.length ? `Outdated: ${outdated.map((m) => `${m.name} (${versionOrUnknown(m.version)})`).join(", ")}.` : "Outdated: none.");
+  if (upToDate.length) parts.push(`Up to date: ${upToDate.map((m) => m.name).join(", ")}.`);
+  if (unknown2.length) parts.push(`Unknown: ${unknown2.map((m) => m.name).join(", ")}.`);
+  const only = outdated.length === 1 ? outdated[0] : void 0;
+  if (only) parts.push(`Flash it with FLASH_MCU MCU=${only.name}.`);
+  else if (outdated.length > 1) parts.push("Flash each with FLASH_MCU MCU=<name>.");
+  return parts.join(" ");
+}
+
+// src/flash/engine.ts
+var AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"] };
+var FINAL_CODES = /* @__PURE__ */ new Set(["CANCELLED", "PRINTER_BUSY", "MCU_MISMATCH", "FIRMWARE_TOO_LARGE"]);
+var FIRMWARE_PARAM_HINT = "give its path with FIRMWARE= (macro) or --firmware (CLI)";
+function defaultFlashers(config2, opts) {
+  const m = config2.moonflash;
+  const logger = (method) => opts.logger.child({ method });
+  return {
+    katapult: new KatapultFlasher({ logger: logger("katapult") }),
+    flashtool: new FlashtoolFlasher({ python: m.python, katapultPath: m.katapult_path, logger: logger("flashtool") }),
+    make: new MakeFlasher({ logger: logger("make") }),
+    wchisp: new WchispFlasher({
+      ...m.wchisp_path ? { wchispPath: m.wchisp_path } : {},
+      ...opts.installBin ? { installBin: opts.installBin } : {},
+      discover: () => discoverDevices(opts.discovery),
+      logger: logger("wchisp")
+    })
+  };
+}
+function mcuSectionName(name) {
+  const words = name.trim().split(/\s+/).filter(Boolean);
+  if (words[0] === "mcu") words.shift();
+  return words.length === 0 ? "mcu" : `mcu ${words.join(" ")}`;
+}
+async function readFirmware(path6, flashSize, expectedMcuType, section) {
+  let image;
+  try {
+    image = await readFile6(path6);
+  } catch (err) {
+    if (err.code === "EISDIR") {
+      throw new MoonflashError("FIRMWARE_NOT_FOUND", `The firmware ${path6} is not a file. Give the path of the built image (e.g. out/klipper.bin): ${FIRMWARE_PARAM_HINT}.`, { firmware: path6 });
+    }
+    if (err.code === "ENOENT") {
+      throw new MoonflashError(
+        "FIRMWARE_NOT_FOUND",
+        `The firmware ${path6} does not exist. Build it first (make in the Klipper tree) or ${FIRMWARE_PARAM_HINT}.`,
+        { firmware: path6 }
+      );
+    }
+    throw toMoonflashError(err);
+  }
+  const size = image.length;
+  if (size === 0) {
+    throw new MoonflashError("FIRMWARE_EMPTY", `The firmware ${path6} is empty. Rebuild it; an interrupted build leaves an empty file.`, { firmware: path6 });
+  }
+  if (flashSize !== null) {
+    if (size > flashSize) {
+      throw new MoonflashError(
+        "FIRMWARE_TOO_LARGE",
+        `The firmware ${path6} is ${size} bytes but the MCU has ${flashSize} bytes for the application. Check the build's MCU and bootloader offset, or flash_size in moonflash.conf.`,
+        { firmware: path6, bytes: size, flashSize, source: "moonflash.conf flash_size" }
+      );
+    }
+    return image;
+  }
+  const chip = expectedMcuType ? mcuFlash(expectedMcuType) : void 0;
+  if (chip && size > chip.flashSize) {
+    const limit = chip.wholeFlash ? `${expectedMcuType} has only ${chip.flashSize} bytes of flash in all` : `a Klipper build for ${expectedMcuType} holds at most ${chip.flashSize} bytes`;
+    throw new MoonflashError(
+      "FIRMWARE_TOO_LARGE",
+      `The firmware ${path6} is ${size} bytes but ${limit} (FLASH_SIZE in ${chip.source}), before counting the bootloader, whose size is known only once it answers. Nothing was stopped or written. Build the firmware for this board (make menuconfig: processor model), or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf.`,
+      { firmware: path6, bytes: size, flashSize: chip.flashSize, mcuType: expectedMcuType, source: chip.source }
+    );
+  }
+  return image;
+}
+async function checkDevicePath(path6) {
+  const absolute = resolve2(path6);
+  const missing = (extra, cause) => new MoonflashError(
+    "DEVICE_NOT_FOUND",
+    `The serial device ${path6} is not present${extra.linkTarget ? ` (it is a link to ${extra.linkTarget}, which does not exist)` : ""}. Check the USB cable, that the board is powered and the serial: path; flash.devices (MOONFLASH_DEVICES) lists what is connected.`,
+    { device: path6, ...extra },
+    { cause }
+  );
+  let real;
+  try {
+    real = await realpath2(absolute);
+  } catch (err) {
+    const errno = err.code;
+    if (errno === "ENOENT" || errno === "ENOTDIR") {
+      const linkTarget = await readlink2(absolute).catch(() => null);
+      throw missing(linkTarget ? { linkTarget } : {}, err);
+    }
+    throw new MoonflashError(
+      "PATH_REJECTED",
+      `The serial device ${path6} cannot be resolved (${errno ?? err.message}). Use the board's /dev/serial/by-id or /dev/serial/by-path link.`,
+      { device: path6, errno },
+      { cause: err }
+    );
+  }
+  let s;
+  try {
+    s = await stat7(real);
+  } catch (err) {
+    if (err.code === "ENOENT") throw missing({ realPath: real }, err);
+    throw toMoonflashError(err);
+  }
+  if (!real.startsWith("/dev/") || !s.isCharacterDevice()) {
+    throw new MoonflashError(
+      "PATH_REJECTED",
+      `The serial device ${path6} resolves to ${real}, which is not a character device under /dev. Use the board's /dev/serial/by-id or /dev/serial/by-path link.`,
+      { device: path6, realPath: real }
+    );
+  }
+  return real;
+}
+function unknownMcu(typed, section, klipperMcus, own2) {
+  const known = [.../* @__PURE__ */ new Set([...klipperMcus.map((m) => m.section), ...Object.keys(own2)])].sort();
+  const names = known.map(mcuUserName);
+  const example = names.find((n) => n !== "mcu") ?? names[0] ?? "NAME";
+  return new MoonflashError(
+    "UNKNOWN_MCU",
+    `Unknown MCU '${typed}'. Known MCUs: ${names.join(", ") || "none"}. Use one of these names (e.g. FLASH_MCU MCU=${example} in a macro, moonflash flash ${example} on the command line), or add an [${section}] section with serial: or canbus_uuid: to moonflash.conf.`,
+    { mcu: typed, known, names }
+  );
+}
+function describeImage(entry) {
+  const when = `${entry.date.slice(0, 16).replace("T", " ")} UTC`;
+  const from = entry.source === "read-back" ? "read back from the board" : entry.source_path ? `from ${entry.source_path}` : `by ${entry.source}`;
+  return `${entry.version ?? "an image without a Klipper version"} (flashed ${when}, ${from})`;
+}
+function contextWithShutdown(ctx, shutdown) {
+  const controller = new AbortController();
+  let cancellable = true;
+  const abort = (reason) => {
+    if (!controller.signal.aborted) controller.abort(reason);
+  };
+  if (ctx.signal.aborted) abort(ctx.signal.reason);
+  ctx.signal.addEventListener("abort", () => abort(ctx.signal.reason), { once: true });
+  shutdown.addEventListener(
+    "abort",
+    () => {
+      if (cancellable) abort(shutdown.reason);
+      else ctx.log("warn", "shutdown requested while writing flash: finishing the write first");
+    },
+    { once: true }
+  );
+  return {
+    jobId: ctx.jobId,
+    kind: ctx.kind,
+    target: ctx.target,
+    signal: controller.signal,
+    stage: (stage, message) => ctx.stage(stage, message),
+    progress: (done, total, unit, phase) => ctx.progress(done, total, unit, phase),
+    log: (level, message) => ctx.log(level, message),
+    setCancellable(value2, reason) {
+      cancellable = value2;
+      ctx.setCancellable(value2, reason);
+      if (value2 && shutdown.aborted) abort(shutdown.reason);
+    }
+  };
+}
+var FlashEngine = class {
+  config;
+  printer;
+  runner;
+  logger;
+  flashers;
+  discovery;
+  /** The last images flashed to each MCU: what rollback flashes, and an MCU's version while Klipper is down. */
+  store;
+  constructor(opts) {
+    this.config = opts.config;
+    this.printer = opts.printer;
+    this.runner = opts.runner;
+    this.logger = opts.logger;
+    this.store = new FirmwareStore(dataPaths(opts.config.dataDir).firmware, opts.logger.child({ ns: "firmware-store" }));
+    this.discovery = { logger: opts.logger, ...opts.discovery };
+    this.flashers = {
+      ...defaultFlashers(opts.config, { logger: opts.logger, discovery: this.discovery, ...opts.installBin ? { installBin: opts.installBin } : {} }),
+      ...opts.flashers
+    };
+  }
+  /** Serial devices found on this host, each mapped to the MCU section that uses it, plus the known sections. */
+  async devices() {
+    const [found, mcus] = await Promise.all([discoverDevices(this.discovery), this.knownMcus()]);
+    const devices = await mapDevicesToMcus(found, mcus);
+    return { devices, mcus, canbus: await this.canbusNodes(mcus) };
+  }
+  /**
+   * CAN nodes on every interface a known MCU uses, through Moonraker (or flashtool.py -q when it is installed).
+   * Nodes a running Klipper has claimed do not answer; an interface that fails is reported, not fatal.
+   */
+  async canbusNodes(mcus) {
+    const interfaces = [...new Set(mcus.flatMap((m) => m.canbusUuid ? [m.canbusInterface ?? MCU_DEFAULTS.canbus_interface] : []))].sort();
+    const script = join7(this.config.moonflash.katapult_path, "scripts", "flashtool.py");
+    const flashtool = existsSync(script) ? { python: this.config.moonflash.python, script } : void 0;
+    return Promise.all(
+      interfaces.map(async (iface) => {
+        try {
+          const nodes = await discoverCanNodes({ iface, printer: this.printer, ...flashtool ? { flashtool } : {} });
+          return {
+            interface: iface,
+            nodes: nodes.map((n) => {
+              const mcu = mcus.find((m) => m.canbusUuid === n.uuid.toLowerCase())?.section;
+              return { ...n, ...mcu ? { mcu } : {} };
+            })
+          };
+        } catch (err) {
+          const e = toMoonflashError(err);
+          return { interface: iface, nodes: [], error: { code: e.code, message: e.message } };
+        }
+      })
+    );
+  }
+  /** Resolves and pre-flights a flash without stopping or writing anything. */
+  async plan(params) {
+    return (await this.buildPlan(params, (level, message) => this.logger[level](message))).plan;
+  }
+  /** Runs one flash job: plan, keep the image, stop Klipper, try each method, start Klipper. */
+  async flash(params) {
+    const section = mcuSectionName(params.mcu);
+    return this.runner.run({ kind: "flash", target: section, params }, (ctx) => this.flashJob(params, ctx));
+  }
+  /**
+   * Flashes the image the MCU had before its current one (firmware-store.ts), as a normal flash job: the same
+   * pre-flight, guard, methods and console lines. NO_ROLLBACK_IMAGE, before any job, when there is none.
+   */
+  async rollback(params) {
+    const section = mcuSectionName(params.mcu);
+    await this.rollbackImage(params.mcu);
+    return this.runner.run({ kind: "flash", target: section, params: { ...params, rollback: true } }, async (ctx) => {
+      const entry = await this.rollbackImage(params.mcu);
+      ctx.stage("rollback", `rolling back to ${describeImage(entry)}`);
+      const result = await this.flashJob({ mcu: params.mcu, firmware: entry.file, ...params.dry_run ? { dry_run: true } : {} }, ctx, entry);
+      const { version: version2, sha256: sha2562, size, date: date2, source, source_path } = entry;
+      return { ...result, rollback_to: { version: version2, sha256: sha2562, size, date: date2, source, source_path } };
+    });
+  }
+  /** Per MCU: its firmware version, Klipper's, and whether Klipper would call it outdated (versions.ts). */
+  async checkVersions() {
+    return checkVersions(this.printer, this.config, { store: this.store, logger: this.logger });
+  }
+  /** The entry a rollback of `mcu` flashes; UNKNOWN_MCU or NO_ROLLBACK_IMAGE when there is none to flash. */
+  async rollbackImage(mcu) {
+    const section = mcuSectionName(mcu);
+    const name = mcuUserName(section);
+    const [current, previous] = await this.store.list(section);
+    const instead = `Flash a firmware file instead: FLASH_MCU MCU=${name} FIRMWARE=/path/to/klipper.bin (moonflash flash ${name} --firmware FILE).`;
+    if (previous && !previous.damaged) return previous;
+    if (previous) {
+      throw new MoonflashError(
+        "NO_ROLLBACK_IMAGE",
+        `The image a rollback of ${name} would flash, ${describeImage(previous)}, is damaged: ${previous.damaged}. Nothing was stopped or written. ${instead}`,
+        { mcu: section, image: previous }
+      );
+    }
+    const klipperMcus = await this.klipperMcus();
+    if (!current && !klipperMcus.some((m) => m.section === section) && !this.config.mcus[section]) throw unknownMcu(mcu, section, klipperMcus, this.config.mcus);
+    const held = current ? `only the one on it now, ${describeImage(current)}` : "none yet";
+    throw new MoonflashError(
+      "NO_ROLLBACK_IMAGE",
+      `There is no earlier image of ${name} to roll back to: moonflash keeps the last ${IMAGES_KEPT} images it flashed to each MCU and has ${held}. Nothing was stopped or written. ${instead}`,
+      { mcu: section, images: current ? 1 : 0 }
+    );
+  }
+  /** One flash job's work; `rollback` is the stored image being flashed again, checked against its SHA-256. */
+  async flashJob(params, ctx, rollback) {
+    const started = performance.now();
+    ctx.stage("plan");
+    const { plan, image } = await this.buildPlan(params, (level, message) => ctx.log(level, message));
+    if (rollback && sha256Of(image) !== rollback.sha256) {
+      const name = mcuUserName(plan.mcu);
+      throw new MoonflashError(
+        "NO_ROLLBACK_IMAGE",
+        `The stored image ${plan.firmware} no longer matches its SHA-256: it is damaged, so there is no image to roll ${name} back to. Nothing was stopped or written. Flash a firmware file instead: FLASH_MCU MCU=${name} FIRMWARE=/path/to/klipper.bin (moonflash flash ${name} --firmware FILE).`,
+        { mcu: plan.mcu, image: rollback }
+      );
+    }
+    if (params.dry_run) {
+      return { dry_run: true, mcu: plan.mcu, device: plan.device, firmware: plan.firmware, methods: plan.methods, plan };
+    }
+    assertNotPrinting(this.printer);
+    ctx.stage("keep-image");
+    await this.keepImage(plan, image);
+    const attempts = [];
+    const guarded = await this.withKlipperStopped(ctx, plan.mcu, async (inner) => {
+      const done = await this.runChain(plan, { ...plan.target, image }, inner, attempts);
+      await this.recordImage(plan, image, ctx, rollback);
+      return done;
+    });
+    const { method, outcome } = guarded.value;
+    return {
+      mcu: plan.mcu,
+      device: outcome.device,
+      method,
+      attempts,
+      bytes: outcome.bytes,
+      verified: outcome.verified,
+      elapsed_ms: Math.round(performance.now() - started),
+      klipper_restarted: guarded.klipperRestart?.ok === true
+    };
+  }
+  /**
+   * For a job that flashes several MCUs under one Klipper stop (update-all): pre-flight one MCU and read its
+   * image once, while Klipper runs, and keep a copy of it. Throws what a single flash's pre-flight throws.
+   */
+  async prepare(params, ctx) {
+    const prepared = await this.buildPlan(params, (level, message) => ctx.log(level, message));
+    await this.keepImage(prepared.plan, prepared.image);
+    return prepared;
+  }
+  /** For update-all, inside its guard: flash a prepared MCU with its method chain and record the image. */
+  async flashPrepared(plan, image, ctx) {
+    const attempts = [];
+    try {
+      const done = await this.runChain(plan, { ...plan.target, image }, ctx, attempts);
+      await this.recordImage(plan, image, ctx);
+      return { ...done, attempts };
+    } catch (err) {
+      const e = toMoonflashError(err, "FLASH_FAILED");
+      throw new MoonflashError(e.code, e.message, { ...e.details, attempts }, { cause: e });
+    }
+  }
+  /** Runs `work` with Klipper stopped once for it (the guard of a single flash, for a job of several). */
+  withKlipperStopped(ctx, target, work) {
+    return withKlipperStopped(
+      this.printer,
+      dataPaths(this.config.dataDir).journal,
+      {
+        jobId: ctx.jobId,
+        kind: "flash",
+        target,
+        serviceTimeoutMs: this.config.moonflash.service_timeout * 1e3,
+        logger: this.logger,
+        onStage: (stage, message) => ctx.stage(stage, message)
+      },
+      (shutdown) => work(contextWithShutdown(ctx, shutdown))
+    );
+  }
+  /** Cancels the running flash job; the runner refuses once writing has started. */
+  cancel() {
+    return this.runner.cancel("flash");
+  }
+  async runChain(plan, target, ctx, attempts) {
+    let lastError = null;
+    for (const [index, method] of plan.methods.entries()) {
+      if (ctx.signal.aborted) throw toMoonflashError(ctx.signal.reason ?? new MoonflashError("CANCELLED", "The flash job was cancelled."), "CANCELLED");
+      ctx.stage(method, `flashing ${plan.mcu} with ${method}`);
+      const started = performance.now();
+      try {
+        const outcome = await this.flashers[method].flash(target, ctx);
+        attempts.push({ method, ok: true, elapsed_ms: Math.round(performance.now() - started) });
+        return { method, outcome };
+      } catch (err) {
+        const error2 = toMoonflashError(err, "FLASH_FAILED");
+        attempts.push({ method, ok: false, elapsed_ms: Math.round(performance.now() - started), code: error2.code, message: error2.message });
+        lastError = error2;
+        const next = plan.methods[index + 1];
+        if (FINAL_CODES.has(error2.code) || ctx.signal.aborted || !next) break;
+        ctx.log("warn", `${method} failed: ${error2.message}; trying ${next}`);
+      }
+    }
+    const last = lastError ?? new MoonflashError("FLASH_FAILED", "No flash method was tried.");
+    throw new MoonflashError(last.code, last.message, { ...last.details, attempts }, { cause: last });
+  }
+  async knownMcus() {
+    const known = /* @__PURE__ */ new Map();
+    for (const info of await this.klipperMcus()) {
+      known.set(info.section, {
+        section: info.section,
+        ...info.serial ? { serial: info.serial } : {},
+        ...info.canbusUuid ? { canbusUuid: info.canbusUuid, canbusInterface: info.canbusInterface ?? MCU_DEFAULTS.canbus_interface } : {},
+        sources: ["klipper"]
+      });
+    }
+    for (const mc of Object.values(this.config.mcus)) {
+      const entry = known.get(mc.section) ?? { section: mc.section, sources: [] };
+      if (mc.serial) {
+        entry.serial = mc.serial;
+        delete entry.canbusUuid;
+        delete entry.canbusInterface;
+      } else if (mc.canbus_uuid) {
+        entry.canbusUuid = mc.canbus_uuid;
+        entry.canbusInterface = mc.canbus_interface;
+        delete entry.serial;
+      }
+      entry.sources.push("moonflash");
+      known.set(mc.section, entry);
+    }
+    return [...known.values()].sort((a, b) => a.section.localeCompare(b.section));
+  }
+  /** Klipper's [mcu*] sections, or none while Klipper (or Moonraker) is down: moonflash.conf still works then. */
+  async klipperMcus() {
+    if (!this.printer.state().klippyConnected) return [];
+    try {
+      return (await this.printer.mcuReport()).mcus;
+    } catch (err) {
+      this.logger.warn({ err }, "could not read Klipper's MCU sections; using moonflash.conf only");
+      return [];
+    }
+  }
+  async buildPlan(params, log) {
+    const section = mcuSectionName(params.mcu);
+    const klipperMcus = await this.klipperMcus();
+    const klipper = klipperMcus.find((m) => m.section === section);
+    const own2 = this.config.mcus[section];
+    if (!klipper && !own2) throw unknownMcu(params.mcu, section, klipperMcus, this.config.mcus);
+    const fromOwn = !!(own2?.serial || own2?.canbus_uuid);
+    const serial = fromOwn ? own2?.serial ?? void 0 : klipper?.serial;
+    const canbusUuid2 = fromOwn ? own2?.canbus_uuid ?? void 0 : klipper?.canbusUuid;
+    const canbusInterface = fromOwn ? own2.canbus_interface : klipper?.canbusInterface ?? own2?.canbus_interface ?? MCU_DEFAULTS.canbus_interface;
+    const baud = fromOwn ? own2.baud : klipper?.baud ?? own2?.baud ?? MCU_DEFAULTS.baud;
+    if (!serial && !canbusUuid2) {
+      throw new MoonflashError(
+        "DEVICE_NOT_FOUND",
+        `[${section}] has no serial: or canbus_uuid: in Klipper's config or moonflash.conf. Add serial: (or canbus_uuid:) to [${section}] in moonflash.conf.`,
+        { mcu: section }
+      );
+    }
+    const methods = params.method !== void 0 ? parseFlashMethods(params.method) : own2?.method ?? [...serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus];
+    const firmware = resolve2(params.firmware ?? own2?.firmware ?? join7(this.config.moonflash.klipper_path, "out", "klipper.bin"));
+    const expectedMcuType = own2?.mcu_type ?? klipper?.mcuType ?? null;
+    const image = await readFirmware(firmware, own2?.flash_size ?? null, expectedMcuType, section);
+    const deviceRealPath = serial ? await checkDevicePath(serial) : null;
+    const target = {
+      mcu: section,
+      ...serial ? { device: serial } : {},
+      ...canbusUuid2 && !serial ? { canbusUuid: canbusUuid2 } : {},
+      canbusInterface,
+      baud,
+      firmwarePath: firmware,
+      ...expectedMcuType ? { expectedMcuType } : {},
+      bootloader: own2?.bootloader ?? MCU_DEFAULTS.bootloader,
+      klipperPath: this.config.moonflash.klipper_path,
+      ...own2?.kconfig ? { kconfig: resolveKconfig(own2.kconfig, this.config.dataDir) } : {},
+      ...own2?.out_dir ? { outDir: own2.out_dir } : {},
+      wchispTransport: own2?.wchisp_transport ?? MCU_DEFAULTS.wchisp_transport,
+      timeoutMs: (own2?.timeout ?? MCU_DEFAULTS.timeout) * 1e3,
+      flashSize: own2?.flash_size ?? null
+    };
+    const usable = [];
+    const skipped = [];
+    let reportedError = null;
+    for (const method of methods) {
+      try {
+        if (expectedMcuType?.toLowerCase() === "linux" && method !== "make") {
+          throw new MoonflashError(
+            "METHOD_NOT_APPLICABLE",
+            `[${section}] is Klipper's Linux host MCU: ${method} cannot flash it. Use method: make (it runs scripts/flash-linux.sh).`,
+            { mcu: section, method, mcuType: expectedMcuType }
+          );
+        }
+        await this.flashers[method].preflight(target);
+        usable.push(method);
+      } catch (err) {
+        const error2 = toMoonflashError(err);
+        if (!reportedError || reportedError.code === "METHOD_NOT_APPLICABLE" && error2.code !== "METHOD_NOT_APPLICABLE") reportedError = error2;
+        skipped.push({ method, code: error2.code, message: error2.message });
+        log("warn", `${method} skipped: ${error2.message}`);
+      }
+    }
+    if (usable.length === 0 && reportedError) {
+      throw new MoonflashError(reportedError.code, reportedError.message, { ...reportedError.details, skipped }, { cause: reportedError });
+    }
+    const plan = {
+      mcu: section,
+      device: serial ?? `${canbusInterface}:${canbusUuid2}`,
+      device_real_path: deviceRealPath,
+      firmware,
+      firmware_bytes: image.length,
+      methods: usable,
+      skipped,
+      expected_mcu_type: expectedMcuType,
+      target
+    };
+    return { plan, image };
+  }
+  /**
+   * A durable copy of what is about to be flashed, written while Klipper still runs (a full disk stops the job
+   * here). It becomes an entry of the firmware store only once the board holds it (recordImage).
+   */
+  async keepImage(plan, image) {
+    await this.store.stage(plan.mcu, image);
+  }
+  /** The board holds `image` now: the newest store entry. Never fails the flash; a failure is a warning. */
+  async recordImage(plan, image, ctx, rollback) {
+    try {
+      await this.store.add(plan.mcu, image, rollback ? { source: "rollback", sourcePath: rollback.source_path } : { source: "flash", sourcePath: plan.firmware });
+    } catch (err) {
+      ctx.log("warn", `the board was flashed, but moonflash could not record the image for a later rollback: ${toMoonflashError(err).message}`);
+    }
+  }
+};
+
+// src/flash/build/profiles.ts
+import { readFile as readFile7 } from "node:fs/promises";
+import { join as join8 } from "node:path";
+var ARM = { compiler: "arm-none-eabi-gcc", debianPackages: ["gcc-arm-none-eabi", "binutils-arm-none-eabi", "libnewlib-arm-none-eabi"] };
+var ARCHITECTURES = [
+  { symbol: "MACH_AVR", name: "AVR", compiler: "avr-gcc", debianPackages: ["gcc-avr", "binutils-avr", "avr-libc"], images: ["klipper.elf.hex"] },
+  { symbol: "MACH_ATSAM", name: "SAM3/SAM4/SAM E70", ...ARM, images: ["klipper.bin"] },
+  { symbol: "MACH_ATSAMD", name: "SAMC21/SAMD21/SAMD51/SAME5x", ...ARM, images: ["klipper.bin", "klipper.elf.hex"] },
+  { symbol: "MACH_LPC176X", name: "LPC176x", ...ARM, images: ["klipper.bin"] },
+  { symbol: "MACH_STM32", name: "STM32", ...ARM, images: ["klipper.bin"] },
+  { symbol: "MACH_HC32F460", name: "HC32F460", ...ARM, images: ["klipper.bin"] },
+  // src/rp2040/Makefile: klipper.bin with a bootloader (RPXXXX_HAVE_BOOTLOADER), else klipper.uf2.
+  { symbol: "MACH_RPXXXX", name: "RP2040/RP235x", ...ARM, images: ["klipper.bin", "klipper.uf2"] },
+  { symbol: "MACH_PRU", name: "Beaglebone PRU", compiler: "pru-gcc", debianPackages: null, images: ["pru0.elf"] },
+  { symbol: "MACH_AR100", name: "Allwinner AR100", compiler: "or1k-elf-gcc", debianPackages: ["gcc-or1k-elf", "binutils-or1k-elf"], images: ["ar100.bin"] },
+  // The Linux host MCU is a program for this machine: scripts/flash-linux.sh installs klipper.elf.
+  { symbol: "MACH_LINUX", name: "Linux process", compiler: "gcc", debianPackages: ["gcc"], images: ["klipper.elf"] },
+  { symbol: "MACH_SIMU", name: "Host simulator", compiler: "gcc", debianPackages: ["gcc"], images: ["klipper.elf"] }
+];
+function defaultProfileName(section) {
+  return `${mcuUserName(section).replace(/[^\w.-]+/g, "_")}.config`;
+}
+function profileFor(section, settings) {
+  const kconfig = settings.mcus[section]?.kconfig;
+  if (kconfig) return { mcu: section, path: resolveKconfig(kconfig, settings.dataDir), from: "kconfig" };
+  return { mcu: section, path: join8(firmwareProfileDir(settings.dataDir), defaultProfileName(section)), from: "default" };
+}
+function parseProfile(text) {
+  const set = /* @__PURE__ */ new Set();
+  let mcu = null;
+  for (const line of text.split("\n")) {
+    const match = /^CONFIG_(\w+)=(.*)$/.exec(line.trim());
+    if (!match) continue;
+    if (match[2] === "y") set.add(match[1]);
+    if (match[1] === "MCU") mcu = match[2].replace(/^"(.*)"$/, "$1");
+  }
+  return { arch: ARCHITECTURES.find((a) => set.has(a.symbol)) ?? null, mcu };
+}
+function profileHint(section) {
+  const name = mcuUserName(section);
+  return `Create it with \`moonflash config ${name}\` (Klipper's menuconfig), \`moonflash config ${name} --import <.config>\` or \`moonflash config ${name} --suggest --write\``;
+}
+async function readProfile(profile) {
+  const where = profile.from === "kconfig" ? `kconfig: of [${profile.mcu}] in moonflash.conf` : `the default profile of [${profile.mcu}]`;
+  let text;
+  try {
+    text = await readFile7(profile.path, "utf8");
+  } catch (err) {
+    const errno = err.code;
+    const what = errno === "EISDIR" ? "is a directory, not a Kconfig file" : errno === "ENOENT" ? "does not exist" : `cannot be read (${errno ?? String(err)})`;
+    throw new MoonflashError(
+      "MISSING_CONFIG",
+      `The firmware profile ${profile.path} (${where}) ${what}; nothing was built. ${profileHint(profile.mcu)}, or point kconfig: in [${profile.mcu}] at the board's saved .config.`,
+      { mcu: profile.mcu, profile: profile.path, from: profile.from },
+      { cause: err }
+    );
+  }
+  const { arch } = parseProfile(text);
+  if (!arch) {
+    throw new MoonflashError(
+      "MISSING_CONFIG",
+      `The firmware profile ${profile.path} selects no processor architecture (no CONFIG_MACH_\u2026=y line); Klipper would build its default, an atmega2560, from it. Nothing was built. ${profileHint(profile.mcu)}.`,
+      { mcu: profile.mcu, profile: profile.path, from: profile.from, bytes: Buffer.byteLength(text) }
+    );
+  }
+  return { profile, text, arch };
+}
+
+// src/core/printer.ts
+function initialPrinterState() {
+  return {
+    moonrakerConnected: false,
+    klippyConnected: false,
+    klippyState: "disconnected",
+    stateMessage: "",
+    printState: null,
+    idleState: null,
+    klipperService: "klipper",
+    services: {},
+    moonrakerVersion: null
+  };
+}
+
 // src/moonflash-conf.ts
+import { readFile as readFile8 } from "node:fs/promises";
 function moonflashSchema(dataDir) {
   return strictObject({
     moonraker_socket: _default(absolutePath, dataPaths(dataDir).socket),
@@ -8014,7 +11173,7 @@ function parseConfig(text, file, dataDir) {
 async function loadConfig(dataDir, file = dataPaths(dataDir).config) {
   let text;
   try {
-    text = await readFile3(file, "utf8");
+    text = await readFile8(file, "utf8");
   } catch (err) {
     const errno = err.code;
     if (errno === "ENOENT") return { ...parseConfig("", file, dataDir), exists: false };
@@ -8401,13 +11560,13 @@ import { createRequire } from "node:module";
 import { exec } from "child_process";
 import { createGzip } from "zlib";
 import { Writable } from "stream";
-import { access, constants, createReadStream, createWriteStream } from "fs";
-import { mkdir as mkdir3, open as open3, readFile as readFile4, rename as rename2, stat, unlink, writeFile } from "fs/promises";
+import { access as access4, constants, createReadStream, createWriteStream } from "fs";
+import { mkdir as mkdir3, open as open3, readFile as readFile9, rename as rename3, stat as stat8, unlink, writeFile } from "fs/promises";
 import { sep } from "path";
 import { TextDecoder } from "util";
 import { setTimeout as setTimeout2 } from "timers";
 async function exists(filename) {
-  return new Promise((resolve2) => access(filename, constants.F_OK, (error2) => resolve2(!error2)));
+  return new Promise((resolve3) => access4(filename, constants.F_OK, (error2) => resolve3(!error2)));
 }
 var RotatingFileStreamError = class extends Error {
   code = "RFS-TOO-MANY";
@@ -8448,8 +11607,8 @@ var RotatingFileStream = class extends Writable {
     this.fsCreateReadStream = createReadStream;
     this.fsCreateWriteStream = createWriteStream;
     this.fsOpen = open3;
-    this.fsReadFile = readFile4;
-    this.fsStat = stat;
+    this.fsReadFile = readFile9;
+    this.fsStat = stat8;
     this.fsUnlink = unlink;
     this.generator = generator;
     this.maxTimeout = 2147483640;
@@ -8518,10 +11677,10 @@ var RotatingFileStream = class extends Writable {
   async init() {
     const { immutable, initialRotation, interval, size } = this.options;
     if (immutable)
-      return new Promise((resolve2, reject) => process.nextTick(() => this.immutate(true).then(resolve2).catch(reject)));
+      return new Promise((resolve3, reject) => process.nextTick(() => this.immutate(true).then(resolve3).catch(reject)));
     let stats;
     try {
-      stats = await stat(this.filename);
+      stats = await stat8(this.filename);
     } catch (e) {
       if (e.code !== "ENOENT")
         throw e;
@@ -8600,7 +11759,7 @@ var RotatingFileStream = class extends Writable {
     if (compress)
       await this.compress(filename);
     else
-      await rename2(this.filename, filename);
+      await rename3(this.filename, filename);
     return this.rotated(filename);
   }
   async touch(filename) {
@@ -8630,12 +11789,12 @@ var RotatingFileStream = class extends Writable {
         await this.compress(currName);
       else {
         try {
-          await rename2(prevName, currName);
+          await rename3(prevName, currName);
         } catch (e) {
           if (e.code !== "ENOENT")
             throw e;
           await this.makePath(currName);
-          await rename2(prevName, currName);
+          await rename3(prevName, currName);
         }
       }
     }
@@ -8706,10 +11865,10 @@ var RotatingFileStream = class extends Writable {
   async compress(filename) {
     const { compress } = this.options;
     if (typeof compress === "function") {
-      await new Promise((resolve2, reject) => {
+      await new Promise((resolve3, reject) => {
         this.exec(compress(this.filename, filename), (error2, stdout, stderr) => {
           this.emit("external", stdout, stderr);
-          error2 ? reject(error2) : resolve2();
+          error2 ? reject(error2) : resolve3();
         });
       });
     } else
@@ -8722,19 +11881,19 @@ var RotatingFileStream = class extends Writable {
     const inp = this.fsCreateReadStream(this.filename, {});
     const out = this.fsCreateWriteStream(filename, options);
     const zip = this.createGzip();
-    await new Promise((resolve2, reject) => {
+    await new Promise((resolve3, reject) => {
       inp.once("error", reject);
       out.once("error", reject);
       zip.once("error", reject);
-      out.once("finish", resolve2);
+      out.once("finish", resolve3);
       inp.pipe(zip).pipe(out);
     });
     await Promise.all([
-      new Promise((resolve2) => zip.close(resolve2)),
-      new Promise((resolve2) => out.close((err) => {
+      new Promise((resolve3) => zip.close(resolve3)),
+      new Promise((resolve3) => out.close((err) => {
         if (err)
           this.emit("warning", err);
-        resolve2();
+        resolve3();
       }))
     ]);
   }
@@ -8881,7 +12040,7 @@ function checkInterval(value2) {
   return ret;
 }
 var sizeUnits = { B: true, G: true, K: true, M: true };
-function checkSize(value2) {
+function checkSize2(value2) {
   const ret = checkMeasure(value2, "size", sizeUnits);
   if (ret.unit === "K")
     return ret.num * 1024;
@@ -8903,13 +12062,13 @@ var checks = {
   intervalUTC: () => {
   },
   maxFiles: buildNumberCheck("maxFiles"),
-  maxSize: buildStringCheck("maxSize", checkSize),
+  maxSize: buildStringCheck("maxSize", checkSize2),
   mode: () => {
   },
   omitExtension: () => {
   },
   rotate: buildNumberCheck("rotate"),
-  size: buildStringCheck("size", checkSize),
+  size: buildStringCheck("size", checkSize2),
   teeToStdout: () => {
   },
   ...{
@@ -9042,2504 +12201,337 @@ function createLogger(opts) {
   return logger;
 }
 
-// src/flash/engine.ts
-import { existsSync } from "node:fs";
-import { readFile as readFile6, readlink as readlink2, realpath as realpath2, stat as stat7 } from "node:fs/promises";
-import { join as join4, resolve } from "node:path";
-
-// src/flash/discovery.ts
-import { readdir, readFile as readFile5, readlink, realpath, stat as stat3 } from "node:fs/promises";
-import path2 from "node:path";
-
-// src/core/tool.ts
-import { constants as fsConstants } from "node:fs";
-import { access as access2, stat as stat2 } from "node:fs/promises";
-import path from "node:path";
-import { StringDecoder } from "node:string_decoder";
-function toolErrorDetails(options, result) {
-  return {
-    command: options.command,
-    args: [...options.args],
-    exitCode: result.exitCode ?? null,
-    durationMs: Math.round(result.durationMs),
-    stderrTail: [...result.stderrTail]
-  };
+// src/flash/build/builder.ts
+import { existsSync as existsSync2 } from "node:fs";
+import { readFile as readFile10, rm as rm4, stat as stat9 } from "node:fs/promises";
+import { availableParallelism } from "node:os";
+import { join as join9 } from "node:path";
+var TAIL_LINES = 40;
+var DEFAULT_TIMEOUT_MS = 30 * 6e4;
+var QUICK_TOOL_TIMEOUT_MS = 6e4;
+var NICENESS = "10";
+var DICT = "klipper.dict";
+var RECORD = "build.json";
+var COMPILING = /^\s*Compiling\s/;
+function sha256(data) {
+  return process.getBuiltinModule("node:crypto").createHash("sha256").update(data).digest("hex");
 }
-function followStream(stream, tail, tailLines, onLine, onChunk) {
-  if (!stream) return Promise.resolve();
-  const decoder = new StringDecoder("utf8");
-  let pending = "";
-  const emit = (line) => {
-    tail.push(line);
-    if (tail.length > tailLines) tail.shift();
-    onLine?.(line);
-  };
-  const take = (text) => {
-    if (text.length === 0) return;
-    onChunk?.(text);
-    pending += text;
-    let newline = pending.indexOf("\n");
-    while (newline !== -1) {
-      emit(pending.slice(0, newline).replace(/\r$/, ""));
-      pending = pending.slice(newline + 1);
-      newline = pending.indexOf("\n");
-    }
-  };
-  return new Promise((resolve2) => {
-    stream.on("data", (chunk) => take(decoder.write(chunk)));
-    stream.on("error", () => resolve2());
-    stream.on("close", () => {
-      take(decoder.end());
-      if (pending.length > 0) emit(pending.replace(/\r$/, ""));
-      pending = "";
-      resolve2();
-    });
-  });
+function humanBytes(bytes) {
+  return bytes >= 1024 ? `${(bytes / 1024).toFixed(1)} KiB` : `${bytes} bytes`;
 }
-function formatDuration(ms) {
-  return ms < 1e4 ? `${ms} ms` : `${Math.round(ms / 1e3)} s`;
-}
-async function runTool(options) {
-  const tailLines = options.tailLines ?? 40;
-  const name = path.basename(options.command);
-  if (options.signal?.aborted) {
-    throw new MoonflashError("CANCELLED", `Cancelled before ${name} was started; nothing was written.`, {
-      command: options.command,
-      args: [...options.args]
-    });
-  }
-  const stdoutTail = [];
-  const stderrTail = [];
-  const { execa } = await import("./execa.mjs");
-  const subprocess = execa(options.command, [...options.args], {
-    cwd: options.cwd,
-    timeout: options.timeoutMs,
-    cancelSignal: options.signal,
-    reject: false,
-    buffer: false,
-    stdin: "ignore",
-    // Own process group, so what the tool started (make's recipe shell, flash_usb.py, dfu-util) can be
-    // stopped with it instead of lingering and holding our pipes open.
-    detached: true
-  });
-  const pid = subprocess.pid;
-  subprocess.once("exit", () => {
-    if (pid === void 0) return;
-    try {
-      process.kill(-pid, "SIGKILL");
-    } catch {
-    }
-  });
-  const streams = Promise.all([
-    followStream(subprocess.stdout, stdoutTail, tailLines, options.onStdoutLine, options.onStdoutChunk),
-    followStream(subprocess.stderr, stderrTail, tailLines, options.onStderrLine)
-  ]);
-  const result = await subprocess;
-  await streams;
-  const durationMs = result.durationMs;
-  const details = toolErrorDetails(options, { exitCode: result.exitCode, durationMs, stderrTail });
-  if (result.code === "ENOENT") {
-    throw new MoonflashError(
-      "TOOL_NOT_FOUND",
-      `${options.command} was not found. Install it or set its path in moonflash.conf.`,
-      details,
-      { cause: result }
-    );
-  }
-  if (result.code === "EACCES") {
-    throw new MoonflashError(
-      "TOOL_NOT_FOUND",
-      `${options.command} is not executable. Fix its permissions (chmod +x) or set another path in moonflash.conf.`,
-      details,
-      { cause: result }
-    );
-  }
-  if (result.timedOut) {
-    throw new MoonflashError(
-      "TOOL_TIMEOUT",
-      `${name} did not finish within ${formatDuration(options.timeoutMs)} and was stopped. Check the board and its connection, or raise the MCU's timeout in moonflash.conf.`,
-      details
-    );
-  }
-  if (result.isCanceled) {
-    throw new MoonflashError("CANCELLED", `${name} was stopped because the job was cancelled.`, details);
-  }
-  if (result.exitCode === void 0) {
-    const cause = result.signal ? `was killed by ${result.signal}` : `could not be run (${result.shortMessage})`;
-    throw new MoonflashError("FLASH_FAILED", `${name} ${cause}. See moonflash.log for its output.`, details, {
-      cause: result
-    });
-  }
-  return { exitCode: result.exitCode, durationMs, stdoutTail, stderrTail };
-}
-async function findExecutable(command, envPath = process.env.PATH ?? "") {
-  const candidates = command.includes("/") ? [command] : envPath.split(path.delimiter).filter((dir) => dir.length > 0).map((dir) => path.join(dir, command));
-  for (const candidate of candidates) {
-    try {
-      if ((await stat2(candidate)).isFile()) {
-        await access2(candidate, fsConstants.X_OK);
-        return candidate;
-      }
-    } catch {
-    }
-  }
-  return null;
-}
-
-// src/flash/usb-ids.ts
-var USB_IDS = [
-  {
-    vendorId: "1d50",
-    productId: "614e",
-    kind: "klipper",
-    label: "Klipper (USB)",
-    source: "Klipper src/Kconfig USB_DEVICE_ID default; Katapult scripts/flashtool.py KLIPPER_USB_ID"
-  },
-  {
-    vendorId: "1d50",
-    productId: "6177",
-    kind: "katapult",
-    label: "Katapult bootloader (USB)",
-    source: "Katapult src/Kconfig USB_DEVICE_ID; flashtool.py KATAPULT_USB_ID; Moonraker utils/sysfs_devs.py"
-  },
-  {
-    vendorId: "1d50",
-    productId: "606f",
-    kind: "usb-can-bridge",
-    label: "Klipper USB-CAN bridge",
-    source: "Klipper src/Kconfig USB_DEVICE_ID for USBCANBUS; flashtool.py _search_canbus_bridge"
-  },
-  {
-    vendorId: "4348",
-    productId: "55e0",
-    kind: "wch-isp",
-    label: "WCH ISP bootloader (USB)",
-    source: "ch32-rs/wchisp src/transport/usb.rs device ids"
-  },
-  {
-    vendorId: "1a86",
-    productId: "55e0",
-    kind: "wch-isp",
-    label: "WCH ISP bootloader (USB)",
-    source: "ch32-rs/wchisp src/transport/usb.rs device ids"
-  },
-  {
-    vendorId: "0483",
-    productId: "df11",
-    kind: "stm32-dfu",
-    label: "STM32 ROM DFU bootloader",
-    source: "ST AN3156 USB DFU ROM bootloader id; Klipper docs/Bootloaders.md `make flash FLASH_DEVICE=0483:df11`"
-  },
-  {
-    vendorId: "2e8a",
-    productId: "0003",
-    kind: "rp2-boot",
-    label: "RP2040 BOOTSEL",
-    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id"
-  },
-  {
-    vendorId: "2e8a",
-    productId: "000f",
-    kind: "rp2-boot",
-    label: "RP2350 BOOTSEL",
-    source: "Klipper scripts/flash_usb.py flash_rp2040 raw id for rp2350"
-  },
-  {
-    vendorId: "1a86",
-    productId: "7523",
-    kind: "uart-adapter",
-    label: "CH340 USB-UART adapter",
-    source: "Linux drivers/usb/serial/ch341.c id_table"
-  },
-  {
-    vendorId: "10c4",
-    productId: "ea60",
-    kind: "uart-adapter",
-    label: "CP210x USB-UART adapter",
-    source: "Linux drivers/usb/serial/cp210x.c id_table"
-  },
-  {
-    vendorId: "0403",
-    productId: "6001",
-    kind: "uart-adapter",
-    label: "FTDI FT232 USB-UART adapter",
-    source: "Linux drivers/usb/serial/ftdi_sio_ids.h FTDI_8U232AM_PID"
-  },
-  {
-    vendorId: "067b",
-    productId: "2303",
-    kind: "uart-adapter",
-    label: "PL2303 USB-UART adapter",
-    source: "Linux drivers/usb/serial/pl2303.h PL2303_PRODUCT_ID"
-  }
-];
-function normaliseId(id) {
-  if (id === void 0) return void 0;
-  const hex2 = id.trim().toLowerCase().replace(/^0x/, "");
-  return /^[0-9a-f]{1,4}$/.test(hex2) ? hex2.padStart(4, "0") : void 0;
-}
-function classifyUsbDevice(ids) {
-  const vendorId = normaliseId(ids.vendorId);
-  const productId = normaliseId(ids.productId);
-  const row = USB_IDS.find((r) => r.vendorId === vendorId && r.productId === productId);
-  if (row) return { kind: row.kind, label: row.label };
-  const manufacturer = ids.manufacturer?.trim().toLowerCase();
-  if (manufacturer === "klipper") return { kind: "klipper", label: "Klipper (USB, custom id)" };
-  if (manufacturer === "katapult") return { kind: "katapult", label: "Katapult bootloader (USB, custom id)" };
-  if (vendorId !== void 0 && productId !== void 0) {
-    return { kind: "unknown", label: `USB device ${vendorId}:${productId}` };
-  }
-  return { kind: "unknown", label: "Serial port" };
-}
-
-// src/flash/discovery.ts
-async function resolveDevicePath(p) {
-  try {
-    return await realpath(p);
-  } catch {
-    return null;
-  }
-}
-async function readTrimmed(file) {
-  try {
-    const text = (await readFile5(file, "utf8")).trim();
-    return text.length > 0 ? text : void 0;
-  } catch {
-    return void 0;
-  }
-}
-async function listDir(dir) {
-  try {
-    return await readdir(dir);
-  } catch {
-    return [];
-  }
-}
-async function readUsbParent(deviceDir, sysRoot) {
-  let dir = await resolveDevicePath(deviceDir);
-  const stopAt = path2.resolve(sysRoot);
-  while (dir && dir.startsWith(stopAt) && dir !== stopAt) {
-    const vendorId = await readTrimmed(path2.join(dir, "idVendor"));
-    if (vendorId !== void 0) {
-      return {
-        vendorId: vendorId.toLowerCase(),
-        productId: (await readTrimmed(path2.join(dir, "idProduct")))?.toLowerCase(),
-        manufacturer: await readTrimmed(path2.join(dir, "manufacturer")),
-        product: await readTrimmed(path2.join(dir, "product")),
-        serialNumber: await readTrimmed(path2.join(dir, "serial"))
-      };
-    }
-    dir = path2.dirname(dir);
-  }
-  return {};
-}
-async function scanSysfs(sysRoot, devRoot) {
-  const classDir = path2.join(sysRoot, "class", "tty");
-  const found = [];
-  for (const name of await listDir(classDir)) {
-    const ttyDir = path2.join(classDir, name);
-    const deviceDir = path2.join(ttyDir, "device");
-    try {
-      if (!(await stat3(deviceDir)).isDirectory()) continue;
-    } catch {
-      continue;
-    }
-    if (await readTrimmed(path2.join(ttyDir, "type")) === "0") continue;
-    const real = await resolveDevicePath(path2.join(devRoot, name));
-    if (!real) continue;
-    found.push({ path: real, ...await readUsbParent(deviceDir, sysRoot) });
-  }
-  return found;
-}
-async function scanLinks(dir) {
-  const links = [];
-  for (const name of await listDir(dir)) {
-    const link2 = path2.join(dir, name);
-    const real = await resolveDevicePath(link2);
-    if (real) links.push([link2, real]);
-  }
-  return links;
-}
-async function listWithSerialport(timeoutMs, logger) {
-  if (process.platform === "linux" && !await findExecutable("udevadm")) {
-    logger?.debug("udevadm is not on PATH; skipping serialport's device list");
-    return [];
-  }
-  let timer;
-  try {
-    const { SerialPort } = await import("serialport");
-    const ports = await Promise.race([
-      SerialPort.list(),
-      new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`serialport list took longer than ${timeoutMs} ms`)), timeoutMs);
-      })
-    ]);
-    const drafts = [];
-    for (const port of ports) {
-      const real = await resolveDevicePath(port.path);
-      if (!real) continue;
-      drafts.push({
-        path: real,
-        vendorId: port.vendorId?.toLowerCase(),
-        productId: port.productId?.toLowerCase(),
-        manufacturer: port.manufacturer,
-        serialNumber: port.serialNumber,
-        byIdName: port.pnpId
-      });
-    }
-    return drafts;
-  } catch (err) {
-    logger?.warn({ err }, "serialport could not list devices; using sysfs and /dev/serial only");
-    return [];
-  } finally {
-    clearTimeout(timer);
-  }
-}
-function parseMcuTypeFromById(byIdName) {
-  const match = /^usb-(?:klipper|katapult|canboot)_([^_]+)_.+-if\d+$/i.exec(path2.basename(byIdName));
-  return match?.[1];
-}
-async function findHolders(procRoot, paths) {
-  const holders = /* @__PURE__ */ new Map();
-  if (paths.size === 0) return holders;
-  const skipSelf = path2.resolve(procRoot) === "/proc";
-  for (const entry of await listDir(procRoot)) {
-    if (!/^\d+$/.test(entry)) continue;
-    const pid = Number(entry);
-    if (skipSelf && pid === process.pid) continue;
-    const fdDir = path2.join(procRoot, entry, "fd");
-    for (const fd of await listDir(fdDir)) {
-      let target;
-      try {
-        target = await readlink(path2.join(fdDir, fd));
-      } catch {
-        continue;
-      }
-      if (!paths.has(target) || holders.has(target)) continue;
-      const command = await readTrimmed(path2.join(procRoot, entry, "comm")) ?? (await readTrimmed(path2.join(procRoot, entry, "cmdline")))?.split("\0")[0] ?? "?";
-      holders.set(target, { pid, command });
-    }
-  }
-  return holders;
-}
-function mergeInto(target, extra) {
-  for (const [key, value2] of Object.entries(extra)) {
-    if (value2 !== void 0 && target[key] === void 0) {
-      target[key] = value2;
-    }
-  }
-}
-async function discoverDevices(opts = {}) {
-  const devRoot = opts.devRoot ?? "/dev";
-  const sysRoot = opts.sysRoot ?? "/sys";
-  const procRoot = opts.procRoot ?? "/proc";
-  const byRealPath = /* @__PURE__ */ new Map();
-  const add = (draft) => {
-    const existing = byRealPath.get(draft.path);
-    if (existing) {
-      mergeInto(existing, draft);
-      return existing;
-    }
-    byRealPath.set(draft.path, { ...draft });
-    return byRealPath.get(draft.path);
-  };
-  for (const draft of await scanSysfs(sysRoot, devRoot)) add(draft);
-  for (const [link2, real] of await scanLinks(path2.join(devRoot, "serial", "by-id"))) add({ path: real, byId: link2 });
-  for (const [link2, real] of await scanLinks(path2.join(devRoot, "serial", "by-path"))) add({ path: real, byPath: link2 });
-  if (opts.useSerialportList ?? true) {
-    for (const { byIdName, ...draft } of await listWithSerialport(opts.serialportListTimeoutMs ?? 5e3, opts.logger)) {
-      const device = add(draft);
-      if (device.byId === void 0 && byIdName) {
-        const link2 = path2.join(devRoot, "serial", "by-id", byIdName);
-        if (await resolveDevicePath(link2) === device.path) device.byId = link2;
-      }
-    }
-  }
-  const holders = await findHolders(procRoot, new Set(byRealPath.keys()));
-  return [...byRealPath.values()].map((draft) => classify(draft, holders.get(draft.path))).sort((a, b) => a.path.localeCompare(b.path));
-}
-function classify(draft, heldBy) {
-  const mcuType = draft.byId ? parseMcuTypeFromById(draft.byId) : void 0;
-  let { kind, label } = classifyUsbDevice(draft);
-  if (kind === "unknown" && draft.byId) {
-    const runs = /^usb-(klipper|katapult|canboot)_/i.exec(path2.basename(draft.byId))?.[1]?.toLowerCase();
-    if (runs === "klipper") ({ kind, label } = classifyUsbDevice({ manufacturer: "klipper" }));
-    if (runs === "katapult" || runs === "canboot") ({ kind, label } = classifyUsbDevice({ manufacturer: "katapult" }));
-  }
-  const device = { ...draft, kind, label };
-  if (mcuType) device.mcuType = mcuType;
-  if (heldBy) device.heldBy = heldBy;
-  for (const key of Object.keys(device)) {
-    if (device[key] === void 0) delete device[key];
-  }
-  return device;
-}
-async function identifyDevice(devicePath, opts = {}) {
-  const devRoot = opts.devRoot ?? "/dev";
-  const sysRoot = opts.sysRoot ?? "/sys";
-  const real = await resolveDevicePath(devicePath);
-  if (!real) return null;
-  const draft = { path: real, ...await readUsbParent(path2.join(sysRoot, "class", "tty", path2.basename(real), "device"), sysRoot) };
-  draft.byId = (await scanLinks(path2.join(devRoot, "serial", "by-id"))).find(([, target]) => target === real)?.[0];
-  draft.byPath = (await scanLinks(path2.join(devRoot, "serial", "by-path"))).find(([, target]) => target === real)?.[0];
-  return classify(draft);
-}
-function reenumerationCandidates(devicePath, device) {
-  const candidates = [devicePath];
-  const add = (candidate) => {
-    if (candidate && !candidates.includes(candidate)) candidates.push(candidate);
-  };
-  for (const byId of [devicePath, device?.byId]) {
-    if (byId && path2.basename(byId).includes("usb-Klipper_")) {
-      add(path2.join(path2.dirname(byId), path2.basename(byId).replace("usb-Klipper_", "usb-katapult_")));
-    }
-  }
-  add(device?.byPath);
-  return candidates;
-}
-async function mapDevicesToMcus(devices, mcus) {
-  const sectionByPath = /* @__PURE__ */ new Map();
-  for (const mcu of mcus) {
-    if (!mcu.serial) continue;
-    const real = await resolveDevicePath(mcu.serial);
-    const device = real ? devices.find((d) => d.path === real) : devices.find((d) => d.path === mcu.serial || d.byId === mcu.serial || d.byPath === mcu.serial);
-    if (device && !sectionByPath.has(device.path)) sectionByPath.set(device.path, mcu.section);
-  }
-  return devices.map((d) => {
-    const section = sectionByPath.get(d.path);
-    return section ? { ...d, mcu: section } : { ...d };
-  });
-}
-function parseCanQueryOutput(lines) {
-  const nodes = [];
-  for (const line of lines) {
-    const match = /Detected UUID: ([0-9a-f]{12}), Application: (\S+)/i.exec(line);
-    if (match) nodes.push({ uuid: match[1].toLowerCase(), application: match[2] });
-  }
-  return nodes;
-}
-async function discoverCanNodes(opts) {
-  if (opts.printer?.state().moonrakerConnected) {
-    try {
-      return await opts.printer.canbusNodes(opts.iface);
-    } catch (err) {
-      if (!opts.flashtool) {
-        throw new MoonflashError(
-          "DEVICE_NOT_FOUND",
-          `Moonraker could not query CAN interface ${opts.iface} (${err.message}). Check that it exists and is up (ip link show ${opts.iface}).`,
-          { iface: opts.iface },
-          { cause: err }
-        );
-      }
-    }
-  }
-  if (!opts.flashtool) {
-    throw new MoonflashError(
-      "TOOL_NOT_FOUND",
-      "CAN nodes can be listed only through Moonraker or Katapult's flashtool.py: connect to Moonraker or set katapult_path in moonflash.conf.",
-      { iface: opts.iface }
-    );
-  }
-  const stdout = [];
-  let flashError;
-  const args = [opts.flashtool.script, "-i", opts.iface, "-q"];
-  const result = await runTool({
-    command: opts.flashtool.python,
-    args,
-    timeoutMs: opts.timeoutMs ?? 15e3,
-    onStdoutLine: (line) => stdout.push(line),
-    onStderrLine: (line) => {
-      flashError ??= /(?:^|\.)FlashError: (.*)$/.exec(line)?.[1];
-    }
-  });
-  if (result.exitCode !== 0) {
-    const reason = flashError ?? result.stderrTail.at(-1) ?? `exit code ${result.exitCode}`;
-    const details = { command: opts.flashtool.python, args, exitCode: result.exitCode, stderrTail: result.stderrTail };
-    if (/Unable to bind socket/i.test(reason)) {
-      throw new MoonflashError(
-        "DEVICE_NOT_FOUND",
-        `CAN interface ${opts.iface} is not available (${reason}). Check that it exists and is up (ip link show ${opts.iface}).`,
-        details
-      );
-    }
-    throw new MoonflashError("PROTOCOL_ERROR", `flashtool.py could not query CAN nodes on ${opts.iface}: ${reason}`, details);
-  }
-  return parseCanQueryOutput(stdout);
-}
-
-// src/flash/katapult/flasher.ts
-import { stat as stat5 } from "node:fs/promises";
-
-// src/flash/link.ts
-import { fstatSync, readSync, statSync, writeSync } from "node:fs";
-import { stat as stat4 } from "node:fs/promises";
-var ByteLinkBase = class {
-  dataListeners = /* @__PURE__ */ new Set();
-  closeListeners = /* @__PURE__ */ new Set();
-  closed = false;
-  get isOpen() {
-    return !this.closed;
-  }
-  onData(listener) {
-    this.dataListeners.add(listener);
-    return () => this.dataListeners.delete(listener);
-  }
-  onClose(listener) {
-    this.closeListeners.add(listener);
-    return () => this.closeListeners.delete(listener);
-  }
-  emitData(chunk) {
-    if (this.closed) return;
-    for (const listener of [...this.dataListeners]) listener(chunk);
-  }
-  markClosed(error2) {
-    if (this.closed) return;
-    this.closed = true;
-    for (const listener of [...this.closeListeners]) listener(error2);
-    this.closeListeners.clear();
-    this.dataListeners.clear();
-  }
-};
-async function openSerialLink(path6, baud, options = {}) {
-  const port = await openSerialPort(path6, baud, { lock: options.lock ?? true });
-  const access5 = options.ignoreBindingInternals ? { missing: "ignored by the caller" } : directAccess(port, path6);
-  if ("polled" in access5) return new PolledSerialLink(path6, access5.polled);
-  announceFallback(options.logger, path6, access5.missing);
-  return new BindingSerialLink(path6, port);
-}
-async function openSerialPort(path6, baud, options) {
-  try {
-    await stat4(path6);
-  } catch (err) {
-    throw new MoonflashError(
-      "DEVICE_NOT_FOUND",
-      `No serial device at ${path6}. Check the cable and the [mcu] serial setting (ls /dev/serial/by-id/).`,
-      { device: path6 },
-      { cause: err }
-    );
-  }
-  const { SerialPort } = await import("serialport");
-  try {
-    return await SerialPort.binding.open({ path: path6, baudRate: baud, lock: options.lock });
-  } catch (err) {
-    throw openError(path6, err);
-  }
-}
-function closeSerialPort(port) {
-  return port.isOpen ? port.close().catch(() => void 0) : Promise.resolve();
-}
-function directAccess(port, path6) {
-  const { fd, poller } = port;
-  if (typeof fd !== "number" || !Number.isInteger(fd) || fd < 0) return { missing: `the binding has no file descriptor (fd: ${String(fd)})` };
-  if (typeof poller?.once !== "function") return { missing: "the binding has no poller with once()" };
-  try {
-    if (fstatSync(fd).rdev !== statSync(path6).rdev) return { missing: `the binding's fd ${fd} is not ${path6}` };
-  } catch (err) {
-    return { missing: `the binding's fd ${fd} cannot be examined (${err.message})` };
-  }
-  return { polled: port };
-}
-var fallbackAnnounced = /* @__PURE__ */ new WeakSet();
-function announceFallback(logger, path6, reason) {
-  if (!logger || fallbackAnnounced.has(logger)) return;
-  fallbackAnnounced.add(logger);
-  logger.warn(
-    { device: path6, reason },
-    `Serial I/O uses serialport's public read/write (slower per exchange): ${reason}. Run npm ci in the moonflash directory to get the pinned @serialport/bindings-cpp back.`
-  );
-}
-var RETRY_CODES = /* @__PURE__ */ new Set(["EAGAIN", "EWOULDBLOCK", "EINTR"]);
-var SerialLink = class extends ByteLinkBase {
-  constructor(description, port) {
-    super();
-    this.description = description;
-    this.port = port;
-  }
-  description;
-  port;
-  closing;
-  lastWrite = Promise.resolve();
-  write(bytes) {
-    const written = this.lastWrite.then(() => this.writeWhole(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)));
-    this.lastWrite = written.catch(() => void 0);
-    return written;
-  }
-  async close() {
-    await this.release();
-    this.markClosed();
-  }
-  /** Closed, closing or lost: no more reads or writes. */
-  get stopped() {
-    return !this.isOpen || this.closing !== void 0;
-  }
-  /** The device went away: report it once and release the port. */
-  lost(error2) {
-    if (this.stopped) return;
-    this.markClosed(error2);
-    void this.release();
-  }
-  /** Closes the port once; the binding then cancels our pending waits (ignored, we asked for it). */
-  release() {
-    this.closing ??= closeSerialPort(this.port);
-    return this.closing;
-  }
-};
-var PolledSerialLink = class extends SerialLink {
-  readBuffer = Buffer.allocUnsafe(4096);
-  writableWaiters = /* @__PURE__ */ new Set();
-  constructor(description, port) {
-    super(description, port);
-    this.onClose(() => {
-      for (const wake of [...this.writableWaiters]) wake();
-    });
-    port.poller.once("disconnect", (err) => {
-      if (!isCancelled(err)) this.lost(err ?? new Error(`${description} disconnected`));
-    });
-    this.armRead();
-  }
-  async writeWhole(buffer) {
-    let offset = 0;
-    while (offset < buffer.length) {
-      if (this.stopped || this.port.fd === null) throw linkClosedError(this.description);
-      try {
-        offset += writeSync(this.port.fd, buffer, offset);
-      } catch (err) {
-        if (!RETRY_CODES.has(err.code ?? "")) {
-          this.lost(err);
-          throw linkClosedError(this.description, err);
-        }
-        await this.writable();
-      }
-    }
-  }
-  armRead() {
-    this.port.poller.once("readable", (err) => {
-      if (isCancelled(err)) return;
-      if (err) return this.lost(err);
-      this.readAvailable();
-    });
-  }
-  readAvailable() {
-    while (!this.stopped && this.port.fd !== null) {
-      let count;
-      try {
-        count = readSync(this.port.fd, this.readBuffer, 0, this.readBuffer.length, null);
-      } catch (err) {
-        if (RETRY_CODES.has(err.code ?? "")) break;
-        return this.lost(err);
-      }
-      if (count === 0) return this.lost(new Error(`${this.description} hung up`));
-      this.emitData(Buffer.from(this.readBuffer.subarray(0, count)));
-    }
-    if (!this.stopped) this.armRead();
-  }
-  writable() {
-    return new Promise((resolve2) => {
-      const wake = () => {
-        this.writableWaiters.delete(wake);
-        resolve2();
-      };
-      this.writableWaiters.add(wake);
-      this.port.poller.once("writable", wake);
-    });
-  }
-};
-var BindingSerialLink = class extends SerialLink {
-  readBuffer = Buffer.allocUnsafe(4096);
-  constructor(description, port) {
-    super(description, port);
-    void this.readLoop();
-  }
-  async writeWhole(buffer) {
-    if (this.stopped) throw linkClosedError(this.description);
-    try {
-      await this.port.write(buffer);
-    } catch (err) {
-      this.lost(err);
-      throw linkClosedError(this.description, err);
-    }
-  }
-  /**
-   * Reads until the link stops. The binding retries a read of 0 bytes (a tty hang-up) itself, so a vanished USB
-   * device shows as the next write's EIO; a pty's vanished master as EIO here.
-   */
-  async readLoop() {
-    while (!this.stopped) {
-      let bytesRead;
-      try {
-        ({ bytesRead } = await this.port.read(this.readBuffer, 0, this.readBuffer.length));
-      } catch (err) {
-        if (!isCancelled(err)) this.lost(err);
-        return;
-      }
-      this.emitData(Buffer.from(this.readBuffer.subarray(0, bytesRead)));
-    }
-  }
-};
-function isCancelled(err) {
-  return err?.canceled === true;
-}
-function linkClosedError(description, cause) {
-  return new MoonflashError(
-    "DEVICE_NOT_FOUND",
-    `The serial link to ${description} is closed (the device disconnected or reset). Check the cable and that the board is powered, then flash again.`,
-    { device: description, disconnected: true },
-    { cause }
-  );
-}
-function openError(path6, err) {
-  const text = err.message;
-  if (/cannot lock port|resource temporarily unavailable/i.test(text)) {
-    return new MoonflashError(
-      "DEVICE_IN_USE",
-      `${path6} is held open by another program (Klipper?). Stop it before flashing.`,
-      { device: path6 },
-      { cause: err }
-    );
-  }
-  if (/permission denied/i.test(text)) {
-    return new MoonflashError(
-      "DEVICE_PERMISSION",
-      `moonflash may not open ${path6} (permission denied): add the user moonflash runs as to the dialout group (sudo usermod -aG dialout $USER, then log in again or restart the service).`,
-      { device: path6 },
-      { cause: err }
-    );
-  }
-  if (/no such file/i.test(text)) {
-    return new MoonflashError("DEVICE_NOT_FOUND", `No serial device at ${path6}. Check the cable and the [mcu] serial setting.`, { device: path6 }, { cause: err });
-  }
-  return new MoonflashError("DEVICE_NOT_FOUND", `Could not open ${path6}: ${text}`, { device: path6 }, { cause: err });
-}
-
-// src/flash/mcu-flash.ts
-var STM32 = "Klipper src/stm32/Kconfig";
-var RP = "Klipper src/rp2040/Kconfig";
-var LPC = "Klipper src/lpc176x/Kconfig";
-var SAMD = "Klipper src/atsamd/Kconfig";
-var SAM = "Klipper src/atsam/Kconfig";
-var HC32 = "Klipper src/hc32f460/Kconfig";
-var KiB = 1024;
-var TABLE = [
-  // STM32: FLASH_BOOT_ADDRESS 0x8000000. wholeFlash where the family's largest part has FLASH_SIZE.
-  ["stm32f031x6", 32 * KiB, 134217728, true, STM32],
-  // F031x4/x6: 16/32 KiB
-  ["stm32f042x6", 32 * KiB, 134217728, true, STM32],
-  // F042x4/x6: 16/32 KiB
-  ["stm32f070xb", 128 * KiB, 134217728, true, STM32],
-  // F070x6/xB: 32/128 KiB (the x6 option links 32 KiB)
-  ["stm32f072xb", 128 * KiB, 134217728, true, STM32],
-  // F072x8/xB: 64/128 KiB
-  // Every STM32F103 (64 KiB linked, "Flash size of stm32f103x8") and the Nation N32G45x (128 KiB linked); parts to 1 MiB.
-  ["stm32f103xe", 128 * KiB, 134217728, false, STM32],
-  ["stm32f207xx", 256 * KiB, 134217728, false, STM32],
-  // F207: to 1 MiB
-  ["stm32f401xc", 256 * KiB, 134217728, false, STM32],
-  // F401xB..xE: to 512 KiB
-  ["stm32f405xx", 512 * KiB, 134217728, false, STM32],
-  // F405xG: 1 MiB
-  ["stm32f407xx", 512 * KiB, 134217728, false, STM32],
-  // F407xE/xG: 512 KiB / 1 MiB
-  ["stm32f429xx", 512 * KiB, 134217728, false, STM32],
-  // F429: to 2 MiB
-  ["stm32f446xx", 512 * KiB, 134217728, true, STM32],
-  // F446xC/xE: 256/512 KiB
-  ["stm32f765xx", 2048 * KiB, 134217728, true, STM32],
-  // F765xG/xI: 1/2 MiB
-  ["stm32g070xx", 128 * KiB, 134217728, true, STM32],
-  // G070xB: 128 KiB
-  ["stm32g071xx", 128 * KiB, 134217728, true, STM32],
-  // G071x6..xB: to 128 KiB
-  ["stm32g0b0xx", 128 * KiB, 134217728, false, STM32],
-  // G0B0xE: 512 KiB
-  ["stm32g0b1xx", 128 * KiB, 134217728, false, STM32],
-  // G0B1xB..xE: to 512 KiB
-  ["stm32g431xx", 128 * KiB, 134217728, true, STM32],
-  // G431x6..xB: to 128 KiB
-  ["stm32g474xx", 256 * KiB, 134217728, false, STM32],
-  // G474xB..xE: to 512 KiB
-  ["stm32h723xx", 256 * KiB, 134217728, false, STM32],
-  // H723xE/xG: 512 KiB / 1 MiB
-  ["stm32h743xx", 2048 * KiB, 134217728, true, STM32],
-  // H743xG/xI: 1/2 MiB
-  ["stm32h750xx", 128 * KiB, 134217728, true, STM32],
-  // H750xB: 128 KiB
-  ["stm32l412xx", 64 * KiB, 134217728, false, STM32],
-  // L412x8/xB: 64/128 KiB
-  // RP2040/RP2350: external QSPI flash at 0x10000000 (FLASH_BOOT_ADDRESS 0x10000100 on rp2040 is after its stage2).
-  ["rp2040", 2048 * KiB, 268435456, true, RP],
-  ["rp2350", 2048 * KiB, 268435456, true, RP],
-  // LPC176x: FLASH_BOOT_ADDRESS 0; both parts have 512 KiB.
-  ["lpc1768", 512 * KiB, 0, true, LPC],
-  ["lpc1769", 512 * KiB, 0, true, LPC],
-  // SAMC21/SAMD21/SAMD51/SAME5x: FLASH_BOOT_ADDRESS 0; the part number names the flash (15: 32 KiB, 18: 256 KiB, 19: 512 KiB, 20: 1 MiB).
-  ["samc21g18a", 256 * KiB, 0, true, SAMD],
-  ["samd21g18a", 256 * KiB, 0, true, SAMD],
-  ["samd21e18a", 256 * KiB, 0, true, SAMD],
-  ["samd21j18a", 256 * KiB, 0, true, SAMD],
-  ["samd21e15a", 32 * KiB, 0, true, SAMD],
-  ["samd51g19a", 512 * KiB, 0, true, SAMD],
-  ["samd51j19a", 512 * KiB, 0, true, SAMD],
-  ["samd51n19a", 512 * KiB, 0, true, SAMD],
-  ["samd51p20a", 1024 * KiB, 0, true, SAMD],
-  ["same51j19a", 512 * KiB, 0, true, SAMD],
-  ["same51n19a", 512 * KiB, 0, true, SAMD],
-  ["same54p20a", 1024 * KiB, 0, true, SAMD],
-  // SAM3X/SAM4: flash begins where FLASH_APPLICATION_ADDRESS defaults to without a bootloader (0x80000, 0x400000).
-  ["sam3x8e", 512 * KiB, 524288, true, SAM],
-  ["sam3x8c", 512 * KiB, 524288, true, SAM],
-  ["sam4s8c", 512 * KiB, 4194304, true, SAM],
-  ["sam4e8e", 512 * KiB, 4194304, true, SAM],
-  // SAME70Q20B: Klipper links 128 KiB at 0 (the flash's ITCM mirror); the chip has 1 MiB.
-  ["same70q20b", 128 * KiB, 0, false, SAM],
-  // HC32F460xC/xE: 256/512 KiB.
-  ["hc32f460", 256 * KiB, 0, false, HC32]
-];
-var BY_TYPE = new Map(
-  TABLE.map(([type, flashSize, flashBase, wholeFlash, source]) => [type, Object.freeze({ flashSize, flashBase, wholeFlash, source })])
-);
-function mcuFlash(mcuType) {
-  return BY_TYPE.get(mcuType.trim().toLowerCase());
-}
-
-// src/flash/mcu-name.ts
-function mcuUserName(section) {
-  const words = section.trim().split(/\s+/).filter(Boolean);
-  if (words[0] === "mcu" && words.length > 1) words.shift();
-  return words.join(" ") || "mcu";
-}
-function flashCommandsFor(section) {
-  const name = mcuUserName(section);
-  return `FLASH_MCU MCU=${name} in a macro, or moonflash flash ${name}`;
-}
-
-// src/flash/katapult/bootloader-request.ts
-async function requestUsbBootloader(path6) {
-  const port = await openSerialPort(path6, 1200, { lock: false });
-  await port.set(modemLines(true)).catch(() => void 0);
-  await port.set(modemLines(false)).catch(() => void 0);
-  await closeSerialPort(port);
-}
-function modemLines(dtr) {
-  return { brk: false, cts: false, dtr, rts: true };
-}
-async function sendSerialBootloaderRequest(path6, baud) {
-  const port = await openSerialPort(path6, baud, { lock: true });
-  try {
-    await port.write(Buffer.from(SERIAL_BOOTLOADER_REQUEST));
-    await port.drain();
-  } finally {
-    await closeSerialPort(port);
-  }
-}
-
-// src/flash/katapult/image.ts
-var MAX_DICTIONARY_BYTES = 4 * 1024 * 1024;
-function detectImageMcu(image) {
-  const buf = Buffer.from(image.buffer, image.byteOffset, image.byteLength);
-  for (let offset = 0; offset + 2 <= buf.length; offset++) {
-    if (!isZlibHeader(buf[offset], buf[offset + 1])) continue;
-    const found = tryDictionaryAt(buf, offset);
-    if (found) return found;
-  }
-  return null;
-}
-function isZlibHeader(cmf, flg) {
-  return (cmf & 15) === 8 && cmf >> 4 <= 7 && (flg & 32) === 0 && (cmf << 8 | flg) % 31 === 0;
-}
-function tryDictionaryAt(buf, offset) {
-  let text;
-  try {
-    text = process.getBuiltinModule("node:zlib").inflateSync(buf.subarray(offset), { maxOutputLength: MAX_DICTIONARY_BYTES }).toString("utf8");
-  } catch {
-    return null;
-  }
-  if (!text.startsWith("{")) return null;
-  try {
-    const dict = JSON.parse(text);
-    const mcu = dict.config?.MCU;
-    if (typeof mcu === "string" && typeof dict.version === "string") return { mcu, version: dict.version };
-  } catch {
-    return null;
-  }
-  return null;
-}
-
-// src/flash/katapult/session.ts
-var DEFAULT_KATAPULT_TIMINGS = Object.freeze({
-  tries: 5,
-  timeoutMs: 2e3,
-  blockTries: 3,
-  blockTimeoutMs: 5e3,
-  addressMismatchTries: 3,
-  addressMismatchDelayMs: 100,
-  drainMs: 250,
-  retryDelayMs: 500,
-  busyDelayMs: 1500
-});
-var CONNECT_HINT = "is the board in its bootloader, is Klipper stopped, is the baud right?";
-var DEVICE_TRANSMIT_BUFFER = 96;
-function readAheadLead(blockSize) {
-  const reply = FRAME_OVERHEAD + 8 + blockSize;
-  const request = FRAME_OVERHEAD + 4;
-  const lead = 2 * reply - DEVICE_TRANSMIT_BUFFER - request;
-  return lead < reply ? lead : null;
-}
-function startsBlockAck(partial2) {
-  return partial2.length >= 4 && partial2[2] === Response.ACK && partial2[3] === 2;
-}
-var KatapultSession = class {
-  constructor(link2, options = {}) {
-    this.link = link2;
-    this.timings = Object.freeze({ ...DEFAULT_KATAPULT_TIMINGS, ...options.timings });
-    this.signal = options.signal;
-    this.log = options.log ?? (() => void 0);
-    this.unsubscribe = [
-      link2.onData((chunk) => {
-        this.items.push(...this.decoder.push(chunk));
-        this.notify();
-      }),
-      link2.onClose((error2) => {
-        this.closedError = error2 ?? new Error("link closed");
-        this.notify();
-      })
-    ];
-    if (!link2.isOpen) this.closedError = new Error("link closed");
-  }
-  link;
-  timings;
-  decoder = new FrameDecoder();
-  items = [];
-  wake = null;
-  closedError = null;
-  signal;
-  log;
-  unsubscribe;
-  info = null;
-  /** The CONNECT reply, once connect() succeeded. */
-  get connectInfo() {
-    return this.info;
-  }
-  /** Stops listening to the link (the link itself belongs to the caller). */
-  dispose() {
-    for (const off of this.unsubscribe) off();
-  }
-  /**
-   * Sends one command and returns the ACK payload after the echoed command word. Retries on timeout, NACK,
-   * ERROR, BUSY, corrupt frames and a wrong echoed id; throws DEVICE_TIMEOUT when no try got any reply,
-   * PROTOCOL_ERROR otherwise, DEVICE_NOT_FOUND when the link closes, CANCELLED when the signal aborts.
-   */
-  async sendCommand(cmd, payload = new Uint8Array(0), options = {}) {
-    return this.retryCommand(cmd, payload, options);
-  }
-  async retryCommand(cmd, payload, options, first) {
-    const tries = options.tries ?? this.timings.tries;
-    const timeoutMs = options.timeoutMs ?? this.timings.timeoutMs;
-    const name = commandName(cmd);
-    const frame = encodeFrame(cmd, payload);
-    let last = { ok: false, kind: "timeout", text: "no reply" };
-    let anyReply = false;
-    for (let attempt = 1; attempt <= tries; attempt++) {
-      let outcome;
-      if (attempt === 1 && first) {
-        outcome = first.outcome;
-      } else {
-        this.throwIfAborted();
-        await this.write(frame, name);
-        outcome = await this.awaitReply(cmd, timeoutMs, name);
-      }
-      if (outcome.ok) return outcome.payload;
-      last = outcome;
-      if (outcome.kind !== "timeout") anyReply = true;
-      const remaining = tries - attempt;
-      this.log(outcome.kind === "timeout" ? "info" : "debug", `Katapult ${name}: ${outcome.text}, ${remaining} tries remaining`);
-      if (remaining === 0) break;
-      await this.pauseAfterFailedTry(outcome.kind, attempt === 1 && first?.aheadInFlight === true);
-    }
-    if (!anyReply) {
-      const hint = cmd === Command.CONNECT ? CONNECT_HINT : "the board stopped answering; check the cable and power, then flash again.";
-      throw new MoonflashError("DEVICE_TIMEOUT", `Katapult did not answer ${name} after ${tries} tries: ${hint}`, {
-        command: name,
-        tries,
-        timeoutMs,
-        device: this.link.description
-      });
-    }
-    const advice = cmd === Command.CONNECT || cmd === Command.COMPLETE ? "Power-cycle the board and flash again." : "Flash again.";
-    throw new MoonflashError(
-      "PROTOCOL_ERROR",
-      `Katapult refused ${name} ${tries} times (last: ${last.text}). ${advice}`,
-      { command: name, tries, lastReply: last.kind, device: this.link.description }
-    );
-  }
-  /** CONNECT: learns block size, application start and MCU type. */
-  async connect() {
-    const payload = await this.sendCommand(Command.CONNECT);
-    let info;
-    try {
-      info = decodeConnect(payload);
-    } catch (err) {
-      throw new MoonflashError("PROTOCOL_ERROR", `Katapult sent a malformed CONNECT reply (${err.message}). Update Katapult on the board.`, { device: this.link.description }, { cause: err });
-    }
-    if (!VALID_BLOCK_SIZES.includes(info.blockSize)) {
-      throw new MoonflashError(
-        "PROTOCOL_ERROR",
-        `Katapult reported block size ${info.blockSize}; only ${VALID_BLOCK_SIZES.join(", ")} are valid. Rebuild Katapult with a supported block size.`,
-        { blockSize: info.blockSize, device: this.link.description }
-      );
-    }
-    this.info = info;
-    return info;
-  }
-  /**
-   * Writes the image block by block from the application start; the last block is padded with 0xFF. The next
-   * block goes out as soon as the current one's ACK begins (startsBlockAck); anything unexpected discards the reply
-   * to a block sent ahead and writes that block flashtool's way (a block the board already holds is acknowledged
-   * again without programming: Katapult ignores identical retransmits).
-   */
-  async writeImage(image, onBlock) {
-    const { blockSize, appStartAddress } = this.requireInfo();
-    const total = Math.ceil(image.length / blockSize);
-    const sha = process.getBuiltinModule("node:crypto").createHash("sha1");
-    let sent = -1;
-    const send = async (index) => {
-      const address = appStartAddress + index * blockSize;
-      await this.write(encodeFrame(Command.SEND_BLOCK, Buffer.concat([u32le(address), paddedBlock(image, index, blockSize)])), "SEND_BLOCK");
-      sent = index;
-    };
-    for (let index = 0; index < total; index++) {
-      const block = paddedBlock(image, index, blockSize);
-      sha.update(block);
-      const address = appStartAddress + index * blockSize;
-      const ahead = index + 1 < total ? { ready: startsBlockAck, send: () => send(index + 1) } : void 0;
-      let outcome;
-      try {
-        if (sent < index) await send(index);
-        outcome = await this.awaitReply(Command.SEND_BLOCK, this.timings.blockTimeoutMs, "SEND_BLOCK", ahead);
-      } catch (err) {
-        throw asWriteFailure(err, address);
-      }
-      if (!(outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address)) {
-        await this.writeBlock(address, block, { outcome, aheadInFlight: sent > index });
-        sent = index;
-      }
-      onBlock?.(index + 1, total);
-    }
-    return { blocks: total, paddedBytes: total * blockSize, sha1: sha.digest("hex") };
-  }
-  /** SEND_EOF: the bootloader flushes its page buffer and reports the number of flash pages written. */
-  async sendEof() {
-    let reply;
-    try {
-      reply = await this.sendCommand(Command.SEND_EOF);
-    } catch (err) {
-      throw asWriteFailure(err, null);
-    }
-    return reply.length >= 4 ? reply.readUInt32LE(0) : 0;
-  }
-  /**
-   * Reads every block back and compares it with the padded image; VERIFY_FAILED names the first bad address.
-   * Each block is requested ahead as readAheadLead() allows; anything unexpected (a timeout, NACK, BUSY, a corrupt
-   * or misaddressed reply) discards the reply to the request sent ahead and reads that block flashtool's way.
-   */
-  async verify(image, onBlock) {
-    const { blockSize, appStartAddress } = this.requireInfo();
-    const total = Math.ceil(image.length / blockSize);
-    const lead = readAheadLead(blockSize);
-    const { createHash } = process.getBuiltinModule("node:crypto");
-    const expectedSha = createHash("sha1");
-    const receivedSha = createHash("sha1");
-    let firstBadAddress = null;
-    let requested = -1;
-    const request = async (index) => {
-      await this.write(encodeFrame(Command.REQUEST_BLOCK, u32le(appStartAddress + index * blockSize)), "REQUEST_BLOCK");
-      requested = index;
-    };
-    for (let index = 0; index < total; index++) {
-      const address = appStartAddress + index * blockSize;
-      const expected2 = paddedBlock(image, index, blockSize);
-      if (requested < index) await request(index);
-      const ahead = lead !== null && index + 1 < total ? { ready: (partial2) => partial2.length >= lead, send: () => request(index + 1) } : void 0;
-      const outcome = await this.awaitReply(Command.REQUEST_BLOCK, this.timings.timeoutMs, "REQUEST_BLOCK", ahead);
-      let received;
-      if (outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address) {
-        received = outcome.payload.subarray(4);
-      } else {
-        received = await this.readBlock(address, index, { outcome, aheadInFlight: requested > index });
-        requested = index;
-      }
-      expectedSha.update(expected2);
-      receivedSha.update(received);
-      if (firstBadAddress === null && !expected2.equals(received)) firstBadAddress = address + firstDifference(expected2, received);
-      onBlock?.(index + 1, total);
-    }
-    const expectedHex = expectedSha.digest("hex");
-    const receivedHex = receivedSha.digest("hex");
-    if (firstBadAddress !== null || expectedHex !== receivedHex) {
-      throw new MoonflashError(
-        "VERIFY_FAILED",
-        `Read-back verification failed: expected SHA-1 ${expectedHex}, received ${receivedHex}, first difference at flash address ${hex(firstBadAddress ?? appStartAddress)}. The board's flash may be worn or the link noisy: flash again, and replace the board if it keeps failing.`,
-        { expectedSha1: expectedHex, receivedSha1: receivedHex, firstBadAddress: firstBadAddress === null ? null : hex(firstBadAddress) }
-      );
-    }
-    return { blocks: total, sha1: receivedHex };
-  }
-  /** COMPLETE: the bootloader jumps to the application about 100 ms later. */
-  async complete() {
-    await this.sendCommand(Command.COMPLETE);
-  }
-  /** SEND_BLOCK with flashtool's retries: block tries per send, inside a loop that re-sends on a wrong echoed address. */
-  async writeBlock(address, block, first) {
-    let echoed = -1;
-    for (let attempt = 1; attempt <= this.timings.addressMismatchTries; attempt++) {
-      let reply;
-      try {
-        reply = await this.replyFor(Command.SEND_BLOCK, Buffer.concat([u32le(address), block]), { tries: this.timings.blockTries, timeoutMs: this.timings.blockTimeoutMs }, attempt === 1 ? first : void 0);
-      } catch (err) {
-        throw asWriteFailure(err, address);
-      }
-      echoed = reply.length >= 4 ? reply.readUInt32LE(0) : -1;
-      if (echoed === address) return;
-      this.log("info", `Katapult SEND_BLOCK: expected address ${hex(address)}, bootloader echoed ${hex(echoed)}`);
-      await this.sleep(this.timings.addressMismatchDelayMs);
-    }
-    throw new MoonflashError(
-      "FLASH_FAILED",
-      `Flash write failed, flash address ${hex(address)}: the bootloader kept acknowledging another address (${hex(echoed)}). Flash again.`,
-      { address: hex(address), echoedAddress: hex(echoed) }
-    );
-  }
-  /**
-   * The reply of one retried command; a pipelined first try counts as its first try. An ACK from that try is
-   * returned as it is (the caller checks its address), after the reply to the request sent ahead is discarded.
-   */
-  async replyFor(cmd, payload, options, first) {
-    if (!first) return this.retryCommand(cmd, payload, options);
-    const { outcome, aheadInFlight } = first;
-    if (outcome.ok) {
-      if (aheadInFlight) await this.drain(this.timings.drainMs);
-      return outcome.payload;
-    }
-    return this.retryCommand(cmd, payload, options, { outcome, aheadInFlight });
-  }
-  /** REQUEST_BLOCK with flashtool's retries, inside a loop that asks again on a wrong echoed address. */
-  async readBlock(address, index, first) {
-    for (let attempt = 1; attempt <= this.timings.addressMismatchTries; attempt++) {
-      const reply = await this.replyFor(Command.REQUEST_BLOCK, u32le(address), {}, attempt === 1 ? first : void 0);
-      const echoed = reply.length >= 4 ? reply.readUInt32LE(0) : -1;
-      if (echoed === address) return reply.subarray(4);
-      this.log("info", `Katapult REQUEST_BLOCK: expected address ${hex(address)}, bootloader echoed ${hex(echoed)}`);
-      await this.sleep(this.timings.addressMismatchDelayMs);
-    }
-    throw new MoonflashError("PROTOCOL_ERROR", `Block Request Error, block ${index} (flash address ${hex(address)}): the bootloader returned other blocks. Flash again.`, {
-      block: index,
-      address: hex(address)
-    });
-  }
-  requireInfo() {
-    if (!this.info) throw new MoonflashError("INTERNAL", "Katapult session used before connect().");
-    return this.info;
-  }
-  async write(frame, name) {
-    if (this.closedError) throw this.closedLinkError(name);
-    try {
-      await this.link.write(frame);
-    } catch (err) {
-      throw this.closedLinkError(name, err);
-    }
-  }
-  closedLinkError(name, cause = this.closedError) {
-    if (isMoonflashError(cause)) return cause;
-    return new MoonflashError(
-      "DEVICE_NOT_FOUND",
-      `The link to ${this.link.description} closed during ${name}: the device disconnected or reset. Check the cable and power, then flash again.`,
-      { command: name, device: this.link.description, disconnected: true },
-      { cause }
-    );
-  }
-  /**
-   * Waits for the reply to `cmd`: the first whole frame decides; garbage before it is skipped. With `ahead`, the
-   * next request goes out as soon as the part of this reply received so far satisfies `ahead.ready` (at most once).
-   */
-  async awaitReply(cmd, timeoutMs, name, ahead) {
-    const deadline = Date.now() + timeoutMs;
-    let sentAhead = false;
-    while (true) {
-      const item = this.items.shift();
-      if (item) {
-        if ("fault" in item) {
-          if (item.fault.kind === "garbage-skipped") continue;
-          return { ok: false, kind: "bad-frame", text: `corrupt reply (${item.fault.kind})` };
-        }
-        const { frame } = item;
-        switch (frame.cmd) {
-          case Response.ACK: {
-            const echoed = frame.payload.length >= 4 ? frame.payload.readUInt32LE(0) : -1;
-            if (echoed !== cmd) return { ok: false, kind: "wrong-echo", text: `ACK for ${commandName(echoed)} instead of ${name}` };
-            return { ok: true, payload: frame.payload.subarray(4) };
-          }
-          case Response.BUSY:
-            return { ok: false, kind: "busy", text: "received busy signal" };
-          case Response.NACK:
-            return { ok: false, kind: "nack", text: "NACK (the bootloader saw a malformed frame)" };
-          case Response.ERROR:
-            return { ok: false, kind: "error", text: "ERROR reply (command failed)" };
-          default:
-            return { ok: false, kind: "bad-frame", text: `unexpected reply code ${commandName(frame.cmd)}` };
-        }
-      }
-      if (this.closedError) throw this.closedLinkError(name);
-      this.throwIfAborted();
-      if (ahead && !sentAhead && ahead.ready(this.decoder.partial)) {
-        sentAhead = true;
-        await ahead.send();
-        continue;
-      }
-      const left = deadline - Date.now();
-      if (left <= 0) return { ok: false, kind: "timeout", text: "response timed out" };
-      await this.waitForInput(left);
-    }
-  }
-  /**
-   * flashtool's pause between tries: after BUSY a longer wait, otherwise discard late input, then wait. With a
-   * request sent ahead still on the wire, its reply is discarded in any case.
-   */
-  async pauseAfterFailedTry(kind, aheadInFlight = false) {
-    if (kind === "busy") {
-      await this.sleep(this.timings.busyDelayMs);
-      if (aheadInFlight) await this.drain(this.timings.drainMs);
-      return;
-    }
-    await this.drain(this.timings.drainMs);
-    await this.sleep(this.timings.retryDelayMs);
-  }
-  /** Discards everything that arrives for `ms` (late replies to a failed try must not answer the next one). */
-  async drain(ms) {
-    const deadline = Date.now() + ms;
-    this.items.length = 0;
-    this.decoder.reset();
-    while (true) {
-      const left = deadline - Date.now();
-      if (left <= 0 || this.closedError) break;
-      await this.waitForInput(left);
-      this.items.length = 0;
-    }
-    this.decoder.reset();
-  }
-  waitForInput(ms) {
-    return new Promise((resolve2) => {
-      const done = () => {
-        clearTimeout(timer);
-        this.signal?.removeEventListener("abort", done);
-        if (this.wake === done) this.wake = null;
-        resolve2();
-      };
-      const timer = setTimeout(done, ms);
-      this.signal?.addEventListener("abort", done, { once: true });
-      this.wake = done;
-    });
-  }
-  notify() {
-    this.wake?.();
-  }
-  async sleep(ms) {
-    if (ms <= 0) return;
-    await new Promise((resolve2) => {
-      const done = () => {
-        clearTimeout(timer);
-        this.signal?.removeEventListener("abort", done);
-        resolve2();
-      };
-      const timer = setTimeout(done, ms);
-      this.signal?.addEventListener("abort", done, { once: true });
-    });
-    this.throwIfAborted();
-  }
-  throwIfAborted() {
-    if (this.signal?.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
-  }
-};
-function paddedBlock(image, index, blockSize) {
-  const start = index * blockSize;
-  const block = Buffer.alloc(blockSize, 255);
-  block.set(image.subarray(start, Math.min(start + blockSize, image.length)));
-  return block;
-}
-function firstDifference(a, b) {
-  const n = Math.min(a.length, b.length);
-  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
-  return n;
-}
-function hex(value2) {
-  return `0x${(value2 >>> 0).toString(16).toUpperCase()}`;
-}
-function asWriteFailure(err, address) {
-  if (!isMoonflashError(err) || err.code === "CANCELLED") return err;
-  const where = address === null ? "at end of file" : `flash address ${hex(address)}`;
-  const details = { ...err.details, ...address === null ? {} : { address: hex(address) } };
-  if (err.code === "PROTOCOL_ERROR" || err.details.disconnected === true) {
-    return new MoonflashError("FLASH_FAILED", `Flash write failed, ${where}: ${err.message}`, details, { cause: err });
-  }
-  return new MoonflashError(err.code, `${err.message} (${where})`, details, { cause: err });
-}
-
-// src/flash/katapult/flasher.ts
-var NOT_CANCELLABLE_WHILE_WRITING = "writing flash: stopping now would leave the board without firmware";
-var KatapultFlasher = class {
-  constructor(config2 = {}) {
-    this.config = config2;
-    this.options = {
-      bootloaderTimeoutMs: config2.bootloaderTimeoutMs ?? 8e3,
-      bootloaderPollMs: config2.bootloaderPollMs ?? 100,
-      serialRequestSettleMs: config2.serialRequestSettleMs ?? 1e3,
-      autoProbeTimeoutMs: config2.autoProbeTimeoutMs ?? 500
-    };
-    this.discoveryRoots = { devRoot: config2.devRoot, sysRoot: config2.sysRoot };
-  }
-  config;
-  name = "katapult";
-  options;
-  discoveryRoots;
-  async preflight(target) {
-    const device = requireDevice(target);
-    try {
-      await stat5(device);
-    } catch (err) {
-      throw new MoonflashError(
-        "DEVICE_NOT_FOUND",
-        `No serial device at ${device}. Check the cable and the [${target.mcu}] serial setting (ls /dev/serial/by-id/).`,
-        { device },
-        { cause: err }
-      );
-    }
-  }
-  async flash(target, ctx) {
-    const device = requireDevice(target);
-    throwIfCancelled(ctx.signal);
-    const image = target.image;
-    const embedded = detectImageMcu(image);
-    if (embedded) this.note(ctx, "info", `Image built for ${embedded.mcu} (Klipper ${embedded.version})`);
-    ctx.stage("bootloader", `Entering Katapult on ${device} (${target.bootloader})`);
-    const { path: path6, fromApplication } = await this.enterBootloader(target, device, ctx);
-    ctx.stage("connect", `Connecting to Katapult on ${path6}`);
-    const link2 = await this.openWithRetry(path6, target.baud, ctx.signal);
-    const cancel = new AbortController();
-    let writing = false;
-    let verified = false;
-    let answered = false;
-    const onAbort = () => {
-      if (!writing) cancel.abort();
-    };
-    ctx.signal.addEventListener("abort", onAbort, { once: true });
-    const session = new KatapultSession(link2, { timings: this.config.timings, signal: cancel.signal, log: (level, text) => this.note(ctx, level, text) });
-    try {
-      throwIfCancelled(ctx.signal);
-      const info = await session.connect();
-      answered = true;
-      this.note(ctx, "info", `Katapult ${info.softwareVersion} (protocol ${info.protocolVersion}) on ${path6}: MCU ${info.mcuType}, block size ${info.blockSize}, application at 0x${info.appStartAddress.toString(16)}`);
-      checkMcu(embedded?.mcu, info.mcuType, "The image was built for", "its Klipper dictionary");
-      checkMcu(target.expectedMcuType, info.mcuType, "This board is expected to be", "moonflash.conf mcu_type, or the MCU Klipper reported");
-      checkSize2(image.length, info, target.flashSize ?? null, target.mcu);
-      throwIfCancelled(ctx.signal);
-      writing = true;
-      ctx.setCancellable(false, NOT_CANCELLABLE_WHILE_WRITING);
-      ctx.stage("write", `Writing ${image.length} bytes`);
-      const blockBytes = (done) => Math.min(done * info.blockSize, image.length);
-      const written = await session.writeImage(image, (done) => ctx.progress(blockBytes(done), image.length, "bytes", "write"));
-      const pages = await session.sendEof();
-      this.note(ctx, "info", `Write complete: ${pages} pages`);
-      ctx.stage("verify", `Verifying ${written.blocks} blocks`);
-      const readBack = await session.verify(image, (done) => ctx.progress(blockBytes(done), image.length, "bytes", "verify"));
-      verified = true;
-      this.note(ctx, "info", `Verification complete: SHA-1 ${readBack.sha1}`);
-      return {
-        bytes: image.length,
-        verified: true,
-        device: path6,
-        details: {
-          blockSize: info.blockSize,
-          appStart: `0x${info.appStartAddress.toString(16)}`,
-          mcuType: info.mcuType,
-          softwareVersion: info.softwareVersion,
-          protocolVersion: info.protocolVersion,
-          pages,
-          sha1: written.sha1
-        }
-      };
-    } catch (err) {
-      const error2 = toMoonflashError(err, "FLASH_FAILED");
-      throw writing ? incompleteImageError(error2, !link2.isOpen || error2.details.disconnected === true, target.mcu) : error2;
-    } finally {
-      ctx.signal.removeEventListener("abort", onAbort);
-      session.dispose();
-      await this.leaveBootloader(link2, ctx, { verified, writing, fromApplication, answered });
-      await link2.close();
-    }
-  }
-  /**
-   * COMPLETE makes Katapult start whatever the application area holds (Katapult src/flashcmd.c command_complete).
-   * flashtool.py sends it in a `finally`, after failures too; we send it only when what it starts is known sound:
-   * - after a verified write;
-   * - after a failure before the first SEND_BLOCK (no answer to CONNECT, MCU_MISMATCH, FIRMWARE_TOO_LARGE, a
-   *   cancel) when this attempt brought the board from its application into Katapult: that application is
-   *   untouched, and a refused flash should change nothing. A board reached through a wrong serial path (the usual
-   *   MCU_MISMATCH) goes back to work instead of sitting in its bootloader.
-   * Never once a block was sent and the image did not verify (write, EOF or read-back failed): the application area
-   * holds part of the new image. Staying in Katapult lets a retry, or the next method, write it whole (Klipper's
-   * `make flash` hands a board in Katapult to flashtool.py, scripts/flash_usb.py). Nor for a board that was, or may
-   * have been, in Katapult already: what its flash holds is unknown, e.g. the rest of an earlier failed write.
-   * Katapult has no timeout: it stays until COMPLETE or a reset (src/sched.c, src/bootentry.c), and a reset starts
-   * any application whose first word is programmed (src/generic/armcm_canboot.c application_check_valid).
-   * COMPLETE's own failure is only logged: it must never replace the error that ended the flash. When CONNECT
-   * never got an answer, one try is enough (flashtool spends another ~14 s retrying COMPLETE to a silent device).
-   */
-  async leaveBootloader(link2, ctx, state) {
-    if (!state.verified && state.writing) {
-      this.note(ctx, "warn", "Not sending COMPLETE: the new image was not written and verified whole, so the board stays in Katapult");
-      return;
-    }
-    if (!state.verified && !state.fromApplication) {
-      this.note(ctx, "info", "Not sending COMPLETE: the board was in Katapult before this flash began, so it stays there");
-      return;
-    }
-    if (!link2.isOpen) {
-      this.note(ctx, "warn", "Not sending COMPLETE: the device is gone");
-      return;
-    }
-    const timings = state.answered ? this.config.timings : { ...this.config.timings, tries: 1 };
-    const session = new KatapultSession(link2, { timings, log: (level, text) => this.note(ctx, level, text) });
-    try {
-      await session.complete();
-    } catch (err) {
-      this.note(ctx, "warn", `COMPLETE failed (${err.message}); the board may stay in Katapult until it is reset`);
-    } finally {
-      session.dispose();
-    }
-  }
-  /**
-   * Puts the board into Katapult as `target.bootloader` says. `fromApplication` (see leaveBootloader) is true when
-   * this attempt asked a running application into Katapult: bootloader serial, usb with the re-enumeration seen, or
-   * auto finding Klipper's USB id or a UART board that does not answer CONNECT. It is false when the board was, or
-   * may have been, in Katapult already: none, Katapult's USB id, a board answering the probe CONNECT, or a USB
-   * request after which no re-enumeration was seen.
-   */
-  async enterBootloader(target, device, ctx) {
-    switch (target.bootloader) {
-      case "none":
-        return { path: device, fromApplication: false };
-      case "serial":
-        return this.enterViaSerialRequest(device, target.baud, ctx);
-      case "usb":
-        return this.enterViaUsb(device, await identifyDevice(device, this.discoveryRoots), ctx);
-      case "auto": {
-        const identity = await identifyDevice(device, this.discoveryRoots);
-        if (identity?.kind === "klipper") {
-          this.note(ctx, "info", `${device} is a USB device running Klipper (${identity.label})`);
-          return this.enterViaUsb(device, identity, ctx);
-        }
-        if (identity?.kind === "katapult") {
-          this.note(ctx, "info", `${device} is a USB device running Katapult (${identity.label})`);
-          return { path: device, fromApplication: false };
-        }
-        if (await this.answersConnect(device, target.baud, ctx)) return { path: device, fromApplication: false };
-        return this.enterViaSerialRequest(device, target.baud, ctx);
-      }
-    }
-  }
-  async enterViaSerialRequest(device, baud, ctx) {
-    this.note(ctx, "info", `Sending the serial bootloader request to ${device} at ${baud} baud`);
-    await sendSerialBootloaderRequest(device, baud);
-    await abortableSleep(this.options.serialRequestSettleMs, ctx.signal);
-    return { path: device, fromApplication: true };
-  }
-  /**
-   * 1200-baud request, then waits for the board to re-enumerate under one of the names discovery expects it
-   * back under (reenumerationCandidates): the same path, the by-id name renamed usb-Klipper_ \u2192 usb-katapult_, or
-   * the stable by-path link.
-   */
-  async enterViaUsb(device, identity, ctx) {
-    const candidates = reenumerationCandidates(device, identity);
-    const before = /* @__PURE__ */ new Map();
-    for (const candidate of candidates) before.set(candidate, await inodeOf(candidate));
-    const vanished = /* @__PURE__ */ new Set();
-    this.note(ctx, "info", `Requesting the USB bootloader on ${device}`);
-    await requestUsbBootloader(device);
-    const deadline = Date.now() + this.options.bootloaderTimeoutMs;
-    while (Date.now() < deadline) {
-      await abortableSleep(this.options.bootloaderPollMs, ctx.signal);
-      for (const candidate of candidates) {
-        const inode = await inodeOf(candidate);
-        if (inode === null) {
-          vanished.add(candidate);
-          continue;
-        }
-        const initial = before.get(candidate) ?? null;
-        if (initial === null || vanished.has(candidate) || inode !== initial) {
-          this.note(ctx, "info", `Katapult detected on ${candidate}`);
-          return { path: candidate, fromApplication: true };
-        }
-      }
-    }
-    for (const candidate of candidates) {
-      if (await inodeOf(candidate) !== null) {
-        this.note(ctx, "warn", `No USB re-enumeration seen within ${this.options.bootloaderTimeoutMs} ms; trying ${candidate}`);
-        return { path: candidate, fromApplication: false };
-      }
-    }
-    throw new MoonflashError(
-      "BOOTLOADER_TIMEOUT",
-      `The board did not come back after the USB bootloader request on ${device} within ${this.options.bootloaderTimeoutMs} ms. Check that Katapult is installed; power-cycle the board (double-tap reset enters Katapult on most boards) and flash again.`,
-      { device, candidates, timeoutMs: this.options.bootloaderTimeoutMs }
-    );
-  }
-  /** One short CONNECT: a UART board already sitting in Katapult answers, one running Klipper does not. */
-  async answersConnect(device, baud, ctx) {
-    const link2 = await this.openLink(device, baud);
-    const session = new KatapultSession(link2, { timings: { ...this.config.timings, tries: 1, timeoutMs: this.options.autoProbeTimeoutMs }, signal: ctx.signal });
-    try {
-      await session.connect();
-      this.note(ctx, "info", `${device} already answers as Katapult`);
-      return true;
-    } catch (err) {
-      if (isMoonflashError(err) && err.code === "CANCELLED") throw err;
-      this.note(ctx, "debug", `${device} does not answer CONNECT (${err.message})`);
-      return false;
-    } finally {
-      session.dispose();
-      await link2.close();
-    }
-  }
-  /** A freshly enumerated tty can be missing, or exist before udev has given it its permissions; retry until the deadline. */
-  async openWithRetry(path6, baud, signal) {
-    const deadline = Date.now() + this.options.bootloaderTimeoutMs;
-    while (true) {
-      try {
-        return await this.openLink(path6, baud);
-      } catch (err) {
-        const retriable = isMoonflashError(err) && (err.code === "DEVICE_NOT_FOUND" || err.code === "DEVICE_PERMISSION");
-        if (!retriable || Date.now() >= deadline) throw err;
-        await abortableSleep(this.options.bootloaderPollMs, signal);
-      }
-    }
-  }
-  openLink(path6, baud) {
-    return openSerialLink(path6, baud, { logger: this.config.logger, ignoreBindingInternals: this.config.ignoreBindingInternals });
-  }
-  note(ctx, level, message) {
-    this.config.logger?.[level]({ target: ctx.target }, message);
-    if (level !== "debug") ctx.log(level, message);
-  }
-};
-function requireDevice(target) {
-  if (!target.device) {
-    throw new MoonflashError(
-      "DEVICE_NOT_FOUND",
-      `[${target.mcu}] has no serial device; the katapult method flashes serial and USB boards only. Use the flashtool method for CAN.`,
-      { mcu: target.mcu }
-    );
-  }
-  return target.device;
-}
-function checkMcu(expectedMcu, bootloaderMcu, what, source) {
-  if (!expectedMcu || expectedMcu.toLowerCase() === bootloaderMcu.toLowerCase()) return;
-  throw new MoonflashError(
-    "MCU_MISMATCH",
-    `${what} ${expectedMcu} (${source}) but Katapult on this device reports ${bootloaderMcu}. Nothing was written; check the device path and build the firmware for this board (make menuconfig), then flash again.`,
-    { expectedMcu, bootloaderMcu, source }
-  );
-}
-function checkSize2(imageBytes, info, configured, section) {
-  const appStart = info.appStartAddress;
-  const appStartHex = `0x${appStart.toString(16)}`;
-  const chip = mcuFlash(info.mcuType);
-  let available;
-  let flashSize;
-  let limit;
-  let source;
-  if (configured) {
-    const base = chip?.flashBase ?? appStart - appStart % 1048576;
-    available = Math.max(0, configured - (appStart - base));
-    flashSize = configured;
-    source = "moonflash.conf flash_size";
-    limit = `only ${available} bytes of flash follow the bootloader (flash_size ${configured} in moonflash.conf, application at ${appStartHex})`;
-  } else if (chip) {
-    const offset = appStart - chip.flashBase;
-    flashSize = chip.flashSize;
-    source = chip.source;
-    if (chip.wholeFlash && offset >= 0 && offset < chip.flashSize) {
-      available = chip.flashSize - offset;
-      limit = `${info.mcuType} has ${chip.flashSize} bytes of flash (FLASH_SIZE in ${chip.source}) and only ${available} follow the bootloader (application at ${appStartHex})`;
-    } else {
-      available = chip.flashSize;
-      limit = `a Klipper build for ${info.mcuType}, the MCU this bootloader reports, holds at most ${chip.flashSize} bytes (FLASH_SIZE in ${chip.source})`;
-    }
-  } else {
-    return;
-  }
-  if (imageBytes <= available) return;
-  const fix = configured ? `or correct flash_size in [${section}] of moonflash.conf` : `or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf`;
-  throw new MoonflashError(
-    "FIRMWARE_TOO_LARGE",
-    `The image is ${imageBytes} bytes but ${limit}. Nothing was written. Build the firmware for this board (make menuconfig: processor model, bootloader offset), ${fix}.`,
-    { imageBytes, available, flashSize, mcuType: info.mcuType, appStart: appStartHex, source }
-  );
-}
-function incompleteImageError(error2, disconnected, section) {
-  const again = `run the flash again (${flashCommandsFor(section)})`;
-  const next = disconnected ? `The board disconnected and may hold an incomplete image: reconnect it, enter Katapult if it does not come back in it (double-tap reset on most boards), then ${again}.` : `COMPLETE was not sent, so the board stays in Katapult instead of starting an incomplete image: ${again}. A reset or power-cycle before that would start the incomplete image.`;
-  return new MoonflashError(error2.code, `${error2.message} ${next}`, { ...error2.details, leftInBootloader: !disconnected }, { cause: error2 });
-}
-function throwIfCancelled(signal) {
-  if (signal.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
-}
-async function abortableSleep(ms, signal) {
-  try {
-    await process.getBuiltinModule("node:timers/promises").setTimeout(ms, void 0, { signal });
-  } catch {
-    throwIfCancelled(signal);
-  }
-}
-async function inodeOf(path6) {
-  try {
-    return (await stat5(path6)).ino;
-  } catch {
-    return null;
-  }
-}
-
-// src/flash/methods/flashtool.ts
-import { constants as fsConstants2 } from "node:fs";
-import { access as access3 } from "node:fs/promises";
-import path3 from "node:path";
-var BAR_HASHES = 50;
-var FLASH_ERROR_CODES = [
-  [/Checksum mismatch/i, "VERIFY_FAILED"],
-  [/ in use/i, "DEVICE_IN_USE"],
-  [/Error sending command \[CONNECT\]/i, "DEVICE_TIMEOUT"],
-  [/No Serial Device found|Unable to bind socket|Unable to find node/i, "DEVICE_NOT_FOUND"],
-  [/does not match MCU/i, "MCU_MISMATCH"],
-  [/UUID mismatch/i, "MCU_MISMATCH"],
-  [/pyserial python package was not found/i, "TOOL_NOT_FOUND"]
-];
-var FLASH_ERROR_HINTS = {
-  VERIFY_FAILED: "The written image does not read back the same; flash again, and if it repeats check the board's power and cable.",
-  DEVICE_IN_USE: "Stop Klipper (or whatever holds the port) and try again.",
-  DEVICE_TIMEOUT: "The board did not answer in Katapult: check that it is in the bootloader, and the baud rate or CAN interface.",
-  DEVICE_NOT_FOUND: "Check the serial path or CAN UUID in the MCU's config and that the board is connected.",
-  MCU_MISMATCH: "The image was built for another board; rebuild it for this MCU.",
-  TOOL_NOT_FOUND: "Install pyserial for this Python (sudo apt install python3-serial) or set `python` in moonflash.conf."
-};
-var FlashtoolOutputParser = class {
-  constructor(onLine, onBarProgress) {
-    this.onLine = onLine;
-    this.onBarProgress = onBarProgress;
-  }
-  onLine;
-  onBarProgress;
-  line = "";
-  inBar = false;
-  hashes = 0;
-  bars = 0;
-  verifying = false;
-  push(chunk) {
-    for (const char of chunk) {
-      if (this.inBar) {
-        if (char === "#") {
-          this.hashes = Math.min(this.hashes + 1, BAR_HASHES);
-          this.onBarProgress(this.phase(), this.hashes * 100 / BAR_HASHES);
-        } else if (char === "]") {
-          if (this.hashes < BAR_HASHES) this.onBarProgress(this.phase(), 100);
-          this.inBar = false;
-          this.bars += 1;
-        }
-        continue;
-      }
-      if (char === "[" && this.line.length === 0) {
-        this.inBar = true;
-        this.hashes = 0;
-        continue;
-      }
-      if (char === "\n") {
-        this.finishLine();
-        continue;
-      }
-      this.line += char;
-    }
-  }
-  end() {
-    if (this.line.length > 0) this.finishLine();
-  }
-  phase() {
-    return this.verifying || this.bars >= 1 ? "verify" : "write";
-  }
-  finishLine() {
-    const text = this.line.replace(/\r$/, "").replace(/\0/g, "");
-    this.line = "";
-    if (text.startsWith("Verifying")) this.verifying = true;
-    this.onLine(text);
-  }
-};
-var FlashtoolFlasher = class {
-  name = "flashtool";
-  python;
-  script;
-  logger;
-  constructor(options) {
-    this.python = options.python;
-    this.script = path3.join(options.katapultPath, "scripts", "flashtool.py");
-    this.logger = options.logger;
-  }
-  async preflight(target) {
-    if (!await findExecutable(this.python)) {
-      throw new MoonflashError(
-        "TOOL_NOT_FOUND",
-        `Python interpreter '${this.python}' was not found. Install python3 with pyserial or set \`python\` in moonflash.conf.`,
-        { python: this.python }
-      );
-    }
-    try {
-      await access3(this.script, fsConstants2.R_OK);
-    } catch {
-      throw new MoonflashError(
-        "TOOL_NOT_FOUND",
-        `Katapult's flashtool.py was not found at ${this.script}. Clone https://github.com/Arksine/katapult or set katapult_path in moonflash.conf.`,
-        { script: this.script }
-      );
-    }
-    if (target.device) {
-      if (!await resolveDevicePath(target.device)) {
-        throw new MoonflashError(
-          "DEVICE_NOT_FOUND",
-          `Serial device ${target.device} of [${target.mcu}] is not present. Check the cable and the serial: path.`,
-          { mcu: target.mcu, device: target.device }
-        );
-      }
-    } else {
-      if (!target.canbusUuid) {
-        throw new MoonflashError(
-          "INVALID_PARAMS",
-          `[${target.mcu}] has neither serial nor canbus_uuid; flashtool needs one of them.`,
-          { mcu: target.mcu }
-        );
-      }
-      if (!/^[0-9a-f]{12}$/i.test(target.canbusUuid)) {
-        throw new MoonflashError(
-          "INVALID_PARAMS",
-          `canbus_uuid '${target.canbusUuid}' of [${target.mcu}] is not 12 hex digits; copy it from Klipper's config.`,
-          { mcu: target.mcu, canbusUuid: target.canbusUuid }
-        );
-      }
-    }
-  }
-  /** Command-line arguments after the interpreter. */
-  buildArgs(target) {
-    const transport = target.device ? ["-d", target.device, "-b", String(target.baud)] : ["-i", target.canbusInterface, "-u", (target.canbusUuid ?? "").toLowerCase()];
-    return [this.script, ...transport, "-f", target.firmwarePath];
-  }
-  async flash(target, ctx) {
-    await this.preflight(target);
-    const bytes = target.image.length;
-    const args = this.buildArgs(target);
-    const seen = { programmingComplete: false, verificationComplete: false, notKatapult: false };
-    const parser = new FlashtoolOutputParser(
-      (line) => this.onLine(line, seen, ctx),
-      (phase, percent) => ctx.progress(Math.round(percent), 100, "percent", phase)
-    );
-    ctx.stage("connect", target.device ? `flashtool.py on ${target.device}` : `flashtool.py on CAN ${target.canbusUuid}`);
-    this.logger?.info({ command: this.python, args }, "running flashtool.py");
-    const result = await runTool({
-      command: this.python,
-      args,
-      timeoutMs: target.timeoutMs,
-      signal: ctx.signal,
-      onStdoutChunk: (chunk) => parser.push(chunk),
-      onStderrLine: (line) => {
-        seen.firstFlashError ??= /(?:^|\.)FlashError: (.*)$/.exec(line)?.[1];
-        const info = /^INFO:root:(.*)$/.exec(line);
-        if (info) ctx.log("info", info[1]);
-        else if (line.trim().length > 0) ctx.log("debug", line);
-      }
-    });
-    parser.end();
-    const details = {
-      ...toolErrorDetails({ command: this.python, args }, result),
-      ...seen.sha ? { sha1: seen.sha } : {},
-      ...seen.pages !== void 0 ? { pages: seen.pages } : {}
-    };
-    if (result.exitCode === 0 && seen.programmingComplete) {
-      const device = seen.newDevice ?? target.device ?? `${target.canbusInterface}:${target.canbusUuid}`;
-      return { bytes, verified: seen.verificationComplete, device, details };
-    }
-    if (result.exitCode === 0) {
-      const why = seen.notKatapult ? "the board did not enter Katapult" : "flashtool.py ended without 'Programming Complete'";
-      throw new MoonflashError(
-        "FLASH_FAILED",
-        `Nothing was flashed: ${why}. Check that Katapult is installed on the board, or flash it another way (make flash, SD card).`,
-        details
-      );
-    }
-    const reason = seen.firstFlashError ?? result.stderrTail.filter((l) => l.trim()).at(-1) ?? `exit code ${result.exitCode}`;
-    const code = FLASH_ERROR_CODES.find(([pattern]) => pattern.test(reason))?.[1] ?? "FLASH_FAILED";
-    const hint = FLASH_ERROR_HINTS[code] ?? "See the job log for flashtool.py's output.";
-    throw new MoonflashError(code, `flashtool.py failed: ${reason}. ${hint}`, details);
-  }
-  onLine(line, seen, ctx) {
-    if (line.length === 0) return;
-    ctx.log("info", line);
-    if (line.startsWith("Flashing")) {
-      ctx.setCancellable(false, "flashtool.py is writing the firmware");
-      ctx.stage("write", line);
-    } else if (line.startsWith("Verifying")) {
-      ctx.stage("verify", line);
-    } else if (line.startsWith("Programming Complete")) {
-      seen.programmingComplete = true;
-    } else if (line.startsWith("Device is not Katapult") || line.startsWith("Bootloader Request Complete")) {
-      seen.notKatapult = true;
-    }
-    const sha = /^Verification Complete: SHA = ([0-9A-Fa-f]+)/.exec(line);
-    if (sha) {
-      seen.verificationComplete = true;
-      seen.sha = sha[1].toLowerCase();
-    }
-    const pages = /^Write complete: (\d+) pages/.exec(line);
-    if (pages) seen.pages = Number(pages[1]);
-    const moved = /^Katapult detected (?:on|at serial port) (\S+)/.exec(line);
-    if (moved) seen.newDevice = moved[1];
-  }
-};
-
-// src/flash/methods/make.ts
-import { constants as fsConstants3 } from "node:fs";
-import { access as access4, stat as stat6 } from "node:fs/promises";
-import path4 from "node:path";
-var VERIFIED_LINE = /Verification Complete|Verify successful|bytes of flash verified|Verifying memory.*OK|^Verify\s+.*100%|^Verify OK/i;
-var DFU_DOWNLOAD_DONE = /Download done\.|File downloaded successfully|Transitioning to dfuMANIFEST state/;
-var DFU_GET_STATUS_ERROR = /Error during download get_status/;
-var MakeFlasher = class {
-  name = "make";
-  make;
-  logger;
-  constructor(options = {}) {
-    this.make = options.make ?? "make";
-    this.logger = options.logger;
-  }
-  async preflight(target) {
-    if (!target.device) {
-      throw new MoonflashError(
-        "INVALID_PARAMS",
-        `make flash needs a serial or USB device, but [${target.mcu}] has none. CAN nodes are flashed with the katapult or flashtool method.`,
-        { mcu: target.mcu }
-      );
-    }
-    if (!/^[0-9a-f]{4}:[0-9a-f]{4}$/i.test(target.device) && !await resolveDevicePath(target.device)) {
-      throw new MoonflashError(
-        "DEVICE_NOT_FOUND",
-        `Device ${target.device} of [${target.mcu}] is not present. Check the cable and the serial: path.`,
-        { mcu: target.mcu, device: target.device }
-      );
-    }
-    const makefile = path4.join(target.klipperPath, "Makefile");
-    try {
-      await access4(makefile, fsConstants3.R_OK);
-    } catch {
-      throw new MoonflashError(
-        "TOOL_NOT_FOUND",
-        `No Makefile in ${target.klipperPath}; set klipper_path in moonflash.conf to your Klipper checkout.`,
-        { klipperPath: target.klipperPath }
-      );
-    }
-    if (target.kconfig) {
-      const isFile = await stat6(target.kconfig).then((s) => s.isFile(), () => false);
-      if (!isFile) {
-        throw new MoonflashError(
-          "CONFIG_INVALID",
-          `kconfig ${target.kconfig} of [${target.mcu}] does not exist. Save the board's menuconfig there or fix the path; make would otherwise build a default config.`,
-          { mcu: target.mcu, kconfig: target.kconfig }
-        );
-      }
-    }
-    if (!await findExecutable(this.make)) {
-      throw new MoonflashError("TOOL_NOT_FOUND", `${this.make} is not installed. Install it (sudo apt install make).`, {
-        command: this.make
-      });
-    }
-  }
-  /** `flash FLASH_DEVICE=\u2026 [KCONFIG_CONFIG=\u2026] [OUT=\u2026/]`; OUT gets its trailing slash because Klipper concatenates it. */
-  buildArgs(target) {
-    const args = ["flash", `FLASH_DEVICE=${target.device ?? ""}`];
-    if (target.kconfig) args.push(`KCONFIG_CONFIG=${target.kconfig}`);
-    if (target.outDir) args.push(`OUT=${target.outDir.endsWith("/") ? target.outDir : `${target.outDir}/`}`);
-    return args;
-  }
-  async flash(target, ctx) {
-    await this.preflight(target);
-    const bytes = target.image.length;
-    const args = this.buildArgs(target);
-    let verified = false;
-    let downloadDone = false;
-    let falseFailure = false;
-    const recentLines = [];
-    const onLine = (line) => {
-      if (line.trim().length === 0) return;
-      ctx.log("info", line);
-      recentLines.push(line.trim());
-      if (recentLines.length > 3) recentLines.shift();
-      if (VERIFIED_LINE.test(line)) verified = true;
-      if (DFU_DOWNLOAD_DONE.test(line)) downloadDone = true;
-      else if (downloadDone && DFU_GET_STATUS_ERROR.test(line)) falseFailure = true;
-    };
-    ctx.setCancellable(false, "make flash is running");
-    ctx.stage("write", `make flash FLASH_DEVICE=${target.device}`);
-    this.logger?.info({ command: this.make, args, cwd: target.klipperPath }, "running make flash");
-    const result = await runTool({
-      command: this.make,
-      args,
-      cwd: target.klipperPath,
-      timeoutMs: target.timeoutMs,
-      signal: ctx.signal,
-      onStdoutLine: onLine,
-      onStderrLine: onLine
-    });
-    const details = toolErrorDetails({ command: this.make, args }, result);
-    const device = target.device ?? "";
-    if (result.exitCode === 0) return { bytes, verified, device, details };
-    if (falseFailure) {
-      ctx.log(
-        "warn",
-        "dfu-util reported 'Error during download get_status' after the download completed; this is its known false failure, the image was written."
-      );
-      return { bytes, verified, device, details: { ...details, dfuFalseFailure: true } };
-    }
-    const lastLines = recentLines.join(" | ");
-    throw new MoonflashError(
-      "FLASH_FAILED",
-      `make flash failed (exit ${result.exitCode})${lastLines ? `: ${lastLines}` : ""}. See the job log for the full output.`,
-      details
-    );
-  }
-};
-
-// src/flash/methods/wchisp.ts
-import path5 from "node:path";
-var INSTALL_HINT = "Install wchisp (a release binary from https://github.com/ch32-rs/wchisp/releases, or `cargo install wchisp`) and set wchisp_path in moonflash.conf.";
-var WCHISP_BAUDS = /* @__PURE__ */ new Set([115200, 1e6, 2e6]);
-var ERROR_CODES_BY_TEXT = [
-  [/Verify failed/i, "VERIFY_FAILED"],
-  [/No WCH ISP USB device found|No serial port/i, "DEVICE_NOT_FOUND"]
-];
-var ERROR_HINTS = {
-  VERIFY_FAILED: "The chip's flash does not match the image; flash again, and check power and wiring if it repeats.",
-  DEVICE_NOT_FOUND: "Put the chip into its ISP bootloader (hold BOOT0 while resetting) and check the cable and udev rule."
-};
-var ANSI = /\u001b\[[0-9;]*m/g;
-var LOG_LINE = /^\d\d:\d\d:\d\d \[(\w+)\]\s*(.*)$/;
-var WchispFlasher = class {
-  name = "wchisp";
-  options;
-  discover;
-  constructor(options = {}) {
-    this.options = options;
-    this.discover = options.discover ?? (() => discoverDevices({ logger: options.logger }));
-  }
-  /** The wchisp binary: config path, then the install's bin/, then PATH. */
-  async locate() {
-    const { wchispPath, installBin } = this.options;
-    if (wchispPath) {
-      const found = await findExecutable(wchispPath);
-      if (found) return found;
-      throw new MoonflashError("TOOL_NOT_FOUND", `wchisp_path ${wchispPath} is not an executable file. ${INSTALL_HINT}`, {
-        wchispPath
-      });
-    }
-    if (installBin) {
-      const bundled = path5.join(installBin, "wchisp");
-      if (await findExecutable(bundled)) return bundled;
-    }
-    const onPath = await findExecutable("wchisp");
-    if (onPath) return onPath;
-    throw new MoonflashError("TOOL_NOT_FOUND", `wchisp was not found. ${INSTALL_HINT}`, {
-      searched: [installBin ? path5.join(installBin, "wchisp") : null, "PATH"].filter(Boolean)
-    });
-  }
-  /** The serial port to use: the configured one, else the only USB-UART/WCH candidate present. */
-  async resolvePort(target) {
-    if (target.wchispTransport !== "serial") return void 0;
-    if (target.device) {
-      if (await resolveDevicePath(target.device)) return target.device;
-      throw new MoonflashError(
-        "DEVICE_NOT_FOUND",
-        `Serial port ${target.device} of [${target.mcu}] is not present. Check the USB-UART adapter and the serial: path.`,
-        { mcu: target.mcu, device: target.device }
-      );
-    }
-    const candidates = (await this.discover()).filter((d) => d.kind === "uart-adapter" || d.kind === "wch-isp");
-    if (candidates.length === 1) return candidates[0].byPath ?? candidates[0].path;
-    const listed = candidates.map((d) => `${d.byPath ?? d.path} (${d.label})`);
-    throw new MoonflashError(
-      "DEVICE_NOT_FOUND",
-      candidates.length === 0 ? `No USB-UART adapter found for wchisp on [${target.mcu}]. Connect it and set serial: in [${target.mcu}] of moonflash.conf.` : `Several serial adapters could be the ISP port of [${target.mcu}]: ${listed.join(", ")}. Set serial: in [${target.mcu}] of moonflash.conf explicitly.`,
-      { mcu: target.mcu, candidates: listed }
-    );
-  }
-  async preflight(target) {
-    await this.locate();
-    await this.resolvePort(target);
-  }
-  /** Top-level transport flags go before the subcommand (clap). */
-  buildArgs(target, port) {
-    const transport = [];
-    if (port !== void 0) {
-      transport.push("-s", "-p", port);
-      if (WCHISP_BAUDS.has(target.baud)) transport.push("-b", String(target.baud));
-    }
-    return [...transport, "flash", target.firmwarePath];
-  }
-  async flash(target, ctx) {
-    const command = await this.locate();
-    const port = await this.resolvePort(target);
-    const bytes = target.image.length;
-    if (port !== void 0 && !WCHISP_BAUDS.has(target.baud)) {
-      ctx.log("debug", `wchisp supports 115200, 1000000 or 2000000 baud; using its default 115200 instead of ${target.baud}`);
-    }
-    const args = this.buildArgs(target, port);
-    let firmwareSize = bytes;
-    let verifyOk = false;
-    let errorText2;
-    const onLine = (raw) => {
-      const line = raw.replace(ANSI, "").trimEnd();
-      if (line.length === 0) return;
-      const error2 = /^Error: (.*)$/.exec(line);
-      if (error2) errorText2 ??= error2[1];
-      const log = LOG_LINE.exec(line);
-      const message = log ? log[2] : line;
-      const level = log?.[1]?.toUpperCase();
-      ctx.log(level === "ERROR" || error2 ? "error" : level === "WARN" ? "warn" : "info", message);
-      if (!log) return;
-      const size = /^Firmware size: (\d+)/.exec(message);
-      if (size) firmwareSize = Number(size[1]);
-      if (message.startsWith("Erasing...")) {
-        ctx.setCancellable(false, "wchisp is erasing and writing the chip");
-        ctx.stage("erase", message);
-      } else if (message.startsWith("Writing to code flash")) {
-        ctx.stage("write", message);
-      } else if (message.startsWith("Verifying...")) {
-        ctx.stage("verify", message);
-      } else if (message.startsWith("Verify OK")) {
-        verifyOk = true;
-      }
-      const written = /^Code flash (\d+) bytes written/.exec(message);
-      if (written) ctx.progress(Math.min(Number(written[1]), firmwareSize), firmwareSize, "bytes", "write");
-    };
-    ctx.stage("connect", port ? `wchisp on ${port}` : "wchisp over USB");
-    this.options.logger?.info({ command, args }, "running wchisp");
-    const result = await runTool({
-      command,
-      args,
-      timeoutMs: target.timeoutMs,
-      signal: ctx.signal,
-      onStdoutLine: onLine,
-      onStderrLine: onLine
-    });
-    const details = toolErrorDetails({ command, args }, result);
-    if (result.exitCode === 0 && verifyOk) {
-      return { bytes, verified: true, device: port ?? "usb", details };
-    }
-    const reason = errorText2 ?? (result.exitCode === 0 ? "it ended without 'Verify OK'" : `exit code ${result.exitCode}`);
-    const code = errorText2 ? ERROR_CODES_BY_TEXT.find(([pattern]) => pattern.test(errorText2))?.[1] ?? "FLASH_FAILED" : "FLASH_FAILED";
-    const hint = ERROR_HINTS[code] ?? "See the job log for wchisp's output.";
-    throw new MoonflashError(code, `wchisp failed: ${reason}. ${hint}`, details);
-  }
-};
-
-// src/flash/engine.ts
-var AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"] };
-var FINAL_CODES = /* @__PURE__ */ new Set(["CANCELLED", "PRINTER_BUSY", "MCU_MISMATCH", "FIRMWARE_TOO_LARGE"]);
-var FIRMWARE_PARAM_HINT = "give its path with FIRMWARE= (macro) or --firmware (CLI)";
-function defaultFlashers(config2, opts) {
-  const m = config2.moonflash;
-  const logger = (method) => opts.logger.child({ method });
-  return {
-    katapult: new KatapultFlasher({ logger: logger("katapult") }),
-    flashtool: new FlashtoolFlasher({ python: m.python, katapultPath: m.katapult_path, logger: logger("flashtool") }),
-    make: new MakeFlasher({ logger: logger("make") }),
-    wchisp: new WchispFlasher({
-      ...m.wchisp_path ? { wchispPath: m.wchisp_path } : {},
-      ...opts.installBin ? { installBin: opts.installBin } : {},
-      discover: () => discoverDevices(opts.discovery),
-      logger: logger("wchisp")
-    })
-  };
-}
-function mcuSectionName(name) {
-  const words = name.trim().split(/\s+/).filter(Boolean);
-  if (words[0] === "mcu") words.shift();
-  return words.length === 0 ? "mcu" : `mcu ${words.join(" ")}`;
-}
-async function readFirmware(path6, flashSize, expectedMcuType, section) {
-  let image;
-  try {
-    image = await readFile6(path6);
-  } catch (err) {
-    if (err.code === "EISDIR") {
-      throw new MoonflashError("FIRMWARE_NOT_FOUND", `The firmware ${path6} is not a file. Give the path of the built image (e.g. out/klipper.bin): ${FIRMWARE_PARAM_HINT}.`, { firmware: path6 });
-    }
-    if (err.code === "ENOENT") {
-      throw new MoonflashError(
-        "FIRMWARE_NOT_FOUND",
-        `The firmware ${path6} does not exist. Build it first (make in the Klipper tree) or ${FIRMWARE_PARAM_HINT}.`,
-        { firmware: path6 }
-      );
-    }
-    throw toMoonflashError(err);
-  }
-  const size = image.length;
-  if (size === 0) {
-    throw new MoonflashError("FIRMWARE_EMPTY", `The firmware ${path6} is empty. Rebuild it; an interrupted build leaves an empty file.`, { firmware: path6 });
-  }
-  if (flashSize !== null) {
-    if (size > flashSize) {
-      throw new MoonflashError(
-        "FIRMWARE_TOO_LARGE",
-        `The firmware ${path6} is ${size} bytes but the MCU has ${flashSize} bytes for the application. Check the build's MCU and bootloader offset, or flash_size in moonflash.conf.`,
-        { firmware: path6, bytes: size, flashSize, source: "moonflash.conf flash_size" }
-      );
-    }
-    return image;
-  }
-  const chip = expectedMcuType ? mcuFlash(expectedMcuType) : void 0;
-  if (chip && size > chip.flashSize) {
-    const limit = chip.wholeFlash ? `${expectedMcuType} has only ${chip.flashSize} bytes of flash in all` : `a Klipper build for ${expectedMcuType} holds at most ${chip.flashSize} bytes`;
-    throw new MoonflashError(
-      "FIRMWARE_TOO_LARGE",
-      `The firmware ${path6} is ${size} bytes but ${limit} (FLASH_SIZE in ${chip.source}), before counting the bootloader, whose size is known only once it answers. Nothing was stopped or written. Build the firmware for this board (make menuconfig: processor model), or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf.`,
-      { firmware: path6, bytes: size, flashSize: chip.flashSize, mcuType: expectedMcuType, source: chip.source }
-    );
-  }
-  return image;
-}
-async function checkDevicePath(path6) {
-  const absolute = resolve(path6);
-  const missing = (extra, cause) => new MoonflashError(
-    "DEVICE_NOT_FOUND",
-    `The serial device ${path6} is not present${extra.linkTarget ? ` (it is a link to ${extra.linkTarget}, which does not exist)` : ""}. Check the USB cable, that the board is powered and the serial: path; flash.devices (MOONFLASH_DEVICES) lists what is connected.`,
-    { device: path6, ...extra },
-    { cause }
-  );
-  let real;
-  try {
-    real = await realpath2(absolute);
-  } catch (err) {
-    const errno = err.code;
-    if (errno === "ENOENT" || errno === "ENOTDIR") {
-      const linkTarget = await readlink2(absolute).catch(() => null);
-      throw missing(linkTarget ? { linkTarget } : {}, err);
-    }
-    throw new MoonflashError(
-      "PATH_REJECTED",
-      `The serial device ${path6} cannot be resolved (${errno ?? err.message}). Use the board's /dev/serial/by-id or /dev/serial/by-path link.`,
-      { device: path6, errno },
-      { cause: err }
-    );
-  }
-  let s;
-  try {
-    s = await stat7(real);
-  } catch (err) {
-    if (err.code === "ENOENT") throw missing({ realPath: real }, err);
-    throw toMoonflashError(err);
-  }
-  if (!real.startsWith("/dev/") || !s.isCharacterDevice()) {
-    throw new MoonflashError(
-      "PATH_REJECTED",
-      `The serial device ${path6} resolves to ${real}, which is not a character device under /dev. Use the board's /dev/serial/by-id or /dev/serial/by-path link.`,
-      { device: path6, realPath: real }
-    );
-  }
-  return real;
-}
-function contextWithShutdown(ctx, shutdown) {
-  const controller = new AbortController();
-  let cancellable = true;
-  const abort = (reason) => {
-    if (!controller.signal.aborted) controller.abort(reason);
-  };
-  if (ctx.signal.aborted) abort(ctx.signal.reason);
-  ctx.signal.addEventListener("abort", () => abort(ctx.signal.reason), { once: true });
-  shutdown.addEventListener(
-    "abort",
-    () => {
-      if (cancellable) abort(shutdown.reason);
-      else ctx.log("warn", "shutdown requested while writing flash: finishing the write first");
-    },
-    { once: true }
-  );
-  return {
-    jobId: ctx.jobId,
-    kind: ctx.kind,
-    target: ctx.target,
-    signal: controller.signal,
-    stage: (stage, message) => ctx.stage(stage, message),
-    progress: (done, total, unit, phase) => ctx.progress(done, total, unit, phase),
-    log: (level, message) => ctx.log(level, message),
-    setCancellable(value2, reason) {
-      cancellable = value2;
-      ctx.setCancellable(value2, reason);
-      if (value2 && shutdown.aborted) abort(shutdown.reason);
-    }
-  };
-}
-var FlashEngine = class {
-  config;
-  printer;
+var FirmwareBuilder = class {
+  settings;
   runner;
   logger;
-  flashers;
-  discovery;
+  jobs;
+  timeoutMs;
   constructor(opts) {
-    this.config = opts.config;
-    this.printer = opts.printer;
+    this.settings = opts.settings;
     this.runner = opts.runner;
     this.logger = opts.logger;
-    this.discovery = { logger: opts.logger, ...opts.discovery };
-    this.flashers = {
-      ...defaultFlashers(opts.config, { logger: opts.logger, discovery: this.discovery, ...opts.installBin ? { installBin: opts.installBin } : {} }),
-      ...opts.flashers
-    };
+    this.jobs = opts.jobs ?? availableParallelism();
+    this.timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   }
-  /** Serial devices found on this host, each mapped to the MCU section that uses it, plus the known sections. */
-  async devices() {
-    const [found, mcus] = await Promise.all([discoverDevices(this.discovery), this.knownMcus()]);
-    const devices = await mapDevicesToMcus(found, mcus);
-    return { devices, mcus, canbus: await this.canbusNodes(mcus) };
+  /** Where an MCU's profile is (`kconfig:` or <data>/config/moonflash/<name>.config). */
+  profile(mcu) {
+    return profileFor(mcuSectionName(mcu), this.settings);
+  }
+  /** Where an MCU's builds go: <data>/moonflash/build/<mcu>/, with the trailing slash Klipper's OUT needs. */
+  outDir(mcu) {
+    return `${join9(dataPaths(this.settings.dataDir).state, "build", mcuSectionName(mcu).replace(/\s+/g, "_"))}/`;
+  }
+  /** The MCUs `build` without names builds: every [mcu \u2026] section of moonflash.conf. */
+  configuredMcus() {
+    return Object.keys(this.settings.mcus).sort();
   }
   /**
-   * CAN nodes on every interface a known MCU uses, through Moonraker (or flashtool.py -q when it is installed).
-   * Nodes a running Klipper has claimed do not answer; an interface that fails is reported, not fatal.
+   * Builds several MCUs one after the other, each as its own job; one failing does not stop the others. Without
+   * names: every section of moonflash.conf with a profile (a section without kconfig: and without the default
+   * profile file only flashes, and is listed in withoutProfile). MISSING_CONFIG when that leaves nothing to build.
    */
-  async canbusNodes(mcus) {
-    const interfaces = [...new Set(mcus.flatMap((m) => m.canbusUuid ? [m.canbusInterface ?? MCU_DEFAULTS.canbus_interface] : []))].sort();
-    const script = join4(this.config.moonflash.katapult_path, "scripts", "flashtool.py");
-    const flashtool = existsSync(script) ? { python: this.config.moonflash.python, script } : void 0;
-    return Promise.all(
-      interfaces.map(async (iface) => {
-        try {
-          const nodes = await discoverCanNodes({ iface, printer: this.printer, ...flashtool ? { flashtool } : {} });
-          return {
-            interface: iface,
-            nodes: nodes.map((n) => {
-              const mcu = mcus.find((m) => m.canbusUuid === n.uuid.toLowerCase())?.section;
-              return { ...n, ...mcu ? { mcu } : {} };
-            })
-          };
-        } catch (err) {
-          const e = toMoonflashError(err);
-          return { interface: iface, nodes: [], error: { code: e.code, message: e.message } };
-        }
-      })
+  async buildMany(mcus, opts = {}) {
+    const withoutProfile = [];
+    let sections;
+    if (mcus && mcus.length > 0) sections = [...new Set(mcus.map(mcuSectionName))];
+    else {
+      sections = [];
+      for (const section of this.configuredMcus()) {
+        const profile = this.profile(section);
+        if (profile.from === "kconfig" || existsSync2(profile.path)) sections.push(section);
+        else withoutProfile.push(section);
+      }
+      if (sections.length === 0) {
+        throw new MoonflashError(
+          "MISSING_CONFIG",
+          `No MCU has a firmware profile: give an [mcu NAME] section of moonflash.conf a kconfig: file, or save one with \`moonflash config NAME\` (it goes to ${firmwareProfileDir(this.settings.dataDir)}/NAME.config).`,
+          { mcus: this.configuredMcus(), withoutProfile }
+        );
+      }
+    }
+    const builds = [];
+    const failed = [];
+    for (const section of sections) {
+      try {
+        builds.push(await this.build(section, opts));
+      } catch (err) {
+        const e = toMoonflashError(err);
+        failed.push({ mcu: section, code: e.code, message: e.message, details: e.details });
+      }
+    }
+    return { builds, failed, withoutProfile };
+  }
+  /** Builds one MCU as its own job (kind flash, target the section); BUSY while another job runs. */
+  async build(mcu, opts = {}) {
+    const section = mcuSectionName(mcu);
+    return this.runner.run(
+      { kind: "flash", target: section, params: { action: "build", mcu: section, ...opts.force ? { force: true } : {} } },
+      (ctx) => this.buildWithin(ctx, section, opts)
     );
   }
-  /** Resolves and pre-flights a flash without stopping or writing anything. */
-  async plan(params) {
-    return (await this.buildPlan(params, (level, message) => this.logger[level](message))).plan;
-  }
-  /** Runs one flash job: plan, keep the image, stop Klipper, try each method, start Klipper. */
-  async flash(params) {
-    const section = mcuSectionName(params.mcu);
-    return this.runner.run({ kind: "flash", target: section, params }, async (ctx) => {
-      const started = performance.now();
-      ctx.stage("plan");
-      const { plan, image } = await this.buildPlan(params, (level, message) => ctx.log(level, message));
-      if (params.dry_run) {
-        return { dry_run: true, mcu: plan.mcu, device: plan.device, firmware: plan.firmware, methods: plan.methods, plan };
-      }
-      assertNotPrinting(this.printer);
-      ctx.stage("keep-image");
-      await this.keepImage(plan, image);
-      const attempts = [];
-      const guarded = await withKlipperStopped(
-        this.printer,
-        dataPaths(this.config.dataDir).journal,
-        {
-          jobId: ctx.jobId,
-          kind: "flash",
-          target: plan.mcu,
-          serviceTimeoutMs: this.config.moonflash.service_timeout * 1e3,
-          logger: this.logger,
-          onStage: (stage, message) => ctx.stage(stage, message)
-        },
-        (shutdown) => this.runChain(plan, { ...plan.target, image }, contextWithShutdown(ctx, shutdown), attempts)
+  /**
+   * Builds one MCU inside a job that is already running (update-all's). Refuses, before make runs, a missing
+   * profile (MISSING_CONFIG) or compiler (TOOL_NOT_FOUND); a failing make is BUILD_FAILED with its last 40 lines.
+   */
+  async buildWithin(ctx, mcu, opts = {}) {
+    const started = performance.now();
+    const section = mcuSectionName(mcu);
+    const name = mcuUserName(section);
+    const klipperPath = this.settings.moonflash.klipper_path;
+    const out = this.outDir(section);
+    const warnings = [];
+    const warn = (message) => {
+      warnings.push(message);
+      ctx.log("warn", message);
+    };
+    ctx.stage("profile", `building firmware for ${name}`);
+    const { profile, arch, text: before } = await readProfile(this.profile(section));
+    await this.checkKlipperTree(klipperPath);
+    const make = await this.requireTool("make", ["make"], `to build firmware for [${section}]`);
+    await this.requireTool("nice", ["coreutils"], `to build firmware for [${section}] at low priority`);
+    const compiler = await this.requireTool(arch.compiler, arch.debianPackages, `the compiler for ${arch.name} builds of [${section}]`);
+    const common = [`KCONFIG_CONFIG=${profile.path}`, `OUT=${out}`];
+    ctx.stage("olddefconfig", `make olddefconfig for ${name}`);
+    await this.make(ctx, make, ["olddefconfig", ...common], { section, profile, out, step: "olddefconfig", onLine: () => void 0 });
+    const text = await readFile10(profile.path, "utf8");
+    const after = parseProfile(text).arch;
+    if (after?.symbol !== arch.symbol) {
+      throw new MoonflashError(
+        "BUILD_FAILED",
+        `make olddefconfig turned the profile ${profile.path} from ${arch.name} into ${after?.name ?? "no architecture"}: it was written for another Klipper version. The previous file is ${profile.path}.old. Open it in menuconfig (moonflash config ${name}) and save it again.`,
+        { mcu: section, profile: profile.path, before: arch.symbol, after: after?.symbol ?? null, changed: before !== text }
       );
-      const { method, outcome } = guarded.value;
-      return {
-        mcu: plan.mcu,
-        device: outcome.device,
-        method,
-        attempts,
-        bytes: outcome.bytes,
-        verified: outcome.verified,
-        elapsed_ms: Math.round(performance.now() - started),
-        klipper_restarted: guarded.klipperRestart?.ok === true
-      };
+    }
+    const klipperVersion = await this.describeKlipper(klipperPath, warn);
+    const toolchain = await this.toolchainVersion(compiler, arch);
+    const key = sha256(JSON.stringify({ profile: text, klipperPath, klipperVersion, toolchain }));
+    const previous = await this.readRecord(out);
+    const reproducible = klipperVersion !== null && !klipperVersion.endsWith("-dirty");
+    if (!opts.force && reproducible && previous?.key === key) {
+      const kept = await this.keptImage(previous);
+      if (kept) {
+        ctx.stage("unchanged", `${name}: profile, Klipper ${klipperVersion} and compiler unchanged; keeping ${kept.image}`);
+        return { ...this.result(section, kept, profile, out, warnings, started), skipped: true };
+      }
+    }
+    ctx.stage("clean", `removing ${out} for a clean build`);
+    await rm4(out, { recursive: true, force: true });
+    ctx.stage("compile", `make -j${this.jobs} for ${name} (nice ${NICENESS})`);
+    let compiled = 0;
+    const expected2 = previous?.compileSteps ?? 0;
+    const tail = await this.make(ctx, make, [`-j${this.jobs}`, ...common], {
+      section,
+      profile,
+      out,
+      step: "make",
+      onLine: (line) => {
+        if (!COMPILING.test(line)) return;
+        compiled += 1;
+        if (expected2 > 0) ctx.progress(Math.min(compiled, expected2), expected2, "steps", "compile");
+      }
+    });
+    if (expected2 > 0) ctx.progress(expected2, expected2, "steps", "compile");
+    const image = await this.findImage(out, arch);
+    if (!image) {
+      throw new MoonflashError(
+        "BUILD_FAILED",
+        `make finished for [${section}] but left none of ${arch.images.join(", ")} in ${out}. The last lines of its output are in the details.`,
+        { mcu: section, profile: profile.path, outDir: out, expected: [...arch.images], lastLines: tail }
+      );
+    }
+    const bytes = await readFile10(image);
+    const version2 = await this.dictVersion(out) ?? klipperVersion ?? "?";
+    const elapsedMs = Math.round(performance.now() - started);
+    const record = {
+      format: 1,
+      key,
+      mcu: section,
+      profile: profile.path,
+      klipperPath,
+      klipperVersion,
+      toolchain,
+      image,
+      bytes: bytes.length,
+      sha256: sha256(bytes),
+      version: version2,
+      builtAt: (/* @__PURE__ */ new Date()).toISOString(),
+      elapsedMs,
+      compileSteps: compiled
+    };
+    await writeFileDurable(join9(out, RECORD), `${JSON.stringify(record, null, 2)}
+`);
+    ctx.stage("built", `${name}: ${image} (${humanBytes(bytes.length)}), version ${version2}`);
+    return { ...this.result(section, record, profile, out, warnings, started), skipped: false };
+  }
+  result(section, record, profile, out, warnings, started) {
+    return {
+      mcu: section,
+      image: record.image,
+      bytes: record.bytes,
+      sha256: record.sha256,
+      version: record.version,
+      warnings,
+      elapsedMs: Math.round(performance.now() - started),
+      profile: profile.path,
+      outDir: out,
+      klipperVersion: record.klipperVersion,
+      toolchain: record.toolchain
+    };
+  }
+  /** The previous build's record, or null when there is none or it is unreadable (then the build runs). */
+  async readRecord(out) {
+    try {
+      const record = JSON.parse(await readFile10(join9(out, RECORD), "utf8"));
+      return record.format === 1 && typeof record.key === "string" && typeof record.image === "string" ? record : null;
+    } catch {
+      return null;
+    }
+  }
+  /** The recorded image if it is still there, unchanged (a skip must hand out exactly what was built). */
+  async keptImage(record) {
+    try {
+      return sha256(await readFile10(record.image)) === record.sha256 ? record : null;
+    } catch {
+      return null;
+    }
+  }
+  async checkKlipperTree(klipperPath) {
+    const isFile = await stat9(join9(klipperPath, "Makefile")).then((s) => s.isFile(), () => false);
+    if (!isFile) {
+      throw new MoonflashError(
+        "TOOL_NOT_FOUND",
+        `No Makefile in ${klipperPath}; set klipper_path in [moonflash] of moonflash.conf to your Klipper checkout.`,
+        { klipperPath }
+      );
+    }
+  }
+  /** The tool's path on PATH, else TOOL_NOT_FOUND naming the Debian packages that bring it. */
+  async requireTool(command, packages, purpose) {
+    const found = await findExecutable(command);
+    if (found) return found;
+    const install = packages ? `Install it: sudo apt install ${packages.join(" ")}` : `Install the ${command} toolchain`;
+    throw new MoonflashError("TOOL_NOT_FOUND", `${command} (${purpose}) is not installed. ${install}, then build again.`, {
+      command,
+      packages: packages ? [...packages] : null
     });
   }
-  /** Cancels the running flash job; the runner refuses once writing has started. */
-  cancel() {
-    return this.runner.cancel("flash");
-  }
-  async runChain(plan, target, ctx, attempts) {
-    let lastError = null;
-    for (const [index, method] of plan.methods.entries()) {
-      if (ctx.signal.aborted) throw toMoonflashError(ctx.signal.reason ?? new MoonflashError("CANCELLED", "The flash job was cancelled."), "CANCELLED");
-      ctx.stage(method, `flashing ${plan.mcu} with ${method}`);
-      const started = performance.now();
-      try {
-        const outcome = await this.flashers[method].flash(target, ctx);
-        attempts.push({ method, ok: true, elapsed_ms: Math.round(performance.now() - started) });
-        return { method, outcome };
-      } catch (err) {
-        const error2 = toMoonflashError(err, "FLASH_FAILED");
-        attempts.push({ method, ok: false, elapsed_ms: Math.round(performance.now() - started), code: error2.code, message: error2.message });
-        lastError = error2;
-        const next = plan.methods[index + 1];
-        if (FINAL_CODES.has(error2.code) || ctx.signal.aborted || !next) break;
-        ctx.log("warn", `${method} failed: ${error2.message}; trying ${next}`);
-      }
+  /**
+   * Klipper's `git describe --always --tags --long --dirty`, as scripts/buildcommands.py asks it (only where
+   * klipper_path has its own .git). A dirty tree or none gives firmware whose version carries the build time and
+   * host, which nothing can match later: warned, and such builds are never skipped.
+   */
+  async describeKlipper(klipperPath, warn) {
+    if (!existsSync2(join9(klipperPath, ".git"))) {
+      warn(`${klipperPath} is not a git checkout: the firmware's version will not name a Klipper release, so versions cannot be compared.`);
+      return null;
     }
-    const last = lastError ?? new MoonflashError("FLASH_FAILED", "No flash method was tried.");
-    throw new MoonflashError(last.code, last.message, { ...last.details, attempts }, { cause: last });
-  }
-  async knownMcus() {
-    const known = /* @__PURE__ */ new Map();
-    for (const info of await this.klipperMcus()) {
-      known.set(info.section, {
-        section: info.section,
-        ...info.serial ? { serial: info.serial } : {},
-        ...info.canbusUuid ? { canbusUuid: info.canbusUuid, canbusInterface: info.canbusInterface ?? MCU_DEFAULTS.canbus_interface } : {},
-        sources: ["klipper"]
-      });
-    }
-    for (const mc of Object.values(this.config.mcus)) {
-      const entry = known.get(mc.section) ?? { section: mc.section, sources: [] };
-      if (mc.serial) {
-        entry.serial = mc.serial;
-        delete entry.canbusUuid;
-        delete entry.canbusInterface;
-      } else if (mc.canbus_uuid) {
-        entry.canbusUuid = mc.canbus_uuid;
-        entry.canbusInterface = mc.canbus_interface;
-        delete entry.serial;
-      }
-      entry.sources.push("moonflash");
-      known.set(mc.section, entry);
-    }
-    return [...known.values()].sort((a, b) => a.section.localeCompare(b.section));
-  }
-  /** Klipper's [mcu*] sections, or none while Klipper (or Moonraker) is down: moonflash.conf still works then. */
-  async klipperMcus() {
-    if (!this.printer.state().klippyConnected) return [];
+    const lines = [];
+    let failure2;
     try {
-      return (await this.printer.mcuReport()).mcus;
-    } catch (err) {
-      this.logger.warn({ err }, "could not read Klipper's MCU sections; using moonflash.conf only");
-      return [];
-    }
-  }
-  async buildPlan(params, log) {
-    const section = mcuSectionName(params.mcu);
-    const klipperMcus = await this.klipperMcus();
-    const klipper = klipperMcus.find((m) => m.section === section);
-    const own2 = this.config.mcus[section];
-    if (!klipper && !own2) {
-      const known = [.../* @__PURE__ */ new Set([...klipperMcus.map((m) => m.section), ...Object.keys(this.config.mcus)])].sort();
-      const names = known.map(mcuUserName);
-      const example = names.find((n) => n !== "mcu") ?? names[0] ?? "NAME";
-      throw new MoonflashError(
-        "UNKNOWN_MCU",
-        `Unknown MCU '${params.mcu}'. Known MCUs: ${names.join(", ") || "none"}. Use one of these names (e.g. FLASH_MCU MCU=${example} in a macro, moonflash flash ${example} on the command line), or add an [${section}] section with serial: or canbus_uuid: to moonflash.conf.`,
-        { mcu: params.mcu, known, names }
-      );
-    }
-    const fromOwn = !!(own2?.serial || own2?.canbus_uuid);
-    const serial = fromOwn ? own2?.serial ?? void 0 : klipper?.serial;
-    const canbusUuid2 = fromOwn ? own2?.canbus_uuid ?? void 0 : klipper?.canbusUuid;
-    const canbusInterface = fromOwn ? own2.canbus_interface : klipper?.canbusInterface ?? own2?.canbus_interface ?? MCU_DEFAULTS.canbus_interface;
-    const baud = fromOwn ? own2.baud : klipper?.baud ?? own2?.baud ?? MCU_DEFAULTS.baud;
-    if (!serial && !canbusUuid2) {
-      throw new MoonflashError(
-        "DEVICE_NOT_FOUND",
-        `[${section}] has no serial: or canbus_uuid: in Klipper's config or moonflash.conf. Add serial: (or canbus_uuid:) to [${section}] in moonflash.conf.`,
-        { mcu: section }
-      );
-    }
-    const methods = params.method !== void 0 ? parseFlashMethods(params.method) : own2?.method ?? [...serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus];
-    const firmware = resolve(params.firmware ?? own2?.firmware ?? join4(this.config.moonflash.klipper_path, "out", "klipper.bin"));
-    const expectedMcuType = own2?.mcu_type ?? klipper?.mcuType ?? null;
-    const image = await readFirmware(firmware, own2?.flash_size ?? null, expectedMcuType, section);
-    const deviceRealPath = serial ? await checkDevicePath(serial) : null;
-    const target = {
-      mcu: section,
-      ...serial ? { device: serial } : {},
-      ...canbusUuid2 && !serial ? { canbusUuid: canbusUuid2 } : {},
-      canbusInterface,
-      baud,
-      firmwarePath: firmware,
-      ...expectedMcuType ? { expectedMcuType } : {},
-      bootloader: own2?.bootloader ?? MCU_DEFAULTS.bootloader,
-      klipperPath: this.config.moonflash.klipper_path,
-      ...own2?.kconfig ? { kconfig: own2.kconfig } : {},
-      ...own2?.out_dir ? { outDir: own2.out_dir } : {},
-      wchispTransport: own2?.wchisp_transport ?? MCU_DEFAULTS.wchisp_transport,
-      timeoutMs: (own2?.timeout ?? MCU_DEFAULTS.timeout) * 1e3,
-      flashSize: own2?.flash_size ?? null
-    };
-    const usable = [];
-    const skipped = [];
-    let reportedError = null;
-    for (const method of methods) {
-      try {
-        if (expectedMcuType?.toLowerCase() === "linux" && method !== "make") {
-          throw new MoonflashError(
-            "METHOD_NOT_APPLICABLE",
-            `[${section}] is Klipper's Linux host MCU: ${method} cannot flash it. Use method: make (it runs scripts/flash-linux.sh).`,
-            { mcu: section, method, mcuType: expectedMcuType }
-          );
+      const result = await runTool({
+        command: "git",
+        args: ["describe", "--always", "--tags", "--long", "--dirty"],
+        cwd: klipperPath,
+        timeoutMs: QUICK_TOOL_TIMEOUT_MS,
+        onStdoutLine: (line) => lines.push(line.trim())
+      });
+      if (result.exitCode === 0 && lines[0]) {
+        const version2 = lines[0];
+        if (version2.endsWith("-dirty")) {
+          warn(`Klipper in ${klipperPath} has local changes (${version2}): the firmware will report a version with the build time, which will not match the host's; the build is not skipped.`);
         }
-        await this.flashers[method].preflight(target);
-        usable.push(method);
-      } catch (err) {
-        const error2 = toMoonflashError(err);
-        if (!reportedError || reportedError.code === "METHOD_NOT_APPLICABLE" && error2.code !== "METHOD_NOT_APPLICABLE") reportedError = error2;
-        skipped.push({ method, code: error2.code, message: error2.message });
-        log("warn", `${method} skipped: ${error2.message}`);
+        return version2;
       }
+      failure2 = result.stderrTail.join(" ").trim() || `exit ${result.exitCode}`;
+    } catch (err) {
+      failure2 = toMoonflashError(err).message;
     }
-    if (usable.length === 0 && reportedError) {
-      throw new MoonflashError(reportedError.code, reportedError.message, { ...reportedError.details, skipped }, { cause: reportedError });
-    }
-    const plan = {
-      mcu: section,
-      device: serial ?? `${canbusInterface}:${canbusUuid2}`,
-      device_real_path: deviceRealPath,
-      firmware,
-      firmware_bytes: image.length,
-      methods: usable,
-      skipped,
-      expected_mcu_type: expectedMcuType,
-      target
-    };
-    return { plan, image };
+    warn(`git describe failed in ${klipperPath} (${failure2}): the firmware's version is unknown and the build is not skipped.`);
+    return null;
   }
-  /** A durable copy of what is about to be flashed, so the last image of each MCU can be found (and re-flashed) later. */
-  async keepImage(plan, image) {
-    const dir = join4(dataPaths(this.config.dataDir).firmware, plan.mcu.replace(/\s+/g, "_"));
-    await writeFileDurable(join4(dir, "last.bin"), image);
-    const meta2 = {
-      sha256: process.getBuiltinModule("node:crypto").createHash("sha256").update(image).digest("hex"),
-      size: image.length,
-      date: (/* @__PURE__ */ new Date()).toISOString(),
-      source: plan.firmware
+  async toolchainVersion(compiler, arch) {
+    const lines = [];
+    const result = await runTool({ command: compiler, args: ["--version"], timeoutMs: QUICK_TOOL_TIMEOUT_MS, onStdoutLine: (line) => lines.push(line) });
+    if (result.exitCode !== 0 || !lines[0]) {
+      throw new MoonflashError(
+        "TOOL_NOT_FOUND",
+        `${compiler} --version failed (exit ${result.exitCode}); reinstall the ${arch.name} compiler${arch.debianPackages ? ` (sudo apt install --reinstall ${arch.debianPackages.join(" ")})` : ""}.`,
+        toolErrorDetails({ command: compiler, args: ["--version"] }, result)
+      );
+    }
+    return lines[0].trim();
+  }
+  /** Runs `nice -n 10 make \u2026` in klipper_path, streaming every line into the job log; BUILD_FAILED on a non-zero exit. */
+  async make(ctx, make, args, info) {
+    const tail = [];
+    const onLine = (line) => {
+      tail.push(line);
+      if (tail.length > TAIL_LINES) tail.shift();
+      if (line.trim().length > 0) ctx.log("info", line);
+      info.onLine(line);
     };
-    await writeFileDurable(join4(dir, "last.json"), `${JSON.stringify(meta2, null, 2)}
-`);
+    const command = "nice";
+    const niceArgs = ["-n", NICENESS, make, ...args];
+    this.logger.info({ command, args: niceArgs, cwd: this.settings.moonflash.klipper_path }, `running make ${args[0]}`);
+    const result = await runTool({
+      command,
+      args: niceArgs,
+      cwd: this.settings.moonflash.klipper_path,
+      timeoutMs: this.timeoutMs,
+      signal: ctx.signal,
+      onStdoutLine: onLine,
+      onStderrLine: onLine,
+      tailLines: TAIL_LINES
+    });
+    if (result.exitCode === 0) return tail;
+    const lines = [...tail].reverse().map((line) => line.trim()).filter(Boolean);
+    const last = lines.find((line) => /error/i.test(line) && !/^make(\[\d+\])?: \*\*\*/.test(line)) ?? lines[0];
+    throw new MoonflashError(
+      "BUILD_FAILED",
+      `${info.step === "olddefconfig" ? "make olddefconfig" : "make"} failed for [${info.section}] (exit ${result.exitCode})${last ? `: ${last}` : ""}. The last ${TAIL_LINES} lines are in the job's details; fix the profile (${info.profile.path}) or the Klipper tree and build again.`,
+      {
+        ...toolErrorDetails({ command, args: niceArgs }, result),
+        mcu: info.section,
+        step: info.step,
+        profile: info.profile.path,
+        outDir: info.out,
+        lastLines: tail
+      }
+    );
+  }
+  async findImage(out, arch) {
+    for (const name of arch.images) {
+      const path6 = join9(out, name);
+      if (await stat9(path6).then((s) => s.isFile() && s.size > 0, () => false)) return path6;
+    }
+    return null;
+  }
+  async dictVersion(out) {
+    try {
+      const dict = JSON.parse(await readFile10(join9(out, DICT), "utf8"));
+      return typeof dict.version === "string" && dict.version.length > 0 ? dict.version : null;
+    } catch {
+      return null;
+    }
   }
 };
 
@@ -11547,7 +12539,7 @@ var FlashEngine = class {
 import { EventEmitter } from "node:events";
 
 // src/moonraker/connection.ts
-import { watch, existsSync as existsSync2 } from "node:fs";
+import { watch, existsSync as existsSync3 } from "node:fs";
 import { basename as basename4, dirname as dirname4 } from "node:path";
 
 // src/moonraker/klipper-tracker.ts
@@ -11689,7 +12681,7 @@ function encodeEtx(message) {
   return Buffer.concat([Buffer.from(message, "utf8"), Buffer.of(ETX)]);
 }
 function openUnixTransport(path6, handlers, options) {
-  return new Promise((resolve2, reject) => {
+  return new Promise((resolve3, reject) => {
     const socket = net.createConnection({ path: path6 });
     const decoder = new EtxDecoder();
     let open4 = false;
@@ -11717,7 +12709,7 @@ function openUnixTransport(path6, handlers, options) {
     socket.on("connect", () => {
       clearTimeout(connectTimer);
       open4 = true;
-      resolve2({
+      resolve3({
         description: `unix:${path6}`,
         send(message) {
           return new Promise((done, fail) => {
@@ -11739,7 +12731,7 @@ function openUnixTransport(path6, handlers, options) {
 // src/moonraker/ws-transport.ts
 async function openWebSocketTransport(url2, apiKey, handlers, options) {
   const { default: WebSocket } = await import("./wrapper.mjs");
-  return new Promise((resolve2, reject) => {
+  return new Promise((resolve3, reject) => {
     const socket = new WebSocket(url2, {
       headers: apiKey ? { "X-Api-Key": apiKey } : {},
       handshakeTimeout: options.connectTimeoutMs
@@ -11762,7 +12754,7 @@ async function openWebSocketTransport(url2, apiKey, handlers, options) {
     });
     socket.on("open", () => {
       open4 = true;
-      resolve2({
+      resolve3({
         description: url2,
         send(message) {
           return new Promise((done, fail) => {
@@ -12010,7 +13002,7 @@ var MoonrakerConnection = class {
     this.unwatchSocket();
     const peer = this.peer;
     if (peer?.isOpen) {
-      const closed = new Promise((resolve2) => peer.onClose(() => resolve2()));
+      const closed = new Promise((resolve3) => peer.onClose(() => resolve3()));
       peer.close();
       await closed;
     }
@@ -12129,7 +13121,7 @@ var MoonrakerConnection = class {
     if (endpoint.kind !== "unix" || this.socketWatcher) return;
     try {
       this.socketWatcher = watch(dirname4(endpoint.path), (_event, name) => {
-        if (name !== basename4(endpoint.path) || !this.reconnectTimer || !existsSync2(endpoint.path)) return;
+        if (name !== basename4(endpoint.path) || !this.reconnectTimer || !existsSync3(endpoint.path)) return;
         if (this.reconnectDelayMs <= this.backoffInitialMs * 2) return;
         clearTimeout(this.reconnectTimer);
         this.reconnectTimer = null;
@@ -12462,12 +13454,12 @@ var ServiceControl = class {
       clearTimeout(timer);
       this.waiters.delete(waiter);
     };
-    const promise = new Promise((resolve2, reject) => {
+    const promise = new Promise((resolve3, reject) => {
       waiter = {
         check: reached,
         resolve: () => {
           finish();
-          resolve2();
+          resolve3();
         },
         reject: (err) => {
           finish();
@@ -12587,7 +13579,7 @@ var AgentSession = class {
 };
 
 // src/agent/agent.ts
-import { existsSync as existsSync3 } from "node:fs";
+import { existsSync as existsSync4 } from "node:fs";
 
 // src/agent/params.ts
 var flag = pipe(
@@ -12677,6 +13669,14 @@ async function mcuMissing(flash) {
   const list = example === void 0 ? "No MCU is known: start Klipper, or add an [mcu NAME] section to moonflash.conf." : `Known MCUs: ${known.join(", ")} (e.g. FLASH_MCU MCU=${example})`;
   return new MoonflashError("INVALID_PARAMS", `FLASH_MCU needs MCU=<name>. ${list}`, { method: "flash.mcu", missing: "mcu", known });
 }
+async function rollbackMcuMissing(flash) {
+  const candidates = [];
+  for (const section of await flash.store.mcus()) {
+    if ((await flash.store.list(section)).length > 1) candidates.push(mcuUserName(section));
+  }
+  const list = candidates.length ? `MCUs with an earlier image: ${candidates.join(", ")} (e.g. FLASH_ROLLBACK MCU=${candidates[0]})` : "moonflash has no earlier image of any MCU yet: it keeps the last 3 images it flashes to each.";
+  return new MoonflashError("INVALID_PARAMS", `FLASH_ROLLBACK needs MCU=<name>. ${list}`, { method: "flash.rollback", missing: "mcu", candidates });
+}
 function buildMethodTable(deps) {
   const { runner } = deps;
   return [
@@ -12715,6 +13715,31 @@ function buildMethodTable(deps) {
       }
     }),
     define({
+      name: "flash.build",
+      description: "Build firmware from each MCU's profile (make olddefconfig, make) at low priority, without stopping Klipper; a build with unchanged inputs is skipped.",
+      params: strictObject({
+        // Without it: every MCU of moonflash.conf that has a profile.
+        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
+        force: optional(flag)
+      }),
+      handler: async ({ mcu, force }) => {
+        if (!deps.build) throw new MoonflashError("INTERNAL", "This moonflash process cannot build firmware.");
+        const builder = deps.build();
+        const opts = force === void 0 ? {} : { force };
+        if (mcu !== void 0 && mcu.trim() !== "") return { builds: [await builder.build(mcu, opts)], failed: [], without_profile: [] };
+        const { builds, failed, withoutProfile } = await builder.buildMany(void 0, opts);
+        const first = failed[0];
+        if (first) {
+          throw new MoonflashError(first.code, `${failed.length} of ${failed.length + builds.length} builds failed; [${first.mcu}]: ${first.message}`, {
+            ...first.details,
+            builds,
+            failed
+          });
+        }
+        return { builds, failed, without_profile: withoutProfile };
+      }
+    }),
+    define({
       name: "flash.mcu",
       description: "Flash one MCU: pre-flight, stop Klipper, flash with fallback, verify, start Klipper.",
       params: strictObject({
@@ -12737,6 +13762,29 @@ function buildMethodTable(deps) {
       },
       // No summary: the job's own result line tells the console.
       macro: { command: "FLASH_MCU", params: { mcu: "MCU", flash_method: "METHOD", firmware: "FIRMWARE", dry_run: "DRY_RUN" } }
+    }),
+    define({
+      name: "flash.check",
+      description: "Klipper's version and each MCU's firmware version: which MCUs Klipper would call outdated, and why.",
+      params: noParams,
+      handler: async () => deps.flash().checkVersions(),
+      summary: (check) => versionSummary(check),
+      macro: { command: "FLASH_CHECK" }
+    }),
+    define({
+      name: "flash.rollback",
+      description: "Flash the image an MCU had before its current one (moonflash keeps the last 3), as a normal flash.",
+      params: strictObject({
+        // Optional for the same reason as flash.mcu's: a bare FLASH_ROLLBACK names the MCUs instead of failing on a type.
+        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
+        dry_run: optional(flag)
+      }),
+      handler: async ({ mcu, dry_run }) => {
+        if (mcu === void 0 || mcu.trim() === "") throw await rollbackMcuMissing(deps.flash());
+        return deps.flash().rollback({ mcu, ...dry_run === void 0 ? {} : { dry_run } });
+      },
+      // No summary: the job's own result line tells the console.
+      macro: { command: "FLASH_ROLLBACK", params: { mcu: "MCU", dry_run: "DRY_RUN" } }
     }),
     define({
       name: "flash.cancel",
@@ -12786,6 +13834,10 @@ function resultLine(event) {
       message: `${who}: dry run, nothing was stopped or written. It would flash ${String(d.firmware)} (${String(plan.firmware_bytes)} bytes) to ${String(d.device)} with ${methods}.`,
       type: "command"
     };
+  }
+  if (event.kind === "flash" && typeof d.image === "string" && typeof d.version === "string") {
+    const kept = d.skipped === true ? ", unchanged since the last build" : "";
+    return { message: `${who}: firmware built, ${d.version} (${String(d.bytes)} bytes${kept}).`, type: "command" };
   }
   if (event.kind === "flash" && typeof d.method === "string") {
     const seconds = typeof d.elapsed_ms === "number" ? ` in ${(d.elapsed_ms / 1e3).toFixed(1)} s` : "";
@@ -12837,7 +13889,7 @@ var ConsoleReporter = class {
     const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
     switch (event.type) {
       case "stage":
-        if (event.stage === "started" && event.kind === "flash") this.say(`${who}: checking the board and the firmware`, "command", false);
+        if (event.stage === "plan") this.say(`${who}: checking the board and the firmware`, "command", false);
         else if (event.stage === "stop-klipper") {
           this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.`);
         } else if (event.message && event.stage !== "start-klipper") this.say(`${who}: ${event.message}`, "command", false);
@@ -12939,6 +13991,7 @@ var Agent = class {
     this.methods = buildMethodTable({
       runner: this.runner,
       flash,
+      ...parts.build ? { build: parts.build } : {},
       info: () => this.info(),
       pendingKlipperStart: async () => {
         const journal = await readJournal(config2.dataDir);
@@ -12963,7 +14016,7 @@ var Agent = class {
     this.logger.info({ version: VERSION, dataDir: this.config.dataDir, config: this.config.exists ? this.config.file : "(defaults)" }, "moonflash agent starting");
     this.session.start();
     this.recoveryTimer = setInterval(() => {
-      if (existsSync3(dataPaths(this.config.dataDir).journal)) void this.recover();
+      if (existsSync4(dataPaths(this.config.dataDir).journal)) void this.recover();
     }, RECOVERY_CHECK_MS);
     this.recoveryTimer.unref();
   }
@@ -12980,11 +14033,11 @@ var Agent = class {
   waitForIdle(timeoutMs) {
     if (!this.runner.current()) return Promise.resolve();
     this.logger.info("waiting for the running job to finish before stopping");
-    return new Promise((resolve2) => {
+    return new Promise((resolve3) => {
       const done = () => {
         clearTimeout(timer);
         off();
-        resolve2();
+        resolve3();
       };
       const timer = setTimeout(done, timeoutMs);
       const off = this.runner.on((event) => {
@@ -13053,11 +14106,16 @@ function createSession(rt, role) {
 function createFlashEngine(rt, printer) {
   return new FlashEngine({ config: rt.config, printer, runner: rt.runner, logger: rt.logger.child({ ns: "flash" }) });
 }
+function createFirmwareBuilder(rt) {
+  return new FirmwareBuilder({ settings: rt.config, runner: rt.runner, logger: rt.logger.child({ ns: "build" }) });
+}
 async function createAgent(opts) {
   const rt = await createRuntime(opts);
+  const builder = createFirmwareBuilder(rt);
   return new Agent(rt, {
     session: (methods, onCall) => createSession(rt, { clientName: AGENT_NAME, methods, onCall }),
-    flash: (printer) => createFlashEngine(rt, printer)
+    flash: (printer) => createFlashEngine(rt, printer),
+    build: () => builder
   });
 }
 async function connectPrinter(rt, timeoutMs) {
@@ -13071,7 +14129,7 @@ async function connectPrinter(rt, timeoutMs) {
   });
   session.start();
   try {
-    await new Promise((resolve2, reject) => {
+    await new Promise((resolve3, reject) => {
       const timer = setTimeout(() => {
         reject(
           new MoonflashError(
@@ -13082,7 +14140,7 @@ async function connectPrinter(rt, timeoutMs) {
       }, timeoutMs);
       session.on("identified", () => {
         clearTimeout(timer);
-        resolve2();
+        resolve3();
       });
     });
   } catch (err) {
@@ -13103,15 +14161,23 @@ export {
   VERSION,
   dataPaths,
   FLASH_METHODS,
+  firmwareProfileDir,
+  writeFileDurable,
   isProcessAlive,
   readJobLock,
+  identifyDevice,
   readJournal,
+  mcuUserName,
+  mcuSectionName,
+  parseProfile,
   initialPrinterState,
   createRuntime,
   createFlashEngine,
+  createFirmwareBuilder,
   createAgent,
   connectPrinter,
   EXIT_OK,
+  EXIT_FAILURE,
   EXIT_USAGE,
   exitCodeFor
 };
