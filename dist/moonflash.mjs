@@ -3519,6 +3519,9 @@ function buildProgram() {
   program2.command("build").description("build firmware from each MCU's profile (without names: every MCU of moonflash.conf with one); Klipper keeps running").argument("[mcu...]", 'MCU sections: "mcu", "toolhead" or "mcu toolhead"').addOption(dataOption()).option("--force", "build even when profile, Klipper version and compiler are unchanged").option("--json", "print job events and the result as JSON lines").action(async (mcus, opts) => {
     process.exitCode = await (await import("./chunks/build.mjs")).runBuild({ dataDir: opts.data, mcus, force: !!opts.force, json: !!opts.json });
   });
+  program2.command("update").description("bring MCUs to Klipper's version: build all while Klipper runs, stop it once, flash in order, start it, check").argument("[mcu...]", "MCUs to update (default: the outdated ones)").addOption(dataOption()).option("--force", "update the named (or all configured) MCUs even when their version matches").option("--dry-run", "show the plan; build, stop and flash nothing").option("--json", "print job events and the result as JSON lines").action(async (mcus, opts) => {
+    process.exitCode = await (await import("./chunks/build.mjs")).runUpdate({ dataDir: opts.data, mcus, force: !!opts.force, dryRun: !!opts.dryRun, json: !!opts.json });
+  });
   program2.command("config").description("make an MCU's firmware profile: Klipper's menuconfig, --import a saved .config, or --suggest one from the board").argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"').addOption(dataOption()).option("--import <file>", "copy this saved Klipper .config in as the profile").option("--suggest", "print a profile proposed from the board's MCU type and connection, guesses marked").option("--write", "with --suggest: save the proposal as the profile").action(async (mcu, opts) => {
     process.exitCode = await (await import("./chunks/build.mjs")).runConfig({
       dataDir: opts.data,

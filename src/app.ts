@@ -10,6 +10,7 @@ import { createLogger } from "./core/log.js";
 import type { PrinterPort } from "./core/printer.js";
 import { FlashEngine } from "./flash/engine.js";
 import { FirmwareBuilder } from "./flash/build/builder.js";
+import { McuUpdater } from "./flash/update-all.js";
 import { AgentSession, type AgentSessionOptions } from "./moonraker/session.js";
 import { describeEndpoint, type MoonrakerEndpoint } from "./moonraker/transport.js";
 import { Agent } from "./agent/agent.js";
@@ -59,6 +60,11 @@ export function createFirmwareBuilder(rt: Runtime): FirmwareBuilder {
   return new FirmwareBuilder({ settings: rt.config, runner: rt.runner, logger: rt.logger.child({ ns: "build" }) });
 }
 
+/** Update-all over an engine, a builder and the printer they share. */
+export function createMcuUpdater(rt: Runtime, engine: FlashEngine, builder: FirmwareBuilder, printer: PrinterPort): McuUpdater {
+  return new McuUpdater({ engine, builder, printer, runner: rt.runner, readyTimeoutMs: rt.config.moonflash.service_timeout * 1000 });
+}
+
 /** The service: the agent with its session and engines. */
 export async function createAgent(opts: RuntimeOptions): Promise<Agent> {
   const rt = await createRuntime(opts);
@@ -67,6 +73,7 @@ export async function createAgent(opts: RuntimeOptions): Promise<Agent> {
     session: (methods, onCall) => createSession(rt, { clientName: AGENT_NAME, methods, onCall }),
     flash: (printer) => createFlashEngine(rt, printer),
     build: () => builder,
+    update: (engine, printer) => createMcuUpdater(rt, engine, builder, printer),
   });
 }
 

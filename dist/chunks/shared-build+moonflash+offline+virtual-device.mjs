@@ -120,7 +120,7 @@ function crc16(data, start = 0, end = data.length) {
 function encodeFrame(cmd, payload = new Uint8Array(0)) {
   if (payload.length % 4 !== 0) throw new RangeError(`Katapult payload must be a multiple of 4 bytes, got ${payload.length}`);
   if (payload.length > MAX_PAYLOAD) throw new RangeError(`Katapult payload too long: ${payload.length} bytes`);
-  const frame = Buffer.alloc(payload.length + FRAME_OVERHEAD);
+  const frame = Buffer.allocUnsafe(payload.length + FRAME_OVERHEAD);
   frame[0] = 1;
   frame[1] = 136;
   frame[2] = cmd;
@@ -133,9 +133,25 @@ function encodeFrame(cmd, payload = new Uint8Array(0)) {
   return frame;
 }
 function u32le(...values) {
-  const buf = Buffer.alloc(values.length * 4);
+  const buf = Buffer.allocUnsafe(values.length * 4);
   values.forEach((v, i) => buf.writeUInt32LE(v >>> 0, i * 4));
   return buf;
+}
+function encodeAddressFrame(cmd, address, data) {
+  const length = 4 + (data?.length ?? 0);
+  if (length % 4 !== 0) throw new RangeError(`Katapult payload must be a multiple of 4 bytes, got ${length}`);
+  if (length > MAX_PAYLOAD) throw new RangeError(`Katapult payload too long: ${length} bytes`);
+  const frame = Buffer.allocUnsafe(length + FRAME_OVERHEAD);
+  frame[0] = 1;
+  frame[1] = 136;
+  frame[2] = cmd;
+  frame[3] = length / 4;
+  frame.writeUInt32LE(address >>> 0, 4);
+  if (data) frame.set(data, 8);
+  frame.writeUInt16LE(crc16(frame, 2, 4 + length), 4 + length);
+  frame[6 + length] = 153;
+  frame[7 + length] = 3;
+  return frame;
 }
 function encodeAck(cmd, payload = new Uint8Array(0)) {
   return encodeFrame(Response.ACK, Buffer.concat([u32le(cmd), payload]));
@@ -144,56 +160,83 @@ var encodeNack = () => encodeFrame(Response.NACK);
 var encodeError = () => encodeFrame(Response.ERROR);
 var encodeBusy = () => encodeFrame(Response.BUSY);
 var FrameDecoder = class {
-  buffer = Buffer.alloc(0);
-  push(chunk) {
-    this.buffer = this.buffer.length ? Buffer.concat([this.buffer, chunk]) : Buffer.from(chunk);
-    const items = [];
-    while (this.buffer.length > 0) {
-      const start = findHeader(this.buffer);
-      if (start < 0) {
-        const keep = this.buffer[this.buffer.length - 1] === 1 ? 1 : 0;
-        const dropped = this.buffer.length - keep;
-        if (dropped > 0) items.push({ fault: { kind: "garbage-skipped", bytes: dropped } });
-        this.buffer = this.buffer.subarray(this.buffer.length - keep);
+  /** Undecoded bytes are buf[start, end). Grows only for a chunk larger than it (rare); never shrinks. */
+  buf = Buffer.allocUnsafeSlow(256);
+  start = 0;
+  end = 0;
+  /** Decodes what `chunk` completes; items are appended to `into` (a new array unless given) and returned. */
+  push(chunk, into = []) {
+    this.append(chunk);
+    const buf = this.buf;
+    while (this.start < this.end) {
+      const head = findHeader(buf, this.start, this.end);
+      if (head < 0) {
+        const keep = buf[this.end - 1] === 1 ? 1 : 0;
+        const dropped = this.end - this.start - keep;
+        if (dropped > 0) into.push({ fault: { kind: "garbage-skipped", bytes: dropped } });
+        this.start = this.end - keep;
         break;
       }
-      if (start > 0) {
-        items.push({ fault: { kind: "garbage-skipped", bytes: start } });
-        this.buffer = this.buffer.subarray(start);
+      if (head > this.start) {
+        into.push({ fault: { kind: "garbage-skipped", bytes: head - this.start } });
+        this.start = head;
       }
-      if (this.buffer.length < 4) break;
-      const cmd = this.buffer[2];
-      const size = this.buffer[3] * 4 + FRAME_OVERHEAD;
-      if (this.buffer.length < size) break;
-      const payloadEnd = size - 4;
-      if (this.buffer[size - 2] !== 153 || this.buffer[size - 1] !== 3) {
-        items.push({ fault: { kind: "bad-trailer", cmd } });
-        this.buffer = this.buffer.subarray(1);
+      if (this.end - head < 4) break;
+      const cmd = buf[head + 2];
+      const size = buf[head + 3] * 4 + FRAME_OVERHEAD;
+      if (this.end - head < size) break;
+      const payloadEnd = head + size - 4;
+      if (buf[head + size - 2] !== 153 || buf[head + size - 1] !== 3) {
+        into.push({ fault: { kind: "bad-trailer", cmd } });
+        this.start = head + 1;
         continue;
       }
-      const expected = crc16(this.buffer, 2, payloadEnd);
-      const received = this.buffer.readUInt16LE(payloadEnd);
+      const expected = crc16(buf, head + 2, payloadEnd);
+      const received = buf.readUInt16LE(payloadEnd);
       if (expected !== received) {
-        items.push({ fault: { kind: "bad-crc", cmd, expected, received } });
-        this.buffer = this.buffer.subarray(1);
+        into.push({ fault: { kind: "bad-crc", cmd, expected, received } });
+        this.start = head + 1;
         continue;
       }
-      items.push({ frame: { cmd, payload: Buffer.from(this.buffer.subarray(4, payloadEnd)) } });
-      this.buffer = this.buffer.subarray(size);
+      const payload = Buffer.allocUnsafe(payloadEnd - head - 4);
+      buf.copy(payload, 0, head + 4, payloadEnd);
+      into.push({ frame: { cmd, payload } });
+      this.start = head + size;
     }
-    return items;
+    if (this.start === this.end) this.start = this.end = 0;
+    return into;
   }
-  /** The bytes of a frame that has begun but is not complete yet (empty when none). */
+  /** The bytes of a frame that has begun but is not complete yet (empty when none); valid until the next push. */
   get partial() {
-    return this.buffer;
+    return this.buf.subarray(this.start, this.end);
+  }
+  /** How many bytes `partial` holds, without making a view of them. */
+  get partialLength() {
+    return this.end - this.start;
   }
   /** Drops whatever partial frame is buffered (used when draining before a retry). */
   reset() {
-    this.buffer = Buffer.alloc(0);
+    this.start = this.end = 0;
+  }
+  append(chunk) {
+    const held = this.end - this.start;
+    if (this.end + chunk.length > this.buf.length) {
+      if (held + chunk.length > this.buf.length) {
+        const bigger = Buffer.allocUnsafeSlow(Math.max(held + chunk.length, 2 * this.buf.length));
+        this.buf.copy(bigger, 0, this.start, this.end);
+        this.buf = bigger;
+      } else {
+        this.buf.copyWithin(0, this.start, this.end);
+      }
+      this.start = 0;
+      this.end = held;
+    }
+    this.buf.set(chunk, this.end);
+    this.end += chunk.length;
   }
 };
-function findHeader(buf) {
-  for (let i = 0; i + 1 < buf.length; i++) if (buf[i] === 1 && buf[i + 1] === 136) return i;
+function findHeader(buf, from, to) {
+  for (let i = from; i + 1 < to; i++) if (buf[i] === 1 && buf[i + 1] === 136) return i;
   return -1;
 }
 function decodeConnect(ackPayload) {
@@ -245,6 +288,7 @@ export {
   commandName,
   encodeFrame,
   u32le,
+  encodeAddressFrame,
   encodeAck,
   encodeNack,
   encodeError,

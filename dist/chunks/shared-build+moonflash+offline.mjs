@@ -11,6 +11,7 @@ import {
   VALID_BLOCK_SIZES,
   commandName,
   decodeConnect,
+  encodeAddressFrame,
   encodeFrame,
   isMoonflashError,
   toJsonRpcError,
@@ -3751,8 +3752,8 @@ var require_safe_stable_stringify = __commonJS({
     }
     function configure(options) {
       options = { ...options };
-      const fail = getStrictOption(options);
-      if (fail) {
+      const fail2 = getStrictOption(options);
+      if (fail2) {
         if (options.bigint === void 0) {
           options.bigint = false;
         }
@@ -3863,7 +3864,7 @@ ${originalIndentation}`;
             return `{${res}}`;
           }
           case "number":
-            return isFinite(value2) ? String(value2) : fail ? fail(value2) : "null";
+            return isFinite(value2) ? String(value2) : fail2 ? fail2(value2) : "null";
           case "boolean":
             return value2 === true ? "true" : "false";
           case "undefined":
@@ -3874,7 +3875,7 @@ ${originalIndentation}`;
             }
           // fallthrough
           default:
-            return fail ? fail(value2) : void 0;
+            return fail2 ? fail2(value2) : void 0;
         }
       }
       function stringifyArrayReplacer(key, value2, stack, replacer, spacer, indentation) {
@@ -3954,7 +3955,7 @@ ${originalIndentation}`;
             return `{${res}}`;
           }
           case "number":
-            return isFinite(value2) ? String(value2) : fail ? fail(value2) : "null";
+            return isFinite(value2) ? String(value2) : fail2 ? fail2(value2) : "null";
           case "boolean":
             return value2 === true ? "true" : "false";
           case "undefined":
@@ -3965,7 +3966,7 @@ ${originalIndentation}`;
             }
           // fallthrough
           default:
-            return fail ? fail(value2) : void 0;
+            return fail2 ? fail2(value2) : void 0;
         }
       }
       function stringifyIndent(key, value2, stack, spacer, indentation) {
@@ -4066,7 +4067,7 @@ ${originalIndentation}`;
             return `{${res}}`;
           }
           case "number":
-            return isFinite(value2) ? String(value2) : fail ? fail(value2) : "null";
+            return isFinite(value2) ? String(value2) : fail2 ? fail2(value2) : "null";
           case "boolean":
             return value2 === true ? "true" : "false";
           case "undefined":
@@ -4077,7 +4078,7 @@ ${originalIndentation}`;
             }
           // fallthrough
           default:
-            return fail ? fail(value2) : void 0;
+            return fail2 ? fail2(value2) : void 0;
         }
       }
       function stringifySimple(key, value2, stack) {
@@ -4162,7 +4163,7 @@ ${originalIndentation}`;
             return `{${res}}`;
           }
           case "number":
-            return isFinite(value2) ? String(value2) : fail ? fail(value2) : "null";
+            return isFinite(value2) ? String(value2) : fail2 ? fail2(value2) : "null";
           case "boolean":
             return value2 === true ? "true" : "false";
           case "undefined":
@@ -4173,7 +4174,7 @@ ${originalIndentation}`;
             }
           // fallthrough
           default:
-            return fail ? fail(value2) : void 0;
+            return fail2 ? fail2(value2) : void 0;
         }
       }
       function stringify2(value2, replacer, space) {
@@ -6705,6 +6706,71 @@ var $ZodObject = /* @__PURE__ */ $constructor("$ZodObject", (inst, def) => {
     return handleCatchall(proms, input, payload, ctx, _normalized.value, inst, abortEarly === true);
   };
 });
+function handleUnionResults(results, final, inst, ctx) {
+  for (const result of results) {
+    if (result.issues.length === 0) {
+      final.value = result.value;
+      return final;
+    }
+  }
+  const nonaborted = results.filter((r) => !aborted(r));
+  if (nonaborted.length === 1) {
+    final.value = nonaborted[0].value;
+    return nonaborted[0];
+  }
+  final.issues.push({
+    code: "invalid_union",
+    input: final.value,
+    inst,
+    errors: results.map((result) => result.issues.map((iss) => finalizeIssue(iss, ctx, config())))
+  });
+  return final;
+}
+var $ZodUnion = /* @__PURE__ */ $constructor("$ZodUnion", (inst, def) => {
+  $ZodType.init(inst, def);
+  defineLazyInternal(inst, "optin", (zod) => zod.def.options.some((o) => o._zod.optin === "defaulted") ? "defaulted" : zod.def.options.some((o) => o._zod.optin !== void 0) ? "optional" : void 0);
+  defineLazyInternal(inst, "optout", (zod) => zod.def.options.some((o) => o._zod.optout === "optional") ? "optional" : void 0);
+  defineLazyInternal(inst, "values", (zod) => {
+    if (zod.def.options.every((o) => o._zod.values)) {
+      return new Set(zod.def.options.flatMap((option) => Array.from(option._zod.values)));
+    }
+    return void 0;
+  });
+  defineLazyInternal(inst, "pattern", (zod) => {
+    if (zod.def.options.every((o) => o._zod.pattern)) {
+      const patterns = zod.def.options.map((o) => o._zod.pattern);
+      return new RegExp(`^(${patterns.map((p) => cleanRegex(p.source)).join("|")})$`);
+    }
+    return void 0;
+  });
+  const first = def.options.length === 1 ? def.options[0]._zod.run : null;
+  inst._zod.parse = (payload, ctx) => {
+    if (first) {
+      return first(payload, ctx);
+    }
+    let async = false;
+    const results = [];
+    for (const option of def.options) {
+      const result = option._zod.run({
+        value: payload.value,
+        issues: []
+      }, ctx);
+      if (result instanceof Promise) {
+        results.push(result);
+        async = true;
+      } else {
+        if (result.issues.length === 0)
+          return result;
+        results.push(result);
+      }
+    }
+    if (!async)
+      return handleUnionResults(results, payload, inst, ctx);
+    return Promise.all(results).then((results2) => {
+      return handleUnionResults(results2, payload, inst, ctx);
+    });
+  };
+});
 var $ZodEnum = /* @__PURE__ */ $constructor("$ZodEnum", (inst, def) => {
   $ZodType.init(inst, def);
   const values = getEnumValues(def.entries);
@@ -7203,6 +7269,18 @@ function strictObject(shape, params) {
     type: "object",
     shape,
     catchall: /* @__PURE__ */ never(),
+    ...normalizeParams(params)
+  });
+}
+var ZodMiniUnion = /* @__PURE__ */ $constructor("ZodMiniUnion", (inst, def) => {
+  $ZodUnion.init(inst, def);
+  ZodMiniType.init(inst, def);
+});
+// @__NO_SIDE_EFFECTS__
+function union(options, params) {
+  return new ZodMiniUnion({
+    type: "union",
+    options,
     ...normalizeParams(params)
   });
 }
@@ -8443,14 +8521,14 @@ function waitForPrinter(printer, pred, timeoutMs) {
   if (pred(printer.state())) return Promise.resolve(true);
   if (timeoutMs <= 0) return Promise.resolve(false);
   return new Promise((resolve3) => {
-    const finish = (value2) => {
+    const finish2 = (value2) => {
       clearTimeout(timer);
       off();
       resolve3(value2);
     };
-    const timer = setTimeout(() => finish(false), timeoutMs);
+    const timer = setTimeout(() => finish2(false), timeoutMs);
     const off = printer.onStateChange((state) => {
-      if (pred(state)) finish(true);
+      if (pred(state)) finish2(true);
     });
   });
 }
@@ -9193,21 +9271,29 @@ var KatapultSession = class {
     this.log = options.log ?? (() => void 0);
     this.unsubscribe = [
       link2.onData((chunk) => {
-        this.items.push(...this.decoder.push(chunk));
-        this.notify();
+        this.decoder.push(chunk, this.items);
+        if (this.items.length > 0 || this.aheadReady?.(this.decoder.partial)) this.notify();
       }),
       link2.onClose((error2) => {
         this.closedError = error2 ?? new Error("link closed");
         this.notify();
       })
     ];
+    const signal = this.signal;
+    if (signal) {
+      signal.addEventListener("abort", this.notify, { once: true });
+      this.unsubscribe.push(() => signal.removeEventListener("abort", this.notify));
+    }
     if (!link2.isOpen) this.closedError = new Error("link closed");
   }
   link;
   timings;
   decoder = new FrameDecoder();
   items = [];
+  /** Resolves the one wait in progress (awaitReply, drain); notify() calls it. */
   wake = null;
+  /** While a request may be sent ahead: the test a partial reply must pass (SendAhead.ready). */
+  aheadReady = null;
   closedError = null;
   signal;
   log;
@@ -9300,8 +9386,7 @@ var KatapultSession = class {
     const sha = process.getBuiltinModule("node:crypto").createHash("sha1");
     let sent = -1;
     const send = async (index) => {
-      const address = appStartAddress + index * blockSize;
-      await this.write(encodeFrame(Command.SEND_BLOCK, Buffer.concat([u32le(address), paddedBlock(image, index, blockSize)])), "SEND_BLOCK");
+      await this.write(encodeAddressFrame(Command.SEND_BLOCK, appStartAddress + index * blockSize, paddedBlock(image, index, blockSize)), "SEND_BLOCK");
       sent = index;
     };
     for (let index = 0; index < total; index++) {
@@ -9349,7 +9434,7 @@ var KatapultSession = class {
     let firstBadAddress = null;
     let requested = -1;
     const request = async (index) => {
-      await this.write(encodeFrame(Command.REQUEST_BLOCK, u32le(appStartAddress + index * blockSize)), "REQUEST_BLOCK");
+      await this.write(encodeAddressFrame(Command.REQUEST_BLOCK, appStartAddress + index * blockSize), "REQUEST_BLOCK");
       requested = index;
     };
     for (let index = 0; index < total; index++) {
@@ -9459,42 +9544,52 @@ var KatapultSession = class {
    * next request goes out as soon as the part of this reply received so far satisfies `ahead.ready` (at most once).
    */
   async awaitReply(cmd, timeoutMs, name, ahead) {
-    const deadline = Date.now() + timeoutMs;
     let sentAhead = false;
-    while (true) {
-      const item = this.items.shift();
-      if (item) {
-        if ("fault" in item) {
-          if (item.fault.kind === "garbage-skipped") continue;
-          return { ok: false, kind: "bad-frame", text: `corrupt reply (${item.fault.kind})` };
-        }
-        const { frame } = item;
-        switch (frame.cmd) {
-          case Response.ACK: {
-            const echoed = frame.payload.length >= 4 ? frame.payload.readUInt32LE(0) : -1;
-            if (echoed !== cmd) return { ok: false, kind: "wrong-echo", text: `ACK for ${commandName(echoed)} instead of ${name}` };
-            return { ok: true, payload: frame.payload.subarray(4) };
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      this.notify();
+    }, timeoutMs);
+    this.aheadReady = ahead ? ahead.ready : null;
+    try {
+      while (true) {
+        const item = this.items.shift();
+        if (item) {
+          if ("fault" in item) {
+            if (item.fault.kind === "garbage-skipped") continue;
+            return { ok: false, kind: "bad-frame", text: `corrupt reply (${item.fault.kind})` };
           }
-          case Response.BUSY:
-            return { ok: false, kind: "busy", text: "received busy signal" };
-          case Response.NACK:
-            return { ok: false, kind: "nack", text: "NACK (the bootloader saw a malformed frame)" };
-          case Response.ERROR:
-            return { ok: false, kind: "error", text: "ERROR reply (command failed)" };
-          default:
-            return { ok: false, kind: "bad-frame", text: `unexpected reply code ${commandName(frame.cmd)}` };
+          const { frame } = item;
+          switch (frame.cmd) {
+            case Response.ACK: {
+              const echoed = frame.payload.length >= 4 ? frame.payload.readUInt32LE(0) : -1;
+              if (echoed !== cmd) return { ok: false, kind: "wrong-echo", text: `ACK for ${commandName(echoed)} instead of ${name}` };
+              return { ok: true, payload: frame.payload.subarray(4) };
+            }
+            case Response.BUSY:
+              return { ok: false, kind: "busy", text: "received busy signal" };
+            case Response.NACK:
+              return { ok: false, kind: "nack", text: "NACK (the bootloader saw a malformed frame)" };
+            case Response.ERROR:
+              return { ok: false, kind: "error", text: "ERROR reply (command failed)" };
+            default:
+              return { ok: false, kind: "bad-frame", text: `unexpected reply code ${commandName(frame.cmd)}` };
+          }
         }
+        if (this.closedError) throw this.closedLinkError(name);
+        this.throwIfAborted();
+        if (ahead && !sentAhead && ahead.ready(this.decoder.partial)) {
+          sentAhead = true;
+          this.aheadReady = null;
+          await ahead.send();
+          continue;
+        }
+        if (timedOut) return { ok: false, kind: "timeout", text: "response timed out" };
+        await new Promise((resolve3) => this.wake = resolve3);
       }
-      if (this.closedError) throw this.closedLinkError(name);
-      this.throwIfAborted();
-      if (ahead && !sentAhead && ahead.ready(this.decoder.partial)) {
-        sentAhead = true;
-        await ahead.send();
-        continue;
-      }
-      const left = deadline - Date.now();
-      if (left <= 0) return { ok: false, kind: "timeout", text: "response timed out" };
-      await this.waitForInput(left);
+    } finally {
+      clearTimeout(timer);
+      this.aheadReady = null;
     }
   }
   /**
@@ -9523,22 +9618,21 @@ var KatapultSession = class {
     }
     this.decoder.reset();
   }
+  /** Resolves on the next notify() (input, close, abort) or after `ms`. */
   waitForInput(ms) {
     return new Promise((resolve3) => {
-      const done = () => {
+      const timer = setTimeout(this.notify, ms);
+      this.wake = () => {
         clearTimeout(timer);
-        this.signal?.removeEventListener("abort", done);
-        if (this.wake === done) this.wake = null;
         resolve3();
       };
-      const timer = setTimeout(done, ms);
-      this.signal?.addEventListener("abort", done, { once: true });
-      this.wake = done;
     });
   }
-  notify() {
-    this.wake?.();
-  }
+  notify = () => {
+    const wake = this.wake;
+    this.wake = null;
+    wake?.();
+  };
   async sleep(ms) {
     if (ms <= 0) return;
     await new Promise((resolve3) => {
@@ -9558,8 +9652,9 @@ var KatapultSession = class {
 };
 function paddedBlock(image, index, blockSize) {
   const start = index * blockSize;
+  if (start + blockSize <= image.length) return Buffer.from(image.buffer, image.byteOffset + start, blockSize);
   const block = Buffer.alloc(blockSize, 255);
-  block.set(image.subarray(start, Math.min(start + blockSize, image.length)));
+  block.set(image.subarray(start, image.length));
   return block;
 }
 function firstDifference(a, b) {
@@ -10879,6 +10974,13 @@ var FlashEngine = class {
     }
     const last = lastError ?? new MoonflashError("FLASH_FAILED", "No flash method was tried.");
     throw new MoonflashError(last.code, last.message, { ...last.details, attempts }, { cause: last });
+  }
+  /** How an MCU is reached (serial path or CAN uuid) and its type, as Klipper's config and moonflash.conf say. */
+  async mcuConnection(mcu) {
+    const section = mcuSectionName(mcu);
+    const known = (await this.knownMcus()).find((m) => m.section === section) ?? { section, sources: [] };
+    const mcuType = this.config.mcus[section]?.mcu_type ?? (await this.klipperMcus()).find((m) => m.section === section)?.mcuType;
+    return { ...known, ...mcuType ? { mcuType } : {} };
   }
   async knownMcus() {
     const known = /* @__PURE__ */ new Map();
@@ -12535,6 +12637,167 @@ var FirmwareBuilder = class {
   }
 };
 
+// src/flash/update-all.ts
+var ORDER = ["can", "usb-can-bridge", "usb", "uart", "linux"];
+var UPDATE_ALL_TARGET = "all MCUs";
+var McuUpdater = class {
+  constructor(deps) {
+    this.deps = deps;
+  }
+  deps;
+  run(params) {
+    return this.deps.runner.run({ kind: "flash", target: UPDATE_ALL_TARGET, params }, (ctx) => this.job(params, ctx));
+  }
+  async job(params, ctx) {
+    const { engine, builder, printer } = this.deps;
+    const t0 = performance.now();
+    assertNotPrinting(printer);
+    ctx.stage("check", "checking which MCUs need new firmware");
+    const versions = await engine.checkVersions();
+    const plan = await this.plan(params, versions);
+    const phases = { check: Math.round(performance.now() - t0), build: 0, flash: 0, start: 0 };
+    const result = {
+      host_version: versions.host.version,
+      plan,
+      mcus: plan.map((p) => ({ mcu: p.mcu, name: p.name, built: false, flashed: false, version_before: p.version_before })),
+      downtime_ms: null,
+      phases_ms: phases,
+      klipper_state: printer.state().klippyState,
+      still_outdated: []
+    };
+    if (params.dry_run) return { dry_run: true, ...result };
+    if (plan.length === 0) {
+      ctx.log("info", `every MCU already runs ${versions.host.version ?? "the host's version"}: nothing to update`);
+      return result;
+    }
+    const outcome = (mcu) => result.mcus.find((m) => m.mcu === mcu);
+    const tBuild = performance.now();
+    const ready = [];
+    for (const planned of plan) {
+      const o = outcome(planned.mcu);
+      try {
+        ctx.stage("build", `building the firmware of ${planned.name}`);
+        const build = await builder.buildWithin(ctx, planned.mcu);
+        Object.assign(o, { built: true, build_skipped: build.skipped, build_ms: build.elapsedMs });
+        const { plan: flash, image } = await engine.prepare({ mcu: planned.mcu, firmware: build.image }, ctx);
+        ready.push({ planned, flash, image, build });
+      } catch (err) {
+        fail(o, err);
+        ctx.log("error", `${planned.name}: ${o.message}`);
+      }
+    }
+    phases.build = Math.round(performance.now() - tBuild);
+    if (ready.length === 0) return finish(result, ctx);
+    assertNotPrinting(printer);
+    let stoppedAt = null;
+    const tFlash = performance.now();
+    const guarded = await engine.withKlipperStopped(ctx, UPDATE_ALL_TARGET, async (inner) => {
+      stoppedAt = performance.now();
+      for (const [index, { planned, flash, image }] of ready.entries()) {
+        const o = outcome(planned.mcu);
+        const started = performance.now();
+        try {
+          inner.stage("flash", `flashing ${planned.name} (${index + 1} of ${ready.length})`);
+          const done = await engine.flashPrepared(flash, image, inner);
+          Object.assign(o, { flashed: true, method: done.method, verified: done.outcome.verified });
+        } catch (err) {
+          fail(o, err);
+          inner.log("error", `${planned.name}: ${o.message}`);
+        }
+        o.flash_ms = Math.round(performance.now() - started);
+      }
+      phases.flash = Math.round(performance.now() - tFlash);
+    });
+    const tStart = performance.now();
+    await waitForKlipper(printer, this.deps.readyTimeoutMs);
+    phases.start = Math.round(performance.now() - tStart);
+    if (stoppedAt !== null && guarded.klipperRestart?.ok !== false) result.downtime_ms = Math.round(performance.now() - stoppedAt);
+    const after = await engine.checkVersions();
+    result.klipper_state = printer.state().klippyState;
+    for (const o of result.mcus) o.version_now = after.mcus.find((m) => m.mcu === o.mcu)?.version ?? null;
+    result.still_outdated = after.mcus.filter((m) => m.outdated && result.mcus.some((o) => o.mcu === m.mcu)).map((m) => mcuUserName(m.mcu));
+    return finish(result, ctx);
+  }
+  /** Which MCUs, why, and in which order. */
+  async plan(params, versions) {
+    const configured = this.deps.builder.configuredMcus().map(mcuSectionName);
+    const requested = params.mcus?.map(mcuSectionName);
+    let chosen;
+    if (requested && requested.length > 0) {
+      chosen = requested.map((mcu) => ({ mcu, why: params.force ? "forced" : "requested" }));
+    } else if (params.force) {
+      chosen = configured.map((mcu) => ({ mcu, why: "forced" }));
+    } else {
+      chosen = versions.mcus.filter((m) => m.outdated).map((m) => ({ mcu: m.mcu, why: "outdated" }));
+    }
+    const planned = [];
+    for (const { mcu, why } of chosen) {
+      if (planned.some((p) => p.mcu === mcu)) continue;
+      const known = versions.mcus.find((m) => m.mcu === mcu);
+      planned.push({
+        mcu,
+        name: mcuUserName(mcu),
+        why,
+        version_before: known?.version ?? null,
+        transport: await this.transport(mcu),
+        profile: this.deps.builder.profile(mcu).path
+      });
+    }
+    return planned.sort((a, b) => ORDER.indexOf(a.transport) - ORDER.indexOf(b.transport));
+  }
+  async transport(mcu) {
+    const connection = await this.deps.engine.mcuConnection(mcu);
+    if (connection.mcuType?.toLowerCase() === "linux") return "linux";
+    if (connection.canbusUuid) return "can";
+    if (!connection.serial) return "uart";
+    const device = await identifyDevice(connection.serial, this.deps.discovery ?? {});
+    if (device?.kind === "usb-can-bridge") return "usb-can-bridge";
+    return device?.vendorId ? "usb" : "uart";
+  }
+};
+function fail(o, err) {
+  const e = toMoonflashError(err);
+  o.code = e.code;
+  o.message = e.message;
+}
+function finish(result, ctx) {
+  const failed = result.mcus.find((m) => m.code);
+  if (failed) {
+    const others = result.mcus.filter((m) => m !== failed && m.code).length;
+    throw new MoonflashError(
+      failed.code,
+      `${failed.name}: ${failed.message}${others ? ` (and ${others} more MCU${others > 1 ? "s" : ""} failed; see the result)` : ""}`,
+      { result }
+    );
+  }
+  if (result.still_outdated.length > 0) {
+    throw new MoonflashError(
+      "VERSION_MISMATCH",
+      `Flashed, but ${result.still_outdated.join(", ")} still report${result.still_outdated.length > 1 ? "" : "s"} another version than Klipper (${result.host_version}). Rebuild with the Klipper tree Klipper runs from (a dirty or moved tree gives another version) and update again.`,
+      { result }
+    );
+  }
+  ctx.log("info", `updated ${result.mcus.map((m) => m.name).join(", ")}`);
+  return result;
+}
+function klipperSettled(state) {
+  return state.klippyConnected && ["ready", "error", "shutdown"].includes(state.klippyState);
+}
+function waitForKlipper(printer, timeoutMs) {
+  if (klipperSettled(printer.state())) return Promise.resolve();
+  return new Promise((resolve3) => {
+    const done = () => {
+      clearTimeout(timer);
+      off();
+      resolve3();
+    };
+    const timer = setTimeout(done, timeoutMs);
+    const off = printer.onStateChange((state) => {
+      if (klipperSettled(state)) done();
+    });
+  });
+}
+
 // src/moonraker/session.ts
 import { EventEmitter } from "node:events";
 
@@ -12712,12 +12975,12 @@ function openUnixTransport(path6, handlers, options) {
       resolve3({
         description: `unix:${path6}`,
         send(message) {
-          return new Promise((done, fail) => {
+          return new Promise((done, fail2) => {
             if (closed || socket.destroyed) {
-              fail(new Error(`the socket ${path6} is closed`));
+              fail2(new Error(`the socket ${path6} is closed`));
               return;
             }
-            socket.write(encodeEtx(message), (err) => err ? fail(err) : done());
+            socket.write(encodeEtx(message), (err) => err ? fail2(err) : done());
           });
         },
         close() {
@@ -12757,12 +13020,12 @@ async function openWebSocketTransport(url2, apiKey, handlers, options) {
       resolve3({
         description: url2,
         send(message) {
-          return new Promise((done, fail) => {
+          return new Promise((done, fail2) => {
             if (socket.readyState !== WebSocket.OPEN) {
-              fail(new Error(`the websocket ${url2} is closed`));
+              fail2(new Error(`the websocket ${url2} is closed`));
               return;
             }
-            socket.send(message, (err) => err ? fail(err) : done());
+            socket.send(message, (err) => err ? fail2(err) : done());
           });
         },
         close() {
@@ -13450,7 +13713,7 @@ var ServiceControl = class {
   }
   waitFor(reached, timeoutMs, timeoutError) {
     let waiter;
-    const finish = () => {
+    const finish2 = () => {
       clearTimeout(timer);
       this.waiters.delete(waiter);
     };
@@ -13458,18 +13721,18 @@ var ServiceControl = class {
       waiter = {
         check: reached,
         resolve: () => {
-          finish();
+          finish2();
           resolve3();
         },
         reject: (err) => {
-          finish();
+          finish2();
           reject(err);
         }
       };
     });
     this.waiters.add(waiter);
     const timer = setTimeout(() => waiter.reject(timeoutError()), timeoutMs);
-    return { promise, cancel: finish };
+    return { promise, cancel: finish2 };
   }
   settle() {
     for (const waiter of [...this.waiters]) {
@@ -13740,6 +14003,25 @@ function buildMethodTable(deps) {
       }
     }),
     define({
+      name: "flash.update_all",
+      description: "Update MCUs to the host's Klipper version: build all while Klipper runs, then one Klipper stop, flash in order (CAN, bridge, USB, UART, Linux), one start, versions checked.",
+      params: strictObject({
+        // Without it: the MCUs whose firmware version differs from Klipper's.
+        mcus: optional(pipe(
+          union([string2(), array(string2())]),
+          transform((v) => (Array.isArray(v) ? v : v.split(",")).map((s) => s.trim()).filter(Boolean))
+        )),
+        force: optional(flag),
+        dry_run: optional(flag)
+      }),
+      handler: async ({ mcus, force, dry_run }) => {
+        if (!deps.update) throw new MoonflashError("INTERNAL", "This moonflash process cannot update MCUs.");
+        return deps.update().run({ ...mcus ? { mcus } : {}, ...force === void 0 ? {} : { force }, ...dry_run === void 0 ? {} : { dry_run } });
+      },
+      // No summary: the job's result line tells the console (the plan, for a dry run).
+      macro: { command: "UPDATE_MCUS", params: { mcus: "MCU", force: "FORCE", dry_run: "DRY_RUN" } }
+    }),
+    define({
       name: "flash.mcu",
       description: "Flash one MCU: pre-flight, stop Klipper, flash with fallback, verify, start Klipper.",
       params: strictObject({
@@ -13827,6 +14109,7 @@ function resultLine(event) {
   const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
   if (!event.ok) return { message: `${who} failed [${event.code ?? "INTERNAL"}] ${event.message ?? ""}`.trim(), type: "error" };
   const d = event.details ?? {};
+  if (event.kind === "flash" && Array.isArray(d.plan) && Array.isArray(d.mcus)) return { message: updateLine(d), type: "command" };
   if (event.kind === "flash" && d.dry_run === true) {
     const plan = d.plan ?? {};
     const methods = Array.isArray(d.methods) ? d.methods.join(" then ") : "";
@@ -13846,6 +14129,17 @@ function resultLine(event) {
     return { message: `${who}: flashed with ${d.method}${seconds} (${String(d.bytes)} bytes${verified}).${klipper}`, type: "command" };
   }
   return { message: `${who}: done`, type: "command" };
+}
+function updateLine(r) {
+  const to = r.host_version ?? "Klipper's version";
+  if (r.plan.length === 0) return `moonflash: every MCU runs ${to}: nothing to update.`;
+  if (r.dry_run) {
+    const order = r.plan.map((p) => `${p.name} (${p.why}${p.version_before ? `, now ${p.version_before}` : ""}, ${p.transport})`).join(", then ");
+    return `moonflash: update plan to ${to}: build all while Klipper runs, stop Klipper once, flash ${order}, start Klipper. Dry run: nothing was built, stopped or written.`;
+  }
+  const names = r.mcus.map((m) => m.name).join(", ");
+  const down = r.downtime_ms === null ? "" : ` Klipper was down ${(r.downtime_ms / 1e3).toFixed(1)} s.`;
+  return `moonflash: updated ${names} to ${to}.${down} Klipper is ${r.klipper_state}.`;
 }
 var ConsoleReporter = class {
   constructor(printer, logger) {
@@ -13988,10 +14282,12 @@ var Agent = class {
     this.endpointName = rt.endpointName;
     this.runner = rt.runner;
     const flash = () => this.flash;
+    let updater;
     this.methods = buildMethodTable({
       runner: this.runner,
       flash,
       ...parts.build ? { build: parts.build } : {},
+      ...parts.update ? { update: () => updater ??= parts.update(this.flash, this.session) } : {},
       info: () => this.info(),
       pendingKlipperStart: async () => {
         const journal = await readJournal(config2.dataDir);
@@ -14109,13 +14405,17 @@ function createFlashEngine(rt, printer) {
 function createFirmwareBuilder(rt) {
   return new FirmwareBuilder({ settings: rt.config, runner: rt.runner, logger: rt.logger.child({ ns: "build" }) });
 }
+function createMcuUpdater(rt, engine, builder, printer) {
+  return new McuUpdater({ engine, builder, printer, runner: rt.runner, readyTimeoutMs: rt.config.moonflash.service_timeout * 1e3 });
+}
 async function createAgent(opts) {
   const rt = await createRuntime(opts);
   const builder = createFirmwareBuilder(rt);
   return new Agent(rt, {
     session: (methods, onCall) => createSession(rt, { clientName: AGENT_NAME, methods, onCall }),
     flash: (printer) => createFlashEngine(rt, printer),
-    build: () => builder
+    build: () => builder,
+    update: (engine, printer) => createMcuUpdater(rt, engine, builder, printer)
   });
 }
 async function connectPrinter(rt, timeoutMs) {
@@ -14174,6 +14474,7 @@ export {
   createRuntime,
   createFlashEngine,
   createFirmwareBuilder,
+  createMcuUpdater,
   createAgent,
   connectPrinter,
   EXIT_OK,

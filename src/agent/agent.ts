@@ -12,6 +12,7 @@ import { dataPaths } from "../core/paths.js";
 import type { AgentSession, AgentSessionOptions } from "../moonraker/session.js";
 import type { FlashEngine } from "../flash/engine.js";
 import type { FirmwareBuilder } from "../flash/build/builder.js";
+import type { McuUpdater } from "../flash/update-all.js";
 import { readJournal, recoverInterruptedJob } from "../flash/guard.js";
 import { buildMethodTable, macroDialect, type RemoteMethod } from "./methods.js";
 import { parseParams } from "./params.js";
@@ -35,6 +36,8 @@ export interface AgentParts {
   flash(printer: PrinterPort): FlashEngine;
   /** The firmware builder (flash.build); it needs no printer. */
   build?(): FirmwareBuilder;
+  /** Update-all (flash.update_all), over the agent's engine and printer. */
+  update?(engine: FlashEngine, printer: PrinterPort): McuUpdater;
 }
 
 export class Agent {
@@ -60,10 +63,12 @@ export class Agent {
     this.runner = rt.runner;
     // Handlers reach the engine at call time: the engine needs the session, and the session needs the names.
     const flash = (): FlashEngine => this.flash;
+    let updater: McuUpdater | undefined;
     this.methods = buildMethodTable({
       runner: this.runner,
       flash,
       ...(parts.build ? { build: parts.build } : {}),
+      ...(parts.update ? { update: () => (updater ??= parts.update!(this.flash, this.session)) } : {}),
       info: () => this.info(),
       pendingKlipperStart: async () => {
         const journal = await readJournal(config.dataDir);

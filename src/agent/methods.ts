@@ -10,6 +10,7 @@ import type { JobKind } from "../core/events.js";
 import type { JobRecord } from "../core/history.js";
 import type { FlashEngine } from "../flash/engine.js";
 import type { FirmwareBuilder } from "../flash/build/builder.js";
+import type { McuUpdater } from "../flash/update-all.js";
 import { FLASH_METHODS } from "../flash/types.js";
 import { mcuUserName } from "../flash/mcu-name.js";
 import { versionSummary } from "../flash/versions.js";
@@ -39,6 +40,8 @@ export interface MethodDeps {
   flash: () => FlashEngine;
   /** The firmware builder (flash.build); absent where nothing builds. */
   build?: () => FirmwareBuilder;
+  /** Update-all (flash.update_all); absent where nothing builds. */
+  update?: () => McuUpdater;
   /** agent.info's content; built by the agent, which knows the session and config. */
   info(): Record<string, unknown>;
   /** A job that ended without confirming Klipper runs again: the agent keeps starting it (the journal says so). */
@@ -181,6 +184,25 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
         }
         return { builds, failed, without_profile: withoutProfile };
       },
+    }),
+    define({
+      name: "flash.update_all",
+      description: "Update MCUs to the host's Klipper version: build all while Klipper runs, then one Klipper stop, flash in order (CAN, bridge, USB, UART, Linux), one start, versions checked.",
+      params: z.strictObject({
+        // Without it: the MCUs whose firmware version differs from Klipper's.
+        mcus: z.optional(z.pipe(
+          z.union([z.string(), z.array(z.string())]),
+          z.transform((v: string | string[]) => (Array.isArray(v) ? v : v.split(",")).map((s) => s.trim()).filter(Boolean)),
+        )),
+        force: z.optional(flag),
+        dry_run: z.optional(flag),
+      }),
+      handler: async ({ mcus, force, dry_run }) => {
+        if (!deps.update) throw new MoonflashError("INTERNAL", "This moonflash process cannot update MCUs.");
+        return deps.update().run({ ...(mcus ? { mcus } : {}), ...(force === undefined ? {} : { force }), ...(dry_run === undefined ? {} : { dry_run }) });
+      },
+      // No summary: the job's result line tells the console (the plan, for a dry run).
+      macro: { command: "UPDATE_MCUS", params: { mcus: "MCU", force: "FORCE", dry_run: "DRY_RUN" } },
     }),
     define({
       name: "flash.mcu",

@@ -9,6 +9,7 @@ import type { Logger } from "pino";
 import type { JobEvent, JobKind } from "../core/events.js";
 import type { PrinterPort, PrinterState } from "../core/printer.js";
 import { mcuUserName } from "../flash/mcu-name.js";
+import type { UpdateAllResult } from "../flash/update-all.js";
 
 export function agentEventAdapter(printer: PrinterPort, logger: Logger): (event: JobEvent) => void {
   return (event) => {
@@ -54,6 +55,7 @@ export function resultLine(event: Extract<JobEvent, { type: "result" }>): { mess
   const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
   if (!event.ok) return { message: `${who} failed [${event.code ?? "INTERNAL"}] ${event.message ?? ""}`.trim(), type: "error" };
   const d = (event.details ?? {}) as Record<string, unknown>;
+  if (event.kind === "flash" && Array.isArray(d.plan) && Array.isArray(d.mcus)) return { message: updateLine(d as unknown as UpdateAllResult), type: "command" };
   if (event.kind === "flash" && d.dry_run === true) {
     const plan = (d.plan ?? {}) as Record<string, unknown>;
     const methods = Array.isArray(d.methods) ? d.methods.join(" then ") : "";
@@ -73,6 +75,19 @@ export function resultLine(event: Extract<JobEvent, { type: "result" }>): { mess
     return { message: `${who}: flashed with ${d.method}${seconds} (${String(d.bytes)} bytes${verified}).${klipper}`, type: "command" };
   }
   return { message: `${who}: done`, type: "command" };
+}
+
+/** An update-all's outcome (or, for a dry run, its plan) in one line. */
+function updateLine(r: UpdateAllResult): string {
+  const to = r.host_version ?? "Klipper's version";
+  if (r.plan.length === 0) return `moonflash: every MCU runs ${to}: nothing to update.`;
+  if (r.dry_run) {
+    const order = r.plan.map((p) => `${p.name} (${p.why}${p.version_before ? `, now ${p.version_before}` : ""}, ${p.transport})`).join(", then ");
+    return `moonflash: update plan to ${to}: build all while Klipper runs, stop Klipper once, flash ${order}, start Klipper. Dry run: nothing was built, stopped or written.`;
+  }
+  const names = r.mcus.map((m) => m.name).join(", ");
+  const down = r.downtime_ms === null ? "" : ` Klipper was down ${(r.downtime_ms / 1000).toFixed(1)} s.`;
+  return `moonflash: updated ${names} to ${to}.${down} Klipper is ${r.klipper_state}.`;
 }
 
 export class ConsoleReporter {

@@ -7,7 +7,8 @@ import { writeFileDurable } from "../core/durable.js";
 import { MoonflashError, toMoonflashError } from "../core/errors.js";
 import type { McuInfo } from "../core/printer.js";
 import type { AgentSession } from "../moonraker/session.js";
-import { connectPrinter, createFirmwareBuilder, createRuntime, exitCodeFor, EXIT_FAILURE, EXIT_OK, type Runtime } from "../app.js";
+import { connectPrinter, createFirmwareBuilder, createFlashEngine, createMcuUpdater, createRuntime, exitCodeFor, EXIT_FAILURE, EXIT_OK, type Runtime } from "../app.js";
+import type { UpdateAllResult } from "../flash/update-all.js";
 import { firmwareProfileDir } from "../flash/config.js";
 import { identifyDevice } from "../flash/discovery.js";
 import { mcuSectionName } from "../flash/engine.js";
@@ -15,14 +16,7 @@ import { mcuUserName } from "../flash/mcu-name.js";
 import type { FirmwareBuild } from "../flash/build/builder.js";
 import { parseProfile, type FirmwareProfile } from "../flash/build/profiles.js";
 import { suggestProfile, transportOf } from "../flash/build/suggest.js";
-import { ProgressRenderer } from "./render.js";
-
-function fail(err: unknown, json: boolean): number {
-  const e = toMoonflashError(err);
-  if (json) process.stdout.write(`${JSON.stringify({ ok: false, code: e.code, message: e.message, details: e.details })}\n`);
-  else process.stderr.write(`moonflash: ${e.message} [${e.code}]\n`);
-  return exitCodeFor(e);
-}
+import { ProgressRenderer, reportFailure } from "./render.js";
 
 function kib(bytes: number): string {
   return `${(bytes / 1024).toFixed(1)} KiB`;
@@ -54,7 +48,7 @@ export async function runBuild(opts: { dataDir: string; mcus: string[]; force: b
     return first ? exitCodeFor(new MoonflashError(first.code, first.message)) : EXIT_OK;
   } catch (err) {
     renderer?.stop();
-    return fail(err, opts.json);
+    return reportFailure(err, opts.json);
   }
 }
 
@@ -82,7 +76,7 @@ export async function runConfig(opts: ConfigOptions): Promise<number> {
     if (opts.suggest) return await suggest(rt, section, profile, opts.write);
     return await menuconfig(rt, profile, builder.outDir(section));
   } catch (err) {
-    return fail(err, false);
+    return reportFailure(err, false);
   }
 }
 
@@ -210,4 +204,39 @@ async function menuconfig(rt: Runtime, profile: FirmwareProfile, out: string): P
   const { arch, mcu } = parseProfile(text);
   process.stdout.write(`saved ${profile.path} (${arch?.name ?? "no architecture"}${mcu ? `, ${mcu}` : ""}); ${whereNote(profile)}\n`);
   return EXIT_OK;
+}
+
+/** `moonflash update`: update-all from the command line, with the same plan, one stop and result as UPDATE_MCUS. */
+export async function runUpdate(opts: { dataDir: string; mcus: string[]; force: boolean; dryRun: boolean; json: boolean }): Promise<number> {
+  let session: AgentSession | null = null;
+  let renderer: ProgressRenderer | null = null;
+  try {
+    const rt = await createRuntime({ dataDir: opts.dataDir, pretty: false });
+    session = await connectPrinter(rt, 10_000);
+    const updater = createMcuUpdater(rt, createFlashEngine(rt, session), createFirmwareBuilder(rt), session);
+    renderer = new ProgressRenderer({ json: opts.json });
+    rt.runner.on(renderer.onJobEvent);
+    const result = await updater.run({ ...(opts.mcus.length ? { mcus: opts.mcus } : {}), force: opts.force, dry_run: opts.dryRun });
+    renderer.stop();
+    if (opts.json) process.stdout.write(`${JSON.stringify({ ok: true, result })}\n`);
+    else process.stdout.write(`${updateSummary(result)}\n`);
+    return EXIT_OK;
+  } catch (err) {
+    renderer?.stop();
+    return reportFailure(err, opts.json);
+  } finally {
+    await session?.stop();
+  }
+}
+
+function updateSummary(r: UpdateAllResult): string {
+  const to = r.host_version ?? "Klipper's version";
+  if (r.plan.length === 0) return `every MCU runs ${to}: nothing to update`;
+  const lines = r.plan.map((p, i) => {
+    const o = r.mcus.find((m) => m.mcu === p.mcu);
+    const done = r.dry_run ? `would build ${p.profile} and flash` : o?.flashed ? `flashed with ${o.method}, now ${o.version_now ?? "?"}` : `not flashed: ${o?.message ?? ""}`;
+    return `${i + 1}. [${p.mcu}] ${p.transport}, ${p.why}${p.version_before ? ` (was ${p.version_before})` : ""}: ${done}`;
+  });
+  const down = r.downtime_ms === null ? "" : `\nKlipper was down ${(r.downtime_ms / 1000).toFixed(1)} s (build ${(r.phases_ms.build / 1000).toFixed(1)} s while it ran)`;
+  return `${r.dry_run ? "plan (dry run, nothing changed)" : "updated"} to ${to}:\n${lines.join("\n")}${down}`;
 }

@@ -105,6 +105,18 @@ export function buildProgram(): Command {
     });
 
   program
+    .command("update")
+    .description("bring MCUs to Klipper's version: build all while Klipper runs, stop it once, flash in order, start it, check")
+    .argument("[mcu...]", "MCUs to update (default: the outdated ones)")
+    .addOption(dataOption())
+    .option("--force", "update the named (or all configured) MCUs even when their version matches")
+    .option("--dry-run", "show the plan; build, stop and flash nothing")
+    .option("--json", "print job events and the result as JSON lines")
+    .action(async (mcus: string[], opts: { data: string; force?: boolean; dryRun?: boolean; json?: boolean }) => {
+      process.exitCode = await (await import("./build.js")).runUpdate({ dataDir: opts.data, mcus, force: !!opts.force, dryRun: !!opts.dryRun, json: !!opts.json });
+    });
+
+  program
     .command("config")
     .description("make an MCU's firmware profile: Klipper's menuconfig, --import a saved .config, or --suggest one from the board")
     .argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"')

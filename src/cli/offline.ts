@@ -7,15 +7,8 @@ import { MoonflashError, toMoonflashError } from "../core/errors.js";
 import { initialPrinterState, type PrinterPort } from "../core/printer.js";
 import type { AgentSession } from "../moonraker/session.js";
 import { readJournal } from "../flash/guard.js";
-import { connectPrinter, createFlashEngine, createRuntime, exitCodeFor } from "../app.js";
-import { ProgressRenderer } from "./render.js";
-
-function fail(err: unknown, json: boolean): number {
-  const e = toMoonflashError(err);
-  if (json) process.stdout.write(`${JSON.stringify({ ok: false, code: e.code, message: e.message, details: e.details })}\n`);
-  else process.stderr.write(`moonflash: ${e.message} [${e.code}]\n`);
-  return exitCodeFor(e);
-}
+import { connectPrinter, createFlashEngine, createRuntime } from "../app.js";
+import { ProgressRenderer, reportFailure } from "./render.js";
 
 export async function runStatus(opts: { dataDir: string; json: boolean }): Promise<number> {
   try {
@@ -42,7 +35,7 @@ export async function runStatus(opts: { dataDir: string; json: boolean }): Promi
     }
     return 0;
   } catch (err) {
-    return fail(err, opts.json);
+    return reportFailure(err, opts.json);
   }
 }
 
@@ -72,7 +65,7 @@ export async function runDevices(opts: { dataDir: string; json: boolean }): Prom
     }
     return 0;
   } catch (err) {
-    return fail(err, opts.json);
+    return reportFailure(err, opts.json);
   } finally {
     await session?.stop();
   }
@@ -97,7 +90,7 @@ export async function runFlash(opts: { dataDir: string; mcu: string; firmware?: 
     return 0;
   } catch (err) {
     renderer?.stop();
-    return fail(err, opts.json);
+    return reportFailure(err, opts.json);
   } finally {
     await session?.stop();
   }
@@ -128,7 +121,7 @@ export async function runCheck(opts: { dataDir: string; json: boolean }): Promis
     }
     return 0;
   } catch (err) {
-    return fail(err, opts.json);
+    return reportFailure(err, opts.json);
   } finally {
     await session?.stop();
   }
@@ -148,7 +141,7 @@ export async function runRollback(opts: { dataDir: string; mcu: string; dryRun: 
     return 0;
   } catch (err) {
     renderer?.stop();
-    return fail(err, opts.json);
+    return reportFailure(err, opts.json);
   } finally {
     await session?.stop();
   }

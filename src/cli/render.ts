@@ -6,6 +6,16 @@ import type { SingleBar } from "cli-progress";
 // Required when a bar is first drawn, so `serve` never loads it.
 const cliProgress = (): typeof import("cli-progress") => createRequire(import.meta.url)("cli-progress") as typeof import("cli-progress");
 import type { JobEvent } from "../core/events.js";
+import { toMoonflashError } from "../core/errors.js";
+import { exitCodeFor } from "../app.js";
+
+/** A verb's failure for people (stderr) or scripts (--json on stdout); returns the exit code. */
+export function reportFailure(err: unknown, json: boolean): number {
+  const e = toMoonflashError(err);
+  if (json) process.stdout.write(`${JSON.stringify({ ok: false, code: e.code, message: e.message, details: e.details })}\n`);
+  else process.stderr.write(`moonflash: ${e.message} [${e.code}]\n`);
+  return exitCodeFor(e);
+}
 
 export class ProgressRenderer {
   private bar: SingleBar | null = null;

@@ -560,6 +560,14 @@ export class FlashEngine {
     throw new MoonflashError(last.code, last.message, { ...last.details, attempts }, { cause: last });
   }
 
+  /** How an MCU is reached (serial path or CAN uuid) and its type, as Klipper's config and moonflash.conf say. */
+  async mcuConnection(mcu: string): Promise<KnownMcu & { mcuType?: string }> {
+    const section = mcuSectionName(mcu);
+    const known = (await this.knownMcus()).find((m) => m.section === section) ?? { section, sources: [] };
+    const mcuType = this.config.mcus[section]?.mcu_type ?? (await this.klipperMcus()).find((m) => m.section === section)?.mcuType;
+    return { ...known, ...(mcuType ? { mcuType } : {}) };
+  }
+
   private async knownMcus(): Promise<KnownMcu[]> {
     const known = new Map<string, KnownMcu>();
     for (const info of await this.klipperMcus()) {

@@ -194,12 +194,11 @@ export class McuUpdater {
   }
 
   private async transport(mcu: string): Promise<Transport> {
-    const plan = await this.deps.engine.plan({ mcu, dry_run: true }).catch(() => null);
-    const target = plan?.target;
-    if (target?.expectedMcuType?.toLowerCase() === "linux") return "linux";
-    if (target?.canbusUuid) return "can";
-    if (!target?.device) return "uart";
-    const device = await identifyDevice(target.device, this.deps.discovery ?? {});
+    const connection = await this.deps.engine.mcuConnection(mcu);
+    if (connection.mcuType?.toLowerCase() === "linux") return "linux";
+    if (connection.canbusUuid) return "can";
+    if (!connection.serial) return "uart";
+    const device = await identifyDevice(connection.serial, this.deps.discovery ?? {});
     if (device?.kind === "usb-can-bridge") return "usb-can-bridge";
     return device?.vendorId ? "usb" : "uart";
   }

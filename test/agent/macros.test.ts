@@ -65,7 +65,9 @@ async function macro(script: string, answer: RegExp | string): Promise<string> {
     const before = moonraker.consoleLines.length;
     await web.call("printer.gcode.script", { script });
     const matches = (l: string): boolean => (typeof answer === "string" ? l === answer : answer.test(l));
-    await moonraker.waitFor(() => moonraker.consoleLines.slice(before).some(matches), 10_000);
+    await moonraker.waitFor(() => moonraker.consoleLines.slice(before).some(matches), 10_000).catch((err: unknown) => {
+      throw new Error(`${script}: no console line ${String(answer)}; it showed: ${JSON.stringify(moonraker.consoleLines.slice(before))}`, { cause: err });
+    });
     return moonraker.consoleLines.slice(before).find(matches)!;
   } finally {
     await web.close();
@@ -100,12 +102,13 @@ afterEach(async () => {
 describe("the shipped macros through Klipper's macro path", () => {
   it("each description says what the macro does and names its parameters", () => {
     const macros = moonraker.klipper.macros;
-    expect([...macros.keys()].sort()).toEqual(["FLASH_CHECK", "FLASH_MCU", "FLASH_ROLLBACK", "MOONFLASH_CANCEL", "MOONFLASH_DEVICES", "MOONFLASH_STATUS"]);
+    expect([...macros.keys()].sort()).toEqual(["FLASH_CHECK", "FLASH_MCU", "FLASH_ROLLBACK", "MOONFLASH_CANCEL", "MOONFLASH_DEVICES", "MOONFLASH_STATUS", "UPDATE_MCUS"]);
     for (const m of macros.values()) expect(m.description).toMatch(/^moonflash: \w.{20,}/);
     expect(macros.get("FLASH_MCU")!.description).toContain("FLASH_MCU MCU=<name> [METHOD=katapult|flashtool|make|wchisp] [FIRMWARE=/path] [DRY_RUN=1]");
     expect(documentedParams(macros.get("FLASH_MCU")!.description)).toEqual(["MCU", "METHOD", "FIRMWARE", "DRY_RUN"]);
     expect(macros.get("FLASH_ROLLBACK")!.description).toContain("FLASH_ROLLBACK MCU=<name> [DRY_RUN=1]");
     expect(documentedParams(macros.get("FLASH_ROLLBACK")!.description)).toEqual(["MCU", "DRY_RUN"]);
+    expect(documentedParams(macros.get("UPDATE_MCUS")!.description)).toEqual(["MCU", "FORCE", "DRY_RUN"]);
     for (const name of ["MOONFLASH_STATUS", "MOONFLASH_DEVICES", "MOONFLASH_CANCEL", "FLASH_CHECK"]) {
       expect(documentedParams(macros.get(name)!.description)).toEqual([]);
     }
@@ -140,6 +143,12 @@ describe("the shipped macros through Klipper's macro path", () => {
         method: "flash.check",
         params: {},
         answer: "// moonflash: Klipper v0.13.0-730-g84104bbbd. Outdated: none. Up to date: mcu, toolhead. Unknown: emu.",
+      },
+      {
+        script: "UPDATE_MCUS MCU=emu FORCE=1 DRY_RUN=1",
+        method: "flash.update_all",
+        params: { mcus: "emu", force: "1", dry_run: "1" },
+        answer: "// moonflash: update plan to v0.13.0-730-g84104bbbd: build all while Klipper runs, stop Klipper once, flash emu (forced, uart), start Klipper. Dry run: nothing was built, stopped or written.",
       },
       {
         script: "FLASH_ROLLBACK MCU=emu DRY_RUN=1",

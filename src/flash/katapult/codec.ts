@@ -59,7 +59,9 @@ export function crc16(data: Uint8Array, start = 0, end = data.length): number {
 export function encodeFrame(cmd: number, payload: Uint8Array = new Uint8Array(0)): Buffer {
   if (payload.length % 4 !== 0) throw new RangeError(`Katapult payload must be a multiple of 4 bytes, got ${payload.length}`);
   if (payload.length > MAX_PAYLOAD) throw new RangeError(`Katapult payload too long: ${payload.length} bytes`);
-  const frame = Buffer.alloc(payload.length + FRAME_OVERHEAD);
+  // allocUnsafe: every byte is written below, and small buffers come from Node's pool instead of a fresh
+  // ArrayBuffer each (thousands per flash).
+  const frame = Buffer.allocUnsafe(payload.length + FRAME_OVERHEAD);
   frame[0] = 0x01;
   frame[1] = 0x88;
   frame[2] = cmd;
@@ -73,9 +75,30 @@ export function encodeFrame(cmd: number, payload: Uint8Array = new Uint8Array(0)
 }
 
 export function u32le(...values: number[]): Buffer {
-  const buf = Buffer.alloc(values.length * 4);
+  const buf = Buffer.allocUnsafe(values.length * 4);
   values.forEach((v, i) => buf.writeUInt32LE(v >>> 0, i * 4));
   return buf;
+}
+
+/**
+ * A frame whose payload is a flash address and optionally a block (SEND_BLOCK, REQUEST_BLOCK), built in one buffer:
+ * the same bytes as encodeFrame(cmd, concat(u32le(address), data)) without the two intermediate buffers.
+ */
+export function encodeAddressFrame(cmd: number, address: number, data?: Uint8Array): Buffer {
+  const length = 4 + (data?.length ?? 0);
+  if (length % 4 !== 0) throw new RangeError(`Katapult payload must be a multiple of 4 bytes, got ${length}`);
+  if (length > MAX_PAYLOAD) throw new RangeError(`Katapult payload too long: ${length} bytes`);
+  const frame = Buffer.allocUnsafe(length + FRAME_OVERHEAD);
+  frame[0] = 0x01;
+  frame[1] = 0x88;
+  frame[2] = cmd;
+  frame[3] = length / 4;
+  frame.writeUInt32LE(address >>> 0, 4);
+  if (data) frame.set(data, 8);
+  frame.writeUInt16LE(crc16(frame, 2, 4 + length), 4 + length);
+  frame[6 + length] = 0x99;
+  frame[7 + length] = 0x03;
+  return frame;
 }
 
 // Request builders (host → bootloader).
@@ -83,10 +106,8 @@ export const encodeConnect = (): Buffer => encodeFrame(Command.CONNECT);
 export const encodeSendEof = (): Buffer => encodeFrame(Command.SEND_EOF);
 export const encodeComplete = (): Buffer => encodeFrame(Command.COMPLETE);
 export const encodeGetCanbusId = (): Buffer => encodeFrame(Command.GET_CANBUS_ID);
-export const encodeRequestBlock = (address: number): Buffer => encodeFrame(Command.REQUEST_BLOCK, u32le(address));
-export function encodeSendBlock(address: number, data: Uint8Array): Buffer {
-  return encodeFrame(Command.SEND_BLOCK, Buffer.concat([u32le(address), data]));
-}
+export const encodeRequestBlock = (address: number): Buffer => encodeAddressFrame(Command.REQUEST_BLOCK, address);
+export const encodeSendBlock = (address: number, data: Uint8Array): Buffer => encodeAddressFrame(Command.SEND_BLOCK, address, data);
 
 // Reply builders (bootloader → host); used by the virtual device and by tests.
 export function encodeAck(cmd: number, payload: Uint8Array = new Uint8Array(0)): Buffer {
@@ -112,63 +133,95 @@ export type DecodeItem = { frame: Frame } | { fault: FrameFault };
 /**
  * Incremental decoder: push bytes as they arrive, get whole frames and faults back in order.
  * Resyncs on the 01 88 header after garbage or a corrupt frame, keeps an incomplete tail for the next push.
+ * A UART delivers a reply a few bytes at a time (thousands of chunks per flash): the bytes wait in one buffer kept
+ * for the decoder's life, not in a new concatenation per chunk.
  */
 export class FrameDecoder {
-  private buffer: Buffer = Buffer.alloc(0);
+  /** Undecoded bytes are buf[start, end). Grows only for a chunk larger than it (rare); never shrinks. */
+  private buf: Buffer = Buffer.allocUnsafeSlow(256);
+  private start = 0;
+  private end = 0;
 
-  push(chunk: Uint8Array): DecodeItem[] {
-    this.buffer = this.buffer.length ? Buffer.concat([this.buffer, chunk]) : Buffer.from(chunk);
-    const items: DecodeItem[] = [];
-    while (this.buffer.length > 0) {
-      const start = findHeader(this.buffer);
-      if (start < 0) {
+  /** Decodes what `chunk` completes; items are appended to `into` (a new array unless given) and returned. */
+  push(chunk: Uint8Array, into: DecodeItem[] = []): DecodeItem[] {
+    this.append(chunk);
+    const buf = this.buf;
+    while (this.start < this.end) {
+      const head = findHeader(buf, this.start, this.end);
+      if (head < 0) {
         // Keep a trailing 0x01: it may be the first half of a header.
-        const keep = this.buffer[this.buffer.length - 1] === 0x01 ? 1 : 0;
-        const dropped = this.buffer.length - keep;
-        if (dropped > 0) items.push({ fault: { kind: "garbage-skipped", bytes: dropped } });
-        this.buffer = this.buffer.subarray(this.buffer.length - keep);
+        const keep = buf[this.end - 1] === 0x01 ? 1 : 0;
+        const dropped = this.end - this.start - keep;
+        if (dropped > 0) into.push({ fault: { kind: "garbage-skipped", bytes: dropped } });
+        this.start = this.end - keep;
         break;
       }
-      if (start > 0) {
-        items.push({ fault: { kind: "garbage-skipped", bytes: start } });
-        this.buffer = this.buffer.subarray(start);
+      if (head > this.start) {
+        into.push({ fault: { kind: "garbage-skipped", bytes: head - this.start } });
+        this.start = head;
       }
-      if (this.buffer.length < 4) break;
-      const cmd = this.buffer[2]!;
-      const size = this.buffer[3]! * 4 + FRAME_OVERHEAD;
-      if (this.buffer.length < size) break;
-      const payloadEnd = size - 4;
-      if (this.buffer[size - 2] !== 0x99 || this.buffer[size - 1] !== 0x03) {
-        items.push({ fault: { kind: "bad-trailer", cmd } });
-        this.buffer = this.buffer.subarray(1);
+      if (this.end - head < 4) break;
+      const cmd = buf[head + 2]!;
+      const size = buf[head + 3]! * 4 + FRAME_OVERHEAD;
+      if (this.end - head < size) break;
+      const payloadEnd = head + size - 4;
+      if (buf[head + size - 2] !== 0x99 || buf[head + size - 1] !== 0x03) {
+        into.push({ fault: { kind: "bad-trailer", cmd } });
+        this.start = head + 1;
         continue;
       }
-      const expected = crc16(this.buffer, 2, payloadEnd);
-      const received = this.buffer.readUInt16LE(payloadEnd);
+      const expected = crc16(buf, head + 2, payloadEnd);
+      const received = buf.readUInt16LE(payloadEnd);
       if (expected !== received) {
-        items.push({ fault: { kind: "bad-crc", cmd, expected, received } });
-        this.buffer = this.buffer.subarray(1);
+        into.push({ fault: { kind: "bad-crc", cmd, expected, received } });
+        this.start = head + 1;
         continue;
       }
-      items.push({ frame: { cmd, payload: Buffer.from(this.buffer.subarray(4, payloadEnd)) } });
-      this.buffer = this.buffer.subarray(size);
+      // A copy: buf is overwritten by the next chunks.
+      const payload = Buffer.allocUnsafe(payloadEnd - head - 4);
+      buf.copy(payload, 0, head + 4, payloadEnd);
+      into.push({ frame: { cmd, payload } });
+      this.start = head + size;
     }
-    return items;
+    if (this.start === this.end) this.start = this.end = 0;
+    return into;
   }
 
-  /** The bytes of a frame that has begun but is not complete yet (empty when none). */
+  /** The bytes of a frame that has begun but is not complete yet (empty when none); valid until the next push. */
   get partial(): Buffer {
-    return this.buffer;
+    return this.buf.subarray(this.start, this.end);
+  }
+
+  /** How many bytes `partial` holds, without making a view of them. */
+  get partialLength(): number {
+    return this.end - this.start;
   }
 
   /** Drops whatever partial frame is buffered (used when draining before a retry). */
   reset(): void {
-    this.buffer = Buffer.alloc(0);
+    this.start = this.end = 0;
+  }
+
+  private append(chunk: Uint8Array): void {
+    const held = this.end - this.start;
+    if (this.end + chunk.length > this.buf.length) {
+      if (held + chunk.length > this.buf.length) {
+        const bigger = Buffer.allocUnsafeSlow(Math.max(held + chunk.length, 2 * this.buf.length));
+        this.buf.copy(bigger, 0, this.start, this.end);
+        this.buf = bigger;
+      } else {
+        this.buf.copyWithin(0, this.start, this.end);
+      }
+      this.start = 0;
+      this.end = held;
+    }
+    this.buf.set(chunk, this.end);
+    this.end += chunk.length;
   }
 }
 
-function findHeader(buf: Buffer): number {
-  for (let i = 0; i + 1 < buf.length; i++) if (buf[i] === 0x01 && buf[i + 1] === 0x88) return i;
+function findHeader(buf: Buffer, from: number, to: number): number {
+  for (let i = from; i + 1 < to; i++) if (buf[i] === 0x01 && buf[i + 1] === 0x88) return i;
   return -1;
 }
 

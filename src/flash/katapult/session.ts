@@ -13,6 +13,7 @@ import {
   VALID_BLOCK_SIZES,
   commandName,
   decodeConnect,
+  encodeAddressFrame,
   encodeFrame,
   u32le,
   type ConnectInfo,
@@ -142,7 +143,10 @@ export class KatapultSession {
   readonly timings: Readonly<KatapultTimings>;
   private readonly decoder = new FrameDecoder();
   private readonly items: DecodeItem[] = [];
+  /** Resolves the one wait in progress (awaitReply, drain); notify() calls it. */
   private wake: (() => void) | null = null;
+  /** While a request may be sent ahead: the test a partial reply must pass (SendAhead.ready). */
+  private aheadReady: ((partial: Buffer) => boolean) | null = null;
   private closedError: Error | null = null;
   private readonly signal: AbortSignal | undefined;
   private readonly log: SessionLog;
@@ -158,14 +162,22 @@ export class KatapultSession {
     this.log = options.log ?? (() => undefined);
     this.unsubscribe = [
       link.onData((chunk) => {
-        this.items.push(...this.decoder.push(chunk));
-        this.notify();
+        this.decoder.push(chunk, this.items);
+        // A UART reply arrives a few bytes at a time: the waiter wakes only for a whole frame (or a fault), or when
+        // the request sent ahead may go, not once per chunk.
+        if (this.items.length > 0 || this.aheadReady?.(this.decoder.partial)) this.notify();
       }),
       link.onClose((error) => {
         this.closedError = error ?? new Error("link closed");
         this.notify();
       }),
     ];
+    // One abort listener for the session's life: one per wait cost an EventTarget listener per chunk.
+    const signal = this.signal;
+    if (signal) {
+      signal.addEventListener("abort", this.notify, { once: true });
+      this.unsubscribe.push(() => signal.removeEventListener("abort", this.notify));
+    }
     if (!link.isOpen) this.closedError = new Error("link closed");
   }
 
@@ -264,8 +276,7 @@ export class KatapultSession {
     /** Highest block index whose SEND_BLOCK is on the wire. */
     let sent = -1;
     const send = async (index: number): Promise<void> => {
-      const address = appStartAddress + index * blockSize;
-      await this.write(encodeFrame(Command.SEND_BLOCK, Buffer.concat([u32le(address), paddedBlock(image, index, blockSize)])), "SEND_BLOCK");
+      await this.write(encodeAddressFrame(Command.SEND_BLOCK, appStartAddress + index * blockSize, paddedBlock(image, index, blockSize)), "SEND_BLOCK");
       sent = index;
     };
     for (let index = 0; index < total; index++) {
@@ -316,7 +327,7 @@ export class KatapultSession {
     /** Highest block index whose REQUEST_BLOCK is on the wire. */
     let requested = -1;
     const request = async (index: number): Promise<void> => {
-      await this.write(encodeFrame(Command.REQUEST_BLOCK, u32le(appStartAddress + index * blockSize)), "REQUEST_BLOCK");
+      await this.write(encodeAddressFrame(Command.REQUEST_BLOCK, appStartAddress + index * blockSize), "REQUEST_BLOCK");
       requested = index;
     };
     for (let index = 0; index < total; index++) {
@@ -434,42 +445,53 @@ export class KatapultSession {
    * next request goes out as soon as the part of this reply received so far satisfies `ahead.ready` (at most once).
    */
   private async awaitReply(cmd: number, timeoutMs: number, name: string, ahead?: SendAhead): Promise<TryOutcome> {
-    const deadline = Date.now() + timeoutMs;
     let sentAhead = false;
-    while (true) {
-      const item = this.items.shift();
-      if (item) {
-        if ("fault" in item) {
-          if (item.fault.kind === "garbage-skipped") continue;
-          return { ok: false, kind: "bad-frame", text: `corrupt reply (${item.fault.kind})` };
-        }
-        const { frame } = item;
-        switch (frame.cmd) {
-          case Response.ACK: {
-            const echoed = frame.payload.length >= 4 ? frame.payload.readUInt32LE(0) : -1;
-            if (echoed !== cmd) return { ok: false, kind: "wrong-echo", text: `ACK for ${commandName(echoed)} instead of ${name}` };
-            return { ok: true, payload: frame.payload.subarray(4) };
+    let timedOut = false;
+    // One timer per reply, not one per wait: the reply arrives over several wake-ups.
+    const timer = setTimeout(() => {
+      timedOut = true;
+      this.notify();
+    }, timeoutMs);
+    this.aheadReady = ahead ? ahead.ready : null;
+    try {
+      while (true) {
+        const item = this.items.shift();
+        if (item) {
+          if ("fault" in item) {
+            if (item.fault.kind === "garbage-skipped") continue;
+            return { ok: false, kind: "bad-frame", text: `corrupt reply (${item.fault.kind})` };
           }
-          case Response.BUSY:
-            return { ok: false, kind: "busy", text: "received busy signal" };
-          case Response.NACK:
-            return { ok: false, kind: "nack", text: "NACK (the bootloader saw a malformed frame)" };
-          case Response.ERROR:
-            return { ok: false, kind: "error", text: "ERROR reply (command failed)" };
-          default:
-            return { ok: false, kind: "bad-frame", text: `unexpected reply code ${commandName(frame.cmd)}` };
+          const { frame } = item;
+          switch (frame.cmd) {
+            case Response.ACK: {
+              const echoed = frame.payload.length >= 4 ? frame.payload.readUInt32LE(0) : -1;
+              if (echoed !== cmd) return { ok: false, kind: "wrong-echo", text: `ACK for ${commandName(echoed)} instead of ${name}` };
+              return { ok: true, payload: frame.payload.subarray(4) };
+            }
+            case Response.BUSY:
+              return { ok: false, kind: "busy", text: "received busy signal" };
+            case Response.NACK:
+              return { ok: false, kind: "nack", text: "NACK (the bootloader saw a malformed frame)" };
+            case Response.ERROR:
+              return { ok: false, kind: "error", text: "ERROR reply (command failed)" };
+            default:
+              return { ok: false, kind: "bad-frame", text: `unexpected reply code ${commandName(frame.cmd)}` };
+          }
         }
+        if (this.closedError) throw this.closedLinkError(name);
+        this.throwIfAborted();
+        if (ahead && !sentAhead && ahead.ready(this.decoder.partial)) {
+          sentAhead = true;
+          this.aheadReady = null;
+          await ahead.send();
+          continue;
+        }
+        if (timedOut) return { ok: false, kind: "timeout", text: "response timed out" };
+        await new Promise<void>((resolve) => (this.wake = resolve));
       }
-      if (this.closedError) throw this.closedLinkError(name);
-      this.throwIfAborted();
-      if (ahead && !sentAhead && ahead.ready(this.decoder.partial)) {
-        sentAhead = true;
-        await ahead.send();
-        continue;
-      }
-      const left = deadline - Date.now();
-      if (left <= 0) return { ok: false, kind: "timeout", text: "response timed out" };
-      await this.waitForInput(left);
+    } finally {
+      clearTimeout(timer);
+      this.aheadReady = null;
     }
   }
 
@@ -501,23 +523,22 @@ export class KatapultSession {
     this.decoder.reset();
   }
 
+  /** Resolves on the next notify() (input, close, abort) or after `ms`. */
   private waitForInput(ms: number): Promise<void> {
     return new Promise<void>((resolve) => {
-      const done = (): void => {
+      const timer = setTimeout(this.notify, ms);
+      this.wake = () => {
         clearTimeout(timer);
-        this.signal?.removeEventListener("abort", done);
-        if (this.wake === done) this.wake = null;
         resolve();
       };
-      const timer = setTimeout(done, ms);
-      this.signal?.addEventListener("abort", done, { once: true });
-      this.wake = done;
     });
   }
 
-  private notify(): void {
-    this.wake?.();
-  }
+  private readonly notify = (): void => {
+    const wake = this.wake;
+    this.wake = null;
+    wake?.();
+  };
 
   private async sleep(ms: number): Promise<void> {
     if (ms <= 0) return;
@@ -538,11 +559,12 @@ export class KatapultSession {
   }
 }
 
-/** Block `index` of the image, padded to `blockSize` with 0xFF (erased flash). */
+/** Block `index` of the image, padded to `blockSize` with 0xFF (erased flash): a view, a copy only for the last block. */
 function paddedBlock(image: Uint8Array, index: number, blockSize: number): Buffer {
   const start = index * blockSize;
+  if (start + blockSize <= image.length) return Buffer.from(image.buffer, image.byteOffset + start, blockSize);
   const block = Buffer.alloc(blockSize, 0xff);
-  block.set(image.subarray(start, Math.min(start + blockSize, image.length)));
+  block.set(image.subarray(start, image.length));
   return block;
 }
 

@@ -1,0 +1,181 @@
+// Update-all end to end: a fake Klipper tree (a git checkout tagged v0.13.0) builds three profiles, three virtual
+// Katapult boards on ptys (one running its application, so it needs the bootloader request), and the fake
+// Moonraker whose simulated Klipper reports each MCU's version from the image its board holds and refuses to start
+// ("MCU Protocol error") while one differs. The real agent serves flash.update_all over the unix socket.
+
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import pino from "pino";
+import type { Agent } from "../../src/agent/agent.js";
+import { createAgent } from "../../src/app.js";
+import type { UpdateAllResult } from "../../src/flash/update-all.js";
+import { startVirtualDevice, type VirtualDevice } from "../../src/sim/virtual-device.js";
+import { mcuProtocolErrorMessage } from "../support/fake-moonraker/klipper-sim.js";
+import { startFakeMoonraker, RpcCallError, type FakeMoonraker, type TestClient } from "../support/fake-moonraker/index.js";
+import { createBuildFixture, RP2040_PROFILE, STM32_PROFILE, type BuildFixture } from "./support/build-fixture.js";
+
+const OLD = "v0.12.0-85-gd785b396";
+let fx: BuildFixture;
+let host: string;
+let boards: Record<"mcu" | "toolhead" | "bed", VirtualDevice>;
+let moonraker: FakeMoonraker;
+let agent: Agent | null = null;
+let web: TestClient | null = null;
+const savedPath = process.env.PATH;
+
+/** What a virtual board's firmware reports: the version the fake tree wrote into the image it holds. */
+const versionIn = (board: VirtualDevice): string | undefined => /FAKE-KLIPPER version=(\S+)/.exec(board.model.flash.toString("latin1"))?.[1];
+
+async function setUp(opts: { printState?: string; silentToolhead?: boolean } = {}): Promise<void> {
+  fx = await createBuildFixture("update-all");
+  host = await fx.gitInit("v0.13.0");
+  process.env.PATH = `${fx.bin}:${savedPath}`;
+  await fx.writeProfile("mcu.config", STM32_PROFILE);
+  await fx.writeProfile("toolhead.config", RP2040_PROFILE);
+  await fx.writeProfile("bed.config", STM32_PROFILE);
+  boards = {
+    mcu: await startVirtualDevice({ path: join(fx.root, "ttyMCU"), mcuType: "stm32f446xx" }),
+    toolhead: await startVirtualDevice({
+      path: join(fx.root, "ttyTOOL"),
+      mcuType: "rp2040",
+      mode: "app",
+      ...(opts.silentToolhead ? { faults: [{ kind: "silence" as const }] } : {}),
+    }),
+    bed: await startVirtualDevice({ path: join(fx.root, "ttyBED"), mcuType: "stm32f446xx" }),
+  };
+  await fx.writeConf(
+    `service_timeout: 5\n\n` +
+      `[mcu]\nmethod: katapult\n\n[mcu toolhead]\nmethod: katapult\nbootloader: serial\n\n[mcu bed]\nmethod: katapult\n`,
+  );
+  const sim = (section: string, board: VirtualDevice, type: string) => ({
+    section,
+    settings: { serial: board.path, baud: 250000 },
+    mcu_constants: { MCU: type },
+    mcu_version: opts.printState ? host : OLD,
+    versionFrom: () => versionIn(board),
+  });
+  moonraker = await startFakeMoonraker({
+    dataDir: fx.dataDir,
+    websocket: false,
+    timing: { stopOkMs: 30, stopStateMs: 20, startOkMs: 30, startStateMs: 20, readyMs: 100 },
+    klipper: {
+      softwareVersion: host,
+      checkMcuVersions: true,
+      // A printer in MCU Protocol error cannot print: the printing case starts with every MCU up to date.
+      ...(opts.printState
+        ? { printState: opts.printState }
+        : { state: "error" as const, stateMessage: mcuProtocolErrorMessage(host, [{ name: "mcu", version: OLD }, { name: "toolhead", version: OLD }, { name: "bed", version: OLD }], []) }),
+      mcus: [sim("mcu", boards.mcu, "stm32f446xx"), sim("mcu toolhead", boards.toolhead, "rp2040"), sim("mcu bed", boards.bed, "stm32f446xx")],
+    },
+  });
+  agent = await createAgent({ dataDir: fx.dataDir, logger: pino({ level: "silent" }) });
+  agent.start();
+  await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.update_all") && agent!.session.identified, 10_000);
+  web = await moonraker.connectClient({ transport: "unix" });
+}
+
+beforeEach(() => {
+  agent = null;
+  web = null;
+});
+
+afterEach(async () => {
+  await web?.close();
+  await agent?.stop();
+  for (const board of Object.values(boards ?? {})) await board.stop();
+  await moonraker?.stop();
+  process.env.PATH = savedPath;
+  await fx?.cleanup();
+});
+
+const updateAll = (args: Record<string, unknown> = {}) =>
+  web!.call("server.extensions.request", { agent: "moonflash", method: "flash.update_all", arguments: args }) as Promise<UpdateAllResult>;
+const actions = () => moonraker.serviceActions.map((a) => `${a.action} ${a.service}`);
+
+describe("flash.update_all", () => {
+  it("builds all three while Klipper runs, stops it once, flashes each, and every MCU then reports the host version", async () => {
+    await setUp();
+    const flashed: string[] = [];
+    const buildsBeforeStop: string[] = [];
+    agent!.runner.on((e) => {
+      if (e.type === "stage" && e.stage === "flash" && e.message) flashed.push(e.message);
+      if (e.type === "stage" && e.stage === "build" && actions().length === 0) buildsBeforeStop.push(e.message ?? "");
+    });
+    let bootloaderRequests = 0;
+    boards.toolhead.on("bootloader", () => bootloaderRequests++);
+
+    const result = await updateAll();
+
+    expect(result.plan.map((p) => [p.name, p.why, p.version_before, p.transport])).toEqual([
+      ["mcu", "outdated", OLD, "uart"],
+      ["toolhead", "outdated", OLD, "uart"],
+      ["bed", "outdated", OLD, "uart"],
+    ]);
+    expect(buildsBeforeStop).toHaveLength(3);
+    expect(actions()).toEqual(["stop klipper", "start klipper"]);
+    expect(flashed).toEqual(["flashing mcu (1 of 3)", "flashing toolhead (2 of 3)", "flashing bed (3 of 3)"]);
+    expect(bootloaderRequests).toBe(1);
+    expect(result.mcus.map((m) => [m.name, m.built, m.flashed, m.verified, m.version_now])).toEqual([
+      ["mcu", true, true, true, host],
+      ["toolhead", true, true, true, host],
+      ["bed", true, true, true, host],
+    ]);
+    for (const board of Object.values(boards)) expect(versionIn(board)).toBe(host);
+    expect(result.still_outdated).toEqual([]);
+    expect(result.klipper_state).toBe("ready");
+    expect(result.downtime_ms).toBeGreaterThan(0);
+    expect(result.phases_ms.build).toBeGreaterThan(0);
+    await moonraker.waitFor(() => moonraker.consoleLines.some((l) => l.startsWith(`// moonflash: updated mcu, toolhead, bed to ${host}. Klipper was down `)), 5000);
+
+    // Nothing changed since: a forced second run keeps the three builds and flashes again under one more stop.
+    const again = await updateAll({ force: true });
+    expect(again.mcus.map((m) => [m.name, m.build_skipped, m.flashed])).toEqual([
+      ["mcu", true, true],
+      ["bed", true, true],
+      ["toolhead", true, true],
+    ]);
+    expect(actions()).toEqual(["stop klipper", "start klipper", "stop klipper", "start klipper"]);
+  });
+
+  it("a dry run returns the plan and builds, stops and writes nothing", async () => {
+    await setUp();
+    const plan = await updateAll({ dry_run: true });
+    expect(plan).toMatchObject({ dry_run: true, host_version: host, downtime_ms: null });
+    expect(plan.plan.map((p) => p.name)).toEqual(["mcu", "toolhead", "bed"]);
+    expect(actions()).toEqual([]);
+    expect(existsSync(join(fx.dataDir, "moonflash", "build"))).toBe(false);
+    for (const board of Object.values(boards)) expect(board.model.frames).toEqual([]);
+  });
+
+  it("refuses while printing: nothing is built, stopped or written", async () => {
+    await setUp({ printState: "printing" });
+    await moonraker.waitFor(() => agent!.session.isPrinting(), 5000);
+    const err = await updateAll({ force: true }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(RpcCallError);
+    expect((err as RpcCallError).data).toMatchObject({ data: { code: "PRINTER_BUSY" } });
+    expect(actions()).toEqual([]);
+    expect(existsSync(join(fx.dataDir, "moonflash", "build"))).toBe(false);
+  });
+
+  it("a board failing in the middle: the others are flashed, Klipper is stopped and started once, the job has its code", async () => {
+    await setUp({ silentToolhead: true });
+    const err = await updateAll().catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(RpcCallError);
+    const data = (err as RpcCallError).data as { message: string; data: { code: string; details: { result: UpdateAllResult } } };
+    const result = data.data.details.result;
+    expect(result.mcus.map((m) => [m.name, m.flashed, m.code ?? null])).toEqual([
+      ["mcu", true, null],
+      ["toolhead", false, data.data.code],
+      ["bed", true, null],
+    ]);
+    expect(data.message).toMatch(/^toolhead: /);
+    expect(versionIn(boards.mcu)).toBe(host);
+    expect(versionIn(boards.bed)).toBe(host);
+    expect(actions()).toEqual(["stop klipper", "start klipper"]);
+    // Klipper is running, and says which MCU is still outdated.
+    await moonraker.waitFor(() => moonraker.klipper.serviceActive && moonraker.klipper.connected, 10_000);
+    expect(moonraker.klipper.state).toBe("error");
+    expect(moonraker.klipper.stateMessage).toContain(`toolhead: Current version ${OLD}`);
+  });
+});
