@@ -13,7 +13,9 @@ import { deflateSync } from "node:zlib";
 import { execa } from "execa";
 import { SingleBar, Presets } from "cli-progress";
 import { startFakeMoonraker } from "../test/support/fake-moonraker/index.js";
-import { startVirtualDevice } from "../src/sim/virtual-device.js";
+import { startVirtualDevice, type VirtualDevice } from "../src/sim/virtual-device.js";
+import { mcuProtocolErrorMessage } from "../test/support/fake-moonraker/klipper-sim.js";
+import { createBuildFixture, RP2040_PROFILE, STM32_PROFILE } from "../test/flash/support/build-fixture.js";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const bold = (s: string): string => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
@@ -153,7 +155,108 @@ async function main(): Promise<void> {
   await moonraker.stop();
   await board.stop();
   await rm(dataDir, { recursive: true, force: true });
+
+  await updateAllScene();
   say("\nDemo finished.");
+}
+
+/** What a virtual board's firmware reports: the version the (fake) Klipper build wrote into the image it holds. */
+const versionIn = (board: VirtualDevice): string | undefined => /FAKE-KLIPPER version=(\S+)/.exec(board.model.flash.toString("latin1"))?.[1];
+
+/**
+ * After a Klipper update: three boards still run the old firmware, so Klipper stops with "MCU Protocol error".
+ * UPDATE_MCUS builds the three images (a stand-in Klipper tree that makes images carrying their version), stops
+ * Klipper once, flashes the boards (one running its application, asked into Katapult first) and starts Klipper.
+ */
+async function updateAllScene(): Promise<void> {
+  step("A second printer after a Klipper update: three boards on old firmware, Klipper in MCU Protocol error");
+  const fx = await createBuildFixture("demo-update");
+  const host = await fx.gitInit("v0.13.0");
+  await fx.writeProfile("mcu.config", STM32_PROFILE);
+  await fx.writeProfile("toolhead.config", RP2040_PROFILE);
+  await fx.writeProfile("bed.config", STM32_PROFILE);
+  const old = "v0.12.0-85-gd785b396";
+  const boards = {
+    mcu: await startVirtualDevice({ path: join(fx.root, "ttyMCU"), mcuType: "stm32f446xx", baud: 250000 }),
+    toolhead: await startVirtualDevice({ path: join(fx.root, "ttyTOOL"), mcuType: "rp2040", mode: "app", baud: 250000 }),
+    bed: await startVirtualDevice({ path: join(fx.root, "ttyBED"), mcuType: "stm32f446xx", baud: 250000 }),
+  };
+  boards.toolhead.on("bootloader", () => say("   [toolhead board] bootloader request received: now in Katapult"));
+  await fx.writeConf("service_timeout: 10\n\n[mcu]\nmethod: katapult\n\n[mcu toolhead]\nmethod: katapult\nbootloader: serial\n\n[mcu bed]\nmethod: katapult\n");
+  const sim = (section: string, board: VirtualDevice, type: string) => ({
+    section,
+    settings: { serial: board.path, baud: 250000 },
+    mcu_constants: { MCU: type },
+    mcu_version: old,
+    versionFrom: () => versionIn(board),
+  });
+  const moonraker = await startFakeMoonraker({
+    dataDir: fx.dataDir,
+    timing: { stopOkMs: 200, stopStateMs: 300, startOkMs: 600, startStateMs: 700, readyMs: 900 },
+    klipper: {
+      softwareVersion: host,
+      checkMcuVersions: true,
+      state: "error",
+      stateMessage: mcuProtocolErrorMessage(host, [{ name: "mcu", version: old }, { name: "toolhead", version: old }, { name: "bed", version: old }], []),
+      macroFile: join(root, "moonraker", "moonflash.cfg"),
+      mcus: [sim("mcu", boards.mcu, "stm32f446xx"), sim("mcu toolhead", boards.toolhead, "rp2040"), sim("mcu bed", boards.bed, "stm32f446xx")],
+    },
+  });
+  say(`   Klipper (simulated): ${moonraker.klipper.stateMessage.split("\n").filter(Boolean).join(" | ")}`);
+  // The stand-in compilers of the stand-in Klipper tree come first on the agent's PATH.
+  const agent = execa("node", [join(root, "dist", "moonflash.mjs"), "serve", "--data", fx.dataDir], {
+    reject: false,
+    stdio: ["ignore", "ignore", "pipe"],
+    timeout: 300_000,
+    env: { PATH: `${fx.bin}:${process.env.PATH ?? ""}` },
+  });
+  agent.stderr?.on("data", (chunk: Buffer) => process.stderr.write(chunk));
+  const web = await moonraker.connectClient({ transport: "ws", name: "mainsail-demo", type: "web" });
+  await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.update_all"), 15_000);
+
+  step("moonflash check (a client call: in MCU Protocol error Klipper runs no macros)");
+  const check = (await web.call("server.extensions.request", { agent: "moonflash", method: "flash.check" })) as { host: { version: string }; mcus: Array<{ name: string; version: string; outdated: boolean }> };
+  say(`   host ${check.host.version}; ${check.mcus.map((m) => `${m.name} ${m.version}${m.outdated ? " (outdated)" : ""}`).join(", ")}`);
+
+
+  step("flash.update_all {dry_run: true}: the plan");
+  const plan = (await web.call("server.extensions.request", { agent: "moonflash", method: "flash.update_all", arguments: { dry_run: true } })) as {
+    plan: Array<{ name: string; why: string; version_before: string; transport: string; profile: string }>;
+  };
+  for (const [i, p] of plan.plan.entries()) say(`   ${i + 1}. ${p.name}: ${p.why} (${p.version_before}), ${p.transport}, profile ${p.profile}`);
+
+  step("flash.update_all: build all while Klipper runs, one stop, flash in order, one start");
+  const off = web.onNotification((method, params) => {
+    if (method !== "notify_agent_event") return;
+    const { event, data } = (params as Array<{ event: string; data: Record<string, unknown> }>)[0]!;
+    if (event === "flash.stage" && ["check", "build", "stop-klipper", "flash", "start-klipper"].includes(String(data.stage))) {
+      say(`   [agent event] ${String(data.stage)}${data.message ? ` — ${String(data.message)}` : ""}`);
+    }
+  });
+  const result = (await web.call("server.extensions.request", { agent: "moonflash", method: "flash.update_all" })) as {
+    mcus: Array<{ name: string; build_ms?: number; flash_ms?: number; method?: string; verified?: boolean; version_now?: string }>;
+    downtime_ms: number;
+    phases_ms: { check: number; build: number; flash: number; start: number };
+    klipper_state: string;
+  };
+  off();
+  for (const m of result.mcus) {
+    say(`   ${m.name}: built in ${((m.build_ms ?? 0) / 1000).toFixed(1)} s, flashed with ${m.method} in ${((m.flash_ms ?? 0) / 1000).toFixed(1)} s${m.verified ? " (verified)" : ""}, now reports ${m.version_now}`);
+  }
+  const p = result.phases_ms;
+  say(`   phases: check ${p.check} ms, build ${p.build} ms (Klipper running), flash ${p.flash} ms, start ${p.start} ms`);
+  say(`   Klipper downtime (stop to ready): ${(result.downtime_ms / 1000).toFixed(1)} s; Klipper is ${result.klipper_state}`);
+  say(`   Klipper service actions: ${moonraker.serviceActions.map((a) => `${a.action} ${a.service}`).join(", ")}`);
+  for (const [name, board] of Object.entries(boards)) say(`   ${name} board holds firmware ${versionIn(board)}`);
+  await moonraker.waitFor(() => moonraker.consoleLines.some((l) => l.includes("moonflash: updated")), 30_000);
+  say(`   Mainsail console: ${moonraker.consoleLines.filter((l) => l.includes("moonflash: updated")).at(-1)}`);
+
+  await web.close();
+  agent.kill("SIGTERM");
+  await agent;
+  await moonraker.stop();
+  for (const board of Object.values(boards)) await board.stop();
+  await fx.cleanup();
 }
 
 main().catch((err: unknown) => {

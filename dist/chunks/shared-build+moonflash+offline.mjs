@@ -14261,6 +14261,7 @@ var ConsoleReporter = class {
 };
 
 // src/agent/agent.ts
+var HANDSHAKE_WAIT_MS = 5e3;
 var RECOVERY_CHECK_MS = 1e4;
 var Agent = class {
   runner;
@@ -14368,10 +14369,24 @@ var Agent = class {
       this.recovering = false;
     }
   }
+  /** Resolves once the session is identified (its state read), or after `timeoutMs`. */
+  identified(timeoutMs) {
+    if (this.session.identified) return Promise.resolve();
+    return new Promise((resolve3) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.session.off("identified", done);
+        resolve3();
+      };
+      const timer = setTimeout(done, timeoutMs);
+      this.session.on("identified", done);
+    });
+  }
   async dispatch(byName, name, raw, viaMacro) {
     const method = byName.get(name);
     if (!method) throw toMoonflashError(new Error(`unknown method ${name}`));
     this.logger.info({ method: name, params: raw, viaMacro }, "remote call");
+    await this.identified(HANDSHAKE_WAIT_MS);
     const lastJob = this.runner.history(void 0, 1)[0]?.id;
     const jobReported = () => this.runner.history(void 0, 1)[0]?.id !== lastJob;
     try {

@@ -19,6 +19,9 @@ import { parseParams } from "./params.js";
 import { ConsoleReporter, agentEventAdapter } from "./progress.js";
 import { VERSION, AGENT_NAME } from "../version.js";
 
+/** How long a call that arrives during the Moonraker handshake waits for the state to be read. */
+const HANDSHAKE_WAIT_MS = 5_000;
+
 /** How often a journal left by a job that could not start Klipper (or by a dead CLI flash) is looked for. */
 const RECOVERY_CHECK_MS = 10_000;
 
@@ -159,10 +162,26 @@ export class Agent {
     }
   }
 
+  /** Resolves once the session is identified (its state read), or after `timeoutMs`. */
+  private identified(timeoutMs: number): Promise<void> {
+    if (this.session.identified) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.session.off("identified", done);
+        resolve();
+      };
+      const timer = setTimeout(done, timeoutMs);
+      this.session.on("identified", done);
+    });
+  }
+
   private async dispatch(byName: Map<string, RemoteMethod>, name: string, raw: Record<string, unknown>, viaMacro: boolean): Promise<unknown> {
     const method = byName.get(name);
     if (!method) throw toMoonflashError(new Error(`unknown method ${name}`));
     this.logger.info({ method: name, params: raw, viaMacro }, "remote call");
+    // A call can arrive as soon as its method is registered, before the session has read Klipper's state.
+    await this.identified(HANDSHAKE_WAIT_MS);
     const lastJob = this.runner.history(undefined, 1)[0]?.id;
     // A call that ran a job has its outcome on the console already, through the job's result event.
     const jobReported = (): boolean => this.runner.history(undefined, 1)[0]?.id !== lastJob;

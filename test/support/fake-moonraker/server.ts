@@ -31,6 +31,8 @@ export interface FakeMoonrakerOptions {
     readyMs?: number;
     /** After a restart of the fake, how long until the running Klippy has connected to it again. */
     klippyReconnectMs?: number;
+    /** How long machine.system_info takes to answer (a slow Pi); the agent's handshake waits for it. */
+    systemInfoMs?: number;
   };
   klipper?: SimKlipperOptions & {
     /** The klipper unit name, as system_info.instance_ids.klipper reports it (default "klipper"). */
@@ -105,7 +107,7 @@ class Connection {
 
 type Handler = (conn: Connection, params: Record<string, unknown>) => unknown;
 
-const DEFAULT_TIMING = { stopOkMs: 50, stopStateMs: 20, startOkMs: 100, startStateMs: 20, readyMs: 100, klippyReconnectMs: 100 };
+const DEFAULT_TIMING = { stopOkMs: 50, stopStateMs: 20, startOkMs: 100, startStateMs: 20, readyMs: 100, klippyReconnectMs: 100, systemInfoMs: 0 };
 
 export class FakeMoonrakerServer implements FakeMoonraker {
   readonly socketPath: string;
@@ -357,15 +359,10 @@ export class FakeMoonrakerServer implements FakeMoonraker {
       return "ok";
     });
 
-    on("machine.system_info", () => ({
-      system_info: {
-        ...systemInfoStatic(),
-        provider: "supervisord_cli",
-        available_services: [...this.services.keys()],
-        service_state: Object.fromEntries([...this.services].map(([name, state]) => [name, { ...state }])),
-        instance_ids: { moonraker: "moonraker", klipper: this.klipperService },
-      },
-    }));
+    on("machine.system_info", async () => {
+      if (this.timing.systemInfoMs) await this.delay(this.timing.systemInfoMs);
+      return this.systemInfo();
+    });
     for (const action of ["start", "stop", "restart"] as const) {
       on(`machine.services.${action}`, (_conn, params) => this.serviceAction(action, requireString(params, "service")));
     }
@@ -408,6 +405,18 @@ export class FakeMoonrakerServer implements FakeMoonraker {
       this.klipper.setState("shutdown");
       return "ok";
     });
+  }
+
+  private systemInfo(): unknown {
+    return {
+      system_info: {
+        ...systemInfoStatic(),
+        provider: "supervisord_cli",
+        available_services: [...this.services.keys()],
+        service_state: Object.fromEntries([...this.services].map(([name, state]) => [name, { ...state }])),
+        instance_ids: { moonraker: "moonraker", klipper: this.klipperService },
+      },
+    };
   }
 
   private identify(conn: Connection, params: Record<string, unknown>): unknown {
