@@ -2,14 +2,14 @@
 import { createRequire as __moonflashRequire } from "node:module"; const require = __moonflashRequire(import.meta.url);
 import {
   ProgressRenderer,
-  reportFailure
+  reportFailure,
+  runPrinterJob
 } from "./shared-build+offline.mjs";
 import {
   EXIT_FAILURE,
   EXIT_OK,
   connectPrinter,
   createFirmwareBuilder,
-  createFlashEngine,
   createMcuUpdater,
   createRuntime,
   exitCodeFor,
@@ -397,28 +397,16 @@ async function menuconfig(rt, profile, out) {
 `);
   return EXIT_OK;
 }
-async function runUpdate(opts) {
-  let session = null;
-  let renderer = null;
-  try {
-    const rt = await createRuntime({ dataDir: opts.dataDir, pretty: false });
-    session = await connectPrinter(rt, 1e4);
-    const updater = createMcuUpdater(rt, createFlashEngine(rt, session), createFirmwareBuilder(rt), session);
-    renderer = new ProgressRenderer({ json: opts.json });
-    rt.runner.on(renderer.onJobEvent);
+function runUpdate(opts) {
+  return runPrinterJob(opts, async (ctx, engine, printer, renderer) => {
+    const updater = createMcuUpdater(ctx, engine, createFirmwareBuilder(ctx), printer);
     const result = await updater.run({ ...opts.mcus.length ? { mcus: opts.mcus } : {}, force: opts.force, dry_run: opts.dryRun });
     renderer.stop();
     if (opts.json) process.stdout.write(`${JSON.stringify({ ok: true, result })}
 `);
     else process.stdout.write(`${updateSummary(result)}
 `);
-    return EXIT_OK;
-  } catch (err) {
-    renderer?.stop();
-    return reportFailure(err, opts.json);
-  } finally {
-    await session?.stop();
-  }
+  });
 }
 function updateSummary(r) {
   const to = r.host_version ?? "Klipper's version";

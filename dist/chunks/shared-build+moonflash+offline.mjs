@@ -12709,7 +12709,7 @@ var McuUpdater = class {
       phases.flash = Math.round(performance.now() - tFlash);
     });
     const tStart = performance.now();
-    await waitForKlipper(printer, this.deps.readyTimeoutMs);
+    await waitForPrinter(printer, klipperSettled, this.deps.readyTimeoutMs);
     phases.start = Math.round(performance.now() - tStart);
     if (stoppedAt !== null && guarded.klipperRestart?.ok !== false) result.downtime_ms = Math.round(performance.now() - stoppedAt);
     const after = await engine.checkVersions();
@@ -12782,20 +12782,6 @@ function finish(result, ctx) {
 }
 function klipperSettled(state) {
   return state.klippyConnected && ["ready", "error", "shutdown"].includes(state.klippyState);
-}
-function waitForKlipper(printer, timeoutMs) {
-  if (klipperSettled(printer.state())) return Promise.resolve();
-  return new Promise((resolve3) => {
-    const done = () => {
-      clearTimeout(timer);
-      off();
-      resolve3();
-    };
-    const timer = setTimeout(done, timeoutMs);
-    const off = printer.onStateChange((state) => {
-      if (klipperSettled(state)) done();
-    });
-  });
 }
 
 // src/moonraker/session.ts

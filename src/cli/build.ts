@@ -7,7 +7,7 @@ import { writeFileDurable } from "../core/durable.js";
 import { MoonflashError, toMoonflashError } from "../core/errors.js";
 import type { McuInfo } from "../core/printer.js";
 import type { AgentSession } from "../moonraker/session.js";
-import { connectPrinter, createFirmwareBuilder, createFlashEngine, createMcuUpdater, createRuntime, exitCodeFor, EXIT_FAILURE, EXIT_OK, type Runtime } from "../app.js";
+import { connectPrinter, createFirmwareBuilder, createMcuUpdater, createRuntime, exitCodeFor, EXIT_FAILURE, EXIT_OK, type Runtime } from "../app.js";
 import type { UpdateAllResult } from "../flash/update-all.js";
 import { firmwareProfileDir } from "../flash/config.js";
 import { identifyDevice } from "../flash/discovery.js";
@@ -16,6 +16,7 @@ import { mcuUserName } from "../flash/mcu-name.js";
 import type { FirmwareBuild } from "../flash/build/builder.js";
 import { parseProfile, type FirmwareProfile } from "../flash/build/profiles.js";
 import { suggestProfile, transportOf } from "../flash/build/suggest.js";
+import { runPrinterJob } from "./offline.js";
 import { ProgressRenderer, reportFailure } from "./render.js";
 
 function kib(bytes: number): string {
@@ -207,26 +208,14 @@ async function menuconfig(rt: Runtime, profile: FirmwareProfile, out: string): P
 }
 
 /** `moonflash update`: update-all from the command line, with the same plan, one stop and result as UPDATE_MCUS. */
-export async function runUpdate(opts: { dataDir: string; mcus: string[]; force: boolean; dryRun: boolean; json: boolean }): Promise<number> {
-  let session: AgentSession | null = null;
-  let renderer: ProgressRenderer | null = null;
-  try {
-    const rt = await createRuntime({ dataDir: opts.dataDir, pretty: false });
-    session = await connectPrinter(rt, 10_000);
-    const updater = createMcuUpdater(rt, createFlashEngine(rt, session), createFirmwareBuilder(rt), session);
-    renderer = new ProgressRenderer({ json: opts.json });
-    rt.runner.on(renderer.onJobEvent);
+export function runUpdate(opts: { dataDir: string; mcus: string[]; force: boolean; dryRun: boolean; json: boolean }): Promise<number> {
+  return runPrinterJob(opts, async (ctx, engine, printer, renderer) => {
+    const updater = createMcuUpdater(ctx, engine, createFirmwareBuilder(ctx), printer);
     const result = await updater.run({ ...(opts.mcus.length ? { mcus: opts.mcus } : {}), force: opts.force, dry_run: opts.dryRun });
     renderer.stop();
     if (opts.json) process.stdout.write(`${JSON.stringify({ ok: true, result })}\n`);
     else process.stdout.write(`${updateSummary(result)}\n`);
-    return EXIT_OK;
-  } catch (err) {
-    renderer?.stop();
-    return reportFailure(err, opts.json);
-  } finally {
-    await session?.stop();
-  }
+  });
 }
 
 function updateSummary(r: UpdateAllResult): string {

@@ -7,7 +7,8 @@ import { MoonflashError, toMoonflashError } from "../core/errors.js";
 import { initialPrinterState, type PrinterPort } from "../core/printer.js";
 import type { AgentSession } from "../moonraker/session.js";
 import { readJournal } from "../flash/guard.js";
-import { connectPrinter, createFlashEngine, createRuntime } from "../app.js";
+import { connectPrinter, createFlashEngine, createRuntime, type Runtime } from "../app.js";
+import type { FlashEngine } from "../flash/engine.js";
 import { ProgressRenderer, reportFailure } from "./render.js";
 
 export async function runStatus(opts: { dataDir: string; json: boolean }): Promise<number> {
@@ -71,22 +72,22 @@ export async function runDevices(opts: { dataDir: string; json: boolean }): Prom
   }
 }
 
-export async function runFlash(opts: { dataDir: string; mcu: string; firmware?: string; method?: string; dryRun: boolean; json: boolean }): Promise<number> {
+/**
+ * A verb that runs a job on the printer: its runtime, a Moonraker session, the flash engine, progress on the
+ * terminal, the failure reported, and the session closed in every outcome.
+ */
+export async function runPrinterJob(
+  opts: { dataDir: string; json: boolean },
+  work: (ctx: Runtime, engine: FlashEngine, printer: AgentSession, renderer: ProgressRenderer) => Promise<void>,
+): Promise<number> {
   let session: AgentSession | null = null;
   let renderer: ProgressRenderer | null = null;
   try {
     const ctx = await createRuntime({ dataDir: opts.dataDir, pretty: false });
     session = await connectPrinter(ctx, 10_000);
-    const engine = createFlashEngine(ctx, session);
     renderer = new ProgressRenderer({ json: opts.json });
     ctx.runner.on(renderer.onJobEvent);
-    const result = await engine.flash({
-      mcu: opts.mcu,
-      ...(opts.firmware ? { firmware: opts.firmware } : {}),
-      ...(opts.method ? { method: opts.method as never } : {}),
-      ...(opts.dryRun ? { dry_run: true } : {}),
-    });
-    renderer.done(result);
+    await work(ctx, createFlashEngine(ctx, session), session, renderer);
     return 0;
   } catch (err) {
     renderer?.stop();
@@ -94,6 +95,18 @@ export async function runFlash(opts: { dataDir: string; mcu: string; firmware?: 
   } finally {
     await session?.stop();
   }
+}
+
+export function runFlash(opts: { dataDir: string; mcu: string; firmware?: string; method?: string; dryRun: boolean; json: boolean }): Promise<number> {
+  return runPrinterJob(opts, async (_ctx, engine, _printer, renderer) => {
+    const result = await engine.flash({
+      mcu: opts.mcu,
+      ...(opts.firmware ? { firmware: opts.firmware } : {}),
+      ...(opts.method ? { method: opts.method as never } : {}),
+      ...(opts.dryRun ? { dry_run: true } : {}),
+    });
+    renderer.done(result);
+  });
 }
 
 /** `moonflash check`: each MCU's version against Klipper's; without Moonraker, the Klipper tree's and the store's. */
@@ -128,23 +141,10 @@ export async function runCheck(opts: { dataDir: string; json: boolean }): Promis
 }
 
 /** `moonflash rollback <mcu>`: the previous image through the same flash job, lock and guard as `moonflash flash`. */
-export async function runRollback(opts: { dataDir: string; mcu: string; dryRun: boolean; json: boolean }): Promise<number> {
-  let session: AgentSession | null = null;
-  let renderer: ProgressRenderer | null = null;
-  try {
-    const ctx = await createRuntime({ dataDir: opts.dataDir, pretty: false });
-    session = await connectPrinter(ctx, 10_000);
-    const engine = createFlashEngine(ctx, session);
-    renderer = new ProgressRenderer({ json: opts.json });
-    ctx.runner.on(renderer.onJobEvent);
+export function runRollback(opts: { dataDir: string; mcu: string; dryRun: boolean; json: boolean }): Promise<number> {
+  return runPrinterJob(opts, async (_ctx, engine, _printer, renderer) => {
     renderer.done(await engine.rollback({ mcu: opts.mcu, ...(opts.dryRun ? { dry_run: true } : {}) }));
-    return 0;
-  } catch (err) {
-    renderer?.stop();
-    return reportFailure(err, opts.json);
-  } finally {
-    await session?.stop();
-  }
+  });
 }
 
 /** Stand-in port for listing devices or checking versions while Moonraker is unreachable: no Klipper, nothing to stop. */

@@ -260,7 +260,7 @@ const klippyUp = (state: PrinterState): boolean =>
   state.moonrakerConnected && state.klippyConnected && state.klippyState !== "startup" && state.klippyState !== "disconnected";
 
 /** Resolves true once `pred` holds for the printer's state, false after `timeoutMs`. */
-function waitForPrinter(printer: PrinterPort, pred: (state: PrinterState) => boolean, timeoutMs: number): Promise<boolean> {
+export function waitForPrinter(printer: PrinterPort, pred: (state: PrinterState) => boolean, timeoutMs: number): Promise<boolean> {
   if (pred(printer.state())) return Promise.resolve(true);
   if (timeoutMs <= 0) return Promise.resolve(false);
   return new Promise((resolve) => {

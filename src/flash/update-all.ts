@@ -11,7 +11,7 @@ import type { PrinterPort, PrinterState } from "../core/printer.js";
 import type { FirmwareBuild, FirmwareBuilder } from "./build/builder.js";
 import { identifyDevice } from "./discovery.js";
 import { mcuSectionName, type FlashEngine, type FlashPlan } from "./engine.js";
-import { assertNotPrinting } from "./guard.js";
+import { assertNotPrinting, waitForPrinter } from "./guard.js";
 import { mcuUserName } from "./mcu-name.js";
 import type { FlashMethodName } from "./types.js";
 import type { VersionCheck } from "./versions.js";
@@ -155,7 +155,8 @@ export class McuUpdater {
 
     // Klipper runs again (the guard waited for its service); wait for it to leave startup, then check versions.
     const tStart = performance.now();
-    await waitForKlipper(printer, this.deps.readyTimeoutMs);
+    // Klipper left startup: ready, or an error it reports itself (e.g. an MCU still outdated).
+    await waitForPrinter(printer, klipperSettled, this.deps.readyTimeoutMs);
     phases.start = Math.round(performance.now() - tStart);
     if (stoppedAt !== null && guarded.klipperRestart?.ok !== false) result.downtime_ms = Math.round(performance.now() - stoppedAt);
     const after = await engine.checkVersions();
@@ -235,20 +236,4 @@ function finish(result: UpdateAllResult, ctx: JobContext): UpdateAllResult {
 
 function klipperSettled(state: PrinterState): boolean {
   return state.klippyConnected && ["ready", "error", "shutdown"].includes(state.klippyState);
-}
-
-/** Resolves once Klipper left startup (ready, or an error it reports itself), or after `timeoutMs`. */
-function waitForKlipper(printer: PrinterPort, timeoutMs: number): Promise<void> {
-  if (klipperSettled(printer.state())) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = (): void => {
-      clearTimeout(timer);
-      off();
-      resolve();
-    };
-    const timer = setTimeout(done, timeoutMs);
-    const off = printer.onStateChange((state) => {
-      if (klipperSettled(state)) done();
-    });
-  });
 }
