@@ -13,9 +13,8 @@ import { deflateSync } from "node:zlib";
 import { execa } from "execa";
 import { SingleBar, Presets } from "cli-progress";
 import { startFakeMoonraker } from "../test/support/fake-moonraker/index.js";
-import { startVirtualDevice, type VirtualDevice } from "../src/sim/virtual-device.js";
-import { mcuProtocolErrorMessage } from "../test/support/fake-moonraker/klipper-sim.js";
-import { createBuildFixture, RP2040_PROFILE, STM32_PROFILE } from "../test/flash/support/build-fixture.js";
+import { startVirtualDevice } from "../src/sim/virtual-device.js";
+import { startOutdatedPrinter, versionIn } from "../test/support/outdated-printer.js";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const bold = (s: string): string => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
@@ -160,9 +159,6 @@ async function main(): Promise<void> {
   say("\nDemo finished.");
 }
 
-/** What a virtual board's firmware reports: the version the (fake) Klipper build wrote into the image it holds. */
-const versionIn = (board: VirtualDevice): string | undefined => /FAKE-KLIPPER version=(\S+)/.exec(board.model.flash.toString("latin1"))?.[1];
-
 /**
  * After a Klipper update: three boards still run the old firmware, so Klipper stops with "MCU Protocol error".
  * UPDATE_MCUS builds the three images (a stand-in Klipper tree that makes images carrying their version), stops
@@ -170,45 +166,22 @@ const versionIn = (board: VirtualDevice): string | undefined => /FAKE-KLIPPER ve
  */
 async function updateAllScene(): Promise<void> {
   step("A second printer after a Klipper update: three boards on old firmware, Klipper in MCU Protocol error");
-  const fx = await createBuildFixture("demo-update");
-  const host = await fx.gitInit("v0.13.0");
-  await fx.writeProfile("mcu.config", STM32_PROFILE);
-  await fx.writeProfile("toolhead.config", RP2040_PROFILE);
-  await fx.writeProfile("bed.config", STM32_PROFILE);
-  const old = "v0.12.0-85-gd785b396";
-  const boards = {
-    mcu: await startVirtualDevice({ path: join(fx.root, "ttyMCU"), mcuType: "stm32f446xx", baud: 250000 }),
-    toolhead: await startVirtualDevice({ path: join(fx.root, "ttyTOOL"), mcuType: "rp2040", mode: "app", baud: 250000 }),
-    bed: await startVirtualDevice({ path: join(fx.root, "ttyBED"), mcuType: "stm32f446xx", baud: 250000 }),
-  };
-  boards.toolhead.on("bootloader", () => say("   [toolhead board] bootloader request received: now in Katapult"));
-  await fx.writeConf("service_timeout: 10\n\n[mcu]\nmethod: katapult\n\n[mcu toolhead]\nmethod: katapult\nbootloader: serial\n\n[mcu bed]\nmethod: katapult\n");
-  const sim = (section: string, board: VirtualDevice, type: string) => ({
-    section,
-    settings: { serial: board.path, baud: 250000 },
-    mcu_constants: { MCU: type },
-    mcu_version: old,
-    versionFrom: () => versionIn(board),
-  });
-  const moonraker = await startFakeMoonraker({
-    dataDir: fx.dataDir,
+  const printer = await startOutdatedPrinter({
+    name: "demo-update",
+    baud: 250000,
+    oldImageBytes: 20_000,
     timing: { stopOkMs: 200, stopStateMs: 300, startOkMs: 600, startStateMs: 700, readyMs: 900 },
-    klipper: {
-      softwareVersion: host,
-      checkMcuVersions: true,
-      state: "error",
-      stateMessage: mcuProtocolErrorMessage(host, [{ name: "mcu", version: old }, { name: "toolhead", version: old }, { name: "bed", version: old }], []),
-      macroFile: join(root, "moonraker", "moonflash.cfg"),
-      mcus: [sim("mcu", boards.mcu, "stm32f446xx"), sim("mcu toolhead", boards.toolhead, "rp2040"), sim("mcu bed", boards.bed, "stm32f446xx")],
-    },
+    macroFile: join(root, "moonraker", "moonflash.cfg"),
   });
+  const { fx, boards, moonraker } = printer;
+  boards.toolhead.on("bootloader", () => say("   [toolhead board] bootloader request received: now in Katapult"));
   say(`   Klipper (simulated): ${moonraker.klipper.stateMessage.split("\n").filter(Boolean).join(" | ")}`);
   // The stand-in compilers of the stand-in Klipper tree come first on the agent's PATH.
   const agent = execa("node", [join(root, "dist", "moonflash.mjs"), "serve", "--data", fx.dataDir], {
     reject: false,
     stdio: ["ignore", "ignore", "pipe"],
     timeout: 300_000,
-    env: { PATH: `${fx.bin}:${process.env.PATH ?? ""}` },
+    env: { PATH: printer.agentPath },
   });
   agent.stderr?.on("data", (chunk: Buffer) => process.stderr.write(chunk));
   const web = await moonraker.connectClient({ transport: "ws", name: "mainsail-demo", type: "web" });
@@ -221,9 +194,12 @@ async function updateAllScene(): Promise<void> {
 
   step("flash.update_all {dry_run: true}: the plan");
   const plan = (await web.call("server.extensions.request", { agent: "moonflash", method: "flash.update_all", arguments: { dry_run: true } })) as {
-    plan: Array<{ name: string; why: string; version_before: string; transport: string; profile: string }>;
+    plan: Array<{ name: string; why: string; version_before: string; transport: string; profile: string; backup: { read_back: boolean; estimated_ms?: number; estimate_basis?: string } }>;
   };
-  for (const [i, p] of plan.plan.entries()) say(`   ${i + 1}. ${p.name}: ${p.why} (${p.version_before}), ${p.transport}, profile ${p.profile}`);
+  for (const [i, p] of plan.plan.entries()) {
+    const backup = p.backup.read_back ? `; backup_before_flash: its current firmware is read back first, ≈ ${((p.backup.estimated_ms ?? 0) / 1000).toFixed(1)} s more downtime (${p.backup.estimate_basis})` : "";
+    say(`   ${i + 1}. ${p.name}: ${p.why} (${p.version_before}), ${p.transport}, profile ${p.profile}${backup}`);
+  }
 
   step("flash.update_all: build all while Klipper runs, one stop, flash in order, one start");
   const off = web.onNotification((method, params) => {
@@ -234,14 +210,14 @@ async function updateAllScene(): Promise<void> {
     }
   });
   const result = (await web.call("server.extensions.request", { agent: "moonflash", method: "flash.update_all" })) as {
-    mcus: Array<{ name: string; build_ms?: number; flash_ms?: number; method?: string; verified?: boolean; version_now?: string }>;
+    mcus: Array<{ name: string; build_ms?: number; flash_ms?: number; method?: string; verified?: boolean; backed_up?: boolean; version_now?: string }>;
     downtime_ms: number;
     phases_ms: { check: number; build: number; flash: number; start: number };
     klipper_state: string;
   };
   off();
   for (const m of result.mcus) {
-    say(`   ${m.name}: built in ${((m.build_ms ?? 0) / 1000).toFixed(1)} s, flashed with ${m.method} in ${((m.flash_ms ?? 0) / 1000).toFixed(1)} s${m.verified ? " (verified)" : ""}, now reports ${m.version_now}`);
+    say(`   ${m.name}: built in ${((m.build_ms ?? 0) / 1000).toFixed(1)} s, flashed with ${m.method} in ${((m.flash_ms ?? 0) / 1000).toFixed(1)} s${m.verified ? " (verified)" : ""}${m.backed_up ? ", old firmware read back and kept for a rollback" : ""}, now reports ${m.version_now}`);
   }
   const p = result.phases_ms;
   say(`   phases: check ${p.check} ms, build ${p.build} ms (Klipper running), flash ${p.flash} ms, start ${p.start} ms`);
@@ -254,9 +230,7 @@ async function updateAllScene(): Promise<void> {
   await web.close();
   agent.kill("SIGTERM");
   await agent;
-  await moonraker.stop();
-  for (const board of Object.values(boards)) await board.stop();
-  await fx.cleanup();
+  await printer.close();
 }
 
 main().catch((err: unknown) => {

@@ -414,7 +414,8 @@ function updateSummary(r) {
   const lines = r.plan.map((p, i) => {
     const o = r.mcus.find((m) => m.mcu === p.mcu);
     const done = r.dry_run ? `would build ${p.profile} and flash` : o?.flashed ? `flashed with ${o.method}, now ${o.version_now ?? "?"}` : `not flashed: ${o?.message ?? ""}`;
-    return `${i + 1}. [${p.mcu}] ${p.transport}, ${p.why}${p.version_before ? ` (was ${p.version_before})` : ""}: ${done}`;
+    const backup = p.backup.read_back ? o?.backed_up ? " (its old firmware was read back and kept)" : `; reads its current firmware back first (\u2248 ${((p.backup.estimated_ms ?? 0) / 1e3).toFixed(1)} s of downtime, ${p.backup.estimate_basis ?? ""})` : "";
+    return `${i + 1}. [${p.mcu}] ${p.transport}, ${p.why}${p.version_before ? ` (was ${p.version_before})` : ""}: ${done}${backup}`;
   });
   const down = r.downtime_ms === null ? "" : `
 Klipper was down ${(r.downtime_ms / 1e3).toFixed(1)} s (build ${(r.phases_ms.build / 1e3).toFixed(1)} s while it ran)`;

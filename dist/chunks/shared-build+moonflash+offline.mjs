@@ -2036,7 +2036,7 @@ var require_thread_stream = __commonJS({
     var { version: version2 } = require_package();
     var { EventEmitter: EventEmitter2 } = __require("events");
     var { Worker } = __require("worker_threads");
-    var { join: join10 } = __require("path");
+    var { join: join12 } = __require("path");
     var { pathToFileURL } = __require("url");
     var { wait } = require_wait();
     var {
@@ -2088,7 +2088,7 @@ var require_thread_stream = __commonJS({
     function createWorker(stream, opts) {
       const { filename, workerData } = opts;
       const bundlerOverrides = "__bundlerPathsOverrides" in globalThis ? globalThis.__bundlerPathsOverrides : {};
-      const toExecute = bundlerOverrides["thread-stream-worker"] || join10(__dirname, "lib", "worker.js");
+      const toExecute = bundlerOverrides["thread-stream-worker"] || join12(__dirname, "lib", "worker.js");
       const worker = new Worker(toExecute, {
         ...opts.workerOpts,
         name: opts.workerOpts?.name || "thread-stream",
@@ -2601,7 +2601,7 @@ var require_transport = __commonJS({
     var { createRequire: createRequire2 } = __require("module");
     var { existsSync: existsSync5 } = __require("node:fs");
     var getCallers = require_caller();
-    var { join: join10, isAbsolute: isAbsolute3, sep: sep2 } = __require("node:path");
+    var { join: join12, isAbsolute: isAbsolute3, sep: sep2 } = __require("node:path");
     var { fileURLToPath } = __require("node:url");
     var sleep = require_atomic_sleep();
     var onExit = require_on_exit_leak_free();
@@ -2756,7 +2756,7 @@ var require_transport = __commonJS({
         throw new Error("only one of target or targets can be specified");
       }
       if (targets) {
-        target = bundlerOverrides["pino-worker"] || join10(__dirname, "worker.js");
+        target = bundlerOverrides["pino-worker"] || join12(__dirname, "worker.js");
         options.targets = targets.filter((dest) => dest.target).map((dest) => {
           return {
             ...dest,
@@ -2777,7 +2777,7 @@ var require_transport = __commonJS({
         const pipelinesHaveLevel = options.pipelines.some((p) => p.some((t) => t.level != null));
         usesMultistream = options.targets.length + options.pipelines.length > 1 || targetsHaveLevel || pipelinesHaveLevel;
       } else if (pipeline) {
-        target = bundlerOverrides["pino-worker"] || join10(__dirname, "worker.js");
+        target = bundlerOverrides["pino-worker"] || join12(__dirname, "worker.js");
         options.pipelines = [pipeline.map((dest) => {
           return {
             ...dest,
@@ -2804,7 +2804,7 @@ var require_transport = __commonJS({
           return origin;
         }
         if (origin === "pino/file") {
-          return join10(__dirname, "..", "file.js");
+          return join12(__dirname, "..", "file.js");
         }
         let fixTarget2;
         for (const filePath of callers) {
@@ -3784,7 +3784,7 @@ var require_safe_stable_stringify = __commonJS({
               return circularValue;
             }
             let res = "";
-            let join10 = ",";
+            let join12 = ",";
             const originalIndentation = indentation;
             if (Array.isArray(value2)) {
               if (value2.length === 0) {
@@ -3798,7 +3798,7 @@ var require_safe_stable_stringify = __commonJS({
                 indentation += spacer;
                 res += `
 ${indentation}`;
-                join10 = `,
+                join12 = `,
 ${indentation}`;
               }
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
@@ -3806,13 +3806,13 @@ ${indentation}`;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyFnReplacer(String(i), value2, stack, replacer, spacer, indentation);
                 res += tmp2 !== void 0 ? tmp2 : "null";
-                res += join10;
+                res += join12;
               }
               const tmp = stringifyFnReplacer(String(i), value2, stack, replacer, spacer, indentation);
               res += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res += `${join10}"... ${getItemCount(removedKeys)} not stringified"`;
+                res += `${join12}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               if (spacer !== "") {
                 res += `
@@ -3833,7 +3833,7 @@ ${originalIndentation}`;
             let separator = "";
             if (spacer !== "") {
               indentation += spacer;
-              join10 = `,
+              join12 = `,
 ${indentation}`;
               whitespace = " ";
             }
@@ -3847,13 +3847,13 @@ ${indentation}`;
               const tmp = stringifyFnReplacer(key2, value2, stack, replacer, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}:${whitespace}${tmp}`;
-                separator = join10;
+                separator = join12;
               }
             }
             if (keyLength > maximumBreadth) {
               const removedKeys = keyLength - maximumBreadth;
               res += `${separator}"...":${whitespace}"${getItemCount(removedKeys)} not stringified"`;
-              separator = join10;
+              separator = join12;
             }
             if (spacer !== "" && separator.length > 1) {
               res = `
@@ -3894,7 +3894,7 @@ ${originalIndentation}`;
             }
             const originalIndentation = indentation;
             let res = "";
-            let join10 = ",";
+            let join12 = ",";
             if (Array.isArray(value2)) {
               if (value2.length === 0) {
                 return "[]";
@@ -3907,7 +3907,7 @@ ${originalIndentation}`;
                 indentation += spacer;
                 res += `
 ${indentation}`;
-                join10 = `,
+                join12 = `,
 ${indentation}`;
               }
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
@@ -3915,13 +3915,13 @@ ${indentation}`;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyArrayReplacer(String(i), value2[i], stack, replacer, spacer, indentation);
                 res += tmp2 !== void 0 ? tmp2 : "null";
-                res += join10;
+                res += join12;
               }
               const tmp = stringifyArrayReplacer(String(i), value2[i], stack, replacer, spacer, indentation);
               res += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res += `${join10}"... ${getItemCount(removedKeys)} not stringified"`;
+                res += `${join12}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               if (spacer !== "") {
                 res += `
@@ -3934,7 +3934,7 @@ ${originalIndentation}`;
             let whitespace = "";
             if (spacer !== "") {
               indentation += spacer;
-              join10 = `,
+              join12 = `,
 ${indentation}`;
               whitespace = " ";
             }
@@ -3943,7 +3943,7 @@ ${indentation}`;
               const tmp = stringifyArrayReplacer(key2, value2[key2], stack, replacer, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}:${whitespace}${tmp}`;
-                separator = join10;
+                separator = join12;
               }
             }
             if (spacer !== "" && separator.length > 1) {
@@ -4001,20 +4001,20 @@ ${originalIndentation}`;
               indentation += spacer;
               let res2 = `
 ${indentation}`;
-              const join11 = `,
+              const join13 = `,
 ${indentation}`;
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
               let i = 0;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyIndent(String(i), value2[i], stack, spacer, indentation);
                 res2 += tmp2 !== void 0 ? tmp2 : "null";
-                res2 += join11;
+                res2 += join13;
               }
               const tmp = stringifyIndent(String(i), value2[i], stack, spacer, indentation);
               res2 += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res2 += `${join11}"... ${getItemCount(removedKeys)} not stringified"`;
+                res2 += `${join13}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               res2 += `
 ${originalIndentation}`;
@@ -4030,16 +4030,16 @@ ${originalIndentation}`;
               return '"[Object]"';
             }
             indentation += spacer;
-            const join10 = `,
+            const join12 = `,
 ${indentation}`;
             let res = "";
             let separator = "";
             let maximumPropertiesToStringify = Math.min(keyLength, maximumBreadth);
             if (isTypedArrayWithEntries(value2)) {
-              res += stringifyTypedArray(value2, join10, maximumBreadth);
+              res += stringifyTypedArray(value2, join12, maximumBreadth);
               keys = keys.slice(value2.length);
               maximumPropertiesToStringify -= value2.length;
-              separator = join10;
+              separator = join12;
             }
             if (deterministic) {
               keys = sort(keys, comparator);
@@ -4050,13 +4050,13 @@ ${indentation}`;
               const tmp = stringifyIndent(key2, value2[key2], stack, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}: ${tmp}`;
-                separator = join10;
+                separator = join12;
               }
             }
             if (keyLength > maximumBreadth) {
               const removedKeys = keyLength - maximumBreadth;
               res += `${separator}"...": "${getItemCount(removedKeys)} not stringified"`;
-              separator = join10;
+              separator = join12;
             }
             if (separator !== "") {
               res = `
@@ -5585,7 +5585,7 @@ function expandHome(path6, home = homedir()) {
 }
 
 // src/flash/types.ts
-var FLASH_METHODS = ["katapult", "flashtool", "make", "wchisp"];
+var FLASH_METHODS = ["katapult", "flashtool", "make", "wchisp", "linux"];
 
 // src/flash/config.ts
 import { isAbsolute as isAbsolute2, join as join2, resolve } from "node:path";
@@ -7503,6 +7503,12 @@ var positiveInteger = value((raw) => {
   if (!Number.isSafeInteger(n) || n <= 0) throw expected("a positive integer", raw);
   return n;
 });
+var boolean3 = value((raw) => {
+  const word = raw.toLowerCase();
+  if (["true", "yes", "on", "1"].includes(word)) return true;
+  if (["false", "no", "off", "0"].includes(word)) return false;
+  throw expected("True or False", raw);
+});
 var oneOf = (choices) => value((raw) => {
   if (!choices.includes(raw)) throw expected(`one of ${choices.join(" | ")}`, raw);
   return raw;
@@ -7675,6 +7681,9 @@ var mcuSchema = strictObject({
   flash_size: unset(byteSize),
   bootloader: _default(oneOf(["auto", "usb", "serial", "none"]), "auto"),
   wchisp_transport: _default(oneOf(["usb", "serial"]), "usb"),
+  linux_mcu_path: unset(absolutePath),
+  linux_mcu_service: unset(token),
+  backup_before_flash: unset(boolean3),
   timeout: _default(integer2(10, 3600), 300)
 }).check(
   superRefine((mcu, ctx) => {
@@ -8620,8 +8629,8 @@ function flashCommandsFor(section) {
 
 // src/flash/engine.ts
 import { existsSync } from "node:fs";
-import { readFile as readFile6, readlink as readlink2, realpath as realpath2, stat as stat7 } from "node:fs/promises";
-import { join as join7, resolve as resolve2 } from "node:path";
+import { readFile as readFile7, readlink as readlink2, realpath as realpath2, stat as stat7 } from "node:fs/promises";
+import { join as join8, resolve as resolve2 } from "node:path";
 
 // src/flash/firmware-store.ts
 import { readdir as readdir2, readFile as readFile4, rename as rename2, rm as rm3, stat as stat3 } from "node:fs/promises";
@@ -8632,7 +8641,7 @@ var MAX_DICTIONARY_BYTES = 4 * 1024 * 1024;
 function detectImageMcu(image) {
   const buf = Buffer.from(image.buffer, image.byteOffset, image.byteLength);
   for (let offset = 0; offset + 2 <= buf.length; offset++) {
-    if (!isZlibHeader(buf[offset], buf[offset + 1])) continue;
+    if (!isZlibHeader(buf[offset], buf[offset + 1]) || !mayStartDictionary(buf, offset + 2)) continue;
     const found = tryDictionaryAt(buf, offset);
     if (found) return found;
   }
@@ -8640,6 +8649,44 @@ function detectImageMcu(image) {
 }
 function isZlibHeader(cmf, flg) {
   return (cmf & 15) === 8 && cmf >> 4 <= 7 && (flg & 32) === 0 && (cmf << 8 | flg) % 31 === 0;
+}
+function mayStartDictionary(buf, start) {
+  if (start + 10 > buf.length) return false;
+  let bit = start * 8;
+  const read = (count) => {
+    let value2 = 0;
+    for (let i = 0; i < count; i++, bit++) value2 |= (buf[bit >> 3] >> (bit & 7) & 1) << i;
+    return value2;
+  };
+  read(1);
+  switch (read(2)) {
+    case 0: {
+      const at = bit + 7 >> 3;
+      if (at + 5 > buf.length) return false;
+      return buf.readUInt16LE(at) === (buf.readUInt16LE(at + 2) ^ 65535) && buf[at + 4] === 123;
+    }
+    case 1: {
+      let code = 0;
+      for (let i = 0; i < 8; i++) code = code << 1 | read(1);
+      return code === 48 + 123;
+    }
+    case 2: {
+      const literals = read(5) + 257;
+      const distances = read(5) + 1;
+      const lengths = read(4) + 4;
+      if (literals > 286 || distances > 30) return false;
+      const perLength = [0, 0, 0, 0, 0, 0, 0, 0];
+      for (let i = 0; i < lengths; i++) perLength[read(3)]++;
+      let left = 1;
+      for (let length = 1; length <= 7; length++) {
+        left = 2 * left - perLength[length];
+        if (left < 0) return false;
+      }
+      return left === 0;
+    }
+    default:
+      return false;
+  }
 }
 function tryDictionaryAt(buf, offset) {
   let text;
@@ -8921,9 +8968,9 @@ var ByteLinkBase = class {
 };
 async function openSerialLink(path6, baud, options = {}) {
   const port = await openSerialPort(path6, baud, { lock: options.lock ?? true });
-  const access5 = options.ignoreBindingInternals ? { missing: "ignored by the caller" } : directAccess(port, path6);
-  if ("polled" in access5) return new PolledSerialLink(path6, access5.polled);
-  announceFallback(options.logger, path6, access5.missing);
+  const access6 = options.ignoreBindingInternals ? { missing: "ignored by the caller" } : directAccess(port, path6);
+  if ("polled" in access6) return new PolledSerialLink(path6, access6.polled);
+  announceFallback(options.logger, path6, access6.missing);
   return new BindingSerialLink(path6, port);
 }
 async function openSerialPort(path6, baud, options) {
@@ -9031,12 +9078,13 @@ var PolledSerialLink = class extends SerialLink {
       }
     }
   }
+  onReadable = (err) => {
+    if (isCancelled(err)) return;
+    if (err) return this.lost(err);
+    this.readAvailable();
+  };
   armRead() {
-    this.port.poller.once("readable", (err) => {
-      if (isCancelled(err)) return;
-      if (err) return this.lost(err);
-      this.readAvailable();
-    });
+    this.port.poller.once("readable", this.onReadable);
   }
   readAvailable() {
     while (!this.stopped && this.port.fd !== null) {
@@ -9048,7 +9096,10 @@ var PolledSerialLink = class extends SerialLink {
         return this.lost(err);
       }
       if (count === 0) return this.lost(new Error(`${this.description} hung up`));
-      this.emitData(Buffer.from(this.readBuffer.subarray(0, count)));
+      const chunk = Buffer.allocUnsafe(count);
+      this.readBuffer.copy(chunk, 0, 0, count);
+      this.emitData(chunk);
+      if (count < this.readBuffer.length) break;
     }
     if (!this.stopped) this.armRead();
   }
@@ -9427,34 +9478,18 @@ var KatapultSession = class {
   async verify(image, onBlock) {
     const { blockSize, appStartAddress } = this.requireInfo();
     const total = Math.ceil(image.length / blockSize);
-    const lead = readAheadLead(blockSize);
     const { createHash } = process.getBuiltinModule("node:crypto");
     const expectedSha = createHash("sha1");
     const receivedSha = createHash("sha1");
     let firstBadAddress = null;
-    let requested = -1;
-    const request = async (index) => {
-      await this.write(encodeAddressFrame(Command.REQUEST_BLOCK, appStartAddress + index * blockSize), "REQUEST_BLOCK");
-      requested = index;
-    };
-    for (let index = 0; index < total; index++) {
-      const address = appStartAddress + index * blockSize;
+    await this.readBlocks(total, (index, received) => {
       const expected2 = paddedBlock(image, index, blockSize);
-      if (requested < index) await request(index);
-      const ahead = lead !== null && index + 1 < total ? { ready: (partial2) => partial2.length >= lead, send: () => request(index + 1) } : void 0;
-      const outcome = await this.awaitReply(Command.REQUEST_BLOCK, this.timings.timeoutMs, "REQUEST_BLOCK", ahead);
-      let received;
-      if (outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address) {
-        received = outcome.payload.subarray(4);
-      } else {
-        received = await this.readBlock(address, index, { outcome, aheadInFlight: requested > index });
-        requested = index;
-      }
       expectedSha.update(expected2);
       receivedSha.update(received);
-      if (firstBadAddress === null && !expected2.equals(received)) firstBadAddress = address + firstDifference(expected2, received);
+      if (firstBadAddress === null && !expected2.equals(received)) firstBadAddress = appStartAddress + index * blockSize + firstDifference(expected2, received);
       onBlock?.(index + 1, total);
-    }
+      return true;
+    });
     const expectedHex = expectedSha.digest("hex");
     const receivedHex = receivedSha.digest("hex");
     if (firstBadAddress !== null || expectedHex !== receivedHex) {
@@ -9465,6 +9500,60 @@ var KatapultSession = class {
       );
     }
     return { blocks: total, sha1: receivedHex };
+  }
+  /**
+   * Reads the application the board holds now (a backup before it is overwritten): from the application start until
+   * `erasedRun` bytes in a row read as erased flash (0xFF), or `maxBytes`. Returns what was read without the trailing
+   * 0xFF bytes. Katapult erases only the pages it writes, so what follows an application may be the tail of an older,
+   * longer one: the run of erased bytes ends the read, not the end of the data. A Klipper image holds no such run.
+   */
+  async readApplication(maxBytes, erasedRun, onBlock) {
+    const { blockSize } = this.requireInfo();
+    const total = Math.floor(maxBytes / blockSize);
+    const blocks = [];
+    let erasedBytes = 0;
+    await this.readBlocks(total, (index, block) => {
+      blocks.push(Buffer.from(block));
+      erasedBytes = block.every((byte) => byte === 255) ? erasedBytes + block.length : 0;
+      onBlock?.((index + 1) * blockSize);
+      return erasedBytes < erasedRun;
+    });
+    const data = Buffer.concat(blocks);
+    let end = data.length;
+    while (end > 0 && data[end - 1] === 255) end--;
+    return data.subarray(0, end);
+  }
+  /**
+   * Reads up to `total` blocks from the application start, in order, to `take`, which returns false to stop. Each
+   * block is requested ahead as readAheadLead() allows; anything unexpected (a timeout, NACK, BUSY, a corrupt or
+   * misaddressed reply) discards the reply to the request sent ahead and reads that block flashtool's way. Stopping
+   * early with a request ahead on the wire drains its reply, so it answers nothing that follows.
+   */
+  async readBlocks(total, take) {
+    const { blockSize, appStartAddress } = this.requireInfo();
+    const lead = readAheadLead(blockSize);
+    let requested = -1;
+    const request = async (index) => {
+      await this.write(encodeAddressFrame(Command.REQUEST_BLOCK, appStartAddress + index * blockSize), "REQUEST_BLOCK");
+      requested = index;
+    };
+    for (let index = 0; index < total; index++) {
+      const address = appStartAddress + index * blockSize;
+      if (requested < index) await request(index);
+      const ahead = lead !== null && index + 1 < total ? { ready: (partial2) => partial2.length >= lead, send: () => request(index + 1) } : void 0;
+      const outcome = await this.awaitReply(Command.REQUEST_BLOCK, this.timings.timeoutMs, "REQUEST_BLOCK", ahead);
+      let received;
+      if (outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address) {
+        received = outcome.payload.subarray(4);
+      } else {
+        received = await this.readBlock(address, index, { outcome, aheadInFlight: requested > index });
+        requested = index;
+      }
+      if (!take(index, received)) {
+        if (requested > index) await this.drain(this.timings.drainMs);
+        return;
+      }
+    }
   }
   /** COMPLETE: the bootloader jumps to the application about 100 ms later. */
   async complete() {
@@ -9677,6 +9766,8 @@ function asWriteFailure(err, address) {
 
 // src/flash/katapult/flasher.ts
 var NOT_CANCELLABLE_WHILE_WRITING = "writing flash: stopping now would leave the board without firmware";
+var BACKUP_ERASED_RUN = 4096;
+var BACKUP_LIMIT_UNKNOWN_FLASH = 1024 * 1024;
 var KatapultFlasher = class {
   constructor(config2 = {}) {
     this.config = config2;
@@ -9733,6 +9824,8 @@ var KatapultFlasher = class {
       checkMcu(target.expectedMcuType, info.mcuType, "This board is expected to be", "moonflash.conf mcu_type, or the MCU Klipper reported");
       checkSize(image.length, info, target.flashSize ?? null, target.mcu);
       throwIfCancelled(ctx.signal);
+      if (target.backupApplication) await this.backUp(session, info, target, ctx);
+      throwIfCancelled(ctx.signal);
       writing = true;
       ctx.setCancellable(false, NOT_CANCELLABLE_WHILE_WRITING);
       ctx.stage("write", `Writing ${image.length} bytes`);
@@ -9767,6 +9860,23 @@ var KatapultFlasher = class {
       await this.leaveBootloader(link2, ctx, { verified, writing, fromApplication, answered });
       await link2.close();
     }
+  }
+  /**
+   * Reads the application the board holds back and hands it to the engine (backup_before_flash), before anything is
+   * written: so even the first flash of a board can be rolled back. Costs one read-back of the old application.
+   */
+  async backUp(session, info, target, ctx) {
+    const limit = applicationRoom(info, target.flashSize ?? null)?.available ?? BACKUP_LIMIT_UNKNOWN_FLASH;
+    ctx.stage("backup", `Reading the current application back (up to ${limit} bytes) before it is replaced`);
+    const started = performance.now();
+    const application = await session.readApplication(limit, BACKUP_ERASED_RUN, (bytes) => ctx.progress(Math.min(bytes, limit), limit, "bytes", "backup"));
+    const seconds = ((performance.now() - started) / 1e3).toFixed(1);
+    if (application.length === 0) {
+      this.note(ctx, "info", `Nothing to back up: the application area is erased (${seconds} s)`);
+      return;
+    }
+    await target.backupApplication(application);
+    this.note(ctx, "info", `Backed up the current application: ${application.length} bytes in ${seconds} s`);
   }
   /**
    * COMPLETE makes Katapult start whatever the application area holds (Katapult src/flashcmd.c command_complete).
@@ -9941,6 +10051,17 @@ function checkMcu(expectedMcu, bootloaderMcu, what, source) {
   );
 }
 function checkSize(imageBytes, info, configured, section) {
+  const room = applicationRoom(info, configured);
+  if (!room || imageBytes <= room.available) return;
+  const { available, flashSize, limit, source } = room;
+  const fix = configured ? `or correct flash_size in [${section}] of moonflash.conf` : `or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf`;
+  throw new MoonflashError(
+    "FIRMWARE_TOO_LARGE",
+    `The image is ${imageBytes} bytes but ${limit}. Nothing was written. Build the firmware for this board (make menuconfig: processor model, bootloader offset), ${fix}.`,
+    { imageBytes, available, flashSize, mcuType: info.mcuType, appStart: `0x${info.appStartAddress.toString(16)}`, source }
+  );
+}
+function applicationRoom(info, configured) {
   const appStart = info.appStartAddress;
   const appStartHex = `0x${appStart.toString(16)}`;
   const chip = mcuFlash(info.mcuType);
@@ -9966,15 +10087,9 @@ function checkSize(imageBytes, info, configured, section) {
       limit = `a Klipper build for ${info.mcuType}, the MCU this bootloader reports, holds at most ${chip.flashSize} bytes (FLASH_SIZE in ${chip.source})`;
     }
   } else {
-    return;
+    return null;
   }
-  if (imageBytes <= available) return;
-  const fix = configured ? `or correct flash_size in [${section}] of moonflash.conf` : `or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf`;
-  throw new MoonflashError(
-    "FIRMWARE_TOO_LARGE",
-    `The image is ${imageBytes} bytes but ${limit}. Nothing was written. Build the firmware for this board (make menuconfig: processor model, bootloader offset), ${fix}.`,
-    { imageBytes, available, flashSize, mcuType: info.mcuType, appStart: appStartHex, source }
-  );
+  return { available, flashSize, limit, source };
 }
 function incompleteImageError(error2, disconnected, section) {
   const again = `run the flash again (${flashCommandsFor(section)})`;
@@ -10200,9 +10315,130 @@ var FlashtoolFlasher = class {
   }
 };
 
-// src/flash/methods/make.ts
+// src/flash/methods/linux-host.ts
 import { constants as fsConstants3 } from "node:fs";
-import { access as access3, stat as stat6 } from "node:fs/promises";
+import { access as access3, readFile as readFile5 } from "node:fs/promises";
+import { basename as basename3, dirname as dirname3, join as join6 } from "node:path";
+var DEFAULT_LINUX_MCU_PATH = "/usr/local/bin/klipper_mcu";
+var LINUX_MCU_SERVICES = ["klipper_mcu", "klipper-mcu"];
+var ELF_MAGIC = Buffer.from([127, 69, 76, 70]);
+var SUDO_TIMEOUT_MS = 3e4;
+var LinuxHostFlasher = class {
+  name = "linux";
+  printer;
+  sudo;
+  canWrite;
+  logger;
+  constructor(options) {
+    this.printer = options.printer;
+    this.sudo = options.sudo ?? "sudo";
+    this.canWrite = options.canWrite ?? ((dir) => access3(dir, fsConstants3.W_OK).then(() => true, () => false));
+    this.logger = options.logger;
+  }
+  async preflight(target) {
+    if (target.expectedMcuType?.toLowerCase() !== "linux") {
+      throw new MoonflashError(
+        "METHOD_NOT_APPLICABLE",
+        `The linux method installs Klipper's Linux host MCU program; [${target.mcu}] is ${target.expectedMcuType ? `a ${target.expectedMcuType}` : "not known to be the Linux host MCU"}. Use katapult, make, flashtool or wchisp, or set mcu_type: linux.`,
+        { mcu: target.mcu, mcuType: target.expectedMcuType ?? null }
+      );
+    }
+    this.service(target);
+    const dir = dirname3(this.installPath(target));
+    if (!await this.canWrite(dir) && !await findExecutable(this.sudo)) {
+      throw new MoonflashError(
+        "PERMISSION_DENIED",
+        `moonflash may not write ${dir} and sudo is not installed. Make ${this.installPath(target)} writable by moonflash's user, or set linux_mcu_path in [${target.mcu}].`,
+        { mcu: target.mcu, path: this.installPath(target) }
+      );
+    }
+  }
+  async flash(target, ctx) {
+    await this.preflight(target);
+    if (!target.image.subarray(0, 4).equals(ELF_MAGIC)) {
+      throw new MoonflashError(
+        "MCU_MISMATCH",
+        `${target.firmwarePath} is not a Linux program (no ELF header). Build [${target.mcu}] with a Linux process profile (CONFIG_MACH_LINUX=y) and flash its klipper.elf.`,
+        { mcu: target.mcu, firmware: target.firmwarePath }
+      );
+    }
+    const service = this.service(target);
+    const path6 = this.installPath(target);
+    const timeoutMs = Math.min(target.timeoutMs, SUDO_TIMEOUT_MS);
+    ctx.setCancellable(false, `installing ${path6}`);
+    ctx.stage("write", `stopping ${service}`);
+    await this.printer.stopService(service, timeoutMs);
+    let installError = null;
+    try {
+      ctx.stage("write", `installing ${path6}`);
+      await this.install(target, path6, ctx);
+      ctx.progress(target.image.length, target.image.length, "bytes", "write");
+    } catch (err) {
+      installError = err;
+    }
+    ctx.stage("write", `starting ${service}`);
+    await this.printer.startService(service, timeoutMs);
+    if (installError) throw toMoonflashError(installError, "FLASH_FAILED");
+    ctx.stage("verify", `comparing ${path6} with the image`);
+    const installed = await readFile5(path6);
+    const verified = installed.equals(target.image);
+    if (!verified) {
+      throw new MoonflashError("VERIFY_FAILED", `${path6} differs from ${target.firmwarePath} after the install. Check the disk and flash again.`, {
+        mcu: target.mcu,
+        path: path6
+      });
+    }
+    return { bytes: target.image.length, verified, device: path6, details: { service, path: path6 } };
+  }
+  installPath(target) {
+    return target.linuxMcuPath ?? DEFAULT_LINUX_MCU_PATH;
+  }
+  /** The configured service, else the one of Klipper's two names that Moonraker manages. */
+  service(target) {
+    const available = Object.keys(this.printer.state().services);
+    const service = target.linuxMcuService ?? LINUX_MCU_SERVICES.find((name) => available.includes(name));
+    if (!service || !available.includes(service)) {
+      throw new MoonflashError(
+        "SERVICE_FAILED",
+        `Moonraker does not manage ${service ?? LINUX_MCU_SERVICES.join(" or ")}, the Linux host MCU's service${available.length ? ` (it manages ${available.join(", ")})` : ""}. Add the service's name to moonraker.asvc and restart Moonraker, or set linux_mcu_service in [${target.mcu}].`,
+        { mcu: target.mcu, service: service ?? null, available }
+      );
+    }
+    return service;
+  }
+  /** Durably, by rename: a power cut leaves the old program or the new one, never a torn file. */
+  async install(target, path6, ctx) {
+    const dir = dirname3(path6);
+    if (await this.canWrite(dir)) {
+      await writeFileDurable(path6, target.image, 493);
+      return;
+    }
+    const temp = join6(dir, `.${basename3(path6)}.moonflash.tmp`);
+    ctx.log("info", `${dir} is not writable by moonflash's user: installing with sudo -n`);
+    const steps = [
+      ["install", "-m", "0755", target.firmwarePath, temp],
+      ["sync", temp],
+      ["mv", "-f", temp, path6],
+      ["sync", dir]
+    ];
+    for (const [index, args] of steps.entries()) {
+      const result = await runTool({ command: this.sudo, args: ["-n", ...args], timeoutMs: SUDO_TIMEOUT_MS, onStderrLine: (line) => ctx.log("info", line) });
+      if (result.exitCode !== 0) {
+        const details = toolErrorDetails({ command: this.sudo, args: ["-n", ...args] }, result);
+        this.logger?.warn(details, "sudo install of the Linux host MCU failed");
+        throw new MoonflashError(
+          "PERMISSION_DENIED",
+          `Installing ${path6} needs root, and sudo -n ${args[0]} failed (${result.stderrTail.at(-1) ?? `exit ${result.exitCode}`}). Allow moonflash's user passwordless sudo, or make ${dir} writable by it${index < 2 ? "; nothing was replaced" : ""}.`,
+          { mcu: target.mcu, path: path6, ...details }
+        );
+      }
+    }
+  }
+};
+
+// src/flash/methods/make.ts
+import { constants as fsConstants4 } from "node:fs";
+import { access as access4, stat as stat6 } from "node:fs/promises";
 import path4 from "node:path";
 var VERIFIED_LINE = /Verification Complete|Verify successful|bytes of flash verified|Verifying memory.*OK|^Verify\s+.*100%|^Verify OK/i;
 var DFU_DOWNLOAD_DONE = /Download done\.|File downloaded successfully|Transitioning to dfuMANIFEST state/;
@@ -10232,7 +10468,7 @@ var MakeFlasher = class {
     }
     const makefile = path4.join(target.klipperPath, "Makefile");
     try {
-      await access3(makefile, fsConstants3.R_OK);
+      await access4(makefile, fsConstants4.R_OK);
     } catch {
       throw new MoonflashError(
         "TOOL_NOT_FOUND",
@@ -10244,8 +10480,8 @@ var MakeFlasher = class {
       const isFile = await stat6(target.kconfig).then((s) => s.isFile(), () => false);
       if (!isFile) {
         throw new MoonflashError(
-          "CONFIG_INVALID",
-          `kconfig ${target.kconfig} of [${target.mcu}] does not exist. Save the board's menuconfig there or fix the path; make would otherwise build a default config.`,
+          "MISSING_CONFIG",
+          `kconfig ${target.kconfig} of [${target.mcu}] does not exist. Save the board's menuconfig there (moonflash config ${target.mcu.replace(/^mcu\s+/, "")}) or fix the path; make would otherwise build a default config.`,
           { mcu: target.mcu, kconfig: target.kconfig }
         );
       }
@@ -10444,8 +10680,8 @@ var WchispFlasher = class {
 };
 
 // src/flash/versions.ts
-import { readFile as readFile5 } from "node:fs/promises";
-import { join as join6 } from "node:path";
+import { readFile as readFile6 } from "node:fs/promises";
+import { join as join7 } from "node:path";
 var PROTOCOL_ERROR = "MCU Protocol error";
 var HOST_LINE = /^Your Klipper version is:\s*(.*)$/;
 var SHOULD_UPDATE = "MCU(s) which should be updated:";
@@ -10597,7 +10833,7 @@ async function treeVersion(klipperPath, timeoutMs) {
     detail = `git describe in ${klipperPath} failed: ${toMoonflashError(err).message}`;
   }
   try {
-    const version2 = (await readFile5(join6(klipperPath, "klippy", ".version"), "utf8")).trim();
+    const version2 = (await readFile6(join7(klipperPath, "klippy", ".version"), "utf8")).trim();
     if (version2) return { version: version2, source: "version-file" };
   } catch {
   }
@@ -10620,7 +10856,7 @@ function versionSummary(check) {
 }
 
 // src/flash/engine.ts
-var AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"] };
+var AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"], linux: ["linux"] };
 var FINAL_CODES = /* @__PURE__ */ new Set(["CANCELLED", "PRINTER_BUSY", "MCU_MISMATCH", "FIRMWARE_TOO_LARGE"]);
 var FIRMWARE_PARAM_HINT = "give its path with FIRMWARE= (macro) or --firmware (CLI)";
 function defaultFlashers(config2, opts) {
@@ -10635,7 +10871,8 @@ function defaultFlashers(config2, opts) {
       ...opts.installBin ? { installBin: opts.installBin } : {},
       discover: () => discoverDevices(opts.discovery),
       logger: logger("wchisp")
-    })
+    }),
+    linux: new LinuxHostFlasher({ printer: opts.printer, logger: logger("linux") })
   };
 }
 function mcuSectionName(name) {
@@ -10646,7 +10883,7 @@ function mcuSectionName(name) {
 async function readFirmware(path6, flashSize, expectedMcuType, section) {
   let image;
   try {
-    image = await readFile6(path6);
+    image = await readFile7(path6);
   } catch (err) {
     if (err.code === "EISDIR") {
       throw new MoonflashError("FIRMWARE_NOT_FOUND", `The firmware ${path6} is not a file. Give the path of the built image (e.g. out/klipper.bin): ${FIRMWARE_PARAM_HINT}.`, { firmware: path6 });
@@ -10788,7 +11025,7 @@ var FlashEngine = class {
     this.store = new FirmwareStore(dataPaths(opts.config.dataDir).firmware, opts.logger.child({ ns: "firmware-store" }));
     this.discovery = { logger: opts.logger, ...opts.discovery };
     this.flashers = {
-      ...defaultFlashers(opts.config, { logger: opts.logger, discovery: this.discovery, ...opts.installBin ? { installBin: opts.installBin } : {} }),
+      ...defaultFlashers(opts.config, { logger: opts.logger, printer: opts.printer, discovery: this.discovery, ...opts.installBin ? { installBin: opts.installBin } : {} }),
       ...opts.flashers
     };
   }
@@ -10804,7 +11041,7 @@ var FlashEngine = class {
    */
   async canbusNodes(mcus) {
     const interfaces = [...new Set(mcus.flatMap((m) => m.canbusUuid ? [m.canbusInterface ?? MCU_DEFAULTS.canbus_interface] : []))].sort();
-    const script = join7(this.config.moonflash.katapult_path, "scripts", "flashtool.py");
+    const script = join8(this.config.moonflash.katapult_path, "scripts", "flashtool.py");
     const flashtool = existsSync(script) ? { python: this.config.moonflash.python, script } : void 0;
     return Promise.all(
       interfaces.map(async (iface) => {
@@ -10895,8 +11132,9 @@ var FlashEngine = class {
     ctx.stage("keep-image");
     await this.keepImage(plan, image);
     const attempts = [];
+    const backup = !rollback && await this.backupPlanned(plan.mcu, false) ? this.backupHook(plan.mcu) : void 0;
     const guarded = await this.withKlipperStopped(ctx, plan.mcu, async (inner) => {
-      const done = await this.runChain(plan, { ...plan.target, image }, inner, attempts);
+      const done = await this.runChain(plan, { ...plan.target, image, ...backup ? { backupApplication: backup } : {} }, inner, attempts);
       await this.recordImage(plan, image, ctx, rollback);
       return done;
     });
@@ -10921,17 +11159,44 @@ var FlashEngine = class {
     await this.keepImage(prepared.plan, prepared.image);
     return prepared;
   }
-  /** For update-all, inside its guard: flash a prepared MCU with its method chain and record the image. */
-  async flashPrepared(plan, image, ctx) {
+  /**
+   * For update-all, inside its guard: flash a prepared MCU with its method chain and record the image. With
+   * `backup` (backupPlanned, asked while Klipper ran and its config was readable) the board's current application is
+   * read back into the store first.
+   */
+  async flashPrepared(plan, image, ctx, opts = {}) {
     const attempts = [];
+    let backedUp = false;
+    const backup = opts.backup ? this.backupHook(plan.mcu, () => backedUp = true) : void 0;
     try {
-      const done = await this.runChain(plan, { ...plan.target, image }, ctx, attempts);
+      const done = await this.runChain(plan, { ...plan.target, image, ...backup ? { backupApplication: backup } : {} }, ctx, attempts);
       await this.recordImage(plan, image, ctx);
-      return { ...done, attempts };
+      return { ...done, attempts, backed_up: backedUp };
     } catch (err) {
       const e = toMoonflashError(err, "FLASH_FAILED");
       throw new MoonflashError(e.code, e.message, { ...e.details, attempts }, { cause: e });
     }
+  }
+  /**
+   * Whether a flash of `mcu` reads the board's application back first (backup_before_flash, else `byDefault`): only
+   * while the store keeps no image of it, since otherwise a rollback has one. Asked while Klipper runs: it reads
+   * Klipper's config.
+   */
+  async backupPlanned(mcu, byDefault) {
+    const section = mcuSectionName(mcu);
+    const own2 = this.config.mcus[section];
+    if (!(own2?.backup_before_flash ?? byDefault)) return false;
+    const connection = await this.mcuConnection(section);
+    if (connection.mcuType?.toLowerCase() === "linux" || !connection.serial) return false;
+    if (!(own2?.method ?? AUTO_CHAIN.serial).includes("katapult")) return false;
+    return (await this.store.list(section)).length === 0;
+  }
+  /** Keeps what the flasher read back as the MCU's image before the one about to be written. */
+  backupHook(mcu, onStored) {
+    return async (application) => {
+      await this.store.add(mcu, application, { source: "read-back" });
+      onStored?.();
+    };
   }
   /** Runs `work` with Klipper stopped once for it (the guard of a single flash, for a job of several). */
   withKlipperStopped(ctx, target, work) {
@@ -10979,8 +11244,11 @@ var FlashEngine = class {
   async mcuConnection(mcu) {
     const section = mcuSectionName(mcu);
     const known = (await this.knownMcus()).find((m) => m.section === section) ?? { section, sources: [] };
-    const mcuType = this.config.mcus[section]?.mcu_type ?? (await this.klipperMcus()).find((m) => m.section === section)?.mcuType;
-    return { ...known, ...mcuType ? { mcuType } : {} };
+    const klipper = (await this.klipperMcus()).find((m) => m.section === section);
+    const own2 = this.config.mcus[section];
+    const mcuType = own2?.mcu_type ?? klipper?.mcuType;
+    const baud = own2?.serial ? own2.baud : klipper?.baud ?? own2?.baud;
+    return { ...known, ...mcuType ? { mcuType } : {}, ...baud ? { baud } : {} };
   }
   async knownMcus() {
     const known = /* @__PURE__ */ new Map();
@@ -11036,11 +11304,12 @@ var FlashEngine = class {
         { mcu: section }
       );
     }
-    const methods = params.method !== void 0 ? parseFlashMethods(params.method) : own2?.method ?? [...serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus];
-    const firmware = resolve2(params.firmware ?? own2?.firmware ?? join7(this.config.moonflash.klipper_path, "out", "klipper.bin"));
     const expectedMcuType = own2?.mcu_type ?? klipper?.mcuType ?? null;
+    const linuxHost = expectedMcuType?.toLowerCase() === "linux";
+    const methods = params.method !== void 0 ? parseFlashMethods(params.method) : own2?.method ?? [...linuxHost ? AUTO_CHAIN.linux : serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus];
+    const firmware = resolve2(params.firmware ?? own2?.firmware ?? join8(this.config.moonflash.klipper_path, "out", linuxHost ? "klipper.elf" : "klipper.bin"));
     const image = await readFirmware(firmware, own2?.flash_size ?? null, expectedMcuType, section);
-    const deviceRealPath = serial ? await checkDevicePath(serial) : null;
+    const deviceRealPath = serial && !linuxHost ? await checkDevicePath(serial) : null;
     const target = {
       mcu: section,
       ...serial ? { device: serial } : {},
@@ -11054,6 +11323,8 @@ var FlashEngine = class {
       ...own2?.kconfig ? { kconfig: resolveKconfig(own2.kconfig, this.config.dataDir) } : {},
       ...own2?.out_dir ? { outDir: own2.out_dir } : {},
       wchispTransport: own2?.wchisp_transport ?? MCU_DEFAULTS.wchisp_transport,
+      ...own2?.linux_mcu_path ? { linuxMcuPath: own2.linux_mcu_path } : {},
+      ...own2?.linux_mcu_service ? { linuxMcuService: own2.linux_mcu_service } : {},
       timeoutMs: (own2?.timeout ?? MCU_DEFAULTS.timeout) * 1e3,
       flashSize: own2?.flash_size ?? null
     };
@@ -11062,10 +11333,10 @@ var FlashEngine = class {
     let reportedError = null;
     for (const method of methods) {
       try {
-        if (expectedMcuType?.toLowerCase() === "linux" && method !== "make") {
+        if (linuxHost && method !== "linux" && method !== "make") {
           throw new MoonflashError(
             "METHOD_NOT_APPLICABLE",
-            `[${section}] is Klipper's Linux host MCU: ${method} cannot flash it. Use method: make (it runs scripts/flash-linux.sh).`,
+            `[${section}] is Klipper's Linux host MCU: ${method} cannot flash it. Use method: linux (or make, which runs scripts/flash-linux.sh with sudo).`,
             { mcu: section, method, mcuType: expectedMcuType }
           );
         }
@@ -11112,8 +11383,8 @@ var FlashEngine = class {
 };
 
 // src/flash/build/profiles.ts
-import { readFile as readFile7 } from "node:fs/promises";
-import { join as join8 } from "node:path";
+import { readFile as readFile8 } from "node:fs/promises";
+import { join as join9 } from "node:path";
 var ARM = { compiler: "arm-none-eabi-gcc", debianPackages: ["gcc-arm-none-eabi", "binutils-arm-none-eabi", "libnewlib-arm-none-eabi"] };
 var ARCHITECTURES = [
   { symbol: "MACH_AVR", name: "AVR", compiler: "avr-gcc", debianPackages: ["gcc-avr", "binutils-avr", "avr-libc"], images: ["klipper.elf.hex"] },
@@ -11136,7 +11407,7 @@ function defaultProfileName(section) {
 function profileFor(section, settings) {
   const kconfig = settings.mcus[section]?.kconfig;
   if (kconfig) return { mcu: section, path: resolveKconfig(kconfig, settings.dataDir), from: "kconfig" };
-  return { mcu: section, path: join8(firmwareProfileDir(settings.dataDir), defaultProfileName(section)), from: "default" };
+  return { mcu: section, path: join9(firmwareProfileDir(settings.dataDir), defaultProfileName(section)), from: "default" };
 }
 function parseProfile(text) {
   const set = /* @__PURE__ */ new Set();
@@ -11157,7 +11428,7 @@ async function readProfile(profile) {
   const where = profile.from === "kconfig" ? `kconfig: of [${profile.mcu}] in moonflash.conf` : `the default profile of [${profile.mcu}]`;
   let text;
   try {
-    text = await readFile7(profile.path, "utf8");
+    text = await readFile8(profile.path, "utf8");
   } catch (err) {
     const errno = err.code;
     const what = errno === "EISDIR" ? "is a directory, not a Kconfig file" : errno === "ENOENT" ? "does not exist" : `cannot be read (${errno ?? String(err)})`;
@@ -11195,7 +11466,7 @@ function initialPrinterState() {
 }
 
 // src/moonflash-conf.ts
-import { readFile as readFile8 } from "node:fs/promises";
+import { readFile as readFile9 } from "node:fs/promises";
 function moonflashSchema(dataDir) {
   return strictObject({
     moonraker_socket: _default(absolutePath, dataPaths(dataDir).socket),
@@ -11275,7 +11546,7 @@ function parseConfig(text, file, dataDir) {
 async function loadConfig(dataDir, file = dataPaths(dataDir).config) {
   let text;
   try {
-    text = await readFile8(file, "utf8");
+    text = await readFile9(file, "utf8");
   } catch (err) {
     const errno = err.code;
     if (errno === "ENOENT") return { ...parseConfig("", file, dataDir), exists: false };
@@ -11396,6 +11667,8 @@ var JobRunner = class {
   paths;
   listeners = /* @__PURE__ */ new Set();
   active = null;
+  /** The running job's progress throttle: its held-back value goes out before any other event of that job. */
+  progressThrottle = null;
   constructor(opts) {
     this.logger = opts.logger;
     this.now = opts.now ?? (() => /* @__PURE__ */ new Date());
@@ -11430,6 +11703,12 @@ var JobRunner = class {
     }
     const log = this.logger.child({ jobId: info.jobId, kind: info.kind, target: info.target });
     let finished = false;
+    const throttle = new ProgressThrottle(
+      1e3 / PROGRESS_PER_SECOND,
+      (progress) => this.deliver({ ...this.base(info), type: "progress", ...progress }),
+      (err) => this.logger.error({ err }, "job event listener failed")
+    );
+    this.progressThrottle = { jobId: info.jobId, throttle };
     const ctx = {
       jobId: info.jobId,
       kind: info.kind,
@@ -11443,8 +11722,14 @@ var JobRunner = class {
       },
       progress: (done, total, unit, phase) => {
         if (finished) return;
-        job.progress = { done, total, unit, ...phase === void 0 ? {} : { phase } };
-        this.emit({ ...this.base(info), type: "progress", ...job.progress });
+        const progress = job.progress;
+        if (progress && progress.unit === unit && progress.phase === phase) {
+          progress.done = done;
+          progress.total = total;
+        } else {
+          job.progress = { done, total, unit, ...phase === void 0 ? {} : { phase } };
+        }
+        throttle.offer(phase ?? "", job.progress);
       },
       log: (level, message) => {
         if (finished) return;
@@ -11488,6 +11773,8 @@ var JobRunner = class {
       log.error({ err, path: lock.path }, "could not remove the job lock; the next job will find it stale");
     }
     this.active = null;
+    throttle.flush();
+    this.progressThrottle = null;
     if (outcome.ok) {
       log.info("job succeeded");
       this.emit({ ...this.base(info), type: "result", ok: true, ...outcome.value === void 0 ? {} : { details: outcome.value } });
@@ -11579,13 +11866,14 @@ var JobRunner = class {
   }
   /**
    * Progress is throttled here, once, for every adapter: at most PROGRESS_PER_SECOND events per job and phase,
-   * each phase's first and last always. Adapters translate; none throttles again. (job.progress, which
-   * flash.status reads, always holds the latest value.)
+   * each phase's first and last always (ctx.progress). Adapters translate; none throttles again. (job.progress,
+   * which flash.status reads, always holds the latest value.) Any other event of the running job first lets out the
+   * progress held back, so the last value is never lost.
    */
-  emit = throttleProgress((event) => this.deliver(event), {
-    maxPerSecond: PROGRESS_PER_SECOND,
-    onError: (err) => this.logger.error({ err }, "job event listener failed")
-  });
+  emit(event) {
+    if (this.progressThrottle?.jobId === event.jobId) this.progressThrottle.throttle.flush();
+    this.deliver(event);
+  }
   // One failing adapter must not stop the others or the job (moonraker's send_event, zigbee2mqtt's eventBus).
   deliver(event) {
     for (const listener of [...this.listeners]) {
@@ -11601,74 +11889,78 @@ var JobRunner = class {
   }
 };
 var PROGRESS_PER_SECOND = 5;
-function throttleProgress(listener, opts) {
-  const interval = 1e3 / opts.maxPerSecond;
-  const onError = opts.onError ?? ((err) => process.emitWarning(err instanceof Error ? err : String(err)));
-  const jobs = /* @__PURE__ */ new Map();
-  const send = (state, event) => {
-    state.lastSent = Date.now();
-    listener(event);
-  };
-  const flush = (state) => {
-    if (state.timer) clearTimeout(state.timer);
-    state.timer = null;
-    const pending = state.pending;
-    state.pending = null;
-    if (pending) send(state, pending);
-  };
-  return (event) => {
-    const state = jobs.get(event.jobId);
-    if (event.type !== "progress") {
-      if (event.type === "result") jobs.delete(event.jobId);
-      if (state) flush(state);
-      listener(event);
-      return;
-    }
-    const phase = event.phase ?? "";
-    if (!state || state.phase !== phase) {
-      if (state) flush(state);
-      const fresh = { phase, lastSent: 0, pending: null, timer: null };
-      jobs.set(event.jobId, fresh);
-      send(fresh, event);
+var ProgressThrottle = class {
+  constructor(intervalMs, send, onError) {
+    this.intervalMs = intervalMs;
+    this.send = send;
+    this.onError = onError;
+  }
+  intervalMs;
+  send;
+  onError;
+  phase = null;
+  lastSent = 0;
+  held = null;
+  timer = null;
+  offer(phase, value2) {
+    if (this.phase !== phase) {
+      this.flush();
+      this.phase = phase;
+      this.deliver(value2);
       return;
     }
     const now = Date.now();
-    if (now - state.lastSent >= interval) {
-      state.pending = null;
-      if (state.timer) clearTimeout(state.timer);
-      state.timer = null;
-      send(state, event);
+    if (now - this.lastSent >= this.intervalMs) {
+      this.held = null;
+      this.clearTimer();
+      this.deliver(value2);
       return;
     }
-    state.pending = event;
-    state.timer ??= setTimeout(() => {
-      state.timer = null;
-      try {
-        flush(state);
-      } catch (err) {
-        onError(err);
-      }
-    }, state.lastSent + interval - now);
+    this.held = value2;
+    this.timer ??= setTimeout(this.onTimer, this.lastSent + this.intervalMs - now);
+  }
+  /** Sends the value held back, if any, now. */
+  flush() {
+    this.clearTimer();
+    const held = this.held;
+    this.held = null;
+    if (held !== null) this.deliver(held);
+  }
+  deliver(value2) {
+    this.lastSent = Date.now();
+    this.send(value2);
+  }
+  clearTimer() {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+  }
+  onTimer = () => {
+    this.timer = null;
+    try {
+      this.flush();
+    } catch (err) {
+      this.onError(err);
+    }
   };
-}
+};
 
 // src/core/log.ts
 var import_pino = __toESM(require_pino(), 1);
 import { mkdirSync } from "node:fs";
-import { basename as basename3, dirname as dirname3 } from "node:path";
+import { basename as basename4, dirname as dirname4 } from "node:path";
 import { createRequire } from "node:module";
 
 // node_modules/rotating-file-stream/dist/esm/index.js
 import { exec } from "child_process";
 import { createGzip } from "zlib";
 import { Writable } from "stream";
-import { access as access4, constants, createReadStream, createWriteStream } from "fs";
-import { mkdir as mkdir3, open as open3, readFile as readFile9, rename as rename3, stat as stat8, unlink, writeFile } from "fs/promises";
+import { access as access5, constants, createReadStream, createWriteStream } from "fs";
+import { mkdir as mkdir3, open as open3, readFile as readFile10, rename as rename3, stat as stat8, unlink, writeFile } from "fs/promises";
 import { sep } from "path";
 import { TextDecoder } from "util";
 import { setTimeout as setTimeout2 } from "timers";
 async function exists(filename) {
-  return new Promise((resolve3) => access4(filename, constants.F_OK, (error2) => resolve3(!error2)));
+  return new Promise((resolve3) => access5(filename, constants.F_OK, (error2) => resolve3(!error2)));
 }
 var RotatingFileStreamError = class extends Error {
   code = "RFS-TOO-MANY";
@@ -11709,7 +12001,7 @@ var RotatingFileStream = class extends Writable {
     this.fsCreateReadStream = createReadStream;
     this.fsCreateWriteStream = createWriteStream;
     this.fsOpen = open3;
-    this.fsReadFile = readFile9;
+    this.fsReadFile = readFile10;
     this.fsStat = stat8;
     this.fsUnlink = unlink;
     this.generator = generator;
@@ -12268,8 +12560,8 @@ function createStream(filename, options) {
 // src/core/log.ts
 var ownedStreams = /* @__PURE__ */ new WeakMap();
 function openRotatingLog(path6, rotateSize = "10M", keep = 3) {
-  mkdirSync(dirname3(path6), { recursive: true });
-  const stream = createStream(basename3(path6), { path: dirname3(path6), size: rotateSize, rotate: keep });
+  mkdirSync(dirname4(path6), { recursive: true });
+  const stream = createStream(basename4(path6), { path: dirname4(path6), size: rotateSize, rotate: keep });
   stream.on("error", (err) => process.stderr.write(`moonflash: log file ${path6}: ${err.message}
 `));
   stream.on("warning", (err) => process.stderr.write(`moonflash: log file ${path6}: ${err.message}
@@ -12305,9 +12597,9 @@ function createLogger(opts) {
 
 // src/flash/build/builder.ts
 import { existsSync as existsSync2 } from "node:fs";
-import { readFile as readFile10, rm as rm4, stat as stat9 } from "node:fs/promises";
+import { readFile as readFile11, rm as rm4, stat as stat9 } from "node:fs/promises";
 import { availableParallelism } from "node:os";
-import { join as join9 } from "node:path";
+import { join as join10 } from "node:path";
 var TAIL_LINES = 40;
 var DEFAULT_TIMEOUT_MS = 30 * 6e4;
 var QUICK_TOOL_TIMEOUT_MS = 6e4;
@@ -12340,7 +12632,7 @@ var FirmwareBuilder = class {
   }
   /** Where an MCU's builds go: <data>/moonflash/build/<mcu>/, with the trailing slash Klipper's OUT needs. */
   outDir(mcu) {
-    return `${join9(dataPaths(this.settings.dataDir).state, "build", mcuSectionName(mcu).replace(/\s+/g, "_"))}/`;
+    return `${join10(dataPaths(this.settings.dataDir).state, "build", mcuSectionName(mcu).replace(/\s+/g, "_"))}/`;
   }
   /** The MCUs `build` without names builds: every [mcu \u2026] section of moonflash.conf. */
   configuredMcus() {
@@ -12414,7 +12706,7 @@ var FirmwareBuilder = class {
     const common = [`KCONFIG_CONFIG=${profile.path}`, `OUT=${out}`];
     ctx.stage("olddefconfig", `make olddefconfig for ${name}`);
     await this.make(ctx, make, ["olddefconfig", ...common], { section, profile, out, step: "olddefconfig", onLine: () => void 0 });
-    const text = await readFile10(profile.path, "utf8");
+    const text = await readFile11(profile.path, "utf8");
     const after = parseProfile(text).arch;
     if (after?.symbol !== arch.symbol) {
       throw new MoonflashError(
@@ -12460,7 +12752,7 @@ var FirmwareBuilder = class {
         { mcu: section, profile: profile.path, outDir: out, expected: [...arch.images], lastLines: tail }
       );
     }
-    const bytes = await readFile10(image);
+    const bytes = await readFile11(image);
     const version2 = await this.dictVersion(out) ?? klipperVersion ?? "?";
     const elapsedMs = Math.round(performance.now() - started);
     const record = {
@@ -12479,7 +12771,7 @@ var FirmwareBuilder = class {
       elapsedMs,
       compileSteps: compiled
     };
-    await writeFileDurable(join9(out, RECORD), `${JSON.stringify(record, null, 2)}
+    await writeFileDurable(join10(out, RECORD), `${JSON.stringify(record, null, 2)}
 `);
     ctx.stage("built", `${name}: ${image} (${humanBytes(bytes.length)}), version ${version2}`);
     return { ...this.result(section, record, profile, out, warnings, started), skipped: false };
@@ -12502,7 +12794,7 @@ var FirmwareBuilder = class {
   /** The previous build's record, or null when there is none or it is unreadable (then the build runs). */
   async readRecord(out) {
     try {
-      const record = JSON.parse(await readFile10(join9(out, RECORD), "utf8"));
+      const record = JSON.parse(await readFile11(join10(out, RECORD), "utf8"));
       return record.format === 1 && typeof record.key === "string" && typeof record.image === "string" ? record : null;
     } catch {
       return null;
@@ -12511,13 +12803,13 @@ var FirmwareBuilder = class {
   /** The recorded image if it is still there, unchanged (a skip must hand out exactly what was built). */
   async keptImage(record) {
     try {
-      return sha256(await readFile10(record.image)) === record.sha256 ? record : null;
+      return sha256(await readFile11(record.image)) === record.sha256 ? record : null;
     } catch {
       return null;
     }
   }
   async checkKlipperTree(klipperPath) {
-    const isFile = await stat9(join9(klipperPath, "Makefile")).then((s) => s.isFile(), () => false);
+    const isFile = await stat9(join10(klipperPath, "Makefile")).then((s) => s.isFile(), () => false);
     if (!isFile) {
       throw new MoonflashError(
         "TOOL_NOT_FOUND",
@@ -12542,7 +12834,7 @@ var FirmwareBuilder = class {
    * host, which nothing can match later: warned, and such builds are never skipped.
    */
   async describeKlipper(klipperPath, warn) {
-    if (!existsSync2(join9(klipperPath, ".git"))) {
+    if (!existsSync2(join10(klipperPath, ".git"))) {
       warn(`${klipperPath} is not a git checkout: the firmware's version will not name a Klipper release, so versions cannot be compared.`);
       return null;
     }
@@ -12622,14 +12914,14 @@ var FirmwareBuilder = class {
   }
   async findImage(out, arch) {
     for (const name of arch.images) {
-      const path6 = join9(out, name);
+      const path6 = join10(out, name);
       if (await stat9(path6).then((s) => s.isFile() && s.size > 0, () => false)) return path6;
     }
     return null;
   }
   async dictVersion(out) {
     try {
-      const dict = JSON.parse(await readFile10(join9(out, DICT), "utf8"));
+      const dict = JSON.parse(await readFile11(join10(out, DICT), "utf8"));
       return typeof dict.version === "string" && dict.version.length > 0 ? dict.version : null;
     } catch {
       return null;
@@ -12638,7 +12930,10 @@ var FirmwareBuilder = class {
 };
 
 // src/flash/update-all.ts
+import { stat as stat10 } from "node:fs/promises";
+import { join as join11 } from "node:path";
 var ORDER = ["can", "usb-can-bridge", "usb", "uart", "linux"];
+var BACKUP_BY_DEFAULT = true;
 var UPDATE_ALL_TARGET = "all MCUs";
 var McuUpdater = class {
   constructor(deps) {
@@ -12698,8 +12993,8 @@ var McuUpdater = class {
         const started = performance.now();
         try {
           inner.stage("flash", `flashing ${planned.name} (${index + 1} of ${ready.length})`);
-          const done = await engine.flashPrepared(flash, image, inner);
-          Object.assign(o, { flashed: true, method: done.method, verified: done.outcome.verified });
+          const done = await engine.flashPrepared(flash, image, inner, { backup: planned.backup.read_back });
+          Object.assign(o, { flashed: true, method: done.method, verified: done.outcome.verified, ...done.backed_up ? { backed_up: true } : {} });
         } catch (err) {
           fail(o, err);
           inner.log("error", `${planned.name}: ${o.message}`);
@@ -12734,16 +13029,35 @@ var McuUpdater = class {
     for (const { mcu, why } of chosen) {
       if (planned.some((p) => p.mcu === mcu)) continue;
       const known = versions.mcus.find((m) => m.mcu === mcu);
+      const transport = await this.transport(mcu);
       planned.push({
         mcu,
         name: mcuUserName(mcu),
         why,
         version_before: known?.version ?? null,
-        transport: await this.transport(mcu),
-        profile: this.deps.builder.profile(mcu).path
+        transport,
+        profile: this.deps.builder.profile(mcu).path,
+        backup: await this.deps.engine.backupPlanned(mcu, BACKUP_BY_DEFAULT) ? await this.backupEstimate(mcu, transport) : { read_back: false }
       });
     }
     return planned.sort((a, b) => ORDER.indexOf(a.transport) - ORDER.indexOf(b.transport));
+  }
+  /**
+   * What reading the old application back adds to the downtime: one REQUEST_BLOCK exchange per 64-byte block, about
+   * the size of the last build (else a typical 64 KiB Klipper image) plus the erased run that ends the read. A UART
+   * carries the 80-byte reply at baud/10 bytes a second (the request overlaps it); USB takes about 1 ms an exchange.
+   */
+  async backupEstimate(mcu, transport) {
+    const lastBuild = await stat10(join11(this.deps.builder.outDir(mcu), "klipper.bin")).then((s) => s.size, () => null);
+    const bytes = (lastBuild ?? 64 * 1024) + BACKUP_ERASED_RUN;
+    const blocks = Math.ceil(bytes / 64);
+    const baud = (await this.deps.engine.mcuConnection(mcu)).baud ?? MCU_DEFAULTS.baud;
+    const perBlockMs = transport === "uart" ? 80 * 10 * 1e3 / baud : 1;
+    return {
+      read_back: true,
+      estimated_ms: Math.round(blocks * perBlockMs),
+      estimate_basis: `${lastBuild === null ? "a typical 64 KiB application" : `the last build's ${lastBuild} bytes`}${transport === "uart" ? ` at ${baud} baud` : " over USB"}`
+    };
   }
   async transport(mcu) {
     const connection = await this.deps.engine.mcuConnection(mcu);
@@ -12789,7 +13103,7 @@ import { EventEmitter } from "node:events";
 
 // src/moonraker/connection.ts
 import { watch, existsSync as existsSync3 } from "node:fs";
-import { basename as basename4, dirname as dirname4 } from "node:path";
+import { basename as basename5, dirname as dirname5 } from "node:path";
 
 // src/moonraker/klipper-tracker.ts
 var KLIPPY_STATES = ["ready", "startup", "shutdown", "error", "disconnected"];
@@ -13369,8 +13683,8 @@ var MoonrakerConnection = class {
     const endpoint = this.opts.endpoint;
     if (endpoint.kind !== "unix" || this.socketWatcher) return;
     try {
-      this.socketWatcher = watch(dirname4(endpoint.path), (_event, name) => {
-        if (name !== basename4(endpoint.path) || !this.reconnectTimer || !existsSync3(endpoint.path)) return;
+      this.socketWatcher = watch(dirname5(endpoint.path), (_event, name) => {
+        if (name !== basename5(endpoint.path) || !this.reconnectTimer || !existsSync3(endpoint.path)) return;
         if (this.reconnectDelayMs <= this.backoffInitialMs * 2) return;
         clearTimeout(this.reconnectTimer);
         this.reconnectTimer = null;
@@ -14116,11 +14430,16 @@ function resultLine(event) {
   }
   return { message: `${who}: done`, type: "command" };
 }
+function backupNote(p) {
+  if (!p.backup.read_back) return "";
+  const seconds = p.backup.estimated_ms === void 0 ? "" : ` \u2248 ${(p.backup.estimated_ms / 1e3).toFixed(1)} s more downtime`;
+  return `, its current firmware read back first${seconds}`;
+}
 function updateLine(r) {
   const to = r.host_version ?? "Klipper's version";
   if (r.plan.length === 0) return `moonflash: every MCU runs ${to}: nothing to update.`;
   if (r.dry_run) {
-    const order = r.plan.map((p) => `${p.name} (${p.why}${p.version_before ? `, now ${p.version_before}` : ""}, ${p.transport})`).join(", then ");
+    const order = r.plan.map((p) => `${p.name} (${p.why}${p.version_before ? `, now ${p.version_before}` : ""}, ${p.transport}${backupNote(p)})`).join(", then ");
     return `moonflash: update plan to ${to}: build all while Klipper runs, stop Klipper once, flash ${order}, start Klipper. Dry run: nothing was built, stopped or written.`;
   }
   const names = r.mcus.map((m) => m.name).join(", ");
@@ -14298,8 +14617,9 @@ var Agent = class {
   start() {
     this.logger.info({ version: VERSION, dataDir: this.config.dataDir, config: this.config.exists ? this.config.file : "(defaults)" }, "moonflash agent starting");
     this.session.start();
+    const journal = dataPaths(this.config.dataDir).journal;
     this.recoveryTimer = setInterval(() => {
-      if (existsSync4(dataPaths(this.config.dataDir).journal)) void this.recover();
+      if (existsSync4(journal)) void this.recover();
     }, RECOVERY_CHECK_MS);
     this.recoveryTimer.unref();
   }

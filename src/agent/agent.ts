@@ -99,8 +99,11 @@ export class Agent {
   start(): void {
     this.logger.info({ version: VERSION, dataDir: this.config.dataDir, config: this.config.exists ? this.config.file : "(defaults)" }, "moonflash agent starting");
     this.session.start();
+    // The path is computed once: a tick that builds paths makes node's path code hot, and V8's optimizing compiler
+    // then maps ~4 MiB of its own code into an otherwise idle agent (docs/BENCHMARKS.md).
+    const journal = dataPaths(this.config.dataDir).journal;
     this.recoveryTimer = setInterval(() => {
-      if (existsSync(dataPaths(this.config.dataDir).journal)) void this.recover();
+      if (existsSync(journal)) void this.recover();
     }, RECOVERY_CHECK_MS);
     this.recoveryTimer.unref();
   }

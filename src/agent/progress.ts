@@ -77,12 +77,19 @@ export function resultLine(event: Extract<JobEvent, { type: "result" }>): { mess
   return { message: `${who}: done`, type: "command" };
 }
 
+/** What backup_before_flash adds to the plan of one MCU. */
+function backupNote(p: UpdateAllResult["plan"][number]): string {
+  if (!p.backup.read_back) return "";
+  const seconds = p.backup.estimated_ms === undefined ? "" : ` ≈ ${(p.backup.estimated_ms / 1000).toFixed(1)} s more downtime`;
+  return `, its current firmware read back first${seconds}`;
+}
+
 /** An update-all's outcome (or, for a dry run, its plan) in one line. */
 function updateLine(r: UpdateAllResult): string {
   const to = r.host_version ?? "Klipper's version";
   if (r.plan.length === 0) return `moonflash: every MCU runs ${to}: nothing to update.`;
   if (r.dry_run) {
-    const order = r.plan.map((p) => `${p.name} (${p.why}${p.version_before ? `, now ${p.version_before}` : ""}, ${p.transport})`).join(", then ");
+    const order = r.plan.map((p) => `${p.name} (${p.why}${p.version_before ? `, now ${p.version_before}` : ""}, ${p.transport}${backupNote(p)})`).join(", then ");
     return `moonflash: update plan to ${to}: build all while Klipper runs, stop Klipper once, flash ${order}, start Klipper. Dry run: nothing was built, stopped or written.`;
   }
   const names = r.mcus.map((m) => m.name).join(", ");

@@ -46,6 +46,14 @@ export const positiveInteger = value((raw) => {
   return n;
 });
 
+/** Moonraker's and Klipper's spellings of a boolean (True/False), and yes/no. */
+export const boolean = value((raw) => {
+  const word = raw.toLowerCase();
+  if (["true", "yes", "on", "1"].includes(word)) return true;
+  if (["false", "no", "off", "0"].includes(word)) return false;
+  throw expected("True or False", raw);
+});
+
 export const oneOf = <const T extends readonly string[]>(choices: T) =>
   value((raw) => {
     if (!choices.includes(raw)) throw expected(`one of ${choices.join(" | ")}`, raw);

@@ -17,7 +17,7 @@ export const ERROR_CODES = {
   SERVICE_FAILED: { status: 500, doc: "Moonraker refused or failed a machine.services action." },
   UNKNOWN_MCU: { status: 404, doc: "No [mcu] section of that name in Klipper's or moonflash's config." },
   METHOD_NOT_APPLICABLE: { status: 400, doc: "The flash method cannot flash this kind of MCU (e.g. Katapult for the Linux host MCU)." },
-  UNKNOWN_FLASH_METHOD: { status: 400, doc: "The flash method is not one of katapult, flashtool, make, wchisp." },
+  UNKNOWN_FLASH_METHOD: { status: 400, doc: "The flash method is not one of katapult, flashtool, make, wchisp, linux." },
   DEVICE_NOT_FOUND: { status: 404, doc: "The MCU's serial device or CAN node is not present (also a serial path that is missing or a link to nothing)." },
   DEVICE_IN_USE: { status: 409, doc: "Another process holds the serial device open." },
   DEVICE_PERMISSION: { status: 403, doc: "The user moonflash runs as may not open the serial device: add it to the dialout group (sudo usermod -aG dialout $USER), then log in again or restart the service." },
@@ -43,6 +43,17 @@ export const ERROR_CODES = {
   BUILD_FAILED: { status: 500, doc: "Building the firmware (make olddefconfig, make) failed; the last 40 lines of its output are in the details." },
   DISK_FULL: { status: 507, doc: "The disk has no room for a file moonflash must write." },
   INTERNAL: { status: 500, doc: "An unexpected error; see moonflash.log." },
+  // OTA
+  DOWNLOAD_FAILED: { status: 502, doc: "The package could not be downloaded after retries; the details name the last HTTP status or network error." },
+  MD5_MISMATCH: { status: 422, doc: "The downloaded file's MD5 differs from the one given; the partial file was discarded, download again." },
+  SHA256_MISMATCH: { status: 422, doc: "A SHA-256 (of the download or of a file in the package) differs from the one expected; nothing was installed." },
+  INVALID_MANIFEST: { status: 400, doc: "The package's manifest.json is missing, not valid JSON or breaks the manifest schema (see docs/OTA.md)." },
+  INVALID_PACKAGE: { status: 400, doc: "The package zip is malformed or unsafe (paths leaving their root, links, files not in the manifest, sizes or compression over the limits)." },
+  SIGNATURE_INVALID: { status: 403, doc: "The package's manifest.sig is missing or does not verify against [ota] public_key; nothing was installed." },
+  PERMISSION_DENIED: { status: 403, doc: "moonflash may not write a target file or directory; nothing was changed." },
+  HEALTH_CHECK_FAILED: { status: 500, doc: "After an update Klipper or an updated service did not come up within the probation time; the update was rolled back." },
+  NO_PACKAGE: { status: 404, doc: "There is no downloaded package to install, or no installed update to roll back." },
+  PROCESS_STOP_FAILED: { status: 500, doc: "A process named by the package did not stop after SIGTERM and SIGKILL; nothing was deployed." },
 } as const satisfies Record<string, { status: number; doc: string }>;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

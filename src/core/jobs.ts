@@ -83,6 +83,8 @@ export class JobRunner {
   private readonly paths: DataPaths;
   private readonly listeners = new Set<JobListener>();
   private active: ActiveJob | null = null;
+  /** The running job's progress throttle: its held-back value goes out before any other event of that job. */
+  private progressThrottle: { jobId: string; throttle: ProgressThrottle<JobProgress> } | null = null;
 
   constructor(opts: { dataDir: string; logger: Logger; now?: () => Date }) {
     this.logger = opts.logger;
@@ -122,6 +124,15 @@ export class JobRunner {
 
     const log = this.logger.child({ jobId: info.jobId, kind: info.kind, target: info.target });
     let finished = false;
+    // An engine reports progress per block (thousands per flash): the event is built only when the throttle lets
+    // one out. Building one per call, each with its own timestamp string, made up most of what a flash allocated
+    // and kept V8's young generation growing (docs/BENCHMARKS.md).
+    const throttle = new ProgressThrottle<JobProgress>(
+      1000 / PROGRESS_PER_SECOND,
+      (progress) => this.deliver({ ...this.base(info), type: "progress", ...progress }),
+      (err) => this.logger.error({ err }, "job event listener failed"),
+    );
+    this.progressThrottle = { jobId: info.jobId, throttle };
     const ctx: JobContext = {
       jobId: info.jobId,
       kind: info.kind,
@@ -135,8 +146,16 @@ export class JobRunner {
       },
       progress: (done, total, unit, phase) => {
         if (finished) return;
-        job.progress = { done, total, unit, ...(phase === undefined ? {} : { phase }) };
-        this.emit({ ...this.base(info), type: "progress", ...job.progress });
+        const progress = job.progress;
+        // Updated in place within a phase (status and the throttle read the latest); a new phase gets a new object,
+        // so the value the throttle still holds for the old phase stays that phase's last.
+        if (progress && progress.unit === unit && progress.phase === phase) {
+          progress.done = done;
+          progress.total = total;
+        } else {
+          job.progress = { done, total, unit, ...(phase === undefined ? {} : { phase }) };
+        }
+        throttle.offer(phase ?? "", job.progress!);
       },
       log: (level: LogLevel, message: string) => {
         if (finished) return;
@@ -187,6 +206,8 @@ export class JobRunner {
     }
     // The slot is free before listeners hear the result, so a listener may start the next job at once.
     this.active = null;
+    throttle.flush();
+    this.progressThrottle = null;
 
     if (outcome.ok) {
       log.info("job succeeded");
@@ -288,13 +309,14 @@ export class JobRunner {
 
   /**
    * Progress is throttled here, once, for every adapter: at most PROGRESS_PER_SECOND events per job and phase,
-   * each phase's first and last always. Adapters translate; none throttles again. (job.progress, which
-   * flash.status reads, always holds the latest value.)
+   * each phase's first and last always (ctx.progress). Adapters translate; none throttles again. (job.progress,
+   * which flash.status reads, always holds the latest value.) Any other event of the running job first lets out the
+   * progress held back, so the last value is never lost.
    */
-  private readonly emit: (event: JobEvent) => void = throttleProgress((event) => this.deliver(event), {
-    maxPerSecond: PROGRESS_PER_SECOND,
-    onError: (err) => this.logger.error({ err }, "job event listener failed"),
-  });
+  private emit(event: JobEvent): void {
+    if (this.progressThrottle?.jobId === event.jobId) this.progressThrottle.throttle.flush();
+    this.deliver(event);
+  }
 
   // One failing adapter must not stop the others or the job (moonraker's send_event, zigbee2mqtt's eventBus).
   private deliver(event: JobEvent): void {
@@ -324,65 +346,88 @@ export interface ThrottleOptions {
 }
 
 /**
+ * The rule both throttles share, for one job: the first value of a phase passes at once, then at most one per
+ * `intervalMs`; a value held back goes out when its slot comes or at flush(). Values are whatever the caller
+ * sends later: a held value may be updated in place until it goes out.
+ */
+class ProgressThrottle<T> {
+  private phase: string | null = null;
+  private lastSent = 0;
+  private held: T | null = null;
+  private timer: ReturnType<typeof setTimeout> | null = null;
+
+  constructor(
+    private readonly intervalMs: number,
+    private readonly send: (value: T) => void,
+    private readonly onError: (err: unknown) => void,
+  ) {}
+
+  offer(phase: string, value: T): void {
+    if (this.phase !== phase) {
+      this.flush();
+      this.phase = phase;
+      this.deliver(value);
+      return;
+    }
+    const now = Date.now();
+    if (now - this.lastSent >= this.intervalMs) {
+      this.held = null;
+      this.clearTimer();
+      this.deliver(value);
+      return;
+    }
+    this.held = value;
+    this.timer ??= setTimeout(this.onTimer, this.lastSent + this.intervalMs - now);
+  }
+
+  /** Sends the value held back, if any, now. */
+  flush(): void {
+    this.clearTimer();
+    const held = this.held;
+    this.held = null;
+    if (held !== null) this.deliver(held);
+  }
+
+  private deliver(value: T): void {
+    this.lastSent = Date.now();
+    this.send(value);
+  }
+
+  private clearTimer(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  private readonly onTimer = (): void => {
+    this.timer = null;
+    try {
+      this.flush();
+    } catch (err) {
+      this.onError(err);
+    }
+  };
+}
+
+/**
  * Wraps a listener so progress arrives at most `maxPerSecond` times per second per job, while stage, log and
  * result events pass at once. The first progress of every phase passes at once; the latest held-back one is
  * sent when its slot comes, or before the next non-progress event or phase, so the last value is never lost.
  */
 export function throttleProgress(listener: JobListener, opts: ThrottleOptions): JobListener {
-  const interval = 1000 / opts.maxPerSecond;
   const onError = opts.onError ?? ((err: unknown) => process.emitWarning(err instanceof Error ? err : String(err)));
-  interface JobState {
-    phase: string;
-    lastSent: number;
-    pending: ProgressEvent | null;
-    timer: ReturnType<typeof setTimeout> | null;
-  }
-  const jobs = new Map<string, JobState>();
-
-  const send = (state: JobState, event: ProgressEvent): void => {
-    state.lastSent = Date.now();
-    listener(event);
-  };
-  const flush = (state: JobState): void => {
-    if (state.timer) clearTimeout(state.timer);
-    state.timer = null;
-    const pending = state.pending;
-    state.pending = null;
-    if (pending) send(state, pending);
-  };
-
+  const jobs = new Map<string, ProgressThrottle<ProgressEvent>>();
   return (event) => {
-    const state = jobs.get(event.jobId);
+    let throttle = jobs.get(event.jobId);
     if (event.type !== "progress") {
       if (event.type === "result") jobs.delete(event.jobId);
-      if (state) flush(state);
+      throttle?.flush();
       listener(event);
       return;
     }
-    const phase = event.phase ?? "";
-    if (!state || state.phase !== phase) {
-      if (state) flush(state);
-      const fresh: JobState = { phase, lastSent: 0, pending: null, timer: null };
-      jobs.set(event.jobId, fresh);
-      send(fresh, event);
-      return;
+    if (!throttle) {
+      throttle = new ProgressThrottle<ProgressEvent>(1000 / opts.maxPerSecond, listener, onError);
+      jobs.set(event.jobId, throttle);
     }
-    const now = Date.now();
-    if (now - state.lastSent >= interval) {
-      state.pending = null;
-      if (state.timer) clearTimeout(state.timer);
-      state.timer = null;
-      send(state, event);
-      return;
-    }
-    state.pending = event;
-    state.timer ??= setTimeout(() => {
-      state.timer = null;
-      try {
-        flush(state);
-      } catch (err) {
-        onError(err);
-      }
-    }, state.lastSent + interval - now);
+    throttle.offer(event.phase ?? "", event);
   };
 }

@@ -6,7 +6,7 @@ import * as z from "zod/mini";
 import "../core/zod.js";
 import { MoonflashError } from "../core/errors.js";
 import {
-  Invalid, absolutePath, byteSize, canbusUuid, defaults, directory, integer, interfaceName, oneOf, positiveInteger,
+  Invalid, absolutePath, boolean, byteSize, canbusUuid, defaults, directory, integer, interfaceName, oneOf, positiveInteger,
   serialDevice, suggest, token, unset, value,
 } from "../core/config-values.js";
 import { expandHome } from "../core/paths.js";
@@ -32,6 +32,15 @@ export interface McuConfig {
   flash_size: number | null;
   bootloader: BootloaderRequest;
   wchisp_transport: "usb" | "serial";
+  /** Where method linux installs the Linux host MCU's klipper.elf; null = /usr/local/bin/klipper_mcu. */
+  linux_mcu_path: string | null;
+  /** The Linux host MCU's service as Moonraker names it; null = klipper_mcu or klipper-mcu, whichever it manages. */
+  linux_mcu_service: string | null;
+  /**
+   * Read the board's current application back into the firmware store before the first flash moonflash makes of it
+   * (katapult), so that flash can be rolled back; null = on for update-all, off for a single flash.
+   */
+  backup_before_flash: boolean | null;
   /** Seconds per flash attempt. */
   timeout: number;
 }
@@ -107,6 +116,9 @@ export const mcuSchema = z
     flash_size: unset(byteSize),
     bootloader: z._default(oneOf(["auto", "usb", "serial", "none"] as const), "auto"),
     wchisp_transport: z._default(oneOf(["usb", "serial"] as const), "usb"),
+    linux_mcu_path: unset(absolutePath),
+    linux_mcu_service: unset(token),
+    backup_before_flash: unset(boolean),
     timeout: z._default(integer(10, 3600), 300),
   })
   .check(

@@ -20,13 +20,14 @@ import { KatapultFlasher } from "./katapult/flasher.js";
 import { mcuFlash } from "./mcu-flash.js";
 import { mcuUserName } from "./mcu-name.js";
 import { FlashtoolFlasher } from "./methods/flashtool.js";
+import { LinuxHostFlasher } from "./methods/linux-host.js";
 import { MakeFlasher } from "./methods/make.js";
 import { WchispFlasher } from "./methods/wchisp.js";
 import { type FlashMethodName, type Flasher, type FlashJobTarget, type FlashOutcome, type FlashTarget } from "./types.js";
 import { checkVersions, type VersionCheck } from "./versions.js";
 
 /** Methods tried when neither the request nor moonflash.conf names one. */
-const AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"] } as const satisfies Record<string, readonly FlashMethodName[]>;
+const AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"], linux: ["linux"] } as const satisfies Record<string, readonly FlashMethodName[]>;
 
 /**
  * Failures after which another method must not run: the user stopped it, or the image is wrong for the board (built
@@ -146,10 +147,10 @@ export interface FlashEngineOptions {
   installBin?: string;
 }
 
-/** The flashers moonflash.conf asks for: our own Katapult host, flashtool.py, make flash, wchisp. */
+/** The flashers moonflash.conf asks for: our own Katapult host, flashtool.py, make flash, wchisp, the Linux host MCU. */
 export function defaultFlashers(
   config: FlashSettings,
-  opts: { logger: Logger; installBin?: string; discovery?: DiscoverOptions },
+  opts: { logger: Logger; printer: PrinterPort; installBin?: string; discovery?: DiscoverOptions },
 ): Record<FlashMethodName, Flasher> {
   const m = config.moonflash;
   const logger = (method: FlashMethodName) => opts.logger.child({ method });
@@ -163,6 +164,7 @@ export function defaultFlashers(
       discover: () => discoverDevices(opts.discovery),
       logger: logger("wchisp"),
     }),
+    linux: new LinuxHostFlasher({ printer: opts.printer, logger: logger("linux") }),
   };
 }
 
@@ -350,7 +352,7 @@ export class FlashEngine {
     this.store = new FirmwareStore(dataPaths(opts.config.dataDir).firmware, opts.logger.child({ ns: "firmware-store" }));
     this.discovery = { logger: opts.logger, ...opts.discovery };
     this.flashers = {
-      ...defaultFlashers(opts.config, { logger: opts.logger, discovery: this.discovery, ...(opts.installBin ? { installBin: opts.installBin } : {}) }),
+      ...defaultFlashers(opts.config, { logger: opts.logger, printer: opts.printer, discovery: this.discovery, ...(opts.installBin ? { installBin: opts.installBin } : {}) }),
       ...opts.flashers,
     };
   }
@@ -468,8 +470,9 @@ export class FlashEngine {
     await this.keepImage(plan, image);
 
     const attempts: FlashAttempt[] = [];
+    const backup = !rollback && (await this.backupPlanned(plan.mcu, false)) ? this.backupHook(plan.mcu) : undefined;
     const guarded = await this.withKlipperStopped(ctx, plan.mcu, async (inner) => {
-      const done = await this.runChain(plan, { ...plan.target, image }, inner, attempts);
+      const done = await this.runChain(plan, { ...plan.target, image, ...(backup ? { backupApplication: backup } : {}) }, inner, attempts);
       // Recorded as soon as the board holds it, before Klipper starts: a failed restart does not undo the flash.
       await this.recordImage(plan, image, ctx, rollback);
       return done;
@@ -497,17 +500,52 @@ export class FlashEngine {
     return prepared;
   }
 
-  /** For update-all, inside its guard: flash a prepared MCU with its method chain and record the image. */
-  async flashPrepared(plan: FlashPlan, image: Buffer, ctx: JobContext): Promise<{ method: FlashMethodName; outcome: FlashOutcome; attempts: FlashAttempt[] }> {
+  /**
+   * For update-all, inside its guard: flash a prepared MCU with its method chain and record the image. With
+   * `backup` (backupPlanned, asked while Klipper ran and its config was readable) the board's current application is
+   * read back into the store first.
+   */
+  async flashPrepared(
+    plan: FlashPlan,
+    image: Buffer,
+    ctx: JobContext,
+    opts: { backup?: boolean } = {},
+  ): Promise<{ method: FlashMethodName; outcome: FlashOutcome; attempts: FlashAttempt[]; backed_up: boolean }> {
     const attempts: FlashAttempt[] = [];
+    let backedUp = false;
+    const backup = opts.backup ? this.backupHook(plan.mcu, () => (backedUp = true)) : undefined;
     try {
-      const done = await this.runChain(plan, { ...plan.target, image }, ctx, attempts);
+      const done = await this.runChain(plan, { ...plan.target, image, ...(backup ? { backupApplication: backup } : {}) }, ctx, attempts);
       await this.recordImage(plan, image, ctx);
-      return { ...done, attempts };
+      return { ...done, attempts, backed_up: backedUp };
     } catch (err) {
       const e = toMoonflashError(err, "FLASH_FAILED");
       throw new MoonflashError(e.code, e.message, { ...e.details, attempts }, { cause: e });
     }
+  }
+
+  /**
+   * Whether a flash of `mcu` reads the board's application back first (backup_before_flash, else `byDefault`): only
+   * while the store keeps no image of it, since otherwise a rollback has one. Asked while Klipper runs: it reads
+   * Klipper's config.
+   */
+  async backupPlanned(mcu: string, byDefault: boolean): Promise<boolean> {
+    const section = mcuSectionName(mcu);
+    const own = this.config.mcus[section];
+    if (!(own?.backup_before_flash ?? byDefault)) return false;
+    // Only our Katapult host reads a board back; it talks to serial boards (CAN goes through flashtool.py).
+    const connection = await this.mcuConnection(section);
+    if (connection.mcuType?.toLowerCase() === "linux" || !connection.serial) return false;
+    if (!(own?.method ?? AUTO_CHAIN.serial).includes("katapult")) return false;
+    return (await this.store.list(section)).length === 0;
+  }
+
+  /** Keeps what the flasher read back as the MCU's image before the one about to be written. */
+  private backupHook(mcu: string, onStored?: () => void): NonNullable<FlashJobTarget["backupApplication"]> {
+    return async (application) => {
+      await this.store.add(mcu, application, { source: "read-back" });
+      onStored?.();
+    };
   }
 
   /** Runs `work` with Klipper stopped once for it (the guard of a single flash, for a job of several). */
@@ -561,11 +599,15 @@ export class FlashEngine {
   }
 
   /** How an MCU is reached (serial path or CAN uuid) and its type, as Klipper's config and moonflash.conf say. */
-  async mcuConnection(mcu: string): Promise<KnownMcu & { mcuType?: string }> {
+  async mcuConnection(mcu: string): Promise<KnownMcu & { mcuType?: string; baud?: number }> {
     const section = mcuSectionName(mcu);
     const known = (await this.knownMcus()).find((m) => m.section === section) ?? { section, sources: [] };
-    const mcuType = this.config.mcus[section]?.mcu_type ?? (await this.klipperMcus()).find((m) => m.section === section)?.mcuType;
-    return { ...known, ...(mcuType ? { mcuType } : {}) };
+    const klipper = (await this.klipperMcus()).find((m) => m.section === section);
+    const own = this.config.mcus[section];
+    const mcuType = own?.mcu_type ?? klipper?.mcuType;
+    // The baud goes with the device: moonflash.conf's when it names the device, else Klipper's (as buildPlan).
+    const baud = own?.serial ? own.baud : (klipper?.baud ?? own?.baud);
+    return { ...known, ...(mcuType ? { mcuType } : {}), ...(baud ? { baud } : {}) };
   }
 
   private async knownMcus(): Promise<KnownMcu[]> {
@@ -628,11 +670,16 @@ export class FlashEngine {
       );
     }
 
-    const methods = params.method !== undefined ? parseFlashMethods(params.method) : (own?.method ?? [...(serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus)]);
-    const firmware = resolve(params.firmware ?? own?.firmware ?? join(this.config.moonflash.klipper_path, "out", "klipper.bin"));
     const expectedMcuType = own?.mcu_type ?? klipper?.mcuType ?? null;
+    const linuxHost = expectedMcuType?.toLowerCase() === "linux";
+    const methods =
+      params.method !== undefined
+        ? parseFlashMethods(params.method)
+        : (own?.method ?? [...(linuxHost ? AUTO_CHAIN.linux : serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus)]);
+    const firmware = resolve(params.firmware ?? own?.firmware ?? join(this.config.moonflash.klipper_path, "out", linuxHost ? "klipper.elf" : "klipper.bin"));
     const image = await readFirmware(firmware, own?.flash_size ?? null, expectedMcuType, section);
-    const deviceRealPath = serial ? await checkDevicePath(serial) : null;
+    // The host MCU program makes its own pty (/tmp/klipper_host_mcu) while it runs; moonflash never opens it.
+    const deviceRealPath = serial && !linuxHost ? await checkDevicePath(serial) : null;
 
     const target: FlashTarget = {
       mcu: section,
@@ -647,6 +694,8 @@ export class FlashEngine {
       ...(own?.kconfig ? { kconfig: resolveKconfig(own.kconfig, this.config.dataDir) } : {}),
       ...(own?.out_dir ? { outDir: own.out_dir } : {}),
       wchispTransport: own?.wchisp_transport ?? MCU_DEFAULTS.wchisp_transport,
+      ...(own?.linux_mcu_path ? { linuxMcuPath: own.linux_mcu_path } : {}),
+      ...(own?.linux_mcu_service ? { linuxMcuService: own.linux_mcu_service } : {}),
       timeoutMs: (own?.timeout ?? MCU_DEFAULTS.timeout) * 1000,
       flashSize: own?.flash_size ?? null,
     };
@@ -656,12 +705,12 @@ export class FlashEngine {
     let reportedError: MoonflashError | null = null;
     for (const method of methods) {
       try {
-        // Klipper's Linux host MCU is a process on this machine, installed by `make flash`
-        // (scripts/flash-linux.sh); there is no serial bootloader to talk to.
-        if (expectedMcuType?.toLowerCase() === "linux" && method !== "make") {
+        // Klipper's Linux host MCU is a process on this machine: its program is installed (method linux, or `make
+        // flash`, which runs scripts/flash-linux.sh with sudo); there is no serial bootloader to talk to.
+        if (linuxHost && method !== "linux" && method !== "make") {
           throw new MoonflashError(
             "METHOD_NOT_APPLICABLE",
-            `[${section}] is Klipper's Linux host MCU: ${method} cannot flash it. Use method: make (it runs scripts/flash-linux.sh).`,
+            `[${section}] is Klipper's Linux host MCU: ${method} cannot flash it. Use method: linux (or make, which runs scripts/flash-linux.sh with sudo).`,
             { mcu: section, method, mcuType: expectedMcuType },
           );
         }

@@ -261,12 +261,14 @@ class PolledSerialLink extends SerialLink<PolledPort> {
     }
   }
 
+  private readonly onReadable = (err: Error | null): void => {
+    if (isCancelled(err)) return;
+    if (err) return this.lost(err);
+    this.readAvailable();
+  };
+
   private armRead(): void {
-    this.port.poller.once("readable", (err) => {
-      if (isCancelled(err)) return;
-      if (err) return this.lost(err);
-      this.readAvailable();
-    });
+    this.port.poller.once("readable", this.onReadable);
   }
 
   private readAvailable(): void {
@@ -280,7 +282,12 @@ class PolledSerialLink extends SerialLink<PolledPort> {
       }
       // read(2) of 0 on a tty is a hang-up: the device went away.
       if (count === 0) return this.lost(new Error(`${this.description} hung up`));
-      this.emitData(Buffer.from(this.readBuffer.subarray(0, count)));
+      const chunk = Buffer.allocUnsafe(count);
+      this.readBuffer.copy(chunk, 0, 0, count);
+      this.emitData(chunk);
+      // A short read emptied the tty's queue: stop here rather than read again into EAGAIN, which readSync throws
+      // as an Error with a stack trace, once per readable event. The poller reports new bytes.
+      if (count < this.readBuffer.length) break;
     }
     if (!this.stopped) this.armRead();
   }

@@ -2,7 +2,7 @@
 
 import type { JobContext } from "../core/events.js";
 
-export const FLASH_METHODS = ["katapult", "flashtool", "make", "wchisp"] as const;
+export const FLASH_METHODS = ["katapult", "flashtool", "make", "wchisp", "linux"] as const;
 export type FlashMethodName = (typeof FLASH_METHODS)[number];
 
 /** How to put a running Klipper board into Katapult before flashing. */
@@ -31,6 +31,10 @@ export interface FlashTarget {
   wchispTransport: "usb" | "serial";
   /** The chip's whole flash (config `flash_size`), when configured; the bootloader's share is subtracted after CONNECT. */
   flashSize?: number | null;
+  /** Where the Linux host MCU's program is installed (method linux); default /usr/local/bin/klipper_mcu. */
+  linuxMcuPath?: string;
+  /** The Linux host MCU's service (method linux); default the one of klipper_mcu / klipper-mcu Moonraker manages. */
+  linuxMcuService?: string;
   /** Per-attempt timeout in milliseconds. */
   timeoutMs: number;
 }
@@ -38,6 +42,11 @@ export interface FlashTarget {
 /** The target of one flash attempt: the image itself comes along, read and checked once per job by the engine. */
 export interface FlashJobTarget extends FlashTarget {
   image: Buffer;
+  /**
+   * backup_before_flash: a method that can read the board's current application (katapult) hands it here before it
+   * writes anything, and writes only once this resolved (the image is then kept for a rollback).
+   */
+  backupApplication?: (application: Buffer) => Promise<void>;
 }
 
 export interface FlashOutcome {
@@ -50,7 +59,10 @@ export interface FlashOutcome {
   details?: Record<string, unknown>;
 }
 
-/** One way of flashing. Methods never stop Klipper or talk to Moonraker: the engine's guard does. */
+/**
+ * One way of flashing. Methods never stop Klipper or talk to Moonraker: the engine's guard does. (The linux method
+ * restarts the host MCU's own service through the printer port while Klipper is stopped.)
+ */
 export interface Flasher {
   readonly name: FlashMethodName;
   /** Checks that can run while Klipper is up (tool present, device plausible). Throws MoonflashError. */

@@ -4,12 +4,16 @@
 // the USB-to-CAN bridge they hang off, then USB, then UART, the Linux host MCU last), start Klipper once, wait for
 // it, and check that every MCU now reports the host's version.
 
+import { stat } from "node:fs/promises";
+import { join } from "node:path";
 import type { JobContext } from "../core/events.js";
 import type { JobRunner } from "../core/jobs.js";
 import { MoonflashError, toMoonflashError, type ErrorCode } from "../core/errors.js";
 import type { PrinterPort, PrinterState } from "../core/printer.js";
 import type { FirmwareBuild, FirmwareBuilder } from "./build/builder.js";
+import { MCU_DEFAULTS } from "./config.js";
 import { identifyDevice } from "./discovery.js";
+import { BACKUP_ERASED_RUN } from "./katapult/flasher.js";
 import { mcuSectionName, type FlashEngine, type FlashPlan } from "./engine.js";
 import { assertNotPrinting, waitForPrinter } from "./guard.js";
 import { mcuUserName } from "./mcu-name.js";
@@ -35,6 +39,11 @@ export interface PlannedMcu {
   version_before: string | null;
   transport: Transport;
   profile: string;
+  /**
+   * backup_before_flash (on for update-all): moonflash keeps no image of this board yet, so Katapult reads its
+   * current application back before writing, and what that adds to Klipper's downtime (estimated).
+   */
+  backup: { read_back: boolean; estimated_ms?: number; estimate_basis?: string };
 }
 
 export interface McuOutcome {
@@ -47,6 +56,8 @@ export interface McuOutcome {
   method?: FlashMethodName;
   verified?: boolean;
   flash_ms?: number;
+  /** The board's previous application was read back and kept (a rollback can flash it). */
+  backed_up?: boolean;
   version_before: string | null;
   version_now?: string | null;
   code?: ErrorCode;
@@ -65,6 +76,9 @@ export interface UpdateAllResult {
   /** MCUs whose version still differs from the host's after the update. */
   still_outdated: string[];
 }
+
+/** backup_before_flash defaults to on for update-all (a flash of one board: off). */
+const BACKUP_BY_DEFAULT = true;
 
 export interface UpdateAllDeps {
   engine: FlashEngine;
@@ -142,8 +156,8 @@ export class McuUpdater {
         const started = performance.now();
         try {
           inner.stage("flash", `flashing ${planned.name} (${index + 1} of ${ready.length})`);
-          const done = await engine.flashPrepared(flash, image, inner);
-          Object.assign(o, { flashed: true, method: done.method, verified: done.outcome.verified });
+          const done = await engine.flashPrepared(flash, image, inner, { backup: planned.backup.read_back });
+          Object.assign(o, { flashed: true, method: done.method, verified: done.outcome.verified, ...(done.backed_up ? { backed_up: true } : {}) });
         } catch (err) {
           fail(o, err);
           inner.log("error", `${planned.name}: ${o.message}`);
@@ -182,16 +196,36 @@ export class McuUpdater {
     for (const { mcu, why } of chosen) {
       if (planned.some((p) => p.mcu === mcu)) continue;
       const known = versions.mcus.find((m) => m.mcu === mcu);
+      const transport = await this.transport(mcu);
       planned.push({
         mcu,
         name: mcuUserName(mcu),
         why,
         version_before: known?.version ?? null,
-        transport: await this.transport(mcu),
+        transport,
         profile: this.deps.builder.profile(mcu).path,
+        backup: (await this.deps.engine.backupPlanned(mcu, BACKUP_BY_DEFAULT)) ? await this.backupEstimate(mcu, transport) : { read_back: false },
       });
     }
     return planned.sort((a, b) => ORDER.indexOf(a.transport) - ORDER.indexOf(b.transport));
+  }
+
+  /**
+   * What reading the old application back adds to the downtime: one REQUEST_BLOCK exchange per 64-byte block, about
+   * the size of the last build (else a typical 64 KiB Klipper image) plus the erased run that ends the read. A UART
+   * carries the 80-byte reply at baud/10 bytes a second (the request overlaps it); USB takes about 1 ms an exchange.
+   */
+  private async backupEstimate(mcu: string, transport: Transport): Promise<PlannedMcu["backup"]> {
+    const lastBuild = await stat(join(this.deps.builder.outDir(mcu), "klipper.bin")).then((s) => s.size, () => null);
+    const bytes = (lastBuild ?? 64 * 1024) + BACKUP_ERASED_RUN;
+    const blocks = Math.ceil(bytes / 64);
+    const baud = (await this.deps.engine.mcuConnection(mcu)).baud ?? MCU_DEFAULTS.baud;
+    const perBlockMs = transport === "uart" ? (80 * 10 * 1000) / baud : 1;
+    return {
+      read_back: true,
+      estimated_ms: Math.round(blocks * perBlockMs),
+      estimate_basis: `${lastBuild === null ? "a typical 64 KiB application" : `the last build's ${lastBuild} bytes`}${transport === "uart" ? ` at ${baud} baud` : " over USB"}`,
+    };
   }
 
   private async transport(mcu: string): Promise<Transport> {

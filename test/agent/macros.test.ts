@@ -104,7 +104,7 @@ describe("the shipped macros through Klipper's macro path", () => {
     const macros = moonraker.klipper.macros;
     expect([...macros.keys()].sort()).toEqual(["FLASH_CHECK", "FLASH_MCU", "FLASH_ROLLBACK", "MOONFLASH_CANCEL", "MOONFLASH_DEVICES", "MOONFLASH_STATUS", "UPDATE_MCUS"]);
     for (const m of macros.values()) expect(m.description).toMatch(/^moonflash: \w.{20,}/);
-    expect(macros.get("FLASH_MCU")!.description).toContain("FLASH_MCU MCU=<name> [METHOD=katapult|flashtool|make|wchisp] [FIRMWARE=/path] [DRY_RUN=1]");
+    expect(macros.get("FLASH_MCU")!.description).toContain("FLASH_MCU MCU=<name> [METHOD=katapult|flashtool|make|wchisp|linux] [FIRMWARE=/path] [DRY_RUN=1]");
     expect(documentedParams(macros.get("FLASH_MCU")!.description)).toEqual(["MCU", "METHOD", "FIRMWARE", "DRY_RUN"]);
     expect(macros.get("FLASH_ROLLBACK")!.description).toContain("FLASH_ROLLBACK MCU=<name> [DRY_RUN=1]");
     expect(documentedParams(macros.get("FLASH_ROLLBACK")!.description)).toEqual(["MCU", "DRY_RUN"]);

@@ -39,7 +39,7 @@ describe("moonflash CLI", () => {
     expect((await cli(["frobnicate"])).exitCode).toBe(2);
     const badMethod = await cli(["flash", "mcu", "--method", "jtag", "--data", dir]);
     expect(badMethod.exitCode).toBe(2);
-    expect(badMethod.stderr).toContain("Allowed choices are katapult, flashtool, make, wchisp");
+    expect(badMethod.stderr).toContain("Allowed choices are katapult, flashtool, make, wchisp, linux");
   });
 
   it("reports a config typo with file:line and exits 2", async () => {

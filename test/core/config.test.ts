@@ -110,6 +110,9 @@ describe("parseConfig", () => {
       flash_size: 480 * 1024,
       bootloader: "usb",
       wchisp_transport: "usb",
+      linux_mcu_path: null,
+      linux_mcu_service: null,
+      backup_before_flash: null,
       timeout: 60,
     });
     expect(cfg.mcus["mcu toolhead"]).toMatchObject({
@@ -151,8 +154,10 @@ describe("parseConfig", () => {
     ["[mcu]\nbootloader: dfu\n", 2, "bootloader", "expected one of auto | usb | serial | none, got 'dfu'"],
     ["[mcu]\nflash_size: 1G\n", 2, "flash_size", "expected a size in bytes such as 131072, 256K or 1M, got '1G'"],
     ["[mcu]\nfirmware: out/klipper.bin\n", 2, "firmware", "expected an absolute path (or one starting with ~/), got 'out/klipper.bin'"],
-    ["[mcu]\nmethod: katapul\n", 2, "method", "unknown method 'katapul' (did you mean 'katapult'?); expected a comma list of katapult, flashtool, make, wchisp or auto"],
+    ["[mcu]\nmethod: katapul\n", 2, "method", "unknown method 'katapul' (did you mean 'katapult'?); expected a comma list of katapult, flashtool, make, wchisp, linux or auto"],
     ["[mcu]\nmethod: make, make\n", 2, "method", "method 'make' is listed twice"],
+    ["[mcu]\nbackup_before_flash: maybe\n", 2, "backup_before_flash", "expected True or False, got 'maybe'"],
+    ["[mcu]\nlinux_mcu_path: klipper_mcu\n", 2, "linux_mcu_path", "expected an absolute path (or one starting with ~/), got 'klipper_mcu'"],
     ["[moonflash]\nlog_level: verbose\n", 2, "log_level", "expected one of debug | info | warn | error, got 'verbose'"],
     ["[moonflash]\nmoonraker_url: http://host:7125\n", 2, "moonraker_url", "expected a websocket URL such as ws://host:7125/websocket, got 'http://host:7125'"],
     ["[ota]\nmanifest_url: http://example.com/m.json\n", 2, "manifest_url", "expected an https URL, got 'http://example.com/m.json'"],

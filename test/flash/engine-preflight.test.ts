@@ -125,9 +125,10 @@ describe("FlashEngine pre-flight: bad input changes nothing", () => {
     expect(plan.skipped).toEqual([{ method: "make", code: "TOOL_NOT_FOUND", message: expect.stringContaining("No Makefile") }]);
   });
 
-  it("refuses serial-bootloader methods for Klipper's Linux host MCU (mcu_type linux) and keeps make", async () => {
+  it("refuses serial-bootloader methods for Klipper's Linux host MCU (mcu_type linux), keeps make, and picks linux by default", async () => {
     const b = await setUp();
-    const engine = b.engine(mcuSection(b, "mcu_type: linux\n"));
+    expect((await b.engine(mcuSection(b, "mcu_type: linux\n")).plan({ mcu: "mcu" })).methods).toEqual(["linux"]);
+    const engine = b.engine(mcuSection(b, "mcu_type: linux\nmethod: katapult, make\n"));
     const plan = await engine.plan({ mcu: "mcu" });
     expect(plan.methods).toEqual(["make"]);
     expect(plan.skipped).toEqual([{ method: "katapult", code: "METHOD_NOT_APPLICABLE", message: expect.stringContaining("Linux host MCU") }]);

@@ -13,9 +13,20 @@ describe("detectImageMcu", () => {
 
   it("finds it with any zlib level (other header bytes)", () => {
     const dict = JSON.stringify({ version: "v0.12.0", config: { MCU: "rp2040" } });
-    for (const level of [1, 6, 9]) {
+    for (const level of [0, 1, 6, 9]) {
       const image = Buffer.concat([randomBytes(1000), deflateSync(dict, { level }), randomBytes(1000)]);
       expect(detectImageMcu(image)).toEqual({ mcu: "rp2040", version: "v0.12.0" });
+    }
+  });
+
+  it("finds a dictionary as large as Klipper's (a dynamic Huffman block) and a short one (fixed codes)", () => {
+    const commands = Object.fromEntries(Array.from({ length: 400 }, (_, i) => [`command_${i} oid=%c value=%u`, i]));
+    for (const dict of [
+      { version: "v0.13.0-730", commands, config: { MCU: "stm32f446xx", CLOCK_FREQ: 180000000 } },
+      { version: "v0", config: { MCU: "avr" } },
+    ]) {
+      const image = Buffer.concat([randomBytes(64 * 1024), deflateSync(JSON.stringify(dict), { level: 9 }), randomBytes(4096)]);
+      expect(detectImageMcu(image)).toEqual({ mcu: dict.config.MCU, version: dict.version });
     }
   });
 

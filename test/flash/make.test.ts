@@ -86,7 +86,7 @@ describe("MakeFlasher", () => {
   it("refuses a missing kconfig before running make (olddefconfig would build defaults)", async () => {
     useMode("success");
     const err = await rejection(new MakeFlasher().flash(target({ kconfig: path.join(tool.dir, "config.missing") }), new RecordingContext()));
-    expect(err.code).toBe("CONFIG_INVALID");
+    expect(err.code).toBe("MISSING_CONFIG");
     await expect(readFile(tool.recordFile)).rejects.toMatchObject({ code: "ENOENT" });
   });
 

@@ -73,6 +73,40 @@ describe("FlashEngine.rollback", () => {
     expect((await engine.store.previous("mcu"))?.version).toBe("v0.13.0-730-g84104bbbd");
   });
 
+  it("backup_before_flash: True on a single flash: the board's application is read back before the first flash, and a rollback restores it", async () => {
+    const b = await setUp();
+    const factory = klipperImage("v0.11.0-1-gfactory", 3000);
+    factory.copy(b.device.model.flash);
+    const fileB = join(b.dir, "b.bin");
+    await writeFile(fileB, klipperImage("v0.13.0-730-g84104bbbd", 4500));
+    const engine = b.engine(mcuSection(b, "backup_before_flash: True\n"));
+    await flashOk(engine, { mcu: "mcu", firmware: fileB });
+    await waitUntil(() => b.rig.session.state().klippyState === "ready", "Klipper ready after the flash");
+    expect((await engine.store.list("mcu")).map((e) => [e.version, e.source, e.size])).toEqual([
+      ["v0.13.0-730-g84104bbbd", "flash", 4500],
+      ["v0.11.0-1-gfactory", "read-back", factory.length],
+    ]);
+    expect(b.events.some((e) => e.type === "stage" && e.stage === "backup")).toBe(true);
+
+    await engine.rollback({ mcu: "mcu" });
+    expect(b.device.model.flash.subarray(0, factory.length).equals(factory)).toBe(true);
+
+    // The store keeps images of the board now: the next flash reads nothing back.
+    b.events.length = 0;
+    await waitUntil(() => b.rig.session.state().klippyState === "ready", "Klipper ready after the rollback");
+    await flashOk(engine, { mcu: "mcu", firmware: fileB });
+    expect(b.events.some((e) => e.type === "stage" && e.stage === "backup")).toBe(false);
+  });
+
+  it("without backup_before_flash a single flash reads nothing back", async () => {
+    const b = await setUp();
+    klipperImage("v0.11.0-1-gfactory", 3000).copy(b.device.model.flash);
+    const engine = b.engine(mcuSection(b));
+    await flashOk(engine, { mcu: "mcu" });
+    expect((await engine.store.list("mcu")).map((e) => e.source)).toEqual(["flash"]);
+    expect(b.events.some((e) => e.type === "stage" && e.stage === "backup")).toBe(false);
+  });
+
   it("a dry run names the image it would flash and touches nothing", async () => {
     const b = await setUp();
     const { engine, a } = await twoFlashes(b);

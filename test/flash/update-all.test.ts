@@ -4,7 +4,9 @@
 // ("MCU Protocol error") while one differs. The real agent serves flash.update_all over the unix socket.
 
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { existsSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { existsSync, readFileSync } from "node:fs";
+import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import pino from "pino";
 import type { Agent } from "../../src/agent/agent.js";
@@ -13,7 +15,7 @@ import type { UpdateAllResult } from "../../src/flash/update-all.js";
 import { startVirtualDevice, type VirtualDevice } from "../../src/sim/virtual-device.js";
 import { mcuProtocolErrorMessage } from "../support/fake-moonraker/klipper-sim.js";
 import { startFakeMoonraker, RpcCallError, type FakeMoonraker, type TestClient } from "../support/fake-moonraker/index.js";
-import { createBuildFixture, RP2040_PROFILE, STM32_PROFILE, type BuildFixture } from "./support/build-fixture.js";
+import { createBuildFixture, LINUX_PROFILE, RP2040_PROFILE, STM32_PROFILE, type BuildFixture } from "./support/build-fixture.js";
 
 const OLD = "v0.12.0-85-gd785b396";
 let fx: BuildFixture;
@@ -26,8 +28,14 @@ const savedPath = process.env.PATH;
 
 /** What a virtual board's firmware reports: the version the fake tree wrote into the image it holds. */
 const versionIn = (board: VirtualDevice): string | undefined => /FAKE-KLIPPER version=(\S+)/.exec(board.model.flash.toString("latin1"))?.[1];
+/** The Linux host MCU program the test installs into (linux_mcu_path), and the version it would report. */
+const hostProgram = (): string => join(fx.root, "usr-local-bin", "klipper_mcu");
+const hostProgramVersion = (): string | undefined => {
+  if (!existsSync(hostProgram())) return undefined;
+  return /FAKE-ELF version=(\S+)/.exec(readFileSync(hostProgram(), "latin1"))?.[1];
+};
 
-async function setUp(opts: { printState?: string; silentToolhead?: boolean } = {}): Promise<void> {
+async function setUp(opts: { printState?: string; silentToolhead?: boolean; hostMcu?: boolean } = {}): Promise<void> {
   fx = await createBuildFixture("update-all");
   host = await fx.gitInit("v0.13.0");
   process.env.PATH = `${fx.bin}:${savedPath}`;
@@ -44,9 +52,15 @@ async function setUp(opts: { printState?: string; silentToolhead?: boolean } = {
     }),
     bed: await startVirtualDevice({ path: join(fx.root, "ttyBED"), mcuType: "stm32f446xx" }),
   };
+  if (opts.hostMcu) {
+    await fx.writeProfile("host.config", LINUX_PROFILE);
+    await mkdir(join(fx.root, "usr-local-bin"));
+    await writeFile(hostProgram(), `\x7fELF FAKE-ELF version=${OLD}\n`, { mode: 0o755 });
+  }
   await fx.writeConf(
     `service_timeout: 5\n\n` +
-      `[mcu]\nmethod: katapult\n\n[mcu toolhead]\nmethod: katapult\nbootloader: serial\n\n[mcu bed]\nmethod: katapult\n`,
+      `[mcu]\nmethod: katapult\n\n[mcu toolhead]\nmethod: katapult\nbootloader: serial\n\n[mcu bed]\nmethod: katapult\n` +
+      (opts.hostMcu ? `\n[mcu host]\nlinux_mcu_path: ${hostProgram()}\n` : ""),
   );
   const sim = (section: string, board: VirtualDevice, type: string) => ({
     section,
@@ -66,7 +80,14 @@ async function setUp(opts: { printState?: string; silentToolhead?: boolean } = {
       ...(opts.printState
         ? { printState: opts.printState }
         : { state: "error" as const, stateMessage: mcuProtocolErrorMessage(host, [{ name: "mcu", version: OLD }, { name: "toolhead", version: OLD }, { name: "bed", version: OLD }], []) }),
-      mcus: [sim("mcu", boards.mcu, "stm32f446xx"), sim("mcu toolhead", boards.toolhead, "rp2040"), sim("mcu bed", boards.bed, "stm32f446xx")],
+      mcus: [
+        sim("mcu", boards.mcu, "stm32f446xx"),
+        sim("mcu toolhead", boards.toolhead, "rp2040"),
+        sim("mcu bed", boards.bed, "stm32f446xx"),
+        ...(opts.hostMcu
+          ? [{ section: "mcu host", settings: { serial: "/tmp/klipper_host_mcu" }, mcu_constants: { MCU: "linux" }, mcu_version: OLD, versionFrom: hostProgramVersion }]
+          : []),
+      ],
     },
   });
   agent = await createAgent({ dataDir: fx.dataDir, logger: pino({ level: "silent" }) });
@@ -136,6 +157,40 @@ describe("flash.update_all", () => {
       ["toolhead", true, true],
     ]);
     expect(actions()).toEqual(["stop klipper", "start klipper", "stop klipper", "start klipper"]);
+  });
+
+  it("the Linux host MCU goes last: klipper.elf installed at linux_mcu_path, its service stopped and started while Klipper is down", async () => {
+    await setUp({ hostMcu: true });
+    const result = await updateAll({ mcus: ["host", "bed"] });
+    expect(result.plan.map((p) => [p.name, p.transport])).toEqual([
+      ["bed", "uart"],
+      ["host", "linux"],
+    ]);
+    expect(actions()).toEqual(["stop klipper", "stop klipper_mcu", "start klipper_mcu", "start klipper"]);
+    expect(result.mcus.find((m) => m.name === "host")).toMatchObject({ built: true, flashed: true, method: "linux", verified: true, version_now: host });
+    expect(hostProgramVersion()).toBe(host);
+    expect(readFileSync(hostProgram())).toEqual(readFileSync(join(fx.dataDir, "moonflash", "build", "mcu_host", "klipper.elf")));
+  });
+
+  it("backup_before_flash: a board moonflash has no image of is read back first, so flash.rollback can put its old application back", async () => {
+    await setUp();
+    const old = Buffer.concat([Buffer.from(`FAKE-KLIPPER version=${OLD}\n`), randomBytes(3000)]);
+    old.copy(boards.bed.model.flash);
+    const result = await updateAll({ mcus: ["bed"] });
+    expect(result.plan[0]!.backup).toMatchObject({ read_back: true, estimate_basis: "a typical 64 KiB application at 250000 baud" });
+    expect(result.plan[0]!.backup.estimated_ms).toBeGreaterThan(0);
+    expect(result.mcus[0]).toMatchObject({ name: "bed", flashed: true, backed_up: true, version_now: host });
+    expect(versionIn(boards.bed)).toBe(host);
+
+    const rolledBack = (await web!.call("server.extensions.request", { agent: "moonflash", method: "flash.rollback", arguments: { mcu: "bed" } })) as {
+      rollback_to: { source: string; size: number };
+    };
+    expect(rolledBack.rollback_to).toMatchObject({ source: "read-back", size: old.length });
+    expect(boards.bed.model.flash.subarray(0, old.length)).toEqual(old);
+
+    // The store now keeps images of the board: no read-back any more.
+    const again = await updateAll({ mcus: ["bed"], dry_run: true });
+    expect(again.plan[0]!.backup).toEqual({ read_back: false });
   });
 
   it("a dry run returns the plan and builds, stops and writes nothing", async () => {

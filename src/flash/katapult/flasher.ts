@@ -18,6 +18,10 @@ import { KatapultSession, type KatapultTimings } from "./session.js";
 // node:timers/promises is loaded on first use (process.getBuiltinModule), not when the agent starts: idle memory.
 
 export const NOT_CANCELLABLE_WHILE_WRITING = "writing flash: stopping now would leave the board without firmware";
+/** A read-back for a backup ends after this much erased flash in a row (Klipper images hold no such run). */
+export const BACKUP_ERASED_RUN = 4096;
+/** How far a backup reads when neither flash_size nor the MCU type's flash is known. */
+const BACKUP_LIMIT_UNKNOWN_FLASH = 1024 * 1024;
 
 export interface KatapultFlasherOptions {
   logger?: Logger;
@@ -107,6 +111,8 @@ export class KatapultFlasher implements Flasher {
       checkMcu(target.expectedMcuType, info.mcuType, "This board is expected to be", "moonflash.conf mcu_type, or the MCU Klipper reported");
       checkSize(image.length, info, target.flashSize ?? null, target.mcu);
       throwIfCancelled(ctx.signal);
+      if (target.backupApplication) await this.backUp(session, info, target, ctx);
+      throwIfCancelled(ctx.signal);
 
       writing = true;
       ctx.setCancellable(false, NOT_CANCELLABLE_WHILE_WRITING);
@@ -142,6 +148,24 @@ export class KatapultFlasher implements Flasher {
       await this.leaveBootloader(link, ctx, { verified, writing, fromApplication, answered });
       await link.close();
     }
+  }
+
+  /**
+   * Reads the application the board holds back and hands it to the engine (backup_before_flash), before anything is
+   * written: so even the first flash of a board can be rolled back. Costs one read-back of the old application.
+   */
+  private async backUp(session: KatapultSession, info: ConnectInfo, target: FlashJobTarget, ctx: JobContext): Promise<void> {
+    const limit = applicationRoom(info, target.flashSize ?? null)?.available ?? BACKUP_LIMIT_UNKNOWN_FLASH;
+    ctx.stage("backup", `Reading the current application back (up to ${limit} bytes) before it is replaced`);
+    const started = performance.now();
+    const application = await session.readApplication(limit, BACKUP_ERASED_RUN, (bytes) => ctx.progress(Math.min(bytes, limit), limit, "bytes", "backup"));
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    if (application.length === 0) {
+      this.note(ctx, "info", `Nothing to back up: the application area is erased (${seconds} s)`);
+      return;
+    }
+    await target.backupApplication!(application);
+    this.note(ctx, "info", `Backed up the current application: ${application.length} bytes in ${seconds} s`);
   }
 
   /**
@@ -344,6 +368,21 @@ function checkMcu(expectedMcu: string | undefined, bootloaderMcu: string, what: 
  * limit, which already counts from the application start (mcu-flash.ts).
  */
 function checkSize(imageBytes: number, info: ConnectInfo, configured: number | null, section: string): void {
+  const room = applicationRoom(info, configured);
+  if (!room || imageBytes <= room.available) return;
+  const { available, flashSize, limit, source } = room;
+  const fix = configured
+    ? `or correct flash_size in [${section}] of moonflash.conf`
+    : `or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf`;
+  throw new MoonflashError(
+    "FIRMWARE_TOO_LARGE",
+    `The image is ${imageBytes} bytes but ${limit}. Nothing was written. Build the firmware for this board (make menuconfig: processor model, bootloader offset), ${fix}.`,
+    { imageBytes, available, flashSize, mcuType: info.mcuType, appStart: `0x${info.appStartAddress.toString(16)}`, source },
+  );
+}
+
+/** The bytes an application may take after the bootloader, and how that is known; null when nothing is known. */
+function applicationRoom(info: ConnectInfo, configured: number | null): { available: number; flashSize: number; limit: string; source: string } | null {
   const appStart = info.appStartAddress;
   const appStartHex = `0x${appStart.toString(16)}`;
   const chip = mcuFlash(info.mcuType);
@@ -373,17 +412,9 @@ function checkSize(imageBytes: number, info: ConnectInfo, configured: number | n
       limit = `a Klipper build for ${info.mcuType}, the MCU this bootloader reports, holds at most ${chip.flashSize} bytes (FLASH_SIZE in ${chip.source})`;
     }
   } else {
-    return;
+    return null;
   }
-  if (imageBytes <= available) return;
-  const fix = configured
-    ? `or correct flash_size in [${section}] of moonflash.conf`
-    : `or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf`;
-  throw new MoonflashError(
-    "FIRMWARE_TOO_LARGE",
-    `The image is ${imageBytes} bytes but ${limit}. Nothing was written. Build the firmware for this board (make menuconfig: processor model, bootloader offset), ${fix}.`,
-    { imageBytes, available, flashSize, mcuType: info.mcuType, appStart: appStartHex, source },
-  );
+  return { available, flashSize, limit, source };
 }
 
 /**

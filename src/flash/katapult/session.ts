@@ -319,35 +319,18 @@ export class KatapultSession {
   async verify(image: Uint8Array, onBlock?: BlockProgress): Promise<VerifyResult> {
     const { blockSize, appStartAddress } = this.requireInfo();
     const total = Math.ceil(image.length / blockSize);
-    const lead = readAheadLead(blockSize);
     const { createHash } = process.getBuiltinModule("node:crypto");
     const expectedSha = createHash("sha1");
     const receivedSha = createHash("sha1");
     let firstBadAddress: number | null = null;
-    /** Highest block index whose REQUEST_BLOCK is on the wire. */
-    let requested = -1;
-    const request = async (index: number): Promise<void> => {
-      await this.write(encodeAddressFrame(Command.REQUEST_BLOCK, appStartAddress + index * blockSize), "REQUEST_BLOCK");
-      requested = index;
-    };
-    for (let index = 0; index < total; index++) {
-      const address = appStartAddress + index * blockSize;
+    await this.readBlocks(total, (index, received) => {
       const expected = paddedBlock(image, index, blockSize);
-      if (requested < index) await request(index);
-      const ahead = lead !== null && index + 1 < total ? { ready: (partial: Buffer) => partial.length >= lead, send: () => request(index + 1) } : undefined;
-      const outcome = await this.awaitReply(Command.REQUEST_BLOCK, this.timings.timeoutMs, "REQUEST_BLOCK", ahead);
-      let received: Buffer;
-      if (outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address) {
-        received = outcome.payload.subarray(4);
-      } else {
-        received = await this.readBlock(address, index, { outcome, aheadInFlight: requested > index });
-        requested = index;
-      }
       expectedSha.update(expected);
       receivedSha.update(received);
-      if (firstBadAddress === null && !expected.equals(received)) firstBadAddress = address + firstDifference(expected, received);
+      if (firstBadAddress === null && !expected.equals(received)) firstBadAddress = appStartAddress + index * blockSize + firstDifference(expected, received);
       onBlock?.(index + 1, total);
-    }
+      return true;
+    });
     const expectedHex = expectedSha.digest("hex");
     const receivedHex = receivedSha.digest("hex");
     if (firstBadAddress !== null || expectedHex !== receivedHex) {
@@ -358,6 +341,63 @@ export class KatapultSession {
       );
     }
     return { blocks: total, sha1: receivedHex };
+  }
+
+  /**
+   * Reads the application the board holds now (a backup before it is overwritten): from the application start until
+   * `erasedRun` bytes in a row read as erased flash (0xFF), or `maxBytes`. Returns what was read without the trailing
+   * 0xFF bytes. Katapult erases only the pages it writes, so what follows an application may be the tail of an older,
+   * longer one: the run of erased bytes ends the read, not the end of the data. A Klipper image holds no such run.
+   */
+  async readApplication(maxBytes: number, erasedRun: number, onBlock?: (bytesRead: number) => void): Promise<Buffer> {
+    const { blockSize } = this.requireInfo();
+    const total = Math.floor(maxBytes / blockSize);
+    const blocks: Buffer[] = [];
+    let erasedBytes = 0;
+    await this.readBlocks(total, (index, block) => {
+      blocks.push(Buffer.from(block));
+      erasedBytes = block.every((byte) => byte === 0xff) ? erasedBytes + block.length : 0;
+      onBlock?.((index + 1) * blockSize);
+      return erasedBytes < erasedRun;
+    });
+    const data = Buffer.concat(blocks);
+    let end = data.length;
+    while (end > 0 && data[end - 1] === 0xff) end--;
+    return data.subarray(0, end);
+  }
+
+  /**
+   * Reads up to `total` blocks from the application start, in order, to `take`, which returns false to stop. Each
+   * block is requested ahead as readAheadLead() allows; anything unexpected (a timeout, NACK, BUSY, a corrupt or
+   * misaddressed reply) discards the reply to the request sent ahead and reads that block flashtool's way. Stopping
+   * early with a request ahead on the wire drains its reply, so it answers nothing that follows.
+   */
+  private async readBlocks(total: number, take: (index: number, block: Buffer) => boolean): Promise<void> {
+    const { blockSize, appStartAddress } = this.requireInfo();
+    const lead = readAheadLead(blockSize);
+    /** Highest block index whose REQUEST_BLOCK is on the wire. */
+    let requested = -1;
+    const request = async (index: number): Promise<void> => {
+      await this.write(encodeAddressFrame(Command.REQUEST_BLOCK, appStartAddress + index * blockSize), "REQUEST_BLOCK");
+      requested = index;
+    };
+    for (let index = 0; index < total; index++) {
+      const address = appStartAddress + index * blockSize;
+      if (requested < index) await request(index);
+      const ahead = lead !== null && index + 1 < total ? { ready: (partial: Buffer) => partial.length >= lead, send: () => request(index + 1) } : undefined;
+      const outcome = await this.awaitReply(Command.REQUEST_BLOCK, this.timings.timeoutMs, "REQUEST_BLOCK", ahead);
+      let received: Buffer;
+      if (outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address) {
+        received = outcome.payload.subarray(4);
+      } else {
+        received = await this.readBlock(address, index, { outcome, aheadInFlight: requested > index });
+        requested = index;
+      }
+      if (!take(index, received)) {
+        if (requested > index) await this.drain(this.timings.drainMs);
+        return;
+      }
+    }
   }
 
   /** COMPLETE: the bootloader jumps to the application about 100 ms later. */

@@ -66,8 +66,8 @@ export class MakeFlasher implements Flasher {
       const isFile = await stat(target.kconfig).then((s) => s.isFile(), () => false);
       if (!isFile) {
         throw new MoonflashError(
-          "CONFIG_INVALID",
-          `kconfig ${target.kconfig} of [${target.mcu}] does not exist. Save the board's menuconfig there or fix the path; make would otherwise build a default config.`,
+          "MISSING_CONFIG",
+          `kconfig ${target.kconfig} of [${target.mcu}] does not exist. Save the board's menuconfig there (moonflash config ${target.mcu.replace(/^mcu\s+/, "")}) or fix the path; make would otherwise build a default config.`,
           { mcu: target.mcu, kconfig: target.kconfig },
         );
       }

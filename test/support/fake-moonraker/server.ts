@@ -33,6 +33,8 @@ export interface FakeMoonrakerOptions {
     klippyReconnectMs?: number;
     /** How long machine.system_info takes to answer (a slow Pi); the agent's handshake waits for it. */
     systemInfoMs?: number;
+    /** notify_proc_stat_update to every client, as Moonraker sends it once a second (proc_stats.py); 0 = never. */
+    procStatMs?: number;
   };
   klipper?: SimKlipperOptions & {
     /** The klipper unit name, as system_info.instance_ids.klipper reports it (default "klipper"). */
@@ -107,7 +109,7 @@ class Connection {
 
 type Handler = (conn: Connection, params: Record<string, unknown>) => unknown;
 
-const DEFAULT_TIMING = { stopOkMs: 50, stopStateMs: 20, startOkMs: 100, startStateMs: 20, readyMs: 100, klippyReconnectMs: 100, systemInfoMs: 0 };
+const DEFAULT_TIMING = { stopOkMs: 50, stopStateMs: 20, startOkMs: 100, startStateMs: 20, readyMs: 100, klippyReconnectMs: 100, systemInfoMs: 0, procStatMs: 1000 };
 
 export class FakeMoonrakerServer implements FakeMoonraker {
   readonly socketPath: string;
@@ -129,6 +131,7 @@ export class FakeMoonrakerServer implements FakeMoonraker {
   private nextUid = 140381074000000;
   private nextAgentRequestId = 140381075000000;
   private stopped = false;
+  private procStatTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly opts: FakeMoonrakerOptions) {
     this.socketPath = path.join(opts.dataDir, "comms", "moonraker.sock");
@@ -169,6 +172,7 @@ export class FakeMoonrakerServer implements FakeMoonraker {
       unixServer.listen(this.socketPath, () => resolve());
     });
     this.unixServer = unixServer;
+    this.startProcStats();
     if (this.opts.websocket === false) return;
     const wss = new WebSocketServer({ noServer: true });
     const httpServer = http.createServer((_req, res) => {
@@ -296,6 +300,28 @@ export class FakeMoonrakerServer implements FakeMoonraker {
     if (msg.result === undefined || msg.result === null) {
       call.reject(new ServerError(`Agent ${name} RPC error`, 424, msg.error ?? null));
     } else call.resolve(msg.result);
+  }
+
+  /** Moonraker's once-a-second host statistics (components/proc_stats.py), to agents too; values vary a little. */
+  private startProcStats(): void {
+    const every = this.timing.procStatMs;
+    if (every <= 0 || this.procStatTimer) return;
+    const started = Date.now();
+    this.procStatTimer = setInterval(() => {
+      const time = (Date.now() - started) / 1000;
+      const wave = Math.sin(time);
+      this.notifyAll("notify_proc_stat_update", [
+        {
+          moonraker_stats: { time: 1764640000 + time, cpu_usage: 1.5 + wave, memory: 48712, mem_units: "kB" },
+          cpu_temp: 45.3 + wave,
+          network: { lo: { rx_bytes: 1000 * time, tx_bytes: 1000 * time, rx_packets: 10 * time, tx_packets: 10 * time, rx_errs: 0, tx_errs: 0, rx_drop: 0, tx_drop: 0, bandwidth: 2000 } },
+          system_cpu_usage: { cpu: 4.2 + wave, cpu0: 5 + wave, cpu1: 3.4 + wave },
+          system_memory: { total: 3881296, available: 3200000, used: 681296 },
+          websocket_connections: this.connections.size,
+        },
+      ]);
+    }, every);
+    this.procStatTimer.unref();
   }
 
   private notifyAll(method: string, params?: unknown[], except?: Connection): void {
@@ -617,6 +643,8 @@ export class FakeMoonrakerServer implements FakeMoonraker {
 
   async stop(): Promise<void> {
     this.stopped = true;
+    if (this.procStatTimer) clearInterval(this.procStatTimer);
+    this.procStatTimer = null;
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
     await this.closeListeners();
