@@ -8,16 +8,16 @@ import {
   VERSION,
   createAgent,
   exitCodeFor
-} from "./chunks/shared-build+moonflash+offline.mjs";
+} from "./chunks/shared-build+moonflash+offline+ota.mjs";
 import {
   isMoonflashError,
   toMoonflashError
-} from "./chunks/shared-build+moonflash+offline+virtual-device.mjs";
+} from "./chunks/shared-build+moonflash+offline+ota+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./chunks/shared-build+execa+moonflash+offline+virtual-device+wrapper.mjs";
+} from "./chunks/shared-build+execa+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/commander/lib/error.js
 var require_error = __commonJS({
@@ -3531,14 +3531,62 @@ function buildProgram() {
       write: !!opts.write
     });
   });
+  const ota = program2.command("ota").description("OTA updates: download and verify a package, install it (rolled back by itself on failure), status, cancel, rollback; pack, sign and keygen for vendors");
+  ota.command("download").description("download an OTA package and verify it (MD5, SHA-256, signature, manifest, every file); the same URL again resumes").argument("<url>", "the package's http:// or https:// URL").requiredOption("--md5 <hex>", "the package's MD5 (32 hex digits)").option("--sha256 <hex>", "the package's SHA-256 (64 hex digits), checked too").option("--size <bytes>", "the package's size in bytes", (v) => parseCount("--size", v)).addOption(dataOption()).option("--json", "print job events and the result as JSON lines").action(async (url, opts) => {
+    process.exitCode = await (await import("./chunks/ota.mjs")).runOtaDownload({
+      dataDir: opts.data,
+      url,
+      md5: opts.md5,
+      ...opts.sha256 ? { sha256: opts.sha256 } : {},
+      ...opts.size === void 0 ? {} : { size: opts.size },
+      json: !!opts.json
+    });
+  });
+  ota.command("install").description("install the downloaded package: back up, stop the services it names, replace files, flash firmware, start, probation; rolls back on failure").addOption(dataOption()).option("--json", "print job events and the result as JSON lines").action(async (opts) => {
+    process.exitCode = await (await import("./chunks/ota.mjs")).runOtaInstall({ dataDir: opts.data, json: !!opts.json });
+  });
+  ota.command("status").description("the update's state, the running job and the last OTA results").addOption(dataOption()).option("--json", "print JSON").action(async (opts) => {
+    process.exitCode = await (await import("./chunks/ota.mjs")).runOtaStatus({ dataDir: opts.data, json: !!opts.json });
+  });
+  ota.command("cancel").description("cancel the service's running OTA job (download, verify, checks; not once files are replaced)").addOption(dataOption()).option("--json", "print JSON").action(async (opts) => {
+    process.exitCode = await (await import("./chunks/ota.mjs")).runOtaCancel({ dataDir: opts.data, json: !!opts.json });
+  });
+  ota.command("rollback").description("restore what was installed before the last OTA update (files, firmware, services)").addOption(dataOption()).option("--json", "print job events and the result as JSON lines").action(async (opts) => {
+    process.exitCode = await (await import("./chunks/ota.mjs")).runOtaRollback({ dataDir: opts.data, json: !!opts.json });
+  });
+  ota.command("pack").description("make a package: manifest.json (sha256 and size filled in) and the files it names, signed with --key").argument("<manifest>", "manifest.json, or a directory holding it; files are found relative to it").requiredOption("--out <zip>", "the package to write").option("--key <private.pem>", "sign the manifest with this Ed25519 private key (ota keygen)").option("--file <src=path...>", "take the manifest's src from this path instead").option("--json", "print JSON").action(async (manifest, opts) => {
+    process.exitCode = await (await import("./chunks/ota.mjs")).runOtaPack({
+      input: expandHome(manifest),
+      out: expandHome(opts.out),
+      ...opts.key ? { key: expandHome(opts.key) } : {},
+      files: opts.file ?? [],
+      json: !!opts.json
+    });
+  });
+  ota.command("sign").description("write manifest.sig for a complete manifest.json (the signature pack --key puts into a package)").argument("<manifest>", "the manifest.json to sign").requiredOption("--key <private.pem>", "the Ed25519 private key (ota keygen)").option("--out <file>", "where to write the signature (default manifest.sig beside the manifest)").option("--json", "print JSON").action(async (manifest, opts) => {
+    process.exitCode = await (await import("./chunks/ota.mjs")).runOtaSign({
+      manifest: expandHome(manifest),
+      key: expandHome(opts.key),
+      ...opts.out ? { out: expandHome(opts.out) } : {},
+      json: !!opts.json
+    });
+  });
+  ota.command("keygen").description("make an Ed25519 key pair for signing packages: private.pem and public.pem").requiredOption("--out <dir>", "directory for the two files (never overwritten)").option("--json", "print JSON").action(async (opts) => {
+    process.exitCode = await (await import("./chunks/ota.mjs")).runOtaKeygen({ out: expandHome(opts.out), json: !!opts.json });
+  });
   program2.command("virtual-device").description("serve a virtual Katapult board on a pseudo-terminal, to try moonflash without hardware").requiredOption("--path <link>", "where to create the device link, e.g. /tmp/virtual-mcu").option("--mcu <type>", "MCU type the bootloader reports", "stm32f103xe").addOption(new Option("--mode <mode>", "katapult: in the bootloader; app: running Klipper, waits for a bootloader request").choices(["katapult", "app"]).default("katapult")).option("--baud <n>", "throttle the link to this baud rate", (v) => parsePositiveInt("--baud", v)).option("--block-size <n>", "Katapult block size", (v) => parsePositiveInt("--block-size", v), 64).option("--flash-size <bytes>", "application flash size in bytes", (v) => parsePositiveInt("--flash-size", v)).option("--reappear-path <link>", "after a bootloader request, come back under this path (USB re-enumeration)").option("--fault <spec...>", "inject faults: drop-reply:SEND_BLOCK:3, busy:SEND_BLOCK:5, nack:CONNECT:1, corrupt-readback, disconnect:10, silence").action(async (opts) => {
     process.exitCode = await (await import("./chunks/virtual-device.mjs")).runVirtualDevice(opts);
   });
   return program2;
 }
+function parseCount(name, value) {
+  const n = /^\d+$/.test(value) ? Number(value) : NaN;
+  if (!Number.isSafeInteger(n)) throw new InvalidArgumentError(`${name} expects a whole number of bytes, got '${value}'`);
+  return n;
+}
 function parsePositiveInt(name, value) {
   const n = Number(value);
-  if (!Number.isInteger(n) || n <= 0) throw new CommanderError(EXIT_USAGE, "moonflash.invalidArgument", `${name} expects a positive integer, got '${value}'`);
+  if (!Number.isInteger(n) || n <= 0) throw new InvalidArgumentError(`${name} expects a positive integer, got '${value}'`);
   return n;
 }
 async function main(argv) {

@@ -12,8 +12,10 @@ import { configError, parseIni } from "./core/ini.js";
 import { dataPaths, expandHome } from "./core/paths.js";
 import { MoonflashError } from "./core/errors.js";
 import { mcuSchema, type McuConfig } from "./flash/config.js";
+import { otaSchema, type OtaConfig } from "./ota/config.js";
 
 export type { McuConfig } from "./flash/config.js";
+export type { OtaConfig } from "./ota/config.js";
 
 export type ConfigLogLevel = "debug" | "info" | "warn" | "error";
 
@@ -34,7 +36,8 @@ export interface MoonflashConfig {
   };
   /** Key = section name, "mcu" or "mcu toolhead". */
   mcus: Record<string, McuConfig>;
-  ota: { manifest_url: string | null; channel: "stable" | "beta" };
+  /** The [ota] section, validated by OTA (src/ota/config.ts): roots, key, probation, backups, limits. */
+  ota: OtaConfig;
 }
 
 // --- section schemas ---
@@ -52,11 +55,6 @@ function moonflashSchema(dataDir: string) {
     service_timeout: z._default(integer(5, 600), 90),
   });
 }
-
-const otaSchema = z.strictObject({
-  manifest_url: unset(url(["https:"], "an https URL")),
-  channel: z._default(oneOf(["stable", "beta"] as const), "stable"),
-});
 
 const KNOWN_SECTIONS = ["moonflash", "mcu", "ota"] as const;
 
@@ -164,6 +162,6 @@ export function configSummary(cfg: MoonflashConfig): Record<string, unknown> {
       api_key: moonflash.api_key === null ? null : "(set, hidden)",
     },
     mcus: structuredClone(cfg.mcus),
-    ota: { ...cfg.ota },
+    ota: { ...structuredClone(cfg.ota), callback_url: cfg.ota.callback_url === null ? null : hideUrlCredentials(cfg.ota.callback_url) },
   };
 }

@@ -4,7 +4,7 @@ import {
   ProgressRenderer,
   reportFailure,
   runPrinterJob
-} from "./shared-build+offline.mjs";
+} from "./shared-build+offline+ota.mjs";
 import {
   EXIT_FAILURE,
   EXIT_OK,
@@ -19,12 +19,12 @@ import {
   mcuUserName,
   parseProfile,
   writeFileDurable
-} from "./shared-build+moonflash+offline.mjs";
+} from "./shared-build+moonflash+offline+ota.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+moonflash+offline+virtual-device.mjs";
-import "./shared-build+execa+moonflash+offline+virtual-device+wrapper.mjs";
+} from "./shared-build+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+execa+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/build.ts
 import { mkdir, readFile, stat } from "node:fs/promises";

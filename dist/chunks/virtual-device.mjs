@@ -13,8 +13,8 @@ import {
   encodeError,
   encodeNack,
   u32le
-} from "./shared-build+moonflash+offline+virtual-device.mjs";
-import "./shared-build+execa+moonflash+offline+virtual-device+wrapper.mjs";
+} from "./shared-build+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+execa+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/sim/virtual-device.ts
 import { EventEmitter as EventEmitter3 } from "node:events";

@@ -13,6 +13,7 @@ import type { AgentSession, AgentSessionOptions } from "../moonraker/session.js"
 import type { FlashEngine } from "../flash/engine.js";
 import type { FirmwareBuilder } from "../flash/build/builder.js";
 import type { McuUpdater } from "../flash/update-all.js";
+import type { OtaEngine } from "../ota/engine.js";
 import { readJournal, recoverInterruptedJob } from "../flash/guard.js";
 import { buildMethodTable, macroDialect, type RemoteMethod } from "./methods.js";
 import { parseParams } from "./params.js";
@@ -41,17 +42,23 @@ export interface AgentParts {
   build?(): FirmwareBuilder;
   /** Update-all (flash.update_all), over the agent's engine and printer. */
   update?(engine: FlashEngine, printer: PrinterPort): McuUpdater;
+  /** The OTA engine (ota.*), flashing firmware modules through the agent's flash engine. */
+  ota?(printer: PrinterPort, flash: FlashEngine): OtaEngine;
 }
 
 export class Agent {
   readonly runner: JobRunner;
   readonly session: AgentSession;
   readonly flash: FlashEngine;
+  readonly ota: OtaEngine | null;
   readonly methods: RemoteMethod[];
   private readonly console: ConsoleReporter;
   private readonly unsubscribers: Array<() => void> = [];
   private readonly startedAt = Date.now();
   private recovering = false;
+  /** OTA recovery has run in this process (it is only for what an earlier process left). */
+  private otaRecovered = false;
+  private otaRecovering = false;
   private recoveryTimer: NodeJS.Timeout | null = null;
 
   readonly config: MoonflashConfig;
@@ -72,6 +79,7 @@ export class Agent {
       flash,
       ...(parts.build ? { build: parts.build } : {}),
       ...(parts.update ? { update: () => (updater ??= parts.update!(this.flash, this.session)) } : {}),
+      ...(parts.ota ? { ota: () => this.ota! } : {}),
       info: () => this.info(),
       pendingKlipperStart: async () => {
         const journal = await readJournal(config.dataDir);
@@ -84,15 +92,19 @@ export class Agent {
       (method, params, info) => this.dispatch(byName, method, params, info.viaMacro),
     );
     this.flash = parts.flash(this.session);
+    this.ota = parts.ota ? parts.ota(this.session, this.flash) : null;
     this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }));
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
     // On every connection, not only the first: a CLI flash killed while this agent runs leaves a journal too.
-    this.session.on("identified", () => void this.recover());
+    // OTA recovery follows (not blocking the handshake): an update an earlier process left half-way is rolled back
+    // (or committed, past probation), an interrupted download resumed.
+    this.session.on("identified", () => void this.recover().then(() => this.recoverOta()));
     // A job that could not start Klipper again leaves its journal: keep trying from here, at once and then
-    // every RECOVERY_CHECK_MS (also for a CLI job that gave up and exited).
+    // every RECOVERY_CHECK_MS (also for a CLI job that gave up and exited). OTA recovery that found the lock
+    // held (another process's job) tries again after a job ends.
     this.unsubscribers.push(this.runner.on((event) => {
-      if (event.type === "result") void this.recover();
+      if (event.type === "result") void this.recover().then(() => this.recoverOta());
     }));
   }
 
@@ -162,6 +174,31 @@ export class Agent {
       this.logger.error({ err }, `could not start Klipper for the journal yet; retrying on the next connection and every ${RECOVERY_CHECK_MS / 1000} s`);
     } finally {
       this.recovering = false;
+    }
+  }
+
+  /**
+   * Runs the OTA engine's recovery once per process, when Moonraker is there to start services; again only if the
+   * job lock was held (by another process) when it tried. Logs the outcome; a recovery that acted is a job, so its
+   * result reaches the console and agent events as any job's does.
+   */
+  private async recoverOta(): Promise<void> {
+    if (!this.ota || this.otaRecovered || this.otaRecovering || this.runner.current() || !this.session.identified) return;
+    this.otaRecovering = true;
+    try {
+      const outcome = await this.ota.recover();
+      const log = this.logger.child({ ns: "recovery" });
+      if (outcome.action === "busy") {
+        log.info({ outcome }, "OTA recovery waits: another moonflash job holds the lock; retrying when a job ends");
+        return;
+      }
+      this.otaRecovered = true;
+      if (outcome.action === "none") log.debug({ outcome }, "OTA recovery: nothing to do");
+      else log[outcome.error ? "warn" : "info"]({ outcome }, `OTA recovery: ${outcome.action}, state ${outcome.state}`);
+    } catch (err) {
+      this.logger.error({ err }, "OTA recovery failed; retrying on the next connection");
+    } finally {
+      this.otaRecovering = false;
     }
   }
 

@@ -11,6 +11,7 @@ import type { JobRecord } from "../core/history.js";
 import type { FlashEngine } from "../flash/engine.js";
 import type { FirmwareBuilder } from "../flash/build/builder.js";
 import type { McuUpdater } from "../flash/update-all.js";
+import type { DownloadParams, OtaEngine, OtaStatus, PackageSummary } from "../ota/engine.js";
 import { FLASH_METHODS } from "../flash/types.js";
 import { mcuUserName } from "../flash/mcu-name.js";
 import { versionSummary } from "../flash/versions.js";
@@ -42,6 +43,8 @@ export interface MethodDeps {
   build?: () => FirmwareBuilder;
   /** Update-all (flash.update_all); absent where nothing builds. */
   update?: () => McuUpdater;
+  /** The OTA engine (ota.*); a getter for the same reason as `flash`. */
+  ota?: () => OtaEngine;
   /** agent.info's content; built by the agent, which knows the session and config. */
   info(): Record<string, unknown>;
   /** A job that ended without confirming Klipper runs again: the agent keeps starting it (the journal says so). */
@@ -123,8 +126,102 @@ async function rollbackMcuMissing(flash: FlashEngine): Promise<MoonflashError> {
   return new MoonflashError("INVALID_PARAMS", `FLASH_ROLLBACK needs MCU=<name>. ${list}`, { method: "flash.rollback", missing: "mcu", candidates });
 }
 
+/** The OTA engine, or INTERNAL where this process runs none (a table built for docs or tests). */
+function otaEngine(deps: MethodDeps): OtaEngine {
+  if (!deps.ota) throw new MoonflashError("INTERNAL", "This moonflash process runs no OTA engine.");
+  return deps.ota();
+}
+
+export type OtaStatusResult = OtaStatus & {
+  /** A running job of another kind (a flash), which an OTA job would wait for: one job at a time. */
+  other: { id: string; kind: JobKind; target: string } | null;
+  /** The last 10 OTA jobs, newest first. */
+  last: JobRecord[];
+};
+
+async function otaStatus(deps: MethodDeps): Promise<OtaStatusResult> {
+  const engine = otaEngine(deps);
+  // From memory; the first call reads state.json once, in case no job and no recovery has run yet.
+  await engine.load();
+  const current = deps.runner.current();
+  return {
+    ...engine.status(),
+    other: current && current.kind !== "ota" ? { id: current.id, kind: current.kind, target: current.target } : null,
+    last: deps.runner.history("ota", 10),
+  };
+}
+
+const packageName = (s: Pick<OtaStatus, "package" | "url">): string =>
+  s.package?.name ? `${s.package.name}${s.package.version ? ` ${s.package.version}` : ""}` : (s.url ?? "the update");
+
+/** Ends a sentence once: engine messages mostly end with their own period. */
+const sentence = (text: string): string => (/[.!?]$/.test(text) ? text : `${text}.`);
+
+/** OTA_STATUS's console line: what OTA is doing, or where the last update stands and what to do next. */
+export function describeOta(s: OtaStatusResult): string {
+  if (s.job) {
+    const pct = s.percent === null ? "" : ` ${s.percent}%`;
+    const eta = s.eta === null ? "" : `, ${s.eta} s left`;
+    const module = s.module ? `, module ${s.module.id} (${s.module.index}/${s.module.count})` : "";
+    return `moonflash: OTA ${s.state.replace("_", " ")} ${packageName(s)}: ${s.job.stage}${pct}${eta}${module}`;
+  }
+  const error = s.lastError ? ` [${s.lastError.code}] ${s.lastError.message}` : "";
+  let line: string;
+  switch (s.state) {
+    case "idle":
+      line = "moonflash: no OTA update has been downloaded yet. Download one with OTA_DOWNLOAD URL=<package url> MD5=<md5>.";
+      break;
+    case "downloading":
+      line = `moonflash: the download of ${s.url ?? "the package"} stopped before it finished. OTA_DOWNLOAD with the same URL resumes it.`;
+      break;
+    case "downloaded":
+      line = "moonflash: the OTA package is downloaded but not verified yet. OTA_INSTALL verifies it first.";
+      break;
+    case "verified":
+      line = `moonflash: OTA package ${packageName(s)} is downloaded and verified. Install it with OTA_INSTALL.${error ? sentence(` The last try failed:${error}`) : ""}`;
+      break;
+    case "committed":
+      line = `moonflash: ${packageName(s)} is installed. OTA_ROLLBACK restores what was there before it.`;
+      break;
+    case "rolled_back":
+      line = `moonflash: ${packageName(s)} was rolled back${error ? sentence(` after${error}`) : " on request."} The previous version is in place.`;
+      break;
+    case "failed":
+      line = sentence(`moonflash: the last OTA update failed${error}`);
+      break;
+    default:
+      line = `moonflash: the update ${packageName(s)} was interrupted (${s.state.replace("_", " ")}). It is rolled back when the agent starts, or now with OTA_ROLLBACK.`;
+  }
+  const installed = s.installed && s.state !== "committed" ? ` Installed: ${s.installed.name} ${s.installed.version}.` : "";
+  const other = s.other ? ` A ${s.other.kind} job on ${jobTarget(s.other.kind, s.other.target)} is running.` : "";
+  return `${line}${installed}${other}`;
+}
+
+const HEX = (digits: number, what: string) =>
+  z.string({ error: `expected ${digits} hex digits (${what})` }).check(z.regex(new RegExp(`^[0-9A-Fa-f]{${digits}}$`), `expected ${digits} hex digits (${what})`));
+
+/** A byte count: a whole number, also as a string of digits (a macro's SIZE= without |int). */
+const byteCount = z.pipe(
+  z.transform((value: unknown) => (typeof value === "string" && /^\s*\d+\s*$/.test(value) ? Number(value) : value)),
+  z.int({ error: "expected the package's size in bytes, a whole number" }).check(z.nonnegative("expected the package's size in bytes, a whole number")),
+);
+
+/** ota.download's params; the CLI's `ota download` checks its arguments with it too, before it connects. */
+export const otaDownloadParams = z.strictObject({
+  url: z.string({ error: "required: the package's http:// or https:// URL" }).check(
+    z.regex(/^https?:\/\/\S+$/i, "expected the package's http:// or https:// URL"),
+  ),
+  md5: HEX(32, "the package's MD5"),
+  sha256: z.optional(HEX(64, "the package's SHA-256")),
+  size: z.optional(byteCount),
+});
+
 export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
   const { runner } = deps;
+  // ota.download of the URL being downloaded joins that download instead of answering BUSY: a client that lost
+  // its answer (or a second click on the macro) asks again, and an interrupted one resumes where it stopped.
+  let download: { key: string; result: Promise<PackageSummary> } | null = null;
+  const downloadKey = (p: DownloadParams) => JSON.stringify([p.url, p.md5.toLowerCase(), p.sha256?.toLowerCase() ?? null, p.size ?? null]);
   return [
     define({
       name: "agent.info",
@@ -140,13 +237,6 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       handler: () => jobStatus(deps, "flash"),
       summary: (s) => describeStatus("flash", s),
       macro: { command: "MOONFLASH_STATUS" },
-    }),
-    define({
-      name: "ota.status",
-      description: "The running OTA job with its progress, and the last OTA results.",
-      params: noParams,
-      handler: () => jobStatus(deps, "ota"),
-      summary: (s) => describeStatus("ota", s),
     }),
     define({
       name: "flash.devices",
@@ -262,6 +352,60 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
         const target = job?.id === r.cancelled ? job.target : runner.history("flash", 10).find((j) => j.id === r.cancelled)?.target;
         return `moonflash: cancelling the flash${target === undefined ? "" : ` of ${mcuUserName(target)}`}`;
       },
+    }),
+    define({
+      name: "ota.status",
+      description: "What OTA is doing (state, stage, download bytes/speed/ETA, module k/n), the installed update, and the last OTA results.",
+      params: noParams,
+      handler: () => otaStatus(deps),
+      summary: (s) => describeOta(s),
+      macro: { command: "OTA_STATUS" },
+    }),
+    define({
+      name: "ota.download",
+      description: "Download an OTA package and verify it (MD5, SHA-256, signature, manifest, every file); the same URL again resumes or joins it.",
+      params: otaDownloadParams,
+      handler: async ({ url, md5, sha256, size }) => {
+        const params: DownloadParams = { url, md5, ...(sha256 === undefined ? {} : { sha256 }), ...(size === undefined ? {} : { size }) };
+        const key = downloadKey(params);
+        if (download?.key === key) return download.result;
+        const result = otaEngine(deps).download(params);
+        const mine = { key, result };
+        download = mine;
+        try {
+          return await result;
+        } finally {
+          if (download === mine) download = null;
+        }
+      },
+      // No summary: the job's result line tells the console.
+      macro: { command: "OTA_DOWNLOAD", params: { url: "URL", md5: "MD5", sha256: "SHA256", size: "SIZE" } },
+    }),
+    define({
+      name: "ota.install",
+      description: "Install the downloaded package: back up, stop the updated services (and Klipper for firmware), replace files, flash, start, probation; rolls back by itself on failure.",
+      params: noParams,
+      handler: async () => otaEngine(deps).install(),
+      macro: { command: "OTA_INSTALL" },
+    }),
+    define({
+      name: "ota.cancel",
+      description: "Cancel the running OTA job; allowed while it downloads, verifies and checks, not once files are replaced.",
+      params: noParams,
+      handler: async () => ({ cancelled: otaEngine(deps).cancel().id }),
+      summary: (r) => {
+        const job = runner.current();
+        const target = job?.id === r.cancelled ? job.target : runner.history("ota", 10).find((j) => j.id === r.cancelled)?.target;
+        return `moonflash: cancelling the OTA job${target === undefined ? "" : ` ${target}`}`;
+      },
+      macro: { command: "OTA_CANCEL" },
+    }),
+    define({
+      name: "ota.rollback",
+      description: "Restore what was installed before the last OTA update (files, firmware, services), or finish an interrupted update's rollback.",
+      params: noParams,
+      handler: async () => otaEngine(deps).rollback(),
+      macro: { command: "OTA_ROLLBACK" },
     }),
   ];
 }

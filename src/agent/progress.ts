@@ -45,16 +45,22 @@ export function consoleReachable(state: PrinterState): boolean {
   return state.moonrakerConnected && state.klippyConnected && ["ready", "error", "shutdown"].includes(state.klippyState);
 }
 
-/** A job's target as a console user types it: "toolhead" for the flash of [mcu toolhead] (FLASH_MCU MCU=toolhead). */
-function targetName(kind: JobKind, target: string): string {
-  return kind === "flash" ? mcuUserName(target) : target;
+/**
+ * Who a console line is about: "moonflash: flash toolhead" for the flash of [mcu toolhead] (as FLASH_MCU MCU=toolhead
+ * names it), "moonflash: OTA acme-k1 1.4.0" or "moonflash: OTA download https://…/k1.zip" for an OTA job.
+ */
+function jobWho(kind: JobKind, target: string): string {
+  if (kind === "flash") return `moonflash: flash ${mcuUserName(target)}`;
+  // A recovery's target names the update's id ("recovery ota-2026…"): the console reader needs no id.
+  return `moonflash: OTA ${target.startsWith("recovery ") ? "recovery" : target}`;
 }
 
 /** The console line a job's result becomes: what happened, in the words of someone at the printer. */
 export function resultLine(event: Extract<JobEvent, { type: "result" }>): { message: string; type: LineType } {
-  const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
+  const who = jobWho(event.kind, event.target);
   if (!event.ok) return { message: `${who} failed [${event.code ?? "INTERNAL"}] ${event.message ?? ""}`.trim(), type: "error" };
   const d = (event.details ?? {}) as Record<string, unknown>;
+  if (event.kind === "ota") return { message: otaLine(who, d), type: "command" };
   if (event.kind === "flash" && Array.isArray(d.plan) && Array.isArray(d.mcus)) return { message: updateLine(d as unknown as UpdateAllResult), type: "command" };
   if (event.kind === "flash" && d.dry_run === true) {
     const plan = (d.plan ?? {}) as Record<string, unknown>;
@@ -75,6 +81,50 @@ export function resultLine(event: Extract<JobEvent, { type: "result" }>): { mess
     return { message: `${who}: flashed with ${d.method}${seconds} (${String(d.bytes)} bytes${verified}).${klipper}`, type: "command" };
   }
   return { message: `${who}: done`, type: "command" };
+}
+
+const plural = (n: number, one: string, many = `${one}s`): string => `${n} ${n === 1 ? one : many}`;
+
+/** An OTA job's outcome: a download (PackageSummary), an install, a rollback or a recovery (src/ota/engine.ts). */
+function otaLine(who: string, d: Record<string, unknown>): string {
+  const pkg = `${String(d.name ?? "the update")}${typeof d.version === "string" && d.version !== "" ? ` ${d.version}` : ""}`;
+  const firmware = Array.isArray(d.firmware) && d.firmware.length > 0 ? d.firmware.join(", ") : null;
+  if (typeof d.signed === "boolean" && Array.isArray(d.modules)) {
+    return `${who}: ${pkg} downloaded and verified (${String(d.size)} bytes, ${plural(d.modules.length, "module")}, ${d.signed ? "signature valid" : "not signed"}). Install it with OTA_INSTALL.`;
+  }
+  if (typeof d.probationMs === "number" && typeof d.files === "object" && d.files !== null) {
+    const f = d.files as { written: number; replaced: number; added: number };
+    const services = Array.isArray(d.services) && d.services.length > 0 ? d.services.join(", ") : null;
+    return (
+      `${who}: installed: ${plural(f.written, "file")} (${f.replaced} replaced, ${f.added} new)${firmware ? `, firmware of ${firmware} flashed` : ""}. ` +
+      `Probation passed (Klipper ready${services ? `, ${services} running` : ""}). OTA_ROLLBACK restores the previous version.`
+    );
+  }
+  if (typeof d.restored === "number" && typeof d.removed === "number") {
+    const reason = d.reason as { code?: string } | null;
+    return (
+      `${who}: ${pkg} rolled back${reason?.code ? ` after [${reason.code}]` : ""}: ${plural(d.restored, "file")} restored, ${d.removed} removed` +
+      `${firmware ? `, firmware of ${firmware} restored` : ""}. The previous version is in place.`
+    );
+  }
+  if (typeof d.action === "string") {
+    const error = d.error as { code: string; message: string } | null;
+    const why = error ? ` [${error.code}] ${error.message}` : "";
+    switch (d.action) {
+      case "rolled-back":
+        return `${who}: the update that was interrupted was rolled back. The previous version is in place.${why}`;
+      case "committed":
+        return `${who}: the update had passed its probation before moonflash stopped, so it stays installed.`;
+      case "resumed-download":
+      case "verified":
+        return `${who}: the interrupted download was taken up again: ${String(d.state).replace("_", " ")}.${why}`;
+      case "gave-up":
+        return `${who}: moonflash gave up on the interrupted update.${why}`;
+      default:
+        return `${who}: leftovers of an earlier update were cleaned up.${why}`;
+    }
+  }
+  return `${who}: done`;
 }
 
 /** What backup_before_flash adds to the plan of one MCU. */
@@ -140,12 +190,16 @@ export class ConsoleReporter {
 
   /** Job events → console lines: the stop of Klipper, progress at each quarter, warnings, results and notices. */
   readonly onJobEvent = (event: JobEvent): void => {
-    const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
+    const who = jobWho(event.kind, event.target);
     switch (event.type) {
       case "stage":
         // "plan" is the pre-flight of a flash (a build or an update has stages of its own).
         if (event.stage === "plan") this.say(`${who}: checking the board and the firmware`, "command", false);
-        else if (event.stage === "stop-klipper") {
+        else if (event.kind === "ota" && event.stage === "backup") {
+          // The last step before an install stops anything; said while the console still works.
+          // (The backup's directory is in the job's log and ota.install's result; the console gets no paths or ids.)
+          this.say(`${who}: backing up the files it replaces. Then the services the update names stop while the new files go in, and the result appears here when Klipper is back.`);
+        } else if (event.stage === "stop-klipper") {
           // Pre-flight has passed and Klipper is about to stop; said while the console still works.
           this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.`);
         } else if (event.message && event.stage !== "start-klipper") this.say(`${who}: ${event.message}`, "command", false);

@@ -1,7 +1,7 @@
 // moonflash command line: arguments, rendering and exit codes around the same engines the agent uses.
 // Exit codes: 0 ok, 1 failure, 2 usage.
 
-import { Command, CommanderError, Option } from "commander";
+import { Command, CommanderError, InvalidArgumentError, Option } from "commander";
 import { homedir } from "node:os";
 import { join, resolve } from "node:path";
 import { VERSION } from "../version.js";
@@ -134,6 +134,109 @@ export function buildProgram(): Command {
       });
     });
 
+  const ota = program
+    .command("ota")
+    .description("OTA updates: download and verify a package, install it (rolled back by itself on failure), status, cancel, rollback; pack, sign and keygen for vendors");
+
+  ota
+    .command("download")
+    .description("download an OTA package and verify it (MD5, SHA-256, signature, manifest, every file); the same URL again resumes")
+    .argument("<url>", "the package's http:// or https:// URL")
+    .requiredOption("--md5 <hex>", "the package's MD5 (32 hex digits)")
+    .option("--sha256 <hex>", "the package's SHA-256 (64 hex digits), checked too")
+    .option("--size <bytes>", "the package's size in bytes", (v) => parseCount("--size", v))
+    .addOption(dataOption())
+    .option("--json", "print job events and the result as JSON lines")
+    .action(async (url: string, opts: { data: string; md5: string; sha256?: string; size?: number; json?: boolean }) => {
+      process.exitCode = await (await import("./ota.js")).runOtaDownload({
+        dataDir: opts.data,
+        url,
+        md5: opts.md5,
+        ...(opts.sha256 ? { sha256: opts.sha256 } : {}),
+        ...(opts.size === undefined ? {} : { size: opts.size }),
+        json: !!opts.json,
+      });
+    });
+
+  ota
+    .command("install")
+    .description("install the downloaded package: back up, stop the services it names, replace files, flash firmware, start, probation; rolls back on failure")
+    .addOption(dataOption())
+    .option("--json", "print job events and the result as JSON lines")
+    .action(async (opts: { data: string; json?: boolean }) => {
+      process.exitCode = await (await import("./ota.js")).runOtaInstall({ dataDir: opts.data, json: !!opts.json });
+    });
+
+  ota
+    .command("status")
+    .description("the update's state, the running job and the last OTA results")
+    .addOption(dataOption())
+    .option("--json", "print JSON")
+    .action(async (opts: { data: string; json?: boolean }) => {
+      process.exitCode = await (await import("./ota.js")).runOtaStatus({ dataDir: opts.data, json: !!opts.json });
+    });
+
+  ota
+    .command("cancel")
+    .description("cancel the service's running OTA job (download, verify, checks; not once files are replaced)")
+    .addOption(dataOption())
+    .option("--json", "print JSON")
+    .action(async (opts: { data: string; json?: boolean }) => {
+      process.exitCode = await (await import("./ota.js")).runOtaCancel({ dataDir: opts.data, json: !!opts.json });
+    });
+
+  ota
+    .command("rollback")
+    .description("restore what was installed before the last OTA update (files, firmware, services)")
+    .addOption(dataOption())
+    .option("--json", "print job events and the result as JSON lines")
+    .action(async (opts: { data: string; json?: boolean }) => {
+      process.exitCode = await (await import("./ota.js")).runOtaRollback({ dataDir: opts.data, json: !!opts.json });
+    });
+
+  ota
+    .command("pack")
+    .description("make a package: manifest.json (sha256 and size filled in) and the files it names, signed with --key")
+    .argument("<manifest>", "manifest.json, or a directory holding it; files are found relative to it")
+    .requiredOption("--out <zip>", "the package to write")
+    .option("--key <private.pem>", "sign the manifest with this Ed25519 private key (ota keygen)")
+    .option("--file <src=path...>", "take the manifest's src from this path instead")
+    .option("--json", "print JSON")
+    .action(async (manifest: string, opts: { out: string; key?: string; file?: string[]; json?: boolean }) => {
+      process.exitCode = await (await import("./ota.js")).runOtaPack({
+        input: expandHome(manifest),
+        out: expandHome(opts.out),
+        ...(opts.key ? { key: expandHome(opts.key) } : {}),
+        files: opts.file ?? [],
+        json: !!opts.json,
+      });
+    });
+
+  ota
+    .command("sign")
+    .description("write manifest.sig for a complete manifest.json (the signature pack --key puts into a package)")
+    .argument("<manifest>", "the manifest.json to sign")
+    .requiredOption("--key <private.pem>", "the Ed25519 private key (ota keygen)")
+    .option("--out <file>", "where to write the signature (default manifest.sig beside the manifest)")
+    .option("--json", "print JSON")
+    .action(async (manifest: string, opts: { key: string; out?: string; json?: boolean }) => {
+      process.exitCode = await (await import("./ota.js")).runOtaSign({
+        manifest: expandHome(manifest),
+        key: expandHome(opts.key),
+        ...(opts.out ? { out: expandHome(opts.out) } : {}),
+        json: !!opts.json,
+      });
+    });
+
+  ota
+    .command("keygen")
+    .description("make an Ed25519 key pair for signing packages: private.pem and public.pem")
+    .requiredOption("--out <dir>", "directory for the two files (never overwritten)")
+    .option("--json", "print JSON")
+    .action(async (opts: { out: string; json?: boolean }) => {
+      process.exitCode = await (await import("./ota.js")).runOtaKeygen({ out: expandHome(opts.out), json: !!opts.json });
+    });
+
   program
     .command("virtual-device")
     .description("serve a virtual Katapult board on a pseudo-terminal, to try moonflash without hardware")
@@ -152,9 +255,16 @@ export function buildProgram(): Command {
   return program;
 }
 
+function parseCount(name: string, value: string): number {
+  const n = /^\d+$/.test(value) ? Number(value) : NaN;
+  // InvalidArgumentError: commander prints it (naming the option) and exits through exitOverride.
+  if (!Number.isSafeInteger(n)) throw new InvalidArgumentError(`${name} expects a whole number of bytes, got '${value}'`);
+  return n;
+}
+
 function parsePositiveInt(name: string, value: string): number {
   const n = Number(value);
-  if (!Number.isInteger(n) || n <= 0) throw new CommanderError(EXIT_USAGE, "moonflash.invalidArgument", `${name} expects a positive integer, got '${value}'`);
+  if (!Number.isInteger(n) || n <= 0) throw new InvalidArgumentError(`${name} expects a positive integer, got '${value}'`);
   return n;
 }
 

@@ -148,7 +148,7 @@ export function runRollback(opts: { dataDir: string; mcu: string; dryRun: boolea
 }
 
 /** Stand-in port for listing devices or checking versions while Moonraker is unreachable: no Klipper, nothing to stop. */
-function offlinePrinter(): PrinterPort {
+export function offlinePrinter(): PrinterPort {
   const unavailable = (): Promise<never> => Promise.reject(new MoonflashError("MOONRAKER_UNAVAILABLE", "Moonraker is not reachable."));
   const state = initialPrinterState();
   return {

@@ -4,11 +4,13 @@
 
 import { EventEmitter } from "node:events";
 import type { CanbusNode, McuReport, PrinterPort, PrinterState, SerialPeripheral } from "../core/printer.js";
+import { ERROR_CODES, MoonflashError, type ErrorCode } from "../core/errors.js";
 import { MoonrakerConnection, type ConnectionOptions } from "./connection.js";
 import { isKlipperAway, klipperNotConnected, requestFailed } from "./failures.js";
 import { asRecord } from "./klipper-tracker.js";
 import { KlippyFollower } from "./klippy-follower.js";
 import { readMcuReport } from "./mcu-list.js";
+import { MoonrakerRpcError } from "./rpc.js";
 import { ServiceControl } from "./services.js";
 
 export type { MoonrakerEndpoint } from "./transport.js";
@@ -119,6 +121,24 @@ export class AgentSession implements PrinterPort {
   async canbusNodes(iface: string): Promise<CanbusNode[]> {
     const result = asRecord(await this.call("machine.peripherals.canbus", { interface: iface }));
     return Array.isArray(result?.can_uuids) ? (result.can_uuids as CanbusNode[]) : [];
+  }
+
+  /**
+   * server.extensions.request: calls a remote method of another agent (the CLI asking the moonflash service). An
+   * error that agent answers comes back as its MoonflashError (code, message, details from the 424's data).
+   */
+  async agentRequest(agent: string, method: string, args: Record<string, unknown> = {}): Promise<unknown> {
+    const peer = this.connection.requirePeer();
+    try {
+      return await peer.request("server.extensions.request", { agent, method, arguments: args });
+    } catch (err) {
+      const data = err instanceof MoonrakerRpcError ? asRecord(err.data) : undefined;
+      const ours = asRecord(data?.data);
+      if (typeof data?.message === "string" && typeof ours?.code === "string" && Object.hasOwn(ERROR_CODES, ours.code)) {
+        throw new MoonflashError(ours.code as ErrorCode, data.message, asRecord(ours.details) ?? {});
+      }
+      throw requestFailed(err);
+    }
   }
 
   private async call(method: string, params?: Record<string, unknown>): Promise<unknown> {

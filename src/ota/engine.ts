@@ -256,7 +256,8 @@ export class OtaEngine {
       stage: job?.stage ?? null,
       updateId: st?.updateId ?? null,
       package: st?.package ? { name: st.package.name, version: st.package.version, size: st.package.size } : null,
-      url: st?.download?.url ?? null,
+      // Without query or credentials: a signed URL's token must not reach the console or status pages.
+      url: st?.download?.url ? safeUrl(st.download.url) : null,
       bytes: st?.state === "downloading" ? bytes : st?.package?.size != null ? { done: st.package.size, total: st.package.size } : null,
       percent,
       speed: st?.state === "downloading" ? speed : null,
@@ -268,6 +269,11 @@ export class OtaEngine {
       history: st?.history.map((h) => h.state) ?? [],
       job,
     };
+  }
+
+  /** Reads state.json and the backups once, acting on nothing, so status() tells them before any job or recover(). */
+  async load(): Promise<void> {
+    await this.ensureLoaded();
   }
 
   /** Downloads and verifies a package (resuming a part left by an earlier call); the state ends `verified`. */

@@ -36,7 +36,9 @@ describe("parseConfig", () => {
         service_timeout: 90,
       },
       mcus: {},
-      ota: { manifest_url: null, channel: "stable" },
+      ota: {
+        roots: {}, public_key: null, http_port: null, http_bind: "127.0.0.1", callback_url: null, probation_timeout: 120, keep_backups: 2, limits: {},
+      },
     });
   });
 
@@ -79,8 +81,18 @@ describe("parseConfig", () => {
         "flash_size: 65536",
         "",
         "[ota]",
-        "manifest_url: https://example.com/moonflash/manifest.json",
-        "channel: beta",
+        "roots:",
+        "  config = ~/printer_data/config/",
+        "  klipper=/opt/klipper",
+        `public_key: ${"A".repeat(43)}=`,
+        "http_port: 7130",
+        "http_bind: 0.0.0.0",
+        "callback_url: https://vendor.example.com/ota/result",
+        "probation_timeout: 300",
+        "keep_backups: 3",
+        "limits:",
+        "  file_size=64M",
+        "  download_size=1G",
       ].join("\n"),
       FILE,
       "/data",
@@ -127,7 +139,16 @@ describe("parseConfig", () => {
       timeout: 300,
     });
     expect(cfg.mcus["mcu ch32"]).toMatchObject({ method: ["wchisp"], wchisp_transport: "serial", flash_size: 65536 });
-    expect(cfg.ota).toEqual({ manifest_url: "https://example.com/moonflash/manifest.json", channel: "beta" });
+    expect(cfg.ota).toEqual({
+      roots: { config: join(homedir(), "printer_data/config"), klipper: "/opt/klipper" },
+      public_key: `${"A".repeat(43)}=`,
+      http_port: 7130,
+      http_bind: "0.0.0.0",
+      callback_url: "https://vendor.example.com/ota/result",
+      probation_timeout: 300,
+      keep_backups: 3,
+      limits: { maxFileBytes: 64 * 1024 ** 2, maxDownloadBytes: 1024 ** 3 },
+    });
   });
 
   it("treats an empty option as not set and leaves method null (auto) by default", () => {
@@ -160,8 +181,10 @@ describe("parseConfig", () => {
     ["[mcu]\nlinux_mcu_path: klipper_mcu\n", 2, "linux_mcu_path", "expected an absolute path (or one starting with ~/), got 'klipper_mcu'"],
     ["[moonflash]\nlog_level: verbose\n", 2, "log_level", "expected one of debug | info | warn | error, got 'verbose'"],
     ["[moonflash]\nmoonraker_url: http://host:7125\n", 2, "moonraker_url", "expected a websocket URL such as ws://host:7125/websocket, got 'http://host:7125'"],
-    ["[ota]\nmanifest_url: http://example.com/m.json\n", 2, "manifest_url", "expected an https URL, got 'http://example.com/m.json'"],
-    ["[ota]\n\nchannel: nightly\n", 3, "channel", "expected one of stable | beta, got 'nightly'"],
+    ["[ota]\nprobation_timeout: 1\n", 2, "probation_timeout", "expected an integer from 5 to 3600, got '1'"],
+    ["[ota]\n\nkeep_backups: 0\n", 3, "keep_backups", "expected an integer from 1 to 20, got '0'"],
+    ["[ota]\nroots:\n  config=relative/dir\n", 2, "roots", "expected an absolute directory (or one starting with ~/) for root 'config', got 'relative/dir'"],
+    ["[ota]\ncallback_url: ftp://vendor.example.com/\n", 2, "callback_url", "expected an http:// or https:// URL, got 'ftp://vendor.example.com/'"],
   ])("rejects a bad value: %j", (text, line, option, problem) => {
     const section = /^\[([^\]]+)\]/.exec(text)![1]!;
     const err = configError(text);
@@ -182,8 +205,12 @@ describe("parseConfig", () => {
   });
 
   it("rejects an unknown option without a hint by listing what the section accepts, even when empty", () => {
-    const err = configError("[ota]\nchannel: beta\nfrobnicate:\n");
-    expect(err.message).toBe(`${FILE}:3: [ota] frobnicate: unknown option; [ota] accepts manifest_url, channel`);
+    const err = configError("[ota]\nkeep_backups: 3\nfrobnicate:\n");
+    expect(err.message).toBe(
+      `${FILE}:3: [ota] frobnicate: unknown option; [ota] accepts roots, public_key, http_port, http_bind, callback_url, probation_timeout, keep_backups, limits`,
+    );
+    // The options of the placeholder section before OTA was wired are errors now.
+    expect(configError("[ota]\nmanifest_url: https://example.com/m.json\n").message).toContain("[ota] manifest_url: unknown option");
   });
 
   it("rejects unknown sections, with a hint when close", () => {
@@ -247,7 +274,7 @@ describe("loadConfig", () => {
 describe("configSummary", () => {
   it("hides the api key and URL credentials but shows everything else", () => {
     const cfg = parseConfig(
-      "[moonflash]\napi_key: s3cret\nmoonraker_url: wss://user:pw@host/websocket\n[mcu]\nbaud: 1\n",
+      "[moonflash]\napi_key: s3cret\nmoonraker_url: wss://user:pw@host/websocket\n[mcu]\nbaud: 1\n[ota]\ncallback_url: https://vendor:t0ken@example.com/ota\nroots:\n  config=/data/config\n",
       FILE,
       "/data",
     );
@@ -257,6 +284,9 @@ describe("configSummary", () => {
     expect(text).not.toContain("pw@");
     expect(summary.moonflash).toMatchObject({ api_key: "(set, hidden)", moonraker_url: "wss://host/websocket", log_level: "info" });
     expect(summary.mcus).toEqual(cfg.mcus);
+    expect(text).not.toContain("t0ken");
+    expect(summary.ota).toMatchObject({ callback_url: "https://example.com/ota", roots: { config: "/data/config" } });
     expect(cfg.moonflash.api_key).toBe("s3cret");
+    expect(cfg.ota.callback_url).toBe("https://vendor:t0ken@example.com/ota");
   });
 });

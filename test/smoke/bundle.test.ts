@@ -1,6 +1,7 @@
 // What a printer runs after `git pull`: the committed bundle, not src/. `node dist/moonflash.mjs serve` as a real
-// child process against the fake Moonraker's unix socket; it must register, answer through Moonraker, and stop
-// cleanly on SIGTERM (what systemd sends).
+// child process against the fake Moonraker's unix socket, with the node options of package.json's `start` (what the
+// service runs: --lite-mode has no JIT and no WebAssembly, so a dependency that needs them fails here); it must
+// register, answer through Moonraker, and stop cleanly on SIGTERM (what systemd sends).
 
 import { afterEach, beforeEach, expect, it } from "vitest";
 import { cp, mkdtemp, mkdir, readFile, rm, symlink } from "node:fs/promises";
@@ -32,11 +33,19 @@ afterEach(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
+/** The node options of `npm start` (`node <options> dist/moonflash.mjs serve`), which the systemd unit runs too. */
+async function serviceNodeOptions(): Promise<string[]> {
+  const start = (JSON.parse(await readFile(join(repo, "package.json"), "utf8")) as { scripts: { start: string } }).scripts.start.split(/\s+/);
+  expect(start[0]).toBe("node");
+  expect(start.slice(-2)).toEqual(["dist/moonflash.mjs", "serve"]);
+  return start.slice(1, -2);
+}
+
 /** Runs `serve` from `bundle` until it answers flash.status through Moonraker, then stops it with SIGTERM. */
 async function serveOnce(bundle: string): Promise<void> {
   const { version } = JSON.parse(await readFile(join(repo, "package.json"), "utf8")) as { version: string };
   // cwd outside the checkout: a systemd unit need not set one. No --config: the data dir's defaults apply.
-  child = execa("node", [bundle, "serve", "--data", data], { cwd: dir, reject: false, timeout: 30_000 });
+  child = execa("node", [...(await serviceNodeOptions()), bundle, "serve", "--data", data], { cwd: dir, reject: false, timeout: 30_000 });
   await moonraker.waitFor(() => moonraker.remoteMethods().includes("flash.status") || child?.exitCode !== null, 15_000);
   if (child.exitCode !== null) expect.fail(`serve exited early (${child.exitCode}):\n${String((await child).stderr)}`);
   expect(moonraker.agents()).toEqual([expect.objectContaining({ name: "moonflash", type: "agent", version })]);

@@ -10,11 +10,11 @@ import {
   isProcessAlive,
   readJobLock,
   readJournal
-} from "./shared-build+moonflash+offline.mjs";
+} from "./shared-build+moonflash+offline+ota.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+moonflash+offline+virtual-device.mjs";
+} from "./shared-build+moonflash+offline+ota+virtual-device.mjs";
 
 // src/cli/render.ts
 import { createRequire } from "node:module";
@@ -102,6 +102,20 @@ function summarize(result) {
   const r = result;
   if (r && typeof r === "object" && "method" in r && "elapsed_ms" in r) {
     return `[${String(r.mcu)}] flashed with ${String(r.method)} in ${(Number(r.elapsed_ms) / 1e3).toFixed(1)} s, ${String(r.bytes)} bytes${r.verified ? ", verified" : ""}; Klipper ${r.klipper_restarted ? "restarted" : "not restarted"}`;
+  }
+  if (r && typeof r === "object" && typeof r.updateId === "string") {
+    const pkg = `${String(r.name)} ${String(r.version)}`;
+    if (typeof r.signed === "boolean" && Array.isArray(r.modules)) {
+      return `${pkg} downloaded and verified: ${String(r.size)} bytes, ${r.modules.length} module(s), ${r.signed ? "signature valid" : "not signed"}. Install it with moonflash ota install.`;
+    }
+    const firmware = Array.isArray(r.firmware) && r.firmware.length > 0 ? `; firmware of ${r.firmware.join(", ")}` : "";
+    if (typeof r.probationMs === "number") {
+      const files = r.files;
+      return `${pkg} installed: ${files.written} file(s), ${files.replaced} replaced, ${files.added} new${firmware ? `${firmware} flashed` : ""}; probation passed in ${(r.probationMs / 1e3).toFixed(1)} s. Old files: ${String(r.backup)}`;
+    }
+    if (typeof r.restored === "number") {
+      return `${pkg} rolled back: ${r.restored} file(s) restored, ${String(r.removed)} removed${firmware ? `${firmware} restored` : ""}`;
+    }
   }
   return JSON.stringify(result, null, 2);
 }
@@ -266,5 +280,6 @@ export {
   runPrinterJob,
   runFlash,
   runCheck,
-  runRollback
+  runRollback,
+  offlinePrinter
 };

@@ -17,12 +17,12 @@ import {
   toJsonRpcError,
   toMoonflashError,
   u32le
-} from "./shared-build+moonflash+offline+virtual-device.mjs";
+} from "./shared-build+moonflash+offline+ota+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./shared-build+execa+moonflash+offline+virtual-device+wrapper.mjs";
+} from "./shared-build+execa+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/pino-std-serializers/lib/err-helpers.js
 var require_err_helpers = __commonJS({
@@ -1172,7 +1172,7 @@ var require_atomic_sleep = __commonJS({
   "node_modules/atomic-sleep/index.js"(exports, module) {
     "use strict";
     if (typeof SharedArrayBuffer !== "undefined" && typeof Atomics !== "undefined") {
-      let sleep = function(ms) {
+      let sleep2 = function(ms) {
         const valid = ms > 0 && ms < Infinity;
         if (valid === false) {
           if (typeof ms !== "number" && typeof ms !== "bigint") {
@@ -1183,9 +1183,9 @@ var require_atomic_sleep = __commonJS({
         Atomics.wait(nil, 0, 0, Number(ms));
       };
       const nil = new Int32Array(new SharedArrayBuffer(4));
-      module.exports = sleep;
+      module.exports = sleep2;
     } else {
-      let sleep = function(ms) {
+      let sleep2 = function(ms) {
         const valid = ms > 0 && ms < Infinity;
         if (valid === false) {
           if (typeof ms !== "number" && typeof ms !== "bigint") {
@@ -1197,7 +1197,7 @@ var require_atomic_sleep = __commonJS({
         while (target > Date.now()) {
         }
       };
-      module.exports = sleep;
+      module.exports = sleep2;
     }
   }
 });
@@ -1210,7 +1210,7 @@ var require_sonic_boom = __commonJS({
     var EventEmitter2 = __require("events");
     var inherits = __require("util").inherits;
     var path6 = __require("path");
-    var sleep = require_atomic_sleep();
+    var sleep2 = require_atomic_sleep();
     var assert = __require("assert");
     var BUSY_WRITE_TIMEOUT = 100;
     var kEmptyBuffer = Buffer.allocUnsafe(0);
@@ -1260,11 +1260,11 @@ var require_sonic_boom = __commonJS({
         }
       }
       const flags = sonic.append ? "a" : "w";
-      const mode = sonic.mode;
+      const mode2 = sonic.mode;
       if (sonic.sync) {
         try {
           if (sonic.mkdir) fs.mkdirSync(path6.dirname(file), { recursive: true });
-          const fd = fs.openSync(file, flags, mode);
+          const fd = fs.openSync(file, flags, mode2);
           fileOpened(null, fd);
         } catch (err) {
           fileOpened(err);
@@ -1273,17 +1273,17 @@ var require_sonic_boom = __commonJS({
       } else if (sonic.mkdir) {
         fs.mkdir(path6.dirname(file), { recursive: true }, (err) => {
           if (err) return fileOpened(err);
-          fs.open(file, flags, mode, fileOpened);
+          fs.open(file, flags, mode2, fileOpened);
         });
       } else {
-        fs.open(file, flags, mode, fileOpened);
+        fs.open(file, flags, mode2, fileOpened);
       }
     }
     function SonicBoom(opts) {
       if (!(this instanceof SonicBoom)) {
         return new SonicBoom(opts);
       }
-      let { fd, dest, minLength, maxLength, maxWrite, periodicFlush, sync, append = true, mkdir: mkdir4, retryEAGAIN, fsync, contentMode, mode } = opts || {};
+      let { fd, dest, minLength, maxLength, maxWrite, periodicFlush, sync, append = true, mkdir: mkdir8, retryEAGAIN, fsync, contentMode, mode: mode2 } = opts || {};
       fd = fd || dest;
       this._len = 0;
       this.fd = -1;
@@ -1306,9 +1306,9 @@ var require_sonic_boom = __commonJS({
       this.writable = true;
       this._fsync = fsync || false;
       this.append = append || false;
-      this.mode = mode;
+      this.mode = mode2;
       this.retryEAGAIN = retryEAGAIN || (() => true);
-      this.mkdir = mkdir4 || false;
+      this.mkdir = mkdir8 || false;
       let fsWriteSync;
       let fsWrite;
       if (contentMode === kContentModeBuffer) {
@@ -1356,7 +1356,7 @@ var require_sonic_boom = __commonJS({
           if ((err.code === "EAGAIN" || err.code === "EBUSY") && this.retryEAGAIN(err, this._writingBuf.length, this._len - this._writingBuf.length)) {
             if (this.sync) {
               try {
-                sleep(BUSY_WRITE_TIMEOUT);
+                sleep2(BUSY_WRITE_TIMEOUT);
                 this.release(void 0, 0);
               } catch (err2) {
                 this.release(err2);
@@ -1669,7 +1669,7 @@ var require_sonic_boom = __commonJS({
           if (shouldRetry && !this.retryEAGAIN(err, buf.length, this._len - buf.length)) {
             throw err;
           }
-          sleep(BUSY_WRITE_TIMEOUT);
+          sleep2(BUSY_WRITE_TIMEOUT);
         }
       }
       try {
@@ -1706,7 +1706,7 @@ var require_sonic_boom = __commonJS({
           if (shouldRetry && !this.retryEAGAIN(err, buf.length, this._len - buf.length)) {
             throw err;
           }
-          sleep(BUSY_WRITE_TIMEOUT);
+          sleep2(BUSY_WRITE_TIMEOUT);
         }
       }
     }
@@ -2033,10 +2033,10 @@ var require_indexes = __commonJS({
 var require_thread_stream = __commonJS({
   "node_modules/thread-stream/index.js"(exports, module) {
     "use strict";
-    var { version: version2 } = require_package();
+    var { version: version3 } = require_package();
     var { EventEmitter: EventEmitter2 } = __require("events");
     var { Worker } = __require("worker_threads");
-    var { join: join12 } = __require("path");
+    var { join: join18 } = __require("path");
     var { pathToFileURL } = __require("url");
     var { wait } = require_wait();
     var {
@@ -2088,7 +2088,7 @@ var require_thread_stream = __commonJS({
     function createWorker(stream, opts) {
       const { filename, workerData } = opts;
       const bundlerOverrides = "__bundlerPathsOverrides" in globalThis ? globalThis.__bundlerPathsOverrides : {};
-      const toExecute = bundlerOverrides["thread-stream-worker"] || join12(__dirname, "lib", "worker.js");
+      const toExecute = bundlerOverrides["thread-stream-worker"] || join18(__dirname, "lib", "worker.js");
       const worker = new Worker(toExecute, {
         ...opts.workerOpts,
         name: opts.workerOpts?.name || "thread-stream",
@@ -2099,7 +2099,7 @@ var require_thread_stream = __commonJS({
           stateBuf: stream[kImpl].stateBuf,
           workerData: {
             $context: {
-              threadStreamVersion: version2
+              threadStreamVersion: version3
             },
             ...workerData
           }
@@ -2111,7 +2111,7 @@ var require_thread_stream = __commonJS({
       registry2.register(stream, worker);
       return worker;
     }
-    function drain(stream) {
+    function drain2(stream) {
       assert(!stream[kImpl].sync);
       if (stream[kImpl].needDrain) {
         stream[kImpl].needDrain = false;
@@ -2131,7 +2131,7 @@ var require_thread_stream = __commonJS({
             if (stream[kImpl].ending) {
               end(stream);
             } else if (stream[kImpl].needDrain) {
-              process.nextTick(drain, stream);
+              process.nextTick(drain2, stream);
             }
             return;
           }
@@ -2549,7 +2549,7 @@ var require_thread_stream = __commonJS({
         if (stream[kImpl].ending) {
           end(stream);
         } else if (stream[kImpl].needDrain) {
-          process.nextTick(drain, stream);
+          process.nextTick(drain2, stream);
         }
       };
       stream[kImpl].flushing = false;
@@ -2601,9 +2601,9 @@ var require_transport = __commonJS({
     var { createRequire: createRequire2 } = __require("module");
     var { existsSync: existsSync5 } = __require("node:fs");
     var getCallers = require_caller();
-    var { join: join12, isAbsolute: isAbsolute3, sep: sep2 } = __require("node:path");
+    var { join: join18, isAbsolute: isAbsolute6, sep: sep3 } = __require("node:path");
     var { fileURLToPath } = __require("node:url");
-    var sleep = require_atomic_sleep();
+    var sleep2 = require_atomic_sleep();
     var onExit = require_on_exit_leak_free();
     var ThreadStream = require_thread_stream();
     var { transportUsesMultistreamSym } = require_symbols();
@@ -2635,29 +2635,29 @@ var require_transport = __commonJS({
       const sanitized = [];
       let changed = false;
       for (let i = 0; i < tokens.length; i++) {
-        const token2 = tokens[i];
-        if (token2 === "--require" || token2 === "-r" || token2 === "--import") {
+        const token3 = tokens[i];
+        if (token3 === "--require" || token3 === "-r" || token3 === "--import") {
           const next = tokens[i + 1];
           if (next && shouldDropPreload(next)) {
             changed = true;
             i++;
             continue;
           }
-          sanitized.push(token2);
+          sanitized.push(token3);
           if (next) {
             sanitized.push(next);
             i++;
           }
           continue;
         }
-        if (token2.startsWith("--require=") || token2.startsWith("-r=") || token2.startsWith("--import=")) {
-          const value2 = token2.slice(token2.indexOf("=") + 1);
+        if (token3.startsWith("--require=") || token3.startsWith("-r=") || token3.startsWith("--import=")) {
+          const value2 = token3.slice(token3.indexOf("=") + 1);
           if (shouldDropPreload(value2)) {
             changed = true;
             continue;
           }
         }
-        sanitized.push(token2);
+        sanitized.push(token3);
       }
       return changed ? sanitized.join(" ") : nodeOptions;
     }
@@ -2674,7 +2674,7 @@ var require_transport = __commonJS({
           return false;
         }
       }
-      return isAbsolute3(path6) && !existsSync5(path6);
+      return isAbsolute6(path6) && !existsSync5(path6);
     }
     function stripQuotes(value2) {
       const first = value2[0];
@@ -2727,7 +2727,7 @@ var require_transport = __commonJS({
           return;
         }
         stream.flushSync();
-        sleep(100);
+        sleep2(100);
         stream.end();
       }
       return stream;
@@ -2756,7 +2756,7 @@ var require_transport = __commonJS({
         throw new Error("only one of target or targets can be specified");
       }
       if (targets) {
-        target = bundlerOverrides["pino-worker"] || join12(__dirname, "worker.js");
+        target = bundlerOverrides["pino-worker"] || join18(__dirname, "worker.js");
         options.targets = targets.filter((dest) => dest.target).map((dest) => {
           return {
             ...dest,
@@ -2777,7 +2777,7 @@ var require_transport = __commonJS({
         const pipelinesHaveLevel = options.pipelines.some((p) => p.some((t) => t.level != null));
         usesMultistream = options.targets.length + options.pipelines.length > 1 || targetsHaveLevel || pipelinesHaveLevel;
       } else if (pipeline) {
-        target = bundlerOverrides["pino-worker"] || join12(__dirname, "worker.js");
+        target = bundlerOverrides["pino-worker"] || join18(__dirname, "worker.js");
         options.pipelines = [pipeline.map((dest) => {
           return {
             ...dest,
@@ -2800,16 +2800,16 @@ var require_transport = __commonJS({
       return stream;
       function fixTarget(origin) {
         origin = bundlerOverrides[origin] || origin;
-        if (isAbsolute3(origin) || origin.indexOf("file://") === 0) {
+        if (isAbsolute6(origin) || origin.indexOf("file://") === 0) {
           return origin;
         }
         if (origin === "pino/file") {
-          return join12(__dirname, "..", "file.js");
+          return join18(__dirname, "..", "file.js");
         }
         let fixTarget2;
         for (const filePath of callers) {
           try {
-            const context = filePath === "node:repl" ? process.cwd() + sep2 : filePath;
+            const context = filePath === "node:repl" ? process.cwd() + sep3 : filePath;
             fixTarget2 = createRequire2(context).resolve(origin);
             break;
           } catch (err) {
@@ -3426,7 +3426,7 @@ var require_proto = __commonJS({
       noop
     } = require_tools();
     var {
-      version: version2
+      version: version3
     } = require_meta();
     var redaction = require_redaction();
     var constructor = class Pino {
@@ -3438,7 +3438,7 @@ var require_proto = __commonJS({
       setBindings,
       flush,
       isLevelEnabled,
-      version: version2,
+      version: version3,
       get level() {
         return this[getLevelSym]();
       },
@@ -3784,7 +3784,7 @@ var require_safe_stable_stringify = __commonJS({
               return circularValue;
             }
             let res = "";
-            let join12 = ",";
+            let join18 = ",";
             const originalIndentation = indentation;
             if (Array.isArray(value2)) {
               if (value2.length === 0) {
@@ -3798,7 +3798,7 @@ var require_safe_stable_stringify = __commonJS({
                 indentation += spacer;
                 res += `
 ${indentation}`;
-                join12 = `,
+                join18 = `,
 ${indentation}`;
               }
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
@@ -3806,13 +3806,13 @@ ${indentation}`;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyFnReplacer(String(i), value2, stack, replacer, spacer, indentation);
                 res += tmp2 !== void 0 ? tmp2 : "null";
-                res += join12;
+                res += join18;
               }
               const tmp = stringifyFnReplacer(String(i), value2, stack, replacer, spacer, indentation);
               res += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res += `${join12}"... ${getItemCount(removedKeys)} not stringified"`;
+                res += `${join18}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               if (spacer !== "") {
                 res += `
@@ -3833,7 +3833,7 @@ ${originalIndentation}`;
             let separator = "";
             if (spacer !== "") {
               indentation += spacer;
-              join12 = `,
+              join18 = `,
 ${indentation}`;
               whitespace = " ";
             }
@@ -3847,13 +3847,13 @@ ${indentation}`;
               const tmp = stringifyFnReplacer(key2, value2, stack, replacer, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}:${whitespace}${tmp}`;
-                separator = join12;
+                separator = join18;
               }
             }
             if (keyLength > maximumBreadth) {
               const removedKeys = keyLength - maximumBreadth;
               res += `${separator}"...":${whitespace}"${getItemCount(removedKeys)} not stringified"`;
-              separator = join12;
+              separator = join18;
             }
             if (spacer !== "" && separator.length > 1) {
               res = `
@@ -3894,7 +3894,7 @@ ${originalIndentation}`;
             }
             const originalIndentation = indentation;
             let res = "";
-            let join12 = ",";
+            let join18 = ",";
             if (Array.isArray(value2)) {
               if (value2.length === 0) {
                 return "[]";
@@ -3907,7 +3907,7 @@ ${originalIndentation}`;
                 indentation += spacer;
                 res += `
 ${indentation}`;
-                join12 = `,
+                join18 = `,
 ${indentation}`;
               }
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
@@ -3915,13 +3915,13 @@ ${indentation}`;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyArrayReplacer(String(i), value2[i], stack, replacer, spacer, indentation);
                 res += tmp2 !== void 0 ? tmp2 : "null";
-                res += join12;
+                res += join18;
               }
               const tmp = stringifyArrayReplacer(String(i), value2[i], stack, replacer, spacer, indentation);
               res += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res += `${join12}"... ${getItemCount(removedKeys)} not stringified"`;
+                res += `${join18}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               if (spacer !== "") {
                 res += `
@@ -3934,7 +3934,7 @@ ${originalIndentation}`;
             let whitespace = "";
             if (spacer !== "") {
               indentation += spacer;
-              join12 = `,
+              join18 = `,
 ${indentation}`;
               whitespace = " ";
             }
@@ -3943,7 +3943,7 @@ ${indentation}`;
               const tmp = stringifyArrayReplacer(key2, value2[key2], stack, replacer, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}:${whitespace}${tmp}`;
-                separator = join12;
+                separator = join18;
               }
             }
             if (spacer !== "" && separator.length > 1) {
@@ -4001,20 +4001,20 @@ ${originalIndentation}`;
               indentation += spacer;
               let res2 = `
 ${indentation}`;
-              const join13 = `,
+              const join19 = `,
 ${indentation}`;
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
               let i = 0;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyIndent(String(i), value2[i], stack, spacer, indentation);
                 res2 += tmp2 !== void 0 ? tmp2 : "null";
-                res2 += join13;
+                res2 += join19;
               }
               const tmp = stringifyIndent(String(i), value2[i], stack, spacer, indentation);
               res2 += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res2 += `${join13}"... ${getItemCount(removedKeys)} not stringified"`;
+                res2 += `${join19}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               res2 += `
 ${originalIndentation}`;
@@ -4030,16 +4030,16 @@ ${originalIndentation}`;
               return '"[Object]"';
             }
             indentation += spacer;
-            const join12 = `,
+            const join18 = `,
 ${indentation}`;
             let res = "";
             let separator = "";
             let maximumPropertiesToStringify = Math.min(keyLength, maximumBreadth);
             if (isTypedArrayWithEntries(value2)) {
-              res += stringifyTypedArray(value2, join12, maximumBreadth);
+              res += stringifyTypedArray(value2, join18, maximumBreadth);
               keys = keys.slice(value2.length);
               maximumPropertiesToStringify -= value2.length;
-              separator = join12;
+              separator = join18;
             }
             if (deterministic) {
               keys = sort(keys, comparator);
@@ -4050,13 +4050,13 @@ ${indentation}`;
               const tmp = stringifyIndent(key2, value2[key2], stack, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}: ${tmp}`;
-                separator = join12;
+                separator = join18;
               }
             }
             if (keyLength > maximumBreadth) {
               const removedKeys = keyLength - maximumBreadth;
               res += `${separator}"...": "${getItemCount(removedKeys)} not stringified"`;
-              separator = join12;
+              separator = join18;
             }
             if (separator !== "") {
               res = `
@@ -4397,7 +4397,7 @@ var require_pino = __commonJS({
       normalizeDestFileDescriptor,
       noop
     } = require_tools();
-    var { version: version2 } = require_meta();
+    var { version: version3 } = require_meta();
     var {
       chindingsSym,
       redactFmtSym,
@@ -4599,7 +4599,7 @@ var require_pino = __commonJS({
     module.exports.stdSerializers = serializers;
     module.exports.stdTimeFunctions = Object.assign({}, time2);
     module.exports.symbols = symbols;
-    module.exports.version = version2;
+    module.exports.version = version3;
     module.exports.default = pino2;
     module.exports.pino = pino2;
   }
@@ -4736,11 +4736,11 @@ var require_client = __commonJS({
     "use strict";
     var __awaiter = exports && exports.__awaiter || function(thisArg, _arguments, P, generator) {
       function adopt(value2) {
-        return value2 instanceof P ? value2 : new P(function(resolve3) {
-          resolve3(value2);
+        return value2 instanceof P ? value2 : new P(function(resolve4) {
+          resolve4(value2);
         });
       }
-      return new (P || (P = Promise))(function(resolve3, reject) {
+      return new (P || (P = Promise))(function(resolve4, reject) {
         function fulfilled(value2) {
           try {
             step(generator.next(value2));
@@ -4756,7 +4756,7 @@ var require_client = __commonJS({
           }
         }
         function step(result) {
-          result.done ? resolve3(result.value) : adopt(result.value).then(fulfilled, rejected);
+          result.done ? resolve4(result.value) : adopt(result.value).then(fulfilled, rejected);
         }
         step((generator = generator.apply(thisArg, _arguments || [])).next());
       });
@@ -4860,10 +4860,10 @@ var require_client = __commonJS({
           var timeoutRequest = function(ids, request) {
             var timeoutID = setTimeout(function() {
               ids.forEach(function(id) {
-                var resolve3 = _this.idToResolveMap.get(id);
-                if (resolve3) {
+                var resolve4 = _this.idToResolveMap.get(id);
+                if (resolve4) {
                   _this.idToResolveMap.delete(id);
-                  resolve3(overrideCreateJSONRPCErrorResponse(id));
+                  resolve4(overrideCreateJSONRPCErrorResponse(id));
                 }
               });
             }, delay);
@@ -4933,8 +4933,8 @@ var require_client = __commonJS({
             return isDefinedAndNonNull(request.id);
           });
           var promises = requestsWithID.map(function(request) {
-            return new Promise(function(resolve3) {
-              return _this.idToResolveMap.set(request.id, resolve3);
+            return new Promise(function(resolve4) {
+              return _this.idToResolveMap.set(request.id, resolve4);
             });
           });
           var promise = Promise.all(promises).then(function(responses) {
@@ -4967,8 +4967,8 @@ var require_client = __commonJS({
           });
         };
         JSONRPCClient3.prototype.rejectAllPendingRequests = function(message) {
-          this.idToResolveMap.forEach(function(resolve3, id) {
-            return resolve3((0, models_1.createJSONRPCErrorResponse)(id, internal_1.DefaultErrorCode, message));
+          this.idToResolveMap.forEach(function(resolve4, id) {
+            return resolve4((0, models_1.createJSONRPCErrorResponse)(id, internal_1.DefaultErrorCode, message));
           });
           this.idToResolveMap.clear();
         };
@@ -4978,10 +4978,10 @@ var require_client = __commonJS({
             responses = [responses];
           }
           responses.forEach(function(response) {
-            var resolve3 = _this.idToResolveMap.get(response.id);
-            if (resolve3) {
+            var resolve4 = _this.idToResolveMap.get(response.id);
+            if (resolve4) {
               _this.idToResolveMap.delete(response.id);
-              resolve3(response);
+              resolve4(response);
             }
           });
         };
@@ -5009,11 +5009,11 @@ var require_server = __commonJS({
     "use strict";
     var __awaiter = exports && exports.__awaiter || function(thisArg, _arguments, P, generator) {
       function adopt(value2) {
-        return value2 instanceof P ? value2 : new P(function(resolve3) {
-          resolve3(value2);
+        return value2 instanceof P ? value2 : new P(function(resolve4) {
+          resolve4(value2);
         });
       }
-      return new (P || (P = Promise))(function(resolve3, reject) {
+      return new (P || (P = Promise))(function(resolve4, reject) {
         function fulfilled(value2) {
           try {
             step(generator.next(value2));
@@ -5029,7 +5029,7 @@ var require_server = __commonJS({
           }
         }
         function step(result) {
-          result.done ? resolve3(result.value) : adopt(result.value).then(fulfilled, rejected);
+          result.done ? resolve4(result.value) : adopt(result.value).then(fulfilled, rejected);
         }
         step((generator = generator.apply(thisArg, _arguments || [])).next());
       });
@@ -5345,11 +5345,11 @@ var require_server_and_client = __commonJS({
     "use strict";
     var __awaiter = exports && exports.__awaiter || function(thisArg, _arguments, P, generator) {
       function adopt(value2) {
-        return value2 instanceof P ? value2 : new P(function(resolve3) {
-          resolve3(value2);
+        return value2 instanceof P ? value2 : new P(function(resolve4) {
+          resolve4(value2);
         });
       }
-      return new (P || (P = Promise))(function(resolve3, reject) {
+      return new (P || (P = Promise))(function(resolve4, reject) {
         function fulfilled(value2) {
           try {
             step(generator.next(value2));
@@ -5365,7 +5365,7 @@ var require_server_and_client = __commonJS({
           }
         }
         function step(result) {
-          result.done ? resolve3(result.value) : adopt(result.value).then(fulfilled, rejected);
+          result.done ? resolve4(result.value) : adopt(result.value).then(fulfilled, rejected);
         }
         step((generator = generator.apply(thisArg, _arguments || [])).next());
       });
@@ -5707,6 +5707,13 @@ function optionalKeys(shape) {
     return shape[k]._zod.optin !== void 0 && shape[k]._zod.optout === "optional";
   });
 }
+var NUMBER_FORMAT_RANGES = /* @__PURE__ */ (() => ({
+  safeint: [Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER],
+  int32: [-2147483648, 2147483647],
+  uint32: [0, 4294967295],
+  float32: [-34028234663852886e22, 34028234663852886e22],
+  float64: [-Number.MAX_VALUE, Number.MAX_VALUE]
+}))();
 function aborted(x, startIndex = 0) {
   if (x.aborted === true)
     return true;
@@ -6178,6 +6185,100 @@ var _whenHasLength = (payload) => {
   const val = payload.value;
   return !nullish(val) && val.length !== void 0;
 };
+var numericOriginMap = {
+  number: "number",
+  bigint: "bigint",
+  object: "date"
+};
+var $ZodCheckGreaterThan = /* @__PURE__ */ $constructor("$ZodCheckGreaterThan", (inst, def) => {
+  $ZodCheck.init(inst, def);
+  const origin = numericOriginMap[typeof def.value];
+  inst._zod.check = (payload) => {
+    if (def.inclusive ? payload.value >= def.value : payload.value > def.value) {
+      return;
+    }
+    payload.issues.push({
+      origin: numericOriginMap[typeof payload.value] ?? origin,
+      code: "too_small",
+      minimum: typeof def.value === "object" ? def.value.getTime() : def.value,
+      input: payload.value,
+      inclusive: def.inclusive,
+      inst,
+      continue: !def.abort
+    });
+  };
+});
+var $ZodCheckNumberFormat = /* @__PURE__ */ $constructor("$ZodCheckNumberFormat", (inst, def) => {
+  $ZodCheck.init(inst, def);
+  def.format = def.format || "float64";
+  const isInt = def.format?.includes("int");
+  const origin = isInt ? "int" : "number";
+  const [minimum, maximum] = NUMBER_FORMAT_RANGES[def.format];
+  inst._zod.check = (payload) => {
+    const input = payload.value;
+    if (isInt) {
+      if (!Number.isInteger(input)) {
+        payload.issues.push({
+          expected: origin,
+          format: def.format,
+          code: "invalid_type",
+          continue: false,
+          input,
+          inst
+        });
+        return;
+      }
+      if (!Number.isSafeInteger(input)) {
+        if (input > 0) {
+          payload.issues.push({
+            input,
+            code: "too_big",
+            maximum: Number.MAX_SAFE_INTEGER,
+            note: "Integers must be within the safe integer range.",
+            inst,
+            origin,
+            inclusive: true,
+            continue: !def.abort
+          });
+        } else {
+          payload.issues.push({
+            input,
+            code: "too_small",
+            minimum: Number.MIN_SAFE_INTEGER,
+            note: "Integers must be within the safe integer range.",
+            inst,
+            origin,
+            inclusive: true,
+            continue: !def.abort
+          });
+        }
+        return;
+      }
+    }
+    if (input < minimum) {
+      payload.issues.push({
+        origin: "number",
+        input,
+        code: "too_small",
+        minimum,
+        inclusive: true,
+        inst,
+        continue: !def.abort
+      });
+    }
+    if (input > maximum) {
+      payload.issues.push({
+        origin: "number",
+        input,
+        code: "too_big",
+        maximum,
+        inclusive: true,
+        inst,
+        continue: !def.abort
+      });
+    }
+  };
+});
 var $ZodCheckMinLength = /* @__PURE__ */ $constructor("$ZodCheckMinLength", (inst, def) => {
   var _a2;
   $ZodCheck.init(inst, def);
@@ -6422,6 +6523,10 @@ var $ZodNumber = /* @__PURE__ */ $constructor("$ZodNumber", (inst, def) => {
     return payload;
   };
 });
+var $ZodNumberFormat = /* @__PURE__ */ $constructor("$ZodNumberFormat", (inst, def) => {
+  $ZodCheckNumberFormat.init(inst, def);
+  $ZodNumber.init(inst, def);
+});
 var $ZodBoolean = /* @__PURE__ */ $constructor("$ZodBoolean", (inst, def) => {
   $ZodType.init(inst, def);
   inst._zod.pattern = boolean;
@@ -6459,14 +6564,14 @@ var $ZodNever = /* @__PURE__ */ $constructor("$ZodNever", (inst, def) => {
     return payload;
   };
 });
-function capSize(inst, size) {
+function capSize(inst, size2) {
   const caps = sizeCaps(inst._zod.def.checks);
   if (!caps.length)
     return;
   const cap = Math.min(...caps.map((c) => c[0]));
   const parse2 = inst._zod.parse;
   inst._zod.parse = (payload, ctx) => {
-    const n = size(payload.value);
+    const n = size2(payload.value);
     if (n > cap && !ctx?.skipChecks && ctx?.direction !== "backward") {
       for (const [max, ch] of sizeCaps(inst._zod.def.checks)) {
         if (n > max && ch._zod.def.when(payload)) {
@@ -6937,6 +7042,39 @@ function handlePipeResult(left, next, ctx) {
   }
   return next._zod.run({ value: left.value, issues: left.issues }, ctx);
 }
+var $ZodCustom = /* @__PURE__ */ $constructor("$ZodCustom", (inst, def) => {
+  $ZodCheck.init(inst, def);
+  $ZodType.init(inst, def);
+  inst._zod.parse = (payload, _) => {
+    return payload;
+  };
+  inst._zod.check = (payload) => {
+    const input = payload.value;
+    const r = def.fn(input);
+    if (r instanceof Promise) {
+      return r.then((r2) => handleRefineResult(r2, payload, input, inst));
+    }
+    handleRefineResult(r, payload, input, inst);
+    return;
+  };
+});
+function handleRefineResult(result, payload, input, inst) {
+  if (!result) {
+    const _iss = {
+      code: "custom",
+      input,
+      inst,
+      // incorporates params.error into issue reporting
+      path: [...inst._zod.def.path ?? []],
+      // incorporates params.error into issue reporting
+      continue: !inst._zod.def.abort
+      // params: inst._zod.def.params,
+    };
+    if (inst._zod.def.params)
+      _iss.params = inst._zod.def.params;
+    payload.issues.push(issue(_iss));
+  }
+}
 
 // node_modules/zod/v4/locales/en.js
 var error = () => {
@@ -7078,6 +7216,16 @@ function _number(Class, params) {
   return new Class(snapshotChecks({ type: "number", checks: [], ...normalizeParams(params) }));
 }
 // @__NO_SIDE_EFFECTS__
+function _int(Class, params) {
+  return new Class({
+    type: "number",
+    check: "number_format",
+    abort: false,
+    format: "safeint",
+    ...normalizeParams(params)
+  });
+}
+// @__NO_SIDE_EFFECTS__
 function _boolean(Class, params) {
   return new Class({
     type: "boolean",
@@ -7098,6 +7246,19 @@ function _never(Class, params) {
   });
 }
 // @__NO_SIDE_EFFECTS__
+function _gte(value2, params) {
+  return new $ZodCheckGreaterThan({
+    check: "greater_than",
+    ...normalizeParams(params),
+    value: value2,
+    inclusive: true
+  });
+}
+// @__NO_SIDE_EFFECTS__
+function _nonnegative(params) {
+  return /* @__PURE__ */ _gte(0, params);
+}
+// @__NO_SIDE_EFFECTS__
 function _minLength(minimum, params) {
   return new $ZodCheckMinLength({
     check: "min_length",
@@ -7113,6 +7274,16 @@ function _regex(pattern, params) {
     ...normalizeParams(params),
     pattern
   });
+}
+// @__NO_SIDE_EFFECTS__
+function _refine(Class, fn, _params) {
+  const schema = new Class({
+    type: "custom",
+    check: "custom",
+    fn,
+    ...normalizeParams(_params)
+  });
+  return schema;
 }
 // @__NO_SIDE_EFFECTS__
 function _superRefine(fn, params) {
@@ -7212,6 +7383,13 @@ var ZodMiniNumber = /* @__PURE__ */ $constructor("ZodMiniNumber", (inst, def) =>
 // @__NO_SIDE_EFFECTS__
 function number2(params) {
   return _number(ZodMiniNumber, params);
+}
+var ZodMiniNumberFormat = /* @__PURE__ */ $constructor("ZodMiniNumberFormat", (inst, def) => {
+  $ZodNumberFormat.init(inst, def);
+  ZodMiniNumber.init(inst, def);
+});
+function int(params) {
+  return _int(ZodMiniNumberFormat, params);
 }
 var ZodMiniBoolean = /* @__PURE__ */ $constructor("ZodMiniBoolean", (inst, def) => {
   $ZodBoolean.init(inst, def);
@@ -7369,6 +7547,14 @@ function pipe(in_, out) {
     out
   });
 }
+var ZodMiniCustom = /* @__PURE__ */ $constructor("ZodMiniCustom", (inst, def) => {
+  $ZodCustom.init(inst, def);
+  ZodMiniType.init(inst, def);
+});
+// @__NO_SIDE_EFFECTS__
+function refine(fn, _params = {}) {
+  return _refine(ZodMiniCustom, fn, _params);
+}
 // @__NO_SIDE_EFFECTS__
 function superRefine(fn, params) {
   return _superRefine(fn, params);
@@ -7432,9 +7618,9 @@ function parseIni(text, file) {
     }
     finishOption();
     if (trimmed.startsWith("[")) {
-      const header = /^\[([^\]]*)\]$/.exec(stripInlineComment(trimmed));
-      const name2 = header?.[1]?.trim() ?? "";
-      if (!header || name2 === "") {
+      const header2 = /^\[([^\]]*)\]$/.exec(stripInlineComment(trimmed));
+      const name2 = header2?.[1]?.trim() ?? "";
+      if (!header2 || name2 === "") {
         throw configError({ file, line }, `malformed section header '${trimmed}'; expected [name]`);
       }
       const previous2 = doc.sections.get(name2);
@@ -7709,12 +7895,12 @@ async function fsyncDir(dir) {
     await handle.close();
   }
 }
-async function writeFileDurable(path6, data, mode = 420) {
+async function writeFileDurable(path6, data, mode2 = 420) {
   const dir = dirname(path6);
   await mkdir(dir, { recursive: true });
   const tmp = join3(dir, `.${basename(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
   try {
-    const handle = await open(tmp, "w", mode);
+    const handle = await open(tmp, "w", mode2);
     try {
       await handle.writeFile(data);
       await handle.sync();
@@ -7885,14 +8071,14 @@ function followStream(stream, tail, tailLines, onLine, onChunk) {
       newline = pending.indexOf("\n");
     }
   };
-  return new Promise((resolve3) => {
+  return new Promise((resolve4) => {
     stream.on("data", (chunk) => take(decoder.write(chunk)));
-    stream.on("error", () => resolve3());
+    stream.on("error", () => resolve4());
     stream.on("close", () => {
       take(decoder.end());
       if (pending.length > 0) emit(pending.replace(/\r$/, ""));
       pending = "";
-      resolve3();
+      resolve4();
     });
   });
 }
@@ -8443,14 +8629,14 @@ async function withKlipperStopped(printer, journalPath, opts, work) {
 `);
   const shutdown = new AbortController();
   let caughtSignal = null;
-  const onSignal = (signal) => {
+  const onSignal = (signal2) => {
     if (caughtSignal) return;
-    caughtSignal = signal;
-    logger.warn(`${signal} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
-    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal}).`));
+    caughtSignal = signal2;
+    logger.warn(`${signal2} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
+    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal2}).`));
   };
-  const handlers = SHUTDOWN_SIGNALS.map((signal) => [signal, () => onSignal(signal)]);
-  for (const [signal, handler] of handlers) process.on(signal, handler);
+  const handlers = SHUTDOWN_SIGNALS.map((signal2) => [signal2, () => onSignal(signal2)]);
+  for (const [signal2, handler] of handlers) process.on(signal2, handler);
   let klipperRestart = null;
   try {
     let value2;
@@ -8487,7 +8673,7 @@ async function withKlipperStopped(printer, journalPath, opts, work) {
     return { value: value2, klipperWasRunning, klipperRestart };
   } finally {
     await settleJournal(journalPath, journal, klipperRestart, logger);
-    for (const [signal, handler] of handlers) process.removeListener(signal, handler);
+    for (const [signal2, handler] of handlers) process.removeListener(signal2, handler);
     if (caughtSignal && process.listenerCount(caughtSignal) === 0) process.kill(process.pid, caughtSignal);
   }
 }
@@ -8529,11 +8715,11 @@ var klippyUp = (state) => state.moonrakerConnected && state.klippyConnected && s
 function waitForPrinter(printer, pred, timeoutMs) {
   if (pred(printer.state())) return Promise.resolve(true);
   if (timeoutMs <= 0) return Promise.resolve(false);
-  return new Promise((resolve3) => {
+  return new Promise((resolve4) => {
     const finish2 = (value2) => {
       clearTimeout(timer);
       off();
-      resolve3(value2);
+      resolve4(value2);
     };
     const timer = setTimeout(() => finish2(false), timeoutMs);
     const off = printer.onStateChange((state) => {
@@ -8541,7 +8727,7 @@ function waitForPrinter(printer, pred, timeoutMs) {
     });
   });
 }
-var pause = (ms) => new Promise((resolve3) => setTimeout(resolve3, Math.max(0, ms)));
+var pause = (ms) => new Promise((resolve4) => setTimeout(resolve4, Math.max(0, ms)));
 async function bringKlipperBack(printer, service, opts) {
   const { timeoutMs, logger } = opts;
   let deadline = Date.now() + timeoutMs;
@@ -8753,13 +8939,13 @@ var FirmwareStore = class {
   async add(mcu, image, meta2) {
     const dir = this.dir(mcu);
     await this.migrateLegacy(mcu);
-    const sha2562 = sha256Of(image);
+    const sha2563 = sha256Of(image);
     const before = await this.list(mcu);
     const file = await this.stage(mcu, image);
     const detected = detectImageMcu(image);
     const entry = {
       mcu,
-      sha256: sha2562,
+      sha256: sha2563,
       size: image.length,
       version: detected?.version ?? null,
       mcu_type: detected?.mcu ?? null,
@@ -8769,8 +8955,8 @@ var FirmwareStore = class {
       file,
       seq: Math.max(0, ...before.map((e) => e.seq)) + 1
     };
-    await writeFileDurable(join5(dir, `${sha2562}.json`), sidecarText(entry));
-    await this.prune(mcu, [entry, ...before.filter((e) => e.sha256 !== sha2562)]);
+    await writeFileDurable(join5(dir, `${sha2563}.json`), sidecarText(entry));
+    await this.prune(mcu, [entry, ...before.filter((e) => e.sha256 !== sha2563)]);
     return entry;
   }
   /** The MCU's images, newest first; entries whose stored copy is gone or cut short say so in `damaged`. */
@@ -8915,10 +9101,10 @@ function sidecarText(entry) {
   return `${JSON.stringify({ format: 1, ...fields }, null, 2)}
 `;
 }
-async function damage(file, size) {
+async function damage(file, size2) {
   try {
     const s = await stat3(file);
-    return s.size === size ? null : `the stored image has ${s.size} bytes instead of ${size}`;
+    return s.size === size2 ? null : `the stored image has ${s.size} bytes instead of ${size2}`;
   } catch (err) {
     if (isMissing(err)) return "the stored image file is missing";
     return `the stored image cannot be read (${err.code ?? String(err)})`;
@@ -8968,9 +9154,9 @@ var ByteLinkBase = class {
 };
 async function openSerialLink(path6, baud, options = {}) {
   const port = await openSerialPort(path6, baud, { lock: options.lock ?? true });
-  const access6 = options.ignoreBindingInternals ? { missing: "ignored by the caller" } : directAccess(port, path6);
-  if ("polled" in access6) return new PolledSerialLink(path6, access6.polled);
-  announceFallback(options.logger, path6, access6.missing);
+  const access9 = options.ignoreBindingInternals ? { missing: "ignored by the caller" } : directAccess(port, path6);
+  if ("polled" in access9) return new PolledSerialLink(path6, access9.polled);
+  announceFallback(options.logger, path6, access9.missing);
   return new BindingSerialLink(path6, port);
 }
 async function openSerialPort(path6, baud, options) {
@@ -9104,10 +9290,10 @@ var PolledSerialLink = class extends SerialLink {
     if (!this.stopped) this.armRead();
   }
   writable() {
-    return new Promise((resolve3) => {
+    return new Promise((resolve4) => {
       const wake = () => {
         this.writableWaiters.delete(wake);
-        resolve3();
+        resolve4();
       };
       this.writableWaiters.add(wake);
       this.port.poller.once("writable", wake);
@@ -9330,10 +9516,10 @@ var KatapultSession = class {
         this.notify();
       })
     ];
-    const signal = this.signal;
-    if (signal) {
-      signal.addEventListener("abort", this.notify, { once: true });
-      this.unsubscribe.push(() => signal.removeEventListener("abort", this.notify));
+    const signal2 = this.signal;
+    if (signal2) {
+      signal2.addEventListener("abort", this.notify, { once: true });
+      this.unsubscribe.push(() => signal2.removeEventListener("abort", this.notify));
     }
     if (!link2.isOpen) this.closedError = new Error("link closed");
   }
@@ -9436,7 +9622,7 @@ var KatapultSession = class {
     const total = Math.ceil(image.length / blockSize);
     const sha = process.getBuiltinModule("node:crypto").createHash("sha1");
     let sent = -1;
-    const send = async (index) => {
+    const send2 = async (index) => {
       await this.write(encodeAddressFrame(Command.SEND_BLOCK, appStartAddress + index * blockSize, paddedBlock(image, index, blockSize)), "SEND_BLOCK");
       sent = index;
     };
@@ -9444,10 +9630,10 @@ var KatapultSession = class {
       const block = paddedBlock(image, index, blockSize);
       sha.update(block);
       const address = appStartAddress + index * blockSize;
-      const ahead = index + 1 < total ? { ready: startsBlockAck, send: () => send(index + 1) } : void 0;
+      const ahead = index + 1 < total ? { ready: startsBlockAck, send: () => send2(index + 1) } : void 0;
       let outcome;
       try {
-        if (sent < index) await send(index);
+        if (sent < index) await send2(index);
         outcome = await this.awaitReply(Command.SEND_BLOCK, this.timings.blockTimeoutMs, "SEND_BLOCK", ahead);
       } catch (err) {
         throw asWriteFailure(err, address);
@@ -9674,7 +9860,7 @@ var KatapultSession = class {
           continue;
         }
         if (timedOut) return { ok: false, kind: "timeout", text: "response timed out" };
-        await new Promise((resolve3) => this.wake = resolve3);
+        await new Promise((resolve4) => this.wake = resolve4);
       }
     } finally {
       clearTimeout(timer);
@@ -9709,11 +9895,11 @@ var KatapultSession = class {
   }
   /** Resolves on the next notify() (input, close, abort) or after `ms`. */
   waitForInput(ms) {
-    return new Promise((resolve3) => {
+    return new Promise((resolve4) => {
       const timer = setTimeout(this.notify, ms);
       this.wake = () => {
         clearTimeout(timer);
-        resolve3();
+        resolve4();
       };
     });
   }
@@ -9724,11 +9910,11 @@ var KatapultSession = class {
   };
   async sleep(ms) {
     if (ms <= 0) return;
-    await new Promise((resolve3) => {
+    await new Promise((resolve4) => {
       const done = () => {
         clearTimeout(timer);
         this.signal?.removeEventListener("abort", done);
-        resolve3();
+        resolve4();
       };
       const timer = setTimeout(done, ms);
       this.signal?.addEventListener("abort", done, { once: true });
@@ -10012,7 +10198,7 @@ var KatapultFlasher = class {
     }
   }
   /** A freshly enumerated tty can be missing, or exist before udev has given it its permissions; retry until the deadline. */
-  async openWithRetry(path6, baud, signal) {
+  async openWithRetry(path6, baud, signal2) {
     const deadline = Date.now() + this.options.bootloaderTimeoutMs;
     while (true) {
       try {
@@ -10020,7 +10206,7 @@ var KatapultFlasher = class {
       } catch (err) {
         const retriable = isMoonflashError(err) && (err.code === "DEVICE_NOT_FOUND" || err.code === "DEVICE_PERMISSION");
         if (!retriable || Date.now() >= deadline) throw err;
-        await abortableSleep(this.options.bootloaderPollMs, signal);
+        await abortableSleep(this.options.bootloaderPollMs, signal2);
       }
     }
   }
@@ -10096,14 +10282,14 @@ function incompleteImageError(error2, disconnected, section) {
   const next = disconnected ? `The board disconnected and may hold an incomplete image: reconnect it, enter Katapult if it does not come back in it (double-tap reset on most boards), then ${again}.` : `COMPLETE was not sent, so the board stays in Katapult instead of starting an incomplete image: ${again}. A reset or power-cycle before that would start the incomplete image.`;
   return new MoonflashError(error2.code, `${error2.message} ${next}`, { ...error2.details, leftInBootloader: !disconnected }, { cause: error2 });
 }
-function throwIfCancelled(signal) {
-  if (signal.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
+function throwIfCancelled(signal2) {
+  if (signal2.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
 }
-async function abortableSleep(ms, signal) {
+async function abortableSleep(ms, signal2) {
   try {
-    await process.getBuiltinModule("node:timers/promises").setTimeout(ms, void 0, { signal });
+    await process.getBuiltinModule("node:timers/promises").setTimeout(ms, void 0, { signal: signal2 });
   } catch {
-    throwIfCancelled(signal);
+    throwIfCancelled(signal2);
   }
 }
 async function inodeOf(path6) {
@@ -10643,8 +10829,8 @@ var WchispFlasher = class {
       const level = log?.[1]?.toUpperCase();
       ctx.log(level === "ERROR" || error2 ? "error" : level === "WARN" ? "warn" : "info", message);
       if (!log) return;
-      const size = /^Firmware size: (\d+)/.exec(message);
-      if (size) firmwareSize = Number(size[1]);
+      const size2 = /^Firmware size: (\d+)/.exec(message);
+      if (size2) firmwareSize = Number(size2[1]);
       if (message.startsWith("Erasing...")) {
         ctx.setCancellable(false, "wchisp is erasing and writing the chip");
         ctx.stage("erase", message);
@@ -10733,8 +10919,8 @@ function klipperCondition(state) {
       return `Klipper is ${state.klippyState}`;
   }
 }
-function versionOrUnknown(version2) {
-  return version2 ?? "an unknown version";
+function versionOrUnknown(version3) {
+  return version3 ?? "an unknown version";
 }
 async function checkVersions(printer, settings, opts = {}) {
   const state = printer.state();
@@ -10826,15 +11012,15 @@ async function treeVersion(klipperPath, timeoutMs) {
       timeoutMs,
       tailLines: 5
     });
-    const version2 = run.stdoutTail.map((l) => l.trim()).filter(Boolean).at(-1);
-    if (run.exitCode === 0 && version2) return { version: version2, source: "git-describe" };
+    const version3 = run.stdoutTail.map((l) => l.trim()).filter(Boolean).at(-1);
+    if (run.exitCode === 0 && version3) return { version: version3, source: "git-describe" };
     detail = `git describe in ${klipperPath} failed: ${run.stderrTail.join(" ").trim() || `exit code ${run.exitCode}`}`;
   } catch (err) {
     detail = `git describe in ${klipperPath} failed: ${toMoonflashError(err).message}`;
   }
   try {
-    const version2 = (await readFile6(join7(klipperPath, "klippy", ".version"), "utf8")).trim();
-    if (version2) return { version: version2, source: "version-file" };
+    const version3 = (await readFile6(join7(klipperPath, "klippy", ".version"), "utf8")).trim();
+    if (version3) return { version: version3, source: "version-file" };
   } catch {
   }
   return { version: null, source: "unknown", detail: `${detail}. Check klipper_path in moonflash.conf.` };
@@ -10897,27 +11083,27 @@ async function readFirmware(path6, flashSize, expectedMcuType, section) {
     }
     throw toMoonflashError(err);
   }
-  const size = image.length;
-  if (size === 0) {
+  const size2 = image.length;
+  if (size2 === 0) {
     throw new MoonflashError("FIRMWARE_EMPTY", `The firmware ${path6} is empty. Rebuild it; an interrupted build leaves an empty file.`, { firmware: path6 });
   }
   if (flashSize !== null) {
-    if (size > flashSize) {
+    if (size2 > flashSize) {
       throw new MoonflashError(
         "FIRMWARE_TOO_LARGE",
-        `The firmware ${path6} is ${size} bytes but the MCU has ${flashSize} bytes for the application. Check the build's MCU and bootloader offset, or flash_size in moonflash.conf.`,
-        { firmware: path6, bytes: size, flashSize, source: "moonflash.conf flash_size" }
+        `The firmware ${path6} is ${size2} bytes but the MCU has ${flashSize} bytes for the application. Check the build's MCU and bootloader offset, or flash_size in moonflash.conf.`,
+        { firmware: path6, bytes: size2, flashSize, source: "moonflash.conf flash_size" }
       );
     }
     return image;
   }
   const chip = expectedMcuType ? mcuFlash(expectedMcuType) : void 0;
-  if (chip && size > chip.flashSize) {
+  if (chip && size2 > chip.flashSize) {
     const limit = chip.wholeFlash ? `${expectedMcuType} has only ${chip.flashSize} bytes of flash in all` : `a Klipper build for ${expectedMcuType} holds at most ${chip.flashSize} bytes`;
     throw new MoonflashError(
       "FIRMWARE_TOO_LARGE",
-      `The firmware ${path6} is ${size} bytes but ${limit} (FLASH_SIZE in ${chip.source}), before counting the bootloader, whose size is known only once it answers. Nothing was stopped or written. Build the firmware for this board (make menuconfig: processor model), or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf.`,
-      { firmware: path6, bytes: size, flashSize: chip.flashSize, mcuType: expectedMcuType, source: chip.source }
+      `The firmware ${path6} is ${size2} bytes but ${limit} (FLASH_SIZE in ${chip.source}), before counting the bootloader, whose size is known only once it answers. Nothing was stopped or written. Build the firmware for this board (make menuconfig: processor model), or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf.`,
+      { firmware: path6, bytes: size2, flashSize: chip.flashSize, mcuType: expectedMcuType, source: chip.source }
     );
   }
   return image;
@@ -11081,8 +11267,8 @@ var FlashEngine = class {
       const entry = await this.rollbackImage(params.mcu);
       ctx.stage("rollback", `rolling back to ${describeImage(entry)}`);
       const result = await this.flashJob({ mcu: params.mcu, firmware: entry.file, ...params.dry_run ? { dry_run: true } : {} }, ctx, entry);
-      const { version: version2, sha256: sha2562, size, date: date2, source, source_path } = entry;
-      return { ...result, rollback_to: { version: version2, sha256: sha2562, size, date: date2, source, source_path } };
+      const { version: version3, sha256: sha2563, size: size2, date: date2, source, source_path } = entry;
+      return { ...result, rollback_to: { version: version3, sha256: sha2563, size: size2, date: date2, source, source_path } };
     });
   }
   /** Per MCU: its firmware version, Klipper's, and whether Klipper would call it outdated (versions.ts). */
@@ -11382,6 +11568,359 @@ var FlashEngine = class {
   }
 };
 
+// src/ota/manifest.ts
+var MANIFEST_FILE = "manifest.json";
+var SIGNATURE_FILE = "manifest.sig";
+function payloadsOf(manifest) {
+  const payloads = [];
+  for (const module of manifest.modules) {
+    for (const file of module.files) {
+      payloads.push({ module, kind: "file", src: file.src, sha256: file.sha256, size: file.size, mode: file.mode });
+    }
+    if (module.type === "firmware") {
+      const { src, sha256: sha2563, size: size2 } = module.image;
+      payloads.push({ module, kind: "image", src, sha256: sha2563, size: size2, mode: 420 });
+    }
+  }
+  return payloads;
+}
+function pathProblem(path6) {
+  if (path6 === "") return "is empty";
+  if (path6.includes("\0")) return "contains a NUL byte";
+  if (path6.includes("\\")) return "contains a backslash";
+  if ([...path6].some(isControl)) return "contains a control character";
+  if (path6.startsWith("/")) return "is absolute";
+  if (/^[A-Za-z]:/.test(path6)) return "starts with a drive letter";
+  if (path6.length > 1024) return "is longer than 1024 characters";
+  for (const segment of path6.split("/")) {
+    if (segment === "") return "has an empty segment ('//' or a trailing '/')";
+    if (segment === "..") return "has a '..' segment";
+    if (segment === ".") return "has a '.' segment";
+  }
+  return null;
+}
+var ALIAS = /^[A-Za-z0-9_-]{1,64}$/;
+function splitDst(dst) {
+  const slash = dst.indexOf("/");
+  if (slash <= 0) return null;
+  return { alias: dst.slice(0, slash), relative: dst.slice(slash + 1) };
+}
+function dstProblem(dst) {
+  const problem = pathProblem(dst);
+  if (problem) return problem;
+  const parts = splitDst(dst);
+  if (parts === null) return "is not '<root alias>/<relative path>'";
+  if (!ALIAS.test(parts.alias)) return `has a root alias '${parts.alias}' that is not letters, digits, '_' or '-'`;
+  return null;
+}
+var TOKEN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+var token2 = (what) => string2().check(_regex(TOKEN, `expected ${what}: letters, digits, '.', '_' or '-', at most 64, starting with a letter or digit`));
+var sha256 = pipe(
+  string2().check(_regex(/^[0-9A-Fa-f]{64}$/, "expected 64 hex digits (SHA-256)")),
+  transform((hex2) => hex2.toLowerCase())
+);
+var size = int().check(_nonnegative("expected a size in bytes (a whole number, 0 or more)"));
+var mode = pipe(
+  union([int(), string2()]),
+  transform((raw, ctx) => {
+    const fail2 = (message) => {
+      ctx.issues.push({ code: "custom", message, input: raw });
+      return NEVER;
+    };
+    let value2;
+    if (typeof raw === "string") {
+      const match = /^(?:0o?)?([0-7]{3})$/.exec(raw);
+      if (!match?.[1]) return fail2(`expected an octal mode like "0644", got "${raw}"`);
+      value2 = Number.parseInt(match[1], 8);
+    } else {
+      value2 = raw;
+      if (value2 < 0 || value2 > 511) {
+        const hint = /^[0-7]{3}$/.test(String(raw)) ? ` (did you mean "0${raw}"?)` : "";
+        return fail2(`expected a permission mode from 0 to 0777 (511), got ${raw}${hint}`);
+      }
+    }
+    if (value2 & 2) return fail2(`mode 0${value2.toString(8)} is world-writable; use 0644 or 0755`);
+    return value2;
+  })
+);
+var fileSchema = strictObject({
+  src: string2(),
+  dst: string2(),
+  sha256,
+  size,
+  mode: _default(mode, 420)
+});
+var imageSchema = strictObject({ src: string2(), sha256, size });
+var processSchema = union([
+  strictObject({ pidfile: string2().check(_regex(/^\/[^\0]*$/, "expected an absolute path")) }),
+  strictObject({ name: string2().check(_regex(/^[^\0/]{1,255}$/, "expected a process name without '/'")) })
+]);
+var moduleSchema = pipe(
+  strictObject({
+    id: token2("a module id"),
+    type: _default(_enum(["files", "firmware"]), "files"),
+    depends: _default(array(string2()), []),
+    files: _default(array(fileSchema), []),
+    service: optional(string2().check(_regex(/^[A-Za-z0-9][A-Za-z0-9@._-]{0,127}$/, "expected a service name like 'klipper'"))),
+    process: optional(processSchema),
+    mcu: optional(string2().check(_regex(/^[A-Za-z0-9_-]{1,64}$/, "expected an MCU name like 'mcu' or 'toolhead'"))),
+    image: optional(imageSchema)
+  }).check(
+    superRefine((module, ctx) => {
+      if (module.service !== void 0 && module.process !== void 0) {
+        ctx.addIssue({ code: "custom", path: ["process"], message: "give service or process, not both" });
+      }
+      if (module.type === "firmware") {
+        if (module.mcu === void 0) ctx.addIssue({ code: "custom", path: ["mcu"], message: "a firmware module needs the mcu to flash" });
+        if (module.image === void 0) ctx.addIssue({ code: "custom", path: ["image"], message: "a firmware module needs an image" });
+      } else {
+        if (module.mcu !== void 0) ctx.addIssue({ code: "custom", path: ["mcu"], message: 'only a module of type "firmware" names an mcu' });
+        if (module.image !== void 0) ctx.addIssue({ code: "custom", path: ["image"], message: 'only a module of type "firmware" has an image' });
+        if (module.files.length === 0) ctx.addIssue({ code: "custom", path: ["files"], message: "a module needs at least one file" });
+      }
+    })
+  ),
+  transform((m) => {
+    const base = { id: m.id, depends: m.depends, files: m.files, service: m.service ?? null, process: m.process ?? null };
+    return m.type === "firmware" && m.mcu !== void 0 && m.image !== void 0 ? { ...base, type: "firmware", mcu: m.mcu, image: m.image } : { ...base, type: "files" };
+  })
+);
+var VERSION2 = /^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$/;
+var version2 = string2().check(_regex(VERSION2, "expected a version like 1.4.0 (letters, digits, '.', '+', '_', '-')"));
+var manifestSchema = pipe(
+  strictObject({
+    name: token2("a package name"),
+    version: version2,
+    min_version: optional(version2),
+    modules: array(moduleSchema).check(_minLength(1, "expected at least one module"))
+  }),
+  transform((m) => ({ name: m.name, version: m.version, min_version: m.min_version ?? null, modules: m.modules }))
+);
+function invalidManifest(message, details = {}, cause) {
+  return new MoonflashError("INVALID_MANIFEST", `${MANIFEST_FILE}: ${message}`, details, cause === void 0 ? void 0 : { cause });
+}
+function issuePath(path6) {
+  return path6.map((key, i) => typeof key === "number" ? `[${key}]` : i === 0 ? String(key) : `.${String(key)}`).join("");
+}
+function parseManifest(bytes) {
+  let text;
+  try {
+    text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: false }).decode(bytes);
+  } catch (err) {
+    throw invalidManifest("is not UTF-8 text", {}, err);
+  }
+  let json;
+  try {
+    json = JSON.parse(text);
+  } catch (err) {
+    throw invalidManifest(`is not valid JSON (${err.message})`, {}, err);
+  }
+  const result = manifestSchema.safeParse(json);
+  if (!result.success) {
+    const issues = result.error.issues.map((issue2) => {
+      const where = issue2.path.length > 0 ? issuePath(issue2.path) : "manifest";
+      return issue2.code === "unrecognized_keys" ? `${where}: unknown key(s) ${issue2.keys.map((k) => `'${k}'`).join(", ")}` : `${where}: ${issue2.message}`;
+    });
+    throw invalidManifest(issues.join("; "), { issues });
+  }
+  checkManifest(result.data);
+  return result.data;
+}
+function checkManifest(manifest) {
+  checkPaths(manifest);
+  checkDependencies(manifest.modules);
+}
+function checkPaths(manifest) {
+  const srcSeen = /* @__PURE__ */ new Map();
+  const dstSeen = /* @__PURE__ */ new Map();
+  for (const payload of payloadsOf(manifest)) {
+    const where = `module '${payload.module.id}'`;
+    const problem = pathProblem(payload.src);
+    if (problem) {
+      throw new MoonflashError("INVALID_PACKAGE", `${MANIFEST_FILE}: ${where}: src '${printable(payload.src)}' ${problem}.`, {
+        module: payload.module.id,
+        src: payload.src,
+        problem
+      });
+    }
+    if (payload.src === MANIFEST_FILE || payload.src === SIGNATURE_FILE) {
+      throw invalidManifest(`${where}: src '${payload.src}' is reserved for the package itself`, { module: payload.module.id, src: payload.src });
+    }
+    const other = srcSeen.get(payload.src);
+    if (other !== void 0) {
+      throw invalidManifest(`src '${payload.src}' is listed twice (${other} and ${where}); every file in the zip is used once`, { src: payload.src });
+    }
+    srcSeen.set(payload.src, where);
+  }
+  for (const module of manifest.modules) {
+    for (const file of module.files) {
+      const where = `module '${module.id}'`;
+      const problem = dstProblem(file.dst);
+      if (problem) {
+        throw new MoonflashError("INVALID_PACKAGE", `${MANIFEST_FILE}: ${where}: dst '${printable(file.dst)}' ${problem}.`, {
+          module: module.id,
+          dst: file.dst,
+          problem
+        });
+      }
+      const other = dstSeen.get(file.dst);
+      if (other !== void 0) {
+        throw invalidManifest(`dst '${file.dst}' is written twice (${other} and ${where})`, { dst: file.dst });
+      }
+      dstSeen.set(file.dst, where);
+    }
+  }
+  for (const dst of dstSeen.keys()) {
+    const segments = dst.split("/");
+    for (let i = 2; i < segments.length; i++) {
+      const parent = segments.slice(0, i).join("/");
+      if (dstSeen.has(parent)) throw invalidManifest(`dst '${parent}' is a file, but '${dst}' needs it as a directory`, { dst });
+    }
+  }
+}
+function checkDependencies(modules) {
+  const position = /* @__PURE__ */ new Map();
+  modules.forEach((module, i) => {
+    if (position.has(module.id)) throw invalidManifest(`module id '${module.id}' is used twice`, { module: module.id });
+    position.set(module.id, i);
+  });
+  for (const module of modules) {
+    for (const dep of module.depends) {
+      if (!position.has(dep)) {
+        throw invalidManifest(`module '${module.id}' depends on '${dep}', which the manifest does not define (modules: ${[...position.keys()].join(", ")})`, {
+          module: module.id,
+          dependency: dep
+        });
+      }
+    }
+  }
+  const cycle = findCycle(modules);
+  if (cycle) throw invalidManifest(`modules depend on each other in a cycle: ${cycle.join(" \u2192 ")}`, { cycle });
+  modules.forEach((module, i) => {
+    for (const dep of module.depends) {
+      if ((position.get(dep) ?? -1) > i) {
+        throw invalidManifest(`module '${module.id}' depends on '${dep}', which comes after it; list modules in dependency order`, {
+          module: module.id,
+          dependency: dep
+        });
+      }
+    }
+  });
+}
+function findCycle(modules) {
+  const depends = new Map(modules.map((m) => [m.id, m.depends]));
+  const done = /* @__PURE__ */ new Set();
+  const onPath = [];
+  const visit = (id) => {
+    const at = onPath.indexOf(id);
+    if (at >= 0) return [...onPath.slice(at), id];
+    if (done.has(id)) return null;
+    onPath.push(id);
+    for (const dep of depends.get(id) ?? []) {
+      const cycle = visit(dep);
+      if (cycle) return cycle;
+    }
+    onPath.pop();
+    done.add(id);
+    return null;
+  };
+  for (const module of modules) {
+    const cycle = visit(module.id);
+    if (cycle) return cycle;
+  }
+  return null;
+}
+function isControl(char) {
+  const code = char.charCodeAt(0);
+  return code < 32 || code === 127;
+}
+function printable(path6) {
+  return [...path6].map((c) => isControl(c) ? `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}` : c).join("");
+}
+
+// src/ota/signing.ts
+var crypto = () => process.getBuiltinModule("node:crypto");
+function keygen() {
+  const { publicKey: publicKey2, privateKey } = crypto().generateKeyPairSync("ed25519");
+  return {
+    publicKey: publicKey2.export({ type: "spki", format: "pem" }).toString(),
+    privateKey: privateKey.export({ type: "pkcs8", format: "pem" }).toString(),
+    publicKeyBase64: rawPublicKey(publicKey2).toString("base64")
+  };
+}
+function sign(manifestBytes, privateKeyPem) {
+  return crypto().sign(null, manifestBytes, parsePrivateKey(privateKeyPem)).toString("base64");
+}
+function verify(manifestBytes, signature, publicKey2) {
+  const key = typeof publicKey2 === "string" ? parsePublicKey(publicKey2) : publicKey2;
+  const text = (typeof signature === "string" ? signature : Buffer.from(signature).toString("latin1")).trim();
+  if (!/^[A-Za-z0-9+/]{86}==$/.test(text)) return false;
+  const raw = Buffer.from(text, "base64");
+  if (raw.length !== 64 || raw.toString("base64") !== text) return false;
+  return crypto().verify(null, manifestBytes, key, raw);
+}
+function verifyManifestSignature(manifestBytes, signatureFile, publicKey2) {
+  if (signatureFile === null) {
+    throw new MoonflashError("SIGNATURE_INVALID", `The package has no ${SIGNATURE_FILE}, and [ota] public_key requires signed packages. Nothing was installed.`, {
+      reason: "missing"
+    });
+  }
+  if (!verify(manifestBytes, signatureFile, publicKey2)) {
+    throw new MoonflashError(
+      "SIGNATURE_INVALID",
+      `The package's ${SIGNATURE_FILE} does not verify against [ota] public_key: it was signed with another key, or manifest.json was changed. Nothing was installed.`,
+      { reason: "mismatch" }
+    );
+  }
+}
+function parsePublicKey(text) {
+  const trimmed = text.trim();
+  let key;
+  try {
+    if (trimmed.startsWith("-----BEGIN")) {
+      key = crypto().createPublicKey(trimmed);
+    } else {
+      const raw = /^[A-Za-z0-9+/]{43}=$/.test(trimmed) ? Buffer.from(trimmed, "base64") : Buffer.alloc(0);
+      if (raw.length !== 32) throw new Error("not 32 bytes of base64");
+      key = crypto().createPublicKey({ key: { kty: "OKP", crv: "Ed25519", x: raw.toString("base64url") }, format: "jwk" });
+    }
+  } catch (err) {
+    throw new MoonflashError(
+      "CONFIG_INVALID",
+      "[ota] public_key is not an Ed25519 public key: give the PEM (BEGIN PUBLIC KEY) or the raw 32-byte key in base64.",
+      {},
+      { cause: err }
+    );
+  }
+  if (key.asymmetricKeyType !== "ed25519") {
+    throw new MoonflashError("CONFIG_INVALID", `[ota] public_key is a ${key.asymmetricKeyType ?? "unknown"} key; packages are signed with Ed25519.`, {
+      keyType: key.asymmetricKeyType
+    });
+  }
+  return key;
+}
+function parsePrivateKey(pem) {
+  let key;
+  try {
+    key = crypto().createPrivateKey(pem);
+  } catch (err) {
+    throw new MoonflashError("INVALID_PARAMS", "The signing key is not a private key in PEM (BEGIN PRIVATE KEY).", {}, { cause: err });
+  }
+  if (key.asymmetricKeyType !== "ed25519") {
+    throw new MoonflashError("INVALID_PARAMS", `The signing key is a ${key.asymmetricKeyType ?? "unknown"} key; packages are signed with Ed25519.`, {
+      keyType: key.asymmetricKeyType
+    });
+  }
+  return key;
+}
+function publicKeyOf(privateKeyPem) {
+  return crypto().createPublicKey(parsePrivateKey(privateKeyPem));
+}
+function rawPublicKey(key) {
+  const jwk = key.export({ format: "jwk" });
+  return Buffer.from(jwk.x ?? "", "base64url");
+}
+
 // src/flash/build/profiles.ts
 import { readFile as readFile8 } from "node:fs/promises";
 import { join as join9 } from "node:path";
@@ -11465,8 +12004,454 @@ function initialPrinterState() {
   };
 }
 
+// src/agent/params.ts
+var flag = pipe(
+  transform((value2) => {
+    if (typeof value2 === "number") return value2 === 0 ? false : value2 === 1 ? true : value2;
+    if (typeof value2 === "string") {
+      const lower = value2.trim().toLowerCase();
+      if (["1", "true", "yes", "on"].includes(lower)) return true;
+      if (["0", "false", "no", "off"].includes(lower)) return false;
+    }
+    return value2;
+  }),
+  boolean2({ error: "expected true/false (or 1/0)" })
+);
+var clientDialect = (method) => ({ method, param: (key) => key });
+function parseParams(method, schema, raw, dialect = clientDialect(method)) {
+  const result = schema.safeParse(raw ?? {});
+  if (result.success) return result.data;
+  const problems = result.error.issues.map((issue2) => {
+    const field = issue2.path.length ? dialect.param(issue2.path.join(".")) : "params";
+    if (issue2.code === "unrecognized_keys") {
+      return `unknown parameter(s) ${issue2.keys.map((k) => `'${dialect.param(k)}'${didYouMean(k, knownKeys(schema), dialect)}`).join(", ")}`;
+    }
+    return `${field}: ${issue2.message}`;
+  });
+  throw new MoonflashError("INVALID_PARAMS", `${dialect.method}: ${problems.join("; ")}`, {
+    method,
+    issues: result.error.issues.map((i) => ({ path: i.path.map(String), code: i.code, message: i.message }))
+  });
+}
+function knownKeys(schema) {
+  const shape = schema._zod?.def?.shape;
+  return shape ? Object.keys(shape) : [];
+}
+function didYouMean(key, known, dialect) {
+  const squash = (k) => k.toLowerCase().replace(/_/g, "");
+  const match = known.find((k) => squash(k) === squash(key)) ?? known.find((k) => k.endsWith(`_${key.toLowerCase()}`));
+  return match === void 0 || dialect.param(match) === dialect.param(key) ? "" : ` (did you mean '${dialect.param(match)}'?)`;
+}
+
+// src/agent/methods.ts
+function macroDialect(method) {
+  if (!method.macro) return clientDialect(method.name);
+  const { command, params = {} } = method.macro;
+  return { method: command, param: (key) => params[key] ?? key.toUpperCase() };
+}
+var noParams = strictObject({});
+function define(m) {
+  return m;
+}
+async function jobStatus(deps, kind) {
+  const current = deps.runner.current();
+  return {
+    current: current && current.kind === kind ? current : null,
+    // A job of the other kind also blocks this one (one job at a time); say so instead of hiding it.
+    other: current && current.kind !== kind ? { id: current.id, kind: current.kind, target: current.target } : null,
+    last: deps.runner.history(kind, 10),
+    klipper_start_pending: current ? null : await deps.pendingKlipperStart?.() ?? null
+  };
+}
+function jobTarget(kind, target) {
+  return kind === "flash" ? mcuUserName(target) : target;
+}
+function ago(iso, now = Date.now()) {
+  const s = Math.max(0, Math.round((now - Date.parse(iso)) / 1e3));
+  if (s < 60) return `${s} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 48 * 3600) return `${Math.floor(s / 3600)} h ago`;
+  return `${Math.floor(s / 86400)} days ago`;
+}
+function describeStatus(kind, status) {
+  const c = status.current;
+  if (c) {
+    const pct = c.progress && c.progress.total > 0 ? ` ${Math.floor(100 * c.progress.done / c.progress.total)}%` : "";
+    return `moonflash: ${kind} of ${jobTarget(kind, c.target)} running: ${c.stage}${pct}`;
+  }
+  const last = status.last[0];
+  if (!last) return `moonflash: no ${kind} job has run yet`;
+  const dryRun = last.params?.dry_run === true ? " (dry run)" : "";
+  const outcome = last.ok ? "ok" : `failed [${last.code}] ${last.message}`;
+  const pending = status.klipper_start_pending ? ` ${status.klipper_start_pending.service} is still to be started: moonflash keeps trying.` : "";
+  return `moonflash: idle. Last ${kind} of ${jobTarget(kind, last.target)}${dryRun}: ${outcome} (${ago(last.finishedAt)}).${pending}`;
+}
+async function mcuMissing(flash) {
+  const known = (await flash.devices()).mcus.map((m) => mcuUserName(m.section));
+  const example = known.find((name) => name !== "mcu") ?? known[0];
+  const list = example === void 0 ? "No MCU is known: start Klipper, or add an [mcu NAME] section to moonflash.conf." : `Known MCUs: ${known.join(", ")} (e.g. FLASH_MCU MCU=${example})`;
+  return new MoonflashError("INVALID_PARAMS", `FLASH_MCU needs MCU=<name>. ${list}`, { method: "flash.mcu", missing: "mcu", known });
+}
+async function rollbackMcuMissing(flash) {
+  const candidates = [];
+  for (const section of await flash.store.mcus()) {
+    if ((await flash.store.list(section)).length > 1) candidates.push(mcuUserName(section));
+  }
+  const list = candidates.length ? `MCUs with an earlier image: ${candidates.join(", ")} (e.g. FLASH_ROLLBACK MCU=${candidates[0]})` : "moonflash has no earlier image of any MCU yet: it keeps the last 3 images it flashes to each.";
+  return new MoonflashError("INVALID_PARAMS", `FLASH_ROLLBACK needs MCU=<name>. ${list}`, { method: "flash.rollback", missing: "mcu", candidates });
+}
+function otaEngine(deps) {
+  if (!deps.ota) throw new MoonflashError("INTERNAL", "This moonflash process runs no OTA engine.");
+  return deps.ota();
+}
+async function otaStatus(deps) {
+  const engine = otaEngine(deps);
+  await engine.load();
+  const current = deps.runner.current();
+  return {
+    ...engine.status(),
+    other: current && current.kind !== "ota" ? { id: current.id, kind: current.kind, target: current.target } : null,
+    last: deps.runner.history("ota", 10)
+  };
+}
+var packageName = (s) => s.package?.name ? `${s.package.name}${s.package.version ? ` ${s.package.version}` : ""}` : s.url ?? "the update";
+var sentence = (text) => /[.!?]$/.test(text) ? text : `${text}.`;
+function describeOta(s) {
+  if (s.job) {
+    const pct = s.percent === null ? "" : ` ${s.percent}%`;
+    const eta = s.eta === null ? "" : `, ${s.eta} s left`;
+    const module = s.module ? `, module ${s.module.id} (${s.module.index}/${s.module.count})` : "";
+    return `moonflash: OTA ${s.state.replace("_", " ")} ${packageName(s)}: ${s.job.stage}${pct}${eta}${module}`;
+  }
+  const error2 = s.lastError ? ` [${s.lastError.code}] ${s.lastError.message}` : "";
+  let line;
+  switch (s.state) {
+    case "idle":
+      line = "moonflash: no OTA update has been downloaded yet. Download one with OTA_DOWNLOAD URL=<package url> MD5=<md5>.";
+      break;
+    case "downloading":
+      line = `moonflash: the download of ${s.url ?? "the package"} stopped before it finished. OTA_DOWNLOAD with the same URL resumes it.`;
+      break;
+    case "downloaded":
+      line = "moonflash: the OTA package is downloaded but not verified yet. OTA_INSTALL verifies it first.";
+      break;
+    case "verified":
+      line = `moonflash: OTA package ${packageName(s)} is downloaded and verified. Install it with OTA_INSTALL.${error2 ? sentence(` The last try failed:${error2}`) : ""}`;
+      break;
+    case "committed":
+      line = `moonflash: ${packageName(s)} is installed. OTA_ROLLBACK restores what was there before it.`;
+      break;
+    case "rolled_back":
+      line = `moonflash: ${packageName(s)} was rolled back${error2 ? sentence(` after${error2}`) : " on request."} The previous version is in place.`;
+      break;
+    case "failed":
+      line = sentence(`moonflash: the last OTA update failed${error2}`);
+      break;
+    default:
+      line = `moonflash: the update ${packageName(s)} was interrupted (${s.state.replace("_", " ")}). It is rolled back when the agent starts, or now with OTA_ROLLBACK.`;
+  }
+  const installed = s.installed && s.state !== "committed" ? ` Installed: ${s.installed.name} ${s.installed.version}.` : "";
+  const other = s.other ? ` A ${s.other.kind} job on ${jobTarget(s.other.kind, s.other.target)} is running.` : "";
+  return `${line}${installed}${other}`;
+}
+var HEX = (digits, what) => string2({ error: `expected ${digits} hex digits (${what})` }).check(_regex(new RegExp(`^[0-9A-Fa-f]{${digits}}$`), `expected ${digits} hex digits (${what})`));
+var byteCount = pipe(
+  transform((value2) => typeof value2 === "string" && /^\s*\d+\s*$/.test(value2) ? Number(value2) : value2),
+  int({ error: "expected the package's size in bytes, a whole number" }).check(_nonnegative("expected the package's size in bytes, a whole number"))
+);
+var otaDownloadParams = strictObject({
+  url: string2({ error: "required: the package's http:// or https:// URL" }).check(
+    _regex(/^https?:\/\/\S+$/i, "expected the package's http:// or https:// URL")
+  ),
+  md5: HEX(32, "the package's MD5"),
+  sha256: optional(HEX(64, "the package's SHA-256")),
+  size: optional(byteCount)
+});
+function buildMethodTable(deps) {
+  const { runner } = deps;
+  let download = null;
+  const downloadKey = (p) => JSON.stringify([p.url, p.md5.toLowerCase(), p.sha256?.toLowerCase() ?? null, p.size ?? null]);
+  return [
+    define({
+      name: "agent.info",
+      description: "Version, configuration summary and the Moonraker/Klipper state the agent sees.",
+      params: noParams,
+      handler: async () => deps.info(),
+      summary: (info) => `moonflash ${String(info.version)}: Klipper ${String(info.klipper?.state)}`
+    }),
+    define({
+      name: "flash.status",
+      description: "The running flash job with its progress, and the last flash results.",
+      params: noParams,
+      handler: () => jobStatus(deps, "flash"),
+      summary: (s) => describeStatus("flash", s),
+      macro: { command: "MOONFLASH_STATUS" }
+    }),
+    define({
+      name: "flash.devices",
+      description: "Serial devices and CAN nodes found, classified and mapped to Klipper's [mcu] sections.",
+      params: noParams,
+      handler: async () => deps.flash().devices(),
+      macro: { command: "MOONFLASH_DEVICES" },
+      summary: (r) => {
+        const serial = r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` \u2192 [${d.mcu}]` : ""}`).join(", ") || "none";
+        const can = r.canbus.map((c) => c.error ? `${c.interface}: ${c.error.message}` : `${c.interface}: ${c.nodes.map((n) => `${n.uuid} ${n.application}${n.mcu ? ` \u2192 [${n.mcu}]` : ""}`).join(", ") || "no unassigned nodes"}`);
+        return `moonflash: ${r.devices.length} serial device(s): ${serial}${can.length ? `; CAN ${can.join("; ")}` : ""}`;
+      }
+    }),
+    define({
+      name: "flash.build",
+      description: "Build firmware from each MCU's profile (make olddefconfig, make) at low priority, without stopping Klipper; a build with unchanged inputs is skipped.",
+      params: strictObject({
+        // Without it: every MCU of moonflash.conf that has a profile.
+        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
+        force: optional(flag)
+      }),
+      handler: async ({ mcu, force }) => {
+        if (!deps.build) throw new MoonflashError("INTERNAL", "This moonflash process cannot build firmware.");
+        const builder = deps.build();
+        const opts = force === void 0 ? {} : { force };
+        if (mcu !== void 0 && mcu.trim() !== "") return { builds: [await builder.build(mcu, opts)], failed: [], without_profile: [] };
+        const { builds, failed, withoutProfile } = await builder.buildMany(void 0, opts);
+        const first = failed[0];
+        if (first) {
+          throw new MoonflashError(first.code, `${failed.length} of ${failed.length + builds.length} builds failed; [${first.mcu}]: ${first.message}`, {
+            ...first.details,
+            builds,
+            failed
+          });
+        }
+        return { builds, failed, without_profile: withoutProfile };
+      }
+    }),
+    define({
+      name: "flash.update_all",
+      description: "Update MCUs to the host's Klipper version: build all while Klipper runs, then one Klipper stop, flash in order (CAN, bridge, USB, UART, Linux), one start, versions checked.",
+      params: strictObject({
+        // Without it: the MCUs whose firmware version differs from Klipper's.
+        mcus: optional(pipe(
+          union([string2(), array(string2())]),
+          transform((v) => (Array.isArray(v) ? v : v.split(",")).map((s) => s.trim()).filter(Boolean))
+        )),
+        force: optional(flag),
+        dry_run: optional(flag)
+      }),
+      handler: async ({ mcus, force, dry_run }) => {
+        if (!deps.update) throw new MoonflashError("INTERNAL", "This moonflash process cannot update MCUs.");
+        return deps.update().run({ ...mcus ? { mcus } : {}, ...force === void 0 ? {} : { force }, ...dry_run === void 0 ? {} : { dry_run } });
+      },
+      // No summary: the job's result line tells the console (the plan, for a dry run).
+      macro: { command: "UPDATE_MCUS", params: { mcus: "MCU", force: "FORCE", dry_run: "DRY_RUN" } }
+    }),
+    define({
+      name: "flash.mcu",
+      description: "Flash one MCU: pre-flight, stop Klipper, flash with fallback, verify, start Klipper.",
+      params: strictObject({
+        // Optional so that a bare FLASH_MCU (a click on Mainsail's macro button) gets the list of MCUs, not a flash.
+        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
+        firmware: optional(string2().check(_minLength(1))),
+        // Not `method`: Klipper's action_call_remote_method(method, **kwargs) (klippy/extras/gcode_macro.py) takes
+        // that name itself, so a macro could never pass it.
+        flash_method: optional(_enum(FLASH_METHODS, { error: `expected one of ${FLASH_METHODS.join(", ")}` })),
+        dry_run: optional(flag)
+      }),
+      handler: async ({ mcu, firmware, flash_method, dry_run }) => {
+        if (mcu === void 0 || mcu.trim() === "") throw await mcuMissing(deps.flash());
+        return deps.flash().flash({
+          mcu,
+          ...firmware === void 0 ? {} : { firmware },
+          ...flash_method === void 0 ? {} : { method: flash_method },
+          ...dry_run === void 0 ? {} : { dry_run }
+        });
+      },
+      // No summary: the job's own result line tells the console.
+      macro: { command: "FLASH_MCU", params: { mcu: "MCU", flash_method: "METHOD", firmware: "FIRMWARE", dry_run: "DRY_RUN" } }
+    }),
+    define({
+      name: "flash.check",
+      description: "Klipper's version and each MCU's firmware version: which MCUs Klipper would call outdated, and why.",
+      params: noParams,
+      handler: async () => deps.flash().checkVersions(),
+      summary: (check) => versionSummary(check),
+      macro: { command: "FLASH_CHECK" }
+    }),
+    define({
+      name: "flash.rollback",
+      description: "Flash the image an MCU had before its current one (moonflash keeps the last 3), as a normal flash.",
+      params: strictObject({
+        // Optional for the same reason as flash.mcu's: a bare FLASH_ROLLBACK names the MCUs instead of failing on a type.
+        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
+        dry_run: optional(flag)
+      }),
+      handler: async ({ mcu, dry_run }) => {
+        if (mcu === void 0 || mcu.trim() === "") throw await rollbackMcuMissing(deps.flash());
+        return deps.flash().rollback({ mcu, ...dry_run === void 0 ? {} : { dry_run } });
+      },
+      // No summary: the job's own result line tells the console.
+      macro: { command: "FLASH_ROLLBACK", params: { mcu: "MCU", dry_run: "DRY_RUN" } }
+    }),
+    define({
+      name: "flash.cancel",
+      description: "Cancel the running flash job; allowed until writing starts.",
+      params: noParams,
+      handler: async () => ({ cancelled: deps.flash().cancel().id }),
+      macro: { command: "MOONFLASH_CANCEL" },
+      summary: (r) => {
+        const job = runner.current();
+        const target = job?.id === r.cancelled ? job.target : runner.history("flash", 10).find((j) => j.id === r.cancelled)?.target;
+        return `moonflash: cancelling the flash${target === void 0 ? "" : ` of ${mcuUserName(target)}`}`;
+      }
+    }),
+    define({
+      name: "ota.status",
+      description: "What OTA is doing (state, stage, download bytes/speed/ETA, module k/n), the installed update, and the last OTA results.",
+      params: noParams,
+      handler: () => otaStatus(deps),
+      summary: (s) => describeOta(s),
+      macro: { command: "OTA_STATUS" }
+    }),
+    define({
+      name: "ota.download",
+      description: "Download an OTA package and verify it (MD5, SHA-256, signature, manifest, every file); the same URL again resumes or joins it.",
+      params: otaDownloadParams,
+      handler: async ({ url: url2, md5, sha256: sha2563, size: size2 }) => {
+        const params = { url: url2, md5, ...sha2563 === void 0 ? {} : { sha256: sha2563 }, ...size2 === void 0 ? {} : { size: size2 } };
+        const key = downloadKey(params);
+        if (download?.key === key) return download.result;
+        const result = otaEngine(deps).download(params);
+        const mine = { key, result };
+        download = mine;
+        try {
+          return await result;
+        } finally {
+          if (download === mine) download = null;
+        }
+      },
+      // No summary: the job's result line tells the console.
+      macro: { command: "OTA_DOWNLOAD", params: { url: "URL", md5: "MD5", sha256: "SHA256", size: "SIZE" } }
+    }),
+    define({
+      name: "ota.install",
+      description: "Install the downloaded package: back up, stop the updated services (and Klipper for firmware), replace files, flash, start, probation; rolls back by itself on failure.",
+      params: noParams,
+      handler: async () => otaEngine(deps).install(),
+      macro: { command: "OTA_INSTALL" }
+    }),
+    define({
+      name: "ota.cancel",
+      description: "Cancel the running OTA job; allowed while it downloads, verifies and checks, not once files are replaced.",
+      params: noParams,
+      handler: async () => ({ cancelled: otaEngine(deps).cancel().id }),
+      summary: (r) => {
+        const job = runner.current();
+        const target = job?.id === r.cancelled ? job.target : runner.history("ota", 10).find((j) => j.id === r.cancelled)?.target;
+        return `moonflash: cancelling the OTA job${target === void 0 ? "" : ` ${target}`}`;
+      },
+      macro: { command: "OTA_CANCEL" }
+    }),
+    define({
+      name: "ota.rollback",
+      description: "Restore what was installed before the last OTA update (files, firmware, services), or finish an interrupted update's rollback.",
+      params: noParams,
+      handler: async () => otaEngine(deps).rollback(),
+      macro: { command: "OTA_ROLLBACK" }
+    })
+  ];
+}
+
+// src/app.ts
+import { readFile as readFile17 } from "node:fs/promises";
+import { join as join17 } from "node:path";
+
 // src/moonflash-conf.ts
 import { readFile as readFile9 } from "node:fs/promises";
+
+// src/ota/config.ts
+import { isAbsolute as isAbsolute3 } from "node:path";
+var ALIAS2 = /^[A-Za-z0-9_-]{1,64}$/;
+function keyValueLines(raw, what) {
+  const pairs = [];
+  const seen = /* @__PURE__ */ new Set();
+  for (const line of raw.split("\n").map((l) => l.trim()).filter((l) => l !== "")) {
+    const at = line.search(/[=:]/);
+    const key = at > 0 ? line.slice(0, at).trim() : "";
+    const rest = at > 0 ? line.slice(at + 1).trim() : "";
+    if (key === "" || rest === "") throw expected(`one ${what} per line`, line);
+    if (seen.has(key)) throw new Invalid(`'${key}' is given twice`);
+    seen.add(key);
+    pairs.push([key, rest]);
+  }
+  return pairs;
+}
+var roots = value((raw) => {
+  const result = {};
+  for (const [alias, dir] of keyValueLines(raw, "'alias=directory'")) {
+    if (!ALIAS2.test(alias)) throw new Invalid(`root alias '${alias}' must be letters, digits, '_' or '-' (at most 64)`);
+    const path6 = expandHome(dir).replace(/(.)\/+$/, "$1");
+    if (!isAbsolute3(path6)) throw expected(`an absolute directory (or one starting with ~/) for root '${alias}'`, dir);
+    result[alias] = path6;
+  }
+  return result;
+});
+var publicKey = value((raw) => {
+  if (raw.startsWith("/") || raw.startsWith("~/")) return expandHome(raw);
+  if (/^[A-Za-z0-9+/]{43}=$/.test(raw)) return raw;
+  throw expected("the path of a PEM public key, or the raw 32-byte Ed25519 key in base64 (44 characters)", raw);
+});
+var bindAddress = value((raw) => {
+  if (/^(?:\d{1,3}\.){3}\d{1,3}$/.test(raw) || /^[0-9A-Fa-f:]+$/.test(raw) || raw === "localhost") return raw;
+  throw expected("an IP address to listen on, such as 127.0.0.1", raw);
+});
+var SIZE_UNITS2 = { "": 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3 };
+function sizeOf(raw) {
+  const match = /^(\d+)\s*([kKmMgG])?(?:i?B)?$/.exec(raw);
+  const n = match ? Number(match[1]) * (SIZE_UNITS2[(match[2] ?? "").toLowerCase()] ?? NaN) : NaN;
+  if (!Number.isSafeInteger(n) || n <= 0) throw expected("a size such as 262144, 256K, 64M or 1G", raw);
+  return n;
+}
+function countOf(raw, min) {
+  const n = /^\d+$/.test(raw) ? Number(raw) : NaN;
+  if (!Number.isSafeInteger(n) || n < min) throw expected(`a whole number of at least ${min}`, raw);
+  return n;
+}
+var LIMIT_KEYS = {
+  file_size: (raw) => ({ maxFileBytes: sizeOf(raw) }),
+  total_size: (raw) => ({ maxTotalBytes: sizeOf(raw) }),
+  manifest_size: (raw) => ({ maxManifestBytes: sizeOf(raw) }),
+  entries: (raw) => ({ maxEntries: countOf(raw, 1) }),
+  compression_ratio: (raw) => ({ maxCompressionRatio: countOf(raw, 2) }),
+  download_size: (raw) => ({ maxDownloadBytes: sizeOf(raw) })
+};
+var limits = value((raw) => {
+  let result = {};
+  for (const [key, setting] of keyValueLines(raw, "'name=value'")) {
+    const parse2 = LIMIT_KEYS[key];
+    if (!parse2) throw new Invalid(`unknown limit '${key}'; limits are ${Object.keys(LIMIT_KEYS).join(", ")}`);
+    try {
+      result = { ...result, ...parse2(setting) };
+    } catch (err) {
+      if (err instanceof Invalid) throw new Invalid(`${key}: ${err.message}`);
+      throw err;
+    }
+  }
+  return result;
+});
+var otaSchema = strictObject({
+  roots: _default(roots, {}),
+  public_key: unset(publicKey),
+  http_port: unset(integer2(1, 65535)),
+  http_bind: _default(bindAddress, "127.0.0.1"),
+  callback_url: unset(url(["http:", "https:"], "an http:// or https:// URL")),
+  probation_timeout: _default(integer2(5, 3600), 120),
+  keep_backups: _default(integer2(1, 20), 2),
+  limits: _default(limits, {})
+});
+var OTA_DEFAULTS = defaults(otaSchema);
+function rootsMap(config2) {
+  return new Map(Object.entries(config2.roots));
+}
+
+// src/moonflash-conf.ts
 function moonflashSchema(dataDir) {
   return strictObject({
     moonraker_socket: _default(absolutePath, dataPaths(dataDir).socket),
@@ -11480,10 +12465,6 @@ function moonflashSchema(dataDir) {
     service_timeout: _default(integer2(5, 600), 90)
   });
 }
-var otaSchema = strictObject({
-  manifest_url: unset(url(["https:"], "an https URL")),
-  channel: _default(oneOf(["stable", "beta"]), "stable")
-});
 var KNOWN_SECTIONS = ["moonflash", "mcu", "ota"];
 function parseConfig(text, file, dataDir) {
   const doc = parseIni(text, file);
@@ -11578,7 +12559,7 @@ function configSummary(cfg) {
       api_key: moonflash.api_key === null ? null : "(set, hidden)"
     },
     mcus: structuredClone(cfg.mcus),
-    ota: { ...cfg.ota }
+    ota: { ...structuredClone(cfg.ota), callback_url: cfg.ota.callback_url === null ? null : hideUrlCredentials(cfg.ota.callback_url) }
   };
 }
 
@@ -11597,7 +12578,7 @@ var recordSchema = object({
   message: optional(string2()),
   result: optional(unknown())
 });
-var fileSchema = object({ version: literal(1), jobs: array(recordSchema) });
+var fileSchema2 = object({ version: literal(1), jobs: array(recordSchema) });
 var appendQueues = /* @__PURE__ */ new Map();
 function compactTimestamp(date2) {
   return date2.toISOString().replace(/[-:]/g, "").replace(".", "");
@@ -11613,7 +12594,7 @@ function readRecords(path6, logger) {
   }
   let parsed;
   try {
-    const result = fileSchema.safeParse(JSON.parse(text));
+    const result = fileSchema2.safeParse(JSON.parse(text));
     if (result.success) parsed = result.data;
   } catch {
   }
@@ -11890,9 +12871,9 @@ var JobRunner = class {
 };
 var PROGRESS_PER_SECOND = 5;
 var ProgressThrottle = class {
-  constructor(intervalMs, send, onError) {
+  constructor(intervalMs, send2, onError) {
     this.intervalMs = intervalMs;
-    this.send = send;
+    this.send = send2;
     this.onError = onError;
   }
   intervalMs;
@@ -11957,10 +12938,10 @@ import { Writable } from "stream";
 import { access as access5, constants, createReadStream, createWriteStream } from "fs";
 import { mkdir as mkdir3, open as open3, readFile as readFile10, rename as rename3, stat as stat8, unlink, writeFile } from "fs/promises";
 import { sep } from "path";
-import { TextDecoder } from "util";
+import { TextDecoder as TextDecoder2 } from "util";
 import { setTimeout as setTimeout2 } from "timers";
 async function exists(filename) {
-  return new Promise((resolve3) => access5(filename, constants.F_OK, (error2) => resolve3(!error2)));
+  return new Promise((resolve4) => access5(filename, constants.F_OK, (error2) => resolve4(!error2)));
 }
 var RotatingFileStreamError = class extends Error {
   code = "RFS-TOO-MANY";
@@ -12048,7 +13029,7 @@ var RotatingFileStream = class extends Writable {
     callback(error2);
   }
   async rewrite(chunks, index, callback) {
-    const { size, teeToStdout } = this.options;
+    const { size: size2, teeToStdout } = this.options;
     try {
       if (this.initPromise)
         await this.initPromise;
@@ -12060,7 +13041,7 @@ var RotatingFileStream = class extends Writable {
         await this.file.write(chunk);
         if (teeToStdout && !this.stdout.destroyed)
           this.stdout.write(chunk);
-        if (size && this.size >= size)
+        if (size2 && this.size >= size2)
           await this.rotate();
       }
     } catch (e) {
@@ -12069,9 +13050,9 @@ var RotatingFileStream = class extends Writable {
     callback();
   }
   async init() {
-    const { immutable, initialRotation, interval, size } = this.options;
+    const { immutable, initialRotation, interval, size: size2 } = this.options;
     if (immutable)
-      return new Promise((resolve3, reject) => process.nextTick(() => this.immutate(true).then(resolve3).catch(reject)));
+      return new Promise((resolve4, reject) => process.nextTick(() => this.immutate(true).then(resolve4).catch(reject)));
     let stats;
     try {
       stats = await stat8(this.filename);
@@ -12090,7 +13071,7 @@ var RotatingFileStream = class extends Writable {
         return this.rotate();
     }
     this.size = stats.size;
-    if (!size || stats.size < size)
+    if (!size2 || stats.size < size2)
       return this.reopen(stats.size);
     if (interval)
       this.intervalBounds(this.now());
@@ -12099,7 +13080,7 @@ var RotatingFileStream = class extends Writable {
   async makePath(name) {
     return mkdir3(name.split(sep).slice(0, -1).join(sep), { recursive: true });
   }
-  async reopen(size) {
+  async reopen(size2) {
     let file;
     try {
       file = await open3(this.filename, "a", this.options.mode);
@@ -12110,7 +13091,7 @@ var RotatingFileStream = class extends Writable {
       file = await open3(this.filename, "a", this.options.mode);
     }
     this.file = file;
-    this.size = size;
+    this.size = size2;
     this.interval();
     this.emit("open", this.filename);
   }
@@ -12259,10 +13240,10 @@ var RotatingFileStream = class extends Writable {
   async compress(filename) {
     const { compress } = this.options;
     if (typeof compress === "function") {
-      await new Promise((resolve3, reject) => {
+      await new Promise((resolve4, reject) => {
         this.exec(compress(this.filename, filename), (error2, stdout, stderr) => {
           this.emit("external", stdout, stderr);
-          error2 ? reject(error2) : resolve3();
+          error2 ? reject(error2) : resolve4();
         });
       });
     } else
@@ -12270,24 +13251,24 @@ var RotatingFileStream = class extends Writable {
     return this.unlink(this.filename);
   }
   async gzip(filename) {
-    const { mode } = this.options;
-    const options = mode ? { mode } : {};
+    const { mode: mode2 } = this.options;
+    const options = mode2 ? { mode: mode2 } : {};
     const inp = this.fsCreateReadStream(this.filename, {});
     const out = this.fsCreateWriteStream(filename, options);
     const zip = this.createGzip();
-    await new Promise((resolve3, reject) => {
+    await new Promise((resolve4, reject) => {
       inp.once("error", reject);
       out.once("error", reject);
       zip.once("error", reject);
-      out.once("finish", resolve3);
+      out.once("finish", resolve4);
       inp.pipe(zip).pipe(out);
     });
     await Promise.all([
-      new Promise((resolve3) => zip.close(resolve3)),
-      new Promise((resolve3) => out.close((err) => {
+      new Promise((resolve4) => zip.close(resolve4)),
+      new Promise((resolve4) => out.close((err) => {
         if (err)
           this.emit("warning", err);
-        resolve3();
+        resolve4();
       }))
     ]);
   }
@@ -12336,7 +13317,7 @@ var RotatingFileStream = class extends Writable {
       }
     }
     if (maxSize) {
-      while (res.reduce((size, file) => size + file.size, 0) > maxSize) {
+      while (res.reduce((size2, file) => size2 + file.size, 0) > maxSize) {
         const file = res.shift();
         await this.unlink(file.name);
         this.emit("removed", file.name, false);
@@ -12346,7 +13327,7 @@ var RotatingFileStream = class extends Writable {
     this.emit("history");
   }
   async immutate(first) {
-    const { size } = this.options;
+    const { size: size2 } = this.options;
     const now = this.now();
     for (let index = 1; index < 1e3; ++index) {
       let fileSize = 0;
@@ -12362,7 +13343,7 @@ var RotatingFileStream = class extends Writable {
         fileSize = stats.size;
         if (!stats.isFile())
           throw new Error(`Can't write on: '${this.filename}' (it is not a file)`);
-        if (size && fileSize >= size)
+        if (size2 && fileSize >= size2)
           continue;
       }
       if (first) {
@@ -12445,7 +13426,7 @@ function checkSize2(value2) {
   return ret.num;
 }
 var checks = {
-  encoding: (type, options, value2) => new TextDecoder(value2),
+  encoding: (type, options, value2) => new TextDecoder2(value2),
   immutable: () => {
   },
   initialRotation: () => {
@@ -12595,11 +13576,2963 @@ function createLogger(opts) {
   return logger;
 }
 
+// src/ota/engine.ts
+import { access as access8, mkdir as mkdir7, readdir as readdir7, readFile as readFile15, rm as rm8, stat as stat12 } from "node:fs/promises";
+import { constants as constants4 } from "node:fs";
+import { dirname as dirname9, isAbsolute as isAbsolute5, join as join14 } from "node:path";
+
+// src/ota/deploy.ts
+import { constants as constants2 } from "node:fs";
+import { access as access6, chown, lstat, mkdir as mkdir4, open as open4, readdir as readdir3, readFile as readFile11, rename as rename4, rm as rm4, rmdir, stat as stat9, statfs } from "node:fs/promises";
+import { basename as basename5, dirname as dirname5, join as join10 } from "node:path";
+var MiB = 1024 * 1024;
+var FREE_SPACE_MARGIN_BYTES = 16 * MiB;
+async function copyFileDurable(src, dest, mode2) {
+  const input = await open4(src, "r");
+  try {
+    const output = await open4(dest, constants2.O_WRONLY | constants2.O_CREAT | constants2.O_EXCL | constants2.O_NOFOLLOW, mode2);
+    try {
+      const buffer = Buffer.allocUnsafe(MiB);
+      for (; ; ) {
+        const { bytesRead } = await input.read(buffer, 0, buffer.length, null);
+        if (bytesRead === 0) break;
+        for (let offset = 0; offset < bytesRead; ) {
+          const { bytesWritten } = await output.write(buffer, offset, bytesRead - offset);
+          offset += bytesWritten;
+        }
+      }
+      await output.chmod(mode2);
+      await output.sync();
+    } finally {
+      await output.close();
+    }
+  } finally {
+    await input.close();
+  }
+}
+var REAL_IO = { copyFile: (src, dest, mode2) => copyFileDurable(src, dest, mode2) };
+function fileError(err, what, path6) {
+  if (isMoonflashError(err)) return err;
+  const errno = err?.code;
+  if (errno === "ENOSPC" || errno === "EDQUOT") {
+    return new MoonflashError("DISK_FULL", `No room on the disk to ${what} (${path6}); free some space and try again.`, { path: path6, errno }, { cause: err });
+  }
+  if (errno === "EACCES" || errno === "EPERM" || errno === "EROFS") {
+    return new MoonflashError("PERMISSION_DENIED", `moonflash may not ${what} (${path6}): ${errno}; fix the owner or mode.`, { path: path6, errno }, { cause: err });
+  }
+  const error2 = toMoonflashError(err);
+  return new MoonflashError(error2.code, `Could not ${what} (${path6}): ${error2.message}`, { ...error2.details, path: path6 }, { cause: err });
+}
+var int2 = int().check(_nonnegative());
+var backupManifestSchema = object({
+  format: literal(1),
+  updateId: string2(),
+  name: string2(),
+  version: string2(),
+  createdAt: string2(),
+  files: array(
+    object({
+      dst: string2(),
+      module: string2(),
+      target: string2(),
+      existed: boolean2(),
+      backup: nullable(string2()),
+      size: int2,
+      mode: int2,
+      uid: int2,
+      gid: int2
+    })
+  ),
+  createdDirs: array(string2()),
+  firmware: array(object({ module: string2(), mcu: string2(), image: nullable(string2()), sha256: nullable(string2()) })),
+  services: array(string2())
+});
+var BACKUP_MANIFEST = "manifest.json";
+var OUTCOME_FILE = "outcome.json";
+async function readBackupManifest(dir) {
+  let text;
+  try {
+    text = await readFile11(join10(dir, BACKUP_MANIFEST), "utf8");
+  } catch (err) {
+    if (err.code === "ENOENT") return null;
+    throw fileError(err, "read the backup manifest", join10(dir, BACKUP_MANIFEST));
+  }
+  try {
+    return backupManifestSchema.parse(JSON.parse(text));
+  } catch (err) {
+    throw new MoonflashError(
+      "INTERNAL",
+      `The backup manifest ${join10(dir, BACKUP_MANIFEST)} is damaged, so the files it lists cannot be restored automatically; the copies are in ${dir}.`,
+      { path: join10(dir, BACKUP_MANIFEST) },
+      { cause: err }
+    );
+  }
+}
+async function readOutcome(dir) {
+  return (await readOutcomeRecord(dir))?.outcome ?? null;
+}
+async function readOutcomeRecord(dir) {
+  try {
+    const data = JSON.parse(await readFile11(join10(dir, OUTCOME_FILE), "utf8"));
+    if (data.outcome !== "committed" && data.outcome !== "rolled_back") return null;
+    return { outcome: data.outcome, at: typeof data.at === "string" ? data.at : "" };
+  } catch {
+    return null;
+  }
+}
+async function writeOutcome(dir, outcome, at) {
+  await writeFileDurable(join10(dir, OUTCOME_FILE), `${JSON.stringify({ outcome, at: at.toISOString() })}
+`);
+}
+async function listBackups(root) {
+  let names;
+  try {
+    names = (await readdir3(root)).filter((n) => /^[A-Za-z0-9._-]+$/.test(n) && !n.startsWith(".")).sort();
+  } catch (err) {
+    if (err.code === "ENOENT") return [];
+    throw fileError(err, "list the OTA backups", root);
+  }
+  const backups = [];
+  for (const updateId of names) {
+    const dir = join10(root, updateId);
+    let manifest = null;
+    try {
+      manifest = await readBackupManifest(dir);
+    } catch {
+      manifest = null;
+    }
+    const outcome = await readOutcomeRecord(dir);
+    backups.push({ updateId, dir, manifest, outcome: outcome?.outcome ?? null, outcomeAt: outcome?.at ?? "" });
+  }
+  const key = (b) => b.outcomeAt || "~";
+  return backups.sort((a, b) => key(a).localeCompare(key(b)) || a.updateId.localeCompare(b.updateId));
+}
+async function checkReadable(targets) {
+  for (const t of targets) {
+    if (!t.exists) continue;
+    try {
+      await access6(t.target, constants2.R_OK);
+    } catch (err) {
+      throw new MoonflashError(
+        "PERMISSION_DENIED",
+        `moonflash (uid ${process.getuid?.() ?? "?"}) may not read ${t.target} (${t.file.dst}) to back it up: fix its owner or mode. Nothing was changed.`,
+        { dst: t.file.dst, path: t.target },
+        { cause: err }
+      );
+    }
+  }
+}
+async function existingAncestor(path6) {
+  for (let dir = path6; ; dir = dirname5(dir)) {
+    try {
+      if ((await stat9(dir)).isDirectory()) return dir;
+    } catch {
+    }
+    if (dir === dirname5(dir)) return dir;
+  }
+}
+async function checkFreeSpace(needs, marginBytes, statfsFn = statfs) {
+  const byDevice = /* @__PURE__ */ new Map();
+  for (const need of needs) {
+    if (need.bytes <= 0) continue;
+    const dir = await existingAncestor(need.path);
+    const dev = (await stat9(dir)).dev;
+    const entry = byDevice.get(dev) ?? { path: dir, bytes: 0, what: [] };
+    entry.bytes += need.bytes;
+    if (!entry.what.includes(need.what)) entry.what.push(need.what);
+    byDevice.set(dev, entry);
+  }
+  for (const { path: path6, bytes, what } of byDevice.values()) {
+    const fs = await statfsFn(path6);
+    const free = fs.bavail * fs.bsize;
+    if (free < bytes + marginBytes) {
+      const mib = (n) => `${(n / MiB).toFixed(1)} MiB`;
+      throw new MoonflashError(
+        "DISK_FULL",
+        `Not enough room on the filesystem of ${path6}: the update needs ${mib(bytes)} for ${what.join(" and ")} plus ${mib(marginBytes)} to spare, but ${mib(free)} are free. Free some space and install again; nothing was changed.`,
+        { path: path6, neededBytes: bytes, marginBytes, freeBytes: free }
+      );
+    }
+  }
+}
+async function missingDirs(targets) {
+  const missing = /* @__PURE__ */ new Set();
+  for (const t of targets) {
+    const chain = [];
+    for (let dir = dirname5(t.target); dir !== t.root && dir !== dirname5(dir); dir = dirname5(dir)) chain.push(dir);
+    for (const dir of chain) {
+      try {
+        await lstat(dir);
+      } catch {
+        missing.add(dir);
+      }
+    }
+  }
+  const depth = (dir) => dir.split("/").length;
+  return [...missing].sort((a, b) => depth(a) - depth(b) || a.localeCompare(b));
+}
+async function backupTargets(targets, dir, io, onFile) {
+  const filesDir = join10(dir, "files");
+  await mkdir4(filesDir, { recursive: true }).catch((err) => {
+    throw fileError(err, "create the backup directory", filesDir);
+  });
+  const entries = [];
+  let copied = 0;
+  for (const [i, t] of targets.entries()) {
+    let entry = {
+      dst: t.file.dst,
+      module: t.module.id,
+      target: t.target,
+      existed: false,
+      backup: null,
+      size: 0,
+      mode: 0,
+      uid: 0,
+      gid: 0
+    };
+    if (t.exists) {
+      const info = await stat9(t.target).catch((err) => {
+        throw fileError(err, "look at a file to back up", t.target);
+      });
+      const name = `files/${String(i + 1).padStart(4, "0")}`;
+      const dest = join10(dir, name);
+      await rm4(dest, { force: true });
+      try {
+        await io.copyFile(t.target, dest, 384, "backup");
+      } catch (err) {
+        throw fileError(err, "back up a file", t.target);
+      }
+      entry = { ...entry, existed: true, backup: name, size: info.size, mode: info.mode & 4095, uid: info.uid, gid: info.gid };
+      copied++;
+    }
+    entries.push(entry);
+    if (t.exists) onFile(entry, copied);
+  }
+  await fsyncDir(filesDir);
+  await fsyncDir(dir);
+  return entries;
+}
+async function writeBackupManifest(dir, manifest) {
+  await writeFileDurable(join10(dir, BACKUP_MANIFEST), `${JSON.stringify(manifest, null, 2)}
+`);
+}
+function tempPathFor(target, updateId) {
+  return join10(dirname5(target), `.${basename5(target)}.${updateId}.tmp`);
+}
+async function replaceFile(src, target, opts) {
+  const dir = dirname5(target);
+  const tmp = tempPathFor(target, opts.updateId);
+  const what = opts.purpose === "restore" ? "restore a file" : "write a file";
+  try {
+    await mkdir4(dir, { recursive: true });
+    await rm4(tmp, { force: true });
+    await opts.io.copyFile(src, tmp, opts.mode, opts.purpose);
+    if (opts.owner && process.getuid?.() === 0) await chown(tmp, opts.owner.uid, opts.owner.gid);
+  } catch (err) {
+    await rm4(tmp, { force: true }).catch(() => void 0);
+    throw fileError(err, what, target);
+  }
+  opts.hooks?.afterTemp?.();
+  try {
+    await rename4(tmp, target);
+    await fsyncDir(dir);
+  } catch (err) {
+    await rm4(tmp, { force: true }).catch(() => void 0);
+    throw fileError(err, what, target);
+  }
+  opts.hooks?.afterRename?.();
+}
+async function removeFile(target) {
+  try {
+    await rm4(target, { force: true });
+    await fsyncDir(dirname5(target)).catch((err) => {
+      if (err.code !== "ENOENT") throw err;
+    });
+  } catch (err) {
+    throw fileError(err, "remove a file the update added", target);
+  }
+}
+async function restoreBackup(dir, manifest, io, onFile) {
+  let restored = 0;
+  let removed = 0;
+  for (const [i, entry] of manifest.files.entries()) {
+    if (entry.existed && entry.backup !== null) {
+      await replaceFile(join10(dir, entry.backup), entry.target, {
+        mode: entry.mode,
+        owner: { uid: entry.uid, gid: entry.gid },
+        updateId: manifest.updateId,
+        io,
+        purpose: "restore"
+      });
+      restored++;
+    } else {
+      await removeFile(tempPathFor(entry.target, manifest.updateId));
+      await removeFile(entry.target);
+      removed++;
+    }
+    onFile(entry, i + 1);
+  }
+  for (const created of [...manifest.createdDirs].reverse()) {
+    try {
+      await rmdir(created);
+      await fsyncDir(dirname5(created));
+    } catch (err) {
+      const errno = err.code;
+      if (errno !== "ENOENT" && errno !== "ENOTEMPTY" && errno !== "EEXIST") throw fileError(err, "remove a directory the update created", created);
+    }
+  }
+  return { restored, removed };
+}
+async function ownerOf(path6) {
+  try {
+    const info = await stat9(path6);
+    return { uid: info.uid, gid: info.gid };
+  } catch {
+    return null;
+  }
+}
+
+// src/ota/download.ts
+import { mkdir as mkdir5, open as open5, readdir as readdir4, readFile as readFile12, rename as rename5, rm as rm5, stat as stat10, statfs as statfs2 } from "node:fs/promises";
+import { basename as basename6, dirname as dirname6, join as join11 } from "node:path";
+import { Writable as Writable2 } from "node:stream";
+import { setTimeout as sleepFor } from "node:timers/promises";
+
+// src/ota/http-range.ts
+var MAX_DIGITS = 15;
+var RANGE_RESP = new RegExp(`^bytes (\\d{1,${MAX_DIGITS}})-(\\d{1,${MAX_DIGITS}})/(\\d{1,${MAX_DIGITS}}|\\*)$`, "i");
+var UNSATISFIED = new RegExp(`^bytes \\*/(\\d{1,${MAX_DIGITS}})$`, "i");
+function parseContentRange(value2) {
+  if (value2 === void 0) return null;
+  const text = value2.trim();
+  const unsatisfied = UNSATISFIED.exec(text);
+  if (unsatisfied) return { kind: "unsatisfied", total: Number(unsatisfied[1]) };
+  const match = RANGE_RESP.exec(text);
+  if (!match) return null;
+  const start = Number(match[1]);
+  const end = Number(match[2]);
+  const total = match[3] === "*" ? null : Number(match[3]);
+  if (end < start) return null;
+  if (total !== null && end >= total) return null;
+  return { kind: "range", start, end, total };
+}
+function checkPartialResponse(point, contentRange, contentLength) {
+  if (contentRange === void 0) return { ok: false, reason: "206 without Content-Range" };
+  const range = parseContentRange(contentRange);
+  if (range === null) return { ok: false, reason: `malformed Content-Range "${contentRange}"` };
+  if (range.kind === "unsatisfied") return { ok: false, reason: `206 with an unsatisfied Content-Range "${contentRange}"` };
+  if (range.start !== point.offset) return { ok: false, reason: `Content-Range starts at ${range.start}, we asked for ${point.offset}` };
+  const total = range.total ?? point.total;
+  if (total === null) return { ok: false, reason: `Content-Range "${contentRange}" gives no total and none is known` };
+  if (point.total !== null && total !== point.total) return { ok: false, reason: `the file's size changed from ${point.total} to ${total}` };
+  if (range.end !== total - 1) return { ok: false, reason: `Content-Range ends at ${range.end}, not at the last byte ${total - 1}` };
+  if (contentLength !== void 0) {
+    const length = parseContentLength(contentLength);
+    if (length !== range.end - range.start + 1) return { ok: false, reason: `Content-Length ${contentLength} does not match Content-Range "${contentRange}"` };
+  }
+  return { ok: true, total };
+}
+function parseContentLength(value2) {
+  if (value2 === void 0) return null;
+  const text = value2.trim();
+  return new RegExp(`^\\d{1,${MAX_DIGITS}}$`).test(text) ? Number(text) : null;
+}
+function ifRangeValue(validators) {
+  if (validators.etag !== null) return validators.etag.startsWith("W/") ? null : validators.etag;
+  return validators.lastModified;
+}
+function validatorsChanged(held, answer) {
+  if (held.etag !== null && answer.etag !== null) return held.etag !== answer.etag;
+  if (held.etag === null && held.lastModified !== null && answer.lastModified !== null) return held.lastModified !== answer.lastModified;
+  return false;
+}
+function retryAfterMs(value2, now = Date.now()) {
+  if (value2 === void 0) return null;
+  const text = value2.trim();
+  if (/^\d{1,9}$/.test(text)) return Number(text) * 1e3;
+  const date2 = Date.parse(text);
+  return Number.isNaN(date2) ? null : Math.max(0, date2 - now);
+}
+
+// src/ota/download.ts
+var MiB2 = 1024 * 1024;
+var DOWNLOAD_DEFAULTS = {
+  /** Failed attempts in a row (none bringing new bytes) before giving up. */
+  retries: 5,
+  backoffMs: 1e3,
+  backoffMaxMs: 3e4,
+  /** No byte (or no answer) for this long aborts the request; the next attempt resumes. */
+  stallTimeoutMs: 3e4,
+  /** fsync the part file and record it in the sidecar after this many new bytes \u2026 */
+  checkpointBytes: 8 * MiB2,
+  /** \u2026 or after this long, whichever comes first. */
+  checkpointMs: 5e3,
+  /** Free space kept on the disk beyond the download itself, so logs and state files can still be written. */
+  freeSpaceMarginBytes: 16 * MiB2,
+  /** Without an expected size, a larger download is refused. */
+  maxBytes: 4 * 1024 * MiB2,
+  /** At most one progress call per interval (the first and the last always come). */
+  progressIntervalMs: 200
+};
+var MAX_REDIRECTS = 5;
+var MAX_RANGE_REJECTIONS = 2;
+var SINK_BUFFER_BYTES = MiB2;
+var READ_BACK_BYTES = MiB2;
+var HEX32 = /^[0-9a-f]{32}$/i;
+var HEX64 = /^[0-9a-f]{64}$/i;
+async function downloadPackage(opts) {
+  const settings = normalizeOptions(opts);
+  if (settings.signal?.aborted) throw cancelled(settings, 0);
+  try {
+    await mkdir5(dirname6(settings.dest), { recursive: true });
+  } catch (err) {
+    throw fsError(err, `Cannot create the directory of ${settings.dest}`);
+  }
+  const existing = await alreadyDownloaded(settings);
+  if (existing) return existing;
+  const part = await PartFile.open(settings);
+  try {
+    return await new DownloadRun(settings, part).run();
+  } finally {
+    await part.close();
+  }
+}
+function normalizeOptions(opts) {
+  let url2;
+  try {
+    url2 = new URL(opts.url);
+  } catch {
+    throw new MoonflashError("INVALID_PARAMS", `The package URL "${opts.url}" is not a valid URL; give an http:// or https:// URL.`, { url: opts.url });
+  }
+  if (url2.protocol !== "http:" && url2.protocol !== "https:") {
+    throw new MoonflashError("INVALID_PARAMS", `The package URL must use http:// or https://, not ${url2.protocol}//.`, { url: opts.url });
+  }
+  if (typeof opts.dest !== "string" || opts.dest === "") throw new MoonflashError("INVALID_PARAMS", "The download needs a destination path (dest).", {});
+  if (typeof opts.md5 !== "string" || !HEX32.test(opts.md5)) {
+    throw new MoonflashError("INVALID_PARAMS", `The package MD5 must be 32 hex digits, got "${String(opts.md5)}".`, { md5: opts.md5 });
+  }
+  if (opts.sha256 !== void 0 && (typeof opts.sha256 !== "string" || !HEX64.test(opts.sha256))) {
+    throw new MoonflashError("INVALID_PARAMS", `The package SHA-256 must be 64 hex digits, got "${String(opts.sha256)}".`, { sha256: opts.sha256 });
+  }
+  const count = (name, value2, fallback, min) => {
+    if (value2 === void 0) return fallback;
+    if (typeof value2 !== "number" || !Number.isSafeInteger(value2) || value2 < min) {
+      throw new MoonflashError("INVALID_PARAMS", `Download option ${name} must be a whole number of at least ${min}, got ${String(value2)}.`, { [name]: value2 });
+    }
+    return value2;
+  };
+  const d = DOWNLOAD_DEFAULTS;
+  return {
+    url: url2,
+    dest: opts.dest,
+    md5: opts.md5.toLowerCase(),
+    sha256: opts.sha256?.toLowerCase() ?? null,
+    size: opts.size === void 0 ? null : count("size", opts.size, 0, 0),
+    maxBytes: count("maxBytes", opts.maxBytes, d.maxBytes, 1),
+    signal: opts.signal,
+    onProgress: opts.onProgress,
+    retries: count("retries", opts.retries, d.retries, 0),
+    backoffMs: count("backoffMs", opts.backoffMs, d.backoffMs, 0),
+    backoffMaxMs: count("backoffMaxMs", opts.backoffMaxMs, d.backoffMaxMs, 0),
+    stallTimeoutMs: count("stallTimeoutMs", opts.stallTimeoutMs, d.stallTimeoutMs, 1),
+    checkpointBytes: count("checkpointBytes", opts.checkpointBytes, d.checkpointBytes, 1),
+    checkpointMs: count("checkpointMs", opts.checkpointMs, d.checkpointMs, 1),
+    freeSpaceMarginBytes: count("freeSpaceMarginBytes", opts.freeSpaceMarginBytes, d.freeSpaceMarginBytes, 0),
+    progressIntervalMs: count("progressIntervalMs", opts.progressIntervalMs, d.progressIntervalMs, 0),
+    logger: opts.logger
+  };
+}
+var partFate = /* @__PURE__ */ new WeakMap();
+function withFate(error2, fate) {
+  partFate.set(error2, fate);
+  return error2;
+}
+function cancelled(s, kept) {
+  const message = kept > 0 ? `The download of ${s.url.href} was cancelled; the ${kept} bytes received are kept and the next download resumes from there.` : `The download of ${s.url.href} was cancelled before any byte was received.`;
+  return new MoonflashError("CANCELLED", message, { url: s.url.href, bytesKept: kept });
+}
+function fsError(err, what) {
+  if (err?.code === "ENOSPC") return toMoonflashError(err);
+  const reason = err instanceof Error ? err.message : String(err);
+  return new MoonflashError("DOWNLOAD_FAILED", `${what}: ${reason}. Check the directory's permissions and the disk.`, {}, { cause: err });
+}
+function describeError(err) {
+  const code = err?.code;
+  const message = err instanceof Error ? err.message : String(err);
+  return code && !message.includes(code) ? `${code}: ${message}` : message;
+}
+var sidecarSchema2 = object({
+  format: literal(1),
+  url: string2(),
+  md5: string2(),
+  etag: nullable(string2()),
+  last_modified: nullable(string2()),
+  total: nullable(number2()),
+  committed: number2()
+});
+var PartFile = class _PartFile {
+  constructor(s, handle, path6, sidecarPath) {
+    this.s = s;
+    this.handle = handle;
+    this.path = path6;
+    this.sidecarPath = sidecarPath;
+    this.total = s.size;
+    [this.md5, this.sha256] = newHashes();
+  }
+  s;
+  handle;
+  path;
+  sidecarPath;
+  /** Bytes written to the part file (and fed to the hashes). */
+  position = 0;
+  /** Bytes fsynced and recorded in the sidecar: never more than are durably in the part file. */
+  committed = 0;
+  validators = { etag: null, lastModified: null };
+  /** Size of the whole file once an answer (or the caller) told it. */
+  total;
+  md5;
+  sha256;
+  lastCheckpointAt = Date.now();
+  /** A checkpoint running beside the stream, and the error of the last one, surfaced at the next write. */
+  checkpointing = null;
+  checkpointError = null;
+  closed = false;
+  /** Opens the part left by an earlier call when its sidecar matches this download, else starts an empty one. */
+  static async open(s) {
+    const path6 = `${s.dest}.part`;
+    const sidecarPath = `${path6}.json`;
+    await sweepSidecarTemps(sidecarPath);
+    const saved = await readSidecar(sidecarPath, s.logger);
+    const onDisk = await stat10(path6).then((st) => st.size, () => null);
+    const usable = saved !== null && onDisk !== null && saved.url === s.url.href && saved.md5 === s.md5 && saved.committed > 0 && onDisk >= saved.committed && (saved.total === null || saved.committed <= saved.total && (s.size === null || saved.total === s.size));
+    if (!usable) {
+      if (saved !== null || (onDisk ?? 0) > 0) s.logger?.info({ part: path6 }, "download: starting over (no usable partial download)");
+      try {
+        if (saved !== null) await removeDurable(sidecarPath);
+        return new _PartFile(s, await open5(path6, "w"), path6, sidecarPath);
+      } catch (err) {
+        throw fsError(err, `Cannot write ${path6}`);
+      }
+    }
+    let handle;
+    try {
+      handle = await open5(path6, "r+");
+      if (onDisk > saved.committed) await handle.truncate(saved.committed);
+    } catch (err) {
+      throw fsError(err, `Cannot open ${path6}`);
+    }
+    const part = new _PartFile(s, handle, path6, sidecarPath);
+    part.validators = { etag: saved.etag, lastModified: saved.last_modified };
+    part.total = saved.total ?? s.size;
+    try {
+      await readThroughHashes(handle, saved.committed, [part.md5, part.sha256], s, () => cancelled(s, saved.committed));
+    } catch (err) {
+      await part.close();
+      throw isMoonflashError(err) ? err : fsError(err, `Cannot read ${path6}`);
+    }
+    part.position = part.committed = saved.committed;
+    s.logger?.info({ part: path6, bytes: saved.committed, total: part.total }, "download: resuming a partial download");
+    return part;
+  }
+  /** Writes whole buffers at the current position; hashes follow the file byte for byte. */
+  async append(buffers, length) {
+    for (const buffer of buffers) {
+      this.md5.update(buffer);
+      this.sha256.update(buffer);
+    }
+    let pending = buffers;
+    let at = this.position;
+    const end = at + length;
+    for (; ; ) {
+      const { bytesWritten } = await this.handle.writev(pending, at);
+      at += bytesWritten;
+      if (at >= end) break;
+      if (bytesWritten === 0) throw Object.assign(new Error(`no progress writing ${this.path}`), { code: "EIO" });
+      pending = dropBytes(pending, bytesWritten);
+    }
+    this.position = end;
+  }
+  /**
+   * Starts a checkpoint in the background when enough bytes or time have passed: the stream goes on while the disk
+   * syncs (an fsync on an SD card can take a while). Throws the error of an earlier background checkpoint.
+   */
+  checkpointWhenDue() {
+    if (this.checkpointError !== null) {
+      const error2 = this.checkpointError;
+      this.checkpointError = null;
+      throw error2;
+    }
+    if (this.checkpointing !== null || this.position === this.committed) return;
+    if (this.position - this.committed < this.s.checkpointBytes && Date.now() - this.lastCheckpointAt < this.s.checkpointMs) return;
+    this.checkpointing = this.commit(this.position).catch((err) => {
+      this.checkpointError = err;
+    }).finally(() => {
+      this.checkpointing = null;
+    });
+  }
+  /** Checkpoints now (before a wait, on cancel, on giving up), after any background one. */
+  async checkpoint() {
+    await this.settleCheckpoint();
+    if (this.position !== this.committed) await this.commit(this.position);
+  }
+  /** Empties the part for a new representation (a 200 answer, a changed file, a rejected range). */
+  async restart(validators, total) {
+    await this.settleCheckpoint();
+    this.validators = validators;
+    this.total = total;
+    await this.writeSidecar(0);
+    if (this.position > 0) await this.handle.truncate(0);
+    this.position = this.committed = 0;
+    [this.md5, this.sha256] = newHashes();
+  }
+  async sizeOnDisk() {
+    return (await this.handle.stat()).size;
+  }
+  /** fsync, rename to the destination, fsync the directory, then drop the sidecar: the durable-replace sequence. */
+  async moveTo(dest) {
+    await this.settleCheckpoint();
+    await this.handle.sync();
+    await this.close();
+    await rename5(this.path, dest);
+    await fsyncDir(dirname6(dest));
+    await removeDurable(this.sidecarPath);
+  }
+  /** Removes the part and its sidecar (corrupt, oversize or a full disk: nothing worth resuming). */
+  async discard() {
+    await this.close();
+    await rm5(this.path, { force: true });
+    await removeDurable(this.sidecarPath);
+  }
+  async close() {
+    if (this.closed) return;
+    this.closed = true;
+    await this.checkpointing;
+    await this.handle.close();
+  }
+  /**
+   * fsync first, then record: the sidecar never claims bytes that are not durably in the part file. `upTo` bytes
+   * were all written before the fsync started, so it covers them whatever is written meanwhile.
+   */
+  async commit(upTo) {
+    this.lastCheckpointAt = Date.now();
+    await this.handle.datasync();
+    await this.writeSidecar(upTo);
+    this.committed = upTo;
+  }
+  async settleCheckpoint() {
+    await this.checkpointing;
+    if (this.checkpointError !== null) {
+      const error2 = this.checkpointError;
+      this.checkpointError = null;
+      throw error2;
+    }
+  }
+  async writeSidecar(committed) {
+    const sidecar = {
+      format: 1,
+      url: this.s.url.href,
+      md5: this.s.md5,
+      etag: this.validators.etag,
+      last_modified: this.validators.lastModified,
+      total: this.total,
+      committed
+    };
+    await writeFileDurable(this.sidecarPath, `${JSON.stringify(sidecar)}
+`);
+  }
+};
+async function readSidecar(path6, logger) {
+  let text;
+  try {
+    text = await readFile12(path6, "utf8");
+  } catch {
+    return null;
+  }
+  try {
+    const parsed = sidecarSchema2.safeParse(JSON.parse(text));
+    if (parsed.success) return parsed.data;
+  } catch {
+  }
+  logger?.warn({ sidecar: path6 }, "download: ignoring an unreadable sidecar");
+  return null;
+}
+async function sweepSidecarTemps(sidecarPath) {
+  const prefix = `.${basename6(sidecarPath)}.`;
+  const names = await readdir4(dirname6(sidecarPath)).catch(() => []);
+  for (const name of names) {
+    if (!name.startsWith(prefix) || !name.endsWith(".tmp")) continue;
+    const pid = Number(name.slice(prefix.length).split(".")[0]);
+    if (Number.isSafeInteger(pid) && pid > 0 && processAlive(pid)) continue;
+    await rm5(join11(dirname6(sidecarPath), name), { force: true });
+  }
+}
+function processAlive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return err.code === "EPERM";
+  }
+}
+function newHashes() {
+  const { createHash } = process.getBuiltinModule("node:crypto");
+  return [createHash("md5"), createHash("sha256")];
+}
+function dropBytes(buffers, count) {
+  let skip = count;
+  const rest = [];
+  for (const buffer of buffers) {
+    if (skip >= buffer.length) {
+      skip -= buffer.length;
+      continue;
+    }
+    rest.push(skip > 0 ? buffer.subarray(skip) : buffer);
+    skip = 0;
+  }
+  return rest;
+}
+async function readThroughHashes(handle, length, hashes, s, onCancel) {
+  const buffer = Buffer.allocUnsafe(Math.min(READ_BACK_BYTES, Math.max(length, 1)));
+  let at = 0;
+  while (at < length) {
+    if (s.signal?.aborted) throw onCancel();
+    const { bytesRead } = await handle.read(buffer, 0, Math.min(buffer.length, length - at), at);
+    if (bytesRead === 0) throw Object.assign(new Error(`unexpected end of file at byte ${at}`), { code: "EIO" });
+    const view = buffer.subarray(0, bytesRead);
+    for (const hash of hashes) hash.update(view);
+    at += bytesRead;
+  }
+}
+async function alreadyDownloaded(s) {
+  let handle;
+  try {
+    handle = await open5(s.dest, "r");
+  } catch {
+    return null;
+  }
+  try {
+    const { size: size2 } = await handle.stat();
+    if (s.size !== null && size2 !== s.size) return null;
+    const [md5, sha2563] = newHashes();
+    await readThroughHashes(handle, size2, [md5, sha2563], s, () => cancelled(s, 0));
+    const result = { md5: md5.digest("hex"), sha256: sha2563.digest("hex") };
+    if (result.md5 !== s.md5 || s.sha256 !== null && result.sha256 !== s.sha256) return null;
+    s.logger?.info({ path: s.dest }, "download: the destination already holds the package");
+    await rm5(`${s.dest}.part`, { force: true });
+    await removeDurable(`${s.dest}.part.json`);
+    return { path: s.dest, size: size2, ...result, resumedFrom: size2, bytesDownloaded: 0, attempts: 0 };
+  } finally {
+    await handle.close();
+  }
+}
+var DownloadRun = class {
+  constructor(s, part) {
+    this.s = s;
+    this.part = part;
+    this.progress = new ProgressMeter(s.onProgress, s.progressIntervalMs);
+  }
+  s;
+  part;
+  attempts = 0;
+  bytesDownloaded = 0;
+  freeSpaceChecked = false;
+  progress;
+  async run() {
+    const { s, part } = this;
+    const resumedFrom = part.position;
+    try {
+      this.progress.report(part.position, part.total, 0, true);
+      await this.ensureFreeSpace();
+      let failuresInRow = 0;
+      let highWater = part.position;
+      let waitMs = s.backoffMs;
+      let useRange = true;
+      let rangeRejections = 0;
+      while (!(part.position > 0 && part.position === part.total)) {
+        if (s.signal?.aborted) throw withFate(cancelled(s, part.position), "keep");
+        this.attempts++;
+        const outcome = await this.attempt(useRange);
+        if (outcome.kind === "complete") break;
+        if (outcome.rangeRejected && ++rangeRejections >= MAX_RANGE_REJECTIONS) useRange = false;
+        const progressed = part.position > highWater;
+        if (progressed) {
+          highWater = part.position;
+          failuresInRow = 0;
+          waitMs = s.backoffMs;
+        } else {
+          failuresInRow++;
+        }
+        if (failuresInRow > s.retries) throw withFate(this.gaveUp(outcome), "keep");
+        await part.checkpoint();
+        const wait = progressed || outcome.immediate ? 0 : Math.min(Math.max(waitMs, outcome.waitMs ?? 0), s.backoffMaxMs);
+        if (!progressed && !outcome.immediate) waitMs = Math.min(waitMs * 2, s.backoffMaxMs);
+        s.logger?.info({ url: s.url.href, attempt: this.attempts, bytes: part.position, total: part.total, reason: outcome.reason, waitMs: wait }, "download: retrying");
+        if (wait > 0) await this.sleep(wait);
+      }
+      return await this.finish(resumedFrom);
+    } catch (err) {
+      const error2 = toMoonflashError(err, "DOWNLOAD_FAILED");
+      await this.settlePart(error2);
+      throw error2;
+    }
+  }
+  /** Leaves the part as the error asks: removed, checkpointed for a resume, or as the sidecar last described it. */
+  async settlePart(error2) {
+    const fate = partFate.get(error2) ?? (error2.code === "DISK_FULL" ? "discard" : void 0);
+    try {
+      if (fate === "discard" || fate === "keep" && this.part.position === 0) await this.part.discard();
+      else if (fate === "keep") await this.part.checkpoint();
+    } catch (cleanupError) {
+      this.s.logger?.warn({ err: cleanupError, part: this.part.path }, "download: could not clean up the partial download");
+    }
+  }
+  gaveUp(last) {
+    const { s, part } = this;
+    const lastText = last.status !== null ? `HTTP ${last.status}` : last.reason;
+    const kept = part.position > 0 ? ` The ${part.position} bytes received are kept; the next try resumes from there.` : "";
+    return new MoonflashError(
+      "DOWNLOAD_FAILED",
+      `Could not download ${s.url.href} after ${this.attempts} attempts (last: ${lastText}). Check the network and the server, then try again.${kept}`,
+      { url: s.url.href, attempts: this.attempts, lastStatus: last.status, lastError: last.reason, bytesKept: part.position, total: part.total }
+    );
+  }
+  async finish(resumedFrom) {
+    const { s, part } = this;
+    const size2 = part.position;
+    const onDisk = await part.sizeOnDisk();
+    if (onDisk !== size2) {
+      throw withFate(
+        new MoonflashError("DOWNLOAD_FAILED", `${part.path} holds ${onDisk} bytes where ${size2} were written; it was discarded. Download again.`, { path: part.path, onDisk, size: size2 }),
+        "discard"
+      );
+    }
+    const md5 = part.md5.digest("hex");
+    const sha2563 = part.sha256.digest("hex");
+    const details = { url: s.url.href, size: size2, md5, sha256: sha2563, expectedMd5: s.md5, expectedSha256: s.sha256 };
+    if (md5 !== s.md5) {
+      throw withFate(
+        new MoonflashError("MD5_MISMATCH", `The download of ${s.url.href} has MD5 ${md5}, not the expected ${s.md5}; it was discarded. Download again, or check the MD5 given for the package.`, details),
+        "discard"
+      );
+    }
+    if (s.sha256 !== null && sha2563 !== s.sha256) {
+      throw withFate(
+        new MoonflashError("SHA256_MISMATCH", `The download of ${s.url.href} has SHA-256 ${sha2563}, not the expected ${s.sha256}; it was discarded. Download again, or check the SHA-256 given for the package.`, details),
+        "discard"
+      );
+    }
+    try {
+      await part.moveTo(s.dest);
+    } catch (err) {
+      throw fsError(err, `Cannot move the download to ${s.dest}`);
+    }
+    this.progress.report(size2, size2, this.bytesDownloaded, true);
+    s.logger?.info({ url: s.url.href, path: s.dest, size: size2, resumedFrom, bytesDownloaded: this.bytesDownloaded, attempts: this.attempts }, "download: complete and verified");
+    return { path: s.dest, size: size2, md5, sha256: sha2563, resumedFrom, bytesDownloaded: this.bytesDownloaded, attempts: this.attempts };
+  }
+  /** One request and its body. Network trouble comes back as a retry; what retrying cannot fix is thrown. */
+  async attempt(useRange) {
+    const { s, part } = this;
+    const offset = part.position;
+    const resuming = useRange && offset > 0;
+    const controller = new AbortController();
+    const onCancel = () => controller.abort();
+    s.signal?.addEventListener("abort", onCancel, { once: true });
+    const stall = new StallGuard(s.stallTimeoutMs, () => controller.abort());
+    const headers = { "accept-encoding": "identity", "user-agent": `moonflash/${VERSION}` };
+    if (resuming) {
+      headers.range = `bytes=${offset}-`;
+      const ifRange = ifRangeValue(part.validators);
+      if (ifRange !== null) headers["if-range"] = ifRange;
+    }
+    let res;
+    try {
+      try {
+        res = await this.request(headers, controller.signal);
+      } catch (err) {
+        if (isMoonflashError(err)) throw err;
+        return this.interrupted(err, stall, null);
+      }
+      const response = res;
+      controller.signal.addEventListener("abort", () => response.destroy(), { once: true });
+      const status = res.statusCode ?? 0;
+      const answer = { etag: header(res.headers, "etag") ?? null, lastModified: header(res.headers, "last-modified") ?? null };
+      let prepare = async () => {
+      };
+      let total;
+      if (status === 200) {
+        const length = parseContentLength(header(res.headers, "content-length"));
+        this.refuseSize(length);
+        if (offset > 0) s.logger?.info({ url: s.url.href, bytes: offset }, "download: the server sent the whole file; starting over");
+        total = length ?? s.size;
+        prepare = async () => {
+          await part.restart(answer, total);
+          await this.ensureFreeSpace();
+        };
+      } else if (status === 206) {
+        if (!resuming) {
+          res.destroy();
+          return { kind: "retry", reason: "206 to a request without Range", status };
+        }
+        const check = checkPartialResponse({ offset, total: part.total }, header(res.headers, "content-range"), header(res.headers, "content-length"));
+        const changed = check.ok && validatorsChanged(part.validators, answer);
+        if (!check.ok || changed) {
+          res.destroy();
+          const reason = check.ok ? `the file on the server changed (ETag ${part.validators.etag ?? "-"} \u2192 ${answer.etag ?? "-"})` : check.reason;
+          s.logger?.warn({ url: s.url.href, bytes: offset, reason }, "download: discarding the partial download");
+          await stall.pausedWhile(() => part.restart({ etag: null, lastModified: null }, s.size));
+          return { kind: "retry", reason, status, immediate: true, rangeRejected: true };
+        }
+        this.refuseSize(check.total);
+        total = check.total;
+        if (part.total === null) {
+          part.total = check.total;
+          prepare = () => this.ensureFreeSpace();
+        }
+      } else if (status === 416) {
+        res.destroy();
+        const range = parseContentRange(header(res.headers, "content-range"));
+        if (resuming && range?.kind === "unsatisfied" && range.total === offset && (part.total === null || part.total === offset)) {
+          part.total = offset;
+          return { kind: "complete" };
+        }
+        await stall.pausedWhile(() => part.restart({ etag: null, lastModified: null }, s.size));
+        return { kind: "retry", reason: `416 for bytes=${offset}-`, status, immediate: true, rangeRejected: true };
+      } else if (status === 408 || status === 425 || status === 429 || status >= 500) {
+        res.destroy();
+        return { kind: "retry", reason: `HTTP ${status}`, status, waitMs: retryAfterMs(header(res.headers, "retry-after")) ?? void 0 };
+      } else {
+        res.destroy();
+        throw withFate(
+          new MoonflashError("DOWNLOAD_FAILED", `The server answered HTTP ${status} for ${s.url.href}. Check the package URL and that the server still offers it.`, {
+            url: s.url.href,
+            attempts: this.attempts,
+            lastStatus: status
+          }),
+          "keep"
+        );
+      }
+      const limit = total ?? s.maxBytes;
+      const ready = stall.pausedWhile(prepare);
+      const sink = new PartSink(part, limit, ready, stall, (length) => this.written(length));
+      let broken;
+      try {
+        broken = await drain(res, sink);
+      } catch (err) {
+        await sink.settled();
+        await ready.catch(() => {
+        });
+        if (err instanceof SinkError) throw this.writeFailure(err, limit);
+        throw err;
+      }
+      if (broken !== null) return this.interrupted(broken, stall, status);
+      if (part.total === null) {
+        part.total = part.position;
+        return { kind: "complete" };
+      }
+      if (part.position === part.total) return { kind: "complete" };
+      return { kind: "retry", reason: `the connection closed after ${part.position} of ${part.total} bytes`, status };
+    } finally {
+      stall.stop();
+      s.signal?.removeEventListener("abort", onCancel);
+      res?.destroy();
+    }
+  }
+  /** Sends the request and follows redirects; each attempt starts again from the configured URL. */
+  async request(headers, signal2) {
+    let url2 = this.s.url;
+    for (let hop = 0; ; hop++) {
+      const res = await send(url2, headers, signal2);
+      const status = res.statusCode ?? 0;
+      if (![301, 302, 303, 307, 308].includes(status)) return res;
+      res.destroy();
+      const location = header(res.headers, "location");
+      let next = null;
+      try {
+        next = location === void 0 ? null : new URL(location, url2);
+      } catch {
+      }
+      const refuse = (why) => withFate(new MoonflashError("DOWNLOAD_FAILED", `The server redirected ${this.s.url.href} ${why}. Check the package URL.`, { url: this.s.url.href, lastStatus: status, location }), "keep");
+      if (next === null || next.protocol !== "http:" && next.protocol !== "https:") throw refuse(`to "${location ?? ""}", which is not an http(s) URL`);
+      if (url2.protocol === "https:" && next.protocol === "http:") throw refuse(`from https to plain http (${next.href})`);
+      if (hop >= MAX_REDIRECTS) throw refuse(`more than ${MAX_REDIRECTS} times`);
+      url2 = next;
+    }
+  }
+  /** A request or body that ended early: cancel, stall or network error. */
+  interrupted(err, stall, status) {
+    if (this.s.signal?.aborted) throw withFate(cancelled(this.s, this.part.position), "keep");
+    const reason = stall.stalled ? `no data for ${this.s.stallTimeoutMs} ms` : describeError(err);
+    return { kind: "retry", reason, status: stall.stalled ? null : status };
+  }
+  writeFailure(err, limit) {
+    const { s } = this;
+    if (isMoonflashError(err.cause)) return err.cause;
+    if (err.oversize) {
+      return withFate(
+        new MoonflashError("DOWNLOAD_FAILED", `The server sent more than the ${limit} bytes expected for ${s.url.href}; the download was stopped and discarded. Check the package URL and size.`, {
+          url: s.url.href,
+          limit
+        }),
+        "discard"
+      );
+    }
+    if (err.cause?.code === "ENOSPC") {
+      return withFate(
+        new MoonflashError("DISK_FULL", `The disk holding ${s.dest} is full; the partial download was removed. Free some space and try again.`, { path: this.part.path }, { cause: err.cause }),
+        "discard"
+      );
+    }
+    return fsError(err.cause, `Cannot write ${this.part.path}`);
+  }
+  /** Refuses an announced size that cannot be the package: another size than expected, or over the limit. */
+  refuseSize(length) {
+    const { s } = this;
+    if (length === null) return;
+    if (s.size !== null && length !== s.size) {
+      const what = length > s.size ? "larger than" : "not";
+      throw withFate(
+        new MoonflashError("DOWNLOAD_FAILED", `The server's file at ${s.url.href} is ${length} bytes, ${what} the ${s.size} bytes expected; nothing is kept. Check the package URL and size.`, {
+          url: s.url.href,
+          announced: length,
+          expected: s.size
+        }),
+        "discard"
+      );
+    }
+    if (length > s.maxBytes) {
+      throw withFate(
+        new MoonflashError("DOWNLOAD_FAILED", `The server's file at ${s.url.href} is ${length} bytes, over the limit of ${s.maxBytes}; nothing is kept. Check the package URL.`, {
+          url: s.url.href,
+          announced: length,
+          limit: s.maxBytes
+        }),
+        "discard"
+      );
+    }
+  }
+  /** Once the size is known: the rest of the download plus a margin must fit on the disk (statfs). */
+  async ensureFreeSpace() {
+    const { s, part } = this;
+    if (this.freeSpaceChecked || part.total === null) return;
+    this.freeSpaceChecked = true;
+    const dir = dirname6(s.dest);
+    const fs = await statfs2(dir);
+    const free = fs.bavail * fs.bsize;
+    const needed = part.total - part.position + s.freeSpaceMarginBytes;
+    if (free < needed) {
+      throw withFate(
+        new MoonflashError("DISK_FULL", `Not enough free space in ${dir}: the download needs ${needed} bytes (with a margin of ${s.freeSpaceMarginBytes}), ${free} are free. Free some space and try again.`, {
+          path: dir,
+          needed,
+          free
+        }),
+        "keep"
+      );
+    }
+  }
+  /** After each write to disk: count, report, and checkpoint when due. */
+  written(length) {
+    this.bytesDownloaded += length;
+    this.progress.report(this.part.position, this.part.total, this.bytesDownloaded, false);
+    this.part.checkpointWhenDue();
+  }
+  async sleep(ms) {
+    try {
+      await sleepFor(ms, void 0, { signal: this.s.signal });
+    } catch {
+      throw withFate(cancelled(this.s, this.part.position), "keep");
+    }
+  }
+};
+function header(headers, name) {
+  const value2 = headers[name];
+  return typeof value2 === "string" ? value2 : void 0;
+}
+function send(url2, headers, signal2) {
+  const transport = url2.protocol === "https:" ? process.getBuiltinModule("node:https") : process.getBuiltinModule("node:http");
+  return new Promise((resolve4, reject) => {
+    const req = transport.get(url2, { headers, signal: signal2 }, (res) => {
+      res.on("error", () => {
+      });
+      resolve4(res);
+    });
+    req.on("error", reject);
+  });
+}
+function drain(res, sink) {
+  return new Promise((resolve4, reject) => {
+    let broken = null;
+    const breakOff = (err) => {
+      broken ??= err;
+      res.unpipe(sink);
+      if (!sink.writableEnded && !sink.destroyed) sink.end();
+    };
+    const closedEarly = () => res.errored ?? new Error("the response was closed before its end");
+    res.on("error", breakOff);
+    res.on("close", () => {
+      if (!res.readableEnded) breakOff(closedEarly());
+    });
+    sink.on("finish", () => resolve4(broken));
+    sink.on("error", (err) => {
+      res.destroy();
+      reject(err);
+    });
+    if (res.destroyed && !res.readableEnded) breakOff(closedEarly());
+    else res.pipe(sink);
+  });
+}
+var SinkError = class extends Error {
+  constructor(oversize, cause) {
+    super(oversize ? "more bytes than expected" : describeError(cause), { cause });
+    this.oversize = oversize;
+  }
+  oversize;
+};
+var PartSink = class extends Writable2 {
+  /**
+   * @param ready settles when the part may be written (emptied, free space checked); chunks queue until then.
+   */
+  constructor(part, limit, ready, stall, written) {
+    super({ highWaterMark: SINK_BUFFER_BYTES });
+    this.part = part;
+    this.limit = limit;
+    this.ready = ready;
+    this.stall = stall;
+    this.written = written;
+    ready.catch(() => {
+    });
+  }
+  part;
+  limit;
+  ready;
+  stall;
+  written;
+  inflight = null;
+  _final(callback) {
+    this.ready.then(
+      () => callback(),
+      (err) => callback(new SinkError(false, err))
+    );
+  }
+  _write(chunk, _encoding, callback) {
+    this.consume([chunk], chunk.length, callback);
+  }
+  _writev(chunks, callback) {
+    let length = 0;
+    const buffers = chunks.map(({ chunk }) => {
+      length += chunk.length;
+      return chunk;
+    });
+    this.consume(buffers, length, callback);
+  }
+  /** Resolves once no write is in progress (a failed sink does not wait for the disk). */
+  async settled() {
+    await this.inflight?.catch(() => {
+    });
+  }
+  consume(buffers, length, callback) {
+    if (this.part.position + length > this.limit) {
+      callback(new SinkError(true));
+      return;
+    }
+    this.stall.pause();
+    this.inflight = this.ready.then(() => this.part.append(buffers, length)).then(() => this.written(length));
+    this.inflight.then(
+      () => {
+        this.stall.resume();
+        callback();
+      },
+      (err) => {
+        this.stall.resume();
+        callback(new SinkError(false, err));
+      }
+    );
+  }
+};
+var StallGuard = class {
+  stalled = false;
+  paused = false;
+  timer;
+  constructor(ms, onStall) {
+    this.timer = setTimeout(() => {
+      if (this.paused) {
+        this.timer.refresh();
+        return;
+      }
+      this.stalled = true;
+      onStall();
+    }, ms);
+  }
+  pause() {
+    this.paused = true;
+  }
+  resume() {
+    this.paused = false;
+    this.timer.refresh();
+  }
+  async pausedWhile(work) {
+    this.pause();
+    try {
+      return await work();
+    } finally {
+      this.resume();
+    }
+  }
+  stop() {
+    clearTimeout(this.timer);
+  }
+};
+var ProgressMeter = class {
+  constructor(onProgress, intervalMs) {
+    this.onProgress = onProgress;
+    this.intervalMs = intervalMs;
+  }
+  onProgress;
+  intervalMs;
+  lastReportAt = 0;
+  windowStartAt = Date.now();
+  windowStartBytes = 0;
+  rate = 0;
+  /** `transferred`: bytes received by this call so far, for the rate. */
+  report(done, total, transferred, force) {
+    if (!this.onProgress) return;
+    const now = Date.now();
+    const elapsed = now - this.windowStartAt;
+    if (elapsed >= 1e3) {
+      this.rate = Math.round((transferred - this.windowStartBytes) * 1e3 / elapsed);
+      this.windowStartAt = now;
+      this.windowStartBytes = transferred;
+    } else if (this.rate === 0 && elapsed > 0) {
+      this.rate = Math.round((transferred - this.windowStartBytes) * 1e3 / elapsed);
+    }
+    if (!force && now - this.lastReportAt < this.intervalMs) return;
+    this.lastReportAt = now;
+    this.onProgress(done, total, this.rate);
+  }
+};
+
+// src/ota/package.ts
+import { constants as constants3 } from "node:fs";
+import { access as access7, lstat as lstat2, mkdir as mkdir6, open as open6, realpath as realpath3, rename as rename6, rm as rm6, stat as stat11 } from "node:fs/promises";
+import { basename as basename7, dirname as dirname7, isAbsolute as isAbsolute4, join as join12, relative, resolve as resolve3, sep as sep2 } from "node:path";
+var MiB3 = 1024 * 1024;
+var DEFAULT_LIMITS = Object.freeze({
+  maxFileBytes: 256 * MiB3,
+  maxTotalBytes: 1024 * MiB3,
+  maxCompressionRatio: 100,
+  maxEntries: 1e4,
+  maxManifestBytes: 1 * MiB3
+});
+var RATIO_CHECK_MIN_BYTES = 1 * MiB3;
+var MAX_SIGNATURE_BYTES = 1024;
+async function readPackage(zipPath, opts = {}) {
+  const zip = await openZip(zipPath);
+  try {
+    const inspected = await inspect(zip, opts);
+    return publicContents(inspected);
+  } finally {
+    zip.close();
+  }
+}
+async function extractPackage(zipPath, stagingDir, opts = {}) {
+  const finalDir = resolve3(stagingDir);
+  const partialDir = `${finalDir}.partial`;
+  if (await pathExists(finalDir)) {
+    throw new MoonflashError("PATH_REJECTED", `The staging directory ${finalDir} already exists; remove it first.`, { path: finalDir });
+  }
+  const zip = await openZip(zipPath);
+  try {
+    const inspected = await inspect(zip, opts);
+    await rm6(partialDir, { recursive: true, force: true });
+    await mkdir6(dirname7(finalDir), { recursive: true });
+    await mkdir6(partialDir);
+    const dirs = /* @__PURE__ */ new Set([partialDir]);
+    const files = [];
+    for (const payload of payloadsOf(inspected.manifest)) {
+      const info = inspected.entries.get(payload.src);
+      if (!info) throw new MoonflashError("INTERNAL", `${payload.src} vanished from the checked entries`);
+      const target = join12(partialDir, ...payload.src.split("/"));
+      if (!isInside(partialDir, target)) throw invalidPackage(payload.src, "would be extracted outside the staging directory");
+      for (let dir = dirname7(target); isInside(partialDir, dir); dir = dirname7(dir)) dirs.add(dir);
+      await mkdir6(dirname7(target), { recursive: true });
+      await streamToFile(zip, info, payload, target);
+      files.push({
+        module: payload.module.id,
+        kind: payload.kind,
+        src: payload.src,
+        path: join12(finalDir, ...payload.src.split("/")),
+        sha256: payload.sha256,
+        size: payload.size,
+        mode: payload.mode
+      });
+    }
+    for (const dir of [...dirs].sort((a, b) => b.length - a.length)) await fsyncDir(dir);
+    await rename6(partialDir, finalDir);
+    await fsyncDir(dirname7(finalDir));
+    return { ...publicContents(inspected), stagingDir: finalDir, files };
+  } catch (err) {
+    await rm6(partialDir, { recursive: true, force: true }).catch(() => void 0);
+    throw fsFailure(err, finalDir);
+  } finally {
+    zip.close();
+  }
+}
+function publicContents(inspected) {
+  const entries = [...inspected.entries.values()].map(({ entry: _entry, ...rest }) => rest);
+  return { manifest: inspected.manifest, manifestBytes: inspected.manifestBytes, signed: inspected.signed, entries };
+}
+async function inspect(zip, opts) {
+  const limits2 = { ...DEFAULT_LIMITS, ...opts.limits };
+  const publicKey2 = opts.publicKey ? typeof opts.publicKey === "string" ? parsePublicKey(opts.publicKey) : opts.publicKey : null;
+  const entries = await scanEntries(zip, limits2);
+  const manifestEntry = entries.get(MANIFEST_FILE);
+  if (manifestEntry?.kind !== "file") {
+    throw new MoonflashError("INVALID_MANIFEST", `The package has no ${MANIFEST_FILE} at the root of the zip.`, {});
+  }
+  if (manifestEntry.size > limits2.maxManifestBytes) {
+    throw new MoonflashError("INVALID_MANIFEST", `${MANIFEST_FILE} is ${manifestEntry.size} bytes, over the limit of ${limits2.maxManifestBytes}.`, {
+      size: manifestEntry.size,
+      limit: limits2.maxManifestBytes
+    });
+  }
+  const manifestBytes = await readSmallEntry(zip, manifestEntry);
+  let signed = false;
+  if (publicKey2) {
+    const sigEntry = entries.get(SIGNATURE_FILE);
+    let signature = null;
+    if (sigEntry?.kind === "file") {
+      signature = sigEntry.size <= MAX_SIGNATURE_BYTES ? await readSmallEntry(zip, sigEntry) : Buffer.alloc(0);
+    }
+    verifyManifestSignature(manifestBytes, signature, publicKey2);
+    signed = true;
+  }
+  const manifest = parseManifest(manifestBytes);
+  checkEntriesAgainstManifest(entries, manifest);
+  if (opts.verifyContents) {
+    for (const payload of payloadsOf(manifest)) {
+      const info = entries.get(payload.src);
+      if (!info) continue;
+      const { sha256: sha2563 } = await pumpEntry(zip, info, () => void 0);
+      if (sha2563 !== payload.sha256) throw sha256Mismatch(payload, sha2563);
+    }
+  }
+  return { manifest, manifestBytes, signed, entries };
+}
+async function openZip(zipPath) {
+  const { openPromise } = await import("./yauzl.mjs");
+  try {
+    return await openPromise(zipPath, { lazyEntries: true, autoClose: false, decodeStrings: false, validateEntrySizes: true, strictFileNames: true });
+  } catch (err) {
+    const errno = err.code;
+    if (errno === "ENOENT") throw new MoonflashError("NO_PACKAGE", `There is no package at ${zipPath}.`, { path: zipPath }, { cause: err });
+    if (errno === "EACCES" || errno === "EPERM") {
+      throw new MoonflashError("PERMISSION_DENIED", `moonflash may not read the package ${zipPath}.`, { path: zipPath }, { cause: err });
+    }
+    throw new MoonflashError("INVALID_PACKAGE", `${zipPath} is not a readable zip file: ${err.message}.`, { path: zipPath }, { cause: err });
+  }
+}
+var S_IFMT = 61440;
+var S_IFREG = 32768;
+var S_IFDIR = 16384;
+var S_IFLNK = 40960;
+var SPECIAL_TYPES = { 4096: "a FIFO", 8192: "a character device", 24576: "a block device", 49152: "a socket" };
+var DOS_DIRECTORY = 16;
+var DOS_REPARSE_POINT = 1024;
+var FLAG_ENCRYPTED = 1;
+var FLAG_UTF8 = 2048;
+var EXTRA_PKWARE_UNIX = 13;
+var EXTRA_UNICODE_PATH = 28789;
+var METHOD_STORED = 0;
+var METHOD_DEFLATE = 8;
+function invalidPackage(name, problem, details = {}) {
+  return new MoonflashError("INVALID_PACKAGE", `The package is unsafe or malformed: '${printable(name)}' ${problem}. Nothing was touched.`, {
+    entry: name,
+    problem,
+    ...details
+  });
+}
+async function scanEntries(zip, limits2) {
+  if (zip.entryCount > limits2.maxEntries) {
+    throw new MoonflashError("INVALID_PACKAGE", `The package has ${zip.entryCount} entries, over the limit of ${limits2.maxEntries}.`, {
+      entries: zip.entryCount,
+      limit: limits2.maxEntries
+    });
+  }
+  const entries = /* @__PURE__ */ new Map();
+  let total = 0;
+  try {
+    for await (const entry of zip.eachEntry()) {
+      const checked = checkEntry(entry, limits2);
+      if (entries.has(checked.name)) throw invalidPackage(checked.name, "appears twice in the zip");
+      total += checked.size;
+      if (total > limits2.maxTotalBytes) {
+        throw invalidPackage(checked.name, `brings the uncompressed total over the limit of ${limits2.maxTotalBytes} bytes`, { limit: limits2.maxTotalBytes });
+      }
+      entries.set(checked.name, checked);
+    }
+  } catch (err) {
+    if (isMoonflashError(err)) throw err;
+    throw new MoonflashError("INVALID_PACKAGE", `The package is not a valid zip: ${err.message}.`, {}, { cause: err });
+  }
+  for (const name of entries.keys()) {
+    for (let parent = parentOf(name); parent !== null; parent = parentOf(parent)) {
+      if (entries.get(parent)?.kind === "file") throw invalidPackage(parent, `is a file, but '${printable(name)}' needs it as a directory`);
+    }
+  }
+  return entries;
+}
+function parentOf(name) {
+  const slash = name.lastIndexOf("/");
+  return slash > 0 ? name.slice(0, slash) : null;
+}
+function checkEntry(entry, limits2) {
+  const rawName = entryName(entry);
+  const isDirectory = rawName.endsWith("/");
+  const name = isDirectory ? rawName.slice(0, -1) : rawName;
+  const problem = pathProblem(name);
+  if (problem) throw invalidPackage(rawName, problem);
+  const unixMode = entry.externalFileAttributes >>> 16;
+  const type = unixMode & S_IFMT;
+  const dosAttributes = entry.externalFileAttributes & 65535;
+  if (type === S_IFLNK) throw invalidPackage(rawName, "is a symbolic link");
+  const special = SPECIAL_TYPES[type];
+  if (special) throw invalidPackage(rawName, `is ${special}`);
+  if (type !== 0 && type !== S_IFREG && type !== S_IFDIR) throw invalidPackage(rawName, `has an unknown file type (mode 0${unixMode.toString(8)})`);
+  if (dosAttributes & DOS_REPARSE_POINT) throw invalidPackage(rawName, "is a link (a Windows reparse point)");
+  for (const extra of entry.extraFields) {
+    if (extra.id === EXTRA_PKWARE_UNIX && extra.data.length > 12) throw invalidPackage(rawName, "is a hard or symbolic link (PKWARE Unix extra field)");
+  }
+  if (isDirectory && type === S_IFREG) throw invalidPackage(rawName, "ends in '/' but is marked as a regular file");
+  if (!isDirectory && (type === S_IFDIR || type === 0 && (dosAttributes & DOS_DIRECTORY) !== 0)) {
+    throw invalidPackage(rawName, "is marked as a directory but does not end in '/'");
+  }
+  if (entry.generalPurposeBitFlag & FLAG_ENCRYPTED) throw invalidPackage(rawName, "is encrypted");
+  if (entry.compressionMethod !== METHOD_STORED && entry.compressionMethod !== METHOD_DEFLATE) {
+    throw invalidPackage(rawName, `uses compression method ${entry.compressionMethod}; only stored (0) and deflate (8) are read`);
+  }
+  const size2 = entry.uncompressedSize;
+  if (isDirectory && (size2 !== 0 || entry.compressedSize !== 0)) throw invalidPackage(rawName, "is a directory with data");
+  if (size2 > limits2.maxFileBytes) {
+    throw invalidPackage(rawName, `is ${size2} bytes, over the limit of ${limits2.maxFileBytes} per file`, { size: size2, limit: limits2.maxFileBytes });
+  }
+  if (size2 >= RATIO_CHECK_MIN_BYTES && size2 > Math.max(entry.compressedSize, 1) * limits2.maxCompressionRatio) {
+    const ratio = Math.round(size2 / Math.max(entry.compressedSize, 1));
+    throw invalidPackage(rawName, `inflates ${ratio}:1 (${entry.compressedSize} \u2192 ${size2} bytes), over the limit of ${limits2.maxCompressionRatio}:1; refused as a zip bomb`, {
+      ratio,
+      limit: limits2.maxCompressionRatio
+    });
+  }
+  return {
+    name,
+    kind: isDirectory ? "directory" : "file",
+    size: size2,
+    compressedSize: entry.compressedSize,
+    mode: unixMode === 0 ? null : unixMode & 4095,
+    entry
+  };
+}
+function entryName(entry) {
+  const raw = entry.fileNameRaw;
+  const shown = raw.toString("latin1");
+  let name;
+  if (entry.generalPurposeBitFlag & FLAG_UTF8) {
+    try {
+      name = new TextDecoder("utf-8", { fatal: true }).decode(raw);
+    } catch {
+      throw invalidPackage(shown, "has a name that is not valid UTF-8");
+    }
+  } else if (raw.every((byte) => byte < 128)) {
+    name = shown;
+  } else {
+    throw invalidPackage(shown, "has a non-ASCII name without the zip's UTF-8 flag");
+  }
+  for (const extra of entry.extraFields) {
+    if (extra.id !== EXTRA_UNICODE_PATH || extra.data.length < 5) continue;
+    const other = extra.data.subarray(5).toString("utf8");
+    if (other !== name) throw invalidPackage(name, `has a second name '${printable(other)}' in an Info-ZIP Unicode path field`);
+  }
+  return name;
+}
+function checkEntriesAgainstManifest(entries, manifest) {
+  const payloads = payloadsOf(manifest);
+  const wanted = new Set(payloads.map((payload) => payload.src));
+  for (const [name, info] of entries) {
+    if (info.kind === "file" && (name === MANIFEST_FILE || name === SIGNATURE_FILE)) continue;
+    if (info.kind === "file" && !wanted.has(name)) throw invalidPackage(name, "is in the zip but not in the manifest");
+    if (info.kind === "directory" && ![...wanted].some((src) => src.startsWith(`${name}/`))) {
+      throw invalidPackage(`${name}/`, "is a directory in the zip that holds no file of the manifest");
+    }
+  }
+  for (const payload of payloads) {
+    const info = entries.get(payload.src);
+    if (info?.kind !== "file") {
+      throw invalidPackage(payload.src, `is listed by module '${payload.module.id}' but missing from the zip`, { module: payload.module.id });
+    }
+    if (info.size !== payload.size) {
+      throw invalidPackage(payload.src, `is ${info.size} bytes in the zip but ${payload.size} in the manifest`, { module: payload.module.id });
+    }
+  }
+}
+async function pumpEntry(zip, info, onChunk) {
+  const hash = process.getBuiltinModule("node:crypto").createHash("sha256");
+  let stream;
+  try {
+    stream = await zip.openReadStreamPromise(info.entry);
+  } catch (err) {
+    throw unreadable(info, err);
+  }
+  let bytes = 0;
+  try {
+    const chunks = stream[Symbol.asyncIterator]();
+    while (true) {
+      let step;
+      try {
+        step = await chunks.next();
+      } catch (err) {
+        throw unreadable(info, err);
+      }
+      if (step.done) break;
+      const chunk = Buffer.isBuffer(step.value) ? step.value : Buffer.from(step.value);
+      bytes += chunk.length;
+      if (bytes > info.size) throw inflatesTooMuch(info);
+      hash.update(chunk);
+      await onChunk(chunk);
+    }
+  } finally {
+    stream.destroy();
+  }
+  if (bytes !== info.size) throw invalidPackage(info.name, `has ${bytes} bytes of data but declares ${info.size}`);
+  return { sha256: hash.digest("hex") };
+}
+function inflatesTooMuch(info) {
+  return invalidPackage(info.name, `inflates to more than the ${info.size} bytes its header declares; refused as a zip bomb`, { size: info.size });
+}
+function unreadable(info, err) {
+  const message = err?.message ?? String(err);
+  if (/too many bytes/.test(message)) return inflatesTooMuch(info);
+  const error2 = invalidPackage(info.name, `cannot be read (${message})`);
+  return new MoonflashError(error2.code, error2.message, error2.details, { cause: err });
+}
+async function readSmallEntry(zip, info) {
+  const chunks = [];
+  await pumpEntry(zip, info, (chunk) => chunks.push(chunk));
+  return Buffer.concat(chunks);
+}
+function sha256Mismatch(payload, actual) {
+  return new MoonflashError(
+    "SHA256_MISMATCH",
+    `'${payload.src}' (module '${payload.module.id}') differs from its SHA-256 in the manifest; the package is damaged or was changed. Nothing was installed.`,
+    { src: payload.src, module: payload.module.id, expected: payload.sha256, actual }
+  );
+}
+async function streamToFile(zip, info, payload, target) {
+  const tmp = join12(dirname7(target), `.${basename7(target)}.tmp`);
+  const handle = await open6(tmp, "wx", 384);
+  let complete = false;
+  try {
+    const { sha256: sha2563 } = await pumpEntry(zip, info, (chunk) => writeAll(handle, chunk));
+    if (sha2563 !== payload.sha256) throw sha256Mismatch(payload, sha2563);
+    await handle.chmod(payload.mode);
+    await handle.sync();
+    complete = true;
+  } finally {
+    await handle.close();
+    if (!complete) await rm6(tmp, { force: true });
+  }
+  await rename6(tmp, target);
+}
+async function writeAll(handle, chunk) {
+  for (let offset = 0; offset < chunk.length; ) {
+    const { bytesWritten } = await handle.write(chunk, offset, chunk.length - offset);
+    offset += bytesWritten;
+  }
+}
+async function resolveTargets(manifest, roots2) {
+  const realRoots = /* @__PURE__ */ new Map();
+  const resolved = [];
+  const byTarget = /* @__PURE__ */ new Map();
+  for (const module of manifest.modules) {
+    for (const file of module.files) {
+      const parts = splitDst(file.dst);
+      const rootDir = parts ? roots2.get(parts.alias) : void 0;
+      if (!parts || rootDir === void 0) {
+        const known = [...roots2.keys()].join(", ") || "none";
+        throw new MoonflashError(
+          "INVALID_MANIFEST",
+          `${MANIFEST_FILE}: module '${module.id}' writes '${file.dst}', but [ota] roots defines no root '${parts?.alias ?? file.dst}' (defined: ${known}).`,
+          { module: module.id, dst: file.dst, alias: parts?.alias ?? null, known: [...roots2.keys()] }
+        );
+      }
+      if (!isAbsolute4(rootDir)) {
+        throw new MoonflashError("CONFIG_INVALID", `[ota] roots: '${parts.alias}' must be an absolute directory, got '${rootDir}'.`, { alias: parts.alias });
+      }
+      let root = realRoots.get(parts.alias);
+      if (root === void 0) {
+        root = (await resolveExisting(rootDir, file.dst)).real;
+        realRoots.set(parts.alias, root);
+      }
+      const lexical = resolve3(rootDir, ...parts.relative.split("/"));
+      const parent = await resolveExisting(dirname7(lexical), file.dst);
+      const target = join12(parent.real, basename7(lexical));
+      if (!isInside(root, target)) {
+        throw new MoonflashError(
+          "PATH_REJECTED",
+          `${file.dst} would be written to ${target}, outside its root ${root}, through a symbolic link on the way. Nothing was changed.`,
+          { module: module.id, dst: file.dst, target, root }
+        );
+      }
+      const exists3 = parent.missing === 0 && await checkExistingTarget(target, file.dst);
+      await checkWritable(parent.existing, file.dst);
+      const other = byTarget.get(target);
+      if (other !== void 0) {
+        throw new MoonflashError("INVALID_MANIFEST", `${MANIFEST_FILE}: '${other}' and '${file.dst}' both go to ${target}.`, { target, dst: [other, file.dst] });
+      }
+      byTarget.set(target, file.dst);
+      resolved.push({ module, file, alias: parts.alias, root, target, exists: exists3 });
+    }
+  }
+  for (const [target, dst] of byTarget) {
+    for (let dir = dirname7(target); dir !== dirname7(dir); dir = dirname7(dir)) {
+      const other = byTarget.get(dir);
+      if (other !== void 0) {
+        throw new MoonflashError("INVALID_MANIFEST", `${MANIFEST_FILE}: '${other}' is a file, but '${dst}' needs ${dir} as a directory.`, { dst: [other, dst] });
+      }
+    }
+  }
+  return resolved;
+}
+function isInside(root, path6) {
+  const rel = relative(root, path6);
+  return rel !== "" && !isAbsolute4(rel) && rel.split(sep2)[0] !== "..";
+}
+async function resolveExisting(path6, dst) {
+  const missing = [];
+  for (let current = path6; ; current = dirname7(current)) {
+    let real;
+    try {
+      real = await realpath3(current);
+    } catch (err) {
+      const errno = err.code;
+      if (errno === "ENOENT" && current !== dirname7(current)) {
+        if (await pathExists(current)) throw pathRejected(dst, current, "is a symbolic link to nothing");
+        missing.unshift(basename7(current));
+        continue;
+      }
+      if (errno === "ENOTDIR") throw pathRejected(dst, current, "goes through a file where a directory is needed");
+      if (errno === "ELOOP") throw pathRejected(dst, current, "is a loop of symbolic links");
+      if (errno === "EACCES") {
+        throw new MoonflashError("PERMISSION_DENIED", `moonflash may not look into ${current} (needed for ${dst}).`, { dst, path: current }, { cause: err });
+      }
+      throw toMoonflashError(err);
+    }
+    if (!(await stat11(real)).isDirectory()) throw pathRejected(dst, current, "is a file where a directory is needed");
+    return { real: join12(real, ...missing), existing: real, missing: missing.length };
+  }
+}
+async function checkExistingTarget(target, dst) {
+  let info;
+  try {
+    info = await lstat2(target);
+  } catch (err) {
+    if (err.code === "ENOENT") return false;
+    throw toMoonflashError(err);
+  }
+  if (info.isSymbolicLink()) throw pathRejected(dst, target, "is a symbolic link; moonflash replaces files, not links");
+  if (info.isDirectory()) throw pathRejected(dst, target, "is a directory");
+  if (!info.isFile()) throw pathRejected(dst, target, "is not a regular file");
+  return true;
+}
+async function checkWritable(dir, dst) {
+  try {
+    await access7(dir, constants3.W_OK | constants3.X_OK);
+  } catch (err) {
+    const uid = process.getuid?.() ?? "?";
+    throw new MoonflashError(
+      "PERMISSION_DENIED",
+      `moonflash (uid ${uid}) may not write in ${dir}, needed for ${dst}: fix its owner or mode. Nothing was changed.`,
+      { dst, path: dir, errno: err.code },
+      { cause: err }
+    );
+  }
+}
+function pathRejected(dst, path6, problem) {
+  return new MoonflashError("PATH_REJECTED", `${dst}: ${path6} ${problem}. Nothing was changed.`, { dst, path: path6, problem });
+}
+async function pathExists(path6) {
+  try {
+    await lstat2(path6);
+    return true;
+  } catch {
+    return false;
+  }
+}
+function fsFailure(err, path6) {
+  if (isMoonflashError(err)) return err;
+  const errno = err.code;
+  if (errno === "ENOSPC" || errno === "EDQUOT") {
+    return new MoonflashError("DISK_FULL", `No room to extract the package to ${path6}; free some space and try again.`, { path: path6 }, { cause: err });
+  }
+  if (errno === "EACCES" || errno === "EPERM" || errno === "EROFS") {
+    return new MoonflashError("PERMISSION_DENIED", `moonflash may not write the staging directory ${path6}.`, { path: path6 }, { cause: err });
+  }
+  return toMoonflashError(err);
+}
+
+// src/ota/processes.ts
+import { readdir as readdir5, readFile as readFile13 } from "node:fs/promises";
+import { basename as basename8 } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+var STOP_DEFAULTS = { termTimeoutMs: 1e4, killTimeoutMs: 5e3, pollMs: 50 };
+function statFields(text) {
+  const close = text.lastIndexOf(")");
+  if (close < 0) return null;
+  return text.slice(close + 2).trim().split(" ");
+}
+async function readProcess(pid, procRoot = "/proc") {
+  let stat15;
+  let comm;
+  let cmdline;
+  try {
+    [stat15, comm, cmdline] = await Promise.all([
+      readFile13(`${procRoot}/${pid}/stat`, "utf8"),
+      readFile13(`${procRoot}/${pid}/comm`, "utf8"),
+      readFile13(`${procRoot}/${pid}/cmdline`, "utf8")
+    ]);
+  } catch (err) {
+    const errno = err.code;
+    if (errno === "ENOENT" || errno === "ESRCH") return null;
+    throw err;
+  }
+  const fields = statFields(stat15);
+  const state = fields?.[0];
+  const startTime = fields?.[19];
+  if (!state || !startTime) return null;
+  if (state === "Z" || state === "X") return null;
+  return { pid, startTime, comm: comm.replace(/\n$/, ""), argv: cmdline.split("\0").filter((arg, i, all) => arg !== "" || i < all.length - 1) };
+}
+async function isRunning(info, procRoot = "/proc") {
+  const now = await readProcess(info.pid, procRoot);
+  return now !== null && now.startTime === info.startTime;
+}
+function hasName(info, name) {
+  const argv0 = info.argv[0];
+  return info.comm === name || argv0 !== void 0 && basename8(argv0) === name;
+}
+async function findProcesses(ref, procRoot = "/proc") {
+  if ("pidfile" in ref) {
+    let text;
+    try {
+      text = await readFile13(ref.pidfile, "utf8");
+    } catch (err) {
+      if (err.code === "ENOENT") return [];
+      throw new MoonflashError("PERMISSION_DENIED", `moonflash cannot read the pidfile ${ref.pidfile}: ${err.message}.`, { pidfile: ref.pidfile }, { cause: err });
+    }
+    const pid = /^\s*(\d{1,10})\s*$/.exec(text)?.[1];
+    if (pid === void 0 || Number(pid) <= 0 || Number(pid) === process.pid) return [];
+    const info = await readProcess(Number(pid), procRoot);
+    return info ? [info] : [];
+  }
+  const found = [];
+  for (const entry of await readdir5(procRoot)) {
+    if (!/^\d+$/.test(entry)) continue;
+    const pid = Number(entry);
+    if (pid === process.pid) continue;
+    let info;
+    try {
+      info = await readProcess(pid, procRoot);
+    } catch {
+      continue;
+    }
+    if (info && info.argv.length > 0 && hasName(info, ref.name)) found.push(info);
+  }
+  return found;
+}
+function describeRef(ref) {
+  return "pidfile" in ref ? `the process in ${ref.pidfile}` : `process '${ref.name}'`;
+}
+function signal(info, sig) {
+  try {
+    process.kill(info.pid, sig);
+  } catch (err) {
+    const errno = err.code;
+    if (errno === "ESRCH") return;
+    throw new MoonflashError(
+      "PROCESS_STOP_FAILED",
+      `moonflash may not signal ${info.comm} (pid ${info.pid}): ${errno ?? String(err)}. It runs as another user; stop it by hand or run moonflash as its user. Nothing was deployed.`,
+      { pid: info.pid, comm: info.comm, signal: sig, errno },
+      { cause: err }
+    );
+  }
+}
+async function waitGone(info, ms, pollMs, procRoot) {
+  const deadline = Date.now() + ms;
+  for (; ; ) {
+    if (!await isRunning(info, procRoot)) return true;
+    if (Date.now() >= deadline) return false;
+    await sleep(Math.min(pollMs, Math.max(1, deadline - Date.now())));
+  }
+}
+async function stopProcess(info, opts = {}) {
+  const termTimeoutMs = opts.termTimeoutMs ?? STOP_DEFAULTS.termTimeoutMs;
+  const killTimeoutMs = opts.killTimeoutMs ?? STOP_DEFAULTS.killTimeoutMs;
+  const pollMs = opts.pollMs ?? STOP_DEFAULTS.pollMs;
+  const procRoot = opts.procRoot ?? "/proc";
+  const started = Date.now();
+  const result = (outcome) => ({ pid: info.pid, comm: info.comm, outcome, durationMs: Date.now() - started });
+  if (!await isRunning(info, procRoot)) return result("already-gone");
+  signal(info, "SIGTERM");
+  if (await waitGone(info, termTimeoutMs, pollMs, procRoot)) return result("terminated");
+  if (!await isRunning(info, procRoot)) return result("terminated");
+  signal(info, "SIGKILL");
+  if (await waitGone(info, killTimeoutMs, pollMs, procRoot)) return result("killed");
+  throw new MoonflashError(
+    "PROCESS_STOP_FAILED",
+    `${info.comm} (pid ${info.pid}) did not stop after SIGTERM and, ${Math.round(termTimeoutMs / 100) / 10} s later, SIGKILL (it may hang in the kernel, e.g. on a device or a network mount). Nothing was deployed; stop it by hand and try again.`,
+    { pid: info.pid, comm: info.comm, startTime: info.startTime, termTimeoutMs, killTimeoutMs }
+  );
+}
+
+// src/ota/state.ts
+import { readdir as readdir6, readFile as readFile14, rename as rename7, rm as rm7 } from "node:fs/promises";
+import { dirname as dirname8, join as join13 } from "node:path";
+var OTA_STATES = [
+  "downloading",
+  "downloaded",
+  "verified",
+  "backing_up",
+  "deploying",
+  "restarting",
+  "probation",
+  "committed",
+  "rolling_back",
+  "rolled_back",
+  "failed"
+];
+var DEPLOY_STATES = /* @__PURE__ */ new Set(["backing_up", "deploying", "restarting", "probation", "rolling_back"]);
+var DEFAULT_MAX_STATE_SAVES = 28;
+var HISTORY_KEPT = 64;
+var errorCode = string2().check(
+  refine((code) => Object.hasOwn(ERROR_CODES, code), "expected a moonflash error code")
+);
+var stateError = nullable(object({ code: errorCode, message: string2() }));
+var int3 = int().check(_nonnegative());
+var stateSchema = object({
+  format: literal(1),
+  updateId: string2().check(_regex(/^[A-Za-z0-9._-]{1,100}$/)),
+  state: _enum(OTA_STATES),
+  saves: int3,
+  history: array(object({ state: _enum(OTA_STATES), at: string2(), pid: int3 })),
+  job: nullable(object({ id: string2(), target: string2(), startedAt: string2() })),
+  download: nullable(object({ url: string2(), md5: string2(), sha256: nullable(string2()), size: nullable(int3) })),
+  package: nullable(
+    object({
+      path: string2(),
+      md5: nullable(string2()),
+      sha256: nullable(string2()),
+      size: nullable(int3),
+      name: nullable(string2()),
+      version: nullable(string2()),
+      modules: nullable(int3),
+      files: nullable(int3)
+    })
+  ),
+  progress: nullable(
+    object({ module: int3, modules: int3, moduleId: string2(), file: int3, files: int3, step: string2() })
+  ),
+  deployStarted: boolean2(),
+  stopped: array(
+    union([
+      object({ kind: literal("service"), name: string2() }),
+      object({ kind: literal("process"), name: string2(), pids: array(int3) })
+    ])
+  ),
+  firmware: array(
+    object({ mcu: string2(), module: string2(), status: _enum(["flashing", "flashed", "rolling-back", "rolled-back"]) })
+  ),
+  rollbackReason: stateError,
+  error: stateError,
+  updatedAt: string2()
+});
+function newState(updateId, state, now) {
+  return {
+    format: 1,
+    updateId,
+    state,
+    saves: 0,
+    history: [],
+    job: null,
+    download: null,
+    package: null,
+    progress: null,
+    deployStarted: false,
+    stopped: [],
+    firmware: [],
+    rollbackReason: null,
+    error: null,
+    updatedAt: now.toISOString()
+  };
+}
+function compactUtc2(date2) {
+  return date2.toISOString().replace(/[-:]/g, "").replace(/\.\d+Z$/, "Z");
+}
+function makeUpdateId(now) {
+  const stamp = now.toISOString().replace(/[-:.]/g, "");
+  return `ota-${stamp}-${process.getBuiltinModule("node:crypto").randomBytes(3).toString("hex")}`;
+}
+var OtaStateStore = class {
+  constructor(path6, now = () => /* @__PURE__ */ new Date()) {
+    this.path = path6;
+    this.now = now;
+  }
+  path;
+  now;
+  current = null;
+  loaded = false;
+  get isLoaded() {
+    return this.loaded;
+  }
+  /**
+   * Reads state.json. A missing file is no update. An unreadable or invalid one is moved aside and reported
+   * (recovery), or, with moveAside false, refused with INTERNAL (recovery at the next start deals with it).
+   */
+  async load(opts = { moveAside: true }) {
+    const damaged = (reason) => {
+      if (opts.moveAside) return this.moveAside(reason);
+      throw new MoonflashError("INTERNAL", `The OTA state file ${this.path} ${reason}; restart the agent, whose recovery moves it aside and restores what is needed.`, { path: this.path });
+    };
+    let text;
+    try {
+      text = await readFile14(this.path, "utf8");
+    } catch (err) {
+      const errno = err.code;
+      if (errno === "ENOENT") {
+        this.current = null;
+        this.loaded = true;
+        return { state: null, corrupt: null, corruptReason: null };
+      }
+      if (errno === "EACCES" || errno === "EPERM") {
+        throw new MoonflashError("PERMISSION_DENIED", `moonflash may not read its OTA state ${this.path}; fix its owner or mode.`, { path: this.path }, { cause: err });
+      }
+      return damaged(`cannot be read (${errno ?? String(err)})`);
+    }
+    let json;
+    try {
+      json = JSON.parse(text);
+    } catch (err) {
+      return damaged(`is not valid JSON (${err.message})`);
+    }
+    const parsed = stateSchema.safeParse(json);
+    if (!parsed.success) {
+      const issue2 = parsed.error.issues[0];
+      return damaged(`breaks the state schema (${issue2 ? `${issue2.path.join(".") || "state"}: ${issue2.message}` : "unknown"})`);
+    }
+    this.current = parsed.data;
+    this.loaded = true;
+    return { state: this.current, corrupt: null, corruptReason: null };
+  }
+  async moveAside(reason) {
+    const aside = `${this.path}.corrupt-${compactUtc2(this.now())}`;
+    await rename7(this.path, aside);
+    await fsyncDir(dirname8(this.path));
+    this.current = null;
+    this.loaded = true;
+    return { state: null, corrupt: aside, corruptReason: reason };
+  }
+  /** Enters `next`: counts the save, appends to the history, saves durably. */
+  async transition(next, patch = {}, base = this.current) {
+    if (!base) throw new MoonflashError("INTERNAL", `OTA state transition to ${next} without an update`);
+    const at = this.now();
+    const history = [...base.history, { state: next, at: at.toISOString(), pid: process.pid }].slice(-HISTORY_KEPT);
+    return this.write({ ...base, ...patch, state: next, saves: base.saves + 1, history, updatedAt: at.toISOString() });
+  }
+  /** Saves a change within the current state (progress, a stopped unit, a firmware status). */
+  async update(patch) {
+    if (!this.current) throw new MoonflashError("INTERNAL", "OTA state update without an update");
+    return this.write({ ...this.current, ...patch, updatedAt: this.now().toISOString() });
+  }
+  async write(state) {
+    await writeFileDurable(this.path, `${JSON.stringify(state, null, 2)}
+`);
+    this.current = state;
+    this.loaded = true;
+    return state;
+  }
+  /** Removes temp files a killed writeFileDurable left beside state.json. */
+  async removeStaleTemps() {
+    const dir = dirname8(this.path);
+    let names;
+    try {
+      names = await readdir6(dir);
+    } catch {
+      return;
+    }
+    const prefix = `.${this.path.slice(dir.length + 1)}.`;
+    await Promise.all(names.filter((n) => n.startsWith(prefix) && n.endsWith(".tmp")).map((n) => rm7(join13(dir, n), { force: true })));
+  }
+};
+var crashHits = /* @__PURE__ */ new Map();
+function crashPoint(point) {
+  if (process.env.MOONFLASH_OTA_CRASH_AT !== point) return;
+  const hits = (crashHits.get(point) ?? 0) + 1;
+  crashHits.set(point, hits);
+  const after = Number(process.env.MOONFLASH_OTA_CRASH_AFTER ?? "1");
+  if (hits !== (Number.isSafeInteger(after) && after > 0 ? after : 1)) return;
+  process.kill(process.pid, "SIGKILL");
+  const blocker = new Int32Array(new SharedArrayBuffer(4));
+  for (; ; ) Atomics.wait(blocker, 0, 0, 1e3);
+}
+
+// src/ota/engine.ts
+function otaPaths(dataDir) {
+  const root = join14(dataPaths(dataDir).state, "ota");
+  return {
+    root,
+    state: join14(root, "state.json"),
+    download: join14(root, "download"),
+    package: join14(root, "download", "package.zip"),
+    staging: join14(root, "staging"),
+    backups: join14(root, "backup")
+  };
+}
+var errOf = (e) => ({ code: e.code, message: e.message });
+var OtaEngine = class {
+  paths;
+  config;
+  printer;
+  runner;
+  logger;
+  firmware;
+  store;
+  io;
+  now;
+  serviceTimeoutMs;
+  processStopTimeoutMs;
+  maxSaves;
+  pollMs;
+  marginBytes;
+  statfs;
+  tuning;
+  live = { bytes: null, speed: null, filesDone: 0, filesTotal: 0 };
+  installed = null;
+  constructor(opts) {
+    this.paths = otaPaths(opts.dataDir);
+    this.config = opts.config;
+    this.printer = opts.printer;
+    this.runner = opts.runner;
+    this.logger = opts.logger.child({ ns: "ota" });
+    this.firmware = opts.firmware ?? null;
+    this.now = opts.now ?? (() => /* @__PURE__ */ new Date());
+    this.store = new OtaStateStore(this.paths.state, this.now);
+    this.io = { ...REAL_IO, ...opts.io };
+    this.serviceTimeoutMs = opts.serviceTimeoutMs ?? 9e4;
+    this.processStopTimeoutMs = opts.processStopTimeoutMs ?? 1e4;
+    this.maxSaves = opts.maxStateSaves ?? DEFAULT_MAX_STATE_SAVES;
+    this.pollMs = opts.pollMs ?? 250;
+    this.marginBytes = opts.freeSpaceMarginBytes ?? FREE_SPACE_MARGIN_BYTES;
+    this.statfs = opts.statfs;
+    this.tuning = opts.download ?? {};
+  }
+  // ---------------------------------------------------------------------------------------------------------------
+  // Public API
+  /** What OTA is doing, from memory: the state, the running job's stage, download bytes/speed/ETA, module k/n. */
+  status() {
+    const st = this.store.current;
+    const running = this.runner.current();
+    const job = running?.kind === "ota" ? running : null;
+    const { bytes, speed } = this.live;
+    let percent = null;
+    let eta = null;
+    if (st?.state === "downloading" && bytes?.total) {
+      percent = Math.min(100, Math.round(bytes.done / bytes.total * 1e3) / 10);
+      if (speed && speed > 0) eta = Math.max(0, Math.round((bytes.total - bytes.done) / speed));
+    } else if (st?.state === "deploying" && this.live.filesTotal > 0) {
+      percent = Math.round(this.live.filesDone / this.live.filesTotal * 1e3) / 10;
+    } else if (st?.state === "committed" || st?.state === "verified") {
+      percent = 100;
+    }
+    const progress = st?.progress ?? null;
+    return {
+      state: st?.state ?? "idle",
+      stage: job?.stage ?? null,
+      updateId: st?.updateId ?? null,
+      package: st?.package ? { name: st.package.name, version: st.package.version, size: st.package.size } : null,
+      // Without query or credentials: a signed URL's token must not reach the console or status pages.
+      url: st?.download?.url ? safeUrl(st.download.url) : null,
+      bytes: st?.state === "downloading" ? bytes : st?.package?.size != null ? { done: st.package.size, total: st.package.size } : null,
+      percent,
+      speed: st?.state === "downloading" ? speed : null,
+      eta,
+      module: progress ? { index: progress.module, count: progress.modules, id: progress.moduleId } : null,
+      file: progress && progress.files > 0 ? { index: progress.file, count: progress.files } : null,
+      lastError: st?.error ?? null,
+      installed: this.installed,
+      history: st?.history.map((h) => h.state) ?? [],
+      job
+    };
+  }
+  /** Reads state.json and the backups once, acting on nothing, so status() tells them before any job or recover(). */
+  async load() {
+    await this.ensureLoaded();
+  }
+  /** Downloads and verifies a package (resuming a part left by an earlier call); the state ends `verified`. */
+  async download(params) {
+    checkDownloadParams(params);
+    await this.ensureLoaded();
+    this.refuseWhileInterrupted();
+    const target = `download ${safeUrl(params.url)}`;
+    return this.runner.run(
+      { kind: "ota", target, params: { url: safeUrl(params.url), md5: params.md5, sha256: params.sha256 ?? null, size: params.size ?? null } },
+      (ctx) => this.downloadJob(ctx, params, null)
+    );
+  }
+  /** Installs the verified package: backups, deploy, restart, probation, commit; rolls back by itself on failure. */
+  async install() {
+    await this.ensureLoaded();
+    this.refuseWhileInterrupted();
+    const st = this.requireInstallable();
+    const target = st.package?.name ? `${st.package.name} ${st.package.version ?? ""}`.trim() : "package";
+    return this.runner.run({ kind: "ota", target, params: { updateId: st.updateId } }, (ctx) => this.installJob(ctx));
+  }
+  /** Cancels the running OTA job while it may be cancelled (download, verify, extract; not once files are replaced). */
+  cancel() {
+    return this.runner.cancel("ota");
+  }
+  /** Restores what was installed before the last committed update (or finishes an interrupted one's rollback). */
+  async rollback() {
+    await this.ensureLoaded();
+    return this.runner.run({ kind: "ota", target: "rollback" }, async (ctx) => {
+      await this.store.load({ moveAside: false });
+      if (this.printer.isPrinting()) throw printerBusy("roll back the update");
+      const base = await this.rollbackTarget(this.store.current);
+      return this.rollbackJob(ctx, null, "requested", { ...base, saves: 0 });
+    });
+  }
+  /**
+   * At agent start: brings an update that a dead process left half-way to a safe state. A half-done deploy is
+   * rolled back (unless probation had passed: then it is committed), a rollback is finished, a download resumed, a
+   * downloaded package verified; a damaged state file is moved aside and the newest unfinished backup restored.
+   * Never throws for the update's own failures: they are in the outcome (and in status().lastError).
+   */
+  async recover() {
+    const loaded = await this.store.load({ moveAside: true });
+    await this.store.removeStaleTemps();
+    await this.refreshInstalled();
+    if (loaded.corrupt) {
+      this.logger.warn({ aside: loaded.corrupt, reason: loaded.corruptReason }, "the OTA state file was damaged and was moved aside");
+      return this.recoverFromCorrupt(loaded.corrupt, loaded.corruptReason ?? "damaged");
+    }
+    const st = loaded.state;
+    if (!st) {
+      await this.removeStagingExcept(null);
+      return outcomeOf("none", null, null);
+    }
+    const needs = await this.recoveryNeeded(st);
+    if (!needs) return outcomeOf("none", st, null);
+    try {
+      return await this.runner.run({ kind: "ota", target: `recovery ${st.updateId}`, params: { state: st.state } }, async (ctx) => {
+        await this.store.load({ moveAside: false });
+        const current = this.store.current;
+        if (!current) return outcomeOf("none", null, null);
+        if (current.job) {
+          await this.runner.interrupted({
+            id: current.job.id,
+            kind: "ota",
+            target: current.job.target,
+            startedAt: current.job.startedAt,
+            message: `moonflash stopped during the update (state ${current.state}); ${DEPLOY_STATES.has(current.state) ? "it was rolled back on the next start unless probation had passed" : "it was resumed on the next start"}.`
+          });
+          await this.store.update({ job: null });
+        }
+        return this.recoverState(ctx, current);
+      });
+    } catch (err) {
+      const e = toMoonflashError(err);
+      if (e.code === "BUSY") return { ...outcomeOf("busy", this.store.current, errOf(e)) };
+      this.logger.error({ err: e }, `OTA recovery failed: ${e.message}`);
+      return outcomeOf(this.store.current?.state === "failed" ? "gave-up" : "none", this.store.current, errOf(e));
+    }
+  }
+  // ---------------------------------------------------------------------------------------------------------------
+  // Download and verify
+  async downloadJob(ctx, params, resume) {
+    const started = resume ? await this.store.transition("downloading", { job: this.jobRef(ctx), error: null }, resume) : await this.store.transition(
+      "downloading",
+      {
+        job: this.jobRef(ctx),
+        download: { url: params.url, md5: String(params.md5).toLowerCase(), sha256: params.sha256?.toLowerCase() ?? null, size: params.size ?? null }
+      },
+      newState(makeUpdateId(this.now()), "downloading", this.now())
+    );
+    crashPoint("download-started");
+    const download = started.download;
+    ctx.stage("download", `downloading ${safeUrl(download.url)}`);
+    this.live = { bytes: { done: 0, total: download.size }, speed: null, filesDone: 0, filesTotal: 0 };
+    let result;
+    try {
+      result = await downloadPackage({
+        url: download.url,
+        dest: this.paths.package,
+        md5: download.md5,
+        ...download.sha256 ? { sha256: download.sha256 } : {},
+        ...download.size !== null ? { size: download.size } : {},
+        ...this.config.limits.maxDownloadBytes ? { maxBytes: this.config.limits.maxDownloadBytes } : {},
+        signal: ctx.signal,
+        logger: this.logger,
+        progressIntervalMs: DOWNLOAD_DEFAULTS.progressIntervalMs,
+        ...this.tuning,
+        onProgress: (done, total, bytesPerSecond) => {
+          this.live.bytes = { done, total };
+          this.live.speed = bytesPerSecond;
+          if (total) ctx.progress(done, total, "bytes", "download");
+          if (done > 0) crashPoint("download-partial");
+        }
+      });
+    } catch (err) {
+      const e = toMoonflashError(err);
+      await this.store.transition("failed", { job: null, error: errOf(e) });
+      throw e;
+    }
+    await this.store.transition("downloaded", {
+      package: { path: result.path, md5: result.md5, sha256: result.sha256, size: result.size, name: null, version: null, modules: null, files: null }
+    });
+    crashPoint("downloaded");
+    return this.verifyJob(ctx);
+  }
+  /** Checks the downloaded package completely (signature, manifest, every file's SHA-256); `verified` or `failed`. */
+  async verifyJob(ctx) {
+    const st = this.store.current;
+    const pkg = st.package;
+    ctx.stage("verify", "checking the package: signature, manifest and the SHA-256 of every file");
+    let contents;
+    try {
+      contents = await readPackage(pkg.path, { publicKey: await this.publicKey(), limits: this.packageLimits(), verifyContents: true });
+    } catch (err) {
+      const e = toMoonflashError(err);
+      await rm8(pkg.path, { force: true });
+      await this.store.transition("failed", { job: null, error: errOf(e) });
+      throw e;
+    }
+    const { manifest } = contents;
+    const files = manifest.modules.reduce((n, m) => n + m.files.length, 0);
+    const verified = await this.store.transition("verified", {
+      job: null,
+      error: null,
+      package: { ...pkg, name: manifest.name, version: manifest.version, modules: manifest.modules.length, files }
+    });
+    crashPoint("verified");
+    ctx.log("info", `package ${manifest.name} ${manifest.version} verified${contents.signed ? " (signature valid)" : ""}: ${manifest.modules.length} modules, ${files} files`);
+    return summaryOf(verified, manifest, contents.signed);
+  }
+  // ---------------------------------------------------------------------------------------------------------------
+  // Install
+  requireInstallable() {
+    const st = this.store.current;
+    if (!st || st.state !== "verified" && st.state !== "downloaded" || !st.package) {
+      const now = st ? ` (the last update is ${st.state.replace("_", " ")})` : "";
+      throw new MoonflashError("NO_PACKAGE", `There is no verified package to install${now}. Download one first with ota.download.`, { state: st?.state ?? "idle" });
+    }
+    return st;
+  }
+  async installJob(ctx) {
+    const started = performance.now();
+    await this.store.load({ moveAside: false });
+    let st = this.requireInstallable();
+    if (this.printer.isPrinting()) {
+      const e = printerBusy("install an update");
+      await this.store.update({ error: errOf(e) });
+      throw e;
+    }
+    if (st.state === "downloaded") {
+      await this.verifyJob(ctx);
+      st = this.store.current;
+    }
+    const updateId = st.updateId;
+    const stagingDir = join14(this.paths.staging, updateId);
+    const backupDir = join14(this.paths.backups, updateId);
+    let extracted;
+    let targets;
+    let createdDirs;
+    try {
+      ctx.stage("stage", "extracting the package");
+      await this.removeStaging(updateId);
+      extracted = await extractPackage(st.package.path, stagingDir, { publicKey: await this.publicKey(), limits: this.packageLimits() });
+      crashPoint("staged");
+      const mcus = extracted.manifest.modules.flatMap((m) => m.type === "firmware" ? [m.mcu] : []);
+      if (mcus.length > 0 && !this.firmware) {
+        throw new MoonflashError("INVALID_PACKAGE", `The package flashes ${mcus.join(", ")}, but this moonflash runs OTA without the flash engine. Nothing was changed.`, { mcus });
+      }
+      ctx.stage("check", "checking targets, permissions and free space");
+      targets = await resolveTargets(extracted.manifest, rootsMap(this.config));
+      await checkReadable(targets);
+      await this.checkStateDirWritable();
+      createdDirs = await missingDirs(targets);
+      await checkFreeSpace(await this.spaceNeeds(targets), this.marginBytes, this.statfs);
+      if (this.printer.isPrinting()) throw printerBusy("install an update");
+      if (ctx.signal.aborted) throw new MoonflashError("CANCELLED", "The update was cancelled before anything was changed.", {});
+    } catch (err) {
+      await this.removeStaging(updateId).catch(() => void 0);
+      const e = ctx.signal.aborted && !isMoonflashError(err) ? new MoonflashError("CANCELLED", "The update was cancelled before anything was changed.", {}) : toMoonflashError(err);
+      await this.store.update({ error: errOf(e) });
+      throw e;
+    }
+    ctx.setCancellable(false, "the update is replacing files; if it fails it rolls itself back");
+    const previous = this.installed;
+    const manifest = extracted.manifest;
+    this.live = { bytes: null, speed: null, filesDone: 0, filesTotal: targets.length };
+    await this.store.transition("backing_up", { job: this.jobRef(ctx), deployStarted: false, stopped: [], firmware: [], progress: null, rollbackReason: null, error: null });
+    crashPoint("backing-up");
+    let probationMs = 0;
+    try {
+      const backup = await this.takeBackup(ctx, manifest, targets, createdDirs, backupDir, updateId);
+      await this.deploy(ctx, manifest, extracted, targets, backup);
+      await this.store.transition("restarting", { progress: null });
+      crashPoint("restarting");
+      ctx.stage("restart", "starting the stopped services again");
+      try {
+        await this.startStopped(ctx, "service-started");
+      } catch (err) {
+        throw healthFailure(`a service did not start again (${toMoonflashError(err).message})`, err);
+      }
+      const timeoutMs = this.config.probation_timeout * 1e3;
+      await this.store.transition("probation");
+      crashPoint("probation");
+      const services = moduleServices(manifest);
+      ctx.stage("probation", `waiting up to ${this.config.probation_timeout} s for Klipper to be ready${services.length ? ` and ${services.join(", ")} to run` : ""}`);
+      const probationStarted = performance.now();
+      const problems = await this.waitHealthy(services, timeoutMs);
+      probationMs = Math.round(performance.now() - probationStarted);
+      if (problems.length > 0) {
+        throw healthFailure(`within the probation time of ${this.config.probation_timeout} s, ${problems.join("; ")}`);
+      }
+      await writeOutcome(backupDir, "committed", this.now());
+      crashPoint("probation-passed");
+    } catch (err) {
+      throw await this.failAndRollBack(ctx, toMoonflashError(err));
+    }
+    await this.store.transition("committed", { job: null, progress: null, stopped: [], error: null });
+    crashPoint("committed");
+    ctx.stage("commit", `${manifest.name} ${manifest.version} committed`);
+    await this.afterCommit(updateId);
+    const replaced = targets.filter((t) => t.exists).length;
+    return {
+      updateId,
+      name: manifest.name,
+      version: manifest.version,
+      previous: previous && { ...previous },
+      files: { written: targets.length, replaced, added: targets.length - replaced },
+      firmware: manifest.modules.flatMap((m) => m.type === "firmware" ? [m.mcu] : []),
+      services: moduleServices(manifest),
+      backup: backupDir,
+      probationMs,
+      elapsedMs: Math.round(performance.now() - started)
+    };
+  }
+  /** Rolls back after a failure during install and returns the error to throw: the failure, or both. */
+  async failAndRollBack(ctx, reason) {
+    ctx.log("error", `${reason.message} Rolling back to the previous version.`);
+    try {
+      await this.rollbackJob(ctx, reason, "automatic", this.store.current);
+    } catch (err) {
+      const e = toMoonflashError(err);
+      return new MoonflashError(
+        reason.code,
+        `${reason.message} The rollback failed as well: ${e.message} The old files are in ${join14(this.paths.backups, this.store.current?.updateId ?? "")}.`,
+        { ...reason.details, rollbackError: e.toJSON() },
+        { cause: reason }
+      );
+    }
+    const done = "The update was rolled back; the previous version is in place.";
+    return new MoonflashError(reason.code, reason.message.endsWith(done) ? reason.message : `${reason.message} ${done}`, reason.details, { cause: reason.cause ?? reason });
+  }
+  /** What goes on which filesystem: each new file beside its target (temp + rename), the backups in the data dir. */
+  async spaceNeeds(targets) {
+    const needs = targets.map((t) => ({ path: dirname9(t.target), bytes: t.file.size, what: "the new files" }));
+    needs.push({ path: this.paths.backups, bytes: await sumSizes(targets.filter((t) => t.exists).map((t) => t.target)), what: "the backups" });
+    return needs;
+  }
+  async checkStateDirWritable() {
+    await mkdir7(this.paths.backups, { recursive: true }).catch((err) => {
+      throw fileError(err, "create the OTA backup directory", this.paths.backups);
+    });
+    try {
+      await access8(this.paths.backups, constants4.W_OK | constants4.X_OK);
+    } catch (err) {
+      throw new MoonflashError("PERMISSION_DENIED", `moonflash may not write its OTA backups in ${this.paths.backups}; fix its owner or mode. Nothing was changed.`, { path: this.paths.backups }, { cause: err });
+    }
+  }
+  /** Copies every existing target (and each MCU's current image, when known) and writes the backup manifest. */
+  async takeBackup(ctx, manifest, targets, createdDirs, backupDir, updateId) {
+    const existing = targets.filter((t) => t.exists);
+    ctx.stage("backup", `backing up ${existing.length} file${existing.length === 1 ? "" : "s"} to ${backupDir}`);
+    await rm8(backupDir, { recursive: true, force: true });
+    const files = await backupTargets(targets, backupDir, this.io, (_entry, n) => {
+      ctx.progress(n, existing.length, "steps", "backup");
+      crashPoint("backup-file");
+    });
+    const firmware = [];
+    for (const module of manifest.modules) {
+      if (module.type !== "firmware") continue;
+      const current = await this.firmware?.currentImage?.(module.mcu) ?? null;
+      if (!current) {
+        firmware.push({ module: module.id, mcu: module.mcu, image: null, sha256: null });
+        continue;
+      }
+      const name = `firmware/${module.mcu}.bin`;
+      await mkdir7(join14(backupDir, "firmware"), { recursive: true });
+      try {
+        await this.io.copyFile(current.path, join14(backupDir, name), 384, "backup");
+      } catch (err) {
+        throw fileError(err, `back up the image ${module.mcu} runs`, current.path);
+      }
+      firmware.push({ module: module.id, mcu: module.mcu, image: name, sha256: current.sha256 });
+    }
+    const backup = {
+      format: 1,
+      updateId,
+      name: manifest.name,
+      version: manifest.version,
+      createdAt: this.now().toISOString(),
+      files,
+      createdDirs,
+      firmware,
+      services: moduleServices(manifest)
+    };
+    await writeBackupManifest(backupDir, backup);
+    crashPoint("backed-up");
+    return backup;
+  }
+  /** Module by module, in dependency order: stop its unit, replace its files, flash its firmware. */
+  async deploy(ctx, manifest, extracted, targets, backup) {
+    const staged = new Map(extracted.files.map((f) => [f.src, f.path]));
+    const byDst = new Map(targets.map((t) => [t.file.dst, t]));
+    const entries = new Map(backup.files.map((e) => [e.dst, e]));
+    const rootOwners = /* @__PURE__ */ new Map();
+    const total = targets.length;
+    for (const [k, module] of manifest.modules.entries()) {
+      const progress = { module: k + 1, modules: manifest.modules.length, moduleId: module.id, file: 0, files: module.files.length, step: "stop" };
+      if (this.store.current?.state === "deploying") await this.store.update({ progress });
+      else await this.store.transition("deploying", { progress, deployStarted: true });
+      crashPoint("deploying");
+      ctx.stage("deploy", `module ${module.id} (${k + 1}/${manifest.modules.length})`);
+      await this.stopUnit(ctx, module);
+      for (const [i, file] of module.files.entries()) {
+        await this.store.update({ progress: { ...progress, file: i + 1, step: "file" } });
+        const target = byDst.get(file.dst);
+        const source = staged.get(file.src);
+        if (!target || !source) throw new MoonflashError("INTERNAL", `${file.dst} has no resolved target or staged file`, { dst: file.dst });
+        const entry = entries.get(file.dst);
+        let owner = entry?.existed ? { uid: entry.uid, gid: entry.gid } : void 0;
+        if (!owner) {
+          if (!rootOwners.has(target.root)) rootOwners.set(target.root, await ownerOf(target.root));
+          owner = rootOwners.get(target.root) ?? void 0;
+        }
+        await replaceFile(source, target.target, {
+          mode: file.mode,
+          owner: owner ?? null,
+          updateId: backup.updateId,
+          io: this.io,
+          purpose: "deploy",
+          hooks: { afterTemp: () => crashPoint("deploy-temp-written"), afterRename: () => crashPoint("deploy-renamed") }
+        });
+        this.live.filesDone++;
+        ctx.progress(this.live.filesDone, total, "steps", "deploy");
+      }
+      if (module.type === "firmware") {
+        const image = staged.get(module.image.src);
+        if (!image) throw new MoonflashError("INTERNAL", `the image of ${module.id} was not staged`, { module: module.id });
+        await this.flashModule(ctx, module, image);
+      }
+    }
+  }
+  async flashModule(ctx, module, image) {
+    const port = this.firmware;
+    await this.stopService(this.printer.state().klipperService);
+    await this.setFirmware(module.mcu, module.id, "flashing");
+    crashPoint("firmware-flash");
+    ctx.stage("flash", `flashing ${module.mcu} (module ${module.id})`);
+    await port.flash(module.mcu, image, ctx);
+    crashPoint("firmware-flashed");
+    await this.setFirmware(module.mcu, module.id, "flashed");
+  }
+  async setFirmware(mcu, module, status) {
+    const others = (this.store.current?.firmware ?? []).filter((r) => r.mcu !== mcu);
+    await this.store.update({ firmware: [...others, { mcu, module, status }] });
+  }
+  /** Stops a module's service or process, saving it as stopped first (so a restart starts it again). */
+  async stopUnit(ctx, module) {
+    if (module.service) {
+      await this.stopService(module.service);
+      crashPoint("service-stopped");
+    } else if (module.process) {
+      const found = await findProcesses(module.process);
+      await this.addStopped({ kind: "process", name: describeRef(module.process), pids: found.map((p) => p.pid) });
+      for (const info of found) {
+        const result = await stopProcess(info, { termTimeoutMs: this.processStopTimeoutMs });
+        ctx.log(result.outcome === "killed" ? "warn" : "info", `${info.comm} (pid ${info.pid}) ${result.outcome === "killed" ? "ignored SIGTERM and was killed" : "stopped"}`);
+      }
+      if (found.length === 0) ctx.log("info", `${describeRef(module.process)} is not running; nothing to stop`);
+      crashPoint("service-stopped");
+    }
+  }
+  async stopService(name) {
+    if (name === this.printer.state().klipperService && this.printer.isPrinting()) throw printerBusy("stop Klipper");
+    await this.addStopped({ kind: "service", name });
+    await this.waitConnected();
+    await this.printer.stopService(name, this.serviceTimeoutMs);
+  }
+  async addStopped(unit) {
+    const stopped = this.store.current?.stopped ?? [];
+    if (stopped.some((u) => u.kind === unit.kind && u.name === unit.name)) return;
+    await this.store.update({ stopped: [...stopped, unit] });
+  }
+  /**
+   * Starts every unit saved as stopped: in the order they were stopped (an install stops in dependency order), or,
+   * given `order` (a rollback stops in reverse), services in that order, any other first (Klipper, stopped for a flash).
+   */
+  async startStopped(ctx, point, order = []) {
+    const rank = (unit) => order.indexOf(unit.name);
+    const units = [...this.store.current?.stopped ?? []].sort((a, b) => order.length === 0 ? 0 : rank(a) - rank(b));
+    for (const unit of units) {
+      if (unit.kind === "service") {
+        await this.waitConnected();
+        await this.printer.startService(unit.name, this.serviceTimeoutMs);
+        ctx?.log("info", `${unit.name} started`);
+        crashPoint(point);
+      } else {
+        ctx?.log("info", `${unit.name} is not started by moonflash (the package gives no start command); its supervisor starts it`);
+      }
+      await this.store.update({ stopped: (this.store.current?.stopped ?? []).filter((u) => !(u.kind === unit.kind && u.name === unit.name)) });
+    }
+  }
+  /** Waits until Klipper is ready and every service runs; returns what is still wrong (empty: healthy). */
+  async waitHealthy(services, timeoutMs) {
+    const problems = () => {
+      const state = this.printer.state();
+      const found = [];
+      if (state.klippyState !== "ready") {
+        found.push(`Klipper is ${state.klippyState === "disconnected" ? "not connected" : `in state '${state.klippyState}'`}${state.stateMessage ? ` (${state.stateMessage.split("\n")[0]})` : ""}`);
+      }
+      for (const name of services) {
+        const service = state.services[name];
+        if (service?.active_state !== "active") found.push(`the service ${name} is ${service ? `${service.active_state}/${service.sub_state}` : "unknown to Moonraker"}`);
+      }
+      return found;
+    };
+    await this.waitFor(() => problems().length === 0, timeoutMs);
+    return problems();
+  }
+  /** Cleanup once committed; a failure here costs disk space, not the update, so it is only logged. */
+  async afterCommit(updateId) {
+    try {
+      await this.removeStaging(updateId);
+      await rm8(this.paths.package, { force: true });
+      await this.pruneBackups(updateId);
+    } catch (err) {
+      this.logger.warn({ err }, "could not remove the staging directory, the package or old backups");
+    }
+    await this.refreshInstalled();
+  }
+  /** Keeps the newest keep_backups committed backups (always the current one); drops rolled-back and unfinished ones. */
+  async pruneBackups(current) {
+    const backups = await listBackups(this.paths.backups);
+    const committed = backups.filter((b) => b.outcome === "committed" && b.manifest);
+    const keep = /* @__PURE__ */ new Set([current, ...committed.slice(-this.config.keep_backups).map((b) => b.updateId)]);
+    for (const b of backups) {
+      if (keep.has(b.updateId)) continue;
+      await rm8(b.dir, { recursive: true, force: true });
+    }
+  }
+  // ---------------------------------------------------------------------------------------------------------------
+  // Rollback
+  /** The update a requested rollback undoes: the current one if it was deployed, else the newest committed backup. */
+  async rollbackTarget(st) {
+    if (st && (DEPLOY_STATES.has(st.state) || st.state === "committed" || st.state === "failed" && st.deployStarted)) {
+      const dir = join14(this.paths.backups, st.updateId);
+      if (await readBackupManifest(dir) && await readOutcome(dir) !== "rolled_back") return st;
+    }
+    const newest = (await listBackups(this.paths.backups)).filter((b) => b.manifest && b.outcome === "committed").pop();
+    if (!newest?.manifest) {
+      throw new MoonflashError(
+        "NO_PACKAGE",
+        `There is no installed update to roll back: moonflash keeps the files an update replaced only for updates it installed (the last ${this.config.keep_backups}), and has none.`,
+        {}
+      );
+    }
+    return this.stateFromBackup(newest.updateId, newest.manifest, "committed");
+  }
+  stateFromBackup(updateId, manifest, state) {
+    const files = manifest.files.length;
+    return {
+      ...newState(updateId, state, this.now()),
+      package: { path: this.paths.package, md5: null, sha256: null, size: null, name: manifest.name, version: manifest.version, modules: null, files },
+      deployStarted: true
+    };
+  }
+  /**
+   * Restores the backup of `base`'s update: stops the updated services, puts every file back, flashes the old
+   * firmware, starts the services, marks the backup rolled back. Safe to run again from any point (recovery).
+   */
+  async rollbackJob(ctx, reason, mode2, base) {
+    ctx.setCancellable(false, "the rollback restores files; it must finish");
+    const backupDir = join14(this.paths.backups, base.updateId);
+    const manifest = await readBackupManifest(backupDir);
+    let st = await this.store.transition(
+      "rolling_back",
+      { job: this.jobRef(ctx), rollbackReason: reason ? errOf(reason) : mode2 === "requested" ? null : base.rollbackReason, progress: null },
+      base
+    );
+    crashPoint("rolling-back");
+    const name = manifest?.name ?? st.package?.name ?? "the update";
+    const version3 = manifest?.version ?? st.package?.version ?? "";
+    ctx.stage("rollback", `rolling back ${name} ${version3}`.trim());
+    let restored = 0;
+    let removed = 0;
+    const firmware = [];
+    if (manifest && (st.deployStarted || mode2 === "requested" || mode2 === "unknown-state")) {
+      if (this.printer.isPrinting()) throw printerBusy("roll back the update");
+      for (const service of [...manifest.services].reverse()) await this.stopService(service);
+      const result = await restoreBackup(backupDir, manifest, this.io, (_entry, i) => {
+        ctx.progress(i, manifest.files.length, "steps", "rollback");
+        crashPoint("rollback-file");
+      });
+      restored = result.restored;
+      removed = result.removed;
+      firmware.push(...await this.rollbackFirmware(ctx, manifest, backupDir, mode2));
+    } else {
+      ctx.log("info", "nothing had been deployed yet: no file to restore");
+    }
+    let startError = null;
+    try {
+      await this.startStopped(ctx, "rollback-service-started", manifest?.services ?? []);
+    } catch (err) {
+      startError = toMoonflashError(err);
+    }
+    if (manifest) await writeOutcome(backupDir, "rolled_back", this.now());
+    st = await this.store.transition("rolled_back", {
+      job: null,
+      progress: null,
+      error: reason ? errOf(reason) : mode2 === "requested" ? null : st.rollbackReason
+    });
+    crashPoint("rolled-back");
+    await this.removeStaging(st.updateId).catch((err) => this.logger.warn({ err }, "could not remove the staging directory"));
+    await this.refreshInstalled();
+    ctx.log("info", `rolled back ${name} ${version3}: ${restored} files restored, ${removed} removed${firmware.length ? `, firmware of ${firmware.join(", ")} restored` : ""}`);
+    if (startError) {
+      throw new MoonflashError(
+        startError.code,
+        `The old files are back, but a service did not start again: ${startError.message}`,
+        { ...startError.details, restored, removed },
+        { cause: startError }
+      );
+    }
+    return { updateId: st.updateId, name, version: version3, restored, removed, firmware, services: manifest?.services ?? [], reason: st.error };
+  }
+  async rollbackFirmware(ctx, manifest, backupDir, mode2) {
+    const done = [];
+    for (const fw of manifest.firmware) {
+      const record = this.store.current?.firmware.find((r) => r.mcu === fw.mcu);
+      if (mode2 !== "requested" && mode2 !== "unknown-state" && !record) continue;
+      if (record?.status === "rolled-back") continue;
+      if (!fw.image && mode2 === "unknown-state") {
+        ctx.log("warn", `the state file was damaged, so whether ${fw.mcu} was flashed is unknown; it is not flashed back blindly. Check it with FLASH_CHECK`);
+        continue;
+      }
+      if (!this.firmware) throw new MoonflashError("INTERNAL", `${fw.mcu} was flashed by the update, but this moonflash has no flash engine to flash it back.`, { mcu: fw.mcu });
+      await this.stopService(this.printer.state().klipperService);
+      if (fw.image) {
+        await this.setFirmware(fw.mcu, fw.module, "rolling-back");
+        ctx.stage("rollback-flash", `flashing ${fw.mcu} back to the image it ran before`);
+        await this.firmware.flash(fw.mcu, join14(backupDir, fw.image), ctx);
+      } else if (record?.status === "rolling-back") {
+        ctx.log("warn", `the rollback of ${fw.mcu} was interrupted and is not repeated; check its version with FLASH_CHECK`);
+      } else {
+        await this.setFirmware(fw.mcu, fw.module, "rolling-back");
+        ctx.stage("rollback-flash", `flashing ${fw.mcu} back to its previous image`);
+        await this.firmware.rollback(fw.mcu, ctx);
+      }
+      crashPoint("rollback-firmware");
+      await this.setFirmware(fw.mcu, fw.module, "rolled-back");
+      done.push(fw.mcu);
+    }
+    return done;
+  }
+  // ---------------------------------------------------------------------------------------------------------------
+  // Recovery
+  /** Whether recovery must act (take the lock) for this state. */
+  async recoveryNeeded(st) {
+    if (st.state === "downloading" || st.state === "downloaded" || DEPLOY_STATES.has(st.state)) return true;
+    if (st.job || st.stopped.length > 0 && !(st.state === "failed" && st.deployStarted)) return true;
+    const leftovers = await Promise.all([exists2(join14(this.paths.staging, st.updateId)), exists2(`${join14(this.paths.staging, st.updateId)}.partial`)]);
+    if (leftovers.some(Boolean)) return true;
+    return st.state === "committed" && await exists2(this.paths.package);
+  }
+  async recoverState(ctx, st) {
+    const interrupted = (what) => new MoonflashError("INTERRUPTED", `moonflash stopped while the update was ${what}; the previous version was restored on the next start. Install the update again.`, { state: st.state });
+    switch (st.state) {
+      case "downloading": {
+        if (st.saves >= this.maxSaves) return this.giveUp(st, new MoonflashError("DOWNLOAD_FAILED", `The download was interrupted ${st.saves} times; moonflash gave up on it. Start it again with ota.download.`, { saves: st.saves }));
+        if (!st.download) return this.giveUp(st, new MoonflashError("INTERNAL", "The interrupted download left no URL to resume; start it again with ota.download.", {}));
+        try {
+          await this.downloadJob(ctx, { url: st.download.url, md5: st.download.md5 }, st);
+          return outcomeOf("resumed-download", this.store.current, null);
+        } catch (err) {
+          return outcomeOf("resumed-download", this.store.current, errOf(toMoonflashError(err)));
+        }
+      }
+      case "downloaded":
+        try {
+          await this.verifyJob(ctx);
+          return outcomeOf("verified", this.store.current, null);
+        } catch (err) {
+          return outcomeOf("verified", this.store.current, errOf(toMoonflashError(err)));
+        }
+      case "backing_up":
+      case "deploying":
+      case "restarting":
+      case "probation":
+      case "rolling_back": {
+        const backupDir = join14(this.paths.backups, st.updateId);
+        if (st.state !== "rolling_back" && await readOutcome(backupDir) === "committed") {
+          await this.store.transition("committed", { job: null, progress: null, error: null });
+          await this.startStopped(ctx, "service-started").catch((err) => ctx.log("error", `a service did not start: ${toMoonflashError(err).message}`));
+          await this.afterCommit(st.updateId);
+          return outcomeOf("committed", this.store.current, null);
+        }
+        if (st.saves >= 2 * this.maxSaves) {
+          return this.giveUp(
+            st,
+            new MoonflashError(
+              "INTERNAL",
+              `The update was interrupted ${st.saves} times, also while rolling back; moonflash stopped retrying. The old files are in ${backupDir}: run ota.rollback to restore them.`,
+              { saves: st.saves, backup: backupDir }
+            )
+          );
+        }
+        const reason = st.state === "rolling_back" ? null : interrupted(st.state.replace("_", " "));
+        try {
+          const result = await this.rollbackJob(ctx, reason, "recovery", st);
+          return outcomeOf("rolled-back", this.store.current, result.reason);
+        } catch (err) {
+          return outcomeOf("rolled-back", this.store.current, errOf(toMoonflashError(err)));
+        }
+      }
+      default: {
+        const consistent = st.state !== "failed" || !st.deployStarted;
+        if (st.stopped.length > 0 && consistent) await this.startStopped(ctx, "service-started").catch((err) => ctx.log("error", toMoonflashError(err).message));
+        if (st.state === "committed") await this.afterCommit(st.updateId);
+        else await this.removeStaging(st.updateId);
+        return outcomeOf("cleaned", this.store.current, null);
+      }
+    }
+  }
+  async giveUp(st, error2) {
+    this.logger.error({ updateId: st.updateId, saves: st.saves }, error2.message);
+    await this.store.transition("failed", { job: null, error: errOf(error2) }, st);
+    await this.removeStaging(st.updateId);
+    return outcomeOf("gave-up", this.store.current, errOf(error2));
+  }
+  /** A damaged state file: the newest backup that was neither committed nor rolled back is restored. */
+  async recoverFromCorrupt(aside, why) {
+    const backups = await listBackups(this.paths.backups);
+    const pending = backups.filter((b) => b.manifest && b.outcome === null).pop();
+    const message = `The OTA state file was damaged (it ${why}) and was moved to ${aside}.`;
+    try {
+      return await this.runner.run({ kind: "ota", target: "recovery" }, async (ctx) => {
+        for (const b of backups) if (!b.manifest && b.updateId !== pending?.updateId) await rm8(b.dir, { recursive: true, force: true });
+        await this.removeStagingExcept(null);
+        if (pending?.manifest) {
+          ctx.log("warn", `${message} Restoring the backup of ${pending.manifest.name} ${pending.manifest.version}, which was being installed.`);
+          const reason = new MoonflashError("INTERRUPTED", `${message} The update ${pending.manifest.name} ${pending.manifest.version} was being installed; the previous version was restored.`, { aside });
+          const base = { ...this.stateFromBackup(pending.updateId, pending.manifest, "rolling_back"), rollbackReason: errOf(reason) };
+          const result = await this.rollbackJob(ctx, reason, "unknown-state", base);
+          return { ...outcomeOf("rolled-back", this.store.current, result.reason), corrupt: aside };
+        }
+        const error2 = new MoonflashError("INTERNAL", `${message} No update was being installed; nothing had to be restored.`, { aside });
+        await this.store.transition("failed", { error: errOf(error2) }, newState(makeUpdateId(this.now()), "failed", this.now()));
+        return { ...outcomeOf("cleaned", this.store.current, errOf(error2)), corrupt: aside };
+      });
+    } catch (err) {
+      const e = toMoonflashError(err);
+      return { ...outcomeOf(e.code === "BUSY" ? "busy" : "none", this.store.current, errOf(e)), corrupt: aside };
+    }
+  }
+  // ---------------------------------------------------------------------------------------------------------------
+  // Helpers
+  async ensureLoaded() {
+    if (this.store.isLoaded) return;
+    await this.store.load({ moveAside: false });
+    await this.refreshInstalled();
+  }
+  /** An interrupted deploy must be recovered (or rolled back) before anything new starts. */
+  refuseWhileInterrupted() {
+    const st = this.store.current;
+    if (st && DEPLOY_STATES.has(st.state) && !this.runner.current()) {
+      throw new MoonflashError(
+        "BUSY",
+        `The update ${st.package?.name ?? st.updateId} was interrupted (state ${st.state}); it is rolled back when the agent starts, or now with ota.rollback.`,
+        { state: st.state, updateId: st.updateId }
+      );
+    }
+  }
+  jobRef(ctx) {
+    const current = this.runner.current();
+    return { id: ctx.jobId, target: ctx.target, startedAt: current?.id === ctx.jobId ? current.startedAt : this.now().toISOString() };
+  }
+  packageLimits() {
+    const { maxDownloadBytes: _download, ...limits2 } = this.config.limits;
+    return limits2;
+  }
+  /** `[ota] public_key` as the package reader takes it: a PEM file's text, or the base64 key. */
+  async publicKey() {
+    const key = this.config.public_key;
+    if (!key) return null;
+    if (!isAbsolute5(key)) return key;
+    try {
+      return await readFile15(key, "utf8");
+    } catch (err) {
+      throw new MoonflashError("CONFIG_INVALID", `[ota] public_key: cannot read ${key} (${err.code ?? String(err)}); give a readable PEM file or the key in base64.`, { path: key }, { cause: err });
+    }
+  }
+  async refreshInstalled() {
+    try {
+      const newest = (await listBackups(this.paths.backups)).filter((b) => b.manifest && b.outcome === "committed").pop();
+      this.installed = newest?.manifest ? { updateId: newest.updateId, name: newest.manifest.name, version: newest.manifest.version } : null;
+    } catch {
+      this.installed = null;
+    }
+  }
+  async removeStaging(updateId) {
+    const dir = join14(this.paths.staging, updateId);
+    await rm8(dir, { recursive: true, force: true });
+    await rm8(`${dir}.partial`, { recursive: true, force: true });
+  }
+  /** Removes every staging directory but `keep`'s (left by a crash; staging is never reused). */
+  async removeStagingExcept(keep) {
+    let names = [];
+    try {
+      names = await readdir7(this.paths.staging);
+    } catch {
+      return;
+    }
+    for (const name of names) {
+      if (keep !== null && (name === keep || name === `${keep}.partial`)) continue;
+      await rm8(join14(this.paths.staging, name), { recursive: true, force: true });
+    }
+  }
+  async waitConnected() {
+    if (await this.waitFor(() => this.printer.state().moonrakerConnected, this.serviceTimeoutMs)) return;
+    throw new MoonflashError(
+      "MOONRAKER_UNAVAILABLE",
+      `moonflash has had no Moonraker connection for ${Math.round(this.serviceTimeoutMs / 1e3)} s, so it cannot stop or start services. Check Moonraker; the update goes on (or rolls back) when the agent starts again.`,
+      {}
+    );
+  }
+  /** Resolves true as soon as `pred` holds (checked on every printer state change and every pollMs), false after `timeoutMs`. */
+  waitFor(pred, timeoutMs) {
+    if (pred()) return Promise.resolve(true);
+    return new Promise((resolve4) => {
+      let finished = false;
+      const finish2 = (ok) => {
+        if (finished) return;
+        finished = true;
+        clearInterval(timer);
+        clearTimeout(deadline);
+        off();
+        resolve4(ok);
+      };
+      const check = () => {
+        if (pred()) finish2(true);
+      };
+      const off = this.printer.onStateChange(check);
+      const timer = setInterval(check, this.pollMs);
+      const deadline = setTimeout(() => finish2(pred()), timeoutMs);
+    });
+  }
+};
+var HEX322 = /^[0-9a-f]{32}$/i;
+var HEX642 = /^[0-9a-f]{64}$/i;
+function checkDownloadParams(params) {
+  const bad = (message, details) => new MoonflashError("INVALID_PARAMS", message, details);
+  let url2 = null;
+  try {
+    url2 = new URL(String(params?.url));
+  } catch {
+    url2 = null;
+  }
+  if (!url2 || url2.protocol !== "http:" && url2.protocol !== "https:") {
+    throw bad(`url must be an http:// or https:// URL of the package, got "${String(params?.url).slice(0, 200)}".`, { url: params?.url ?? null });
+  }
+  if (typeof params.md5 !== "string" || !HEX322.test(params.md5)) throw bad(`md5 must be 32 hex digits, got "${String(params.md5)}".`, { md5: params.md5 ?? null });
+  if (params.sha256 !== void 0 && (typeof params.sha256 !== "string" || !HEX642.test(params.sha256))) {
+    throw bad(`sha256 must be 64 hex digits, got "${String(params.sha256)}".`, { sha256: params.sha256 });
+  }
+  if (params.size !== void 0 && (typeof params.size !== "number" || !Number.isSafeInteger(params.size) || params.size < 0)) {
+    throw bad(`size must be the package's size in bytes, got ${String(params.size)}.`, { size: params.size });
+  }
+}
+function outcomeOf(action, st, error2) {
+  return { action, state: st?.state ?? "idle", updateId: st?.updateId ?? null, corrupt: null, error: error2 };
+}
+function summaryOf(st, manifest, signed) {
+  return {
+    updateId: st.updateId,
+    name: manifest.name,
+    version: manifest.version,
+    size: st.package?.size ?? 0,
+    sha256: st.package?.sha256 ?? "",
+    signed,
+    modules: manifest.modules.map((m) => ({
+      id: m.id,
+      type: m.type,
+      files: m.files.length,
+      service: m.service,
+      process: m.process ? describeRef(m.process) : null,
+      mcu: m.type === "firmware" ? m.mcu : null
+    }))
+  };
+}
+function moduleServices(manifest) {
+  return [...new Set(manifest.modules.flatMap((m) => m.service ? [m.service] : []))];
+}
+function printerBusy(what) {
+  return new MoonflashError("PRINTER_BUSY", `The printer is printing or paused; moonflash does not ${what} now. Try again when the print has finished.`, {});
+}
+function healthFailure(why, cause) {
+  return new MoonflashError(
+    "HEALTH_CHECK_FAILED",
+    `The update did not pass probation: ${why}.`,
+    { why },
+    cause === void 0 ? void 0 : { cause }
+  );
+}
+function safeUrl(raw) {
+  try {
+    const url2 = new URL(raw);
+    return `${url2.protocol}//${url2.host}${url2.pathname}`;
+  } catch {
+    return String(raw).slice(0, 200);
+  }
+}
+async function exists2(path6) {
+  try {
+    await access8(path6);
+    return true;
+  } catch {
+    return false;
+  }
+}
+async function sumSizes(paths) {
+  let total = 0;
+  for (const path6 of paths) total += (await stat12(path6).catch(() => ({ size: 0 }))).size;
+  return total;
+}
+
 // src/flash/build/builder.ts
 import { existsSync as existsSync2 } from "node:fs";
-import { readFile as readFile11, rm as rm4, stat as stat9 } from "node:fs/promises";
+import { readFile as readFile16, rm as rm9, stat as stat13 } from "node:fs/promises";
 import { availableParallelism } from "node:os";
-import { join as join10 } from "node:path";
+import { join as join15 } from "node:path";
 var TAIL_LINES = 40;
 var DEFAULT_TIMEOUT_MS = 30 * 6e4;
 var QUICK_TOOL_TIMEOUT_MS = 6e4;
@@ -12607,7 +16540,7 @@ var NICENESS = "10";
 var DICT = "klipper.dict";
 var RECORD = "build.json";
 var COMPILING = /^\s*Compiling\s/;
-function sha256(data) {
+function sha2562(data) {
   return process.getBuiltinModule("node:crypto").createHash("sha256").update(data).digest("hex");
 }
 function humanBytes(bytes) {
@@ -12632,7 +16565,7 @@ var FirmwareBuilder = class {
   }
   /** Where an MCU's builds go: <data>/moonflash/build/<mcu>/, with the trailing slash Klipper's OUT needs. */
   outDir(mcu) {
-    return `${join10(dataPaths(this.settings.dataDir).state, "build", mcuSectionName(mcu).replace(/\s+/g, "_"))}/`;
+    return `${join15(dataPaths(this.settings.dataDir).state, "build", mcuSectionName(mcu).replace(/\s+/g, "_"))}/`;
   }
   /** The MCUs `build` without names builds: every [mcu \u2026] section of moonflash.conf. */
   configuredMcus() {
@@ -12706,7 +16639,7 @@ var FirmwareBuilder = class {
     const common = [`KCONFIG_CONFIG=${profile.path}`, `OUT=${out}`];
     ctx.stage("olddefconfig", `make olddefconfig for ${name}`);
     await this.make(ctx, make, ["olddefconfig", ...common], { section, profile, out, step: "olddefconfig", onLine: () => void 0 });
-    const text = await readFile11(profile.path, "utf8");
+    const text = await readFile16(profile.path, "utf8");
     const after = parseProfile(text).arch;
     if (after?.symbol !== arch.symbol) {
       throw new MoonflashError(
@@ -12717,7 +16650,7 @@ var FirmwareBuilder = class {
     }
     const klipperVersion = await this.describeKlipper(klipperPath, warn);
     const toolchain = await this.toolchainVersion(compiler, arch);
-    const key = sha256(JSON.stringify({ profile: text, klipperPath, klipperVersion, toolchain }));
+    const key = sha2562(JSON.stringify({ profile: text, klipperPath, klipperVersion, toolchain }));
     const previous = await this.readRecord(out);
     const reproducible = klipperVersion !== null && !klipperVersion.endsWith("-dirty");
     if (!opts.force && reproducible && previous?.key === key) {
@@ -12728,7 +16661,7 @@ var FirmwareBuilder = class {
       }
     }
     ctx.stage("clean", `removing ${out} for a clean build`);
-    await rm4(out, { recursive: true, force: true });
+    await rm9(out, { recursive: true, force: true });
     ctx.stage("compile", `make -j${this.jobs} for ${name} (nice ${NICENESS})`);
     let compiled = 0;
     const expected2 = previous?.compileSteps ?? 0;
@@ -12752,8 +16685,8 @@ var FirmwareBuilder = class {
         { mcu: section, profile: profile.path, outDir: out, expected: [...arch.images], lastLines: tail }
       );
     }
-    const bytes = await readFile11(image);
-    const version2 = await this.dictVersion(out) ?? klipperVersion ?? "?";
+    const bytes = await readFile16(image);
+    const version3 = await this.dictVersion(out) ?? klipperVersion ?? "?";
     const elapsedMs = Math.round(performance.now() - started);
     const record = {
       format: 1,
@@ -12765,15 +16698,15 @@ var FirmwareBuilder = class {
       toolchain,
       image,
       bytes: bytes.length,
-      sha256: sha256(bytes),
-      version: version2,
+      sha256: sha2562(bytes),
+      version: version3,
       builtAt: (/* @__PURE__ */ new Date()).toISOString(),
       elapsedMs,
       compileSteps: compiled
     };
-    await writeFileDurable(join10(out, RECORD), `${JSON.stringify(record, null, 2)}
+    await writeFileDurable(join15(out, RECORD), `${JSON.stringify(record, null, 2)}
 `);
-    ctx.stage("built", `${name}: ${image} (${humanBytes(bytes.length)}), version ${version2}`);
+    ctx.stage("built", `${name}: ${image} (${humanBytes(bytes.length)}), version ${version3}`);
     return { ...this.result(section, record, profile, out, warnings, started), skipped: false };
   }
   result(section, record, profile, out, warnings, started) {
@@ -12794,7 +16727,7 @@ var FirmwareBuilder = class {
   /** The previous build's record, or null when there is none or it is unreadable (then the build runs). */
   async readRecord(out) {
     try {
-      const record = JSON.parse(await readFile11(join10(out, RECORD), "utf8"));
+      const record = JSON.parse(await readFile16(join15(out, RECORD), "utf8"));
       return record.format === 1 && typeof record.key === "string" && typeof record.image === "string" ? record : null;
     } catch {
       return null;
@@ -12803,13 +16736,13 @@ var FirmwareBuilder = class {
   /** The recorded image if it is still there, unchanged (a skip must hand out exactly what was built). */
   async keptImage(record) {
     try {
-      return sha256(await readFile11(record.image)) === record.sha256 ? record : null;
+      return sha2562(await readFile16(record.image)) === record.sha256 ? record : null;
     } catch {
       return null;
     }
   }
   async checkKlipperTree(klipperPath) {
-    const isFile = await stat9(join10(klipperPath, "Makefile")).then((s) => s.isFile(), () => false);
+    const isFile = await stat13(join15(klipperPath, "Makefile")).then((s) => s.isFile(), () => false);
     if (!isFile) {
       throw new MoonflashError(
         "TOOL_NOT_FOUND",
@@ -12834,7 +16767,7 @@ var FirmwareBuilder = class {
    * host, which nothing can match later: warned, and such builds are never skipped.
    */
   async describeKlipper(klipperPath, warn) {
-    if (!existsSync2(join10(klipperPath, ".git"))) {
+    if (!existsSync2(join15(klipperPath, ".git"))) {
       warn(`${klipperPath} is not a git checkout: the firmware's version will not name a Klipper release, so versions cannot be compared.`);
       return null;
     }
@@ -12849,11 +16782,11 @@ var FirmwareBuilder = class {
         onStdoutLine: (line) => lines.push(line.trim())
       });
       if (result.exitCode === 0 && lines[0]) {
-        const version2 = lines[0];
-        if (version2.endsWith("-dirty")) {
-          warn(`Klipper in ${klipperPath} has local changes (${version2}): the firmware will report a version with the build time, which will not match the host's; the build is not skipped.`);
+        const version3 = lines[0];
+        if (version3.endsWith("-dirty")) {
+          warn(`Klipper in ${klipperPath} has local changes (${version3}): the firmware will report a version with the build time, which will not match the host's; the build is not skipped.`);
         }
-        return version2;
+        return version3;
       }
       failure2 = result.stderrTail.join(" ").trim() || `exit ${result.exitCode}`;
     } catch (err) {
@@ -12914,14 +16847,14 @@ var FirmwareBuilder = class {
   }
   async findImage(out, arch) {
     for (const name of arch.images) {
-      const path6 = join10(out, name);
-      if (await stat9(path6).then((s) => s.isFile() && s.size > 0, () => false)) return path6;
+      const path6 = join15(out, name);
+      if (await stat13(path6).then((s) => s.isFile() && s.size > 0, () => false)) return path6;
     }
     return null;
   }
   async dictVersion(out) {
     try {
-      const dict = JSON.parse(await readFile11(join10(out, DICT), "utf8"));
+      const dict = JSON.parse(await readFile16(join15(out, DICT), "utf8"));
       return typeof dict.version === "string" && dict.version.length > 0 ? dict.version : null;
     } catch {
       return null;
@@ -12930,8 +16863,8 @@ var FirmwareBuilder = class {
 };
 
 // src/flash/update-all.ts
-import { stat as stat10 } from "node:fs/promises";
-import { join as join11 } from "node:path";
+import { stat as stat14 } from "node:fs/promises";
+import { join as join16 } from "node:path";
 var ORDER = ["can", "usb-can-bridge", "usb", "uart", "linux"];
 var BACKUP_BY_DEFAULT = true;
 var UPDATE_ALL_TARGET = "all MCUs";
@@ -13048,7 +16981,7 @@ var McuUpdater = class {
    * carries the 80-byte reply at baud/10 bytes a second (the request overlaps it); USB takes about 1 ms an exchange.
    */
   async backupEstimate(mcu, transport) {
-    const lastBuild = await stat10(join11(this.deps.builder.outDir(mcu), "klipper.bin")).then((s) => s.size, () => null);
+    const lastBuild = await stat14(join16(this.deps.builder.outDir(mcu), "klipper.bin")).then((s) => s.size, () => null);
     const bytes = (lastBuild ?? 64 * 1024) + BACKUP_ERASED_RUN;
     const blocks = Math.ceil(bytes / 64);
     const baud = (await this.deps.engine.mcuConnection(mcu)).baud ?? MCU_DEFAULTS.baud;
@@ -13103,7 +17036,7 @@ import { EventEmitter } from "node:events";
 
 // src/moonraker/connection.ts
 import { watch, existsSync as existsSync3 } from "node:fs";
-import { basename as basename5, dirname as dirname5 } from "node:path";
+import { basename as basename9, dirname as dirname10 } from "node:path";
 
 // src/moonraker/klipper-tracker.ts
 var KLIPPY_STATES = ["ready", "startup", "shutdown", "error", "disconnected"];
@@ -13244,10 +17177,10 @@ function encodeEtx(message) {
   return Buffer.concat([Buffer.from(message, "utf8"), Buffer.of(ETX)]);
 }
 function openUnixTransport(path6, handlers, options) {
-  return new Promise((resolve3, reject) => {
+  return new Promise((resolve4, reject) => {
     const socket = net.createConnection({ path: path6 });
     const decoder = new EtxDecoder();
-    let open4 = false;
+    let open7 = false;
     let closed = false;
     let lastError;
     const connectTimer = setTimeout(() => {
@@ -13255,7 +17188,7 @@ function openUnixTransport(path6, handlers, options) {
     }, options.connectTimeoutMs);
     socket.on("error", (err) => {
       lastError = err;
-      if (!open4) {
+      if (!open7) {
         clearTimeout(connectTimer);
         reject(err);
       }
@@ -13265,14 +17198,14 @@ function openUnixTransport(path6, handlers, options) {
     });
     socket.on("close", () => {
       clearTimeout(connectTimer);
-      if (!open4 || closed) return;
+      if (!open7 || closed) return;
       closed = true;
       handlers.onClose(lastError);
     });
     socket.on("connect", () => {
       clearTimeout(connectTimer);
-      open4 = true;
-      resolve3({
+      open7 = true;
+      resolve4({
         description: `unix:${path6}`,
         send(message) {
           return new Promise((done, fail2) => {
@@ -13294,30 +17227,30 @@ function openUnixTransport(path6, handlers, options) {
 // src/moonraker/ws-transport.ts
 async function openWebSocketTransport(url2, apiKey, handlers, options) {
   const { default: WebSocket } = await import("./wrapper.mjs");
-  return new Promise((resolve3, reject) => {
+  return new Promise((resolve4, reject) => {
     const socket = new WebSocket(url2, {
       headers: apiKey ? { "X-Api-Key": apiKey } : {},
       handshakeTimeout: options.connectTimeoutMs
     });
-    let open4 = false;
+    let open7 = false;
     let closed = false;
     let lastError;
     socket.on("error", (err) => {
       lastError = err;
-      if (!open4) reject(err);
+      if (!open7) reject(err);
     });
     socket.on("message", (data, isBinary) => {
       if (isBinary) return;
       handlers.onMessage(data.toString());
     });
     socket.on("close", () => {
-      if (!open4 || closed) return;
+      if (!open7 || closed) return;
       closed = true;
       handlers.onClose(lastError);
     });
     socket.on("open", () => {
-      open4 = true;
-      resolve3({
+      open7 = true;
+      resolve4({
         description: url2,
         send(message) {
           return new Promise((done, fail2) => {
@@ -13565,7 +17498,7 @@ var MoonrakerConnection = class {
     this.unwatchSocket();
     const peer = this.peer;
     if (peer?.isOpen) {
-      const closed = new Promise((resolve3) => peer.onClose(() => resolve3()));
+      const closed = new Promise((resolve4) => peer.onClose(() => resolve4()));
       peer.close();
       await closed;
     }
@@ -13615,10 +17548,10 @@ var MoonrakerConnection = class {
     }
   }
   async handshake(peer, isCurrent) {
-    const { clientName, version: version2, url: url2 } = this.opts;
+    const { clientName, version: version3, url: url2 } = this.opts;
     const identity = await peer.request("server.connection.identify", {
       client_name: clientName,
-      version: version2,
+      version: version3,
       type: "agent",
       url: url2
     });
@@ -13683,8 +17616,8 @@ var MoonrakerConnection = class {
     const endpoint = this.opts.endpoint;
     if (endpoint.kind !== "unix" || this.socketWatcher) return;
     try {
-      this.socketWatcher = watch(dirname5(endpoint.path), (_event, name) => {
-        if (name !== basename5(endpoint.path) || !this.reconnectTimer || !existsSync3(endpoint.path)) return;
+      this.socketWatcher = watch(dirname10(endpoint.path), (_event, name) => {
+        if (name !== basename9(endpoint.path) || !this.reconnectTimer || !existsSync3(endpoint.path)) return;
         if (this.reconnectDelayMs <= this.backoffInitialMs * 2) return;
         clearTimeout(this.reconnectTimer);
         this.reconnectTimer = null;
@@ -14017,12 +17950,12 @@ var ServiceControl = class {
       clearTimeout(timer);
       this.waiters.delete(waiter);
     };
-    const promise = new Promise((resolve3, reject) => {
+    const promise = new Promise((resolve4, reject) => {
       waiter = {
         check: reached,
         resolve: () => {
           finish2();
-          resolve3();
+          resolve4();
         },
         reject: (err) => {
           finish2();
@@ -14131,6 +18064,23 @@ var AgentSession = class {
     const result = asRecord(await this.call("machine.peripherals.canbus", { interface: iface }));
     return Array.isArray(result?.can_uuids) ? result.can_uuids : [];
   }
+  /**
+   * server.extensions.request: calls a remote method of another agent (the CLI asking the moonflash service). An
+   * error that agent answers comes back as its MoonflashError (code, message, details from the 424's data).
+   */
+  async agentRequest(agent, method, args = {}) {
+    const peer = this.connection.requirePeer();
+    try {
+      return await peer.request("server.extensions.request", { agent, method, arguments: args });
+    } catch (err) {
+      const data = err instanceof MoonrakerRpcError ? asRecord(err.data) : void 0;
+      const ours = asRecord(data?.data);
+      if (typeof data?.message === "string" && typeof ours?.code === "string" && Object.hasOwn(ERROR_CODES, ours.code)) {
+        throw new MoonflashError(ours.code, data.message, asRecord(ours.details) ?? {});
+      }
+      throw requestFailed(err);
+    }
+  }
   async call(method, params) {
     const peer = this.connection.requirePeer();
     try {
@@ -14143,245 +18093,6 @@ var AgentSession = class {
 
 // src/agent/agent.ts
 import { existsSync as existsSync4 } from "node:fs";
-
-// src/agent/params.ts
-var flag = pipe(
-  transform((value2) => {
-    if (typeof value2 === "number") return value2 === 0 ? false : value2 === 1 ? true : value2;
-    if (typeof value2 === "string") {
-      const lower = value2.trim().toLowerCase();
-      if (["1", "true", "yes", "on"].includes(lower)) return true;
-      if (["0", "false", "no", "off"].includes(lower)) return false;
-    }
-    return value2;
-  }),
-  boolean2({ error: "expected true/false (or 1/0)" })
-);
-var clientDialect = (method) => ({ method, param: (key) => key });
-function parseParams(method, schema, raw, dialect = clientDialect(method)) {
-  const result = schema.safeParse(raw ?? {});
-  if (result.success) return result.data;
-  const problems = result.error.issues.map((issue2) => {
-    const field = issue2.path.length ? dialect.param(issue2.path.join(".")) : "params";
-    if (issue2.code === "unrecognized_keys") {
-      return `unknown parameter(s) ${issue2.keys.map((k) => `'${dialect.param(k)}'${didYouMean(k, knownKeys(schema), dialect)}`).join(", ")}`;
-    }
-    return `${field}: ${issue2.message}`;
-  });
-  throw new MoonflashError("INVALID_PARAMS", `${dialect.method}: ${problems.join("; ")}`, {
-    method,
-    issues: result.error.issues.map((i) => ({ path: i.path.map(String), code: i.code, message: i.message }))
-  });
-}
-function knownKeys(schema) {
-  const shape = schema._zod?.def?.shape;
-  return shape ? Object.keys(shape) : [];
-}
-function didYouMean(key, known, dialect) {
-  const squash = (k) => k.toLowerCase().replace(/_/g, "");
-  const match = known.find((k) => squash(k) === squash(key)) ?? known.find((k) => k.endsWith(`_${key.toLowerCase()}`));
-  return match === void 0 || dialect.param(match) === dialect.param(key) ? "" : ` (did you mean '${dialect.param(match)}'?)`;
-}
-
-// src/agent/methods.ts
-function macroDialect(method) {
-  if (!method.macro) return clientDialect(method.name);
-  const { command, params = {} } = method.macro;
-  return { method: command, param: (key) => params[key] ?? key.toUpperCase() };
-}
-var noParams = strictObject({});
-function define(m) {
-  return m;
-}
-async function jobStatus(deps, kind) {
-  const current = deps.runner.current();
-  return {
-    current: current && current.kind === kind ? current : null,
-    // A job of the other kind also blocks this one (one job at a time); say so instead of hiding it.
-    other: current && current.kind !== kind ? { id: current.id, kind: current.kind, target: current.target } : null,
-    last: deps.runner.history(kind, 10),
-    klipper_start_pending: current ? null : await deps.pendingKlipperStart?.() ?? null
-  };
-}
-function jobTarget(kind, target) {
-  return kind === "flash" ? mcuUserName(target) : target;
-}
-function ago(iso, now = Date.now()) {
-  const s = Math.max(0, Math.round((now - Date.parse(iso)) / 1e3));
-  if (s < 60) return `${s} s ago`;
-  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
-  if (s < 48 * 3600) return `${Math.floor(s / 3600)} h ago`;
-  return `${Math.floor(s / 86400)} days ago`;
-}
-function describeStatus(kind, status) {
-  const c = status.current;
-  if (c) {
-    const pct = c.progress && c.progress.total > 0 ? ` ${Math.floor(100 * c.progress.done / c.progress.total)}%` : "";
-    return `moonflash: ${kind} of ${jobTarget(kind, c.target)} running: ${c.stage}${pct}`;
-  }
-  const last = status.last[0];
-  if (!last) return `moonflash: no ${kind} job has run yet`;
-  const dryRun = last.params?.dry_run === true ? " (dry run)" : "";
-  const outcome = last.ok ? "ok" : `failed [${last.code}] ${last.message}`;
-  const pending = status.klipper_start_pending ? ` ${status.klipper_start_pending.service} is still to be started: moonflash keeps trying.` : "";
-  return `moonflash: idle. Last ${kind} of ${jobTarget(kind, last.target)}${dryRun}: ${outcome} (${ago(last.finishedAt)}).${pending}`;
-}
-async function mcuMissing(flash) {
-  const known = (await flash.devices()).mcus.map((m) => mcuUserName(m.section));
-  const example = known.find((name) => name !== "mcu") ?? known[0];
-  const list = example === void 0 ? "No MCU is known: start Klipper, or add an [mcu NAME] section to moonflash.conf." : `Known MCUs: ${known.join(", ")} (e.g. FLASH_MCU MCU=${example})`;
-  return new MoonflashError("INVALID_PARAMS", `FLASH_MCU needs MCU=<name>. ${list}`, { method: "flash.mcu", missing: "mcu", known });
-}
-async function rollbackMcuMissing(flash) {
-  const candidates = [];
-  for (const section of await flash.store.mcus()) {
-    if ((await flash.store.list(section)).length > 1) candidates.push(mcuUserName(section));
-  }
-  const list = candidates.length ? `MCUs with an earlier image: ${candidates.join(", ")} (e.g. FLASH_ROLLBACK MCU=${candidates[0]})` : "moonflash has no earlier image of any MCU yet: it keeps the last 3 images it flashes to each.";
-  return new MoonflashError("INVALID_PARAMS", `FLASH_ROLLBACK needs MCU=<name>. ${list}`, { method: "flash.rollback", missing: "mcu", candidates });
-}
-function buildMethodTable(deps) {
-  const { runner } = deps;
-  return [
-    define({
-      name: "agent.info",
-      description: "Version, configuration summary and the Moonraker/Klipper state the agent sees.",
-      params: noParams,
-      handler: async () => deps.info(),
-      summary: (info) => `moonflash ${String(info.version)}: Klipper ${String(info.klipper?.state)}`
-    }),
-    define({
-      name: "flash.status",
-      description: "The running flash job with its progress, and the last flash results.",
-      params: noParams,
-      handler: () => jobStatus(deps, "flash"),
-      summary: (s) => describeStatus("flash", s),
-      macro: { command: "MOONFLASH_STATUS" }
-    }),
-    define({
-      name: "ota.status",
-      description: "The running OTA job with its progress, and the last OTA results.",
-      params: noParams,
-      handler: () => jobStatus(deps, "ota"),
-      summary: (s) => describeStatus("ota", s)
-    }),
-    define({
-      name: "flash.devices",
-      description: "Serial devices and CAN nodes found, classified and mapped to Klipper's [mcu] sections.",
-      params: noParams,
-      handler: async () => deps.flash().devices(),
-      macro: { command: "MOONFLASH_DEVICES" },
-      summary: (r) => {
-        const serial = r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` \u2192 [${d.mcu}]` : ""}`).join(", ") || "none";
-        const can = r.canbus.map((c) => c.error ? `${c.interface}: ${c.error.message}` : `${c.interface}: ${c.nodes.map((n) => `${n.uuid} ${n.application}${n.mcu ? ` \u2192 [${n.mcu}]` : ""}`).join(", ") || "no unassigned nodes"}`);
-        return `moonflash: ${r.devices.length} serial device(s): ${serial}${can.length ? `; CAN ${can.join("; ")}` : ""}`;
-      }
-    }),
-    define({
-      name: "flash.build",
-      description: "Build firmware from each MCU's profile (make olddefconfig, make) at low priority, without stopping Klipper; a build with unchanged inputs is skipped.",
-      params: strictObject({
-        // Without it: every MCU of moonflash.conf that has a profile.
-        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
-        force: optional(flag)
-      }),
-      handler: async ({ mcu, force }) => {
-        if (!deps.build) throw new MoonflashError("INTERNAL", "This moonflash process cannot build firmware.");
-        const builder = deps.build();
-        const opts = force === void 0 ? {} : { force };
-        if (mcu !== void 0 && mcu.trim() !== "") return { builds: [await builder.build(mcu, opts)], failed: [], without_profile: [] };
-        const { builds, failed, withoutProfile } = await builder.buildMany(void 0, opts);
-        const first = failed[0];
-        if (first) {
-          throw new MoonflashError(first.code, `${failed.length} of ${failed.length + builds.length} builds failed; [${first.mcu}]: ${first.message}`, {
-            ...first.details,
-            builds,
-            failed
-          });
-        }
-        return { builds, failed, without_profile: withoutProfile };
-      }
-    }),
-    define({
-      name: "flash.update_all",
-      description: "Update MCUs to the host's Klipper version: build all while Klipper runs, then one Klipper stop, flash in order (CAN, bridge, USB, UART, Linux), one start, versions checked.",
-      params: strictObject({
-        // Without it: the MCUs whose firmware version differs from Klipper's.
-        mcus: optional(pipe(
-          union([string2(), array(string2())]),
-          transform((v) => (Array.isArray(v) ? v : v.split(",")).map((s) => s.trim()).filter(Boolean))
-        )),
-        force: optional(flag),
-        dry_run: optional(flag)
-      }),
-      handler: async ({ mcus, force, dry_run }) => {
-        if (!deps.update) throw new MoonflashError("INTERNAL", "This moonflash process cannot update MCUs.");
-        return deps.update().run({ ...mcus ? { mcus } : {}, ...force === void 0 ? {} : { force }, ...dry_run === void 0 ? {} : { dry_run } });
-      },
-      // No summary: the job's result line tells the console (the plan, for a dry run).
-      macro: { command: "UPDATE_MCUS", params: { mcus: "MCU", force: "FORCE", dry_run: "DRY_RUN" } }
-    }),
-    define({
-      name: "flash.mcu",
-      description: "Flash one MCU: pre-flight, stop Klipper, flash with fallback, verify, start Klipper.",
-      params: strictObject({
-        // Optional so that a bare FLASH_MCU (a click on Mainsail's macro button) gets the list of MCUs, not a flash.
-        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
-        firmware: optional(string2().check(_minLength(1))),
-        // Not `method`: Klipper's action_call_remote_method(method, **kwargs) (klippy/extras/gcode_macro.py) takes
-        // that name itself, so a macro could never pass it.
-        flash_method: optional(_enum(FLASH_METHODS, { error: `expected one of ${FLASH_METHODS.join(", ")}` })),
-        dry_run: optional(flag)
-      }),
-      handler: async ({ mcu, firmware, flash_method, dry_run }) => {
-        if (mcu === void 0 || mcu.trim() === "") throw await mcuMissing(deps.flash());
-        return deps.flash().flash({
-          mcu,
-          ...firmware === void 0 ? {} : { firmware },
-          ...flash_method === void 0 ? {} : { method: flash_method },
-          ...dry_run === void 0 ? {} : { dry_run }
-        });
-      },
-      // No summary: the job's own result line tells the console.
-      macro: { command: "FLASH_MCU", params: { mcu: "MCU", flash_method: "METHOD", firmware: "FIRMWARE", dry_run: "DRY_RUN" } }
-    }),
-    define({
-      name: "flash.check",
-      description: "Klipper's version and each MCU's firmware version: which MCUs Klipper would call outdated, and why.",
-      params: noParams,
-      handler: async () => deps.flash().checkVersions(),
-      summary: (check) => versionSummary(check),
-      macro: { command: "FLASH_CHECK" }
-    }),
-    define({
-      name: "flash.rollback",
-      description: "Flash the image an MCU had before its current one (moonflash keeps the last 3), as a normal flash.",
-      params: strictObject({
-        // Optional for the same reason as flash.mcu's: a bare FLASH_ROLLBACK names the MCUs instead of failing on a type.
-        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
-        dry_run: optional(flag)
-      }),
-      handler: async ({ mcu, dry_run }) => {
-        if (mcu === void 0 || mcu.trim() === "") throw await rollbackMcuMissing(deps.flash());
-        return deps.flash().rollback({ mcu, ...dry_run === void 0 ? {} : { dry_run } });
-      },
-      // No summary: the job's own result line tells the console.
-      macro: { command: "FLASH_ROLLBACK", params: { mcu: "MCU", dry_run: "DRY_RUN" } }
-    }),
-    define({
-      name: "flash.cancel",
-      description: "Cancel the running flash job; allowed until writing starts.",
-      params: noParams,
-      handler: async () => ({ cancelled: deps.flash().cancel().id }),
-      macro: { command: "MOONFLASH_CANCEL" },
-      summary: (r) => {
-        const job = runner.current();
-        const target = job?.id === r.cancelled ? job.target : runner.history("flash", 10).find((j) => j.id === r.cancelled)?.target;
-        return `moonflash: cancelling the flash${target === void 0 ? "" : ` of ${mcuUserName(target)}`}`;
-      }
-    })
-  ];
-}
 
 // src/agent/progress.ts
 function agentEventAdapter(printer, logger) {
@@ -14402,13 +18113,15 @@ var RETRY_MAX_MS = 1e4;
 function consoleReachable(state) {
   return state.moonrakerConnected && state.klippyConnected && ["ready", "error", "shutdown"].includes(state.klippyState);
 }
-function targetName(kind, target) {
-  return kind === "flash" ? mcuUserName(target) : target;
+function jobWho(kind, target) {
+  if (kind === "flash") return `moonflash: flash ${mcuUserName(target)}`;
+  return `moonflash: OTA ${target.startsWith("recovery ") ? "recovery" : target}`;
 }
 function resultLine(event) {
-  const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
+  const who = jobWho(event.kind, event.target);
   if (!event.ok) return { message: `${who} failed [${event.code ?? "INTERNAL"}] ${event.message ?? ""}`.trim(), type: "error" };
   const d = event.details ?? {};
+  if (event.kind === "ota") return { message: otaLine(who, d), type: "command" };
   if (event.kind === "flash" && Array.isArray(d.plan) && Array.isArray(d.mcus)) return { message: updateLine(d), type: "command" };
   if (event.kind === "flash" && d.dry_run === true) {
     const plan = d.plan ?? {};
@@ -14429,6 +18142,41 @@ function resultLine(event) {
     return { message: `${who}: flashed with ${d.method}${seconds} (${String(d.bytes)} bytes${verified}).${klipper}`, type: "command" };
   }
   return { message: `${who}: done`, type: "command" };
+}
+var plural = (n, one, many = `${one}s`) => `${n} ${n === 1 ? one : many}`;
+function otaLine(who, d) {
+  const pkg = `${String(d.name ?? "the update")}${typeof d.version === "string" && d.version !== "" ? ` ${d.version}` : ""}`;
+  const firmware = Array.isArray(d.firmware) && d.firmware.length > 0 ? d.firmware.join(", ") : null;
+  if (typeof d.signed === "boolean" && Array.isArray(d.modules)) {
+    return `${who}: ${pkg} downloaded and verified (${String(d.size)} bytes, ${plural(d.modules.length, "module")}, ${d.signed ? "signature valid" : "not signed"}). Install it with OTA_INSTALL.`;
+  }
+  if (typeof d.probationMs === "number" && typeof d.files === "object" && d.files !== null) {
+    const f = d.files;
+    const services = Array.isArray(d.services) && d.services.length > 0 ? d.services.join(", ") : null;
+    return `${who}: installed: ${plural(f.written, "file")} (${f.replaced} replaced, ${f.added} new)${firmware ? `, firmware of ${firmware} flashed` : ""}. Probation passed (Klipper ready${services ? `, ${services} running` : ""}). OTA_ROLLBACK restores the previous version.`;
+  }
+  if (typeof d.restored === "number" && typeof d.removed === "number") {
+    const reason = d.reason;
+    return `${who}: ${pkg} rolled back${reason?.code ? ` after [${reason.code}]` : ""}: ${plural(d.restored, "file")} restored, ${d.removed} removed${firmware ? `, firmware of ${firmware} restored` : ""}. The previous version is in place.`;
+  }
+  if (typeof d.action === "string") {
+    const error2 = d.error;
+    const why = error2 ? ` [${error2.code}] ${error2.message}` : "";
+    switch (d.action) {
+      case "rolled-back":
+        return `${who}: the update that was interrupted was rolled back. The previous version is in place.${why}`;
+      case "committed":
+        return `${who}: the update had passed its probation before moonflash stopped, so it stays installed.`;
+      case "resumed-download":
+      case "verified":
+        return `${who}: the interrupted download was taken up again: ${String(d.state).replace("_", " ")}.${why}`;
+      case "gave-up":
+        return `${who}: moonflash gave up on the interrupted update.${why}`;
+      default:
+        return `${who}: leftovers of an earlier update were cleaned up.${why}`;
+    }
+  }
+  return `${who}: done`;
 }
 function backupNote(p) {
   if (!p.backup.read_back) return "";
@@ -14485,11 +18233,13 @@ var ConsoleReporter = class {
   }
   /** Job events \u2192 console lines: the stop of Klipper, progress at each quarter, warnings, results and notices. */
   onJobEvent = (event) => {
-    const who = `moonflash: ${event.kind} ${targetName(event.kind, event.target)}`;
+    const who = jobWho(event.kind, event.target);
     switch (event.type) {
       case "stage":
         if (event.stage === "plan") this.say(`${who}: checking the board and the firmware`, "command", false);
-        else if (event.stage === "stop-klipper") {
+        else if (event.kind === "ota" && event.stage === "backup") {
+          this.say(`${who}: backing up the files it replaces. Then the services the update names stop while the new files go in, and the result appears here when Klipper is back.`);
+        } else if (event.stage === "stop-klipper") {
           this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.`);
         } else if (event.message && event.stage !== "start-klipper") this.say(`${who}: ${event.message}`, "command", false);
         break;
@@ -14572,11 +18322,15 @@ var Agent = class {
   runner;
   session;
   flash;
+  ota;
   methods;
   console;
   unsubscribers = [];
   startedAt = Date.now();
   recovering = false;
+  /** OTA recovery has run in this process (it is only for what an earlier process left). */
+  otaRecovered = false;
+  otaRecovering = false;
   recoveryTimer = null;
   config;
   logger;
@@ -14594,6 +18348,7 @@ var Agent = class {
       flash,
       ...parts.build ? { build: parts.build } : {},
       ...parts.update ? { update: () => updater ??= parts.update(this.flash, this.session) } : {},
+      ...parts.ota ? { ota: () => this.ota } : {},
       info: () => this.info(),
       pendingKlipperStart: async () => {
         const journal = await readJournal(config2.dataDir);
@@ -14606,12 +18361,13 @@ var Agent = class {
       (method, params, info) => this.dispatch(byName, method, params, info.viaMacro)
     );
     this.flash = parts.flash(this.session);
+    this.ota = parts.ota ? parts.ota(this.session, this.flash) : null;
     this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }));
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
-    this.session.on("identified", () => void this.recover());
+    this.session.on("identified", () => void this.recover().then(() => this.recoverOta()));
     this.unsubscribers.push(this.runner.on((event) => {
-      if (event.type === "result") void this.recover();
+      if (event.type === "result") void this.recover().then(() => this.recoverOta());
     }));
   }
   start() {
@@ -14636,11 +18392,11 @@ var Agent = class {
   waitForIdle(timeoutMs) {
     if (!this.runner.current()) return Promise.resolve();
     this.logger.info("waiting for the running job to finish before stopping");
-    return new Promise((resolve3) => {
+    return new Promise((resolve4) => {
       const done = () => {
         clearTimeout(timer);
         off();
-        resolve3();
+        resolve4();
       };
       const timer = setTimeout(done, timeoutMs);
       const off = this.runner.on((event) => {
@@ -14675,14 +18431,38 @@ var Agent = class {
       this.recovering = false;
     }
   }
+  /**
+   * Runs the OTA engine's recovery once per process, when Moonraker is there to start services; again only if the
+   * job lock was held (by another process) when it tried. Logs the outcome; a recovery that acted is a job, so its
+   * result reaches the console and agent events as any job's does.
+   */
+  async recoverOta() {
+    if (!this.ota || this.otaRecovered || this.otaRecovering || this.runner.current() || !this.session.identified) return;
+    this.otaRecovering = true;
+    try {
+      const outcome = await this.ota.recover();
+      const log = this.logger.child({ ns: "recovery" });
+      if (outcome.action === "busy") {
+        log.info({ outcome }, "OTA recovery waits: another moonflash job holds the lock; retrying when a job ends");
+        return;
+      }
+      this.otaRecovered = true;
+      if (outcome.action === "none") log.debug({ outcome }, "OTA recovery: nothing to do");
+      else log[outcome.error ? "warn" : "info"]({ outcome }, `OTA recovery: ${outcome.action}, state ${outcome.state}`);
+    } catch (err) {
+      this.logger.error({ err }, "OTA recovery failed; retrying on the next connection");
+    } finally {
+      this.otaRecovering = false;
+    }
+  }
   /** Resolves once the session is identified (its state read), or after `timeoutMs`. */
   identified(timeoutMs) {
     if (this.session.identified) return Promise.resolve();
-    return new Promise((resolve3) => {
+    return new Promise((resolve4) => {
       const done = () => {
         clearTimeout(timer);
         this.session.off("identified", done);
-        resolve3();
+        resolve4();
       };
       const timer = setTimeout(done, timeoutMs);
       this.session.on("identified", done);
@@ -14720,8 +18500,108 @@ async function createRuntime(opts) {
 function createSession(rt, role) {
   return new AgentSession({ ...role, endpoint: rt.endpoint, version: VERSION, url: PROJECT_URL, logger: rt.logger.child({ ns: "moonraker" }) });
 }
-function createFlashEngine(rt, printer) {
-  return new FlashEngine({ config: rt.config, printer, runner: rt.runner, logger: rt.logger.child({ ns: "flash" }) });
+function createFlashEngine(rt, printer, config2 = rt.config) {
+  return new FlashEngine({ config: config2, printer, runner: rt.runner, logger: rt.logger.child({ ns: "flash" }) });
+}
+function createOtaEngine(rt, printer, flash) {
+  return new OtaEngine({
+    dataDir: rt.config.dataDir,
+    config: rt.config.ota,
+    printer,
+    runner: rt.runner,
+    logger: rt.logger,
+    firmware: flashFirmwarePort(rt, printer, flash),
+    serviceTimeoutMs: rt.config.moonflash.service_timeout * 1e3
+  });
+}
+function flashFirmwarePort(rt, printer, flash) {
+  const file = join17(otaPaths(rt.config.dataDir).root, "mcu-devices.json");
+  const logger = rt.logger.child({ ns: "ota-firmware" });
+  let devices = null;
+  const known = async () => {
+    if (devices) return devices;
+    try {
+      const parsed = JSON.parse(await readFile17(file, "utf8"));
+      devices = parsed !== null && typeof parsed === "object" && !Array.isArray(parsed) ? parsed : {};
+    } catch (err) {
+      if (err.code !== "ENOENT") logger.warn({ err, file }, "the remembered MCU devices are unreadable; starting afresh");
+      devices = {};
+    }
+    return devices;
+  };
+  const remember = async (section) => {
+    if (!printer.state().klippyConnected) return;
+    try {
+      const c = await flash.mcuConnection(section);
+      if (!c.sources.includes("klipper") || !c.serial && !c.canbusUuid) return;
+      const device = {
+        ...c.serial ? { serial: c.serial } : { canbusUuid: c.canbusUuid, canbusInterface: c.canbusInterface ?? MCU_DEFAULTS.canbus_interface },
+        ...c.baud ? { baud: c.baud } : {},
+        ...c.mcuType ? { mcuType: c.mcuType } : {},
+        at: (/* @__PURE__ */ new Date()).toISOString()
+      };
+      const all = await known();
+      const { at: _before, ...was } = all[section] ?? { at: "" };
+      const { at: _now, ...now } = device;
+      if (JSON.stringify(was) === JSON.stringify(now)) return;
+      all[section] = device;
+      await writeFileDurable(file, `${JSON.stringify(all, null, 2)}
+`);
+    } catch (err) {
+      logger.warn({ err, mcu: section }, "could not remember the MCU's device from Klipper's config");
+    }
+  };
+  const engineFor = async (section, job) => {
+    const own2 = rt.config.mcus[section];
+    if (own2?.serial || own2?.canbus_uuid) return flash;
+    if (printer.state().klippyConnected) {
+      await remember(section);
+      return flash;
+    }
+    const device = (await known())[section];
+    if (!device?.serial && !device?.canbusUuid) return flash;
+    job.log("info", `Klipper is stopped: ${mcuUserName(section)} is flashed on ${device.serial ?? `${device.canbusInterface}:${device.canbusUuid}`}, as Klipper's config gave it (${device.at})`);
+    const mcu = {
+      ...MCU_DEFAULTS,
+      ...own2,
+      section,
+      serial: device.serial ?? null,
+      canbus_uuid: device.serial ? null : device.canbusUuid ?? null,
+      canbus_interface: device.canbusInterface ?? own2?.canbus_interface ?? MCU_DEFAULTS.canbus_interface,
+      baud: device.baud ?? own2?.baud ?? MCU_DEFAULTS.baud,
+      mcu_type: own2?.mcu_type ?? device.mcuType ?? null
+    };
+    return createFlashEngine(rt, printer, { ...rt.config, mcus: { ...rt.config.mcus, [section]: mcu } });
+  };
+  const flashImage = async (mcu, imagePath, job) => {
+    if (!job) throw new MoonflashError("INTERNAL", "an OTA firmware flash runs inside the OTA job");
+    const engine = await engineFor(mcuSectionName(mcu), job);
+    const { plan, image } = await engine.prepare({ mcu, firmware: imagePath }, job);
+    const backup = await engine.backupPlanned(plan.mcu, true);
+    const done = await engine.flashPrepared(plan, image, job, { backup });
+    return { mcu: plan.mcu, device: done.outcome.device, method: done.method, bytes: done.outcome.bytes, verified: done.outcome.verified, attempts: done.attempts, backed_up: done.backed_up };
+  };
+  return {
+    async currentImage(mcu) {
+      const section = mcuSectionName(mcu);
+      await remember(section);
+      const [newest] = await flash.store.list(section);
+      return newest && !newest.damaged ? { path: newest.file, sha256: newest.sha256 } : null;
+    },
+    flash: flashImage,
+    async rollback(mcu, job) {
+      const section = mcuSectionName(mcu);
+      const [, previous] = await flash.store.list(section);
+      if (!previous || previous.damaged) {
+        throw new MoonflashError(
+          "NO_ROLLBACK_IMAGE",
+          `moonflash keeps no ${previous ? "undamaged " : ""}image ${mcuUserName(section)} ran before the update, so its firmware cannot be put back. Flash a firmware file: FLASH_MCU MCU=${mcuUserName(section)} FIRMWARE=\u2026`,
+          { mcu: section }
+        );
+      }
+      return flashImage(mcu, previous.file, job);
+    }
+  };
 }
 function createFirmwareBuilder(rt) {
   return new FirmwareBuilder({ settings: rt.config, runner: rt.runner, logger: rt.logger.child({ ns: "build" }) });
@@ -14736,7 +18616,8 @@ async function createAgent(opts) {
     session: (methods, onCall) => createSession(rt, { clientName: AGENT_NAME, methods, onCall }),
     flash: (printer) => createFlashEngine(rt, printer),
     build: () => builder,
-    update: (engine, printer) => createMcuUpdater(rt, engine, builder, printer)
+    update: (engine, printer) => createMcuUpdater(rt, engine, builder, printer),
+    ota: (printer, flash) => createOtaEngine(rt, printer, flash)
   });
 }
 async function connectPrinter(rt, timeoutMs) {
@@ -14750,7 +18631,7 @@ async function connectPrinter(rt, timeoutMs) {
   });
   session.start();
   try {
-    await new Promise((resolve3, reject) => {
+    await new Promise((resolve4, reject) => {
       const timer = setTimeout(() => {
         reject(
           new MoonflashError(
@@ -14761,7 +18642,7 @@ async function connectPrinter(rt, timeoutMs) {
       }, timeoutMs);
       session.on("identified", () => {
         clearTimeout(timer);
-        resolve3();
+        resolve4();
       });
     });
   } catch (err) {
@@ -14780,9 +18661,12 @@ function exitCodeFor(err) {
 
 export {
   VERSION,
+  AGENT_NAME,
   dataPaths,
+  expandHome,
   FLASH_METHODS,
   firmwareProfileDir,
+  fsyncDir,
   writeFileDurable,
   isProcessAlive,
   readJobLock,
@@ -14790,10 +18674,22 @@ export {
   readJournal,
   mcuUserName,
   mcuSectionName,
+  MANIFEST_FILE,
+  SIGNATURE_FILE,
+  payloadsOf,
+  parseManifest,
+  keygen,
+  sign,
+  verify,
+  publicKeyOf,
+  readPackage,
   parseProfile,
   initialPrinterState,
+  parseParams,
+  otaDownloadParams,
   createRuntime,
   createFlashEngine,
+  createOtaEngine,
   createFirmwareBuilder,
   createMcuUpdater,
   createAgent,
