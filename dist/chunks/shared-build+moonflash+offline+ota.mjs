@@ -15679,7 +15679,7 @@ var OtaEngine = class {
   async download(params) {
     checkDownloadParams(params);
     await this.ensureLoaded();
-    this.refuseWhileInterrupted();
+    await this.refuseWhileInterrupted();
     const target = `download ${safeUrl(params.url)}`;
     return this.runner.run(
       { kind: "ota", target, params: { url: safeUrl(params.url), md5: params.md5, sha256: params.sha256 ?? null, size: params.size ?? null } },
@@ -15689,7 +15689,7 @@ var OtaEngine = class {
   /** Installs the verified package: backups, deploy, restart, probation, commit; rolls back by itself on failure. */
   async install() {
     await this.ensureLoaded();
-    this.refuseWhileInterrupted();
+    await this.refuseWhileInterrupted();
     const st = this.requireInstallable();
     const target = st.package?.name ? `${st.package.name} ${st.package.version ?? ""}`.trim() : "package";
     return this.runner.run({ kind: "ota", target, params: { updateId: st.updateId } }, (ctx) => this.installJob(ctx));
@@ -16133,13 +16133,16 @@ var OtaEngine = class {
     }
     await this.refreshInstalled();
   }
-  /** Keeps the newest keep_backups committed backups (always the current one); drops rolled-back and unfinished ones. */
+  /**
+   * Keeps the newest keep_backups committed backups (always the current one); drops rolled-back ones. An unfinished
+   * one (no outcome: recovery gave up on its update) is kept: it may be the only copy of the files it replaced.
+   */
   async pruneBackups(current) {
     const backups = await listBackups(this.paths.backups);
     const committed = backups.filter((b) => b.outcome === "committed" && b.manifest);
     const keep = /* @__PURE__ */ new Set([current, ...committed.slice(-this.config.keep_backups).map((b) => b.updateId)]);
     for (const b of backups) {
-      if (keep.has(b.updateId)) continue;
+      if (keep.has(b.updateId) || b.manifest && b.outcome === null) continue;
       await rm8(b.dir, { recursive: true, force: true });
     }
   }
@@ -16364,13 +16367,25 @@ var OtaEngine = class {
     await this.store.load({ moveAside: false });
     await this.refreshInstalled();
   }
-  /** An interrupted deploy must be recovered (or rolled back) before anything new starts. */
-  refuseWhileInterrupted() {
+  /**
+   * An interrupted deploy must be recovered (or rolled back) before anything new starts; so must one recovery gave up
+   * on (failed after its deploy began, its files possibly mixed): a new update would overwrite its state and its
+   * backup would be all that is left of the old files.
+   */
+  async refuseWhileInterrupted() {
     const st = this.store.current;
-    if (st && DEPLOY_STATES.has(st.state) && !this.runner.current()) {
+    if (!st || this.runner.current()) return;
+    if (DEPLOY_STATES.has(st.state)) {
       throw new MoonflashError(
         "BUSY",
         `The update ${st.package?.name ?? st.updateId} was interrupted (state ${st.state}); it is rolled back when the agent starts, or now with ota.rollback.`,
+        { state: st.state, updateId: st.updateId }
+      );
+    }
+    if (st.state === "failed" && st.deployStarted && await readOutcome(join14(this.paths.backups, st.updateId)) === null) {
+      throw new MoonflashError(
+        "BUSY",
+        `The update ${st.package?.name ?? st.updateId} failed after its files began to change and was not rolled back; run ota.rollback (OTA_ROLLBACK) to restore the old files before another update.`,
         { state: st.state, updateId: st.updateId }
       );
     }

@@ -224,6 +224,9 @@ describe("crash loops are bounded (Mender's Break_out_of_spontaneous_reboot_loop
       const idle = await runDriver({ ...spec, actions: ["recover"] });
       expect(idle.lines[0]?.result).toMatchObject({ action: "none", state: "failed" });
       expect(p.fake.klipper.serviceActive).toBe(false);
+      // Nor does a new update start over it: its backup is the only copy of the old files.
+      const refused = await runDriver({ ...spec, actions: ["install"] });
+      expect(refused.lines[0]).toMatchObject({ action: "install", ok: false, code: "BUSY", message: expect.stringMatching(/run ota\.rollback/) });
 
       const manual = await runDriver({ ...spec, actions: ["rollback"] });
       expect(manual.lines[0]).toMatchObject({ action: "rollback", ok: true, result: { restored: 3, removed: 2 } });
