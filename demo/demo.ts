@@ -15,6 +15,8 @@ import { SingleBar, Presets } from "cli-progress";
 import { startFakeMoonraker } from "../test/support/fake-moonraker/index.js";
 import { startVirtualDevice } from "../src/sim/virtual-device.js";
 import { startOutdatedPrinter, versionIn } from "../test/support/outdated-printer.js";
+import { md5Of, startOtaPrinter } from "../test/agent/support/ota-printer.js";
+import { buildZip } from "../test/ota/support/zip-builder.js";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const bold = (s: string): string => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
@@ -156,6 +158,7 @@ async function main(): Promise<void> {
   await rm(dataDir, { recursive: true, force: true });
 
   await updateAllScene();
+  await otaScene();
   say("\nDemo finished.");
 }
 
@@ -226,6 +229,61 @@ async function updateAllScene(): Promise<void> {
   for (const [name, board] of Object.entries(boards)) say(`   ${name} board holds firmware ${versionIn(board)}`);
   await moonraker.waitFor(() => moonraker.consoleLines.some((l) => l.includes("moonflash: updated")), 30_000);
   say(`   Mainsail console: ${moonraker.consoleLines.filter((l) => l.includes("moonflash: updated")).at(-1)}`);
+
+  await web.close();
+  agent.kill("SIGTERM");
+  await agent;
+  await printer.close();
+}
+
+/**
+ * A vendor's update over the air: a package (printer.cfg and a macro file for Klipper's config, a crowsnest config, a
+ * toolhead firmware image) served by a local HTTP server that drops the connection half way once. The committed
+ * bundle serves ota.*: the download resumes with a Range request, the install backs up, replaces the files, flashes
+ * the toolhead with Klipper stopped, and passes probation. Then a package with a path leaving its root is refused.
+ */
+async function otaScene(): Promise<void> {
+  step("OTA: a vendor package from a local HTTP server (the connection drops half way once), with a firmware module");
+  const printer = await startOtaPrinter();
+  const { moonraker, server } = printer;
+  const agent = execa("node", [join(root, "dist", "moonflash.mjs"), "serve", "--data", printer.dir], { reject: false, stdio: ["ignore", "ignore", "pipe"], timeout: 300_000 });
+  agent.stderr?.on("data", (chunk: Buffer) => process.stderr.write(chunk));
+  await moonraker.waitFor(() => moonraker.remoteMethods().includes("ota.download"), 15_000);
+  const web = await moonraker.connectClient({ transport: "unix", name: "mainsail-demo", type: "web" });
+  const ota = (method: string, args: Record<string, unknown> = {}) => web.call("server.extensions.request", { agent: "moonflash", method, arguments: args });
+
+  const half = Math.floor(printer.pkg.length / 2);
+  server.plan({ cutAfter: half });
+  say(`   ota.download ${printer.download.url} (${printer.pkg.length} bytes, md5 ${printer.download.md5})`);
+  const summary = (await ota("ota.download", printer.download).catch((err: unknown) => {
+    throw new Error(`ota.download failed: ${JSON.stringify((err as { data?: unknown }).data)}`);
+  })) as { name: string; version: string; modules: Array<{ id: string; type: string }> };
+  for (const r of server.requests) say(`   [server] ${r.range ? `Range ${r.range}` : "GET"} → ${r.status}, ${r.bytesSent} bytes sent`);
+  const resent = server.bytesSent() - printer.pkg.length;
+  say(`   downloaded and verified ${summary.name} ${summary.version}: modules ${summary.modules.map((m) => `${m.id} (${m.type})`).join(", ")}; bytes sent twice: ${resent}`);
+
+  step("ota.install: backups, files, the toolhead flashed with Klipper stopped, services started, probation");
+  const outcome = (await ota("ota.install")) as { files: { written: number; replaced: number; added: number }; firmware: string[]; services: string[] };
+  say(`   ${outcome.files.written} files (${outcome.files.replaced} replaced, ${outcome.files.added} new), firmware of ${outcome.firmware.join(", ")} flashed, services ${outcome.services.join(", ")} restarted`);
+  say(`   toolhead board holds the package's image: ${printer.board.model.flash.subarray(0, printer.newImage.length).equals(printer.newImage) ? "yes" : "NO"}`);
+  say(`   printer.cfg now: ${JSON.stringify(await printer.read("config/printer.cfg"))}`);
+  await moonraker.waitFor(() => moonraker.consoleLines.some((l) => l.includes("Probation passed")), 15_000);
+  for (const line of moonraker.consoleLines.filter((l) => l.includes("moonflash: OTA"))) say(`   Mainsail console: ${line}`);
+  const st = (await ota("ota.status")) as { state: string; installed: { name: string; version: string } | null };
+  say(`   ota.status: ${st.state}, installed ${st.installed?.name} ${st.installed?.version}`);
+
+  step("A hostile package: an entry named ../../evil.cfg is refused before anything is touched");
+  const before = await printer.read("config/printer.cfg");
+  const bad = buildZip([{ name: "manifest.json", data: JSON.stringify({ name: "evil", version: "1", modules: [] }) }, { name: "../../evil.cfg", data: "x" }]);
+  server.setFile({ body: bad, etag: '"evil"' });
+  try {
+    await ota("ota.download", { url: server.url("/evil.zip"), md5: md5Of(bad) });
+    say("   accepted (unexpected)");
+  } catch (err) {
+    const data = (err as { data?: { message?: string; data?: { code?: string } } }).data;
+    say(`   refused: ${data?.data?.code}: ${data?.message}`);
+  }
+  say(`   printer.cfg unchanged: ${(await printer.read("config/printer.cfg")) === before ? "yes" : "NO"}`);
 
   await web.close();
   agent.kill("SIGTERM");

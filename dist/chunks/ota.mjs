@@ -9,6 +9,7 @@ import {
   AGENT_NAME,
   MANIFEST_FILE,
   SIGNATURE_FILE,
+  commonJsModule,
   connectPrinter,
   createFlashEngine,
   createOtaEngine,
@@ -53,7 +54,7 @@ async function packPackage(opts) {
 `, "utf8");
   const manifest = parseManifest(manifestBytes);
   const signature = opts.privateKey ? sign(manifestBytes, opts.privateKey) : null;
-  const { ZipFile } = await import("./yazl.mjs");
+  const { ZipFile } = commonJsModule(await import("./yazl.mjs"));
   const zip = new ZipFile();
   zip.addBuffer(manifestBytes, MANIFEST_FILE, { mtime: ENTRY_MTIME, mode: S_IFREG | 420 });
   if (signature !== null) zip.addBuffer(Buffer.from(`${signature}

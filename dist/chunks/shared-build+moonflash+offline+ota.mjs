@@ -14816,6 +14816,13 @@ var ProgressMeter = class {
 import { constants as constants3 } from "node:fs";
 import { access as access7, lstat as lstat2, mkdir as mkdir6, open as open6, realpath as realpath3, rename as rename6, rm as rm6, stat as stat11 } from "node:fs/promises";
 import { basename as basename7, dirname as dirname7, isAbsolute as isAbsolute4, join as join12, relative, resolve as resolve3, sep as sep2 } from "node:path";
+
+// src/core/commonjs.ts
+function commonJsModule(loaded) {
+  return loaded.default ?? loaded;
+}
+
+// src/ota/package.ts
 var MiB3 = 1024 * 1024;
 var DEFAULT_LIMITS = Object.freeze({
   maxFileBytes: 256 * MiB3,
@@ -14920,7 +14927,7 @@ async function inspect(zip, opts) {
   return { manifest, manifestBytes, signed, entries };
 }
 async function openZip(zipPath) {
-  const { openPromise } = await import("./yauzl.mjs");
+  const { openPromise } = commonJsModule(await import("./yauzl.mjs"));
   try {
     return await openPromise(zipPath, { lazyEntries: true, autoClose: false, decodeStrings: false, validateEntrySizes: true, strictFileNames: true });
   } catch (err) {
@@ -18689,6 +18696,7 @@ export {
   readJournal,
   mcuUserName,
   mcuSectionName,
+  commonJsModule,
   MANIFEST_FILE,
   SIGNATURE_FILE,
   payloadsOf,

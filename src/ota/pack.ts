@@ -9,6 +9,7 @@ import { rename, rm, stat } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import type { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
+import { commonJsModule } from "../core/commonjs.js";
 import { fsyncDir } from "../core/durable.js";
 import { MoonflashError, toMoonflashError } from "../core/errors.js";
 import { MANIFEST_FILE, SIGNATURE_FILE, parseManifest, payloadsOf, type Manifest, type ProcessRef } from "./manifest.js";
@@ -76,7 +77,7 @@ export async function packPackage(opts: PackOptions): Promise<PackResult> {
   const manifest = parseManifest(manifestBytes);
   const signature = opts.privateKey ? sign(manifestBytes, opts.privateKey) : null;
 
-  const { ZipFile } = await import("yazl");
+  const { ZipFile } = commonJsModule(await import("yazl"));
   const zip = new ZipFile();
   zip.addBuffer(manifestBytes, MANIFEST_FILE, { mtime: ENTRY_MTIME, mode: S_IFREG | 0o644 });
   if (signature !== null) zip.addBuffer(Buffer.from(`${signature}\n`), SIGNATURE_FILE, { mtime: ENTRY_MTIME, mode: S_IFREG | 0o644, compress: false });

@@ -15,6 +15,7 @@ import { access, lstat, mkdir, open, realpath, rename, rm, stat, type FileHandle
 import type { KeyObject } from "node:crypto";
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from "node:path";
 import type { Entry, ZipFile } from "yauzl";
+import { commonJsModule } from "../core/commonjs.js";
 import { fsyncDir } from "../core/durable.js";
 import { isMoonflashError, MoonflashError, toMoonflashError } from "../core/errors.js";
 import {
@@ -233,7 +234,7 @@ async function inspect(zip: ZipFile, opts: ReadPackageOptions): Promise<Inspecte
 }
 
 async function openZip(zipPath: string): Promise<ZipFile> {
-  const { openPromise } = await import("yauzl");
+  const { openPromise } = commonJsModule(await import("yauzl"));
   try {
     // decodeStrings: false, so names are decoded and checked here, strictly (yauzl would turn '\' into '/').
     return await openPromise(zipPath, { lazyEntries: true, autoClose: false, decodeStrings: false, validateEntrySizes: true, strictFileNames: true });

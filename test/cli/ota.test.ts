@@ -18,8 +18,12 @@ import { buildZip } from "../ota/support/zip-builder.js";
 
 const repo = resolve(import.meta.dirname, "../..");
 
+/**
+ * The committed bundle, as users run it (CI checks dist/ matches src/ first): zip reading and writing load yauzl and
+ * yazl from the bundle's chunks, where a CommonJS package has only a default export (src/core/commonjs.ts).
+ */
 function cli(args: string[]) {
-  return execa("node", ["--import", "tsx", join(repo, "src/cli/main.ts"), ...args], { cwd: repo, reject: false, timeout: 60_000, env: { NO_COLOR: "1" } });
+  return execa("node", [join(repo, "dist", "moonflash.mjs"), ...args], { cwd: repo, reject: false, timeout: 60_000, env: { NO_COLOR: "1" } });
 }
 
 /** The last line of a --json run: the verb's outcome. */
