@@ -9,15 +9,17 @@ import {
   createAgent,
   exitCodeFor
 } from "./chunks/shared-build+moonflash+offline+ota.mjs";
+import "./chunks/shared-build+moonflash+offline+ota+virtual-device.mjs";
+import "./chunks/shared-build+http-api+moonflash+offline+ota.mjs";
 import {
   isMoonflashError,
   toMoonflashError
-} from "./chunks/shared-build+moonflash+offline+ota+virtual-device.mjs";
+} from "./chunks/shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./chunks/shared-build+execa+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./chunks/shared-build+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/commander/lib/error.js
 var require_error = __commonJS({

@@ -20,11 +20,13 @@ import {
   parseProfile,
   writeFileDurable
 } from "./shared-build+moonflash+offline+ota.mjs";
+import "./shared-build+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+http-api+moonflash+offline+ota.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+execa+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/build.ts
 import { mkdir, readFile, stat } from "node:fs/promises";

@@ -11,7 +11,9 @@ import {
 } from "./shared-build+offline+ota.mjs";
 import "./shared-build+moonflash+offline+ota.mjs";
 import "./shared-build+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+execa+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+import "./shared-build+http-api+moonflash+offline+ota.mjs";
+import "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 export {
   offlinePrinter,
   runCheck,

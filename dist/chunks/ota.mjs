@@ -19,7 +19,6 @@ import {
   fsyncDir,
   isProcessAlive,
   keygen,
-  otaDownloadParams,
   parseManifest,
   parseParams,
   payloadsOf,
@@ -30,11 +29,15 @@ import {
   verify,
   writeFileDurable
 } from "./shared-build+moonflash+offline+ota.mjs";
+import "./shared-build+moonflash+offline+ota+virtual-device.mjs";
+import {
+  otaDownloadParams
+} from "./shared-build+http-api+moonflash+offline+ota.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+execa+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/ota.ts
 import { readFile, stat as stat2 } from "node:fs/promises";

@@ -2,10 +2,8 @@
 import { createRequire as __moonflashRequire } from "node:module"; const require = __moonflashRequire(import.meta.url);
 import {
   Command,
-  ERROR_CODES,
   FRAME_OVERHEAD,
   FrameDecoder,
-  MoonflashError,
   Response,
   SERIAL_BOOTLOADER_REQUEST,
   VALID_BLOCK_SIZES,
@@ -13,16 +11,45 @@ import {
   decodeConnect,
   encodeAddressFrame,
   encodeFrame,
-  isMoonflashError,
-  toJsonRpcError,
-  toMoonflashError,
   u32le
 } from "./shared-build+moonflash+offline+ota+virtual-device.mjs";
+import {
+  NEVER,
+  _default,
+  _enum,
+  _minLength,
+  _nonnegative,
+  _regex,
+  array,
+  boolean,
+  int,
+  literal,
+  nullable,
+  number,
+  object,
+  optional,
+  otaDownloadParams,
+  pipe,
+  refine,
+  strictObject,
+  string,
+  superRefine,
+  transform,
+  union,
+  unknown
+} from "./shared-build+http-api+moonflash+offline+ota.mjs";
+import {
+  ERROR_CODES,
+  MoonflashError,
+  isMoonflashError,
+  toJsonRpcError,
+  toMoonflashError
+} from "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./shared-build+execa+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/pino-std-serializers/lib/err-helpers.js
 var require_err_helpers = __commonJS({
@@ -1035,13 +1062,13 @@ var require_time = __commonJS({
       const secondsSinceEpoch = currentTimeNs / NS_PER_SEC;
       const nanosWithinSecond = currentTimeNs % NS_PER_SEC;
       const msSinceEpoch = Number(secondsSinceEpoch * 1000n + nanosWithinSecond / 1000000n);
-      const date2 = new Date(msSinceEpoch);
-      const year = date2.getUTCFullYear();
-      const month = (date2.getUTCMonth() + 1).toString().padStart(2, "0");
-      const day = date2.getUTCDate().toString().padStart(2, "0");
-      const hours = date2.getUTCHours().toString().padStart(2, "0");
-      const minutes = date2.getUTCMinutes().toString().padStart(2, "0");
-      const seconds = date2.getUTCSeconds().toString().padStart(2, "0");
+      const date = new Date(msSinceEpoch);
+      const year = date.getUTCFullYear();
+      const month = (date.getUTCMonth() + 1).toString().padStart(2, "0");
+      const day = date.getUTCDate().toString().padStart(2, "0");
+      const hours = date.getUTCHours().toString().padStart(2, "0");
+      const minutes = date.getUTCMinutes().toString().padStart(2, "0");
+      const seconds = date.getUTCSeconds().toString().padStart(2, "0");
       return `,"time":"${year}-${month}-${day}T${hours}:${minutes}:${seconds}.${nanosWithinSecond.toString().padStart(9, "0")}Z"`;
     };
     module.exports = { nullTime, epochTime, unixTime, isoTime, isoTimeNano };
@@ -1532,12 +1559,12 @@ var require_sonic_boom = __commonJS({
         throw new Error("flush cb must be a function");
       }
       if (this.destroyed) {
-        const error2 = new Error("SonicBoom destroyed");
+        const error = new Error("SonicBoom destroyed");
         if (cb) {
-          cb(error2);
+          cb(error);
           return;
         }
-        throw error2;
+        throw error;
       }
       if (this.minLength <= 0) {
         cb?.();
@@ -1559,12 +1586,12 @@ var require_sonic_boom = __commonJS({
         throw new Error("flush cb must be a function");
       }
       if (this.destroyed) {
-        const error2 = new Error("SonicBoom destroyed");
+        const error = new Error("SonicBoom destroyed");
         if (cb) {
-          cb(error2);
+          cb(error);
           return;
         }
-        throw error2;
+        throw error;
       }
       if (this.minLength <= 0) {
         cb?.();
@@ -1801,10 +1828,10 @@ var require_on_exit_leak_free = __commonJS({
       exit: onExit,
       beforeExit: onBeforeExit
     };
-    var registry2;
+    var registry;
     function ensureRegistry() {
-      if (registry2 === void 0) {
-        registry2 = new FinalizationRegistry(clear);
+      if (registry === void 0) {
+        registry = new FinalizationRegistry(clear);
       }
     }
     function install(event) {
@@ -1819,7 +1846,7 @@ var require_on_exit_leak_free = __commonJS({
       }
       process.removeListener(event, functions[event]);
       if (refs.exit.length === 0 && refs.beforeExit.length === 0) {
-        registry2 = void 0;
+        registry = void 0;
       }
     }
     function onExit() {
@@ -1853,7 +1880,7 @@ var require_on_exit_leak_free = __commonJS({
       const ref = new WeakRef(obj);
       ref.fn = fn;
       ensureRegistry();
-      registry2.register(obj, ref);
+      registry.register(obj, ref);
       refs[event].push(ref);
     }
     function register(obj, fn) {
@@ -1863,10 +1890,10 @@ var require_on_exit_leak_free = __commonJS({
       _register("beforeExit", obj, fn);
     }
     function unregister(obj) {
-      if (registry2 === void 0) {
+      if (registry === void 0) {
         return;
       }
-      registry2.unregister(obj);
+      registry.unregister(obj);
       for (const event of ["exit", "beforeExit"]) {
         refs[event] = refs[event].filter((ref) => {
           const _obj = ref.deref();
@@ -2033,7 +2060,7 @@ var require_indexes = __commonJS({
 var require_thread_stream = __commonJS({
   "node_modules/thread-stream/index.js"(exports, module) {
     "use strict";
-    var { version: version3 } = require_package();
+    var { version: version2 } = require_package();
     var { EventEmitter: EventEmitter2 } = __require("events");
     var { Worker } = __require("worker_threads");
     var { join: join18 } = __require("path");
@@ -2079,7 +2106,7 @@ var require_thread_stream = __commonJS({
     };
     var FinalizationRegistry2 = process.env.NODE_V8_COVERAGE ? FakeFinalizationRegistry : global.FinalizationRegistry || FakeFinalizationRegistry;
     var WeakRef2 = process.env.NODE_V8_COVERAGE ? FakeWeakRef : global.WeakRef || FakeWeakRef;
-    var registry2 = new FinalizationRegistry2((worker) => {
+    var registry = new FinalizationRegistry2((worker) => {
       if (worker.exited) {
         return;
       }
@@ -2099,7 +2126,7 @@ var require_thread_stream = __commonJS({
           stateBuf: stream[kImpl].stateBuf,
           workerData: {
             $context: {
-              threadStreamVersion: version3
+              threadStreamVersion: version2
             },
             ...workerData
           }
@@ -2108,7 +2135,7 @@ var require_thread_stream = __commonJS({
       worker.stream = new FakeWeakRef(stream);
       worker.on("message", onWorkerMessage);
       worker.on("exit", onWorkerExit);
-      registry2.register(stream, worker);
+      registry.register(stream, worker);
       return worker;
     }
     function drain2(stream) {
@@ -2209,7 +2236,7 @@ var require_thread_stream = __commonJS({
       if (stream === void 0) {
         return;
       }
-      registry2.unregister(stream);
+      registry.unregister(stream);
       stream.worker.exited = true;
       stream.worker.off("exit", onWorkerExit);
       destroy(stream, code !== 0 ? new Error("the worker thread exited") : null);
@@ -2250,11 +2277,11 @@ var require_thread_stream = __commonJS({
       write(data) {
         const dataBuf = Buffer.isBuffer(data) ? data : Buffer.from(data);
         if (this[kImpl].destroyed) {
-          error2(this, new Error("the worker has exited"));
+          error(this, new Error("the worker has exited"));
           return false;
         }
         if (this[kImpl].ending) {
-          error2(this, new Error("the worker is ending"));
+          error(this, new Error("the worker is ending"));
           return false;
         }
         if (this[kImpl].flushing && this[kImpl].bufLen + dataBuf.length >= MAX_STRING) {
@@ -2450,7 +2477,7 @@ var require_thread_stream = __commonJS({
       }
       callbacks.clear();
     }
-    function error2(stream, err) {
+    function error(stream, err) {
       setImmediate(() => {
         stream.emit("error", err);
       });
@@ -2463,7 +2490,7 @@ var require_thread_stream = __commonJS({
       failPendingFlushCallbacks(stream, err);
       if (err) {
         stream[kImpl].errored = err;
-        error2(stream, err);
+        error(stream, err);
       }
       if (!stream.worker.exited) {
         stream.worker.terminate().catch(() => {
@@ -2919,14 +2946,14 @@ var require_tools = __commonJS({
       }
       return point < 32 ? JSON.stringify(str) : '"' + result + '"';
     }
-    function asJson(obj, msg, num, time2) {
+    function asJson(obj, msg, num, time) {
       if (asJsonChan.hasSubscribers === false) {
-        return _asJson.call(this, obj, msg, num, time2);
+        return _asJson.call(this, obj, msg, num, time);
       }
       const store = { instance: this, arguments };
-      return asJsonChan.traceSync(_asJson, store, this, obj, msg, num, time2);
+      return asJsonChan.traceSync(_asJson, store, this, obj, msg, num, time);
     }
-    function _asJson(obj, msg, num, time2) {
+    function _asJson(obj, msg, num, time) {
       const stringify2 = this[stringifySym];
       const stringifySafe = this[stringifySafeSym];
       const stringifiers = this[stringifiersSym];
@@ -2936,7 +2963,7 @@ var require_tools = __commonJS({
       const formatters = this[formattersSym];
       const messageKey = this[messageKeySym];
       const errorKey = this[errorKeySym];
-      let data = this[lsCacheSym][num] + time2;
+      let data = this[lsCacheSym][num] + time;
       data = data + chindings;
       let value2;
       if (formatters.log) {
@@ -3426,7 +3453,7 @@ var require_proto = __commonJS({
       noop
     } = require_tools();
     var {
-      version: version3
+      version: version2
     } = require_meta();
     var redaction = require_redaction();
     var constructor = class Pino {
@@ -3438,7 +3465,7 @@ var require_proto = __commonJS({
       setBindings,
       flush,
       isLevelEnabled,
-      version: version3,
+      version: version2,
       get level() {
         return this[getLevelSym]();
       },
@@ -3720,11 +3747,11 @@ var require_safe_stable_stringify = __commonJS({
       }
       return value2 === void 0 ? Infinity : value2;
     }
-    function getItemCount(number3) {
-      if (number3 === 1) {
+    function getItemCount(number2) {
+      if (number2 === 1) {
         return "1 item";
       }
-      return `${number3} items`;
+      return `${number2} items`;
     }
     function getUniqueReplacerSet(replacerArray) {
       const replacerSet = /* @__PURE__ */ new Set();
@@ -3762,7 +3789,7 @@ var require_safe_stable_stringify = __commonJS({
         }
       }
       const circularValue = getCircularValueOption(options);
-      const bigint2 = getBooleanOption(options, "bigint");
+      const bigint = getBooleanOption(options, "bigint");
       const deterministic = getDeterministicOption(options);
       const comparator = typeof deterministic === "function" ? deterministic : void 0;
       const maximumDepth = getPositiveIntegerOption(options, "maximumDepth");
@@ -3870,7 +3897,7 @@ ${originalIndentation}`;
           case "undefined":
             return void 0;
           case "bigint":
-            if (bigint2) {
+            if (bigint) {
               return String(value2);
             }
           // fallthrough
@@ -3961,7 +3988,7 @@ ${originalIndentation}`;
           case "undefined":
             return void 0;
           case "bigint":
-            if (bigint2) {
+            if (bigint) {
               return String(value2);
             }
           // fallthrough
@@ -4073,7 +4100,7 @@ ${originalIndentation}`;
           case "undefined":
             return void 0;
           case "bigint":
-            if (bigint2) {
+            if (bigint) {
               return String(value2);
             }
           // fallthrough
@@ -4169,7 +4196,7 @@ ${originalIndentation}`;
           case "undefined":
             return void 0;
           case "bigint":
-            if (bigint2) {
+            if (bigint) {
               return String(value2);
             }
           // fallthrough
@@ -4231,7 +4258,7 @@ var require_multistream = __commonJS({
         minLevel: 0,
         lastId: 0,
         streams: [],
-        clone: clone2,
+        clone,
         [metadata]: true,
         streamLevels
       };
@@ -4335,7 +4362,7 @@ var require_multistream = __commonJS({
           stream.end();
         }
       }
-      function clone2(level) {
+      function clone(level) {
         const streams = new Array(this.streams.length);
         for (let i = 0; i < streams.length; i++) {
           streams[i] = {
@@ -4352,7 +4379,7 @@ var require_multistream = __commonJS({
           end,
           minLevel: level,
           streams,
-          clone: clone2,
+          clone,
           [metadata]: true,
           streamLevels
         };
@@ -4382,7 +4409,7 @@ var require_pino = __commonJS({
     var stdSerializers = require_pino_std_serializers();
     var caller = require_caller();
     var redaction = require_redaction();
-    var time2 = require_time();
+    var time = require_time();
     var proto = require_proto();
     var symbols = require_symbols();
     var { configure } = require_safe_stable_stringify();
@@ -4397,7 +4424,7 @@ var require_pino = __commonJS({
       normalizeDestFileDescriptor,
       noop
     } = require_tools();
-    var { version: version3 } = require_meta();
+    var { version: version2 } = require_meta();
     var {
       chindingsSym,
       redactFmtSym,
@@ -4424,7 +4451,7 @@ var require_pino = __commonJS({
       msgPrefixSym,
       transportUsesMultistreamSym
     } = symbols;
-    var { epochTime, nullTime } = time2;
+    var { epochTime, nullTime } = time;
     var { pid } = process;
     var hostname = os.hostname();
     var defaultErrorSerializer = stdSerializers.err;
@@ -4444,8 +4471,8 @@ var require_pino = __commonJS({
         bindings(bindings) {
           return bindings;
         },
-        level(label, number3) {
-          return { level: number3 };
+        level(label, number2) {
+          return { level: number2 };
         }
       }),
       hooks: {
@@ -4520,8 +4547,8 @@ var require_pino = __commonJS({
           chindings = coreChindings(Object.assign({}, base, { name }));
         }
       }
-      const time3 = timestamp instanceof Function ? timestamp : timestamp ? epochTime : nullTime;
-      const timeSliceIndex = time3().indexOf(":") + 1;
+      const time2 = timestamp instanceof Function ? timestamp : timestamp ? epochTime : nullTime;
+      const timeSliceIndex = time2().indexOf(":") + 1;
       if (useOnlyCustomLevels && !customLevels) throw Error("customLevels is required if useOnlyCustomLevels is set true");
       if (mixin && typeof mixin !== "function") throw Error(`Unknown mixin type "${typeof mixin}" - expected "function"`);
       if (msgPrefix && typeof msgPrefix !== "string") throw Error(`Unknown msgPrefix type "${typeof msgPrefix}" - expected "string"`);
@@ -4557,7 +4584,7 @@ var require_pino = __commonJS({
         [levelCompSym]: levelCompFunc,
         [useOnlyCustomLevelsSym]: useOnlyCustomLevels,
         [streamSym]: stream,
-        [timeSym]: time3,
+        [timeSym]: time2,
         [timeSliceIndexSym]: timeSliceIndex,
         [stringifySym]: stringify,
         [stringifySafeSym]: stringifySafe,
@@ -4597,9 +4624,9 @@ var require_pino = __commonJS({
     module.exports.multistream = require_multistream();
     module.exports.levels = mappings();
     module.exports.stdSerializers = serializers;
-    module.exports.stdTimeFunctions = Object.assign({}, time2);
+    module.exports.stdTimeFunctions = Object.assign({}, time);
     module.exports.symbols = symbols;
-    module.exports.version = version3;
+    module.exports.version = version2;
     module.exports.default = pino2;
     module.exports.pino = pino2;
   }
@@ -4652,11 +4679,11 @@ var require_models = __commonJS({
     };
     exports.isJSONRPCResponses = isJSONRPCResponses;
     var createJSONRPCError = function(code, message, data) {
-      var error2 = { code, message };
+      var error = { code, message };
       if (data != null) {
-        error2.data = data;
+        error.data = data;
       }
-      return error2;
+      return error;
     };
     var JSONRPCErrorException2 = (
       /** @class */
@@ -4870,9 +4897,9 @@ var require_client = __commonJS({
             return request().then(function(result) {
               clearTimeout(timeoutID);
               return result;
-            }, function(error2) {
+            }, function(error) {
               clearTimeout(timeoutID);
-              return Promise.reject(error2);
+              return Promise.reject(error);
             });
           };
           var requestAdvanced = function(request, clientParams) {
@@ -4901,13 +4928,13 @@ var require_client = __commonJS({
         JSONRPCClient3.prototype.requestWithID = function(method, params, clientParams, id) {
           return __awaiter(this, void 0, void 0, function() {
             var request, response;
-            return __generator(this, function(_a2) {
-              switch (_a2.label) {
+            return __generator(this, function(_a) {
+              switch (_a.label) {
                 case 0:
                   request = (0, models_1.createJSONRPCRequest)(id, method, params);
                   return [4, this.requestAdvanced(request, clientParams)];
                 case 1:
-                  response = _a2.sent();
+                  response = _a.sent();
                   if (response.result !== void 0 && !response.error) {
                     return [2, response.result];
                   } else if (response.result === void 0 && response.error) {
@@ -4946,9 +4973,9 @@ var require_client = __commonJS({
           });
           return this.send(areRequestsOriginallyArray ? requests : requests[0], clientParams).then(function() {
             return promise;
-          }, function(error2) {
+          }, function(error) {
             requestsWithID.forEach(function(request) {
-              _this.receive((0, models_1.createJSONRPCErrorResponse)(request.id, internal_1.DefaultErrorCode, error2 && error2.message || "Failed to send a request"));
+              _this.receive((0, models_1.createJSONRPCErrorResponse)(request.id, internal_1.DefaultErrorCode, error && error.message || "Failed to send a request"));
             });
             return promise;
           });
@@ -4961,7 +4988,7 @@ var require_client = __commonJS({
         };
         JSONRPCClient3.prototype.send = function(payload, clientParams) {
           return __awaiter(this, void 0, void 0, function() {
-            return __generator(this, function(_a2) {
+            return __generator(this, function(_a) {
               return [2, this._send(payload, clientParams)];
             });
           });
@@ -5134,12 +5161,12 @@ var require_server = __commonJS({
           if (options === void 0) {
             options = {};
           }
-          var _a2;
+          var _a;
           this.mapErrorToJSONRPCErrorResponse = defaultMapErrorToJSONRPCErrorResponse;
           this.handleMethodNotFound = defaultHandleMethodNotFound;
           this.nameToMethodMap = /* @__PURE__ */ new Map();
           this.middleware = null;
-          this.errorListener = (_a2 = options.errorListener) !== null && _a2 !== void 0 ? _a2 : console.warn;
+          this.errorListener = (_a = options.errorListener) !== null && _a !== void 0 ? _a : console.warn;
         }
         JSONRPCServer3.prototype.hasMethod = function(name) {
           return this.nameToMethodMap.has(name);
@@ -5172,7 +5199,7 @@ var require_server = __commonJS({
         JSONRPCServer3.prototype.tryParseRequestJSON = function(json) {
           try {
             return JSON.parse(json);
-          } catch (_a2) {
+          } catch (_a) {
             return null;
           }
         };
@@ -5187,8 +5214,8 @@ var require_server = __commonJS({
           return __awaiter(this, void 0, void 0, function() {
             var responses;
             var _this = this;
-            return __generator(this, function(_a2) {
-              switch (_a2.label) {
+            return __generator(this, function(_a) {
+              switch (_a.label) {
                 case 0:
                   if (requests.length === 0) {
                     return [2, (0, models_1.createJSONRPCErrorResponse)(null, models_1.JSONRPCErrorCode.InvalidRequest, "Invalid Request")];
@@ -5197,7 +5224,7 @@ var require_server = __commonJS({
                     return _this.receiveSingle(request, serverParams);
                   }))];
                 case 1:
-                  responses = _a2.sent().filter(isNonNull);
+                  responses = _a.sent().filter(isNonNull);
                   if (responses.length === 1) {
                     return [2, responses[0]];
                   } else if (responses.length) {
@@ -5216,8 +5243,8 @@ var require_server = __commonJS({
         JSONRPCServer3.prototype.receiveSingle = function(request, serverParams) {
           return __awaiter(this, void 0, void 0, function() {
             var method, response;
-            return __generator(this, function(_a2) {
-              switch (_a2.label) {
+            return __generator(this, function(_a) {
+              switch (_a.label) {
                 case 0:
                   method = this.nameToMethodMap.get(request.method);
                   if (!!(0, models_1.isJSONRPCRequest)(request)) return [3, 1];
@@ -5225,7 +5252,7 @@ var require_server = __commonJS({
                 case 1:
                   return [4, this.callMethod(method, request, serverParams)];
                 case 2:
-                  response = _a2.sent();
+                  response = _a.sent();
                   return [2, mapResponse(request, response)];
               }
             });
@@ -5267,19 +5294,19 @@ var require_server = __commonJS({
               return _this.handleMethodNotFound(request2, serverParams2);
             }
           };
-          var onError = function(error2) {
-            _this.errorListener('An unexpected error occurred while executing "'.concat(request.method, '" JSON-RPC method:'), error2);
-            return Promise.resolve(_this.mapErrorToJSONRPCErrorResponseIfNecessary(request.id, error2));
+          var onError = function(error) {
+            _this.errorListener('An unexpected error occurred while executing "'.concat(request.method, '" JSON-RPC method:'), error);
+            return Promise.resolve(_this.mapErrorToJSONRPCErrorResponseIfNecessary(request.id, error));
           };
           try {
             return (this.middleware || noopMiddleware)(callMethod, request, serverParams).then(void 0, onError);
-          } catch (error2) {
-            return onError(error2);
+          } catch (error) {
+            return onError(error);
           }
         };
-        JSONRPCServer3.prototype.mapErrorToJSONRPCErrorResponseIfNecessary = function(id, error2) {
+        JSONRPCServer3.prototype.mapErrorToJSONRPCErrorResponseIfNecessary = function(id, error) {
           if (id !== void 0) {
-            return this.mapErrorToJSONRPCErrorResponse(id, error2);
+            return this.mapErrorToJSONRPCErrorResponse(id, error);
           } else {
             return null;
           }
@@ -5301,20 +5328,20 @@ var require_server = __commonJS({
         return null;
       }
     };
-    var defaultMapErrorToJSONRPCErrorResponse = function(id, error2) {
-      var _a2;
-      var message = (_a2 = error2 === null || error2 === void 0 ? void 0 : error2.message) !== null && _a2 !== void 0 ? _a2 : "An unexpected error occurred";
+    var defaultMapErrorToJSONRPCErrorResponse = function(id, error) {
+      var _a;
+      var message = (_a = error === null || error === void 0 ? void 0 : error.message) !== null && _a !== void 0 ? _a : "An unexpected error occurred";
       var code = internal_1.DefaultErrorCode;
       var data;
-      if (error2 instanceof models_1.JSONRPCErrorException) {
-        code = error2.code;
-        data = error2.data;
+      if (error instanceof models_1.JSONRPCErrorException) {
+        code = error.code;
+        data = error.data;
       }
       return (0, models_1.createJSONRPCErrorResponse)(id, code, message, data);
     };
     var defaultHandleMethodNotFound = function(request) {
       return __awaiter(void 0, void 0, void 0, function() {
-        return __generator(this, function(_a2) {
+        return __generator(this, function(_a) {
           if (request.id !== void 0) {
             return [2, (0, exports.createMethodNotFoundResponse)(request.id)];
           } else {
@@ -5449,18 +5476,18 @@ var require_server_and_client = __commonJS({
           if (options === void 0) {
             options = {};
           }
-          var _a2;
+          var _a;
           this.server = server;
           this.client = client;
-          this.errorListener = (_a2 = options.errorListener) !== null && _a2 !== void 0 ? _a2 : console.warn;
+          this.errorListener = (_a = options.errorListener) !== null && _a !== void 0 ? _a : console.warn;
         }
         JSONRPCServerAndClient3.prototype.applyServerMiddleware = function() {
-          var _a2;
+          var _a;
           var middlewares = [];
           for (var _i = 0; _i < arguments.length; _i++) {
             middlewares[_i] = arguments[_i];
           }
-          (_a2 = this.server).applyMiddleware.apply(_a2, middlewares);
+          (_a = this.server).applyMiddleware.apply(_a, middlewares);
         };
         JSONRPCServerAndClient3.prototype.hasMethod = function(name) {
           return this.server.hasMethod(name);
@@ -5492,8 +5519,8 @@ var require_server_and_client = __commonJS({
         JSONRPCServerAndClient3.prototype.receiveAndSend = function(payload, serverParams, clientParams) {
           return __awaiter(this, void 0, void 0, function() {
             var response, message;
-            return __generator(this, function(_a2) {
-              switch (_a2.label) {
+            return __generator(this, function(_a) {
+              switch (_a.label) {
                 case 0:
                   if (!((0, models_1.isJSONRPCResponse)(payload) || (0, models_1.isJSONRPCResponses)(payload))) return [3, 1];
                   this.client.receive(payload);
@@ -5502,7 +5529,7 @@ var require_server_and_client = __commonJS({
                   if (!((0, models_1.isJSONRPCRequest)(payload) || (0, models_1.isJSONRPCRequests)(payload))) return [3, 3];
                   return [4, this.server.receive(payload, serverParams)];
                 case 2:
-                  response = _a2.sent();
+                  response = _a.sent();
                   if (response) {
                     return [2, this.client.send(response, clientParams)];
                   }
@@ -5589,1979 +5616,6 @@ var FLASH_METHODS = ["katapult", "flashtool", "make", "wchisp", "linux"];
 
 // src/flash/config.ts
 import { isAbsolute as isAbsolute2, join as join2, resolve } from "node:path";
-
-// node_modules/zod/v4/core/util.js
-function getEnumValues(entries) {
-  const numericValues = Object.values(entries).filter((v) => typeof v === "number");
-  const values = Object.entries(entries).filter(([k, _]) => numericValues.indexOf(+k) === -1).map(([_, v]) => v);
-  return values;
-}
-function joinValues(array2, separator = "|") {
-  return array2.map((val) => stringifyPrimitive(val)).join(separator);
-}
-function jsonStringifyReplacer(_, value2) {
-  if (typeof value2 === "bigint")
-    return value2.toString();
-  return value2;
-}
-var Cached = class {
-  constructor(getter) {
-    this._getter = getter;
-    this._value = void 0;
-  }
-  get value() {
-    const getter = this._getter;
-    if (getter !== void 0) {
-      this._value = getter();
-      this._getter = void 0;
-    }
-    return this._value;
-  }
-};
-function cached(getter) {
-  return new Cached(getter);
-}
-function nullish(input) {
-  return input === null || input === void 0;
-}
-function cleanRegex(source) {
-  const start = source.startsWith("^") ? 1 : 0;
-  const end = source.endsWith("$") ? source.length - 1 : source.length;
-  return source.slice(start, end);
-}
-function assignProp(target, prop, value2) {
-  Object.defineProperty(target, prop, {
-    value: value2,
-    writable: true,
-    enumerable: true,
-    configurable: true
-  });
-}
-var captureStackTrace = "captureStackTrace" in Error ? Error.captureStackTrace : (..._args) => {
-};
-function isObject(data) {
-  return typeof data === "object" && data !== null && !Array.isArray(data);
-}
-function isPlainObject(o) {
-  if (isObject(o) === false)
-    return false;
-  const ctor = o.constructor;
-  if (ctor === void 0)
-    return true;
-  if (typeof ctor !== "function")
-    return true;
-  const prot = ctor.prototype;
-  if (isObject(prot) === false)
-    return false;
-  if (Object.prototype.hasOwnProperty.call(prot, "isPrototypeOf") === false) {
-    return false;
-  }
-  return true;
-}
-function shallowClone(o) {
-  if (isPlainObject(o))
-    return { ...o };
-  if (Array.isArray(o))
-    return [...o];
-  if (o instanceof Map)
-    return new Map(o);
-  if (o instanceof Set)
-    return new Set(o);
-  return o;
-}
-var propertyKeyTypes = /* @__PURE__ */ new Set(["string", "number", "symbol"]);
-function escapeRegex(str) {
-  return str.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-}
-function clone(inst, def, params) {
-  const cl = new inst._zod.constr(def ?? inst._zod.def);
-  if (!def || params?.parent)
-    cl._zod.parent = inst;
-  return cl;
-}
-function normalizeParams(_params) {
-  const params = _params;
-  if (!params)
-    return {};
-  if (typeof params === "string")
-    return { error: () => params };
-  if (params?.message !== void 0) {
-    if (params?.error !== void 0)
-      throw new Error("Cannot specify both `message` and `error` params");
-    params.error = params.message;
-  }
-  delete params.message;
-  if (typeof params.error === "string")
-    return { ...params, error: () => params.error };
-  return params;
-}
-function stringifyPrimitive(value2) {
-  if (typeof value2 === "bigint")
-    return value2.toString() + "n";
-  if (typeof value2 === "string")
-    return `"${value2}"`;
-  return `${value2}`;
-}
-function optionalKeys(shape) {
-  return Object.keys(shape).filter((k) => {
-    return shape[k]._zod.optin !== void 0 && shape[k]._zod.optout === "optional";
-  });
-}
-var NUMBER_FORMAT_RANGES = /* @__PURE__ */ (() => ({
-  safeint: [Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER],
-  int32: [-2147483648, 2147483647],
-  uint32: [0, 4294967295],
-  float32: [-34028234663852886e22, 34028234663852886e22],
-  float64: [-Number.MAX_VALUE, Number.MAX_VALUE]
-}))();
-function aborted(x, startIndex = 0) {
-  if (x.aborted === true)
-    return true;
-  for (let i = startIndex; i < x.issues.length; i++) {
-    if (x.issues[i]?.continue !== true) {
-      return true;
-    }
-  }
-  return false;
-}
-function explicitlyAborted(x, startIndex = 0) {
-  if (x.aborted === true)
-    return true;
-  for (let i = startIndex; i < x.issues.length; i++) {
-    if (x.issues[i]?.continue === false) {
-      return true;
-    }
-  }
-  return false;
-}
-function prefixIssues(path6, issues) {
-  return issues.map((iss) => {
-    var _a2;
-    (_a2 = iss).path ?? (_a2.path = []);
-    iss.path.unshift(path6);
-    return iss;
-  });
-}
-function unwrapMessage(message) {
-  return typeof message === "string" ? message : message?.message;
-}
-function sizeCaps(defChecks) {
-  const caps = [];
-  for (const ch of defChecks ?? []) {
-    const d = ch._zod.def;
-    if (!/_(length|size)$|_equals$/.test(d.check))
-      break;
-    const max = d.maximum ?? d.length ?? d.size;
-    if (max >= 0)
-      caps.push([max, ch]);
-  }
-  return caps;
-}
-function attachSchema(issues, start, inst) {
-  var _a2;
-  for (let i = start; i < issues.length; i++) {
-    (_a2 = issues[i]).schema ?? (_a2.schema = inst);
-  }
-}
-function finalizeIssue(iss, ctx, config2) {
-  var _a2;
-  const traits = iss.inst?._zod?.traits;
-  if (traits?.has("$ZodType")) {
-    if (traits.has("$ZodCheck"))
-      (_a2 = iss).schema ?? (_a2.schema = iss.inst);
-    else
-      iss.schema = iss.inst;
-  }
-  const schemaError = iss.schema !== iss.inst ? iss.schema?._zod.def?.error : void 0;
-  const message = iss.message ? iss.message : unwrapMessage(iss.inst?._zod.def?.error?.(iss)) ?? unwrapMessage(schemaError?.(iss)) ?? unwrapMessage(ctx?.error?.(iss)) ?? unwrapMessage(config2.customError?.(iss)) ?? unwrapMessage(config2.localeError?.(iss)) ?? "Invalid input";
-  const full = {};
-  for (const k of Object.keys(iss)) {
-    if (k === "inst" || k === "schema" || k === "continue" || k === "input" || k === "__proto__")
-      continue;
-    full[k] = iss[k];
-  }
-  full.path ?? (full.path = []);
-  full.message = message;
-  if (ctx?.reportInput) {
-    full.input = iss.input;
-  }
-  return full;
-}
-var highSurrogate = /[\uD800-\uDBFF]/;
-function codePointLength(str) {
-  const units = str.length;
-  if (!highSurrogate.test(str))
-    return units;
-  let count = units;
-  for (let i = 0; i < units - 1; i++) {
-    if ((str.charCodeAt(i) & 64512) === 55296 && (str.charCodeAt(i + 1) & 64512) === 56320) {
-      count--;
-      i++;
-    }
-  }
-  return count;
-}
-function getLengthableOrigin(input) {
-  if (Array.isArray(input))
-    return "array";
-  if (typeof input === "string")
-    return "string";
-  return "unknown";
-}
-function parsedType(data) {
-  const t = typeof data;
-  switch (t) {
-    case "number": {
-      return Number.isNaN(data) ? "nan" : "number";
-    }
-    case "object": {
-      if (data === null) {
-        return "null";
-      }
-      if (Array.isArray(data)) {
-        return "array";
-      }
-      const obj = data;
-      if (obj && Object.getPrototypeOf(obj) !== Object.prototype && "constructor" in obj && obj.constructor) {
-        return obj.constructor.name;
-      }
-    }
-  }
-  return t;
-}
-function issue(...args) {
-  const [iss, input, inst] = args;
-  if (typeof iss === "string") {
-    return {
-      message: iss,
-      code: "custom",
-      input,
-      inst
-    };
-  }
-  return { ...iss };
-}
-function members(proto, table) {
-  for (const key in table) {
-    const desc = Object.getOwnPropertyDescriptor(table, key);
-    if (desc.get)
-      Object.defineProperty(proto, key, { ...desc, enumerable: false });
-    else
-      defineBound(proto, key, desc.value);
-  }
-}
-function own(inst, key, value2, enumerable = true) {
-  Object.defineProperty(inst, key, { configurable: true, writable: true, enumerable, value: value2 });
-  return value2;
-}
-function hide(inst, key, value2) {
-  return own(inst, key, value2, false);
-}
-function defineBound(proto, key, fn) {
-  Object.defineProperty(proto, key, {
-    configurable: true,
-    get() {
-      return this == null ? fn : own(this, key, fn.bind(this));
-    },
-    set(value2) {
-      own(this, key, value2);
-    }
-  });
-}
-function claim(inst, sentinel) {
-  const proto = Object.getPrototypeOf(inst);
-  return sentinel in proto ? void 0 : proto;
-}
-var installing;
-var broke = false;
-var breaker = {
-  configurable: true,
-  get() {
-    broke = true;
-    return void 0;
-  }
-};
-function defineLazyInternal(inst, key, compute) {
-  const proto = Object.getPrototypeOf(inst._zod);
-  if (key in proto && installing !== inst._zod) {
-    installing = void 0;
-    return;
-  }
-  installing = inst._zod;
-  Object.defineProperty(proto, key, {
-    configurable: true,
-    get() {
-      Object.defineProperty(this, key, breaker);
-      const outer = broke;
-      broke = false;
-      try {
-        const value2 = compute(this);
-        if (broke)
-          delete this[key];
-        else
-          Object.defineProperty(this, key, { configurable: true, writable: true, value: value2 });
-        broke = broke || outer;
-        return value2;
-      } catch (err) {
-        delete this[key];
-        broke = broke || outer;
-        throw err;
-      }
-    },
-    set(value2) {
-      Object.defineProperty(this, key, { configurable: true, writable: true, value: value2 });
-    }
-  });
-}
-function installLazyProp(inst, key, make, enumerable) {
-  const proto = claim(inst, key);
-  if (!proto)
-    return;
-  Object.defineProperty(proto, key, {
-    configurable: true,
-    get() {
-      const desc = { configurable: true, writable: true, enumerable, value: void 0 };
-      Object.defineProperty(this, key, desc);
-      desc.value = make(this);
-      Object.defineProperty(this, key, desc);
-      return desc.value;
-    },
-    set(value2) {
-      Object.defineProperty(this, key, { configurable: true, writable: true, enumerable, value: value2 });
-    }
-  });
-}
-
-// node_modules/zod/v4/core/core.js
-var _a;
-var NEVER = /* @__PURE__ */ Object.freeze({
-  status: "aborted"
-});
-var _zodDesc = { value: void 0, enumerable: false };
-var _E = "captureStackTrace" in Error ? Error : null;
-function newError(Definition) {
-  const E = _E;
-  if (E) {
-    const saved = E.stackTraceLimit;
-    if (typeof saved === "number") {
-      try {
-        E.stackTraceLimit = 0;
-      } catch {
-        _E = null;
-        return new Definition();
-      }
-      try {
-        return new Definition();
-      } finally {
-        E.stackTraceLimit = saved;
-      }
-    }
-  }
-  return new Definition();
-}
-// @__NO_SIDE_EFFECTS__
-function $constructor(name, initializer2, proto, params) {
-  const zodProto = {};
-  function Internals(def) {
-    this.def = def;
-    this.constr = _;
-    this.traits = /* @__PURE__ */ new Set();
-  }
-  Internals.prototype = zodProto;
-  const protoMembers = proto;
-  const initialized = protoMembers && /* @__PURE__ */ new WeakSet();
-  function init(inst, def) {
-    if (!inst._zod) {
-      _zodDesc.value = new Internals(def);
-      try {
-        Object.defineProperty(inst, "_zod", _zodDesc);
-      } finally {
-        _zodDesc.value = void 0;
-      }
-    } else if (inst._zod.traits.has(name)) {
-      return;
-    }
-    inst._zod.traits.add(name);
-    initializer2(inst, def);
-    if (initialized) {
-      const own2 = Object.getPrototypeOf(inst);
-      const ctorProto = inst._zod.constr.prototype;
-      let up = own2;
-      while (up && up !== ctorProto)
-        up = Object.getPrototypeOf(up);
-      const target = up ?? own2;
-      if (!initialized.has(target)) {
-        initialized.add(target);
-        members(target, protoMembers);
-      }
-    }
-    const proto2 = _.prototype;
-    for (const k in proto2) {
-      if (!Object.prototype.hasOwnProperty.call(proto2, k))
-        continue;
-      if (!(k in inst)) {
-        inst[k] = proto2[k].bind(inst);
-      }
-    }
-  }
-  const Parent = params?.Parent ?? Object;
-  class Definition extends Parent {
-  }
-  Object.defineProperty(Definition, "name", { value: name });
-  function _(def) {
-    const inst = params?.Parent ? newError(Definition) : this;
-    init(inst, def);
-    const deferred = inst._zod.deferred;
-    if (deferred) {
-      for (const fn of deferred) {
-        fn();
-      }
-      inst._zod.deferred = void 0;
-    }
-    const pp = globalThis.__zod_globalConfig?.postProcessor;
-    if (pp)
-      pp(inst);
-    return inst;
-  }
-  Object.defineProperty(_, "init", { value: init });
-  Object.defineProperty(_, Symbol.hasInstance, {
-    value: (inst) => {
-      if (params?.Parent && inst instanceof params.Parent)
-        return true;
-      return inst?._zod?.traits?.has(name);
-    }
-  });
-  Object.defineProperty(_, "name", { value: name });
-  return _;
-}
-var $ZodAsyncError = class extends Error {
-  constructor() {
-    super(`Encountered Promise during synchronous parse. Use .parseAsync() instead.`);
-  }
-};
-var $ZodEncodeError = class extends Error {
-  constructor(name) {
-    super(`Encountered unidirectional transform during encode: ${name}`);
-    this.name = "ZodEncodeError";
-  }
-};
-(_a = globalThis).__zod_globalConfig ?? (_a.__zod_globalConfig = {});
-var globalConfig = globalThis.__zod_globalConfig;
-function config(newConfig) {
-  if (newConfig)
-    Object.assign(globalConfig, newConfig);
-  return globalConfig;
-}
-
-// node_modules/zod/v4/core/errors.js
-function _getMessage() {
-  const internals = this._zod;
-  internals.message ?? (internals.message = JSON.stringify(internals.def, jsonStringifyReplacer, 2));
-  return internals.message;
-}
-function _setMessage(value2) {
-  this._zod.message = value2;
-}
-var _messageDesc = {
-  get: _getMessage,
-  set: _setMessage,
-  enumerable: true,
-  configurable: true
-};
-var _issuesDesc = { value: void 0, enumerable: false };
-var _installedToString = /* @__PURE__ */ new WeakSet([Object.prototype, Error.prototype]);
-var initializer = (inst, def) => {
-  inst.name = "$ZodError";
-  _issuesDesc.value = def;
-  Object.defineProperty(inst, "issues", _issuesDesc);
-  _issuesDesc.value = void 0;
-  Object.defineProperty(inst, "message", _messageDesc);
-  const proto = Object.getPrototypeOf(inst);
-  if (!_installedToString.has(proto)) {
-    _installedToString.add(proto);
-    Object.defineProperty(proto, "toString", {
-      configurable: true,
-      enumerable: false,
-      get() {
-        const value2 = () => this.message;
-        Object.defineProperty(this, "toString", { value: value2, configurable: true, writable: true });
-        return value2;
-      },
-      set(value2) {
-        Object.defineProperty(this, "toString", { value: value2, configurable: true, writable: true });
-      }
-    });
-  }
-};
-var $ZodError = $constructor("$ZodError", initializer);
-var $ZodRealError = $constructor("$ZodError", initializer, void 0, {
-  Parent: Error
-});
-
-// node_modules/zod/v4/core/parse.js
-var _parse = (_Err) => {
-  const fn = (schema, value2, _ctx, _params) => {
-    const ctx = _ctx ? { ..._ctx, async: false } : { async: false };
-    const result = schema._zod.run({ value: value2, issues: [] }, ctx);
-    if (result instanceof Promise) {
-      throw new $ZodAsyncError();
-    }
-    if (result.issues.length) {
-      const e = new (_params?.Err ?? _Err)(result.issues.map((iss) => finalizeIssue(iss, ctx, config())));
-      captureStackTrace(e, _params?.callee ?? fn);
-      throw e;
-    }
-    return result.value;
-  };
-  return fn;
-};
-var parse = /* @__PURE__ */ _parse($ZodRealError);
-var _parseAsync = (_Err) => {
-  const fn = async (schema, value2, _ctx, params) => {
-    const ctx = _ctx ? { ..._ctx, async: true } : { async: true };
-    let result = schema._zod.run({ value: value2, issues: [] }, ctx);
-    if (result instanceof Promise)
-      result = await result;
-    if (result.issues.length) {
-      const e = new (params?.Err ?? _Err)(result.issues.map((iss) => finalizeIssue(iss, ctx, config())));
-      captureStackTrace(e, params?.callee ?? fn);
-      throw e;
-    }
-    return result.value;
-  };
-  return fn;
-};
-var parseAsync = /* @__PURE__ */ _parseAsync($ZodRealError);
-var _safeParse = (_Err) => (schema, value2, _ctx) => {
-  const ctx = _ctx ? { ..._ctx, async: false } : { async: false };
-  const result = schema._zod.run({ value: value2, issues: [] }, ctx);
-  if (result instanceof Promise) {
-    throw new $ZodAsyncError();
-  }
-  return result.issues.length ? failure(_Err, result.issues, ctx) : { success: true, data: result.value };
-};
-var safeParse = /* @__PURE__ */ _safeParse($ZodRealError);
-function failure(Err, issues, ctx) {
-  let error2;
-  return {
-    success: false,
-    get error() {
-      if (!error2) {
-        error2 = new Err(issues.map((iss) => finalizeIssue(iss, ctx, config())));
-        issues = void 0;
-        ctx = void 0;
-      }
-      return error2;
-    },
-    set error(e) {
-      error2 = e;
-      issues = void 0;
-      ctx = void 0;
-    }
-  };
-}
-var _safeParseAsync = (_Err) => async (schema, value2, _ctx) => {
-  const ctx = _ctx ? { ..._ctx, async: true } : { async: true };
-  let result = schema._zod.run({ value: value2, issues: [] }, ctx);
-  if (result instanceof Promise)
-    result = await result;
-  return result.issues.length ? failure(_Err, result.issues, ctx) : { success: true, data: result.value };
-};
-var safeParseAsync = /* @__PURE__ */ _safeParseAsync($ZodRealError);
-
-// node_modules/zod/v4/core/regexes.js
-var anyString = /^[\s\S]{0,}$/;
-var number = /^-?\d+(?:\.\d+)?$/;
-var boolean = /^(?:true|false)$/i;
-
-// node_modules/zod/v4/core/checks.js
-var $ZodCheck = /* @__PURE__ */ $constructor("$ZodCheck", (inst, def) => {
-  var _a2;
-  inst._zod ?? (inst._zod = {});
-  inst._zod.def = def;
-  (_a2 = inst._zod).onattach ?? (_a2.onattach = []);
-});
-var _whenHasLength = (payload) => {
-  const val = payload.value;
-  return !nullish(val) && val.length !== void 0;
-};
-var numericOriginMap = {
-  number: "number",
-  bigint: "bigint",
-  object: "date"
-};
-var $ZodCheckGreaterThan = /* @__PURE__ */ $constructor("$ZodCheckGreaterThan", (inst, def) => {
-  $ZodCheck.init(inst, def);
-  const origin = numericOriginMap[typeof def.value];
-  inst._zod.check = (payload) => {
-    if (def.inclusive ? payload.value >= def.value : payload.value > def.value) {
-      return;
-    }
-    payload.issues.push({
-      origin: numericOriginMap[typeof payload.value] ?? origin,
-      code: "too_small",
-      minimum: typeof def.value === "object" ? def.value.getTime() : def.value,
-      input: payload.value,
-      inclusive: def.inclusive,
-      inst,
-      continue: !def.abort
-    });
-  };
-});
-var $ZodCheckNumberFormat = /* @__PURE__ */ $constructor("$ZodCheckNumberFormat", (inst, def) => {
-  $ZodCheck.init(inst, def);
-  def.format = def.format || "float64";
-  const isInt = def.format?.includes("int");
-  const origin = isInt ? "int" : "number";
-  const [minimum, maximum] = NUMBER_FORMAT_RANGES[def.format];
-  inst._zod.check = (payload) => {
-    const input = payload.value;
-    if (isInt) {
-      if (!Number.isInteger(input)) {
-        payload.issues.push({
-          expected: origin,
-          format: def.format,
-          code: "invalid_type",
-          continue: false,
-          input,
-          inst
-        });
-        return;
-      }
-      if (!Number.isSafeInteger(input)) {
-        if (input > 0) {
-          payload.issues.push({
-            input,
-            code: "too_big",
-            maximum: Number.MAX_SAFE_INTEGER,
-            note: "Integers must be within the safe integer range.",
-            inst,
-            origin,
-            inclusive: true,
-            continue: !def.abort
-          });
-        } else {
-          payload.issues.push({
-            input,
-            code: "too_small",
-            minimum: Number.MIN_SAFE_INTEGER,
-            note: "Integers must be within the safe integer range.",
-            inst,
-            origin,
-            inclusive: true,
-            continue: !def.abort
-          });
-        }
-        return;
-      }
-    }
-    if (input < minimum) {
-      payload.issues.push({
-        origin: "number",
-        input,
-        code: "too_small",
-        minimum,
-        inclusive: true,
-        inst,
-        continue: !def.abort
-      });
-    }
-    if (input > maximum) {
-      payload.issues.push({
-        origin: "number",
-        input,
-        code: "too_big",
-        maximum,
-        inclusive: true,
-        inst,
-        continue: !def.abort
-      });
-    }
-  };
-});
-var $ZodCheckMinLength = /* @__PURE__ */ $constructor("$ZodCheckMinLength", (inst, def) => {
-  var _a2;
-  $ZodCheck.init(inst, def);
-  (_a2 = inst._zod.def).when ?? (_a2.when = _whenHasLength);
-  inst._zod.check = (payload) => {
-    const input = payload.value;
-    const units = input.length;
-    const length = typeof input === "string" && units >= def.minimum && units < def.minimum * 2 ? codePointLength(input) : units;
-    if (length >= def.minimum)
-      return;
-    const origin = getLengthableOrigin(input);
-    payload.issues.push({
-      origin,
-      code: "too_small",
-      minimum: def.minimum,
-      inclusive: true,
-      input,
-      inst,
-      continue: !def.abort
-    });
-  };
-});
-var $ZodCheckStringFormat = /* @__PURE__ */ $constructor("$ZodCheckStringFormat", (inst, def) => {
-  var _a2, _b;
-  $ZodCheck.init(inst, def);
-  if (def.pattern)
-    (_a2 = inst._zod).check ?? (_a2.check = (payload) => {
-      def.pattern.lastIndex = 0;
-      if (def.pattern.test(payload.value))
-        return;
-      payload.issues.push({
-        origin: "string",
-        code: "invalid_format",
-        format: def.format,
-        input: payload.value,
-        ...def.pattern ? { pattern: def.pattern.toString() } : {},
-        inst,
-        continue: !def.abort
-      });
-    });
-  else
-    (_b = inst._zod).check ?? (_b.check = () => {
-    });
-});
-var $ZodCheckRegex = /* @__PURE__ */ $constructor("$ZodCheckRegex", (inst, def) => {
-  $ZodCheckStringFormat.init(inst, def);
-  inst._zod.check = (payload) => {
-    def.pattern.lastIndex = 0;
-    if (def.pattern.test(payload.value))
-      return;
-    payload.issues.push({
-      origin: "string",
-      code: "invalid_format",
-      format: "regex",
-      input: payload.value,
-      pattern: def.pattern.toString(),
-      inst,
-      continue: !def.abort
-    });
-  };
-});
-
-// node_modules/zod/v4/core/versions.js
-var version = {
-  major: 4,
-  minor: 6,
-  patch: 7
-};
-
-// node_modules/zod/v4/core/schemas.js
-var $ZodType = /* @__PURE__ */ $constructor("$ZodType", (inst, def) => {
-  var _a2;
-  inst ?? (inst = {});
-  inst._zod.def = def;
-  inst._zod.bag = inst._zod.bag || {};
-  inst._zod.version = version;
-  const defChecks = inst._zod.def.checks;
-  const checks2 = inst._zod.traits.has("$ZodCheck") ? [inst, ...defChecks ?? []] : defChecks?.length ? [...defChecks] : [];
-  for (const ch of checks2) {
-    for (const fn of ch._zod.onattach) {
-      fn(inst);
-    }
-  }
-  if (checks2.length === 0) {
-    (_a2 = inst._zod).deferred ?? (_a2.deferred = []);
-    inst._zod.deferred?.push(() => {
-      inst._zod.run = inst._zod.parse;
-    });
-  } else {
-    const runChecks = (payload, checks3, ctx) => {
-      if (payload.memo)
-        return payload;
-      let isAborted = aborted(payload);
-      let asyncResult;
-      for (const ch of checks3) {
-        if (ch._zod.def.when) {
-          if (explicitlyAborted(payload))
-            continue;
-          const shouldRun = ch._zod.def.when(payload);
-          if (!shouldRun)
-            continue;
-        } else if (isAborted) {
-          continue;
-        }
-        const currLen = payload.issues.length;
-        const _ = ch._zod.check(payload);
-        if (_ instanceof Promise && ctx?.async === false) {
-          throw new $ZodAsyncError();
-        }
-        if (asyncResult || _ instanceof Promise) {
-          asyncResult = (asyncResult ?? Promise.resolve()).then(async () => {
-            await _;
-            const nextLen = payload.issues.length;
-            if (nextLen === currLen)
-              return;
-            attachSchema(payload.issues, currLen, inst);
-            if (!isAborted)
-              isAborted = aborted(payload, currLen);
-          });
-        } else {
-          const nextLen = payload.issues.length;
-          if (nextLen === currLen)
-            continue;
-          attachSchema(payload.issues, currLen, inst);
-          if (!isAborted)
-            isAborted = aborted(payload, currLen);
-        }
-      }
-      if (asyncResult) {
-        return asyncResult.then(() => {
-          return payload;
-        });
-      }
-      return payload;
-    };
-    const handleCanaryResult = (canary, payload, ctx) => {
-      if (aborted(canary)) {
-        canary.aborted = true;
-        return canary;
-      }
-      const checkResult = runChecks(payload, checks2, ctx);
-      if (checkResult instanceof Promise) {
-        if (ctx.async === false)
-          throw new $ZodAsyncError();
-        return checkResult.then((checkResult2) => inst._zod.parse(checkResult2, ctx));
-      }
-      return inst._zod.parse(checkResult, ctx);
-    };
-    inst._zod.run = (payload, ctx) => {
-      if (ctx.skipChecks) {
-        return inst._zod.parse(payload, ctx);
-      }
-      if (ctx.direction === "backward") {
-        const canary = inst._zod.parse({ value: payload.value, issues: [] }, { ...ctx, skipChecks: true });
-        if (canary instanceof Promise) {
-          return canary.then((canary2) => {
-            return handleCanaryResult(canary2, payload, ctx);
-          });
-        }
-        return handleCanaryResult(canary, payload, ctx);
-      }
-      const result = inst._zod.parse(payload, ctx);
-      if (result instanceof Promise) {
-        if (ctx.async === false)
-          throw new $ZodAsyncError();
-        return result.then((result2) => runChecks(result2, checks2, ctx));
-      }
-      return runChecks(result, checks2, ctx);
-    };
-  }
-}, {
-  // Wrappers extend this by installing a richer factory over it; reading it eagerly would defeat the laziness.
-  get "~standard"() {
-    return hide(this, "~standard", standardProps(this));
-  },
-  set "~standard"(value2) {
-    own(this, "~standard", value2);
-  }
-});
-var toStandardResult = (r, ctx) => r.issues.length ? { issues: r.issues.map((iss) => finalizeIssue(iss, ctx, config())) } : { value: r.value };
-async function validateAsync(inst, value2) {
-  const ctx = { async: true };
-  return toStandardResult(await inst._zod.run({ value: value2, issues: [] }, ctx), ctx);
-}
-function standardProps(inst) {
-  return {
-    validate: (value2) => {
-      const ctx = { async: false };
-      try {
-        const r = inst._zod.run({ value: value2, issues: [] }, ctx);
-        if (!(r instanceof Promise))
-          return toStandardResult(r, ctx);
-      } catch (_) {
-      }
-      return validateAsync(inst, value2);
-    },
-    vendor: "zod",
-    version: 1
-  };
-}
-var $ZodString = /* @__PURE__ */ $constructor("$ZodString", (inst, def) => {
-  $ZodType.init(inst, def);
-  inst._zod.pattern = def.pattern ?? anyString;
-  inst._zod.parse = (payload, _) => {
-    if (def.coerce)
-      try {
-        payload.value = String(payload.value);
-      } catch (_2) {
-      }
-    if (typeof payload.value === "string")
-      return payload;
-    payload.issues.push({
-      expected: "string",
-      code: "invalid_type",
-      input: payload.value,
-      inst
-    });
-    return payload;
-  };
-});
-var $ZodNumber = /* @__PURE__ */ $constructor("$ZodNumber", (inst, def) => {
-  $ZodType.init(inst, def);
-  inst._zod.pattern = number;
-  inst._zod.parse = (payload, _ctx) => {
-    if (def.coerce)
-      try {
-        payload.value = Number(payload.value);
-      } catch (_) {
-      }
-    const input = payload.value;
-    if (typeof input === "number" && !Number.isNaN(input) && Number.isFinite(input)) {
-      return payload;
-    }
-    const received = typeof input === "number" ? Number.isNaN(input) ? "NaN" : !Number.isFinite(input) ? String(input) : void 0 : void 0;
-    payload.issues.push({
-      expected: "number",
-      code: "invalid_type",
-      input,
-      inst,
-      ...received ? { received } : {}
-    });
-    return payload;
-  };
-});
-var $ZodNumberFormat = /* @__PURE__ */ $constructor("$ZodNumberFormat", (inst, def) => {
-  $ZodCheckNumberFormat.init(inst, def);
-  $ZodNumber.init(inst, def);
-});
-var $ZodBoolean = /* @__PURE__ */ $constructor("$ZodBoolean", (inst, def) => {
-  $ZodType.init(inst, def);
-  inst._zod.pattern = boolean;
-  inst._zod.parse = (payload, _ctx) => {
-    if (def.coerce)
-      try {
-        payload.value = Boolean(payload.value);
-      } catch (_) {
-      }
-    const input = payload.value;
-    if (typeof input === "boolean")
-      return payload;
-    payload.issues.push({
-      expected: "boolean",
-      code: "invalid_type",
-      input,
-      inst
-    });
-    return payload;
-  };
-});
-var $ZodUnknown = /* @__PURE__ */ $constructor("$ZodUnknown", (inst, def) => {
-  $ZodType.init(inst, def);
-  inst._zod.parse = (payload) => payload;
-});
-var $ZodNever = /* @__PURE__ */ $constructor("$ZodNever", (inst, def) => {
-  $ZodType.init(inst, def);
-  inst._zod.parse = (payload, _ctx) => {
-    payload.issues.push({
-      expected: "never",
-      code: "invalid_type",
-      input: payload.value,
-      inst
-    });
-    return payload;
-  };
-});
-function capSize(inst, size2) {
-  const caps = sizeCaps(inst._zod.def.checks);
-  if (!caps.length)
-    return;
-  const cap = Math.min(...caps.map((c) => c[0]));
-  const parse2 = inst._zod.parse;
-  inst._zod.parse = (payload, ctx) => {
-    const n = size2(payload.value);
-    if (n > cap && !ctx?.skipChecks && ctx?.direction !== "backward") {
-      for (const [max, ch] of sizeCaps(inst._zod.def.checks)) {
-        if (n > max && ch._zod.def.when(payload)) {
-          const start = payload.issues.length;
-          ch._zod.check(payload);
-          payload.issues[start].continue = false;
-          attachSchema(payload.issues, start, inst);
-          return payload;
-        }
-      }
-    }
-    return parse2(payload, ctx);
-  };
-}
-var arraySize = (input) => Array.isArray(input) ? input.length : -1;
-function handleArrayResult(result, final, index) {
-  if (result.issues.length) {
-    final.issues.push(...prefixIssues(index, result.issues));
-  }
-  final.value[index] = result.value;
-}
-var $ZodArray = /* @__PURE__ */ $constructor("$ZodArray", (inst, def) => {
-  $ZodType.init(inst, def);
-  const memo = globalConfig.memoizer;
-  memo?.attach(inst);
-  inst._zod.parse = (payload, ctx) => {
-    const input = payload.value;
-    if (!Array.isArray(input)) {
-      payload.issues.push({
-        expected: "array",
-        code: "invalid_type",
-        input,
-        inst
-      });
-      return payload;
-    }
-    payload.value = memo ? memo.alloc(inst, payload, Array(input.length), ctx) : Array(input.length);
-    const proms = [];
-    const abortEarly = ctx?.abortEarly;
-    for (let i = 0; i < input.length; i++) {
-      const item = input[i];
-      const result = def.element._zod.run({
-        value: item,
-        issues: []
-      }, ctx);
-      if (result instanceof Promise) {
-        proms.push(result.then((result2) => handleArrayResult(result2, payload, i)));
-      } else {
-        handleArrayResult(result, payload, i);
-        if (abortEarly && result.issues.length !== 0 && aborted(result))
-          break;
-      }
-    }
-    if (proms.length) {
-      return Promise.all(proms).then(() => payload);
-    }
-    return payload;
-  };
-  capSize(inst, arraySize);
-});
-function handlePropertyResult(result, final, key, input, optin, optout) {
-  const isPresent = key in input;
-  const isOptionalOut = optout === "optional";
-  if (!isPresent && isOptionalOut && optin === "optional") {
-    return;
-  }
-  if (result.issues.length) {
-    if (optin !== void 0 && isOptionalOut && !isPresent) {
-      return;
-    }
-    final.issues.push(...prefixIssues(key, result.issues));
-  }
-  if (!isPresent && optin === void 0) {
-    if (!result.issues.length) {
-      final.issues.push({
-        code: "invalid_type",
-        expected: "nonoptional",
-        input: void 0,
-        path: [key]
-      });
-    }
-    return;
-  }
-  if (result.value === void 0) {
-    if (isPresent || optin === "defaulted" && !isOptionalOut) {
-      final.value[key] = void 0;
-    }
-  } else {
-    final.value[key] = result.value;
-  }
-}
-var NO_SYMBOL_KEYS = [];
-function normalizeDef(def) {
-  const keys = Object.keys(def.shape);
-  const ownSymbols = Object.getOwnPropertySymbols(def.shape);
-  const symbolKeys = ownSymbols.length ? ownSymbols : NO_SYMBOL_KEYS;
-  const allKeys = symbolKeys.length ? [...keys, ...symbolKeys] : keys;
-  for (const k of allKeys) {
-    if (!def.shape?.[k]?._zod?.traits?.has("$ZodType")) {
-      throw new Error(`Invalid element at key "${String(k)}": expected a Zod schema`);
-    }
-  }
-  const okeys = optionalKeys(def.shape);
-  return {
-    ...def,
-    allKeys,
-    symbolKeys,
-    // string-only: handleCatchall matches it against `for...in`, which never yields a symbol
-    keySet: new Set(keys),
-    numKeys: keys.length,
-    optionalKeys: new Set(okeys)
-  };
-}
-function handleCatchall(proms, input, payload, ctx, def, inst, abortEarly) {
-  const unrecognized = [];
-  const keySet = def.keySet;
-  const _catchall = def.catchall._zod;
-  const t = _catchall.def.type;
-  const optin = _catchall.optin;
-  const optout = _catchall.optout;
-  let seen = 0;
-  for (const key in input) {
-    if (abortEarly && payload.issues.length !== seen) {
-      if (aborted(payload, seen))
-        break;
-      seen = payload.issues.length;
-    }
-    if (keySet.has(key))
-      continue;
-    if (key === "__proto__") {
-      if (t === "never")
-        unrecognized.push(key);
-      continue;
-    }
-    if (t === "never") {
-      unrecognized.push(key);
-      continue;
-    }
-    const r = _catchall.run({ value: input[key], issues: [] }, ctx);
-    if (r instanceof Promise) {
-      proms.push(r.then((r2) => handlePropertyResult(r2, payload, key, input, optin, optout)));
-    } else {
-      handlePropertyResult(r, payload, key, input, optin, optout);
-    }
-  }
-  if (unrecognized.length) {
-    payload.issues.push({
-      code: "unrecognized_keys",
-      keys: unrecognized,
-      input,
-      inst,
-      // Describes the shape of the input, not the validity of the parsed value, so it never aborts. The parse still fails; the schema's own checks just get to run first, and an enclosing intersection can reconcile the key against a sibling operand.
-      continue: true
-    });
-  }
-  if (!proms.length)
-    return payload;
-  return Promise.all(proms).then(() => {
-    return payload;
-  });
-}
-var $ZodObject = /* @__PURE__ */ $constructor("$ZodObject", (inst, def) => {
-  $ZodType.init(inst, def);
-  const desc = Object.getOwnPropertyDescriptor(def, "shape");
-  const sh = desc?.get ? desc.get.raw : def.shape ?? {};
-  if (sh) {
-    const get = () => {
-      const newSh = { ...sh };
-      Object.defineProperty(def, "shape", { value: newSh });
-      get.raw = newSh;
-      return newSh;
-    };
-    get.raw = sh;
-    Object.defineProperty(def, "shape", { get });
-  }
-  const _normalized = cached(() => normalizeDef(def));
-  defineLazyInternal(inst, "propValues", (zod) => {
-    const shape = zod.def.shape;
-    const propValues = {};
-    for (const key in shape) {
-      const field = shape[key]._zod;
-      if (field.values) {
-        if (!Object.prototype.hasOwnProperty.call(propValues, key)) {
-          assignProp(propValues, key, /* @__PURE__ */ new Set());
-        }
-        for (const v of field.values)
-          propValues[key].add(v);
-        if (field.optin !== void 0)
-          propValues[key].add(void 0);
-      }
-    }
-    return propValues;
-  });
-  const isObject2 = isObject;
-  const catchall = def.catchall;
-  let value2;
-  const memo = globalConfig.memoizer;
-  memo?.attach(inst);
-  inst._zod.parse = (payload, ctx) => {
-    value2 ?? (value2 = _normalized.value);
-    const input = payload.value;
-    if (!isObject2(input)) {
-      payload.issues.push({
-        expected: "object",
-        code: "invalid_type",
-        input,
-        inst
-      });
-      return payload;
-    }
-    payload.value = memo ? memo.alloc(inst, payload, {}, ctx) : {};
-    const proms = [];
-    const shape = value2.shape;
-    const abortEarly = ctx?.abortEarly;
-    let seen = payload.issues.length;
-    for (const key of value2.allKeys) {
-      if (abortEarly && payload.issues.length !== seen) {
-        if (aborted(payload, seen))
-          break;
-        seen = payload.issues.length;
-      }
-      if (key === "__proto__")
-        continue;
-      const el = shape[key];
-      const optin = el._zod.optin;
-      const optout = el._zod.optout;
-      const r = el._zod.run({ value: input[key], issues: [] }, ctx);
-      if (r instanceof Promise) {
-        proms.push(r.then((r2) => handlePropertyResult(r2, payload, key, input, optin, optout)));
-      } else {
-        handlePropertyResult(r, payload, key, input, optin, optout);
-      }
-    }
-    if (!catchall) {
-      return proms.length ? Promise.all(proms).then(() => payload) : payload;
-    }
-    return handleCatchall(proms, input, payload, ctx, _normalized.value, inst, abortEarly === true);
-  };
-});
-function handleUnionResults(results, final, inst, ctx) {
-  for (const result of results) {
-    if (result.issues.length === 0) {
-      final.value = result.value;
-      return final;
-    }
-  }
-  const nonaborted = results.filter((r) => !aborted(r));
-  if (nonaborted.length === 1) {
-    final.value = nonaborted[0].value;
-    return nonaborted[0];
-  }
-  final.issues.push({
-    code: "invalid_union",
-    input: final.value,
-    inst,
-    errors: results.map((result) => result.issues.map((iss) => finalizeIssue(iss, ctx, config())))
-  });
-  return final;
-}
-var $ZodUnion = /* @__PURE__ */ $constructor("$ZodUnion", (inst, def) => {
-  $ZodType.init(inst, def);
-  defineLazyInternal(inst, "optin", (zod) => zod.def.options.some((o) => o._zod.optin === "defaulted") ? "defaulted" : zod.def.options.some((o) => o._zod.optin !== void 0) ? "optional" : void 0);
-  defineLazyInternal(inst, "optout", (zod) => zod.def.options.some((o) => o._zod.optout === "optional") ? "optional" : void 0);
-  defineLazyInternal(inst, "values", (zod) => {
-    if (zod.def.options.every((o) => o._zod.values)) {
-      return new Set(zod.def.options.flatMap((option) => Array.from(option._zod.values)));
-    }
-    return void 0;
-  });
-  defineLazyInternal(inst, "pattern", (zod) => {
-    if (zod.def.options.every((o) => o._zod.pattern)) {
-      const patterns = zod.def.options.map((o) => o._zod.pattern);
-      return new RegExp(`^(${patterns.map((p) => cleanRegex(p.source)).join("|")})$`);
-    }
-    return void 0;
-  });
-  const first = def.options.length === 1 ? def.options[0]._zod.run : null;
-  inst._zod.parse = (payload, ctx) => {
-    if (first) {
-      return first(payload, ctx);
-    }
-    let async = false;
-    const results = [];
-    for (const option of def.options) {
-      const result = option._zod.run({
-        value: payload.value,
-        issues: []
-      }, ctx);
-      if (result instanceof Promise) {
-        results.push(result);
-        async = true;
-      } else {
-        if (result.issues.length === 0)
-          return result;
-        results.push(result);
-      }
-    }
-    if (!async)
-      return handleUnionResults(results, payload, inst, ctx);
-    return Promise.all(results).then((results2) => {
-      return handleUnionResults(results2, payload, inst, ctx);
-    });
-  };
-});
-var $ZodEnum = /* @__PURE__ */ $constructor("$ZodEnum", (inst, def) => {
-  $ZodType.init(inst, def);
-  const values = getEnumValues(def.entries);
-  const valuesSet = new Set(values);
-  inst._zod.values = valuesSet;
-  defineLazyInternal(inst, "pattern", (zod) => {
-    const patternValues = getEnumValues(zod.def.entries).filter((k) => propertyKeyTypes.has(typeof k));
-    return new RegExp(patternValues.length ? `^(${patternValues.map((o) => escapeRegex(o.toString())).join("|")})$` : "^[^\\s\\S]$");
-  });
-  inst._zod.parse = (payload, _ctx) => {
-    const input = payload.value;
-    if (valuesSet.has(input)) {
-      return payload;
-    }
-    payload.issues.push({
-      code: "invalid_value",
-      values,
-      input,
-      inst
-    });
-    return payload;
-  };
-});
-var $ZodLiteral = /* @__PURE__ */ $constructor("$ZodLiteral", (inst, def) => {
-  $ZodType.init(inst, def);
-  const values = new Set(def.values);
-  inst._zod.values = values;
-  defineLazyInternal(inst, "pattern", (zod) => {
-    const vals = zod.def.values;
-    return new RegExp(vals.length ? `^(${vals.map((o) => typeof o === "string" ? escapeRegex(o) : o ? escapeRegex(o.toString()) : String(o)).join("|")})$` : "^[^\\s\\S]$");
-  });
-  inst._zod.parse = (payload, _ctx) => {
-    const input = payload.value;
-    if (values.has(input)) {
-      return payload;
-    }
-    payload.issues.push({
-      code: "invalid_value",
-      values: def.values,
-      input,
-      inst
-    });
-    return payload;
-  };
-});
-var $ZodTransform = /* @__PURE__ */ $constructor("$ZodTransform", (inst, def) => {
-  $ZodType.init(inst, def);
-  inst._zod.optin = "optional";
-  globalConfig.memoizer?.guard(inst);
-  inst._zod.parse = (payload, ctx) => {
-    if (ctx.direction === "backward") {
-      throw new $ZodEncodeError(inst.constructor.name);
-    }
-    const _out = def.transform(payload.value, payload);
-    if (ctx.async) {
-      const output = _out instanceof Promise ? _out : Promise.resolve(_out);
-      return output.then((output2) => {
-        payload.value = output2;
-        return payload;
-      });
-    }
-    if (_out instanceof Promise) {
-      throw new $ZodAsyncError();
-    }
-    payload.value = _out;
-    return payload;
-  };
-});
-function handleOptionalResult(payload, result) {
-  payload.value = result.issues.length ? void 0 : result.value;
-  return payload;
-}
-var $ZodOptional = /* @__PURE__ */ $constructor("$ZodOptional", (inst, def) => {
-  $ZodType.init(inst, def);
-  defineLazyInternal(inst, "optin", (zod) => zod.def.innerType._zod.optin === "defaulted" ? "defaulted" : "optional");
-  inst._zod.optout = "optional";
-  defineLazyInternal(inst, "values", (zod) => {
-    const values = zod.def.innerType._zod.values;
-    return values ? /* @__PURE__ */ new Set([...values, void 0]) : void 0;
-  });
-  defineLazyInternal(inst, "pattern", (zod) => {
-    const pattern = zod.def.innerType._zod.pattern;
-    return pattern ? new RegExp(`^(${cleanRegex(pattern.source)})?$`) : void 0;
-  });
-  inst._zod.parse = (payload, ctx) => {
-    if (payload.value === void 0) {
-      if (def.innerType._zod.optin !== "defaulted")
-        return payload;
-      const result = def.innerType._zod.run({ value: payload.value, issues: [] }, ctx);
-      if (result instanceof Promise)
-        return result.then((result2) => handleOptionalResult(payload, result2));
-      return handleOptionalResult(payload, result);
-    }
-    return def.innerType._zod.run(payload, ctx);
-  };
-});
-var $ZodNullable = /* @__PURE__ */ $constructor("$ZodNullable", (inst, def) => {
-  $ZodType.init(inst, def);
-  defineLazyInternal(inst, "optin", (zod) => zod.def.innerType._zod.optin);
-  defineLazyInternal(inst, "optout", (zod) => zod.def.innerType._zod.optout);
-  defineLazyInternal(inst, "pattern", (zod) => {
-    const pattern = zod.def.innerType._zod.pattern;
-    return pattern ? new RegExp(`^(${cleanRegex(pattern.source)}|null)$`) : void 0;
-  });
-  defineLazyInternal(inst, "values", (zod) => {
-    return zod.def.innerType._zod.values ? /* @__PURE__ */ new Set([...zod.def.innerType._zod.values, null]) : void 0;
-  });
-  inst._zod.parse = (payload, ctx) => {
-    if (payload.value === null)
-      return payload;
-    return def.innerType._zod.run(payload, ctx);
-  };
-});
-var $ZodDefault = /* @__PURE__ */ $constructor("$ZodDefault", (inst, def) => {
-  $ZodType.init(inst, def);
-  inst._zod.optin = "defaulted";
-  defineLazyInternal(inst, "values", (zod) => zod.def.innerType._zod.values);
-  inst._zod.parse = (payload, ctx) => {
-    if (ctx.direction === "backward") {
-      return def.innerType._zod.run(payload, ctx);
-    }
-    if (payload.value === void 0) {
-      payload.value = def.defaultValue;
-      return payload;
-    }
-    const result = def.innerType._zod.run(payload, ctx);
-    if (result instanceof Promise) {
-      return result.then((result2) => handleDefaultResult(result2, def));
-    }
-    return handleDefaultResult(result, def);
-  };
-});
-function handleDefaultResult(payload, def) {
-  if (payload.value === void 0) {
-    payload.value = def.defaultValue;
-  }
-  return payload;
-}
-var $ZodPipe = /* @__PURE__ */ $constructor("$ZodPipe", (inst, def) => {
-  $ZodType.init(inst, def);
-  defineLazyInternal(inst, "values", (zod) => zod.def.in._zod.values);
-  defineLazyInternal(inst, "optin", (zod) => zod.def.in._zod.optin);
-  defineLazyInternal(inst, "optout", (zod) => zod.def.out._zod.optout);
-  defineLazyInternal(inst, "propValues", (zod) => zod.def.in._zod.propValues);
-  inst._zod.parse = (payload, ctx) => {
-    if (ctx.direction === "backward") {
-      const right = def.out._zod.run(payload, ctx);
-      if (right instanceof Promise) {
-        return right.then((right2) => handlePipeResult(right2, def.in, ctx));
-      }
-      return handlePipeResult(right, def.in, ctx);
-    }
-    const left = def.in._zod.run(payload, ctx);
-    if (left instanceof Promise) {
-      return left.then((left2) => handlePipeResult(left2, def.out, ctx));
-    }
-    return handlePipeResult(left, def.out, ctx);
-  };
-});
-function handlePipeResult(left, next, ctx) {
-  if (left.issues.some((iss) => iss.code !== "unrecognized_keys")) {
-    left.aborted = true;
-    return left;
-  }
-  return next._zod.run({ value: left.value, issues: left.issues }, ctx);
-}
-var $ZodCustom = /* @__PURE__ */ $constructor("$ZodCustom", (inst, def) => {
-  $ZodCheck.init(inst, def);
-  $ZodType.init(inst, def);
-  inst._zod.parse = (payload, _) => {
-    return payload;
-  };
-  inst._zod.check = (payload) => {
-    const input = payload.value;
-    const r = def.fn(input);
-    if (r instanceof Promise) {
-      return r.then((r2) => handleRefineResult(r2, payload, input, inst));
-    }
-    handleRefineResult(r, payload, input, inst);
-    return;
-  };
-});
-function handleRefineResult(result, payload, input, inst) {
-  if (!result) {
-    const _iss = {
-      code: "custom",
-      input,
-      inst,
-      // incorporates params.error into issue reporting
-      path: [...inst._zod.def.path ?? []],
-      // incorporates params.error into issue reporting
-      continue: !inst._zod.def.abort
-      // params: inst._zod.def.params,
-    };
-    if (inst._zod.def.params)
-      _iss.params = inst._zod.def.params;
-    payload.issues.push(issue(_iss));
-  }
-}
-
-// node_modules/zod/v4/locales/en.js
-var error = () => {
-  const Sizable = {
-    string: { unit: "characters", verb: "to have" },
-    file: { unit: "bytes", verb: "to have" },
-    array: { unit: "items", verb: "to have" },
-    set: { unit: "items", verb: "to have" },
-    map: { unit: "entries", verb: "to have" }
-  };
-  function getSizing(origin) {
-    return Sizable[origin] ?? null;
-  }
-  const FormatDictionary = {
-    regex: "input",
-    email: "email address",
-    url: "URL",
-    emoji: "emoji",
-    uuid: "UUID",
-    uuidv4: "UUIDv4",
-    uuidv6: "UUIDv6",
-    nanoid: "nanoid",
-    guid: "GUID",
-    cuid: "cuid",
-    cuid2: "cuid2",
-    ulid: "ULID",
-    xid: "XID",
-    ksuid: "KSUID",
-    datetime: "ISO datetime",
-    date: "ISO date",
-    time: "ISO time",
-    duration: "ISO duration",
-    ipv4: "IPv4 address",
-    ipv6: "IPv6 address",
-    mac: "MAC address",
-    cidrv4: "IPv4 range",
-    cidrv6: "IPv6 range",
-    base64: "base64-encoded string",
-    base64url: "base64url-encoded string",
-    json_string: "JSON string",
-    e164: "E.164 number",
-    currency_code: "currency code",
-    credit_card: "credit card number",
-    iban: "IBAN",
-    jwt: "JWT",
-    template_literal: "input"
-  };
-  const TypeDictionary = {
-    // Compatibility: "nan" -> "NaN" for display
-    nan: "NaN"
-    // All other type names omitted - they fall back to raw values via ?? operator
-  };
-  function getTypeName(type, input) {
-    if (type === "number" && typeof input === "number" && !Number.isFinite(input)) {
-      return String(input);
-    }
-    return TypeDictionary[type] ?? type;
-  }
-  return (issue2) => {
-    switch (issue2.code) {
-      case "invalid_type": {
-        const expected2 = getTypeName(issue2.expected);
-        const receivedType = parsedType(issue2.input);
-        const received = getTypeName(receivedType, issue2.input);
-        return `Invalid input: expected ${expected2}, received ${received}`;
-      }
-      case "invalid_value":
-        if (issue2.values.length === 1)
-          return `Invalid input: expected ${stringifyPrimitive(issue2.values[0])}`;
-        return `Invalid option: expected one of ${joinValues(issue2.values, "|")}`;
-      case "too_big": {
-        const adj = issue2.exact ? "exactly " : issue2.inclusive ? "<=" : "<";
-        const sizing = getSizing(issue2.origin);
-        if (sizing)
-          return `Too big: expected ${issue2.origin ?? "value"} to have ${adj}${issue2.maximum.toString()} ${sizing.unit ?? "elements"}`;
-        return `Too big: expected ${issue2.origin ?? "value"} to be ${adj}${issue2.maximum.toString()}`;
-      }
-      case "too_small": {
-        const adj = issue2.exact ? "exactly " : issue2.inclusive ? ">=" : ">";
-        const sizing = getSizing(issue2.origin);
-        if (sizing) {
-          return `Too small: expected ${issue2.origin} to have ${adj}${issue2.minimum.toString()} ${sizing.unit}`;
-        }
-        return `Too small: expected ${issue2.origin} to be ${adj}${issue2.minimum.toString()}`;
-      }
-      case "invalid_format": {
-        const _issue = issue2;
-        if (_issue.format === "starts_with") {
-          return `Invalid string: must start with "${_issue.prefix}"`;
-        }
-        if (_issue.format === "ends_with")
-          return `Invalid string: must end with "${_issue.suffix}"`;
-        if (_issue.format === "includes")
-          return `Invalid string: must include "${_issue.includes}"`;
-        if (_issue.format === "regex")
-          return `Invalid string: must match pattern ${_issue.pattern}`;
-        return `Invalid ${FormatDictionary[_issue.format] ?? issue2.format}`;
-      }
-      case "not_multiple_of":
-        return `Invalid number: must be a multiple of ${issue2.divisor}`;
-      case "unrecognized_keys":
-        return `Unrecognized key${issue2.keys.length > 1 ? "s" : ""}: ${joinValues(issue2.keys, ", ")}`;
-      case "invalid_key":
-        return `Invalid key in ${issue2.origin}`;
-      case "invalid_union":
-        if (issue2.options && Array.isArray(issue2.options) && issue2.options.length > 0) {
-          const opts = issue2.options.map((o) => `'${o}'`).join(" | ");
-          return `Invalid discriminator value. Expected ${opts}`;
-        }
-        if (issue2.inclusive === false) {
-          return "Invalid input: more than one option matched";
-        }
-        return "Invalid input";
-      case "invalid_element":
-        return `Invalid value in ${issue2.origin}`;
-      default:
-        return `Invalid input`;
-    }
-  };
-};
-function en_default() {
-  return {
-    localeError: error()
-  };
-}
-
-// node_modules/zod/v4/core/api.js
-function snapshotChecks(def) {
-  if (def.checks)
-    def.checks = [...def.checks];
-  return def;
-}
-// @__NO_SIDE_EFFECTS__
-function _string(Class, params) {
-  return new Class(snapshotChecks({ type: "string", ...normalizeParams(params) }));
-}
-// @__NO_SIDE_EFFECTS__
-function _number(Class, params) {
-  return new Class(snapshotChecks({ type: "number", checks: [], ...normalizeParams(params) }));
-}
-// @__NO_SIDE_EFFECTS__
-function _int(Class, params) {
-  return new Class({
-    type: "number",
-    check: "number_format",
-    abort: false,
-    format: "safeint",
-    ...normalizeParams(params)
-  });
-}
-// @__NO_SIDE_EFFECTS__
-function _boolean(Class, params) {
-  return new Class({
-    type: "boolean",
-    ...normalizeParams(params)
-  });
-}
-// @__NO_SIDE_EFFECTS__
-function _unknown(Class) {
-  return new Class({
-    type: "unknown"
-  });
-}
-// @__NO_SIDE_EFFECTS__
-function _never(Class, params) {
-  return new Class({
-    type: "never",
-    ...normalizeParams(params)
-  });
-}
-// @__NO_SIDE_EFFECTS__
-function _gte(value2, params) {
-  return new $ZodCheckGreaterThan({
-    check: "greater_than",
-    ...normalizeParams(params),
-    value: value2,
-    inclusive: true
-  });
-}
-// @__NO_SIDE_EFFECTS__
-function _nonnegative(params) {
-  return /* @__PURE__ */ _gte(0, params);
-}
-// @__NO_SIDE_EFFECTS__
-function _minLength(minimum, params) {
-  return new $ZodCheckMinLength({
-    check: "min_length",
-    ...normalizeParams(params),
-    minimum
-  });
-}
-// @__NO_SIDE_EFFECTS__
-function _regex(pattern, params) {
-  return new $ZodCheckRegex({
-    check: "string_format",
-    format: "regex",
-    ...normalizeParams(params),
-    pattern
-  });
-}
-// @__NO_SIDE_EFFECTS__
-function _refine(Class, fn, _params) {
-  const schema = new Class({
-    type: "custom",
-    check: "custom",
-    fn,
-    ...normalizeParams(_params)
-  });
-  return schema;
-}
-// @__NO_SIDE_EFFECTS__
-function _superRefine(fn, params) {
-  const ch = /* @__PURE__ */ _check((payload) => {
-    payload.addIssue = (issue2) => {
-      if (typeof issue2 === "string") {
-        payload.issues.push(issue(issue2, payload.value, ch._zod.def));
-      } else {
-        const _issue = issue2;
-        if (_issue.fatal)
-          _issue.continue = false;
-        _issue.code ?? (_issue.code = "custom");
-        if (!("input" in _issue))
-          _issue.input = payload.value;
-        _issue.inst ?? (_issue.inst = ch);
-        _issue.continue ?? (_issue.continue = !ch._zod.def.abort);
-        payload.issues.push(issue(_issue));
-      }
-    };
-    return fn(payload.value, payload);
-  }, params);
-  return ch;
-}
-// @__NO_SIDE_EFFECTS__
-function _check(fn, params) {
-  const ch = new $ZodCheck({
-    check: "custom",
-    ...normalizeParams(params)
-  });
-  ch._zod.check = fn;
-  return ch;
-}
-
-// node_modules/zod/v4/mini/schemas.js
-var ZodMiniType = /* @__PURE__ */ $constructor("ZodMiniType", (inst, def) => {
-  if (!inst._zod)
-    throw new Error("Uninitialized schema in ZodMiniType.");
-  $ZodType.init(inst, def);
-  inst.def = def;
-  inst.type = def.type;
-}, {
-  // `with` is an alias for `check`: the same function object, not a wrapper.
-  get with() {
-    return this.check;
-  },
-  set with(value2) {
-    own(this, "with", value2);
-  },
-  parse(data, params) {
-    return parse(this, data, params, { callee: this.parse });
-  },
-  parseAsync(data, params) {
-    return parseAsync(this, data, params, { callee: this.parseAsync });
-  },
-  safeParse(data, params) {
-    return safeParse(this, data, params);
-  },
-  safeParseAsync(data, params) {
-    return safeParseAsync(this, data, params);
-  },
-  check(...checks2) {
-    const def = this.def;
-    return this.clone({
-      ...def,
-      checks: [
-        ...def.checks ?? [],
-        ...checks2.map((ch) => typeof ch === "function" ? { _zod: { check: ch, def: { check: "custom" }, onattach: [] } } : ch)
-      ]
-    }, { parent: true });
-  },
-  clone(_def, params) {
-    return clone(this, _def, params);
-  },
-  brand() {
-    return this;
-  },
-  register(reg, meta2) {
-    reg.add(this, meta2);
-    return this;
-  },
-  apply(fn, ...args) {
-    return args.length === 0 ? fn(this) : fn(this, ...args);
-  }
-});
-var ZodMiniString = /* @__PURE__ */ $constructor("ZodMiniString", (inst, def) => {
-  $ZodString.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function string2(params) {
-  return _string(ZodMiniString, params);
-}
-var ZodMiniNumber = /* @__PURE__ */ $constructor("ZodMiniNumber", (inst, def) => {
-  $ZodNumber.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function number2(params) {
-  return _number(ZodMiniNumber, params);
-}
-var ZodMiniNumberFormat = /* @__PURE__ */ $constructor("ZodMiniNumberFormat", (inst, def) => {
-  $ZodNumberFormat.init(inst, def);
-  ZodMiniNumber.init(inst, def);
-});
-function int(params) {
-  return _int(ZodMiniNumberFormat, params);
-}
-var ZodMiniBoolean = /* @__PURE__ */ $constructor("ZodMiniBoolean", (inst, def) => {
-  $ZodBoolean.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function boolean2(params) {
-  return _boolean(ZodMiniBoolean, params);
-}
-var ZodMiniUnknown = /* @__PURE__ */ $constructor("ZodMiniUnknown", (inst, def) => {
-  $ZodUnknown.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function unknown() {
-  return _unknown(ZodMiniUnknown);
-}
-var ZodMiniNever = /* @__PURE__ */ $constructor("ZodMiniNever", (inst, def) => {
-  $ZodNever.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function never(params) {
-  return _never(ZodMiniNever, params);
-}
-var ZodMiniArray = /* @__PURE__ */ $constructor("ZodMiniArray", (inst, def) => {
-  $ZodArray.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function array(element, params) {
-  return new ZodMiniArray({
-    type: "array",
-    element,
-    ...normalizeParams(params)
-  });
-}
-var ZodMiniObject = /* @__PURE__ */ $constructor("ZodMiniObject", (inst, def) => {
-  $ZodObject.init(inst, def);
-  ZodMiniType.init(inst, def);
-  installLazyProp(inst, "shape", (self) => self._zod.def.shape, false);
-});
-// @__NO_SIDE_EFFECTS__
-function object(shape, params) {
-  const def = {
-    type: "object",
-    shape: shape ?? {},
-    ...normalizeParams(params)
-  };
-  return new ZodMiniObject(def);
-}
-// @__NO_SIDE_EFFECTS__
-function strictObject(shape, params) {
-  return new ZodMiniObject({
-    type: "object",
-    shape,
-    catchall: /* @__PURE__ */ never(),
-    ...normalizeParams(params)
-  });
-}
-var ZodMiniUnion = /* @__PURE__ */ $constructor("ZodMiniUnion", (inst, def) => {
-  $ZodUnion.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function union(options, params) {
-  return new ZodMiniUnion({
-    type: "union",
-    options,
-    ...normalizeParams(params)
-  });
-}
-var ZodMiniEnum = /* @__PURE__ */ $constructor("ZodMiniEnum", (inst, def) => {
-  $ZodEnum.init(inst, def);
-  ZodMiniType.init(inst, def);
-  inst.options = [...inst._zod.values];
-});
-// @__NO_SIDE_EFFECTS__
-function _enum(values, params) {
-  const entries = Array.isArray(values) ? Object.fromEntries(values.map((v) => [v, v])) : values;
-  return new ZodMiniEnum({
-    type: "enum",
-    entries,
-    ...normalizeParams(params)
-  });
-}
-var ZodMiniLiteral = /* @__PURE__ */ $constructor("ZodMiniLiteral", (inst, def) => {
-  $ZodLiteral.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function literal(value2, params) {
-  return new ZodMiniLiteral({
-    type: "literal",
-    values: Array.isArray(value2) ? value2 : [value2],
-    ...normalizeParams(params)
-  });
-}
-var ZodMiniTransform = /* @__PURE__ */ $constructor("ZodMiniTransform", (inst, def) => {
-  $ZodTransform.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function transform(fn) {
-  return new ZodMiniTransform({
-    type: "transform",
-    transform: fn
-  });
-}
-var ZodMiniOptional = /* @__PURE__ */ $constructor("ZodMiniOptional", (inst, def) => {
-  $ZodOptional.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function optional(innerType) {
-  return new ZodMiniOptional({
-    type: "optional",
-    innerType
-  });
-}
-var ZodMiniNullable = /* @__PURE__ */ $constructor("ZodMiniNullable", (inst, def) => {
-  $ZodNullable.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function nullable(innerType) {
-  return new ZodMiniNullable({
-    type: "nullable",
-    innerType
-  });
-}
-var ZodMiniDefault = /* @__PURE__ */ $constructor("ZodMiniDefault", (inst, def) => {
-  $ZodDefault.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function _default(innerType, defaultValue) {
-  return new ZodMiniDefault({
-    type: "default",
-    innerType,
-    get defaultValue() {
-      return typeof defaultValue === "function" ? defaultValue() : shallowClone(defaultValue);
-    }
-  });
-}
-var ZodMiniPipe = /* @__PURE__ */ $constructor("ZodMiniPipe", (inst, def) => {
-  $ZodPipe.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function pipe(in_, out) {
-  return new ZodMiniPipe({
-    type: "pipe",
-    in: in_,
-    out
-  });
-}
-var ZodMiniCustom = /* @__PURE__ */ $constructor("ZodMiniCustom", (inst, def) => {
-  $ZodCustom.init(inst, def);
-  ZodMiniType.init(inst, def);
-});
-// @__NO_SIDE_EFFECTS__
-function refine(fn, _params = {}) {
-  return _refine(ZodMiniCustom, fn, _params);
-}
-// @__NO_SIDE_EFFECTS__
-function superRefine(fn, params) {
-  return _superRefine(fn, params);
-}
-
-// src/core/zod.ts
-config(en_default());
 
 // src/core/config-values.ts
 import { isAbsolute, posix } from "node:path";
@@ -7662,12 +5716,12 @@ function parseIni(text, file) {
 // src/core/config-values.ts
 var Invalid = class extends Error {
 };
-function value(parse2) {
+function value(parse) {
   return pipe(
-    string2(),
+    string(),
     transform((raw, ctx) => {
       try {
-        return parse2(raw);
+        return parse(raw);
       } catch (err) {
         if (!(err instanceof Invalid)) throw err;
         ctx.issues.push({ code: "custom", message: err.message, input: raw });
@@ -7679,7 +5733,7 @@ function value(parse2) {
 function expected(what, raw) {
   return new Invalid(`expected ${what}, got '${raw}'`);
 }
-var integer2 = (min, max) => value((raw) => {
+var integer = (min, max) => value((raw) => {
   const n = /^\d+$/.test(raw) ? Number(raw) : NaN;
   if (!Number.isSafeInteger(n) || n < min || n > max) throw expected(`an integer from ${min} to ${max}`, raw);
   return n;
@@ -7689,7 +5743,7 @@ var positiveInteger = value((raw) => {
   if (!Number.isSafeInteger(n) || n <= 0) throw expected("a positive integer", raw);
   return n;
 });
-var boolean3 = value((raw) => {
+var boolean2 = value((raw) => {
   const word = raw.toLowerCase();
   if (["true", "yes", "on", "1"].includes(word)) return true;
   if (["false", "no", "off", "0"].includes(word)) return false;
@@ -7796,11 +5850,11 @@ function validateSection(file, section, schema, shape, errors) {
   }
   const result = schema.safeParse(input);
   if (result.success) return result.data;
-  for (const issue2 of result.error.issues) {
-    if (issue2.code === "unrecognized_keys") continue;
-    const name = String(issue2.path[0]);
+  for (const issue of result.error.issues) {
+    if (issue.code === "unrecognized_keys") continue;
+    const name = String(issue.path[0]);
     const line = section.options.get(name)?.line ?? section.line;
-    errors.push({ line, error: configError({ file, line, section: section.name, option: name }, issue2.message) });
+    errors.push({ line, error: configError({ file, line, section: section.name, option: name }, issue.message) });
   }
   return void 0;
 }
@@ -7869,8 +5923,8 @@ var mcuSchema = strictObject({
   wchisp_transport: _default(oneOf(["usb", "serial"]), "usb"),
   linux_mcu_path: unset(absolutePath),
   linux_mcu_service: unset(token),
-  backup_before_flash: unset(boolean3),
-  timeout: _default(integer2(10, 3600), 300)
+  backup_before_flash: unset(boolean2),
+  timeout: _default(integer(10, 3600), 300)
 }).check(
   superRefine((mcu, ctx) => {
     if (mcu.serial !== null && mcu.canbus_uuid !== null) {
@@ -8654,13 +6708,13 @@ async function withKlipperStopped(printer, journalPath, opts, work) {
       if (shutdown.signal.aborted) throw shutdown.signal.reason;
       value2 = await work(shutdown.signal);
     } catch (err) {
-      const error2 = toMoonflashError(err);
+      const error = toMoonflashError(err);
       klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
-      if (klipperRestart) error2.details.klipperRestart = klipperRestart;
+      if (klipperRestart) error.details.klipperRestart = klipperRestart;
       if (klipperRestart && !klipperRestart.ok) {
-        throw new MoonflashError(error2.code, `${error2.message} ${stillStoppedNote(klipperService)}`, error2.details, { cause: error2 });
+        throw new MoonflashError(error.code, `${error.message} ${stillStoppedNote(klipperService)}`, error.details, { cause: error });
       }
-      throw error2;
+      throw error;
     }
     klipperRestart = await restartKlipper(printer, klipperService, klipperWasRunning, opts);
     if (klipperRestart && !klipperRestart.ok) {
@@ -8898,17 +6952,17 @@ var IMAGE_SOURCES = ["flash", "rollback", "read-back", "ota"];
 var SHA256 = /^[0-9a-f]{64}$/;
 var sidecarSchema = object({
   format: literal(1),
-  mcu: string2(),
-  sha256: string2().check(_regex(SHA256)),
-  size: number2(),
-  version: nullable(string2()),
-  mcu_type: nullable(string2()),
-  date: string2(),
+  mcu: string(),
+  sha256: string().check(_regex(SHA256)),
+  size: number(),
+  version: nullable(string()),
+  mcu_type: nullable(string()),
+  date: string(),
   source: _enum(IMAGE_SOURCES),
-  source_path: nullable(string2()),
-  seq: number2()
+  source_path: nullable(string()),
+  seq: number()
 });
-var legacySchema = object({ sha256: string2().check(_regex(SHA256)), size: number2(), date: string2(), source: string2() });
+var legacySchema = object({ sha256: string().check(_regex(SHA256)), size: number(), date: string(), source: string() });
 function sha256Of(data) {
   return process.getBuiltinModule("node:crypto").createHash("sha256").update(data).digest("hex");
 }
@@ -8936,7 +6990,7 @@ var FirmwareStore = class {
     return file;
   }
   /** Records that `image` is now on the board; returns its entry. Keeps the newest IMAGES_KEPT. */
-  async add(mcu, image, meta2) {
+  async add(mcu, image, meta) {
     const dir = this.dir(mcu);
     await this.migrateLegacy(mcu);
     const sha2563 = sha256Of(image);
@@ -8949,9 +7003,9 @@ var FirmwareStore = class {
       size: image.length,
       version: detected?.version ?? null,
       mcu_type: detected?.mcu ?? null,
-      date: (meta2.date ?? /* @__PURE__ */ new Date()).toISOString(),
-      source: meta2.source,
-      source_path: meta2.sourcePath ?? null,
+      date: (meta.date ?? /* @__PURE__ */ new Date()).toISOString(),
+      source: meta.source,
+      source_path: meta.sourcePath ?? null,
       file,
       seq: Math.max(0, ...before.map((e) => e.seq)) + 1
     };
@@ -9066,11 +7120,11 @@ var FirmwareStore = class {
   }
 };
 async function readLegacy(dir, mcu) {
-  let meta2;
+  let meta;
   try {
     const result = legacySchema.safeParse(JSON.parse(await readFile4(join5(dir, "last.json"), "utf8")));
     if (!result.success) return null;
-    meta2 = result.data;
+    meta = result.data;
   } catch {
     return null;
   }
@@ -9081,23 +7135,23 @@ async function readLegacy(dir, mcu) {
   } catch {
     return null;
   }
-  if (sha256Of(image) !== meta2.sha256) return null;
+  if (sha256Of(image) !== meta.sha256) return null;
   const detected = detectImageMcu(image);
   return {
     mcu,
-    sha256: meta2.sha256,
+    sha256: meta.sha256,
     size: image.length,
     version: detected?.version ?? null,
     mcu_type: detected?.mcu ?? null,
-    date: meta2.date,
+    date: meta.date,
     source: "flash",
-    source_path: meta2.source,
+    source_path: meta.source,
     file,
     seq: 0
   };
 }
 function sidecarText(entry) {
-  const { file: _file2, damaged: _damaged, ...fields } = entry;
+  const { file: _file, damaged: _damaged, ...fields } = entry;
   return `${JSON.stringify({ format: 1, ...fields }, null, 2)}
 `;
 }
@@ -9144,10 +7198,10 @@ var ByteLinkBase = class {
     if (this.closed) return;
     for (const listener of [...this.dataListeners]) listener(chunk);
   }
-  markClosed(error2) {
+  markClosed(error) {
     if (this.closed) return;
     this.closed = true;
-    for (const listener of [...this.closeListeners]) listener(error2);
+    for (const listener of [...this.closeListeners]) listener(error);
     this.closeListeners.clear();
     this.dataListeners.clear();
   }
@@ -9225,9 +7279,9 @@ var SerialLink = class extends ByteLinkBase {
     return !this.isOpen || this.closing !== void 0;
   }
   /** The device went away: report it once and release the port. */
-  lost(error2) {
+  lost(error) {
     if (this.stopped) return;
-    this.markClosed(error2);
+    this.markClosed(error);
     void this.release();
   }
   /** Closes the port once; the binding then cancels our pending waits (ignored, we asked for it). */
@@ -9497,8 +7551,8 @@ function readAheadLead(blockSize) {
   const lead = 2 * reply - DEVICE_TRANSMIT_BUFFER - request;
   return lead < reply ? lead : null;
 }
-function startsBlockAck(partial2) {
-  return partial2.length >= 4 && partial2[2] === Response.ACK && partial2[3] === 2;
+function startsBlockAck(partial) {
+  return partial.length >= 4 && partial[2] === Response.ACK && partial[3] === 2;
 }
 var KatapultSession = class {
   constructor(link2, options = {}) {
@@ -9511,8 +7565,8 @@ var KatapultSession = class {
         this.decoder.push(chunk, this.items);
         if (this.items.length > 0 || this.aheadReady?.(this.decoder.partial)) this.notify();
       }),
-      link2.onClose((error2) => {
-        this.closedError = error2 ?? new Error("link closed");
+      link2.onClose((error) => {
+        this.closedError = error ?? new Error("link closed");
         this.notify();
       })
     ];
@@ -9726,7 +7780,7 @@ var KatapultSession = class {
     for (let index = 0; index < total; index++) {
       const address = appStartAddress + index * blockSize;
       if (requested < index) await request(index);
-      const ahead = lead !== null && index + 1 < total ? { ready: (partial2) => partial2.length >= lead, send: () => request(index + 1) } : void 0;
+      const ahead = lead !== null && index + 1 < total ? { ready: (partial) => partial.length >= lead, send: () => request(index + 1) } : void 0;
       const outcome = await this.awaitReply(Command.REQUEST_BLOCK, this.timings.timeoutMs, "REQUEST_BLOCK", ahead);
       let received;
       if (outcome.ok && outcome.payload.length >= 4 && outcome.payload.readUInt32LE(0) === address) {
@@ -9955,15 +8009,15 @@ var NOT_CANCELLABLE_WHILE_WRITING = "writing flash: stopping now would leave the
 var BACKUP_ERASED_RUN = 4096;
 var BACKUP_LIMIT_UNKNOWN_FLASH = 1024 * 1024;
 var KatapultFlasher = class {
-  constructor(config2 = {}) {
-    this.config = config2;
+  constructor(config = {}) {
+    this.config = config;
     this.options = {
-      bootloaderTimeoutMs: config2.bootloaderTimeoutMs ?? 8e3,
-      bootloaderPollMs: config2.bootloaderPollMs ?? 100,
-      serialRequestSettleMs: config2.serialRequestSettleMs ?? 1e3,
-      autoProbeTimeoutMs: config2.autoProbeTimeoutMs ?? 500
+      bootloaderTimeoutMs: config.bootloaderTimeoutMs ?? 8e3,
+      bootloaderPollMs: config.bootloaderPollMs ?? 100,
+      serialRequestSettleMs: config.serialRequestSettleMs ?? 1e3,
+      autoProbeTimeoutMs: config.autoProbeTimeoutMs ?? 500
     };
-    this.discoveryRoots = { devRoot: config2.devRoot, sysRoot: config2.sysRoot };
+    this.discoveryRoots = { devRoot: config.devRoot, sysRoot: config.sysRoot };
   }
   config;
   name = "katapult";
@@ -10038,8 +8092,8 @@ var KatapultFlasher = class {
         }
       };
     } catch (err) {
-      const error2 = toMoonflashError(err, "FLASH_FAILED");
-      throw writing ? incompleteImageError(error2, !link2.isOpen || error2.details.disconnected === true, target.mcu) : error2;
+      const error = toMoonflashError(err, "FLASH_FAILED");
+      throw writing ? incompleteImageError(error, !link2.isOpen || error.details.disconnected === true, target.mcu) : error;
     } finally {
       ctx.signal.removeEventListener("abort", onAbort);
       session.dispose();
@@ -10277,10 +8331,10 @@ function applicationRoom(info, configured) {
   }
   return { available, flashSize, limit, source };
 }
-function incompleteImageError(error2, disconnected, section) {
+function incompleteImageError(error, disconnected, section) {
   const again = `run the flash again (${flashCommandsFor(section)})`;
   const next = disconnected ? `The board disconnected and may hold an incomplete image: reconnect it, enter Katapult if it does not come back in it (double-tap reset on most boards), then ${again}.` : `COMPLETE was not sent, so the board stays in Katapult instead of starting an incomplete image: ${again}. A reset or power-cycle before that would start the incomplete image.`;
-  return new MoonflashError(error2.code, `${error2.message} ${next}`, { ...error2.details, leftInBootloader: !disconnected }, { cause: error2 });
+  return new MoonflashError(error.code, `${error.message} ${next}`, { ...error.details, leftInBootloader: !disconnected }, { cause: error });
 }
 function throwIfCancelled(signal2) {
   if (signal2.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
@@ -10822,12 +8876,12 @@ var WchispFlasher = class {
     const onLine = (raw) => {
       const line = raw.replace(ANSI, "").trimEnd();
       if (line.length === 0) return;
-      const error2 = /^Error: (.*)$/.exec(line);
-      if (error2) errorText2 ??= error2[1];
+      const error = /^Error: (.*)$/.exec(line);
+      if (error) errorText2 ??= error[1];
       const log = LOG_LINE.exec(line);
       const message = log ? log[2] : line;
       const level = log?.[1]?.toUpperCase();
-      ctx.log(level === "ERROR" || error2 ? "error" : level === "WARN" ? "warn" : "info", message);
+      ctx.log(level === "ERROR" || error ? "error" : level === "WARN" ? "warn" : "info", message);
       if (!log) return;
       const size2 = /^Firmware size: (\d+)/.exec(message);
       if (size2) firmwareSize = Number(size2[1]);
@@ -10919,8 +8973,8 @@ function klipperCondition(state) {
       return `Klipper is ${state.klippyState}`;
   }
 }
-function versionOrUnknown(version3) {
-  return version3 ?? "an unknown version";
+function versionOrUnknown(version2) {
+  return version2 ?? "an unknown version";
 }
 async function checkVersions(printer, settings, opts = {}) {
   const state = printer.state();
@@ -11012,15 +9066,15 @@ async function treeVersion(klipperPath, timeoutMs) {
       timeoutMs,
       tailLines: 5
     });
-    const version3 = run.stdoutTail.map((l) => l.trim()).filter(Boolean).at(-1);
-    if (run.exitCode === 0 && version3) return { version: version3, source: "git-describe" };
+    const version2 = run.stdoutTail.map((l) => l.trim()).filter(Boolean).at(-1);
+    if (run.exitCode === 0 && version2) return { version: version2, source: "git-describe" };
     detail = `git describe in ${klipperPath} failed: ${run.stderrTail.join(" ").trim() || `exit code ${run.exitCode}`}`;
   } catch (err) {
     detail = `git describe in ${klipperPath} failed: ${toMoonflashError(err).message}`;
   }
   try {
-    const version3 = (await readFile6(join7(klipperPath, "klippy", ".version"), "utf8")).trim();
-    if (version3) return { version: version3, source: "version-file" };
+    const version2 = (await readFile6(join7(klipperPath, "klippy", ".version"), "utf8")).trim();
+    if (version2) return { version: version2, source: "version-file" };
   } catch {
   }
   return { version: null, source: "unknown", detail: `${detail}. Check klipper_path in moonflash.conf.` };
@@ -11045,8 +9099,8 @@ function versionSummary(check) {
 var AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"], linux: ["linux"] };
 var FINAL_CODES = /* @__PURE__ */ new Set(["CANCELLED", "PRINTER_BUSY", "MCU_MISMATCH", "FIRMWARE_TOO_LARGE"]);
 var FIRMWARE_PARAM_HINT = "give its path with FIRMWARE= (macro) or --firmware (CLI)";
-function defaultFlashers(config2, opts) {
-  const m = config2.moonflash;
+function defaultFlashers(config, opts) {
+  const m = config.moonflash;
   const logger = (method) => opts.logger.child({ method });
   return {
     katapult: new KatapultFlasher({ logger: logger("katapult") }),
@@ -11148,8 +9202,8 @@ async function checkDevicePath(path6) {
   }
   return real;
 }
-function unknownMcu(typed, section, klipperMcus, own2) {
-  const known = [.../* @__PURE__ */ new Set([...klipperMcus.map((m) => m.section), ...Object.keys(own2)])].sort();
+function unknownMcu(typed, section, klipperMcus, own) {
+  const known = [.../* @__PURE__ */ new Set([...klipperMcus.map((m) => m.section), ...Object.keys(own)])].sort();
   const names = known.map(mcuUserName);
   const example = names.find((n) => n !== "mcu") ?? names[0] ?? "NAME";
   return new MoonflashError(
@@ -11267,8 +9321,8 @@ var FlashEngine = class {
       const entry = await this.rollbackImage(params.mcu);
       ctx.stage("rollback", `rolling back to ${describeImage(entry)}`);
       const result = await this.flashJob({ mcu: params.mcu, firmware: entry.file, ...params.dry_run ? { dry_run: true } : {} }, ctx, entry);
-      const { version: version3, sha256: sha2563, size: size2, date: date2, source, source_path } = entry;
-      return { ...result, rollback_to: { version: version3, sha256: sha2563, size: size2, date: date2, source, source_path } };
+      const { version: version2, sha256: sha2563, size: size2, date, source, source_path } = entry;
+      return { ...result, rollback_to: { version: version2, sha256: sha2563, size: size2, date, source, source_path } };
     });
   }
   /** Per MCU: its firmware version, Klipper's, and whether Klipper would call it outdated (versions.ts). */
@@ -11370,11 +9424,11 @@ var FlashEngine = class {
    */
   async backupPlanned(mcu, byDefault) {
     const section = mcuSectionName(mcu);
-    const own2 = this.config.mcus[section];
-    if (!(own2?.backup_before_flash ?? byDefault)) return false;
+    const own = this.config.mcus[section];
+    if (!(own?.backup_before_flash ?? byDefault)) return false;
     const connection = await this.mcuConnection(section);
     if (connection.mcuType?.toLowerCase() === "linux" || !connection.serial) return false;
-    if (!(own2?.method ?? AUTO_CHAIN.serial).includes("katapult")) return false;
+    if (!(own?.method ?? AUTO_CHAIN.serial).includes("katapult")) return false;
     return (await this.store.list(section)).length === 0;
   }
   /** Keeps what the flasher read back as the MCU's image before the one about to be written. */
@@ -11415,12 +9469,12 @@ var FlashEngine = class {
         attempts.push({ method, ok: true, elapsed_ms: Math.round(performance.now() - started) });
         return { method, outcome };
       } catch (err) {
-        const error2 = toMoonflashError(err, "FLASH_FAILED");
-        attempts.push({ method, ok: false, elapsed_ms: Math.round(performance.now() - started), code: error2.code, message: error2.message });
-        lastError = error2;
+        const error = toMoonflashError(err, "FLASH_FAILED");
+        attempts.push({ method, ok: false, elapsed_ms: Math.round(performance.now() - started), code: error.code, message: error.message });
+        lastError = error;
         const next = plan.methods[index + 1];
-        if (FINAL_CODES.has(error2.code) || ctx.signal.aborted || !next) break;
-        ctx.log("warn", `${method} failed: ${error2.message}; trying ${next}`);
+        if (FINAL_CODES.has(error.code) || ctx.signal.aborted || !next) break;
+        ctx.log("warn", `${method} failed: ${error.message}; trying ${next}`);
       }
     }
     const last = lastError ?? new MoonflashError("FLASH_FAILED", "No flash method was tried.");
@@ -11431,9 +9485,9 @@ var FlashEngine = class {
     const section = mcuSectionName(mcu);
     const known = (await this.knownMcus()).find((m) => m.section === section) ?? { section, sources: [] };
     const klipper = (await this.klipperMcus()).find((m) => m.section === section);
-    const own2 = this.config.mcus[section];
-    const mcuType = own2?.mcu_type ?? klipper?.mcuType;
-    const baud = own2?.serial ? own2.baud : klipper?.baud ?? own2?.baud;
+    const own = this.config.mcus[section];
+    const mcuType = own?.mcu_type ?? klipper?.mcuType;
+    const baud = own?.serial ? own.baud : klipper?.baud ?? own?.baud;
     return { ...known, ...mcuType ? { mcuType } : {}, ...baud ? { baud } : {} };
   }
   async knownMcus() {
@@ -11476,13 +9530,13 @@ var FlashEngine = class {
     const section = mcuSectionName(params.mcu);
     const klipperMcus = await this.klipperMcus();
     const klipper = klipperMcus.find((m) => m.section === section);
-    const own2 = this.config.mcus[section];
-    if (!klipper && !own2) throw unknownMcu(params.mcu, section, klipperMcus, this.config.mcus);
-    const fromOwn = !!(own2?.serial || own2?.canbus_uuid);
-    const serial = fromOwn ? own2?.serial ?? void 0 : klipper?.serial;
-    const canbusUuid2 = fromOwn ? own2?.canbus_uuid ?? void 0 : klipper?.canbusUuid;
-    const canbusInterface = fromOwn ? own2.canbus_interface : klipper?.canbusInterface ?? own2?.canbus_interface ?? MCU_DEFAULTS.canbus_interface;
-    const baud = fromOwn ? own2.baud : klipper?.baud ?? own2?.baud ?? MCU_DEFAULTS.baud;
+    const own = this.config.mcus[section];
+    if (!klipper && !own) throw unknownMcu(params.mcu, section, klipperMcus, this.config.mcus);
+    const fromOwn = !!(own?.serial || own?.canbus_uuid);
+    const serial = fromOwn ? own?.serial ?? void 0 : klipper?.serial;
+    const canbusUuid2 = fromOwn ? own?.canbus_uuid ?? void 0 : klipper?.canbusUuid;
+    const canbusInterface = fromOwn ? own.canbus_interface : klipper?.canbusInterface ?? own?.canbus_interface ?? MCU_DEFAULTS.canbus_interface;
+    const baud = fromOwn ? own.baud : klipper?.baud ?? own?.baud ?? MCU_DEFAULTS.baud;
     if (!serial && !canbusUuid2) {
       throw new MoonflashError(
         "DEVICE_NOT_FOUND",
@@ -11490,11 +9544,11 @@ var FlashEngine = class {
         { mcu: section }
       );
     }
-    const expectedMcuType = own2?.mcu_type ?? klipper?.mcuType ?? null;
+    const expectedMcuType = own?.mcu_type ?? klipper?.mcuType ?? null;
     const linuxHost = expectedMcuType?.toLowerCase() === "linux";
-    const methods = params.method !== void 0 ? parseFlashMethods(params.method) : own2?.method ?? [...linuxHost ? AUTO_CHAIN.linux : serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus];
-    const firmware = resolve2(params.firmware ?? own2?.firmware ?? join8(this.config.moonflash.klipper_path, "out", linuxHost ? "klipper.elf" : "klipper.bin"));
-    const image = await readFirmware(firmware, own2?.flash_size ?? null, expectedMcuType, section);
+    const methods = params.method !== void 0 ? parseFlashMethods(params.method) : own?.method ?? [...linuxHost ? AUTO_CHAIN.linux : serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus];
+    const firmware = resolve2(params.firmware ?? own?.firmware ?? join8(this.config.moonflash.klipper_path, "out", linuxHost ? "klipper.elf" : "klipper.bin"));
+    const image = await readFirmware(firmware, own?.flash_size ?? null, expectedMcuType, section);
     const deviceRealPath = serial && !linuxHost ? await checkDevicePath(serial) : null;
     const target = {
       mcu: section,
@@ -11504,15 +9558,15 @@ var FlashEngine = class {
       baud,
       firmwarePath: firmware,
       ...expectedMcuType ? { expectedMcuType } : {},
-      bootloader: own2?.bootloader ?? MCU_DEFAULTS.bootloader,
+      bootloader: own?.bootloader ?? MCU_DEFAULTS.bootloader,
       klipperPath: this.config.moonflash.klipper_path,
-      ...own2?.kconfig ? { kconfig: resolveKconfig(own2.kconfig, this.config.dataDir) } : {},
-      ...own2?.out_dir ? { outDir: own2.out_dir } : {},
-      wchispTransport: own2?.wchisp_transport ?? MCU_DEFAULTS.wchisp_transport,
-      ...own2?.linux_mcu_path ? { linuxMcuPath: own2.linux_mcu_path } : {},
-      ...own2?.linux_mcu_service ? { linuxMcuService: own2.linux_mcu_service } : {},
-      timeoutMs: (own2?.timeout ?? MCU_DEFAULTS.timeout) * 1e3,
-      flashSize: own2?.flash_size ?? null
+      ...own?.kconfig ? { kconfig: resolveKconfig(own.kconfig, this.config.dataDir) } : {},
+      ...own?.out_dir ? { outDir: own.out_dir } : {},
+      wchispTransport: own?.wchisp_transport ?? MCU_DEFAULTS.wchisp_transport,
+      ...own?.linux_mcu_path ? { linuxMcuPath: own.linux_mcu_path } : {},
+      ...own?.linux_mcu_service ? { linuxMcuService: own.linux_mcu_service } : {},
+      timeoutMs: (own?.timeout ?? MCU_DEFAULTS.timeout) * 1e3,
+      flashSize: own?.flash_size ?? null
     };
     const usable = [];
     const skipped = [];
@@ -11529,10 +9583,10 @@ var FlashEngine = class {
         await this.flashers[method].preflight(target);
         usable.push(method);
       } catch (err) {
-        const error2 = toMoonflashError(err);
-        if (!reportedError || reportedError.code === "METHOD_NOT_APPLICABLE" && error2.code !== "METHOD_NOT_APPLICABLE") reportedError = error2;
-        skipped.push({ method, code: error2.code, message: error2.message });
-        log("warn", `${method} skipped: ${error2.message}`);
+        const error = toMoonflashError(err);
+        if (!reportedError || reportedError.code === "METHOD_NOT_APPLICABLE" && error.code !== "METHOD_NOT_APPLICABLE") reportedError = error;
+        skipped.push({ method, code: error.code, message: error.message });
+        log("warn", `${method} skipped: ${error.message}`);
       }
     }
     if (usable.length === 0 && reportedError) {
@@ -11614,14 +9668,14 @@ function dstProblem(dst) {
   return null;
 }
 var TOKEN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-var token2 = (what) => string2().check(_regex(TOKEN, `expected ${what}: letters, digits, '.', '_' or '-', at most 64, starting with a letter or digit`));
+var token2 = (what) => string().check(_regex(TOKEN, `expected ${what}: letters, digits, '.', '_' or '-', at most 64, starting with a letter or digit`));
 var sha256 = pipe(
-  string2().check(_regex(/^[0-9A-Fa-f]{64}$/, "expected 64 hex digits (SHA-256)")),
+  string().check(_regex(/^[0-9A-Fa-f]{64}$/, "expected 64 hex digits (SHA-256)")),
   transform((hex2) => hex2.toLowerCase())
 );
 var size = int().check(_nonnegative("expected a size in bytes (a whole number, 0 or more)"));
 var mode = pipe(
-  union([int(), string2()]),
+  union([int(), string()]),
   transform((raw, ctx) => {
     const fail2 = (message) => {
       ctx.issues.push({ code: "custom", message, input: raw });
@@ -11644,26 +9698,26 @@ var mode = pipe(
   })
 );
 var fileSchema = strictObject({
-  src: string2(),
-  dst: string2(),
+  src: string(),
+  dst: string(),
   sha256,
   size,
   mode: _default(mode, 420)
 });
-var imageSchema = strictObject({ src: string2(), sha256, size });
+var imageSchema = strictObject({ src: string(), sha256, size });
 var processSchema = union([
-  strictObject({ pidfile: string2().check(_regex(/^\/[^\0]*$/, "expected an absolute path")) }),
-  strictObject({ name: string2().check(_regex(/^[^\0/]{1,255}$/, "expected a process name without '/'")) })
+  strictObject({ pidfile: string().check(_regex(/^\/[^\0]*$/, "expected an absolute path")) }),
+  strictObject({ name: string().check(_regex(/^[^\0/]{1,255}$/, "expected a process name without '/'")) })
 ]);
 var moduleSchema = pipe(
   strictObject({
     id: token2("a module id"),
     type: _default(_enum(["files", "firmware"]), "files"),
-    depends: _default(array(string2()), []),
+    depends: _default(array(string()), []),
     files: _default(array(fileSchema), []),
-    service: optional(string2().check(_regex(/^[A-Za-z0-9][A-Za-z0-9@._-]{0,127}$/, "expected a service name like 'klipper'"))),
+    service: optional(string().check(_regex(/^[A-Za-z0-9][A-Za-z0-9@._-]{0,127}$/, "expected a service name like 'klipper'"))),
     process: optional(processSchema),
-    mcu: optional(string2().check(_regex(/^[A-Za-z0-9_-]{1,64}$/, "expected an MCU name like 'mcu' or 'toolhead'"))),
+    mcu: optional(string().check(_regex(/^[A-Za-z0-9_-]{1,64}$/, "expected an MCU name like 'mcu' or 'toolhead'"))),
     image: optional(imageSchema)
   }).check(
     superRefine((module, ctx) => {
@@ -11686,12 +9740,12 @@ var moduleSchema = pipe(
   })
 );
 var VERSION2 = /^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$/;
-var version2 = string2().check(_regex(VERSION2, "expected a version like 1.4.0 (letters, digits, '.', '+', '_', '-')"));
+var version = string().check(_regex(VERSION2, "expected a version like 1.4.0 (letters, digits, '.', '+', '_', '-')"));
 var manifestSchema = pipe(
   strictObject({
     name: token2("a package name"),
-    version: version2,
-    min_version: optional(version2),
+    version,
+    min_version: optional(version),
     modules: array(moduleSchema).check(_minLength(1, "expected at least one module"))
   }),
   transform((m) => ({ name: m.name, version: m.version, min_version: m.min_version ?? null, modules: m.modules }))
@@ -11717,9 +9771,9 @@ function parseManifest(bytes) {
   }
   const result = manifestSchema.safeParse(json);
   if (!result.success) {
-    const issues = result.error.issues.map((issue2) => {
-      const where = issue2.path.length > 0 ? issuePath(issue2.path) : "manifest";
-      return issue2.code === "unrecognized_keys" ? `${where}: unknown key(s) ${issue2.keys.map((k) => `'${k}'`).join(", ")}` : `${where}: ${issue2.message}`;
+    const issues = result.error.issues.map((issue) => {
+      const where = issue.path.length > 0 ? issuePath(issue.path) : "manifest";
+      return issue.code === "unrecognized_keys" ? `${where}: unknown key(s) ${issue.keys.map((k) => `'${k}'`).join(", ")}` : `${where}: ${issue.message}`;
     });
     throw invalidManifest(issues.join("; "), { issues });
   }
@@ -12015,18 +10069,18 @@ var flag = pipe(
     }
     return value2;
   }),
-  boolean2({ error: "expected true/false (or 1/0)" })
+  boolean({ error: "expected true/false (or 1/0)" })
 );
 var clientDialect = (method) => ({ method, param: (key) => key });
 function parseParams(method, schema, raw, dialect = clientDialect(method)) {
   const result = schema.safeParse(raw ?? {});
   if (result.success) return result.data;
-  const problems = result.error.issues.map((issue2) => {
-    const field = issue2.path.length ? dialect.param(issue2.path.join(".")) : "params";
-    if (issue2.code === "unrecognized_keys") {
-      return `unknown parameter(s) ${issue2.keys.map((k) => `'${dialect.param(k)}'${didYouMean(k, knownKeys(schema), dialect)}`).join(", ")}`;
+  const problems = result.error.issues.map((issue) => {
+    const field = issue.path.length ? dialect.param(issue.path.join(".")) : "params";
+    if (issue.code === "unrecognized_keys") {
+      return `unknown parameter(s) ${issue.keys.map((k) => `'${dialect.param(k)}'${didYouMean(k, knownKeys(schema), dialect)}`).join(", ")}`;
     }
-    return `${field}: ${issue2.message}`;
+    return `${field}: ${issue.message}`;
   });
   throw new MoonflashError("INVALID_PARAMS", `${dialect.method}: ${problems.join("; ")}`, {
     method,
@@ -12123,7 +10177,7 @@ function describeOta(s) {
     const module = s.module ? `, module ${s.module.id} (${s.module.index}/${s.module.count})` : "";
     return `moonflash: OTA ${s.state.replace("_", " ")} ${packageName(s)}: ${s.job.stage}${pct}${eta}${module}`;
   }
-  const error2 = s.lastError ? ` [${s.lastError.code}] ${s.lastError.message}` : "";
+  const error = s.lastError ? ` [${s.lastError.code}] ${s.lastError.message}` : "";
   let line;
   switch (s.state) {
     case "idle":
@@ -12136,16 +10190,16 @@ function describeOta(s) {
       line = "moonflash: the OTA package is downloaded but not verified yet. OTA_INSTALL verifies it first.";
       break;
     case "verified":
-      line = `moonflash: OTA package ${packageName(s)} is downloaded and verified. Install it with OTA_INSTALL.${error2 ? sentence(` The last try failed:${error2}`) : ""}`;
+      line = `moonflash: OTA package ${packageName(s)} is downloaded and verified. Install it with OTA_INSTALL.${error ? sentence(` The last try failed:${error}`) : ""}`;
       break;
     case "committed":
       line = `moonflash: ${packageName(s)} is installed. OTA_ROLLBACK restores what was there before it.`;
       break;
     case "rolled_back":
-      line = `moonflash: ${packageName(s)} was rolled back${error2 ? sentence(` after${error2}`) : " on request."} The previous version is in place.`;
+      line = `moonflash: ${packageName(s)} was rolled back${error ? sentence(` after${error}`) : " on request."} The previous version is in place.`;
       break;
     case "failed":
-      line = sentence(`moonflash: the last OTA update failed${error2}`);
+      line = sentence(`moonflash: the last OTA update failed${error}`);
       break;
     default:
       line = `moonflash: the update ${packageName(s)} was interrupted (${s.state.replace("_", " ")}). It is rolled back when the agent starts, or now with OTA_ROLLBACK.`;
@@ -12154,19 +10208,6 @@ function describeOta(s) {
   const other = s.other ? ` A ${s.other.kind} job on ${jobTarget(s.other.kind, s.other.target)} is running.` : "";
   return `${line}${installed}${other}`;
 }
-var HEX = (digits, what) => string2({ error: `expected ${digits} hex digits (${what})` }).check(_regex(new RegExp(`^[0-9A-Fa-f]{${digits}}$`), `expected ${digits} hex digits (${what})`));
-var byteCount = pipe(
-  transform((value2) => typeof value2 === "string" && /^\s*\d+\s*$/.test(value2) ? Number(value2) : value2),
-  int({ error: "expected the package's size in bytes, a whole number" }).check(_nonnegative("expected the package's size in bytes, a whole number"))
-);
-var otaDownloadParams = strictObject({
-  url: string2({ error: "required: the package's http:// or https:// URL" }).check(
-    _regex(/^https?:\/\/\S+$/i, "expected the package's http:// or https:// URL")
-  ),
-  md5: HEX(32, "the package's MD5"),
-  sha256: optional(HEX(64, "the package's SHA-256")),
-  size: optional(byteCount)
-});
 function buildMethodTable(deps) {
   const { runner } = deps;
   let download = null;
@@ -12204,7 +10245,7 @@ function buildMethodTable(deps) {
       description: "Build firmware from each MCU's profile (make olddefconfig, make) at low priority, without stopping Klipper; a build with unchanged inputs is skipped.",
       params: strictObject({
         // Without it: every MCU of moonflash.conf that has a profile.
-        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
+        mcu: optional(string({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
         force: optional(flag)
       }),
       handler: async ({ mcu, force }) => {
@@ -12230,7 +10271,7 @@ function buildMethodTable(deps) {
       params: strictObject({
         // Without it: the MCUs whose firmware version differs from Klipper's.
         mcus: optional(pipe(
-          union([string2(), array(string2())]),
+          union([string(), array(string())]),
           transform((v) => (Array.isArray(v) ? v : v.split(",")).map((s) => s.trim()).filter(Boolean))
         )),
         force: optional(flag),
@@ -12248,8 +10289,8 @@ function buildMethodTable(deps) {
       description: "Flash one MCU: pre-flight, stop Klipper, flash with fallback, verify, start Klipper.",
       params: strictObject({
         // Optional so that a bare FLASH_MCU (a click on Mainsail's macro button) gets the list of MCUs, not a flash.
-        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
-        firmware: optional(string2().check(_minLength(1))),
+        mcu: optional(string({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
+        firmware: optional(string().check(_minLength(1))),
         // Not `method`: Klipper's action_call_remote_method(method, **kwargs) (klippy/extras/gcode_macro.py) takes
         // that name itself, so a macro could never pass it.
         flash_method: optional(_enum(FLASH_METHODS, { error: `expected one of ${FLASH_METHODS.join(", ")}` })),
@@ -12280,7 +10321,7 @@ function buildMethodTable(deps) {
       description: "Flash the image an MCU had before its current one (moonflash keeps the last 3), as a normal flash.",
       params: strictObject({
         // Optional for the same reason as flash.mcu's: a bare FLASH_ROLLBACK names the MCUs instead of failing on a type.
-        mcu: optional(string2({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
+        mcu: optional(string({ error: 'expected the MCU section name, e.g. "mcu" or "toolhead"' })),
         dry_run: optional(flag)
       }),
       handler: async ({ mcu, dry_run }) => {
@@ -12425,10 +10466,10 @@ var LIMIT_KEYS = {
 var limits = value((raw) => {
   let result = {};
   for (const [key, setting] of keyValueLines(raw, "'name=value'")) {
-    const parse2 = LIMIT_KEYS[key];
-    if (!parse2) throw new Invalid(`unknown limit '${key}'; limits are ${Object.keys(LIMIT_KEYS).join(", ")}`);
+    const parse = LIMIT_KEYS[key];
+    if (!parse) throw new Invalid(`unknown limit '${key}'; limits are ${Object.keys(LIMIT_KEYS).join(", ")}`);
     try {
-      result = { ...result, ...parse2(setting) };
+      result = { ...result, ...parse(setting) };
     } catch (err) {
       if (err instanceof Invalid) throw new Invalid(`${key}: ${err.message}`);
       throw err;
@@ -12439,16 +10480,16 @@ var limits = value((raw) => {
 var otaSchema = strictObject({
   roots: _default(roots, {}),
   public_key: unset(publicKey),
-  http_port: unset(integer2(1, 65535)),
+  http_port: unset(integer(1, 65535)),
   http_bind: _default(bindAddress, "127.0.0.1"),
   callback_url: unset(url(["http:", "https:"], "an http:// or https:// URL")),
-  probation_timeout: _default(integer2(5, 3600), 120),
-  keep_backups: _default(integer2(1, 20), 2),
+  probation_timeout: _default(integer(5, 3600), 120),
+  keep_backups: _default(integer(1, 20), 2),
   limits: _default(limits, {})
 });
 var OTA_DEFAULTS = defaults(otaSchema);
-function rootsMap(config2) {
-  return new Map(Object.entries(config2.roots));
+function rootsMap(config) {
+  return new Map(Object.entries(config.roots));
 }
 
 // src/moonflash-conf.ts
@@ -12462,7 +10503,7 @@ function moonflashSchema(dataDir) {
     python: _default(program, "/usr/bin/python3"),
     wchisp_path: unset(absolutePath),
     log_level: _default(oneOf(["debug", "info", "warn", "error"]), "info"),
-    service_timeout: _default(integer2(5, 600), 90)
+    service_timeout: _default(integer(5, 600), 90)
   });
 }
 var KNOWN_SECTIONS = ["moonflash", "mcu", "ota"];
@@ -12470,7 +10511,7 @@ function parseConfig(text, file, dataDir) {
   const doc = parseIni(text, file);
   const errors = [];
   const moonflash = moonflashSchema(dataDir);
-  const config2 = {
+  const config = {
     file,
     exists: true,
     dataDir,
@@ -12482,12 +10523,12 @@ function parseConfig(text, file, dataDir) {
   for (const section of doc.sections.values()) {
     if (section.name === "moonflash") {
       const parsed = validateSection(file, section, moonflash, Object.keys(moonflash.shape), errors);
-      if (parsed) config2.moonflash = parsed;
+      if (parsed) config.moonflash = parsed;
       continue;
     }
     if (section.name === "ota") {
       const parsed = validateSection(file, section, otaSchema, Object.keys(otaSchema.shape), errors);
-      if (parsed) config2.ota = parsed;
+      if (parsed) config.ota = parsed;
       continue;
     }
     const mcu = /^mcu(?:\s+(\S.*))?$/.exec(section.name);
@@ -12503,7 +10544,7 @@ function parseConfig(text, file, dataDir) {
       }
       mcuLines.set(key, section.line);
       const parsed = validateSection(file, section, mcuSchema, Object.keys(mcuSchema.shape), errors);
-      if (parsed) config2.mcus[key] = { section: key, ...parsed };
+      if (parsed) config.mcus[key] = { section: key, ...parsed };
       continue;
     }
     const hint = suggest(section.name, KNOWN_SECTIONS);
@@ -12522,7 +10563,7 @@ function parseConfig(text, file, dataDir) {
     if (errors.length > 1) first.details.errors = errors.map((e) => e.error.message);
     throw first;
   }
-  return config2;
+  return config;
 }
 async function loadConfig(dataDir, file = dataPaths(dataDir).config) {
   let text;
@@ -12567,21 +10608,21 @@ function configSummary(cfg) {
 import { readFileSync, renameSync } from "node:fs";
 var HISTORY_LIMIT = 50;
 var recordSchema = object({
-  id: string2(),
+  id: string(),
   kind: _enum(["flash", "ota"]),
-  target: string2(),
+  target: string(),
   params: optional(unknown()),
-  startedAt: string2(),
-  finishedAt: string2(),
-  ok: boolean2(),
+  startedAt: string(),
+  finishedAt: string(),
+  ok: boolean(),
   code: optional(_enum(Object.keys(ERROR_CODES))),
-  message: optional(string2()),
+  message: optional(string()),
   result: optional(unknown())
 });
 var fileSchema2 = object({ version: literal(1), jobs: array(recordSchema) });
 var appendQueues = /* @__PURE__ */ new Map();
-function compactTimestamp(date2) {
-  return date2.toISOString().replace(/[-:]/g, "").replace(".", "");
+function compactTimestamp(date) {
+  return date.toISOString().replace(/[-:]/g, "").replace(".", "");
 }
 function readRecords(path6, logger) {
   let text;
@@ -12628,8 +10669,8 @@ function appendJob(path6, record, logger, limit = HISTORY_LIMIT) {
 }
 
 // src/core/jobs.ts
-function compactUtc(date2) {
-  return date2.toISOString().slice(0, 19).replace(/[-:]/g, "");
+function compactUtc(date) {
+  return date.toISOString().slice(0, 19).replace(/[-:]/g, "");
 }
 function makeJobId(kind, at) {
   return `${kind}-${compactUtc(at)}-${process.getBuiltinModule("node:crypto").randomBytes(2).toString("hex")}`;
@@ -12729,8 +10770,8 @@ var JobRunner = class {
       if (job.controller.signal.aborted) throw cancelledError(info.jobId);
       outcome = { ok: true, value: await work(ctx) };
     } catch (err) {
-      const error3 = job.controller.signal.aborted && !isMoonflashError(err) ? cancelledError(info.jobId, err) : toMoonflashError(err);
-      outcome = { ok: false, error: error3 };
+      const error2 = job.controller.signal.aborted && !isMoonflashError(err) ? cancelledError(info.jobId, err) : toMoonflashError(err);
+      outcome = { ok: false, error: error2 };
     }
     finished = true;
     const record = {
@@ -12761,10 +10802,10 @@ var JobRunner = class {
       this.emit({ ...this.base(info), type: "result", ok: true, ...outcome.value === void 0 ? {} : { details: outcome.value } });
       return outcome.value;
     }
-    const { error: error2 } = outcome;
-    log.warn({ code: error2.code, details: error2.details }, `job failed: ${error2.message}`);
-    this.emit({ ...this.base(info), type: "result", ok: false, code: error2.code, message: error2.message, details: error2.details });
-    throw error2;
+    const { error } = outcome;
+    log.warn({ code: error.code, details: error.details }, `job failed: ${error.message}`);
+    this.emit({ ...this.base(info), type: "result", ok: false, code: error.code, message: error.message, details: error.details });
+    throw error;
   }
   /** The running job of this process, or null. */
   current() {
@@ -12941,7 +10982,7 @@ import { sep } from "path";
 import { TextDecoder as TextDecoder2 } from "util";
 import { setTimeout as setTimeout2 } from "timers";
 async function exists(filename) {
-  return new Promise((resolve4) => access5(filename, constants.F_OK, (error2) => resolve4(!error2)));
+  return new Promise((resolve4) => access5(filename, constants.F_OK, (error) => resolve4(!error)));
 }
 var RotatingFileStreamError = class extends Error {
   code = "RFS-TOO-MANY";
@@ -13003,8 +11044,8 @@ var RotatingFileStream = class extends Writable {
       }
     })();
   }
-  _destroy(error2, callback) {
-    this.refinal(error2, callback);
+  _destroy(error, callback) {
+    this.refinal(error, callback);
   }
   _final(callback) {
     this.refinal(void 0, callback);
@@ -13015,7 +11056,7 @@ var RotatingFileStream = class extends Writable {
   _writev(chunks, callback) {
     this.rewrite(chunks, 0, callback);
   }
-  async refinal(error2, callback) {
+  async refinal(error, callback) {
     try {
       this.clear();
       if (this.initPromise)
@@ -13024,9 +11065,9 @@ var RotatingFileStream = class extends Writable {
         await this.timeoutPromise;
       await this.reclose();
     } catch (e) {
-      return callback(error2 || e);
+      return callback(error || e);
     }
-    callback(error2);
+    callback(error);
   }
   async rewrite(chunks, index, callback) {
     const { size: size2, teeToStdout } = this.options;
@@ -13222,8 +11263,8 @@ var RotatingFileStream = class extends Writable {
       return;
     this.intervalBounds(this.now());
     const set = async () => {
-      const time2 = this.next - this.now().getTime();
-      if (time2 <= 0) {
+      const time = this.next - this.now().getTime();
+      if (time <= 0) {
         try {
           this.timeoutPromise = this.rotate();
           await this.timeoutPromise;
@@ -13231,7 +11272,7 @@ var RotatingFileStream = class extends Writable {
         } catch (e) {
         }
       } else {
-        this.timeout = setTimeout2(set, time2 > this.maxTimeout ? this.maxTimeout : time2);
+        this.timeout = setTimeout2(set, time > this.maxTimeout ? this.maxTimeout : time);
         this.timeout.unref();
       }
     };
@@ -13241,9 +11282,9 @@ var RotatingFileStream = class extends Writable {
     const { compress } = this.options;
     if (typeof compress === "function") {
       await new Promise((resolve4, reject) => {
-        this.exec(compress(this.filename, filename), (error2, stdout, stderr) => {
+        this.exec(compress(this.filename, filename), (error, stdout, stderr) => {
           this.emit("external", stdout, stderr);
-          error2 ? reject(error2) : resolve4();
+          error ? reject(error) : resolve4();
         });
       });
     } else
@@ -13511,13 +11552,13 @@ function createClassical(filename, compress, omitExtension) {
 }
 function createGenerator(filename, compress, omitExtension) {
   const pad = (num) => (num > 9 ? "" : "0") + num;
-  return (time2, index) => {
-    if (!time2)
+  return (time, index) => {
+    if (!time)
       return filename;
-    const month = time2.getFullYear() + "" + pad(time2.getMonth() + 1);
-    const day = pad(time2.getDate());
-    const hour = pad(time2.getHours());
-    const minute = pad(time2.getMinutes());
+    const month = time.getFullYear() + "" + pad(time.getMonth() + 1);
+    const day = pad(time.getDate());
+    const hour = pad(time.getHours());
+    const minute = pad(time.getMinutes());
     return month + day + "-" + hour + minute + "-" + pad(index) + "-" + filename + (compress && !omitExtension ? ".gz" : "");
   };
 }
@@ -13620,32 +11661,32 @@ function fileError(err, what, path6) {
   if (errno === "EACCES" || errno === "EPERM" || errno === "EROFS") {
     return new MoonflashError("PERMISSION_DENIED", `moonflash may not ${what} (${path6}): ${errno}; fix the owner or mode.`, { path: path6, errno }, { cause: err });
   }
-  const error2 = toMoonflashError(err);
-  return new MoonflashError(error2.code, `Could not ${what} (${path6}): ${error2.message}`, { ...error2.details, path: path6 }, { cause: err });
+  const error = toMoonflashError(err);
+  return new MoonflashError(error.code, `Could not ${what} (${path6}): ${error.message}`, { ...error.details, path: path6 }, { cause: err });
 }
 var int2 = int().check(_nonnegative());
 var backupManifestSchema = object({
   format: literal(1),
-  updateId: string2(),
-  name: string2(),
-  version: string2(),
-  createdAt: string2(),
+  updateId: string(),
+  name: string(),
+  version: string(),
+  createdAt: string(),
   files: array(
     object({
-      dst: string2(),
-      module: string2(),
-      target: string2(),
-      existed: boolean2(),
-      backup: nullable(string2()),
+      dst: string(),
+      module: string(),
+      target: string(),
+      existed: boolean(),
+      backup: nullable(string()),
       size: int2,
       mode: int2,
       uid: int2,
       gid: int2
     })
   ),
-  createdDirs: array(string2()),
-  firmware: array(object({ module: string2(), mcu: string2(), image: nullable(string2()), sha256: nullable(string2()) })),
-  services: array(string2())
+  createdDirs: array(string()),
+  firmware: array(object({ module: string(), mcu: string(), image: nullable(string()), sha256: nullable(string()) })),
+  services: array(string())
 });
 var BACKUP_MANIFEST = "manifest.json";
 var OUTCOME_FILE = "outcome.json";
@@ -13950,8 +11991,8 @@ function retryAfterMs(value2, now = Date.now()) {
   if (value2 === void 0) return null;
   const text = value2.trim();
   if (/^\d{1,9}$/.test(text)) return Number(text) * 1e3;
-  const date2 = Date.parse(text);
-  return Number.isNaN(date2) ? null : Math.max(0, date2 - now);
+  const date = Date.parse(text);
+  return Number.isNaN(date) ? null : Math.max(0, date - now);
 }
 
 // src/ota/download.ts
@@ -14043,9 +12084,9 @@ function normalizeOptions(opts) {
   };
 }
 var partFate = /* @__PURE__ */ new WeakMap();
-function withFate(error2, fate) {
-  partFate.set(error2, fate);
-  return error2;
+function withFate(error, fate) {
+  partFate.set(error, fate);
+  return error;
 }
 function cancelled(s, kept) {
   const message = kept > 0 ? `The download of ${s.url.href} was cancelled; the ${kept} bytes received are kept and the next download resumes from there.` : `The download of ${s.url.href} was cancelled before any byte was received.`;
@@ -14063,12 +12104,12 @@ function describeError(err) {
 }
 var sidecarSchema2 = object({
   format: literal(1),
-  url: string2(),
-  md5: string2(),
-  etag: nullable(string2()),
-  last_modified: nullable(string2()),
-  total: nullable(number2()),
-  committed: number2()
+  url: string(),
+  md5: string(),
+  etag: nullable(string()),
+  last_modified: nullable(string()),
+  total: nullable(number()),
+  committed: number()
 });
 var PartFile = class _PartFile {
   constructor(s, handle, path6, sidecarPath) {
@@ -14158,9 +12199,9 @@ var PartFile = class _PartFile {
    */
   checkpointWhenDue() {
     if (this.checkpointError !== null) {
-      const error2 = this.checkpointError;
+      const error = this.checkpointError;
       this.checkpointError = null;
-      throw error2;
+      throw error;
     }
     if (this.checkpointing !== null || this.position === this.committed) return;
     if (this.position - this.committed < this.s.checkpointBytes && Date.now() - this.lastCheckpointAt < this.s.checkpointMs) return;
@@ -14222,9 +12263,9 @@ var PartFile = class _PartFile {
   async settleCheckpoint() {
     await this.checkpointing;
     if (this.checkpointError !== null) {
-      const error2 = this.checkpointError;
+      const error = this.checkpointError;
       this.checkpointError = null;
-      throw error2;
+      throw error;
     }
   }
   async writeSidecar(committed) {
@@ -14371,14 +12412,14 @@ var DownloadRun = class {
       }
       return await this.finish(resumedFrom);
     } catch (err) {
-      const error2 = toMoonflashError(err, "DOWNLOAD_FAILED");
-      await this.settlePart(error2);
-      throw error2;
+      const error = toMoonflashError(err, "DOWNLOAD_FAILED");
+      await this.settlePart(error);
+      throw error;
     }
   }
   /** Leaves the part as the error asks: removed, checkpointed for a resume, or as the sidecar last described it. */
-  async settlePart(error2) {
-    const fate = partFate.get(error2) ?? (error2.code === "DISK_FULL" ? "discard" : void 0);
+  async settlePart(error) {
+    const fate = partFate.get(error) ?? (error.code === "DISK_FULL" ? "discard" : void 0);
     try {
       if (fate === "discard" || fate === "keep" && this.part.position === 0) await this.part.discard();
       else if (fate === "keep") await this.part.checkpoint();
@@ -15118,8 +13159,8 @@ function inflatesTooMuch(info) {
 function unreadable(info, err) {
   const message = err?.message ?? String(err);
   if (/too many bytes/.test(message)) return inflatesTooMuch(info);
-  const error2 = invalidPackage(info.name, `cannot be read (${message})`);
-  return new MoonflashError(error2.code, error2.message, error2.details, { cause: err });
+  const error = invalidPackage(info.name, `cannot be read (${message})`);
+  return new MoonflashError(error.code, error.message, error.details, { cause: err });
 }
 async function readSmallEntry(zip, info) {
   const chunks = [];
@@ -15419,47 +13460,47 @@ var OTA_STATES = [
 var DEPLOY_STATES = /* @__PURE__ */ new Set(["backing_up", "deploying", "restarting", "probation", "rolling_back"]);
 var DEFAULT_MAX_STATE_SAVES = 28;
 var HISTORY_KEPT = 64;
-var errorCode = string2().check(
+var errorCode = string().check(
   refine((code) => Object.hasOwn(ERROR_CODES, code), "expected a moonflash error code")
 );
-var stateError = nullable(object({ code: errorCode, message: string2() }));
+var stateError = nullable(object({ code: errorCode, message: string() }));
 var int3 = int().check(_nonnegative());
 var stateSchema = object({
   format: literal(1),
-  updateId: string2().check(_regex(/^[A-Za-z0-9._-]{1,100}$/)),
+  updateId: string().check(_regex(/^[A-Za-z0-9._-]{1,100}$/)),
   state: _enum(OTA_STATES),
   saves: int3,
-  history: array(object({ state: _enum(OTA_STATES), at: string2(), pid: int3 })),
-  job: nullable(object({ id: string2(), target: string2(), startedAt: string2() })),
-  download: nullable(object({ url: string2(), md5: string2(), sha256: nullable(string2()), size: nullable(int3) })),
+  history: array(object({ state: _enum(OTA_STATES), at: string(), pid: int3 })),
+  job: nullable(object({ id: string(), target: string(), startedAt: string() })),
+  download: nullable(object({ url: string(), md5: string(), sha256: nullable(string()), size: nullable(int3) })),
   package: nullable(
     object({
-      path: string2(),
-      md5: nullable(string2()),
-      sha256: nullable(string2()),
+      path: string(),
+      md5: nullable(string()),
+      sha256: nullable(string()),
       size: nullable(int3),
-      name: nullable(string2()),
-      version: nullable(string2()),
+      name: nullable(string()),
+      version: nullable(string()),
       modules: nullable(int3),
       files: nullable(int3)
     })
   ),
   progress: nullable(
-    object({ module: int3, modules: int3, moduleId: string2(), file: int3, files: int3, step: string2() })
+    object({ module: int3, modules: int3, moduleId: string(), file: int3, files: int3, step: string() })
   ),
-  deployStarted: boolean2(),
+  deployStarted: boolean(),
   stopped: array(
     union([
-      object({ kind: literal("service"), name: string2() }),
-      object({ kind: literal("process"), name: string2(), pids: array(int3) })
+      object({ kind: literal("service"), name: string() }),
+      object({ kind: literal("process"), name: string(), pids: array(int3) })
     ])
   ),
   firmware: array(
-    object({ mcu: string2(), module: string2(), status: _enum(["flashing", "flashed", "rolling-back", "rolled-back"]) })
+    object({ mcu: string(), module: string(), status: _enum(["flashing", "flashed", "rolling-back", "rolled-back"]) })
   ),
   rollbackReason: stateError,
   error: stateError,
-  updatedAt: string2()
+  updatedAt: string()
 });
 function newState(updateId, state, now) {
   return {
@@ -15480,8 +13521,8 @@ function newState(updateId, state, now) {
     updatedAt: now.toISOString()
   };
 }
-function compactUtc2(date2) {
-  return date2.toISOString().replace(/[-:]/g, "").replace(/\.\d+Z$/, "Z");
+function compactUtc2(date) {
+  return date.toISOString().replace(/[-:]/g, "").replace(/\.\d+Z$/, "Z");
 }
 function makeUpdateId(now) {
   const stamp = now.toISOString().replace(/[-:.]/g, "");
@@ -15531,8 +13572,8 @@ var OtaStateStore = class {
     }
     const parsed = stateSchema.safeParse(json);
     if (!parsed.success) {
-      const issue2 = parsed.error.issues[0];
-      return damaged(`breaks the state schema (${issue2 ? `${issue2.path.join(".") || "state"}: ${issue2.message}` : "unknown"})`);
+      const issue = parsed.error.issues[0];
+      return damaged(`breaks the state schema (${issue ? `${issue.path.join(".") || "state"}: ${issue.message}` : "unknown"})`);
     }
     this.current = parsed.data;
     this.loaded = true;
@@ -16194,8 +14235,8 @@ var OtaEngine = class {
     );
     crashPoint("rolling-back");
     const name = manifest?.name ?? st.package?.name ?? "the update";
-    const version3 = manifest?.version ?? st.package?.version ?? "";
-    ctx.stage("rollback", `rolling back ${name} ${version3}`.trim());
+    const version2 = manifest?.version ?? st.package?.version ?? "";
+    ctx.stage("rollback", `rolling back ${name} ${version2}`.trim());
     let restored = 0;
     let removed = 0;
     const firmware = [];
@@ -16227,7 +14268,7 @@ var OtaEngine = class {
     crashPoint("rolled-back");
     await this.removeStaging(st.updateId).catch((err) => this.logger.warn({ err }, "could not remove the staging directory"));
     await this.refreshInstalled();
-    ctx.log("info", `rolled back ${name} ${version3}: ${restored} files restored, ${removed} removed${firmware.length ? `, firmware of ${firmware.join(", ")} restored` : ""}`);
+    ctx.log("info", `rolled back ${name} ${version2}: ${restored} files restored, ${removed} removed${firmware.length ? `, firmware of ${firmware.join(", ")} restored` : ""}`);
     if (startError) {
       throw new MoonflashError(
         startError.code,
@@ -16236,7 +14277,7 @@ var OtaEngine = class {
         { cause: startError }
       );
     }
-    return { updateId: st.updateId, name, version: version3, restored, removed, firmware, services: manifest?.services ?? [], reason: st.error };
+    return { updateId: st.updateId, name, version: version2, restored, removed, firmware, services: manifest?.services ?? [], reason: st.error };
   }
   async rollbackFirmware(ctx, manifest, backupDir, mode2) {
     const done = [];
@@ -16336,11 +14377,11 @@ var OtaEngine = class {
       }
     }
   }
-  async giveUp(st, error2) {
-    this.logger.error({ updateId: st.updateId, saves: st.saves }, error2.message);
-    await this.store.transition("failed", { job: null, error: errOf(error2) }, st);
+  async giveUp(st, error) {
+    this.logger.error({ updateId: st.updateId, saves: st.saves }, error.message);
+    await this.store.transition("failed", { job: null, error: errOf(error) }, st);
     await this.removeStaging(st.updateId);
-    return outcomeOf("gave-up", this.store.current, errOf(error2));
+    return outcomeOf("gave-up", this.store.current, errOf(error));
   }
   /** A damaged state file: the newest backup that was neither committed nor rolled back is restored. */
   async recoverFromCorrupt(aside, why) {
@@ -16358,9 +14399,9 @@ var OtaEngine = class {
           const result = await this.rollbackJob(ctx, reason, "unknown-state", base);
           return { ...outcomeOf("rolled-back", this.store.current, result.reason), corrupt: aside };
         }
-        const error2 = new MoonflashError("INTERNAL", `${message} No update was being installed; nothing had to be restored.`, { aside });
-        await this.store.transition("failed", { error: errOf(error2) }, newState(makeUpdateId(this.now()), "failed", this.now()));
-        return { ...outcomeOf("cleaned", this.store.current, errOf(error2)), corrupt: aside };
+        const error = new MoonflashError("INTERNAL", `${message} No update was being installed; nothing had to be restored.`, { aside });
+        await this.store.transition("failed", { error: errOf(error) }, newState(makeUpdateId(this.now()), "failed", this.now()));
+        return { ...outcomeOf("cleaned", this.store.current, errOf(error)), corrupt: aside };
       });
     } catch (err) {
       const e = toMoonflashError(err);
@@ -16493,8 +14534,8 @@ function checkDownloadParams(params) {
     throw bad(`size must be the package's size in bytes, got ${String(params.size)}.`, { size: params.size });
   }
 }
-function outcomeOf(action, st, error2) {
-  return { action, state: st?.state ?? "idle", updateId: st?.updateId ?? null, corrupt: null, error: error2 };
+function outcomeOf(action, st, error) {
+  return { action, state: st?.state ?? "idle", updateId: st?.updateId ?? null, corrupt: null, error };
 }
 function summaryOf(st, manifest, signed) {
   return {
@@ -16708,7 +14749,7 @@ var FirmwareBuilder = class {
       );
     }
     const bytes = await readFile16(image);
-    const version3 = await this.dictVersion(out) ?? klipperVersion ?? "?";
+    const version2 = await this.dictVersion(out) ?? klipperVersion ?? "?";
     const elapsedMs = Math.round(performance.now() - started);
     const record = {
       format: 1,
@@ -16721,14 +14762,14 @@ var FirmwareBuilder = class {
       image,
       bytes: bytes.length,
       sha256: sha2562(bytes),
-      version: version3,
+      version: version2,
       builtAt: (/* @__PURE__ */ new Date()).toISOString(),
       elapsedMs,
       compileSteps: compiled
     };
     await writeFileDurable(join15(out, RECORD), `${JSON.stringify(record, null, 2)}
 `);
-    ctx.stage("built", `${name}: ${image} (${humanBytes(bytes.length)}), version ${version3}`);
+    ctx.stage("built", `${name}: ${image} (${humanBytes(bytes.length)}), version ${version2}`);
     return { ...this.result(section, record, profile, out, warnings, started), skipped: false };
   }
   result(section, record, profile, out, warnings, started) {
@@ -16794,7 +14835,7 @@ var FirmwareBuilder = class {
       return null;
     }
     const lines = [];
-    let failure2;
+    let failure;
     try {
       const result = await runTool({
         command: "git",
@@ -16804,17 +14845,17 @@ var FirmwareBuilder = class {
         onStdoutLine: (line) => lines.push(line.trim())
       });
       if (result.exitCode === 0 && lines[0]) {
-        const version3 = lines[0];
-        if (version3.endsWith("-dirty")) {
-          warn(`Klipper in ${klipperPath} has local changes (${version3}): the firmware will report a version with the build time, which will not match the host's; the build is not skipped.`);
+        const version2 = lines[0];
+        if (version2.endsWith("-dirty")) {
+          warn(`Klipper in ${klipperPath} has local changes (${version2}): the firmware will report a version with the build time, which will not match the host's; the build is not skipped.`);
         }
-        return version3;
+        return version2;
       }
-      failure2 = result.stderrTail.join(" ").trim() || `exit ${result.exitCode}`;
+      failure = result.stderrTail.join(" ").trim() || `exit ${result.exitCode}`;
     } catch (err) {
-      failure2 = toMoonflashError(err).message;
+      failure = toMoonflashError(err).message;
     }
-    warn(`git describe failed in ${klipperPath} (${failure2}): the firmware's version is unknown and the build is not skipped.`);
+    warn(`git describe failed in ${klipperPath} (${failure}): the firmware's version is unknown and the build is not skipped.`);
     return null;
   }
   async toolchainVersion(compiler, arch) {
@@ -17346,8 +15387,8 @@ var RpcPeer = class {
           this.log.warn({ err, method }, "handling a notification from Moonraker failed");
           return null;
         }
-        const error2 = toJsonRpcError(err);
-        return (0, import_json_rpc_2.createJSONRPCErrorResponse)(request.id ?? null, error2.code, error2.message, error2.data);
+        const error = toJsonRpcError(err);
+        return (0, import_json_rpc_2.createJSONRPCErrorResponse)(request.id ?? null, error.code, error.message, error.data);
       }
     });
   }
@@ -17359,7 +15400,7 @@ var RpcPeer = class {
       endpoint,
       {
         onMessage: (message) => this.receive(message),
-        onClose: (error2) => this.handleClosed(error2)
+        onClose: (error) => this.handleClosed(error)
       },
       { connectTimeoutMs: this.options.connectTimeoutMs }
     );
@@ -17410,11 +15451,11 @@ var RpcPeer = class {
       this.log.debug({ err }, "could not process or answer a message from Moonraker");
     });
   }
-  handleClosed(error2) {
+  handleClosed(error) {
     if (this.closed) return;
     this.closed = true;
     this.peer.rejectAllPendingRequests("the Moonraker connection closed");
-    for (const listener of this.closeListeners) listener(error2);
+    for (const listener of this.closeListeners) listener(error);
   }
 };
 function unavailable(message, method) {
@@ -17543,7 +15584,7 @@ var MoonrakerConnection = class {
     const isCurrent = () => peer === this.peer;
     for (const method of this.opts.methods) peer.handle(method, (call) => this.dispatchCall(call));
     this.hooks.install(peer, isCurrent);
-    peer.onClose((error2) => this.handleClosed(peer, error2));
+    peer.onClose((error) => this.handleClosed(peer, error));
     this.log.debug({ attempt, endpoint: this.endpointName }, "connecting to Moonraker");
     try {
       await peer.connect(this.opts.endpoint);
@@ -17570,10 +15611,10 @@ var MoonrakerConnection = class {
     }
   }
   async handshake(peer, isCurrent) {
-    const { clientName, version: version3, url: url2 } = this.opts;
+    const { clientName, version: version2, url: url2 } = this.opts;
     const identity = await peer.request("server.connection.identify", {
       client_name: clientName,
-      version: version3,
+      version: version2,
       type: "agent",
       url: url2
     });
@@ -17603,7 +15644,7 @@ var MoonrakerConnection = class {
     this.unwatchSocket();
     this.hooks.identified();
   }
-  handleClosed(peer, error2) {
+  handleClosed(peer, error) {
     if (peer !== this.peer) return;
     this.peer = null;
     const wasIdentified = this.isIdentified;
@@ -17611,7 +15652,7 @@ var MoonrakerConnection = class {
     this.connectionId = null;
     if (wasIdentified) {
       if (this.running) {
-        this.log.warn({ endpoint: this.endpointName, err: error2 }, "lost the Moonraker connection; reconnecting");
+        this.log.warn({ endpoint: this.endpointName, err: error }, "lost the Moonraker connection; reconnecting");
         this.outageReported = true;
       } else {
         this.log.debug("Moonraker connection closed");
@@ -18182,8 +16223,8 @@ function otaLine(who, d) {
     return `${who}: ${pkg} rolled back${reason?.code ? ` after [${reason.code}]` : ""}: ${plural(d.restored, "file")} restored, ${d.removed} removed${firmware ? `, firmware of ${firmware} restored` : ""}. The previous version is in place.`;
   }
   if (typeof d.action === "string") {
-    const error2 = d.error;
-    const why = error2 ? ` [${error2.code}] ${error2.message}` : "";
+    const error = d.error;
+    const why = error ? ` [${error.code}] ${error.message}` : "";
     switch (d.action) {
       case "rolled-back":
         return `${who}: the update that was interrupted was rolled back. The previous version is in place.${why}`;
@@ -18354,12 +16395,14 @@ var Agent = class {
   otaRecovered = false;
   otaRecovering = false;
   recoveryTimer = null;
+  /** The vendor HTTP API ([ota] http_port), once listening; null when off or it could not listen. */
+  otaHttp = Promise.resolve(null);
   config;
   logger;
   endpointName;
   constructor(rt, parts) {
-    const { config: config2, logger } = rt;
-    this.config = config2;
+    const { config, logger } = rt;
+    this.config = config;
     this.logger = logger;
     this.endpointName = rt.endpointName;
     this.runner = rt.runner;
@@ -18373,7 +16416,7 @@ var Agent = class {
       ...parts.ota ? { ota: () => this.ota } : {},
       info: () => this.info(),
       pendingKlipperStart: async () => {
-        const journal = await readJournal(config2.dataDir);
+        const journal = await readJournal(config.dataDir);
         return journal?.restartPending ? { jobId: journal.jobId, service: journal.klipperService } : null;
       }
     });
@@ -18400,9 +16443,29 @@ var Agent = class {
       if (existsSync4(journal)) void this.recover();
     }, RECOVERY_CHECK_MS);
     this.recoveryTimer.unref();
+    const { http_port: port, http_bind: host } = this.config.ota;
+    if (this.ota && port !== null) {
+      const address = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
+      const engine = this.ota;
+      this.otaHttp = import("./http-api.mjs").then(({ startOtaHttpApi }) => startOtaHttpApi({ engine, port, host, logger: this.logger })).then(
+        (api) => {
+          this.logger.info(`OTA vendor HTTP API listening on ${address}`);
+          return api;
+        },
+        (err) => {
+          this.logger.error({ err }, `the OTA vendor HTTP API could not listen on ${address}`);
+          return null;
+        }
+      );
+    }
+  }
+  /** The vendor HTTP API once it listens; null when [ota] http_port is unset or it could not listen. */
+  otaHttpApi() {
+    return this.otaHttp;
   }
   /** Waits for a running job (it restarts Klipper in its own finally), then closes the session. */
   async stop() {
+    await (await this.otaHttp)?.close();
     await this.waitForIdle(12e4);
     if (this.recoveryTimer) clearInterval(this.recoveryTimer);
     this.recoveryTimer = null;
@@ -18513,17 +16576,17 @@ var Agent = class {
 
 // src/app.ts
 async function createRuntime(opts) {
-  const config2 = await loadConfig(opts.dataDir, opts.configFile);
-  const logger = opts.logger ?? createLogger({ dataDir: config2.dataDir, level: config2.moonflash.log_level, pretty: opts.pretty ?? false });
-  const m = config2.moonflash;
+  const config = await loadConfig(opts.dataDir, opts.configFile);
+  const logger = opts.logger ?? createLogger({ dataDir: config.dataDir, level: config.moonflash.log_level, pretty: opts.pretty ?? false });
+  const m = config.moonflash;
   const endpoint = m.moonraker_url ? { kind: "ws", url: m.moonraker_url, ...m.api_key ? { apiKey: m.api_key } : {} } : { kind: "unix", path: m.moonraker_socket };
-  return { config: config2, logger, runner: new JobRunner({ dataDir: config2.dataDir, logger }), endpoint, endpointName: describeEndpoint(endpoint) };
+  return { config, logger, runner: new JobRunner({ dataDir: config.dataDir, logger }), endpoint, endpointName: describeEndpoint(endpoint) };
 }
 function createSession(rt, role) {
   return new AgentSession({ ...role, endpoint: rt.endpoint, version: VERSION, url: PROJECT_URL, logger: rt.logger.child({ ns: "moonraker" }) });
 }
-function createFlashEngine(rt, printer, config2 = rt.config) {
-  return new FlashEngine({ config: config2, printer, runner: rt.runner, logger: rt.logger.child({ ns: "flash" }) });
+function createFlashEngine(rt, printer, config = rt.config) {
+  return new FlashEngine({ config, printer, runner: rt.runner, logger: rt.logger.child({ ns: "flash" }) });
 }
 function createOtaEngine(rt, printer, flash) {
   return new OtaEngine({
@@ -18574,8 +16637,8 @@ function flashFirmwarePort(rt, printer, flash) {
     }
   };
   const engineFor = async (section, job) => {
-    const own2 = rt.config.mcus[section];
-    if (own2?.serial || own2?.canbus_uuid) return flash;
+    const own = rt.config.mcus[section];
+    if (own?.serial || own?.canbus_uuid) return flash;
     if (printer.state().klippyConnected) {
       await remember(section);
       return flash;
@@ -18585,13 +16648,13 @@ function flashFirmwarePort(rt, printer, flash) {
     job.log("info", `Klipper is stopped: ${mcuUserName(section)} is flashed on ${device.serial ?? `${device.canbusInterface}:${device.canbusUuid}`}, as Klipper's config gave it (${device.at})`);
     const mcu = {
       ...MCU_DEFAULTS,
-      ...own2,
+      ...own,
       section,
       serial: device.serial ?? null,
       canbus_uuid: device.serial ? null : device.canbusUuid ?? null,
-      canbus_interface: device.canbusInterface ?? own2?.canbus_interface ?? MCU_DEFAULTS.canbus_interface,
-      baud: device.baud ?? own2?.baud ?? MCU_DEFAULTS.baud,
-      mcu_type: own2?.mcu_type ?? device.mcuType ?? null
+      canbus_interface: device.canbusInterface ?? own?.canbus_interface ?? MCU_DEFAULTS.canbus_interface,
+      baud: device.baud ?? own?.baud ?? MCU_DEFAULTS.baud,
+      mcu_type: own?.mcu_type ?? device.mcuType ?? null
     };
     return createFlashEngine(rt, printer, { ...rt.config, mcus: { ...rt.config.mcus, [section]: mcu } });
   };
@@ -18709,7 +16772,6 @@ export {
   parseProfile,
   initialPrinterState,
   parseParams,
-  otaDownloadParams,
   createRuntime,
   createFlashEngine,
   createOtaEngine,

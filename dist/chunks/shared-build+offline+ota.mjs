@@ -14,7 +14,7 @@ import {
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+moonflash+offline+ota+virtual-device.mjs";
+} from "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
 
 // src/cli/render.ts
 import { createRequire } from "node:module";

@@ -3,7 +3,6 @@ import { createRequire as __moonflashRequire } from "node:module"; const require
 import {
   Command,
   FrameDecoder,
-  MoonflashError,
   SERIAL_BOOTLOADER_REQUEST,
   VALID_BLOCK_SIZES,
   commandName,
@@ -14,7 +13,10 @@ import {
   encodeNack,
   u32le
 } from "./shared-build+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+execa+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+import {
+  MoonflashError
+} from "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/sim/virtual-device.ts
 import { EventEmitter as EventEmitter3 } from "node:events";

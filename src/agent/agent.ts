@@ -14,6 +14,7 @@ import type { FlashEngine } from "../flash/engine.js";
 import type { FirmwareBuilder } from "../flash/build/builder.js";
 import type { McuUpdater } from "../flash/update-all.js";
 import type { OtaEngine } from "../ota/engine.js";
+import type { OtaHttpApi } from "../ota/http-api.js";
 import { readJournal, recoverInterruptedJob } from "../flash/guard.js";
 import { buildMethodTable, macroDialect, type RemoteMethod } from "./methods.js";
 import { parseParams } from "./params.js";
@@ -60,6 +61,8 @@ export class Agent {
   private otaRecovered = false;
   private otaRecovering = false;
   private recoveryTimer: NodeJS.Timeout | null = null;
+  /** The vendor HTTP API ([ota] http_port), once listening; null when off or it could not listen. */
+  private otaHttp: Promise<OtaHttpApi | null> = Promise.resolve(null);
 
   readonly config: MoonflashConfig;
   readonly logger: Logger;
@@ -118,10 +121,32 @@ export class Agent {
       if (existsSync(journal)) void this.recover();
     }, RECOVERY_CHECK_MS);
     this.recoveryTimer.unref();
+    const { http_port: port, http_bind: host } = this.config.ota;
+    if (this.ota && port !== null) {
+      const address = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
+      const engine = this.ota;
+      // Loaded only when configured: node:http would otherwise sit in every idle agent (docs/BENCHMARKS.md).
+      this.otaHttp = import("../ota/http-api.js").then(({ startOtaHttpApi }) => startOtaHttpApi({ engine, port, host, logger: this.logger })).then(
+        (api) => {
+          this.logger.info(`OTA vendor HTTP API listening on ${address}`);
+          return api;
+        },
+        (err: unknown) => {
+          this.logger.error({ err }, `the OTA vendor HTTP API could not listen on ${address}`);
+          return null;
+        },
+      );
+    }
+  }
+
+  /** The vendor HTTP API once it listens; null when [ota] http_port is unset or it could not listen. */
+  otaHttpApi(): Promise<OtaHttpApi | null> {
+    return this.otaHttp;
   }
 
   /** Waits for a running job (it restarts Klipper in its own finally), then closes the session. */
   async stop(): Promise<void> {
+    await (await this.otaHttp)?.close();
     await this.waitForIdle(120_000);
     if (this.recoveryTimer) clearInterval(this.recoveryTimer);
     this.recoveryTimer = null;

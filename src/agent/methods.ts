@@ -12,6 +12,7 @@ import type { FlashEngine } from "../flash/engine.js";
 import type { FirmwareBuilder } from "../flash/build/builder.js";
 import type { McuUpdater } from "../flash/update-all.js";
 import type { DownloadParams, OtaEngine, OtaStatus, PackageSummary } from "../ota/engine.js";
+import { otaDownloadParams } from "../ota/download-params.js";
 import { FLASH_METHODS } from "../flash/types.js";
 import { mcuUserName } from "../flash/mcu-name.js";
 import { versionSummary } from "../flash/versions.js";
@@ -197,24 +198,8 @@ export function describeOta(s: OtaStatusResult): string {
   return `${line}${installed}${other}`;
 }
 
-const HEX = (digits: number, what: string) =>
-  z.string({ error: `expected ${digits} hex digits (${what})` }).check(z.regex(new RegExp(`^[0-9A-Fa-f]{${digits}}$`), `expected ${digits} hex digits (${what})`));
-
-/** A byte count: a whole number, also as a string of digits (a macro's SIZE= without |int). */
-const byteCount = z.pipe(
-  z.transform((value: unknown) => (typeof value === "string" && /^\s*\d+\s*$/.test(value) ? Number(value) : value)),
-  z.int({ error: "expected the package's size in bytes, a whole number" }).check(z.nonnegative("expected the package's size in bytes, a whole number")),
-);
-
-/** ota.download's params; the CLI's `ota download` checks its arguments with it too, before it connects. */
-export const otaDownloadParams = z.strictObject({
-  url: z.string({ error: "required: the package's http:// or https:// URL" }).check(
-    z.regex(/^https?:\/\/\S+$/i, "expected the package's http:// or https:// URL"),
-  ),
-  md5: HEX(32, "the package's MD5"),
-  sha256: z.optional(HEX(64, "the package's SHA-256")),
-  size: z.optional(byteCount),
-});
+// ota.download's params live beside the OTA engine (the vendor HTTP API checks them too); re-exported for the CLI.
+export { otaDownloadParams };
 
 export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
   const { runner } = deps;

@@ -34,7 +34,7 @@ export interface OtaConfig {
    * null: signatures are not checked.
    */
   public_key: string | null;
-  /** Port of the local package upload endpoint; null: off. */
+  /** Port of the vendor HTTP API (src/ota/http-api.ts); null: off. */
   http_port: number | null;
   http_bind: string;
   /** Told about each OTA result (POST), for a vendor's dashboard; null: nobody. */

@@ -9,6 +9,7 @@ import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
+import { createServer, type AddressInfo } from "node:net";
 import type { ErrorCode } from "../../src/core/errors.js";
 import type { InstallOutcome, PackageSummary, RollbackOutcome } from "../../src/ota/engine.js";
 import { OtaStateStore, makeUpdateId, newState } from "../../src/ota/state.js";
@@ -295,5 +296,38 @@ describe("ota.* through server.extensions.request", () => {
     expect(lines.filter((l) => /ota-\d{8}T/.test(l))).toEqual([]);
     // RESPOND cannot carry ';' (a G-code comment): the console line has ',' instead.
     expect(lines).toContain(`!! moonflash: OTA download ${p.download.url} failed [INTERRUPTED] moonflash stopped during the update (state downloading), it was resumed on the next start.`);
+  });
+});
+
+describe("[ota] http_port: the vendor HTTP API", () => {
+  it("the agent listens on http_bind:http_port, downloads through POST /download and stops listening on stop", { timeout: 30_000 }, async () => {
+    // A port free right now, for moonflash.conf (it takes 1–65535, not 0).
+    const probe = createServer();
+    await new Promise<void>((resolve) => probe.listen(0, "127.0.0.1", resolve));
+    const port = (probe.address() as AddressInfo).port;
+    await new Promise((resolve) => probe.close(resolve));
+
+    const p = await setUp({ extraConf: `http_port: ${port}\nhttp_bind: 127.0.0.1` });
+    const agent = await p.startAgent();
+    expect((await agent.otaHttpApi())?.port).toBe(port);
+    expect(p.logs.some((l) => l.msg === `OTA vendor HTTP API listening on http://127.0.0.1:${port}`)).toBe(true);
+    const progress = async () => (await (await fetch(`http://127.0.0.1:${port}/progress`)).json()) as OtaStatusResult;
+    expect(await progress()).toMatchObject({ state: "idle" });
+
+    const res = await fetch(`http://127.0.0.1:${port}/download`, { method: "POST", body: JSON.stringify(p.download) });
+    expect(res.status).toBe(202);
+    const deadline = Date.now() + 10_000;
+    while ((await progress()).state !== "verified" && Date.now() < deadline) await new Promise((r) => setTimeout(r, 40));
+    expect(await progress()).toMatchObject({ state: "verified", package: { name: "acme-printer" } });
+
+    await agent.stop();
+    printer!.agent = null;
+    await expect(fetch(`http://127.0.0.1:${port}/progress`)).rejects.toThrow();
+  });
+
+  it("without http_port nothing listens", async () => {
+    const p = await setUp();
+    const agent = await p.startAgent();
+    expect(await agent.otaHttpApi()).toBeNull();
   });
 });
