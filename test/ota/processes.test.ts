@@ -86,6 +86,9 @@ describe("stopProcess", () => {
     const info = (await readProcess(first.pid!))!;
     first.kill("SIGKILL");
     await exited(first);
+    // /proc's start time counts clock ticks (10 ms): a pid reused within the same tick looks the same, so the new
+    // process starts a few ticks later, as any real reuse does (the pid space must wrap around first).
+    await new Promise((resolve) => setTimeout(resolve, 50));
     // Ask the kernel for that pid again: the next process created gets ns_last_pid + 1 (other processes may race).
     let second: ChildProcess | null = null;
     for (let attempt = 0; attempt < 50 && !second; attempt++) {
