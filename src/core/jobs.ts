@@ -333,20 +333,11 @@ export class JobRunner {
   }
 }
 
-type ProgressEvent = Extract<JobEvent, { type: "progress" }>;
-
 /** Progress events per second and job that listeners get: a bar, a status page or agent events all read well at 5. */
 export const PROGRESS_PER_SECOND = 5;
 
-export interface ThrottleOptions {
-  /** Progress events forwarded per second and job. */
-  maxPerSecond: number;
-  /** Where a listener error thrown from the deferred (timer) path goes; default process.emitWarning. */
-  onError?: (err: unknown) => void;
-}
-
 /**
- * The rule both throttles share, for one job: the first value of a phase passes at once, then at most one per
+ * The progress throttle of one job: the first value of a phase passes at once, then at most one per
  * `intervalMs`; a value held back goes out when its slot comes or at flush(). Values are whatever the caller
  * sends later: a held value may be updated in place until it goes out.
  */
@@ -405,29 +396,5 @@ class ProgressThrottle<T> {
     } catch (err) {
       this.onError(err);
     }
-  };
-}
-
-/**
- * Wraps a listener so progress arrives at most `maxPerSecond` times per second per job, while stage, log and
- * result events pass at once. The first progress of every phase passes at once; the latest held-back one is
- * sent when its slot comes, or before the next non-progress event or phase, so the last value is never lost.
- */
-export function throttleProgress(listener: JobListener, opts: ThrottleOptions): JobListener {
-  const onError = opts.onError ?? ((err: unknown) => process.emitWarning(err instanceof Error ? err : String(err)));
-  const jobs = new Map<string, ProgressThrottle<ProgressEvent>>();
-  return (event) => {
-    let throttle = jobs.get(event.jobId);
-    if (event.type !== "progress") {
-      if (event.type === "result") jobs.delete(event.jobId);
-      throttle?.flush();
-      listener(event);
-      return;
-    }
-    if (!throttle) {
-      throttle = new ProgressThrottle<ProgressEvent>(1000 / opts.maxPerSecond, listener, onError);
-      jobs.set(event.jobId, throttle);
-    }
-    throttle.offer(event.phase ?? "", event);
   };
 }

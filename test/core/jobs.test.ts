@@ -2,10 +2,10 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pino } from "pino";
-import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { MoonflashError } from "../../src/core/errors.js";
 import type { JobContext, JobEvent } from "../../src/core/events.js";
-import { JobRunner, makeJobId, PROGRESS_PER_SECOND, throttleProgress } from "../../src/core/jobs.js";
+import { JobRunner, makeJobId, PROGRESS_PER_SECOND } from "../../src/core/jobs.js";
 import { readJobLock } from "../../src/core/lock.js";
 
 function deferred<T = void>() {
@@ -339,103 +339,5 @@ describe("JobRunner progress, throttled once for every listener", () => {
     expect(seen.length).toBeLessThanOrEqual(Math.ceil(seconds * PROGRESS_PER_SECOND) + 4);
     expect(latest).toEqual({ done: 1000, total: 1000, unit: "blocks", phase: "verify" });
     await rm(dataDir, { recursive: true, force: true });
-  });
-});
-
-describe("throttleProgress", () => {
-  beforeEach(() => {
-    vi.useFakeTimers();
-    vi.setSystemTime(new Date("2026-11-23T12:45:00.000Z"));
-  });
-  afterEach(() => {
-    vi.useRealTimers();
-  });
-
-  const base = { jobId: "flash-1", kind: "flash" as const, target: "mcu", ts: "2026-11-23T12:45:00.000Z" };
-  const progress = (done: number, phase?: string): JobEvent => ({ ...base, type: "progress", done, total: 100, unit: "percent", ...(phase ? { phase } : {}) });
-  const describeEvent = (e: JobEvent) => (e.type === "progress" ? `${e.phase ?? ""}${e.done}` : e.type);
-
-  it("forwards the first progress at once and at most N per second after it", () => {
-    const out: string[] = [];
-    const sentAt: number[] = [];
-    const listener = throttleProgress(
-      (e) => {
-        out.push(describeEvent(e));
-        sentAt.push(Date.now());
-      },
-      { maxPerSecond: 5 },
-    );
-    const start = Date.now();
-    for (let done = 0; done < 100; done++) {
-      listener(progress(done, "write"));
-      vi.advanceTimersByTime(10); // 100 events per second
-    }
-    // The first at once, then the newest value once per 200 ms slot, ending with the last one.
-    expect(out).toEqual(["write0", "write19", "write39", "write59", "write79", "write99"]);
-    expect(sentAt.map((t) => t - start)).toEqual([0, 200, 400, 600, 800, 1000]);
-    vi.advanceTimersByTime(1000);
-    expect(out).toHaveLength(6);
-  });
-
-  it("flushes the last progress of a phase before the next phase and before stage, log and result", () => {
-    const out: string[] = [];
-    const listener = throttleProgress((e) => out.push(describeEvent(e)), { maxPerSecond: 5 });
-    listener(progress(0, "write"));
-    listener(progress(50, "write"));
-    listener(progress(100, "write"));
-    listener(progress(0, "verify"));
-    listener(progress(100, "verify"));
-    listener({ ...base, type: "stage", stage: "restarting" });
-    listener(progress(1, "wait"));
-    listener(progress(2, "wait"));
-    listener({ ...base, type: "log", level: "info", message: "x" });
-    listener(progress(3, "wait"));
-    listener(progress(4, "wait"));
-    listener({ ...base, type: "result", ok: true });
-    // wait3 was superseded by wait4 within the same slot; the log did not start a new phase.
-    expect(out).toEqual(["write0", "write100", "verify0", "verify100", "stage", "wait1", "wait2", "log", "wait4", "result"]);
-    // Nothing is left behind on a timer after the result.
-    vi.advanceTimersByTime(5000);
-    expect(out).toHaveLength(10);
-  });
-
-  it("throttles each job separately", () => {
-    const out: string[] = [];
-    const listener = throttleProgress((e) => out.push(`${e.jobId}:${describeEvent(e)}`), { maxPerSecond: 5 });
-    listener(progress(1));
-    listener({ ...progress(1), jobId: "ota-1" });
-    listener(progress(2));
-    listener({ ...progress(2), jobId: "ota-1" });
-    expect(out).toEqual(["flash-1:1", "ota-1:1"]);
-    vi.advanceTimersByTime(200);
-    expect(out).toEqual(["flash-1:1", "ota-1:1", "flash-1:2", "ota-1:2"]);
-  });
-
-  it("passes non-progress events straight through", () => {
-    const out: JobEvent[] = [];
-    const listener = throttleProgress((e) => out.push(e), { maxPerSecond: 1 });
-    const events: JobEvent[] = [
-      { ...base, type: "stage", stage: "a" },
-      { ...base, type: "log", level: "warn", message: "b" },
-      { ...base, type: "stage", stage: "c" },
-    ];
-    events.forEach(listener);
-    expect(out).toEqual(events);
-  });
-
-  it("reports a listener error from the deferred path to onError instead of throwing from a timer", () => {
-    const errors: unknown[] = [];
-    let calls = 0;
-    const listener = throttleProgress(
-      () => {
-        calls++;
-        if (calls === 2) throw new Error("adapter broke");
-      },
-      { maxPerSecond: 5, onError: (err) => errors.push(err) },
-    );
-    listener(progress(1));
-    listener(progress(2));
-    vi.advanceTimersByTime(200);
-    expect(errors).toEqual([new Error("adapter broke")]);
   });
 });
