@@ -2628,7 +2628,7 @@ var require_transport = __commonJS({
     var { createRequire: createRequire2 } = __require("module");
     var { existsSync: existsSync5 } = __require("node:fs");
     var getCallers = require_caller();
-    var { join: join18, isAbsolute: isAbsolute6, sep: sep3 } = __require("node:path");
+    var { join: join18, isAbsolute: isAbsolute5, sep: sep3 } = __require("node:path");
     var { fileURLToPath } = __require("node:url");
     var sleep2 = require_atomic_sleep();
     var onExit = require_on_exit_leak_free();
@@ -2701,7 +2701,7 @@ var require_transport = __commonJS({
           return false;
         }
       }
-      return isAbsolute6(path6) && !existsSync5(path6);
+      return isAbsolute5(path6) && !existsSync5(path6);
     }
     function stripQuotes(value2) {
       const first = value2[0];
@@ -2827,7 +2827,7 @@ var require_transport = __commonJS({
       return stream;
       function fixTarget(origin) {
         origin = bundlerOverrides[origin] || origin;
-        if (isAbsolute6(origin) || origin.indexOf("file://") === 0) {
+        if (isAbsolute5(origin) || origin.indexOf("file://") === 0) {
           return origin;
         }
         if (origin === "pino/file") {
@@ -5937,6 +5937,362 @@ var mcuSchema = strictObject({
   })
 );
 var MCU_DEFAULTS = defaults(mcuSchema);
+
+// src/ota/manifest.ts
+var MANIFEST_FILE = "manifest.json";
+var SIGNATURE_FILE = "manifest.sig";
+function payloadsOf(manifest) {
+  const payloads = [];
+  for (const module of manifest.modules) {
+    for (const file of module.files) {
+      payloads.push({ module, kind: "file", src: file.src, sha256: file.sha256, size: file.size, mode: file.mode });
+    }
+    if (module.type === "firmware") {
+      const { src, sha256: sha2563, size: size2 } = module.image;
+      payloads.push({ module, kind: "image", src, sha256: sha2563, size: size2, mode: 420 });
+    }
+  }
+  return payloads;
+}
+function pathProblem(path6) {
+  if (path6 === "") return "is empty";
+  if (path6.includes("\0")) return "contains a NUL byte";
+  if (path6.includes("\\")) return "contains a backslash";
+  if ([...path6].some(isControl)) return "contains a control character";
+  if (path6.startsWith("/")) return "is absolute";
+  if (/^[A-Za-z]:/.test(path6)) return "starts with a drive letter";
+  if (path6.length > 1024) return "is longer than 1024 characters";
+  for (const segment of path6.split("/")) {
+    if (segment === "") return "has an empty segment ('//' or a trailing '/')";
+    if (segment === "..") return "has a '..' segment";
+    if (segment === ".") return "has a '.' segment";
+  }
+  return null;
+}
+var ALIAS = /^[A-Za-z0-9_-]{1,64}$/;
+function splitDst(dst) {
+  const slash = dst.indexOf("/");
+  if (slash <= 0) return null;
+  return { alias: dst.slice(0, slash), relative: dst.slice(slash + 1) };
+}
+function dstProblem(dst) {
+  const problem = pathProblem(dst);
+  if (problem) return problem;
+  const parts = splitDst(dst);
+  if (parts === null) return "is not '<root alias>/<relative path>'";
+  if (!ALIAS.test(parts.alias)) return `has a root alias '${parts.alias}' that is not letters, digits, '_' or '-'`;
+  return null;
+}
+var TOKEN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+var token2 = (what) => string().check(_regex(TOKEN, `expected ${what}: letters, digits, '.', '_' or '-', at most 64, starting with a letter or digit`));
+var sha256 = pipe(
+  string().check(_regex(/^[0-9A-Fa-f]{64}$/, "expected 64 hex digits (SHA-256)")),
+  transform((hex2) => hex2.toLowerCase())
+);
+var size = int().check(_nonnegative("expected a size in bytes (a whole number, 0 or more)"));
+var mode = pipe(
+  union([int(), string()]),
+  transform((raw, ctx) => {
+    const fail2 = (message) => {
+      ctx.issues.push({ code: "custom", message, input: raw });
+      return NEVER;
+    };
+    let value2;
+    if (typeof raw === "string") {
+      const match = /^(?:0o?)?([0-7]{3})$/.exec(raw);
+      if (!match?.[1]) return fail2(`expected an octal mode like "0644", got "${raw}"`);
+      value2 = Number.parseInt(match[1], 8);
+    } else {
+      value2 = raw;
+      if (value2 < 0 || value2 > 511) {
+        const hint = /^[0-7]{3}$/.test(String(raw)) ? ` (did you mean "0${raw}"?)` : "";
+        return fail2(`expected a permission mode from 0 to 0777 (511), got ${raw}${hint}`);
+      }
+    }
+    if (value2 & 2) return fail2(`mode 0${value2.toString(8)} is world-writable; use 0644 or 0755`);
+    return value2;
+  })
+);
+var fileSchema = strictObject({
+  src: string(),
+  dst: string(),
+  sha256,
+  size,
+  mode: _default(mode, 420)
+});
+var imageSchema = strictObject({ src: string(), sha256, size });
+var processSchema = union([
+  strictObject({ pidfile: string().check(_regex(/^\/[^\0]*$/, "expected an absolute path")) }),
+  strictObject({ name: string().check(_regex(/^[^\0/]{1,255}$/, "expected a process name without '/'")) })
+]);
+var moduleSchema = pipe(
+  strictObject({
+    id: token2("a module id"),
+    type: _default(_enum(["files", "firmware"]), "files"),
+    depends: _default(array(string()), []),
+    files: _default(array(fileSchema), []),
+    service: optional(string().check(_regex(/^[A-Za-z0-9][A-Za-z0-9@._-]{0,127}$/, "expected a service name like 'klipper'"))),
+    process: optional(processSchema),
+    mcu: optional(string().check(_regex(/^[A-Za-z0-9_-]{1,64}$/, "expected an MCU name like 'mcu' or 'toolhead'"))),
+    image: optional(imageSchema)
+  }).check(
+    superRefine((module, ctx) => {
+      if (module.service !== void 0 && module.process !== void 0) {
+        ctx.addIssue({ code: "custom", path: ["process"], message: "give service or process, not both" });
+      }
+      if (module.type === "firmware") {
+        if (module.mcu === void 0) ctx.addIssue({ code: "custom", path: ["mcu"], message: "a firmware module needs the mcu to flash" });
+        if (module.image === void 0) ctx.addIssue({ code: "custom", path: ["image"], message: "a firmware module needs an image" });
+      } else {
+        if (module.mcu !== void 0) ctx.addIssue({ code: "custom", path: ["mcu"], message: 'only a module of type "firmware" names an mcu' });
+        if (module.image !== void 0) ctx.addIssue({ code: "custom", path: ["image"], message: 'only a module of type "firmware" has an image' });
+        if (module.files.length === 0) ctx.addIssue({ code: "custom", path: ["files"], message: "a module needs at least one file" });
+      }
+    })
+  ),
+  transform((m) => {
+    const base = { id: m.id, depends: m.depends, files: m.files, service: m.service ?? null, process: m.process ?? null };
+    return m.type === "firmware" && m.mcu !== void 0 && m.image !== void 0 ? { ...base, type: "firmware", mcu: m.mcu, image: m.image } : { ...base, type: "files" };
+  })
+);
+var VERSION2 = /^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$/;
+var version = string().check(_regex(VERSION2, "expected a version like 1.4.0 (letters, digits, '.', '+', '_', '-')"));
+var manifestSchema = pipe(
+  strictObject({
+    name: token2("a package name"),
+    version,
+    min_version: optional(version),
+    modules: array(moduleSchema).check(_minLength(1, "expected at least one module"))
+  }),
+  transform((m) => ({ name: m.name, version: m.version, min_version: m.min_version ?? null, modules: m.modules }))
+);
+function invalidManifest(message, details = {}, cause) {
+  return new MoonflashError("INVALID_MANIFEST", `${MANIFEST_FILE}: ${message}`, details, cause === void 0 ? void 0 : { cause });
+}
+function issuePath(path6) {
+  return path6.map((key, i) => typeof key === "number" ? `[${key}]` : i === 0 ? String(key) : `.${String(key)}`).join("");
+}
+function parseManifest(bytes) {
+  let text;
+  try {
+    text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: false }).decode(bytes);
+  } catch (err) {
+    throw invalidManifest("is not UTF-8 text", {}, err);
+  }
+  let json;
+  try {
+    json = JSON.parse(text);
+  } catch (err) {
+    throw invalidManifest(`is not valid JSON (${err.message})`, {}, err);
+  }
+  const result = manifestSchema.safeParse(json);
+  if (!result.success) {
+    const issues = result.error.issues.map((issue) => {
+      const where = issue.path.length > 0 ? issuePath(issue.path) : "manifest";
+      return issue.code === "unrecognized_keys" ? `${where}: unknown key(s) ${issue.keys.map((k) => `'${k}'`).join(", ")}` : `${where}: ${issue.message}`;
+    });
+    throw invalidManifest(issues.join("; "), { issues });
+  }
+  checkManifest(result.data);
+  return result.data;
+}
+function checkManifest(manifest) {
+  checkPaths(manifest);
+  checkDependencies(manifest.modules);
+}
+function checkPaths(manifest) {
+  const srcSeen = /* @__PURE__ */ new Map();
+  const dstSeen = /* @__PURE__ */ new Map();
+  for (const payload of payloadsOf(manifest)) {
+    const where = `module '${payload.module.id}'`;
+    const problem = pathProblem(payload.src);
+    if (problem) {
+      throw new MoonflashError("INVALID_PACKAGE", `${MANIFEST_FILE}: ${where}: src '${printable(payload.src)}' ${problem}.`, {
+        module: payload.module.id,
+        src: payload.src,
+        problem
+      });
+    }
+    if (payload.src === MANIFEST_FILE || payload.src === SIGNATURE_FILE) {
+      throw invalidManifest(`${where}: src '${payload.src}' is reserved for the package itself`, { module: payload.module.id, src: payload.src });
+    }
+    const other = srcSeen.get(payload.src);
+    if (other !== void 0) {
+      throw invalidManifest(`src '${payload.src}' is listed twice (${other} and ${where}); every file in the zip is used once`, { src: payload.src });
+    }
+    srcSeen.set(payload.src, where);
+  }
+  for (const module of manifest.modules) {
+    for (const file of module.files) {
+      const where = `module '${module.id}'`;
+      const problem = dstProblem(file.dst);
+      if (problem) {
+        throw new MoonflashError("INVALID_PACKAGE", `${MANIFEST_FILE}: ${where}: dst '${printable(file.dst)}' ${problem}.`, {
+          module: module.id,
+          dst: file.dst,
+          problem
+        });
+      }
+      const other = dstSeen.get(file.dst);
+      if (other !== void 0) {
+        throw invalidManifest(`dst '${file.dst}' is written twice (${other} and ${where})`, { dst: file.dst });
+      }
+      dstSeen.set(file.dst, where);
+    }
+  }
+  for (const dst of dstSeen.keys()) {
+    const segments = dst.split("/");
+    for (let i = 2; i < segments.length; i++) {
+      const parent = segments.slice(0, i).join("/");
+      if (dstSeen.has(parent)) throw invalidManifest(`dst '${parent}' is a file, but '${dst}' needs it as a directory`, { dst });
+    }
+  }
+}
+function checkDependencies(modules) {
+  const position = /* @__PURE__ */ new Map();
+  modules.forEach((module, i) => {
+    if (position.has(module.id)) throw invalidManifest(`module id '${module.id}' is used twice`, { module: module.id });
+    position.set(module.id, i);
+  });
+  for (const module of modules) {
+    for (const dep of module.depends) {
+      if (!position.has(dep)) {
+        throw invalidManifest(`module '${module.id}' depends on '${dep}', which the manifest does not define (modules: ${[...position.keys()].join(", ")})`, {
+          module: module.id,
+          dependency: dep
+        });
+      }
+    }
+  }
+  const cycle = findCycle(modules);
+  if (cycle) throw invalidManifest(`modules depend on each other in a cycle: ${cycle.join(" \u2192 ")}`, { cycle });
+  modules.forEach((module, i) => {
+    for (const dep of module.depends) {
+      if ((position.get(dep) ?? -1) > i) {
+        throw invalidManifest(`module '${module.id}' depends on '${dep}', which comes after it; list modules in dependency order`, {
+          module: module.id,
+          dependency: dep
+        });
+      }
+    }
+  });
+}
+function findCycle(modules) {
+  const depends = new Map(modules.map((m) => [m.id, m.depends]));
+  const done = /* @__PURE__ */ new Set();
+  const onPath = [];
+  const visit = (id) => {
+    const at = onPath.indexOf(id);
+    if (at >= 0) return [...onPath.slice(at), id];
+    if (done.has(id)) return null;
+    onPath.push(id);
+    for (const dep of depends.get(id) ?? []) {
+      const cycle = visit(dep);
+      if (cycle) return cycle;
+    }
+    onPath.pop();
+    done.add(id);
+    return null;
+  };
+  for (const module of modules) {
+    const cycle = visit(module.id);
+    if (cycle) return cycle;
+  }
+  return null;
+}
+function isControl(char) {
+  const code = char.charCodeAt(0);
+  return code < 32 || code === 127;
+}
+function printable(path6) {
+  return [...path6].map((c) => isControl(c) ? `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}` : c).join("");
+}
+
+// src/ota/signing.ts
+var crypto = () => process.getBuiltinModule("node:crypto");
+function keygen() {
+  const { publicKey: publicKey2, privateKey } = crypto().generateKeyPairSync("ed25519");
+  return {
+    publicKey: publicKey2.export({ type: "spki", format: "pem" }).toString(),
+    privateKey: privateKey.export({ type: "pkcs8", format: "pem" }).toString(),
+    publicKeyBase64: rawPublicKey(publicKey2).toString("base64")
+  };
+}
+function sign(manifestBytes, privateKeyPem) {
+  return crypto().sign(null, manifestBytes, parsePrivateKey(privateKeyPem)).toString("base64");
+}
+function verify(manifestBytes, signature, publicKey2) {
+  const key = typeof publicKey2 === "string" ? parsePublicKey(publicKey2) : publicKey2;
+  const text = (typeof signature === "string" ? signature : Buffer.from(signature).toString("latin1")).trim();
+  if (!/^[A-Za-z0-9+/]{86}==$/.test(text)) return false;
+  const raw = Buffer.from(text, "base64");
+  if (raw.length !== 64 || raw.toString("base64") !== text) return false;
+  return crypto().verify(null, manifestBytes, key, raw);
+}
+function verifyManifestSignature(manifestBytes, signatureFile, publicKey2) {
+  if (signatureFile === null) {
+    throw new MoonflashError("SIGNATURE_INVALID", `The package has no ${SIGNATURE_FILE}, and [ota] public_key requires signed packages. Nothing was installed.`, {
+      reason: "missing"
+    });
+  }
+  if (!verify(manifestBytes, signatureFile, publicKey2)) {
+    throw new MoonflashError(
+      "SIGNATURE_INVALID",
+      `The package's ${SIGNATURE_FILE} does not verify against [ota] public_key: it was signed with another key, or manifest.json was changed. Nothing was installed.`,
+      { reason: "mismatch" }
+    );
+  }
+}
+function isRawPublicKey(text) {
+  return /^[A-Za-z0-9+/]{43}=$/.test(text.trim());
+}
+function parsePublicKey(text) {
+  const trimmed = text.trim();
+  let key;
+  try {
+    if (trimmed.startsWith("-----BEGIN")) {
+      key = crypto().createPublicKey(trimmed);
+    } else {
+      const raw = isRawPublicKey(trimmed) ? Buffer.from(trimmed, "base64") : Buffer.alloc(0);
+      if (raw.length !== 32) throw new Error("not 32 bytes of base64");
+      key = crypto().createPublicKey({ key: { kty: "OKP", crv: "Ed25519", x: raw.toString("base64url") }, format: "jwk" });
+    }
+  } catch (err) {
+    throw new MoonflashError(
+      "CONFIG_INVALID",
+      "[ota] public_key is not an Ed25519 public key: give the PEM (BEGIN PUBLIC KEY) or the raw 32-byte key in base64.",
+      {},
+      { cause: err }
+    );
+  }
+  if (key.asymmetricKeyType !== "ed25519") {
+    throw new MoonflashError("CONFIG_INVALID", `[ota] public_key is a ${key.asymmetricKeyType ?? "unknown"} key; packages are signed with Ed25519.`, {
+      keyType: key.asymmetricKeyType
+    });
+  }
+  return key;
+}
+function parsePrivateKey(pem) {
+  let key;
+  try {
+    key = crypto().createPrivateKey(pem);
+  } catch (err) {
+    throw new MoonflashError("INVALID_PARAMS", "The signing key is not a private key in PEM (BEGIN PRIVATE KEY).", {}, { cause: err });
+  }
+  if (key.asymmetricKeyType !== "ed25519") {
+    throw new MoonflashError("INVALID_PARAMS", `The signing key is a ${key.asymmetricKeyType ?? "unknown"} key; packages are signed with Ed25519.`, {
+      keyType: key.asymmetricKeyType
+    });
+  }
+  return key;
+}
+function publicKeyOf(privateKeyPem) {
+  return crypto().createPublicKey(parsePrivateKey(privateKeyPem));
+}
+function rawPublicKey(key) {
+  const jwk = key.export({ format: "jwk" });
+  return Buffer.from(jwk.x ?? "", "base64url");
+}
 
 // src/core/durable.ts
 import { open, rename, rm, mkdir } from "node:fs/promises";
@@ -9622,359 +9978,6 @@ var FlashEngine = class {
   }
 };
 
-// src/ota/manifest.ts
-var MANIFEST_FILE = "manifest.json";
-var SIGNATURE_FILE = "manifest.sig";
-function payloadsOf(manifest) {
-  const payloads = [];
-  for (const module of manifest.modules) {
-    for (const file of module.files) {
-      payloads.push({ module, kind: "file", src: file.src, sha256: file.sha256, size: file.size, mode: file.mode });
-    }
-    if (module.type === "firmware") {
-      const { src, sha256: sha2563, size: size2 } = module.image;
-      payloads.push({ module, kind: "image", src, sha256: sha2563, size: size2, mode: 420 });
-    }
-  }
-  return payloads;
-}
-function pathProblem(path6) {
-  if (path6 === "") return "is empty";
-  if (path6.includes("\0")) return "contains a NUL byte";
-  if (path6.includes("\\")) return "contains a backslash";
-  if ([...path6].some(isControl)) return "contains a control character";
-  if (path6.startsWith("/")) return "is absolute";
-  if (/^[A-Za-z]:/.test(path6)) return "starts with a drive letter";
-  if (path6.length > 1024) return "is longer than 1024 characters";
-  for (const segment of path6.split("/")) {
-    if (segment === "") return "has an empty segment ('//' or a trailing '/')";
-    if (segment === "..") return "has a '..' segment";
-    if (segment === ".") return "has a '.' segment";
-  }
-  return null;
-}
-var ALIAS = /^[A-Za-z0-9_-]{1,64}$/;
-function splitDst(dst) {
-  const slash = dst.indexOf("/");
-  if (slash <= 0) return null;
-  return { alias: dst.slice(0, slash), relative: dst.slice(slash + 1) };
-}
-function dstProblem(dst) {
-  const problem = pathProblem(dst);
-  if (problem) return problem;
-  const parts = splitDst(dst);
-  if (parts === null) return "is not '<root alias>/<relative path>'";
-  if (!ALIAS.test(parts.alias)) return `has a root alias '${parts.alias}' that is not letters, digits, '_' or '-'`;
-  return null;
-}
-var TOKEN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-var token2 = (what) => string().check(_regex(TOKEN, `expected ${what}: letters, digits, '.', '_' or '-', at most 64, starting with a letter or digit`));
-var sha256 = pipe(
-  string().check(_regex(/^[0-9A-Fa-f]{64}$/, "expected 64 hex digits (SHA-256)")),
-  transform((hex2) => hex2.toLowerCase())
-);
-var size = int().check(_nonnegative("expected a size in bytes (a whole number, 0 or more)"));
-var mode = pipe(
-  union([int(), string()]),
-  transform((raw, ctx) => {
-    const fail2 = (message) => {
-      ctx.issues.push({ code: "custom", message, input: raw });
-      return NEVER;
-    };
-    let value2;
-    if (typeof raw === "string") {
-      const match = /^(?:0o?)?([0-7]{3})$/.exec(raw);
-      if (!match?.[1]) return fail2(`expected an octal mode like "0644", got "${raw}"`);
-      value2 = Number.parseInt(match[1], 8);
-    } else {
-      value2 = raw;
-      if (value2 < 0 || value2 > 511) {
-        const hint = /^[0-7]{3}$/.test(String(raw)) ? ` (did you mean "0${raw}"?)` : "";
-        return fail2(`expected a permission mode from 0 to 0777 (511), got ${raw}${hint}`);
-      }
-    }
-    if (value2 & 2) return fail2(`mode 0${value2.toString(8)} is world-writable; use 0644 or 0755`);
-    return value2;
-  })
-);
-var fileSchema = strictObject({
-  src: string(),
-  dst: string(),
-  sha256,
-  size,
-  mode: _default(mode, 420)
-});
-var imageSchema = strictObject({ src: string(), sha256, size });
-var processSchema = union([
-  strictObject({ pidfile: string().check(_regex(/^\/[^\0]*$/, "expected an absolute path")) }),
-  strictObject({ name: string().check(_regex(/^[^\0/]{1,255}$/, "expected a process name without '/'")) })
-]);
-var moduleSchema = pipe(
-  strictObject({
-    id: token2("a module id"),
-    type: _default(_enum(["files", "firmware"]), "files"),
-    depends: _default(array(string()), []),
-    files: _default(array(fileSchema), []),
-    service: optional(string().check(_regex(/^[A-Za-z0-9][A-Za-z0-9@._-]{0,127}$/, "expected a service name like 'klipper'"))),
-    process: optional(processSchema),
-    mcu: optional(string().check(_regex(/^[A-Za-z0-9_-]{1,64}$/, "expected an MCU name like 'mcu' or 'toolhead'"))),
-    image: optional(imageSchema)
-  }).check(
-    superRefine((module, ctx) => {
-      if (module.service !== void 0 && module.process !== void 0) {
-        ctx.addIssue({ code: "custom", path: ["process"], message: "give service or process, not both" });
-      }
-      if (module.type === "firmware") {
-        if (module.mcu === void 0) ctx.addIssue({ code: "custom", path: ["mcu"], message: "a firmware module needs the mcu to flash" });
-        if (module.image === void 0) ctx.addIssue({ code: "custom", path: ["image"], message: "a firmware module needs an image" });
-      } else {
-        if (module.mcu !== void 0) ctx.addIssue({ code: "custom", path: ["mcu"], message: 'only a module of type "firmware" names an mcu' });
-        if (module.image !== void 0) ctx.addIssue({ code: "custom", path: ["image"], message: 'only a module of type "firmware" has an image' });
-        if (module.files.length === 0) ctx.addIssue({ code: "custom", path: ["files"], message: "a module needs at least one file" });
-      }
-    })
-  ),
-  transform((m) => {
-    const base = { id: m.id, depends: m.depends, files: m.files, service: m.service ?? null, process: m.process ?? null };
-    return m.type === "firmware" && m.mcu !== void 0 && m.image !== void 0 ? { ...base, type: "firmware", mcu: m.mcu, image: m.image } : { ...base, type: "files" };
-  })
-);
-var VERSION2 = /^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$/;
-var version = string().check(_regex(VERSION2, "expected a version like 1.4.0 (letters, digits, '.', '+', '_', '-')"));
-var manifestSchema = pipe(
-  strictObject({
-    name: token2("a package name"),
-    version,
-    min_version: optional(version),
-    modules: array(moduleSchema).check(_minLength(1, "expected at least one module"))
-  }),
-  transform((m) => ({ name: m.name, version: m.version, min_version: m.min_version ?? null, modules: m.modules }))
-);
-function invalidManifest(message, details = {}, cause) {
-  return new MoonflashError("INVALID_MANIFEST", `${MANIFEST_FILE}: ${message}`, details, cause === void 0 ? void 0 : { cause });
-}
-function issuePath(path6) {
-  return path6.map((key, i) => typeof key === "number" ? `[${key}]` : i === 0 ? String(key) : `.${String(key)}`).join("");
-}
-function parseManifest(bytes) {
-  let text;
-  try {
-    text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: false }).decode(bytes);
-  } catch (err) {
-    throw invalidManifest("is not UTF-8 text", {}, err);
-  }
-  let json;
-  try {
-    json = JSON.parse(text);
-  } catch (err) {
-    throw invalidManifest(`is not valid JSON (${err.message})`, {}, err);
-  }
-  const result = manifestSchema.safeParse(json);
-  if (!result.success) {
-    const issues = result.error.issues.map((issue) => {
-      const where = issue.path.length > 0 ? issuePath(issue.path) : "manifest";
-      return issue.code === "unrecognized_keys" ? `${where}: unknown key(s) ${issue.keys.map((k) => `'${k}'`).join(", ")}` : `${where}: ${issue.message}`;
-    });
-    throw invalidManifest(issues.join("; "), { issues });
-  }
-  checkManifest(result.data);
-  return result.data;
-}
-function checkManifest(manifest) {
-  checkPaths(manifest);
-  checkDependencies(manifest.modules);
-}
-function checkPaths(manifest) {
-  const srcSeen = /* @__PURE__ */ new Map();
-  const dstSeen = /* @__PURE__ */ new Map();
-  for (const payload of payloadsOf(manifest)) {
-    const where = `module '${payload.module.id}'`;
-    const problem = pathProblem(payload.src);
-    if (problem) {
-      throw new MoonflashError("INVALID_PACKAGE", `${MANIFEST_FILE}: ${where}: src '${printable(payload.src)}' ${problem}.`, {
-        module: payload.module.id,
-        src: payload.src,
-        problem
-      });
-    }
-    if (payload.src === MANIFEST_FILE || payload.src === SIGNATURE_FILE) {
-      throw invalidManifest(`${where}: src '${payload.src}' is reserved for the package itself`, { module: payload.module.id, src: payload.src });
-    }
-    const other = srcSeen.get(payload.src);
-    if (other !== void 0) {
-      throw invalidManifest(`src '${payload.src}' is listed twice (${other} and ${where}); every file in the zip is used once`, { src: payload.src });
-    }
-    srcSeen.set(payload.src, where);
-  }
-  for (const module of manifest.modules) {
-    for (const file of module.files) {
-      const where = `module '${module.id}'`;
-      const problem = dstProblem(file.dst);
-      if (problem) {
-        throw new MoonflashError("INVALID_PACKAGE", `${MANIFEST_FILE}: ${where}: dst '${printable(file.dst)}' ${problem}.`, {
-          module: module.id,
-          dst: file.dst,
-          problem
-        });
-      }
-      const other = dstSeen.get(file.dst);
-      if (other !== void 0) {
-        throw invalidManifest(`dst '${file.dst}' is written twice (${other} and ${where})`, { dst: file.dst });
-      }
-      dstSeen.set(file.dst, where);
-    }
-  }
-  for (const dst of dstSeen.keys()) {
-    const segments = dst.split("/");
-    for (let i = 2; i < segments.length; i++) {
-      const parent = segments.slice(0, i).join("/");
-      if (dstSeen.has(parent)) throw invalidManifest(`dst '${parent}' is a file, but '${dst}' needs it as a directory`, { dst });
-    }
-  }
-}
-function checkDependencies(modules) {
-  const position = /* @__PURE__ */ new Map();
-  modules.forEach((module, i) => {
-    if (position.has(module.id)) throw invalidManifest(`module id '${module.id}' is used twice`, { module: module.id });
-    position.set(module.id, i);
-  });
-  for (const module of modules) {
-    for (const dep of module.depends) {
-      if (!position.has(dep)) {
-        throw invalidManifest(`module '${module.id}' depends on '${dep}', which the manifest does not define (modules: ${[...position.keys()].join(", ")})`, {
-          module: module.id,
-          dependency: dep
-        });
-      }
-    }
-  }
-  const cycle = findCycle(modules);
-  if (cycle) throw invalidManifest(`modules depend on each other in a cycle: ${cycle.join(" \u2192 ")}`, { cycle });
-  modules.forEach((module, i) => {
-    for (const dep of module.depends) {
-      if ((position.get(dep) ?? -1) > i) {
-        throw invalidManifest(`module '${module.id}' depends on '${dep}', which comes after it; list modules in dependency order`, {
-          module: module.id,
-          dependency: dep
-        });
-      }
-    }
-  });
-}
-function findCycle(modules) {
-  const depends = new Map(modules.map((m) => [m.id, m.depends]));
-  const done = /* @__PURE__ */ new Set();
-  const onPath = [];
-  const visit = (id) => {
-    const at = onPath.indexOf(id);
-    if (at >= 0) return [...onPath.slice(at), id];
-    if (done.has(id)) return null;
-    onPath.push(id);
-    for (const dep of depends.get(id) ?? []) {
-      const cycle = visit(dep);
-      if (cycle) return cycle;
-    }
-    onPath.pop();
-    done.add(id);
-    return null;
-  };
-  for (const module of modules) {
-    const cycle = visit(module.id);
-    if (cycle) return cycle;
-  }
-  return null;
-}
-function isControl(char) {
-  const code = char.charCodeAt(0);
-  return code < 32 || code === 127;
-}
-function printable(path6) {
-  return [...path6].map((c) => isControl(c) ? `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}` : c).join("");
-}
-
-// src/ota/signing.ts
-var crypto = () => process.getBuiltinModule("node:crypto");
-function keygen() {
-  const { publicKey: publicKey2, privateKey } = crypto().generateKeyPairSync("ed25519");
-  return {
-    publicKey: publicKey2.export({ type: "spki", format: "pem" }).toString(),
-    privateKey: privateKey.export({ type: "pkcs8", format: "pem" }).toString(),
-    publicKeyBase64: rawPublicKey(publicKey2).toString("base64")
-  };
-}
-function sign(manifestBytes, privateKeyPem) {
-  return crypto().sign(null, manifestBytes, parsePrivateKey(privateKeyPem)).toString("base64");
-}
-function verify(manifestBytes, signature, publicKey2) {
-  const key = typeof publicKey2 === "string" ? parsePublicKey(publicKey2) : publicKey2;
-  const text = (typeof signature === "string" ? signature : Buffer.from(signature).toString("latin1")).trim();
-  if (!/^[A-Za-z0-9+/]{86}==$/.test(text)) return false;
-  const raw = Buffer.from(text, "base64");
-  if (raw.length !== 64 || raw.toString("base64") !== text) return false;
-  return crypto().verify(null, manifestBytes, key, raw);
-}
-function verifyManifestSignature(manifestBytes, signatureFile, publicKey2) {
-  if (signatureFile === null) {
-    throw new MoonflashError("SIGNATURE_INVALID", `The package has no ${SIGNATURE_FILE}, and [ota] public_key requires signed packages. Nothing was installed.`, {
-      reason: "missing"
-    });
-  }
-  if (!verify(manifestBytes, signatureFile, publicKey2)) {
-    throw new MoonflashError(
-      "SIGNATURE_INVALID",
-      `The package's ${SIGNATURE_FILE} does not verify against [ota] public_key: it was signed with another key, or manifest.json was changed. Nothing was installed.`,
-      { reason: "mismatch" }
-    );
-  }
-}
-function parsePublicKey(text) {
-  const trimmed = text.trim();
-  let key;
-  try {
-    if (trimmed.startsWith("-----BEGIN")) {
-      key = crypto().createPublicKey(trimmed);
-    } else {
-      const raw = /^[A-Za-z0-9+/]{43}=$/.test(trimmed) ? Buffer.from(trimmed, "base64") : Buffer.alloc(0);
-      if (raw.length !== 32) throw new Error("not 32 bytes of base64");
-      key = crypto().createPublicKey({ key: { kty: "OKP", crv: "Ed25519", x: raw.toString("base64url") }, format: "jwk" });
-    }
-  } catch (err) {
-    throw new MoonflashError(
-      "CONFIG_INVALID",
-      "[ota] public_key is not an Ed25519 public key: give the PEM (BEGIN PUBLIC KEY) or the raw 32-byte key in base64.",
-      {},
-      { cause: err }
-    );
-  }
-  if (key.asymmetricKeyType !== "ed25519") {
-    throw new MoonflashError("CONFIG_INVALID", `[ota] public_key is a ${key.asymmetricKeyType ?? "unknown"} key; packages are signed with Ed25519.`, {
-      keyType: key.asymmetricKeyType
-    });
-  }
-  return key;
-}
-function parsePrivateKey(pem) {
-  let key;
-  try {
-    key = crypto().createPrivateKey(pem);
-  } catch (err) {
-    throw new MoonflashError("INVALID_PARAMS", "The signing key is not a private key in PEM (BEGIN PRIVATE KEY).", {}, { cause: err });
-  }
-  if (key.asymmetricKeyType !== "ed25519") {
-    throw new MoonflashError("INVALID_PARAMS", `The signing key is a ${key.asymmetricKeyType ?? "unknown"} key; packages are signed with Ed25519.`, {
-      keyType: key.asymmetricKeyType
-    });
-  }
-  return key;
-}
-function publicKeyOf(privateKeyPem) {
-  return crypto().createPublicKey(parsePrivateKey(privateKeyPem));
-}
-function rawPublicKey(key) {
-  const jwk = key.export({ format: "jwk" });
-  return Buffer.from(jwk.x ?? "", "base64url");
-}
-
 // src/flash/build/profiles.ts
 import { readFile as readFile8 } from "node:fs/promises";
 import { join as join9 } from "node:path";
@@ -10435,8 +10438,8 @@ var roots = value((raw) => {
   return result;
 });
 var publicKey = value((raw) => {
+  if (isRawPublicKey(raw)) return raw;
   if (raw.startsWith("/") || raw.startsWith("~/")) return expandHome(raw);
-  if (/^[A-Za-z0-9+/]{43}=$/.test(raw)) return raw;
   throw expected("the path of a PEM public key, or the raw 32-byte Ed25519 key in base64 (44 characters)", raw);
 });
 var bindAddress = value((raw) => {
@@ -11620,7 +11623,7 @@ function createLogger(opts) {
 // src/ota/engine.ts
 import { access as access8, mkdir as mkdir7, readdir as readdir7, readFile as readFile15, rm as rm8, stat as stat12 } from "node:fs/promises";
 import { constants as constants4 } from "node:fs";
-import { dirname as dirname9, isAbsolute as isAbsolute5, join as join14 } from "node:path";
+import { dirname as dirname9, join as join14 } from "node:path";
 
 // src/ota/deploy.ts
 import { constants as constants2 } from "node:fs";
@@ -14450,7 +14453,7 @@ var OtaEngine = class {
   async publicKey() {
     const key = this.config.public_key;
     if (!key) return null;
-    if (!isAbsolute5(key)) return key;
+    if (isRawPublicKey(key)) return key;
     try {
       return await readFile15(key, "utf8");
     } catch (err) {
@@ -16751,6 +16754,14 @@ export {
   expandHome,
   FLASH_METHODS,
   firmwareProfileDir,
+  MANIFEST_FILE,
+  SIGNATURE_FILE,
+  payloadsOf,
+  parseManifest,
+  keygen,
+  sign,
+  verify,
+  publicKeyOf,
   fsyncDir,
   writeFileDurable,
   isProcessAlive,
@@ -16760,14 +16771,6 @@ export {
   mcuUserName,
   mcuSectionName,
   commonJsModule,
-  MANIFEST_FILE,
-  SIGNATURE_FILE,
-  payloadsOf,
-  parseManifest,
-  keygen,
-  sign,
-  verify,
-  publicKeyOf,
   readPackage,
   parseProfile,
   initialPrinterState,

@@ -19,6 +19,7 @@ import "../core/zod.js";
 import { Invalid, defaults, expected, integer, unset, url, value } from "../core/config-values.js";
 import { expandHome } from "../core/paths.js";
 import type { PackageLimits } from "./package.js";
+import { isRawPublicKey } from "./signing.js";
 
 /** Package and download limits from `[ota] limits`; unset ones keep the package reader's and downloader's defaults. */
 export interface OtaLimits extends Partial<PackageLimits> {
@@ -76,8 +77,8 @@ const roots = value((raw): Record<string, string> => {
 });
 
 const publicKey = value((raw): string => {
+  if (isRawPublicKey(raw)) return raw;
   if (raw.startsWith("/") || raw.startsWith("~/")) return expandHome(raw);
-  if (/^[A-Za-z0-9+/]{43}=$/.test(raw)) return raw;
   throw expected("the path of a PEM public key, or the raw 32-byte Ed25519 key in base64 (44 characters)", raw);
 });
 

@@ -13,7 +13,7 @@
 
 import { access, mkdir, readdir, readFile, rm, stat } from "node:fs/promises";
 import { constants } from "node:fs";
-import { dirname, isAbsolute, join } from "node:path";
+import { dirname, join } from "node:path";
 import type { Logger } from "pino";
 import { isMoonflashError, MoonflashError, toMoonflashError } from "../core/errors.js";
 import type { JobContext } from "../core/events.js";
@@ -30,6 +30,7 @@ import { DOWNLOAD_DEFAULTS, downloadPackage, type DownloadOptions } from "./down
 import type { Manifest, ManifestModule } from "./manifest.js";
 import { extractPackage, readPackage, resolveTargets, type ExtractedPackage, type PackageLimits, type ResolvedTarget } from "./package.js";
 import { describeRef, findProcesses, stopProcess } from "./processes.js";
+import { isRawPublicKey } from "./signing.js";
 import {
   DEFAULT_MAX_STATE_SAVES, DEPLOY_STATES, OtaStateStore, crashPoint, makeUpdateId, newState,
   type CrashPoint, type FirmwareRecord, type OtaState, type OtaStateName, type StateError, type StoppedUnit,
@@ -1071,7 +1072,7 @@ export class OtaEngine {
   private async publicKey(): Promise<string | null> {
     const key = this.config.public_key;
     if (!key) return null;
-    if (!isAbsolute(key)) return key;
+    if (isRawPublicKey(key)) return key;
     try {
       return await readFile(key, "utf8");
     } catch (err) {

@@ -68,6 +68,14 @@ export function verifyManifestSignature(manifestBytes: Uint8Array, signatureFile
   }
 }
 
+/**
+ * The raw 32-byte key in base64 (44 characters). Checked before anything else: a quarter of such keys start with "/"
+ * or "+", and one in 64 would otherwise be taken for an absolute path.
+ */
+export function isRawPublicKey(text: string): boolean {
+  return /^[A-Za-z0-9+/]{43}=$/.test(text.trim());
+}
+
 /** A public key from PEM or raw base64 (32 bytes). CONFIG_INVALID when it is neither, or not Ed25519. */
 export function parsePublicKey(text: string): KeyObject {
   const trimmed = text.trim();
@@ -76,7 +84,7 @@ export function parsePublicKey(text: string): KeyObject {
     if (trimmed.startsWith("-----BEGIN")) {
       key = crypto().createPublicKey(trimmed);
     } else {
-      const raw = /^[A-Za-z0-9+/]{43}=$/.test(trimmed) ? Buffer.from(trimmed, "base64") : Buffer.alloc(0);
+      const raw = isRawPublicKey(trimmed) ? Buffer.from(trimmed, "base64") : Buffer.alloc(0);
       if (raw.length !== 32) throw new Error("not 32 bytes of base64");
       key = crypto().createPublicKey({ key: { kty: "OKP", crv: "Ed25519", x: raw.toString("base64url") }, format: "jwk" });
     }

@@ -75,7 +75,7 @@ describe("moonflash ota", () => {
   it("keygen, pack --key, sign; a printer with the public key downloads, shows, installs and rolls back the package", { timeout: 60_000 }, async () => {
     // keygen: the pair, the private key readable by its owner only; never overwritten.
     const made = await cli(["ota", "keygen", "--out", join(vendor, "keys"), "--json"]);
-    expect(made.exitCode).toBe(0);
+    expect(made.exitCode, made.stderr).toBe(0);
     const keys = outcome(made.stdout).result as { private_key: string; public_key: string; public_key_base64: string };
     expect(keys.private_key).toBe(join(vendor, "keys", "private.pem"));
     expect((await stat(keys.private_key)).mode & 0o777).toBe(0o600);
@@ -94,7 +94,7 @@ describe("moonflash ota", () => {
     expect(missing.exitCode).toBe(2);
     expect(missing.stderr).toContain(`${join(vendor, "src", "extra", "readme.txt")} does not exist. [INVALID_PARAMS]`);
 
-    expect(packed.exitCode).toBe(0);
+    expect(packed.exitCode, packed.stderr).toBe(0);
     const pkg = await readFile(zip);
     expect(outcome(packed.stdout)).toEqual({
       ok: true,
@@ -115,7 +115,7 @@ describe("moonflash ota", () => {
       cli(["ota", "sign", join(vendor, "signed", "manifest.json"), "--key", keys.private_key]),
       cli(["ota", "sign", join(vendor, "src", "manifest.json"), "--key", keys.private_key]),
     ]);
-    expect(signed.exitCode).toBe(0);
+    expect(signed.exitCode, signed.stderr).toBe(0);
     expect(signed.stdout).toContain(`${join(vendor, "signed", "manifest.sig")}: signature of acme-macros 1.1.0`);
     const signature = (await readFile(join(vendor, "signed", "manifest.sig"), "utf8")).trim();
     expect(signature).toBe(sign(contents.manifestBytes, privateKey));
@@ -137,13 +137,13 @@ describe("moonflash ota", () => {
     const server = await TestHttpServer.start({ body: pkg });
     servers.push(server);
     const download = await cli(["ota", "download", server.url("/acme.zip"), "--md5", md5(pkg), "--sha256", sha256(pkg), "--size", String(pkg.length), "--data", dir, "--json"]);
-    expect(download.exitCode).toBe(0);
+    expect(download.exitCode, download.stderr).toBe(0);
     const lines = download.stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
     expect(lines.filter((l) => l.type === "stage").map((l) => l.stage)).toEqual(["started", "download", "verify"]);
     expect(outcome(download.stdout)).toMatchObject({ ok: true, result: { name: "acme-macros", version: "1.1.0", signed: true, size: pkg.length } });
 
     const status = await cli(["ota", "status", "--data", dir, "--json"]);
-    expect(status.exitCode).toBe(0);
+    expect(status.exitCode, status.stderr).toBe(0);
     expect(JSON.parse(status.stdout)).toMatchObject({
       state: "verified",
       url: server.url("/acme.zip"),
@@ -154,7 +154,7 @@ describe("moonflash ota", () => {
     });
 
     const install = await cli(["ota", "install", "--data", dir]);
-    expect(install.exitCode).toBe(0);
+    expect(install.exitCode, install.stderr).toBe(0);
     expect(install.stdout).toMatch(/✓ acme-macros 1\.1\.0 installed: 2 file\(s\), 1 replaced, 1 new; probation passed in \d+\.\d s\. Old files: /);
     expect(await readFile(join(dir, "config", "macros.cfg"), "utf8")).toBe(MACROS);
     expect((await stat(join(dir, "config", "readme.txt"))).mode & 0o777).toBe(0o600);
@@ -162,14 +162,14 @@ describe("moonflash ota", () => {
     expect(moonraker.serviceActions).toEqual([]);
 
     const [human, cancel] = await Promise.all([cli(["ota", "status", "--data", dir]), cli(["ota", "cancel", "--data", dir, "--json"])]);
-    expect(human.exitCode).toBe(0);
+    expect(human.exitCode, human.stderr).toBe(0);
     expect(human.stdout).toContain("state:     committed acme-macros 1.1.0");
     expect(human.stdout).toMatch(/installed: acme-macros 1\.1\.0 \(ota-/);
     expect(cancel.exitCode).toBe(1);
     expect(outcome(cancel.stdout)).toMatchObject({ ok: false, code: "NO_JOB" });
 
     const rollback = await cli(["ota", "rollback", "--data", dir]);
-    expect(rollback.exitCode).toBe(0);
+    expect(rollback.exitCode, rollback.stderr).toBe(0);
     expect(rollback.stdout).toContain("✓ acme-macros 1.1.0 rolled back: 1 file(s) restored, 1 removed");
     expect(await readFile(join(dir, "config", "macros.cfg"), "utf8")).toBe("[gcode_macro HELLO]\ngcode: M117 hello v1.0\n");
 

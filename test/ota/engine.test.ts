@@ -509,13 +509,15 @@ describe("recover() with a damaged state file", () => {
   });
 });
 
+function parseOta(text: string) {
+  const errors: Located[] = [];
+  const section = parseIni(`[ota]\n${text}`, "/tmp/moonflash.conf").sections.get("ota")!;
+  const parsed = validateSection("/tmp/moonflash.conf", section, otaSchema, Object.keys(otaSchema.shape), errors);
+  return { parsed, errors: errors.map((e) => e.error.message) };
+}
+
 describe("[ota] configuration", () => {
-  const parse = (text: string) => {
-    const errors: Located[] = [];
-    const section = parseIni(`[ota]\n${text}`, "/tmp/moonflash.conf").sections.get("ota")!;
-    const parsed = validateSection("/tmp/moonflash.conf", section, otaSchema, Object.keys(otaSchema.shape), errors);
-    return { parsed, errors: errors.map((e) => e.error.message) };
-  };
+  const parse = parseOta;
 
   it("has safe defaults: no roots, no key, no HTTP port, 120 s probation, 2 backups", () => {
     expect(OTA_DEFAULTS).toEqual({
@@ -567,5 +569,24 @@ describe("signed packages", () => {
     expect(engine.status()).toMatchObject({ state: "failed", lastError: { code: "SIGNATURE_INVALID" } });
     expect(existsSync(join(s.otaDir, "download", "package.zip"))).toBe(false);
     await failure(engine.install(), "NO_PACKAGE");
+  });
+
+  // One raw key in 64 starts with "/": it was once read as the path of a PEM file (CONFIG_INVALID, exit 2 in the CLI).
+  it("takes a base64 public_key that starts with '/' as the key, not as a path, in the config and in the engine", async () => {
+    let pair = keygen();
+    while (!pair.publicKeyBase64.startsWith("/")) pair = keygen();
+    expect(parseOta(`public_key: ${pair.publicKeyBase64}`)).toEqual({ parsed: expect.objectContaining({ public_key: pair.publicKeyBase64 }), errors: [] });
+    const signedPkg = await buildPackage(join(base, "signed-slash.zip"), { privateKey: pair.privateKey, firmware: false });
+    const signedServer = await TestHttpServer.start({ body: signedPkg });
+    try {
+      const s = await setup();
+      const engine = new OtaEngine({
+        dataDir: s.rig.dataDir, config: otaConfig(s.layout, { public_key: pair.publicKeyBase64 }), printer: s.rig.session, runner: s.rig.runner, logger: s.rig.logger,
+      });
+      const summary = await engine.download({ url: signedServer.url(), md5: md5Of(signedPkg), size: signedPkg.length });
+      expect(summary).toMatchObject({ name: "acme-printer", signed: true });
+    } finally {
+      await signedServer.close();
+    }
   });
 });

@@ -91,6 +91,8 @@ export interface PackageOptions {
   version?: string;
   /** The webcam module names this process instead of the crowsnest service. */
   process?: ProcessRef;
+  /** Sign manifest.json with this PKCS#8 PEM key. */
+  privateKey?: string;
 }
 
 /** Packs the update into `out` (files written beside it in `<out>.src/`); returns its bytes. */
@@ -128,7 +130,7 @@ export async function buildPackage(out: string, opts: PackageOptions = {}): Prom
   } else {
     files.delete("fw/toolhead.bin");
   }
-  await packPackage({ manifest: { name: "acme-printer", version: opts.version ?? "2.0.0", modules }, files, out });
+  await packPackage({ manifest: { name: "acme-printer", version: opts.version ?? "2.0.0", modules }, files, out, ...(opts.privateKey ? { privateKey: opts.privateKey } : {}) });
   return readFile(out);
 }
 
