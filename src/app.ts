@@ -15,6 +15,7 @@ import type { PrinterPort } from "./core/printer.js";
 import { MCU_DEFAULTS, type FlashSettings, type McuConfig } from "./flash/config.js";
 import { FlashEngine, mcuSectionName } from "./flash/engine.js";
 import { mcuUserName } from "./flash/mcu-name.js";
+import { CallbackReporter } from "./ota/callback-report.js";
 import { OtaEngine, otaPaths, type FirmwarePort } from "./ota/engine.js";
 import { FirmwareBuilder } from "./flash/build/builder.js";
 import { McuUpdater } from "./flash/update-all.js";
@@ -40,7 +41,12 @@ export interface Runtime {
   endpoint: MoonrakerEndpoint;
   /** The endpoint for people: "unix:/home/pi/printer_data/comms/moonraker.sock" or the websocket URL. */
   endpointName: string;
+  /** Adapters that report outside the process ([ota] callback_url): each waits up to timeoutMs for its queue. */
+  drains: Array<(timeoutMs: number) => Promise<void>>;
 }
+
+/** How long a process that ends waits for its reports to be delivered. */
+export const REPORT_DRAIN_MS = 5000;
 
 export async function createRuntime(opts: RuntimeOptions): Promise<Runtime> {
   const config = await loadConfig(opts.dataDir, opts.configFile);
@@ -49,7 +55,7 @@ export async function createRuntime(opts: RuntimeOptions): Promise<Runtime> {
   const endpoint: MoonrakerEndpoint = m.moonraker_url
     ? { kind: "ws", url: m.moonraker_url, ...(m.api_key ? { apiKey: m.api_key } : {}) }
     : { kind: "unix", path: m.moonraker_socket };
-  return { config, logger, runner: new JobRunner({ dataDir: config.dataDir, logger }), endpoint, endpointName: describeEndpoint(endpoint) };
+  return { config, logger, runner: new JobRunner({ dataDir: config.dataDir, logger }), endpoint, endpointName: describeEndpoint(endpoint), drains: [] };
 }
 
 type SessionRole = Pick<AgentSessionOptions, "clientName" | "methods" | "onCall" | "backoff">;
@@ -64,7 +70,7 @@ export function createFlashEngine(rt: Runtime, printer: PrinterPort, config: Fla
 
 /** The OTA engine, flashing firmware modules through `flash` (flashFirmwarePort). */
 export function createOtaEngine(rt: Runtime, printer: PrinterPort, flash: FlashEngine): OtaEngine {
-  return new OtaEngine({
+  const engine = new OtaEngine({
     dataDir: rt.config.dataDir,
     config: rt.config.ota,
     printer,
@@ -73,6 +79,17 @@ export function createOtaEngine(rt: Runtime, printer: PrinterPort, flash: FlashE
     firmware: flashFirmwarePort(rt, printer, flash),
     serviceTimeoutMs: rt.config.moonflash.service_timeout * 1000,
   });
+  const url = rt.config.ota.callback_url;
+  if (url) {
+    const reporter = new CallbackReporter({ url, logger: rt.logger.child({ ns: "ota-report" }), status: () => engine.status(), userAgent: `moonflash/${VERSION}` });
+    rt.runner.on(reporter.onJobEvent);
+    // A process that ends gives its reports a last chance, then stops retrying so that it can exit.
+    rt.drains.push(async (timeoutMs) => {
+      await reporter.flush(timeoutMs);
+      reporter.close();
+    });
+  }
+  return engine;
 }
 
 /** An MCU's device as Klipper's config gave it, remembered for a flash while Klipper is stopped. */

@@ -11620,6 +11620,160 @@ function createLogger(opts) {
   return logger;
 }
 
+// src/ota/callback-report.ts
+var PostFailure = class extends Error {
+  constructor(message, retry) {
+    super(message);
+    this.retry = retry;
+  }
+  retry;
+};
+var CallbackReporter = class {
+  constructor(opts) {
+    this.opts = opts;
+    this.attempts = opts.attempts ?? 6;
+    this.backoffMs = opts.backoffMs ?? 500;
+    this.maxBackoffMs = opts.maxBackoffMs ?? 3e4;
+    this.timeoutMs = opts.timeoutMs ?? 5e3;
+    this.maxQueued = opts.maxQueued ?? 100;
+    const url2 = new URL(opts.url);
+    this.where = `${url2.protocol}//${url2.host}${url2.pathname}`;
+  }
+  opts;
+  queue = [];
+  sending = false;
+  seq = 0;
+  dropped = 0;
+  closed = false;
+  wake = null;
+  inFlight = null;
+  idle = [];
+  attempts;
+  backoffMs;
+  maxBackoffMs;
+  timeoutMs;
+  maxQueued;
+  /** Where the URL is said in logs: no credentials, no query. */
+  where;
+  /** The runner listener: OTA events only; returns at once. */
+  onJobEvent = (event) => {
+    if (event.kind !== "ota" || this.closed) return;
+    if (event.type === "log" && event.level !== "warn" && event.level !== "error") return;
+    const { jobId, target, ts, type, kind: _kind, ...fields } = event;
+    let status = null;
+    try {
+      status = this.opts.status();
+    } catch {
+      status = null;
+    }
+    const body = JSON.stringify({ source: "moonflash", seq: ++this.seq, ts, job_id: jobId, target, event: type, ...fields, status });
+    this.enqueue({ body, progress: type === "progress" });
+  };
+  /** Waits until every queued report is sent or given up, at most `timeoutMs`; a CLI run calls it before it exits. */
+  async flush(timeoutMs) {
+    if (!this.sending && this.queue.length === 0) return;
+    let timer;
+    await Promise.race([
+      new Promise((resolve4) => this.idle.push(resolve4)),
+      new Promise((resolve4) => {
+        timer = setTimeout(resolve4, timeoutMs);
+        timer.unref();
+      })
+    ]);
+    clearTimeout(timer);
+  }
+  /** Stops taking events, ends the retry wait and the POST in flight; what is still queued is dropped. */
+  close() {
+    this.closed = true;
+    this.queue.length = 0;
+    this.wake?.();
+    this.inFlight?.destroy(new PostFailure("the reporter was closed", false));
+  }
+  enqueue(report) {
+    const last = this.queue.at(-1);
+    if (report.progress && last?.progress && (this.queue.length > 1 || !this.sending)) {
+      this.queue[this.queue.length - 1] = report;
+    } else {
+      this.queue.push(report);
+    }
+    while (this.queue.length > this.maxQueued) {
+      const oldestProgress = this.queue.findIndex((r, i) => r.progress && (i > 0 || !this.sending));
+      this.queue.splice(oldestProgress >= 0 ? oldestProgress : this.sending ? 1 : 0, 1);
+      this.dropped += 1;
+    }
+    if (!this.sending) void this.drain();
+  }
+  async drain() {
+    this.sending = true;
+    try {
+      while (this.queue.length > 0 && !this.closed) {
+        await this.deliver(this.queue[0]);
+        this.queue.shift();
+      }
+    } finally {
+      this.sending = false;
+      for (const resolve4 of this.idle.splice(0)) resolve4();
+    }
+  }
+  async deliver(report) {
+    let wait = this.backoffMs;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.post(report.body);
+        if (this.dropped > 0) {
+          this.opts.logger.warn({ url: this.where, dropped: this.dropped }, `OTA reports: ${this.dropped} report(s) dropped while ${this.where} did not answer`);
+          this.dropped = 0;
+        }
+        return;
+      } catch (err) {
+        const failure = err instanceof PostFailure ? err : new PostFailure(String(err), true);
+        if (!failure.retry || attempt >= this.attempts || this.closed) {
+          this.opts.logger.warn({ url: this.where, attempts: attempt }, `OTA report not delivered to ${this.where}: ${failure.message}`);
+          return;
+        }
+        this.opts.logger.debug({ url: this.where, attempt }, `OTA report to ${this.where} failed (${failure.message}); retrying in ${wait} ms`);
+        await new Promise((resolve4) => {
+          const timer = setTimeout(resolve4, wait);
+          this.wake = () => {
+            clearTimeout(timer);
+            resolve4();
+          };
+        });
+        this.wake = null;
+        wait = Math.min(wait * 2, this.maxBackoffMs);
+      }
+    }
+  }
+  post(body) {
+    const url2 = new URL(this.opts.url);
+    const http = process.getBuiltinModule(url2.protocol === "https:" ? "node:https" : "node:http");
+    return new Promise((resolve4, reject) => {
+      const req = http.request(url2, {
+        method: "POST",
+        headers: {
+          "Content-Type": "application/json; charset=utf-8",
+          "Content-Length": Buffer.byteLength(body),
+          ...this.opts.userAgent ? { "User-Agent": this.opts.userAgent } : {}
+        },
+        timeout: this.timeoutMs
+      });
+      this.inFlight = req;
+      req.on("close", () => {
+        if (this.inFlight === req) this.inFlight = null;
+      });
+      req.on("timeout", () => req.destroy(new PostFailure(`no answer within ${this.timeoutMs} ms`, true)));
+      req.on("error", (err) => reject(err instanceof PostFailure ? err : new PostFailure(err.code ?? err.message, true)));
+      req.on("response", (res) => {
+        res.resume();
+        const status = res.statusCode ?? 0;
+        if (status >= 200 && status < 300) resolve4();
+        else reject(new PostFailure(`HTTP ${status}`, status >= 500 || status === 408 || status === 429));
+      });
+      req.end(body);
+    });
+  }
+};
+
 // src/ota/engine.ts
 import { access as access8, mkdir as mkdir7, readdir as readdir7, readFile as readFile15, rm as rm8, stat as stat12 } from "node:fs/promises";
 import { constants as constants4 } from "node:fs";
@@ -16384,6 +16538,7 @@ var ConsoleReporter = class {
 // src/agent/agent.ts
 var HANDSHAKE_WAIT_MS = 5e3;
 var RECOVERY_CHECK_MS = 1e4;
+var REPORT_DRAIN_MS = 5e3;
 var Agent = class {
   runner;
   session;
@@ -16395,6 +16550,7 @@ var Agent = class {
   startedAt = Date.now();
   recovering = false;
   /** OTA recovery has run in this process (it is only for what an earlier process left). */
+  drains;
   otaRecovered = false;
   otaRecovering = false;
   recoveryTimer = null;
@@ -16409,6 +16565,7 @@ var Agent = class {
     this.logger = logger;
     this.endpointName = rt.endpointName;
     this.runner = rt.runner;
+    this.drains = rt.drains ?? [];
     const flash = () => this.flash;
     let updater;
     this.methods = buildMethodTable({
@@ -16470,6 +16627,7 @@ var Agent = class {
   async stop() {
     await (await this.otaHttp)?.close();
     await this.waitForIdle(12e4);
+    await Promise.all(this.drains.map((drain2) => drain2(REPORT_DRAIN_MS)));
     if (this.recoveryTimer) clearInterval(this.recoveryTimer);
     this.recoveryTimer = null;
     for (const u of this.unsubscribers) u();
@@ -16578,12 +16736,13 @@ var Agent = class {
 };
 
 // src/app.ts
+var REPORT_DRAIN_MS2 = 5e3;
 async function createRuntime(opts) {
   const config = await loadConfig(opts.dataDir, opts.configFile);
   const logger = opts.logger ?? createLogger({ dataDir: config.dataDir, level: config.moonflash.log_level, pretty: opts.pretty ?? false });
   const m = config.moonflash;
   const endpoint = m.moonraker_url ? { kind: "ws", url: m.moonraker_url, ...m.api_key ? { apiKey: m.api_key } : {} } : { kind: "unix", path: m.moonraker_socket };
-  return { config, logger, runner: new JobRunner({ dataDir: config.dataDir, logger }), endpoint, endpointName: describeEndpoint(endpoint) };
+  return { config, logger, runner: new JobRunner({ dataDir: config.dataDir, logger }), endpoint, endpointName: describeEndpoint(endpoint), drains: [] };
 }
 function createSession(rt, role) {
   return new AgentSession({ ...role, endpoint: rt.endpoint, version: VERSION, url: PROJECT_URL, logger: rt.logger.child({ ns: "moonraker" }) });
@@ -16592,7 +16751,7 @@ function createFlashEngine(rt, printer, config = rt.config) {
   return new FlashEngine({ config, printer, runner: rt.runner, logger: rt.logger.child({ ns: "flash" }) });
 }
 function createOtaEngine(rt, printer, flash) {
-  return new OtaEngine({
+  const engine = new OtaEngine({
     dataDir: rt.config.dataDir,
     config: rt.config.ota,
     printer,
@@ -16601,6 +16760,16 @@ function createOtaEngine(rt, printer, flash) {
     firmware: flashFirmwarePort(rt, printer, flash),
     serviceTimeoutMs: rt.config.moonflash.service_timeout * 1e3
   });
+  const url2 = rt.config.ota.callback_url;
+  if (url2) {
+    const reporter = new CallbackReporter({ url: url2, logger: rt.logger.child({ ns: "ota-report" }), status: () => engine.status(), userAgent: `moonflash/${VERSION}` });
+    rt.runner.on(reporter.onJobEvent);
+    rt.drains.push(async (timeoutMs) => {
+      await reporter.flush(timeoutMs);
+      reporter.close();
+    });
+  }
+  return engine;
 }
 function flashFirmwarePort(rt, printer, flash) {
   const file = join17(otaPaths(rt.config.dataDir).root, "mcu-devices.json");
@@ -16775,6 +16944,7 @@ export {
   parseProfile,
   initialPrinterState,
   parseParams,
+  REPORT_DRAIN_MS2 as REPORT_DRAIN_MS,
   createRuntime,
   createFlashEngine,
   createOtaEngine,

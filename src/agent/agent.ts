@@ -33,7 +33,12 @@ export interface AgentRuntime {
   logger: Logger;
   runner: JobRunner;
   endpointName: string;
+  /** Reports outside the process to let finish when the agent stops ([ota] callback_url). */
+  drains?: Array<(timeoutMs: number) => Promise<void>>;
 }
+
+/** How long a stopping agent waits for reports still queued. */
+const REPORT_DRAIN_MS = 5000;
 
 /** What the composition root gives the agent to build its session and engines with. */
 export interface AgentParts {
@@ -58,6 +63,7 @@ export class Agent {
   private readonly startedAt = Date.now();
   private recovering = false;
   /** OTA recovery has run in this process (it is only for what an earlier process left). */
+  private readonly drains: Array<(timeoutMs: number) => Promise<void>>;
   private otaRecovered = false;
   private otaRecovering = false;
   private recoveryTimer: NodeJS.Timeout | null = null;
@@ -74,6 +80,7 @@ export class Agent {
     this.logger = logger;
     this.endpointName = rt.endpointName;
     this.runner = rt.runner;
+    this.drains = rt.drains ?? [];
     // Handlers reach the engine at call time: the engine needs the session, and the session needs the names.
     const flash = (): FlashEngine => this.flash;
     let updater: McuUpdater | undefined;
@@ -148,6 +155,7 @@ export class Agent {
   async stop(): Promise<void> {
     await (await this.otaHttp)?.close();
     await this.waitForIdle(120_000);
+    await Promise.all(this.drains.map((drain) => drain(REPORT_DRAIN_MS)));
     if (this.recoveryTimer) clearInterval(this.recoveryTimer);
     this.recoveryTimer = null;
     for (const u of this.unsubscribers) u();

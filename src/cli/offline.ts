@@ -7,7 +7,7 @@ import { MoonflashError, toMoonflashError } from "../core/errors.js";
 import { initialPrinterState, type PrinterPort } from "../core/printer.js";
 import type { AgentSession } from "../moonraker/session.js";
 import { readJournal } from "../flash/guard.js";
-import { connectPrinter, createFlashEngine, createRuntime, type Runtime } from "../app.js";
+import { connectPrinter, createFlashEngine, createRuntime, REPORT_DRAIN_MS, type Runtime } from "../app.js";
 import type { FlashEngine } from "../flash/engine.js";
 import { ProgressRenderer, reportFailure } from "./render.js";
 
@@ -82,8 +82,9 @@ export async function runPrinterJob(
 ): Promise<number> {
   let session: AgentSession | null = null;
   let renderer: ProgressRenderer | null = null;
+  let ctx: Runtime | null = null;
   try {
-    const ctx = await createRuntime({ dataDir: opts.dataDir, pretty: false });
+    ctx = await createRuntime({ dataDir: opts.dataDir, pretty: false });
     session = await connectPrinter(ctx, 10_000);
     renderer = new ProgressRenderer({ json: opts.json });
     ctx.runner.on(renderer.onJobEvent);
@@ -93,6 +94,7 @@ export async function runPrinterJob(
     renderer?.stop();
     return reportFailure(err, opts.json);
   } finally {
+    await Promise.all((ctx?.drains ?? []).map((drain) => drain(REPORT_DRAIN_MS)));
     await session?.stop();
   }
 }

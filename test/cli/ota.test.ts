@@ -15,6 +15,7 @@ import { keygen, publicKeyOf, sign, verify } from "../../src/ota/signing.js";
 import { startFakeMoonraker, type FakeMoonraker } from "../support/fake-moonraker/index.js";
 import { TestHttpServer } from "../ota/support/http-server.js";
 import { buildZip } from "../ota/support/zip-builder.js";
+import { Receiver } from "../ota/support/report-receiver.js";
 
 const repo = resolve(import.meta.dirname, "../..");
 
@@ -35,6 +36,7 @@ let dir: string;
 let vendor: string;
 let moonraker: FakeMoonraker;
 const servers: TestHttpServer[] = [];
+const receivers: Receiver[] = [];
 
 const MANIFEST = {
   name: "acme-macros",
@@ -67,6 +69,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   for (const server of servers) await server.close();
+  for (const receiver of receivers) await receiver.close();
   await moonraker?.stop();
   await rm(dir, { recursive: true, force: true });
 });
@@ -132,8 +135,14 @@ describe("moonflash ota", () => {
     expect(incomplete.exitCode).toBe(1);
     expect(incomplete.stderr).toMatch(/\[INVALID_MANIFEST\]/);
 
-    // The printer: [ota] with a root and the vendor's public key.
-    await writeFile(join(dir, "config", "moonflash.conf"), `[moonflash]\nservice_timeout: 10\n\n[ota]\nroots:\n  config=${join(dir, "config")}\npublic_key: ${keys.public_key_base64}\nprobation_timeout: 5\n`);
+    // The printer: [ota] with a root, the vendor's public key and the vendor's report endpoint.
+    const receiver = new Receiver(await Receiver.freePort());
+    await receiver.listen();
+    receivers.push(receiver);
+    await writeFile(
+      join(dir, "config", "moonflash.conf"),
+      `[moonflash]\nservice_timeout: 10\n\n[ota]\nroots:\n  config=${join(dir, "config")}\npublic_key: ${keys.public_key_base64}\nprobation_timeout: 5\ncallback_url: ${receiver.url}\n`,
+    );
     const server = await TestHttpServer.start({ body: pkg });
     servers.push(server);
     const download = await cli(["ota", "download", server.url("/acme.zip"), "--md5", md5(pkg), "--sha256", sha256(pkg), "--size", String(pkg.length), "--data", dir, "--json"]);
@@ -141,6 +150,8 @@ describe("moonflash ota", () => {
     const lines = download.stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
     expect(lines.filter((l) => l.type === "stage").map((l) => l.stage)).toEqual(["started", "download", "verify"]);
     expect(outcome(download.stdout)).toMatchObject({ ok: true, result: { name: "acme-macros", version: "1.1.0", signed: true, size: pkg.length } });
+    // The CLI waits for its reports before it exits: the last one is the result.
+    expect(receiver.reports.at(-1)).toMatchObject({ event: "result", ok: true, target: `download ${server.url("/acme.zip")}`, status: { state: "verified" } });
 
     const status = await cli(["ota", "status", "--data", dir, "--json"]);
     expect(status.exitCode, status.stderr).toBe(0);
