@@ -5,6 +5,9 @@
 // 3. 256 KiB Katapult flash + verify into the virtual board (its own process, on a pty): unthrottled and at
 //    250000 baud, beside the link limit (bytes on the wire / (baud / 10)), and the flashing process's peak RSS.
 // 4. Update-all of three boards at 250000 baud: Klipper's downtime (stop → ready) beside the sum of the flash times.
+// 5. OTA (bench/ota.ts): loopback throughput beside curl, 100 MB at 10 Mbit/s, peak RSS over a 500 MB download and
+//    install, ota.status latency during a download, callback_url latency, bytes sent twice after a cut at 60 %.
+//    `npm run bench -- --ota-only` runs this part alone and replaces only its section of docs/BENCHMARKS.md.
 
 import { mkdtemp, mkdir, rm, writeFile, readFile } from "node:fs/promises";
 import { existsSync, readFileSync } from "node:fs";
@@ -16,6 +19,7 @@ import { execa, type ResultPromise } from "execa";
 import { startFakeMoonraker, type FakeMoonraker } from "../test/support/fake-moonraker/index.js";
 import { openSerialLink } from "../src/flash/link.js";
 import { startOutdatedPrinter } from "../test/support/outdated-printer.js";
+import { otaSection, runOtaBench } from "./ota.js";
 import { FrameDecoder, encodeComplete, encodeConnect, encodeRequestBlock, encodeSendBlock, encodeSendEof } from "../src/flash/katapult/codec.js";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
@@ -335,20 +339,36 @@ async function updateAllRun(nodeOptions: string[]): Promise<UpdateAllRun> {
 }
 
 /** `npm run bench -- --flash-only --runs 1` measures the flash alone, prints it and leaves docs/BENCHMARKS.md alone. */
-function parseArgs(argv: string[]): { flashOnly: boolean; runs: number } {
+function parseArgs(argv: string[]): { flashOnly: boolean; otaOnly: boolean; runs: number } {
   const runsAt = argv.indexOf("--runs");
   const runs = runsAt >= 0 ? Number(argv[runsAt + 1]) : 5;
   if (!Number.isInteger(runs) || runs < 1) throw new Error("--runs takes a whole number >= 1");
-  return { flashOnly: argv.includes("--flash-only"), runs };
+  return { flashOnly: argv.includes("--flash-only"), otaOnly: argv.includes("--ota-only"), runs };
+}
+
+const OTA_HEADING = "\n## OTA\n";
+
+/** `--ota-only`: the OTA section of docs/BENCHMARKS.md replaced, the rest kept (with a line saying when each ran). */
+async function otaOnly(serviceLabel: string, service: string[], runs: number): Promise<void> {
+  const file = join(root, "docs", "BENCHMARKS.md");
+  const current = existsSync(file) ? await readFile(file, "utf8") : "# Benchmarks\n";
+  const at = current.indexOf(OTA_HEADING);
+  const before = (at >= 0 ? current.slice(0, at) : current).trimEnd();
+  const ota = await runOtaBench(service, Math.min(runs, 3));
+  const stamp = `The OTA section below was written by \`npm run bench -- --ota-only\` on ${new Date().toISOString()}, same machine.`;
+  const text = [before.replace(/\nThe OTA section below was written by[^\n]*\n/, "\n"), "", stamp, "", ...otaSection(ota, serviceLabel)].join("\n");
+  await writeFile(file, text);
+  process.stdout.write(`wrote the OTA section of docs/BENCHMARKS.md\n${otaSection(ota, serviceLabel).join("\n")}\n`);
 }
 
 async function main(): Promise<void> {
   if (!existsSync(bundle)) throw new Error("dist/moonflash.mjs is missing: run npm run build");
-  const { flashOnly, runs: runCount } = parseArgs(process.argv.slice(2));
+  const { flashOnly, otaOnly: otaOnlyRun, runs: runCount } = parseArgs(process.argv.slice(2));
   const mib = (kib: number): string => `${(kib / 1024).toFixed(1)} MiB`;
   const delta = (kib: number): string => `${kib >= 0 ? "+" : "−"}${(Math.abs(kib) / 1024).toFixed(1)} MiB`;
   const service = serviceNodeOptions();
   const serviceLabel = `node ${[...service, "dist/moonflash.mjs serve"].join(" ")}`;
+  if (otaOnlyRun) return otaOnly(serviceLabel, service, runCount);
   let idle: Memory | undefined;
   let idlePlain: Memory | undefined;
   let bare: Memory | undefined;
@@ -394,6 +414,7 @@ async function main(): Promise<void> {
   }
 
   if (!idle || !idlePlain || !bare) return;
+  const ota = await runOtaBench(service, Math.min(runCount, 3));
   const serviceOwn = serviceRuns.filter((r) => r.label === serviceLabel);
   const plainRuns = serviceRuns.filter((r) => r.label !== serviceLabel);
   const worstPeak = Math.max(...serviceOwn.map((r) => r.peakKiB));
@@ -526,6 +547,7 @@ async function main(): Promise<void> {
         ]
       : []),
     "",
+    ...otaSection(ota, serviceLabel),
   ];
   await mkdir(join(root, "docs"), { recursive: true });
   await writeFile(join(root, "docs", "BENCHMARKS.md"), lines.join("\n"));

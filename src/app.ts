@@ -14,6 +14,7 @@ import { createLogger } from "./core/log.js";
 import type { PrinterPort } from "./core/printer.js";
 import { MCU_DEFAULTS, type FlashSettings, type McuConfig } from "./flash/config.js";
 import { FlashEngine, mcuSectionName } from "./flash/engine.js";
+import type { ImageMeta } from "./flash/firmware-store.js";
 import { mcuUserName } from "./flash/mcu-name.js";
 import { CallbackReporter } from "./ota/callback-report.js";
 import { OtaEngine, otaPaths, type FirmwarePort } from "./ota/engine.js";
@@ -182,12 +183,13 @@ export function flashFirmwarePort(rt: Runtime, printer: PrinterPort, flash: Flas
     return createFlashEngine(rt, printer, { ...rt.config, mcus: { ...rt.config.mcus, [section]: mcu } });
   };
 
-  const flashImage = async (mcu: string, imagePath: string, job: JobContext | undefined) => {
+  /** `record`: how the store lists the image afterwards (the staging path is gone once the update is done). */
+  const flashImage = async (mcu: string, imagePath: string, job: JobContext | undefined, record: Pick<ImageMeta, "source" | "sourcePath">) => {
     if (!job) throw new MoonflashError("INTERNAL", "an OTA firmware flash runs inside the OTA job");
     const engine = await engineFor(mcuSectionName(mcu), job);
     const { plan, image } = await engine.prepare({ mcu, firmware: imagePath }, job);
     const backup = await engine.backupPlanned(plan.mcu, true);
-    const done = await engine.flashPrepared(plan, image, job, { backup });
+    const done = await engine.flashPrepared(plan, image, job, { backup, record });
     return { mcu: plan.mcu, device: done.outcome.device, method: done.method, bytes: done.outcome.bytes, verified: done.outcome.verified, attempts: done.attempts, backed_up: done.backed_up };
   };
 
@@ -198,7 +200,7 @@ export function flashFirmwarePort(rt: Runtime, printer: PrinterPort, flash: Flas
       const [newest] = await flash.store.list(section);
       return newest && !newest.damaged ? { path: newest.file, sha256: newest.sha256 } : null;
     },
-    flash: flashImage,
+    flash: (mcu, imagePath, job, purpose) => flashImage(mcu, imagePath, job, { source: purpose === "rollback" ? "rollback" : "ota", sourcePath: null }),
     async rollback(mcu, job) {
       const section = mcuSectionName(mcu);
       const [, previous] = await flash.store.list(section);
@@ -209,7 +211,7 @@ export function flashFirmwarePort(rt: Runtime, printer: PrinterPort, flash: Flas
           { mcu: section },
         );
       }
-      return flashImage(mcu, previous.file, job);
+      return flashImage(mcu, previous.file, job, { source: "rollback", sourcePath: previous.source_path });
     },
   };
 }

@@ -7,6 +7,7 @@ import {
 } from "./shared-build+offline+ota.mjs";
 import {
   AGENT_NAME,
+  DEFAULT_LIMITS,
   MANIFEST_FILE,
   SIGNATURE_FILE,
   commonJsModule,
@@ -57,6 +58,8 @@ async function packPackage(opts) {
 `, "utf8");
   const manifest = parseManifest(manifestBytes);
   const signature = opts.privateKey ? sign(manifestBytes, opts.privateKey) : null;
+  const limits = { ...DEFAULT_LIMITS, ...opts.limits };
+  checkLimits(manifest, manifestBytes.length, signature, limits);
   const { ZipFile } = commonJsModule(await import("./yazl.mjs"));
   const zip = new ZipFile();
   zip.addBuffer(manifestBytes, MANIFEST_FILE, { mtime: ENTRY_MTIME, mode: S_IFREG | 420 });
@@ -70,19 +73,44 @@ async function packPackage(opts) {
   const tmp = join(dirname(out2), `.${basename(out2)}.${process.pid}.tmp`);
   try {
     await pipeline(zip.outputStream, createWriteStream(tmp, { flush: true, mode: 420 }));
+    await readPackage(tmp, { limits, verifyContents: true, publicKey: opts.privateKey ? publicKeyOf(opts.privateKey) : null });
     await rename(tmp, out2);
     await fsyncDir(dirname(out2));
   } catch (err) {
     await rm(tmp, { force: true });
     throw toMoonflashError(err);
   }
-  try {
-    await readPackage(out2, { limits: opts.limits, verifyContents: true, publicKey: opts.privateKey ? publicKeyOf(opts.privateKey) : null });
-  } catch (err) {
-    await rm(out2, { force: true });
-    throw err;
-  }
   return { out: out2, manifest, manifestBytes, signature };
+}
+function checkLimits(manifest, manifestSize, signature, limits) {
+  const refuse = (code, what, details) => new MoonflashError(code, `${what}, so a printer would refuse the package. Nothing was written.`, details);
+  if (manifestSize > limits.maxManifestBytes) {
+    throw refuse("INVALID_MANIFEST", `${MANIFEST_FILE} is ${manifestSize} bytes, over the limit of ${limits.maxManifestBytes} (manifest_size)`, {
+      size: manifestSize,
+      limit: limits.maxManifestBytes,
+      limitName: "manifest_size"
+    });
+  }
+  const payloads = payloadsOf(manifest);
+  const entries = payloads.length + 1 + (signature === null ? 0 : 1);
+  if (entries > limits.maxEntries) {
+    throw refuse("INVALID_PACKAGE", `The package would have ${entries} entries, over the limit of ${limits.maxEntries} (entries)`, { entries, limit: limits.maxEntries, limitName: "entries" });
+  }
+  let total = manifestSize + (signature === null ? 0 : signature.length + 1);
+  for (const payload of payloads) {
+    if (payload.size > limits.maxFileBytes) {
+      throw refuse("INVALID_PACKAGE", `'${payload.src}' is ${payload.size} bytes, over the limit of ${limits.maxFileBytes} per file (file_size)`, {
+        entry: payload.src,
+        size: payload.size,
+        limit: limits.maxFileBytes,
+        limitName: "file_size"
+      });
+    }
+    total += payload.size;
+  }
+  if (total > limits.maxTotalBytes) {
+    throw refuse("INVALID_PACKAGE", `The package's entries add up to ${total} bytes uncompressed, over the limit of ${limits.maxTotalBytes} (total_size)`, { total, limit: limits.maxTotalBytes, limitName: "total_size" });
+  }
 }
 async function completeManifest(input, files) {
   const used = /* @__PURE__ */ new Set();

@@ -6066,6 +6066,41 @@ var manifestSchema = pipe(
   }),
   transform((m) => ({ name: m.name, version: m.version, min_version: m.min_version ?? null, modules: m.modules }))
 );
+function compareVersions(a, b) {
+  const split = (v) => {
+    const bare = v.split("+")[0];
+    const dash = bare.indexOf("-");
+    return dash < 0 ? { core: bare.split("."), pre: null } : { core: bare.slice(0, dash).split("."), pre: bare.slice(dash + 1).split(".") };
+  };
+  const x = split(a);
+  const y = split(b);
+  const core = compareParts(x.core, y.core, "0");
+  if (core !== 0) return core;
+  if (x.pre === null || y.pre === null) return x.pre === y.pre ? 0 : x.pre === null ? 1 : -1;
+  return compareParts(x.pre, y.pre, null);
+}
+function compareParts(x, y, missing) {
+  for (let i = 0; i < Math.max(x.length, y.length); i++) {
+    const p = x[i] ?? missing;
+    const q = y[i] ?? missing;
+    if (p === null || q === null) return p === q ? 0 : p === null ? -1 : 1;
+    const order = comparePart(p, q);
+    if (order !== 0) return order;
+  }
+  return 0;
+}
+function comparePart(p, q) {
+  const numeric = /^\d+$/;
+  const pn = numeric.test(p);
+  const qn = numeric.test(q);
+  if (pn && qn) {
+    const pd = p.replace(/^0+(?=\d)/, "");
+    const qd = q.replace(/^0+(?=\d)/, "");
+    return pd.length !== qd.length ? pd.length - qd.length : pd < qd ? -1 : pd > qd ? 1 : 0;
+  }
+  if (pn !== qn) return pn ? -1 : 1;
+  return p < q ? -1 : p > q ? 1 : 0;
+}
 function invalidManifest(message, details = {}, cause) {
   return new MoonflashError("INVALID_MANIFEST", `${MANIFEST_FILE}: ${message}`, details, cause === void 0 ? void 0 : { cause });
 }
@@ -9758,7 +9793,8 @@ var FlashEngine = class {
   /**
    * For update-all, inside its guard: flash a prepared MCU with its method chain and record the image. With
    * `backup` (backupPlanned, asked while Klipper ran and its config was readable) the board's current application is
-   * read back into the store first.
+   * read back into the store first. `record` says where the image came from (default: a flash of plan.firmware);
+   * the OTA pipeline records "ota", since its staging path is gone after the update.
    */
   async flashPrepared(plan, image, ctx, opts = {}) {
     const attempts = [];
@@ -9766,7 +9802,7 @@ var FlashEngine = class {
     const backup = opts.backup ? this.backupHook(plan.mcu, () => backedUp = true) : void 0;
     try {
       const done = await this.runChain(plan, { ...plan.target, image, ...backup ? { backupApplication: backup } : {} }, ctx, attempts);
-      await this.recordImage(plan, image, ctx);
+      await this.recordImage(plan, image, ctx, void 0, opts.record);
       return { ...done, attempts, backed_up: backedUp };
     } catch (err) {
       const e = toMoonflashError(err, "FLASH_FAILED");
@@ -9969,9 +10005,9 @@ var FlashEngine = class {
     await this.store.stage(plan.mcu, image);
   }
   /** The board holds `image` now: the newest store entry. Never fails the flash; a failure is a warning. */
-  async recordImage(plan, image, ctx, rollback) {
+  async recordImage(plan, image, ctx, rollback, record) {
     try {
-      await this.store.add(plan.mcu, image, rollback ? { source: "rollback", sourcePath: rollback.source_path } : { source: "flash", sourcePath: plan.firmware });
+      await this.store.add(plan.mcu, image, rollback ? { source: "rollback", sourcePath: rollback.source_path } : record ?? { source: "flash", sourcePath: plan.firmware });
     } catch (err) {
       ctx.log("warn", `the board was flashed, but moonflash could not record the image for a later rollback: ${toMoonflashError(err).message}`);
     }
@@ -12096,6 +12132,26 @@ import { basename as basename6, dirname as dirname6, join as join11 } from "node
 import { Writable as Writable2 } from "node:stream";
 import { setTimeout as sleepFor } from "node:timers/promises";
 
+// src/core/gc-pacer.ts
+var MiB2 = 1024 * 1024;
+var GarbagePacer = class {
+  constructor(everyBytes = MiB2, collect = globalThis.gc) {
+    this.everyBytes = everyBytes;
+    this.collect = collect;
+  }
+  everyBytes;
+  collect;
+  pending = 0;
+  /** Counts `bytes` more streamed; collects once every `everyBytes`. */
+  add(bytes) {
+    if (!this.collect) return;
+    this.pending += bytes;
+    if (this.pending < this.everyBytes) return;
+    this.pending = 0;
+    this.collect({ type: "minor" });
+  }
+};
+
 // src/ota/http-range.ts
 var MAX_DIGITS = 15;
 var RANGE_RESP = new RegExp(`^bytes (\\d{1,${MAX_DIGITS}})-(\\d{1,${MAX_DIGITS}})/(\\d{1,${MAX_DIGITS}}|\\*)$`, "i");
@@ -12153,7 +12209,7 @@ function retryAfterMs(value2, now = Date.now()) {
 }
 
 // src/ota/download.ts
-var MiB2 = 1024 * 1024;
+var MiB3 = 1024 * 1024;
 var DOWNLOAD_DEFAULTS = {
   /** Failed attempts in a row (none bringing new bytes) before giving up. */
   retries: 5,
@@ -12161,21 +12217,24 @@ var DOWNLOAD_DEFAULTS = {
   backoffMaxMs: 3e4,
   /** No byte (or no answer) for this long aborts the request; the next attempt resumes. */
   stallTimeoutMs: 3e4,
-  /** fsync the part file and record it in the sidecar after this many new bytes \u2026 */
-  checkpointBytes: 8 * MiB2,
+  /**
+   * fsync the part file and record it in the sidecar after this many new bytes \u2026 (on a fast link, an fsync every
+   * 8 MiB held the stream back by a third; on a slow one the 5 s below comes first)
+   */
+  checkpointBytes: 64 * MiB3,
   /** \u2026 or after this long, whichever comes first. */
   checkpointMs: 5e3,
   /** Free space kept on the disk beyond the download itself, so logs and state files can still be written. */
-  freeSpaceMarginBytes: 16 * MiB2,
+  freeSpaceMarginBytes: 16 * MiB3,
   /** Without an expected size, a larger download is refused. */
-  maxBytes: 4 * 1024 * MiB2,
+  maxBytes: 4 * 1024 * MiB3,
   /** At most one progress call per interval (the first and the last always come). */
   progressIntervalMs: 200
 };
 var MAX_REDIRECTS = 5;
 var MAX_RANGE_REJECTIONS = 2;
-var SINK_BUFFER_BYTES = MiB2;
-var READ_BACK_BYTES = MiB2;
+var SINK_BUFFER_BYTES = MiB3;
+var READ_BACK_BYTES = MiB3;
 var HEX32 = /^[0-9a-f]{32}$/i;
 var HEX64 = /^[0-9a-f]{64}$/i;
 async function downloadPackage(opts) {
@@ -12907,6 +12966,7 @@ var PartSink = class extends Writable2 {
   stall;
   written;
   inflight = null;
+  pacer = new GarbagePacer();
   _final(callback) {
     this.ready.then(
       () => callback(),
@@ -12935,7 +12995,10 @@ var PartSink = class extends Writable2 {
       return;
     }
     this.stall.pause();
-    this.inflight = this.ready.then(() => this.part.append(buffers, length)).then(() => this.written(length));
+    this.inflight = this.ready.then(() => this.part.append(buffers, length)).then(() => {
+      this.pacer.add(length);
+      this.written(length);
+    });
     this.inflight.then(
       () => {
         this.stall.resume();
@@ -13021,15 +13084,15 @@ function commonJsModule(loaded) {
 }
 
 // src/ota/package.ts
-var MiB3 = 1024 * 1024;
+var MiB4 = 1024 * 1024;
 var DEFAULT_LIMITS = Object.freeze({
-  maxFileBytes: 256 * MiB3,
-  maxTotalBytes: 1024 * MiB3,
+  maxFileBytes: 256 * MiB4,
+  maxTotalBytes: 1024 * MiB4,
   maxCompressionRatio: 100,
   maxEntries: 1e4,
-  maxManifestBytes: 1 * MiB3
+  maxManifestBytes: 1 * MiB4
 });
-var RATIO_CHECK_MIN_BYTES = 1 * MiB3;
+var RATIO_CHECK_MIN_BYTES = 1 * MiB4;
 var MAX_SIGNATURE_BYTES = 1024;
 async function readPackage(zipPath, opts = {}) {
   const zip = await openZip(zipPath);
@@ -13061,7 +13124,7 @@ async function extractPackage(zipPath, stagingDir, opts = {}) {
       if (!isInside(partialDir, target)) throw invalidPackage(payload.src, "would be extracted outside the staging directory");
       for (let dir = dirname7(target); isInside(partialDir, dir); dir = dirname7(dir)) dirs.add(dir);
       await mkdir6(dirname7(target), { recursive: true });
-      await streamToFile(zip, info, payload, target);
+      await streamToFile(zip, info, payload, target, opts.signal);
       files.push({
         module: payload.module.id,
         kind: payload.kind,
@@ -13114,11 +13177,12 @@ async function inspect(zip, opts) {
   }
   const manifest = parseManifest(manifestBytes);
   checkEntriesAgainstManifest(entries, manifest);
+  throwIfCancelled2(opts.signal);
   if (opts.verifyContents) {
     for (const payload of payloadsOf(manifest)) {
       const info = entries.get(payload.src);
       if (!info) continue;
-      const { sha256: sha2563 } = await pumpEntry(zip, info, () => void 0);
+      const { sha256: sha2563 } = await pumpEntry(zip, info, () => void 0, opts.signal);
       if (sha2563 !== payload.sha256) throw sha256Mismatch(payload, sha2563);
     }
   }
@@ -13279,7 +13343,8 @@ function checkEntriesAgainstManifest(entries, manifest) {
     }
   }
 }
-async function pumpEntry(zip, info, onChunk) {
+var streamedGarbage = new GarbagePacer();
+async function pumpEntry(zip, info, onChunk, signal2) {
   const hash = process.getBuiltinModule("node:crypto").createHash("sha256");
   let stream;
   try {
@@ -13291,6 +13356,7 @@ async function pumpEntry(zip, info, onChunk) {
   try {
     const chunks = stream[Symbol.asyncIterator]();
     while (true) {
+      throwIfCancelled2(signal2);
       let step;
       try {
         step = await chunks.next();
@@ -13303,12 +13369,16 @@ async function pumpEntry(zip, info, onChunk) {
       if (bytes > info.size) throw inflatesTooMuch(info);
       hash.update(chunk);
       await onChunk(chunk);
+      streamedGarbage.add(chunk.length);
     }
   } finally {
     stream.destroy();
   }
   if (bytes !== info.size) throw invalidPackage(info.name, `has ${bytes} bytes of data but declares ${info.size}`);
   return { sha256: hash.digest("hex") };
+}
+function throwIfCancelled2(signal2) {
+  if (signal2?.aborted) throw new MoonflashError("CANCELLED", "Checking the package was cancelled; nothing was installed.", {});
 }
 function inflatesTooMuch(info) {
   return invalidPackage(info.name, `inflates to more than the ${info.size} bytes its header declares; refused as a zip bomb`, { size: info.size });
@@ -13331,12 +13401,12 @@ function sha256Mismatch(payload, actual) {
     { src: payload.src, module: payload.module.id, expected: payload.sha256, actual }
   );
 }
-async function streamToFile(zip, info, payload, target) {
+async function streamToFile(zip, info, payload, target, signal2) {
   const tmp = join12(dirname7(target), `.${basename7(target)}.tmp`);
   const handle = await open6(tmp, "wx", 384);
   let complete = false;
   try {
-    const { sha256: sha2563 } = await pumpEntry(zip, info, (chunk) => writeAll(handle, chunk));
+    const { sha256: sha2563 } = await pumpEntry(zip, info, (chunk) => writeAll(handle, chunk), signal2);
     if (sha2563 !== payload.sha256) throw sha256Mismatch(payload, sha2563);
     await handle.chmod(payload.mode);
     await handle.sync();
@@ -13564,7 +13634,7 @@ function signal(info, sig) {
     if (errno === "ESRCH") return;
     throw new MoonflashError(
       "PROCESS_STOP_FAILED",
-      `moonflash may not signal ${info.comm} (pid ${info.pid}): ${errno ?? String(err)}. It runs as another user; stop it by hand or run moonflash as its user. Nothing was deployed.`,
+      `moonflash may not signal ${info.comm} (pid ${info.pid}): ${errno ?? String(err)}. It runs as another user; stop it by hand or run moonflash as its user, then install the update again.`,
       { pid: info.pid, comm: info.comm, signal: sig, errno },
       { cause: err }
     );
@@ -13593,7 +13663,7 @@ async function stopProcess(info, opts = {}) {
   if (await waitGone(info, killTimeoutMs, pollMs, procRoot)) return result("killed");
   throw new MoonflashError(
     "PROCESS_STOP_FAILED",
-    `${info.comm} (pid ${info.pid}) did not stop after SIGTERM and, ${Math.round(termTimeoutMs / 100) / 10} s later, SIGKILL (it may hang in the kernel, e.g. on a device or a network mount). Nothing was deployed; stop it by hand and try again.`,
+    `${info.comm} (pid ${info.pid}) did not stop after SIGTERM and, ${Math.round(termTimeoutMs / 100) / 10} s later, SIGKILL (it may hang in the kernel, e.g. on a device or a network mount). Stop it by hand, then install the update again.`,
     { pid: info.pid, comm: info.comm, startTime: info.startTime, termTimeoutMs, killTimeoutMs }
   );
 }
@@ -14004,16 +14074,31 @@ var OtaEngine = class {
     crashPoint("downloaded");
     return this.verifyJob(ctx);
   }
-  /** Checks the downloaded package completely (signature, manifest, every file's SHA-256); `verified` or `failed`. */
+  /**
+   * Checks the downloaded package completely (signature, manifest, every file's SHA-256): `verified`, or `failed`
+   * with the package deleted. A cancel or an unreadable [ota] public_key is not the package's fault: it stays
+   * `downloaded`, to be checked again by ota.install, ota.download of the same URL or recovery.
+   */
   async verifyJob(ctx) {
     const st = this.store.current;
     const pkg = st.package;
     ctx.stage("verify", "checking the package: signature, manifest and the SHA-256 of every file");
     let contents;
     try {
-      contents = await readPackage(pkg.path, { publicKey: await this.publicKey(), limits: this.packageLimits(), verifyContents: true });
+      contents = await readPackage(pkg.path, { publicKey: await this.publicKey(), limits: this.packageLimits(), verifyContents: true, signal: ctx.signal });
     } catch (err) {
-      const e = toMoonflashError(err);
+      let e = toMoonflashError(err);
+      if (e.code === "CANCELLED" || e.code === "CONFIG_INVALID") {
+        const kept = "The downloaded package is kept: ota.install (or ota.download of the same URL) checks it again without downloading it again.";
+        e = new MoonflashError(
+          e.code,
+          e.code === "CANCELLED" ? `The check of the package was cancelled. ${kept}` : `${e.message} ${kept}`,
+          e.details,
+          { cause: e }
+        );
+        await this.store.update({ job: null, error: errOf(e) });
+        throw e;
+      }
       await rm8(pkg.path, { force: true });
       await this.store.transition("failed", { job: null, error: errOf(e) });
       throw e;
@@ -14061,8 +14146,9 @@ var OtaEngine = class {
     try {
       ctx.stage("stage", "extracting the package");
       await this.removeStaging(updateId);
-      extracted = await extractPackage(st.package.path, stagingDir, { publicKey: await this.publicKey(), limits: this.packageLimits() });
+      extracted = await extractPackage(st.package.path, stagingDir, { publicKey: await this.publicKey(), limits: this.packageLimits(), signal: ctx.signal });
       crashPoint("staged");
+      await this.checkMinVersion(ctx, extracted.manifest);
       const mcus = extracted.manifest.modules.flatMap((m) => m.type === "firmware" ? [m.mcu] : []);
       if (mcus.length > 0 && !this.firmware) {
         throw new MoonflashError("INVALID_PACKAGE", `The package flashes ${mcus.join(", ")}, but this moonflash runs OTA without the flash engine. Nothing was changed.`, { mcus });
@@ -14077,7 +14163,8 @@ var OtaEngine = class {
       if (ctx.signal.aborted) throw new MoonflashError("CANCELLED", "The update was cancelled before anything was changed.", {});
     } catch (err) {
       await this.removeStaging(updateId).catch(() => void 0);
-      const e = ctx.signal.aborted && !isMoonflashError(err) ? new MoonflashError("CANCELLED", "The update was cancelled before anything was changed.", {}) : toMoonflashError(err);
+      const cancelled2 = ctx.signal.aborted && (!isMoonflashError(err) || err.code === "CANCELLED");
+      const e = cancelled2 ? new MoonflashError("CANCELLED", "The update was cancelled before anything was changed; the package stays verified for ota.install.", {}) : toMoonflashError(err);
       await this.store.update({ error: errOf(e) });
       throw e;
     }
@@ -14132,6 +14219,25 @@ var OtaEngine = class {
       probationMs,
       elapsedMs: Math.round(performance.now() - started)
     };
+  }
+  /**
+   * min_version guards the vendor's upgrade path: refused when the installed version of this package (the newest
+   * committed backup of that name) is older. With none on record (a first OTA install, or only other packages) it
+   * cannot be checked and the install goes on: a first install must stay possible. Downgrades are not refused.
+   */
+  async checkMinVersion(ctx, manifest) {
+    if (!manifest.min_version) return;
+    const installed = await this.installedOf(manifest.name);
+    if (!installed) {
+      ctx.log("info", `min_version ${manifest.min_version} not checked: moonflash has installed no ${manifest.name} yet (none is on record)`);
+      return;
+    }
+    if (compareVersions(installed.version, manifest.min_version) >= 0) return;
+    throw new MoonflashError(
+      "VERSION_TOO_OLD",
+      `${manifest.name} ${manifest.version} updates version ${manifest.min_version} or later (its min_version), but ${installed.version} is installed. Install the versions in between first, or ask the vendor for a package that updates ${installed.version}. Nothing was changed.`,
+      { name: manifest.name, version: manifest.version, minVersion: manifest.min_version, installed: installed.version }
+    );
   }
   /** Rolls back after a failure during install and returns the error to throw: the failure, or both. */
   async failAndRollBack(ctx, reason) {
@@ -14451,7 +14557,7 @@ var OtaEngine = class {
       if (fw.image) {
         await this.setFirmware(fw.mcu, fw.module, "rolling-back");
         ctx.stage("rollback-flash", `flashing ${fw.mcu} back to the image it ran before`);
-        await this.firmware.flash(fw.mcu, join14(backupDir, fw.image), ctx);
+        await this.firmware.flash(fw.mcu, join14(backupDir, fw.image), ctx, "rollback");
       } else if (record?.status === "rolling-back") {
         ctx.log("warn", `the rollback of ${fw.mcu} was interrupted and is not repeated; check its version with FLASH_CHECK`);
       } else {
@@ -14616,11 +14722,15 @@ var OtaEngine = class {
   }
   async refreshInstalled() {
     try {
-      const newest = (await listBackups(this.paths.backups)).filter((b) => b.manifest && b.outcome === "committed").pop();
-      this.installed = newest?.manifest ? { updateId: newest.updateId, name: newest.manifest.name, version: newest.manifest.version } : null;
+      this.installed = await this.installedOf(null);
     } catch {
       this.installed = null;
     }
+  }
+  /** The newest update moonflash installed and committed (of package `name`, when given), from the backups. */
+  async installedOf(name) {
+    const newest = (await listBackups(this.paths.backups)).filter((b) => b.manifest && b.outcome === "committed" && (name === null || b.manifest.name === name)).pop();
+    return newest?.manifest ? { updateId: newest.updateId, name: newest.manifest.name, version: newest.manifest.version } : null;
   }
   async removeStaging(updateId) {
     const dir = join14(this.paths.staging, updateId);
@@ -16830,12 +16940,12 @@ function flashFirmwarePort(rt, printer, flash) {
     };
     return createFlashEngine(rt, printer, { ...rt.config, mcus: { ...rt.config.mcus, [section]: mcu } });
   };
-  const flashImage = async (mcu, imagePath, job) => {
+  const flashImage = async (mcu, imagePath, job, record) => {
     if (!job) throw new MoonflashError("INTERNAL", "an OTA firmware flash runs inside the OTA job");
     const engine = await engineFor(mcuSectionName(mcu), job);
     const { plan, image } = await engine.prepare({ mcu, firmware: imagePath }, job);
     const backup = await engine.backupPlanned(plan.mcu, true);
-    const done = await engine.flashPrepared(plan, image, job, { backup });
+    const done = await engine.flashPrepared(plan, image, job, { backup, record });
     return { mcu: plan.mcu, device: done.outcome.device, method: done.method, bytes: done.outcome.bytes, verified: done.outcome.verified, attempts: done.attempts, backed_up: done.backed_up };
   };
   return {
@@ -16845,7 +16955,7 @@ function flashFirmwarePort(rt, printer, flash) {
       const [newest] = await flash.store.list(section);
       return newest && !newest.damaged ? { path: newest.file, sha256: newest.sha256 } : null;
     },
-    flash: flashImage,
+    flash: (mcu, imagePath, job, purpose) => flashImage(mcu, imagePath, job, { source: purpose === "rollback" ? "rollback" : "ota", sourcePath: null }),
     async rollback(mcu, job) {
       const section = mcuSectionName(mcu);
       const [, previous] = await flash.store.list(section);
@@ -16856,7 +16966,7 @@ function flashFirmwarePort(rt, printer, flash) {
           { mcu: section }
         );
       }
-      return flashImage(mcu, previous.file, job);
+      return flashImage(mcu, previous.file, job, { source: "rollback", sourcePath: previous.source_path });
     }
   };
 }
@@ -16940,6 +17050,7 @@ export {
   mcuUserName,
   mcuSectionName,
   commonJsModule,
+  DEFAULT_LIMITS,
   readPackage,
   parseProfile,
   initialPrinterState,

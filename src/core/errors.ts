@@ -53,7 +53,8 @@ export const ERROR_CODES = {
   PERMISSION_DENIED: { status: 403, doc: "moonflash may not write a target file or directory; nothing was changed." },
   HEALTH_CHECK_FAILED: { status: 500, doc: "After an update Klipper or an updated service did not come up within the probation time; the update was rolled back." },
   NO_PACKAGE: { status: 404, doc: "There is no downloaded package to install, or no installed update to roll back." },
-  PROCESS_STOP_FAILED: { status: 500, doc: "A process named by the package did not stop after SIGTERM and SIGKILL; nothing was deployed." },
+  PROCESS_STOP_FAILED: { status: 500, doc: "A process named by the package did not stop after SIGTERM and SIGKILL, or may not be signalled; the update was rolled back." },
+  VERSION_TOO_OLD: { status: 409, doc: "The package's min_version is above the installed version of that package; nothing was changed. Install the versions in between first." },
 } as const satisfies Record<string, { status: number; doc: string }>;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

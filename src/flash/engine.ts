@@ -14,7 +14,7 @@ import type { JobRunner } from "../core/jobs.js";
 import { dataPaths } from "../core/paths.js";
 import type { CanbusNode, McuInfo, PrinterPort } from "../core/printer.js";
 import { discoverCanNodes, discoverDevices, mapDevicesToMcus, type DiscoveredDevice, type DiscoverOptions } from "./discovery.js";
-import { FirmwareStore, IMAGES_KEPT, sha256Of, type StoredImage } from "./firmware-store.js";
+import { FirmwareStore, IMAGES_KEPT, sha256Of, type ImageMeta, type StoredImage } from "./firmware-store.js";
 import { assertNotPrinting, withKlipperStopped, type GuardOutcome } from "./guard.js";
 import { KatapultFlasher } from "./katapult/flasher.js";
 import { mcuFlash } from "./mcu-flash.js";
@@ -503,20 +503,21 @@ export class FlashEngine {
   /**
    * For update-all, inside its guard: flash a prepared MCU with its method chain and record the image. With
    * `backup` (backupPlanned, asked while Klipper ran and its config was readable) the board's current application is
-   * read back into the store first.
+   * read back into the store first. `record` says where the image came from (default: a flash of plan.firmware);
+   * the OTA pipeline records "ota", since its staging path is gone after the update.
    */
   async flashPrepared(
     plan: FlashPlan,
     image: Buffer,
     ctx: JobContext,
-    opts: { backup?: boolean } = {},
+    opts: { backup?: boolean; record?: Pick<ImageMeta, "source" | "sourcePath"> } = {},
   ): Promise<{ method: FlashMethodName; outcome: FlashOutcome; attempts: FlashAttempt[]; backed_up: boolean }> {
     const attempts: FlashAttempt[] = [];
     let backedUp = false;
     const backup = opts.backup ? this.backupHook(plan.mcu, () => (backedUp = true)) : undefined;
     try {
       const done = await this.runChain(plan, { ...plan.target, image, ...(backup ? { backupApplication: backup } : {}) }, ctx, attempts);
-      await this.recordImage(plan, image, ctx);
+      await this.recordImage(plan, image, ctx, undefined, opts.record);
       return { ...done, attempts, backed_up: backedUp };
     } catch (err) {
       const e = toMoonflashError(err, "FLASH_FAILED");
@@ -752,9 +753,9 @@ export class FlashEngine {
   }
 
   /** The board holds `image` now: the newest store entry. Never fails the flash; a failure is a warning. */
-  private async recordImage(plan: FlashPlan, image: Buffer, ctx: JobContext, rollback?: StoredImage): Promise<void> {
+  private async recordImage(plan: FlashPlan, image: Buffer, ctx: JobContext, rollback?: StoredImage, record?: Pick<ImageMeta, "source" | "sourcePath">): Promise<void> {
     try {
-      await this.store.add(plan.mcu, image, rollback ? { source: "rollback", sourcePath: rollback.source_path } : { source: "flash", sourcePath: plan.firmware });
+      await this.store.add(plan.mcu, image, rollback ? { source: "rollback", sourcePath: rollback.source_path } : (record ?? { source: "flash", sourcePath: plan.firmware }));
     } catch (err) {
       ctx.log("warn", `the board was flashed, but moonflash could not record the image for a later rollback: ${toMoonflashError(err).message}`);
     }

@@ -27,7 +27,7 @@ import {
   type BackupManifest, type DeployIo, type FirmwareBackup, type SpaceNeed, type StatfsFn,
 } from "./deploy.js";
 import { DOWNLOAD_DEFAULTS, downloadPackage, type DownloadOptions } from "./download.js";
-import type { Manifest, ManifestModule } from "./manifest.js";
+import { compareVersions, type Manifest, type ManifestModule } from "./manifest.js";
 import { extractPackage, readPackage, resolveTargets, type ExtractedPackage, type PackageLimits, type ResolvedTarget } from "./package.js";
 import { describeRef, findProcesses, stopProcess } from "./processes.js";
 import { isRawPublicKey } from "./signing.js";
@@ -42,7 +42,8 @@ import {
  * take the lock again (FlashEngine.flash does: use prepare + flashPrepared).
  */
 export interface FirmwarePort {
-  flash(mcu: string, imagePath: string, job?: JobContext): Promise<unknown>;
+  /** `purpose`: "rollback" when the image is the one the MCU ran before the update (the store says so). */
+  flash(mcu: string, imagePath: string, job?: JobContext, purpose?: "update" | "rollback"): Promise<unknown>;
   /** Puts back the image the MCU had before (FlashEngine: its store's previous entry). Used only without currentImage. */
   rollback(mcu: string, job?: JobContext): Promise<unknown>;
   /**
@@ -410,16 +411,31 @@ export class OtaEngine {
     return this.verifyJob(ctx);
   }
 
-  /** Checks the downloaded package completely (signature, manifest, every file's SHA-256); `verified` or `failed`. */
+  /**
+   * Checks the downloaded package completely (signature, manifest, every file's SHA-256): `verified`, or `failed`
+   * with the package deleted. A cancel or an unreadable [ota] public_key is not the package's fault: it stays
+   * `downloaded`, to be checked again by ota.install, ota.download of the same URL or recovery.
+   */
   private async verifyJob(ctx: JobContext): Promise<PackageSummary> {
     const st = this.store.current!;
     const pkg = st.package!;
     ctx.stage("verify", "checking the package: signature, manifest and the SHA-256 of every file");
     let contents;
     try {
-      contents = await readPackage(pkg.path, { publicKey: await this.publicKey(), limits: this.packageLimits(), verifyContents: true });
+      contents = await readPackage(pkg.path, { publicKey: await this.publicKey(), limits: this.packageLimits(), verifyContents: true, signal: ctx.signal });
     } catch (err) {
-      const e = toMoonflashError(err);
+      let e = toMoonflashError(err);
+      if (e.code === "CANCELLED" || e.code === "CONFIG_INVALID") {
+        const kept = "The downloaded package is kept: ota.install (or ota.download of the same URL) checks it again without downloading it again.";
+        e = new MoonflashError(
+          e.code,
+          e.code === "CANCELLED" ? `The check of the package was cancelled. ${kept}` : `${e.message} ${kept}`,
+          e.details,
+          { cause: e },
+        );
+        await this.store.update({ job: null, error: errOf(e) });
+        throw e;
+      }
       // A package that fails its checks can never be installed: it goes, so the next download starts clean.
       await rm(pkg.path, { force: true });
       await this.store.transition("failed", { job: null, error: errOf(e) });
@@ -473,8 +489,9 @@ export class OtaEngine {
     try {
       ctx.stage("stage", "extracting the package");
       await this.removeStaging(updateId);
-      extracted = await extractPackage(st.package!.path, stagingDir, { publicKey: await this.publicKey(), limits: this.packageLimits() });
+      extracted = await extractPackage(st.package!.path, stagingDir, { publicKey: await this.publicKey(), limits: this.packageLimits(), signal: ctx.signal });
       crashPoint("staged");
+      await this.checkMinVersion(ctx, extracted.manifest);
       const mcus = extracted.manifest.modules.flatMap((m) => (m.type === "firmware" ? [m.mcu] : []));
       if (mcus.length > 0 && !this.firmware) {
         throw new MoonflashError("INVALID_PACKAGE", `The package flashes ${mcus.join(", ")}, but this moonflash runs OTA without the flash engine. Nothing was changed.`, { mcus });
@@ -489,7 +506,8 @@ export class OtaEngine {
       if (ctx.signal.aborted) throw new MoonflashError("CANCELLED", "The update was cancelled before anything was changed.", {});
     } catch (err) {
       await this.removeStaging(updateId).catch(() => undefined);
-      const e = ctx.signal.aborted && !isMoonflashError(err) ? new MoonflashError("CANCELLED", "The update was cancelled before anything was changed.", {}) : toMoonflashError(err);
+      const cancelled = ctx.signal.aborted && (!isMoonflashError(err) || err.code === "CANCELLED");
+      const e = cancelled ? new MoonflashError("CANCELLED", "The update was cancelled before anything was changed; the package stays verified for ota.install.", {}) : toMoonflashError(err);
       await this.store.update({ error: errOf(e) });
       throw e;
     }
@@ -549,6 +567,27 @@ export class OtaEngine {
       probationMs,
       elapsedMs: Math.round(performance.now() - started),
     };
+  }
+
+  /**
+   * min_version guards the vendor's upgrade path: refused when the installed version of this package (the newest
+   * committed backup of that name) is older. With none on record (a first OTA install, or only other packages) it
+   * cannot be checked and the install goes on: a first install must stay possible. Downgrades are not refused.
+   */
+  private async checkMinVersion(ctx: JobContext, manifest: Manifest): Promise<void> {
+    if (!manifest.min_version) return;
+    const installed = await this.installedOf(manifest.name);
+    if (!installed) {
+      ctx.log("info", `min_version ${manifest.min_version} not checked: moonflash has installed no ${manifest.name} yet (none is on record)`);
+      return;
+    }
+    if (compareVersions(installed.version, manifest.min_version) >= 0) return;
+    throw new MoonflashError(
+      "VERSION_TOO_OLD",
+      `${manifest.name} ${manifest.version} updates version ${manifest.min_version} or later (its min_version), but ${installed.version} is installed. ` +
+        `Install the versions in between first, or ask the vendor for a package that updates ${installed.version}. Nothing was changed.`,
+      { name: manifest.name, version: manifest.version, minVersion: manifest.min_version, installed: installed.version },
+    );
   }
 
   /** Rolls back after a failure during install and returns the error to throw: the failure, or both. */
@@ -899,7 +938,7 @@ export class OtaEngine {
         // Flashing the image it ran before is the same whether or not an earlier try got there.
         await this.setFirmware(fw.mcu, fw.module, "rolling-back");
         ctx.stage("rollback-flash", `flashing ${fw.mcu} back to the image it ran before`);
-        await this.firmware.flash(fw.mcu, join(backupDir, fw.image), ctx);
+        await this.firmware.flash(fw.mcu, join(backupDir, fw.image), ctx, "rollback");
       } else if (record?.status === "rolling-back") {
         // Without the old image a second port rollback would go one image further back.
         ctx.log("warn", `the rollback of ${fw.mcu} was interrupted and is not repeated; check its version with FLASH_CHECK`);
@@ -1082,11 +1121,16 @@ export class OtaEngine {
 
   private async refreshInstalled(): Promise<void> {
     try {
-      const newest = (await listBackups(this.paths.backups)).filter((b) => b.manifest && b.outcome === "committed").pop();
-      this.installed = newest?.manifest ? { updateId: newest.updateId, name: newest.manifest.name, version: newest.manifest.version } : null;
+      this.installed = await this.installedOf(null);
     } catch {
       this.installed = null;
     }
+  }
+
+  /** The newest update moonflash installed and committed (of package `name`, when given), from the backups. */
+  private async installedOf(name: string | null): Promise<OtaStatus["installed"]> {
+    const newest = (await listBackups(this.paths.backups)).filter((b) => b.manifest && b.outcome === "committed" && (name === null || b.manifest.name === name)).pop();
+    return newest?.manifest ? { updateId: newest.updateId, name: newest.manifest.name, version: newest.manifest.version } : null;
   }
 
   private async removeStaging(updateId: string): Promise<void> {

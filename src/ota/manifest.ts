@@ -74,7 +74,7 @@ export type ManifestModule = FilesModule | FirmwareModule;
 export interface Manifest {
   name: string;
   version: string;
-  /** The oldest installed version this package may update; null = any. */
+  /** The oldest installed version of this package it updates; null = any (ota.install enforces it: engine.ts). */
   min_version: string | null;
   modules: ManifestModule[];
 }
@@ -248,6 +248,54 @@ const manifestSchema = z.pipe(
   }),
   z.transform((m): Manifest => ({ name: m.name, version: m.version, min_version: m.min_version ?? null, modules: m.modules })),
 );
+
+// --- versions ---
+
+/**
+ * Orders two manifest versions (negative: a is older): semver-like. Build metadata after '+' is ignored; the part
+ * before the first '-' is compared by its '.'-separated parts, numbers as numbers ("2.10" > "2.9"), missing parts
+ * as 0 ("1.4" = "1.4.0"), a number below text; then a version with a pre-release ("1.4.0-rc.1", after '-') is
+ * older than the one without, and two pre-releases are compared part by part the same way.
+ */
+export function compareVersions(a: string, b: string): number {
+  const split = (v: string) => {
+    const bare = v.split("+")[0]!;
+    const dash = bare.indexOf("-");
+    return dash < 0 ? { core: bare.split("."), pre: null } : { core: bare.slice(0, dash).split("."), pre: bare.slice(dash + 1).split(".") };
+  };
+  const x = split(a);
+  const y = split(b);
+  const core = compareParts(x.core, y.core, "0");
+  if (core !== 0) return core;
+  if (x.pre === null || y.pre === null) return x.pre === y.pre ? 0 : x.pre === null ? 1 : -1;
+  return compareParts(x.pre, y.pre, null);
+}
+
+/** Part by part; a missing part is `missing`, or (null) sorts first, as semver's shorter pre-release does. */
+function compareParts(x: string[], y: string[], missing: string | null): number {
+  for (let i = 0; i < Math.max(x.length, y.length); i++) {
+    const p = x[i] ?? missing;
+    const q = y[i] ?? missing;
+    if (p === null || q === null) return p === q ? 0 : p === null ? -1 : 1;
+    const order = comparePart(p, q);
+    if (order !== 0) return order;
+  }
+  return 0;
+}
+
+function comparePart(p: string, q: string): number {
+  const numeric = /^\d+$/;
+  const pn = numeric.test(p);
+  const qn = numeric.test(q);
+  if (pn && qn) {
+    // As digit strings, so no part is too long for a number: fewer digits (without leading zeros) is smaller.
+    const pd = p.replace(/^0+(?=\d)/, "");
+    const qd = q.replace(/^0+(?=\d)/, "");
+    return pd.length !== qd.length ? pd.length - qd.length : pd < qd ? -1 : pd > qd ? 1 : 0;
+  }
+  if (pn !== qn) return pn ? -1 : 1;
+  return p < q ? -1 : p > q ? 1 : 0;
+}
 
 // --- parsing and checks ---
 

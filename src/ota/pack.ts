@@ -1,6 +1,7 @@
-// Making an OTA package: fills in each file's SHA-256 and size, checks the manifest as a printer would, signs it
-// when given a private key, writes the zip (manifest.json first, then manifest.sig, then the files) durably, and
-// reads the result back with the printer's reader before calling it done. So a vendor needs no other tool.
+// Making an OTA package: fills in each file's SHA-256 and size, checks the manifest and the sizes as a printer would
+// (its default limits unless told others), signs it when given a private key, writes the zip (manifest.json first,
+// then manifest.sig, then the files) to a temp file, reads that back with the printer's reader and only then
+// renames it over `out`. So a vendor needs no other tool, and a refused package never replaces a good one.
 //
 // yazl is loaded on first use (dynamic import) and node:crypto through process.getBuiltinModule: idle memory.
 
@@ -13,7 +14,7 @@ import { commonJsModule } from "../core/commonjs.js";
 import { fsyncDir } from "../core/durable.js";
 import { MoonflashError, toMoonflashError } from "../core/errors.js";
 import { MANIFEST_FILE, SIGNATURE_FILE, parseManifest, payloadsOf, type Manifest, type ProcessRef } from "./manifest.js";
-import { readPackage, type PackageLimits } from "./package.js";
+import { DEFAULT_LIMITS, readPackage, type PackageLimits } from "./package.js";
 import { publicKeyOf, sign } from "./signing.js";
 
 /** A manifest file as a vendor writes it: sha256 and size are computed when left out, and checked when given. */
@@ -52,7 +53,7 @@ export interface PackOptions {
   out: string;
   /** PKCS#8 PEM; when given, manifest.sig is written. */
   privateKey?: string;
-  /** The limits the package is checked against after writing (the printer's, when they differ from the defaults). */
+  /** Overrides of the printer's default limits (DEFAULT_LIMITS), for printers whose [ota] limits differ. */
   limits?: Partial<PackageLimits>;
 }
 
@@ -76,6 +77,8 @@ export async function packPackage(opts: PackOptions): Promise<PackResult> {
   // The reader's own checks, so a package that a printer would refuse is never written.
   const manifest = parseManifest(manifestBytes);
   const signature = opts.privateKey ? sign(manifestBytes, opts.privateKey) : null;
+  const limits: PackageLimits = { ...DEFAULT_LIMITS, ...opts.limits };
+  checkLimits(manifest, manifestBytes.length, signature, limits);
 
   const { ZipFile } = commonJsModule(await import("yazl"));
   const zip = new ZipFile();
@@ -92,21 +95,47 @@ export async function packPackage(opts: PackOptions): Promise<PackResult> {
   try {
     // flush: the data is fsynced before the stream closes, then the rename is made durable.
     await pipeline(zip.outputStream, createWriteStream(tmp, { flush: true, mode: 0o644 }));
+    // A file changed between hashing and zipping, or a compression ratio over the limit, shows here, not on the printer.
+    await readPackage(tmp, { limits, verifyContents: true, publicKey: opts.privateKey ? publicKeyOf(opts.privateKey) : null });
     await rename(tmp, out);
     await fsyncDir(dirname(out));
   } catch (err) {
     await rm(tmp, { force: true });
     throw toMoonflashError(err);
   }
-
-  try {
-    // A file changed between hashing and zipping, or a limit the printer enforces, shows here and not on the printer.
-    await readPackage(out, { limits: opts.limits, verifyContents: true, publicKey: opts.privateKey ? publicKeyOf(opts.privateKey) : null });
-  } catch (err) {
-    await rm(out, { force: true });
-    throw err;
-  }
   return { out, manifest, manifestBytes, signature };
+}
+
+/**
+ * The reader's limits that are known before compressing (entries, file, total and manifest size), with the
+ * reader's codes, so nothing is written for a package a printer would refuse. The compression ratio is only known
+ * once written: the read-back checks it.
+ */
+function checkLimits(manifest: Manifest, manifestSize: number, signature: string | null, limits: PackageLimits): void {
+  const refuse = (code: "INVALID_PACKAGE" | "INVALID_MANIFEST", what: string, details: Record<string, unknown>) =>
+    new MoonflashError(code, `${what}, so a printer would refuse the package. Nothing was written.`, details);
+  if (manifestSize > limits.maxManifestBytes) {
+    throw refuse("INVALID_MANIFEST", `${MANIFEST_FILE} is ${manifestSize} bytes, over the limit of ${limits.maxManifestBytes} (manifest_size)`, {
+      size: manifestSize, limit: limits.maxManifestBytes, limitName: "manifest_size",
+    });
+  }
+  const payloads = payloadsOf(manifest);
+  const entries = payloads.length + 1 + (signature === null ? 0 : 1);
+  if (entries > limits.maxEntries) {
+    throw refuse("INVALID_PACKAGE", `The package would have ${entries} entries, over the limit of ${limits.maxEntries} (entries)`, { entries, limit: limits.maxEntries, limitName: "entries" });
+  }
+  let total = manifestSize + (signature === null ? 0 : signature.length + 1);
+  for (const payload of payloads) {
+    if (payload.size > limits.maxFileBytes) {
+      throw refuse("INVALID_PACKAGE", `'${payload.src}' is ${payload.size} bytes, over the limit of ${limits.maxFileBytes} per file (file_size)`, {
+        entry: payload.src, size: payload.size, limit: limits.maxFileBytes, limitName: "file_size",
+      });
+    }
+    total += payload.size;
+  }
+  if (total > limits.maxTotalBytes) {
+    throw refuse("INVALID_PACKAGE", `The package's entries add up to ${total} bytes uncompressed, over the limit of ${limits.maxTotalBytes} (total_size)`, { total, limit: limits.maxTotalBytes, limitName: "total_size" });
+  }
 }
 
 /** The manifest with every sha256 and size filled in from the files, and the files map checked against it. */

@@ -17,6 +17,7 @@ import { basename, dirname, isAbsolute, join, relative, resolve, sep } from "nod
 import type { Entry, ZipFile } from "yauzl";
 import { commonJsModule } from "../core/commonjs.js";
 import { fsyncDir } from "../core/durable.js";
+import { GarbagePacer } from "../core/gc-pacer.js";
 import { isMoonflashError, MoonflashError, toMoonflashError } from "../core/errors.js";
 import {
   MANIFEST_FILE, SIGNATURE_FILE, parseManifest, pathProblem, payloadsOf, printable, splitDst,
@@ -61,6 +62,8 @@ export interface ReadPackageOptions {
   publicKey?: string | KeyObject | null;
   /** Also inflate and hash every file, writing nothing: a bad file is SHA256_MISMATCH before anything is staged. */
   verifyContents?: boolean;
+  /** Aborting stops the check or the extraction between two chunks with CANCELLED (a partial staging is removed). */
+  signal?: AbortSignal;
 }
 
 /** One entry of the zip's central directory, as checked. */
@@ -155,7 +158,7 @@ export async function extractPackage(zipPath: string, stagingDir: string, opts: 
       if (!isInside(partialDir, target)) throw invalidPackage(payload.src, "would be extracted outside the staging directory");
       for (let dir = dirname(target); isInside(partialDir, dir); dir = dirname(dir)) dirs.add(dir);
       await mkdir(dirname(target), { recursive: true });
-      await streamToFile(zip, info, payload, target);
+      await streamToFile(zip, info, payload, target, opts.signal);
       files.push({
         module: payload.module.id, kind: payload.kind, src: payload.src, path: join(finalDir, ...payload.src.split("/")),
         sha256: payload.sha256, size: payload.size, mode: payload.mode,
@@ -222,11 +225,12 @@ async function inspect(zip: ZipFile, opts: ReadPackageOptions): Promise<Inspecte
 
   const manifest = parseManifest(manifestBytes);
   checkEntriesAgainstManifest(entries, manifest);
+  throwIfCancelled(opts.signal);
   if (opts.verifyContents) {
     for (const payload of payloadsOf(manifest)) {
       const info = entries.get(payload.src);
       if (!info) continue; // cannot happen after checkEntriesAgainstManifest
-      const { sha256 } = await pumpEntry(zip, info, () => undefined);
+      const { sha256 } = await pumpEntry(zip, info, () => undefined, opts.signal);
       if (sha256 !== payload.sha256) throw sha256Mismatch(payload, sha256);
     }
   }
@@ -413,7 +417,10 @@ function checkEntriesAgainstManifest(entries: Map<string, CheckedEntry>, manifes
  * Inflates one entry chunk by chunk into `onChunk`, counting bytes and hashing. Never accepts more than the
  * declared size (a lying header is refused while inflating, not after), nor less.
  */
-async function pumpEntry(zip: ZipFile, info: CheckedEntry, onChunk: (chunk: Buffer) => unknown): Promise<{ sha256: string }> {
+/** Checking and extracting a package reads hundreds of MB through fresh buffers; see gc-pacer.ts. */
+const streamedGarbage = new GarbagePacer();
+
+async function pumpEntry(zip: ZipFile, info: CheckedEntry, onChunk: (chunk: Buffer) => unknown, signal?: AbortSignal): Promise<{ sha256: string }> {
   const hash = process.getBuiltinModule("node:crypto").createHash("sha256");
   let stream: NodeJS.ReadableStream & { destroy(): void };
   try {
@@ -425,6 +432,8 @@ async function pumpEntry(zip: ZipFile, info: CheckedEntry, onChunk: (chunk: Buff
   try {
     const chunks = stream[Symbol.asyncIterator]();
     while (true) {
+      // Between chunks: a large package is checked or extracted for a while, and a cancel must not wait for it.
+      throwIfCancelled(signal);
       let step: IteratorResult<string | Buffer>;
       try {
         step = await chunks.next();
@@ -437,12 +446,17 @@ async function pumpEntry(zip: ZipFile, info: CheckedEntry, onChunk: (chunk: Buff
       if (bytes > info.size) throw inflatesTooMuch(info);
       hash.update(chunk);
       await onChunk(chunk);
+      streamedGarbage.add(chunk.length);
     }
   } finally {
     stream.destroy();
   }
   if (bytes !== info.size) throw invalidPackage(info.name, `has ${bytes} bytes of data but declares ${info.size}`);
   return { sha256: hash.digest("hex") };
+}
+
+function throwIfCancelled(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new MoonflashError("CANCELLED", "Checking the package was cancelled; nothing was installed.", {});
 }
 
 function inflatesTooMuch(info: CheckedEntry): MoonflashError {
@@ -473,12 +487,12 @@ function sha256Mismatch(payload: Payload, actual: string): MoonflashError {
 }
 
 /** Streams one entry to `target` through a temp file: counted, hashed, chmod, fsync, rename. */
-async function streamToFile(zip: ZipFile, info: CheckedEntry, payload: Payload, target: string): Promise<void> {
+async function streamToFile(zip: ZipFile, info: CheckedEntry, payload: Payload, target: string, signal?: AbortSignal): Promise<void> {
   const tmp = join(dirname(target), `.${basename(target)}.tmp`);
   const handle = await open(tmp, "wx", 0o600);
   let complete = false;
   try {
-    const { sha256 } = await pumpEntry(zip, info, (chunk) => writeAll(handle, chunk));
+    const { sha256 } = await pumpEntry(zip, info, (chunk) => writeAll(handle, chunk), signal);
     if (sha256 !== payload.sha256) throw sha256Mismatch(payload, sha256);
     await handle.chmod(payload.mode); // the open mode went through the umask
     await handle.sync();

@@ -6,6 +6,9 @@
 //
 // There is no start here: the manifest's process entry has no start command, so processes are restarted by
 // whatever supervises them (or not at all); services go through Moonraker (engine.ts).
+//
+// Messages do not say what the update did: a stop can fail after earlier modules were deployed. The engine adds
+// that (its rollback appends "The update was rolled back; ...").
 
 import { readdir, readFile } from "node:fs/promises";
 import { basename } from "node:path";
@@ -137,7 +140,7 @@ function signal(info: ProcessInfo, sig: NodeJS.Signals): void {
     if (errno === "ESRCH") return; // gone between the check and the signal
     throw new MoonflashError(
       "PROCESS_STOP_FAILED",
-      `moonflash may not signal ${info.comm} (pid ${info.pid}): ${errno ?? String(err)}. It runs as another user; stop it by hand or run moonflash as its user. Nothing was deployed.`,
+      `moonflash may not signal ${info.comm} (pid ${info.pid}): ${errno ?? String(err)}. It runs as another user; stop it by hand or run moonflash as its user, then install the update again.`,
       { pid: info.pid, comm: info.comm, signal: sig, errno },
       { cause: err },
     );
@@ -177,7 +180,7 @@ export async function stopProcess(info: ProcessInfo, opts: StopOptions = {}): Pr
   throw new MoonflashError(
     "PROCESS_STOP_FAILED",
     `${info.comm} (pid ${info.pid}) did not stop after SIGTERM and, ${Math.round(termTimeoutMs / 100) / 10} s later, SIGKILL ` +
-      "(it may hang in the kernel, e.g. on a device or a network mount). Nothing was deployed; stop it by hand and try again.",
+      "(it may hang in the kernel, e.g. on a device or a network mount). Stop it by hand, then install the update again.",
     { pid: info.pid, comm: info.comm, startTime: info.startTime, termTimeoutMs, killTimeoutMs },
   );
 }

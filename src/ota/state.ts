@@ -3,7 +3,19 @@
 //
 //   downloading → downloaded → verified → backing_up → deploying (module k/n, file i) → restarting → probation
 //     → committed
-//   any of backing_up … probation → rolling_back → rolled_back, or failed when even that cannot finish
+//   any of backing_up … probation → rolling_back → rolled_back (also ota.rollback after a commit)
+//
+// How an update ends when it does not commit:
+// - Refused before any change (printing, no room, min_version, a cancel in the preparation): stays `verified`
+//   (`downloaded` when its check was cancelled or [ota] public_key was unreadable), with `error`; install again.
+// - `failed`, nothing on the printer changed: the download failed or was cancelled, the package failed a check,
+//   recovery gave up on a crash loop before the deploy began, or a damaged state file left nothing to restore.
+//   Next: ota.download (a download's part is resumed).
+// - `rolled_back`: a failure after the backup began, an interrupted install (recovery) or ota.rollback; the old
+//   version is in place. Next: fix the cause in `error`, then download and install again.
+// - A rollback that itself fails stays `rolling_back`; it is finished at the next start or by ota.rollback.
+// - `failed` with `deployStarted`: recovery gave up on a crash loop mid-deploy; files may be mixed and services
+//   stay stopped. ota.download and ota.install answer BUSY until ota.rollback restores the backup.
 //
 // A state file that cannot be read or breaks the schema is moved aside (state.json.corrupt-<time>) and recovery
 // goes on from the backups (engine.ts). Every transition counts as a save of the update; recovery gives up on an

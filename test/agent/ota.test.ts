@@ -100,7 +100,7 @@ describe("ota.* through server.extensions.request", () => {
       "mcu toolhead": { serial: p.board.path, baud: 250000, mcuType: "stm32f103xe" },
     });
     const store = new FirmwareStore(join(p.dir, "moonflash", "firmware"));
-    expect((await store.list("mcu toolhead")).map((e) => e.sha256)).toEqual([sha256Of(p.newImage), sha256Of(p.oldImage)]);
+    expect((await store.list("mcu toolhead")).map((e) => [e.sha256, e.source])).toEqual([[sha256Of(p.newImage), "ota"], [sha256Of(p.oldImage), expect.any(String)]]);
     expect(await status(p)).toMatchObject({ state: "committed", job: null, installed: { name: "acme-printer", version: "2.0.0" }, percent: 100 });
 
     // The console: a line per stage while Klipper was up, the note before anything stops, the result once it is back.
@@ -135,6 +135,7 @@ describe("ota.* through server.extensions.request", () => {
     for (const [path, content] of Object.entries(OLD_FILES)) expect(await p.read(path)).toBe(content);
     expect(existsSync(join(p.config, "macros", "ota.cfg"))).toBe(false);
     expect(boardHolds(p, p.oldImage)).toBe(true);
+    expect((await store.list("mcu toolhead"))[0]).toMatchObject({ sha256: sha256Of(p.oldImage), source: "rollback" });
     expect(actions(p).filter((a) => a.endsWith("klipper"))).toEqual(["stop klipper", "start klipper"]);
     expect(await status(p)).toMatchObject({ state: "rolled_back", installed: null, lastError: null });
     await p.moonraker.waitFor(() => lines.some((l) => l.startsWith("// moonflash: OTA rollback:")), 5000);

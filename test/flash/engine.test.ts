@@ -197,3 +197,21 @@ describe("FlashEngine.flash", () => {
     expect(b.device.model.frames).toEqual([]);
   });
 });
+
+describe("FlashEngine.flashPrepared", () => {
+  it("records the image with the source it is given (the OTA pipeline's 'ota'), else as a flash of plan.firmware", async () => {
+    const b = await setUp();
+    const engine = b.engine(mcuSection(b));
+    const flashOnce = (opts: Parameters<typeof engine.flashPrepared>[3]) =>
+      b.rig.runner.run({ kind: "flash", target: "mcu" }, async (ctx) => {
+        const { plan, image } = await engine.prepare({ mcu: "mcu", firmware: b.firmware }, ctx);
+        return engine.flashPrepared(plan, image, ctx, opts);
+      });
+    await flashOnce({ record: { source: "ota", sourcePath: null } });
+    expect((await engine.store.list("mcu")).map((e) => [e.source, e.source_path])).toEqual([["ota", null]]);
+    expect(b.device.model.flash.subarray(0, b.image.length).equals(b.image)).toBe(true);
+    await writeFile(b.firmware, Buffer.concat([b.image, Buffer.from("v2")]));
+    await flashOnce({});
+    expect((await engine.store.list("mcu")).map((e) => [e.source, e.source_path])).toEqual([["flash", b.firmware], ["ota", null]]);
+  });
+});

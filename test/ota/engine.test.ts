@@ -3,6 +3,7 @@
 // change (printing, another job, no room, no permission), failures after changes began (probation, ENOSPC) that
 // roll back to the old tree, ota.rollback after a commit, and recovery from a damaged state file.
 
+import { randomBytes } from "node:crypto";
 import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
@@ -15,15 +16,16 @@ import type { JobEvent } from "../../src/core/events.js";
 import { JobRunner } from "../../src/core/jobs.js";
 import { validateSection, type Located } from "../../src/core/config-values.js";
 import { parseIni } from "../../src/core/ini.js";
-import { OTA_DEFAULTS, otaSchema } from "../../src/ota/config.js";
+import { OTA_DEFAULTS, otaSchema, type OtaConfig } from "../../src/ota/config.js";
 import { REAL_IO } from "../../src/ota/deploy.js";
+import { packPackage } from "../../src/ota/pack.js";
 import { keygen } from "../../src/ota/signing.js";
 import { OtaEngine, type FirmwarePort, type OtaEngineOptions } from "../../src/ota/engine.js";
 import type { OtaState } from "../../src/ota/state.js";
 import { startRig, waitUntil, type PrinterRig } from "../fixtures/engine/rig.js";
 import { TestHttpServer } from "./support/http-server.js";
 import {
-  buildPackage, fileFirmwarePort, layoutIn, layoutListing, md5Of, otaConfig, SERVICES, sha256Of, writeNewTree, writeOldTree, type Layout,
+  buildPackage, fileFirmwarePort, layoutIn, layoutListing, md5Of, otaConfig, SERVICES, sha256Of, writeNewTree, writeOldTree, type Layout, type PackageOptions,
 } from "./support/ota-fixture.js";
 import { runDriver } from "./support/run-driver.js";
 
@@ -66,7 +68,9 @@ afterEach(async () => {
 });
 
 let counter = 0;
-async function setup(opts: { engine?: Partial<OtaEngineOptions>; currentImage?: boolean; probationSeconds?: number } = {}): Promise<Setup> {
+async function setup(
+  opts: { engine?: Partial<OtaEngineOptions>; config?: Partial<OtaConfig>; currentImage?: boolean; probationSeconds?: number } = {},
+): Promise<Setup> {
   const rig = await startRig({ services: SERVICES });
   const layout = layoutIn(join(base, `printer-${++counter}`));
   await writeOldTree(layout);
@@ -75,7 +79,7 @@ async function setup(opts: { engine?: Partial<OtaEngineOptions>; currentImage?: 
   rig.runner.on((event) => void events.push(event));
   const engine = new OtaEngine({
     dataDir: rig.dataDir,
-    config: otaConfig(layout, { probation_timeout: opts.probationSeconds ?? 5 }),
+    config: otaConfig(layout, { probation_timeout: opts.probationSeconds ?? 5, ...opts.config }),
     printer: rig.session,
     runner: rig.runner,
     logger: rig.logger,
@@ -93,6 +97,27 @@ const downloadParams = () => ({ url: server.url(), md5: md5Of(pkg), sha256: sha2
 const actions = (s: Setup) => s.rig.fake.serviceActions.map((a) => `${a.action} ${a.service}`);
 const stateOf = async (s: Setup) => JSON.parse(await readFile(join(s.otaDir, "state.json"), "utf8")) as OtaState;
 const chain = async (s: Setup) => (await stateOf(s)).history.map((h) => h.state);
+const logs = (s: Setup) => s.events.filter((e): e is Extract<JobEvent, { type: "log" }> => e.type === "log").map((e) => e.message);
+const packageZip = (s: Setup) => join(s.otaDir, "download", "package.zip");
+
+/** Downloads and verifies `body` from a server of its own. */
+async function downloadBody(s: Setup, body: Buffer): Promise<void> {
+  const own = await TestHttpServer.start({ body });
+  try {
+    await s.engine.download({ url: own.url(), md5: md5Of(body) });
+  } finally {
+    await own.close();
+  }
+}
+
+/** Cancels the engine's OTA job once, on the turn after the job enters `stage`. */
+function cancelAtStage(s: Setup, stage: string): void {
+  const off = s.rig.runner.on((e) => {
+    if (e.type !== "stage" || e.stage !== stage) return;
+    off();
+    setImmediate(() => s.engine.cancel());
+  });
+}
 
 async function failure(promise: Promise<unknown>, code: ErrorCode): Promise<MoonflashError> {
   const err = await promise.then(
@@ -205,6 +230,145 @@ describe("install: processes", () => {
       expect(actions(s)).toEqual(["stop klipper", "start klipper"]);
     } finally {
       child.kill("SIGKILL");
+    }
+  });
+});
+
+describe("install: a process that cannot be stopped", () => {
+  it("after an earlier module was deployed: PROCESS_STOP_FAILED, rolled back, and the message does not say nothing was deployed (moonflash runs as uid 65534)", async () => {
+    const dir = join(base, `stop-fails-${++counter}`);
+    const layout = layoutIn(join(dir, "install"));
+    await writeOldTree(layout);
+    const dataDir = join(dir, "data");
+    await mkdir(dataDir, { recursive: true });
+    // A process of root's, which uid 65534 may not signal; the webcam module names it, after the config module.
+    const child = spawn(process.execPath, ["-e", "setInterval(() => {}, 1000); console.log('ready')"], { stdio: ["ignore", "pipe", "inherit"] });
+    try {
+      await new Promise<void>((resolve) => child.stdout!.once("data", () => resolve()));
+      const pidfile = join(dir, "webcam.pid");
+      await writeFile(pidfile, `${child.pid}\n`);
+      const own = async (path: string): Promise<void> => {
+        await chown(path, 65534, 65534);
+        if ((await stat(path)).isDirectory()) for (const name of await readdir(path)) await own(join(path, name));
+      };
+      await chmod(dir, 0o755);
+      await own(dir);
+      const body = await buildPackage(join(base, `pkg-stop-fails-${counter}.zip`), { process: { pidfile } });
+      const server = await TestHttpServer.start({ body });
+      let run;
+      try {
+        run = await runDriver(
+          { dataDir, socketPath: null, config: otaConfig(layout), mcuDir: layout.mcu, actions: ["download", "install", "status"], download: { url: server.url(), md5: md5Of(body) } },
+          { uid: 65534 },
+        );
+      } finally {
+        await server.close();
+      }
+      expect(run.lines.map((l) => [l.action, l.ok, l.code ?? null])).toEqual([["download", true, null], ["install", false, "PROCESS_STOP_FAILED"], ["status", true, null]]);
+      expect(run.lines[1]!.message).toBe(
+        `moonflash may not signal node (pid ${child.pid}): EPERM. It runs as another user; stop it by hand or run moonflash as its user, then install the update again. ` +
+          "The update was rolled back; the previous version is in place.",
+      );
+      expect(run.lines[2]!.result).toMatchObject({
+        state: "rolled_back",
+        history: ["downloading", "downloaded", "verified", "backing_up", "deploying", "rolling_back", "rolled_back"],
+      });
+      expect(await layoutListing(layout)).toEqual(oldListing);
+      expect(child.exitCode).toBeNull();
+    } finally {
+      child.kill("SIGKILL");
+    }
+  });
+});
+
+describe("install: min_version", () => {
+  it("refuses a package whose min_version is above the installed version (compared as numbers) before any change; a first install, an equal version and another package's are allowed", async () => {
+    const s = await setup();
+    const pkgOf = (opts: PackageOptions) => buildPackage(join(base, `pkg-min-${++counter}.zip`), opts);
+
+    // Nothing installed by moonflash yet: min_version cannot be checked, and a first OTA install goes on.
+    await downloadBody(s, await pkgOf({ version: "2.9.0", minVersion: "2.5.0" }));
+    await s.engine.install();
+    expect(logs(s)).toContain("min_version 2.5.0 not checked: moonflash has installed no acme-printer yet (none is on record)");
+
+    // 2.9.0 is older than 2.10.0 as numbers (as text it would sort after it).
+    await downloadBody(s, await pkgOf({ version: "3.0.0", minVersion: "2.10.0" }));
+    const actionsBefore = actions(s);
+    const err = await failure(s.engine.install(), "VERSION_TOO_OLD");
+    expect(err.message).toBe(
+      "acme-printer 3.0.0 updates version 2.10.0 or later (its min_version), but 2.9.0 is installed. " +
+        "Install the versions in between first, or ask the vendor for a package that updates 2.9.0. Nothing was changed.",
+    );
+    expect(err.status).toBe(409);
+    expect(err.details).toEqual({ name: "acme-printer", version: "3.0.0", minVersion: "2.10.0", installed: "2.9.0" });
+    expect(actions(s)).toEqual(actionsBefore);
+    expect(await layoutListing(s.layout)).toEqual(newListing);
+    expect(await readdir(join(s.otaDir, "staging"))).toEqual([]);
+    expect(await chain(s)).toEqual(["downloading", "downloaded", "verified"]);
+    expect(s.engine.status()).toMatchObject({ state: "verified", lastError: { code: "VERSION_TOO_OLD" }, installed: { version: "2.9.0" } });
+    // Still installable: asked again it is checked again (not NO_PACKAGE).
+    await failure(s.engine.install(), "VERSION_TOO_OLD");
+
+    // Once 2.10.0 is installed, the same min_version passes.
+    await downloadBody(s, await pkgOf({ version: "2.10.0" }));
+    await s.engine.install();
+    await downloadBody(s, await pkgOf({ version: "3.0.0", minVersion: "2.10.0" }));
+    expect((await s.engine.install()).previous).toMatchObject({ version: "2.10.0" });
+
+    // Another package's version says nothing about this one: nothing of its name on record, so it installs.
+    await downloadBody(s, await pkgOf({ name: "acme-addon", version: "1.0.0", minVersion: "9.0" }));
+    await s.engine.install();
+    expect(logs(s)).toContain("min_version 9.0 not checked: moonflash has installed no acme-addon yet (none is on record)");
+    expect(s.engine.status().installed).toMatchObject({ name: "acme-addon", version: "1.0.0" });
+  });
+});
+
+describe("cancel while the package is checked or extracted", () => {
+  it("a cancel in the check keeps the package (downloaded; checked again without a download); one in the extraction changes nothing (verified)", async () => {
+    const s = await setup();
+    // Large enough that checking and extracting take a while: 3 files of 4 MiB of random data.
+    const srcDir = join(base, `big-${++counter}`);
+    await mkdir(srcDir);
+    const files = new Map<string, string>();
+    for (const name of ["a.bin", "b.bin", "c.bin"]) {
+      await writeFile(join(srcDir, name), randomBytes(4 * 1024 * 1024));
+      files.set(`big/${name}`, join(srcDir, name));
+    }
+    const out = join(base, `big-${counter}.zip`);
+    await packPackage({
+      manifest: { name: "acme-big", version: "1.0.0", modules: [{ id: "big", files: [...files.keys()].map((src) => ({ src, dst: `tools/${src}` })) }] },
+      files,
+      out,
+    });
+    const body = await readFile(out);
+    const own = await TestHttpServer.start({ body });
+    try {
+      const params = { url: own.url(), md5: md5Of(body) };
+      cancelAtStage(s, "verify");
+      const err = await failure(s.engine.download(params), "CANCELLED");
+      expect(err.message).toBe("The check of the package was cancelled. The downloaded package is kept: ota.install (or ota.download of the same URL) checks it again without downloading it again.");
+      expect(s.engine.status()).toMatchObject({ state: "downloaded", lastError: { code: "CANCELLED" } });
+      expect(existsSync(packageZip(s))).toBe(true);
+      const requests = own.requests.length;
+      expect(await s.engine.download(params)).toMatchObject({ name: "acme-big", size: body.length });
+      expect(own.requests.length).toBe(requests);
+
+      const installEvents = s.events.length;
+      cancelAtStage(s, "stage");
+      const cancelled = await failure(s.engine.install(), "CANCELLED");
+      expect(cancelled.message).toBe("The update was cancelled before anything was changed; the package stays verified for ota.install.");
+      // The extraction stopped: the install never reached its next stage.
+      expect(s.events.slice(installEvents).flatMap((e) => (e.type === "stage" ? [e.stage] : []))).toEqual(["started", "stage"]);
+      expect(actions(s)).toEqual([]);
+      expect(await layoutListing(s.layout)).toEqual(oldListing);
+      expect(await readdir(join(s.otaDir, "staging")).catch(() => [])).toEqual([]);
+      expect(existsSync(join(s.otaDir, "backup"))).toBe(false);
+      expect(s.engine.status()).toMatchObject({ state: "verified", lastError: { code: "CANCELLED" } });
+
+      await s.engine.install();
+      expect(sha256Of(await readFile(join(s.layout.tools, "big", "c.bin")))).toBe(sha256Of(await readFile(join(srcDir, "c.bin"))));
+    } finally {
+      await own.close();
     }
   });
 });
@@ -569,6 +733,59 @@ describe("signed packages", () => {
     expect(engine.status()).toMatchObject({ state: "failed", lastError: { code: "SIGNATURE_INVALID" } });
     expect(existsSync(join(s.otaDir, "download", "package.zip"))).toBe(false);
     await failure(engine.install(), "NO_PACKAGE");
+  });
+
+  it("keeps the downloaded package when the [ota] public_key file cannot be read (CONFIG_INVALID, state downloaded); once it can, install checks it again and installs without a new download", async () => {
+    const pair = keygen();
+    const keyFile = join(base, `later-key-${++counter}.pem`);
+    const body = await buildPackage(join(base, `signed-later-${counter}.zip`), { privateKey: pair.privateKey });
+    const own = await TestHttpServer.start({ body });
+    try {
+      const s = await setup({ config: { public_key: keyFile } });
+      const params = { url: own.url(), md5: md5Of(body) };
+      const err = await failure(s.engine.download(params), "CONFIG_INVALID");
+      expect(err.message).toBe(
+        `[ota] public_key: cannot read ${keyFile} (ENOENT); give a readable PEM file or the key in base64. ` +
+          "The downloaded package is kept: ota.install (or ota.download of the same URL) checks it again without downloading it again.",
+      );
+      expect(s.engine.status()).toMatchObject({ state: "downloaded", lastError: { code: "CONFIG_INVALID" } });
+      expect(existsSync(packageZip(s))).toBe(true);
+      const requests = own.requests.length;
+      // Still unreadable: ota.download of the same URL and ota.install check again, and keep it again.
+      await failure(s.engine.download(params), "CONFIG_INVALID");
+      await failure(s.engine.install(), "CONFIG_INVALID");
+      expect(existsSync(packageZip(s))).toBe(true);
+      expect(actions(s)).toEqual([]);
+
+      await writeFile(keyFile, pair.publicKey);
+      const outcome = await s.engine.install();
+      expect(outcome).toMatchObject({ name: "acme-printer", version: "2.0.0" });
+      expect(own.requests.length).toBe(requests);
+      expect(await layoutListing(s.layout)).toEqual(newListing);
+      const stages = s.events.filter((e) => e.type === "stage" && e.jobId === s.rig.runner.history("ota", 1)[0]!.id).map((e) => (e as { stage: string }).stage);
+      expect(stages.slice(0, 3)).toEqual(["started", "verify", "stage"]);
+    } finally {
+      await own.close();
+    }
+  });
+
+  it("checks the signature again when it installs a package left downloaded: with another key configured by then, SIGNATURE_INVALID and nothing changed", async () => {
+    const keyFile = join(base, `other-key-${++counter}.pem`);
+    const body = await buildPackage(join(base, `signed-other-${counter}.zip`), { privateKey: keygen().privateKey });
+    const own = await TestHttpServer.start({ body });
+    try {
+      const s = await setup({ config: { public_key: keyFile } });
+      await failure(s.engine.download({ url: own.url(), md5: md5Of(body) }), "CONFIG_INVALID");
+      await writeFile(keyFile, keygen().publicKey);
+      const err = await failure(s.engine.install(), "SIGNATURE_INVALID");
+      expect(err.message).toMatch(/does not verify against \[ota\] public_key/);
+      expect(actions(s)).toEqual([]);
+      expect(await layoutListing(s.layout)).toEqual(oldListing);
+      expect(s.engine.status()).toMatchObject({ state: "failed", lastError: { code: "SIGNATURE_INVALID" } });
+      expect(existsSync(packageZip(s))).toBe(false);
+    } finally {
+      await own.close();
+    }
   });
 
   // One raw key in 64 starts with "/": it was once read as the path of a PEM file (CONFIG_INVALID, exit 2 in the CLI).

@@ -9,9 +9,9 @@ import { join } from "node:path";
 import { execa } from "execa";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { isMoonflashError, type ErrorCode } from "../../src/core/errors.js";
-import { parseManifest, type Manifest } from "../../src/ota/manifest.js";
+import { compareVersions, parseManifest, type Manifest } from "../../src/ota/manifest.js";
 import { packPackage, type ManifestInput } from "../../src/ota/pack.js";
-import { extractPackage, readPackage, resolveTargets, type ReadPackageOptions } from "../../src/ota/package.js";
+import { DEFAULT_LIMITS, extractPackage, readPackage, resolveTargets, type PackageLimits, type ReadPackageOptions } from "../../src/ota/package.js";
 import { keygen, parsePublicKey, sign, verify } from "../../src/ota/signing.js";
 import { buildZip, extraField, type RawEntry } from "./support/zip-builder.js";
 
@@ -196,6 +196,85 @@ describe("pack → read → extract", () => {
     expect(await readdir(dir)).toEqual(["a.cfg"]);
     await packPackage({ manifest: base({ mode: "0600" }), files, out });
     expect((await readPackage(out)).manifest.modules[0]?.files[0]?.mode).toBe(0o600);
+  });
+});
+
+describe("pack against a printer's limits", () => {
+  const PREVIOUS = "the vendor's previous package";
+
+  it("refuses a package over a limit before writing anything, with the reader's codes, and leaves an existing zip in place", async () => {
+    await writeFile(join(dir, "a.bin"), Buffer.alloc(3000, 1));
+    await writeFile(join(dir, "b.bin"), Buffer.alloc(3000, 2));
+    const manifest: ManifestInput = {
+      name: "p", version: "1", modules: [{ id: "m", files: [{ src: "a.bin", dst: "config/a.bin" }, { src: "b.bin", dst: "config/b.bin" }] }],
+    };
+    const files = new Map([["a.bin", join(dir, "a.bin")], ["b.bin", join(dir, "b.bin")]]);
+    const out = join(dir, "p.zip");
+    await writeFile(out, PREVIOUS);
+    const cases: Array<[Partial<PackageLimits>, ErrorCode, RegExp]> = [
+      [{ maxFileBytes: 2999 }, "INVALID_PACKAGE", /^'a\.bin' is 3000 bytes, over the limit of 2999 per file \(file_size\), so a printer would refuse the package\. Nothing was written\.$/],
+      [{ maxTotalBytes: 6000 }, "INVALID_PACKAGE", /^The package's entries add up to \d+ bytes uncompressed, over the limit of 6000 \(total_size\)/],
+      [{ maxEntries: 2 }, "INVALID_PACKAGE", /^The package would have 3 entries, over the limit of 2 \(entries\)/],
+      [{ maxManifestBytes: 100 }, "INVALID_MANIFEST", /^manifest\.json is \d+ bytes, over the limit of 100 \(manifest_size\)/],
+    ];
+    for (const [limits, code, pattern] of cases) {
+      await expectFailure(packPackage({ manifest, files, out, limits }), code, pattern);
+      expect(await readFile(out, "utf8")).toBe(PREVIOUS);
+      expect((await readdir(dir)).sort()).toEqual(["a.bin", "b.bin", "p.zip"]);
+    }
+    // Within the limits the same inputs pack, replacing the old zip.
+    await packPackage({ manifest, files, out, limits: { maxFileBytes: 3000, maxTotalBytes: 7000, maxEntries: 3 } });
+    expect((await readPackage(out)).manifest.modules[0]?.files).toHaveLength(2);
+  });
+
+  it("checks against the printer's defaults (DEFAULT_LIMITS of the reader) when given none: a 2 MiB file deflating over 100:1 is refused and the old zip kept", async () => {
+    await writeFile(join(dir, "zeros.img"), Buffer.alloc(2 * 1024 * 1024));
+    const manifest: ManifestInput = { name: "p", version: "1", modules: [{ id: "m", files: [{ src: "zeros.img", dst: "config/zeros.img" }] }] };
+    const files = new Map([["zeros.img", join(dir, "zeros.img")]]);
+    const out = join(dir, "p.zip");
+    await writeFile(out, PREVIOUS);
+    // Only known once compressed: checked by reading the written temp file back, before it replaces `out`.
+    const details = await expectFailure(packPackage({ manifest, files, out }), "INVALID_PACKAGE", /refused as a zip bomb/);
+    expect(details.limit).toBe(DEFAULT_LIMITS.maxCompressionRatio);
+    expect(await readFile(out, "utf8")).toBe(PREVIOUS);
+    expect((await readdir(dir)).sort()).toEqual(["p.zip", "zeros.img"]);
+    await packPackage({ manifest, files, out, limits: { maxCompressionRatio: 10_000 } });
+    await readPackage(out, { limits: { maxCompressionRatio: 10_000 } });
+  });
+});
+
+describe("cancelling a check or an extraction", () => {
+  it("stops with CANCELLED when the signal is aborted, leaving no staging directory behind", async () => {
+    const path = await rawPackage({ files: GOOD });
+    const controller = new AbortController();
+    controller.abort();
+    await expectFailure(readPackage(path, { verifyContents: true, signal: controller.signal }), "CANCELLED", /^Checking the package was cancelled; nothing was installed\.$/);
+    const staging = join(dir, "work", "staging");
+    await expectFailure(extractPackage(path, staging, { signal: controller.signal }), "CANCELLED");
+    await expect(lstat(staging)).rejects.toThrow(/ENOENT/);
+    await expect(lstat(`${staging}.partial`)).rejects.toThrow(/ENOENT/);
+    // The same package without a cancel reads and extracts.
+    await extractPackage(path, staging, { signal: new AbortController().signal });
+  });
+});
+
+describe("compareVersions (min_version)", () => {
+  it.each([
+    ["2.10.0", "2.9.0", 1],
+    ["10.0", "9.99.99", 1],
+    ["1.4", "1.4.0", 0],
+    ["1.04", "1.4", 0],
+    ["1.4.0+build.7", "1.4.0", 0],
+    ["1.4.0", "1.4.0-rc.1", 1],
+    ["1.4.0-rc.2", "1.4.0-rc.10", -1],
+    ["1.4.0-rc", "1.4.0-rc.1", -1],
+    ["1.0.0-1", "1.0.0-alpha", -1],
+    ["1.0.0-alpha", "1.0.0-beta", -1],
+    ["1.4.0", "1.4.x", -1],
+    ["123456789012345678901.0", "123456789012345678900.9", 1],
+  ] as const)("%s against %s: %i", (a, b, order) => {
+    expect(Math.sign(compareVersions(a, b))).toBe(order);
+    expect(Math.sign(compareVersions(b, a))).toBe(order === 0 ? 0 : -order);
   });
 });
 

@@ -130,7 +130,7 @@ describe("stopProcess", () => {
     }
     const err = await stopProcess(info, { termTimeoutMs: 200, killTimeoutMs: 300, procRoot: fakeProc }).catch((e: unknown) => e);
     expect(isMoonflashError(err) && err.code).toBe("PROCESS_STOP_FAILED");
-    expect((err as Error).message).toMatch(new RegExp(`node \\(pid ${info.pid}\\) did not stop after SIGTERM and, 0\\.2 s later, SIGKILL.*Nothing was deployed`));
+    expect((err as Error).message).toMatch(new RegExp(`node \\(pid ${info.pid}\\) did not stop after SIGTERM and, 0\\.2 s later, SIGKILL .*\\. Stop it by hand, then install the update again\\.$`));
     await exited(child);
     expect(child.signalCode).toBe("SIGKILL");
   });

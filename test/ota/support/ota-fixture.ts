@@ -89,6 +89,10 @@ export interface PackageOptions {
   /** Leave the firmware module out (engine tests without a flash port). */
   firmware?: boolean;
   version?: string;
+  /** The package name (default acme-printer). */
+  name?: string;
+  /** The manifest's min_version. */
+  minVersion?: string;
   /** The webcam module names this process instead of the crowsnest service. */
   process?: ProcessRef;
   /** Sign manifest.json with this PKCS#8 PEM key. */
@@ -130,7 +134,8 @@ export async function buildPackage(out: string, opts: PackageOptions = {}): Prom
   } else {
     files.delete("fw/toolhead.bin");
   }
-  await packPackage({ manifest: { name: "acme-printer", version: opts.version ?? "2.0.0", modules }, files, out, ...(opts.privateKey ? { privateKey: opts.privateKey } : {}) });
+  const manifest: ManifestInput = { name: opts.name ?? "acme-printer", version: opts.version ?? "2.0.0", ...(opts.minVersion ? { min_version: opts.minVersion } : {}), modules };
+  await packPackage({ manifest, files, out, ...(opts.privateKey ? { privateKey: opts.privateKey } : {}) });
   return readFile(out);
 }
 
