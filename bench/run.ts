@@ -120,6 +120,8 @@ interface ServiceFlash {
   /** The katapult attempt alone (elapsed_ms). */
   katapultSeconds: number;
   baud: number | null;
+  /** CPU time the hypervisor took from this VM during the job, seconds over all CPUs. */
+  stealSeconds: number;
 }
 
 /**
@@ -141,17 +143,19 @@ async function serviceFlash(image: Buffer, nodeOptions: string[], baud: number |
     await registered;
     const client = await moonraker.connectClient({ transport: "unix" });
     const started = Date.now();
+    const stealBefore = stealSeconds();
     const result = (await client.call("server.extensions.request", { agent: "moonflash", method: "flash.mcu", arguments: { mcu: "mcu" } })) as {
       verified?: boolean;
       attempts?: Array<{ method: string; elapsed_ms: number }>;
     };
     const seconds = (Date.now() - started) / 1000;
+    const steal = stealSeconds() - stealBefore;
     const katapultSeconds = (result.attempts?.find((a) => a.method === "katapult")?.elapsed_ms ?? NaN) / 1000;
     await client.close();
     if (result.verified !== true) throw new Error(`service-mode flash did not verify: ${JSON.stringify(result)}`);
     const peakKiB = memoryKiB(serve.pid!).hwm;
     await sleep(10_000);
-    return { peakKiB, afterKiB: memoryKiB(serve.pid!).rss, seconds, katapultSeconds, baud };
+    return { peakKiB, afterKiB: memoryKiB(serve.pid!).rss, seconds, katapultSeconds, baud, stealSeconds: steal };
   } finally {
     serve.kill("SIGTERM");
     await serve;
@@ -454,11 +458,11 @@ async function main(): Promise<void> {
     "(its own process, on a pty), starts Klipper and answers. Peak = VmHWM of `serve` when the answer arrives (its",
     "highest RSS over its whole life, start-up included); after = its RSS 10 s later. A fresh `serve` per run.",
     "",
-    "| command | run | link | peak RSS | peak over empty node | RSS 10 s after | katapult time | job time |",
-    "|---|---|---|---|---|---|---|---|",
+    "| command | run | link | peak RSS | peak over empty node | RSS 10 s after | katapult time | job time | CPU steal |",
+    "|---|---|---|---|---|---|---|---|---|",
     ...serviceRuns.map(
       (r) =>
-        `| \`${r.label}\` | ${r.run} | ${r.baud ? `${r.baud} baud` : "unthrottled"} | ${mib(r.peakKiB)} | ${delta(r.peakKiB - bare.rss)} | ${mib(r.afterKiB)} | ${r.katapultSeconds.toFixed(2)} s | ${r.seconds.toFixed(1)} s |`,
+        `| \`${r.label}\` | ${r.run} | ${r.baud ? `${r.baud} baud` : "unthrottled"} | ${mib(r.peakKiB)} | ${delta(r.peakKiB - bare.rss)} | ${mib(r.afterKiB)} | ${r.katapultSeconds.toFixed(2)} s | ${r.seconds.toFixed(1)} s | ${r.stealSeconds.toFixed(1)} s |`,
     ),
     "",
     "## Update-all: one Klipper stop for three boards",

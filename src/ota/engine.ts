@@ -597,12 +597,15 @@ export class OtaEngine {
       await this.rollbackJob(ctx, reason, "automatic", this.store.current!);
     } catch (err) {
       const e = toMoonflashError(err);
-      return new MoonflashError(
+      const both = new MoonflashError(
         reason.code,
         `${reason.message} The rollback failed as well: ${e.message} The old files are in ${join(this.paths.backups, this.store.current?.updateId ?? "")}.`,
         { ...reason.details, rollbackError: e.toJSON() },
         { cause: reason },
       );
+      // ota.status says why the update is stuck half rolled back, until the next start or ota.rollback finishes it.
+      await this.store.update({ error: errOf(both) }).catch(() => undefined);
+      return both;
     }
     const done = "The update was rolled back; the previous version is in place.";
     return new MoonflashError(reason.code, reason.message.endsWith(done) ? reason.message : `${reason.message} ${done}`, reason.details, { cause: reason.cause ?? reason });

@@ -35,7 +35,7 @@ const hostProgramVersion = (): string | undefined => {
   return /FAKE-ELF version=(\S+)/.exec(readFileSync(hostProgram(), "latin1"))?.[1];
 };
 
-async function setUp(opts: { printState?: string; silentToolhead?: boolean; hostMcu?: boolean } = {}): Promise<void> {
+async function setUp(opts: { printState?: string; silentToolhead?: boolean; hostMcu?: boolean; bedReports?: string } = {}): Promise<void> {
   fx = await createBuildFixture("update-all");
   host = await fx.gitInit("v0.13.0");
   process.env.PATH = `${fx.bin}:${savedPath}`;
@@ -67,7 +67,7 @@ async function setUp(opts: { printState?: string; silentToolhead?: boolean; host
     settings: { serial: board.path, baud: 250000 },
     mcu_constants: { MCU: type },
     mcu_version: opts.printState ? host : OLD,
-    versionFrom: () => versionIn(board),
+    versionFrom: () => (section === "mcu bed" && opts.bedReports && versionIn(board) ? opts.bedReports : versionIn(board)),
   });
   moonraker = await startFakeMoonraker({
     dataDir: fx.dataDir,
@@ -232,5 +232,20 @@ describe("flash.update_all", () => {
     await moonraker.waitFor(() => moonraker.klipper.serviceActive && moonraker.klipper.connected, 10_000);
     expect(moonraker.klipper.state).toBe("error");
     expect(moonraker.klipper.stateMessage).toContain(`toolhead: Current version ${OLD}`);
+  });
+
+  it("every board flashed, but one still reports another version (built from a dirty tree): VERSION_MISMATCH naming it", async () => {
+    await setUp({ bedReports: "v0.13.0-dirty" });
+    const err = await updateAll().catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(RpcCallError);
+    const data = (err as RpcCallError).data as { message: string; data: { code: string; details: { result: UpdateAllResult } } };
+    expect(data.data.code).toBe("VERSION_MISMATCH");
+    expect(data.message).toBe(
+      `Flashed, but bed still reports another version than Klipper (${host}). Rebuild with the Klipper tree Klipper runs from (a dirty or moved tree gives another version) and update again.`,
+    );
+    const result = data.data.details.result;
+    expect(result.mcus.map((m) => [m.name, m.flashed, m.verified])).toEqual([["mcu", true, true], ["toolhead", true, true], ["bed", true, true]]);
+    expect(result.still_outdated).toEqual(["bed"]);
+    expect(actions()).toEqual(["stop klipper", "start klipper"]);
   });
 });

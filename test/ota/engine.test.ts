@@ -556,6 +556,75 @@ describe("install: failures after changes began roll back to the old tree", () =
   });
 });
 
+describe("disk full at the other steps of an install (an fs shim throws ENOSPC)", () => {
+  const enospc = () => Object.assign(new Error("ENOSPC: no space left on device, write"), { code: "ENOSPC" });
+
+  it("while the old files are backed up: DISK_FULL, nothing deployed, the old tree intact", async () => {
+    let backups = 0;
+    const s = await setup({
+      engine: {
+        io: {
+          copyFile: async (src, dest, mode, purpose) => {
+            if (purpose === "backup" && ++backups === 2) {
+              await writeFile(dest, "partial");
+              throw enospc();
+            }
+            return REAL_IO.copyFile(src, dest, mode, purpose);
+          },
+        },
+      },
+    });
+    await s.engine.download(downloadParams());
+    await failure(s.engine.install(), "DISK_FULL");
+    expect(await layoutListing(s.layout)).toEqual(oldListing);
+    expect(s.port.calls).toEqual([]);
+    const state = await stateOf(s);
+    expect(state).toMatchObject({ error: { code: "DISK_FULL" }, stopped: [] });
+    // Failing before the first file is replaced still rolls back: the services it stopped run again.
+    expect(state.history.map((h) => h.state)).toEqual(["downloading", "downloaded", "verified", "backing_up", "rolling_back", "rolled_back"]);
+    // Every service the install stopped runs again.
+    const last = new Map(s.rig.fake.serviceActions.map((a) => [a.service, a.action]));
+    expect([...last.values()].every((a) => a === "start")).toBe(true);
+  });
+
+  it("while a rollback restores a file, the disk still full: the rollback fails, and ota.rollback finishes it once there is room", async () => {
+    let deploys = 0;
+    let diskFull = true;
+    const s = await setup({
+      engine: {
+        io: {
+          copyFile: async (src, dest, mode, purpose) => {
+            if (diskFull && ((purpose === "deploy" && ++deploys === 2) || purpose === "restore")) {
+              await writeFile(dest, "partial");
+              throw enospc();
+            }
+            return REAL_IO.copyFile(src, dest, mode, purpose);
+          },
+        },
+      },
+    });
+    await s.engine.download(downloadParams());
+    const err = await s.engine.install().then(
+      () => null,
+      (e: unknown) => e as MoonflashError,
+    );
+    expect(err?.code).toBe("DISK_FULL");
+    expect(await layoutListing(s.layout)).not.toEqual(oldListing);
+    const interrupted = await stateOf(s);
+    expect(interrupted.history.map((h) => h.state)).toEqual(["downloading", "downloaded", "verified", "backing_up", "deploying", "rolling_back"]);
+    expect(interrupted.error).toMatchObject({ code: "DISK_FULL", message: expect.stringContaining("The rollback failed as well") });
+    expect(s.engine.status()).toMatchObject({ state: "rolling_back", lastError: { code: "DISK_FULL" } });
+    // No new update while the old one is half rolled back.
+    await failure(s.engine.download(downloadParams()), "BUSY");
+
+    diskFull = false;
+    await s.engine.rollback();
+    expect(await layoutListing(s.layout)).toEqual(oldListing);
+    expect(await stateOf(s)).toMatchObject({ state: "rolled_back", stopped: [] });
+    expect(s.engine.status().lastError).toBeNull();
+  });
+});
+
 describe("ota.rollback", () => {
   it("restores the previous version from the kept backup after a commit, then has nothing left to roll back", async () => {
     const s = await setup();
