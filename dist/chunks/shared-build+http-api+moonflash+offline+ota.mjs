@@ -1975,7 +1975,7 @@ function superRefine(fn, params) {
 config(en_default());
 
 // src/ota/download-params.ts
-var HEX = (digits, what) => string2({ error: `expected ${digits} hex digits (${what})` }).check(_regex(new RegExp(`^[0-9A-Fa-f]{${digits}}$`), `expected ${digits} hex digits (${what})`));
+var HEX = (digits, what) => string2({ error: (issue2) => issue2.input === void 0 ? `required: ${what}, ${digits} hex digits` : `expected ${digits} hex digits (${what})` }).check(_regex(new RegExp(`^[0-9A-Fa-f]{${digits}}$`), `expected ${digits} hex digits (${what})`));
 var byteCount = pipe(
   transform((value) => typeof value === "string" && /^\s*\d+\s*$/.test(value) ? Number(value) : value),
   int({ error: "expected the package's size in bytes, a whole number" }).check(_nonnegative("expected the package's size in bytes, a whole number"))

@@ -5,7 +5,9 @@ import * as z from "zod/mini";
 import "../core/zod.js";
 
 const HEX = (digits: number, what: string) =>
-  z.string({ error: `expected ${digits} hex digits (${what})` }).check(z.regex(new RegExp(`^[0-9A-Fa-f]{${digits}}$`), `expected ${digits} hex digits (${what})`));
+  z
+    .string({ error: (issue) => (issue.input === undefined ? `required: ${what}, ${digits} hex digits` : `expected ${digits} hex digits (${what})`) })
+    .check(z.regex(new RegExp(`^[0-9A-Fa-f]{${digits}}$`), `expected ${digits} hex digits (${what})`));
 
 /** A byte count: a whole number, also as a string of digits (a macro's SIZE= without |int). */
 const byteCount = z.pipe(

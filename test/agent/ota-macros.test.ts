@@ -56,7 +56,7 @@ describe("the OTA_ macros through Klipper's macro path", () => {
     await macro(
       p,
       "OTA_DOWNLOAD",
-      "!! moonflash: OTA_DOWNLOAD failed [INVALID_PARAMS] OTA_DOWNLOAD: URL: required: the package's http:// or https:// URL, MD5: expected 32 hex digits (the package's MD5)",
+      "!! moonflash: OTA_DOWNLOAD failed [INVALID_PARAMS] OTA_DOWNLOAD: URL: required: the package's http:// or https:// URL, MD5: required: the package's MD5, 32 hex digits",
     );
     await macro(
       p,
