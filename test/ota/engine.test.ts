@@ -28,6 +28,7 @@ import {
   buildPackage, fileFirmwarePort, layoutIn, layoutListing, md5Of, otaConfig, SERVICES, sha256Of, writeNewTree, writeOldTree, type Layout, type PackageOptions,
 } from "./support/ota-fixture.js";
 import { runDriver } from "./support/run-driver.js";
+import { buildZip } from "./support/zip-builder.js";
 
 let base: string;
 let pkg: Buffer;
@@ -553,6 +554,50 @@ describe("install: failures after changes began roll back to the old tree", () =
     const state = await stateOf(s);
     expect(state.history.map((h) => h.state)).toEqual(["downloading", "downloaded", "verified", "backing_up", "deploying", "rolling_back", "rolled_back"]);
     expect(state.error?.code).toBe("DISK_FULL");
+  });
+});
+
+describe("hostile packages through ota.download (end to end: real HTTP server, real engine)", () => {
+  const body = "[gcode_macro EVIL]\ngcode: M117 evil\n";
+  const manifest = (files: Array<{ src: string; dst: string; data: Buffer }>) =>
+    JSON.stringify({
+      name: "evil",
+      version: "1.0.0",
+      modules: [{ id: "config", files: files.map((f) => ({ src: f.src, dst: f.dst, sha256: sha256Of(f.data), size: f.data.length })) }],
+    });
+  const zeros = Buffer.alloc(4 * 1024 * 1024);
+  const cases: Array<[string, () => Buffer, RegExp]> = [
+    ["a zip-slip entry ../../evil.cfg", () => buildZip([
+      { name: "manifest.json", data: manifest([{ src: "a.cfg", dst: "config/a.cfg", data: Buffer.from(body) }]) },
+      { name: "a.cfg", data: body },
+      { name: "../../evil.cfg", data: body },
+    ]), /\.\.\/\.\.\/evil\.cfg/],
+    ["a symlink entry to /etc/passwd that the manifest lists", () => buildZip([
+      { name: "manifest.json", data: manifest([{ src: "link.cfg", dst: "config/link.cfg", data: Buffer.from("/etc/passwd") }]) },
+      { name: "link.cfg", data: "/etc/passwd", unixMode: 0o120777 },
+    ]), /symbolic link/],
+    ["a zip bomb (4 MiB of zeros in a few KiB)", () => buildZip([
+      { name: "manifest.json", data: manifest([{ src: "zeros.bin", dst: "config/zeros.bin", data: zeros }]) },
+      { name: "zeros.bin", data: zeros },
+    ]), /zip bomb/],
+  ];
+
+  it.each(cases)("refuses %s: INVALID_PACKAGE, the package discarded, nothing written, install has NO_PACKAGE", async (_name, make, pattern) => {
+    const zip = make();
+    const hostile = await TestHttpServer.start({ body: zip });
+    try {
+      const s = await setup();
+      const err = await failure(s.engine.download({ url: hostile.url(), md5: md5Of(zip), size: zip.length }), "INVALID_PACKAGE");
+      expect(err.message).toMatch(pattern);
+      expect(existsSync(join(s.otaDir, "download", "package.zip"))).toBe(false);
+      expect(await layoutListing(s.layout)).toEqual(oldListing);
+      expect(existsSync(join(s.layout.config, "..", "..", "evil.cfg"))).toBe(false);
+      expect(s.engine.status()).toMatchObject({ state: "failed", lastError: { code: "INVALID_PACKAGE" } });
+      await failure(s.engine.install(), "NO_PACKAGE");
+      expect(s.rig.fake.serviceActions).toEqual([]);
+    } finally {
+      await hostile.close();
+    }
   });
 });
 
