@@ -4,7 +4,7 @@
 // register, answer through Moonraker, and stop cleanly on SIGTERM (what systemd sends).
 
 import { afterEach, beforeEach, expect, it } from "vitest";
-import { cp, mkdtemp, mkdir, readFile, rm, symlink } from "node:fs/promises";
+import { cp, mkdtemp, mkdir, readFile, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { execa, type ResultPromise } from "execa";
@@ -94,4 +94,34 @@ it("the bundle needs from node_modules only its externals (serialport, pino-pret
   const devices = await execa("node", [bundle, "devices", "--data", data, "--json"], { cwd: dir, reject: false, timeout: 30_000 });
   expect(devices.exitCode, devices.stderr).toBe(0);
   expect(JSON.parse(devices.stdout)).toMatchObject({ devices: expect.any(Array), mcus: expect.any(Array) });
+});
+
+it("updated as Moonraker's update_manager does it: clone, npm ci --omit=dev, serve; pull, npm ci --only=prod, serve; the tree stays clean", { timeout: 300_000 }, async () => {
+  // update_manager's git_repo with enable_node_updates: git fetch + fast-forward pull, then `npm ci --only=prod`
+  // when package-lock.json changed, then a restart of the service. No build step: the bundle is committed, and
+  // nothing the service does may dirty the tree (a dirty tree is "not valid" and blocks every later update).
+  const git = (args: string[], cwd = dir) => execa("git", ["-c", "user.name=moonflash test", "-c", "user.email=test@example.invalid", ...args], { cwd, timeout: 60_000 });
+  const porcelain = async (tree: string) => (await git(["status", "--porcelain"], tree)).stdout;
+  const npmCi = (tree: string, omit: string) => execa("npm", ["ci", omit, "--prefer-offline", "--no-audit", "--no-fund"], { cwd: tree, timeout: 240_000 });
+  const origin = join(dir, "origin.git");
+  await git(["clone", "--quiet", "--bare", repo, origin]);
+  const app = join(dir, "moonflash");
+  await git(["clone", "--quiet", origin, app]);
+
+  await npmCi(app, "--omit=dev");
+  await serveOnce(join(app, "dist", "moonflash.mjs"));
+  expect(await porcelain(app)).toBe("");
+
+  // Upstream moves on (a README change), the printer pulls it and runs what Moonraker runs.
+  const upstream = join(dir, "upstream");
+  await git(["clone", "--quiet", origin, upstream]);
+  await writeFile(join(upstream, "README.md"), `${await readFile(join(upstream, "README.md"), "utf8")}\nA later upstream commit.\n`);
+  await git(["commit", "--quiet", "-am", "a later upstream commit"], upstream);
+  await git(["push", "--quiet", "origin", "HEAD"], upstream);
+  await git(["fetch", "--quiet", "origin", "--prune"], app);
+  await git(["pull", "--quiet", "--ff-only"], app);
+  expect((await git(["log", "-1", "--format=%s"], app)).stdout).toBe("a later upstream commit");
+  await npmCi(app, "--only=prod");
+  await serveOnce(join(app, "dist", "moonflash.mjs"));
+  expect(await porcelain(app)).toBe("");
 });
