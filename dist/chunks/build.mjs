@@ -19,14 +19,14 @@ import {
   mcuUserName,
   parseProfile,
   writeFileDurable
-} from "./shared-build+moonflash+offline+ota.mjs";
-import "./shared-build+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+http-api+moonflash+offline+ota.mjs";
+} from "./shared-build+doctor+moonflash+offline+ota.mjs";
+import "./shared-build+doctor+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+doctor+http-api+moonflash+offline+ota.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/build.ts
 import { mkdir, readFile, stat } from "node:fs/promises";

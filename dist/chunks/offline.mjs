@@ -9,11 +9,11 @@ import {
   runRollback,
   runStatus
 } from "./shared-build+offline+ota.mjs";
-import "./shared-build+moonflash+offline+ota.mjs";
-import "./shared-build+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+http-api+moonflash+offline+ota.mjs";
-import "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+import "./shared-build+doctor+moonflash+offline+ota.mjs";
+import "./shared-build+doctor+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+doctor+http-api+moonflash+offline+ota.mjs";
+import "./shared-build+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 export {
   offlinePrinter,
   runCheck,

@@ -29,16 +29,16 @@ import {
   sign,
   verify,
   writeFileDurable
-} from "./shared-build+moonflash+offline+ota.mjs";
-import "./shared-build+moonflash+offline+ota+virtual-device.mjs";
+} from "./shared-build+doctor+moonflash+offline+ota.mjs";
+import "./shared-build+doctor+moonflash+offline+ota+virtual-device.mjs";
 import {
   otaDownloadParams
-} from "./shared-build+http-api+moonflash+offline+ota.mjs";
+} from "./shared-build+doctor+http-api+moonflash+offline+ota.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/ota.ts
 import { readFile, stat as stat2 } from "node:fs/promises";

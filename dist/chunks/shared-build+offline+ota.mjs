@@ -11,11 +11,11 @@ import {
   isProcessAlive,
   readJobLock,
   readJournal
-} from "./shared-build+moonflash+offline+ota.mjs";
+} from "./shared-build+doctor+moonflash+offline+ota.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
+} from "./shared-build+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
 
 // src/cli/render.ts
 import { createRequire } from "node:module";

@@ -12,11 +12,11 @@ import {
   encodeError,
   encodeNack,
   u32le
-} from "./shared-build+moonflash+offline+ota+virtual-device.mjs";
+} from "./shared-build+doctor+moonflash+offline+ota+virtual-device.mjs";
 import {
   MoonflashError
-} from "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/sim/virtual-device.ts
 import { EventEmitter as EventEmitter3 } from "node:events";

@@ -83,6 +83,15 @@ export function buildProgram(): Command {
     });
 
   program
+    .command("doctor")
+    .description("check the installation: service, Moonraker, macros, [respond], update_manager, tools; exit 1 on a problem")
+    .addOption(dataOption())
+    .option("--json", "print JSON")
+    .action(async (opts: { data: string; json?: boolean }) => {
+      process.exitCode = await (await import("./doctor.js")).runDoctor({ dataDir: opts.data, json: !!opts.json });
+    });
+
+  program
     .command("rollback")
     .description("flash the MCU's previous image again (moonflash keeps the last 3 it flashed)")
     .argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"')

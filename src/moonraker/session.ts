@@ -113,6 +113,14 @@ export class AgentSession implements PrinterPort {
     return readMcuReport(peer);
   }
 
+  /** The section names of Klipper's loaded config (configfile.settings, lower case); null while Klipper is away. */
+  async configSections(): Promise<string[] | null> {
+    if (!this.klippy.tracker.state.klippyConnected) return null;
+    const result = asRecord(await this.call("printer.objects.query", { objects: { configfile: ["settings"] } }));
+    const settings = asRecord(asRecord(asRecord(result?.status)?.configfile)?.settings);
+    return settings ? Object.keys(settings) : null;
+  }
+
   async serialPeripherals(): Promise<SerialPeripheral[]> {
     const result = asRecord(await this.call("machine.peripherals.serial"));
     return Array.isArray(result?.serial_devices) ? (result.serial_devices as SerialPeripheral[]) : [];

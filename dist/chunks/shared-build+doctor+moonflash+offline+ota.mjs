@@ -12,7 +12,7 @@ import {
   encodeAddressFrame,
   encodeFrame,
   u32le
-} from "./shared-build+moonflash+offline+ota+virtual-device.mjs";
+} from "./shared-build+doctor+moonflash+offline+ota+virtual-device.mjs";
 import {
   NEVER,
   _default,
@@ -37,19 +37,19 @@ import {
   transform,
   union,
   unknown
-} from "./shared-build+http-api+moonflash+offline+ota.mjs";
+} from "./shared-build+doctor+http-api+moonflash+offline+ota.mjs";
 import {
   ERROR_CODES,
   MoonflashError,
   isMoonflashError,
   toJsonRpcError,
   toMoonflashError
-} from "./shared-build+http-api+moonflash+offline+ota+virtual-device.mjs";
+} from "./shared-build+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./shared-build+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/pino-std-serializers/lib/err-helpers.js
 var require_err_helpers = __commonJS({
@@ -6478,10 +6478,6 @@ function makeLock(path6, info) {
   };
 }
 
-// src/flash/discovery.ts
-import { readdir, readFile as readFile2, readlink, realpath, stat as stat2 } from "node:fs/promises";
-import path2 from "node:path";
-
 // src/core/tool.ts
 import { constants as fsConstants } from "node:fs";
 import { access, stat } from "node:fs/promises";
@@ -6616,6 +6612,10 @@ async function findExecutable(command, envPath = process.env.PATH ?? "") {
   }
   return null;
 }
+
+// src/flash/discovery.ts
+import { readdir, readFile as readFile2, readlink, realpath, stat as stat2 } from "node:fs/promises";
+import path2 from "node:path";
 
 // src/flash/usb-ids.ts
 var USB_IDS = [
@@ -16388,6 +16388,13 @@ var AgentSession = class {
     if (!this.klippy.tracker.state.klippyConnected) return { hostVersion: null, mcus: [] };
     return readMcuReport(peer);
   }
+  /** The section names of Klipper's loaded config (configfile.settings, lower case); null while Klipper is away. */
+  async configSections() {
+    if (!this.klippy.tracker.state.klippyConnected) return null;
+    const result = asRecord(await this.call("printer.objects.query", { objects: { configfile: ["settings"] } }));
+    const settings = asRecord(asRecord(asRecord(result?.status)?.configfile)?.settings);
+    return settings ? Object.keys(settings) : null;
+  }
   async serialPeripherals() {
     const result = asRecord(await this.call("machine.peripherals.serial"));
     return Array.isArray(result?.serial_devices) ? result.serial_devices : [];
@@ -17047,6 +17054,7 @@ export {
   writeFileDurable,
   isProcessAlive,
   readJobLock,
+  findExecutable,
   identifyDevice,
   readJournal,
   mcuUserName,
