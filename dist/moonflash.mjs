@@ -8,18 +8,18 @@ import {
   VERSION,
   createAgent,
   exitCodeFor
-} from "./chunks/shared-build+doctor+moonflash+offline+ota.mjs";
-import "./chunks/shared-build+doctor+moonflash+offline+ota+virtual-device.mjs";
-import "./chunks/shared-build+doctor+http-api+moonflash+offline+ota.mjs";
+} from "./chunks/shared-build+console-filters+doctor+moonflash+offline+ota.mjs";
+import "./chunks/shared-build+console-filters+doctor+moonflash+offline+ota+virtual-device.mjs";
+import "./chunks/shared-build+console-filters+doctor+http-api+moonflash+offline+ota.mjs";
 import {
   isMoonflashError,
   toMoonflashError
-} from "./chunks/shared-build+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
+} from "./chunks/shared-build+console-filters+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./chunks/shared-build+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./chunks/shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/commander/lib/error.js
 var require_error = __commonJS({
@@ -3517,6 +3517,9 @@ function buildProgram() {
   });
   program2.command("doctor").description("check the installation: service, Moonraker, macros, [respond], update_manager, tools; exit 1 on a problem").addOption(dataOption()).option("--json", "print JSON").action(async (opts) => {
     process.exitCode = await (await import("./chunks/doctor.mjs")).runDoctor({ dataDir: opts.data, json: !!opts.json });
+  });
+  program2.command("console-filters").description("hide moonflash's doubled console lines in Mainsail and Fluidd (a filter in Moonraker's database); --remove takes it away").addOption(dataOption()).option("--remove", "remove the filter").option("--json", "print JSON").action(async (opts) => {
+    process.exitCode = await (await import("./chunks/console-filters.mjs")).runConsoleFilters({ dataDir: opts.data, remove: !!opts.remove, json: !!opts.json });
   });
   program2.command("rollback").description("flash the MCU's previous image again (moonflash keeps the last 3 it flashed)").argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"').addOption(dataOption()).option("--dry-run", "show which image would be flashed; stop nothing, flash nothing").option("--json", "print job events and the result as JSON lines").action(async (mcu, opts) => {
     process.exitCode = await (await import("./chunks/offline.mjs")).runRollback({ dataDir: opts.data, mcu, dryRun: !!opts.dryRun, json: !!opts.json });

@@ -4,13 +4,13 @@ import {
   connectPrinter,
   createRuntime,
   findExecutable
-} from "./shared-build+doctor+moonflash+offline+ota.mjs";
-import "./shared-build+doctor+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+doctor+http-api+moonflash+offline+ota.mjs";
+} from "./shared-build+console-filters+doctor+moonflash+offline+ota.mjs";
+import "./shared-build+console-filters+doctor+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota.mjs";
 import {
   toMoonflashError
-} from "./shared-build+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/doctor.ts
 import { constants } from "node:fs";

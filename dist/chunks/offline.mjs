@@ -9,11 +9,12 @@ import {
   runRollback,
   runStatus
 } from "./shared-build+offline+ota.mjs";
-import "./shared-build+doctor+moonflash+offline+ota.mjs";
-import "./shared-build+doctor+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+doctor+http-api+moonflash+offline+ota.mjs";
-import "./shared-build+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+import "./shared-build+console-filters+offline+ota.mjs";
+import "./shared-build+console-filters+doctor+moonflash+offline+ota.mjs";
+import "./shared-build+console-filters+doctor+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota.mjs";
+import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 export {
   offlinePrinter,
   runCheck,

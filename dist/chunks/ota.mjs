@@ -2,9 +2,11 @@
 import { createRequire as __moonflashRequire } from "node:module"; const require = __moonflashRequire(import.meta.url);
 import {
   offlinePrinter,
-  reportFailure,
   runPrinterJob
 } from "./shared-build+offline+ota.mjs";
+import {
+  reportFailure
+} from "./shared-build+console-filters+offline+ota.mjs";
 import {
   AGENT_NAME,
   DEFAULT_LIMITS,
@@ -29,16 +31,16 @@ import {
   sign,
   verify,
   writeFileDurable
-} from "./shared-build+doctor+moonflash+offline+ota.mjs";
-import "./shared-build+doctor+moonflash+offline+ota+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+moonflash+offline+ota.mjs";
+import "./shared-build+console-filters+doctor+moonflash+offline+ota+virtual-device.mjs";
 import {
   otaDownloadParams
-} from "./shared-build+doctor+http-api+moonflash+offline+ota.mjs";
+} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/ota.ts
 import { readFile, stat as stat2 } from "node:fs/promises";

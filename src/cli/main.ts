@@ -92,6 +92,16 @@ export function buildProgram(): Command {
     });
 
   program
+    .command("console-filters")
+    .description("hide moonflash's doubled console lines in Mainsail and Fluidd (a filter in Moonraker's database); --remove takes it away")
+    .addOption(dataOption())
+    .option("--remove", "remove the filter")
+    .option("--json", "print JSON")
+    .action(async (opts: { data: string; remove?: boolean; json?: boolean }) => {
+      process.exitCode = await (await import("./console-filters.js")).runConsoleFilters({ dataDir: opts.data, remove: !!opts.remove, json: !!opts.json });
+    });
+
+  program
     .command("rollback")
     .description("flash the MCU's previous image again (moonflash keeps the last 3 it flashed)")
     .argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"')

@@ -121,6 +121,31 @@ export class AgentSession implements PrinterPort {
     return settings ? Object.keys(settings) : null;
   }
 
+  /** Moonraker's database namespaces (server.database.list). */
+  async databaseNamespaces(): Promise<string[]> {
+    const result = asRecord(await this.call("server.database.list"));
+    return Array.isArray(result?.namespaces) ? result.namespaces.filter((n): n is string => typeof n === "string") : [];
+  }
+
+  /** A database item (dotted keys reach into objects); undefined when Moonraker answers that it does not exist. */
+  async databaseGet(namespace: string, key: string): Promise<unknown> {
+    const peer = this.connection.requirePeer();
+    try {
+      return asRecord(await peer.request("server.database.get_item", { namespace, key }))?.value;
+    } catch (err) {
+      if (err instanceof MoonrakerRpcError && err.code === 404) return undefined;
+      throw requestFailed(err);
+    }
+  }
+
+  async databasePost(namespace: string, key: string, value: unknown): Promise<void> {
+    await this.call("server.database.post_item", { namespace, key, value });
+  }
+
+  async databaseDelete(namespace: string, key: string): Promise<void> {
+    await this.call("server.database.delete_item", { namespace, key });
+  }
+
   async serialPeripherals(): Promise<SerialPeripheral[]> {
     const result = asRecord(await this.call("machine.peripherals.serial"));
     return Array.isArray(result?.serial_devices) ? (result.serial_devices as SerialPeripheral[]) : [];

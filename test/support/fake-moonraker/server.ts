@@ -16,6 +16,8 @@ import { ServerError, pythonRepr, requireString } from "./server-error.js";
 
 export interface FakeMoonrakerOptions {
   dataDir: string;
+  /** Moonraker's database at start: namespace → top-level keys → values (e.g. what Mainsail stored). */
+  database?: Record<string, Record<string, unknown>>;
   /** Listen on a websocket too (default true). */
   websocket?: boolean;
   /** Port for the websocket; 0 (default) picks a free one. */
@@ -55,6 +57,8 @@ export interface FakeMoonraker {
   readonly klipper: SimKlipper;
   readonly consoleLines: string[];
   readonly serviceActions: Array<{ action: string; service: string; at: number }>;
+  /** Moonraker's database, namespace → top-level records. */
+  readonly database: Map<string, Record<string, unknown>>;
   agents(): Array<{ name: string; version: string; type: string; url: string }>;
   remoteMethods(): string[];
   connectClient(opts?: ConnectClientOptions): Promise<TestClient>;
@@ -121,6 +125,8 @@ export class FakeMoonrakerServer implements FakeMoonraker {
   private readonly services = new Map<string, { active_state: string; sub_state: string }>();
   private readonly connections = new Set<Connection>();
   private readonly agentsByName = new Map<string, Connection>();
+  /** Moonraker's database, namespace → top-level records. */
+  readonly database = new Map<string, Record<string, unknown>>();
   private readonly remoteMethodOwners = new Map<string, Connection>();
   private readonly handlers = new Map<string, Handler>();
   private readonly timers = new Set<NodeJS.Timeout>();
@@ -141,6 +147,7 @@ export class FakeMoonrakerServer implements FakeMoonraker {
     const running = { active_state: "active", sub_state: "running" };
     const services = opts.services ?? { [this.klipperService]: running, klipper_mcu: running, moonraker: running };
     for (const [name, state] of Object.entries(services)) this.services.set(name, { ...state });
+    for (const [namespace, record] of Object.entries(opts.database ?? {})) this.database.set(namespace, structuredClone(record));
     const host: KlipperHost = {
       notifyAll: (method, params) => this.notifyAll(method, params),
       statusChanged: () => this.pushStatusUpdates(),
@@ -392,6 +399,50 @@ export class FakeMoonrakerServer implements FakeMoonraker {
     for (const action of ["start", "stop", "restart"] as const) {
       on(`machine.services.${action}`, (_conn, params) => this.serviceAction(action, requireString(params, "service")));
     }
+    // components/database.py as the real one answered (checked against Moonraker on the rig): dotted keys reach into
+    // objects; post creates the objects on the way; a missing top-level record names its first key, a missing
+    // nested one the whole key; delete answers the value it removed and leaves the parent, maybe empty.
+    on("server.database.list", () => ({ namespaces: [...this.database.keys()], backups: [] }));
+    on("server.database.get_item", (_conn, params) => {
+      const namespace = requireString(params, "namespace");
+      const key = requireString(params, "key");
+      const [first, ...rest] = key.split(".");
+      const record = this.database.get(namespace);
+      if (!record || !(first! in record)) throw new ServerError(`Key '${first}' in namespace '${namespace}' not found`, 404);
+      let value: unknown = record[first!];
+      for (const part of rest) {
+        if (value === null || typeof value !== "object" || !(part in value)) throw new ServerError(`Key '${key}' in namespace '${namespace}' not found`, 404);
+        value = (value as Record<string, unknown>)[part];
+      }
+      return { namespace, key, value: structuredClone(value) };
+    });
+    on("server.database.post_item", (_conn, params) => {
+      const namespace = requireString(params, "namespace");
+      const key = requireString(params, "key");
+      if (!("value" in params)) throw new ServerError("No data for argument: value");
+      const parts = key.split(".");
+      let record = this.database.get(namespace);
+      if (!record) this.database.set(namespace, (record = {}));
+      let node: Record<string, unknown> = record;
+      for (const part of parts.slice(0, -1)) {
+        if (node[part] === null || typeof node[part] !== "object" || Array.isArray(node[part])) node[part] = {};
+        node = node[part] as Record<string, unknown>;
+      }
+      node[parts.at(-1)!] = structuredClone(params.value);
+      return { namespace, key, value: params.value };
+    });
+    on("server.database.delete_item", (_conn, params) => {
+      const namespace = requireString(params, "namespace");
+      const key = requireString(params, "key");
+      const parts = key.split(".");
+      let node: unknown = this.database.get(namespace);
+      for (const part of parts.slice(0, -1)) node = node && typeof node === "object" ? (node as Record<string, unknown>)[part] : undefined;
+      const last = parts.at(-1)!;
+      if (!node || typeof node !== "object" || !(last in node)) throw new ServerError(`Key '${key}' in namespace '${namespace}' not found`, 404);
+      const value = (node as Record<string, unknown>)[last];
+      delete (node as Record<string, unknown>)[last];
+      return { namespace, key, value };
+    });
     on("machine.peripherals.serial", () => ({ serial_devices: this.opts.serialDevices ?? [] }));
     on("machine.peripherals.canbus", (_conn, params) => {
       const iface = typeof params.interface === "string" ? params.interface : "can0";

@@ -12,7 +12,7 @@ import {
   encodeAddressFrame,
   encodeFrame,
   u32le
-} from "./shared-build+doctor+moonflash+offline+ota+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+moonflash+offline+ota+virtual-device.mjs";
 import {
   NEVER,
   _default,
@@ -37,19 +37,19 @@ import {
   transform,
   union,
   unknown
-} from "./shared-build+doctor+http-api+moonflash+offline+ota.mjs";
+} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota.mjs";
 import {
   ERROR_CODES,
   MoonflashError,
   isMoonflashError,
   toJsonRpcError,
   toMoonflashError
-} from "./shared-build+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./shared-build+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/pino-std-serializers/lib/err-helpers.js
 var require_err_helpers = __commonJS({
@@ -16394,6 +16394,27 @@ var AgentSession = class {
     const result = asRecord(await this.call("printer.objects.query", { objects: { configfile: ["settings"] } }));
     const settings = asRecord(asRecord(asRecord(result?.status)?.configfile)?.settings);
     return settings ? Object.keys(settings) : null;
+  }
+  /** Moonraker's database namespaces (server.database.list). */
+  async databaseNamespaces() {
+    const result = asRecord(await this.call("server.database.list"));
+    return Array.isArray(result?.namespaces) ? result.namespaces.filter((n) => typeof n === "string") : [];
+  }
+  /** A database item (dotted keys reach into objects); undefined when Moonraker answers that it does not exist. */
+  async databaseGet(namespace, key) {
+    const peer = this.connection.requirePeer();
+    try {
+      return asRecord(await peer.request("server.database.get_item", { namespace, key }))?.value;
+    } catch (err) {
+      if (err instanceof MoonrakerRpcError && err.code === 404) return void 0;
+      throw requestFailed(err);
+    }
+  }
+  async databasePost(namespace, key, value2) {
+    await this.call("server.database.post_item", { namespace, key, value: value2 });
+  }
+  async databaseDelete(namespace, key) {
+    await this.call("server.database.delete_item", { namespace, key });
   }
   async serialPeripherals() {
     const result = asRecord(await this.call("machine.peripherals.serial"));

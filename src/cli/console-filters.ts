@@ -1,0 +1,93 @@
+// `moonflash console-filters [--remove]`: Moonraker stores every script an agent sends as a "command" line of its
+// gcode_store, so each moonflash console message (`RESPOND TYPE=… MSG="moonflash: …"`) shows twice in Mainsail and
+// Fluidd once they reload the console: the message, and the command that printed it. Both UIs let the user hide
+// console lines with a regex, kept in Moonraker's database; this adds one named "moonflash" that matches only our
+// stored commands (the messages themselves start with "// moonflash:" or "!! moonflash:"), for each UI that has
+// been used on this printer (its namespace exists), and --remove takes exactly that one away again.
+//
+// Mainsail: namespace "mainsail", key console.consolefilters.<id>, value {bool, name, regex}.
+// Fluidd: namespace "fluidd", key console.consoleFilters, ONE array of {id, name, type, value, enabled} holding
+// the user's filters too (read, append, write back; Fluidd compiles the regex without a try, so it must be valid).
+
+import { randomUUID } from "node:crypto";
+import { connectPrinter, createRuntime } from "../app.js";
+import type { AgentSession } from "../moonraker/session.js";
+import { reportFailure } from "./render.js";
+
+export const FILTER_NAME = "moonflash";
+export const FILTER_REGEX = '^RESPOND TYPE=\\w+ MSG="moonflash';
+
+type Change = "added" | "removed" | "present" | "absent" | "no namespace";
+
+interface MainsailFilter {
+  bool?: boolean;
+  name?: string;
+  regex?: string;
+}
+
+interface FluiddFilter {
+  id?: string;
+  name?: string;
+  type?: string;
+  value?: string;
+  enabled?: boolean;
+}
+
+async function mainsail(session: AgentSession, remove: boolean): Promise<Change> {
+  const filters = ((await session.databaseGet("mainsail", "console.consolefilters")) ?? {}) as Record<string, MainsailFilter>;
+  const ours = Object.entries(filters).filter(([, f]) => f?.name === FILTER_NAME);
+  if (remove) {
+    for (const [id] of ours) await session.databaseDelete("mainsail", `console.consolefilters.${id}`);
+    return ours.length ? "removed" : "absent";
+  }
+  if (ours.length) return "present";
+  await session.databasePost("mainsail", `console.consolefilters.${randomUUID()}`, { bool: true, name: FILTER_NAME, regex: FILTER_REGEX });
+  return "added";
+}
+
+async function fluidd(session: AgentSession, remove: boolean): Promise<Change> {
+  const stored = await session.databaseGet("fluidd", "console.consoleFilters");
+  const filters = (Array.isArray(stored) ? stored : []) as FluiddFilter[];
+  const others = filters.filter((f) => f?.name !== FILTER_NAME);
+  if (remove) {
+    if (others.length === filters.length) return "absent";
+    await session.databasePost("fluidd", "console.consoleFilters", others);
+    return "removed";
+  }
+  if (others.length !== filters.length) return "present";
+  await session.databasePost("fluidd", "console.consoleFilters", [...filters, { id: randomUUID(), name: FILTER_NAME, type: "expression", value: FILTER_REGEX, enabled: true }]);
+  return "added";
+}
+
+export async function runConsoleFilters(opts: { dataDir: string; remove: boolean; json: boolean }): Promise<number> {
+  let session: AgentSession | null = null;
+  try {
+    const rt = await createRuntime({ dataDir: opts.dataDir, pretty: false });
+    session = await connectPrinter(rt, 10_000);
+    const namespaces = new Set(await session.databaseNamespaces());
+    const result = {
+      mainsail: namespaces.has("mainsail") ? await mainsail(session, opts.remove) : ("no namespace" as Change),
+      fluidd: namespaces.has("fluidd") ? await fluidd(session, opts.remove) : ("no namespace" as Change),
+      regex: FILTER_REGEX,
+    };
+    if (opts.json) {
+      process.stdout.write(`${JSON.stringify({ ok: true, result })}\n`);
+    } else {
+      for (const ui of ["mainsail", "fluidd"] as const) {
+        const said: Record<Change, string> = {
+          added: `console filter "${FILTER_NAME}" added (reload the page to apply it)`,
+          removed: `console filter "${FILTER_NAME}" removed`,
+          present: `console filter "${FILTER_NAME}" already there`,
+          absent: `no console filter "${FILTER_NAME}"`,
+          "no namespace": "not used on this printer (no settings in Moonraker's database); nothing to do",
+        };
+        process.stdout.write(`${ui === "mainsail" ? "Mainsail" : "Fluidd"}: ${said[result[ui]]}\n`);
+      }
+    }
+    return 0;
+  } catch (err) {
+    return reportFailure(err, opts.json);
+  } finally {
+    await session?.stop();
+  }
+}
