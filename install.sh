@@ -172,6 +172,37 @@ offer_moonraker_restart() {
   fi
 }
 
+# ------------------------------------------------------------------------------------------------- console filters
+# Mainsail and Fluidd show each moonflash console line twice (the message, and the RESPOND command Moonraker stored):
+# `moonflash console-filters` adds a filter named "moonflash" to their settings in Moonraker's database. It needs
+# Moonraker running; without its socket the summary says what to run later.
+console_filters() { # add | remove
+  local sock="$DATA_DIR/comms/moonraker.sock" node cli later out
+  node="$(command -v node || true)"
+  cli="$REPO_DIR/dist/moonflash.mjs"
+  later="$node $cli console-filters --data $DATA_DIR"
+  if [[ "$1" == remove ]]; then later+=" --remove"; fi
+  if [[ -z "$node" || ! -S "$sock" ]]; then
+    if [[ "$1" == add ]]; then NEXT+=("once Moonraker runs, so that moonflash's console lines show once in Mainsail/Fluidd: $later"); fi
+    if [[ "$1" == remove ]] && ((${#DONE[@]} > 0)); then NEXT+=("Moonraker is not running: remove the console filter \"moonflash\" once it is: $later"); fi
+    return 0
+  fi
+  if [[ "$1" == add ]]; then
+    out="$(as_user "$node" "$cli" console-filters --check --data "$DATA_DIR" --json 2>/dev/null || true)"
+    [[ "$out" == *'"absent"'* ]] || return 0
+    if ! ask "Add a console filter \"moonflash\" to Mainsail/Fluidd, so that each moonflash line shows once?"; then
+      NEXT+=("to see moonflash's console lines once in Mainsail/Fluidd: $later")
+      return 0
+    fi
+  fi
+  if out="$(as_user "$node" "$cli" console-filters "${@:2}" --data "$DATA_DIR" --json 2>&1)"; then
+    if [[ "$out" == *'"added"'* ]]; then DONE+=("added the console filter \"moonflash\" to Mainsail/Fluidd (reload the page)"); fi
+    if [[ "$out" == *'"removed"'* ]]; then DONE+=("removed the console filter \"moonflash\" from Mainsail/Fluidd"); fi
+  else
+    NEXT+=("the console filter could not be changed (${out##*$'\n'}): $later")
+  fi
+}
+
 # ---------------------------------------------------------------------------------------------------------- uninstall
 if ((UNINSTALL)); then
   if [[ -f "$UNIT_FILE" ]]; then
@@ -233,6 +264,7 @@ if ((UNINSTALL)); then
     rm -f -- "$MACROS_LINK"
     DONE+=("removed the macros link $MACROS_LINK")
   fi
+  console_filters remove --remove
 
   if ((${#DONE[@]} == 0)); then
     say "moonflash is not installed; nothing changed."
@@ -472,6 +504,7 @@ fi
 
 # ------------------------------------------------------------------------------------------------------- summary
 offer_moonraker_restart
+console_filters add
 if ((${#DONE[@]} == 0)); then
   say "moonflash is already installed; nothing changed."
 else

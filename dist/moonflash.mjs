@@ -3518,8 +3518,9 @@ function buildProgram() {
   program2.command("doctor").description("check the installation: service, Moonraker, macros, [respond], update_manager, tools; exit 1 on a problem").addOption(dataOption()).option("--json", "print JSON").action(async (opts) => {
     process.exitCode = await (await import("./chunks/doctor.mjs")).runDoctor({ dataDir: opts.data, json: !!opts.json });
   });
-  program2.command("console-filters").description("hide moonflash's doubled console lines in Mainsail and Fluidd (a filter in Moonraker's database); --remove takes it away").addOption(dataOption()).option("--remove", "remove the filter").option("--json", "print JSON").action(async (opts) => {
-    process.exitCode = await (await import("./chunks/console-filters.mjs")).runConsoleFilters({ dataDir: opts.data, remove: !!opts.remove, json: !!opts.json });
+  program2.command("console-filters").description("hide moonflash's doubled console lines in Mainsail and Fluidd (a filter in Moonraker's database); --remove takes it away").addOption(dataOption()).option("--remove", "remove the filter").addOption(new Option("--check", "only say whether the filter is there").conflicts("remove")).option("--json", "print JSON").action(async (opts) => {
+    const mode = opts.remove ? "remove" : opts.check ? "check" : "add";
+    process.exitCode = await (await import("./chunks/console-filters.mjs")).runConsoleFilters({ dataDir: opts.data, mode, json: !!opts.json });
   });
   program2.command("rollback").description("flash the MCU's previous image again (moonflash keeps the last 3 it flashed)").argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"').addOption(dataOption()).option("--dry-run", "show which image would be flashed; stop nothing, flash nothing").option("--json", "print job events and the result as JSON lines").action(async (mcu, opts) => {
     process.exitCode = await (await import("./chunks/offline.mjs")).runRollback({ dataDir: opts.data, mcu, dryRun: !!opts.dryRun, json: !!opts.json });

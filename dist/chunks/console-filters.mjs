@@ -16,10 +16,11 @@ import "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+o
 import { randomUUID } from "node:crypto";
 var FILTER_NAME = "moonflash";
 var FILTER_REGEX = '^RESPOND TYPE=\\w+ MSG="moonflash';
-async function mainsail(session, remove) {
+async function mainsail(session, mode) {
   const filters = await session.databaseGet("mainsail", "console.consolefilters") ?? {};
   const ours = Object.entries(filters).filter(([, f]) => f?.name === FILTER_NAME);
-  if (remove) {
+  if (mode === "check") return ours.length ? "present" : "absent";
+  if (mode === "remove") {
     for (const [id] of ours) await session.databaseDelete("mainsail", `console.consolefilters.${id}`);
     return ours.length ? "removed" : "absent";
   }
@@ -27,11 +28,12 @@ async function mainsail(session, remove) {
   await session.databasePost("mainsail", `console.consolefilters.${randomUUID()}`, { bool: true, name: FILTER_NAME, regex: FILTER_REGEX });
   return "added";
 }
-async function fluidd(session, remove) {
+async function fluidd(session, mode) {
   const stored = await session.databaseGet("fluidd", "console.consoleFilters");
   const filters = Array.isArray(stored) ? stored : [];
   const others = filters.filter((f) => f?.name !== FILTER_NAME);
-  if (remove) {
+  if (mode === "check") return others.length === filters.length ? "absent" : "present";
+  if (mode === "remove") {
     if (others.length === filters.length) return "absent";
     await session.databasePost("fluidd", "console.consoleFilters", others);
     return "removed";
@@ -47,8 +49,8 @@ async function runConsoleFilters(opts) {
     session = await connectPrinter(rt, 1e4);
     const namespaces = new Set(await session.databaseNamespaces());
     const result = {
-      mainsail: namespaces.has("mainsail") ? await mainsail(session, opts.remove) : "no namespace",
-      fluidd: namespaces.has("fluidd") ? await fluidd(session, opts.remove) : "no namespace",
+      mainsail: namespaces.has("mainsail") ? await mainsail(session, opts.mode) : "no namespace",
+      fluidd: namespaces.has("fluidd") ? await fluidd(session, opts.mode) : "no namespace",
       regex: FILTER_REGEX
     };
     if (opts.json) {
@@ -59,7 +61,7 @@ async function runConsoleFilters(opts) {
         const said = {
           added: `console filter "${FILTER_NAME}" added (reload the page to apply it)`,
           removed: `console filter "${FILTER_NAME}" removed`,
-          present: `console filter "${FILTER_NAME}" already there`,
+          present: `console filter "${FILTER_NAME}" ${opts.mode === "check" ? "is there" : "already there"}`,
           absent: `no console filter "${FILTER_NAME}"`,
           "no namespace": "not used on this printer (no settings in Moonraker's database); nothing to do"
         };

@@ -33,10 +33,13 @@ interface FluiddFilter {
   enabled?: boolean;
 }
 
-async function mainsail(session: AgentSession, remove: boolean): Promise<Change> {
+type Mode = "add" | "remove" | "check";
+
+async function mainsail(session: AgentSession, mode: Mode): Promise<Change> {
   const filters = ((await session.databaseGet("mainsail", "console.consolefilters")) ?? {}) as Record<string, MainsailFilter>;
   const ours = Object.entries(filters).filter(([, f]) => f?.name === FILTER_NAME);
-  if (remove) {
+  if (mode === "check") return ours.length ? "present" : "absent";
+  if (mode === "remove") {
     for (const [id] of ours) await session.databaseDelete("mainsail", `console.consolefilters.${id}`);
     return ours.length ? "removed" : "absent";
   }
@@ -45,11 +48,12 @@ async function mainsail(session: AgentSession, remove: boolean): Promise<Change>
   return "added";
 }
 
-async function fluidd(session: AgentSession, remove: boolean): Promise<Change> {
+async function fluidd(session: AgentSession, mode: Mode): Promise<Change> {
   const stored = await session.databaseGet("fluidd", "console.consoleFilters");
   const filters = (Array.isArray(stored) ? stored : []) as FluiddFilter[];
   const others = filters.filter((f) => f?.name !== FILTER_NAME);
-  if (remove) {
+  if (mode === "check") return others.length === filters.length ? "absent" : "present";
+  if (mode === "remove") {
     if (others.length === filters.length) return "absent";
     await session.databasePost("fluidd", "console.consoleFilters", others);
     return "removed";
@@ -59,15 +63,16 @@ async function fluidd(session: AgentSession, remove: boolean): Promise<Change> {
   return "added";
 }
 
-export async function runConsoleFilters(opts: { dataDir: string; remove: boolean; json: boolean }): Promise<number> {
+/** `mode` check changes nothing: it says for each UI whether the filter is there (install.sh asks only when not). */
+export async function runConsoleFilters(opts: { dataDir: string; mode: Mode; json: boolean }): Promise<number> {
   let session: AgentSession | null = null;
   try {
     const rt = await createRuntime({ dataDir: opts.dataDir, pretty: false });
     session = await connectPrinter(rt, 10_000);
     const namespaces = new Set(await session.databaseNamespaces());
     const result = {
-      mainsail: namespaces.has("mainsail") ? await mainsail(session, opts.remove) : ("no namespace" as Change),
-      fluidd: namespaces.has("fluidd") ? await fluidd(session, opts.remove) : ("no namespace" as Change),
+      mainsail: namespaces.has("mainsail") ? await mainsail(session, opts.mode) : ("no namespace" as Change),
+      fluidd: namespaces.has("fluidd") ? await fluidd(session, opts.mode) : ("no namespace" as Change),
       regex: FILTER_REGEX,
     };
     if (opts.json) {
@@ -77,7 +82,7 @@ export async function runConsoleFilters(opts: { dataDir: string; remove: boolean
         const said: Record<Change, string> = {
           added: `console filter "${FILTER_NAME}" added (reload the page to apply it)`,
           removed: `console filter "${FILTER_NAME}" removed`,
-          present: `console filter "${FILTER_NAME}" already there`,
+          present: `console filter "${FILTER_NAME}" ${opts.mode === "check" ? "is there" : "already there"}`,
           absent: `no console filter "${FILTER_NAME}"`,
           "no namespace": "not used on this printer (no settings in Moonraker's database); nothing to do",
         };

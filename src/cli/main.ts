@@ -96,9 +96,11 @@ export function buildProgram(): Command {
     .description("hide moonflash's doubled console lines in Mainsail and Fluidd (a filter in Moonraker's database); --remove takes it away")
     .addOption(dataOption())
     .option("--remove", "remove the filter")
+    .addOption(new Option("--check", "only say whether the filter is there").conflicts("remove"))
     .option("--json", "print JSON")
-    .action(async (opts: { data: string; remove?: boolean; json?: boolean }) => {
-      process.exitCode = await (await import("./console-filters.js")).runConsoleFilters({ dataDir: opts.data, remove: !!opts.remove, json: !!opts.json });
+    .action(async (opts: { data: string; remove?: boolean; check?: boolean; json?: boolean }) => {
+      const mode = opts.remove ? "remove" : opts.check ? "check" : "add";
+      process.exitCode = await (await import("./console-filters.js")).runConsoleFilters({ dataDir: opts.data, mode, json: !!opts.json });
     });
 
   program

@@ -20,6 +20,7 @@ import { tmpdir, userInfo } from "node:os";
 import { join, resolve } from "node:path";
 import { execa } from "execa";
 import { parseConfig } from "../../src/moonflash-conf.js";
+import { startFakeMoonraker } from "../support/fake-moonraker/index.js";
 
 const repoRoot = resolve(import.meta.dirname, "../..");
 const testIsRoot = process.getuid?.() === 0;
@@ -436,6 +437,33 @@ describe("install.sh", () => {
       expect(result.exitCode).toBe(1);
       expect(result.stderr).toContain("installing for root needs root");
       expect(await snapshot(w.home, w.systemdDir)).toEqual(before);
+    }
+  });
+
+  it("with Moonraker running: asks once and adds the console filter \"moonflash\" beside the user's; a second run asks nothing; --uninstall removes it", async () => {
+    const w = await makeWorld();
+    const mainsail = { console: { consolefilters: { "user-1": { bool: true, name: "temps", regex: "^B:" } } } };
+    const fake = await startFakeMoonraker({ dataDir: w.data, websocket: false, database: { mainsail } });
+    try {
+      // As root, so that this test's own Moonraker socket answers; the other tests cover the unprivileged install.
+      const first = await run(w, ["--data", w.data, "--yes"], { env: { MOONFLASH_SKIP_NPM: "1" }, asRoot: true });
+      expect(first.exitCode, first.stderr).toBe(0);
+      expect(first.stdout).toContain('added the console filter "moonflash" to Mainsail/Fluidd (reload the page)');
+      const filters = (fake.database.get("mainsail") as typeof mainsail).console.consolefilters as Record<string, { name: string; regex: string }>;
+      expect(Object.values(filters).map((f) => f.name).sort()).toEqual(["moonflash", "temps"]);
+
+      // Answered by nothing on stdin: a question would be answered no and show in the output.
+      const second = await run(w, ["--data", w.data], { env: { MOONFLASH_SKIP_NPM: "1" }, asRoot: true });
+      expect(second.exitCode, second.stderr).toBe(0);
+      expect(second.stdout).not.toContain("console filter");
+      expect(Object.values((fake.database.get("mainsail") as typeof mainsail).console.consolefilters).length).toBe(2);
+
+      const removed = await run(w, ["--uninstall", "--data", w.data, "--yes"], { asRoot: true });
+      expect(removed.exitCode, removed.stderr).toBe(0);
+      expect(removed.stdout).toContain('removed the console filter "moonflash" from Mainsail/Fluidd');
+      expect(fake.database.get("mainsail")).toEqual(mainsail);
+    } finally {
+      await fake.stop();
     }
   });
 
