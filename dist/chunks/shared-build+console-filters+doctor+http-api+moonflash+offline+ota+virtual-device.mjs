@@ -80,6 +80,14 @@ function toMoonflashError(err, fallback = "INTERNAL") {
   if (errno === "ENOSPC") {
     return new MoonflashError("DISK_FULL", "The disk is full. Free some space and try again.", {}, { cause: err });
   }
+  if (errno === "ERR_MODULE_NOT_FOUND" && /[/\\]dist[/\\]chunks[/\\]/.test(String(err.message))) {
+    return new MoonflashError(
+      "INTERNAL",
+      "moonflash was updated while it ran (a file it loads on first use is gone). It restarts in a moment; if not, restart it: sudo systemctl restart moonflash. Then try again.",
+      {},
+      { cause: err }
+    );
+  }
   const message = err instanceof Error ? err.message : String(err);
   return new MoonflashError(fallback, message, {}, { cause: err });
 }
