@@ -8,22 +8,18 @@
 // 6. Bytes downloaded twice when the connection drops at 60 %.
 
 import { createHash, randomBytes } from "node:crypto";
-import { createReadStream, readFileSync } from "node:fs";
+import { createReadStream } from "node:fs";
 import { mkdir, mkdtemp, open, rm, stat, writeFile } from "node:fs/promises";
 import { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
 import { execa, type ResultPromise } from "execa";
 import { packPackage } from "../src/ota/pack.js";
 import { startFakeMoonraker, type FakeMoonraker } from "../test/support/fake-moonraker/index.js";
+import { bundle, memoryKiB, root, SERVICE_ENV, sleep } from "./support.js";
 
-const root = join(dirname(fileURLToPath(import.meta.url)), "..");
-const bundle = join(root, "dist", "moonflash.mjs");
 const fileServer = join(root, "bench", "file-server.mjs");
-const SERVICE_ENV = { extendEnv: false, env: { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: process.env.HOME ?? "/" } } as const;
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const MB = 1_000_000;
 
 export const OTA_TARGETS = {
@@ -40,9 +36,6 @@ function percentile(values: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1))]!;
 }
 
-function kib(pid: number, field: "VmHWM" | "VmRSS"): number {
-  return Number(new RegExp(`${field}:\\s+(\\d+) kB`).exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? NaN);
-}
 
 async function md5File(path: string): Promise<string> {
   const hash = createHash("md5");
@@ -173,7 +166,7 @@ function trackRss(pid: number): { stop(): number } {
   let peak = 0;
   const sample = (): void => {
     try {
-      peak = Math.max(peak, kib(pid, "VmRSS"));
+      peak = Math.max(peak, memoryKiB(pid).rss);
     } catch {
       // exited
     }
@@ -220,7 +213,7 @@ async function curlSeconds(url: string, out: string): Promise<number> {
 async function emptyNodeKiB(): Promise<number> {
   const node = execa("node", ["-e", "setInterval(() => {}, 1 << 30)"], { ...SERVICE_ENV, reject: false, timeout: 120_000 });
   await sleep(30_000);
-  const rss = kib(node.pid!, "VmRSS");
+  const rss = memoryKiB(node.pid!).rss;
   node.kill("SIGTERM");
   await node;
   return rss;
@@ -267,7 +260,7 @@ async function fullRun(nodeOptions: string[], big: Pkg, url: string): Promise<Pi
   try {
     // Its steady state first, as the idle figures are taken.
     await sleep(30_000);
-    const idle = kib(printer.serve.pid!, "VmRSS");
+    const idle = memoryKiB(printer.serve.pid!).rss;
     const rss = trackRss(printer.serve.pid!);
     const latencies: number[] = [];
     let downloading = true;

@@ -12,25 +12,17 @@
 import { mkdtemp, mkdir, rm, writeFile, readFile } from "node:fs/promises";
 import { existsSync, readFileSync } from "node:fs";
 import { tmpdir, cpus, totalmem, hostname, release, arch } from "node:os";
-import { join, dirname } from "node:path";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { execa, type ResultPromise } from "execa";
 import { startFakeMoonraker, type FakeMoonraker } from "../test/support/fake-moonraker/index.js";
 import { openSerialLink } from "../src/flash/link.js";
 import { startOutdatedPrinter } from "../test/support/outdated-printer.js";
 import { otaSection, runOtaBench } from "./ota.js";
+import { bundle, memoryKiB, root, SERVICE_ENV, sleep, type Memory } from "./support.js";
 import { FrameDecoder, encodeComplete, encodeConnect, encodeRequestBlock, encodeSendBlock, encodeSendEof } from "../src/flash/katapult/codec.js";
 
-const root = join(dirname(fileURLToPath(import.meta.url)), "..");
-const bundle = join(root, "dist", "moonflash.mjs");
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const IDLE_SETTLE_MS = 30_000;
-/**
- * The environment of a systemd service (PATH and HOME only), for every node process measured: `npm run` adds
- * variables such as NODE_EXTRA_CA_CERTS, which makes node load OpenSSL and the CA bundle at start (+4 MiB RSS).
- */
-const SERVICE_ENV = { extendEnv: false, env: { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: process.env.HOME ?? "/" } } as const;
 
 /** Targets over an empty node process on the same machine, in the same run. */
 const IDLE_TARGET_KIB = 8 * 1024;
@@ -38,19 +30,6 @@ const FLASH_PEAK_TARGET_KIB = 24 * 1024;
 const range = (values: number[]): string => `${Math.min(...values).toFixed(2)}–${Math.max(...values).toFixed(2)}`;
 const median = (values: number[]): number => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
 
-interface Memory {
-  rss: number;
-  anon: number;
-  file: number;
-  hwm: number;
-}
-
-/** KiB figures from /proc/<pid>/status; RssFile is mostly the node binary's own pages. */
-function memoryKiB(pid: number): Memory {
-  const status = readFileSync(`/proc/${pid}/status`, "utf8");
-  const field = (name: string): number => Number(new RegExp(`${name}:\\s+(\\d+) kB`).exec(status)?.[1] ?? NaN);
-  return { rss: field("VmRSS"), anon: field("RssAnon"), file: field("RssFile"), hwm: field("VmHWM") };
-}
 
 /**
  * Samples an idle process 10 times over 10 s after a 30 s settle; returns the median sample by RSS. The agent runs
