@@ -3,7 +3,8 @@ import tseslint from "typescript-eslint";
 
 // The design's "never"s, as import rules. Folders: core (errors, jobs, config values, paths), moonraker (transport
 // and agent session), flash and ota (engines), sim (virtual hardware), agent (remote methods and progress
-// adapters), cli; src/app.ts is the composition root and src/moonflash-conf.ts assembles the config file.
+// adapters), status (the read-only status page), cli; src/app.ts is the composition root and src/moonflash-conf.ts
+// assembles the config file.
 // test/lint/boundaries.test.ts proves each rule fires.
 const banned = (names, why) => ({
   group: names.flatMap((name) => (name.endsWith(".js") ? [`**/${name}`, `./${name}`] : [`**/${name}/**`])),
@@ -51,6 +52,18 @@ export default tseslint.config(
     rules: { "no-restricted-imports": ["error", { patterns: [
       banned(["moonraker", "agent", "cli", "ota", ...ROOT], "virtual hardware speaks bytes; it knows no transport, agent or CLI"),
     ] }] },
+  },
+  {
+    // The page listens on every address without a login: it reads the runner and the printer port and renders.
+    // Of flash it may use pure naming helpers only; loading an engine or the transport would also cost idle memory.
+    files: ["src/status/**/*.ts"],
+    rules: { "no-restricted-imports": ["error", {
+      paths: ["node:child_process", "child_process"].map((name) => ({ name, message: "the status page only shows: it runs no program" })),
+      patterns: [
+        banned(["moonraker", "agent", "cli", "ota", "sim", ...ROOT], "the status page reads the job runner and the printer port (core) only; it never imports the transport, an engine, the agent, the CLI or the composition root"),
+        { group: ["**/flash/**", "!**/flash/mcu-name.js"], message: "of flash, the status page may import pure naming helpers (flash/mcu-name.js) only, never the engine" },
+      ],
+    }] },
   },
   {
     files: ["src/agent/**/*.ts"],

@@ -189,14 +189,16 @@ console_filters() { # add | remove
   fi
   if [[ "$1" == add ]]; then
     out="$(as_user "$node" "$cli" console-filters --check --data "$DATA_DIR" --json 2>/dev/null || true)"
-    [[ "$out" == *'"absent"'* ]] || return 0
-    if ! ask "Add a console filter \"moonflash\" to Mainsail/Fluidd, so that each moonflash line shows once?"; then
+    # A filter an older moonflash added (the user said yes then) is brought up to date without asking again.
+    [[ "$out" == *'"absent"'* || "$out" == *'"outdated"'* ]] || return 0
+    if [[ "$out" == *'"absent"'* ]] && ! ask "Add a console filter \"moonflash\" to Mainsail/Fluidd, so that each moonflash line shows once?"; then
       NEXT+=("to see moonflash's console lines once in Mainsail/Fluidd: $later")
       return 0
     fi
   fi
   if out="$(as_user "$node" "$cli" console-filters "${@:2}" --data "$DATA_DIR" --json 2>&1)"; then
     if [[ "$out" == *'"added"'* ]]; then DONE+=("added the console filter \"moonflash\" to Mainsail/Fluidd (reload the page)"); fi
+    if [[ "$out" == *'"updated"'* ]]; then DONE+=("brought the console filter \"moonflash\" in Mainsail/Fluidd up to date (reload the page)"); fi
     if [[ "$out" == *'"removed"'* ]]; then DONE+=("removed the console filter \"moonflash\" from Mainsail/Fluidd"); fi
   else
     NEXT+=("the console filter could not be changed (${out##*$'\n'}): $later")
@@ -265,6 +267,10 @@ if ((UNINSTALL)); then
     DONE+=("removed the macros link $MACROS_LINK")
   fi
   console_filters remove --remove
+  if [[ -f "$CONFIG_DIR/.theme/navi.json" ]] && out="$(as_user "$(command -v node)" "$REPO_DIR/dist/moonflash.mjs" sidebar-link --remove --data "$DATA_DIR" --json 2>&1)" &&
+    [[ "$out" == *'"removed"'* ]]; then
+    DONE+=("removed \"moonflash\" from Mainsail's sidebar ($CONFIG_DIR/.theme/navi.json)")
+  fi
 
   if ((${#DONE[@]} == 0)); then
     say "moonflash is not installed; nothing changed."
@@ -445,6 +451,27 @@ elif ! has_include; then
 fi
 if ! grep -Eqs '^[[:space:]]*\[respond\]' "$CONFIG_DIR"/*.cfg; then
   NEXT+=("moonflash's macros answer with RESPOND: add a [respond] section to printer.cfg (none was found in $CONFIG_DIR/*.cfg)")
+fi
+
+# ------------------------------------------------------------------------------------------ install: sidebar link
+# Mainsail keeps custom sidebar entries (config/.theme/navi.json) while Klipper is stopped and its Console is gone:
+# one opens moonflash's status page, which shows a flash live then. `moonflash sidebar-link` keeps the user's own.
+sidebar_link() { # mode args...
+  as_user "$(command -v node)" "$REPO_DIR/dist/moonflash.mjs" sidebar-link --data "$DATA_DIR" --json "$@" 2>&1
+}
+out="$(sidebar_link --check || true)"
+if [[ "$out" == *'"absent"'* ]]; then
+  if ask "Add a \"moonflash\" entry to Mainsail's sidebar that opens the status page (it shows a flash while Klipper is stopped)?"; then
+    if out="$(sidebar_link)"; then
+      own "$CONFIG_DIR/.theme" "$CONFIG_DIR/.theme/navi.json"
+      DONE+=("added \"moonflash\" to Mainsail's sidebar ($CONFIG_DIR/.theme/navi.json)")
+    else NEXT+=("the sidebar link could not be added: ${out##*$'\n'}"); fi
+  fi
+elif [[ "$out" == *'"outdated"'* ]]; then
+  # The printer's address changed since: the entry the user accepted follows it.
+  if out="$(sidebar_link)"; then DONE+=("Mainsail's sidebar entry \"moonflash\" now opens the status page's current address"); fi
+elif [[ "$out" != *'"present"'* ]]; then
+  NEXT+=("Mainsail's sidebar link was not checked: ${out##*$'\n'}")
 fi
 
 # ------------------------------------------------------------------------------------------- install: moonflash.conf

@@ -51,7 +51,7 @@ async function main(): Promise<void> {
       softwareVersion: "v0.13.0-730-g84104bbbd",
       mcus: [{ section: "mcu", settings: { serial: boardPath, baud: 250000 }, mcu_version: "v0.12.0-85-gd785b396", mcu_constants: { MCU: "stm32f103xe" } }],
       macros: {
-        MOONFLASH_STATUS: { method: "flash.status" },
+        FLASH_STATUS: { method: "flash.status" },
         FLASH_MCU: { method: "flash.mcu", params: { mcu: "mcu" } },
       },
     },
@@ -70,9 +70,9 @@ async function main(): Promise<void> {
 
   const consoleFrom = (index: number): string[] => moonraker.consoleLines.slice(index);
 
-  step("Path 1 — a Klipper macro: MOONFLASH_STATUS → action_call_remote_method(\"flash.status\")");
+  step("Path 1 — a Klipper macro: FLASH_STATUS → action_call_remote_method(\"flash.status\")");
   let mark = moonraker.consoleLines.length;
-  await web.call("printer.gcode.script", { script: "MOONFLASH_STATUS" });
+  await web.call("printer.gcode.script", { script: "FLASH_STATUS" });
   await moonraker.waitFor(() => moonraker.consoleLines.length > mark, 10_000);
   for (const line of consoleFrom(mark)) say(`   Mainsail console: ${line}`);
 

@@ -8,18 +8,19 @@ import {
   VERSION,
   createAgent,
   exitCodeFor
-} from "./chunks/shared-build+console-filters+doctor+moonflash+offline+ota.mjs";
-import "./chunks/shared-build+console-filters+doctor+moonflash+offline+ota+virtual-device.mjs";
-import "./chunks/shared-build+console-filters+doctor+http-api+moonflash+offline+ota.mjs";
+} from "./chunks/shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link.mjs";
+import "./chunks/shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
+import "./chunks/shared-build+console-filters+doctor+http-api+moonflash+offline+ota+sidebar-link.mjs";
+import "./chunks/shared-build+console-filters+doctor+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import {
   isMoonflashError,
   toMoonflashError
-} from "./chunks/shared-build+console-filters+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
+} from "./chunks/shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./chunks/shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./chunks/shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/commander/lib/error.js
 var require_error = __commonJS({
@@ -3521,6 +3522,10 @@ function buildProgram() {
   program2.command("console-filters").description("hide moonflash's doubled console lines in Mainsail and Fluidd (a filter in Moonraker's database); --remove takes it away").addOption(dataOption()).option("--remove", "remove the filter").addOption(new Option("--check", "only say whether the filter is there").conflicts("remove")).option("--json", "print JSON").action(async (opts) => {
     const mode = opts.remove ? "remove" : opts.check ? "check" : "add";
     process.exitCode = await (await import("./chunks/console-filters.mjs")).runConsoleFilters({ dataDir: opts.data, mode, json: !!opts.json });
+  });
+  program2.command("sidebar-link").description("a 'moonflash' entry in Mainsail's sidebar (config/.theme/navi.json) that opens the status page; --remove takes it away").addOption(dataOption()).option("--remove", "remove the entry").addOption(new Option("--check", "only say whether the entry is there").conflicts("remove")).option("--json", "print JSON").action(async (opts) => {
+    const mode = opts.remove ? "remove" : opts.check ? "check" : "add";
+    process.exitCode = await (await import("./chunks/sidebar-link.mjs")).runSidebarLink({ dataDir: opts.data, mode, json: !!opts.json });
   });
   program2.command("rollback").description("flash the MCU's previous image again (moonflash keeps the last 3 it flashed)").argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"').addOption(dataOption()).option("--dry-run", "show which image would be flashed; stop nothing, flash nothing").option("--json", "print job events and the result as JSON lines").action(async (mcu, opts) => {
     process.exitCode = await (await import("./chunks/offline.mjs")).runRollback({ dataDir: opts.data, mcu, dryRun: !!opts.dryRun, json: !!opts.json });

@@ -1,6 +1,6 @@
 // moonflash.conf: Moonraker-style INI. Each section is validated by the component that owns it ([moonflash] here,
-// [mcu ...] by the flash engine, [ota] by OTA); unknown sections and options are errors (usually typos) with a
-// "did you mean" hint; every error names file, line, section and option.
+// [mcu ...] by the flash engine, [ota] by OTA, [status_page] by the status page); unknown sections and options are
+// errors (usually typos) with a "did you mean" hint; every error names file, line, section and option.
 
 import { readFile } from "node:fs/promises";
 import * as z from "zod/mini";
@@ -13,9 +13,11 @@ import { dataPaths, expandHome } from "./core/paths.js";
 import { MoonflashError } from "./core/errors.js";
 import { mcuSchema, type McuConfig } from "./flash/config.js";
 import { otaSchema, type OtaConfig } from "./ota/config.js";
+import { statusPageSchema, type StatusPageConfig } from "./status/config.js";
 
 export type { McuConfig } from "./flash/config.js";
 export type { OtaConfig } from "./ota/config.js";
+export type { StatusPageConfig } from "./status/config.js";
 
 export type ConfigLogLevel = "debug" | "info" | "warn" | "error";
 
@@ -38,6 +40,8 @@ export interface MoonflashConfig {
   mcus: Record<string, McuConfig>;
   /** The [ota] section, validated by OTA (src/ota/config.ts): roots, key, probation, backups, limits. */
   ota: OtaConfig;
+  /** The [status_page] section, validated by the status page (src/status/config.ts): port, bind, webcam, URL. */
+  status_page: StatusPageConfig;
 }
 
 // --- section schemas ---
@@ -56,7 +60,7 @@ function moonflashSchema(dataDir: string) {
   });
 }
 
-const KNOWN_SECTIONS = ["moonflash", "mcu", "ota"] as const;
+const KNOWN_SECTIONS = ["moonflash", "mcu", "ota", "status_page"] as const;
 
 /** Validates moonflash.conf text (pure). Throws the first CONFIG_INVALID by line; details.errors lists all. */
 export function parseConfig(text: string, file: string, dataDir: string): MoonflashConfig {
@@ -70,6 +74,7 @@ export function parseConfig(text: string, file: string, dataDir: string): Moonfl
     moonflash: defaults(moonflash),
     mcus: {},
     ota: defaults(otaSchema),
+    status_page: defaults(statusPageSchema),
   };
   const mcuLines = new Map<string, number>();
 
@@ -82,6 +87,11 @@ export function parseConfig(text: string, file: string, dataDir: string): Moonfl
     if (section.name === "ota") {
       const parsed = validateSection(file, section, otaSchema, Object.keys(otaSchema.shape), errors);
       if (parsed) config.ota = parsed;
+      continue;
+    }
+    if (section.name === "status_page") {
+      const parsed = validateSection(file, section, statusPageSchema, Object.keys(statusPageSchema.shape), errors);
+      if (parsed) config.status_page = parsed;
       continue;
     }
     const mcu = /^mcu(?:\s+(\S.*))?$/.exec(section.name);
@@ -108,7 +118,7 @@ export function parseConfig(text: string, file: string, dataDir: string): Moonfl
         { file, line: section.line, section: section.name },
         hint
           ? `unknown section; did you mean [${hint}]?`
-          : "unknown section; moonflash.conf has [moonflash], [mcu], [mcu NAME] and [ota]",
+          : "unknown section; moonflash.conf has [moonflash], [mcu], [mcu NAME], [ota] and [status_page]",
         hint ? { suggestion: hint } : {},
       ),
     });
@@ -163,5 +173,6 @@ export function configSummary(cfg: MoonflashConfig): Record<string, unknown> {
     },
     mcus: structuredClone(cfg.mcus),
     ota: { ...structuredClone(cfg.ota), callback_url: cfg.ota.callback_url === null ? null : hideUrlCredentials(cfg.ota.callback_url) },
+    status_page: { ...cfg.status_page },
   };
 }

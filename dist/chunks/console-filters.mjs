@@ -2,29 +2,34 @@
 import { createRequire as __moonflashRequire } from "node:module"; const require = __moonflashRequire(import.meta.url);
 import {
   reportFailure
-} from "./shared-build+console-filters+offline+ota.mjs";
+} from "./shared-build+console-filters+offline+ota+sidebar-link.mjs";
 import {
   connectPrinter,
   createRuntime
-} from "./shared-build+console-filters+doctor+moonflash+offline+ota.mjs";
-import "./shared-build+console-filters+doctor+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota.mjs";
-import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+moonflash+offline+ota+page-server+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/console-filters.ts
 import { randomUUID } from "node:crypto";
 var FILTER_NAME = "moonflash";
-var FILTER_REGEX = '^RESPOND TYPE=\\w+ MSG="moonflash';
+var FILTER_REGEX = '^RESPOND TYPE=\\w+ MSG="(moonflash|action:prompt_begin moonflash|action:prompt_end")';
 async function mainsail(session, mode) {
   const filters = await session.databaseGet("mainsail", "console.consolefilters") ?? {};
   const ours = Object.entries(filters).filter(([, f]) => f?.name === FILTER_NAME);
-  if (mode === "check") return ours.length ? "present" : "absent";
+  const stale = ours.filter(([, f]) => f.regex !== FILTER_REGEX || f.bool !== true);
+  if (mode === "check") return ours.length ? stale.length ? "outdated" : "present" : "absent";
   if (mode === "remove") {
     for (const [id] of ours) await session.databaseDelete("mainsail", `console.consolefilters.${id}`);
     return ours.length ? "removed" : "absent";
   }
-  if (ours.length) return "present";
+  if (ours.length) {
+    for (const [id, f] of stale) await session.databasePost("mainsail", `console.consolefilters.${id}`, { ...f, bool: true, regex: FILTER_REGEX });
+    return stale.length ? "updated" : "present";
+  }
   await session.databasePost("mainsail", `console.consolefilters.${randomUUID()}`, { bool: true, name: FILTER_NAME, regex: FILTER_REGEX });
   return "added";
 }
@@ -32,13 +37,18 @@ async function fluidd(session, mode) {
   const stored = await session.databaseGet("fluidd", "console.consoleFilters");
   const filters = Array.isArray(stored) ? stored : [];
   const others = filters.filter((f) => f?.name !== FILTER_NAME);
-  if (mode === "check") return others.length === filters.length ? "absent" : "present";
+  const stale = filters.some((f) => f?.name === FILTER_NAME && (f.value !== FILTER_REGEX || f.type !== "expression" || f.enabled !== true));
+  if (mode === "check") return others.length === filters.length ? "absent" : stale ? "outdated" : "present";
   if (mode === "remove") {
     if (others.length === filters.length) return "absent";
     await session.databasePost("fluidd", "console.consoleFilters", others);
     return "removed";
   }
-  if (others.length !== filters.length) return "present";
+  if (others.length !== filters.length) {
+    if (!stale) return "present";
+    await session.databasePost("fluidd", "console.consoleFilters", filters.map((f) => f?.name === FILTER_NAME ? { ...f, type: "expression", value: FILTER_REGEX, enabled: true } : f));
+    return "updated";
+  }
   await session.databasePost("fluidd", "console.consoleFilters", [...filters, { id: randomUUID(), name: FILTER_NAME, type: "expression", value: FILTER_REGEX, enabled: true }]);
   return "added";
 }
@@ -60,8 +70,10 @@ async function runConsoleFilters(opts) {
       for (const ui of ["mainsail", "fluidd"]) {
         const said = {
           added: `console filter "${FILTER_NAME}" added (reload the page to apply it)`,
+          updated: `console filter "${FILTER_NAME}" brought up to date (reload the page to apply it)`,
           removed: `console filter "${FILTER_NAME}" removed`,
           present: `console filter "${FILTER_NAME}" ${opts.mode === "check" ? "is there" : "already there"}`,
+          outdated: `console filter "${FILTER_NAME}" is there but from an older moonflash: run moonflash console-filters to bring it up to date`,
           absent: `no console filter "${FILTER_NAME}"`,
           "no namespace": "not used on this printer (no settings in Moonraker's database); nothing to do"
         };

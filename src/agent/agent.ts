@@ -19,6 +19,8 @@ import { readJournal, recoverInterruptedJob } from "../flash/guard.js";
 import { buildMethodTable, macroDialect, type RemoteMethod } from "./methods.js";
 import { parseParams } from "./params.js";
 import { ConsoleReporter, agentEventAdapter } from "./progress.js";
+import { StatusWebcam, statusPageUrl } from "./status-webcam.js";
+import type { StatusPage } from "../status/page-server.js";
 import { VERSION, AGENT_NAME } from "../version.js";
 
 /** How long a call that arrives during the Moonraker handshake waits for the state to be read. */
@@ -69,6 +71,11 @@ export class Agent {
   private recoveryTimer: NodeJS.Timeout | null = null;
   /** The vendor HTTP API ([ota] http_port), once listening; null when off or it could not listen. */
   private otaHttp: Promise<OtaHttpApi | null> = Promise.resolve(null);
+  /** The live status page ([status_page]), once listening; null when off or it could not listen. */
+  private statusPage: Promise<StatusPage | null> = Promise.resolve(null);
+  /** Where browsers open the status page; null until it listens. */
+  private statusUrl: string | null = null;
+  private statusWebcam: StatusWebcam | null = null;
 
   readonly config: MoonflashConfig;
   readonly logger: Logger;
@@ -103,13 +110,16 @@ export class Agent {
     );
     this.flash = parts.flash(this.session);
     this.ota = parts.ota ? parts.ota(this.session, this.flash) : null;
-    this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }));
+    this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }), () => this.statusUrl);
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
     // On every connection, not only the first: a CLI flash killed while this agent runs leaves a journal too.
     // OTA recovery follows (not blocking the handshake): an update an earlier process left half-way is rolled back
     // (or committed, past probation), an interrupted download resumed.
-    this.session.on("identified", () => void this.recover().then(() => this.recoverOta()));
+    this.session.on("identified", () => {
+      this.statusWebcam?.cleanUp();
+      void this.recover().then(() => this.recoverOta());
+    });
     // A job that could not start Klipper again leaves its journal: keep trying from here, at once and then
     // every RECOVERY_CHECK_MS (also for a CLI job that gave up and exited). OTA recovery that found the lock
     // held (another process's job) tries again after a job ends.
@@ -128,6 +138,7 @@ export class Agent {
       if (existsSync(journal)) void this.recover();
     }, RECOVERY_CHECK_MS);
     this.recoveryTimer.unref();
+    this.startStatusPage();
     const { http_port: port, http_bind: host } = this.config.ota;
     if (this.ota && port !== null) {
       const address = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
@@ -146,6 +157,39 @@ export class Agent {
     }
   }
 
+  /**
+   * The status page, and with it (when [status_page] webcam) the webcam that shows it in Mainsail and Fluidd while
+   * Klipper is stopped. A page that cannot listen (port taken) is logged; the agent works on without it.
+   */
+  private startStatusPage(): void {
+    const sp = this.config.status_page;
+    if (!sp.enabled) return;
+    const logger = this.logger.child({ ns: "status-page" });
+    // Loaded here, not at the top: the page's code stays out of processes that never serve it (the CLI).
+    this.statusPage = import("../status/page-server.js")
+      .then(({ startStatusPage }) => startStatusPage({ runner: this.runner, printer: this.session, host: sp.bind, port: sp.port, logger, version: VERSION }))
+      .then(
+        (page) => {
+          this.statusUrl = statusPageUrl(page.port, sp.public_url);
+          logger.info(`status page at ${this.statusUrl} (listening on ${page.host}:${page.port})`);
+          if (sp.webcam) {
+            this.statusWebcam = new StatusWebcam({ printer: this.session, runner: this.runner, url: this.statusUrl, logger });
+            if (this.session.identified) this.statusWebcam.cleanUp();
+          }
+          return page;
+        },
+        (err: unknown) => {
+          logger.error({ err }, "the status page could not start; moonflash works on without it");
+          return null;
+        },
+      );
+  }
+
+  /** The status page once it listens (tests); null when [status_page] is off or it could not listen. */
+  statusPageServer(): Promise<StatusPage | null> {
+    return this.statusPage;
+  }
+
   /** The vendor HTTP API once it listens; null when [ota] http_port is unset or it could not listen. */
   otaHttpApi(): Promise<OtaHttpApi | null> {
     return this.otaHttp;
@@ -155,6 +199,9 @@ export class Agent {
   async stop(): Promise<void> {
     await (await this.otaHttp)?.close();
     await this.waitForIdle(120_000);
+    this.statusWebcam?.close();
+    await this.statusWebcam?.settled();
+    await (await this.statusPage)?.close();
     await Promise.all(this.drains.map((drain) => drain(REPORT_DRAIN_MS)));
     if (this.recoveryTimer) clearInterval(this.recoveryTimer);
     this.recoveryTimer = null;
@@ -260,8 +307,12 @@ export class Agent {
     const jobReported = (): boolean => this.runner.history(undefined, 1)[0]?.id !== lastJob;
     try {
       const params = parseParams(name, method.params, raw, viaMacro ? macroDialect(method) : undefined);
+      // A macro while our dialog is open is the user going on (its Start button, or typing): the dialog has had its say.
+      if (viaMacro) this.console.closeDialog();
       const result = await method.handler(params as never);
       if (viaMacro && method.summary && !jobReported()) this.console.say(method.summary(result as never));
+      const dialog = viaMacro ? method.dialog?.(result as never) : null;
+      if (dialog) this.console.dialog(dialog);
       return result;
     } catch (err) {
       const e = toMoonflashError(err);

@@ -17,6 +17,7 @@ import { FLASH_METHODS } from "../flash/types.js";
 import { mcuUserName } from "../flash/mcu-name.js";
 import { versionSummary } from "../flash/versions.js";
 import { clientDialect, flag, type ParamDialect } from "./params.js";
+import { updatePlanDialog, type PromptDialog } from "./progress.js";
 
 export interface RemoteMethod {
   name: string;
@@ -25,6 +26,8 @@ export interface RemoteMethod {
   handler(params: never): Promise<unknown>;
   /** One console line for a macro caller, from the handler's result. */
   summary?(result: never): string;
+  /** A dialog for a macro caller (Mainsail and Fluidd open it), from the handler's result; null for none. */
+  dialog?(result: never): PromptDialog | null;
   /** The shipped macro that calls it (moonraker/moonflash.cfg) and what its parameters are called there. */
   macro?: { command: string; params?: Record<string, string> };
 }
@@ -60,6 +63,7 @@ function define<S extends z.ZodMiniType, R>(m: {
   params: S;
   handler: (params: z.infer<S>) => Promise<R>;
   summary?: (result: R) => string;
+  dialog?: (result: R) => PromptDialog | null;
   macro?: RemoteMethod["macro"];
 }): RemoteMethod {
   return m as unknown as RemoteMethod;
@@ -221,14 +225,14 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       params: noParams,
       handler: () => jobStatus(deps, "flash"),
       summary: (s) => describeStatus("flash", s),
-      macro: { command: "MOONFLASH_STATUS" },
+      macro: { command: "FLASH_STATUS" },
     }),
     define({
       name: "flash.devices",
       description: "Serial devices and CAN nodes found, classified and mapped to Klipper's [mcu] sections.",
       params: noParams,
       handler: async () => deps.flash().devices(),
-      macro: { command: "MOONFLASH_DEVICES" },
+      macro: { command: "FLASH_DEVICES" },
       summary: (r) => {
         const serial = r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` → [${d.mcu}]` : ""}`).join(", ") || "none";
         const can = r.canbus.map((c) => (c.error ? `${c.interface}: ${c.error.message}` : `${c.interface}: ${c.nodes.map((n) => `${n.uuid} ${n.application}${n.mcu ? ` → [${n.mcu}]` : ""}`).join(", ") || "no unassigned nodes"}`));
@@ -276,7 +280,9 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
         if (!deps.update) throw new MoonflashError("INTERNAL", "This moonflash process cannot update MCUs.");
         return deps.update().run({ ...(mcus ? { mcus } : {}), ...(force === undefined ? {} : { force }), ...(dry_run === undefined ? {} : { dry_run }) });
       },
-      // No summary: the job's result line tells the console (the plan, for a dry run).
+      // No summary: the job's result line tells the console (the plan, for a dry run); a dry run's plan also opens
+      // a dialog whose Start button runs it.
+      dialog: (r) => updatePlanDialog(r),
       macro: { command: "UPDATE_MCUS", params: { mcus: "MCU", force: "FORCE", dry_run: "DRY_RUN" } },
     }),
     define({
@@ -331,7 +337,7 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       description: "Cancel the running flash job; allowed until writing starts.",
       params: noParams,
       handler: async () => ({ cancelled: deps.flash().cancel().id }),
-      macro: { command: "MOONFLASH_CANCEL" },
+      macro: { command: "FLASH_CANCEL" },
       summary: (r) => {
         const job = runner.current();
         const target = job?.id === r.cancelled ? job.target : runner.history("flash", 10).find((j) => j.id === r.cancelled)?.target;

@@ -36,6 +36,37 @@ const RETRY_MAX_MS = 10_000;
 
 type LineType = "command" | "error";
 
+/** One printer.gcode.script: `message` is what the log calls it when it cannot be delivered. */
+interface ConsoleScript {
+  script: string;
+  message: string;
+}
+
+/** A dialog Mainsail and Fluidd open from `// action:prompt_*` console lines (Klipper docs/G-Codes.md, RESPOND). */
+export interface PromptDialog {
+  title: string;
+  text: string[];
+  /** Footer buttons: a click sends `gcode` to Klipper. Colours: primary, secondary, info, warning, error. */
+  buttons: Array<{ label: string; gcode: string; color: "primary" | "secondary" | "info" | "warning" | "error" }>;
+}
+
+/** The G-code a button sends to close the dialog without doing anything else. */
+export const PROMPT_END = "RESPOND TYPE=command MSG=action:prompt_end";
+
+/**
+ * The whole dialog as ONE script of RESPOND lines, so it opens complete (no half-drawn dialog if Klipper goes away
+ * between lines) and Moonraker stores it as one command. A button is `label|gcode|color`: neither may hold '|'.
+ */
+export function promptScript(d: PromptDialog): string {
+  const field = (s: string): string => s.replace(/\|/g, "/");
+  return [
+    respondScript(`action:prompt_begin ${d.title}`),
+    ...d.text.map((t) => respondScript(`action:prompt_text ${t}`)),
+    ...d.buttons.map((b) => respondScript(`action:prompt_footer_button ${field(b.label)}|${field(b.gcode)}|${b.color}`)),
+    respondScript("action:prompt_show"),
+  ].join("\n");
+}
+
 /**
  * RESPOND works once Klippy has left "startup" (ready, or error/shutdown: respond.py registers RESPOND for a
  * printer that is not ready). While Klipper starts, Moonraker has not registered the printer endpoints yet and
@@ -134,6 +165,30 @@ function backupNote(p: UpdateAllResult["plan"][number]): string {
   return `, its current firmware read back first${seconds}`;
 }
 
+/**
+ * UPDATE_MCUS DRY_RUN=1's plan as a dialog: the boards in flash order, and Start, which sends UPDATE_MCUS for exactly
+ * those boards (FORCE=1 when the plan forced any), or Cancel. Null when there is nothing to update.
+ */
+export function updatePlanDialog(r: UpdateAllResult): PromptDialog | null {
+  if (!r.dry_run || r.plan.length === 0) return null;
+  const to = r.host_version ?? "Klipper's version";
+  const why = { outdated: "outdated", requested: "asked for", forced: "forced" } as const;
+  const forced = r.plan.some((p) => p.why === "forced");
+  return {
+    // Short: Mainsail cuts a long title in its dialog's header.
+    title: `moonflash: update ${plural(r.plan.length, "MCU")}`,
+    text: [
+      `To ${to}: the firmware is built first, while Klipper runs. Then Klipper stops once and the boards are flashed in this order:`,
+      ...r.plan.map((p, i) => `${i + 1}. ${p.name}: ${why[p.why]}${p.version_before ? `, now ${p.version_before}` : ""}, ${p.transport}${backupNote(p)}`),
+      "Then Klipper starts again and each board's version is checked. Nothing happens until you press Start.",
+    ],
+    buttons: [
+      { label: "Start", gcode: `UPDATE_MCUS MCU=${r.plan.map((p) => p.name).join(",")}${forced ? " FORCE=1" : ""}`, color: "primary" },
+      { label: "Cancel", gcode: PROMPT_END, color: "error" },
+    ],
+  };
+}
+
 /** An update-all's outcome (or, for a dry run, its plan) in one line. */
 function updateLine(r: UpdateAllResult): string {
   const to = r.host_version ?? "Klipper's version";
@@ -148,7 +203,9 @@ function updateLine(r: UpdateAllResult): string {
 }
 
 export class ConsoleReporter {
-  private readonly queue: Array<{ message: string; type: LineType }> = [];
+  private readonly queue: ConsoleScript[] = [];
+  /** A dialog of ours may be open (sent, and not yet closed by us). */
+  private dialogOpen = false;
   private dropped = 0;
   private sending = false;
   private closed = false;
@@ -161,6 +218,8 @@ export class ConsoleReporter {
   constructor(
     private readonly printer: PrinterPort,
     private readonly logger: Logger,
+    /** Where people can watch a job while Klipper is stopped (the status page); null when there is none. */
+    private readonly watchUrl: () => string | null = () => null,
   ) {
     this.reachable = consoleReachable(printer.state());
     this.unsubscribe = printer.onStateChange((state) => {
@@ -198,10 +257,10 @@ export class ConsoleReporter {
         else if (event.kind === "ota" && event.stage === "backup") {
           // The last step before an install stops anything; said while the console still works.
           // (The backup's directory is in the job's log and ota.install's result; the console gets no paths or ids.)
-          this.say(`${who}: backing up the files it replaces. Then the services the update names stop while the new files go in, and the result appears here when Klipper is back.`);
+          this.say(`${who}: backing up the files it replaces. Then the services the update names stop while the new files go in, and the result appears here when Klipper is back.${this.watchHint()}`);
         } else if (event.stage === "stop-klipper") {
           // Pre-flight has passed and Klipper is about to stop; said while the console still works.
-          this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.`);
+          this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.${this.watchHint()}`);
         } else if (event.message && event.stage !== "start-klipper") this.say(`${who}: ${event.message}`, "command", false);
         break;
       case "progress": {
@@ -238,7 +297,39 @@ export class ConsoleReporter {
       this.logger.debug({ message }, "console unreachable; progress line skipped");
       return;
     }
-    this.queue.push({ message, type });
+    this.enqueue({ script: respondScript(message, type), message });
+  }
+
+  /**
+   * Opens a dialog in Mainsail and Fluidd. Only while the console is reachable: a dialog that waited for Klipper
+   * would ask about a moment that has passed.
+   */
+  dialog(d: PromptDialog): void {
+    if (this.closed) return;
+    if (!consoleReachable(this.printer.state())) {
+      this.logger.info({ title: d.title }, "console unreachable; dialog not shown");
+      return;
+    }
+    this.dialogOpen = true;
+    this.enqueue({ script: promptScript(d), message: `dialog: ${d.title}` });
+  }
+
+  /** Closes the dialog this reporter opened, if it may still be open (a button of it was pressed). */
+  closeDialog(): void {
+    if (this.closed || !this.dialogOpen) return;
+    this.dialogOpen = false;
+    // Quoted, unlike a button's PROMPT_END: the console filter knows moonflash's stored commands by MSG="….
+    if (consoleReachable(this.printer.state())) this.enqueue({ script: respondScript("action:prompt_end"), message: "dialog closed" });
+  }
+
+  /** " Watch it live at …" for the line said before Klipper stops, when there is a status page. */
+  private watchHint(): string {
+    const url = this.watchUrl();
+    return url ? ` Watch it live at ${url} (also on the Webcam page as 'moonflash').` : "";
+  }
+
+  private enqueue(line: ConsoleScript): void {
+    this.queue.push(line);
     if (this.queue.length > QUEUE_LIMIT) {
       const [lost] = this.queue.splice(0, 1);
       this.dropped++;
@@ -252,12 +343,13 @@ export class ConsoleReporter {
     if (this.closed || this.sending || this.retryTimer || this.queue.length === 0) return;
     if (!consoleReachable(this.printer.state())) return;
     if (this.dropped > 0) {
-      this.queue.unshift({ message: `moonflash: ${this.dropped} earlier console line(s) could not be shown. See moonflash.log`, type: "command" });
+      const message = `moonflash: ${this.dropped} earlier console line(s) could not be shown. See moonflash.log`;
+      this.queue.unshift({ script: respondScript(message), message });
       this.dropped = 0;
     }
     const line = this.queue[0]!;
     this.sending = true;
-    this.printer.gcode(respondScript(line.message, line.type)).then(
+    this.printer.gcode(line.script).then(
       () => {
         if (this.queue[0] === line) this.queue.shift();
         this.retryDelayMs = RETRY_MIN_MS;

@@ -15,9 +15,10 @@ import type { AgentSession } from "../moonraker/session.js";
 import { reportFailure } from "./render.js";
 
 export const FILTER_NAME = "moonflash";
-export const FILTER_REGEX = '^RESPOND TYPE=\\w+ MSG="moonflash';
+/** Our stored RESPOND lines, and our dialogs (their titles start with "moonflash") and their closing. */
+export const FILTER_REGEX = '^RESPOND TYPE=\\w+ MSG="(moonflash|action:prompt_begin moonflash|action:prompt_end")';
 
-type Change = "added" | "removed" | "present" | "absent" | "no namespace";
+type Change = "added" | "updated" | "removed" | "present" | "outdated" | "absent" | "no namespace";
 
 interface MainsailFilter {
   bool?: boolean;
@@ -38,12 +39,17 @@ type Mode = "add" | "remove" | "check";
 async function mainsail(session: AgentSession, mode: Mode): Promise<Change> {
   const filters = ((await session.databaseGet("mainsail", "console.consolefilters")) ?? {}) as Record<string, MainsailFilter>;
   const ours = Object.entries(filters).filter(([, f]) => f?.name === FILTER_NAME);
-  if (mode === "check") return ours.length ? "present" : "absent";
+  // A filter an older moonflash added: its regex is brought up to date (one filter named moonflash is kept).
+  const stale = ours.filter(([, f]) => f.regex !== FILTER_REGEX || f.bool !== true);
+  if (mode === "check") return ours.length ? (stale.length ? "outdated" : "present") : "absent";
   if (mode === "remove") {
     for (const [id] of ours) await session.databaseDelete("mainsail", `console.consolefilters.${id}`);
     return ours.length ? "removed" : "absent";
   }
-  if (ours.length) return "present";
+  if (ours.length) {
+    for (const [id, f] of stale) await session.databasePost("mainsail", `console.consolefilters.${id}`, { ...f, bool: true, regex: FILTER_REGEX });
+    return stale.length ? "updated" : "present";
+  }
   await session.databasePost("mainsail", `console.consolefilters.${randomUUID()}`, { bool: true, name: FILTER_NAME, regex: FILTER_REGEX });
   return "added";
 }
@@ -52,13 +58,18 @@ async function fluidd(session: AgentSession, mode: Mode): Promise<Change> {
   const stored = await session.databaseGet("fluidd", "console.consoleFilters");
   const filters = (Array.isArray(stored) ? stored : []) as FluiddFilter[];
   const others = filters.filter((f) => f?.name !== FILTER_NAME);
-  if (mode === "check") return others.length === filters.length ? "absent" : "present";
+  const stale = filters.some((f) => f?.name === FILTER_NAME && (f.value !== FILTER_REGEX || f.type !== "expression" || f.enabled !== true));
+  if (mode === "check") return others.length === filters.length ? "absent" : stale ? "outdated" : "present";
   if (mode === "remove") {
     if (others.length === filters.length) return "absent";
     await session.databasePost("fluidd", "console.consoleFilters", others);
     return "removed";
   }
-  if (others.length !== filters.length) return "present";
+  if (others.length !== filters.length) {
+    if (!stale) return "present";
+    await session.databasePost("fluidd", "console.consoleFilters", filters.map((f) => (f?.name === FILTER_NAME ? { ...f, type: "expression", value: FILTER_REGEX, enabled: true } : f)));
+    return "updated";
+  }
   await session.databasePost("fluidd", "console.consoleFilters", [...filters, { id: randomUUID(), name: FILTER_NAME, type: "expression", value: FILTER_REGEX, enabled: true }]);
   return "added";
 }
@@ -81,8 +92,10 @@ export async function runConsoleFilters(opts: { dataDir: string; mode: Mode; jso
       for (const ui of ["mainsail", "fluidd"] as const) {
         const said: Record<Change, string> = {
           added: `console filter "${FILTER_NAME}" added (reload the page to apply it)`,
+          updated: `console filter "${FILTER_NAME}" brought up to date (reload the page to apply it)`,
           removed: `console filter "${FILTER_NAME}" removed`,
           present: `console filter "${FILTER_NAME}" ${opts.mode === "check" ? "is there" : "already there"}`,
+          outdated: `console filter "${FILTER_NAME}" is there but from an older moonflash: run moonflash console-filters to bring it up to date`,
           absent: `no console filter "${FILTER_NAME}"`,
           "no namespace": "not used on this printer (no settings in Moonraker's database); nothing to do",
         };

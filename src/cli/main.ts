@@ -104,6 +104,18 @@ export function buildProgram(): Command {
     });
 
   program
+    .command("sidebar-link")
+    .description("a 'moonflash' entry in Mainsail's sidebar (config/.theme/navi.json) that opens the status page; --remove takes it away")
+    .addOption(dataOption())
+    .option("--remove", "remove the entry")
+    .addOption(new Option("--check", "only say whether the entry is there").conflicts("remove"))
+    .option("--json", "print JSON")
+    .action(async (opts: { data: string; remove?: boolean; check?: boolean; json?: boolean }) => {
+      const mode = opts.remove ? "remove" : opts.check ? "check" : "add";
+      process.exitCode = await (await import("./sidebar-link.js")).runSidebarLink({ dataDir: opts.data, mode, json: !!opts.json });
+    });
+
+  program
     .command("rollback")
     .description("flash the MCU's previous image again (moonflash keeps the last 3 it flashed)")
     .argument("<mcu>", 'MCU section: "mcu", "toolhead" or "mcu toolhead"')

@@ -241,7 +241,7 @@ async function checkDevicePath(path: string): Promise<string> {
     new MoonflashError(
       "DEVICE_NOT_FOUND",
       `The serial device ${path} is not present${extra.linkTarget ? ` (it is a link to ${extra.linkTarget}, which does not exist)` : ""}. ` +
-        `Check the USB cable, that the board is powered and the serial: path; flash.devices (MOONFLASH_DEVICES) lists what is connected.`,
+        `Check the USB cable, that the board is powered and the serial: path; flash.devices (FLASH_DEVICES) lists what is connected.`,
       { device: path, ...extra },
       { cause },
     );

@@ -146,6 +146,26 @@ export class AgentSession implements PrinterPort {
     await this.call("server.database.delete_item", { namespace, key });
   }
 
+  /**
+   * server.webcams.post_item: adds (or, by name, updates) a webcam that Mainsail and Fluidd list; they render the
+   * service "iframe" as a page in a frame. Answers the webcam as Moonraker stored it (uid included).
+   */
+  async webcamPost(item: { name: string; service: string; stream_url: string } & Record<string, unknown>): Promise<Record<string, unknown>> {
+    return asRecord(asRecord(await this.call("server.webcams.post_item", item))?.webcam) ?? {};
+  }
+
+  /** server.webcams.delete_item by name; false when Moonraker has no webcam of that name. */
+  async webcamDelete(name: string): Promise<boolean> {
+    const peer = this.connection.requirePeer();
+    try {
+      await peer.request("server.webcams.delete_item", { name });
+      return true;
+    } catch (err) {
+      if (err instanceof MoonrakerRpcError && err.code === 404) return false;
+      throw requestFailed(err);
+    }
+  }
+
   async serialPeripherals(): Promise<SerialPeripheral[]> {
     const result = asRecord(await this.call("machine.peripherals.serial"));
     return Array.isArray(result?.serial_devices) ? (result.serial_devices as SerialPeripheral[]) : [];

@@ -74,7 +74,7 @@ beforeEach(async () => {
   dir = await mkdtemp(join(tmpdir(), "moonflash-check-"));
   await mkdir(join(dir, "config"), { recursive: true });
   // [mcu emu] is moonflash.conf's own board, the virtual Katapult board below.
-  await writeFile(join(dir, "config", "moonflash.conf"), `[mcu emu]\nserial: ${join(dir, "emu")}\nbootloader: none\nmethod: katapult\n`);
+  await writeFile(join(dir, "config", "moonflash.conf"), `[mcu emu]\nserial: ${join(dir, "emu")}\nbootloader: none\nmethod: katapult\n[status_page]\nenabled: False\n`);
   board = await startVirtualDevice({ path: join(dir, "emu") });
 });
 
@@ -156,7 +156,7 @@ describe("flash.rollback", () => {
       [4096, "rollback", "/home/pi/older.bin"],
       [3000, "flash", "/home/pi/newer.bin"],
     ]);
-    await macro("MOONFLASH_STATUS", /^\/\/ moonflash: idle\. Last flash of emu: ok \(\d+ s ago\)\.$/);
+    await macro("FLASH_STATUS", /^\/\/ moonflash: idle\. Last flash of emu: ok \(\d+ s ago\)\.$/);
   });
 
   it("without MCU= it names the MCUs it can roll back; with one image kept: NO_ROLLBACK_IMAGE, Klipper untouched", async () => {

@@ -21,7 +21,7 @@ beforeEach(async () => {
   dir = await mkdtemp(join(tmpdir(), "moonflash-lines-"));
   await mkdir(join(dir, "config"), { recursive: true });
   await writeFile(join(dir, "fw.bin"), randomBytes(8 * 1024));
-  await writeFile(join(dir, "config", "moonflash.conf"), `[mcu emu]\nserial: ${join(dir, "board")}\nmethod: katapult\nfirmware: ${join(dir, "fw.bin")}\nbootloader: none\n`);
+  await writeFile(join(dir, "config", "moonflash.conf"), `[mcu emu]\nserial: ${join(dir, "board")}\nmethod: katapult\nfirmware: ${join(dir, "fw.bin")}\nbootloader: none\n[status_page]\nenabled: False\n`);
   board = await startVirtualDevice({ path: join(dir, "board") });
   moonraker = await startFakeMoonraker({ dataDir: dir, websocket: false });
   agent = await createAgent({ dataDir: dir, logger: pino({ level: "silent" }) });

@@ -103,7 +103,7 @@ describe("the shipped macros through Klipper's macro path", () => {
   it("each description says what the macro does and names its parameters", () => {
     const macros = moonraker.klipper.macros;
     expect([...macros.keys()].sort()).toEqual([
-      "FLASH_CHECK", "FLASH_MCU", "FLASH_ROLLBACK", "MOONFLASH_CANCEL", "MOONFLASH_DEVICES", "MOONFLASH_STATUS",
+      "FLASH_CANCEL", "FLASH_CHECK", "FLASH_DEVICES", "FLASH_MCU", "FLASH_ROLLBACK", "FLASH_STATUS",
       "OTA_CANCEL", "OTA_DOWNLOAD", "OTA_INSTALL", "OTA_ROLLBACK", "OTA_STATUS", "UPDATE_MCUS",
     ]);
     for (const m of macros.values()) expect(m.description).toMatch(/^moonflash: \w.{20,}/);
@@ -112,7 +112,7 @@ describe("the shipped macros through Klipper's macro path", () => {
     expect(macros.get("FLASH_ROLLBACK")!.description).toContain("FLASH_ROLLBACK MCU=<name> [DRY_RUN=1]");
     expect(documentedParams(macros.get("FLASH_ROLLBACK")!.description)).toEqual(["MCU", "DRY_RUN"]);
     expect(documentedParams(macros.get("UPDATE_MCUS")!.description)).toEqual(["MCU", "FORCE", "DRY_RUN"]);
-    for (const name of ["MOONFLASH_STATUS", "MOONFLASH_DEVICES", "MOONFLASH_CANCEL", "FLASH_CHECK"]) {
+    for (const name of ["FLASH_STATUS", "FLASH_DEVICES", "FLASH_CANCEL", "FLASH_CHECK"]) {
       expect(documentedParams(macros.get(name)!.description)).toEqual([]);
     }
   });
@@ -127,8 +127,8 @@ describe("the shipped macros through Klipper's macro path", () => {
     await store.add("mcu emu", randomBytes(4096), { source: "flash", sourcePath: "/home/pi/newer.bin" });
     const olderFile = (await store.previous("mcu emu"))!.file;
     const cases = [
-      { script: "MOONFLASH_STATUS", method: "flash.status", params: {}, answer: "// moonflash: no flash job has run yet" },
-      { script: "MOONFLASH_DEVICES", method: "flash.devices", params: {}, answer: /^\/\/ moonflash: \d+ serial device\(s\)/ },
+      { script: "FLASH_STATUS", method: "flash.status", params: {}, answer: "// moonflash: no flash job has run yet" },
+      { script: "FLASH_DEVICES", method: "flash.devices", params: {}, answer: /^\/\/ moonflash: \d+ serial device\(s\)/ },
       {
         script: `FLASH_MCU MCU=emu METHOD=katapult FIRMWARE=${fw} DRY_RUN=1`,
         method: "flash.mcu",
@@ -136,10 +136,10 @@ describe("the shipped macros through Klipper's macro path", () => {
         answer: `// moonflash: flash emu: dry run, nothing was stopped or written. It would flash ${fw} (8192 bytes) to ${join(dir, "emu")} with katapult.`,
       },
       {
-        script: "MOONFLASH_CANCEL",
+        script: "FLASH_CANCEL",
         method: "flash.cancel",
         params: {},
-        answer: "!! moonflash: MOONFLASH_CANCEL failed [NO_JOB] No flash job is running, so there is nothing to cancel.",
+        answer: "!! moonflash: FLASH_CANCEL failed [NO_JOB] No flash job is running, so there is nothing to cancel.",
       },
       {
         script: "FLASH_CHECK",
@@ -178,9 +178,9 @@ describe("the shipped macros through Klipper's macro path", () => {
     expect(moonraker.serviceActions).toEqual([]);
 
     // The status line names the MCU as typed and the outcome, never the job id.
-    await macro("MOONFLASH_STATUS", /^\/\/ moonflash: idle\. Last flash of emu \(dry run\): ok \(\d+ s ago\)\.$/);
+    await macro("FLASH_STATUS", /^\/\/ moonflash: idle\. Last flash of emu \(dry run\): ok \(\d+ s ago\)\.$/);
     await macro(`FLASH_MCU MCU=emu FIRMWARE=${join(dir, "missing.bin")} DRY_RUN=1`, /^!! moonflash: flash emu failed \[FIRMWARE_NOT_FOUND\]/);
-    await macro("MOONFLASH_STATUS", /^\/\/ moonflash: idle\. Last flash of emu \(dry run\): failed \[FIRMWARE_NOT_FOUND\] .+ \(\d+ s ago\)\.$/);
+    await macro("FLASH_STATUS", /^\/\/ moonflash: idle\. Last flash of emu \(dry run\): failed \[FIRMWARE_NOT_FOUND\] .+ \(\d+ s ago\)\.$/);
     expect(moonraker.consoleLines.filter((l) => /flash-\d{8}T/.test(l))).toEqual([]);
     expect(board!.model.frames).toEqual([]);
   });
@@ -215,6 +215,57 @@ describe("the shipped macros through Klipper's macro path", () => {
     expect(a.runner.history()).toEqual([]);
     expect(board!.model.frames).toEqual([]);
     expect(moonraker.consoleLines.filter((l) => l.includes("Error evaluating"))).toEqual([]);
+  });
+
+  it("UPDATE_MCUS DRY_RUN=1 opens a dialog with the plan; its Start button sends UPDATE_MCUS for exactly that plan and the dialog closes", async () => {
+    await startAgent();
+    const before = moonraker.consoleLines.length;
+    await macro("UPDATE_MCUS MCU=emu FORCE=1 DRY_RUN=1", "// action:prompt_show");
+    const dialog = moonraker.consoleLines.slice(before).filter((l) => l.startsWith("// action:prompt_"));
+    expect(dialog).toEqual([
+      "// action:prompt_begin moonflash: update 1 MCU",
+      "// action:prompt_text To v0.13.0-730-g84104bbbd: the firmware is built first, while Klipper runs. Then Klipper stops once and the boards are flashed in this order:",
+      // No image of emu is kept yet, so update-all reads it back first (backup_before_flash).
+      expect.stringMatching(/^\/\/ action:prompt_text 1\. emu: forced, uart, its current firmware read back first ≈ \d+\.\d s more downtime$/),
+      "// action:prompt_text Then Klipper starts again and each board's version is checked. Nothing happens until you press Start.",
+      "// action:prompt_footer_button Start|UPDATE_MCUS MCU=emu FORCE=1|primary",
+      "// action:prompt_footer_button Cancel|RESPOND TYPE=command MSG=action:prompt_end|error",
+      "// action:prompt_show",
+    ]);
+    // The plan line came first, and nothing was stopped.
+    expect(moonraker.consoleLines.slice(before).findIndex((l) => l.startsWith("// moonflash: update plan"))).toBeLessThan(
+      moonraker.consoleLines.slice(before).indexOf(dialog[0]!),
+    );
+    expect(moonraker.serviceActions).toEqual([]);
+
+    // Cancel is Klipper's own RESPOND: it closes the dialog without reaching moonflash.
+    const calls = remoteCalls().length;
+    await macro("RESPOND TYPE=command MSG=action:prompt_end", "// action:prompt_end");
+    expect(remoteCalls()).toHaveLength(calls);
+
+    // Start: the button's G-code as Mainsail sends it. The dialog is closed before the update runs.
+    const start = dialog.find((l) => l.includes("|UPDATE_MCUS"))!.split("|")[1]!;
+    const atStart = moonraker.consoleLines.length;
+    await macro(start, /^(\/\/|!!) moonflash: (updated|flash all MCUs)/);
+    expect(remoteCalls().at(-1)).toEqual({ method: "flash.update_all", params: { mcus: "emu", force: "1" }, viaMacro: true });
+    const after = moonraker.consoleLines.slice(atStart);
+    expect(after.indexOf("// action:prompt_end")).toBeGreaterThanOrEqual(0);
+    expect(after.indexOf("// action:prompt_end")).toBeLessThan(after.findIndex((l) => /moonflash: (updated|flash all MCUs)/.test(l)));
+    // Closed once: a later macro sends no second prompt_end.
+    await macro("FLASH_STATUS", /^\/\/ moonflash: /);
+    expect(moonraker.consoleLines.slice(atStart).filter((l) => l === "// action:prompt_end")).toHaveLength(1);
+  });
+
+  it("a dry run with nothing to update opens no dialog, and a client's dry run never does", async () => {
+    await startAgent();
+    const before = moonraker.consoleLines.length;
+    await macro("UPDATE_MCUS DRY_RUN=1", /^\/\/ moonflash: every MCU runs v0\.13\.0-730-g84104bbbd: nothing to update\.$/);
+    const web = await moonraker.connectClient({ transport: "ws" });
+    const result = (await web.call("server.extensions.request", { agent: "moonflash", method: "flash.update_all", arguments: { mcus: "emu", force: true, dry_run: true } })) as { plan: unknown[] };
+    await web.close();
+    expect(result.plan).toHaveLength(1);
+    await macro("FLASH_STATUS", /^\/\/ moonflash: /);
+    expect(moonraker.consoleLines.slice(before).filter((l) => l.startsWith("// action:prompt_"))).toEqual([]);
   });
 
   it("regression: a macro passing method= gets Klipper's TypeError on the console and never reaches the agent", async () => {

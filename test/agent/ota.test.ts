@@ -110,8 +110,8 @@ describe("ota.* through server.extensions.request", () => {
     expect(lines).toContain(`// moonflash: OTA download ${p.download.url}: acme-printer 2.0.0 downloaded and verified (${p.pkg.length} bytes, 3 modules, not signed). Install it with OTA_INSTALL.`);
     expect(lines).toContain(`${who}: extracting the package`);
     expect(lines).toContain(`${who}: checking targets, permissions and free space`);
-    expect(lines).toContain(
-      `${who}: backing up the files it replaces. Then the services the update names stop while the new files go in, and the result appears here when Klipper is back.`,
+    expect(lines).toContainEqual(
+      expect.stringMatching(/^\/\/ moonflash: OTA acme-printer 2\.0\.0: backing up the files it replaces\. Then the services the update names stop while the new files go in, and the result appears here when Klipper is back\.( Watch it live at http:\S+ \(also on the Webcam page as 'moonflash'\)\.)?$/),
     );
     expect(lines).toContain(
       `${who}: installed: 3 files (2 replaced, 1 new), firmware of toolhead flashed. Probation passed (Klipper ready, klipper, crowsnest running). OTA_ROLLBACK restores the previous version.`,

@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { execa } from "execa";
 import { FILTER_REGEX } from "../../src/cli/console-filters.js";
+import { promptScript } from "../../src/agent/progress.js";
 import { startFakeMoonraker, type FakeMoonraker } from "../support/fake-moonraker/index.js";
 
 const repo = resolve(import.meta.dirname, "../..");
@@ -60,6 +61,24 @@ describe("moonflash console-filters", () => {
     expect(Object.fromEntries(fake.database)).toEqual(USERS);
   });
 
+  it("brings a filter an older moonflash added up to date, in place, and leaves the user's alone", { timeout: 60_000 }, async () => {
+    const OLD = '^RESPOND TYPE=\\w+ MSG="moonflash';
+    const { data, fake } = await printer({
+      mainsail: { console: { consolefilters: { ...USERS.mainsail.console.consolefilters, "old-1": { bool: true, name: "moonflash", regex: OLD } } } },
+      fluidd: { console: { consoleFilters: [...USERS.fluidd.console.consoleFilters, { id: "old-2", name: "moonflash", type: "expression", value: OLD, enabled: true }] } },
+    });
+    const run = await cli(data);
+    expect(run.stdout).toBe('Mainsail: console filter "moonflash" brought up to date (reload the page to apply it)\nFluidd: console filter "moonflash" brought up to date (reload the page to apply it)');
+    expect(fake.database.get("mainsail")).toEqual({
+      console: { consolefilters: { ...USERS.mainsail.console.consolefilters, "old-1": { bool: true, name: "moonflash", regex: FILTER_REGEX } } },
+    });
+    expect(fake.database.get("fluidd")).toEqual({
+      console: { consoleFilters: [...USERS.fluidd.console.consoleFilters, { id: "old-2", name: "moonflash", type: "expression", value: FILTER_REGEX, enabled: true }] },
+    });
+    const again = await cli(data, "--json");
+    expect(JSON.parse(again.stdout).result).toMatchObject({ mainsail: "present", fluidd: "present" });
+  });
+
   it("leaves a UI that was never used alone: no namespace is created", { timeout: 60_000 }, async () => {
     const { data, fake } = await printer({ moonraker: { database_version: 2 } });
     const run = await cli(data, "--json");
@@ -81,12 +100,19 @@ describe("moonflash console-filters", () => {
     for (const stored of [
       'RESPOND TYPE=command MSG="moonflash: OTA download http://127.0.0.1:36191/rig-macros-1.0.0.zip: download 0%"',
       'RESPOND TYPE=error MSG="moonflash: OTA_DOWNLOAD failed [INVALID_PARAMS] OTA_DOWNLOAD: MD5: required: the package\'s MD5, 32 hex digits"',
+      // A dialog is one stored script of several RESPOND lines; its title starts with "moonflash". Closing it:
+      promptScript({ title: "moonflash: update 1 MCU to v0.13.0", text: ["1. emu"], buttons: [{ label: "Start", gcode: "UPDATE_MCUS MCU=emu", color: "primary" }] }),
+      'RESPOND TYPE=command MSG="action:prompt_end"',
     ]) expect(regex.test(stored), stored).toBe(true);
     for (const shown of [
       "// moonflash: OTA download http://127.0.0.1:36191/rig-macros-1.0.0.zip: download 0%",
       "!! moonflash: OTA_DOWNLOAD failed [INVALID_PARAMS] OTA_DOWNLOAD: MD5: required",
       "OTA_DOWNLOAD URL=http://127.0.0.1:36191/x.zip",
       'RESPOND MSG="hello"',
+      // Another macro's dialog, and the Cancel button's own G-code (the user's click) stay.
+      'RESPOND TYPE=command MSG="action:prompt_begin Load filament"',
+      "RESPOND TYPE=command MSG=action:prompt_end",
+      "// action:prompt_begin moonflash: update 1 MCU to v0.13.0",
     ]) expect(regex.test(shown), shown).toBe(false);
   });
 });

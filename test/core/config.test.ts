@@ -39,6 +39,7 @@ describe("parseConfig", () => {
       ota: {
         roots: {}, public_key: null, http_port: null, http_bind: "127.0.0.1", callback_url: null, probation_timeout: 120, keep_backups: 2, limits: {},
       },
+      status_page: { enabled: true, port: 7180, bind: "0.0.0.0", webcam: true, public_url: null },
     });
   });
 
@@ -216,7 +217,7 @@ describe("parseConfig", () => {
   it("rejects unknown sections, with a hint when close", () => {
     expect(configError("[moonflsh]\n").message).toBe(`${FILE}:1: [moonflsh] unknown section; did you mean [moonflash]?`);
     expect(configError("[printer]\n").message).toBe(
-      `${FILE}:1: [printer] unknown section; moonflash.conf has [moonflash], [mcu], [mcu NAME] and [ota]`,
+      `${FILE}:1: [printer] unknown section; moonflash.conf has [moonflash], [mcu], [mcu NAME], [ota] and [status_page]`,
     );
   });
 

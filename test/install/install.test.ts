@@ -243,6 +243,11 @@ describe("install.sh", () => {
 
     expect(await read(join(w.config, "moonraker.conf"))).toBe(`${MOONRAKER_CONF}\n${updateManagerBlock(w)}`);
 
+    // Mainsail's sidebar: one entry opening the status page at this host's address and the default port.
+    const navi = JSON.parse(await read(join(w.config, ".theme", "navi.json"))) as Array<Record<string, unknown>>;
+    expect(navi).toEqual([{ title: "moonflash", href: expect.stringMatching(/^http:\/\/[\d.]+:7180\/$/), target: "_blank", icon: expect.stringMatching(/^M[\d ,.HVMZ]+Z$/), position: 90 }]);
+    expect(result.stdout).toContain(`added "moonflash" to Mainsail's sidebar (${join(w.config, ".theme", "navi.json")})`);
+
     const log = await calls(w);
     expect(systemctlCalls(log)).toEqual(["daemon-reload", "enable moonflash", "restart moonflash", "restart moonraker"]);
     // Not root: the unit and every systemctl call that changes something go through sudo.
@@ -408,7 +413,8 @@ describe("install.sh", () => {
 
   it("run as the tests' own user without --data, --user or --no-npm: printer_data under HOME, npm ci --omit=dev in the checkout", async () => {
     const w = await makeWorld();
-    const result = await run(w, [], { asRoot: true, input: "y\ny\nn\n" });
+    // The include, the sidebar link, update_manager: yes; restart Moonraker: no.
+    const result = await run(w, [], { asRoot: true, input: "y\ny\ny\nn\n" });
     expect(result.exitCode, result.stderr).toBe(0);
     const me = userInfo().username;
     expect(result.stdout).toContain(`moonflash installed (user ${me}, data ${w.data}):`);
@@ -430,7 +436,10 @@ describe("install.sh", () => {
       for (const file of ["systemd/moonflash.env", "config/moonflash.conf", "config/moonflash.cfg"]) expect((await lstat(join(w.data, file))).uid, file).toBe(NOBODY);
       expect((await read(w.unit)).split("\n")).toContain("User=nobody");
       const log = await calls(w);
-      expect(sudoCalls(log)).toEqual(["-u nobody -H npm ci --omit=dev --no-audit --no-fund"]);
+      const node = (await execa("bash", ["-c", "command -v node"], { env: { PATH: `${w.bin}:${process.env.PATH}` }, extendEnv: false, timeout: 10_000 })).stdout.trim();
+      const cli = `${node} ${join(w.repo, "dist", "moonflash.mjs")} sidebar-link --data ${w.data} --json`;
+      expect(sudoCalls(log)).toEqual(["-u nobody -H npm ci --omit=dev --no-audit --no-fund", `-u nobody -H ${cli} --check`, `-u nobody -H ${cli}`]);
+      expect((await lstat(join(w.config, ".theme", "navi.json"))).uid).toBe(NOBODY);
     } else {
       const before = await snapshot(w.home, w.systemdDir);
       const result = await run(w, ["--data", w.data, "--user", "root", "--yes"]);

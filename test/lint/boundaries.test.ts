@@ -35,6 +35,15 @@ const forbidden: Array<[from: string, importPath: string]> = [
   ["src/sim/virtual-device.ts", "../moonraker/session.js"],
   ["src/agent/agent.ts", "../cli/main.js"],
   ["src/agent/agent.ts", "../app.js"],
+  ["src/status/page-server.ts", "../moonraker/session.js"],
+  ["src/status/page-server.ts", "../agent/agent.js"],
+  ["src/status/page-server.ts", "../cli/main.js"],
+  ["src/status/page-server.ts", "../ota/engine.js"],
+  ["src/status/page-server.ts", "../flash/engine.js"],
+  ["src/status/page-server.ts", "../flash/update-all.js"],
+  ["src/status/page-server.ts", "../app.js"],
+  ["src/status/page-server.ts", "../moonflash-conf.js"],
+  ["src/status/page-server.ts", "node:child_process"],
 ];
 
 const allowed: Array<[from: string, importPath: string]> = [
@@ -44,6 +53,9 @@ const allowed: Array<[from: string, importPath: string]> = [
   ["src/agent/agent.ts", "../moonraker/session.js"],
   ["src/app.ts", "./agent/agent.js"],
   ["src/cli/main.ts", "../app.js"],
+  ["src/status/view.ts", "../core/jobs.js"],
+  ["src/status/view.ts", "../flash/mcu-name.js"],
+  ["src/status/page-server.ts", "node:http"],
 ];
 
 describe("import boundaries", () => {

@@ -1,5 +1,6 @@
 // The fake Moonraker: one JSON-RPC dispatcher behind two transports (unix socket with ETX framing, websocket),
 // with the agent, machine, peripherals and printer endpoints behaving as recorded from Moonraker v0.10.
+import crypto from "node:crypto";
 import fs from "node:fs/promises";
 import http from "node:http";
 import net from "node:net";
@@ -59,6 +60,8 @@ export interface FakeMoonraker {
   readonly serviceActions: Array<{ action: string; service: string; at: number }>;
   /** Moonraker's database, namespace → top-level records. */
   readonly database: Map<string, Record<string, unknown>>;
+  /** Webcams added through server.webcams.post_item, by name (as components/webcam.py keeps them). */
+  readonly webcams: Map<string, Record<string, unknown>>;
   agents(): Array<{ name: string; version: string; type: string; url: string }>;
   remoteMethods(): string[];
   connectClient(opts?: ConnectClientOptions): Promise<TestClient>;
@@ -127,6 +130,7 @@ export class FakeMoonrakerServer implements FakeMoonraker {
   private readonly agentsByName = new Map<string, Connection>();
   /** Moonraker's database, namespace → top-level records. */
   readonly database = new Map<string, Record<string, unknown>>();
+  readonly webcams = new Map<string, Record<string, unknown>>();
   private readonly remoteMethodOwners = new Map<string, Connection>();
   private readonly handlers = new Map<string, Handler>();
   private readonly timers = new Set<NodeJS.Timeout>();
@@ -442,6 +446,43 @@ export class FakeMoonrakerServer implements FakeMoonraker {
       const value = (node as Record<string, unknown>)[last];
       delete (node as Record<string, unknown>)[last];
       return { namespace, key, value };
+    });
+    // components/webcam.py: post_item creates (defaults as WebCam.from_web_request) or updates by name; delete_item
+    // and get_item find by uid or name (404 "Webcam <name> not found"); every change is told to all clients.
+    const webcamChanged = (): void => this.notifyAll("notify_webcams_changed", [{ webcams: [...this.webcams.values()] }]);
+    const lookupWebcam = (params: Record<string, unknown>): Record<string, unknown> => {
+      if (typeof params.uid === "string") {
+        const cam = [...this.webcams.values()].find((c) => c.uid === params.uid);
+        if (!cam) throw new ServerError(`Webcam with UID ${params.uid} not found`, 404);
+        return cam;
+      }
+      const name = requireString(params, "name");
+      const cam = this.webcams.get(name);
+      if (!cam) throw new ServerError(`Webcam ${name} not found`, 404);
+      return cam;
+    };
+    on("server.webcams.list", () => ({ webcams: [...this.webcams.values()] }));
+    on("server.webcams.get_item", (_conn, params) => ({ webcam: structuredClone(lookupWebcam(params)) }));
+    on("server.webcams.post_item", (_conn, params) => {
+      const name = requireString(params, "name");
+      const existing = this.webcams.get(name);
+      const { uid: _uid, source: _source, ...given } = params;
+      const cam = existing
+        ? { ...existing, ...given }
+        : {
+            name, enabled: true, icon: "mdiWebcam", aspect_ratio: "4:3", target_fps: 15, target_fps_idle: 5, location: "printer",
+            service: "mjpegstreamer", stream_url: requireString(params, "stream_url"), snapshot_url: "", flip_horizontal: false,
+            flip_vertical: false, rotation: 0, source: "database", extra_data: {}, ...given, uid: crypto.randomUUID(),
+          };
+      this.webcams.set(name, cam);
+      webcamChanged();
+      return { webcam: structuredClone(cam) };
+    });
+    on("server.webcams.delete_item", (_conn, params) => {
+      const cam = lookupWebcam(params);
+      this.webcams.delete(cam.name as string);
+      webcamChanged();
+      return { webcam: cam };
     });
     on("machine.peripherals.serial", () => ({ serial_devices: this.opts.serialDevices ?? [] }));
     on("machine.peripherals.canbus", (_conn, params) => {

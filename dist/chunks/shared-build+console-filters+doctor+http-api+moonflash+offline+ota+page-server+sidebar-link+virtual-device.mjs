@@ -41,6 +41,7 @@ var ERROR_CODES = {
   BUILD_FAILED: { status: 500, doc: "Building the firmware (make olddefconfig, make) failed; the last 40 lines of its output are in the details." },
   DISK_FULL: { status: 507, doc: "The disk has no room for a file moonflash must write." },
   INTERNAL: { status: 500, doc: "An unexpected error; see moonflash.log." },
+  PORT_UNAVAILABLE: { status: 409, doc: "A port moonflash should listen on (the status page's) is taken by another program, needs root (below 1024), or its address is not this machine's; set another port or bind in moonflash.conf, or stop the other program." },
   // OTA
   DOWNLOAD_FAILED: { status: 502, doc: "The package could not be downloaded after retries; the details name the last HTTP status or network error." },
   MD5_MISMATCH: { status: 422, doc: "The downloaded file's MD5 differs from the one given; the partial file was discarded, download again." },

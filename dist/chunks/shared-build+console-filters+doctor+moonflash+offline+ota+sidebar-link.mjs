@@ -12,7 +12,7 @@ import {
   encodeAddressFrame,
   encodeFrame,
   u32le
-} from "./shared-build+console-filters+doctor+moonflash+offline+ota+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
 import {
   NEVER,
   _default,
@@ -37,19 +37,23 @@ import {
   transform,
   union,
   unknown
-} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota.mjs";
+} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+sidebar-link.mjs";
+import {
+  flashCommandsFor,
+  mcuUserName
+} from "./shared-build+console-filters+doctor+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import {
   ERROR_CODES,
   MoonflashError,
   isMoonflashError,
   toJsonRpcError,
   toMoonflashError
-} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/pino-std-serializers/lib/err-helpers.js
 var require_err_helpers = __commonJS({
@@ -7247,17 +7251,6 @@ async function recoverInterruptedJob(dataDir, printer, runner, logger, opts = {}
   return { journal, klipperStarted: journal.klipperWasRunning };
 }
 
-// src/flash/mcu-name.ts
-function mcuUserName(section) {
-  const words = section.trim().split(/\s+/).filter(Boolean);
-  if (words[0] === "mcu" && words.length > 1) words.shift();
-  return words.join(" ") || "mcu";
-}
-function flashCommandsFor(section) {
-  const name = mcuUserName(section);
-  return `FLASH_MCU MCU=${name} in a macro, or moonflash flash ${name}`;
-}
-
 // src/flash/engine.ts
 import { existsSync } from "node:fs";
 import { readFile as readFile7, readlink as readlink2, realpath as realpath2, stat as stat7 } from "node:fs/promises";
@@ -9557,7 +9550,7 @@ async function checkDevicePath(path6) {
   const absolute = resolve2(path6);
   const missing = (extra, cause) => new MoonflashError(
     "DEVICE_NOT_FOUND",
-    `The serial device ${path6} is not present${extra.linkTarget ? ` (it is a link to ${extra.linkTarget}, which does not exist)` : ""}. Check the USB cable, that the board is powered and the serial: path; flash.devices (MOONFLASH_DEVICES) lists what is connected.`,
+    `The serial device ${path6} is not present${extra.linkTarget ? ` (it is a link to ${extra.linkTarget}, which does not exist)` : ""}. Check the USB cable, that the board is powered and the serial: path; flash.devices (FLASH_DEVICES) lists what is connected.`,
     { device: path6, ...extra },
     { cause }
   );
@@ -10136,6 +10129,288 @@ function didYouMean(key, known, dialect) {
   return match === void 0 || dialect.param(match) === dialect.param(key) ? "" : ` (did you mean '${dialect.param(match)}'?)`;
 }
 
+// src/agent/progress.ts
+function agentEventAdapter(printer, logger) {
+  return (event) => {
+    if (!printer.state().moonrakerConnected) return;
+    printer.sendEvent(`${event.kind}.${event.type}`, event).catch((err) => {
+      logger.debug({ err }, "send_event failed");
+    });
+  };
+}
+function respondScript(message, type = "command") {
+  const clean = message.replace(/[\r\n]+/g, " ").replace(/"/g, "'").replace(/;/g, ",");
+  return `RESPOND TYPE=${type} MSG="${clean}"`;
+}
+var QUEUE_LIMIT = 50;
+var RETRY_MIN_MS = 500;
+var RETRY_MAX_MS = 1e4;
+var PROMPT_END = "RESPOND TYPE=command MSG=action:prompt_end";
+function promptScript(d) {
+  const field = (s) => s.replace(/\|/g, "/");
+  return [
+    respondScript(`action:prompt_begin ${d.title}`),
+    ...d.text.map((t) => respondScript(`action:prompt_text ${t}`)),
+    ...d.buttons.map((b) => respondScript(`action:prompt_footer_button ${field(b.label)}|${field(b.gcode)}|${b.color}`)),
+    respondScript("action:prompt_show")
+  ].join("\n");
+}
+function consoleReachable(state) {
+  return state.moonrakerConnected && state.klippyConnected && ["ready", "error", "shutdown"].includes(state.klippyState);
+}
+function jobWho(kind, target) {
+  if (kind === "flash") return `moonflash: flash ${mcuUserName(target)}`;
+  return `moonflash: OTA ${target.startsWith("recovery ") ? "recovery" : target}`;
+}
+function resultLine(event) {
+  const who = jobWho(event.kind, event.target);
+  if (!event.ok) return { message: `${who} failed [${event.code ?? "INTERNAL"}] ${event.message ?? ""}`.trim(), type: "error" };
+  const d = event.details ?? {};
+  if (event.kind === "ota") return { message: otaLine(who, d), type: "command" };
+  if (event.kind === "flash" && Array.isArray(d.plan) && Array.isArray(d.mcus)) return { message: updateLine(d), type: "command" };
+  if (event.kind === "flash" && d.dry_run === true) {
+    const plan = d.plan ?? {};
+    const methods = Array.isArray(d.methods) ? d.methods.join(" then ") : "";
+    return {
+      message: `${who}: dry run, nothing was stopped or written. It would flash ${String(d.firmware)} (${String(plan.firmware_bytes)} bytes) to ${String(d.device)} with ${methods}.`,
+      type: "command"
+    };
+  }
+  if (event.kind === "flash" && typeof d.image === "string" && typeof d.version === "string") {
+    const kept = d.skipped === true ? ", unchanged since the last build" : "";
+    return { message: `${who}: firmware built, ${d.version} (${String(d.bytes)} bytes${kept}).`, type: "command" };
+  }
+  if (event.kind === "flash" && typeof d.method === "string") {
+    const seconds = typeof d.elapsed_ms === "number" ? ` in ${(d.elapsed_ms / 1e3).toFixed(1)} s` : "";
+    const verified = d.verified === true ? ", verified" : "";
+    const klipper = d.klipper_restarted === true ? " Klipper is running again." : "";
+    return { message: `${who}: flashed with ${d.method}${seconds} (${String(d.bytes)} bytes${verified}).${klipper}`, type: "command" };
+  }
+  return { message: `${who}: done`, type: "command" };
+}
+var plural = (n, one, many = `${one}s`) => `${n} ${n === 1 ? one : many}`;
+function otaLine(who, d) {
+  const pkg = `${String(d.name ?? "the update")}${typeof d.version === "string" && d.version !== "" ? ` ${d.version}` : ""}`;
+  const firmware = Array.isArray(d.firmware) && d.firmware.length > 0 ? d.firmware.join(", ") : null;
+  if (typeof d.signed === "boolean" && Array.isArray(d.modules)) {
+    return `${who}: ${pkg} downloaded and verified (${String(d.size)} bytes, ${plural(d.modules.length, "module")}, ${d.signed ? "signature valid" : "not signed"}). Install it with OTA_INSTALL.`;
+  }
+  if (typeof d.probationMs === "number" && typeof d.files === "object" && d.files !== null) {
+    const f = d.files;
+    const services = Array.isArray(d.services) && d.services.length > 0 ? d.services.join(", ") : null;
+    return `${who}: installed: ${plural(f.written, "file")} (${f.replaced} replaced, ${f.added} new)${firmware ? `, firmware of ${firmware} flashed` : ""}. Probation passed (Klipper ready${services ? `, ${services} running` : ""}). OTA_ROLLBACK restores the previous version.`;
+  }
+  if (typeof d.restored === "number" && typeof d.removed === "number") {
+    const reason = d.reason;
+    return `${who}: ${pkg} rolled back${reason?.code ? ` after [${reason.code}]` : ""}: ${plural(d.restored, "file")} restored, ${d.removed} removed${firmware ? `, firmware of ${firmware} restored` : ""}. The previous version is in place.`;
+  }
+  if (typeof d.action === "string") {
+    const error = d.error;
+    const why = error ? ` [${error.code}] ${error.message}` : "";
+    switch (d.action) {
+      case "rolled-back":
+        return `${who}: the update that was interrupted was rolled back. The previous version is in place.${why}`;
+      case "committed":
+        return `${who}: the update had passed its probation before moonflash stopped, so it stays installed.`;
+      case "resumed-download":
+      case "verified":
+        return `${who}: the interrupted download was taken up again: ${String(d.state).replace("_", " ")}.${why}`;
+      case "gave-up":
+        return `${who}: moonflash gave up on the interrupted update.${why}`;
+      default:
+        return `${who}: leftovers of an earlier update were cleaned up.${why}`;
+    }
+  }
+  return `${who}: done`;
+}
+function backupNote(p) {
+  if (!p.backup.read_back) return "";
+  const seconds = p.backup.estimated_ms === void 0 ? "" : ` \u2248 ${(p.backup.estimated_ms / 1e3).toFixed(1)} s more downtime`;
+  return `, its current firmware read back first${seconds}`;
+}
+function updatePlanDialog(r) {
+  if (!r.dry_run || r.plan.length === 0) return null;
+  const to = r.host_version ?? "Klipper's version";
+  const why = { outdated: "outdated", requested: "asked for", forced: "forced" };
+  const forced = r.plan.some((p) => p.why === "forced");
+  return {
+    // Short: Mainsail cuts a long title in its dialog's header.
+    title: `moonflash: update ${plural(r.plan.length, "MCU")}`,
+    text: [
+      `To ${to}: the firmware is built first, while Klipper runs. Then Klipper stops once and the boards are flashed in this order:`,
+      ...r.plan.map((p, i) => `${i + 1}. ${p.name}: ${why[p.why]}${p.version_before ? `, now ${p.version_before}` : ""}, ${p.transport}${backupNote(p)}`),
+      "Then Klipper starts again and each board's version is checked. Nothing happens until you press Start."
+    ],
+    buttons: [
+      { label: "Start", gcode: `UPDATE_MCUS MCU=${r.plan.map((p) => p.name).join(",")}${forced ? " FORCE=1" : ""}`, color: "primary" },
+      { label: "Cancel", gcode: PROMPT_END, color: "error" }
+    ]
+  };
+}
+function updateLine(r) {
+  const to = r.host_version ?? "Klipper's version";
+  if (r.plan.length === 0) return `moonflash: every MCU runs ${to}: nothing to update.`;
+  if (r.dry_run) {
+    const order = r.plan.map((p) => `${p.name} (${p.why}${p.version_before ? `, now ${p.version_before}` : ""}, ${p.transport}${backupNote(p)})`).join(", then ");
+    return `moonflash: update plan to ${to}: build all while Klipper runs, stop Klipper once, flash ${order}, start Klipper. Dry run: nothing was built, stopped or written.`;
+  }
+  const names = r.mcus.map((m) => m.name).join(", ");
+  const down = r.downtime_ms === null ? "" : ` Klipper was down ${(r.downtime_ms / 1e3).toFixed(1)} s.`;
+  return `moonflash: updated ${names} to ${to}.${down} Klipper is ${r.klipper_state}.`;
+}
+var ConsoleReporter = class {
+  constructor(printer, logger, watchUrl = () => null) {
+    this.printer = printer;
+    this.logger = logger;
+    this.watchUrl = watchUrl;
+    this.reachable = consoleReachable(printer.state());
+    this.unsubscribe = printer.onStateChange((state) => {
+      const reachable = consoleReachable(state);
+      if (reachable && !this.reachable && this.retryTimer) {
+        clearTimeout(this.retryTimer);
+        this.retryTimer = null;
+        this.retryDelayMs = RETRY_MIN_MS;
+      }
+      this.reachable = reachable;
+      this.pump();
+    });
+  }
+  printer;
+  logger;
+  watchUrl;
+  queue = [];
+  /** A dialog of ours may be open (sent, and not yet closed by us). */
+  dialogOpen = false;
+  dropped = 0;
+  sending = false;
+  closed = false;
+  retryTimer = null;
+  retryDelayMs = RETRY_MIN_MS;
+  reachable;
+  lastQuarter = /* @__PURE__ */ new Map();
+  unsubscribe;
+  close() {
+    this.closed = true;
+    this.unsubscribe();
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+  }
+  /** Lines still waiting for the console (tests and status). */
+  get pending() {
+    return this.queue.length;
+  }
+  /** Job events \u2192 console lines: the stop of Klipper, progress at each quarter, warnings, results and notices. */
+  onJobEvent = (event) => {
+    const who = jobWho(event.kind, event.target);
+    switch (event.type) {
+      case "stage":
+        if (event.stage === "plan") this.say(`${who}: checking the board and the firmware`, "command", false);
+        else if (event.kind === "ota" && event.stage === "backup") {
+          this.say(`${who}: backing up the files it replaces. Then the services the update names stop while the new files go in, and the result appears here when Klipper is back.${this.watchHint()}`);
+        } else if (event.stage === "stop-klipper") {
+          this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.${this.watchHint()}`);
+        } else if (event.message && event.stage !== "start-klipper") this.say(`${who}: ${event.message}`, "command", false);
+        break;
+      case "progress": {
+        if (event.total <= 0) break;
+        const quarter = Math.floor(4 * event.done / event.total);
+        const key = `${event.jobId}:${event.phase ?? ""}`;
+        if (this.lastQuarter.get(key) === quarter) break;
+        this.lastQuarter.set(key, quarter);
+        this.say(`${who}: ${event.phase ?? "progress"} ${quarter * 25}%`, "command", false);
+        break;
+      }
+      case "log":
+        if (event.level === "warn" || event.level === "error") this.say(`${who}: ${event.message}`, event.level === "error" ? "error" : "command");
+        break;
+      case "result": {
+        for (const key of this.lastQuarter.keys()) if (key.startsWith(`${event.jobId}:`)) this.lastQuarter.delete(key);
+        const line = resultLine(event);
+        this.say(line.message, line.type);
+        break;
+      }
+      case "notice":
+        this.say(`${who}: ${event.message}`);
+        break;
+    }
+  };
+  /**
+   * Queues a line for the console. `keep` false marks a line that only means something now (a progress step):
+   * it is shown if the console is reachable and otherwise skipped (logged), never queued for later.
+   */
+  say(message, type = "command", keep = true) {
+    if (this.closed) return;
+    if (!keep && !consoleReachable(this.printer.state())) {
+      this.logger.debug({ message }, "console unreachable; progress line skipped");
+      return;
+    }
+    this.enqueue({ script: respondScript(message, type), message });
+  }
+  /**
+   * Opens a dialog in Mainsail and Fluidd. Only while the console is reachable: a dialog that waited for Klipper
+   * would ask about a moment that has passed.
+   */
+  dialog(d) {
+    if (this.closed) return;
+    if (!consoleReachable(this.printer.state())) {
+      this.logger.info({ title: d.title }, "console unreachable; dialog not shown");
+      return;
+    }
+    this.dialogOpen = true;
+    this.enqueue({ script: promptScript(d), message: `dialog: ${d.title}` });
+  }
+  /** Closes the dialog this reporter opened, if it may still be open (a button of it was pressed). */
+  closeDialog() {
+    if (this.closed || !this.dialogOpen) return;
+    this.dialogOpen = false;
+    if (consoleReachable(this.printer.state())) this.enqueue({ script: respondScript("action:prompt_end"), message: "dialog closed" });
+  }
+  /** " Watch it live at \u2026" for the line said before Klipper stops, when there is a status page. */
+  watchHint() {
+    const url2 = this.watchUrl();
+    return url2 ? ` Watch it live at ${url2} (also on the Webcam page as 'moonflash').` : "";
+  }
+  enqueue(line) {
+    this.queue.push(line);
+    if (this.queue.length > QUEUE_LIMIT) {
+      const [lost] = this.queue.splice(0, 1);
+      this.dropped++;
+      this.logger.warn({ message: lost?.message }, "console queue full; the oldest line is not shown");
+    }
+    this.pump();
+  }
+  /** Sends the head of the queue when the console is reachable; one at a time, so lines keep their order. */
+  pump() {
+    if (this.closed || this.sending || this.retryTimer || this.queue.length === 0) return;
+    if (!consoleReachable(this.printer.state())) return;
+    if (this.dropped > 0) {
+      const message = `moonflash: ${this.dropped} earlier console line(s) could not be shown. See moonflash.log`;
+      this.queue.unshift({ script: respondScript(message), message });
+      this.dropped = 0;
+    }
+    const line = this.queue[0];
+    this.sending = true;
+    this.printer.gcode(line.script).then(
+      () => {
+        if (this.queue[0] === line) this.queue.shift();
+        this.retryDelayMs = RETRY_MIN_MS;
+      },
+      (err) => {
+        this.logger.debug({ err, message: line.message }, `console line not delivered; retrying in ${this.retryDelayMs} ms`);
+        if (this.closed) return;
+        this.retryTimer = setTimeout(() => {
+          this.retryTimer = null;
+          this.pump();
+        }, this.retryDelayMs);
+        this.retryDelayMs = Math.min(this.retryDelayMs * 2, RETRY_MAX_MS);
+      }
+    ).finally(() => {
+      this.sending = false;
+      this.pump();
+    });
+  }
+};
+
 // src/agent/methods.ts
 function macroDialect(method) {
   if (!method.macro) return clientDialect(method.name);
@@ -10265,14 +10540,14 @@ function buildMethodTable(deps) {
       params: noParams,
       handler: () => jobStatus(deps, "flash"),
       summary: (s) => describeStatus("flash", s),
-      macro: { command: "MOONFLASH_STATUS" }
+      macro: { command: "FLASH_STATUS" }
     }),
     define({
       name: "flash.devices",
       description: "Serial devices and CAN nodes found, classified and mapped to Klipper's [mcu] sections.",
       params: noParams,
       handler: async () => deps.flash().devices(),
-      macro: { command: "MOONFLASH_DEVICES" },
+      macro: { command: "FLASH_DEVICES" },
       summary: (r) => {
         const serial = r.devices.map((d) => `${d.byId ?? d.path}${d.mcu ? ` \u2192 [${d.mcu}]` : ""}`).join(", ") || "none";
         const can = r.canbus.map((c) => c.error ? `${c.interface}: ${c.error.message}` : `${c.interface}: ${c.nodes.map((n) => `${n.uuid} ${n.application}${n.mcu ? ` \u2192 [${n.mcu}]` : ""}`).join(", ") || "no unassigned nodes"}`);
@@ -10320,7 +10595,9 @@ function buildMethodTable(deps) {
         if (!deps.update) throw new MoonflashError("INTERNAL", "This moonflash process cannot update MCUs.");
         return deps.update().run({ ...mcus ? { mcus } : {}, ...force === void 0 ? {} : { force }, ...dry_run === void 0 ? {} : { dry_run } });
       },
-      // No summary: the job's result line tells the console (the plan, for a dry run).
+      // No summary: the job's result line tells the console (the plan, for a dry run); a dry run's plan also opens
+      // a dialog whose Start button runs it.
+      dialog: (r) => updatePlanDialog(r),
       macro: { command: "UPDATE_MCUS", params: { mcus: "MCU", force: "FORCE", dry_run: "DRY_RUN" } }
     }),
     define({
@@ -10375,7 +10652,7 @@ function buildMethodTable(deps) {
       description: "Cancel the running flash job; allowed until writing starts.",
       params: noParams,
       handler: async () => ({ cancelled: deps.flash().cancel().id }),
-      macro: { command: "MOONFLASH_CANCEL" },
+      macro: { command: "FLASH_CANCEL" },
       summary: (r) => {
         const job = runner.current();
         const target = job?.id === r.cancelled ? job.target : runner.history("flash", 10).find((j) => j.id === r.cancelled)?.target;
@@ -10438,6 +10715,97 @@ function buildMethodTable(deps) {
     })
   ];
 }
+
+// src/agent/status-webcam.ts
+import { networkInterfaces } from "node:os";
+var STATUS_WEBCAM_NAME = "moonflash";
+function statusPageUrl(port, publicUrl2, interfaces = networkInterfaces()) {
+  if (publicUrl2) return publicUrl2;
+  const lan = Object.values(interfaces).flat().find((a) => a && a.family === "IPv4" && !a.internal);
+  return `http://${lan?.address ?? "127.0.0.1"}:${port}/`;
+}
+var StatusWebcam = class {
+  constructor(opts) {
+    this.opts = opts;
+    this.unsubscribers.push(opts.runner.on(this.onJobEvent));
+    this.unsubscribers.push(opts.printer.onStateChange(() => this.update()));
+  }
+  opts;
+  /** The webcam is (as far as this process knows) in Moonraker's list. */
+  registered = false;
+  /** Webcam requests run one after another, so an add and the remove that follows it cannot cross. */
+  chain = Promise.resolve();
+  unsubscribers = [];
+  close() {
+    for (const u of this.unsubscribers) u();
+  }
+  /** Waits for the requests in flight (tests, and a stopping agent). */
+  settled() {
+    return this.chain;
+  }
+  /**
+   * Removes a webcam an earlier process left (killed during a job): called on each connection to Moonraker, which
+   * keeps webcams in its database, so without this one would stay on the dashboard for good. While Klipper is still
+   * away it stays until Klipper is back, as after a job.
+   */
+  cleanUp() {
+    if (this.opts.runner.current()) return;
+    if (!this.opts.printer.state().klippyConnected) {
+      this.registered = true;
+      return;
+    }
+    this.registered = false;
+    this.enqueue(async () => {
+      if (await this.opts.printer.webcamDelete(STATUS_WEBCAM_NAME)) this.opts.logger.info("removed the status-page webcam an earlier moonflash left");
+    });
+  }
+  onJobEvent = () => this.update();
+  /**
+   * Adds the webcam when a job runs, Klipper is away and Moonraker is there; removes it once no job runs and Klipper
+   * is back. A job that ended with Klipper still down keeps it: the page then shows why.
+   */
+  update() {
+    const s = this.opts.printer.state();
+    if (!s.moonrakerConnected) return;
+    const running = this.opts.runner.current() !== null;
+    if (!this.registered && running && !s.klippyConnected) {
+      this.registered = true;
+      this.enqueue(() => this.add());
+    } else if (this.registered && !running && s.klippyConnected) {
+      this.registered = false;
+      this.enqueue(() => this.remove());
+    }
+  }
+  async add() {
+    try {
+      await this.opts.printer.webcamPost({
+        name: STATUS_WEBCAM_NAME,
+        service: "iframe",
+        stream_url: this.opts.url,
+        snapshot_url: "",
+        aspect_ratio: "4:3",
+        icon: "mdiRaspberryPi",
+        location: "printer",
+        enabled: true
+      });
+      this.opts.logger.info({ url: this.opts.url }, "status page shown as the webcam 'moonflash' while Klipper is stopped");
+    } catch (err) {
+      this.registered = false;
+      this.opts.logger.warn({ err }, "could not add the status page as a webcam");
+    }
+  }
+  async remove() {
+    try {
+      await this.opts.printer.webcamDelete(STATUS_WEBCAM_NAME);
+      this.opts.logger.info("status-page webcam removed: Klipper is back");
+    } catch (err) {
+      this.opts.logger.warn({ err }, "could not remove the status-page webcam; it is removed when moonflash next connects");
+    }
+  }
+  enqueue(step) {
+    this.chain = this.chain.then(step, step).catch((err) => this.opts.logger.warn({ err }, "status-page webcam"));
+  }
+};
 
 // src/app.ts
 import { readFile as readFile17 } from "node:fs/promises";
@@ -10531,6 +10899,31 @@ function rootsMap(config) {
   return new Map(Object.entries(config.roots));
 }
 
+// src/status/config.ts
+var bindAddress2 = value((raw) => {
+  if (/^(?:\d{1,3}\.){3}\d{1,3}$/.test(raw) || /^[0-9A-Fa-f:]+$/.test(raw) || raw === "localhost") return raw;
+  throw expected("an IP address to listen on, such as 0.0.0.0 (every address) or 127.0.0.1", raw);
+});
+var publicUrl = value((raw) => {
+  let parsed;
+  try {
+    parsed = new URL(raw);
+  } catch {
+    throw expected("an http:// or https:// URL such as http://printer.local:7180/", raw);
+  }
+  if (parsed.protocol !== "http:" && parsed.protocol !== "https:") throw expected("an http:// or https:// URL such as http://printer.local:7180/", raw);
+  if (parsed.username !== "" || parsed.password !== "") throw expected("a URL without user:password@ (every browser that shows the page sees it)", raw);
+  return raw;
+});
+var statusPageSchema = strictObject({
+  enabled: _default(boolean2, true),
+  port: _default(integer(1, 65535), 7180),
+  bind: _default(bindAddress2, "0.0.0.0"),
+  webcam: _default(boolean2, true),
+  public_url: unset(publicUrl)
+});
+var STATUS_PAGE_DEFAULTS = defaults(statusPageSchema);
+
 // src/moonflash-conf.ts
 function moonflashSchema(dataDir) {
   return strictObject({
@@ -10545,7 +10938,7 @@ function moonflashSchema(dataDir) {
     service_timeout: _default(integer(5, 600), 90)
   });
 }
-var KNOWN_SECTIONS = ["moonflash", "mcu", "ota"];
+var KNOWN_SECTIONS = ["moonflash", "mcu", "ota", "status_page"];
 function parseConfig(text, file, dataDir) {
   const doc = parseIni(text, file);
   const errors = [];
@@ -10556,7 +10949,8 @@ function parseConfig(text, file, dataDir) {
     dataDir,
     moonflash: defaults(moonflash),
     mcus: {},
-    ota: defaults(otaSchema)
+    ota: defaults(otaSchema),
+    status_page: defaults(statusPageSchema)
   };
   const mcuLines = /* @__PURE__ */ new Map();
   for (const section of doc.sections.values()) {
@@ -10568,6 +10962,11 @@ function parseConfig(text, file, dataDir) {
     if (section.name === "ota") {
       const parsed = validateSection(file, section, otaSchema, Object.keys(otaSchema.shape), errors);
       if (parsed) config.ota = parsed;
+      continue;
+    }
+    if (section.name === "status_page") {
+      const parsed = validateSection(file, section, statusPageSchema, Object.keys(statusPageSchema.shape), errors);
+      if (parsed) config.status_page = parsed;
       continue;
     }
     const mcu = /^mcu(?:\s+(\S.*))?$/.exec(section.name);
@@ -10591,7 +10990,7 @@ function parseConfig(text, file, dataDir) {
       line: section.line,
       error: configError(
         { file, line: section.line, section: section.name },
-        hint ? `unknown section; did you mean [${hint}]?` : "unknown section; moonflash.conf has [moonflash], [mcu], [mcu NAME] and [ota]",
+        hint ? `unknown section; did you mean [${hint}]?` : "unknown section; moonflash.conf has [moonflash], [mcu], [mcu NAME], [ota] and [status_page]",
         hint ? { suggestion: hint } : {}
       )
     });
@@ -10639,7 +11038,8 @@ function configSummary(cfg) {
       api_key: moonflash.api_key === null ? null : "(set, hidden)"
     },
     mcus: structuredClone(cfg.mcus),
-    ota: { ...structuredClone(cfg.ota), callback_url: cfg.ota.callback_url === null ? null : hideUrlCredentials(cfg.ota.callback_url) }
+    ota: { ...structuredClone(cfg.ota), callback_url: cfg.ota.callback_url === null ? null : hideUrlCredentials(cfg.ota.callback_url) },
+    status_page: { ...cfg.status_page }
   };
 }
 
@@ -16416,6 +16816,24 @@ var AgentSession = class {
   async databaseDelete(namespace, key) {
     await this.call("server.database.delete_item", { namespace, key });
   }
+  /**
+   * server.webcams.post_item: adds (or, by name, updates) a webcam that Mainsail and Fluidd list; they render the
+   * service "iframe" as a page in a frame. Answers the webcam as Moonraker stored it (uid included).
+   */
+  async webcamPost(item) {
+    return asRecord(asRecord(await this.call("server.webcams.post_item", item))?.webcam) ?? {};
+  }
+  /** server.webcams.delete_item by name; false when Moonraker has no webcam of that name. */
+  async webcamDelete(name) {
+    const peer = this.connection.requirePeer();
+    try {
+      await peer.request("server.webcams.delete_item", { name });
+      return true;
+    } catch (err) {
+      if (err instanceof MoonrakerRpcError && err.code === 404) return false;
+      throw requestFailed(err);
+    }
+  }
   async serialPeripherals() {
     const result = asRecord(await this.call("machine.peripherals.serial"));
     return Array.isArray(result?.serial_devices) ? result.serial_devices : [];
@@ -16453,229 +16871,6 @@ var AgentSession = class {
 
 // src/agent/agent.ts
 import { existsSync as existsSync4 } from "node:fs";
-
-// src/agent/progress.ts
-function agentEventAdapter(printer, logger) {
-  return (event) => {
-    if (!printer.state().moonrakerConnected) return;
-    printer.sendEvent(`${event.kind}.${event.type}`, event).catch((err) => {
-      logger.debug({ err }, "send_event failed");
-    });
-  };
-}
-function respondScript(message, type = "command") {
-  const clean = message.replace(/[\r\n]+/g, " ").replace(/"/g, "'").replace(/;/g, ",");
-  return `RESPOND TYPE=${type} MSG="${clean}"`;
-}
-var QUEUE_LIMIT = 50;
-var RETRY_MIN_MS = 500;
-var RETRY_MAX_MS = 1e4;
-function consoleReachable(state) {
-  return state.moonrakerConnected && state.klippyConnected && ["ready", "error", "shutdown"].includes(state.klippyState);
-}
-function jobWho(kind, target) {
-  if (kind === "flash") return `moonflash: flash ${mcuUserName(target)}`;
-  return `moonflash: OTA ${target.startsWith("recovery ") ? "recovery" : target}`;
-}
-function resultLine(event) {
-  const who = jobWho(event.kind, event.target);
-  if (!event.ok) return { message: `${who} failed [${event.code ?? "INTERNAL"}] ${event.message ?? ""}`.trim(), type: "error" };
-  const d = event.details ?? {};
-  if (event.kind === "ota") return { message: otaLine(who, d), type: "command" };
-  if (event.kind === "flash" && Array.isArray(d.plan) && Array.isArray(d.mcus)) return { message: updateLine(d), type: "command" };
-  if (event.kind === "flash" && d.dry_run === true) {
-    const plan = d.plan ?? {};
-    const methods = Array.isArray(d.methods) ? d.methods.join(" then ") : "";
-    return {
-      message: `${who}: dry run, nothing was stopped or written. It would flash ${String(d.firmware)} (${String(plan.firmware_bytes)} bytes) to ${String(d.device)} with ${methods}.`,
-      type: "command"
-    };
-  }
-  if (event.kind === "flash" && typeof d.image === "string" && typeof d.version === "string") {
-    const kept = d.skipped === true ? ", unchanged since the last build" : "";
-    return { message: `${who}: firmware built, ${d.version} (${String(d.bytes)} bytes${kept}).`, type: "command" };
-  }
-  if (event.kind === "flash" && typeof d.method === "string") {
-    const seconds = typeof d.elapsed_ms === "number" ? ` in ${(d.elapsed_ms / 1e3).toFixed(1)} s` : "";
-    const verified = d.verified === true ? ", verified" : "";
-    const klipper = d.klipper_restarted === true ? " Klipper is running again." : "";
-    return { message: `${who}: flashed with ${d.method}${seconds} (${String(d.bytes)} bytes${verified}).${klipper}`, type: "command" };
-  }
-  return { message: `${who}: done`, type: "command" };
-}
-var plural = (n, one, many = `${one}s`) => `${n} ${n === 1 ? one : many}`;
-function otaLine(who, d) {
-  const pkg = `${String(d.name ?? "the update")}${typeof d.version === "string" && d.version !== "" ? ` ${d.version}` : ""}`;
-  const firmware = Array.isArray(d.firmware) && d.firmware.length > 0 ? d.firmware.join(", ") : null;
-  if (typeof d.signed === "boolean" && Array.isArray(d.modules)) {
-    return `${who}: ${pkg} downloaded and verified (${String(d.size)} bytes, ${plural(d.modules.length, "module")}, ${d.signed ? "signature valid" : "not signed"}). Install it with OTA_INSTALL.`;
-  }
-  if (typeof d.probationMs === "number" && typeof d.files === "object" && d.files !== null) {
-    const f = d.files;
-    const services = Array.isArray(d.services) && d.services.length > 0 ? d.services.join(", ") : null;
-    return `${who}: installed: ${plural(f.written, "file")} (${f.replaced} replaced, ${f.added} new)${firmware ? `, firmware of ${firmware} flashed` : ""}. Probation passed (Klipper ready${services ? `, ${services} running` : ""}). OTA_ROLLBACK restores the previous version.`;
-  }
-  if (typeof d.restored === "number" && typeof d.removed === "number") {
-    const reason = d.reason;
-    return `${who}: ${pkg} rolled back${reason?.code ? ` after [${reason.code}]` : ""}: ${plural(d.restored, "file")} restored, ${d.removed} removed${firmware ? `, firmware of ${firmware} restored` : ""}. The previous version is in place.`;
-  }
-  if (typeof d.action === "string") {
-    const error = d.error;
-    const why = error ? ` [${error.code}] ${error.message}` : "";
-    switch (d.action) {
-      case "rolled-back":
-        return `${who}: the update that was interrupted was rolled back. The previous version is in place.${why}`;
-      case "committed":
-        return `${who}: the update had passed its probation before moonflash stopped, so it stays installed.`;
-      case "resumed-download":
-      case "verified":
-        return `${who}: the interrupted download was taken up again: ${String(d.state).replace("_", " ")}.${why}`;
-      case "gave-up":
-        return `${who}: moonflash gave up on the interrupted update.${why}`;
-      default:
-        return `${who}: leftovers of an earlier update were cleaned up.${why}`;
-    }
-  }
-  return `${who}: done`;
-}
-function backupNote(p) {
-  if (!p.backup.read_back) return "";
-  const seconds = p.backup.estimated_ms === void 0 ? "" : ` \u2248 ${(p.backup.estimated_ms / 1e3).toFixed(1)} s more downtime`;
-  return `, its current firmware read back first${seconds}`;
-}
-function updateLine(r) {
-  const to = r.host_version ?? "Klipper's version";
-  if (r.plan.length === 0) return `moonflash: every MCU runs ${to}: nothing to update.`;
-  if (r.dry_run) {
-    const order = r.plan.map((p) => `${p.name} (${p.why}${p.version_before ? `, now ${p.version_before}` : ""}, ${p.transport}${backupNote(p)})`).join(", then ");
-    return `moonflash: update plan to ${to}: build all while Klipper runs, stop Klipper once, flash ${order}, start Klipper. Dry run: nothing was built, stopped or written.`;
-  }
-  const names = r.mcus.map((m) => m.name).join(", ");
-  const down = r.downtime_ms === null ? "" : ` Klipper was down ${(r.downtime_ms / 1e3).toFixed(1)} s.`;
-  return `moonflash: updated ${names} to ${to}.${down} Klipper is ${r.klipper_state}.`;
-}
-var ConsoleReporter = class {
-  constructor(printer, logger) {
-    this.printer = printer;
-    this.logger = logger;
-    this.reachable = consoleReachable(printer.state());
-    this.unsubscribe = printer.onStateChange((state) => {
-      const reachable = consoleReachable(state);
-      if (reachable && !this.reachable && this.retryTimer) {
-        clearTimeout(this.retryTimer);
-        this.retryTimer = null;
-        this.retryDelayMs = RETRY_MIN_MS;
-      }
-      this.reachable = reachable;
-      this.pump();
-    });
-  }
-  printer;
-  logger;
-  queue = [];
-  dropped = 0;
-  sending = false;
-  closed = false;
-  retryTimer = null;
-  retryDelayMs = RETRY_MIN_MS;
-  reachable;
-  lastQuarter = /* @__PURE__ */ new Map();
-  unsubscribe;
-  close() {
-    this.closed = true;
-    this.unsubscribe();
-    if (this.retryTimer) clearTimeout(this.retryTimer);
-    this.retryTimer = null;
-  }
-  /** Lines still waiting for the console (tests and status). */
-  get pending() {
-    return this.queue.length;
-  }
-  /** Job events \u2192 console lines: the stop of Klipper, progress at each quarter, warnings, results and notices. */
-  onJobEvent = (event) => {
-    const who = jobWho(event.kind, event.target);
-    switch (event.type) {
-      case "stage":
-        if (event.stage === "plan") this.say(`${who}: checking the board and the firmware`, "command", false);
-        else if (event.kind === "ota" && event.stage === "backup") {
-          this.say(`${who}: backing up the files it replaces. Then the services the update names stop while the new files go in, and the result appears here when Klipper is back.`);
-        } else if (event.stage === "stop-klipper") {
-          this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.`);
-        } else if (event.message && event.stage !== "start-klipper") this.say(`${who}: ${event.message}`, "command", false);
-        break;
-      case "progress": {
-        if (event.total <= 0) break;
-        const quarter = Math.floor(4 * event.done / event.total);
-        const key = `${event.jobId}:${event.phase ?? ""}`;
-        if (this.lastQuarter.get(key) === quarter) break;
-        this.lastQuarter.set(key, quarter);
-        this.say(`${who}: ${event.phase ?? "progress"} ${quarter * 25}%`, "command", false);
-        break;
-      }
-      case "log":
-        if (event.level === "warn" || event.level === "error") this.say(`${who}: ${event.message}`, event.level === "error" ? "error" : "command");
-        break;
-      case "result": {
-        for (const key of this.lastQuarter.keys()) if (key.startsWith(`${event.jobId}:`)) this.lastQuarter.delete(key);
-        const line = resultLine(event);
-        this.say(line.message, line.type);
-        break;
-      }
-      case "notice":
-        this.say(`${who}: ${event.message}`);
-        break;
-    }
-  };
-  /**
-   * Queues a line for the console. `keep` false marks a line that only means something now (a progress step):
-   * it is shown if the console is reachable and otherwise skipped (logged), never queued for later.
-   */
-  say(message, type = "command", keep = true) {
-    if (this.closed) return;
-    if (!keep && !consoleReachable(this.printer.state())) {
-      this.logger.debug({ message }, "console unreachable; progress line skipped");
-      return;
-    }
-    this.queue.push({ message, type });
-    if (this.queue.length > QUEUE_LIMIT) {
-      const [lost] = this.queue.splice(0, 1);
-      this.dropped++;
-      this.logger.warn({ message: lost?.message }, "console queue full; the oldest line is not shown");
-    }
-    this.pump();
-  }
-  /** Sends the head of the queue when the console is reachable; one at a time, so lines keep their order. */
-  pump() {
-    if (this.closed || this.sending || this.retryTimer || this.queue.length === 0) return;
-    if (!consoleReachable(this.printer.state())) return;
-    if (this.dropped > 0) {
-      this.queue.unshift({ message: `moonflash: ${this.dropped} earlier console line(s) could not be shown. See moonflash.log`, type: "command" });
-      this.dropped = 0;
-    }
-    const line = this.queue[0];
-    this.sending = true;
-    this.printer.gcode(respondScript(line.message, line.type)).then(
-      () => {
-        if (this.queue[0] === line) this.queue.shift();
-        this.retryDelayMs = RETRY_MIN_MS;
-      },
-      (err) => {
-        this.logger.debug({ err, message: line.message }, `console line not delivered; retrying in ${this.retryDelayMs} ms`);
-        if (this.closed) return;
-        this.retryTimer = setTimeout(() => {
-          this.retryTimer = null;
-          this.pump();
-        }, this.retryDelayMs);
-        this.retryDelayMs = Math.min(this.retryDelayMs * 2, RETRY_MAX_MS);
-      }
-    ).finally(() => {
-      this.sending = false;
-      this.pump();
-    });
-  }
-};
-
-// src/agent/agent.ts
 var HANDSHAKE_WAIT_MS = 5e3;
 var RECOVERY_CHECK_MS = 1e4;
 var REPORT_DRAIN_MS = 5e3;
@@ -16696,6 +16891,11 @@ var Agent = class {
   recoveryTimer = null;
   /** The vendor HTTP API ([ota] http_port), once listening; null when off or it could not listen. */
   otaHttp = Promise.resolve(null);
+  /** The live status page ([status_page]), once listening; null when off or it could not listen. */
+  statusPage = Promise.resolve(null);
+  /** Where browsers open the status page; null until it listens. */
+  statusUrl = null;
+  statusWebcam = null;
   config;
   logger;
   endpointName;
@@ -16727,10 +16927,13 @@ var Agent = class {
     );
     this.flash = parts.flash(this.session);
     this.ota = parts.ota ? parts.ota(this.session, this.flash) : null;
-    this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }));
+    this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }), () => this.statusUrl);
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
-    this.session.on("identified", () => void this.recover().then(() => this.recoverOta()));
+    this.session.on("identified", () => {
+      this.statusWebcam?.cleanUp();
+      void this.recover().then(() => this.recoverOta());
+    });
     this.unsubscribers.push(this.runner.on((event) => {
       if (event.type === "result") void this.recover().then(() => this.recoverOta());
     }));
@@ -16743,6 +16946,7 @@ var Agent = class {
       if (existsSync4(journal)) void this.recover();
     }, RECOVERY_CHECK_MS);
     this.recoveryTimer.unref();
+    this.startStatusPage();
     const { http_port: port, http_bind: host } = this.config.ota;
     if (this.ota && port !== null) {
       const address = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
@@ -16759,6 +16963,34 @@ var Agent = class {
       );
     }
   }
+  /**
+   * The status page, and with it (when [status_page] webcam) the webcam that shows it in Mainsail and Fluidd while
+   * Klipper is stopped. A page that cannot listen (port taken) is logged; the agent works on without it.
+   */
+  startStatusPage() {
+    const sp = this.config.status_page;
+    if (!sp.enabled) return;
+    const logger = this.logger.child({ ns: "status-page" });
+    this.statusPage = import("./page-server.mjs").then(({ startStatusPage }) => startStatusPage({ runner: this.runner, printer: this.session, host: sp.bind, port: sp.port, logger, version: VERSION })).then(
+      (page) => {
+        this.statusUrl = statusPageUrl(page.port, sp.public_url);
+        logger.info(`status page at ${this.statusUrl} (listening on ${page.host}:${page.port})`);
+        if (sp.webcam) {
+          this.statusWebcam = new StatusWebcam({ printer: this.session, runner: this.runner, url: this.statusUrl, logger });
+          if (this.session.identified) this.statusWebcam.cleanUp();
+        }
+        return page;
+      },
+      (err) => {
+        logger.error({ err }, "the status page could not start; moonflash works on without it");
+        return null;
+      }
+    );
+  }
+  /** The status page once it listens (tests); null when [status_page] is off or it could not listen. */
+  statusPageServer() {
+    return this.statusPage;
+  }
   /** The vendor HTTP API once it listens; null when [ota] http_port is unset or it could not listen. */
   otaHttpApi() {
     return this.otaHttp;
@@ -16767,6 +16999,9 @@ var Agent = class {
   async stop() {
     await (await this.otaHttp)?.close();
     await this.waitForIdle(12e4);
+    this.statusWebcam?.close();
+    await this.statusWebcam?.settled();
+    await (await this.statusPage)?.close();
     await Promise.all(this.drains.map((drain2) => drain2(REPORT_DRAIN_MS)));
     if (this.recoveryTimer) clearInterval(this.recoveryTimer);
     this.recoveryTimer = null;
@@ -16863,8 +17098,11 @@ var Agent = class {
     const jobReported = () => this.runner.history(void 0, 1)[0]?.id !== lastJob;
     try {
       const params = parseParams(name, method.params, raw, viaMacro ? macroDialect(method) : void 0);
+      if (viaMacro) this.console.closeDialog();
       const result = await method.handler(params);
       if (viaMacro && method.summary && !jobReported()) this.console.say(method.summary(result));
+      const dialog = viaMacro ? method.dialog?.(result) : null;
+      if (dialog) this.console.dialog(dialog);
       return result;
     } catch (err) {
       const e = toMoonflashError(err);
@@ -17078,7 +17316,6 @@ export {
   findExecutable,
   identifyDevice,
   readJournal,
-  mcuUserName,
   mcuSectionName,
   commonJsModule,
   DEFAULT_LIMITS,
@@ -17086,6 +17323,7 @@ export {
   parseProfile,
   initialPrinterState,
   parseParams,
+  statusPageUrl,
   REPORT_DRAIN_MS2 as REPORT_DRAIN_MS,
   createRuntime,
   createFlashEngine,
