@@ -40,6 +40,7 @@ import {
 } from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+sidebar-link.mjs";
 import {
   flashCommandsFor,
+  listenForPage,
   mcuUserName
 } from "./shared-build+console-filters+doctor+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import {
@@ -16971,15 +16972,22 @@ var Agent = class {
     const sp = this.config.status_page;
     if (!sp.enabled) return;
     const logger = this.logger.child({ ns: "status-page" });
-    this.statusPage = import("./page-server.mjs").then(({ startStatusPage }) => startStatusPage({ runner: this.runner, printer: this.session, host: sp.bind, port: sp.port, logger, version: VERSION })).then(
-      (page) => {
-        this.statusUrl = statusPageUrl(page.port, sp.public_url);
-        logger.info(`status page at ${this.statusUrl} (listening on ${page.host}:${page.port})`);
+    const load = async () => (await import("./page-server.mjs")).createStatusPage({ runner: this.runner, printer: this.session, logger, version: VERSION });
+    this.statusPage = listenForPage({ host: sp.bind, port: sp.port, logger, load }).then(
+      (listener) => {
+        this.statusUrl = statusPageUrl(listener.port, sp.public_url);
+        logger.info(`status page at ${this.statusUrl} (listening on ${listener.host}:${listener.port})`);
+        const off = this.runner.on((event) => {
+          if (event.type !== "stage") return;
+          off();
+          listener.load().catch((err) => logger.error({ err }, "the status page could not be loaded"));
+        });
+        this.unsubscribers.push(off);
         if (sp.webcam) {
           this.statusWebcam = new StatusWebcam({ printer: this.session, runner: this.runner, url: this.statusUrl, logger });
           if (this.session.identified) this.statusWebcam.cleanUp();
         }
-        return page;
+        return listener;
       },
       (err) => {
         logger.error({ err }, "the status page could not start; moonflash works on without it");

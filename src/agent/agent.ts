@@ -20,7 +20,7 @@ import { buildMethodTable, macroDialect, type RemoteMethod } from "./methods.js"
 import { parseParams } from "./params.js";
 import { ConsoleReporter, agentEventAdapter } from "./progress.js";
 import { StatusWebcam, statusPageUrl } from "./status-webcam.js";
-import type { StatusPage } from "../status/page-server.js";
+import { listenForPage, type StatusListener } from "../status/listener.js";
 import { VERSION, AGENT_NAME } from "../version.js";
 
 /** How long a call that arrives during the Moonraker handshake waits for the state to be read. */
@@ -72,7 +72,7 @@ export class Agent {
   /** The vendor HTTP API ([ota] http_port), once listening; null when off or it could not listen. */
   private otaHttp: Promise<OtaHttpApi | null> = Promise.resolve(null);
   /** The live status page ([status_page]), once listening; null when off or it could not listen. */
-  private statusPage: Promise<StatusPage | null> = Promise.resolve(null);
+  private statusPage: Promise<StatusListener | null> = Promise.resolve(null);
   /** Where browsers open the status page; null until it listens. */
   private statusUrl: string | null = null;
   private statusWebcam: StatusWebcam | null = null;
@@ -165,28 +165,35 @@ export class Agent {
     const sp = this.config.status_page;
     if (!sp.enabled) return;
     const logger = this.logger.child({ ns: "status-page" });
-    // Loaded here, not at the top: the page's code stays out of processes that never serve it (the CLI).
-    this.statusPage = import("../status/page-server.js")
-      .then(({ startStatusPage }) => startStatusPage({ runner: this.runner, printer: this.session, host: sp.bind, port: sp.port, logger, version: VERSION }))
-      .then(
-        (page) => {
-          this.statusUrl = statusPageUrl(page.port, sp.public_url);
-          logger.info(`status page at ${this.statusUrl} (listening on ${page.host}:${page.port})`);
-          if (sp.webcam) {
-            this.statusWebcam = new StatusWebcam({ printer: this.session, runner: this.runner, url: this.statusUrl, logger });
-            if (this.session.identified) this.statusWebcam.cleanUp();
-          }
-          return page;
-        },
-        (err: unknown) => {
-          logger.error({ err }, "the status page could not start; moonflash works on without it");
-          return null;
-        },
-      );
+    // The port is held at once; the page itself (node:http and its code) is loaded when a browser first connects or
+    // the first job starts, so an idle agent does not carry it (docs/BENCHMARKS.md).
+    const load = async () =>
+      (await import("../status/page-server.js")).createStatusPage({ runner: this.runner, printer: this.session, logger, version: VERSION });
+    this.statusPage = listenForPage({ host: sp.bind, port: sp.port, logger, load }).then(
+      (listener) => {
+        this.statusUrl = statusPageUrl(listener.port, sp.public_url);
+        logger.info(`status page at ${this.statusUrl} (listening on ${listener.host}:${listener.port})`);
+        const off = this.runner.on((event) => {
+          if (event.type !== "stage") return;
+          off();
+          listener.load().catch((err: unknown) => logger.error({ err }, "the status page could not be loaded"));
+        });
+        this.unsubscribers.push(off);
+        if (sp.webcam) {
+          this.statusWebcam = new StatusWebcam({ printer: this.session, runner: this.runner, url: this.statusUrl, logger });
+          if (this.session.identified) this.statusWebcam.cleanUp();
+        }
+        return listener;
+      },
+      (err: unknown) => {
+        logger.error({ err }, "the status page could not start; moonflash works on without it");
+        return null;
+      },
+    );
   }
 
   /** The status page once it listens (tests); null when [status_page] is off or it could not listen. */
-  statusPageServer(): Promise<StatusPage | null> {
+  statusPageServer(): Promise<StatusListener | null> {
     return this.statusPage;
   }
 

@@ -12,14 +12,13 @@
 // has no login, so it passes on only redacted texts (src/status/view.ts). Loaded on demand (await import()): it is
 // the only part of the agent that needs node:http at rest.
 
-import { once } from "node:events";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
-import type { AddressInfo } from "node:net";
 import type { Logger } from "pino";
-import { MoonflashError } from "../core/errors.js";
 import type { JobEvent } from "../core/events.js";
 import type { JobRunner } from "../core/jobs.js";
 import type { PrinterPort, PrinterState } from "../core/printer.js";
+import type { Socket } from "node:net";
+import { listenForPage, type ConnectionSink } from "./listener.js";
 import { PAGE_SCRIPT, renderPage } from "./page-html.js";
 import { HISTORY_ROWS, historyRows, JobTracker, pageJson, printerView, type Snapshot } from "./view.js";
 
@@ -75,12 +74,30 @@ function pageCsp(): string {
 const COMMON_HEADERS = { "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer" };
 const ROUTES = new Set(["/", "/events", "/status.json"]);
 
+/** Listens on opts.host:opts.port and serves the page at once (tests, and any caller that wants it loaded now). */
 export async function startStatusPage(opts: StatusPageOptions): Promise<StatusPage> {
+  const page = createStatusPage(opts);
+  try {
+    const listener = await listenForPage({ host: opts.host, port: opts.port, logger: opts.logger, load: async () => page });
+    await listener.load();
+    return { port: listener.port, host: listener.host, close: () => listener.close() };
+  } catch (err) {
+    await page.close();
+    throw err;
+  }
+}
+
+/**
+ * The page's HTTP server, not listening: it serves the sockets it is given (src/status/listener.ts holds the port).
+ * It follows the runner and the printer from its creation on.
+ */
+export function createStatusPage(opts: Omit<StatusPageOptions, "host" | "port">): ConnectionSink {
   const { runner, printer } = opts;
   // A logger the caller already named keeps its name (pino would write "ns" twice).
   const logger = opts.logger.bindings().ns === undefined ? opts.logger.child({ ns: "status-page" }) : opts.logger;
   const version = opts.version ?? null;
   const tracker = new JobTracker();
+  logger.debug("status page loaded");
   const clients = new Set<ServerResponse>();
   let lastPrinter = pageJson(printerView(printer.state()));
 
@@ -187,13 +204,6 @@ export async function startStatusPage(opts: StatusPageOptions): Promise<StatusPa
   server.maxConnections = MAX_SSE_CLIENTS + 20;
   server.on("clientError", (_err, socket) => socket.destroy());
 
-  server.listen(opts.port, opts.host);
-  try {
-    await Promise.race([once(server, "listening"), once(server, "error").then(([err]) => Promise.reject(err as Error))]);
-  } catch (err) {
-    throw listenError(err, opts.host, opts.port);
-  }
-
   const unsubscribeJobs = runner.on(onJobEvent);
   const unsubscribePrinter = printer.onStateChange(onPrinterState);
   const heartbeat = setInterval(() => {
@@ -201,13 +211,17 @@ export async function startStatusPage(opts: StatusPageOptions): Promise<StatusPa
   }, opts.heartbeatMs ?? HEARTBEAT_MS);
   heartbeat.unref();
 
-  const port = (server.address() as AddressInfo).port;
-  logger.debug({ host: opts.host, port }, "status page listening");
-
+  // http.Server tracks connections (closeIdleConnections, closeAllConnections) only once it listens itself, and
+  // this one is handed its sockets: it keeps them here.
+  const sockets = new Set<Socket>();
   let closing: Promise<void> | null = null;
   return {
-    port,
-    host: opts.host,
+    accept: (socket) => {
+      if (closing) return void socket.destroy();
+      sockets.add(socket);
+      socket.once("close", () => sockets.delete(socket));
+      server.emit("connection", socket);
+    },
     close: () =>
       (closing ??= new Promise<void>((resolve) => {
         clearInterval(heartbeat);
@@ -217,23 +231,11 @@ export async function startStatusPage(opts: StatusPageOptions): Promise<StatusPa
         // open a moment later is cut.
         for (const res of clients) res.end();
         clients.clear();
-        server.close(() => resolve());
-        server.closeIdleConnections();
-        setTimeout(() => server.closeAllConnections(), CLOSE_GRACE_MS).unref();
+        for (const socket of sockets) socket.end();
+        setTimeout(() => {
+          for (const socket of sockets) socket.destroy();
+          resolve();
+        }, CLOSE_GRACE_MS);
       })),
   };
-}
-
-function listenError(err: unknown, host: string, port: number): MoonflashError {
-  const errno = (err as NodeJS.ErrnoException).code;
-  const where = `${host}:${port}`;
-  const message =
-    errno === "EADDRINUSE"
-      ? `Port ${port} (${where}) is already in use by another program, so the status page cannot start. Set another port in moonflash.conf ([status_page] port), or stop the program that uses it.`
-      : errno === "EACCES"
-        ? `The status page may not listen on ${where}: ports below 1024 need root. Set [status_page] port to 1024 or above in moonflash.conf.`
-        : errno === "EADDRNOTAVAIL"
-          ? `The status page cannot listen on ${where}: ${host} is not an address of this machine. Set [status_page] bind to one of its addresses, or 0.0.0.0 for all.`
-          : `The status page cannot listen on ${where} (${errno ?? String(err)}). Set another [status_page] port or bind in moonflash.conf.`;
-  return new MoonflashError("PORT_UNAVAILABLE", message, { host, port, errno: errno ?? null }, { cause: err });
 }

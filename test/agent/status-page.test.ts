@@ -9,6 +9,7 @@ import { createServer, type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
+import { Writable } from "node:stream";
 import pino from "pino";
 import type { Agent } from "../../src/agent/agent.js";
 import { createAgent } from "../../src/app.js";
@@ -97,6 +98,29 @@ it("a flash: the pre-stop line names the page, the page is a webcam only while K
   const status = (await (await fetch(`http://127.0.0.1:${port}/status.json`)).json()) as { history: Array<Record<string, unknown>> };
   expect(status.history[0]).toMatchObject({ ok: true });
   expect((await fetch(`http://127.0.0.1:${port}/status.json`, { method: "POST" })).status).toBe(405);
+});
+
+it("an idle agent holds the port but loads the page only when a browser first connects", { timeout: 30_000 }, async () => {
+  const records: Array<{ msg?: string }> = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _encoding, done) {
+      for (const line of chunk.toString().split("\n").filter(Boolean)) records.push(JSON.parse(line) as { msg?: string });
+      done();
+    },
+  });
+  agent = await createAgent({ dataDir: dir, logger: pino({ level: "debug" }, sink) });
+  agent.start();
+  await moonraker.waitFor(() => agent!.session.identified && agent!.session.state().klippyState === "ready", 10_000);
+  expect((await agent.statusPageServer())?.port).toBe(port);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  expect(records.filter((r) => r.msg === "status page loaded")).toEqual([]);
+  const page = await fetch(`http://127.0.0.1:${port}/`);
+  expect(page.status).toBe(200);
+  expect(await page.text()).toContain("moonflash");
+  expect(records.filter((r) => r.msg === "status page loaded")).toHaveLength(1);
+  // A second viewer uses the same page.
+  expect((await fetch(`http://127.0.0.1:${port}/status.json`)).status).toBe(200);
+  expect(records.filter((r) => r.msg === "status page loaded")).toHaveLength(1);
 });
 
 it("removes the webcam an earlier moonflash left (killed during a job) when it connects and no job runs", { timeout: 30_000 }, async () => {
