@@ -475,14 +475,24 @@ elif [[ "$out" != *'"present"'* ]]; then
 fi
 
 # ------------------------------------------------------------------------------------------- install: moonflash.conf
+# With Moonraker running, the template gets a commented section for each [mcu] of Klipper's config.
 if [[ ! -e "$MOONFLASH_CONF" ]]; then
+  conf_body="$TMP_DIR/moonflash.conf.body"
+  made_from="all defaults, commented"
+  if [[ -S "$DATA_DIR/comms/moonraker.sock" ]] &&
+    as_user "$(command -v node)" "$REPO_DIR/dist/moonflash.mjs" init-conf --data "$DATA_DIR" --template "$CONF_TEMPLATE" >"$conf_body" 2>/dev/null &&
+    grep -q '^# Klipper.s config has these MCUs' "$conf_body"; then
+    made_from="commented, with a section for each MCU of Klipper's config"
+  else
+    cat -- "$CONF_TEMPLATE" >"$conf_body"
+  fi
   {
     printf '# moonflash.conf, written by %s/install.sh, which never overwrites it; --uninstall leaves it.\n' "$REPO_DIR"
     printf '# See which boards and Klipper [mcu] sections moonflash sees: node %s/dist/moonflash.mjs devices --data %s\n' "$REPO_DIR" "$DATA_DIR"
-    sed '1{/^# moonflash configuration: copy to /d;}' -- "$CONF_TEMPLATE"
+    sed '1{/^# moonflash configuration: copy to /d;}' -- "$conf_body"
   } >"$MOONFLASH_CONF"
   own "$MOONFLASH_CONF"
-  DONE+=("wrote $MOONFLASH_CONF (all defaults, commented)")
+  DONE+=("wrote $MOONFLASH_CONF ($made_from)")
 fi
 
 # ------------------------------------------------------------------------------------------- install: update_manager

@@ -8,19 +8,19 @@ import {
   VERSION,
   createAgent,
   exitCodeFor
-} from "./chunks/shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link.mjs";
-import "./chunks/shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
-import "./chunks/shared-build+console-filters+doctor+http-api+moonflash+offline+ota+sidebar-link.mjs";
-import "./chunks/shared-build+console-filters+doctor+moonflash+offline+ota+page-server+sidebar-link.mjs";
+} from "./chunks/shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./chunks/shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
+import "./chunks/shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./chunks/shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import {
   isMoonflashError,
   toMoonflashError
-} from "./chunks/shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+} from "./chunks/shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./chunks/shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./chunks/shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/commander/lib/error.js
 var require_error = __commonJS({
@@ -3522,6 +3522,9 @@ function buildProgram() {
   program2.command("console-filters").description("hide moonflash's doubled console lines in Mainsail and Fluidd (a filter in Moonraker's database); --remove takes it away").addOption(dataOption()).option("--remove", "remove the filter").addOption(new Option("--check", "only say whether the filter is there").conflicts("remove")).option("--json", "print JSON").action(async (opts) => {
     const mode = opts.remove ? "remove" : opts.check ? "check" : "add";
     process.exitCode = await (await import("./chunks/console-filters.mjs")).runConsoleFilters({ dataDir: opts.data, mode, json: !!opts.json });
+  });
+  program2.command("init-conf").description("print a first moonflash.conf: the template with a commented section for each [mcu] of Klipper's config (install.sh writes it)").addOption(dataOption()).requiredOption("--template <file>", "the commented template (moonraker/moonflash.conf)").action(async (opts) => {
+    process.exitCode = await (await import("./chunks/init-conf.mjs")).runInitConf({ dataDir: opts.data, template: opts.template });
   });
   program2.command("sidebar-link").description("a 'moonflash' entry in Mainsail's sidebar (config/.theme/navi.json) that opens the status page; --remove takes it away").addOption(dataOption()).option("--remove", "remove the entry").addOption(new Option("--check", "only say whether the entry is there").conflicts("remove")).option("--json", "print JSON").action(async (opts) => {
     const mode = opts.remove ? "remove" : opts.check ? "check" : "add";

@@ -6,7 +6,7 @@ import {
 import {
   ProgressRenderer,
   reportFailure
-} from "./shared-build+console-filters+offline+ota+sidebar-link.mjs";
+} from "./shared-build+console-filters+init-conf+offline+ota+sidebar-link.mjs";
 import {
   EXIT_FAILURE,
   EXIT_OK,
@@ -20,17 +20,17 @@ import {
   mcuSectionName,
   parseProfile,
   writeFileDurable
-} from "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+sidebar-link.mjs";
+} from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import {
   mcuUserName
-} from "./shared-build+console-filters+doctor+moonflash+offline+ota+page-server+sidebar-link.mjs";
+} from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/build.ts
 import { mkdir, readFile, stat } from "node:fs/promises";

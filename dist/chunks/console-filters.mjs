@@ -2,16 +2,16 @@
 import { createRequire as __moonflashRequire } from "node:module"; const require = __moonflashRequire(import.meta.url);
 import {
   reportFailure
-} from "./shared-build+console-filters+offline+ota+sidebar-link.mjs";
+} from "./shared-build+console-filters+init-conf+offline+ota+sidebar-link.mjs";
 import {
   connectPrinter,
   createRuntime
-} from "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+moonflash+offline+ota+page-server+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/console-filters.ts
 import { randomUUID } from "node:crypto";

@@ -9,13 +9,13 @@ import {
   runRollback,
   runStatus
 } from "./shared-build+offline+ota.mjs";
-import "./shared-build+console-filters+offline+ota+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+moonflash+offline+ota+page-server+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+import "./shared-build+console-filters+init-conf+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 export {
   offlinePrinter,
   runCheck,

@@ -6,7 +6,7 @@ import {
 } from "./shared-build+offline+ota.mjs";
 import {
   reportFailure
-} from "./shared-build+console-filters+offline+ota+sidebar-link.mjs";
+} from "./shared-build+console-filters+init-conf+offline+ota+sidebar-link.mjs";
 import {
   AGENT_NAME,
   DEFAULT_LIMITS,
@@ -31,17 +31,17 @@ import {
   sign,
   verify,
   writeFileDurable
-} from "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
 import {
   otaDownloadParams
-} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+moonflash+offline+ota+page-server+sidebar-link.mjs";
+} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/ota.ts
 import { readFile, stat as stat2 } from "node:fs/promises";

@@ -3,9 +3,9 @@ import { createRequire as __moonflashRequire } from "node:module"; const require
 import {
   listenForPage,
   mcuUserName
-} from "./shared-build+console-filters+doctor+moonflash+offline+ota+page-server+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+import "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/status/page-server.ts
 import { createServer } from "node:http";

@@ -3,7 +3,7 @@ import { createRequire as __moonflashRequire } from "node:module"; const require
 import {
   ProgressRenderer,
   reportFailure
-} from "./shared-build+console-filters+offline+ota+sidebar-link.mjs";
+} from "./shared-build+console-filters+init-conf+offline+ota+sidebar-link.mjs";
 import {
   REPORT_DRAIN_MS,
   connectPrinter,
@@ -14,11 +14,11 @@ import {
   isProcessAlive,
   readJobLock,
   readJournal
-} from "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link.mjs";
+} from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 
 // src/cli/offline.ts
 async function runStatus(opts) {

@@ -104,6 +104,15 @@ export function buildProgram(): Command {
     });
 
   program
+    .command("init-conf")
+    .description("print a first moonflash.conf: the template with a commented section for each [mcu] of Klipper's config (install.sh writes it)")
+    .addOption(dataOption())
+    .requiredOption("--template <file>", "the commented template (moonraker/moonflash.conf)")
+    .action(async (opts: { data: string; template: string }) => {
+      process.exitCode = await (await import("./init-conf.js")).runInitConf({ dataDir: opts.data, template: opts.template });
+    });
+
+  program
     .command("sidebar-link")
     .description("a 'moonflash' entry in Mainsail's sidebar (config/.theme/navi.json) that opens the status page; --remove takes it away")
     .addOption(dataOption())

@@ -452,11 +452,42 @@ describe("install.sh", () => {
   it("with Moonraker running: asks once and adds the console filter \"moonflash\" beside the user's; a second run asks nothing; --uninstall removes it", async () => {
     const w = await makeWorld();
     const mainsail = { console: { consolefilters: { "user-1": { bool: true, name: "temps", regex: "^B:" } } } };
-    const fake = await startFakeMoonraker({ dataDir: w.data, websocket: false, database: { mainsail } });
+    const fake = await startFakeMoonraker({
+      dataDir: w.data,
+      websocket: false,
+      database: { mainsail },
+      klipper: {
+        mcus: [
+          { section: "mcu", settings: { serial: "/dev/serial/by-id/usb-Klipper_stm32f446xx_1A0038-if00" } },
+          { section: "mcu toolhead", settings: { canbus_uuid: "0123456789ab" } },
+        ],
+      },
+    });
     try {
       // As root, so that this test's own Moonraker socket answers; the other tests cover the unprivileged install.
       const first = await run(w, ["--data", w.data, "--yes"], { env: { MOONFLASH_SKIP_NPM: "1" }, asRoot: true });
       expect(first.exitCode, first.stderr).toBe(0);
+      // moonflash.conf: a commented section for each MCU of Klipper's config, before the template's examples.
+      const conf = await read(join(w.config, "moonflash.conf"));
+      expect(first.stdout).toContain("(commented, with a section for each MCU of Klipper's config)");
+      // (The fake's MCUs report the MCU type "linux" in mcu_constants, shown after the device.)
+      expect(conf).toMatch(
+        new RegExp(
+          [
+            "#\\[mcu\\]",
+            "#  \\(Klipper: serial /dev/serial/by-id/usb-Klipper_stm32f446xx_1A0038-if00(, \\w+)?\\)",
+            "#method: katapult, make",
+            "#",
+            "#\\[mcu toolhead\\]",
+            "#  \\(Klipper: canbus_uuid 0123456789ab on can0(, \\w+)?\\)",
+            "#method: flashtool",
+            "#",
+            "# More examples:",
+            "#\\[mcu\\]",
+          ].join("\n"),
+        ),
+      );
+      expect(parseConfig(conf, join(w.config, "moonflash.conf"), w.data).mcus).toEqual({});
       expect(first.stdout).toContain('added the console filter "moonflash" to Mainsail/Fluidd (reload the page)');
       const filters = (fake.database.get("mainsail") as typeof mainsail).console.consolefilters as Record<string, { name: string; regex: string }>;
       expect(Object.values(filters).map((f) => f.name).sort()).toEqual(["moonflash", "temps"]);

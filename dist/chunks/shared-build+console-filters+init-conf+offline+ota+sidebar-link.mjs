@@ -2,10 +2,10 @@
 import { createRequire as __moonflashRequire } from "node:module"; const require = __moonflashRequire(import.meta.url);
 import {
   exitCodeFor
-} from "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link.mjs";
+} from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import {
   toMoonflashError
-} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 
 // src/cli/render.ts
 import { createRequire } from "node:module";

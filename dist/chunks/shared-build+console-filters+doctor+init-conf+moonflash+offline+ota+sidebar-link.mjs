@@ -12,7 +12,7 @@ import {
   encodeAddressFrame,
   encodeFrame,
   u32le
-} from "./shared-build+console-filters+doctor+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
 import {
   NEVER,
   _default,
@@ -37,24 +37,24 @@ import {
   transform,
   union,
   unknown
-} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+sidebar-link.mjs";
+} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import {
   flashCommandsFor,
   listenForPage,
   mcuUserName
-} from "./shared-build+console-filters+doctor+moonflash+offline+ota+page-server+sidebar-link.mjs";
+} from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import {
   ERROR_CODES,
   MoonflashError,
   isMoonflashError,
   toJsonRpcError,
   toMoonflashError
-} from "./shared-build+console-filters+doctor+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./shared-build+console-filters+doctor+execa+http-api+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/pino-std-serializers/lib/err-helpers.js
 var require_err_helpers = __commonJS({
