@@ -127,7 +127,9 @@ as_root() { if [[ "$EUID" -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 as_user() { if [[ "$TARGET_USER" == "$CURRENT_USER" ]]; then "$@"; else sudo -u "$TARGET_USER" -H "$@"; fi; }
 # Files written into the data directory belong to the service's user, also when root runs install.sh.
 own() { if [[ "$EUID" -eq 0 && "$TARGET_USER" != "$CURRENT_USER" ]]; then chown -h -- "$TARGET_USER:" "$@"; fi; }
-have_systemctl() { command -v systemctl >/dev/null 2>&1; }
+# systemctl present and systemd running (sd_booted(3): /run/systemd/system exists); a container or a chroot may have
+# the one without the other, and then every systemctl call fails. MOONFLASH_SYSTEMD_RUN: that directory (tests).
+have_systemctl() { command -v systemctl >/dev/null 2>&1 && [[ -d "${MOONFLASH_SYSTEMD_RUN:-/run/systemd/system}" ]]; }
 
 # ask QUESTION: 0 for yes. --yes answers yes; otherwise one line from stdin (end of input is no).
 ask() {
@@ -376,7 +378,7 @@ elif ! grep -Fxq -- "$ENV_LINE" "$ENV_FILE"; then
 fi
 
 if ! have_systemctl; then
-  NEXT+=("systemctl was not found: start moonflash yourself: $NODE_BIN $NODE_OPTIONS_LINE $REPO_DIR/dist/moonflash.mjs $MOONFLASH_ARGS")
+  NEXT+=("systemd is not running here (or systemctl was not found): start moonflash with your service manager: $NODE_BIN $NODE_OPTIONS_LINE $REPO_DIR/dist/moonflash.mjs $MOONFLASH_ARGS")
 elif ((UNIT_CHANGED)); then
   as_root systemctl daemon-reload
   as_root systemctl enable "$SERVICE"

@@ -129,6 +129,8 @@ async function run(w: World, args: string[], opts: { input?: string; env?: Recor
     HOME: w.home,
     LANG: "C.UTF-8",
     MOONFLASH_SYSTEMD_DIR: w.systemdDir,
+    // systemd "running" (sd_booted) for the recording systemctl; a test that removes it sees a host without systemd.
+    MOONFLASH_SYSTEMD_RUN: w.root,
     ...opts.env,
   };
   const script = join(w.repo, "install.sh");
@@ -263,6 +265,16 @@ describe("install.sh", () => {
     expect(result.stdout).toContain(`moonflash installed (user ${runUser}, data ${w.data}):`);
     expect(result.stdout).toContain("restarted Moonraker");
     expect(result.stdout).toContain("RESTART");
+  });
+
+  it("systemctl there but systemd not running (a container): writes everything, calls no systemctl, says how to start moonflash", async () => {
+    const w = await makeWorld();
+    const result = await run(w, ["--data", w.data, "--user", runUser, "--yes", "--no-npm"], { env: { MOONFLASH_SYSTEMD_RUN: join(w.root, "no-such-dir") } });
+    expect(result.exitCode, result.stderr).toBe(0);
+    expect(await read(w.unit)).toContain("ExecStart=");
+    expect(systemctlCalls(await calls(w))).toEqual([]);
+    expect(result.stdout).toMatch(/systemd is not running here \(or systemctl was not found\): start moonflash with your service manager: \S+ .*dist\/moonflash\.mjs serve --data /);
+    expect(result.stdout).toContain("restart Moonraker, which reads moonraker.asvc");
   });
 
   it("a second run changes no file (contents, mtimes, owners) and says nothing changed", async () => {
