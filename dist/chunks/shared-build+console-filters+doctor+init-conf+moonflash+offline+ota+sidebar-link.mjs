@@ -10130,6 +10130,175 @@ function didYouMean(key, known, dialect) {
   return match === void 0 || dialect.param(match) === dialect.param(key) ? "" : ` (did you mean '${dialect.param(match)}'?)`;
 }
 
+// src/flash/update-all.ts
+import { stat as stat8 } from "node:fs/promises";
+import { join as join10 } from "node:path";
+var ORDER = ["can", "usb-can-bridge", "usb", "uart", "linux"];
+var BACKUP_BY_DEFAULT = true;
+var UPDATE_ALL_TARGET = "all MCUs";
+var McuUpdater = class {
+  constructor(deps) {
+    this.deps = deps;
+  }
+  deps;
+  run(params) {
+    return this.deps.runner.run({ kind: "flash", target: UPDATE_ALL_TARGET, params }, (ctx) => this.job(params, ctx));
+  }
+  async job(params, ctx) {
+    const { engine, builder, printer } = this.deps;
+    const t0 = performance.now();
+    assertNotPrinting(printer);
+    ctx.stage("check", "checking which MCUs need new firmware");
+    const versions = await engine.checkVersions();
+    const plan = await this.plan(params, versions);
+    const phases = { check: Math.round(performance.now() - t0), build: 0, flash: 0, start: 0 };
+    const result = {
+      host_version: versions.host.version,
+      plan,
+      mcus: plan.map((p) => ({ mcu: p.mcu, name: p.name, built: false, flashed: false, version_before: p.version_before })),
+      downtime_ms: null,
+      phases_ms: phases,
+      klipper_state: printer.state().klippyState,
+      still_outdated: []
+    };
+    if (params.dry_run) return { dry_run: true, ...result };
+    if (plan.length === 0) {
+      ctx.log("info", `every MCU already runs ${versions.host.version ?? "the host's version"}: nothing to update`);
+      return result;
+    }
+    const outcome = (mcu) => result.mcus.find((m) => m.mcu === mcu);
+    const tBuild = performance.now();
+    const ready = [];
+    for (const planned of plan) {
+      const o = outcome(planned.mcu);
+      try {
+        ctx.stage("build", `building the firmware of ${planned.name}`);
+        const build = await builder.buildWithin(ctx, planned.mcu);
+        Object.assign(o, { built: true, build_skipped: build.skipped, build_ms: build.elapsedMs });
+        const { plan: flash, image } = await engine.prepare({ mcu: planned.mcu, firmware: build.image }, ctx);
+        ready.push({ planned, flash, image, build });
+      } catch (err) {
+        fail(o, err);
+        ctx.log("error", `${planned.name}: ${o.message}`);
+      }
+    }
+    phases.build = Math.round(performance.now() - tBuild);
+    if (ready.length === 0) return finish(result, ctx);
+    assertNotPrinting(printer);
+    let stoppedAt = null;
+    const tFlash = performance.now();
+    const guarded = await engine.withKlipperStopped(ctx, UPDATE_ALL_TARGET, async (inner) => {
+      stoppedAt = performance.now();
+      for (const [index, { planned, flash, image }] of ready.entries()) {
+        const o = outcome(planned.mcu);
+        const started = performance.now();
+        try {
+          inner.stage("flash", `flashing ${planned.name} (${index + 1} of ${ready.length})`);
+          const done = await engine.flashPrepared(flash, image, inner, { backup: planned.backup.read_back });
+          Object.assign(o, { flashed: true, method: done.method, verified: done.outcome.verified, ...done.backed_up ? { backed_up: true } : {} });
+        } catch (err) {
+          fail(o, err);
+          inner.log("error", `${planned.name}: ${o.message}`);
+        }
+        o.flash_ms = Math.round(performance.now() - started);
+      }
+      phases.flash = Math.round(performance.now() - tFlash);
+    });
+    const tStart = performance.now();
+    await waitForPrinter(printer, klipperSettled, this.deps.readyTimeoutMs);
+    phases.start = Math.round(performance.now() - tStart);
+    if (stoppedAt !== null && guarded.klipperRestart?.ok !== false) result.downtime_ms = Math.round(performance.now() - stoppedAt);
+    const after = await engine.checkVersions();
+    result.klipper_state = printer.state().klippyState;
+    for (const o of result.mcus) o.version_now = after.mcus.find((m) => m.mcu === o.mcu)?.version ?? null;
+    result.still_outdated = after.mcus.filter((m) => m.outdated && result.mcus.some((o) => o.mcu === m.mcu)).map((m) => mcuUserName(m.mcu));
+    return finish(result, ctx);
+  }
+  /** Which MCUs, why, and in which order. */
+  async plan(params, versions) {
+    const configured = this.deps.builder.configuredMcus().map(mcuSectionName);
+    const requested = params.mcus?.map(mcuSectionName);
+    let chosen;
+    if (requested && requested.length > 0) {
+      chosen = requested.map((mcu) => ({ mcu, why: params.force ? "forced" : "requested" }));
+    } else if (params.force) {
+      chosen = configured.map((mcu) => ({ mcu, why: "forced" }));
+    } else {
+      chosen = versions.mcus.filter((m) => m.outdated).map((m) => ({ mcu: m.mcu, why: "outdated" }));
+    }
+    const planned = [];
+    for (const { mcu, why } of chosen) {
+      if (planned.some((p) => p.mcu === mcu)) continue;
+      const known = versions.mcus.find((m) => m.mcu === mcu);
+      const transport = await this.transport(mcu);
+      planned.push({
+        mcu,
+        name: mcuUserName(mcu),
+        why,
+        version_before: known?.version ?? null,
+        transport,
+        profile: this.deps.builder.profile(mcu).path,
+        backup: await this.deps.engine.backupPlanned(mcu, BACKUP_BY_DEFAULT) ? await this.backupEstimate(mcu, transport) : { read_back: false }
+      });
+    }
+    return planned.sort((a, b) => ORDER.indexOf(a.transport) - ORDER.indexOf(b.transport));
+  }
+  /**
+   * What reading the old application back adds to the downtime: one REQUEST_BLOCK exchange per 64-byte block, about
+   * the size of the last build (else a typical 64 KiB Klipper image) plus the erased run that ends the read. A UART
+   * carries the 80-byte reply at baud/10 bytes a second (the request overlaps it); USB takes about 1 ms an exchange.
+   */
+  async backupEstimate(mcu, transport) {
+    const lastBuild = await stat8(join10(this.deps.builder.outDir(mcu), "klipper.bin")).then((s) => s.size, () => null);
+    const bytes = (lastBuild ?? 64 * 1024) + BACKUP_ERASED_RUN;
+    const blocks = Math.ceil(bytes / 64);
+    const baud = (await this.deps.engine.mcuConnection(mcu)).baud ?? MCU_DEFAULTS.baud;
+    const perBlockMs = transport === "uart" ? 80 * 10 * 1e3 / baud : 1;
+    return {
+      read_back: true,
+      estimated_ms: Math.round(blocks * perBlockMs),
+      estimate_basis: `${lastBuild === null ? "a typical 64 KiB application" : `the last build's ${lastBuild} bytes`}${transport === "uart" ? ` at ${baud} baud` : " over USB"}`
+    };
+  }
+  async transport(mcu) {
+    const connection = await this.deps.engine.mcuConnection(mcu);
+    if (connection.mcuType?.toLowerCase() === "linux") return "linux";
+    if (connection.canbusUuid) return "can";
+    if (!connection.serial) return "uart";
+    const device = await identifyDevice(connection.serial, this.deps.discovery ?? {});
+    if (device?.kind === "usb-can-bridge") return "usb-can-bridge";
+    return device?.vendorId ? "usb" : "uart";
+  }
+};
+function fail(o, err) {
+  const e = toMoonflashError(err);
+  o.code = e.code;
+  o.message = e.message;
+}
+function finish(result, ctx) {
+  const failed = result.mcus.find((m) => m.code);
+  if (failed) {
+    const others = result.mcus.filter((m) => m !== failed && m.code).length;
+    throw new MoonflashError(
+      failed.code,
+      `${failed.name}: ${failed.message}${others ? ` (and ${others} more MCU${others > 1 ? "s" : ""} failed; see the result)` : ""}`,
+      { result }
+    );
+  }
+  if (result.still_outdated.length > 0) {
+    throw new MoonflashError(
+      "VERSION_MISMATCH",
+      `Flashed, but ${result.still_outdated.join(", ")} still report${result.still_outdated.length > 1 ? "" : "s"} another version than Klipper (${result.host_version}). Rebuild with the Klipper tree Klipper runs from (a dirty or moved tree gives another version) and update again.`,
+      { result }
+    );
+  }
+  ctx.log("info", `updated ${result.mcus.map((m) => m.name).join(", ")}`);
+  return result;
+}
+function klipperSettled(state) {
+  return state.klippyConnected && ["ready", "error", "shutdown"].includes(state.klippyState);
+}
+
 // src/agent/progress.ts
 function agentEventAdapter(printer, logger) {
   return (event) => {
@@ -10309,7 +10478,8 @@ var ConsoleReporter = class {
         else if (event.kind === "ota" && event.stage === "backup") {
           this.say(`${who}: backing up the files it replaces. Then the services the update names stop while the new files go in, and the result appears here when Klipper is back.${this.watchHint()}`);
         } else if (event.stage === "stop-klipper") {
-          this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.${this.watchHint()}`);
+          const boards = event.target === UPDATE_ALL_TARGET ? "the boards" : "the board";
+          this.say(`${who}: stopping Klipper to flash ${boards}. The result appears here when Klipper is back.${this.watchHint()}`);
         } else if (event.message && event.stage !== "start-klipper") this.say(`${who}: ${event.message}`, "command", false);
         break;
       case "progress": {
@@ -11417,7 +11587,7 @@ import { exec } from "child_process";
 import { createGzip } from "zlib";
 import { Writable } from "stream";
 import { access as access5, constants, createReadStream, createWriteStream } from "fs";
-import { mkdir as mkdir3, open as open3, readFile as readFile10, rename as rename3, stat as stat8, unlink, writeFile } from "fs/promises";
+import { mkdir as mkdir3, open as open3, readFile as readFile10, rename as rename3, stat as stat9, unlink, writeFile } from "fs/promises";
 import { sep } from "path";
 import { TextDecoder as TextDecoder2 } from "util";
 import { setTimeout as setTimeout2 } from "timers";
@@ -11464,7 +11634,7 @@ var RotatingFileStream = class extends Writable {
     this.fsCreateWriteStream = createWriteStream;
     this.fsOpen = open3;
     this.fsReadFile = readFile10;
-    this.fsStat = stat8;
+    this.fsStat = stat9;
     this.fsUnlink = unlink;
     this.generator = generator;
     this.maxTimeout = 2147483640;
@@ -11536,7 +11706,7 @@ var RotatingFileStream = class extends Writable {
       return new Promise((resolve4, reject) => process.nextTick(() => this.immutate(true).then(resolve4).catch(reject)));
     let stats;
     try {
-      stats = await stat8(this.filename);
+      stats = await stat9(this.filename);
     } catch (e) {
       if (e.code !== "ENOENT")
         throw e;
@@ -12212,14 +12382,14 @@ var CallbackReporter = class {
 };
 
 // src/ota/engine.ts
-import { access as access8, mkdir as mkdir7, readdir as readdir7, readFile as readFile15, rm as rm8, stat as stat12 } from "node:fs/promises";
+import { access as access8, mkdir as mkdir7, readdir as readdir7, readFile as readFile15, rm as rm8, stat as stat13 } from "node:fs/promises";
 import { constants as constants4 } from "node:fs";
-import { dirname as dirname9, join as join14 } from "node:path";
+import { dirname as dirname9, join as join15 } from "node:path";
 
 // src/ota/deploy.ts
 import { constants as constants2 } from "node:fs";
-import { access as access6, chown, lstat, mkdir as mkdir4, open as open4, readdir as readdir3, readFile as readFile11, rename as rename4, rm as rm4, rmdir, stat as stat9, statfs } from "node:fs/promises";
-import { basename as basename5, dirname as dirname5, join as join10 } from "node:path";
+import { access as access6, chown, lstat, mkdir as mkdir4, open as open4, readdir as readdir3, readFile as readFile11, rename as rename4, rm as rm4, rmdir, stat as stat10, statfs } from "node:fs/promises";
+import { basename as basename5, dirname as dirname5, join as join11 } from "node:path";
 var MiB = 1024 * 1024;
 var FREE_SPACE_MARGIN_BYTES = 16 * MiB;
 async function copyFileDurable(src, dest, mode2) {
@@ -12287,18 +12457,18 @@ var OUTCOME_FILE = "outcome.json";
 async function readBackupManifest(dir) {
   let text;
   try {
-    text = await readFile11(join10(dir, BACKUP_MANIFEST), "utf8");
+    text = await readFile11(join11(dir, BACKUP_MANIFEST), "utf8");
   } catch (err) {
     if (err.code === "ENOENT") return null;
-    throw fileError(err, "read the backup manifest", join10(dir, BACKUP_MANIFEST));
+    throw fileError(err, "read the backup manifest", join11(dir, BACKUP_MANIFEST));
   }
   try {
     return backupManifestSchema.parse(JSON.parse(text));
   } catch (err) {
     throw new MoonflashError(
       "INTERNAL",
-      `The backup manifest ${join10(dir, BACKUP_MANIFEST)} is damaged, so the files it lists cannot be restored automatically; the copies are in ${dir}.`,
-      { path: join10(dir, BACKUP_MANIFEST) },
+      `The backup manifest ${join11(dir, BACKUP_MANIFEST)} is damaged, so the files it lists cannot be restored automatically; the copies are in ${dir}.`,
+      { path: join11(dir, BACKUP_MANIFEST) },
       { cause: err }
     );
   }
@@ -12308,7 +12478,7 @@ async function readOutcome(dir) {
 }
 async function readOutcomeRecord(dir) {
   try {
-    const data = JSON.parse(await readFile11(join10(dir, OUTCOME_FILE), "utf8"));
+    const data = JSON.parse(await readFile11(join11(dir, OUTCOME_FILE), "utf8"));
     if (data.outcome !== "committed" && data.outcome !== "rolled_back") return null;
     return { outcome: data.outcome, at: typeof data.at === "string" ? data.at : "" };
   } catch {
@@ -12316,7 +12486,7 @@ async function readOutcomeRecord(dir) {
   }
 }
 async function writeOutcome(dir, outcome, at) {
-  await writeFileDurable(join10(dir, OUTCOME_FILE), `${JSON.stringify({ outcome, at: at.toISOString() })}
+  await writeFileDurable(join11(dir, OUTCOME_FILE), `${JSON.stringify({ outcome, at: at.toISOString() })}
 `);
 }
 async function listBackups(root) {
@@ -12329,7 +12499,7 @@ async function listBackups(root) {
   }
   const backups = [];
   for (const updateId of names) {
-    const dir = join10(root, updateId);
+    const dir = join11(root, updateId);
     let manifest = null;
     try {
       manifest = await readBackupManifest(dir);
@@ -12360,7 +12530,7 @@ async function checkReadable(targets) {
 async function existingAncestor(path6) {
   for (let dir = path6; ; dir = dirname5(dir)) {
     try {
-      if ((await stat9(dir)).isDirectory()) return dir;
+      if ((await stat10(dir)).isDirectory()) return dir;
     } catch {
     }
     if (dir === dirname5(dir)) return dir;
@@ -12371,7 +12541,7 @@ async function checkFreeSpace(needs, marginBytes, statfsFn = statfs) {
   for (const need of needs) {
     if (need.bytes <= 0) continue;
     const dir = await existingAncestor(need.path);
-    const dev = (await stat9(dir)).dev;
+    const dev = (await stat10(dir)).dev;
     const entry = byDevice.get(dev) ?? { path: dir, bytes: 0, what: [] };
     entry.bytes += need.bytes;
     if (!entry.what.includes(need.what)) entry.what.push(need.what);
@@ -12407,7 +12577,7 @@ async function missingDirs(targets) {
   return [...missing].sort((a, b) => depth(a) - depth(b) || a.localeCompare(b));
 }
 async function backupTargets(targets, dir, io, onFile) {
-  const filesDir = join10(dir, "files");
+  const filesDir = join11(dir, "files");
   await mkdir4(filesDir, { recursive: true }).catch((err) => {
     throw fileError(err, "create the backup directory", filesDir);
   });
@@ -12426,11 +12596,11 @@ async function backupTargets(targets, dir, io, onFile) {
       gid: 0
     };
     if (t.exists) {
-      const info = await stat9(t.target).catch((err) => {
+      const info = await stat10(t.target).catch((err) => {
         throw fileError(err, "look at a file to back up", t.target);
       });
       const name = `files/${String(i + 1).padStart(4, "0")}`;
-      const dest = join10(dir, name);
+      const dest = join11(dir, name);
       await rm4(dest, { force: true });
       try {
         await io.copyFile(t.target, dest, 384, "backup");
@@ -12448,11 +12618,11 @@ async function backupTargets(targets, dir, io, onFile) {
   return entries;
 }
 async function writeBackupManifest(dir, manifest) {
-  await writeFileDurable(join10(dir, BACKUP_MANIFEST), `${JSON.stringify(manifest, null, 2)}
+  await writeFileDurable(join11(dir, BACKUP_MANIFEST), `${JSON.stringify(manifest, null, 2)}
 `);
 }
 function tempPathFor(target, updateId) {
-  return join10(dirname5(target), `.${basename5(target)}.${updateId}.tmp`);
+  return join11(dirname5(target), `.${basename5(target)}.${updateId}.tmp`);
 }
 async function replaceFile(src, target, opts) {
   const dir = dirname5(target);
@@ -12492,7 +12662,7 @@ async function restoreBackup(dir, manifest, io, onFile) {
   let removed = 0;
   for (const [i, entry] of manifest.files.entries()) {
     if (entry.existed && entry.backup !== null) {
-      await replaceFile(join10(dir, entry.backup), entry.target, {
+      await replaceFile(join11(dir, entry.backup), entry.target, {
         mode: entry.mode,
         owner: { uid: entry.uid, gid: entry.gid },
         updateId: manifest.updateId,
@@ -12520,7 +12690,7 @@ async function restoreBackup(dir, manifest, io, onFile) {
 }
 async function ownerOf(path6) {
   try {
-    const info = await stat9(path6);
+    const info = await stat10(path6);
     return { uid: info.uid, gid: info.gid };
   } catch {
     return null;
@@ -12528,8 +12698,8 @@ async function ownerOf(path6) {
 }
 
 // src/ota/download.ts
-import { mkdir as mkdir5, open as open5, readdir as readdir4, readFile as readFile12, rename as rename5, rm as rm5, stat as stat10, statfs as statfs2 } from "node:fs/promises";
-import { basename as basename6, dirname as dirname6, join as join11 } from "node:path";
+import { mkdir as mkdir5, open as open5, readdir as readdir4, readFile as readFile12, rename as rename5, rm as rm5, stat as stat11, statfs as statfs2 } from "node:fs/promises";
+import { basename as basename6, dirname as dirname6, join as join12 } from "node:path";
 import { Writable as Writable2 } from "node:stream";
 import { setTimeout as sleepFor } from "node:timers/promises";
 
@@ -12761,7 +12931,7 @@ var PartFile = class _PartFile {
     const sidecarPath = `${path6}.json`;
     await sweepSidecarTemps(sidecarPath);
     const saved = await readSidecar(sidecarPath, s.logger);
-    const onDisk = await stat10(path6).then((st) => st.size, () => null);
+    const onDisk = await stat11(path6).then((st) => st.size, () => null);
     const usable = saved !== null && onDisk !== null && saved.url === s.url.href && saved.md5 === s.md5 && saved.committed > 0 && onDisk >= saved.committed && (saved.total === null || saved.committed <= saved.total && (s.size === null || saved.total === s.size));
     if (!usable) {
       if (saved !== null || (onDisk ?? 0) > 0) s.logger?.info({ part: path6 }, "download: starting over (no usable partial download)");
@@ -12921,7 +13091,7 @@ async function sweepSidecarTemps(sidecarPath) {
     if (!name.startsWith(prefix) || !name.endsWith(".tmp")) continue;
     const pid = Number(name.slice(prefix.length).split(".")[0]);
     if (Number.isSafeInteger(pid) && pid > 0 && processAlive(pid)) continue;
-    await rm5(join11(dirname6(sidecarPath), name), { force: true });
+    await rm5(join12(dirname6(sidecarPath), name), { force: true });
   }
 }
 function processAlive(pid) {
@@ -13476,8 +13646,8 @@ var ProgressMeter = class {
 
 // src/ota/package.ts
 import { constants as constants3 } from "node:fs";
-import { access as access7, lstat as lstat2, mkdir as mkdir6, open as open6, realpath as realpath3, rename as rename6, rm as rm6, stat as stat11 } from "node:fs/promises";
-import { basename as basename7, dirname as dirname7, isAbsolute as isAbsolute4, join as join12, relative, resolve as resolve3, sep as sep2 } from "node:path";
+import { access as access7, lstat as lstat2, mkdir as mkdir6, open as open6, realpath as realpath3, rename as rename6, rm as rm6, stat as stat12 } from "node:fs/promises";
+import { basename as basename7, dirname as dirname7, isAbsolute as isAbsolute4, join as join13, relative, resolve as resolve3, sep as sep2 } from "node:path";
 
 // src/core/commonjs.ts
 function commonJsModule(loaded) {
@@ -13521,7 +13691,7 @@ async function extractPackage(zipPath, stagingDir, opts = {}) {
     for (const payload of payloadsOf(inspected.manifest)) {
       const info = inspected.entries.get(payload.src);
       if (!info) throw new MoonflashError("INTERNAL", `${payload.src} vanished from the checked entries`);
-      const target = join12(partialDir, ...payload.src.split("/"));
+      const target = join13(partialDir, ...payload.src.split("/"));
       if (!isInside(partialDir, target)) throw invalidPackage(payload.src, "would be extracted outside the staging directory");
       for (let dir = dirname7(target); isInside(partialDir, dir); dir = dirname7(dir)) dirs.add(dir);
       await mkdir6(dirname7(target), { recursive: true });
@@ -13530,7 +13700,7 @@ async function extractPackage(zipPath, stagingDir, opts = {}) {
         module: payload.module.id,
         kind: payload.kind,
         src: payload.src,
-        path: join12(finalDir, ...payload.src.split("/")),
+        path: join13(finalDir, ...payload.src.split("/")),
         sha256: payload.sha256,
         size: payload.size,
         mode: payload.mode
@@ -13803,7 +13973,7 @@ function sha256Mismatch(payload, actual) {
   );
 }
 async function streamToFile(zip, info, payload, target, signal2) {
-  const tmp = join12(dirname7(target), `.${basename7(target)}.tmp`);
+  const tmp = join13(dirname7(target), `.${basename7(target)}.tmp`);
   const handle = await open6(tmp, "wx", 384);
   let complete = false;
   try {
@@ -13850,7 +14020,7 @@ async function resolveTargets(manifest, roots2) {
       }
       const lexical = resolve3(rootDir, ...parts.relative.split("/"));
       const parent = await resolveExisting(dirname7(lexical), file.dst);
-      const target = join12(parent.real, basename7(lexical));
+      const target = join13(parent.real, basename7(lexical));
       if (!isInside(root, target)) {
         throw new MoonflashError(
           "PATH_REJECTED",
@@ -13902,8 +14072,8 @@ async function resolveExisting(path6, dst) {
       }
       throw toMoonflashError(err);
     }
-    if (!(await stat11(real)).isDirectory()) throw pathRejected(dst, current, "is a file where a directory is needed");
-    return { real: join12(real, ...missing), existing: real, missing: missing.length };
+    if (!(await stat12(real)).isDirectory()) throw pathRejected(dst, current, "is a file where a directory is needed");
+    return { real: join13(real, ...missing), existing: real, missing: missing.length };
   }
 }
 async function checkExistingTarget(target, dst) {
@@ -14071,7 +14241,7 @@ async function stopProcess(info, opts = {}) {
 
 // src/ota/state.ts
 import { readdir as readdir6, readFile as readFile14, rename as rename7, rm as rm7 } from "node:fs/promises";
-import { dirname as dirname8, join as join13 } from "node:path";
+import { dirname as dirname8, join as join14 } from "node:path";
 var OTA_STATES = [
   "downloading",
   "downloaded",
@@ -14244,7 +14414,7 @@ var OtaStateStore = class {
       return;
     }
     const prefix = `.${this.path.slice(dir.length + 1)}.`;
-    await Promise.all(names.filter((n) => n.startsWith(prefix) && n.endsWith(".tmp")).map((n) => rm7(join13(dir, n), { force: true })));
+    await Promise.all(names.filter((n) => n.startsWith(prefix) && n.endsWith(".tmp")).map((n) => rm7(join14(dir, n), { force: true })));
   }
 };
 var crashHits = /* @__PURE__ */ new Map();
@@ -14261,14 +14431,14 @@ function crashPoint(point) {
 
 // src/ota/engine.ts
 function otaPaths(dataDir) {
-  const root = join14(dataPaths(dataDir).state, "ota");
+  const root = join15(dataPaths(dataDir).state, "ota");
   return {
     root,
-    state: join14(root, "state.json"),
-    download: join14(root, "download"),
-    package: join14(root, "download", "package.zip"),
-    staging: join14(root, "staging"),
-    backups: join14(root, "backup")
+    state: join15(root, "state.json"),
+    download: join15(root, "download"),
+    package: join15(root, "download", "package.zip"),
+    staging: join15(root, "staging"),
+    backups: join15(root, "backup")
   };
 }
 var errOf = (e) => ({ code: e.code, message: e.message });
@@ -14539,8 +14709,8 @@ var OtaEngine = class {
       st = this.store.current;
     }
     const updateId = st.updateId;
-    const stagingDir = join14(this.paths.staging, updateId);
-    const backupDir = join14(this.paths.backups, updateId);
+    const stagingDir = join15(this.paths.staging, updateId);
+    const backupDir = join15(this.paths.backups, updateId);
     let extracted;
     let targets;
     let createdDirs;
@@ -14649,7 +14819,7 @@ var OtaEngine = class {
       const e = toMoonflashError(err);
       const both = new MoonflashError(
         reason.code,
-        `${reason.message} The rollback failed as well: ${e.message} The old files are in ${join14(this.paths.backups, this.store.current?.updateId ?? "")}.`,
+        `${reason.message} The rollback failed as well: ${e.message} The old files are in ${join15(this.paths.backups, this.store.current?.updateId ?? "")}.`,
         { ...reason.details, rollbackError: e.toJSON() },
         { cause: reason }
       );
@@ -14693,9 +14863,9 @@ var OtaEngine = class {
         continue;
       }
       const name = `firmware/${module.mcu}.bin`;
-      await mkdir7(join14(backupDir, "firmware"), { recursive: true });
+      await mkdir7(join15(backupDir, "firmware"), { recursive: true });
       try {
-        await this.io.copyFile(current.path, join14(backupDir, name), 384, "backup");
+        await this.io.copyFile(current.path, join15(backupDir, name), 384, "backup");
       } catch (err) {
         throw fileError(err, `back up the image ${module.mcu} runs`, current.path);
       }
@@ -14865,7 +15035,7 @@ var OtaEngine = class {
   /** The update a requested rollback undoes: the current one if it was deployed, else the newest committed backup. */
   async rollbackTarget(st) {
     if (st && (DEPLOY_STATES.has(st.state) || st.state === "committed" || st.state === "failed" && st.deployStarted)) {
-      const dir = join14(this.paths.backups, st.updateId);
+      const dir = join15(this.paths.backups, st.updateId);
       if (await readBackupManifest(dir) && await readOutcome(dir) !== "rolled_back") return st;
     }
     const newest = (await listBackups(this.paths.backups)).filter((b) => b.manifest && b.outcome === "committed").pop();
@@ -14892,7 +15062,7 @@ var OtaEngine = class {
    */
   async rollbackJob(ctx, reason, mode2, base) {
     ctx.setCancellable(false, "the rollback restores files; it must finish");
-    const backupDir = join14(this.paths.backups, base.updateId);
+    const backupDir = join15(this.paths.backups, base.updateId);
     const manifest = await readBackupManifest(backupDir);
     let st = await this.store.transition(
       "rolling_back",
@@ -14960,7 +15130,7 @@ var OtaEngine = class {
       if (fw.image) {
         await this.setFirmware(fw.mcu, fw.module, "rolling-back");
         ctx.stage("rollback-flash", `flashing ${fw.mcu} back to the image it ran before`);
-        await this.firmware.flash(fw.mcu, join14(backupDir, fw.image), ctx, "rollback");
+        await this.firmware.flash(fw.mcu, join15(backupDir, fw.image), ctx, "rollback");
       } else if (record?.status === "rolling-back") {
         ctx.log("warn", `the rollback of ${fw.mcu} was interrupted and is not repeated; check its version with FLASH_CHECK`);
       } else {
@@ -14980,7 +15150,7 @@ var OtaEngine = class {
   async recoveryNeeded(st) {
     if (st.state === "downloading" || st.state === "downloaded" || DEPLOY_STATES.has(st.state)) return true;
     if (st.job || st.stopped.length > 0 && !(st.state === "failed" && st.deployStarted)) return true;
-    const leftovers = await Promise.all([exists2(join14(this.paths.staging, st.updateId)), exists2(`${join14(this.paths.staging, st.updateId)}.partial`)]);
+    const leftovers = await Promise.all([exists2(join15(this.paths.staging, st.updateId)), exists2(`${join15(this.paths.staging, st.updateId)}.partial`)]);
     if (leftovers.some(Boolean)) return true;
     return st.state === "committed" && await exists2(this.paths.package);
   }
@@ -15009,7 +15179,7 @@ var OtaEngine = class {
       case "restarting":
       case "probation":
       case "rolling_back": {
-        const backupDir = join14(this.paths.backups, st.updateId);
+        const backupDir = join15(this.paths.backups, st.updateId);
         if (st.state !== "rolling_back" && await readOutcome(backupDir) === "committed") {
           await this.store.transition("committed", { job: null, progress: null, error: null });
           await this.startStopped(ctx, "service-started").catch((err) => ctx.log("error", `a service did not start: ${toMoonflashError(err).message}`));
@@ -15096,7 +15266,7 @@ var OtaEngine = class {
         { state: st.state, updateId: st.updateId }
       );
     }
-    if (st.state === "failed" && st.deployStarted && await readOutcome(join14(this.paths.backups, st.updateId)) === null) {
+    if (st.state === "failed" && st.deployStarted && await readOutcome(join15(this.paths.backups, st.updateId)) === null) {
       throw new MoonflashError(
         "BUSY",
         `The update ${st.package?.name ?? st.updateId} failed after its files began to change and was not rolled back; run ota.rollback (OTA_ROLLBACK) to restore the old files before another update.`,
@@ -15136,7 +15306,7 @@ var OtaEngine = class {
     return newest?.manifest ? { updateId: newest.updateId, name: newest.manifest.name, version: newest.manifest.version } : null;
   }
   async removeStaging(updateId) {
-    const dir = join14(this.paths.staging, updateId);
+    const dir = join15(this.paths.staging, updateId);
     await rm8(dir, { recursive: true, force: true });
     await rm8(`${dir}.partial`, { recursive: true, force: true });
   }
@@ -15150,7 +15320,7 @@ var OtaEngine = class {
     }
     for (const name of names) {
       if (keep !== null && (name === keep || name === `${keep}.partial`)) continue;
-      await rm8(join14(this.paths.staging, name), { recursive: true, force: true });
+      await rm8(join15(this.paths.staging, name), { recursive: true, force: true });
     }
   }
   async waitConnected() {
@@ -15257,15 +15427,15 @@ async function exists2(path6) {
 }
 async function sumSizes(paths) {
   let total = 0;
-  for (const path6 of paths) total += (await stat12(path6).catch(() => ({ size: 0 }))).size;
+  for (const path6 of paths) total += (await stat13(path6).catch(() => ({ size: 0 }))).size;
   return total;
 }
 
 // src/flash/build/builder.ts
 import { existsSync as existsSync2 } from "node:fs";
-import { readFile as readFile16, rm as rm9, stat as stat13 } from "node:fs/promises";
+import { readFile as readFile16, rm as rm9, stat as stat14 } from "node:fs/promises";
 import { availableParallelism } from "node:os";
-import { join as join15 } from "node:path";
+import { join as join16 } from "node:path";
 var TAIL_LINES = 40;
 var DEFAULT_TIMEOUT_MS = 30 * 6e4;
 var QUICK_TOOL_TIMEOUT_MS = 6e4;
@@ -15298,7 +15468,7 @@ var FirmwareBuilder = class {
   }
   /** Where an MCU's builds go: <data>/moonflash/build/<mcu>/, with the trailing slash Klipper's OUT needs. */
   outDir(mcu) {
-    return `${join15(dataPaths(this.settings.dataDir).state, "build", mcuSectionName(mcu).replace(/\s+/g, "_"))}/`;
+    return `${join16(dataPaths(this.settings.dataDir).state, "build", mcuSectionName(mcu).replace(/\s+/g, "_"))}/`;
   }
   /** The MCUs `build` without names builds: every [mcu \u2026] section of moonflash.conf. */
   configuredMcus() {
@@ -15437,7 +15607,7 @@ var FirmwareBuilder = class {
       elapsedMs,
       compileSteps: compiled
     };
-    await writeFileDurable(join15(out, RECORD), `${JSON.stringify(record, null, 2)}
+    await writeFileDurable(join16(out, RECORD), `${JSON.stringify(record, null, 2)}
 `);
     ctx.stage("built", `${name}: ${image} (${humanBytes(bytes.length)}), version ${version2}`);
     return { ...this.result(section, record, profile, out, warnings, started), skipped: false };
@@ -15460,7 +15630,7 @@ var FirmwareBuilder = class {
   /** The previous build's record, or null when there is none or it is unreadable (then the build runs). */
   async readRecord(out) {
     try {
-      const record = JSON.parse(await readFile16(join15(out, RECORD), "utf8"));
+      const record = JSON.parse(await readFile16(join16(out, RECORD), "utf8"));
       return record.format === 1 && typeof record.key === "string" && typeof record.image === "string" ? record : null;
     } catch {
       return null;
@@ -15475,7 +15645,7 @@ var FirmwareBuilder = class {
     }
   }
   async checkKlipperTree(klipperPath) {
-    const isFile = await stat13(join15(klipperPath, "Makefile")).then((s) => s.isFile(), () => false);
+    const isFile = await stat14(join16(klipperPath, "Makefile")).then((s) => s.isFile(), () => false);
     if (!isFile) {
       throw new MoonflashError(
         "TOOL_NOT_FOUND",
@@ -15500,7 +15670,7 @@ var FirmwareBuilder = class {
    * host, which nothing can match later: warned, and such builds are never skipped.
    */
   async describeKlipper(klipperPath, warn) {
-    if (!existsSync2(join15(klipperPath, ".git"))) {
+    if (!existsSync2(join16(klipperPath, ".git"))) {
       warn(`${klipperPath} is not a git checkout: the firmware's version will not name a Klipper release, so versions cannot be compared.`);
       return null;
     }
@@ -15580,189 +15750,20 @@ var FirmwareBuilder = class {
   }
   async findImage(out, arch) {
     for (const name of arch.images) {
-      const path6 = join15(out, name);
-      if (await stat13(path6).then((s) => s.isFile() && s.size > 0, () => false)) return path6;
+      const path6 = join16(out, name);
+      if (await stat14(path6).then((s) => s.isFile() && s.size > 0, () => false)) return path6;
     }
     return null;
   }
   async dictVersion(out) {
     try {
-      const dict = JSON.parse(await readFile16(join15(out, DICT), "utf8"));
+      const dict = JSON.parse(await readFile16(join16(out, DICT), "utf8"));
       return typeof dict.version === "string" && dict.version.length > 0 ? dict.version : null;
     } catch {
       return null;
     }
   }
 };
-
-// src/flash/update-all.ts
-import { stat as stat14 } from "node:fs/promises";
-import { join as join16 } from "node:path";
-var ORDER = ["can", "usb-can-bridge", "usb", "uart", "linux"];
-var BACKUP_BY_DEFAULT = true;
-var UPDATE_ALL_TARGET = "all MCUs";
-var McuUpdater = class {
-  constructor(deps) {
-    this.deps = deps;
-  }
-  deps;
-  run(params) {
-    return this.deps.runner.run({ kind: "flash", target: UPDATE_ALL_TARGET, params }, (ctx) => this.job(params, ctx));
-  }
-  async job(params, ctx) {
-    const { engine, builder, printer } = this.deps;
-    const t0 = performance.now();
-    assertNotPrinting(printer);
-    ctx.stage("check", "checking which MCUs need new firmware");
-    const versions = await engine.checkVersions();
-    const plan = await this.plan(params, versions);
-    const phases = { check: Math.round(performance.now() - t0), build: 0, flash: 0, start: 0 };
-    const result = {
-      host_version: versions.host.version,
-      plan,
-      mcus: plan.map((p) => ({ mcu: p.mcu, name: p.name, built: false, flashed: false, version_before: p.version_before })),
-      downtime_ms: null,
-      phases_ms: phases,
-      klipper_state: printer.state().klippyState,
-      still_outdated: []
-    };
-    if (params.dry_run) return { dry_run: true, ...result };
-    if (plan.length === 0) {
-      ctx.log("info", `every MCU already runs ${versions.host.version ?? "the host's version"}: nothing to update`);
-      return result;
-    }
-    const outcome = (mcu) => result.mcus.find((m) => m.mcu === mcu);
-    const tBuild = performance.now();
-    const ready = [];
-    for (const planned of plan) {
-      const o = outcome(planned.mcu);
-      try {
-        ctx.stage("build", `building the firmware of ${planned.name}`);
-        const build = await builder.buildWithin(ctx, planned.mcu);
-        Object.assign(o, { built: true, build_skipped: build.skipped, build_ms: build.elapsedMs });
-        const { plan: flash, image } = await engine.prepare({ mcu: planned.mcu, firmware: build.image }, ctx);
-        ready.push({ planned, flash, image, build });
-      } catch (err) {
-        fail(o, err);
-        ctx.log("error", `${planned.name}: ${o.message}`);
-      }
-    }
-    phases.build = Math.round(performance.now() - tBuild);
-    if (ready.length === 0) return finish(result, ctx);
-    assertNotPrinting(printer);
-    let stoppedAt = null;
-    const tFlash = performance.now();
-    const guarded = await engine.withKlipperStopped(ctx, UPDATE_ALL_TARGET, async (inner) => {
-      stoppedAt = performance.now();
-      for (const [index, { planned, flash, image }] of ready.entries()) {
-        const o = outcome(planned.mcu);
-        const started = performance.now();
-        try {
-          inner.stage("flash", `flashing ${planned.name} (${index + 1} of ${ready.length})`);
-          const done = await engine.flashPrepared(flash, image, inner, { backup: planned.backup.read_back });
-          Object.assign(o, { flashed: true, method: done.method, verified: done.outcome.verified, ...done.backed_up ? { backed_up: true } : {} });
-        } catch (err) {
-          fail(o, err);
-          inner.log("error", `${planned.name}: ${o.message}`);
-        }
-        o.flash_ms = Math.round(performance.now() - started);
-      }
-      phases.flash = Math.round(performance.now() - tFlash);
-    });
-    const tStart = performance.now();
-    await waitForPrinter(printer, klipperSettled, this.deps.readyTimeoutMs);
-    phases.start = Math.round(performance.now() - tStart);
-    if (stoppedAt !== null && guarded.klipperRestart?.ok !== false) result.downtime_ms = Math.round(performance.now() - stoppedAt);
-    const after = await engine.checkVersions();
-    result.klipper_state = printer.state().klippyState;
-    for (const o of result.mcus) o.version_now = after.mcus.find((m) => m.mcu === o.mcu)?.version ?? null;
-    result.still_outdated = after.mcus.filter((m) => m.outdated && result.mcus.some((o) => o.mcu === m.mcu)).map((m) => mcuUserName(m.mcu));
-    return finish(result, ctx);
-  }
-  /** Which MCUs, why, and in which order. */
-  async plan(params, versions) {
-    const configured = this.deps.builder.configuredMcus().map(mcuSectionName);
-    const requested = params.mcus?.map(mcuSectionName);
-    let chosen;
-    if (requested && requested.length > 0) {
-      chosen = requested.map((mcu) => ({ mcu, why: params.force ? "forced" : "requested" }));
-    } else if (params.force) {
-      chosen = configured.map((mcu) => ({ mcu, why: "forced" }));
-    } else {
-      chosen = versions.mcus.filter((m) => m.outdated).map((m) => ({ mcu: m.mcu, why: "outdated" }));
-    }
-    const planned = [];
-    for (const { mcu, why } of chosen) {
-      if (planned.some((p) => p.mcu === mcu)) continue;
-      const known = versions.mcus.find((m) => m.mcu === mcu);
-      const transport = await this.transport(mcu);
-      planned.push({
-        mcu,
-        name: mcuUserName(mcu),
-        why,
-        version_before: known?.version ?? null,
-        transport,
-        profile: this.deps.builder.profile(mcu).path,
-        backup: await this.deps.engine.backupPlanned(mcu, BACKUP_BY_DEFAULT) ? await this.backupEstimate(mcu, transport) : { read_back: false }
-      });
-    }
-    return planned.sort((a, b) => ORDER.indexOf(a.transport) - ORDER.indexOf(b.transport));
-  }
-  /**
-   * What reading the old application back adds to the downtime: one REQUEST_BLOCK exchange per 64-byte block, about
-   * the size of the last build (else a typical 64 KiB Klipper image) plus the erased run that ends the read. A UART
-   * carries the 80-byte reply at baud/10 bytes a second (the request overlaps it); USB takes about 1 ms an exchange.
-   */
-  async backupEstimate(mcu, transport) {
-    const lastBuild = await stat14(join16(this.deps.builder.outDir(mcu), "klipper.bin")).then((s) => s.size, () => null);
-    const bytes = (lastBuild ?? 64 * 1024) + BACKUP_ERASED_RUN;
-    const blocks = Math.ceil(bytes / 64);
-    const baud = (await this.deps.engine.mcuConnection(mcu)).baud ?? MCU_DEFAULTS.baud;
-    const perBlockMs = transport === "uart" ? 80 * 10 * 1e3 / baud : 1;
-    return {
-      read_back: true,
-      estimated_ms: Math.round(blocks * perBlockMs),
-      estimate_basis: `${lastBuild === null ? "a typical 64 KiB application" : `the last build's ${lastBuild} bytes`}${transport === "uart" ? ` at ${baud} baud` : " over USB"}`
-    };
-  }
-  async transport(mcu) {
-    const connection = await this.deps.engine.mcuConnection(mcu);
-    if (connection.mcuType?.toLowerCase() === "linux") return "linux";
-    if (connection.canbusUuid) return "can";
-    if (!connection.serial) return "uart";
-    const device = await identifyDevice(connection.serial, this.deps.discovery ?? {});
-    if (device?.kind === "usb-can-bridge") return "usb-can-bridge";
-    return device?.vendorId ? "usb" : "uart";
-  }
-};
-function fail(o, err) {
-  const e = toMoonflashError(err);
-  o.code = e.code;
-  o.message = e.message;
-}
-function finish(result, ctx) {
-  const failed = result.mcus.find((m) => m.code);
-  if (failed) {
-    const others = result.mcus.filter((m) => m !== failed && m.code).length;
-    throw new MoonflashError(
-      failed.code,
-      `${failed.name}: ${failed.message}${others ? ` (and ${others} more MCU${others > 1 ? "s" : ""} failed; see the result)` : ""}`,
-      { result }
-    );
-  }
-  if (result.still_outdated.length > 0) {
-    throw new MoonflashError(
-      "VERSION_MISMATCH",
-      `Flashed, but ${result.still_outdated.join(", ")} still report${result.still_outdated.length > 1 ? "" : "s"} another version than Klipper (${result.host_version}). Rebuild with the Klipper tree Klipper runs from (a dirty or moved tree gives another version) and update again.`,
-      { result }
-    );
-  }
-  ctx.log("info", `updated ${result.mcus.map((m) => m.name).join(", ")}`);
-  return result;
-}
-function klipperSettled(state) {
-  return state.klippyConnected && ["ready", "error", "shutdown"].includes(state.klippyState);
-}
 
 // src/moonraker/session.ts
 import { EventEmitter } from "node:events";

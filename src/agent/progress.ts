@@ -9,7 +9,7 @@ import type { Logger } from "pino";
 import type { JobEvent, JobKind } from "../core/events.js";
 import type { PrinterPort, PrinterState } from "../core/printer.js";
 import { mcuUserName } from "../flash/mcu-name.js";
-import type { UpdateAllResult } from "../flash/update-all.js";
+import { UPDATE_ALL_TARGET, type UpdateAllResult } from "../flash/update-all.js";
 
 export function agentEventAdapter(printer: PrinterPort, logger: Logger): (event: JobEvent) => void {
   return (event) => {
@@ -260,7 +260,8 @@ export class ConsoleReporter {
           this.say(`${who}: backing up the files it replaces. Then the services the update names stop while the new files go in, and the result appears here when Klipper is back.${this.watchHint()}`);
         } else if (event.stage === "stop-klipper") {
           // Pre-flight has passed and Klipper is about to stop; said while the console still works.
-          this.say(`${who}: stopping Klipper to flash the board. The result appears here when Klipper is back.${this.watchHint()}`);
+          const boards = event.target === UPDATE_ALL_TARGET ? "the boards" : "the board";
+          this.say(`${who}: stopping Klipper to flash ${boards}. The result appears here when Klipper is back.${this.watchHint()}`);
         } else if (event.message && event.stage !== "start-klipper") this.say(`${who}: ${event.message}`, "command", false);
         break;
       case "progress": {
