@@ -12390,14 +12390,48 @@ import { dirname as dirname9, join as join15 } from "node:path";
 import { constants as constants2 } from "node:fs";
 import { access as access6, chown, lstat, mkdir as mkdir4, open as open4, readdir as readdir3, readFile as readFile11, rename as rename4, rm as rm4, rmdir, stat as stat10, statfs } from "node:fs/promises";
 import { basename as basename5, dirname as dirname5, join as join11 } from "node:path";
-var MiB = 1024 * 1024;
-var FREE_SPACE_MARGIN_BYTES = 16 * MiB;
+
+// src/core/gc-pacer.ts
+var KiB2 = 1024;
+var MiB = 1024 * KiB2;
+var GarbagePacer = class {
+  constructor(everyBytes = 512 * KiB2, collect = globalThis.gc, majorEveryBytes = 16 * MiB) {
+    this.everyBytes = everyBytes;
+    this.collect = collect;
+    this.majorEveryBytes = majorEveryBytes;
+  }
+  everyBytes;
+  collect;
+  majorEveryBytes;
+  pending = 0;
+  sinceMajor = 0;
+  /** Counts `bytes` more streamed; collects once every `everyBytes`, a major collection every `majorEveryBytes`. */
+  add(bytes) {
+    if (!this.collect) return;
+    this.pending += bytes;
+    this.sinceMajor += bytes;
+    if (this.pending < this.everyBytes) return;
+    this.pending = 0;
+    if (this.sinceMajor >= this.majorEveryBytes) {
+      this.sinceMajor = 0;
+      this.collect({ type: "major" });
+      return;
+    }
+    this.collect({ type: "minor" });
+  }
+};
+
+// src/ota/deploy.ts
+var MiB2 = 1024 * 1024;
+var FREE_SPACE_MARGIN_BYTES = 16 * MiB2;
+var COPY_BUFFER_BYTES = 256 * 1024;
+var copiedGarbage = new GarbagePacer();
 async function copyFileDurable(src, dest, mode2) {
   const input = await open4(src, "r");
   try {
     const output = await open4(dest, constants2.O_WRONLY | constants2.O_CREAT | constants2.O_EXCL | constants2.O_NOFOLLOW, mode2);
     try {
-      const buffer = Buffer.allocUnsafe(MiB);
+      const buffer = Buffer.allocUnsafe(Math.min(COPY_BUFFER_BYTES, Math.max((await input.stat()).size, 1)));
       for (; ; ) {
         const { bytesRead } = await input.read(buffer, 0, buffer.length, null);
         if (bytesRead === 0) break;
@@ -12405,6 +12439,7 @@ async function copyFileDurable(src, dest, mode2) {
           const { bytesWritten } = await output.write(buffer, offset, bytesRead - offset);
           offset += bytesWritten;
         }
+        copiedGarbage.add(bytesRead);
       }
       await output.chmod(mode2);
       await output.sync();
@@ -12551,7 +12586,7 @@ async function checkFreeSpace(needs, marginBytes, statfsFn = statfs) {
     const fs = await statfsFn(path6);
     const free = fs.bavail * fs.bsize;
     if (free < bytes + marginBytes) {
-      const mib = (n) => `${(n / MiB).toFixed(1)} MiB`;
+      const mib = (n) => `${(n / MiB2).toFixed(1)} MiB`;
       throw new MoonflashError(
         "DISK_FULL",
         `Not enough room on the filesystem of ${path6}: the update needs ${mib(bytes)} for ${what.join(" and ")} plus ${mib(marginBytes)} to spare, but ${mib(free)} are free. Free some space and install again; nothing was changed.`,
@@ -12703,26 +12738,6 @@ import { basename as basename6, dirname as dirname6, join as join12 } from "node
 import { Writable as Writable2 } from "node:stream";
 import { setTimeout as sleepFor } from "node:timers/promises";
 
-// src/core/gc-pacer.ts
-var MiB2 = 1024 * 1024;
-var GarbagePacer = class {
-  constructor(everyBytes = MiB2, collect = globalThis.gc) {
-    this.everyBytes = everyBytes;
-    this.collect = collect;
-  }
-  everyBytes;
-  collect;
-  pending = 0;
-  /** Counts `bytes` more streamed; collects once every `everyBytes`. */
-  add(bytes) {
-    if (!this.collect) return;
-    this.pending += bytes;
-    if (this.pending < this.everyBytes) return;
-    this.pending = 0;
-    this.collect({ type: "minor" });
-  }
-};
-
 // src/ota/http-range.ts
 var MAX_DIGITS = 15;
 var RANGE_RESP = new RegExp(`^bytes (\\d{1,${MAX_DIGITS}})-(\\d{1,${MAX_DIGITS}})/(\\d{1,${MAX_DIGITS}}|\\*)$`, "i");
@@ -12804,7 +12819,10 @@ var DOWNLOAD_DEFAULTS = {
 };
 var MAX_REDIRECTS = 5;
 var MAX_RANGE_REJECTIONS = 2;
-var SINK_BUFFER_BYTES = MiB3;
+var SINK_BUFFER_BYTES = 256 * 1024;
+var SINK_QUEUE_BYTES = 128 * 1024;
+var SINK_GC_MINOR_BYTES = 512 * 1024;
+var SINK_GC_MAJOR_BYTES = 64 * MiB3;
 var READ_BACK_BYTES = MiB3;
 var HEX32 = /^[0-9a-f]{32}$/i;
 var HEX64 = /^[0-9a-f]{64}$/i;
@@ -12962,23 +12980,16 @@ var PartFile = class _PartFile {
     s.logger?.info({ part: path6, bytes: saved.committed, total: part.total }, "download: resuming a partial download");
     return part;
   }
-  /** Writes whole buffers at the current position; hashes follow the file byte for byte. */
-  async append(buffers, length) {
-    for (const buffer of buffers) {
-      this.md5.update(buffer);
-      this.sha256.update(buffer);
-    }
-    let pending = buffers;
-    let at = this.position;
-    const end = at + length;
-    for (; ; ) {
-      const { bytesWritten } = await this.handle.writev(pending, at);
-      at += bytesWritten;
-      if (at >= end) break;
+  /** Writes the buffer at the current position; hashes follow the file byte for byte. */
+  async append(buffer) {
+    this.md5.update(buffer);
+    this.sha256.update(buffer);
+    for (let at = 0; at < buffer.length; ) {
+      const { bytesWritten } = await this.handle.write(buffer, at, buffer.length - at, this.position + at);
       if (bytesWritten === 0) throw Object.assign(new Error(`no progress writing ${this.path}`), { code: "EIO" });
-      pending = dropBytes(pending, bytesWritten);
+      at += bytesWritten;
     }
-    this.position = end;
+    this.position += buffer.length;
   }
   /**
    * Starts a checkpoint in the background when enough bytes or time have passed: the stream goes on while the disk
@@ -12990,12 +13001,16 @@ var PartFile = class _PartFile {
       this.checkpointError = null;
       throw error;
     }
-    if (this.checkpointing !== null || this.position === this.committed) return;
+    this.startCheckpointWhenDue();
+  }
+  startCheckpointWhenDue() {
+    if (this.checkpointing !== null || this.closed || this.checkpointError !== null || this.position === this.committed) return;
     if (this.position - this.committed < this.s.checkpointBytes && Date.now() - this.lastCheckpointAt < this.s.checkpointMs) return;
     this.checkpointing = this.commit(this.position).catch((err) => {
       this.checkpointError = err;
     }).finally(() => {
       this.checkpointing = null;
+      this.startCheckpointWhenDue();
     });
   }
   /** Checkpoints now (before a wait, on cancel, on giving up), after any background one. */
@@ -13034,7 +13049,7 @@ var PartFile = class _PartFile {
   async close() {
     if (this.closed) return;
     this.closed = true;
-    await this.checkpointing;
+    while (this.checkpointing !== null) await this.checkpointing;
     await this.handle.close();
   }
   /**
@@ -13048,7 +13063,7 @@ var PartFile = class _PartFile {
     this.committed = upTo;
   }
   async settleCheckpoint() {
-    await this.checkpointing;
+    while (this.checkpointing !== null) await this.checkpointing;
     if (this.checkpointError !== null) {
       const error = this.checkpointError;
       this.checkpointError = null;
@@ -13105,19 +13120,6 @@ function processAlive(pid) {
 function newHashes() {
   const { createHash } = process.getBuiltinModule("node:crypto");
   return [createHash("md5"), createHash("sha256")];
-}
-function dropBytes(buffers, count) {
-  let skip = count;
-  const rest = [];
-  for (const buffer of buffers) {
-    if (skip >= buffer.length) {
-      skip -= buffer.length;
-      continue;
-    }
-    rest.push(skip > 0 ? buffer.subarray(skip) : buffer);
-    skip = 0;
-  }
-  return rest;
 }
 async function readThroughHashes(handle, length, hashes, s, onCancel) {
   const buffer = Buffer.allocUnsafe(Math.min(READ_BACK_BYTES, Math.max(length, 1)));
@@ -13522,7 +13524,7 @@ var PartSink = class extends Writable2 {
    * @param ready settles when the part may be written (emptied, free space checked); chunks queue until then.
    */
   constructor(part, limit, ready, stall, written) {
-    super({ highWaterMark: SINK_BUFFER_BYTES });
+    super({ highWaterMark: SINK_QUEUE_BYTES });
     this.part = part;
     this.limit = limit;
     this.ready = ready;
@@ -13536,50 +13538,90 @@ var PartSink = class extends Writable2 {
   ready;
   stall;
   written;
+  /** The buffer being filled, and the one free for the next fill (null while on the disk or not made yet). */
+  filling = null;
+  spare = null;
+  filled = 0;
+  /** Bytes taken from the body: on the disk, being written or in `filling`. */
+  accepted = 0;
+  /** The write in progress (never rejects: a failure is kept in `failure`, raised by the next write or the end). */
   inflight = null;
-  pacer = new GarbagePacer();
+  failure = null;
+  pacer = new GarbagePacer(SINK_GC_MINOR_BYTES, void 0, SINK_GC_MAJOR_BYTES);
   _final(callback) {
-    this.ready.then(
-      () => callback(),
-      (err) => callback(new SinkError(false, err))
-    );
+    this.settle(this.finish(), callback);
   }
   _write(chunk, _encoding, callback) {
-    this.consume([chunk], chunk.length, callback);
-  }
-  _writev(chunks, callback) {
-    let length = 0;
-    const buffers = chunks.map(({ chunk }) => {
-      length += chunk.length;
-      return chunk;
-    });
-    this.consume(buffers, length, callback);
-  }
-  /** Resolves once no write is in progress (a failed sink does not wait for the disk). */
-  async settled() {
-    await this.inflight?.catch(() => {
-    });
-  }
-  consume(buffers, length, callback) {
-    if (this.part.position + length > this.limit) {
+    if (this.accepted + chunk.length > this.limit) {
       callback(new SinkError(true));
       return;
     }
+    this.accepted += chunk.length;
+    this.settle(this.take(chunk), callback);
+  }
+  /** Resolves once no write is in progress (a failed sink does not wait for the disk). */
+  async settled() {
+    while (this.inflight !== null) await this.inflight;
+  }
+  settle(work, callback) {
     this.stall.pause();
-    this.inflight = this.ready.then(() => this.part.append(buffers, length)).then(() => {
-      this.pacer.add(length);
-      this.written(length);
-    });
-    this.inflight.then(
+    work.then(
       () => {
         this.stall.resume();
         callback();
       },
       (err) => {
         this.stall.resume();
-        callback(new SinkError(false, err));
+        callback(err instanceof SinkError ? err : new SinkError(false, err));
       }
     );
+  }
+  async take(chunk) {
+    await this.ready;
+    for (let at = 0; at < chunk.length; ) {
+      this.filling ??= Buffer.allocUnsafeSlow(SINK_BUFFER_BYTES);
+      const copied = chunk.copy(this.filling, this.filled, at);
+      this.filled += copied;
+      at += copied;
+      while (this.filling !== null && this.filled === this.filling.length) {
+        this.throwIfFailed();
+        if (this.inflight === null) this.startWrite();
+        else await this.inflight;
+      }
+    }
+    this.throwIfFailed();
+    this.startWrite();
+    this.pacer.add(chunk.length);
+  }
+  /** Writes what `filling` holds when the disk is free; the other buffer takes the next bytes. */
+  startWrite() {
+    if (this.inflight !== null || this.failure !== null || this.filled === 0) return;
+    const full = this.filling;
+    const length = this.filled;
+    this.filling = this.spare;
+    this.spare = null;
+    this.filled = 0;
+    this.inflight = this.part.append(full.subarray(0, length)).then(
+      () => {
+        this.inflight = null;
+        this.spare = full;
+        this.written(length);
+        this.startWrite();
+      }
+    ).catch((error) => {
+      this.inflight = null;
+      this.failure ??= { error };
+    });
+  }
+  throwIfFailed() {
+    if (this.failure !== null) throw this.failure.error;
+  }
+  async finish() {
+    await this.ready;
+    this.startWrite();
+    await this.settled();
+    this.throwIfFailed();
+    this.filling = this.spare = null;
   }
 };
 var StallGuard = class {
@@ -13914,7 +13956,7 @@ function checkEntriesAgainstManifest(entries, manifest) {
     }
   }
 }
-var streamedGarbage = new GarbagePacer();
+var streamedGarbage = new GarbagePacer(256 * 1024);
 async function pumpEntry(zip, info, onChunk, signal2) {
   const hash = process.getBuiltinModule("node:crypto").createHash("sha256");
   let stream;

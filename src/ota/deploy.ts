@@ -17,6 +17,7 @@ import { basename, dirname, join } from "node:path";
 import * as z from "zod/mini";
 import "../core/zod.js";
 import { fsyncDir, writeFileDurable } from "../core/durable.js";
+import { GarbagePacer } from "../core/gc-pacer.js";
 import { MoonflashError, isMoonflashError, toMoonflashError } from "../core/errors.js";
 import type { ResolvedTarget } from "./package.js";
 
@@ -36,13 +37,19 @@ export interface DeployIo {
 
 export type StatfsFn = (path: string) => Promise<{ bavail: number; bsize: number }>;
 
-/** Real copy: stream through a 1 MiB buffer, write all, chmod (the open mode passed the umask), fsync. */
+/** Copy buffer: a 1 MiB one outlived a file's copy (until V8 collected it) and the next file's took another. */
+const COPY_BUFFER_BYTES = 256 * 1024;
+
+/** Backups and deploys copy whole packages; see core/gc-pacer.ts. */
+const copiedGarbage = new GarbagePacer();
+
+/** Real copy: stream through one buffer, write all, chmod (the open mode passed the umask), fsync. */
 async function copyFileDurable(src: string, dest: string, mode: number): Promise<void> {
   const input = await open(src, "r");
   try {
     const output = await open(dest, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, mode);
     try {
-      const buffer = Buffer.allocUnsafe(MiB);
+      const buffer = Buffer.allocUnsafe(Math.min(COPY_BUFFER_BYTES, Math.max((await input.stat()).size, 1)));
       for (;;) {
         const { bytesRead } = await input.read(buffer, 0, buffer.length, null);
         if (bytesRead === 0) break;
@@ -50,6 +57,7 @@ async function copyFileDurable(src: string, dest: string, mode: number): Promise
           const { bytesWritten } = await output.write(buffer, offset, bytesRead - offset);
           offset += bytesWritten;
         }
+        copiedGarbage.add(bytesRead);
       }
       await output.chmod(mode);
       await output.sync();

@@ -55,8 +55,16 @@ export const DOWNLOAD_DEFAULTS = {
 const MAX_REDIRECTS = 5;
 /** Range answers discarded before the rest of this call downloads whole files only. */
 const MAX_RANGE_REJECTIONS = 2;
-/** Bytes the sink buffers while a write is on the disk; they go out as one writev. */
-const SINK_BUFFER_BYTES = MiB;
+/** Each of the sink's two buffers: one fills while the other is written. */
+const SINK_BUFFER_BYTES = 256 * 1024;
+/** Chunks the sink queues (while both buffers wait for the disk) before the body is paused. */
+const SINK_QUEUE_BYTES = 128 * 1024;
+/**
+ * Collections while the body streams (core/gc-pacer.ts): a minor one every 512 KiB; with the body copied out at
+ * once little is promoted, so a major one only every 64 MiB (each costs about 10 ms).
+ */
+const SINK_GC_MINOR_BYTES = 512 * 1024;
+const SINK_GC_MAJOR_BYTES = 64 * MiB;
 /** Chunk size for re-hashing a part file after a restart or checking an existing destination. */
 const READ_BACK_BYTES = MiB;
 const HEX32 = /^[0-9a-f]{32}$/i;
@@ -315,24 +323,17 @@ class PartFile {
     return part;
   }
 
-  /** Writes whole buffers at the current position; hashes follow the file byte for byte. */
-  async append(buffers: Buffer[], length: number): Promise<void> {
-    for (const buffer of buffers) {
-      this.md5.update(buffer);
-      this.sha256.update(buffer);
-    }
-    let pending = buffers;
-    let at = this.position;
-    const end = at + length;
-    for (;;) {
-      const { bytesWritten } = await this.handle.writev(pending, at);
-      at += bytesWritten;
-      if (at >= end) break;
+  /** Writes the buffer at the current position; hashes follow the file byte for byte. */
+  async append(buffer: Buffer): Promise<void> {
+    this.md5.update(buffer);
+    this.sha256.update(buffer);
+    for (let at = 0; at < buffer.length; ) {
+      const { bytesWritten } = await this.handle.write(buffer, at, buffer.length - at, this.position + at);
       // A short write is legal (e.g. at a quota); write the rest, unless nothing moved at all.
       if (bytesWritten === 0) throw Object.assign(new Error(`no progress writing ${this.path}`), { code: "EIO" });
-      pending = dropBytes(pending, bytesWritten);
+      at += bytesWritten;
     }
-    this.position = end;
+    this.position += buffer.length;
   }
 
   /**
@@ -345,7 +346,11 @@ class PartFile {
       this.checkpointError = null;
       throw error;
     }
-    if (this.checkpointing !== null || this.position === this.committed) return;
+    this.startCheckpointWhenDue();
+  }
+
+  private startCheckpointWhenDue(): void {
+    if (this.checkpointing !== null || this.closed || this.checkpointError !== null || this.position === this.committed) return;
     if (this.position - this.committed < this.s.checkpointBytes && Date.now() - this.lastCheckpointAt < this.s.checkpointMs) return;
     this.checkpointing = this.commit(this.position)
       .catch((err: unknown) => {
@@ -353,6 +358,8 @@ class PartFile {
       })
       .finally(() => {
         this.checkpointing = null;
+        // Bytes written while this one ran (the sink writes them as they come) need not wait for the next write.
+        this.startCheckpointWhenDue();
       });
   }
 
@@ -400,7 +407,7 @@ class PartFile {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.checkpointing;
+    while (this.checkpointing !== null) await this.checkpointing;
     await this.handle.close();
   }
 
@@ -416,7 +423,7 @@ class PartFile {
   }
 
   private async settleCheckpoint(): Promise<void> {
-    await this.checkpointing;
+    while (this.checkpointing !== null) await this.checkpointing;
     if (this.checkpointError !== null) {
       const error = this.checkpointError;
       this.checkpointError = null;
@@ -483,21 +490,6 @@ function processAlive(pid: number): boolean {
 function newHashes(): [Hash, Hash] {
   const { createHash } = process.getBuiltinModule("node:crypto");
   return [createHash("md5"), createHash("sha256")];
-}
-
-/** The buffers without their first `count` bytes, as views (no copy). */
-function dropBytes(buffers: Buffer[], count: number): Buffer[] {
-  let skip = count;
-  const rest: Buffer[] = [];
-  for (const buffer of buffers) {
-    if (skip >= buffer.length) {
-      skip -= buffer.length;
-      continue;
-    }
-    rest.push(skip > 0 ? buffer.subarray(skip) : buffer);
-    skip = 0;
-  }
-  return rest;
 }
 
 /** Feeds the first `length` bytes of a file to the hashes, in one reused buffer. */
@@ -950,10 +942,24 @@ class SinkError extends Error {
   }
 }
 
-/** Writes the body into the part file with backpressure; buffered chunks go to disk as one writev. */
+/**
+ * Writes the body into the part file with backpressure. Each chunk is copied into one of two fixed buffers and
+ * dropped at once: while one buffer is on the disk the other fills, and goes out as soon as the disk is free, so
+ * nothing waits in memory for more data. A chunk kept queued until its write finished would often live through the
+ * next minor collection and be promoted to V8's old generation, where its memory stays until a major collection;
+ * copied, the socket's chunks die young (see core/gc-pacer.ts).
+ */
 class PartSink extends Writable {
+  /** The buffer being filled, and the one free for the next fill (null while on the disk or not made yet). */
+  private filling: Buffer | null = null;
+  private spare: Buffer | null = null;
+  private filled = 0;
+  /** Bytes taken from the body: on the disk, being written or in `filling`. */
+  private accepted = 0;
+  /** The write in progress (never rejects: a failure is kept in `failure`, raised by the next write or the end). */
   private inflight: Promise<void> | null = null;
-  private readonly pacer = new GarbagePacer();
+  private failure: { error: unknown } | null = null;
+  private readonly pacer = new GarbagePacer(SINK_GC_MINOR_BYTES, undefined, SINK_GC_MAJOR_BYTES);
 
   /**
    * @param ready settles when the part may be written (emptied, free space checked); chunks queue until then.
@@ -965,58 +971,95 @@ class PartSink extends Writable {
     private readonly stall: StallGuard,
     private readonly written: (length: number) => void,
   ) {
-    super({ highWaterMark: SINK_BUFFER_BYTES });
+    super({ highWaterMark: SINK_QUEUE_BYTES });
     // Its failure surfaces through the first write or _final; this keeps it from counting as unhandled.
     ready.catch(() => {});
   }
 
   override _final(callback: (error?: Error | null) => void): void {
     // An empty body still needs the part prepared (and its failure reported).
-    this.ready.then(
-      () => callback(),
-      (err: unknown) => callback(new SinkError(false, err)),
-    );
+    this.settle(this.finish(), callback);
   }
 
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
-    this.consume([chunk], chunk.length, callback);
-  }
-
-  override _writev(chunks: Array<{ chunk: Buffer }>, callback: (error?: Error | null) => void): void {
-    let length = 0;
-    const buffers = chunks.map(({ chunk }) => {
-      length += chunk.length;
-      return chunk;
-    });
-    this.consume(buffers, length, callback);
+    if (this.accepted + chunk.length > this.limit) {
+      callback(new SinkError(true));
+      return;
+    }
+    this.accepted += chunk.length;
+    this.settle(this.take(chunk), callback);
   }
 
   /** Resolves once no write is in progress (a failed sink does not wait for the disk). */
   async settled(): Promise<void> {
-    await this.inflight?.catch(() => {});
+    while (this.inflight !== null) await this.inflight;
   }
 
-  private consume(buffers: Buffer[], length: number, callback: (error?: Error | null) => void): void {
-    if (this.part.position + length > this.limit) {
-      callback(new SinkError(true));
-      return;
-    }
+  private settle(work: Promise<void>, callback: (error?: Error | null) => void): void {
     // Time spent on the disk (a slow fsync on an SD card) is not a stalled server.
     this.stall.pause();
-    this.inflight = this.ready.then(() => this.part.append(buffers, length)).then(() => {
-      this.pacer.add(length);
-      this.written(length);
-    });
-    this.inflight.then(
+    work.then(
       () => {
         this.stall.resume();
         callback();
       },
       (err: unknown) => {
         this.stall.resume();
-        callback(new SinkError(false, err));
+        callback(err instanceof SinkError ? err : new SinkError(false, err));
       },
     );
+  }
+
+  private async take(chunk: Buffer): Promise<void> {
+    await this.ready;
+    for (let at = 0; at < chunk.length; ) {
+      this.filling ??= Buffer.allocUnsafeSlow(SINK_BUFFER_BYTES);
+      const copied = chunk.copy(this.filling, this.filled, at);
+      this.filled += copied;
+      at += copied;
+      // Both buffers taken: wait for the disk.
+      while (this.filling !== null && this.filled === this.filling.length) {
+        this.throwIfFailed();
+        if (this.inflight === null) this.startWrite();
+        else await this.inflight;
+      }
+    }
+    this.throwIfFailed();
+    this.startWrite();
+    this.pacer.add(chunk.length);
+  }
+
+  /** Writes what `filling` holds when the disk is free; the other buffer takes the next bytes. */
+  private startWrite(): void {
+    if (this.inflight !== null || this.failure !== null || this.filled === 0) return;
+    const full = this.filling!;
+    const length = this.filled;
+    this.filling = this.spare;
+    this.spare = null;
+    this.filled = 0;
+    this.inflight = this.part.append(full.subarray(0, length)).then(
+      () => {
+        this.inflight = null;
+        this.spare = full;
+        this.written(length);
+        this.startWrite();
+      },
+    ).catch((error: unknown) => {
+      this.inflight = null;
+      this.failure ??= { error };
+    });
+  }
+
+  private throwIfFailed(): void {
+    if (this.failure !== null) throw this.failure.error;
+  }
+
+  private async finish(): Promise<void> {
+    await this.ready;
+    this.startWrite();
+    await this.settled();
+    this.throwIfFailed();
+    this.filling = this.spare = null;
   }
 }
 

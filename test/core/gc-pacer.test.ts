@@ -1,4 +1,4 @@
-// GarbagePacer: one minor collection per `everyBytes` streamed, none without a gc function (no --expose-gc).
+// GarbagePacer: one collection per `everyBytes` streamed (a major one per `majorEveryBytes`), none without a gc function (no --expose-gc).
 
 import { describe, expect, it } from "vitest";
 import { GarbagePacer } from "../../src/core/gc-pacer.js";
@@ -11,6 +11,13 @@ describe("GarbagePacer", () => {
     expect(calls).toEqual([{ type: "minor" }, { type: "minor" }]);
     pacer.add(5000);
     expect(calls).toHaveLength(3);
+  });
+
+  it("makes every collection that completes majorEveryBytes a major one", () => {
+    const calls: unknown[] = [];
+    const pacer = new GarbagePacer(1000, (options) => void calls.push(options), 3000);
+    for (let i = 0; i < 7; i++) pacer.add(1000);
+    expect(calls).toEqual([{ type: "minor" }, { type: "minor" }, { type: "major" }, { type: "minor" }, { type: "minor" }, { type: "major" }, { type: "minor" }]);
   });
 
   it("does nothing when node runs without --expose-gc", () => {
