@@ -215,8 +215,13 @@ if ((UNINSTALL)); then
       as_root systemctl disable "$SERVICE" || warn "systemctl disable $SERVICE failed"
     fi
     as_root rm -f -- "$UNIT_FILE"
-    if have_systemctl; then as_root systemctl daemon-reload; fi
-    DONE+=("stopped and disabled $SERVICE, removed $UNIT_FILE")
+    if have_systemctl; then
+      as_root systemctl daemon-reload
+      DONE+=("stopped and disabled $SERVICE, removed $UNIT_FILE")
+    else
+      DONE+=("removed $UNIT_FILE")
+      NEXT+=("systemd is not running here: stop moonflash with the service manager that runs it")
+    fi
   fi
   if [[ -f "$ENV_FILE" ]]; then
     rm -f -- "$ENV_FILE"

@@ -391,10 +391,13 @@ export function otaSection(b: OtaBench, serviceLabel: string): string[] {
     "  8 MiB held a fast stream back by about a third, and on a slow link the 5 s come first anyway.",
     "- Memory: Node reads each socket and file chunk into a fresh 64 KiB buffer that V8 frees only at its next young-",
     "  generation collection, which it times by its own heap, not by these buffers: a 500 MB stream piled up 40 MiB",
-    "  first (serve peaked at +42 MiB over empty node before the change). The service now runs with `--expose-gc`, and",
-    "  download, check and extraction ask for a minor collection after every MiB (src/core/gc-pacer.ts), at no",
-    "  measurable cost in time. The peak is still over the goal: about a quarter of it is serve's idle share, the rest",
-    "  the buffers in flight (a 1 MiB write queue, the chunk being hashed) and the glibc heap they came from.",
+    "  first (serve peaked at +42 MiB over empty node before `--expose-gc` and src/core/gc-pacer.ts). The download now",
+    "  copies each chunk into one of two fixed 256 KiB buffers and drops it at once (one is written while the other",
+    "  fills), with a minor collection every 512 KiB and a major one every 64 MiB (buffers that lived through two minor",
+    "  collections are promoted and stay until a major one; each costs about 10 ms); check, extraction and file copies",
+    `  collect every 256/512 KiB and fully every 16 MiB. The peak is still over the goal: ${over(m.idleKiB - m.emptyNodeKiB)} of it is serve's idle`,
+    "  share, about 1.2 MiB Node's own code for http, crypto and zlib run for the first time (file-backed, in every",
+    "  process that downloads), the rest V8's young generation and the glibc heap the buffers come from.",
     "",
   ];
 }

@@ -39,7 +39,8 @@ async function listenForPage(opts) {
       }
     );
   });
-  server.listen(opts.port, opts.host);
+  if (opts.host === "0.0.0.0") server.listen(opts.port);
+  else server.listen(opts.port, opts.host);
   try {
     await Promise.race([once(server, "listening"), once(server, "error").then(([err]) => Promise.reject(err))]);
   } catch (err) {

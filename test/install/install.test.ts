@@ -275,6 +275,13 @@ describe("install.sh", () => {
     expect(systemctlCalls(await calls(w))).toEqual([]);
     expect(result.stdout).toMatch(/systemd is not running here \(or systemctl was not found\): start moonflash with your service manager: \S+ .*dist\/moonflash\.mjs serve --data /);
     expect(result.stdout).toContain("restart Moonraker, which reads moonraker.asvc");
+
+    const removed = await run(w, ["--uninstall", "--data", w.data, "--user", runUser, "--yes"], { env: { MOONFLASH_SYSTEMD_RUN: join(w.root, "no-such-dir") } });
+    expect(removed.exitCode, removed.stderr).toBe(0);
+    expect(removed.stdout).toContain(`  - removed ${w.unit}\n`);
+    expect(removed.stdout).not.toContain("stopped and disabled");
+    expect(removed.stdout).toContain("systemd is not running here: stop moonflash with the service manager that runs it");
+    expect(systemctlCalls(await calls(w))).toEqual([]);
   });
 
   it("a second run changes no file (contents, mtimes, owners) and says nothing changed", async () => {
