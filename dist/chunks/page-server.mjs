@@ -2,7 +2,8 @@
 import { createRequire as __moonflashRequire } from "node:module"; const require = __moonflashRequire(import.meta.url);
 import {
   listenForPage,
-  mcuUserName
+  mcuUserName,
+  safeUrl
 } from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 import "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
@@ -295,15 +296,6 @@ function renderPage(snapshotJson, version) {
 var URL_IN_TEXT = /\b[a-z][a-z0-9+.-]*:\/\/[^\s"'<>`]+/gi;
 var PATH_IN_TEXT = /(^|[\s"'`(=[,;])(~?\/[^\s"'`),;\]]*[^\s"'`),;\].:!?])/g;
 var SHOWN_PATHS = /^\/dev\//;
-function safeUrl(raw) {
-  try {
-    const url = new URL(raw);
-    if (url.host === "") return raw.replace(/[?#].*$/, "");
-    return `${url.protocol}//${url.host}${url.pathname}`;
-  } catch {
-    return raw.replace(/^([a-z][a-z0-9+.-]*:\/\/)[^/?#]*@/i, "$1").replace(/[?#].*$/, "");
-  }
-}
 function hidePaths(text) {
   return text.replace(PATH_IN_TEXT, (_match, lead, path) => {
     if (SHOWN_PATHS.test(path)) return `${lead}${path}`;

@@ -68,8 +68,20 @@ function listenError(err, host, port) {
   return new MoonflashError("PORT_UNAVAILABLE", message, { host, port, errno: errno ?? null }, { cause: err });
 }
 
+// src/core/url.ts
+function safeUrl(raw) {
+  try {
+    const url = new URL(raw);
+    if (url.host === "") return raw.replace(/[?#].*$/, "");
+    return `${url.protocol}//${url.host}${url.pathname}`;
+  } catch {
+    return raw.replace(/^([a-z][a-z0-9+.-]*:\/\/)[^/?#]*@/i, "$1").replace(/[?#].*$/, "");
+  }
+}
+
 export {
   mcuUserName,
   flashCommandsFor,
+  safeUrl,
   listenForPage
 };

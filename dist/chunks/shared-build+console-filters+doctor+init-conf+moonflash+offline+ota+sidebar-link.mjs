@@ -41,7 +41,8 @@ import {
 import {
   flashCommandsFor,
   listenForPage,
-  mcuUserName
+  mcuUserName,
+  safeUrl
 } from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import {
   ERROR_CODES,
@@ -15450,14 +15451,6 @@ function healthFailure(why, cause) {
     { why },
     cause === void 0 ? void 0 : { cause }
   );
-}
-function safeUrl(raw) {
-  try {
-    const url2 = new URL(raw);
-    return `${url2.protocol}//${url2.host}${url2.pathname}`;
-  } catch {
-    return String(raw).slice(0, 200);
-  }
 }
 async function exists2(path6) {
   try {

@@ -30,6 +30,7 @@ import { DOWNLOAD_DEFAULTS, downloadPackage, type DownloadOptions } from "./down
 import { compareVersions, type Manifest, type ManifestModule } from "./manifest.js";
 import { extractPackage, readPackage, resolveTargets, type ExtractedPackage, type PackageLimits, type ResolvedTarget } from "./package.js";
 import { describeRef, findProcesses, stopProcess } from "./processes.js";
+import { safeUrl } from "../core/url.js";
 import { isRawPublicKey } from "./signing.js";
 import {
   DEFAULT_MAX_STATE_SAVES, DEPLOY_STATES, OtaStateStore, crashPoint, makeUpdateId, newState,
@@ -1256,15 +1257,6 @@ function healthFailure(why: string, cause?: unknown): MoonflashError {
 }
 
 /** A URL for logs and history: without credentials or query (signed download URLs carry tokens there). */
-function safeUrl(raw: string): string {
-  try {
-    const url = new URL(raw);
-    return `${url.protocol}//${url.host}${url.pathname}`;
-  } catch {
-    return String(raw).slice(0, 200);
-  }
-}
-
 async function exists(path: string): Promise<boolean> {
   try {
     await access(path);

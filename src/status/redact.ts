@@ -2,24 +2,16 @@
 // every address, while job targets, messages and Klipper's state can carry a download URL with user:password@ or a
 // signed query, and file paths that tell where the data dir, the config and the firmware live.
 
+import { safeUrl } from "../core/url.js";
+
+export { safeUrl };
+
 const URL_IN_TEXT = /\b[a-z][a-z0-9+.-]*:\/\/[^\s"'<>`]+/gi;
 // An absolute or ~/ path: starts after the text's start, a space, a quote, a bracket or "=" so that "1/2" and the
 // path part of a URL (already handled) do not count.
 const PATH_IN_TEXT = /(^|[\s"'`(=[,;])(~?\/[^\s"'`),;\]]*[^\s"'`),;\].:!?])/g;
 // Device paths name the board the user asked about and give nothing away.
 const SHOWN_PATHS = /^\/dev\//;
-
-/** A URL as it may be shown: scheme, host and path only (no user:password@, query or fragment). */
-export function safeUrl(raw: string): string {
-  try {
-    const url = new URL(raw);
-    if (url.host === "") return raw.replace(/[?#].*$/, "");
-    return `${url.protocol}//${url.host}${url.pathname}`;
-  } catch {
-    // Not parseable: still drop whatever stands before an @ in the authority, and any query.
-    return raw.replace(/^([a-z][a-z0-9+.-]*:\/\/)[^/?#]*@/i, "$1").replace(/[?#].*$/, "");
-  }
-}
 
 function hidePaths(text: string): string {
   return text.replace(PATH_IN_TEXT, (_match, lead: string, path: string) => {
