@@ -3,7 +3,7 @@
 
 import type { Logger } from "pino";
 import { isMoonflashError, MoonflashError, toMoonflashError } from "./errors.js";
-import type { JobContext, JobEvent, JobKind, LogLevel, ProgressUnit } from "./events.js";
+import type { JobBoard, JobContext, JobEvent, JobKind, LogLevel, ProgressUnit } from "./events.js";
 import { appendJob, HISTORY_LIMIT, listJobs, type JobRecord } from "./history.js";
 import { acquireJobLock, busyError, type JobLock, type JobLockInfo } from "./lock.js";
 import { dataPaths, type DataPaths } from "./paths.js";
@@ -138,11 +138,11 @@ export class JobRunner {
       kind: info.kind,
       target: info.target,
       signal: job.controller.signal,
-      stage: (stage, message) => {
+      stage: (stage, message, board) => {
         if (finished) return;
         job.stage = stage;
         log.info({ stage }, message ?? `stage ${stage}`);
-        this.emit({ ...this.base(info), type: "stage", stage, ...(message === undefined ? {} : { message }) });
+        this.emit({ ...this.base(info), type: "stage", stage, ...(message === undefined ? {} : { message }), ...(board === undefined ? {} : { board }) });
       },
       progress: (done, total, unit, phase) => {
         if (finished) return;
@@ -157,10 +157,10 @@ export class JobRunner {
         }
         throttle.offer(phase ?? "", job.progress!);
       },
-      log: (level: LogLevel, message: string) => {
+      log: (level: LogLevel, message: string, board?: JobBoard) => {
         if (finished) return;
         log[level](message);
-        this.emit({ ...this.base(info), type: "log", level, message });
+        this.emit({ ...this.base(info), type: "log", level, message, ...(board === undefined ? {} : { board }) });
       },
       setCancellable: (cancellable, reason) => {
         job.cancellable = cancellable;

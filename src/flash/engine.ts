@@ -323,9 +323,9 @@ function contextWithShutdown(ctx: JobContext, shutdown: AbortSignal): JobContext
     kind: ctx.kind,
     target: ctx.target,
     signal: controller.signal,
-    stage: (stage, message) => ctx.stage(stage, message),
+    stage: (stage, message, board) => ctx.stage(stage, message, board),
     progress: (done, total, unit, phase) => ctx.progress(done, total, unit, phase),
-    log: (level, message) => ctx.log(level, message),
+    log: (level, message, board) => ctx.log(level, message, board),
     setCancellable(value, reason) {
       cancellable = value;
       ctx.setCancellable(value, reason);

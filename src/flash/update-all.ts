@@ -6,7 +6,7 @@
 
 import { stat } from "node:fs/promises";
 import { join } from "node:path";
-import type { JobContext } from "../core/events.js";
+import type { JobBoard, JobContext } from "../core/events.js";
 import type { JobRunner } from "../core/jobs.js";
 import { MoonflashError, toMoonflashError, type ErrorCode } from "../core/errors.js";
 import type { PrinterPort, PrinterState } from "../core/printer.js";
@@ -127,17 +127,18 @@ export class McuUpdater {
     // Build everything while Klipper keeps running (builds touch no port), then pre-flight each board.
     const tBuild = performance.now();
     const ready: Array<{ planned: PlannedMcu; flash: FlashPlan; image: Buffer; build: FirmwareBuild }> = [];
-    for (const planned of plan) {
+    for (const [index, planned] of plan.entries()) {
       const o = outcome(planned.mcu);
+      const board: JobBoard = { name: planned.name, index: index + 1, count: plan.length };
       try {
-        ctx.stage("build", `building the firmware of ${planned.name}`);
+        ctx.stage("build", `building the firmware of ${planned.name}`, board);
         const build = await builder.buildWithin(ctx, planned.mcu);
         Object.assign(o, { built: true, build_skipped: build.skipped, build_ms: build.elapsedMs });
         const { plan: flash, image } = await engine.prepare({ mcu: planned.mcu, firmware: build.image }, ctx);
         ready.push({ planned, flash, image, build });
       } catch (err) {
         fail(o, err);
-        ctx.log("error", `${planned.name}: ${o.message}`);
+        ctx.log("error", `${planned.name}: ${o.message}`, board);
       }
     }
     phases.build = Math.round(performance.now() - tBuild);
@@ -153,14 +154,15 @@ export class McuUpdater {
       stoppedAt = performance.now();
       for (const [index, { planned, flash, image }] of ready.entries()) {
         const o = outcome(planned.mcu);
+        const board: JobBoard = { name: planned.name, index: index + 1, count: ready.length };
         const started = performance.now();
         try {
-          inner.stage("flash", `flashing ${planned.name} (${index + 1} of ${ready.length})`);
+          inner.stage("flash", `flashing ${board.name} (${board.index} of ${board.count})`, board);
           const done = await engine.flashPrepared(flash, image, inner, { backup: planned.backup.read_back });
           Object.assign(o, { flashed: true, method: done.method, verified: done.outcome.verified, ...(done.backed_up ? { backed_up: true } : {}) });
         } catch (err) {
           fail(o, err);
-          inner.log("error", `${planned.name}: ${o.message}`);
+          inner.log("error", `${planned.name}: ${o.message}`, board);
         }
         o.flash_ms = Math.round(performance.now() - started);
       }

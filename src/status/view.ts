@@ -2,7 +2,7 @@
 // text passes through redactText; nothing of a job's params, result or error details is passed on, since they hold
 // paths and URLs. The same views go to /status.json, the SSE snapshot and the HTML's first paint.
 
-import type { JobEvent, JobKind, LogLevel, ProgressUnit } from "../core/events.js";
+import type { JobBoard, JobEvent, JobKind, LogLevel, ProgressUnit } from "../core/events.js";
 import type { CurrentJob, JobProgress, JobRecord } from "../core/jobs.js";
 import type { KlippyState, PrinterState } from "../core/printer.js";
 import { mcuUserName } from "../flash/mcu-name.js";
@@ -133,10 +133,8 @@ export function historyRows(records: JobRecord[]): HistoryRow[] {
   }));
 }
 
-// The stage messages of src/flash/update-all.ts that name the board a step is about (test/status checks they are
-// still written this way).
-const BUILDING = /^building the firmware of (.+)$/;
-const FLASHING = /^flashing (.+) \((\d+ of \d+)\)$/;
+/** The board rows' state while a stage that names a board runs (src/flash/update-all.ts's stage names). */
+const STAGE_BOARD_STATES: Partial<Record<string, BoardState>> = { build: "building", flash: "flashing" };
 
 /** Follows the job events of this process into the view of the running (or last) job and its log tail. */
 export class JobTracker {
@@ -158,7 +156,7 @@ export class JobTracker {
       case "stage":
         job.stage = event.stage;
         job.message = event.message === undefined ? null : shownText(event.message);
-        this.followBoards(job, event.stage, event.message);
+        if (event.board) this.followBoard(job, event.stage, event.board);
         break;
       case "progress": {
         job.progress = progressView(event);
@@ -169,11 +167,7 @@ export class JobTracker {
       case "log": {
         if (event.level === "debug") return null;
         line = { ts: event.ts, level: event.level, message: shownText(event.message) };
-        if (event.level === "error") {
-          // update-all logs a board's failure as "<name>: <message>".
-          const board = job.boards.find((b) => event.message.startsWith(`${b.name}: `));
-          if (board) Object.assign(board, { state: "failed", progress: null, message: shownText(event.message.slice(board.name.length + 2)) });
-        }
+        if (event.level === "error" && event.board) this.failBoard(job, event.board, event.message);
         break;
       }
       case "notice":
@@ -238,37 +232,32 @@ export class JobTracker {
     return this.job;
   }
 
-  /** Per-board rows of an update of several boards, from its stage messages. */
-  private followBoards(job: JobView, stage: string, message: string | undefined): void {
-    const building = stage === "build" ? BUILDING.exec(message ?? "") : null;
-    const flashing = stage === "flash" ? FLASHING.exec(message ?? "") : null;
-    if (!building && !flashing) return;
+  /** Per-board rows of an update of several boards: its build and flash stages name the board they are about. */
+  private followBoard(job: JobView, stage: string, ref: JobBoard): void {
+    const state = STAGE_BOARD_STATES[stage];
+    if (!state) return;
     // The board before is done with that step unless it failed.
     for (const b of job.boards) {
       if (b.state === "building") b.state = "built";
       if (b.state === "flashing") Object.assign(b, { state: "flashed", progress: null });
     }
-    const name = shownText((building ?? flashing)![1]!, 100);
-    let board = job.boards.find((b) => b.name === name);
-    if (!board) {
-      board = { name, state: "building", order: null, progress: null, code: null, message: null };
-      job.boards.push(board);
-    }
-    board.state = building ? "building" : "flashing";
+    const board = boardRow(job, ref.name);
+    board.state = state;
     board.progress = null;
-    if (flashing) board.order = flashing[2]!;
+    if (state === "flashing") board.order = `${ref.index} of ${ref.count}`;
+  }
+
+  private failBoard(job: JobView, ref: JobBoard, message: string): void {
+    // update-all's line starts with the board's name for the console and the log; on the page the row names it.
+    const reason = message.startsWith(`${ref.name}: `) ? message.slice(ref.name.length + 2) : message;
+    Object.assign(boardRow(job, ref.name), { state: "failed", progress: null, message: shownText(reason) });
   }
 
   /** At the result: the outcome per board, from update-all's result (kept in the details on failure too). */
   private settleBoards(job: JobView, event: Extract<JobEvent, { type: "result" }>): void {
     const outcomes = boardOutcomes(event.details);
     for (const o of outcomes) {
-      const name = shownText(o.name, 100);
-      let board = job.boards.find((b) => b.name === name);
-      if (!board) {
-        board = { name, state: "unknown", order: null, progress: null, code: null, message: null };
-        job.boards.push(board);
-      }
+      const board = boardRow(job, o.name);
       board.progress = null;
       if (o.code) Object.assign(board, { state: "failed", code: o.code, message: o.message === null ? board.message : shownText(o.message) });
       else if (o.flashed) board.state = "flashed";
@@ -279,6 +268,17 @@ export class JobTracker {
       if (b.state === "building") b.state = event.ok ? "built" : "unknown";
     }
   }
+}
+
+/** The row of a board, added ("unknown" until the caller says more) when the page has none yet. */
+function boardRow(job: JobView, name: string): BoardRow {
+  const shown = shownText(name, 100);
+  let board = job.boards.find((b) => b.name === shown);
+  if (!board) {
+    board = { name: shown, state: "unknown", order: null, progress: null, code: null, message: null };
+    job.boards.push(board);
+  }
+  return board;
 }
 
 interface BoardOutcome {

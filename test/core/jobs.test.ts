@@ -99,6 +99,29 @@ describe("JobRunner", () => {
     expect(runner.current()).toBeNull();
   });
 
+  it("carries the board a stage or log line is about into its event, also after progress held back", async () => {
+    const toolhead = { name: "toolhead", index: 2, count: 3 };
+    await runner.run({ kind: "flash", target: "all MCUs" }, async (ctx) => {
+      ctx.stage("flash", "flashing mcu (1 of 3)", { name: "mcu", index: 1, count: 3 });
+      ctx.progress(1, 4, "blocks", "write");
+      // Within the throttle's interval: held back, then let out before the stage that follows.
+      ctx.progress(4, 4, "blocks", "write");
+      ctx.stage("flash", "flashing toolhead (2 of 3)", toolhead);
+      ctx.log("error", "toolhead: no answer", toolhead);
+      ctx.log("info", "a line about no board");
+    });
+    const base = { jobId: events[0]!.jobId, kind: "flash", target: "all MCUs" };
+    expect(untimed(events).slice(1, -1)).toEqual([
+      { ...base, type: "stage", stage: "flash", message: "flashing mcu (1 of 3)", board: { name: "mcu", index: 1, count: 3 } },
+      { ...base, type: "progress", done: 1, total: 4, unit: "blocks", phase: "write" },
+      { ...base, type: "progress", done: 4, total: 4, unit: "blocks", phase: "write" },
+      { ...base, type: "stage", stage: "flash", message: "flashing toolhead (2 of 3)", board: toolhead },
+      { ...base, type: "log", level: "error", message: "toolhead: no answer", board: toolhead },
+      { ...base, type: "log", level: "info", message: "a line about no board" },
+    ]);
+    expect(events.at(-2)).not.toHaveProperty("board");
+  });
+
   it("rethrows a MoonflashError, reports it in the result and history, and releases the lock", async () => {
     const failure = new MoonflashError("VERIFY_FAILED", "Block 0x8400 read back differently; flash again.", { address: 0x8400 });
     await expect(runner.run({ kind: "flash", target: "mcu" }, async () => Promise.reject(failure))).rejects.toBe(failure);

@@ -11,6 +11,7 @@ import { join } from "node:path";
 import pino from "pino";
 import type { Agent } from "../../src/agent/agent.js";
 import { createAgent } from "../../src/app.js";
+import type { JobBoard } from "../../src/core/events.js";
 import type { UpdateAllResult } from "../../src/flash/update-all.js";
 import { startVirtualDevice, type VirtualDevice } from "../../src/sim/virtual-device.js";
 import { mcuProtocolErrorMessage } from "../support/fake-moonraker/klipper-sim.js";
@@ -119,9 +120,11 @@ describe("flash.update_all", () => {
     await setUp();
     const flashed: string[] = [];
     const buildsBeforeStop: string[] = [];
+    const boardSteps: Array<[string, JobBoard | undefined]> = [];
     agent!.runner.on((e) => {
       if (e.type === "stage" && e.stage === "flash" && e.message) flashed.push(e.message);
       if (e.type === "stage" && e.stage === "build" && actions().length === 0) buildsBeforeStop.push(e.message ?? "");
+      if (e.type === "stage" && (e.stage === "build" || e.stage === "flash")) boardSteps.push([e.stage, e.board]);
     });
     let bootloaderRequests = 0;
     boards.toolhead.on("bootloader", () => bootloaderRequests++);
@@ -136,6 +139,15 @@ describe("flash.update_all", () => {
     expect(buildsBeforeStop).toHaveLength(3);
     expect(actions()).toEqual(["stop klipper", "start klipper"]);
     expect(flashed).toEqual(["flashing mcu (1 of 3)", "flashing toolhead (2 of 3)", "flashing bed (3 of 3)"]);
+    // The status page follows each board from this field, not from the messages.
+    expect(boardSteps).toEqual([
+      ["build", { name: "mcu", index: 1, count: 3 }],
+      ["build", { name: "toolhead", index: 2, count: 3 }],
+      ["build", { name: "bed", index: 3, count: 3 }],
+      ["flash", { name: "mcu", index: 1, count: 3 }],
+      ["flash", { name: "toolhead", index: 2, count: 3 }],
+      ["flash", { name: "bed", index: 3, count: 3 }],
+    ]);
     expect(bootloaderRequests).toBe(1);
     expect(result.mcus.map((m) => [m.name, m.built, m.flashed, m.verified, m.version_now])).toEqual([
       ["mcu", true, true, true, host],
@@ -215,6 +227,10 @@ describe("flash.update_all", () => {
 
   it("a board failing in the middle: the others are flashed, Klipper is stopped and started once, the job has its code", async () => {
     await setUp({ silentToolhead: true });
+    const errorLines: Array<[string, JobBoard | undefined]> = [];
+    agent!.runner.on((e) => {
+      if (e.type === "log" && e.level === "error") errorLines.push([e.message, e.board]);
+    });
     const err = await updateAll().catch((e: unknown) => e);
     expect(err).toBeInstanceOf(RpcCallError);
     const data = (err as RpcCallError).data as { message: string; data: { code: string; details: { result: UpdateAllResult } } };
@@ -225,6 +241,7 @@ describe("flash.update_all", () => {
       ["bed", true, null],
     ]);
     expect(data.message).toMatch(/^toolhead: /);
+    expect(errorLines).toEqual([[data.message, { name: "toolhead", index: 2, count: 3 }]]);
     expect(versionIn(boards.mcu)).toBe(host);
     expect(versionIn(boards.bed)).toBe(host);
     expect(actions()).toEqual(["stop klipper", "start klipper"]);

@@ -71,10 +71,10 @@ describe("status page in a browser", () => {
     const reached = deferred();
     const job = f.runner.run({ kind: "flash", target: "all MCUs" }, async (ctx) => {
       ctx.stage("check", "checking which MCUs need new firmware");
-      ctx.stage("build", "building the firmware of toolhead");
-      ctx.stage("build", "building the firmware of mcu");
+      ctx.stage("build", "building the firmware of toolhead", { name: "toolhead", index: 1, count: 2 });
+      ctx.stage("build", "building the firmware of mcu", { name: "mcu", index: 2, count: 2 });
       f.printer.set({ klippyConnected: false, klippyState: "disconnected", printState: null });
-      ctx.stage("flash", "flashing toolhead (1 of 2)");
+      ctx.stage("flash", "flashing toolhead (1 of 2)", { name: "toolhead", index: 1, count: 2 });
       ctx.stage("write", "Writing 28672 bytes");
       ctx.log("info", "Katapult 0.0.1 on stm32g0b1xx, block size 64, application at 0x8002000");
       ctx.log("warn", "block 12: no answer, sent again");
@@ -85,7 +85,7 @@ describe("status page in a browser", () => {
       reached.resolve();
       await gate.promise;
       ctx.progress(28672, 28672, "bytes", "write");
-      ctx.stage("flash", "flashing mcu (2 of 2)");
+      ctx.stage("flash", "flashing mcu (2 of 2)", { name: "mcu", index: 2, count: 2 });
       f.printer.set({ klippyConnected: true, klippyState: "ready", printState: "standby" });
       return { mcus: [{ name: "toolhead", flashed: true }, { name: "mcu", flashed: true }] };
     });

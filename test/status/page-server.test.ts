@@ -208,19 +208,19 @@ describe("status page server", () => {
     // The events McuUpdater (src/flash/update-all.ts) emits, in its order.
     const job = f.runner.run({ kind: "flash", target: "all MCUs" }, async (ctx) => {
       ctx.stage("check", "checking which MCUs need new firmware");
-      ctx.stage("build", "building the firmware of toolhead");
-      ctx.stage("build", "building the firmware of mcu");
-      ctx.stage("build", "building the firmware of bed");
-      ctx.log("error", "bed: make failed");
+      ctx.stage("build", "building the firmware of toolhead", { name: "toolhead", index: 1, count: 3 });
+      ctx.stage("build", "building the firmware of mcu", { name: "mcu", index: 2, count: 3 });
+      ctx.stage("build", "building the firmware of bed", { name: "bed", index: 3, count: 3 });
+      ctx.log("error", "bed: make failed", { name: "bed", index: 3, count: 3 });
       ctx.stage("stop", "stopping klipper");
-      ctx.stage("flash", "flashing toolhead (1 of 2)");
+      ctx.stage("flash", "flashing toolhead (1 of 2)", { name: "toolhead", index: 1, count: 2 });
       ctx.stage("write", "Writing 4096 bytes");
       ctx.progress(2048, 4096, "bytes", "write");
       reached.resolve();
       await gate.promise;
-      ctx.stage("flash", "flashing mcu (2 of 2)");
+      ctx.stage("flash", "flashing mcu (2 of 2)", { name: "mcu", index: 2, count: 2 });
       ctx.progress(512, 4096, "bytes", "write");
-      ctx.log("error", "mcu: Writing block 3 failed");
+      ctx.log("error", "mcu: Writing block 3 failed", { name: "mcu", index: 2, count: 2 });
       throw failure;
     });
     await reached.promise;
@@ -253,12 +253,35 @@ describe("status page server", () => {
     expect(reader.raw).not.toContain(f.dataDir);
   });
 
-  it("follows the stage messages update-all really writes", () => {
+  it("follows the boards from the events' board field, whatever their messages say", async () => {
+    const gate = deferred();
+    const reached = deferred();
+    const job = f.runner.run({ kind: "flash", target: "all MCUs" }, async (ctx) => {
+      ctx.stage("build", "compiling", { name: "toolhead", index: 1, count: 2 });
+      ctx.stage("build", "compiling", { name: "mcu", index: 2, count: 2 });
+      // Without the field, not even update-all's own wording makes a row.
+      ctx.stage("build", "building the firmware of bed");
+      ctx.log("error", "bed: make failed");
+      ctx.stage("flash", "writing the first board", { name: "toolhead", index: 1, count: 2 });
+      ctx.progress(1024, 4096, "bytes", "write");
+      ctx.log("error", "the bootloader did not answer", { name: "mcu", index: 2, count: 2 });
+      reached.resolve();
+      await gate.promise;
+    });
+    await reached.promise;
+    const during = await snapshotOf(f);
+    expect(during.job).toMatchObject({ stage: "flash", message: "writing the first board" });
+    expect(boardsOf(during.job!.boards)).toEqual([
+      { name: "toolhead", state: "flashing", order: "1 of 2", percent: 25, code: null, message: null },
+      { name: "mcu", state: "failed", order: null, percent: null, code: null, message: "the bootloader did not answer" },
+    ]);
+    gate.resolve();
+    await job;
+  });
+
+  it("reads the per-board outcomes of a failed update where update-all keeps them", () => {
     const source = readFileSync(join(repo, "src/flash/update-all.ts"), "utf8");
-    expect(source).toContain('ctx.stage("build", `building the firmware of ${planned.name}`)');
-    expect(source).toContain('inner.stage("flash", `flashing ${planned.name} (${index + 1} of ${ready.length})`)');
-    expect(source).toContain('log("error", `${planned.name}: ${o.message}`)');
-    // A failed update keeps the per-board outcomes in its error's details.
+    // A failed update keeps the per-board outcomes in its error's details (boardOutcomes reads `details.result`).
     expect(source).toContain("{ result },");
   });
 

@@ -1,11 +1,11 @@
 // A JobContext that records every call in order, so flasher tests can assert what was reported and when.
 
-import type { JobContext, LogLevel, ProgressUnit } from "../../../src/core/events.js";
+import type { JobBoard, JobContext, LogLevel, ProgressUnit } from "../../../src/core/events.js";
 
 export type ContextCall =
-  | { call: "stage"; stage: string; message?: string }
+  | { call: "stage"; stage: string; message?: string; board?: JobBoard }
   | { call: "progress"; done: number; total: number; unit: ProgressUnit; phase?: string }
-  | { call: "log"; level: LogLevel; message: string }
+  | { call: "log"; level: LogLevel; message: string; board?: JobBoard }
   | { call: "setCancellable"; cancellable: boolean; reason?: string };
 
 type CallName = ContextCall["call"];
@@ -24,16 +24,16 @@ export class RecordingContext implements JobContext {
     return this.controller.signal;
   }
 
-  stage(stage: string, message?: string): void {
-    this.calls.push({ call: "stage", stage, message });
+  stage(stage: string, message?: string, board?: JobBoard): void {
+    this.calls.push({ call: "stage", stage, message, ...(board === undefined ? {} : { board }) });
   }
 
   progress(done: number, total: number, unit: ProgressUnit, phase?: string): void {
     this.calls.push({ call: "progress", done, total, unit, phase });
   }
 
-  log(level: LogLevel, message: string): void {
-    this.calls.push({ call: "log", level, message });
+  log(level: LogLevel, message: string, board?: JobBoard): void {
+    this.calls.push({ call: "log", level, message, ...(board === undefined ? {} : { board }) });
   }
 
   setCancellable(cancellable: boolean, reason?: string): void {
