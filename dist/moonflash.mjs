@@ -5,7 +5,6 @@ import {
   EXIT_OK,
   EXIT_USAGE,
   FLASH_METHODS,
-  VERSION,
   createAgent,
   exitCodeFor
 } from "./chunks/shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
@@ -13,14 +12,18 @@ import "./chunks/shared-build+console-filters+doctor+init-conf+moonflash+offline
 import "./chunks/shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import "./chunks/shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import {
+  VERSION
+} from "./chunks/shared-build+console-filters+doctor+engine+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./chunks/shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import {
   isMoonflashError,
   toMoonflashError
-} from "./chunks/shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+} from "./chunks/shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./chunks/shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./chunks/shared-build+callback-report+console-filters+doctor+engine+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/commander/lib/error.js
 var require_error = __commonJS({

@@ -3,7 +3,6 @@
 // else receives what it needs (ports and engines) and builds nothing of its own.
 
 import { readFile } from "node:fs/promises";
-import { join } from "node:path";
 import type { Logger } from "pino";
 import { loadConfig, type MoonflashConfig } from "./moonflash-conf.js";
 import { MoonflashError, toMoonflashError } from "./core/errors.js";
@@ -16,8 +15,8 @@ import { MCU_DEFAULTS, type FlashSettings, type McuConfig } from "./flash/config
 import { FlashEngine, mcuSectionName } from "./flash/engine.js";
 import type { ImageMeta } from "./flash/firmware-store.js";
 import { mcuUserName } from "./flash/mcu-name.js";
-import { CallbackReporter } from "./ota/callback-report.js";
-import { OtaEngine, otaPaths, type FirmwarePort } from "./ota/engine.js";
+import type { OtaEngine, FirmwarePort } from "./ota/engine.js";
+import { otaPaths } from "./ota/paths.js";
 import { FirmwareBuilder } from "./flash/build/builder.js";
 import { McuUpdater } from "./flash/update-all.js";
 import { AgentSession, type AgentSessionOptions } from "./moonraker/session.js";
@@ -69,8 +68,12 @@ export function createFlashEngine(rt: Runtime, printer: PrinterPort, config: Fla
   return new FlashEngine({ config, printer, runner: rt.runner, logger: rt.logger.child({ ns: "flash" }) });
 }
 
-/** The OTA engine, flashing firmware modules through `flash` (flashFirmwarePort). */
-export function createOtaEngine(rt: Runtime, printer: PrinterPort, flash: FlashEngine): OtaEngine {
+/**
+ * The OTA engine, flashing firmware modules through `flash` (flashFirmwarePort). Its code is loaded here, on first
+ * use: an agent that never runs an update does not carry it (docs/BENCHMARKS.md).
+ */
+export async function createOtaEngine(rt: Runtime, printer: PrinterPort, flash: FlashEngine): Promise<OtaEngine> {
+  const [{ OtaEngine }, { CallbackReporter }] = await Promise.all([import("./ota/engine.js"), import("./ota/callback-report.js")]);
   const engine = new OtaEngine({
     dataDir: rt.config.dataDir,
     config: rt.config.ota,
@@ -119,7 +122,7 @@ interface RememberedDevice {
  * update can be rolled back.
  */
 export function flashFirmwarePort(rt: Runtime, printer: PrinterPort, flash: FlashEngine): FirmwarePort {
-  const file = join(otaPaths(rt.config.dataDir).root, "mcu-devices.json");
+  const file = otaPaths(rt.config.dataDir).mcuDevices;
   const logger = rt.logger.child({ ns: "ota-firmware" });
   let devices: Record<string, RememberedDevice> | null = null;
 

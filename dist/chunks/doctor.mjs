@@ -8,10 +8,12 @@ import {
 import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
 import "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+engine+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import {
   toMoonflashError
-} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+import "./shared-build+callback-report+console-filters+doctor+engine+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/doctor.ts
 import { constants } from "node:fs";

@@ -8,29 +8,13 @@ import {
   reportFailure
 } from "./shared-build+console-filters+init-conf+offline+ota+sidebar-link.mjs";
 import {
-  AGENT_NAME,
-  DEFAULT_LIMITS,
-  MANIFEST_FILE,
-  SIGNATURE_FILE,
-  commonJsModule,
   connectPrinter,
   createFlashEngine,
   createOtaEngine,
   createRuntime,
-  dataPaths,
-  expandHome,
-  fsyncDir,
   isProcessAlive,
-  keygen,
-  parseManifest,
   parseParams,
-  payloadsOf,
-  publicKeyOf,
-  readJobLock,
-  readPackage,
-  sign,
-  verify,
-  writeFileDurable
+  readJobLock
 } from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
 import {
@@ -38,10 +22,31 @@ import {
 } from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import {
+  DEFAULT_LIMITS,
+  commonJsModule,
+  readPackage
+} from "./shared-engine+ota.mjs";
+import {
+  AGENT_NAME,
+  MANIFEST_FILE,
+  SIGNATURE_FILE,
+  dataPaths,
+  expandHome,
+  fsyncDir,
+  keygen,
+  parseManifest,
+  payloadsOf,
+  publicKeyOf,
+  sign,
+  verify,
+  writeFileDurable
+} from "./shared-build+console-filters+doctor+engine+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+import "./shared-build+callback-report+console-filters+doctor+engine+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/ota.ts
 import { readFile, stat as stat2 } from "node:fs/promises";
@@ -200,7 +205,7 @@ function cancelOnSignal(ota) {
 }
 function runOtaJob(opts, work) {
   return runPrinterJob(opts, async (ctx, flash, printer, renderer) => {
-    const ota = createOtaEngine(ctx, printer, flash);
+    const ota = await createOtaEngine(ctx, printer, flash);
     const off = cancelOnSignal(ota);
     try {
       renderer.done(await work(ota));
@@ -268,7 +273,7 @@ async function runOtaStatus(opts) {
   try {
     const ctx = await createRuntime({ dataDir: opts.dataDir, pretty: false });
     const printer = offlinePrinter();
-    const ota = createOtaEngine(ctx, printer, createFlashEngine(ctx, printer));
+    const ota = await createOtaEngine(ctx, printer, createFlashEngine(ctx, printer));
     await ota.load();
     const lock = await readJobLock(dataPaths(ctx.config.dataDir).lock);
     const running = lock && isProcessAlive(lock.pid) ? lock : null;

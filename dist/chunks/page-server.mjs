@@ -2,11 +2,13 @@
 import { createRequire as __moonflashRequire } from "node:module"; const require = __moonflashRequire(import.meta.url);
 import {
   listenForPage,
-  mcuUserName,
-  safeUrl
+  mcuUserName
 } from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
-import "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+import {
+  safeUrl
+} from "./shared-engine+page-server.mjs";
+import "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+import "./shared-build+callback-report+console-filters+doctor+engine+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/status/page-server.ts
 import { createServer } from "node:http";
@@ -350,8 +352,7 @@ function historyRows(records) {
     message: r.message === void 0 ? null : shownText(r.message)
   }));
 }
-var BUILDING = /^building the firmware of (.+)$/;
-var FLASHING = /^flashing (.+) \((\d+ of \d+)\)$/;
+var STAGE_BOARD_STATES = { build: "building", flash: "flashing" };
 var JobTracker = class {
   job = null;
   log = [];
@@ -368,7 +369,7 @@ var JobTracker = class {
       case "stage":
         job.stage = event.stage;
         job.message = event.message === void 0 ? null : shownText(event.message);
-        this.followBoards(job, event.stage, event.message);
+        if (event.board) this.followBoard(job, event.stage, event.board);
         break;
       case "progress": {
         job.progress = progressView(event);
@@ -379,10 +380,7 @@ var JobTracker = class {
       case "log": {
         if (event.level === "debug") return null;
         line = { ts: event.ts, level: event.level, message: shownText(event.message) };
-        if (event.level === "error") {
-          const board = job.boards.find((b) => event.message.startsWith(`${b.name}: `));
-          if (board) Object.assign(board, { state: "failed", progress: null, message: shownText(event.message.slice(board.name.length + 2)) });
-        }
+        if (event.level === "error" && event.board) this.failBoard(job, event.board, event.message);
         break;
       }
       case "notice":
@@ -444,35 +442,28 @@ var JobTracker = class {
     this.log = [];
     return this.job;
   }
-  /** Per-board rows of an update of several boards, from its stage messages. */
-  followBoards(job, stage, message) {
-    const building = stage === "build" ? BUILDING.exec(message ?? "") : null;
-    const flashing = stage === "flash" ? FLASHING.exec(message ?? "") : null;
-    if (!building && !flashing) return;
+  /** Per-board rows of an update of several boards: its build and flash stages name the board they are about. */
+  followBoard(job, stage, ref) {
+    const state = STAGE_BOARD_STATES[stage];
+    if (!state) return;
     for (const b of job.boards) {
       if (b.state === "building") b.state = "built";
       if (b.state === "flashing") Object.assign(b, { state: "flashed", progress: null });
     }
-    const name = shownText((building ?? flashing)[1], 100);
-    let board = job.boards.find((b) => b.name === name);
-    if (!board) {
-      board = { name, state: "building", order: null, progress: null, code: null, message: null };
-      job.boards.push(board);
-    }
-    board.state = building ? "building" : "flashing";
+    const board = boardRow(job, ref.name);
+    board.state = state;
     board.progress = null;
-    if (flashing) board.order = flashing[2];
+    if (state === "flashing") board.order = `${ref.index} of ${ref.count}`;
+  }
+  failBoard(job, ref, message) {
+    const reason = message.startsWith(`${ref.name}: `) ? message.slice(ref.name.length + 2) : message;
+    Object.assign(boardRow(job, ref.name), { state: "failed", progress: null, message: shownText(reason) });
   }
   /** At the result: the outcome per board, from update-all's result (kept in the details on failure too). */
   settleBoards(job, event) {
     const outcomes = boardOutcomes(event.details);
     for (const o of outcomes) {
-      const name = shownText(o.name, 100);
-      let board = job.boards.find((b) => b.name === name);
-      if (!board) {
-        board = { name, state: "unknown", order: null, progress: null, code: null, message: null };
-        job.boards.push(board);
-      }
+      const board = boardRow(job, o.name);
       board.progress = null;
       if (o.code) Object.assign(board, { state: "failed", code: o.code, message: o.message === null ? board.message : shownText(o.message) });
       else if (o.flashed) board.state = "flashed";
@@ -484,6 +475,15 @@ var JobTracker = class {
     }
   }
 };
+function boardRow(job, name) {
+  const shown = shownText(name, 100);
+  let board = job.boards.find((b) => b.name === shown);
+  if (!board) {
+    board = { name: shown, state: "unknown", order: null, progress: null, code: null, message: null };
+    job.boards.push(board);
+  }
+  return board;
+}
 function boardOutcomes(details) {
   const holder = asRecord(details);
   const result = asRecord(holder?.result) ?? holder;

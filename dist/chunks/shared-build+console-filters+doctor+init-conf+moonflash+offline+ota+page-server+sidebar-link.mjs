@@ -2,7 +2,7 @@
 import { createRequire as __moonflashRequire } from "node:module"; const require = __moonflashRequire(import.meta.url);
 import {
   MoonflashError
-} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 
 // src/flash/mcu-name.ts
 function mcuUserName(section) {
@@ -68,20 +68,8 @@ function listenError(err, host, port) {
   return new MoonflashError("PORT_UNAVAILABLE", message, { host, port, errno: errno ?? null }, { cause: err });
 }
 
-// src/core/url.ts
-function safeUrl(raw) {
-  try {
-    const url = new URL(raw);
-    if (url.host === "") return raw.replace(/[?#].*$/, "");
-    return `${url.protocol}//${url.host}${url.pathname}`;
-  } catch {
-    return raw.replace(/^([a-z][a-z0-9+.-]*:\/\/)[^/?#]*@/i, "$1").replace(/[?#].*$/, "");
-  }
-}
-
 export {
   mcuUserName,
   flashCommandsFor,
-  safeUrl,
   listenForPage
 };

@@ -14,48 +14,79 @@ import {
   u32le
 } from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
 import {
-  NEVER,
+  otaDownloadParams
+} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import {
+  flashCommandsFor,
+  listenForPage,
+  mcuUserName
+} from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
+import {
+  AGENT_NAME,
+  Invalid,
+  PROJECT_URL,
+  VERSION,
+  absolutePath,
+  boolean as boolean2,
+  byteSize,
+  canbusUuid,
+  configError,
+  dataPaths,
+  defaults,
+  directory,
+  expandHome,
+  expected,
+  fsyncDir,
+  integer,
+  interfaceName,
+  oneOf,
+  otaPaths,
+  otaSchema,
+  parseIni,
+  positiveInteger,
+  program,
+  removeDurable,
+  serialDevice,
+  suggest,
+  token,
+  unset,
+  url,
+  validateSection,
+  value,
+  writeFileDurable
+} from "./shared-build+console-filters+doctor+engine+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import {
   _default,
   _enum,
   _minLength,
-  _nonnegative,
   _regex,
   array,
   boolean,
-  int,
   literal,
   nullable,
   number,
   object,
   optional,
-  otaDownloadParams,
   pipe,
-  refine,
   strictObject,
   string,
   superRefine,
   transform,
   union,
   unknown
-} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
-import {
-  flashCommandsFor,
-  listenForPage,
-  mcuUserName,
-  safeUrl
-} from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
+} from "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import {
   ERROR_CODES,
   MoonflashError,
   isMoonflashError,
   toJsonRpcError,
   toMoonflashError
-} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 import {
   __commonJS,
   __require,
   __toESM
-} from "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+callback-report+console-filters+doctor+engine+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/pino-std-serializers/lib/err-helpers.js
 var require_err_helpers = __commonJS({
@@ -1205,7 +1236,7 @@ var require_atomic_sleep = __commonJS({
   "node_modules/atomic-sleep/index.js"(exports, module) {
     "use strict";
     if (typeof SharedArrayBuffer !== "undefined" && typeof Atomics !== "undefined") {
-      let sleep2 = function(ms) {
+      let sleep = function(ms) {
         const valid = ms > 0 && ms < Infinity;
         if (valid === false) {
           if (typeof ms !== "number" && typeof ms !== "bigint") {
@@ -1216,9 +1247,9 @@ var require_atomic_sleep = __commonJS({
         Atomics.wait(nil, 0, 0, Number(ms));
       };
       const nil = new Int32Array(new SharedArrayBuffer(4));
-      module.exports = sleep2;
+      module.exports = sleep;
     } else {
-      let sleep2 = function(ms) {
+      let sleep = function(ms) {
         const valid = ms > 0 && ms < Infinity;
         if (valid === false) {
           if (typeof ms !== "number" && typeof ms !== "bigint") {
@@ -1230,7 +1261,7 @@ var require_atomic_sleep = __commonJS({
         while (target > Date.now()) {
         }
       };
-      module.exports = sleep2;
+      module.exports = sleep;
     }
   }
 });
@@ -1243,7 +1274,7 @@ var require_sonic_boom = __commonJS({
     var EventEmitter2 = __require("events");
     var inherits = __require("util").inherits;
     var path6 = __require("path");
-    var sleep2 = require_atomic_sleep();
+    var sleep = require_atomic_sleep();
     var assert = __require("assert");
     var BUSY_WRITE_TIMEOUT = 100;
     var kEmptyBuffer = Buffer.allocUnsafe(0);
@@ -1293,11 +1324,11 @@ var require_sonic_boom = __commonJS({
         }
       }
       const flags = sonic.append ? "a" : "w";
-      const mode2 = sonic.mode;
+      const mode = sonic.mode;
       if (sonic.sync) {
         try {
           if (sonic.mkdir) fs.mkdirSync(path6.dirname(file), { recursive: true });
-          const fd = fs.openSync(file, flags, mode2);
+          const fd = fs.openSync(file, flags, mode);
           fileOpened(null, fd);
         } catch (err) {
           fileOpened(err);
@@ -1306,17 +1337,17 @@ var require_sonic_boom = __commonJS({
       } else if (sonic.mkdir) {
         fs.mkdir(path6.dirname(file), { recursive: true }, (err) => {
           if (err) return fileOpened(err);
-          fs.open(file, flags, mode2, fileOpened);
+          fs.open(file, flags, mode, fileOpened);
         });
       } else {
-        fs.open(file, flags, mode2, fileOpened);
+        fs.open(file, flags, mode, fileOpened);
       }
     }
     function SonicBoom(opts) {
       if (!(this instanceof SonicBoom)) {
         return new SonicBoom(opts);
       }
-      let { fd, dest, minLength, maxLength, maxWrite, periodicFlush, sync, append = true, mkdir: mkdir8, retryEAGAIN, fsync, contentMode, mode: mode2 } = opts || {};
+      let { fd, dest, minLength, maxLength, maxWrite, periodicFlush, sync, append = true, mkdir: mkdir3, retryEAGAIN, fsync, contentMode, mode } = opts || {};
       fd = fd || dest;
       this._len = 0;
       this.fd = -1;
@@ -1339,9 +1370,9 @@ var require_sonic_boom = __commonJS({
       this.writable = true;
       this._fsync = fsync || false;
       this.append = append || false;
-      this.mode = mode2;
+      this.mode = mode;
       this.retryEAGAIN = retryEAGAIN || (() => true);
-      this.mkdir = mkdir8 || false;
+      this.mkdir = mkdir3 || false;
       let fsWriteSync;
       let fsWrite;
       if (contentMode === kContentModeBuffer) {
@@ -1389,7 +1420,7 @@ var require_sonic_boom = __commonJS({
           if ((err.code === "EAGAIN" || err.code === "EBUSY") && this.retryEAGAIN(err, this._writingBuf.length, this._len - this._writingBuf.length)) {
             if (this.sync) {
               try {
-                sleep2(BUSY_WRITE_TIMEOUT);
+                sleep(BUSY_WRITE_TIMEOUT);
                 this.release(void 0, 0);
               } catch (err2) {
                 this.release(err2);
@@ -1702,7 +1733,7 @@ var require_sonic_boom = __commonJS({
           if (shouldRetry && !this.retryEAGAIN(err, buf.length, this._len - buf.length)) {
             throw err;
           }
-          sleep2(BUSY_WRITE_TIMEOUT);
+          sleep(BUSY_WRITE_TIMEOUT);
         }
       }
       try {
@@ -1739,7 +1770,7 @@ var require_sonic_boom = __commonJS({
           if (shouldRetry && !this.retryEAGAIN(err, buf.length, this._len - buf.length)) {
             throw err;
           }
-          sleep2(BUSY_WRITE_TIMEOUT);
+          sleep(BUSY_WRITE_TIMEOUT);
         }
       }
     }
@@ -2066,10 +2097,10 @@ var require_indexes = __commonJS({
 var require_thread_stream = __commonJS({
   "node_modules/thread-stream/index.js"(exports, module) {
     "use strict";
-    var { version: version2 } = require_package();
+    var { version } = require_package();
     var { EventEmitter: EventEmitter2 } = __require("events");
     var { Worker } = __require("worker_threads");
-    var { join: join18 } = __require("path");
+    var { join: join10 } = __require("path");
     var { pathToFileURL } = __require("url");
     var { wait } = require_wait();
     var {
@@ -2121,7 +2152,7 @@ var require_thread_stream = __commonJS({
     function createWorker(stream, opts) {
       const { filename, workerData } = opts;
       const bundlerOverrides = "__bundlerPathsOverrides" in globalThis ? globalThis.__bundlerPathsOverrides : {};
-      const toExecute = bundlerOverrides["thread-stream-worker"] || join18(__dirname, "lib", "worker.js");
+      const toExecute = bundlerOverrides["thread-stream-worker"] || join10(__dirname, "lib", "worker.js");
       const worker = new Worker(toExecute, {
         ...opts.workerOpts,
         name: opts.workerOpts?.name || "thread-stream",
@@ -2132,7 +2163,7 @@ var require_thread_stream = __commonJS({
           stateBuf: stream[kImpl].stateBuf,
           workerData: {
             $context: {
-              threadStreamVersion: version2
+              threadStreamVersion: version
             },
             ...workerData
           }
@@ -2144,7 +2175,7 @@ var require_thread_stream = __commonJS({
       registry.register(stream, worker);
       return worker;
     }
-    function drain2(stream) {
+    function drain(stream) {
       assert(!stream[kImpl].sync);
       if (stream[kImpl].needDrain) {
         stream[kImpl].needDrain = false;
@@ -2164,7 +2195,7 @@ var require_thread_stream = __commonJS({
             if (stream[kImpl].ending) {
               end(stream);
             } else if (stream[kImpl].needDrain) {
-              process.nextTick(drain2, stream);
+              process.nextTick(drain, stream);
             }
             return;
           }
@@ -2582,7 +2613,7 @@ var require_thread_stream = __commonJS({
         if (stream[kImpl].ending) {
           end(stream);
         } else if (stream[kImpl].needDrain) {
-          process.nextTick(drain2, stream);
+          process.nextTick(drain, stream);
         }
       };
       stream[kImpl].flushing = false;
@@ -2634,9 +2665,9 @@ var require_transport = __commonJS({
     var { createRequire: createRequire2 } = __require("module");
     var { existsSync: existsSync5 } = __require("node:fs");
     var getCallers = require_caller();
-    var { join: join18, isAbsolute: isAbsolute5, sep: sep3 } = __require("node:path");
+    var { join: join10, isAbsolute: isAbsolute2, sep: sep2 } = __require("node:path");
     var { fileURLToPath } = __require("node:url");
-    var sleep2 = require_atomic_sleep();
+    var sleep = require_atomic_sleep();
     var onExit = require_on_exit_leak_free();
     var ThreadStream = require_thread_stream();
     var { transportUsesMultistreamSym } = require_symbols();
@@ -2668,29 +2699,29 @@ var require_transport = __commonJS({
       const sanitized = [];
       let changed = false;
       for (let i = 0; i < tokens.length; i++) {
-        const token3 = tokens[i];
-        if (token3 === "--require" || token3 === "-r" || token3 === "--import") {
+        const token2 = tokens[i];
+        if (token2 === "--require" || token2 === "-r" || token2 === "--import") {
           const next = tokens[i + 1];
           if (next && shouldDropPreload(next)) {
             changed = true;
             i++;
             continue;
           }
-          sanitized.push(token3);
+          sanitized.push(token2);
           if (next) {
             sanitized.push(next);
             i++;
           }
           continue;
         }
-        if (token3.startsWith("--require=") || token3.startsWith("-r=") || token3.startsWith("--import=")) {
-          const value2 = token3.slice(token3.indexOf("=") + 1);
+        if (token2.startsWith("--require=") || token2.startsWith("-r=") || token2.startsWith("--import=")) {
+          const value2 = token2.slice(token2.indexOf("=") + 1);
           if (shouldDropPreload(value2)) {
             changed = true;
             continue;
           }
         }
-        sanitized.push(token3);
+        sanitized.push(token2);
       }
       return changed ? sanitized.join(" ") : nodeOptions;
     }
@@ -2707,7 +2738,7 @@ var require_transport = __commonJS({
           return false;
         }
       }
-      return isAbsolute5(path6) && !existsSync5(path6);
+      return isAbsolute2(path6) && !existsSync5(path6);
     }
     function stripQuotes(value2) {
       const first = value2[0];
@@ -2760,7 +2791,7 @@ var require_transport = __commonJS({
           return;
         }
         stream.flushSync();
-        sleep2(100);
+        sleep(100);
         stream.end();
       }
       return stream;
@@ -2789,7 +2820,7 @@ var require_transport = __commonJS({
         throw new Error("only one of target or targets can be specified");
       }
       if (targets) {
-        target = bundlerOverrides["pino-worker"] || join18(__dirname, "worker.js");
+        target = bundlerOverrides["pino-worker"] || join10(__dirname, "worker.js");
         options.targets = targets.filter((dest) => dest.target).map((dest) => {
           return {
             ...dest,
@@ -2810,7 +2841,7 @@ var require_transport = __commonJS({
         const pipelinesHaveLevel = options.pipelines.some((p) => p.some((t) => t.level != null));
         usesMultistream = options.targets.length + options.pipelines.length > 1 || targetsHaveLevel || pipelinesHaveLevel;
       } else if (pipeline) {
-        target = bundlerOverrides["pino-worker"] || join18(__dirname, "worker.js");
+        target = bundlerOverrides["pino-worker"] || join10(__dirname, "worker.js");
         options.pipelines = [pipeline.map((dest) => {
           return {
             ...dest,
@@ -2833,16 +2864,16 @@ var require_transport = __commonJS({
       return stream;
       function fixTarget(origin) {
         origin = bundlerOverrides[origin] || origin;
-        if (isAbsolute5(origin) || origin.indexOf("file://") === 0) {
+        if (isAbsolute2(origin) || origin.indexOf("file://") === 0) {
           return origin;
         }
         if (origin === "pino/file") {
-          return join18(__dirname, "..", "file.js");
+          return join10(__dirname, "..", "file.js");
         }
         let fixTarget2;
         for (const filePath of callers) {
           try {
-            const context = filePath === "node:repl" ? process.cwd() + sep3 : filePath;
+            const context = filePath === "node:repl" ? process.cwd() + sep2 : filePath;
             fixTarget2 = createRequire2(context).resolve(origin);
             break;
           } catch (err) {
@@ -3459,7 +3490,7 @@ var require_proto = __commonJS({
       noop
     } = require_tools();
     var {
-      version: version2
+      version
     } = require_meta();
     var redaction = require_redaction();
     var constructor = class Pino {
@@ -3471,7 +3502,7 @@ var require_proto = __commonJS({
       setBindings,
       flush,
       isLevelEnabled,
-      version: version2,
+      version,
       get level() {
         return this[getLevelSym]();
       },
@@ -3817,7 +3848,7 @@ var require_safe_stable_stringify = __commonJS({
               return circularValue;
             }
             let res = "";
-            let join18 = ",";
+            let join10 = ",";
             const originalIndentation = indentation;
             if (Array.isArray(value2)) {
               if (value2.length === 0) {
@@ -3831,7 +3862,7 @@ var require_safe_stable_stringify = __commonJS({
                 indentation += spacer;
                 res += `
 ${indentation}`;
-                join18 = `,
+                join10 = `,
 ${indentation}`;
               }
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
@@ -3839,13 +3870,13 @@ ${indentation}`;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyFnReplacer(String(i), value2, stack, replacer, spacer, indentation);
                 res += tmp2 !== void 0 ? tmp2 : "null";
-                res += join18;
+                res += join10;
               }
               const tmp = stringifyFnReplacer(String(i), value2, stack, replacer, spacer, indentation);
               res += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res += `${join18}"... ${getItemCount(removedKeys)} not stringified"`;
+                res += `${join10}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               if (spacer !== "") {
                 res += `
@@ -3866,7 +3897,7 @@ ${originalIndentation}`;
             let separator = "";
             if (spacer !== "") {
               indentation += spacer;
-              join18 = `,
+              join10 = `,
 ${indentation}`;
               whitespace = " ";
             }
@@ -3880,13 +3911,13 @@ ${indentation}`;
               const tmp = stringifyFnReplacer(key2, value2, stack, replacer, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}:${whitespace}${tmp}`;
-                separator = join18;
+                separator = join10;
               }
             }
             if (keyLength > maximumBreadth) {
               const removedKeys = keyLength - maximumBreadth;
               res += `${separator}"...":${whitespace}"${getItemCount(removedKeys)} not stringified"`;
-              separator = join18;
+              separator = join10;
             }
             if (spacer !== "" && separator.length > 1) {
               res = `
@@ -3927,7 +3958,7 @@ ${originalIndentation}`;
             }
             const originalIndentation = indentation;
             let res = "";
-            let join18 = ",";
+            let join10 = ",";
             if (Array.isArray(value2)) {
               if (value2.length === 0) {
                 return "[]";
@@ -3940,7 +3971,7 @@ ${originalIndentation}`;
                 indentation += spacer;
                 res += `
 ${indentation}`;
-                join18 = `,
+                join10 = `,
 ${indentation}`;
               }
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
@@ -3948,13 +3979,13 @@ ${indentation}`;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyArrayReplacer(String(i), value2[i], stack, replacer, spacer, indentation);
                 res += tmp2 !== void 0 ? tmp2 : "null";
-                res += join18;
+                res += join10;
               }
               const tmp = stringifyArrayReplacer(String(i), value2[i], stack, replacer, spacer, indentation);
               res += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res += `${join18}"... ${getItemCount(removedKeys)} not stringified"`;
+                res += `${join10}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               if (spacer !== "") {
                 res += `
@@ -3967,7 +3998,7 @@ ${originalIndentation}`;
             let whitespace = "";
             if (spacer !== "") {
               indentation += spacer;
-              join18 = `,
+              join10 = `,
 ${indentation}`;
               whitespace = " ";
             }
@@ -3976,7 +4007,7 @@ ${indentation}`;
               const tmp = stringifyArrayReplacer(key2, value2[key2], stack, replacer, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}:${whitespace}${tmp}`;
-                separator = join18;
+                separator = join10;
               }
             }
             if (spacer !== "" && separator.length > 1) {
@@ -4034,20 +4065,20 @@ ${originalIndentation}`;
               indentation += spacer;
               let res2 = `
 ${indentation}`;
-              const join19 = `,
+              const join11 = `,
 ${indentation}`;
               const maximumValuesToStringify = Math.min(value2.length, maximumBreadth);
               let i = 0;
               for (; i < maximumValuesToStringify - 1; i++) {
                 const tmp2 = stringifyIndent(String(i), value2[i], stack, spacer, indentation);
                 res2 += tmp2 !== void 0 ? tmp2 : "null";
-                res2 += join19;
+                res2 += join11;
               }
               const tmp = stringifyIndent(String(i), value2[i], stack, spacer, indentation);
               res2 += tmp !== void 0 ? tmp : "null";
               if (value2.length - 1 > maximumBreadth) {
                 const removedKeys = value2.length - maximumBreadth - 1;
-                res2 += `${join19}"... ${getItemCount(removedKeys)} not stringified"`;
+                res2 += `${join11}"... ${getItemCount(removedKeys)} not stringified"`;
               }
               res2 += `
 ${originalIndentation}`;
@@ -4063,16 +4094,16 @@ ${originalIndentation}`;
               return '"[Object]"';
             }
             indentation += spacer;
-            const join18 = `,
+            const join10 = `,
 ${indentation}`;
             let res = "";
             let separator = "";
             let maximumPropertiesToStringify = Math.min(keyLength, maximumBreadth);
             if (isTypedArrayWithEntries(value2)) {
-              res += stringifyTypedArray(value2, join18, maximumBreadth);
+              res += stringifyTypedArray(value2, join10, maximumBreadth);
               keys = keys.slice(value2.length);
               maximumPropertiesToStringify -= value2.length;
-              separator = join18;
+              separator = join10;
             }
             if (deterministic) {
               keys = sort(keys, comparator);
@@ -4083,13 +4114,13 @@ ${indentation}`;
               const tmp = stringifyIndent(key2, value2[key2], stack, spacer, indentation);
               if (tmp !== void 0) {
                 res += `${separator}${strEscape(key2)}: ${tmp}`;
-                separator = join18;
+                separator = join10;
               }
             }
             if (keyLength > maximumBreadth) {
               const removedKeys = keyLength - maximumBreadth;
               res += `${separator}"...": "${getItemCount(removedKeys)} not stringified"`;
-              separator = join18;
+              separator = join10;
             }
             if (separator !== "") {
               res = `
@@ -4430,7 +4461,7 @@ var require_pino = __commonJS({
       normalizeDestFileDescriptor,
       noop
     } = require_tools();
-    var { version: version2 } = require_meta();
+    var { version } = require_meta();
     var {
       chindingsSym,
       redactFmtSym,
@@ -4632,7 +4663,7 @@ var require_pino = __commonJS({
     module.exports.stdSerializers = serializers;
     module.exports.stdTimeFunctions = Object.assign({}, time);
     module.exports.symbols = symbols;
-    module.exports.version = version2;
+    module.exports.version = version;
     module.exports.default = pino2;
     module.exports.pino = pino2;
   }
@@ -4769,11 +4800,11 @@ var require_client = __commonJS({
     "use strict";
     var __awaiter = exports && exports.__awaiter || function(thisArg, _arguments, P, generator) {
       function adopt(value2) {
-        return value2 instanceof P ? value2 : new P(function(resolve4) {
-          resolve4(value2);
+        return value2 instanceof P ? value2 : new P(function(resolve3) {
+          resolve3(value2);
         });
       }
-      return new (P || (P = Promise))(function(resolve4, reject) {
+      return new (P || (P = Promise))(function(resolve3, reject) {
         function fulfilled(value2) {
           try {
             step(generator.next(value2));
@@ -4789,7 +4820,7 @@ var require_client = __commonJS({
           }
         }
         function step(result) {
-          result.done ? resolve4(result.value) : adopt(result.value).then(fulfilled, rejected);
+          result.done ? resolve3(result.value) : adopt(result.value).then(fulfilled, rejected);
         }
         step((generator = generator.apply(thisArg, _arguments || [])).next());
       });
@@ -4893,10 +4924,10 @@ var require_client = __commonJS({
           var timeoutRequest = function(ids, request) {
             var timeoutID = setTimeout(function() {
               ids.forEach(function(id) {
-                var resolve4 = _this.idToResolveMap.get(id);
-                if (resolve4) {
+                var resolve3 = _this.idToResolveMap.get(id);
+                if (resolve3) {
                   _this.idToResolveMap.delete(id);
-                  resolve4(overrideCreateJSONRPCErrorResponse(id));
+                  resolve3(overrideCreateJSONRPCErrorResponse(id));
                 }
               });
             }, delay);
@@ -4966,8 +4997,8 @@ var require_client = __commonJS({
             return isDefinedAndNonNull(request.id);
           });
           var promises = requestsWithID.map(function(request) {
-            return new Promise(function(resolve4) {
-              return _this.idToResolveMap.set(request.id, resolve4);
+            return new Promise(function(resolve3) {
+              return _this.idToResolveMap.set(request.id, resolve3);
             });
           });
           var promise = Promise.all(promises).then(function(responses) {
@@ -5000,8 +5031,8 @@ var require_client = __commonJS({
           });
         };
         JSONRPCClient3.prototype.rejectAllPendingRequests = function(message) {
-          this.idToResolveMap.forEach(function(resolve4, id) {
-            return resolve4((0, models_1.createJSONRPCErrorResponse)(id, internal_1.DefaultErrorCode, message));
+          this.idToResolveMap.forEach(function(resolve3, id) {
+            return resolve3((0, models_1.createJSONRPCErrorResponse)(id, internal_1.DefaultErrorCode, message));
           });
           this.idToResolveMap.clear();
         };
@@ -5011,10 +5042,10 @@ var require_client = __commonJS({
             responses = [responses];
           }
           responses.forEach(function(response) {
-            var resolve4 = _this.idToResolveMap.get(response.id);
-            if (resolve4) {
+            var resolve3 = _this.idToResolveMap.get(response.id);
+            if (resolve3) {
               _this.idToResolveMap.delete(response.id);
-              resolve4(response);
+              resolve3(response);
             }
           });
         };
@@ -5042,11 +5073,11 @@ var require_server = __commonJS({
     "use strict";
     var __awaiter = exports && exports.__awaiter || function(thisArg, _arguments, P, generator) {
       function adopt(value2) {
-        return value2 instanceof P ? value2 : new P(function(resolve4) {
-          resolve4(value2);
+        return value2 instanceof P ? value2 : new P(function(resolve3) {
+          resolve3(value2);
         });
       }
-      return new (P || (P = Promise))(function(resolve4, reject) {
+      return new (P || (P = Promise))(function(resolve3, reject) {
         function fulfilled(value2) {
           try {
             step(generator.next(value2));
@@ -5062,7 +5093,7 @@ var require_server = __commonJS({
           }
         }
         function step(result) {
-          result.done ? resolve4(result.value) : adopt(result.value).then(fulfilled, rejected);
+          result.done ? resolve3(result.value) : adopt(result.value).then(fulfilled, rejected);
         }
         step((generator = generator.apply(thisArg, _arguments || [])).next());
       });
@@ -5378,11 +5409,11 @@ var require_server_and_client = __commonJS({
     "use strict";
     var __awaiter = exports && exports.__awaiter || function(thisArg, _arguments, P, generator) {
       function adopt(value2) {
-        return value2 instanceof P ? value2 : new P(function(resolve4) {
-          resolve4(value2);
+        return value2 instanceof P ? value2 : new P(function(resolve3) {
+          resolve3(value2);
         });
       }
-      return new (P || (P = Promise))(function(resolve4, reject) {
+      return new (P || (P = Promise))(function(resolve3, reject) {
         function fulfilled(value2) {
           try {
             step(generator.next(value2));
@@ -5398,7 +5429,7 @@ var require_server_and_client = __commonJS({
           }
         }
         function step(result) {
-          result.done ? resolve4(result.value) : adopt(result.value).then(fulfilled, rejected);
+          result.done ? resolve3(result.value) : adopt(result.value).then(fulfilled, rejected);
         }
         step((generator = generator.apply(thisArg, _arguments || [])).next());
       });
@@ -5589,286 +5620,11 @@ var require_dist = __commonJS({
   }
 });
 
-// src/version.ts
-var VERSION = true ? "0.1.0" : sourceVersion();
-var AGENT_NAME = "moonflash";
-var PROJECT_URL = "https://github.com/moonflash/moonflash";
-
-// src/core/paths.ts
-import { homedir } from "node:os";
-import { join } from "node:path";
-function dataPaths(dataDir) {
-  const state = join(dataDir, "moonflash");
-  return {
-    config: join(dataDir, "config", "moonflash.conf"),
-    logs: join(dataDir, "logs"),
-    log: join(dataDir, "logs", "moonflash.log"),
-    state,
-    history: join(state, "history.json"),
-    lock: join(state, "job.lock"),
-    journal: join(state, "journal.json"),
-    firmware: join(state, "firmware"),
-    socket: join(dataDir, "comms", "moonraker.sock")
-  };
-}
-function expandHome(path6, home = homedir()) {
-  if (path6 === "~") return home;
-  if (path6.startsWith("~/")) return join(home, path6.slice(2));
-  return path6;
-}
-
 // src/flash/types.ts
 var FLASH_METHODS = ["katapult", "flashtool", "make", "wchisp", "linux"];
 
 // src/flash/config.ts
-import { isAbsolute as isAbsolute2, join as join2, resolve } from "node:path";
-
-// src/core/config-values.ts
-import { isAbsolute, posix } from "node:path";
-
-// src/core/ini.ts
-function configError(where, problem, extra = {}) {
-  const section = where.section === void 0 ? "" : `[${where.section}] `;
-  const option = where.option === void 0 ? "" : `${where.option}: `;
-  return new MoonflashError("CONFIG_INVALID", `${where.file}:${where.line}: ${section}${option}${problem}`, {
-    file: where.file,
-    line: where.line,
-    section: where.section ?? null,
-    option: where.option ?? null,
-    ...extra
-  });
-}
-var INLINE_COMMENT = /\s[#;]/;
-function stripInlineComment(text) {
-  const match = INLINE_COMMENT.exec(text);
-  return (match ? text.slice(0, match.index) : text).trim();
-}
-function parseIni(text, file) {
-  const doc = { file, sections: /* @__PURE__ */ new Map() };
-  const lines = text.replace(/^\uFEFF/, "").split(/\r?\n/);
-  let section = null;
-  let option = null;
-  let continuation = [];
-  const finishOption = () => {
-    if (option && continuation.length > 0) {
-      while (continuation.length > 0 && continuation[continuation.length - 1] === "") continuation.pop();
-      option.value = [option.value, ...continuation].filter((part, i) => i > 0 || part !== "").join("\n");
-    }
-    option = null;
-    continuation = [];
-  };
-  lines.forEach((raw, index) => {
-    const line = index + 1;
-    const trimmed = raw.trim();
-    if (trimmed === "") {
-      if (option) continuation.push("");
-      return;
-    }
-    if (trimmed.startsWith("#") || trimmed.startsWith(";")) return;
-    if (/^\s/.test(raw)) {
-      if (!option) {
-        throw configError(
-          { file, line, section: section?.name },
-          "indented line continues no option; remove the indentation or put it under an option"
-        );
-      }
-      const value2 = stripInlineComment(raw);
-      if (value2 !== "") continuation.push(value2);
-      return;
-    }
-    finishOption();
-    if (trimmed.startsWith("[")) {
-      const header2 = /^\[([^\]]*)\]$/.exec(stripInlineComment(trimmed));
-      const name2 = header2?.[1]?.trim() ?? "";
-      if (!header2 || name2 === "") {
-        throw configError({ file, line }, `malformed section header '${trimmed}'; expected [name]`);
-      }
-      const previous2 = doc.sections.get(name2);
-      if (previous2) {
-        throw configError(
-          { file, line, section: name2 },
-          `duplicate section (first at line ${previous2.line}); merge the two`
-        );
-      }
-      section = { name: name2, line, options: /* @__PURE__ */ new Map() };
-      doc.sections.set(name2, section);
-      return;
-    }
-    const separator = trimmed.search(/[:=]/);
-    if (separator <= 0) {
-      throw configError(
-        { file, line, section: section?.name },
-        `expected 'option: value', got '${trimmed}'`
-      );
-    }
-    const name = trimmed.slice(0, separator).trim();
-    if (!section) {
-      throw configError({ file, line, option: name }, "option outside a section; put it under a [section] header");
-    }
-    const previous = section.options.get(name);
-    if (previous) {
-      throw configError(
-        { file, line, section: section.name, option: name },
-        `duplicate option (first at line ${previous.line}); keep one`
-      );
-    }
-    option = { name, value: stripInlineComment(" " + trimmed.slice(separator + 1)), line };
-    section.options.set(name, option);
-  });
-  finishOption();
-  return doc;
-}
-
-// src/core/config-values.ts
-var Invalid = class extends Error {
-};
-function value(parse) {
-  return pipe(
-    string(),
-    transform((raw, ctx) => {
-      try {
-        return parse(raw);
-      } catch (err) {
-        if (!(err instanceof Invalid)) throw err;
-        ctx.issues.push({ code: "custom", message: err.message, input: raw });
-        return NEVER;
-      }
-    })
-  );
-}
-function expected(what, raw) {
-  return new Invalid(`expected ${what}, got '${raw}'`);
-}
-var integer = (min, max) => value((raw) => {
-  const n = /^\d+$/.test(raw) ? Number(raw) : NaN;
-  if (!Number.isSafeInteger(n) || n < min || n > max) throw expected(`an integer from ${min} to ${max}`, raw);
-  return n;
-});
-var positiveInteger = value((raw) => {
-  const n = /^\d+$/.test(raw) ? Number(raw) : NaN;
-  if (!Number.isSafeInteger(n) || n <= 0) throw expected("a positive integer", raw);
-  return n;
-});
-var boolean2 = value((raw) => {
-  const word = raw.toLowerCase();
-  if (["true", "yes", "on", "1"].includes(word)) return true;
-  if (["false", "no", "off", "0"].includes(word)) return false;
-  throw expected("True or False", raw);
-});
-var oneOf = (choices) => value((raw) => {
-  if (!choices.includes(raw)) throw expected(`one of ${choices.join(" | ")}`, raw);
-  return raw;
-});
-var absolutePath = value((raw) => {
-  const path6 = expandHome(raw);
-  if (!isAbsolute(path6)) throw expected("an absolute path (or one starting with ~/)", raw);
-  return path6;
-});
-var directory = value((raw) => {
-  const path6 = expandHome(raw);
-  if (!isAbsolute(path6)) throw expected("an absolute path (or one starting with ~/)", raw);
-  return path6.endsWith("/") ? path6 : `${path6}/`;
-});
-var program = value((raw) => {
-  if (/^[\w.+-]+$/.test(raw)) return raw;
-  const path6 = expandHome(raw);
-  if (!isAbsolute(path6)) throw expected("an absolute path or a program name", raw);
-  return path6;
-});
-var url = (protocols, what) => value((raw) => {
-  let parsed;
-  try {
-    parsed = new URL(raw);
-  } catch {
-    throw expected(what, raw);
-  }
-  if (!protocols.includes(parsed.protocol)) throw expected(what, raw);
-  return raw;
-});
-var token = value((raw) => {
-  if (!/^\S+$/.test(raw)) throw expected("a single word without spaces", raw);
-  return raw;
-});
-var serialDevice = value((raw) => {
-  if (!raw.startsWith("/") && !raw.startsWith("~/")) throw expected("an absolute device path, e.g. /dev/serial/by-id/...", raw);
-  return posix.normalize(expandHome(raw));
-});
-var canbusUuid = value((raw) => {
-  if (!/^[0-9a-fA-F]{12}$/.test(raw)) throw expected("12 hex digits (the canbus_uuid from Klipper's config)", raw);
-  return raw.toLowerCase();
-});
-var interfaceName = value((raw) => {
-  if (!/^[\w.-]{1,15}$/.test(raw)) throw expected("a network interface name such as can0", raw);
-  return raw;
-});
-var SIZE_UNITS = { "": 1, k: 1024, m: 1024 * 1024 };
-var byteSize = value((raw) => {
-  const match = /^(\d+)\s*(?:([kKmM])(?:i?B)?)?$/.exec(raw);
-  const n = match ? Number(match[1]) * (SIZE_UNITS[(match[2] ?? "").toLowerCase()] ?? NaN) : NaN;
-  if (!Number.isSafeInteger(n) || n <= 0) throw expected("a size in bytes such as 131072, 256K or 1M", raw);
-  return n;
-});
-var unset = (schema) => _default(nullable(schema), null);
-function editDistance(a, b) {
-  const d = Array.from(
-    { length: a.length + 1 },
-    (_, i) => Array.from({ length: b.length + 1 }, (_2, j) => i === 0 ? j : j === 0 ? i : 0)
-  );
-  for (let i = 1; i <= a.length; i++) {
-    const row = d[i];
-    const prev = d[i - 1];
-    for (let j = 1; j <= b.length; j++) {
-      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
-      row[j] = Math.min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + cost);
-      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) {
-        row[j] = Math.min(row[j], d[i - 2][j - 2] + 1);
-      }
-    }
-  }
-  return d[a.length][b.length];
-}
-function suggest(name, known) {
-  const lower = name.toLowerCase();
-  let best;
-  for (const candidate of known) {
-    const distance = editDistance(lower, candidate.toLowerCase());
-    if (!best || distance < best.distance) best = { name: candidate, distance };
-  }
-  const limit = name.length <= 4 ? 1 : 2;
-  return best && best.distance <= limit ? best.name : void 0;
-}
-function validateSection(file, section, schema, shape, errors) {
-  const input = {};
-  for (const option of section.options.values()) {
-    if (option.value !== "") input[option.name] = option.value;
-  }
-  for (const option of section.options.values()) {
-    if (shape.includes(option.name)) continue;
-    const hint = suggest(option.name, shape);
-    errors.push({
-      line: option.line,
-      error: configError(
-        { file, line: option.line, section: section.name, option: option.name },
-        hint ? `unknown option; did you mean '${hint}'?` : `unknown option; [${section.name}] accepts ${shape.join(", ")}`,
-        hint ? { suggestion: hint } : {}
-      )
-    });
-  }
-  const result = schema.safeParse(input);
-  if (result.success) return result.data;
-  for (const issue of result.error.issues) {
-    if (issue.code === "unrecognized_keys") continue;
-    const name = String(issue.path[0]);
-    const line = section.options.get(name)?.line ?? section.line;
-    errors.push({ line, error: configError({ file, line, section: section.name, option: name }, issue.message) });
-  }
-  return void 0;
-}
-function defaults(schema) {
-  return schema.parse({});
-}
-
-// src/flash/config.ts
+import { isAbsolute, join, resolve } from "node:path";
 function methodListProblem(names) {
   const seen = /* @__PURE__ */ new Set();
   for (const name of names) {
@@ -5908,10 +5664,10 @@ var methodList = value((raw) => {
   return names;
 });
 function firmwareProfileDir(dataDir) {
-  return join2(dataDir, "config", "moonflash");
+  return join(dataDir, "config", "moonflash");
 }
 function resolveKconfig(kconfig, dataDir) {
-  return isAbsolute2(kconfig) ? kconfig : resolve(firmwareProfileDir(dataDir), kconfig);
+  return isAbsolute(kconfig) ? kconfig : resolve(firmwareProfileDir(dataDir), kconfig);
 }
 var kconfigPath = value((raw) => expandHome(raw));
 var mcuSchema = strictObject({
@@ -5944,435 +5700,9 @@ var mcuSchema = strictObject({
 );
 var MCU_DEFAULTS = defaults(mcuSchema);
 
-// src/ota/manifest.ts
-var MANIFEST_FILE = "manifest.json";
-var SIGNATURE_FILE = "manifest.sig";
-function payloadsOf(manifest) {
-  const payloads = [];
-  for (const module of manifest.modules) {
-    for (const file of module.files) {
-      payloads.push({ module, kind: "file", src: file.src, sha256: file.sha256, size: file.size, mode: file.mode });
-    }
-    if (module.type === "firmware") {
-      const { src, sha256: sha2563, size: size2 } = module.image;
-      payloads.push({ module, kind: "image", src, sha256: sha2563, size: size2, mode: 420 });
-    }
-  }
-  return payloads;
-}
-function pathProblem(path6) {
-  if (path6 === "") return "is empty";
-  if (path6.includes("\0")) return "contains a NUL byte";
-  if (path6.includes("\\")) return "contains a backslash";
-  if ([...path6].some(isControl)) return "contains a control character";
-  if (path6.startsWith("/")) return "is absolute";
-  if (/^[A-Za-z]:/.test(path6)) return "starts with a drive letter";
-  if (path6.length > 1024) return "is longer than 1024 characters";
-  for (const segment of path6.split("/")) {
-    if (segment === "") return "has an empty segment ('//' or a trailing '/')";
-    if (segment === "..") return "has a '..' segment";
-    if (segment === ".") return "has a '.' segment";
-  }
-  return null;
-}
-var ALIAS = /^[A-Za-z0-9_-]{1,64}$/;
-function splitDst(dst) {
-  const slash = dst.indexOf("/");
-  if (slash <= 0) return null;
-  return { alias: dst.slice(0, slash), relative: dst.slice(slash + 1) };
-}
-function dstProblem(dst) {
-  const problem = pathProblem(dst);
-  if (problem) return problem;
-  const parts = splitDst(dst);
-  if (parts === null) return "is not '<root alias>/<relative path>'";
-  if (!ALIAS.test(parts.alias)) return `has a root alias '${parts.alias}' that is not letters, digits, '_' or '-'`;
-  return null;
-}
-var TOKEN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-var token2 = (what) => string().check(_regex(TOKEN, `expected ${what}: letters, digits, '.', '_' or '-', at most 64, starting with a letter or digit`));
-var sha256 = pipe(
-  string().check(_regex(/^[0-9A-Fa-f]{64}$/, "expected 64 hex digits (SHA-256)")),
-  transform((hex2) => hex2.toLowerCase())
-);
-var size = int().check(_nonnegative("expected a size in bytes (a whole number, 0 or more)"));
-var mode = pipe(
-  union([int(), string()]),
-  transform((raw, ctx) => {
-    const fail2 = (message) => {
-      ctx.issues.push({ code: "custom", message, input: raw });
-      return NEVER;
-    };
-    let value2;
-    if (typeof raw === "string") {
-      const match = /^(?:0o?)?([0-7]{3})$/.exec(raw);
-      if (!match?.[1]) return fail2(`expected an octal mode like "0644", got "${raw}"`);
-      value2 = Number.parseInt(match[1], 8);
-    } else {
-      value2 = raw;
-      if (value2 < 0 || value2 > 511) {
-        const hint = /^[0-7]{3}$/.test(String(raw)) ? ` (did you mean "0${raw}"?)` : "";
-        return fail2(`expected a permission mode from 0 to 0777 (511), got ${raw}${hint}`);
-      }
-    }
-    if (value2 & 2) return fail2(`mode 0${value2.toString(8)} is world-writable; use 0644 or 0755`);
-    return value2;
-  })
-);
-var fileSchema = strictObject({
-  src: string(),
-  dst: string(),
-  sha256,
-  size,
-  mode: _default(mode, 420)
-});
-var imageSchema = strictObject({ src: string(), sha256, size });
-var processSchema = union([
-  strictObject({ pidfile: string().check(_regex(/^\/[^\0]*$/, "expected an absolute path")) }),
-  strictObject({ name: string().check(_regex(/^[^\0/]{1,255}$/, "expected a process name without '/'")) })
-]);
-var moduleSchema = pipe(
-  strictObject({
-    id: token2("a module id"),
-    type: _default(_enum(["files", "firmware"]), "files"),
-    depends: _default(array(string()), []),
-    files: _default(array(fileSchema), []),
-    service: optional(string().check(_regex(/^[A-Za-z0-9][A-Za-z0-9@._-]{0,127}$/, "expected a service name like 'klipper'"))),
-    process: optional(processSchema),
-    mcu: optional(string().check(_regex(/^[A-Za-z0-9_-]{1,64}$/, "expected an MCU name like 'mcu' or 'toolhead'"))),
-    image: optional(imageSchema)
-  }).check(
-    superRefine((module, ctx) => {
-      if (module.service !== void 0 && module.process !== void 0) {
-        ctx.addIssue({ code: "custom", path: ["process"], message: "give service or process, not both" });
-      }
-      if (module.type === "firmware") {
-        if (module.mcu === void 0) ctx.addIssue({ code: "custom", path: ["mcu"], message: "a firmware module needs the mcu to flash" });
-        if (module.image === void 0) ctx.addIssue({ code: "custom", path: ["image"], message: "a firmware module needs an image" });
-      } else {
-        if (module.mcu !== void 0) ctx.addIssue({ code: "custom", path: ["mcu"], message: 'only a module of type "firmware" names an mcu' });
-        if (module.image !== void 0) ctx.addIssue({ code: "custom", path: ["image"], message: 'only a module of type "firmware" has an image' });
-        if (module.files.length === 0) ctx.addIssue({ code: "custom", path: ["files"], message: "a module needs at least one file" });
-      }
-    })
-  ),
-  transform((m) => {
-    const base = { id: m.id, depends: m.depends, files: m.files, service: m.service ?? null, process: m.process ?? null };
-    return m.type === "firmware" && m.mcu !== void 0 && m.image !== void 0 ? { ...base, type: "firmware", mcu: m.mcu, image: m.image } : { ...base, type: "files" };
-  })
-);
-var VERSION2 = /^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$/;
-var version = string().check(_regex(VERSION2, "expected a version like 1.4.0 (letters, digits, '.', '+', '_', '-')"));
-var manifestSchema = pipe(
-  strictObject({
-    name: token2("a package name"),
-    version,
-    min_version: optional(version),
-    modules: array(moduleSchema).check(_minLength(1, "expected at least one module"))
-  }),
-  transform((m) => ({ name: m.name, version: m.version, min_version: m.min_version ?? null, modules: m.modules }))
-);
-function compareVersions(a, b) {
-  const split = (v) => {
-    const bare = v.split("+")[0];
-    const dash = bare.indexOf("-");
-    return dash < 0 ? { core: bare.split("."), pre: null } : { core: bare.slice(0, dash).split("."), pre: bare.slice(dash + 1).split(".") };
-  };
-  const x = split(a);
-  const y = split(b);
-  const core = compareParts(x.core, y.core, "0");
-  if (core !== 0) return core;
-  if (x.pre === null || y.pre === null) return x.pre === y.pre ? 0 : x.pre === null ? 1 : -1;
-  return compareParts(x.pre, y.pre, null);
-}
-function compareParts(x, y, missing) {
-  for (let i = 0; i < Math.max(x.length, y.length); i++) {
-    const p = x[i] ?? missing;
-    const q = y[i] ?? missing;
-    if (p === null || q === null) return p === q ? 0 : p === null ? -1 : 1;
-    const order = comparePart(p, q);
-    if (order !== 0) return order;
-  }
-  return 0;
-}
-function comparePart(p, q) {
-  const numeric = /^\d+$/;
-  const pn = numeric.test(p);
-  const qn = numeric.test(q);
-  if (pn && qn) {
-    const pd = p.replace(/^0+(?=\d)/, "");
-    const qd = q.replace(/^0+(?=\d)/, "");
-    return pd.length !== qd.length ? pd.length - qd.length : pd < qd ? -1 : pd > qd ? 1 : 0;
-  }
-  if (pn !== qn) return pn ? -1 : 1;
-  return p < q ? -1 : p > q ? 1 : 0;
-}
-function invalidManifest(message, details = {}, cause) {
-  return new MoonflashError("INVALID_MANIFEST", `${MANIFEST_FILE}: ${message}`, details, cause === void 0 ? void 0 : { cause });
-}
-function issuePath(path6) {
-  return path6.map((key, i) => typeof key === "number" ? `[${key}]` : i === 0 ? String(key) : `.${String(key)}`).join("");
-}
-function parseManifest(bytes) {
-  let text;
-  try {
-    text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: false }).decode(bytes);
-  } catch (err) {
-    throw invalidManifest("is not UTF-8 text", {}, err);
-  }
-  let json;
-  try {
-    json = JSON.parse(text);
-  } catch (err) {
-    throw invalidManifest(`is not valid JSON (${err.message})`, {}, err);
-  }
-  const result = manifestSchema.safeParse(json);
-  if (!result.success) {
-    const issues = result.error.issues.map((issue) => {
-      const where = issue.path.length > 0 ? issuePath(issue.path) : "manifest";
-      return issue.code === "unrecognized_keys" ? `${where}: unknown key(s) ${issue.keys.map((k) => `'${k}'`).join(", ")}` : `${where}: ${issue.message}`;
-    });
-    throw invalidManifest(issues.join("; "), { issues });
-  }
-  checkManifest(result.data);
-  return result.data;
-}
-function checkManifest(manifest) {
-  checkPaths(manifest);
-  checkDependencies(manifest.modules);
-}
-function checkPaths(manifest) {
-  const srcSeen = /* @__PURE__ */ new Map();
-  const dstSeen = /* @__PURE__ */ new Map();
-  for (const payload of payloadsOf(manifest)) {
-    const where = `module '${payload.module.id}'`;
-    const problem = pathProblem(payload.src);
-    if (problem) {
-      throw new MoonflashError("INVALID_PACKAGE", `${MANIFEST_FILE}: ${where}: src '${printable(payload.src)}' ${problem}.`, {
-        module: payload.module.id,
-        src: payload.src,
-        problem
-      });
-    }
-    if (payload.src === MANIFEST_FILE || payload.src === SIGNATURE_FILE) {
-      throw invalidManifest(`${where}: src '${payload.src}' is reserved for the package itself`, { module: payload.module.id, src: payload.src });
-    }
-    const other = srcSeen.get(payload.src);
-    if (other !== void 0) {
-      throw invalidManifest(`src '${payload.src}' is listed twice (${other} and ${where}); every file in the zip is used once`, { src: payload.src });
-    }
-    srcSeen.set(payload.src, where);
-  }
-  for (const module of manifest.modules) {
-    for (const file of module.files) {
-      const where = `module '${module.id}'`;
-      const problem = dstProblem(file.dst);
-      if (problem) {
-        throw new MoonflashError("INVALID_PACKAGE", `${MANIFEST_FILE}: ${where}: dst '${printable(file.dst)}' ${problem}.`, {
-          module: module.id,
-          dst: file.dst,
-          problem
-        });
-      }
-      const other = dstSeen.get(file.dst);
-      if (other !== void 0) {
-        throw invalidManifest(`dst '${file.dst}' is written twice (${other} and ${where})`, { dst: file.dst });
-      }
-      dstSeen.set(file.dst, where);
-    }
-  }
-  for (const dst of dstSeen.keys()) {
-    const segments = dst.split("/");
-    for (let i = 2; i < segments.length; i++) {
-      const parent = segments.slice(0, i).join("/");
-      if (dstSeen.has(parent)) throw invalidManifest(`dst '${parent}' is a file, but '${dst}' needs it as a directory`, { dst });
-    }
-  }
-}
-function checkDependencies(modules) {
-  const position = /* @__PURE__ */ new Map();
-  modules.forEach((module, i) => {
-    if (position.has(module.id)) throw invalidManifest(`module id '${module.id}' is used twice`, { module: module.id });
-    position.set(module.id, i);
-  });
-  for (const module of modules) {
-    for (const dep of module.depends) {
-      if (!position.has(dep)) {
-        throw invalidManifest(`module '${module.id}' depends on '${dep}', which the manifest does not define (modules: ${[...position.keys()].join(", ")})`, {
-          module: module.id,
-          dependency: dep
-        });
-      }
-    }
-  }
-  const cycle = findCycle(modules);
-  if (cycle) throw invalidManifest(`modules depend on each other in a cycle: ${cycle.join(" \u2192 ")}`, { cycle });
-  modules.forEach((module, i) => {
-    for (const dep of module.depends) {
-      if ((position.get(dep) ?? -1) > i) {
-        throw invalidManifest(`module '${module.id}' depends on '${dep}', which comes after it; list modules in dependency order`, {
-          module: module.id,
-          dependency: dep
-        });
-      }
-    }
-  });
-}
-function findCycle(modules) {
-  const depends = new Map(modules.map((m) => [m.id, m.depends]));
-  const done = /* @__PURE__ */ new Set();
-  const onPath = [];
-  const visit = (id) => {
-    const at = onPath.indexOf(id);
-    if (at >= 0) return [...onPath.slice(at), id];
-    if (done.has(id)) return null;
-    onPath.push(id);
-    for (const dep of depends.get(id) ?? []) {
-      const cycle = visit(dep);
-      if (cycle) return cycle;
-    }
-    onPath.pop();
-    done.add(id);
-    return null;
-  };
-  for (const module of modules) {
-    const cycle = visit(module.id);
-    if (cycle) return cycle;
-  }
-  return null;
-}
-function isControl(char) {
-  const code = char.charCodeAt(0);
-  return code < 32 || code === 127;
-}
-function printable(path6) {
-  return [...path6].map((c) => isControl(c) ? `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}` : c).join("");
-}
-
-// src/ota/signing.ts
-var crypto = () => process.getBuiltinModule("node:crypto");
-function keygen() {
-  const { publicKey: publicKey2, privateKey } = crypto().generateKeyPairSync("ed25519");
-  return {
-    publicKey: publicKey2.export({ type: "spki", format: "pem" }).toString(),
-    privateKey: privateKey.export({ type: "pkcs8", format: "pem" }).toString(),
-    publicKeyBase64: rawPublicKey(publicKey2).toString("base64")
-  };
-}
-function sign(manifestBytes, privateKeyPem) {
-  return crypto().sign(null, manifestBytes, parsePrivateKey(privateKeyPem)).toString("base64");
-}
-function verify(manifestBytes, signature, publicKey2) {
-  const key = typeof publicKey2 === "string" ? parsePublicKey(publicKey2) : publicKey2;
-  const text = (typeof signature === "string" ? signature : Buffer.from(signature).toString("latin1")).trim();
-  if (!/^[A-Za-z0-9+/]{86}==$/.test(text)) return false;
-  const raw = Buffer.from(text, "base64");
-  if (raw.length !== 64 || raw.toString("base64") !== text) return false;
-  return crypto().verify(null, manifestBytes, key, raw);
-}
-function verifyManifestSignature(manifestBytes, signatureFile, publicKey2) {
-  if (signatureFile === null) {
-    throw new MoonflashError("SIGNATURE_INVALID", `The package has no ${SIGNATURE_FILE}, and [ota] public_key requires signed packages. Nothing was installed.`, {
-      reason: "missing"
-    });
-  }
-  if (!verify(manifestBytes, signatureFile, publicKey2)) {
-    throw new MoonflashError(
-      "SIGNATURE_INVALID",
-      `The package's ${SIGNATURE_FILE} does not verify against [ota] public_key: it was signed with another key, or manifest.json was changed. Nothing was installed.`,
-      { reason: "mismatch" }
-    );
-  }
-}
-function isRawPublicKey(text) {
-  return /^[A-Za-z0-9+/]{43}=$/.test(text.trim());
-}
-function parsePublicKey(text) {
-  const trimmed = text.trim();
-  let key;
-  try {
-    if (trimmed.startsWith("-----BEGIN")) {
-      key = crypto().createPublicKey(trimmed);
-    } else {
-      const raw = isRawPublicKey(trimmed) ? Buffer.from(trimmed, "base64") : Buffer.alloc(0);
-      if (raw.length !== 32) throw new Error("not 32 bytes of base64");
-      key = crypto().createPublicKey({ key: { kty: "OKP", crv: "Ed25519", x: raw.toString("base64url") }, format: "jwk" });
-    }
-  } catch (err) {
-    throw new MoonflashError(
-      "CONFIG_INVALID",
-      "[ota] public_key is not an Ed25519 public key: give the PEM (BEGIN PUBLIC KEY) or the raw 32-byte key in base64.",
-      {},
-      { cause: err }
-    );
-  }
-  if (key.asymmetricKeyType !== "ed25519") {
-    throw new MoonflashError("CONFIG_INVALID", `[ota] public_key is a ${key.asymmetricKeyType ?? "unknown"} key; packages are signed with Ed25519.`, {
-      keyType: key.asymmetricKeyType
-    });
-  }
-  return key;
-}
-function parsePrivateKey(pem) {
-  let key;
-  try {
-    key = crypto().createPrivateKey(pem);
-  } catch (err) {
-    throw new MoonflashError("INVALID_PARAMS", "The signing key is not a private key in PEM (BEGIN PRIVATE KEY).", {}, { cause: err });
-  }
-  if (key.asymmetricKeyType !== "ed25519") {
-    throw new MoonflashError("INVALID_PARAMS", `The signing key is a ${key.asymmetricKeyType ?? "unknown"} key; packages are signed with Ed25519.`, {
-      keyType: key.asymmetricKeyType
-    });
-  }
-  return key;
-}
-function publicKeyOf(privateKeyPem) {
-  return crypto().createPublicKey(parsePrivateKey(privateKeyPem));
-}
-function rawPublicKey(key) {
-  const jwk = key.export({ format: "jwk" });
-  return Buffer.from(jwk.x ?? "", "base64url");
-}
-
-// src/core/durable.ts
-import { open, rename, rm, mkdir } from "node:fs/promises";
-import { dirname, basename, join as join3 } from "node:path";
-async function fsyncDir(dir) {
-  const handle = await open(dir, "r");
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}
-async function writeFileDurable(path6, data, mode2 = 420) {
-  const dir = dirname(path6);
-  await mkdir(dir, { recursive: true });
-  const tmp = join3(dir, `.${basename(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
-  try {
-    const handle = await open(tmp, "w", mode2);
-    try {
-      await handle.writeFile(data);
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
-    await rename(tmp, path6);
-    await fsyncDir(dir);
-  } catch (err) {
-    await rm(tmp, { force: true });
-    throw toMoonflashError(err);
-  }
-}
-async function removeDurable(path6) {
-  await rm(path6, { force: true });
-  await fsyncDir(dirname(path6));
-}
-
 // src/core/lock.ts
-import { link, mkdir as mkdir2, open as open2, readFile, rm as rm2 } from "node:fs/promises";
-import { dirname as dirname2, join as join4, basename as basename2 } from "node:path";
+import { link, mkdir, open, readFile, rm } from "node:fs/promises";
+import { dirname, join as join2, basename } from "node:path";
 function parseLockInfo(text) {
   try {
     const data = JSON.parse(text);
@@ -6422,9 +5752,9 @@ function busyError(info) {
   );
 }
 async function tryCreate(path6, info) {
-  const dir = dirname2(path6);
-  const tmp = join4(dir, `.${basename2(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
-  const handle = await open2(tmp, "wx", 420);
+  const dir = dirname(path6);
+  const tmp = join2(dir, `.${basename(path6)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
+  const handle = await open(tmp, "wx", 420);
   try {
     await handle.writeFile(JSON.stringify(info) + "\n");
     await handle.sync();
@@ -6439,12 +5769,12 @@ async function tryCreate(path6, info) {
     if (err.code === "EEXIST") return false;
     throw err;
   } finally {
-    await rm2(tmp, { force: true });
+    await rm(tmp, { force: true });
   }
 }
 async function acquireJobLock(path6, info) {
   try {
-    await mkdir2(dirname2(path6), { recursive: true });
+    await mkdir(dirname(path6), { recursive: true });
     for (let attempt = 0; attempt < 2; attempt++) {
       if (await tryCreate(path6, info)) return makeLock(path6, info);
       let text;
@@ -6518,14 +5848,14 @@ function followStream(stream, tail, tailLines, onLine, onChunk) {
       newline = pending.indexOf("\n");
     }
   };
-  return new Promise((resolve4) => {
+  return new Promise((resolve3) => {
     stream.on("data", (chunk) => take(decoder.write(chunk)));
-    stream.on("error", () => resolve4());
+    stream.on("error", () => resolve3());
     stream.on("close", () => {
       take(decoder.end());
       if (pending.length > 0) emit(pending.replace(/\r$/, ""));
       pending = "";
-      resolve4();
+      resolve3();
     });
   });
 }
@@ -7080,14 +6410,14 @@ async function withKlipperStopped(printer, journalPath, opts, work) {
 `);
   const shutdown = new AbortController();
   let caughtSignal = null;
-  const onSignal = (signal2) => {
+  const onSignal = (signal) => {
     if (caughtSignal) return;
-    caughtSignal = signal2;
-    logger.warn(`${signal2} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
-    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal2}).`));
+    caughtSignal = signal;
+    logger.warn(`${signal} received: finishing the ${opts.kind} job and starting Klipper again before exiting`);
+    shutdown.abort(new MoonflashError("CANCELLED", `The agent is shutting down (${signal}).`));
   };
-  const handlers = SHUTDOWN_SIGNALS.map((signal2) => [signal2, () => onSignal(signal2)]);
-  for (const [signal2, handler] of handlers) process.on(signal2, handler);
+  const handlers = SHUTDOWN_SIGNALS.map((signal) => [signal, () => onSignal(signal)]);
+  for (const [signal, handler] of handlers) process.on(signal, handler);
   let klipperRestart = null;
   try {
     let value2;
@@ -7124,7 +6454,7 @@ async function withKlipperStopped(printer, journalPath, opts, work) {
     return { value: value2, klipperWasRunning, klipperRestart };
   } finally {
     await settleJournal(journalPath, journal, klipperRestart, logger);
-    for (const [signal2, handler] of handlers) process.removeListener(signal2, handler);
+    for (const [signal, handler] of handlers) process.removeListener(signal, handler);
     if (caughtSignal && process.listenerCount(caughtSignal) === 0) process.kill(process.pid, caughtSignal);
   }
 }
@@ -7166,11 +6496,11 @@ var klippyUp = (state) => state.moonrakerConnected && state.klippyConnected && s
 function waitForPrinter(printer, pred, timeoutMs) {
   if (pred(printer.state())) return Promise.resolve(true);
   if (timeoutMs <= 0) return Promise.resolve(false);
-  return new Promise((resolve4) => {
+  return new Promise((resolve3) => {
     const finish2 = (value2) => {
       clearTimeout(timer);
       off();
-      resolve4(value2);
+      resolve3(value2);
     };
     const timer = setTimeout(() => finish2(false), timeoutMs);
     const off = printer.onStateChange((state) => {
@@ -7178,7 +6508,7 @@ function waitForPrinter(printer, pred, timeoutMs) {
     });
   });
 }
-var pause = (ms) => new Promise((resolve4) => setTimeout(resolve4, Math.max(0, ms)));
+var pause = (ms) => new Promise((resolve3) => setTimeout(resolve3, Math.max(0, ms)));
 async function bringKlipperBack(printer, service, opts) {
   const { timeoutMs, logger } = opts;
   let deadline = Date.now() + timeoutMs;
@@ -7256,11 +6586,11 @@ async function recoverInterruptedJob(dataDir, printer, runner, logger, opts = {}
 // src/flash/engine.ts
 import { existsSync } from "node:fs";
 import { readFile as readFile7, readlink as readlink2, realpath as realpath2, stat as stat7 } from "node:fs/promises";
-import { join as join8, resolve as resolve2 } from "node:path";
+import { join as join6, resolve as resolve2 } from "node:path";
 
 // src/flash/firmware-store.ts
-import { readdir as readdir2, readFile as readFile4, rename as rename2, rm as rm3, stat as stat3 } from "node:fs/promises";
-import { join as join5 } from "node:path";
+import { readdir as readdir2, readFile as readFile4, rename, rm as rm2, stat as stat3 } from "node:fs/promises";
+import { join as join3 } from "node:path";
 
 // src/flash/katapult/image.ts
 var MAX_DICTIONARY_BYTES = 4 * 1024 * 1024;
@@ -7364,14 +6694,14 @@ var FirmwareStore = class {
   root;
   logger;
   dir(mcu) {
-    return join5(this.root, storeDirName(mcu));
+    return join3(this.root, storeDirName(mcu));
   }
   /**
    * Writes the image's bytes before a flash, so a full disk is found while Klipper still runs. Not an entry
    * yet: add() makes it one once the flash succeeded; a blob nothing refers to is swept by the next add().
    */
   async stage(mcu, image) {
-    const file = join5(this.dir(mcu), `${sha256Of(image)}.bin`);
+    const file = join3(this.dir(mcu), `${sha256Of(image)}.bin`);
     if (!await sameBytes(file, image)) await writeFileDurable(file, image);
     return file;
   }
@@ -7379,13 +6709,13 @@ var FirmwareStore = class {
   async add(mcu, image, meta) {
     const dir = this.dir(mcu);
     await this.migrateLegacy(mcu);
-    const sha2563 = sha256Of(image);
+    const sha2562 = sha256Of(image);
     const before = await this.list(mcu);
     const file = await this.stage(mcu, image);
     const detected = detectImageMcu(image);
     const entry = {
       mcu,
-      sha256: sha2563,
+      sha256: sha2562,
       size: image.length,
       version: detected?.version ?? null,
       mcu_type: detected?.mcu ?? null,
@@ -7395,8 +6725,8 @@ var FirmwareStore = class {
       file,
       seq: Math.max(0, ...before.map((e) => e.seq)) + 1
     };
-    await writeFileDurable(join5(dir, `${sha2563}.json`), sidecarText(entry));
-    await this.prune(mcu, [entry, ...before.filter((e) => e.sha256 !== sha2563)]);
+    await writeFileDurable(join3(dir, `${sha2562}.json`), sidecarText(entry));
+    await this.prune(mcu, [entry, ...before.filter((e) => e.sha256 !== sha2562)]);
     return entry;
   }
   /** The MCU's images, newest first; entries whose stored copy is gone or cut short say so in `damaged`. */
@@ -7415,7 +6745,7 @@ var FirmwareStore = class {
     for (const name of names) {
       const sha = /^([0-9a-f]{64})\.json$/.exec(name)?.[1];
       if (!sha) continue;
-      const entry = await this.readSidecar(join5(dir, name), sha);
+      const entry = await this.readSidecar(join3(dir, name), sha);
       if (entry) entries.push(entry);
     }
     const legacy = await readLegacy(dir, mcu);
@@ -7441,7 +6771,7 @@ var FirmwareStore = class {
     }
     const sections = /* @__PURE__ */ new Set();
     for (const name of dirs) {
-      const first = (await this.listIn(join5(this.root, name), name.replace(/_/g, " ")))[0];
+      const first = (await this.listIn(join3(this.root, name), name.replace(/_/g, " ")))[0];
       if (first) sections.add(first.mcu);
     }
     return [...sections].sort();
@@ -7467,8 +6797,8 @@ var FirmwareStore = class {
   /** Turns last.bin + last.json into an entry of this store (or removes them when they are unusable). */
   async migrateLegacy(mcu) {
     const dir = this.dir(mcu);
-    const legacyMeta = join5(dir, "last.json");
-    const legacyBin = join5(dir, "last.bin");
+    const legacyMeta = join3(dir, "last.json");
+    const legacyBin = join3(dir, "last.bin");
     try {
       await stat3(legacyMeta);
     } catch {
@@ -7479,12 +6809,12 @@ var FirmwareStore = class {
       }
     }
     const legacy = await readLegacy(dir, mcu);
-    const known = legacy ? await stat3(join5(dir, `${legacy.sha256}.json`)).then(() => true, () => false) : false;
+    const known = legacy ? await stat3(join3(dir, `${legacy.sha256}.json`)).then(() => true, () => false) : false;
     if (legacy && !known) {
-      const file = join5(dir, `${legacy.sha256}.bin`);
-      await rename2(legacyBin, file);
+      const file = join3(dir, `${legacy.sha256}.bin`);
+      await rename(legacyBin, file);
       await fsyncDir(dir);
-      await writeFileDurable(join5(dir, `${legacy.sha256}.json`), sidecarText({ ...legacy, file }));
+      await writeFileDurable(join3(dir, `${legacy.sha256}.json`), sidecarText({ ...legacy, file }));
       this.logger?.info({ mcu, sha256: legacy.sha256 }, "moved the image kept by an older moonflash into the firmware store");
     } else if (!legacy) {
       this.logger?.warn({ mcu, dir }, "the image kept by an older moonflash is incomplete or damaged; removing it");
@@ -7496,11 +6826,11 @@ var FirmwareStore = class {
   async prune(mcu, newestFirst) {
     const dir = this.dir(mcu);
     const kept = new Set(newestFirst.slice(0, IMAGES_KEPT).map((e) => e.sha256));
-    for (const old of newestFirst.slice(IMAGES_KEPT)) await removeDurable(join5(dir, `${old.sha256}.json`));
+    for (const old of newestFirst.slice(IMAGES_KEPT)) await removeDurable(join3(dir, `${old.sha256}.json`));
     for (const name of await readdir2(dir)) {
       const sha = /^([0-9a-f]{64})\.bin$/.exec(name)?.[1];
-      if (sha && !kept.has(sha)) await rm3(join5(dir, name), { force: true });
-      if (/^\..+\.tmp$/.test(name)) await rm3(join5(dir, name), { force: true });
+      if (sha && !kept.has(sha)) await rm2(join3(dir, name), { force: true });
+      if (/^\..+\.tmp$/.test(name)) await rm2(join3(dir, name), { force: true });
     }
     await fsyncDir(dir);
   }
@@ -7508,13 +6838,13 @@ var FirmwareStore = class {
 async function readLegacy(dir, mcu) {
   let meta;
   try {
-    const result = legacySchema.safeParse(JSON.parse(await readFile4(join5(dir, "last.json"), "utf8")));
+    const result = legacySchema.safeParse(JSON.parse(await readFile4(join3(dir, "last.json"), "utf8")));
     if (!result.success) return null;
     meta = result.data;
   } catch {
     return null;
   }
-  const file = join5(dir, "last.bin");
+  const file = join3(dir, "last.bin");
   let image;
   try {
     image = await readFile4(file);
@@ -7541,10 +6871,10 @@ function sidecarText(entry) {
   return `${JSON.stringify({ format: 1, ...fields }, null, 2)}
 `;
 }
-async function damage(file, size2) {
+async function damage(file, size) {
   try {
     const s = await stat3(file);
-    return s.size === size2 ? null : `the stored image has ${s.size} bytes instead of ${size2}`;
+    return s.size === size ? null : `the stored image has ${s.size} bytes instead of ${size}`;
   } catch (err) {
     if (isMissing(err)) return "the stored image file is missing";
     return `the stored image cannot be read (${err.code ?? String(err)})`;
@@ -7594,9 +6924,9 @@ var ByteLinkBase = class {
 };
 async function openSerialLink(path6, baud, options = {}) {
   const port = await openSerialPort(path6, baud, { lock: options.lock ?? true });
-  const access9 = options.ignoreBindingInternals ? { missing: "ignored by the caller" } : directAccess(port, path6);
-  if ("polled" in access9) return new PolledSerialLink(path6, access9.polled);
-  announceFallback(options.logger, path6, access9.missing);
+  const access6 = options.ignoreBindingInternals ? { missing: "ignored by the caller" } : directAccess(port, path6);
+  if ("polled" in access6) return new PolledSerialLink(path6, access6.polled);
+  announceFallback(options.logger, path6, access6.missing);
   return new BindingSerialLink(path6, port);
 }
 async function openSerialPort(path6, baud, options) {
@@ -7730,10 +7060,10 @@ var PolledSerialLink = class extends SerialLink {
     if (!this.stopped) this.armRead();
   }
   writable() {
-    return new Promise((resolve4) => {
+    return new Promise((resolve3) => {
       const wake = () => {
         this.writableWaiters.delete(wake);
-        resolve4();
+        resolve3();
       };
       this.writableWaiters.add(wake);
       this.port.poller.once("writable", wake);
@@ -7956,10 +7286,10 @@ var KatapultSession = class {
         this.notify();
       })
     ];
-    const signal2 = this.signal;
-    if (signal2) {
-      signal2.addEventListener("abort", this.notify, { once: true });
-      this.unsubscribe.push(() => signal2.removeEventListener("abort", this.notify));
+    const signal = this.signal;
+    if (signal) {
+      signal.addEventListener("abort", this.notify, { once: true });
+      this.unsubscribe.push(() => signal.removeEventListener("abort", this.notify));
     }
     if (!link2.isOpen) this.closedError = new Error("link closed");
   }
@@ -8062,7 +7392,7 @@ var KatapultSession = class {
     const total = Math.ceil(image.length / blockSize);
     const sha = process.getBuiltinModule("node:crypto").createHash("sha1");
     let sent = -1;
-    const send2 = async (index) => {
+    const send = async (index) => {
       await this.write(encodeAddressFrame(Command.SEND_BLOCK, appStartAddress + index * blockSize, paddedBlock(image, index, blockSize)), "SEND_BLOCK");
       sent = index;
     };
@@ -8070,10 +7400,10 @@ var KatapultSession = class {
       const block = paddedBlock(image, index, blockSize);
       sha.update(block);
       const address = appStartAddress + index * blockSize;
-      const ahead = index + 1 < total ? { ready: startsBlockAck, send: () => send2(index + 1) } : void 0;
+      const ahead = index + 1 < total ? { ready: startsBlockAck, send: () => send(index + 1) } : void 0;
       let outcome;
       try {
-        if (sent < index) await send2(index);
+        if (sent < index) await send(index);
         outcome = await this.awaitReply(Command.SEND_BLOCK, this.timings.blockTimeoutMs, "SEND_BLOCK", ahead);
       } catch (err) {
         throw asWriteFailure(err, address);
@@ -8300,7 +7630,7 @@ var KatapultSession = class {
           continue;
         }
         if (timedOut) return { ok: false, kind: "timeout", text: "response timed out" };
-        await new Promise((resolve4) => this.wake = resolve4);
+        await new Promise((resolve3) => this.wake = resolve3);
       }
     } finally {
       clearTimeout(timer);
@@ -8335,11 +7665,11 @@ var KatapultSession = class {
   }
   /** Resolves on the next notify() (input, close, abort) or after `ms`. */
   waitForInput(ms) {
-    return new Promise((resolve4) => {
+    return new Promise((resolve3) => {
       const timer = setTimeout(this.notify, ms);
       this.wake = () => {
         clearTimeout(timer);
-        resolve4();
+        resolve3();
       };
     });
   }
@@ -8350,11 +7680,11 @@ var KatapultSession = class {
   };
   async sleep(ms) {
     if (ms <= 0) return;
-    await new Promise((resolve4) => {
+    await new Promise((resolve3) => {
       const done = () => {
         clearTimeout(timer);
         this.signal?.removeEventListener("abort", done);
-        resolve4();
+        resolve3();
       };
       const timer = setTimeout(done, ms);
       this.signal?.addEventListener("abort", done, { once: true });
@@ -8638,7 +7968,7 @@ var KatapultFlasher = class {
     }
   }
   /** A freshly enumerated tty can be missing, or exist before udev has given it its permissions; retry until the deadline. */
-  async openWithRetry(path6, baud, signal2) {
+  async openWithRetry(path6, baud, signal) {
     const deadline = Date.now() + this.options.bootloaderTimeoutMs;
     while (true) {
       try {
@@ -8646,7 +7976,7 @@ var KatapultFlasher = class {
       } catch (err) {
         const retriable = isMoonflashError(err) && (err.code === "DEVICE_NOT_FOUND" || err.code === "DEVICE_PERMISSION");
         if (!retriable || Date.now() >= deadline) throw err;
-        await abortableSleep(this.options.bootloaderPollMs, signal2);
+        await abortableSleep(this.options.bootloaderPollMs, signal);
       }
     }
   }
@@ -8722,14 +8052,14 @@ function incompleteImageError(error, disconnected, section) {
   const next = disconnected ? `The board disconnected and may hold an incomplete image: reconnect it, enter Katapult if it does not come back in it (double-tap reset on most boards), then ${again}.` : `COMPLETE was not sent, so the board stays in Katapult instead of starting an incomplete image: ${again}. A reset or power-cycle before that would start the incomplete image.`;
   return new MoonflashError(error.code, `${error.message} ${next}`, { ...error.details, leftInBootloader: !disconnected }, { cause: error });
 }
-function throwIfCancelled(signal2) {
-  if (signal2.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
+function throwIfCancelled(signal) {
+  if (signal.aborted) throw new MoonflashError("CANCELLED", "The flash was cancelled before anything was written.");
 }
-async function abortableSleep(ms, signal2) {
+async function abortableSleep(ms, signal) {
   try {
-    await process.getBuiltinModule("node:timers/promises").setTimeout(ms, void 0, { signal: signal2 });
+    await process.getBuiltinModule("node:timers/promises").setTimeout(ms, void 0, { signal });
   } catch {
-    throwIfCancelled(signal2);
+    throwIfCancelled(signal);
   }
 }
 async function inodeOf(path6) {
@@ -8944,7 +8274,7 @@ var FlashtoolFlasher = class {
 // src/flash/methods/linux-host.ts
 import { constants as fsConstants3 } from "node:fs";
 import { access as access3, readFile as readFile5 } from "node:fs/promises";
-import { basename as basename3, dirname as dirname3, join as join6 } from "node:path";
+import { basename as basename2, dirname as dirname2, join as join4 } from "node:path";
 var DEFAULT_LINUX_MCU_PATH = "/usr/local/bin/klipper_mcu";
 var LINUX_MCU_SERVICES = ["klipper_mcu", "klipper-mcu"];
 var ELF_MAGIC = Buffer.from([127, 69, 76, 70]);
@@ -8970,7 +8300,7 @@ var LinuxHostFlasher = class {
       );
     }
     this.service(target);
-    const dir = dirname3(this.installPath(target));
+    const dir = dirname2(this.installPath(target));
     if (!await this.canWrite(dir) && !await findExecutable(this.sudo)) {
       throw new MoonflashError(
         "PERMISSION_DENIED",
@@ -9034,12 +8364,12 @@ var LinuxHostFlasher = class {
   }
   /** Durably, by rename: a power cut leaves the old program or the new one, never a torn file. */
   async install(target, path6, ctx) {
-    const dir = dirname3(path6);
+    const dir = dirname2(path6);
     if (await this.canWrite(dir)) {
       await writeFileDurable(path6, target.image, 493);
       return;
     }
-    const temp = join6(dir, `.${basename3(path6)}.moonflash.tmp`);
+    const temp = join4(dir, `.${basename2(path6)}.moonflash.tmp`);
     ctx.log("info", `${dir} is not writable by moonflash's user: installing with sudo -n`);
     const steps = [
       ["install", "-m", "0755", target.firmwarePath, temp],
@@ -9269,8 +8599,8 @@ var WchispFlasher = class {
       const level = log?.[1]?.toUpperCase();
       ctx.log(level === "ERROR" || error ? "error" : level === "WARN" ? "warn" : "info", message);
       if (!log) return;
-      const size2 = /^Firmware size: (\d+)/.exec(message);
-      if (size2) firmwareSize = Number(size2[1]);
+      const size = /^Firmware size: (\d+)/.exec(message);
+      if (size) firmwareSize = Number(size[1]);
       if (message.startsWith("Erasing...")) {
         ctx.setCancellable(false, "wchisp is erasing and writing the chip");
         ctx.stage("erase", message);
@@ -9307,7 +8637,7 @@ var WchispFlasher = class {
 
 // src/flash/versions.ts
 import { readFile as readFile6 } from "node:fs/promises";
-import { join as join7 } from "node:path";
+import { join as join5 } from "node:path";
 var PROTOCOL_ERROR = "MCU Protocol error";
 var HOST_LINE = /^Your Klipper version is:\s*(.*)$/;
 var SHOULD_UPDATE = "MCU(s) which should be updated:";
@@ -9359,8 +8689,8 @@ function klipperCondition(state) {
       return `Klipper is ${state.klippyState}`;
   }
 }
-function versionOrUnknown(version2) {
-  return version2 ?? "an unknown version";
+function versionOrUnknown(version) {
+  return version ?? "an unknown version";
 }
 async function checkVersions(printer, settings, opts = {}) {
   const state = printer.state();
@@ -9452,15 +8782,15 @@ async function treeVersion(klipperPath, timeoutMs) {
       timeoutMs,
       tailLines: 5
     });
-    const version2 = run.stdoutTail.map((l) => l.trim()).filter(Boolean).at(-1);
-    if (run.exitCode === 0 && version2) return { version: version2, source: "git-describe" };
+    const version = run.stdoutTail.map((l) => l.trim()).filter(Boolean).at(-1);
+    if (run.exitCode === 0 && version) return { version, source: "git-describe" };
     detail = `git describe in ${klipperPath} failed: ${run.stderrTail.join(" ").trim() || `exit code ${run.exitCode}`}`;
   } catch (err) {
     detail = `git describe in ${klipperPath} failed: ${toMoonflashError(err).message}`;
   }
   try {
-    const version2 = (await readFile6(join7(klipperPath, "klippy", ".version"), "utf8")).trim();
-    if (version2) return { version: version2, source: "version-file" };
+    const version = (await readFile6(join5(klipperPath, "klippy", ".version"), "utf8")).trim();
+    if (version) return { version, source: "version-file" };
   } catch {
   }
   return { version: null, source: "unknown", detail: `${detail}. Check klipper_path in moonflash.conf.` };
@@ -9523,27 +8853,27 @@ async function readFirmware(path6, flashSize, expectedMcuType, section) {
     }
     throw toMoonflashError(err);
   }
-  const size2 = image.length;
-  if (size2 === 0) {
+  const size = image.length;
+  if (size === 0) {
     throw new MoonflashError("FIRMWARE_EMPTY", `The firmware ${path6} is empty. Rebuild it; an interrupted build leaves an empty file.`, { firmware: path6 });
   }
   if (flashSize !== null) {
-    if (size2 > flashSize) {
+    if (size > flashSize) {
       throw new MoonflashError(
         "FIRMWARE_TOO_LARGE",
-        `The firmware ${path6} is ${size2} bytes but the MCU has ${flashSize} bytes for the application. Check the build's MCU and bootloader offset, or flash_size in moonflash.conf.`,
-        { firmware: path6, bytes: size2, flashSize, source: "moonflash.conf flash_size" }
+        `The firmware ${path6} is ${size} bytes but the MCU has ${flashSize} bytes for the application. Check the build's MCU and bootloader offset, or flash_size in moonflash.conf.`,
+        { firmware: path6, bytes: size, flashSize, source: "moonflash.conf flash_size" }
       );
     }
     return image;
   }
   const chip = expectedMcuType ? mcuFlash(expectedMcuType) : void 0;
-  if (chip && size2 > chip.flashSize) {
+  if (chip && size > chip.flashSize) {
     const limit = chip.wholeFlash ? `${expectedMcuType} has only ${chip.flashSize} bytes of flash in all` : `a Klipper build for ${expectedMcuType} holds at most ${chip.flashSize} bytes`;
     throw new MoonflashError(
       "FIRMWARE_TOO_LARGE",
-      `The firmware ${path6} is ${size2} bytes but ${limit} (FLASH_SIZE in ${chip.source}), before counting the bootloader, whose size is known only once it answers. Nothing was stopped or written. Build the firmware for this board (make menuconfig: processor model), or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf.`,
-      { firmware: path6, bytes: size2, flashSize: chip.flashSize, mcuType: expectedMcuType, source: chip.source }
+      `The firmware ${path6} is ${size} bytes but ${limit} (FLASH_SIZE in ${chip.source}), before counting the bootloader, whose size is known only once it answers. Nothing was stopped or written. Build the firmware for this board (make menuconfig: processor model), or, if the chip really has room for this image, set flash_size: in [${section}] of moonflash.conf.`,
+      { firmware: path6, bytes: size, flashSize: chip.flashSize, mcuType: expectedMcuType, source: chip.source }
     );
   }
   return image;
@@ -9624,9 +8954,9 @@ function contextWithShutdown(ctx, shutdown) {
     kind: ctx.kind,
     target: ctx.target,
     signal: controller.signal,
-    stage: (stage, message) => ctx.stage(stage, message),
+    stage: (stage, message, board) => ctx.stage(stage, message, board),
     progress: (done, total, unit, phase) => ctx.progress(done, total, unit, phase),
-    log: (level, message) => ctx.log(level, message),
+    log: (level, message, board) => ctx.log(level, message, board),
     setCancellable(value2, reason) {
       cancellable = value2;
       ctx.setCancellable(value2, reason);
@@ -9667,7 +8997,7 @@ var FlashEngine = class {
    */
   async canbusNodes(mcus) {
     const interfaces = [...new Set(mcus.flatMap((m) => m.canbusUuid ? [m.canbusInterface ?? MCU_DEFAULTS.canbus_interface] : []))].sort();
-    const script = join8(this.config.moonflash.katapult_path, "scripts", "flashtool.py");
+    const script = join6(this.config.moonflash.katapult_path, "scripts", "flashtool.py");
     const flashtool = existsSync(script) ? { python: this.config.moonflash.python, script } : void 0;
     return Promise.all(
       interfaces.map(async (iface) => {
@@ -9707,8 +9037,8 @@ var FlashEngine = class {
       const entry = await this.rollbackImage(params.mcu);
       ctx.stage("rollback", `rolling back to ${describeImage(entry)}`);
       const result = await this.flashJob({ mcu: params.mcu, firmware: entry.file, ...params.dry_run ? { dry_run: true } : {} }, ctx, entry);
-      const { version: version2, sha256: sha2563, size: size2, date, source, source_path } = entry;
-      return { ...result, rollback_to: { version: version2, sha256: sha2563, size: size2, date, source, source_path } };
+      const { version, sha256: sha2562, size, date, source, source_path } = entry;
+      return { ...result, rollback_to: { version, sha256: sha2562, size, date, source, source_path } };
     });
   }
   /** Per MCU: its firmware version, Klipper's, and whether Klipper would call it outdated (versions.ts). */
@@ -9934,7 +9264,7 @@ var FlashEngine = class {
     const expectedMcuType = own?.mcu_type ?? klipper?.mcuType ?? null;
     const linuxHost = expectedMcuType?.toLowerCase() === "linux";
     const methods = params.method !== void 0 ? parseFlashMethods(params.method) : own?.method ?? [...linuxHost ? AUTO_CHAIN.linux : serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus];
-    const firmware = resolve2(params.firmware ?? own?.firmware ?? join8(this.config.moonflash.klipper_path, "out", linuxHost ? "klipper.elf" : "klipper.bin"));
+    const firmware = resolve2(params.firmware ?? own?.firmware ?? join6(this.config.moonflash.klipper_path, "out", linuxHost ? "klipper.elf" : "klipper.bin"));
     const image = await readFirmware(firmware, own?.flash_size ?? null, expectedMcuType, section);
     const deviceRealPath = serial && !linuxHost ? await checkDevicePath(serial) : null;
     const target = {
@@ -10011,7 +9341,7 @@ var FlashEngine = class {
 
 // src/flash/build/profiles.ts
 import { readFile as readFile8 } from "node:fs/promises";
-import { join as join9 } from "node:path";
+import { join as join7 } from "node:path";
 var ARM = { compiler: "arm-none-eabi-gcc", debianPackages: ["gcc-arm-none-eabi", "binutils-arm-none-eabi", "libnewlib-arm-none-eabi"] };
 var ARCHITECTURES = [
   { symbol: "MACH_AVR", name: "AVR", compiler: "avr-gcc", debianPackages: ["gcc-avr", "binutils-avr", "avr-libc"], images: ["klipper.elf.hex"] },
@@ -10034,7 +9364,7 @@ function defaultProfileName(section) {
 function profileFor(section, settings) {
   const kconfig = settings.mcus[section]?.kconfig;
   if (kconfig) return { mcu: section, path: resolveKconfig(kconfig, settings.dataDir), from: "kconfig" };
-  return { mcu: section, path: join9(firmwareProfileDir(settings.dataDir), defaultProfileName(section)), from: "default" };
+  return { mcu: section, path: join7(firmwareProfileDir(settings.dataDir), defaultProfileName(section)), from: "default" };
 }
 function parseProfile(text) {
   const set = /* @__PURE__ */ new Set();
@@ -10133,7 +9463,7 @@ function didYouMean(key, known, dialect) {
 
 // src/flash/update-all.ts
 import { stat as stat8 } from "node:fs/promises";
-import { join as join10 } from "node:path";
+import { join as join8 } from "node:path";
 var ORDER = ["can", "usb-can-bridge", "usb", "uart", "linux"];
 var BACKUP_BY_DEFAULT = true;
 var UPDATE_ALL_TARGET = "all MCUs";
@@ -10170,17 +9500,18 @@ var McuUpdater = class {
     const outcome = (mcu) => result.mcus.find((m) => m.mcu === mcu);
     const tBuild = performance.now();
     const ready = [];
-    for (const planned of plan) {
+    for (const [index, planned] of plan.entries()) {
       const o = outcome(planned.mcu);
+      const board = { name: planned.name, index: index + 1, count: plan.length };
       try {
-        ctx.stage("build", `building the firmware of ${planned.name}`);
+        ctx.stage("build", `building the firmware of ${planned.name}`, board);
         const build = await builder.buildWithin(ctx, planned.mcu);
         Object.assign(o, { built: true, build_skipped: build.skipped, build_ms: build.elapsedMs });
         const { plan: flash, image } = await engine.prepare({ mcu: planned.mcu, firmware: build.image }, ctx);
         ready.push({ planned, flash, image, build });
       } catch (err) {
         fail(o, err);
-        ctx.log("error", `${planned.name}: ${o.message}`);
+        ctx.log("error", `${planned.name}: ${o.message}`, board);
       }
     }
     phases.build = Math.round(performance.now() - tBuild);
@@ -10192,14 +9523,15 @@ var McuUpdater = class {
       stoppedAt = performance.now();
       for (const [index, { planned, flash, image }] of ready.entries()) {
         const o = outcome(planned.mcu);
+        const board = { name: planned.name, index: index + 1, count: ready.length };
         const started = performance.now();
         try {
-          inner.stage("flash", `flashing ${planned.name} (${index + 1} of ${ready.length})`);
+          inner.stage("flash", `flashing ${board.name} (${board.index} of ${board.count})`, board);
           const done = await engine.flashPrepared(flash, image, inner, { backup: planned.backup.read_back });
           Object.assign(o, { flashed: true, method: done.method, verified: done.outcome.verified, ...done.backed_up ? { backed_up: true } : {} });
         } catch (err) {
           fail(o, err);
-          inner.log("error", `${planned.name}: ${o.message}`);
+          inner.log("error", `${planned.name}: ${o.message}`, board);
         }
         o.flash_ms = Math.round(performance.now() - started);
       }
@@ -10250,7 +9582,7 @@ var McuUpdater = class {
    * carries the 80-byte reply at baud/10 bytes a second (the request overlaps it); USB takes about 1 ms an exchange.
    */
   async backupEstimate(mcu, transport) {
-    const lastBuild = await stat8(join10(this.deps.builder.outDir(mcu), "klipper.bin")).then((s) => s.size, () => null);
+    const lastBuild = await stat8(join8(this.deps.builder.outDir(mcu), "klipper.bin")).then((s) => s.size, () => null);
     const bytes = (lastBuild ?? 64 * 1024) + BACKUP_ERASED_RUN;
     const blocks = Math.ceil(bytes / 64);
     const baud = (await this.deps.engine.mcuConnection(mcu)).baud ?? MCU_DEFAULTS.baud;
@@ -10640,12 +9972,12 @@ async function rollbackMcuMissing(flash) {
   const list = candidates.length ? `MCUs with an earlier image: ${candidates.join(", ")} (e.g. FLASH_ROLLBACK MCU=${candidates[0]})` : "moonflash has no earlier image of any MCU yet: it keeps the last 3 images it flashes to each.";
   return new MoonflashError("INVALID_PARAMS", `FLASH_ROLLBACK needs MCU=<name>. ${list}`, { method: "flash.rollback", missing: "mcu", candidates });
 }
-function otaEngine(deps) {
+async function otaEngine(deps) {
   if (!deps.ota) throw new MoonflashError("INTERNAL", "This moonflash process runs no OTA engine.");
   return deps.ota();
 }
 async function otaStatus(deps) {
-  const engine = otaEngine(deps);
+  const engine = await otaEngine(deps);
   await engine.load();
   const current = deps.runner.current();
   return {
@@ -10843,11 +10175,11 @@ function buildMethodTable(deps) {
       name: "ota.download",
       description: "Download an OTA package and verify it (MD5, SHA-256, signature, manifest, every file); the same URL again resumes or joins it.",
       params: otaDownloadParams,
-      handler: async ({ url: url2, md5, sha256: sha2563, size: size2 }) => {
-        const params = { url: url2, md5, ...sha2563 === void 0 ? {} : { sha256: sha2563 }, ...size2 === void 0 ? {} : { size: size2 } };
+      handler: async ({ url: url2, md5, sha256: sha2562, size }) => {
+        const params = { url: url2, md5, ...sha2562 === void 0 ? {} : { sha256: sha2562 }, ...size === void 0 ? {} : { size } };
         const key = downloadKey(params);
         if (download?.key === key) return download.result;
-        const result = otaEngine(deps).download(params);
+        const result = otaEngine(deps).then((engine) => engine.download(params));
         const mine = { key, result };
         download = mine;
         try {
@@ -10863,14 +10195,14 @@ function buildMethodTable(deps) {
       name: "ota.install",
       description: "Install the downloaded package: back up, stop the updated services (and Klipper for firmware), replace files, flash, start, probation; rolls back by itself on failure.",
       params: noParams,
-      handler: async () => otaEngine(deps).install(),
+      handler: async () => (await otaEngine(deps)).install(),
       macro: { command: "OTA_INSTALL" }
     }),
     define({
       name: "ota.cancel",
       description: "Cancel the running OTA job; allowed while it downloads, verifies and checks, not once files are replaced.",
       params: noParams,
-      handler: async () => ({ cancelled: otaEngine(deps).cancel().id }),
+      handler: async () => ({ cancelled: (await otaEngine(deps)).cancel().id }),
       summary: (r) => {
         const job = runner.current();
         const target = job?.id === r.cancelled ? job.target : runner.history("ota", 10).find((j) => j.id === r.cancelled)?.target;
@@ -10882,7 +10214,7 @@ function buildMethodTable(deps) {
       name: "ota.rollback",
       description: "Restore what was installed before the last OTA update (files, firmware, services), or finish an interrupted update's rollback.",
       params: noParams,
-      handler: async () => otaEngine(deps).rollback(),
+      handler: async () => (await otaEngine(deps)).rollback(),
       macro: { command: "OTA_ROLLBACK" }
     })
   ];
@@ -10980,99 +10312,13 @@ var StatusWebcam = class {
 };
 
 // src/app.ts
-import { readFile as readFile17 } from "node:fs/promises";
-import { join as join17 } from "node:path";
+import { readFile as readFile12 } from "node:fs/promises";
 
 // src/moonflash-conf.ts
 import { readFile as readFile9 } from "node:fs/promises";
 
-// src/ota/config.ts
-import { isAbsolute as isAbsolute3 } from "node:path";
-var ALIAS2 = /^[A-Za-z0-9_-]{1,64}$/;
-function keyValueLines(raw, what) {
-  const pairs = [];
-  const seen = /* @__PURE__ */ new Set();
-  for (const line of raw.split("\n").map((l) => l.trim()).filter((l) => l !== "")) {
-    const at = line.search(/[=:]/);
-    const key = at > 0 ? line.slice(0, at).trim() : "";
-    const rest = at > 0 ? line.slice(at + 1).trim() : "";
-    if (key === "" || rest === "") throw expected(`one ${what} per line`, line);
-    if (seen.has(key)) throw new Invalid(`'${key}' is given twice`);
-    seen.add(key);
-    pairs.push([key, rest]);
-  }
-  return pairs;
-}
-var roots = value((raw) => {
-  const result = {};
-  for (const [alias, dir] of keyValueLines(raw, "'alias=directory'")) {
-    if (!ALIAS2.test(alias)) throw new Invalid(`root alias '${alias}' must be letters, digits, '_' or '-' (at most 64)`);
-    const path6 = expandHome(dir).replace(/(.)\/+$/, "$1");
-    if (!isAbsolute3(path6)) throw expected(`an absolute directory (or one starting with ~/) for root '${alias}'`, dir);
-    result[alias] = path6;
-  }
-  return result;
-});
-var publicKey = value((raw) => {
-  if (isRawPublicKey(raw)) return raw;
-  if (raw.startsWith("/") || raw.startsWith("~/")) return expandHome(raw);
-  throw expected("the path of a PEM public key, or the raw 32-byte Ed25519 key in base64 (44 characters)", raw);
-});
-var bindAddress = value((raw) => {
-  if (/^(?:\d{1,3}\.){3}\d{1,3}$/.test(raw) || /^[0-9A-Fa-f:]+$/.test(raw) || raw === "localhost") return raw;
-  throw expected("an IP address to listen on, such as 127.0.0.1", raw);
-});
-var SIZE_UNITS2 = { "": 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3 };
-function sizeOf(raw) {
-  const match = /^(\d+)\s*([kKmMgG])?(?:i?B)?$/.exec(raw);
-  const n = match ? Number(match[1]) * (SIZE_UNITS2[(match[2] ?? "").toLowerCase()] ?? NaN) : NaN;
-  if (!Number.isSafeInteger(n) || n <= 0) throw expected("a size such as 262144, 256K, 64M or 1G", raw);
-  return n;
-}
-function countOf(raw, min) {
-  const n = /^\d+$/.test(raw) ? Number(raw) : NaN;
-  if (!Number.isSafeInteger(n) || n < min) throw expected(`a whole number of at least ${min}`, raw);
-  return n;
-}
-var LIMIT_KEYS = {
-  file_size: (raw) => ({ maxFileBytes: sizeOf(raw) }),
-  total_size: (raw) => ({ maxTotalBytes: sizeOf(raw) }),
-  manifest_size: (raw) => ({ maxManifestBytes: sizeOf(raw) }),
-  entries: (raw) => ({ maxEntries: countOf(raw, 1) }),
-  compression_ratio: (raw) => ({ maxCompressionRatio: countOf(raw, 2) }),
-  download_size: (raw) => ({ maxDownloadBytes: sizeOf(raw) })
-};
-var limits = value((raw) => {
-  let result = {};
-  for (const [key, setting] of keyValueLines(raw, "'name=value'")) {
-    const parse = LIMIT_KEYS[key];
-    if (!parse) throw new Invalid(`unknown limit '${key}'; limits are ${Object.keys(LIMIT_KEYS).join(", ")}`);
-    try {
-      result = { ...result, ...parse(setting) };
-    } catch (err) {
-      if (err instanceof Invalid) throw new Invalid(`${key}: ${err.message}`);
-      throw err;
-    }
-  }
-  return result;
-});
-var otaSchema = strictObject({
-  roots: _default(roots, {}),
-  public_key: unset(publicKey),
-  http_port: unset(integer(1, 65535)),
-  http_bind: _default(bindAddress, "127.0.0.1"),
-  callback_url: unset(url(["http:", "https:"], "an http:// or https:// URL")),
-  probation_timeout: _default(integer(5, 3600), 120),
-  keep_backups: _default(integer(1, 20), 2),
-  limits: _default(limits, {})
-});
-var OTA_DEFAULTS = defaults(otaSchema);
-function rootsMap(config) {
-  return new Map(Object.entries(config.roots));
-}
-
 // src/status/config.ts
-var bindAddress2 = value((raw) => {
+var bindAddress = value((raw) => {
   if (/^(?:\d{1,3}\.){3}\d{1,3}$/.test(raw) || /^[0-9A-Fa-f:]+$/.test(raw) || raw === "localhost") return raw;
   throw expected("an IP address to listen on, such as 0.0.0.0 (every address) or 127.0.0.1", raw);
 });
@@ -11090,7 +10336,7 @@ var publicUrl = value((raw) => {
 var statusPageSchema = strictObject({
   enabled: _default(boolean2, true),
   port: _default(integer(1, 65535), 7180),
-  bind: _default(bindAddress2, "0.0.0.0"),
+  bind: _default(bindAddress, "0.0.0.0"),
   webcam: _default(boolean2, true),
   public_url: unset(publicUrl)
 });
@@ -11230,7 +10476,7 @@ var recordSchema = object({
   message: optional(string()),
   result: optional(unknown())
 });
-var fileSchema2 = object({ version: literal(1), jobs: array(recordSchema) });
+var fileSchema = object({ version: literal(1), jobs: array(recordSchema) });
 var appendQueues = /* @__PURE__ */ new Map();
 function compactTimestamp(date) {
   return date.toISOString().replace(/[-:]/g, "").replace(".", "");
@@ -11246,7 +10492,7 @@ function readRecords(path6, logger) {
   }
   let parsed;
   try {
-    const result = fileSchema2.safeParse(JSON.parse(text));
+    const result = fileSchema.safeParse(JSON.parse(text));
     if (result.success) parsed = result.data;
   } catch {
   }
@@ -11347,11 +10593,11 @@ var JobRunner = class {
       kind: info.kind,
       target: info.target,
       signal: job.controller.signal,
-      stage: (stage, message) => {
+      stage: (stage, message, board) => {
         if (finished) return;
         job.stage = stage;
         log.info({ stage }, message ?? `stage ${stage}`);
-        this.emit({ ...this.base(info), type: "stage", stage, ...message === void 0 ? {} : { message } });
+        this.emit({ ...this.base(info), type: "stage", stage, ...message === void 0 ? {} : { message }, ...board === void 0 ? {} : { board } });
       },
       progress: (done, total, unit, phase) => {
         if (finished) return;
@@ -11364,10 +10610,10 @@ var JobRunner = class {
         }
         throttle.offer(phase ?? "", job.progress);
       },
-      log: (level, message) => {
+      log: (level, message, board) => {
         if (finished) return;
         log[level](message);
-        this.emit({ ...this.base(info), type: "log", level, message });
+        this.emit({ ...this.base(info), type: "log", level, message, ...board === void 0 ? {} : { board } });
       },
       setCancellable: (cancellable, reason) => {
         job.cancellable = cancellable;
@@ -11523,9 +10769,9 @@ var JobRunner = class {
 };
 var PROGRESS_PER_SECOND = 5;
 var ProgressThrottle = class {
-  constructor(intervalMs, send2, onError) {
+  constructor(intervalMs, send, onError) {
     this.intervalMs = intervalMs;
-    this.send = send2;
+    this.send = send;
     this.onError = onError;
   }
   intervalMs;
@@ -11580,7 +10826,7 @@ var ProgressThrottle = class {
 // src/core/log.ts
 var import_pino = __toESM(require_pino(), 1);
 import { mkdirSync } from "node:fs";
-import { basename as basename4, dirname as dirname4 } from "node:path";
+import { basename as basename3, dirname as dirname3 } from "node:path";
 import { createRequire } from "node:module";
 
 // node_modules/rotating-file-stream/dist/esm/index.js
@@ -11588,12 +10834,12 @@ import { exec } from "child_process";
 import { createGzip } from "zlib";
 import { Writable } from "stream";
 import { access as access5, constants, createReadStream, createWriteStream } from "fs";
-import { mkdir as mkdir3, open as open3, readFile as readFile10, rename as rename3, stat as stat9, unlink, writeFile } from "fs/promises";
+import { mkdir as mkdir2, open as open2, readFile as readFile10, rename as rename2, stat as stat9, unlink, writeFile } from "fs/promises";
 import { sep } from "path";
-import { TextDecoder as TextDecoder2 } from "util";
+import { TextDecoder } from "util";
 import { setTimeout as setTimeout2 } from "timers";
 async function exists(filename) {
-  return new Promise((resolve4) => access5(filename, constants.F_OK, (error) => resolve4(!error)));
+  return new Promise((resolve3) => access5(filename, constants.F_OK, (error) => resolve3(!error)));
 }
 var RotatingFileStreamError = class extends Error {
   code = "RFS-TOO-MANY";
@@ -11633,7 +10879,7 @@ var RotatingFileStream = class extends Writable {
     this.filename = path6 + generator(null);
     this.fsCreateReadStream = createReadStream;
     this.fsCreateWriteStream = createWriteStream;
-    this.fsOpen = open3;
+    this.fsOpen = open2;
     this.fsReadFile = readFile10;
     this.fsStat = stat9;
     this.fsUnlink = unlink;
@@ -11681,7 +10927,7 @@ var RotatingFileStream = class extends Writable {
     callback(error);
   }
   async rewrite(chunks, index, callback) {
-    const { size: size2, teeToStdout } = this.options;
+    const { size, teeToStdout } = this.options;
     try {
       if (this.initPromise)
         await this.initPromise;
@@ -11693,7 +10939,7 @@ var RotatingFileStream = class extends Writable {
         await this.file.write(chunk);
         if (teeToStdout && !this.stdout.destroyed)
           this.stdout.write(chunk);
-        if (size2 && this.size >= size2)
+        if (size && this.size >= size)
           await this.rotate();
       }
     } catch (e) {
@@ -11702,9 +10948,9 @@ var RotatingFileStream = class extends Writable {
     callback();
   }
   async init() {
-    const { immutable, initialRotation, interval, size: size2 } = this.options;
+    const { immutable, initialRotation, interval, size } = this.options;
     if (immutable)
-      return new Promise((resolve4, reject) => process.nextTick(() => this.immutate(true).then(resolve4).catch(reject)));
+      return new Promise((resolve3, reject) => process.nextTick(() => this.immutate(true).then(resolve3).catch(reject)));
     let stats;
     try {
       stats = await stat9(this.filename);
@@ -11723,27 +10969,27 @@ var RotatingFileStream = class extends Writable {
         return this.rotate();
     }
     this.size = stats.size;
-    if (!size2 || stats.size < size2)
+    if (!size || stats.size < size)
       return this.reopen(stats.size);
     if (interval)
       this.intervalBounds(this.now());
     return this.rotate();
   }
   async makePath(name) {
-    return mkdir3(name.split(sep).slice(0, -1).join(sep), { recursive: true });
+    return mkdir2(name.split(sep).slice(0, -1).join(sep), { recursive: true });
   }
-  async reopen(size2) {
+  async reopen(size) {
     let file;
     try {
-      file = await open3(this.filename, "a", this.options.mode);
+      file = await open2(this.filename, "a", this.options.mode);
     } catch (e) {
       if (e.code !== "ENOENT")
         throw e;
       await this.makePath(this.filename);
-      file = await open3(this.filename, "a", this.options.mode);
+      file = await open2(this.filename, "a", this.options.mode);
     }
     this.file = file;
-    this.size = size2;
+    this.size = size;
     this.interval();
     this.emit("open", this.filename);
   }
@@ -11786,7 +11032,7 @@ var RotatingFileStream = class extends Writable {
     if (compress)
       await this.compress(filename);
     else
-      await rename3(this.filename, filename);
+      await rename2(this.filename, filename);
     return this.rotated(filename);
   }
   async touch(filename) {
@@ -11797,7 +11043,7 @@ var RotatingFileStream = class extends Writable {
       if (e.code !== "ENOENT")
         throw e;
       await this.makePath(filename);
-      file = await open3(filename, "a");
+      file = await open2(filename, "a");
     }
     await file.close();
     return this.unlink(filename);
@@ -11816,12 +11062,12 @@ var RotatingFileStream = class extends Writable {
         await this.compress(currName);
       else {
         try {
-          await rename3(prevName, currName);
+          await rename2(prevName, currName);
         } catch (e) {
           if (e.code !== "ENOENT")
             throw e;
           await this.makePath(currName);
-          await rename3(prevName, currName);
+          await rename2(prevName, currName);
         }
       }
     }
@@ -11892,10 +11138,10 @@ var RotatingFileStream = class extends Writable {
   async compress(filename) {
     const { compress } = this.options;
     if (typeof compress === "function") {
-      await new Promise((resolve4, reject) => {
+      await new Promise((resolve3, reject) => {
         this.exec(compress(this.filename, filename), (error, stdout, stderr) => {
           this.emit("external", stdout, stderr);
-          error ? reject(error) : resolve4();
+          error ? reject(error) : resolve3();
         });
       });
     } else
@@ -11903,24 +11149,24 @@ var RotatingFileStream = class extends Writable {
     return this.unlink(this.filename);
   }
   async gzip(filename) {
-    const { mode: mode2 } = this.options;
-    const options = mode2 ? { mode: mode2 } : {};
+    const { mode } = this.options;
+    const options = mode ? { mode } : {};
     const inp = this.fsCreateReadStream(this.filename, {});
     const out = this.fsCreateWriteStream(filename, options);
     const zip = this.createGzip();
-    await new Promise((resolve4, reject) => {
+    await new Promise((resolve3, reject) => {
       inp.once("error", reject);
       out.once("error", reject);
       zip.once("error", reject);
-      out.once("finish", resolve4);
+      out.once("finish", resolve3);
       inp.pipe(zip).pipe(out);
     });
     await Promise.all([
-      new Promise((resolve4) => zip.close(resolve4)),
-      new Promise((resolve4) => out.close((err) => {
+      new Promise((resolve3) => zip.close(resolve3)),
+      new Promise((resolve3) => out.close((err) => {
         if (err)
           this.emit("warning", err);
-        resolve4();
+        resolve3();
       }))
     ]);
   }
@@ -11969,7 +11215,7 @@ var RotatingFileStream = class extends Writable {
       }
     }
     if (maxSize) {
-      while (res.reduce((size2, file) => size2 + file.size, 0) > maxSize) {
+      while (res.reduce((size, file) => size + file.size, 0) > maxSize) {
         const file = res.shift();
         await this.unlink(file.name);
         this.emit("removed", file.name, false);
@@ -11979,7 +11225,7 @@ var RotatingFileStream = class extends Writable {
     this.emit("history");
   }
   async immutate(first) {
-    const { size: size2 } = this.options;
+    const { size } = this.options;
     const now = this.now();
     for (let index = 1; index < 1e3; ++index) {
       let fileSize = 0;
@@ -11995,7 +11241,7 @@ var RotatingFileStream = class extends Writable {
         fileSize = stats.size;
         if (!stats.isFile())
           throw new Error(`Can't write on: '${this.filename}' (it is not a file)`);
-        if (size2 && fileSize >= size2)
+        if (size && fileSize >= size)
           continue;
       }
       if (first) {
@@ -12078,7 +11324,7 @@ function checkSize2(value2) {
   return ret.num;
 }
 var checks = {
-  encoding: (type, options, value2) => new TextDecoder2(value2),
+  encoding: (type, options, value2) => new TextDecoder(value2),
   immutable: () => {
   },
   initialRotation: () => {
@@ -12193,8 +11439,8 @@ function createStream(filename, options) {
 // src/core/log.ts
 var ownedStreams = /* @__PURE__ */ new WeakMap();
 function openRotatingLog(path6, rotateSize = "10M", keep = 3) {
-  mkdirSync(dirname4(path6), { recursive: true });
-  const stream = createStream(basename4(path6), { path: dirname4(path6), size: rotateSize, rotate: keep });
+  mkdirSync(dirname3(path6), { recursive: true });
+  const stream = createStream(basename3(path6), { path: dirname3(path6), size: rotateSize, rotate: keep });
   stream.on("error", (err) => process.stderr.write(`moonflash: log file ${path6}: ${err.message}
 `));
   stream.on("warning", (err) => process.stderr.write(`moonflash: log file ${path6}: ${err.message}
@@ -12228,3249 +11474,11 @@ function createLogger(opts) {
   return logger;
 }
 
-// src/ota/callback-report.ts
-var PostFailure = class extends Error {
-  constructor(message, retry) {
-    super(message);
-    this.retry = retry;
-  }
-  retry;
-};
-var CallbackReporter = class {
-  constructor(opts) {
-    this.opts = opts;
-    this.attempts = opts.attempts ?? 6;
-    this.backoffMs = opts.backoffMs ?? 500;
-    this.maxBackoffMs = opts.maxBackoffMs ?? 3e4;
-    this.timeoutMs = opts.timeoutMs ?? 5e3;
-    this.maxQueued = opts.maxQueued ?? 100;
-    const url2 = new URL(opts.url);
-    this.where = `${url2.protocol}//${url2.host}${url2.pathname}`;
-  }
-  opts;
-  queue = [];
-  sending = false;
-  seq = 0;
-  dropped = 0;
-  closed = false;
-  wake = null;
-  inFlight = null;
-  idle = [];
-  attempts;
-  backoffMs;
-  maxBackoffMs;
-  timeoutMs;
-  maxQueued;
-  /** Where the URL is said in logs: no credentials, no query. */
-  where;
-  /** The runner listener: OTA events only; returns at once. */
-  onJobEvent = (event) => {
-    if (event.kind !== "ota" || this.closed) return;
-    if (event.type === "log" && event.level !== "warn" && event.level !== "error") return;
-    const { jobId, target, ts, type, kind: _kind, ...fields } = event;
-    let status = null;
-    try {
-      status = this.opts.status();
-    } catch {
-      status = null;
-    }
-    const body = JSON.stringify({ source: "moonflash", seq: ++this.seq, ts, job_id: jobId, target, event: type, ...fields, status });
-    this.enqueue({ body, progress: type === "progress" });
-  };
-  /** Waits until every queued report is sent or given up, at most `timeoutMs`; a CLI run calls it before it exits. */
-  async flush(timeoutMs) {
-    if (!this.sending && this.queue.length === 0) return;
-    let timer;
-    await Promise.race([
-      new Promise((resolve4) => this.idle.push(resolve4)),
-      new Promise((resolve4) => {
-        timer = setTimeout(resolve4, timeoutMs);
-        timer.unref();
-      })
-    ]);
-    clearTimeout(timer);
-  }
-  /** Stops taking events, ends the retry wait and the POST in flight; what is still queued is dropped. */
-  close() {
-    this.closed = true;
-    this.queue.length = 0;
-    this.wake?.();
-    this.inFlight?.destroy(new PostFailure("the reporter was closed", false));
-  }
-  enqueue(report) {
-    const last = this.queue.at(-1);
-    if (report.progress && last?.progress && (this.queue.length > 1 || !this.sending)) {
-      this.queue[this.queue.length - 1] = report;
-    } else {
-      this.queue.push(report);
-    }
-    while (this.queue.length > this.maxQueued) {
-      const oldestProgress = this.queue.findIndex((r, i) => r.progress && (i > 0 || !this.sending));
-      this.queue.splice(oldestProgress >= 0 ? oldestProgress : this.sending ? 1 : 0, 1);
-      this.dropped += 1;
-    }
-    if (!this.sending) void this.drain();
-  }
-  async drain() {
-    this.sending = true;
-    try {
-      while (this.queue.length > 0 && !this.closed) {
-        await this.deliver(this.queue[0]);
-        this.queue.shift();
-      }
-    } finally {
-      this.sending = false;
-      for (const resolve4 of this.idle.splice(0)) resolve4();
-    }
-  }
-  async deliver(report) {
-    let wait = this.backoffMs;
-    for (let attempt = 1; ; attempt++) {
-      try {
-        await this.post(report.body);
-        if (this.dropped > 0) {
-          this.opts.logger.warn({ url: this.where, dropped: this.dropped }, `OTA reports: ${this.dropped} report(s) dropped while ${this.where} did not answer`);
-          this.dropped = 0;
-        }
-        return;
-      } catch (err) {
-        const failure = err instanceof PostFailure ? err : new PostFailure(String(err), true);
-        if (!failure.retry || attempt >= this.attempts || this.closed) {
-          this.opts.logger.warn({ url: this.where, attempts: attempt }, `OTA report not delivered to ${this.where}: ${failure.message}`);
-          return;
-        }
-        this.opts.logger.debug({ url: this.where, attempt }, `OTA report to ${this.where} failed (${failure.message}); retrying in ${wait} ms`);
-        await new Promise((resolve4) => {
-          const timer = setTimeout(resolve4, wait);
-          this.wake = () => {
-            clearTimeout(timer);
-            resolve4();
-          };
-        });
-        this.wake = null;
-        wait = Math.min(wait * 2, this.maxBackoffMs);
-      }
-    }
-  }
-  post(body) {
-    const url2 = new URL(this.opts.url);
-    const http = process.getBuiltinModule(url2.protocol === "https:" ? "node:https" : "node:http");
-    return new Promise((resolve4, reject) => {
-      const req = http.request(url2, {
-        method: "POST",
-        headers: {
-          "Content-Type": "application/json; charset=utf-8",
-          "Content-Length": Buffer.byteLength(body),
-          ...this.opts.userAgent ? { "User-Agent": this.opts.userAgent } : {}
-        },
-        timeout: this.timeoutMs
-      });
-      this.inFlight = req;
-      req.on("close", () => {
-        if (this.inFlight === req) this.inFlight = null;
-      });
-      req.on("timeout", () => req.destroy(new PostFailure(`no answer within ${this.timeoutMs} ms`, true)));
-      req.on("error", (err) => reject(err instanceof PostFailure ? err : new PostFailure(err.code ?? err.message, true)));
-      req.on("response", (res) => {
-        res.resume();
-        const status = res.statusCode ?? 0;
-        if (status >= 200 && status < 300) resolve4();
-        else reject(new PostFailure(`HTTP ${status}`, status >= 500 || status === 408 || status === 429));
-      });
-      req.end(body);
-    });
-  }
-};
-
-// src/ota/engine.ts
-import { access as access8, mkdir as mkdir7, readdir as readdir7, readFile as readFile15, rm as rm8, stat as stat13 } from "node:fs/promises";
-import { constants as constants4 } from "node:fs";
-import { dirname as dirname9, join as join15 } from "node:path";
-
-// src/ota/deploy.ts
-import { constants as constants2 } from "node:fs";
-import { access as access6, chown, lstat, mkdir as mkdir4, open as open4, readdir as readdir3, readFile as readFile11, rename as rename4, rm as rm4, rmdir, stat as stat10, statfs } from "node:fs/promises";
-import { basename as basename5, dirname as dirname5, join as join11 } from "node:path";
-
-// src/core/gc-pacer.ts
-var KiB2 = 1024;
-var MiB = 1024 * KiB2;
-var GarbagePacer = class {
-  constructor(everyBytes = 512 * KiB2, collect = globalThis.gc, majorEveryBytes = 16 * MiB) {
-    this.everyBytes = everyBytes;
-    this.collect = collect;
-    this.majorEveryBytes = majorEveryBytes;
-  }
-  everyBytes;
-  collect;
-  majorEveryBytes;
-  pending = 0;
-  sinceMajor = 0;
-  /** Counts `bytes` more streamed; collects once every `everyBytes`, a major collection every `majorEveryBytes`. */
-  add(bytes) {
-    if (!this.collect) return;
-    this.pending += bytes;
-    this.sinceMajor += bytes;
-    if (this.pending < this.everyBytes) return;
-    this.pending = 0;
-    if (this.sinceMajor >= this.majorEveryBytes) {
-      this.sinceMajor = 0;
-      this.collect({ type: "major" });
-      return;
-    }
-    this.collect({ type: "minor" });
-  }
-};
-
-// src/ota/deploy.ts
-var MiB2 = 1024 * 1024;
-var FREE_SPACE_MARGIN_BYTES = 16 * MiB2;
-var COPY_BUFFER_BYTES = 256 * 1024;
-var copiedGarbage = new GarbagePacer();
-async function copyFileDurable(src, dest, mode2) {
-  const input = await open4(src, "r");
-  try {
-    const output = await open4(dest, constants2.O_WRONLY | constants2.O_CREAT | constants2.O_EXCL | constants2.O_NOFOLLOW, mode2);
-    try {
-      const buffer = Buffer.allocUnsafe(Math.min(COPY_BUFFER_BYTES, Math.max((await input.stat()).size, 1)));
-      for (; ; ) {
-        const { bytesRead } = await input.read(buffer, 0, buffer.length, null);
-        if (bytesRead === 0) break;
-        for (let offset = 0; offset < bytesRead; ) {
-          const { bytesWritten } = await output.write(buffer, offset, bytesRead - offset);
-          offset += bytesWritten;
-        }
-        copiedGarbage.add(bytesRead);
-      }
-      await output.chmod(mode2);
-      await output.sync();
-    } finally {
-      await output.close();
-    }
-  } finally {
-    await input.close();
-  }
-}
-var REAL_IO = { copyFile: (src, dest, mode2) => copyFileDurable(src, dest, mode2) };
-function fileError(err, what, path6) {
-  if (isMoonflashError(err)) return err;
-  const errno = err?.code;
-  if (errno === "ENOSPC" || errno === "EDQUOT") {
-    return new MoonflashError("DISK_FULL", `No room on the disk to ${what} (${path6}); free some space and try again.`, { path: path6, errno }, { cause: err });
-  }
-  if (errno === "EACCES" || errno === "EPERM" || errno === "EROFS") {
-    return new MoonflashError("PERMISSION_DENIED", `moonflash may not ${what} (${path6}): ${errno}; fix the owner or mode.`, { path: path6, errno }, { cause: err });
-  }
-  const error = toMoonflashError(err);
-  return new MoonflashError(error.code, `Could not ${what} (${path6}): ${error.message}`, { ...error.details, path: path6 }, { cause: err });
-}
-var int2 = int().check(_nonnegative());
-var backupManifestSchema = object({
-  format: literal(1),
-  updateId: string(),
-  name: string(),
-  version: string(),
-  createdAt: string(),
-  files: array(
-    object({
-      dst: string(),
-      module: string(),
-      target: string(),
-      existed: boolean(),
-      backup: nullable(string()),
-      size: int2,
-      mode: int2,
-      uid: int2,
-      gid: int2
-    })
-  ),
-  createdDirs: array(string()),
-  firmware: array(object({ module: string(), mcu: string(), image: nullable(string()), sha256: nullable(string()) })),
-  services: array(string())
-});
-var BACKUP_MANIFEST = "manifest.json";
-var OUTCOME_FILE = "outcome.json";
-async function readBackupManifest(dir) {
-  let text;
-  try {
-    text = await readFile11(join11(dir, BACKUP_MANIFEST), "utf8");
-  } catch (err) {
-    if (err.code === "ENOENT") return null;
-    throw fileError(err, "read the backup manifest", join11(dir, BACKUP_MANIFEST));
-  }
-  try {
-    return backupManifestSchema.parse(JSON.parse(text));
-  } catch (err) {
-    throw new MoonflashError(
-      "INTERNAL",
-      `The backup manifest ${join11(dir, BACKUP_MANIFEST)} is damaged, so the files it lists cannot be restored automatically; the copies are in ${dir}.`,
-      { path: join11(dir, BACKUP_MANIFEST) },
-      { cause: err }
-    );
-  }
-}
-async function readOutcome(dir) {
-  return (await readOutcomeRecord(dir))?.outcome ?? null;
-}
-async function readOutcomeRecord(dir) {
-  try {
-    const data = JSON.parse(await readFile11(join11(dir, OUTCOME_FILE), "utf8"));
-    if (data.outcome !== "committed" && data.outcome !== "rolled_back") return null;
-    return { outcome: data.outcome, at: typeof data.at === "string" ? data.at : "" };
-  } catch {
-    return null;
-  }
-}
-async function writeOutcome(dir, outcome, at) {
-  await writeFileDurable(join11(dir, OUTCOME_FILE), `${JSON.stringify({ outcome, at: at.toISOString() })}
-`);
-}
-async function listBackups(root) {
-  let names;
-  try {
-    names = (await readdir3(root)).filter((n) => /^[A-Za-z0-9._-]+$/.test(n) && !n.startsWith(".")).sort();
-  } catch (err) {
-    if (err.code === "ENOENT") return [];
-    throw fileError(err, "list the OTA backups", root);
-  }
-  const backups = [];
-  for (const updateId of names) {
-    const dir = join11(root, updateId);
-    let manifest = null;
-    try {
-      manifest = await readBackupManifest(dir);
-    } catch {
-      manifest = null;
-    }
-    const outcome = await readOutcomeRecord(dir);
-    backups.push({ updateId, dir, manifest, outcome: outcome?.outcome ?? null, outcomeAt: outcome?.at ?? "" });
-  }
-  const key = (b) => b.outcomeAt || "~";
-  return backups.sort((a, b) => key(a).localeCompare(key(b)) || a.updateId.localeCompare(b.updateId));
-}
-async function checkReadable(targets) {
-  for (const t of targets) {
-    if (!t.exists) continue;
-    try {
-      await access6(t.target, constants2.R_OK);
-    } catch (err) {
-      throw new MoonflashError(
-        "PERMISSION_DENIED",
-        `moonflash (uid ${process.getuid?.() ?? "?"}) may not read ${t.target} (${t.file.dst}) to back it up: fix its owner or mode. Nothing was changed.`,
-        { dst: t.file.dst, path: t.target },
-        { cause: err }
-      );
-    }
-  }
-}
-async function existingAncestor(path6) {
-  for (let dir = path6; ; dir = dirname5(dir)) {
-    try {
-      if ((await stat10(dir)).isDirectory()) return dir;
-    } catch {
-    }
-    if (dir === dirname5(dir)) return dir;
-  }
-}
-async function checkFreeSpace(needs, marginBytes, statfsFn = statfs) {
-  const byDevice = /* @__PURE__ */ new Map();
-  for (const need of needs) {
-    if (need.bytes <= 0) continue;
-    const dir = await existingAncestor(need.path);
-    const dev = (await stat10(dir)).dev;
-    const entry = byDevice.get(dev) ?? { path: dir, bytes: 0, what: [] };
-    entry.bytes += need.bytes;
-    if (!entry.what.includes(need.what)) entry.what.push(need.what);
-    byDevice.set(dev, entry);
-  }
-  for (const { path: path6, bytes, what } of byDevice.values()) {
-    const fs = await statfsFn(path6);
-    const free = fs.bavail * fs.bsize;
-    if (free < bytes + marginBytes) {
-      const mib = (n) => `${(n / MiB2).toFixed(1)} MiB`;
-      throw new MoonflashError(
-        "DISK_FULL",
-        `Not enough room on the filesystem of ${path6}: the update needs ${mib(bytes)} for ${what.join(" and ")} plus ${mib(marginBytes)} to spare, but ${mib(free)} are free. Free some space and install again; nothing was changed.`,
-        { path: path6, neededBytes: bytes, marginBytes, freeBytes: free }
-      );
-    }
-  }
-}
-async function missingDirs(targets) {
-  const missing = /* @__PURE__ */ new Set();
-  for (const t of targets) {
-    const chain = [];
-    for (let dir = dirname5(t.target); dir !== t.root && dir !== dirname5(dir); dir = dirname5(dir)) chain.push(dir);
-    for (const dir of chain) {
-      try {
-        await lstat(dir);
-      } catch {
-        missing.add(dir);
-      }
-    }
-  }
-  const depth = (dir) => dir.split("/").length;
-  return [...missing].sort((a, b) => depth(a) - depth(b) || a.localeCompare(b));
-}
-async function backupTargets(targets, dir, io, onFile) {
-  const filesDir = join11(dir, "files");
-  await mkdir4(filesDir, { recursive: true }).catch((err) => {
-    throw fileError(err, "create the backup directory", filesDir);
-  });
-  const entries = [];
-  let copied = 0;
-  for (const [i, t] of targets.entries()) {
-    let entry = {
-      dst: t.file.dst,
-      module: t.module.id,
-      target: t.target,
-      existed: false,
-      backup: null,
-      size: 0,
-      mode: 0,
-      uid: 0,
-      gid: 0
-    };
-    if (t.exists) {
-      const info = await stat10(t.target).catch((err) => {
-        throw fileError(err, "look at a file to back up", t.target);
-      });
-      const name = `files/${String(i + 1).padStart(4, "0")}`;
-      const dest = join11(dir, name);
-      await rm4(dest, { force: true });
-      try {
-        await io.copyFile(t.target, dest, 384, "backup");
-      } catch (err) {
-        throw fileError(err, "back up a file", t.target);
-      }
-      entry = { ...entry, existed: true, backup: name, size: info.size, mode: info.mode & 4095, uid: info.uid, gid: info.gid };
-      copied++;
-    }
-    entries.push(entry);
-    if (t.exists) onFile(entry, copied);
-  }
-  await fsyncDir(filesDir);
-  await fsyncDir(dir);
-  return entries;
-}
-async function writeBackupManifest(dir, manifest) {
-  await writeFileDurable(join11(dir, BACKUP_MANIFEST), `${JSON.stringify(manifest, null, 2)}
-`);
-}
-function tempPathFor(target, updateId) {
-  return join11(dirname5(target), `.${basename5(target)}.${updateId}.tmp`);
-}
-async function replaceFile(src, target, opts) {
-  const dir = dirname5(target);
-  const tmp = tempPathFor(target, opts.updateId);
-  const what = opts.purpose === "restore" ? "restore a file" : "write a file";
-  try {
-    await mkdir4(dir, { recursive: true });
-    await rm4(tmp, { force: true });
-    await opts.io.copyFile(src, tmp, opts.mode, opts.purpose);
-    if (opts.owner && process.getuid?.() === 0) await chown(tmp, opts.owner.uid, opts.owner.gid);
-  } catch (err) {
-    await rm4(tmp, { force: true }).catch(() => void 0);
-    throw fileError(err, what, target);
-  }
-  opts.hooks?.afterTemp?.();
-  try {
-    await rename4(tmp, target);
-    await fsyncDir(dir);
-  } catch (err) {
-    await rm4(tmp, { force: true }).catch(() => void 0);
-    throw fileError(err, what, target);
-  }
-  opts.hooks?.afterRename?.();
-}
-async function removeFile(target) {
-  try {
-    await rm4(target, { force: true });
-    await fsyncDir(dirname5(target)).catch((err) => {
-      if (err.code !== "ENOENT") throw err;
-    });
-  } catch (err) {
-    throw fileError(err, "remove a file the update added", target);
-  }
-}
-async function restoreBackup(dir, manifest, io, onFile) {
-  let restored = 0;
-  let removed = 0;
-  for (const [i, entry] of manifest.files.entries()) {
-    if (entry.existed && entry.backup !== null) {
-      await replaceFile(join11(dir, entry.backup), entry.target, {
-        mode: entry.mode,
-        owner: { uid: entry.uid, gid: entry.gid },
-        updateId: manifest.updateId,
-        io,
-        purpose: "restore"
-      });
-      restored++;
-    } else {
-      await removeFile(tempPathFor(entry.target, manifest.updateId));
-      await removeFile(entry.target);
-      removed++;
-    }
-    onFile(entry, i + 1);
-  }
-  for (const created of [...manifest.createdDirs].reverse()) {
-    try {
-      await rmdir(created);
-      await fsyncDir(dirname5(created));
-    } catch (err) {
-      const errno = err.code;
-      if (errno !== "ENOENT" && errno !== "ENOTEMPTY" && errno !== "EEXIST") throw fileError(err, "remove a directory the update created", created);
-    }
-  }
-  return { restored, removed };
-}
-async function ownerOf(path6) {
-  try {
-    const info = await stat10(path6);
-    return { uid: info.uid, gid: info.gid };
-  } catch {
-    return null;
-  }
-}
-
-// src/ota/download.ts
-import { mkdir as mkdir5, open as open5, readdir as readdir4, readFile as readFile12, rename as rename5, rm as rm5, stat as stat11, statfs as statfs2 } from "node:fs/promises";
-import { basename as basename6, dirname as dirname6, join as join12 } from "node:path";
-import { Writable as Writable2 } from "node:stream";
-import { setTimeout as sleepFor } from "node:timers/promises";
-
-// src/ota/http-range.ts
-var MAX_DIGITS = 15;
-var RANGE_RESP = new RegExp(`^bytes (\\d{1,${MAX_DIGITS}})-(\\d{1,${MAX_DIGITS}})/(\\d{1,${MAX_DIGITS}}|\\*)$`, "i");
-var UNSATISFIED = new RegExp(`^bytes \\*/(\\d{1,${MAX_DIGITS}})$`, "i");
-function parseContentRange(value2) {
-  if (value2 === void 0) return null;
-  const text = value2.trim();
-  const unsatisfied = UNSATISFIED.exec(text);
-  if (unsatisfied) return { kind: "unsatisfied", total: Number(unsatisfied[1]) };
-  const match = RANGE_RESP.exec(text);
-  if (!match) return null;
-  const start = Number(match[1]);
-  const end = Number(match[2]);
-  const total = match[3] === "*" ? null : Number(match[3]);
-  if (end < start) return null;
-  if (total !== null && end >= total) return null;
-  return { kind: "range", start, end, total };
-}
-function checkPartialResponse(point, contentRange, contentLength) {
-  if (contentRange === void 0) return { ok: false, reason: "206 without Content-Range" };
-  const range = parseContentRange(contentRange);
-  if (range === null) return { ok: false, reason: `malformed Content-Range "${contentRange}"` };
-  if (range.kind === "unsatisfied") return { ok: false, reason: `206 with an unsatisfied Content-Range "${contentRange}"` };
-  if (range.start !== point.offset) return { ok: false, reason: `Content-Range starts at ${range.start}, we asked for ${point.offset}` };
-  const total = range.total ?? point.total;
-  if (total === null) return { ok: false, reason: `Content-Range "${contentRange}" gives no total and none is known` };
-  if (point.total !== null && total !== point.total) return { ok: false, reason: `the file's size changed from ${point.total} to ${total}` };
-  if (range.end !== total - 1) return { ok: false, reason: `Content-Range ends at ${range.end}, not at the last byte ${total - 1}` };
-  if (contentLength !== void 0) {
-    const length = parseContentLength(contentLength);
-    if (length !== range.end - range.start + 1) return { ok: false, reason: `Content-Length ${contentLength} does not match Content-Range "${contentRange}"` };
-  }
-  return { ok: true, total };
-}
-function parseContentLength(value2) {
-  if (value2 === void 0) return null;
-  const text = value2.trim();
-  return new RegExp(`^\\d{1,${MAX_DIGITS}}$`).test(text) ? Number(text) : null;
-}
-function ifRangeValue(validators) {
-  if (validators.etag !== null) return validators.etag.startsWith("W/") ? null : validators.etag;
-  return validators.lastModified;
-}
-function validatorsChanged(held, answer) {
-  if (held.etag !== null && answer.etag !== null) return held.etag !== answer.etag;
-  if (held.etag === null && held.lastModified !== null && answer.lastModified !== null) return held.lastModified !== answer.lastModified;
-  return false;
-}
-function retryAfterMs(value2, now = Date.now()) {
-  if (value2 === void 0) return null;
-  const text = value2.trim();
-  if (/^\d{1,9}$/.test(text)) return Number(text) * 1e3;
-  const date = Date.parse(text);
-  return Number.isNaN(date) ? null : Math.max(0, date - now);
-}
-
-// src/ota/download.ts
-var MiB3 = 1024 * 1024;
-var DOWNLOAD_DEFAULTS = {
-  /** Failed attempts in a row (none bringing new bytes) before giving up. */
-  retries: 5,
-  backoffMs: 1e3,
-  backoffMaxMs: 3e4,
-  /** No byte (or no answer) for this long aborts the request; the next attempt resumes. */
-  stallTimeoutMs: 3e4,
-  /**
-   * fsync the part file and record it in the sidecar after this many new bytes \u2026 (on a fast link, an fsync every
-   * 8 MiB held the stream back by a third; on a slow one the 5 s below comes first)
-   */
-  checkpointBytes: 64 * MiB3,
-  /** \u2026 or after this long, whichever comes first. */
-  checkpointMs: 5e3,
-  /** Free space kept on the disk beyond the download itself, so logs and state files can still be written. */
-  freeSpaceMarginBytes: 16 * MiB3,
-  /** Without an expected size, a larger download is refused. */
-  maxBytes: 4 * 1024 * MiB3,
-  /** At most one progress call per interval (the first and the last always come). */
-  progressIntervalMs: 200
-};
-var MAX_REDIRECTS = 5;
-var MAX_RANGE_REJECTIONS = 2;
-var SINK_BUFFER_BYTES = 256 * 1024;
-var SINK_QUEUE_BYTES = 128 * 1024;
-var SINK_GC_MINOR_BYTES = 512 * 1024;
-var SINK_GC_MAJOR_BYTES = 64 * MiB3;
-var READ_BACK_BYTES = MiB3;
-var HEX32 = /^[0-9a-f]{32}$/i;
-var HEX64 = /^[0-9a-f]{64}$/i;
-async function downloadPackage(opts) {
-  const settings = normalizeOptions(opts);
-  if (settings.signal?.aborted) throw cancelled(settings, 0);
-  try {
-    await mkdir5(dirname6(settings.dest), { recursive: true });
-  } catch (err) {
-    throw fsError(err, `Cannot create the directory of ${settings.dest}`);
-  }
-  const existing = await alreadyDownloaded(settings);
-  if (existing) return existing;
-  const part = await PartFile.open(settings);
-  try {
-    return await new DownloadRun(settings, part).run();
-  } finally {
-    await part.close();
-  }
-}
-function normalizeOptions(opts) {
-  let url2;
-  try {
-    url2 = new URL(opts.url);
-  } catch {
-    throw new MoonflashError("INVALID_PARAMS", `The package URL "${opts.url}" is not a valid URL; give an http:// or https:// URL.`, { url: opts.url });
-  }
-  if (url2.protocol !== "http:" && url2.protocol !== "https:") {
-    throw new MoonflashError("INVALID_PARAMS", `The package URL must use http:// or https://, not ${url2.protocol}//.`, { url: opts.url });
-  }
-  if (typeof opts.dest !== "string" || opts.dest === "") throw new MoonflashError("INVALID_PARAMS", "The download needs a destination path (dest).", {});
-  if (typeof opts.md5 !== "string" || !HEX32.test(opts.md5)) {
-    throw new MoonflashError("INVALID_PARAMS", `The package MD5 must be 32 hex digits, got "${String(opts.md5)}".`, { md5: opts.md5 });
-  }
-  if (opts.sha256 !== void 0 && (typeof opts.sha256 !== "string" || !HEX64.test(opts.sha256))) {
-    throw new MoonflashError("INVALID_PARAMS", `The package SHA-256 must be 64 hex digits, got "${String(opts.sha256)}".`, { sha256: opts.sha256 });
-  }
-  const count = (name, value2, fallback, min) => {
-    if (value2 === void 0) return fallback;
-    if (typeof value2 !== "number" || !Number.isSafeInteger(value2) || value2 < min) {
-      throw new MoonflashError("INVALID_PARAMS", `Download option ${name} must be a whole number of at least ${min}, got ${String(value2)}.`, { [name]: value2 });
-    }
-    return value2;
-  };
-  const d = DOWNLOAD_DEFAULTS;
-  return {
-    url: url2,
-    dest: opts.dest,
-    md5: opts.md5.toLowerCase(),
-    sha256: opts.sha256?.toLowerCase() ?? null,
-    size: opts.size === void 0 ? null : count("size", opts.size, 0, 0),
-    maxBytes: count("maxBytes", opts.maxBytes, d.maxBytes, 1),
-    signal: opts.signal,
-    onProgress: opts.onProgress,
-    retries: count("retries", opts.retries, d.retries, 0),
-    backoffMs: count("backoffMs", opts.backoffMs, d.backoffMs, 0),
-    backoffMaxMs: count("backoffMaxMs", opts.backoffMaxMs, d.backoffMaxMs, 0),
-    stallTimeoutMs: count("stallTimeoutMs", opts.stallTimeoutMs, d.stallTimeoutMs, 1),
-    checkpointBytes: count("checkpointBytes", opts.checkpointBytes, d.checkpointBytes, 1),
-    checkpointMs: count("checkpointMs", opts.checkpointMs, d.checkpointMs, 1),
-    freeSpaceMarginBytes: count("freeSpaceMarginBytes", opts.freeSpaceMarginBytes, d.freeSpaceMarginBytes, 0),
-    progressIntervalMs: count("progressIntervalMs", opts.progressIntervalMs, d.progressIntervalMs, 0),
-    logger: opts.logger
-  };
-}
-var partFate = /* @__PURE__ */ new WeakMap();
-function withFate(error, fate) {
-  partFate.set(error, fate);
-  return error;
-}
-function cancelled(s, kept) {
-  const message = kept > 0 ? `The download of ${s.url.href} was cancelled; the ${kept} bytes received are kept and the next download resumes from there.` : `The download of ${s.url.href} was cancelled before any byte was received.`;
-  return new MoonflashError("CANCELLED", message, { url: s.url.href, bytesKept: kept });
-}
-function fsError(err, what) {
-  if (err?.code === "ENOSPC") return toMoonflashError(err);
-  const reason = err instanceof Error ? err.message : String(err);
-  return new MoonflashError("DOWNLOAD_FAILED", `${what}: ${reason}. Check the directory's permissions and the disk.`, {}, { cause: err });
-}
-function describeError(err) {
-  const code = err?.code;
-  const message = err instanceof Error ? err.message : String(err);
-  return code && !message.includes(code) ? `${code}: ${message}` : message;
-}
-var sidecarSchema2 = object({
-  format: literal(1),
-  url: string(),
-  md5: string(),
-  etag: nullable(string()),
-  last_modified: nullable(string()),
-  total: nullable(number()),
-  committed: number()
-});
-var PartFile = class _PartFile {
-  constructor(s, handle, path6, sidecarPath) {
-    this.s = s;
-    this.handle = handle;
-    this.path = path6;
-    this.sidecarPath = sidecarPath;
-    this.total = s.size;
-    [this.md5, this.sha256] = newHashes();
-  }
-  s;
-  handle;
-  path;
-  sidecarPath;
-  /** Bytes written to the part file (and fed to the hashes). */
-  position = 0;
-  /** Bytes fsynced and recorded in the sidecar: never more than are durably in the part file. */
-  committed = 0;
-  validators = { etag: null, lastModified: null };
-  /** Size of the whole file once an answer (or the caller) told it. */
-  total;
-  md5;
-  sha256;
-  lastCheckpointAt = Date.now();
-  /** A checkpoint running beside the stream, and the error of the last one, surfaced at the next write. */
-  checkpointing = null;
-  checkpointError = null;
-  closed = false;
-  /** Opens the part left by an earlier call when its sidecar matches this download, else starts an empty one. */
-  static async open(s) {
-    const path6 = `${s.dest}.part`;
-    const sidecarPath = `${path6}.json`;
-    await sweepSidecarTemps(sidecarPath);
-    const saved = await readSidecar(sidecarPath, s.logger);
-    const onDisk = await stat11(path6).then((st) => st.size, () => null);
-    const usable = saved !== null && onDisk !== null && saved.url === s.url.href && saved.md5 === s.md5 && saved.committed > 0 && onDisk >= saved.committed && (saved.total === null || saved.committed <= saved.total && (s.size === null || saved.total === s.size));
-    if (!usable) {
-      if (saved !== null || (onDisk ?? 0) > 0) s.logger?.info({ part: path6 }, "download: starting over (no usable partial download)");
-      try {
-        if (saved !== null) await removeDurable(sidecarPath);
-        return new _PartFile(s, await open5(path6, "w"), path6, sidecarPath);
-      } catch (err) {
-        throw fsError(err, `Cannot write ${path6}`);
-      }
-    }
-    let handle;
-    try {
-      handle = await open5(path6, "r+");
-      if (onDisk > saved.committed) await handle.truncate(saved.committed);
-    } catch (err) {
-      throw fsError(err, `Cannot open ${path6}`);
-    }
-    const part = new _PartFile(s, handle, path6, sidecarPath);
-    part.validators = { etag: saved.etag, lastModified: saved.last_modified };
-    part.total = saved.total ?? s.size;
-    try {
-      await readThroughHashes(handle, saved.committed, [part.md5, part.sha256], s, () => cancelled(s, saved.committed));
-    } catch (err) {
-      await part.close();
-      throw isMoonflashError(err) ? err : fsError(err, `Cannot read ${path6}`);
-    }
-    part.position = part.committed = saved.committed;
-    s.logger?.info({ part: path6, bytes: saved.committed, total: part.total }, "download: resuming a partial download");
-    return part;
-  }
-  /** Writes the buffer at the current position; hashes follow the file byte for byte. */
-  async append(buffer) {
-    this.md5.update(buffer);
-    this.sha256.update(buffer);
-    for (let at = 0; at < buffer.length; ) {
-      const { bytesWritten } = await this.handle.write(buffer, at, buffer.length - at, this.position + at);
-      if (bytesWritten === 0) throw Object.assign(new Error(`no progress writing ${this.path}`), { code: "EIO" });
-      at += bytesWritten;
-    }
-    this.position += buffer.length;
-  }
-  /**
-   * Starts a checkpoint in the background when enough bytes or time have passed: the stream goes on while the disk
-   * syncs (an fsync on an SD card can take a while). Throws the error of an earlier background checkpoint.
-   */
-  checkpointWhenDue() {
-    if (this.checkpointError !== null) {
-      const error = this.checkpointError;
-      this.checkpointError = null;
-      throw error;
-    }
-    this.startCheckpointWhenDue();
-  }
-  startCheckpointWhenDue() {
-    if (this.checkpointing !== null || this.closed || this.checkpointError !== null || this.position === this.committed) return;
-    if (this.position - this.committed < this.s.checkpointBytes && Date.now() - this.lastCheckpointAt < this.s.checkpointMs) return;
-    this.checkpointing = this.commit(this.position).catch((err) => {
-      this.checkpointError = err;
-    }).finally(() => {
-      this.checkpointing = null;
-      this.startCheckpointWhenDue();
-    });
-  }
-  /** Checkpoints now (before a wait, on cancel, on giving up), after any background one. */
-  async checkpoint() {
-    await this.settleCheckpoint();
-    if (this.position !== this.committed) await this.commit(this.position);
-  }
-  /** Empties the part for a new representation (a 200 answer, a changed file, a rejected range). */
-  async restart(validators, total) {
-    await this.settleCheckpoint();
-    this.validators = validators;
-    this.total = total;
-    await this.writeSidecar(0);
-    if (this.position > 0) await this.handle.truncate(0);
-    this.position = this.committed = 0;
-    [this.md5, this.sha256] = newHashes();
-  }
-  async sizeOnDisk() {
-    return (await this.handle.stat()).size;
-  }
-  /** fsync, rename to the destination, fsync the directory, then drop the sidecar: the durable-replace sequence. */
-  async moveTo(dest) {
-    await this.settleCheckpoint();
-    await this.handle.sync();
-    await this.close();
-    await rename5(this.path, dest);
-    await fsyncDir(dirname6(dest));
-    await removeDurable(this.sidecarPath);
-  }
-  /** Removes the part and its sidecar (corrupt, oversize or a full disk: nothing worth resuming). */
-  async discard() {
-    await this.close();
-    await rm5(this.path, { force: true });
-    await removeDurable(this.sidecarPath);
-  }
-  async close() {
-    if (this.closed) return;
-    this.closed = true;
-    while (this.checkpointing !== null) await this.checkpointing;
-    await this.handle.close();
-  }
-  /**
-   * fsync first, then record: the sidecar never claims bytes that are not durably in the part file. `upTo` bytes
-   * were all written before the fsync started, so it covers them whatever is written meanwhile.
-   */
-  async commit(upTo) {
-    this.lastCheckpointAt = Date.now();
-    await this.handle.datasync();
-    await this.writeSidecar(upTo);
-    this.committed = upTo;
-  }
-  async settleCheckpoint() {
-    while (this.checkpointing !== null) await this.checkpointing;
-    if (this.checkpointError !== null) {
-      const error = this.checkpointError;
-      this.checkpointError = null;
-      throw error;
-    }
-  }
-  async writeSidecar(committed) {
-    const sidecar = {
-      format: 1,
-      url: this.s.url.href,
-      md5: this.s.md5,
-      etag: this.validators.etag,
-      last_modified: this.validators.lastModified,
-      total: this.total,
-      committed
-    };
-    await writeFileDurable(this.sidecarPath, `${JSON.stringify(sidecar)}
-`);
-  }
-};
-async function readSidecar(path6, logger) {
-  let text;
-  try {
-    text = await readFile12(path6, "utf8");
-  } catch {
-    return null;
-  }
-  try {
-    const parsed = sidecarSchema2.safeParse(JSON.parse(text));
-    if (parsed.success) return parsed.data;
-  } catch {
-  }
-  logger?.warn({ sidecar: path6 }, "download: ignoring an unreadable sidecar");
-  return null;
-}
-async function sweepSidecarTemps(sidecarPath) {
-  const prefix = `.${basename6(sidecarPath)}.`;
-  const names = await readdir4(dirname6(sidecarPath)).catch(() => []);
-  for (const name of names) {
-    if (!name.startsWith(prefix) || !name.endsWith(".tmp")) continue;
-    const pid = Number(name.slice(prefix.length).split(".")[0]);
-    if (Number.isSafeInteger(pid) && pid > 0 && processAlive(pid)) continue;
-    await rm5(join12(dirname6(sidecarPath), name), { force: true });
-  }
-}
-function processAlive(pid) {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return err.code === "EPERM";
-  }
-}
-function newHashes() {
-  const { createHash } = process.getBuiltinModule("node:crypto");
-  return [createHash("md5"), createHash("sha256")];
-}
-async function readThroughHashes(handle, length, hashes, s, onCancel) {
-  const buffer = Buffer.allocUnsafe(Math.min(READ_BACK_BYTES, Math.max(length, 1)));
-  let at = 0;
-  while (at < length) {
-    if (s.signal?.aborted) throw onCancel();
-    const { bytesRead } = await handle.read(buffer, 0, Math.min(buffer.length, length - at), at);
-    if (bytesRead === 0) throw Object.assign(new Error(`unexpected end of file at byte ${at}`), { code: "EIO" });
-    const view = buffer.subarray(0, bytesRead);
-    for (const hash of hashes) hash.update(view);
-    at += bytesRead;
-  }
-}
-async function alreadyDownloaded(s) {
-  let handle;
-  try {
-    handle = await open5(s.dest, "r");
-  } catch {
-    return null;
-  }
-  try {
-    const { size: size2 } = await handle.stat();
-    if (s.size !== null && size2 !== s.size) return null;
-    const [md5, sha2563] = newHashes();
-    await readThroughHashes(handle, size2, [md5, sha2563], s, () => cancelled(s, 0));
-    const result = { md5: md5.digest("hex"), sha256: sha2563.digest("hex") };
-    if (result.md5 !== s.md5 || s.sha256 !== null && result.sha256 !== s.sha256) return null;
-    s.logger?.info({ path: s.dest }, "download: the destination already holds the package");
-    await rm5(`${s.dest}.part`, { force: true });
-    await removeDurable(`${s.dest}.part.json`);
-    return { path: s.dest, size: size2, ...result, resumedFrom: size2, bytesDownloaded: 0, attempts: 0 };
-  } finally {
-    await handle.close();
-  }
-}
-var DownloadRun = class {
-  constructor(s, part) {
-    this.s = s;
-    this.part = part;
-    this.progress = new ProgressMeter(s.onProgress, s.progressIntervalMs);
-  }
-  s;
-  part;
-  attempts = 0;
-  bytesDownloaded = 0;
-  freeSpaceChecked = false;
-  progress;
-  async run() {
-    const { s, part } = this;
-    const resumedFrom = part.position;
-    try {
-      this.progress.report(part.position, part.total, 0, true);
-      await this.ensureFreeSpace();
-      let failuresInRow = 0;
-      let highWater = part.position;
-      let waitMs = s.backoffMs;
-      let useRange = true;
-      let rangeRejections = 0;
-      while (!(part.position > 0 && part.position === part.total)) {
-        if (s.signal?.aborted) throw withFate(cancelled(s, part.position), "keep");
-        this.attempts++;
-        const outcome = await this.attempt(useRange);
-        if (outcome.kind === "complete") break;
-        if (outcome.rangeRejected && ++rangeRejections >= MAX_RANGE_REJECTIONS) useRange = false;
-        const progressed = part.position > highWater;
-        if (progressed) {
-          highWater = part.position;
-          failuresInRow = 0;
-          waitMs = s.backoffMs;
-        } else {
-          failuresInRow++;
-        }
-        if (failuresInRow > s.retries) throw withFate(this.gaveUp(outcome), "keep");
-        await part.checkpoint();
-        const wait = progressed || outcome.immediate ? 0 : Math.min(Math.max(waitMs, outcome.waitMs ?? 0), s.backoffMaxMs);
-        if (!progressed && !outcome.immediate) waitMs = Math.min(waitMs * 2, s.backoffMaxMs);
-        s.logger?.info({ url: s.url.href, attempt: this.attempts, bytes: part.position, total: part.total, reason: outcome.reason, waitMs: wait }, "download: retrying");
-        if (wait > 0) await this.sleep(wait);
-      }
-      return await this.finish(resumedFrom);
-    } catch (err) {
-      const error = toMoonflashError(err, "DOWNLOAD_FAILED");
-      await this.settlePart(error);
-      throw error;
-    }
-  }
-  /** Leaves the part as the error asks: removed, checkpointed for a resume, or as the sidecar last described it. */
-  async settlePart(error) {
-    const fate = partFate.get(error) ?? (error.code === "DISK_FULL" ? "discard" : void 0);
-    try {
-      if (fate === "discard" || fate === "keep" && this.part.position === 0) await this.part.discard();
-      else if (fate === "keep") await this.part.checkpoint();
-    } catch (cleanupError) {
-      this.s.logger?.warn({ err: cleanupError, part: this.part.path }, "download: could not clean up the partial download");
-    }
-  }
-  gaveUp(last) {
-    const { s, part } = this;
-    const lastText = last.status !== null ? `HTTP ${last.status}` : last.reason;
-    const kept = part.position > 0 ? ` The ${part.position} bytes received are kept; the next try resumes from there.` : "";
-    return new MoonflashError(
-      "DOWNLOAD_FAILED",
-      `Could not download ${s.url.href} after ${this.attempts} attempts (last: ${lastText}). Check the network and the server, then try again.${kept}`,
-      { url: s.url.href, attempts: this.attempts, lastStatus: last.status, lastError: last.reason, bytesKept: part.position, total: part.total }
-    );
-  }
-  async finish(resumedFrom) {
-    const { s, part } = this;
-    const size2 = part.position;
-    const onDisk = await part.sizeOnDisk();
-    if (onDisk !== size2) {
-      throw withFate(
-        new MoonflashError("DOWNLOAD_FAILED", `${part.path} holds ${onDisk} bytes where ${size2} were written; it was discarded. Download again.`, { path: part.path, onDisk, size: size2 }),
-        "discard"
-      );
-    }
-    const md5 = part.md5.digest("hex");
-    const sha2563 = part.sha256.digest("hex");
-    const details = { url: s.url.href, size: size2, md5, sha256: sha2563, expectedMd5: s.md5, expectedSha256: s.sha256 };
-    if (md5 !== s.md5) {
-      throw withFate(
-        new MoonflashError("MD5_MISMATCH", `The download of ${s.url.href} has MD5 ${md5}, not the expected ${s.md5}; it was discarded. Download again, or check the MD5 given for the package.`, details),
-        "discard"
-      );
-    }
-    if (s.sha256 !== null && sha2563 !== s.sha256) {
-      throw withFate(
-        new MoonflashError("SHA256_MISMATCH", `The download of ${s.url.href} has SHA-256 ${sha2563}, not the expected ${s.sha256}; it was discarded. Download again, or check the SHA-256 given for the package.`, details),
-        "discard"
-      );
-    }
-    try {
-      await part.moveTo(s.dest);
-    } catch (err) {
-      throw fsError(err, `Cannot move the download to ${s.dest}`);
-    }
-    this.progress.report(size2, size2, this.bytesDownloaded, true);
-    s.logger?.info({ url: s.url.href, path: s.dest, size: size2, resumedFrom, bytesDownloaded: this.bytesDownloaded, attempts: this.attempts }, "download: complete and verified");
-    return { path: s.dest, size: size2, md5, sha256: sha2563, resumedFrom, bytesDownloaded: this.bytesDownloaded, attempts: this.attempts };
-  }
-  /** One request and its body. Network trouble comes back as a retry; what retrying cannot fix is thrown. */
-  async attempt(useRange) {
-    const { s, part } = this;
-    const offset = part.position;
-    const resuming = useRange && offset > 0;
-    const controller = new AbortController();
-    const onCancel = () => controller.abort();
-    s.signal?.addEventListener("abort", onCancel, { once: true });
-    const stall = new StallGuard(s.stallTimeoutMs, () => controller.abort());
-    const headers = { "accept-encoding": "identity", "user-agent": `moonflash/${VERSION}` };
-    if (resuming) {
-      headers.range = `bytes=${offset}-`;
-      const ifRange = ifRangeValue(part.validators);
-      if (ifRange !== null) headers["if-range"] = ifRange;
-    }
-    let res;
-    try {
-      try {
-        res = await this.request(headers, controller.signal);
-      } catch (err) {
-        if (isMoonflashError(err)) throw err;
-        return this.interrupted(err, stall, null);
-      }
-      const response = res;
-      controller.signal.addEventListener("abort", () => response.destroy(), { once: true });
-      const status = res.statusCode ?? 0;
-      const answer = { etag: header(res.headers, "etag") ?? null, lastModified: header(res.headers, "last-modified") ?? null };
-      let prepare = async () => {
-      };
-      let total;
-      if (status === 200) {
-        const length = parseContentLength(header(res.headers, "content-length"));
-        this.refuseSize(length);
-        if (offset > 0) s.logger?.info({ url: s.url.href, bytes: offset }, "download: the server sent the whole file; starting over");
-        total = length ?? s.size;
-        prepare = async () => {
-          await part.restart(answer, total);
-          await this.ensureFreeSpace();
-        };
-      } else if (status === 206) {
-        if (!resuming) {
-          res.destroy();
-          return { kind: "retry", reason: "206 to a request without Range", status };
-        }
-        const check = checkPartialResponse({ offset, total: part.total }, header(res.headers, "content-range"), header(res.headers, "content-length"));
-        const changed = check.ok && validatorsChanged(part.validators, answer);
-        if (!check.ok || changed) {
-          res.destroy();
-          const reason = check.ok ? `the file on the server changed (ETag ${part.validators.etag ?? "-"} \u2192 ${answer.etag ?? "-"})` : check.reason;
-          s.logger?.warn({ url: s.url.href, bytes: offset, reason }, "download: discarding the partial download");
-          await stall.pausedWhile(() => part.restart({ etag: null, lastModified: null }, s.size));
-          return { kind: "retry", reason, status, immediate: true, rangeRejected: true };
-        }
-        this.refuseSize(check.total);
-        total = check.total;
-        if (part.total === null) {
-          part.total = check.total;
-          prepare = () => this.ensureFreeSpace();
-        }
-      } else if (status === 416) {
-        res.destroy();
-        const range = parseContentRange(header(res.headers, "content-range"));
-        if (resuming && range?.kind === "unsatisfied" && range.total === offset && (part.total === null || part.total === offset)) {
-          part.total = offset;
-          return { kind: "complete" };
-        }
-        await stall.pausedWhile(() => part.restart({ etag: null, lastModified: null }, s.size));
-        return { kind: "retry", reason: `416 for bytes=${offset}-`, status, immediate: true, rangeRejected: true };
-      } else if (status === 408 || status === 425 || status === 429 || status >= 500) {
-        res.destroy();
-        return { kind: "retry", reason: `HTTP ${status}`, status, waitMs: retryAfterMs(header(res.headers, "retry-after")) ?? void 0 };
-      } else {
-        res.destroy();
-        throw withFate(
-          new MoonflashError("DOWNLOAD_FAILED", `The server answered HTTP ${status} for ${s.url.href}. Check the package URL and that the server still offers it.`, {
-            url: s.url.href,
-            attempts: this.attempts,
-            lastStatus: status
-          }),
-          "keep"
-        );
-      }
-      const limit = total ?? s.maxBytes;
-      const ready = stall.pausedWhile(prepare);
-      const sink = new PartSink(part, limit, ready, stall, (length) => this.written(length));
-      let broken;
-      try {
-        broken = await drain(res, sink);
-      } catch (err) {
-        await sink.settled();
-        await ready.catch(() => {
-        });
-        if (err instanceof SinkError) throw this.writeFailure(err, limit);
-        throw err;
-      }
-      if (broken !== null) return this.interrupted(broken, stall, status);
-      if (part.total === null) {
-        part.total = part.position;
-        return { kind: "complete" };
-      }
-      if (part.position === part.total) return { kind: "complete" };
-      return { kind: "retry", reason: `the connection closed after ${part.position} of ${part.total} bytes`, status };
-    } finally {
-      stall.stop();
-      s.signal?.removeEventListener("abort", onCancel);
-      res?.destroy();
-    }
-  }
-  /** Sends the request and follows redirects; each attempt starts again from the configured URL. */
-  async request(headers, signal2) {
-    let url2 = this.s.url;
-    for (let hop = 0; ; hop++) {
-      const res = await send(url2, headers, signal2);
-      const status = res.statusCode ?? 0;
-      if (![301, 302, 303, 307, 308].includes(status)) return res;
-      res.destroy();
-      const location = header(res.headers, "location");
-      let next = null;
-      try {
-        next = location === void 0 ? null : new URL(location, url2);
-      } catch {
-      }
-      const refuse = (why) => withFate(new MoonflashError("DOWNLOAD_FAILED", `The server redirected ${this.s.url.href} ${why}. Check the package URL.`, { url: this.s.url.href, lastStatus: status, location }), "keep");
-      if (next === null || next.protocol !== "http:" && next.protocol !== "https:") throw refuse(`to "${location ?? ""}", which is not an http(s) URL`);
-      if (url2.protocol === "https:" && next.protocol === "http:") throw refuse(`from https to plain http (${next.href})`);
-      if (hop >= MAX_REDIRECTS) throw refuse(`more than ${MAX_REDIRECTS} times`);
-      url2 = next;
-    }
-  }
-  /** A request or body that ended early: cancel, stall or network error. */
-  interrupted(err, stall, status) {
-    if (this.s.signal?.aborted) throw withFate(cancelled(this.s, this.part.position), "keep");
-    const reason = stall.stalled ? `no data for ${this.s.stallTimeoutMs} ms` : describeError(err);
-    return { kind: "retry", reason, status: stall.stalled ? null : status };
-  }
-  writeFailure(err, limit) {
-    const { s } = this;
-    if (isMoonflashError(err.cause)) return err.cause;
-    if (err.oversize) {
-      return withFate(
-        new MoonflashError("DOWNLOAD_FAILED", `The server sent more than the ${limit} bytes expected for ${s.url.href}; the download was stopped and discarded. Check the package URL and size.`, {
-          url: s.url.href,
-          limit
-        }),
-        "discard"
-      );
-    }
-    if (err.cause?.code === "ENOSPC") {
-      return withFate(
-        new MoonflashError("DISK_FULL", `The disk holding ${s.dest} is full; the partial download was removed. Free some space and try again.`, { path: this.part.path }, { cause: err.cause }),
-        "discard"
-      );
-    }
-    return fsError(err.cause, `Cannot write ${this.part.path}`);
-  }
-  /** Refuses an announced size that cannot be the package: another size than expected, or over the limit. */
-  refuseSize(length) {
-    const { s } = this;
-    if (length === null) return;
-    if (s.size !== null && length !== s.size) {
-      const what = length > s.size ? "larger than" : "not";
-      throw withFate(
-        new MoonflashError("DOWNLOAD_FAILED", `The server's file at ${s.url.href} is ${length} bytes, ${what} the ${s.size} bytes expected; nothing is kept. Check the package URL and size.`, {
-          url: s.url.href,
-          announced: length,
-          expected: s.size
-        }),
-        "discard"
-      );
-    }
-    if (length > s.maxBytes) {
-      throw withFate(
-        new MoonflashError("DOWNLOAD_FAILED", `The server's file at ${s.url.href} is ${length} bytes, over the limit of ${s.maxBytes}; nothing is kept. Check the package URL.`, {
-          url: s.url.href,
-          announced: length,
-          limit: s.maxBytes
-        }),
-        "discard"
-      );
-    }
-  }
-  /** Once the size is known: the rest of the download plus a margin must fit on the disk (statfs). */
-  async ensureFreeSpace() {
-    const { s, part } = this;
-    if (this.freeSpaceChecked || part.total === null) return;
-    this.freeSpaceChecked = true;
-    const dir = dirname6(s.dest);
-    const fs = await statfs2(dir);
-    const free = fs.bavail * fs.bsize;
-    const needed = part.total - part.position + s.freeSpaceMarginBytes;
-    if (free < needed) {
-      throw withFate(
-        new MoonflashError("DISK_FULL", `Not enough free space in ${dir}: the download needs ${needed} bytes (with a margin of ${s.freeSpaceMarginBytes}), ${free} are free. Free some space and try again.`, {
-          path: dir,
-          needed,
-          free
-        }),
-        "keep"
-      );
-    }
-  }
-  /** After each write to disk: count, report, and checkpoint when due. */
-  written(length) {
-    this.bytesDownloaded += length;
-    this.progress.report(this.part.position, this.part.total, this.bytesDownloaded, false);
-    this.part.checkpointWhenDue();
-  }
-  async sleep(ms) {
-    try {
-      await sleepFor(ms, void 0, { signal: this.s.signal });
-    } catch {
-      throw withFate(cancelled(this.s, this.part.position), "keep");
-    }
-  }
-};
-function header(headers, name) {
-  const value2 = headers[name];
-  return typeof value2 === "string" ? value2 : void 0;
-}
-function send(url2, headers, signal2) {
-  const transport = url2.protocol === "https:" ? process.getBuiltinModule("node:https") : process.getBuiltinModule("node:http");
-  return new Promise((resolve4, reject) => {
-    const req = transport.get(url2, { headers, signal: signal2 }, (res) => {
-      res.on("error", () => {
-      });
-      resolve4(res);
-    });
-    req.on("error", reject);
-  });
-}
-function drain(res, sink) {
-  return new Promise((resolve4, reject) => {
-    let broken = null;
-    const breakOff = (err) => {
-      broken ??= err;
-      res.unpipe(sink);
-      if (!sink.writableEnded && !sink.destroyed) sink.end();
-    };
-    const closedEarly = () => res.errored ?? new Error("the response was closed before its end");
-    res.on("error", breakOff);
-    res.on("close", () => {
-      if (!res.readableEnded) breakOff(closedEarly());
-    });
-    sink.on("finish", () => resolve4(broken));
-    sink.on("error", (err) => {
-      res.destroy();
-      reject(err);
-    });
-    if (res.destroyed && !res.readableEnded) breakOff(closedEarly());
-    else res.pipe(sink);
-  });
-}
-var SinkError = class extends Error {
-  constructor(oversize, cause) {
-    super(oversize ? "more bytes than expected" : describeError(cause), { cause });
-    this.oversize = oversize;
-  }
-  oversize;
-};
-var PartSink = class extends Writable2 {
-  /**
-   * @param ready settles when the part may be written (emptied, free space checked); chunks queue until then.
-   */
-  constructor(part, limit, ready, stall, written) {
-    super({ highWaterMark: SINK_QUEUE_BYTES });
-    this.part = part;
-    this.limit = limit;
-    this.ready = ready;
-    this.stall = stall;
-    this.written = written;
-    ready.catch(() => {
-    });
-  }
-  part;
-  limit;
-  ready;
-  stall;
-  written;
-  /** The buffer being filled, and the one free for the next fill (null while on the disk or not made yet). */
-  filling = null;
-  spare = null;
-  filled = 0;
-  /** Bytes taken from the body: on the disk, being written or in `filling`. */
-  accepted = 0;
-  /** The write in progress (never rejects: a failure is kept in `failure`, raised by the next write or the end). */
-  inflight = null;
-  failure = null;
-  pacer = new GarbagePacer(SINK_GC_MINOR_BYTES, void 0, SINK_GC_MAJOR_BYTES);
-  _final(callback) {
-    this.settle(this.finish(), callback);
-  }
-  _write(chunk, _encoding, callback) {
-    if (this.accepted + chunk.length > this.limit) {
-      callback(new SinkError(true));
-      return;
-    }
-    this.accepted += chunk.length;
-    this.settle(this.take(chunk), callback);
-  }
-  /** Resolves once no write is in progress (a failed sink does not wait for the disk). */
-  async settled() {
-    while (this.inflight !== null) await this.inflight;
-  }
-  settle(work, callback) {
-    this.stall.pause();
-    work.then(
-      () => {
-        this.stall.resume();
-        callback();
-      },
-      (err) => {
-        this.stall.resume();
-        callback(err instanceof SinkError ? err : new SinkError(false, err));
-      }
-    );
-  }
-  async take(chunk) {
-    await this.ready;
-    for (let at = 0; at < chunk.length; ) {
-      this.filling ??= Buffer.allocUnsafeSlow(SINK_BUFFER_BYTES);
-      const copied = chunk.copy(this.filling, this.filled, at);
-      this.filled += copied;
-      at += copied;
-      while (this.filling !== null && this.filled === this.filling.length) {
-        this.throwIfFailed();
-        if (this.inflight === null) this.startWrite();
-        else await this.inflight;
-      }
-    }
-    this.throwIfFailed();
-    this.startWrite();
-    this.pacer.add(chunk.length);
-  }
-  /** Writes what `filling` holds when the disk is free; the other buffer takes the next bytes. */
-  startWrite() {
-    if (this.inflight !== null || this.failure !== null || this.filled === 0) return;
-    const full = this.filling;
-    const length = this.filled;
-    this.filling = this.spare;
-    this.spare = null;
-    this.filled = 0;
-    this.inflight = this.part.append(full.subarray(0, length)).then(
-      () => {
-        this.inflight = null;
-        this.spare = full;
-        this.written(length);
-        this.startWrite();
-      }
-    ).catch((error) => {
-      this.inflight = null;
-      this.failure ??= { error };
-    });
-  }
-  throwIfFailed() {
-    if (this.failure !== null) throw this.failure.error;
-  }
-  async finish() {
-    await this.ready;
-    this.startWrite();
-    await this.settled();
-    this.throwIfFailed();
-    this.filling = this.spare = null;
-  }
-};
-var StallGuard = class {
-  stalled = false;
-  paused = false;
-  timer;
-  constructor(ms, onStall) {
-    this.timer = setTimeout(() => {
-      if (this.paused) {
-        this.timer.refresh();
-        return;
-      }
-      this.stalled = true;
-      onStall();
-    }, ms);
-  }
-  pause() {
-    this.paused = true;
-  }
-  resume() {
-    this.paused = false;
-    this.timer.refresh();
-  }
-  async pausedWhile(work) {
-    this.pause();
-    try {
-      return await work();
-    } finally {
-      this.resume();
-    }
-  }
-  stop() {
-    clearTimeout(this.timer);
-  }
-};
-var ProgressMeter = class {
-  constructor(onProgress, intervalMs) {
-    this.onProgress = onProgress;
-    this.intervalMs = intervalMs;
-  }
-  onProgress;
-  intervalMs;
-  lastReportAt = 0;
-  windowStartAt = Date.now();
-  windowStartBytes = 0;
-  rate = 0;
-  /** `transferred`: bytes received by this call so far, for the rate. */
-  report(done, total, transferred, force) {
-    if (!this.onProgress) return;
-    const now = Date.now();
-    const elapsed = now - this.windowStartAt;
-    if (elapsed >= 1e3) {
-      this.rate = Math.round((transferred - this.windowStartBytes) * 1e3 / elapsed);
-      this.windowStartAt = now;
-      this.windowStartBytes = transferred;
-    } else if (this.rate === 0 && elapsed > 0) {
-      this.rate = Math.round((transferred - this.windowStartBytes) * 1e3 / elapsed);
-    }
-    if (!force && now - this.lastReportAt < this.intervalMs) return;
-    this.lastReportAt = now;
-    this.onProgress(done, total, this.rate);
-  }
-};
-
-// src/ota/package.ts
-import { constants as constants3 } from "node:fs";
-import { access as access7, lstat as lstat2, mkdir as mkdir6, open as open6, realpath as realpath3, rename as rename6, rm as rm6, stat as stat12 } from "node:fs/promises";
-import { basename as basename7, dirname as dirname7, isAbsolute as isAbsolute4, join as join13, relative, resolve as resolve3, sep as sep2 } from "node:path";
-
-// src/core/commonjs.ts
-function commonJsModule(loaded) {
-  return loaded.default ?? loaded;
-}
-
-// src/ota/package.ts
-var MiB4 = 1024 * 1024;
-var DEFAULT_LIMITS = Object.freeze({
-  maxFileBytes: 256 * MiB4,
-  maxTotalBytes: 1024 * MiB4,
-  maxCompressionRatio: 100,
-  maxEntries: 1e4,
-  maxManifestBytes: 1 * MiB4
-});
-var RATIO_CHECK_MIN_BYTES = 1 * MiB4;
-var MAX_SIGNATURE_BYTES = 1024;
-async function readPackage(zipPath, opts = {}) {
-  const zip = await openZip(zipPath);
-  try {
-    const inspected = await inspect(zip, opts);
-    return publicContents(inspected);
-  } finally {
-    zip.close();
-  }
-}
-async function extractPackage(zipPath, stagingDir, opts = {}) {
-  const finalDir = resolve3(stagingDir);
-  const partialDir = `${finalDir}.partial`;
-  if (await pathExists(finalDir)) {
-    throw new MoonflashError("PATH_REJECTED", `The staging directory ${finalDir} already exists; remove it first.`, { path: finalDir });
-  }
-  const zip = await openZip(zipPath);
-  try {
-    const inspected = await inspect(zip, opts);
-    await rm6(partialDir, { recursive: true, force: true });
-    await mkdir6(dirname7(finalDir), { recursive: true });
-    await mkdir6(partialDir);
-    const dirs = /* @__PURE__ */ new Set([partialDir]);
-    const files = [];
-    for (const payload of payloadsOf(inspected.manifest)) {
-      const info = inspected.entries.get(payload.src);
-      if (!info) throw new MoonflashError("INTERNAL", `${payload.src} vanished from the checked entries`);
-      const target = join13(partialDir, ...payload.src.split("/"));
-      if (!isInside(partialDir, target)) throw invalidPackage(payload.src, "would be extracted outside the staging directory");
-      for (let dir = dirname7(target); isInside(partialDir, dir); dir = dirname7(dir)) dirs.add(dir);
-      await mkdir6(dirname7(target), { recursive: true });
-      await streamToFile(zip, info, payload, target, opts.signal);
-      files.push({
-        module: payload.module.id,
-        kind: payload.kind,
-        src: payload.src,
-        path: join13(finalDir, ...payload.src.split("/")),
-        sha256: payload.sha256,
-        size: payload.size,
-        mode: payload.mode
-      });
-    }
-    for (const dir of [...dirs].sort((a, b) => b.length - a.length)) await fsyncDir(dir);
-    await rename6(partialDir, finalDir);
-    await fsyncDir(dirname7(finalDir));
-    return { ...publicContents(inspected), stagingDir: finalDir, files };
-  } catch (err) {
-    await rm6(partialDir, { recursive: true, force: true }).catch(() => void 0);
-    throw fsFailure(err, finalDir);
-  } finally {
-    zip.close();
-  }
-}
-function publicContents(inspected) {
-  const entries = [...inspected.entries.values()].map(({ entry: _entry, ...rest }) => rest);
-  return { manifest: inspected.manifest, manifestBytes: inspected.manifestBytes, signed: inspected.signed, entries };
-}
-async function inspect(zip, opts) {
-  const limits2 = { ...DEFAULT_LIMITS, ...opts.limits };
-  const publicKey2 = opts.publicKey ? typeof opts.publicKey === "string" ? parsePublicKey(opts.publicKey) : opts.publicKey : null;
-  const entries = await scanEntries(zip, limits2);
-  const manifestEntry = entries.get(MANIFEST_FILE);
-  if (manifestEntry?.kind !== "file") {
-    throw new MoonflashError("INVALID_MANIFEST", `The package has no ${MANIFEST_FILE} at the root of the zip.`, {});
-  }
-  if (manifestEntry.size > limits2.maxManifestBytes) {
-    throw new MoonflashError("INVALID_MANIFEST", `${MANIFEST_FILE} is ${manifestEntry.size} bytes, over the limit of ${limits2.maxManifestBytes}.`, {
-      size: manifestEntry.size,
-      limit: limits2.maxManifestBytes
-    });
-  }
-  const manifestBytes = await readSmallEntry(zip, manifestEntry);
-  let signed = false;
-  if (publicKey2) {
-    const sigEntry = entries.get(SIGNATURE_FILE);
-    let signature = null;
-    if (sigEntry?.kind === "file") {
-      signature = sigEntry.size <= MAX_SIGNATURE_BYTES ? await readSmallEntry(zip, sigEntry) : Buffer.alloc(0);
-    }
-    verifyManifestSignature(manifestBytes, signature, publicKey2);
-    signed = true;
-  }
-  const manifest = parseManifest(manifestBytes);
-  checkEntriesAgainstManifest(entries, manifest);
-  throwIfCancelled2(opts.signal);
-  if (opts.verifyContents) {
-    for (const payload of payloadsOf(manifest)) {
-      const info = entries.get(payload.src);
-      if (!info) continue;
-      const { sha256: sha2563 } = await pumpEntry(zip, info, () => void 0, opts.signal);
-      if (sha2563 !== payload.sha256) throw sha256Mismatch(payload, sha2563);
-    }
-  }
-  return { manifest, manifestBytes, signed, entries };
-}
-async function openZip(zipPath) {
-  const { openPromise } = commonJsModule(await import("./yauzl.mjs"));
-  try {
-    return await openPromise(zipPath, { lazyEntries: true, autoClose: false, decodeStrings: false, validateEntrySizes: true, strictFileNames: true });
-  } catch (err) {
-    const errno = err.code;
-    if (errno === "ENOENT") throw new MoonflashError("NO_PACKAGE", `There is no package at ${zipPath}.`, { path: zipPath }, { cause: err });
-    if (errno === "EACCES" || errno === "EPERM") {
-      throw new MoonflashError("PERMISSION_DENIED", `moonflash may not read the package ${zipPath}.`, { path: zipPath }, { cause: err });
-    }
-    throw new MoonflashError("INVALID_PACKAGE", `${zipPath} is not a readable zip file: ${err.message}.`, { path: zipPath }, { cause: err });
-  }
-}
-var S_IFMT = 61440;
-var S_IFREG = 32768;
-var S_IFDIR = 16384;
-var S_IFLNK = 40960;
-var SPECIAL_TYPES = { 4096: "a FIFO", 8192: "a character device", 24576: "a block device", 49152: "a socket" };
-var DOS_DIRECTORY = 16;
-var DOS_REPARSE_POINT = 1024;
-var FLAG_ENCRYPTED = 1;
-var FLAG_UTF8 = 2048;
-var EXTRA_PKWARE_UNIX = 13;
-var EXTRA_UNICODE_PATH = 28789;
-var METHOD_STORED = 0;
-var METHOD_DEFLATE = 8;
-function invalidPackage(name, problem, details = {}) {
-  return new MoonflashError("INVALID_PACKAGE", `The package is unsafe or malformed: '${printable(name)}' ${problem}. Nothing was touched.`, {
-    entry: name,
-    problem,
-    ...details
-  });
-}
-async function scanEntries(zip, limits2) {
-  if (zip.entryCount > limits2.maxEntries) {
-    throw new MoonflashError("INVALID_PACKAGE", `The package has ${zip.entryCount} entries, over the limit of ${limits2.maxEntries}.`, {
-      entries: zip.entryCount,
-      limit: limits2.maxEntries
-    });
-  }
-  const entries = /* @__PURE__ */ new Map();
-  let total = 0;
-  try {
-    for await (const entry of zip.eachEntry()) {
-      const checked = checkEntry(entry, limits2);
-      if (entries.has(checked.name)) throw invalidPackage(checked.name, "appears twice in the zip");
-      total += checked.size;
-      if (total > limits2.maxTotalBytes) {
-        throw invalidPackage(checked.name, `brings the uncompressed total over the limit of ${limits2.maxTotalBytes} bytes`, { limit: limits2.maxTotalBytes });
-      }
-      entries.set(checked.name, checked);
-    }
-  } catch (err) {
-    if (isMoonflashError(err)) throw err;
-    throw new MoonflashError("INVALID_PACKAGE", `The package is not a valid zip: ${err.message}.`, {}, { cause: err });
-  }
-  for (const name of entries.keys()) {
-    for (let parent = parentOf(name); parent !== null; parent = parentOf(parent)) {
-      if (entries.get(parent)?.kind === "file") throw invalidPackage(parent, `is a file, but '${printable(name)}' needs it as a directory`);
-    }
-  }
-  return entries;
-}
-function parentOf(name) {
-  const slash = name.lastIndexOf("/");
-  return slash > 0 ? name.slice(0, slash) : null;
-}
-function checkEntry(entry, limits2) {
-  const rawName = entryName(entry);
-  const isDirectory = rawName.endsWith("/");
-  const name = isDirectory ? rawName.slice(0, -1) : rawName;
-  const problem = pathProblem(name);
-  if (problem) throw invalidPackage(rawName, problem);
-  const unixMode = entry.externalFileAttributes >>> 16;
-  const type = unixMode & S_IFMT;
-  const dosAttributes = entry.externalFileAttributes & 65535;
-  if (type === S_IFLNK) throw invalidPackage(rawName, "is a symbolic link");
-  const special = SPECIAL_TYPES[type];
-  if (special) throw invalidPackage(rawName, `is ${special}`);
-  if (type !== 0 && type !== S_IFREG && type !== S_IFDIR) throw invalidPackage(rawName, `has an unknown file type (mode 0${unixMode.toString(8)})`);
-  if (dosAttributes & DOS_REPARSE_POINT) throw invalidPackage(rawName, "is a link (a Windows reparse point)");
-  for (const extra of entry.extraFields) {
-    if (extra.id === EXTRA_PKWARE_UNIX && extra.data.length > 12) throw invalidPackage(rawName, "is a hard or symbolic link (PKWARE Unix extra field)");
-  }
-  if (isDirectory && type === S_IFREG) throw invalidPackage(rawName, "ends in '/' but is marked as a regular file");
-  if (!isDirectory && (type === S_IFDIR || type === 0 && (dosAttributes & DOS_DIRECTORY) !== 0)) {
-    throw invalidPackage(rawName, "is marked as a directory but does not end in '/'");
-  }
-  if (entry.generalPurposeBitFlag & FLAG_ENCRYPTED) throw invalidPackage(rawName, "is encrypted");
-  if (entry.compressionMethod !== METHOD_STORED && entry.compressionMethod !== METHOD_DEFLATE) {
-    throw invalidPackage(rawName, `uses compression method ${entry.compressionMethod}; only stored (0) and deflate (8) are read`);
-  }
-  const size2 = entry.uncompressedSize;
-  if (isDirectory && (size2 !== 0 || entry.compressedSize !== 0)) throw invalidPackage(rawName, "is a directory with data");
-  if (size2 > limits2.maxFileBytes) {
-    throw invalidPackage(rawName, `is ${size2} bytes, over the limit of ${limits2.maxFileBytes} per file`, { size: size2, limit: limits2.maxFileBytes });
-  }
-  if (size2 >= RATIO_CHECK_MIN_BYTES && size2 > Math.max(entry.compressedSize, 1) * limits2.maxCompressionRatio) {
-    const ratio = Math.round(size2 / Math.max(entry.compressedSize, 1));
-    throw invalidPackage(rawName, `inflates ${ratio}:1 (${entry.compressedSize} \u2192 ${size2} bytes), over the limit of ${limits2.maxCompressionRatio}:1; refused as a zip bomb`, {
-      ratio,
-      limit: limits2.maxCompressionRatio
-    });
-  }
-  return {
-    name,
-    kind: isDirectory ? "directory" : "file",
-    size: size2,
-    compressedSize: entry.compressedSize,
-    mode: unixMode === 0 ? null : unixMode & 4095,
-    entry
-  };
-}
-function entryName(entry) {
-  const raw = entry.fileNameRaw;
-  const shown = raw.toString("latin1");
-  let name;
-  if (entry.generalPurposeBitFlag & FLAG_UTF8) {
-    try {
-      name = new TextDecoder("utf-8", { fatal: true }).decode(raw);
-    } catch {
-      throw invalidPackage(shown, "has a name that is not valid UTF-8");
-    }
-  } else if (raw.every((byte) => byte < 128)) {
-    name = shown;
-  } else {
-    throw invalidPackage(shown, "has a non-ASCII name without the zip's UTF-8 flag");
-  }
-  for (const extra of entry.extraFields) {
-    if (extra.id !== EXTRA_UNICODE_PATH || extra.data.length < 5) continue;
-    const other = extra.data.subarray(5).toString("utf8");
-    if (other !== name) throw invalidPackage(name, `has a second name '${printable(other)}' in an Info-ZIP Unicode path field`);
-  }
-  return name;
-}
-function checkEntriesAgainstManifest(entries, manifest) {
-  const payloads = payloadsOf(manifest);
-  const wanted = new Set(payloads.map((payload) => payload.src));
-  for (const [name, info] of entries) {
-    if (info.kind === "file" && (name === MANIFEST_FILE || name === SIGNATURE_FILE)) continue;
-    if (info.kind === "file" && !wanted.has(name)) throw invalidPackage(name, "is in the zip but not in the manifest");
-    if (info.kind === "directory" && ![...wanted].some((src) => src.startsWith(`${name}/`))) {
-      throw invalidPackage(`${name}/`, "is a directory in the zip that holds no file of the manifest");
-    }
-  }
-  for (const payload of payloads) {
-    const info = entries.get(payload.src);
-    if (info?.kind !== "file") {
-      throw invalidPackage(payload.src, `is listed by module '${payload.module.id}' but missing from the zip`, { module: payload.module.id });
-    }
-    if (info.size !== payload.size) {
-      throw invalidPackage(payload.src, `is ${info.size} bytes in the zip but ${payload.size} in the manifest`, { module: payload.module.id });
-    }
-  }
-}
-var streamedGarbage = new GarbagePacer(256 * 1024);
-async function pumpEntry(zip, info, onChunk, signal2) {
-  const hash = process.getBuiltinModule("node:crypto").createHash("sha256");
-  let stream;
-  try {
-    stream = await zip.openReadStreamPromise(info.entry);
-  } catch (err) {
-    throw unreadable(info, err);
-  }
-  let bytes = 0;
-  try {
-    const chunks = stream[Symbol.asyncIterator]();
-    while (true) {
-      throwIfCancelled2(signal2);
-      let step;
-      try {
-        step = await chunks.next();
-      } catch (err) {
-        throw unreadable(info, err);
-      }
-      if (step.done) break;
-      const chunk = Buffer.isBuffer(step.value) ? step.value : Buffer.from(step.value);
-      bytes += chunk.length;
-      if (bytes > info.size) throw inflatesTooMuch(info);
-      hash.update(chunk);
-      await onChunk(chunk);
-      streamedGarbage.add(chunk.length);
-    }
-  } finally {
-    stream.destroy();
-  }
-  if (bytes !== info.size) throw invalidPackage(info.name, `has ${bytes} bytes of data but declares ${info.size}`);
-  return { sha256: hash.digest("hex") };
-}
-function throwIfCancelled2(signal2) {
-  if (signal2?.aborted) throw new MoonflashError("CANCELLED", "Checking the package was cancelled; nothing was installed.", {});
-}
-function inflatesTooMuch(info) {
-  return invalidPackage(info.name, `inflates to more than the ${info.size} bytes its header declares; refused as a zip bomb`, { size: info.size });
-}
-function unreadable(info, err) {
-  const message = err?.message ?? String(err);
-  if (/too many bytes/.test(message)) return inflatesTooMuch(info);
-  const error = invalidPackage(info.name, `cannot be read (${message})`);
-  return new MoonflashError(error.code, error.message, error.details, { cause: err });
-}
-async function readSmallEntry(zip, info) {
-  const chunks = [];
-  await pumpEntry(zip, info, (chunk) => chunks.push(chunk));
-  return Buffer.concat(chunks);
-}
-function sha256Mismatch(payload, actual) {
-  return new MoonflashError(
-    "SHA256_MISMATCH",
-    `'${payload.src}' (module '${payload.module.id}') differs from its SHA-256 in the manifest; the package is damaged or was changed. Nothing was installed.`,
-    { src: payload.src, module: payload.module.id, expected: payload.sha256, actual }
-  );
-}
-async function streamToFile(zip, info, payload, target, signal2) {
-  const tmp = join13(dirname7(target), `.${basename7(target)}.tmp`);
-  const handle = await open6(tmp, "wx", 384);
-  let complete = false;
-  try {
-    const { sha256: sha2563 } = await pumpEntry(zip, info, (chunk) => writeAll(handle, chunk), signal2);
-    if (sha2563 !== payload.sha256) throw sha256Mismatch(payload, sha2563);
-    await handle.chmod(payload.mode);
-    await handle.sync();
-    complete = true;
-  } finally {
-    await handle.close();
-    if (!complete) await rm6(tmp, { force: true });
-  }
-  await rename6(tmp, target);
-}
-async function writeAll(handle, chunk) {
-  for (let offset = 0; offset < chunk.length; ) {
-    const { bytesWritten } = await handle.write(chunk, offset, chunk.length - offset);
-    offset += bytesWritten;
-  }
-}
-async function resolveTargets(manifest, roots2) {
-  const realRoots = /* @__PURE__ */ new Map();
-  const resolved = [];
-  const byTarget = /* @__PURE__ */ new Map();
-  for (const module of manifest.modules) {
-    for (const file of module.files) {
-      const parts = splitDst(file.dst);
-      const rootDir = parts ? roots2.get(parts.alias) : void 0;
-      if (!parts || rootDir === void 0) {
-        const known = [...roots2.keys()].join(", ") || "none";
-        throw new MoonflashError(
-          "INVALID_MANIFEST",
-          `${MANIFEST_FILE}: module '${module.id}' writes '${file.dst}', but [ota] roots defines no root '${parts?.alias ?? file.dst}' (defined: ${known}).`,
-          { module: module.id, dst: file.dst, alias: parts?.alias ?? null, known: [...roots2.keys()] }
-        );
-      }
-      if (!isAbsolute4(rootDir)) {
-        throw new MoonflashError("CONFIG_INVALID", `[ota] roots: '${parts.alias}' must be an absolute directory, got '${rootDir}'.`, { alias: parts.alias });
-      }
-      let root = realRoots.get(parts.alias);
-      if (root === void 0) {
-        root = (await resolveExisting(rootDir, file.dst)).real;
-        realRoots.set(parts.alias, root);
-      }
-      const lexical = resolve3(rootDir, ...parts.relative.split("/"));
-      const parent = await resolveExisting(dirname7(lexical), file.dst);
-      const target = join13(parent.real, basename7(lexical));
-      if (!isInside(root, target)) {
-        throw new MoonflashError(
-          "PATH_REJECTED",
-          `${file.dst} would be written to ${target}, outside its root ${root}, through a symbolic link on the way. Nothing was changed.`,
-          { module: module.id, dst: file.dst, target, root }
-        );
-      }
-      const exists3 = parent.missing === 0 && await checkExistingTarget(target, file.dst);
-      await checkWritable(parent.existing, file.dst);
-      const other = byTarget.get(target);
-      if (other !== void 0) {
-        throw new MoonflashError("INVALID_MANIFEST", `${MANIFEST_FILE}: '${other}' and '${file.dst}' both go to ${target}.`, { target, dst: [other, file.dst] });
-      }
-      byTarget.set(target, file.dst);
-      resolved.push({ module, file, alias: parts.alias, root, target, exists: exists3 });
-    }
-  }
-  for (const [target, dst] of byTarget) {
-    for (let dir = dirname7(target); dir !== dirname7(dir); dir = dirname7(dir)) {
-      const other = byTarget.get(dir);
-      if (other !== void 0) {
-        throw new MoonflashError("INVALID_MANIFEST", `${MANIFEST_FILE}: '${other}' is a file, but '${dst}' needs ${dir} as a directory.`, { dst: [other, dst] });
-      }
-    }
-  }
-  return resolved;
-}
-function isInside(root, path6) {
-  const rel = relative(root, path6);
-  return rel !== "" && !isAbsolute4(rel) && rel.split(sep2)[0] !== "..";
-}
-async function resolveExisting(path6, dst) {
-  const missing = [];
-  for (let current = path6; ; current = dirname7(current)) {
-    let real;
-    try {
-      real = await realpath3(current);
-    } catch (err) {
-      const errno = err.code;
-      if (errno === "ENOENT" && current !== dirname7(current)) {
-        if (await pathExists(current)) throw pathRejected(dst, current, "is a symbolic link to nothing");
-        missing.unshift(basename7(current));
-        continue;
-      }
-      if (errno === "ENOTDIR") throw pathRejected(dst, current, "goes through a file where a directory is needed");
-      if (errno === "ELOOP") throw pathRejected(dst, current, "is a loop of symbolic links");
-      if (errno === "EACCES") {
-        throw new MoonflashError("PERMISSION_DENIED", `moonflash may not look into ${current} (needed for ${dst}).`, { dst, path: current }, { cause: err });
-      }
-      throw toMoonflashError(err);
-    }
-    if (!(await stat12(real)).isDirectory()) throw pathRejected(dst, current, "is a file where a directory is needed");
-    return { real: join13(real, ...missing), existing: real, missing: missing.length };
-  }
-}
-async function checkExistingTarget(target, dst) {
-  let info;
-  try {
-    info = await lstat2(target);
-  } catch (err) {
-    if (err.code === "ENOENT") return false;
-    throw toMoonflashError(err);
-  }
-  if (info.isSymbolicLink()) throw pathRejected(dst, target, "is a symbolic link; moonflash replaces files, not links");
-  if (info.isDirectory()) throw pathRejected(dst, target, "is a directory");
-  if (!info.isFile()) throw pathRejected(dst, target, "is not a regular file");
-  return true;
-}
-async function checkWritable(dir, dst) {
-  try {
-    await access7(dir, constants3.W_OK | constants3.X_OK);
-  } catch (err) {
-    const uid = process.getuid?.() ?? "?";
-    throw new MoonflashError(
-      "PERMISSION_DENIED",
-      `moonflash (uid ${uid}) may not write in ${dir}, needed for ${dst}: fix its owner or mode. Nothing was changed.`,
-      { dst, path: dir, errno: err.code },
-      { cause: err }
-    );
-  }
-}
-function pathRejected(dst, path6, problem) {
-  return new MoonflashError("PATH_REJECTED", `${dst}: ${path6} ${problem}. Nothing was changed.`, { dst, path: path6, problem });
-}
-async function pathExists(path6) {
-  try {
-    await lstat2(path6);
-    return true;
-  } catch {
-    return false;
-  }
-}
-function fsFailure(err, path6) {
-  if (isMoonflashError(err)) return err;
-  const errno = err.code;
-  if (errno === "ENOSPC" || errno === "EDQUOT") {
-    return new MoonflashError("DISK_FULL", `No room to extract the package to ${path6}; free some space and try again.`, { path: path6 }, { cause: err });
-  }
-  if (errno === "EACCES" || errno === "EPERM" || errno === "EROFS") {
-    return new MoonflashError("PERMISSION_DENIED", `moonflash may not write the staging directory ${path6}.`, { path: path6 }, { cause: err });
-  }
-  return toMoonflashError(err);
-}
-
-// src/ota/processes.ts
-import { readdir as readdir5, readFile as readFile13 } from "node:fs/promises";
-import { basename as basename8 } from "node:path";
-import { setTimeout as sleep } from "node:timers/promises";
-var STOP_DEFAULTS = { termTimeoutMs: 1e4, killTimeoutMs: 5e3, pollMs: 50 };
-function statFields(text) {
-  const close = text.lastIndexOf(")");
-  if (close < 0) return null;
-  return text.slice(close + 2).trim().split(" ");
-}
-async function readProcess(pid, procRoot = "/proc") {
-  let stat15;
-  let comm;
-  let cmdline;
-  try {
-    [stat15, comm, cmdline] = await Promise.all([
-      readFile13(`${procRoot}/${pid}/stat`, "utf8"),
-      readFile13(`${procRoot}/${pid}/comm`, "utf8"),
-      readFile13(`${procRoot}/${pid}/cmdline`, "utf8")
-    ]);
-  } catch (err) {
-    const errno = err.code;
-    if (errno === "ENOENT" || errno === "ESRCH") return null;
-    throw err;
-  }
-  const fields = statFields(stat15);
-  const state = fields?.[0];
-  const startTime = fields?.[19];
-  if (!state || !startTime) return null;
-  if (state === "Z" || state === "X") return null;
-  return { pid, startTime, comm: comm.replace(/\n$/, ""), argv: cmdline.split("\0").filter((arg, i, all) => arg !== "" || i < all.length - 1) };
-}
-async function isRunning(info, procRoot = "/proc") {
-  const now = await readProcess(info.pid, procRoot);
-  return now !== null && now.startTime === info.startTime;
-}
-function hasName(info, name) {
-  const argv0 = info.argv[0];
-  return info.comm === name || argv0 !== void 0 && basename8(argv0) === name;
-}
-async function findProcesses(ref, procRoot = "/proc") {
-  if ("pidfile" in ref) {
-    let text;
-    try {
-      text = await readFile13(ref.pidfile, "utf8");
-    } catch (err) {
-      if (err.code === "ENOENT") return [];
-      throw new MoonflashError("PERMISSION_DENIED", `moonflash cannot read the pidfile ${ref.pidfile}: ${err.message}.`, { pidfile: ref.pidfile }, { cause: err });
-    }
-    const pid = /^\s*(\d{1,10})\s*$/.exec(text)?.[1];
-    if (pid === void 0 || Number(pid) <= 0 || Number(pid) === process.pid) return [];
-    const info = await readProcess(Number(pid), procRoot);
-    return info ? [info] : [];
-  }
-  const found = [];
-  for (const entry of await readdir5(procRoot)) {
-    if (!/^\d+$/.test(entry)) continue;
-    const pid = Number(entry);
-    if (pid === process.pid) continue;
-    let info;
-    try {
-      info = await readProcess(pid, procRoot);
-    } catch {
-      continue;
-    }
-    if (info && info.argv.length > 0 && hasName(info, ref.name)) found.push(info);
-  }
-  return found;
-}
-function describeRef(ref) {
-  return "pidfile" in ref ? `the process in ${ref.pidfile}` : `process '${ref.name}'`;
-}
-function signal(info, sig) {
-  try {
-    process.kill(info.pid, sig);
-  } catch (err) {
-    const errno = err.code;
-    if (errno === "ESRCH") return;
-    throw new MoonflashError(
-      "PROCESS_STOP_FAILED",
-      `moonflash may not signal ${info.comm} (pid ${info.pid}): ${errno ?? String(err)}. It runs as another user; stop it by hand or run moonflash as its user, then install the update again.`,
-      { pid: info.pid, comm: info.comm, signal: sig, errno },
-      { cause: err }
-    );
-  }
-}
-async function waitGone(info, ms, pollMs, procRoot) {
-  const deadline = Date.now() + ms;
-  for (; ; ) {
-    if (!await isRunning(info, procRoot)) return true;
-    if (Date.now() >= deadline) return false;
-    await sleep(Math.min(pollMs, Math.max(1, deadline - Date.now())));
-  }
-}
-async function stopProcess(info, opts = {}) {
-  const termTimeoutMs = opts.termTimeoutMs ?? STOP_DEFAULTS.termTimeoutMs;
-  const killTimeoutMs = opts.killTimeoutMs ?? STOP_DEFAULTS.killTimeoutMs;
-  const pollMs = opts.pollMs ?? STOP_DEFAULTS.pollMs;
-  const procRoot = opts.procRoot ?? "/proc";
-  const started = Date.now();
-  const result = (outcome) => ({ pid: info.pid, comm: info.comm, outcome, durationMs: Date.now() - started });
-  if (!await isRunning(info, procRoot)) return result("already-gone");
-  signal(info, "SIGTERM");
-  if (await waitGone(info, termTimeoutMs, pollMs, procRoot)) return result("terminated");
-  if (!await isRunning(info, procRoot)) return result("terminated");
-  signal(info, "SIGKILL");
-  if (await waitGone(info, killTimeoutMs, pollMs, procRoot)) return result("killed");
-  throw new MoonflashError(
-    "PROCESS_STOP_FAILED",
-    `${info.comm} (pid ${info.pid}) did not stop after SIGTERM and, ${Math.round(termTimeoutMs / 100) / 10} s later, SIGKILL (it may hang in the kernel, e.g. on a device or a network mount). Stop it by hand, then install the update again.`,
-    { pid: info.pid, comm: info.comm, startTime: info.startTime, termTimeoutMs, killTimeoutMs }
-  );
-}
-
-// src/ota/state.ts
-import { readdir as readdir6, readFile as readFile14, rename as rename7, rm as rm7 } from "node:fs/promises";
-import { dirname as dirname8, join as join14 } from "node:path";
-var OTA_STATES = [
-  "downloading",
-  "downloaded",
-  "verified",
-  "backing_up",
-  "deploying",
-  "restarting",
-  "probation",
-  "committed",
-  "rolling_back",
-  "rolled_back",
-  "failed"
-];
-var DEPLOY_STATES = /* @__PURE__ */ new Set(["backing_up", "deploying", "restarting", "probation", "rolling_back"]);
-var DEFAULT_MAX_STATE_SAVES = 28;
-var HISTORY_KEPT = 64;
-var errorCode = string().check(
-  refine((code) => Object.hasOwn(ERROR_CODES, code), "expected a moonflash error code")
-);
-var stateError = nullable(object({ code: errorCode, message: string() }));
-var int3 = int().check(_nonnegative());
-var stateSchema = object({
-  format: literal(1),
-  updateId: string().check(_regex(/^[A-Za-z0-9._-]{1,100}$/)),
-  state: _enum(OTA_STATES),
-  saves: int3,
-  history: array(object({ state: _enum(OTA_STATES), at: string(), pid: int3 })),
-  job: nullable(object({ id: string(), target: string(), startedAt: string() })),
-  download: nullable(object({ url: string(), md5: string(), sha256: nullable(string()), size: nullable(int3) })),
-  package: nullable(
-    object({
-      path: string(),
-      md5: nullable(string()),
-      sha256: nullable(string()),
-      size: nullable(int3),
-      name: nullable(string()),
-      version: nullable(string()),
-      modules: nullable(int3),
-      files: nullable(int3)
-    })
-  ),
-  progress: nullable(
-    object({ module: int3, modules: int3, moduleId: string(), file: int3, files: int3, step: string() })
-  ),
-  deployStarted: boolean(),
-  stopped: array(
-    union([
-      object({ kind: literal("service"), name: string() }),
-      object({ kind: literal("process"), name: string(), pids: array(int3) })
-    ])
-  ),
-  firmware: array(
-    object({ mcu: string(), module: string(), status: _enum(["flashing", "flashed", "rolling-back", "rolled-back"]) })
-  ),
-  rollbackReason: stateError,
-  error: stateError,
-  updatedAt: string()
-});
-function newState(updateId, state, now) {
-  return {
-    format: 1,
-    updateId,
-    state,
-    saves: 0,
-    history: [],
-    job: null,
-    download: null,
-    package: null,
-    progress: null,
-    deployStarted: false,
-    stopped: [],
-    firmware: [],
-    rollbackReason: null,
-    error: null,
-    updatedAt: now.toISOString()
-  };
-}
-function compactUtc2(date) {
-  return date.toISOString().replace(/[-:]/g, "").replace(/\.\d+Z$/, "Z");
-}
-function makeUpdateId(now) {
-  const stamp = now.toISOString().replace(/[-:.]/g, "");
-  return `ota-${stamp}-${process.getBuiltinModule("node:crypto").randomBytes(3).toString("hex")}`;
-}
-var OtaStateStore = class {
-  constructor(path6, now = () => /* @__PURE__ */ new Date()) {
-    this.path = path6;
-    this.now = now;
-  }
-  path;
-  now;
-  current = null;
-  loaded = false;
-  get isLoaded() {
-    return this.loaded;
-  }
-  /**
-   * Reads state.json. A missing file is no update. An unreadable or invalid one is moved aside and reported
-   * (recovery), or, with moveAside false, refused with INTERNAL (recovery at the next start deals with it).
-   */
-  async load(opts = { moveAside: true }) {
-    const damaged = (reason) => {
-      if (opts.moveAside) return this.moveAside(reason);
-      throw new MoonflashError("INTERNAL", `The OTA state file ${this.path} ${reason}; restart the agent, whose recovery moves it aside and restores what is needed.`, { path: this.path });
-    };
-    let text;
-    try {
-      text = await readFile14(this.path, "utf8");
-    } catch (err) {
-      const errno = err.code;
-      if (errno === "ENOENT") {
-        this.current = null;
-        this.loaded = true;
-        return { state: null, corrupt: null, corruptReason: null };
-      }
-      if (errno === "EACCES" || errno === "EPERM") {
-        throw new MoonflashError("PERMISSION_DENIED", `moonflash may not read its OTA state ${this.path}; fix its owner or mode.`, { path: this.path }, { cause: err });
-      }
-      return damaged(`cannot be read (${errno ?? String(err)})`);
-    }
-    let json;
-    try {
-      json = JSON.parse(text);
-    } catch (err) {
-      return damaged(`is not valid JSON (${err.message})`);
-    }
-    const parsed = stateSchema.safeParse(json);
-    if (!parsed.success) {
-      const issue = parsed.error.issues[0];
-      return damaged(`breaks the state schema (${issue ? `${issue.path.join(".") || "state"}: ${issue.message}` : "unknown"})`);
-    }
-    this.current = parsed.data;
-    this.loaded = true;
-    return { state: this.current, corrupt: null, corruptReason: null };
-  }
-  async moveAside(reason) {
-    const aside = `${this.path}.corrupt-${compactUtc2(this.now())}`;
-    await rename7(this.path, aside);
-    await fsyncDir(dirname8(this.path));
-    this.current = null;
-    this.loaded = true;
-    return { state: null, corrupt: aside, corruptReason: reason };
-  }
-  /** Enters `next`: counts the save, appends to the history, saves durably. */
-  async transition(next, patch = {}, base = this.current) {
-    if (!base) throw new MoonflashError("INTERNAL", `OTA state transition to ${next} without an update`);
-    const at = this.now();
-    const history = [...base.history, { state: next, at: at.toISOString(), pid: process.pid }].slice(-HISTORY_KEPT);
-    return this.write({ ...base, ...patch, state: next, saves: base.saves + 1, history, updatedAt: at.toISOString() });
-  }
-  /** Saves a change within the current state (progress, a stopped unit, a firmware status). */
-  async update(patch) {
-    if (!this.current) throw new MoonflashError("INTERNAL", "OTA state update without an update");
-    return this.write({ ...this.current, ...patch, updatedAt: this.now().toISOString() });
-  }
-  async write(state) {
-    await writeFileDurable(this.path, `${JSON.stringify(state, null, 2)}
-`);
-    this.current = state;
-    this.loaded = true;
-    return state;
-  }
-  /** Removes temp files a killed writeFileDurable left beside state.json. */
-  async removeStaleTemps() {
-    const dir = dirname8(this.path);
-    let names;
-    try {
-      names = await readdir6(dir);
-    } catch {
-      return;
-    }
-    const prefix = `.${this.path.slice(dir.length + 1)}.`;
-    await Promise.all(names.filter((n) => n.startsWith(prefix) && n.endsWith(".tmp")).map((n) => rm7(join14(dir, n), { force: true })));
-  }
-};
-var crashHits = /* @__PURE__ */ new Map();
-function crashPoint(point) {
-  if (process.env.MOONFLASH_OTA_CRASH_AT !== point) return;
-  const hits = (crashHits.get(point) ?? 0) + 1;
-  crashHits.set(point, hits);
-  const after = Number(process.env.MOONFLASH_OTA_CRASH_AFTER ?? "1");
-  if (hits !== (Number.isSafeInteger(after) && after > 0 ? after : 1)) return;
-  process.kill(process.pid, "SIGKILL");
-  const blocker = new Int32Array(new SharedArrayBuffer(4));
-  for (; ; ) Atomics.wait(blocker, 0, 0, 1e3);
-}
-
-// src/ota/engine.ts
-function otaPaths(dataDir) {
-  const root = join15(dataPaths(dataDir).state, "ota");
-  return {
-    root,
-    state: join15(root, "state.json"),
-    download: join15(root, "download"),
-    package: join15(root, "download", "package.zip"),
-    staging: join15(root, "staging"),
-    backups: join15(root, "backup")
-  };
-}
-var errOf = (e) => ({ code: e.code, message: e.message });
-var OtaEngine = class {
-  paths;
-  config;
-  printer;
-  runner;
-  logger;
-  firmware;
-  store;
-  io;
-  now;
-  serviceTimeoutMs;
-  processStopTimeoutMs;
-  maxSaves;
-  pollMs;
-  marginBytes;
-  statfs;
-  tuning;
-  live = { bytes: null, speed: null, filesDone: 0, filesTotal: 0 };
-  installed = null;
-  constructor(opts) {
-    this.paths = otaPaths(opts.dataDir);
-    this.config = opts.config;
-    this.printer = opts.printer;
-    this.runner = opts.runner;
-    this.logger = opts.logger.child({ ns: "ota" });
-    this.firmware = opts.firmware ?? null;
-    this.now = opts.now ?? (() => /* @__PURE__ */ new Date());
-    this.store = new OtaStateStore(this.paths.state, this.now);
-    this.io = { ...REAL_IO, ...opts.io };
-    this.serviceTimeoutMs = opts.serviceTimeoutMs ?? 9e4;
-    this.processStopTimeoutMs = opts.processStopTimeoutMs ?? 1e4;
-    this.maxSaves = opts.maxStateSaves ?? DEFAULT_MAX_STATE_SAVES;
-    this.pollMs = opts.pollMs ?? 250;
-    this.marginBytes = opts.freeSpaceMarginBytes ?? FREE_SPACE_MARGIN_BYTES;
-    this.statfs = opts.statfs;
-    this.tuning = opts.download ?? {};
-  }
-  // ---------------------------------------------------------------------------------------------------------------
-  // Public API
-  /** What OTA is doing, from memory: the state, the running job's stage, download bytes/speed/ETA, module k/n. */
-  status() {
-    const st = this.store.current;
-    const running = this.runner.current();
-    const job = running?.kind === "ota" ? running : null;
-    const { bytes, speed } = this.live;
-    let percent = null;
-    let eta = null;
-    if (st?.state === "downloading" && bytes?.total) {
-      percent = Math.min(100, Math.round(bytes.done / bytes.total * 1e3) / 10);
-      if (speed && speed > 0) eta = Math.max(0, Math.round((bytes.total - bytes.done) / speed));
-    } else if (st?.state === "deploying" && this.live.filesTotal > 0) {
-      percent = Math.round(this.live.filesDone / this.live.filesTotal * 1e3) / 10;
-    } else if (st?.state === "committed" || st?.state === "verified") {
-      percent = 100;
-    }
-    const progress = st?.progress ?? null;
-    return {
-      state: st?.state ?? "idle",
-      stage: job?.stage ?? null,
-      updateId: st?.updateId ?? null,
-      package: st?.package ? { name: st.package.name, version: st.package.version, size: st.package.size } : null,
-      // Without query or credentials: a signed URL's token must not reach the console or status pages.
-      url: st?.download?.url ? safeUrl(st.download.url) : null,
-      bytes: st?.state === "downloading" ? bytes : st?.package?.size != null ? { done: st.package.size, total: st.package.size } : null,
-      percent,
-      speed: st?.state === "downloading" ? speed : null,
-      eta,
-      module: progress ? { index: progress.module, count: progress.modules, id: progress.moduleId } : null,
-      file: progress && progress.files > 0 ? { index: progress.file, count: progress.files } : null,
-      lastError: st?.error ?? null,
-      installed: this.installed,
-      history: st?.history.map((h) => h.state) ?? [],
-      job
-    };
-  }
-  /** Reads state.json and the backups once, acting on nothing, so status() tells them before any job or recover(). */
-  async load() {
-    await this.ensureLoaded();
-  }
-  /** Downloads and verifies a package (resuming a part left by an earlier call); the state ends `verified`. */
-  async download(params) {
-    checkDownloadParams(params);
-    await this.ensureLoaded();
-    await this.refuseWhileInterrupted();
-    const target = `download ${safeUrl(params.url)}`;
-    return this.runner.run(
-      { kind: "ota", target, params: { url: safeUrl(params.url), md5: params.md5, sha256: params.sha256 ?? null, size: params.size ?? null } },
-      (ctx) => this.downloadJob(ctx, params, null)
-    );
-  }
-  /** Installs the verified package: backups, deploy, restart, probation, commit; rolls back by itself on failure. */
-  async install() {
-    await this.ensureLoaded();
-    await this.refuseWhileInterrupted();
-    const st = this.requireInstallable();
-    const target = st.package?.name ? `${st.package.name} ${st.package.version ?? ""}`.trim() : "package";
-    return this.runner.run({ kind: "ota", target, params: { updateId: st.updateId } }, (ctx) => this.installJob(ctx));
-  }
-  /** Cancels the running OTA job while it may be cancelled (download, verify, extract; not once files are replaced). */
-  cancel() {
-    return this.runner.cancel("ota");
-  }
-  /** Restores what was installed before the last committed update (or finishes an interrupted one's rollback). */
-  async rollback() {
-    await this.ensureLoaded();
-    return this.runner.run({ kind: "ota", target: "rollback" }, async (ctx) => {
-      await this.store.load({ moveAside: false });
-      if (this.printer.isPrinting()) throw printerBusy("roll back the update");
-      const base = await this.rollbackTarget(this.store.current);
-      return this.rollbackJob(ctx, null, "requested", { ...base, saves: 0 });
-    });
-  }
-  /**
-   * At agent start: brings an update that a dead process left half-way to a safe state. A half-done deploy is
-   * rolled back (unless probation had passed: then it is committed), a rollback is finished, a download resumed, a
-   * downloaded package verified; a damaged state file is moved aside and the newest unfinished backup restored.
-   * Never throws for the update's own failures: they are in the outcome (and in status().lastError).
-   */
-  async recover() {
-    const loaded = await this.store.load({ moveAside: true });
-    await this.store.removeStaleTemps();
-    await this.refreshInstalled();
-    if (loaded.corrupt) {
-      this.logger.warn({ aside: loaded.corrupt, reason: loaded.corruptReason }, "the OTA state file was damaged and was moved aside");
-      return this.recoverFromCorrupt(loaded.corrupt, loaded.corruptReason ?? "damaged");
-    }
-    const st = loaded.state;
-    if (!st) {
-      await this.removeStagingExcept(null);
-      return outcomeOf("none", null, null);
-    }
-    const needs = await this.recoveryNeeded(st);
-    if (!needs) return outcomeOf("none", st, null);
-    try {
-      return await this.runner.run({ kind: "ota", target: `recovery ${st.updateId}`, params: { state: st.state } }, async (ctx) => {
-        await this.store.load({ moveAside: false });
-        const current = this.store.current;
-        if (!current) return outcomeOf("none", null, null);
-        if (current.job) {
-          await this.runner.interrupted({
-            id: current.job.id,
-            kind: "ota",
-            target: current.job.target,
-            startedAt: current.job.startedAt,
-            message: `moonflash stopped during the update (state ${current.state}); ${DEPLOY_STATES.has(current.state) ? "it was rolled back on the next start unless probation had passed" : "it was resumed on the next start"}.`
-          });
-          await this.store.update({ job: null });
-        }
-        return this.recoverState(ctx, current);
-      });
-    } catch (err) {
-      const e = toMoonflashError(err);
-      if (e.code === "BUSY") return { ...outcomeOf("busy", this.store.current, errOf(e)) };
-      this.logger.error({ err: e }, `OTA recovery failed: ${e.message}`);
-      return outcomeOf(this.store.current?.state === "failed" ? "gave-up" : "none", this.store.current, errOf(e));
-    }
-  }
-  // ---------------------------------------------------------------------------------------------------------------
-  // Download and verify
-  async downloadJob(ctx, params, resume) {
-    const started = resume ? await this.store.transition("downloading", { job: this.jobRef(ctx), error: null }, resume) : await this.store.transition(
-      "downloading",
-      {
-        job: this.jobRef(ctx),
-        download: { url: params.url, md5: String(params.md5).toLowerCase(), sha256: params.sha256?.toLowerCase() ?? null, size: params.size ?? null }
-      },
-      newState(makeUpdateId(this.now()), "downloading", this.now())
-    );
-    crashPoint("download-started");
-    const download = started.download;
-    ctx.stage("download", `downloading ${safeUrl(download.url)}`);
-    this.live = { bytes: { done: 0, total: download.size }, speed: null, filesDone: 0, filesTotal: 0 };
-    let result;
-    try {
-      result = await downloadPackage({
-        url: download.url,
-        dest: this.paths.package,
-        md5: download.md5,
-        ...download.sha256 ? { sha256: download.sha256 } : {},
-        ...download.size !== null ? { size: download.size } : {},
-        ...this.config.limits.maxDownloadBytes ? { maxBytes: this.config.limits.maxDownloadBytes } : {},
-        signal: ctx.signal,
-        logger: this.logger,
-        progressIntervalMs: DOWNLOAD_DEFAULTS.progressIntervalMs,
-        ...this.tuning,
-        onProgress: (done, total, bytesPerSecond) => {
-          this.live.bytes = { done, total };
-          this.live.speed = bytesPerSecond;
-          if (total) ctx.progress(done, total, "bytes", "download");
-          if (done > 0) crashPoint("download-partial");
-        }
-      });
-    } catch (err) {
-      const e = toMoonflashError(err);
-      await this.store.transition("failed", { job: null, error: errOf(e) });
-      throw e;
-    }
-    await this.store.transition("downloaded", {
-      package: { path: result.path, md5: result.md5, sha256: result.sha256, size: result.size, name: null, version: null, modules: null, files: null }
-    });
-    crashPoint("downloaded");
-    return this.verifyJob(ctx);
-  }
-  /**
-   * Checks the downloaded package completely (signature, manifest, every file's SHA-256): `verified`, or `failed`
-   * with the package deleted. A cancel or an unreadable [ota] public_key is not the package's fault: it stays
-   * `downloaded`, to be checked again by ota.install, ota.download of the same URL or recovery.
-   */
-  async verifyJob(ctx) {
-    const st = this.store.current;
-    const pkg = st.package;
-    ctx.stage("verify", "checking the package: signature, manifest and the SHA-256 of every file");
-    let contents;
-    try {
-      contents = await readPackage(pkg.path, { publicKey: await this.publicKey(), limits: this.packageLimits(), verifyContents: true, signal: ctx.signal });
-    } catch (err) {
-      let e = toMoonflashError(err);
-      if (e.code === "CANCELLED" || e.code === "CONFIG_INVALID") {
-        const kept = "The downloaded package is kept: ota.install (or ota.download of the same URL) checks it again without downloading it again.";
-        e = new MoonflashError(
-          e.code,
-          e.code === "CANCELLED" ? `The check of the package was cancelled. ${kept}` : `${e.message} ${kept}`,
-          e.details,
-          { cause: e }
-        );
-        await this.store.update({ job: null, error: errOf(e) });
-        throw e;
-      }
-      await rm8(pkg.path, { force: true });
-      await this.store.transition("failed", { job: null, error: errOf(e) });
-      throw e;
-    }
-    const { manifest } = contents;
-    const files = manifest.modules.reduce((n, m) => n + m.files.length, 0);
-    const verified = await this.store.transition("verified", {
-      job: null,
-      error: null,
-      package: { ...pkg, name: manifest.name, version: manifest.version, modules: manifest.modules.length, files }
-    });
-    crashPoint("verified");
-    ctx.log("info", `package ${manifest.name} ${manifest.version} verified${contents.signed ? " (signature valid)" : ""}: ${manifest.modules.length} modules, ${files} files`);
-    return summaryOf(verified, manifest, contents.signed);
-  }
-  // ---------------------------------------------------------------------------------------------------------------
-  // Install
-  requireInstallable() {
-    const st = this.store.current;
-    if (!st || st.state !== "verified" && st.state !== "downloaded" || !st.package) {
-      const now = st ? ` (the last update is ${st.state.replace("_", " ")})` : "";
-      throw new MoonflashError("NO_PACKAGE", `There is no verified package to install${now}. Download one first with ota.download.`, { state: st?.state ?? "idle" });
-    }
-    return st;
-  }
-  async installJob(ctx) {
-    const started = performance.now();
-    await this.store.load({ moveAside: false });
-    let st = this.requireInstallable();
-    if (this.printer.isPrinting()) {
-      const e = printerBusy("install an update");
-      await this.store.update({ error: errOf(e) });
-      throw e;
-    }
-    if (st.state === "downloaded") {
-      await this.verifyJob(ctx);
-      st = this.store.current;
-    }
-    const updateId = st.updateId;
-    const stagingDir = join15(this.paths.staging, updateId);
-    const backupDir = join15(this.paths.backups, updateId);
-    let extracted;
-    let targets;
-    let createdDirs;
-    try {
-      ctx.stage("stage", "extracting the package");
-      await this.removeStaging(updateId);
-      extracted = await extractPackage(st.package.path, stagingDir, { publicKey: await this.publicKey(), limits: this.packageLimits(), signal: ctx.signal });
-      crashPoint("staged");
-      await this.checkMinVersion(ctx, extracted.manifest);
-      const mcus = extracted.manifest.modules.flatMap((m) => m.type === "firmware" ? [m.mcu] : []);
-      if (mcus.length > 0 && !this.firmware) {
-        throw new MoonflashError("INVALID_PACKAGE", `The package flashes ${mcus.join(", ")}, but this moonflash runs OTA without the flash engine. Nothing was changed.`, { mcus });
-      }
-      ctx.stage("check", "checking targets, permissions and free space");
-      targets = await resolveTargets(extracted.manifest, rootsMap(this.config));
-      await checkReadable(targets);
-      await this.checkStateDirWritable();
-      createdDirs = await missingDirs(targets);
-      await checkFreeSpace(await this.spaceNeeds(targets), this.marginBytes, this.statfs);
-      if (this.printer.isPrinting()) throw printerBusy("install an update");
-      if (ctx.signal.aborted) throw new MoonflashError("CANCELLED", "The update was cancelled before anything was changed.", {});
-    } catch (err) {
-      await this.removeStaging(updateId).catch(() => void 0);
-      const cancelled2 = ctx.signal.aborted && (!isMoonflashError(err) || err.code === "CANCELLED");
-      const e = cancelled2 ? new MoonflashError("CANCELLED", "The update was cancelled before anything was changed; the package stays verified for ota.install.", {}) : toMoonflashError(err);
-      await this.store.update({ error: errOf(e) });
-      throw e;
-    }
-    ctx.setCancellable(false, "the update is replacing files; if it fails it rolls itself back");
-    const previous = this.installed;
-    const manifest = extracted.manifest;
-    this.live = { bytes: null, speed: null, filesDone: 0, filesTotal: targets.length };
-    await this.store.transition("backing_up", { job: this.jobRef(ctx), deployStarted: false, stopped: [], firmware: [], progress: null, rollbackReason: null, error: null });
-    crashPoint("backing-up");
-    let probationMs = 0;
-    try {
-      const backup = await this.takeBackup(ctx, manifest, targets, createdDirs, backupDir, updateId);
-      await this.deploy(ctx, manifest, extracted, targets, backup);
-      await this.store.transition("restarting", { progress: null });
-      crashPoint("restarting");
-      ctx.stage("restart", "starting the stopped services again");
-      try {
-        await this.startStopped(ctx, "service-started");
-      } catch (err) {
-        throw healthFailure(`a service did not start again (${toMoonflashError(err).message})`, err);
-      }
-      const timeoutMs = this.config.probation_timeout * 1e3;
-      await this.store.transition("probation");
-      crashPoint("probation");
-      const services = moduleServices(manifest);
-      ctx.stage("probation", `waiting up to ${this.config.probation_timeout} s for Klipper to be ready${services.length ? ` and ${services.join(", ")} to run` : ""}`);
-      const probationStarted = performance.now();
-      const problems = await this.waitHealthy(services, timeoutMs);
-      probationMs = Math.round(performance.now() - probationStarted);
-      if (problems.length > 0) {
-        throw healthFailure(`within the probation time of ${this.config.probation_timeout} s, ${problems.join("; ")}`);
-      }
-      await writeOutcome(backupDir, "committed", this.now());
-      crashPoint("probation-passed");
-    } catch (err) {
-      throw await this.failAndRollBack(ctx, toMoonflashError(err));
-    }
-    await this.store.transition("committed", { job: null, progress: null, stopped: [], error: null });
-    crashPoint("committed");
-    ctx.stage("commit", `${manifest.name} ${manifest.version} committed`);
-    await this.afterCommit(updateId);
-    const replaced = targets.filter((t) => t.exists).length;
-    return {
-      updateId,
-      name: manifest.name,
-      version: manifest.version,
-      previous: previous && { ...previous },
-      files: { written: targets.length, replaced, added: targets.length - replaced },
-      firmware: manifest.modules.flatMap((m) => m.type === "firmware" ? [m.mcu] : []),
-      services: moduleServices(manifest),
-      backup: backupDir,
-      probationMs,
-      elapsedMs: Math.round(performance.now() - started)
-    };
-  }
-  /**
-   * min_version guards the vendor's upgrade path: refused when the installed version of this package (the newest
-   * committed backup of that name) is older. With none on record (a first OTA install, or only other packages) it
-   * cannot be checked and the install goes on: a first install must stay possible. Downgrades are not refused.
-   */
-  async checkMinVersion(ctx, manifest) {
-    if (!manifest.min_version) return;
-    const installed = await this.installedOf(manifest.name);
-    if (!installed) {
-      ctx.log("info", `min_version ${manifest.min_version} not checked: moonflash has installed no ${manifest.name} yet (none is on record)`);
-      return;
-    }
-    if (compareVersions(installed.version, manifest.min_version) >= 0) return;
-    throw new MoonflashError(
-      "VERSION_TOO_OLD",
-      `${manifest.name} ${manifest.version} updates version ${manifest.min_version} or later (its min_version), but ${installed.version} is installed. Install the versions in between first, or ask the vendor for a package that updates ${installed.version}. Nothing was changed.`,
-      { name: manifest.name, version: manifest.version, minVersion: manifest.min_version, installed: installed.version }
-    );
-  }
-  /** Rolls back after a failure during install and returns the error to throw: the failure, or both. */
-  async failAndRollBack(ctx, reason) {
-    ctx.log("error", `${reason.message} Rolling back to the previous version.`);
-    try {
-      await this.rollbackJob(ctx, reason, "automatic", this.store.current);
-    } catch (err) {
-      const e = toMoonflashError(err);
-      const both = new MoonflashError(
-        reason.code,
-        `${reason.message} The rollback failed as well: ${e.message} The old files are in ${join15(this.paths.backups, this.store.current?.updateId ?? "")}.`,
-        { ...reason.details, rollbackError: e.toJSON() },
-        { cause: reason }
-      );
-      await this.store.update({ error: errOf(both) }).catch(() => void 0);
-      return both;
-    }
-    const done = "The update was rolled back; the previous version is in place.";
-    return new MoonflashError(reason.code, reason.message.endsWith(done) ? reason.message : `${reason.message} ${done}`, reason.details, { cause: reason.cause ?? reason });
-  }
-  /** What goes on which filesystem: each new file beside its target (temp + rename), the backups in the data dir. */
-  async spaceNeeds(targets) {
-    const needs = targets.map((t) => ({ path: dirname9(t.target), bytes: t.file.size, what: "the new files" }));
-    needs.push({ path: this.paths.backups, bytes: await sumSizes(targets.filter((t) => t.exists).map((t) => t.target)), what: "the backups" });
-    return needs;
-  }
-  async checkStateDirWritable() {
-    await mkdir7(this.paths.backups, { recursive: true }).catch((err) => {
-      throw fileError(err, "create the OTA backup directory", this.paths.backups);
-    });
-    try {
-      await access8(this.paths.backups, constants4.W_OK | constants4.X_OK);
-    } catch (err) {
-      throw new MoonflashError("PERMISSION_DENIED", `moonflash may not write its OTA backups in ${this.paths.backups}; fix its owner or mode. Nothing was changed.`, { path: this.paths.backups }, { cause: err });
-    }
-  }
-  /** Copies every existing target (and each MCU's current image, when known) and writes the backup manifest. */
-  async takeBackup(ctx, manifest, targets, createdDirs, backupDir, updateId) {
-    const existing = targets.filter((t) => t.exists);
-    ctx.stage("backup", `backing up ${existing.length} file${existing.length === 1 ? "" : "s"} to ${backupDir}`);
-    await rm8(backupDir, { recursive: true, force: true });
-    const files = await backupTargets(targets, backupDir, this.io, (_entry, n) => {
-      ctx.progress(n, existing.length, "steps", "backup");
-      crashPoint("backup-file");
-    });
-    const firmware = [];
-    for (const module of manifest.modules) {
-      if (module.type !== "firmware") continue;
-      const current = await this.firmware?.currentImage?.(module.mcu) ?? null;
-      if (!current) {
-        firmware.push({ module: module.id, mcu: module.mcu, image: null, sha256: null });
-        continue;
-      }
-      const name = `firmware/${module.mcu}.bin`;
-      await mkdir7(join15(backupDir, "firmware"), { recursive: true });
-      try {
-        await this.io.copyFile(current.path, join15(backupDir, name), 384, "backup");
-      } catch (err) {
-        throw fileError(err, `back up the image ${module.mcu} runs`, current.path);
-      }
-      firmware.push({ module: module.id, mcu: module.mcu, image: name, sha256: current.sha256 });
-    }
-    const backup = {
-      format: 1,
-      updateId,
-      name: manifest.name,
-      version: manifest.version,
-      createdAt: this.now().toISOString(),
-      files,
-      createdDirs,
-      firmware,
-      services: moduleServices(manifest)
-    };
-    await writeBackupManifest(backupDir, backup);
-    crashPoint("backed-up");
-    return backup;
-  }
-  /** Module by module, in dependency order: stop its unit, replace its files, flash its firmware. */
-  async deploy(ctx, manifest, extracted, targets, backup) {
-    const staged = new Map(extracted.files.map((f) => [f.src, f.path]));
-    const byDst = new Map(targets.map((t) => [t.file.dst, t]));
-    const entries = new Map(backup.files.map((e) => [e.dst, e]));
-    const rootOwners = /* @__PURE__ */ new Map();
-    const total = targets.length;
-    for (const [k, module] of manifest.modules.entries()) {
-      const progress = { module: k + 1, modules: manifest.modules.length, moduleId: module.id, file: 0, files: module.files.length, step: "stop" };
-      if (this.store.current?.state === "deploying") await this.store.update({ progress });
-      else await this.store.transition("deploying", { progress, deployStarted: true });
-      crashPoint("deploying");
-      ctx.stage("deploy", `module ${module.id} (${k + 1}/${manifest.modules.length})`);
-      await this.stopUnit(ctx, module);
-      for (const [i, file] of module.files.entries()) {
-        await this.store.update({ progress: { ...progress, file: i + 1, step: "file" } });
-        const target = byDst.get(file.dst);
-        const source = staged.get(file.src);
-        if (!target || !source) throw new MoonflashError("INTERNAL", `${file.dst} has no resolved target or staged file`, { dst: file.dst });
-        const entry = entries.get(file.dst);
-        let owner = entry?.existed ? { uid: entry.uid, gid: entry.gid } : void 0;
-        if (!owner) {
-          if (!rootOwners.has(target.root)) rootOwners.set(target.root, await ownerOf(target.root));
-          owner = rootOwners.get(target.root) ?? void 0;
-        }
-        await replaceFile(source, target.target, {
-          mode: file.mode,
-          owner: owner ?? null,
-          updateId: backup.updateId,
-          io: this.io,
-          purpose: "deploy",
-          hooks: { afterTemp: () => crashPoint("deploy-temp-written"), afterRename: () => crashPoint("deploy-renamed") }
-        });
-        this.live.filesDone++;
-        ctx.progress(this.live.filesDone, total, "steps", "deploy");
-      }
-      if (module.type === "firmware") {
-        const image = staged.get(module.image.src);
-        if (!image) throw new MoonflashError("INTERNAL", `the image of ${module.id} was not staged`, { module: module.id });
-        await this.flashModule(ctx, module, image);
-      }
-    }
-  }
-  async flashModule(ctx, module, image) {
-    const port = this.firmware;
-    await this.stopService(this.printer.state().klipperService);
-    await this.setFirmware(module.mcu, module.id, "flashing");
-    crashPoint("firmware-flash");
-    ctx.stage("flash", `flashing ${module.mcu} (module ${module.id})`);
-    await port.flash(module.mcu, image, ctx);
-    crashPoint("firmware-flashed");
-    await this.setFirmware(module.mcu, module.id, "flashed");
-  }
-  async setFirmware(mcu, module, status) {
-    const others = (this.store.current?.firmware ?? []).filter((r) => r.mcu !== mcu);
-    await this.store.update({ firmware: [...others, { mcu, module, status }] });
-  }
-  /** Stops a module's service or process, saving it as stopped first (so a restart starts it again). */
-  async stopUnit(ctx, module) {
-    if (module.service) {
-      await this.stopService(module.service);
-      crashPoint("service-stopped");
-    } else if (module.process) {
-      const found = await findProcesses(module.process);
-      await this.addStopped({ kind: "process", name: describeRef(module.process), pids: found.map((p) => p.pid) });
-      for (const info of found) {
-        const result = await stopProcess(info, { termTimeoutMs: this.processStopTimeoutMs });
-        ctx.log(result.outcome === "killed" ? "warn" : "info", `${info.comm} (pid ${info.pid}) ${result.outcome === "killed" ? "ignored SIGTERM and was killed" : "stopped"}`);
-      }
-      if (found.length === 0) ctx.log("info", `${describeRef(module.process)} is not running; nothing to stop`);
-      crashPoint("service-stopped");
-    }
-  }
-  async stopService(name) {
-    if (name === this.printer.state().klipperService && this.printer.isPrinting()) throw printerBusy("stop Klipper");
-    await this.addStopped({ kind: "service", name });
-    await this.waitConnected();
-    await this.printer.stopService(name, this.serviceTimeoutMs);
-  }
-  async addStopped(unit) {
-    const stopped = this.store.current?.stopped ?? [];
-    if (stopped.some((u) => u.kind === unit.kind && u.name === unit.name)) return;
-    await this.store.update({ stopped: [...stopped, unit] });
-  }
-  /**
-   * Starts every unit saved as stopped: in the order they were stopped (an install stops in dependency order), or,
-   * given `order` (a rollback stops in reverse), services in that order, any other first (Klipper, stopped for a flash).
-   */
-  async startStopped(ctx, point, order = []) {
-    const rank = (unit) => order.indexOf(unit.name);
-    const units = [...this.store.current?.stopped ?? []].sort((a, b) => order.length === 0 ? 0 : rank(a) - rank(b));
-    for (const unit of units) {
-      if (unit.kind === "service") {
-        await this.waitConnected();
-        await this.printer.startService(unit.name, this.serviceTimeoutMs);
-        ctx?.log("info", `${unit.name} started`);
-        crashPoint(point);
-      } else {
-        ctx?.log("info", `${unit.name} is not started by moonflash (the package gives no start command); its supervisor starts it`);
-      }
-      await this.store.update({ stopped: (this.store.current?.stopped ?? []).filter((u) => !(u.kind === unit.kind && u.name === unit.name)) });
-    }
-  }
-  /** Waits until Klipper is ready and every service runs; returns what is still wrong (empty: healthy). */
-  async waitHealthy(services, timeoutMs) {
-    const problems = () => {
-      const state = this.printer.state();
-      const found = [];
-      if (state.klippyState !== "ready") {
-        found.push(`Klipper is ${state.klippyState === "disconnected" ? "not connected" : `in state '${state.klippyState}'`}${state.stateMessage ? ` (${state.stateMessage.split("\n")[0]})` : ""}`);
-      }
-      for (const name of services) {
-        const service = state.services[name];
-        if (service?.active_state !== "active") found.push(`the service ${name} is ${service ? `${service.active_state}/${service.sub_state}` : "unknown to Moonraker"}`);
-      }
-      return found;
-    };
-    await this.waitFor(() => problems().length === 0, timeoutMs);
-    return problems();
-  }
-  /** Cleanup once committed; a failure here costs disk space, not the update, so it is only logged. */
-  async afterCommit(updateId) {
-    try {
-      await this.removeStaging(updateId);
-      await rm8(this.paths.package, { force: true });
-      await this.pruneBackups(updateId);
-    } catch (err) {
-      this.logger.warn({ err }, "could not remove the staging directory, the package or old backups");
-    }
-    await this.refreshInstalled();
-  }
-  /**
-   * Keeps the newest keep_backups committed backups (always the current one); drops rolled-back ones. An unfinished
-   * one (no outcome: recovery gave up on its update) is kept: it may be the only copy of the files it replaced.
-   */
-  async pruneBackups(current) {
-    const backups = await listBackups(this.paths.backups);
-    const committed = backups.filter((b) => b.outcome === "committed" && b.manifest);
-    const keep = /* @__PURE__ */ new Set([current, ...committed.slice(-this.config.keep_backups).map((b) => b.updateId)]);
-    for (const b of backups) {
-      if (keep.has(b.updateId) || b.manifest && b.outcome === null) continue;
-      await rm8(b.dir, { recursive: true, force: true });
-    }
-  }
-  // ---------------------------------------------------------------------------------------------------------------
-  // Rollback
-  /** The update a requested rollback undoes: the current one if it was deployed, else the newest committed backup. */
-  async rollbackTarget(st) {
-    if (st && (DEPLOY_STATES.has(st.state) || st.state === "committed" || st.state === "failed" && st.deployStarted)) {
-      const dir = join15(this.paths.backups, st.updateId);
-      if (await readBackupManifest(dir) && await readOutcome(dir) !== "rolled_back") return st;
-    }
-    const newest = (await listBackups(this.paths.backups)).filter((b) => b.manifest && b.outcome === "committed").pop();
-    if (!newest?.manifest) {
-      throw new MoonflashError(
-        "NO_PACKAGE",
-        `There is no installed update to roll back: moonflash keeps the files an update replaced only for updates it installed (the last ${this.config.keep_backups}), and has none.`,
-        {}
-      );
-    }
-    return this.stateFromBackup(newest.updateId, newest.manifest, "committed");
-  }
-  stateFromBackup(updateId, manifest, state) {
-    const files = manifest.files.length;
-    return {
-      ...newState(updateId, state, this.now()),
-      package: { path: this.paths.package, md5: null, sha256: null, size: null, name: manifest.name, version: manifest.version, modules: null, files },
-      deployStarted: true
-    };
-  }
-  /**
-   * Restores the backup of `base`'s update: stops the updated services, puts every file back, flashes the old
-   * firmware, starts the services, marks the backup rolled back. Safe to run again from any point (recovery).
-   */
-  async rollbackJob(ctx, reason, mode2, base) {
-    ctx.setCancellable(false, "the rollback restores files; it must finish");
-    const backupDir = join15(this.paths.backups, base.updateId);
-    const manifest = await readBackupManifest(backupDir);
-    let st = await this.store.transition(
-      "rolling_back",
-      { job: this.jobRef(ctx), rollbackReason: reason ? errOf(reason) : mode2 === "requested" ? null : base.rollbackReason, progress: null },
-      base
-    );
-    crashPoint("rolling-back");
-    const name = manifest?.name ?? st.package?.name ?? "the update";
-    const version2 = manifest?.version ?? st.package?.version ?? "";
-    ctx.stage("rollback", `rolling back ${name} ${version2}`.trim());
-    let restored = 0;
-    let removed = 0;
-    const firmware = [];
-    if (manifest && (st.deployStarted || mode2 === "requested" || mode2 === "unknown-state")) {
-      if (this.printer.isPrinting()) throw printerBusy("roll back the update");
-      for (const service of [...manifest.services].reverse()) await this.stopService(service);
-      const result = await restoreBackup(backupDir, manifest, this.io, (_entry, i) => {
-        ctx.progress(i, manifest.files.length, "steps", "rollback");
-        crashPoint("rollback-file");
-      });
-      restored = result.restored;
-      removed = result.removed;
-      firmware.push(...await this.rollbackFirmware(ctx, manifest, backupDir, mode2));
-    } else {
-      ctx.log("info", "nothing had been deployed yet: no file to restore");
-    }
-    let startError = null;
-    try {
-      await this.startStopped(ctx, "rollback-service-started", manifest?.services ?? []);
-    } catch (err) {
-      startError = toMoonflashError(err);
-    }
-    if (manifest) await writeOutcome(backupDir, "rolled_back", this.now());
-    st = await this.store.transition("rolled_back", {
-      job: null,
-      progress: null,
-      error: reason ? errOf(reason) : mode2 === "requested" ? null : st.rollbackReason
-    });
-    crashPoint("rolled-back");
-    await this.removeStaging(st.updateId).catch((err) => this.logger.warn({ err }, "could not remove the staging directory"));
-    await this.refreshInstalled();
-    ctx.log("info", `rolled back ${name} ${version2}: ${restored} files restored, ${removed} removed${firmware.length ? `, firmware of ${firmware.join(", ")} restored` : ""}`);
-    if (startError) {
-      throw new MoonflashError(
-        startError.code,
-        `The old files are back, but a service did not start again: ${startError.message}`,
-        { ...startError.details, restored, removed },
-        { cause: startError }
-      );
-    }
-    return { updateId: st.updateId, name, version: version2, restored, removed, firmware, services: manifest?.services ?? [], reason: st.error };
-  }
-  async rollbackFirmware(ctx, manifest, backupDir, mode2) {
-    const done = [];
-    for (const fw of manifest.firmware) {
-      const record = this.store.current?.firmware.find((r) => r.mcu === fw.mcu);
-      if (mode2 !== "requested" && mode2 !== "unknown-state" && !record) continue;
-      if (record?.status === "rolled-back") continue;
-      if (!fw.image && mode2 === "unknown-state") {
-        ctx.log("warn", `the state file was damaged, so whether ${fw.mcu} was flashed is unknown; it is not flashed back blindly. Check it with FLASH_CHECK`);
-        continue;
-      }
-      if (!this.firmware) throw new MoonflashError("INTERNAL", `${fw.mcu} was flashed by the update, but this moonflash has no flash engine to flash it back.`, { mcu: fw.mcu });
-      await this.stopService(this.printer.state().klipperService);
-      if (fw.image) {
-        await this.setFirmware(fw.mcu, fw.module, "rolling-back");
-        ctx.stage("rollback-flash", `flashing ${fw.mcu} back to the image it ran before`);
-        await this.firmware.flash(fw.mcu, join15(backupDir, fw.image), ctx, "rollback");
-      } else if (record?.status === "rolling-back") {
-        ctx.log("warn", `the rollback of ${fw.mcu} was interrupted and is not repeated; check its version with FLASH_CHECK`);
-      } else {
-        await this.setFirmware(fw.mcu, fw.module, "rolling-back");
-        ctx.stage("rollback-flash", `flashing ${fw.mcu} back to its previous image`);
-        await this.firmware.rollback(fw.mcu, ctx);
-      }
-      crashPoint("rollback-firmware");
-      await this.setFirmware(fw.mcu, fw.module, "rolled-back");
-      done.push(fw.mcu);
-    }
-    return done;
-  }
-  // ---------------------------------------------------------------------------------------------------------------
-  // Recovery
-  /** Whether recovery must act (take the lock) for this state. */
-  async recoveryNeeded(st) {
-    if (st.state === "downloading" || st.state === "downloaded" || DEPLOY_STATES.has(st.state)) return true;
-    if (st.job || st.stopped.length > 0 && !(st.state === "failed" && st.deployStarted)) return true;
-    const leftovers = await Promise.all([exists2(join15(this.paths.staging, st.updateId)), exists2(`${join15(this.paths.staging, st.updateId)}.partial`)]);
-    if (leftovers.some(Boolean)) return true;
-    return st.state === "committed" && await exists2(this.paths.package);
-  }
-  async recoverState(ctx, st) {
-    const interrupted = (what) => new MoonflashError("INTERRUPTED", `moonflash stopped while the update was ${what}; the previous version was restored on the next start. Install the update again.`, { state: st.state });
-    switch (st.state) {
-      case "downloading": {
-        if (st.saves >= this.maxSaves) return this.giveUp(st, new MoonflashError("DOWNLOAD_FAILED", `The download was interrupted ${st.saves} times; moonflash gave up on it. Start it again with ota.download.`, { saves: st.saves }));
-        if (!st.download) return this.giveUp(st, new MoonflashError("INTERNAL", "The interrupted download left no URL to resume; start it again with ota.download.", {}));
-        try {
-          await this.downloadJob(ctx, { url: st.download.url, md5: st.download.md5 }, st);
-          return outcomeOf("resumed-download", this.store.current, null);
-        } catch (err) {
-          return outcomeOf("resumed-download", this.store.current, errOf(toMoonflashError(err)));
-        }
-      }
-      case "downloaded":
-        try {
-          await this.verifyJob(ctx);
-          return outcomeOf("verified", this.store.current, null);
-        } catch (err) {
-          return outcomeOf("verified", this.store.current, errOf(toMoonflashError(err)));
-        }
-      case "backing_up":
-      case "deploying":
-      case "restarting":
-      case "probation":
-      case "rolling_back": {
-        const backupDir = join15(this.paths.backups, st.updateId);
-        if (st.state !== "rolling_back" && await readOutcome(backupDir) === "committed") {
-          await this.store.transition("committed", { job: null, progress: null, error: null });
-          await this.startStopped(ctx, "service-started").catch((err) => ctx.log("error", `a service did not start: ${toMoonflashError(err).message}`));
-          await this.afterCommit(st.updateId);
-          return outcomeOf("committed", this.store.current, null);
-        }
-        if (st.saves >= 2 * this.maxSaves) {
-          return this.giveUp(
-            st,
-            new MoonflashError(
-              "INTERNAL",
-              `The update was interrupted ${st.saves} times, also while rolling back; moonflash stopped retrying. The old files are in ${backupDir}: run ota.rollback to restore them.`,
-              { saves: st.saves, backup: backupDir }
-            )
-          );
-        }
-        const reason = st.state === "rolling_back" ? null : interrupted(st.state.replace("_", " "));
-        try {
-          const result = await this.rollbackJob(ctx, reason, "recovery", st);
-          return outcomeOf("rolled-back", this.store.current, result.reason);
-        } catch (err) {
-          return outcomeOf("rolled-back", this.store.current, errOf(toMoonflashError(err)));
-        }
-      }
-      default: {
-        const consistent = st.state !== "failed" || !st.deployStarted;
-        if (st.stopped.length > 0 && consistent) await this.startStopped(ctx, "service-started").catch((err) => ctx.log("error", toMoonflashError(err).message));
-        if (st.state === "committed") await this.afterCommit(st.updateId);
-        else await this.removeStaging(st.updateId);
-        return outcomeOf("cleaned", this.store.current, null);
-      }
-    }
-  }
-  async giveUp(st, error) {
-    this.logger.error({ updateId: st.updateId, saves: st.saves }, error.message);
-    await this.store.transition("failed", { job: null, error: errOf(error) }, st);
-    await this.removeStaging(st.updateId);
-    return outcomeOf("gave-up", this.store.current, errOf(error));
-  }
-  /** A damaged state file: the newest backup that was neither committed nor rolled back is restored. */
-  async recoverFromCorrupt(aside, why) {
-    const backups = await listBackups(this.paths.backups);
-    const pending = backups.filter((b) => b.manifest && b.outcome === null).pop();
-    const message = `The OTA state file was damaged (it ${why}) and was moved to ${aside}.`;
-    try {
-      return await this.runner.run({ kind: "ota", target: "recovery" }, async (ctx) => {
-        for (const b of backups) if (!b.manifest && b.updateId !== pending?.updateId) await rm8(b.dir, { recursive: true, force: true });
-        await this.removeStagingExcept(null);
-        if (pending?.manifest) {
-          ctx.log("warn", `${message} Restoring the backup of ${pending.manifest.name} ${pending.manifest.version}, which was being installed.`);
-          const reason = new MoonflashError("INTERRUPTED", `${message} The update ${pending.manifest.name} ${pending.manifest.version} was being installed; the previous version was restored.`, { aside });
-          const base = { ...this.stateFromBackup(pending.updateId, pending.manifest, "rolling_back"), rollbackReason: errOf(reason) };
-          const result = await this.rollbackJob(ctx, reason, "unknown-state", base);
-          return { ...outcomeOf("rolled-back", this.store.current, result.reason), corrupt: aside };
-        }
-        const error = new MoonflashError("INTERNAL", `${message} No update was being installed; nothing had to be restored.`, { aside });
-        await this.store.transition("failed", { error: errOf(error) }, newState(makeUpdateId(this.now()), "failed", this.now()));
-        return { ...outcomeOf("cleaned", this.store.current, errOf(error)), corrupt: aside };
-      });
-    } catch (err) {
-      const e = toMoonflashError(err);
-      return { ...outcomeOf(e.code === "BUSY" ? "busy" : "none", this.store.current, errOf(e)), corrupt: aside };
-    }
-  }
-  // ---------------------------------------------------------------------------------------------------------------
-  // Helpers
-  async ensureLoaded() {
-    if (this.store.isLoaded) return;
-    await this.store.load({ moveAside: false });
-    await this.refreshInstalled();
-  }
-  /**
-   * An interrupted deploy must be recovered (or rolled back) before anything new starts; so must one recovery gave up
-   * on (failed after its deploy began, its files possibly mixed): a new update would overwrite its state and its
-   * backup would be all that is left of the old files.
-   */
-  async refuseWhileInterrupted() {
-    const st = this.store.current;
-    if (!st || this.runner.current()) return;
-    if (DEPLOY_STATES.has(st.state)) {
-      throw new MoonflashError(
-        "BUSY",
-        `The update ${st.package?.name ?? st.updateId} was interrupted (state ${st.state}); it is rolled back when the agent starts, or now with ota.rollback.`,
-        { state: st.state, updateId: st.updateId }
-      );
-    }
-    if (st.state === "failed" && st.deployStarted && await readOutcome(join15(this.paths.backups, st.updateId)) === null) {
-      throw new MoonflashError(
-        "BUSY",
-        `The update ${st.package?.name ?? st.updateId} failed after its files began to change and was not rolled back; run ota.rollback (OTA_ROLLBACK) to restore the old files before another update.`,
-        { state: st.state, updateId: st.updateId }
-      );
-    }
-  }
-  jobRef(ctx) {
-    const current = this.runner.current();
-    return { id: ctx.jobId, target: ctx.target, startedAt: current?.id === ctx.jobId ? current.startedAt : this.now().toISOString() };
-  }
-  packageLimits() {
-    const { maxDownloadBytes: _download, ...limits2 } = this.config.limits;
-    return limits2;
-  }
-  /** `[ota] public_key` as the package reader takes it: a PEM file's text, or the base64 key. */
-  async publicKey() {
-    const key = this.config.public_key;
-    if (!key) return null;
-    if (isRawPublicKey(key)) return key;
-    try {
-      return await readFile15(key, "utf8");
-    } catch (err) {
-      throw new MoonflashError("CONFIG_INVALID", `[ota] public_key: cannot read ${key} (${err.code ?? String(err)}); give a readable PEM file or the key in base64.`, { path: key }, { cause: err });
-    }
-  }
-  async refreshInstalled() {
-    try {
-      this.installed = await this.installedOf(null);
-    } catch {
-      this.installed = null;
-    }
-  }
-  /** The newest update moonflash installed and committed (of package `name`, when given), from the backups. */
-  async installedOf(name) {
-    const newest = (await listBackups(this.paths.backups)).filter((b) => b.manifest && b.outcome === "committed" && (name === null || b.manifest.name === name)).pop();
-    return newest?.manifest ? { updateId: newest.updateId, name: newest.manifest.name, version: newest.manifest.version } : null;
-  }
-  async removeStaging(updateId) {
-    const dir = join15(this.paths.staging, updateId);
-    await rm8(dir, { recursive: true, force: true });
-    await rm8(`${dir}.partial`, { recursive: true, force: true });
-  }
-  /** Removes every staging directory but `keep`'s (left by a crash; staging is never reused). */
-  async removeStagingExcept(keep) {
-    let names = [];
-    try {
-      names = await readdir7(this.paths.staging);
-    } catch {
-      return;
-    }
-    for (const name of names) {
-      if (keep !== null && (name === keep || name === `${keep}.partial`)) continue;
-      await rm8(join15(this.paths.staging, name), { recursive: true, force: true });
-    }
-  }
-  async waitConnected() {
-    if (await this.waitFor(() => this.printer.state().moonrakerConnected, this.serviceTimeoutMs)) return;
-    throw new MoonflashError(
-      "MOONRAKER_UNAVAILABLE",
-      `moonflash has had no Moonraker connection for ${Math.round(this.serviceTimeoutMs / 1e3)} s, so it cannot stop or start services. Check Moonraker; the update goes on (or rolls back) when the agent starts again.`,
-      {}
-    );
-  }
-  /** Resolves true as soon as `pred` holds (checked on every printer state change and every pollMs), false after `timeoutMs`. */
-  waitFor(pred, timeoutMs) {
-    if (pred()) return Promise.resolve(true);
-    return new Promise((resolve4) => {
-      let finished = false;
-      const finish2 = (ok) => {
-        if (finished) return;
-        finished = true;
-        clearInterval(timer);
-        clearTimeout(deadline);
-        off();
-        resolve4(ok);
-      };
-      const check = () => {
-        if (pred()) finish2(true);
-      };
-      const off = this.printer.onStateChange(check);
-      const timer = setInterval(check, this.pollMs);
-      const deadline = setTimeout(() => finish2(pred()), timeoutMs);
-    });
-  }
-};
-var HEX322 = /^[0-9a-f]{32}$/i;
-var HEX642 = /^[0-9a-f]{64}$/i;
-function checkDownloadParams(params) {
-  const bad = (message, details) => new MoonflashError("INVALID_PARAMS", message, details);
-  let url2 = null;
-  try {
-    url2 = new URL(String(params?.url));
-  } catch {
-    url2 = null;
-  }
-  if (!url2 || url2.protocol !== "http:" && url2.protocol !== "https:") {
-    throw bad(`url must be an http:// or https:// URL of the package, got "${String(params?.url).slice(0, 200)}".`, { url: params?.url ?? null });
-  }
-  if (typeof params.md5 !== "string" || !HEX322.test(params.md5)) throw bad(`md5 must be 32 hex digits, got "${String(params.md5)}".`, { md5: params.md5 ?? null });
-  if (params.sha256 !== void 0 && (typeof params.sha256 !== "string" || !HEX642.test(params.sha256))) {
-    throw bad(`sha256 must be 64 hex digits, got "${String(params.sha256)}".`, { sha256: params.sha256 });
-  }
-  if (params.size !== void 0 && (typeof params.size !== "number" || !Number.isSafeInteger(params.size) || params.size < 0)) {
-    throw bad(`size must be the package's size in bytes, got ${String(params.size)}.`, { size: params.size });
-  }
-}
-function outcomeOf(action, st, error) {
-  return { action, state: st?.state ?? "idle", updateId: st?.updateId ?? null, corrupt: null, error };
-}
-function summaryOf(st, manifest, signed) {
-  return {
-    updateId: st.updateId,
-    name: manifest.name,
-    version: manifest.version,
-    size: st.package?.size ?? 0,
-    sha256: st.package?.sha256 ?? "",
-    signed,
-    modules: manifest.modules.map((m) => ({
-      id: m.id,
-      type: m.type,
-      files: m.files.length,
-      service: m.service,
-      process: m.process ? describeRef(m.process) : null,
-      mcu: m.type === "firmware" ? m.mcu : null
-    }))
-  };
-}
-function moduleServices(manifest) {
-  return [...new Set(manifest.modules.flatMap((m) => m.service ? [m.service] : []))];
-}
-function printerBusy(what) {
-  return new MoonflashError("PRINTER_BUSY", `The printer is printing or paused; moonflash does not ${what} now. Try again when the print has finished.`, {});
-}
-function healthFailure(why, cause) {
-  return new MoonflashError(
-    "HEALTH_CHECK_FAILED",
-    `The update did not pass probation: ${why}.`,
-    { why },
-    cause === void 0 ? void 0 : { cause }
-  );
-}
-async function exists2(path6) {
-  try {
-    await access8(path6);
-    return true;
-  } catch {
-    return false;
-  }
-}
-async function sumSizes(paths) {
-  let total = 0;
-  for (const path6 of paths) total += (await stat13(path6).catch(() => ({ size: 0 }))).size;
-  return total;
-}
-
 // src/flash/build/builder.ts
 import { existsSync as existsSync2 } from "node:fs";
-import { readFile as readFile16, rm as rm9, stat as stat14 } from "node:fs/promises";
+import { readFile as readFile11, rm as rm3, stat as stat10 } from "node:fs/promises";
 import { availableParallelism } from "node:os";
-import { join as join16 } from "node:path";
+import { join as join9 } from "node:path";
 var TAIL_LINES = 40;
 var DEFAULT_TIMEOUT_MS = 30 * 6e4;
 var QUICK_TOOL_TIMEOUT_MS = 6e4;
@@ -15478,7 +11486,7 @@ var NICENESS = "10";
 var DICT = "klipper.dict";
 var RECORD = "build.json";
 var COMPILING = /^\s*Compiling\s/;
-function sha2562(data) {
+function sha256(data) {
   return process.getBuiltinModule("node:crypto").createHash("sha256").update(data).digest("hex");
 }
 function humanBytes(bytes) {
@@ -15503,7 +11511,7 @@ var FirmwareBuilder = class {
   }
   /** Where an MCU's builds go: <data>/moonflash/build/<mcu>/, with the trailing slash Klipper's OUT needs. */
   outDir(mcu) {
-    return `${join16(dataPaths(this.settings.dataDir).state, "build", mcuSectionName(mcu).replace(/\s+/g, "_"))}/`;
+    return `${join9(dataPaths(this.settings.dataDir).state, "build", mcuSectionName(mcu).replace(/\s+/g, "_"))}/`;
   }
   /** The MCUs `build` without names builds: every [mcu \u2026] section of moonflash.conf. */
   configuredMcus() {
@@ -15577,7 +11585,7 @@ var FirmwareBuilder = class {
     const common = [`KCONFIG_CONFIG=${profile.path}`, `OUT=${out}`];
     ctx.stage("olddefconfig", `make olddefconfig for ${name}`);
     await this.make(ctx, make, ["olddefconfig", ...common], { section, profile, out, step: "olddefconfig", onLine: () => void 0 });
-    const text = await readFile16(profile.path, "utf8");
+    const text = await readFile11(profile.path, "utf8");
     const after = parseProfile(text).arch;
     if (after?.symbol !== arch.symbol) {
       throw new MoonflashError(
@@ -15588,7 +11596,7 @@ var FirmwareBuilder = class {
     }
     const klipperVersion = await this.describeKlipper(klipperPath, warn);
     const toolchain = await this.toolchainVersion(compiler, arch);
-    const key = sha2562(JSON.stringify({ profile: text, klipperPath, klipperVersion, toolchain }));
+    const key = sha256(JSON.stringify({ profile: text, klipperPath, klipperVersion, toolchain }));
     const previous = await this.readRecord(out);
     const reproducible = klipperVersion !== null && !klipperVersion.endsWith("-dirty");
     if (!opts.force && reproducible && previous?.key === key) {
@@ -15599,7 +11607,7 @@ var FirmwareBuilder = class {
       }
     }
     ctx.stage("clean", `removing ${out} for a clean build`);
-    await rm9(out, { recursive: true, force: true });
+    await rm3(out, { recursive: true, force: true });
     ctx.stage("compile", `make -j${this.jobs} for ${name} (nice ${NICENESS})`);
     let compiled = 0;
     const expected2 = previous?.compileSteps ?? 0;
@@ -15623,8 +11631,8 @@ var FirmwareBuilder = class {
         { mcu: section, profile: profile.path, outDir: out, expected: [...arch.images], lastLines: tail }
       );
     }
-    const bytes = await readFile16(image);
-    const version2 = await this.dictVersion(out) ?? klipperVersion ?? "?";
+    const bytes = await readFile11(image);
+    const version = await this.dictVersion(out) ?? klipperVersion ?? "?";
     const elapsedMs = Math.round(performance.now() - started);
     const record = {
       format: 1,
@@ -15636,15 +11644,15 @@ var FirmwareBuilder = class {
       toolchain,
       image,
       bytes: bytes.length,
-      sha256: sha2562(bytes),
-      version: version2,
+      sha256: sha256(bytes),
+      version,
       builtAt: (/* @__PURE__ */ new Date()).toISOString(),
       elapsedMs,
       compileSteps: compiled
     };
-    await writeFileDurable(join16(out, RECORD), `${JSON.stringify(record, null, 2)}
+    await writeFileDurable(join9(out, RECORD), `${JSON.stringify(record, null, 2)}
 `);
-    ctx.stage("built", `${name}: ${image} (${humanBytes(bytes.length)}), version ${version2}`);
+    ctx.stage("built", `${name}: ${image} (${humanBytes(bytes.length)}), version ${version}`);
     return { ...this.result(section, record, profile, out, warnings, started), skipped: false };
   }
   result(section, record, profile, out, warnings, started) {
@@ -15665,7 +11673,7 @@ var FirmwareBuilder = class {
   /** The previous build's record, or null when there is none or it is unreadable (then the build runs). */
   async readRecord(out) {
     try {
-      const record = JSON.parse(await readFile16(join16(out, RECORD), "utf8"));
+      const record = JSON.parse(await readFile11(join9(out, RECORD), "utf8"));
       return record.format === 1 && typeof record.key === "string" && typeof record.image === "string" ? record : null;
     } catch {
       return null;
@@ -15674,13 +11682,13 @@ var FirmwareBuilder = class {
   /** The recorded image if it is still there, unchanged (a skip must hand out exactly what was built). */
   async keptImage(record) {
     try {
-      return sha2562(await readFile16(record.image)) === record.sha256 ? record : null;
+      return sha256(await readFile11(record.image)) === record.sha256 ? record : null;
     } catch {
       return null;
     }
   }
   async checkKlipperTree(klipperPath) {
-    const isFile = await stat14(join16(klipperPath, "Makefile")).then((s) => s.isFile(), () => false);
+    const isFile = await stat10(join9(klipperPath, "Makefile")).then((s) => s.isFile(), () => false);
     if (!isFile) {
       throw new MoonflashError(
         "TOOL_NOT_FOUND",
@@ -15705,7 +11713,7 @@ var FirmwareBuilder = class {
    * host, which nothing can match later: warned, and such builds are never skipped.
    */
   async describeKlipper(klipperPath, warn) {
-    if (!existsSync2(join16(klipperPath, ".git"))) {
+    if (!existsSync2(join9(klipperPath, ".git"))) {
       warn(`${klipperPath} is not a git checkout: the firmware's version will not name a Klipper release, so versions cannot be compared.`);
       return null;
     }
@@ -15720,11 +11728,11 @@ var FirmwareBuilder = class {
         onStdoutLine: (line) => lines.push(line.trim())
       });
       if (result.exitCode === 0 && lines[0]) {
-        const version2 = lines[0];
-        if (version2.endsWith("-dirty")) {
-          warn(`Klipper in ${klipperPath} has local changes (${version2}): the firmware will report a version with the build time, which will not match the host's; the build is not skipped.`);
+        const version = lines[0];
+        if (version.endsWith("-dirty")) {
+          warn(`Klipper in ${klipperPath} has local changes (${version}): the firmware will report a version with the build time, which will not match the host's; the build is not skipped.`);
         }
-        return version2;
+        return version;
       }
       failure = result.stderrTail.join(" ").trim() || `exit ${result.exitCode}`;
     } catch (err) {
@@ -15785,14 +11793,14 @@ var FirmwareBuilder = class {
   }
   async findImage(out, arch) {
     for (const name of arch.images) {
-      const path6 = join16(out, name);
-      if (await stat14(path6).then((s) => s.isFile() && s.size > 0, () => false)) return path6;
+      const path6 = join9(out, name);
+      if (await stat10(path6).then((s) => s.isFile() && s.size > 0, () => false)) return path6;
     }
     return null;
   }
   async dictVersion(out) {
     try {
-      const dict = JSON.parse(await readFile16(join16(out, DICT), "utf8"));
+      const dict = JSON.parse(await readFile11(join9(out, DICT), "utf8"));
       return typeof dict.version === "string" && dict.version.length > 0 ? dict.version : null;
     } catch {
       return null;
@@ -15805,7 +11813,7 @@ import { EventEmitter } from "node:events";
 
 // src/moonraker/connection.ts
 import { watch, existsSync as existsSync3 } from "node:fs";
-import { basename as basename9, dirname as dirname10 } from "node:path";
+import { basename as basename4, dirname as dirname4 } from "node:path";
 
 // src/moonraker/klipper-tracker.ts
 var KLIPPY_STATES = ["ready", "startup", "shutdown", "error", "disconnected"];
@@ -15946,10 +11954,10 @@ function encodeEtx(message) {
   return Buffer.concat([Buffer.from(message, "utf8"), Buffer.of(ETX)]);
 }
 function openUnixTransport(path6, handlers, options) {
-  return new Promise((resolve4, reject) => {
+  return new Promise((resolve3, reject) => {
     const socket = net.createConnection({ path: path6 });
     const decoder = new EtxDecoder();
-    let open7 = false;
+    let open3 = false;
     let closed = false;
     let lastError;
     const connectTimer = setTimeout(() => {
@@ -15957,7 +11965,7 @@ function openUnixTransport(path6, handlers, options) {
     }, options.connectTimeoutMs);
     socket.on("error", (err) => {
       lastError = err;
-      if (!open7) {
+      if (!open3) {
         clearTimeout(connectTimer);
         reject(err);
       }
@@ -15967,14 +11975,14 @@ function openUnixTransport(path6, handlers, options) {
     });
     socket.on("close", () => {
       clearTimeout(connectTimer);
-      if (!open7 || closed) return;
+      if (!open3 || closed) return;
       closed = true;
       handlers.onClose(lastError);
     });
     socket.on("connect", () => {
       clearTimeout(connectTimer);
-      open7 = true;
-      resolve4({
+      open3 = true;
+      resolve3({
         description: `unix:${path6}`,
         send(message) {
           return new Promise((done, fail2) => {
@@ -15996,30 +12004,30 @@ function openUnixTransport(path6, handlers, options) {
 // src/moonraker/ws-transport.ts
 async function openWebSocketTransport(url2, apiKey, handlers, options) {
   const { default: WebSocket } = await import("./wrapper.mjs");
-  return new Promise((resolve4, reject) => {
+  return new Promise((resolve3, reject) => {
     const socket = new WebSocket(url2, {
       headers: apiKey ? { "X-Api-Key": apiKey } : {},
       handshakeTimeout: options.connectTimeoutMs
     });
-    let open7 = false;
+    let open3 = false;
     let closed = false;
     let lastError;
     socket.on("error", (err) => {
       lastError = err;
-      if (!open7) reject(err);
+      if (!open3) reject(err);
     });
     socket.on("message", (data, isBinary) => {
       if (isBinary) return;
       handlers.onMessage(data.toString());
     });
     socket.on("close", () => {
-      if (!open7 || closed) return;
+      if (!open3 || closed) return;
       closed = true;
       handlers.onClose(lastError);
     });
     socket.on("open", () => {
-      open7 = true;
-      resolve4({
+      open3 = true;
+      resolve3({
         description: url2,
         send(message) {
           return new Promise((done, fail2) => {
@@ -16267,7 +12275,7 @@ var MoonrakerConnection = class {
     this.unwatchSocket();
     const peer = this.peer;
     if (peer?.isOpen) {
-      const closed = new Promise((resolve4) => peer.onClose(() => resolve4()));
+      const closed = new Promise((resolve3) => peer.onClose(() => resolve3()));
       peer.close();
       await closed;
     }
@@ -16317,10 +12325,10 @@ var MoonrakerConnection = class {
     }
   }
   async handshake(peer, isCurrent) {
-    const { clientName, version: version2, url: url2 } = this.opts;
+    const { clientName, version, url: url2 } = this.opts;
     const identity = await peer.request("server.connection.identify", {
       client_name: clientName,
-      version: version2,
+      version,
       type: "agent",
       url: url2
     });
@@ -16385,8 +12393,8 @@ var MoonrakerConnection = class {
     const endpoint = this.opts.endpoint;
     if (endpoint.kind !== "unix" || this.socketWatcher) return;
     try {
-      this.socketWatcher = watch(dirname10(endpoint.path), (_event, name) => {
-        if (name !== basename9(endpoint.path) || !this.reconnectTimer || !existsSync3(endpoint.path)) return;
+      this.socketWatcher = watch(dirname4(endpoint.path), (_event, name) => {
+        if (name !== basename4(endpoint.path) || !this.reconnectTimer || !existsSync3(endpoint.path)) return;
         if (this.reconnectDelayMs <= this.backoffInitialMs * 2) return;
         clearTimeout(this.reconnectTimer);
         this.reconnectTimer = null;
@@ -16719,12 +12727,12 @@ var ServiceControl = class {
       clearTimeout(timer);
       this.waiters.delete(waiter);
     };
-    const promise = new Promise((resolve4, reject) => {
+    const promise = new Promise((resolve3, reject) => {
       waiter = {
         check: reached,
         resolve: () => {
           finish2();
-          resolve4();
+          resolve3();
         },
         reject: (err) => {
           finish2();
@@ -16915,7 +12923,6 @@ var Agent = class {
   runner;
   session;
   flash;
-  ota;
   methods;
   console;
   unsubscribers = [];
@@ -16924,6 +12931,9 @@ var Agent = class {
   /** OTA recovery has run in this process (it is only for what an earlier process left). */
   drains;
   otaRecovered = false;
+  createOta;
+  /** The OTA engine once asked for: on the first ota.* call, or at start when an earlier process left OTA files. */
+  otaLoaded = null;
   otaRecovering = false;
   recoveryTimer = null;
   /** The vendor HTTP API ([ota] http_port), once listening; null when off or it could not listen. */
@@ -16950,7 +12960,7 @@ var Agent = class {
       flash,
       ...parts.build ? { build: parts.build } : {},
       ...parts.update ? { update: () => updater ??= parts.update(this.flash, this.session) } : {},
-      ...parts.ota ? { ota: () => this.ota } : {},
+      ...parts.ota ? { ota: () => this.ota() } : {},
       info: () => this.info(),
       pendingKlipperStart: async () => {
         const journal = await readJournal(config.dataDir);
@@ -16963,7 +12973,7 @@ var Agent = class {
       (method, params, info) => this.dispatch(byName, method, params, info.viaMacro)
     );
     this.flash = parts.flash(this.session);
-    this.ota = parts.ota ? parts.ota(this.session, this.flash) : null;
+    this.createOta = parts.ota ? () => parts.ota(this.session, this.flash) : null;
     this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }), () => this.statusUrl);
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
@@ -16985,10 +12995,9 @@ var Agent = class {
     this.recoveryTimer.unref();
     this.startStatusPage();
     const { http_port: port, http_bind: host } = this.config.ota;
-    if (this.ota && port !== null) {
+    if (this.createOta && port !== null) {
       const address = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
-      const engine = this.ota;
-      this.otaHttp = import("./http-api.mjs").then(({ startOtaHttpApi }) => startOtaHttpApi({ engine, port, host, logger: this.logger })).then(
+      this.otaHttp = Promise.all([this.ota(), import("./http-api.mjs")]).then(([engine, { startOtaHttpApi }]) => startOtaHttpApi({ engine, port, host, logger: this.logger })).then(
         (api) => {
           this.logger.info(`OTA vendor HTTP API listening on ${address}`);
           return api;
@@ -17046,7 +13055,7 @@ var Agent = class {
     this.statusWebcam?.close();
     await this.statusWebcam?.settled();
     await (await this.statusPage)?.close();
-    await Promise.all(this.drains.map((drain2) => drain2(REPORT_DRAIN_MS)));
+    await Promise.all(this.drains.map((drain) => drain(REPORT_DRAIN_MS)));
     if (this.recoveryTimer) clearInterval(this.recoveryTimer);
     this.recoveryTimer = null;
     for (const u of this.unsubscribers) u();
@@ -17057,11 +13066,11 @@ var Agent = class {
   waitForIdle(timeoutMs) {
     if (!this.runner.current()) return Promise.resolve();
     this.logger.info("waiting for the running job to finish before stopping");
-    return new Promise((resolve4) => {
+    return new Promise((resolve3) => {
       const done = () => {
         clearTimeout(timer);
         off();
-        resolve4();
+        resolve3();
       };
       const timer = setTimeout(done, timeoutMs);
       const off = this.runner.on((event) => {
@@ -17102,10 +13111,14 @@ var Agent = class {
    * result reaches the console and agent events as any job's does.
    */
   async recoverOta() {
-    if (!this.ota || this.otaRecovered || this.otaRecovering || this.runner.current() || !this.session.identified) return;
+    if (!this.createOta || this.otaRecovered || this.otaRecovering || this.runner.current() || !this.session.identified) return;
+    if (!this.otaLoaded && !existsSync4(otaPaths(this.config.dataDir).root)) {
+      this.otaRecovered = true;
+      return;
+    }
     this.otaRecovering = true;
     try {
-      const outcome = await this.ota.recover();
+      const outcome = await (await this.ota()).recover();
       const log = this.logger.child({ ns: "recovery" });
       if (outcome.action === "busy") {
         log.info({ outcome }, "OTA recovery waits: another moonflash job holds the lock; retrying when a job ends");
@@ -17120,14 +13133,23 @@ var Agent = class {
       this.otaRecovering = false;
     }
   }
+  /** The OTA engine, loaded once; a load that failed is tried again on the next call. */
+  ota() {
+    if (!this.createOta) return Promise.reject(new MoonflashError("INTERNAL", "This moonflash process runs no OTA engine."));
+    this.otaLoaded ??= this.createOta().catch((err) => {
+      this.otaLoaded = null;
+      throw err;
+    });
+    return this.otaLoaded;
+  }
   /** Resolves once the session is identified (its state read), or after `timeoutMs`. */
   identified(timeoutMs) {
     if (this.session.identified) return Promise.resolve();
-    return new Promise((resolve4) => {
+    return new Promise((resolve3) => {
       const done = () => {
         clearTimeout(timer);
         this.session.off("identified", done);
-        resolve4();
+        resolve3();
       };
       const timer = setTimeout(done, timeoutMs);
       this.session.on("identified", done);
@@ -17172,7 +13194,8 @@ function createSession(rt, role) {
 function createFlashEngine(rt, printer, config = rt.config) {
   return new FlashEngine({ config, printer, runner: rt.runner, logger: rt.logger.child({ ns: "flash" }) });
 }
-function createOtaEngine(rt, printer, flash) {
+async function createOtaEngine(rt, printer, flash) {
+  const [{ OtaEngine }, { CallbackReporter }] = await Promise.all([import("./engine.mjs"), import("./callback-report.mjs")]);
   const engine = new OtaEngine({
     dataDir: rt.config.dataDir,
     config: rt.config.ota,
@@ -17194,13 +13217,13 @@ function createOtaEngine(rt, printer, flash) {
   return engine;
 }
 function flashFirmwarePort(rt, printer, flash) {
-  const file = join17(otaPaths(rt.config.dataDir).root, "mcu-devices.json");
+  const file = otaPaths(rt.config.dataDir).mcuDevices;
   const logger = rt.logger.child({ ns: "ota-firmware" });
   let devices = null;
   const known = async () => {
     if (devices) return devices;
     try {
-      const parsed = JSON.parse(await readFile17(file, "utf8"));
+      const parsed = JSON.parse(await readFile12(file, "utf8"));
       devices = parsed !== null && typeof parsed === "object" && !Array.isArray(parsed) ? parsed : {};
     } catch (err) {
       if (err.code !== "ENOENT") logger.warn({ err, file }, "the remembered MCU devices are unreadable; starting afresh");
@@ -17310,7 +13333,7 @@ async function connectPrinter(rt, timeoutMs) {
   });
   session.start();
   try {
-    await new Promise((resolve4, reject) => {
+    await new Promise((resolve3, reject) => {
       const timer = setTimeout(() => {
         reject(
           new MoonflashError(
@@ -17321,7 +13344,7 @@ async function connectPrinter(rt, timeoutMs) {
       }, timeoutMs);
       session.on("identified", () => {
         clearTimeout(timer);
-        resolve4();
+        resolve3();
       });
     });
   } catch (err) {
@@ -17339,31 +13362,14 @@ function exitCodeFor(err) {
 }
 
 export {
-  VERSION,
-  AGENT_NAME,
-  dataPaths,
-  expandHome,
   FLASH_METHODS,
   firmwareProfileDir,
-  MANIFEST_FILE,
-  SIGNATURE_FILE,
-  payloadsOf,
-  parseManifest,
-  keygen,
-  sign,
-  verify,
-  publicKeyOf,
-  fsyncDir,
-  writeFileDurable,
   isProcessAlive,
   readJobLock,
   findExecutable,
   identifyDevice,
   readJournal,
   mcuSectionName,
-  commonJsModule,
-  DEFAULT_LIMITS,
-  readPackage,
   parseProfile,
   initialPrinterState,
   parseParams,

@@ -5,7 +5,7 @@ import {
 } from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import {
   toMoonflashError
-} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 
 // src/cli/render.ts
 import { createRequire } from "node:module";

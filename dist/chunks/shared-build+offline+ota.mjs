@@ -9,16 +9,18 @@ import {
   connectPrinter,
   createFlashEngine,
   createRuntime,
-  dataPaths,
   initialPrinterState,
   isProcessAlive,
   readJobLock,
   readJournal
 } from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import {
+  dataPaths
+} from "./shared-build+console-filters+doctor+engine+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import {
   MoonflashError,
   toMoonflashError
-} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+} from "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
 
 // src/cli/offline.ts
 async function runStatus(opts) {

@@ -5,16 +5,19 @@ import {
 } from "./shared-build+console-filters+init-conf+offline+ota+sidebar-link.mjs";
 import {
   createRuntime,
-  statusPageUrl,
-  writeFileDurable
+  statusPageUrl
 } from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
 import "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
 import "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+page-server+sidebar-link.mjs";
 import {
+  writeFileDurable
+} from "./shared-build+console-filters+doctor+engine+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+sidebar-link.mjs";
+import {
   MoonflashError
-} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+import "./shared-build+callback-report+console-filters+doctor+engine+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/cli/sidebar-link.ts
 import { mkdir, readFile, rm, rmdir } from "node:fs/promises";

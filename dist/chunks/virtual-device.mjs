@@ -15,8 +15,8 @@ import {
 } from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link+virtual-device.mjs";
 import {
   MoonflashError
-} from "./shared-build+console-filters+doctor+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
-import "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+console-filters+doctor+engine+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device.mjs";
+import "./shared-build+callback-report+console-filters+doctor+engine+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // src/sim/virtual-device.ts
 import { EventEmitter as EventEmitter3 } from "node:events";

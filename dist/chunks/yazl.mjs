@@ -3,7 +3,7 @@ import { createRequire as __moonflashRequire } from "node:module"; const require
 import {
   __commonJS,
   __require
-} from "./shared-build+console-filters+doctor+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
+} from "./shared-build+callback-report+console-filters+doctor+engine+execa+http-api+init-conf+moonflash+offline+ota+page-server+sidebar-link+virtual-device+wrapper+yauzl+yazl.mjs";
 
 // node_modules/buffer-crc32/dist/index.cjs
 var require_dist = __commonJS({

@@ -7,7 +7,7 @@ import type { Logger } from "pino";
 import { configSummary, type MoonflashConfig } from "../moonflash-conf.js";
 import type { JobRunner } from "../core/jobs.js";
 import type { PrinterPort } from "../core/printer.js";
-import { isMoonflashError, toMoonflashError } from "../core/errors.js";
+import { isMoonflashError, MoonflashError, toMoonflashError } from "../core/errors.js";
 import { dataPaths } from "../core/paths.js";
 import type { AgentSession, AgentSessionOptions } from "../moonraker/session.js";
 import type { FlashEngine } from "../flash/engine.js";
@@ -15,6 +15,7 @@ import type { FirmwareBuilder } from "../flash/build/builder.js";
 import type { McuUpdater } from "../flash/update-all.js";
 import type { OtaEngine } from "../ota/engine.js";
 import type { OtaHttpApi } from "../ota/http-api.js";
+import { otaPaths } from "../ota/paths.js";
 import { readJournal, recoverInterruptedJob } from "../flash/guard.js";
 import { buildMethodTable, macroDialect, type RemoteMethod } from "./methods.js";
 import { parseParams } from "./params.js";
@@ -50,15 +51,14 @@ export interface AgentParts {
   build?(): FirmwareBuilder;
   /** Update-all (flash.update_all), over the agent's engine and printer. */
   update?(engine: FlashEngine, printer: PrinterPort): McuUpdater;
-  /** The OTA engine (ota.*), flashing firmware modules through the agent's flash engine. */
-  ota?(printer: PrinterPort, flash: FlashEngine): OtaEngine;
+  /** The OTA engine (ota.*), flashing firmware modules through the agent's flash engine; its code loads with it. */
+  ota?(printer: PrinterPort, flash: FlashEngine): Promise<OtaEngine>;
 }
 
 export class Agent {
   readonly runner: JobRunner;
   readonly session: AgentSession;
   readonly flash: FlashEngine;
-  readonly ota: OtaEngine | null;
   readonly methods: RemoteMethod[];
   private readonly console: ConsoleReporter;
   private readonly unsubscribers: Array<() => void> = [];
@@ -67,6 +67,9 @@ export class Agent {
   /** OTA recovery has run in this process (it is only for what an earlier process left). */
   private readonly drains: Array<(timeoutMs: number) => Promise<void>>;
   private otaRecovered = false;
+  private readonly createOta: (() => Promise<OtaEngine>) | null;
+  /** The OTA engine once asked for: on the first ota.* call, or at start when an earlier process left OTA files. */
+  private otaLoaded: Promise<OtaEngine> | null = null;
   private otaRecovering = false;
   private recoveryTimer: NodeJS.Timeout | null = null;
   /** The vendor HTTP API ([ota] http_port), once listening; null when off or it could not listen. */
@@ -96,7 +99,7 @@ export class Agent {
       flash,
       ...(parts.build ? { build: parts.build } : {}),
       ...(parts.update ? { update: () => (updater ??= parts.update!(this.flash, this.session)) } : {}),
-      ...(parts.ota ? { ota: () => this.ota! } : {}),
+      ...(parts.ota ? { ota: () => this.ota() } : {}),
       info: () => this.info(),
       pendingKlipperStart: async () => {
         const journal = await readJournal(config.dataDir);
@@ -109,7 +112,7 @@ export class Agent {
       (method, params, info) => this.dispatch(byName, method, params, info.viaMacro),
     );
     this.flash = parts.flash(this.session);
-    this.ota = parts.ota ? parts.ota(this.session, this.flash) : null;
+    this.createOta = parts.ota ? () => parts.ota!(this.session, this.flash) : null;
     this.console = new ConsoleReporter(this.session, logger.child({ ns: "console" }), () => this.statusUrl);
     this.unsubscribers.push(this.runner.on(this.console.onJobEvent));
     this.unsubscribers.push(this.runner.on(agentEventAdapter(this.session, logger.child({ ns: "events" }))));
@@ -140,11 +143,10 @@ export class Agent {
     this.recoveryTimer.unref();
     this.startStatusPage();
     const { http_port: port, http_bind: host } = this.config.ota;
-    if (this.ota && port !== null) {
+    if (this.createOta && port !== null) {
       const address = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
-      const engine = this.ota;
       // Loaded only when configured: node:http would otherwise sit in every idle agent (docs/BENCHMARKS.md).
-      this.otaHttp = import("../ota/http-api.js").then(({ startOtaHttpApi }) => startOtaHttpApi({ engine, port, host, logger: this.logger })).then(
+      this.otaHttp = Promise.all([this.ota(), import("../ota/http-api.js")]).then(([engine, { startOtaHttpApi }]) => startOtaHttpApi({ engine, port, host, logger: this.logger })).then(
         (api) => {
           this.logger.info(`OTA vendor HTTP API listening on ${address}`);
           return api;
@@ -270,10 +272,15 @@ export class Agent {
    * result reaches the console and agent events as any job's does.
    */
   private async recoverOta(): Promise<void> {
-    if (!this.ota || this.otaRecovered || this.otaRecovering || this.runner.current() || !this.session.identified) return;
+    if (!this.createOta || this.otaRecovered || this.otaRecovering || this.runner.current() || !this.session.identified) return;
+    // Where OTA never ran there is nothing to recover, and the OTA code stays unloaded until an ota.* call.
+    if (!this.otaLoaded && !existsSync(otaPaths(this.config.dataDir).root)) {
+      this.otaRecovered = true;
+      return;
+    }
     this.otaRecovering = true;
     try {
-      const outcome = await this.ota.recover();
+      const outcome = await (await this.ota()).recover();
       const log = this.logger.child({ ns: "recovery" });
       if (outcome.action === "busy") {
         log.info({ outcome }, "OTA recovery waits: another moonflash job holds the lock; retrying when a job ends");
@@ -287,6 +294,16 @@ export class Agent {
     } finally {
       this.otaRecovering = false;
     }
+  }
+
+  /** The OTA engine, loaded once; a load that failed is tried again on the next call. */
+  private ota(): Promise<OtaEngine> {
+    if (!this.createOta) return Promise.reject(new MoonflashError("INTERNAL", "This moonflash process runs no OTA engine."));
+    this.otaLoaded ??= this.createOta().catch((err: unknown) => {
+      this.otaLoaded = null;
+      throw err;
+    });
+    return this.otaLoaded;
   }
 
   /** Resolves once the session is identified (its state read), or after `timeoutMs`. */

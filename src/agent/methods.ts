@@ -47,8 +47,8 @@ export interface MethodDeps {
   build?: () => FirmwareBuilder;
   /** Update-all (flash.update_all); absent where nothing builds. */
   update?: () => McuUpdater;
-  /** The OTA engine (ota.*); a getter for the same reason as `flash`. */
-  ota?: () => OtaEngine;
+  /** The OTA engine (ota.*), loaded on the first call. */
+  ota?: () => Promise<OtaEngine>;
   /** agent.info's content; built by the agent, which knows the session and config. */
   info(): Record<string, unknown>;
   /** A job that ended without confirming Klipper runs again: the agent keeps starting it (the journal says so). */
@@ -132,7 +132,7 @@ async function rollbackMcuMissing(flash: FlashEngine): Promise<MoonflashError> {
 }
 
 /** The OTA engine, or INTERNAL where this process runs none (a table built for docs or tests). */
-function otaEngine(deps: MethodDeps): OtaEngine {
+async function otaEngine(deps: MethodDeps): Promise<OtaEngine> {
   if (!deps.ota) throw new MoonflashError("INTERNAL", "This moonflash process runs no OTA engine.");
   return deps.ota();
 }
@@ -145,7 +145,7 @@ export type OtaStatusResult = OtaStatus & {
 };
 
 async function otaStatus(deps: MethodDeps): Promise<OtaStatusResult> {
-  const engine = otaEngine(deps);
+  const engine = await otaEngine(deps);
   // From memory; the first call reads state.json once, in case no job and no recovery has run yet.
   await engine.load();
   const current = deps.runner.current();
@@ -360,7 +360,8 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
         const params: DownloadParams = { url, md5, ...(sha256 === undefined ? {} : { sha256 }), ...(size === undefined ? {} : { size }) };
         const key = downloadKey(params);
         if (download?.key === key) return download.result;
-        const result = otaEngine(deps).download(params);
+        // Kept before the first await: the same call arriving meanwhile joins this one.
+        const result = otaEngine(deps).then((engine) => engine.download(params));
         const mine = { key, result };
         download = mine;
         try {
@@ -376,14 +377,14 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       name: "ota.install",
       description: "Install the downloaded package: back up, stop the updated services (and Klipper for firmware), replace files, flash, start, probation; rolls back by itself on failure.",
       params: noParams,
-      handler: async () => otaEngine(deps).install(),
+      handler: async () => (await otaEngine(deps)).install(),
       macro: { command: "OTA_INSTALL" },
     }),
     define({
       name: "ota.cancel",
       description: "Cancel the running OTA job; allowed while it downloads, verifies and checks, not once files are replaced.",
       params: noParams,
-      handler: async () => ({ cancelled: otaEngine(deps).cancel().id }),
+      handler: async () => ({ cancelled: (await otaEngine(deps)).cancel().id }),
       summary: (r) => {
         const job = runner.current();
         const target = job?.id === r.cancelled ? job.target : runner.history("ota", 10).find((j) => j.id === r.cancelled)?.target;
@@ -395,7 +396,7 @@ export function buildMethodTable(deps: MethodDeps): RemoteMethod[] {
       name: "ota.rollback",
       description: "Restore what was installed before the last OTA update (files, firmware, services), or finish an interrupted update's rollback.",
       params: noParams,
-      handler: async () => otaEngine(deps).rollback(),
+      handler: async () => (await otaEngine(deps)).rollback(),
       macro: { command: "OTA_ROLLBACK" },
     }),
   ];

@@ -49,7 +49,7 @@ function cancelOnSignal(ota: OtaEngine): () => void {
 /** An OTA job on the printer: runtime, Moonraker session, flash engine, OTA engine, progress, exit code. */
 function runOtaJob(opts: { dataDir: string; json: boolean }, work: (ota: OtaEngine) => Promise<unknown>): Promise<number> {
   return runPrinterJob(opts, async (ctx, flash, printer, renderer) => {
-    const ota = createOtaEngine(ctx, printer, flash);
+    const ota = await createOtaEngine(ctx, printer, flash);
     const off = cancelOnSignal(ota);
     try {
       renderer.done(await work(ota));
@@ -127,7 +127,7 @@ export async function runOtaStatus(opts: { dataDir: string; json: boolean }): Pr
   try {
     const ctx = await createRuntime({ dataDir: opts.dataDir, pretty: false });
     const printer = offlinePrinter();
-    const ota = createOtaEngine(ctx, printer, createFlashEngine(ctx, printer));
+    const ota = await createOtaEngine(ctx, printer, createFlashEngine(ctx, printer));
     await ota.load();
     const lock = await readJobLock(dataPaths(ctx.config.dataDir).lock);
     const running = lock && isProcessAlive(lock.pid) ? lock : null;

@@ -15,7 +15,15 @@ export async function fsyncDir(dir: string): Promise<void> {
   }
 }
 
-export async function writeFileDurable(path: string, data: string | Uint8Array, mode = 0o644): Promise<void> {
+/** Called between the steps of a durable write: the OTA crash matrix kills the process there (src/ota/state.ts). */
+export interface DurableWriteSteps {
+  /** The temp file is written and fsynced; the rename comes next. */
+  written?(): void;
+  /** The temp file is renamed into place; the directory's fsync comes next. */
+  renamed?(): void;
+}
+
+export async function writeFileDurable(path: string, data: string | Uint8Array, mode = 0o644, steps: DurableWriteSteps = {}): Promise<void> {
   const dir = dirname(path);
   await mkdir(dir, { recursive: true });
   const tmp = join(dir, `.${basename(path)}.${process.pid}.${process.getBuiltinModule("node:crypto").randomBytes(4).toString("hex")}.tmp`);
@@ -27,7 +35,9 @@ export async function writeFileDurable(path: string, data: string | Uint8Array, 
     } finally {
       await handle.close();
     }
+    steps.written?.();
     await rename(tmp, path);
+    steps.renamed?.();
     await fsyncDir(dir);
   } catch (err) {
     await rm(tmp, { force: true });

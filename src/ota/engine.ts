@@ -18,7 +18,6 @@ import type { Logger } from "pino";
 import { isMoonflashError, MoonflashError, toMoonflashError } from "../core/errors.js";
 import type { JobContext } from "../core/events.js";
 import type { CurrentJob, JobRunner } from "../core/jobs.js";
-import { dataPaths } from "../core/paths.js";
 import type { PrinterPort } from "../core/printer.js";
 import { rootsMap, type OtaConfig } from "./config.js";
 import {
@@ -31,6 +30,7 @@ import { compareVersions, type Manifest, type ManifestModule } from "./manifest.
 import { extractPackage, readPackage, resolveTargets, type ExtractedPackage, type PackageLimits, type ResolvedTarget } from "./package.js";
 import { describeRef, findProcesses, stopProcess } from "./processes.js";
 import { safeUrl } from "../core/url.js";
+import { otaPaths } from "./paths.js";
 import { isRawPublicKey } from "./signing.js";
 import {
   DEFAULT_MAX_STATE_SAVES, DEPLOY_STATES, OtaStateStore, crashPoint, makeUpdateId, newState,
@@ -165,19 +165,6 @@ export interface OtaStatus {
   /** The state chain of the current update. */
   history: OtaStateName[];
   job: CurrentJob | null;
-}
-
-/** Where OTA keeps its files. */
-export function otaPaths(dataDir: string) {
-  const root = join(dataPaths(dataDir).state, "ota");
-  return {
-    root,
-    state: join(root, "state.json"),
-    download: join(root, "download"),
-    package: join(root, "download", "package.zip"),
-    staging: join(root, "staging"),
-    backups: join(root, "backup"),
-  };
 }
 
 /**

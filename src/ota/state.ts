@@ -30,7 +30,7 @@ import { readdir, readFile, rename, rm } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import * as z from "zod/mini";
 import "../core/zod.js";
-import { fsyncDir, writeFileDurable } from "../core/durable.js";
+import { fsyncDir, writeFileDurable, type DurableWriteSteps } from "../core/durable.js";
 import { ERROR_CODES, MoonflashError, type ErrorCode } from "../core/errors.js";
 
 /** The states of one update, in the order a successful one passes them. */
@@ -258,7 +258,7 @@ export class OtaStateStore {
     if (!base) throw new MoonflashError("INTERNAL", `OTA state transition to ${next} without an update`);
     const at = this.now();
     const history = [...base.history, { state: next, at: at.toISOString(), pid: process.pid }].slice(-HISTORY_KEPT);
-    return this.write({ ...base, ...patch, state: next, saves: base.saves + 1, history, updatedAt: at.toISOString() });
+    return this.write({ ...base, ...patch, state: next, saves: base.saves + 1, history, updatedAt: at.toISOString() }, TRANSITION_STEPS);
   }
 
   /** Saves a change within the current state (progress, a stopped unit, a firmware status). */
@@ -267,8 +267,8 @@ export class OtaStateStore {
     return this.write({ ...this.current, ...patch, updatedAt: this.now().toISOString() });
   }
 
-  private async write(state: OtaState): Promise<OtaState> {
-    await writeFileDurable(this.path, `${JSON.stringify(state, null, 2)}\n`);
+  private async write(state: OtaState, steps: DurableWriteSteps = {}): Promise<OtaState> {
+    await writeFileDurable(this.path, `${JSON.stringify(state, null, 2)}\n`, 0o644, steps);
     this.current = state;
     this.loaded = true;
     return state;
@@ -290,8 +290,12 @@ export class OtaStateStore {
 
 // --- crash points ---
 
-/** Every place MOONFLASH_OTA_CRASH_AT may name, in the order an update (then a rollback) reaches them. */
+/** Every place MOONFLASH_OTA_CRASH_AT may name: inside every transition's write, then in the order an update (then a rollback) reaches them. */
 export const CRASH_POINTS = [
+  /** A transition's state.json temp file was written and fsynced, before the rename (one hit per transition). */
+  "state-temp-written",
+  /** A transition's state.json was renamed into place, before its directory's fsync (one hit per transition). */
+  "state-renamed",
   /** downloading saved, before the first request. */
   "download-started",
   /** Bytes of the package arrived (each progress report with bytes is a hit). */
@@ -344,6 +348,9 @@ export const CRASH_POINTS = [
 export type CrashPoint = (typeof CRASH_POINTS)[number];
 
 const crashHits = new Map<string, number>();
+
+/** Inside the durable write of every transition (progress saves within a state are not hits). */
+const TRANSITION_STEPS: DurableWriteSteps = { written: () => crashPoint("state-temp-written"), renamed: () => crashPoint("state-renamed") };
 
 /** SIGKILLs this process when MOONFLASH_OTA_CRASH_AT names `point` and this is the MOONFLASH_OTA_CRASH_AFTER-th hit. */
 export function crashPoint(point: CrashPoint): void {

@@ -65,6 +65,18 @@ const CASES: Case[] = [
   { point: "rollback-firmware", unhealthy: true, tree: "old", state: "rolled_back", chain: [...PROBATION, "rolling_back", ...ROLLED_BACK], error: "HEALTH_CHECK_FAILED" },
   { point: "rollback-service-started", unhealthy: true, tree: "old", state: "rolled_back", chain: [...PROBATION, "rolling_back", ...ROLLED_BACK], error: "HEALTH_CHECK_FAILED" },
   { point: "rolled-back", unhealthy: true, tree: "old", state: "rolled_back", chain: [...PROBATION, ...ROLLED_BACK], error: "HEALTH_CHECK_FAILED" },
+  // Killed inside the durable write of a transition (hits: 1 downloading, 2 downloaded, 3 verified, 4 backing_up,
+  // 5 deploying, 6 restarting, 7 probation, 8 committed or rolling_back, 9 rolled_back): before the rename the state
+  // before it holds, after it the new one, and the temp file left behind is removed.
+  { point: "state-temp-written", after: 2, tree: "old", state: "verified", chain: ["downloading", ...D] },
+  { point: "state-temp-written", after: 4, tree: "old", state: "verified", chain: D },
+  { point: "state-renamed", after: 4, tree: "old", state: "rolled_back", chain: [...D, "backing_up", ...ROLLED_BACK], error: "INTERRUPTED" },
+  { point: "state-temp-written", after: 6, tree: "old", state: "rolled_back", chain: [...DEPLOYED, ...ROLLED_BACK], error: "INTERRUPTED" },
+  { point: "state-renamed", after: 7, tree: "old", state: "rolled_back", chain: [...PROBATION, ...ROLLED_BACK], error: "INTERRUPTED" },
+  { point: "state-temp-written", after: 8, tree: "new", state: "committed", chain: [...PROBATION, "committed"] },
+  { point: "state-renamed", after: 8, tree: "new", state: "committed", chain: [...PROBATION, "committed"] },
+  { point: "state-temp-written", after: 8, unhealthy: true, tree: "old", state: "rolled_back", chain: [...PROBATION, ...ROLLED_BACK], error: "INTERRUPTED" },
+  { point: "state-temp-written", after: 9, unhealthy: true, tree: "old", state: "rolled_back", chain: [...PROBATION, "rolling_back", ...ROLLED_BACK], error: "HEALTH_CHECK_FAILED" },
 ];
 
 let base: string;
@@ -168,12 +180,14 @@ describe("crash matrix: SIGKILL at every crash point, then recover() in a new pr
         expect(state.stopped).toEqual([]);
 
         // No service stays stopped: every service the update touched was started last.
-        const deployed = !["download-started", "download-partial", "downloaded", "verified", "staged", "backing-up", "backup-file", "backed-up"].includes(c.point);
+        const deployed = c.chain.includes("deploying");
         expect(lastActions(p)).toEqual(deployed ? { klipper: "start", crowsnest: "start" } : { klipper: "none", crowsnest: "none" });
         expect(p.fake.klipper.serviceActive).toBe(true);
         // Nothing is left in the staging directory.
         const staging = join(p.dir, "data", "moonflash", "ota", "staging");
         expect(existsSync(staging) ? await readdir(staging) : []).toEqual([]);
+        // Nor a temp file of a state write the kill cut short.
+        expect((await readdir(join(p.dir, "data", "moonflash", "ota"))).filter((n) => n.endsWith(".tmp"))).toEqual([]);
       } finally {
         await p.fake.stop();
       }
