@@ -74,6 +74,7 @@ export function createFlashEngine(rt: Runtime, printer: PrinterPort, config: Fla
  */
 export async function createOtaEngine(rt: Runtime, printer: PrinterPort, flash: FlashEngine): Promise<OtaEngine> {
   const [{ OtaEngine }, { CallbackReporter }] = await Promise.all([import("./ota/engine.js"), import("./ota/callback-report.js")]);
+  rt.logger.info("OTA engine loaded");
   const engine = new OtaEngine({
     dataDir: rt.config.dataDir,
     config: rt.config.ota,

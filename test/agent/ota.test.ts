@@ -270,6 +270,20 @@ describe("ota.* through server.extensions.request", () => {
     expect((await status(p)).last.map((j) => [j.ok, j.code ?? null])).toEqual([[true, null], [false, "CANCELLED"]]);
   });
 
+  it("where OTA never ran, the OTA engine (and its code) is loaded on the first ota.* call, not at start", { timeout: 30_000 }, async () => {
+    const p = await setUp();
+    const agent = await p.startAgent();
+    await p.moonraker.waitFor(() => agent.session.identified, 10_000);
+    await new Promise((r) => setTimeout(r, 300));
+    const loaded = () => p.logs.filter((l) => l.msg === "OTA engine loaded").length;
+    expect(existsSync(join(p.dir, "moonflash", "ota"))).toBe(false);
+    expect(loaded()).toBe(0);
+    expect(await status(p)).toMatchObject({ state: "idle" });
+    expect(loaded()).toBe(1);
+    await status(p);
+    expect(loaded()).toBe(1);
+  });
+
   it("at start the agent recovers an update a dead process left: the interrupted download is resumed and verified", { timeout: 30_000 }, async () => {
     const p = await setUp();
     // What a process killed mid-download leaves: state.json in `downloading`, naming its job.
