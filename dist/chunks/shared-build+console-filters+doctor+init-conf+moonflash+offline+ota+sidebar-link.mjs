@@ -13196,6 +13196,7 @@ function createFlashEngine(rt, printer, config = rt.config) {
 }
 async function createOtaEngine(rt, printer, flash) {
   const [{ OtaEngine }, { CallbackReporter }] = await Promise.all([import("./engine.mjs"), import("./callback-report.mjs")]);
+  rt.logger.info("OTA engine loaded");
   const engine = new OtaEngine({
     dataDir: rt.config.dataDir,
     config: rt.config.ota,
