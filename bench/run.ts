@@ -47,6 +47,9 @@ async function sampleIdle(pid: number): Promise<Memory> {
   return { ...samples[Math.floor(samples.length / 2)]!, hwm: memoryKiB(pid).hwm };
 }
 
+/** Fresh serves measured at idle; the median is reported. */
+const IDLE_SERVES = 3;
+
 /** The floor: an empty node process that only waits, on this machine. */
 async function bareNode(): Promise<Memory> {
   const node = execa("node", ["-e", "setInterval(() => {}, 1 << 30)"], { ...SERVICE_ENV, reject: false, timeout: 60_000 });
@@ -353,13 +356,17 @@ async function main(): Promise<void> {
   const serviceLabel = `node ${[...service, "dist/moonflash.mjs serve"].join(" ")}`;
   if (otaOnlyRun) return otaOnly(serviceLabel, service, runCount);
   let idle: Memory | undefined;
+  /** Each fresh serve at idle: one V8 heap page more or less moves a single run by 0.25 MiB. */
+  let idleRuns: Memory[] = [];
   let idlePlain: Memory | undefined;
   let bare: Memory | undefined;
   const serviceRuns: Array<ServiceFlash & { label: string; run: number }> = [];
   const updateRuns: UpdateAllRun[] = [];
   if (!flashOnly) {
     process.stdout.write("idle RSS of serve…\n");
-    idle = await idleServe(service);
+    for (let i = 0; i < IDLE_SERVES; i++) idleRuns.push(await idleServe(service));
+    idleRuns = idleRuns.sort((a, b) => a.rss - b.rss);
+    idle = idleRuns[Math.floor(idleRuns.length / 2)]!;
     idlePlain = service.length ? await idleServe([]) : idle;
     bare = await bareNode();
     process.stdout.write(`  serve ${mib(idle.rss)} (anon ${mib(idle.anon)}), without node options ${mib(idlePlain.rss)}, bare node ${mib(bare.rss)} (anon ${mib(bare.anon)})\n`);
@@ -422,7 +429,7 @@ async function main(): Promise<void> {
     "### Idle",
     "",
     "Connected and registered to a fake Moonraker over the unix socket, idle for 30 s (its steady state), then sampled",
-    "10 times over 10 s (median shown).",
+    `10 times over 10 s (median shown). The service's row is the median of ${idleRuns.length} fresh serves (${idleRuns.map((m) => mib(m.rss)).join(", ")}).`,
     "",
     "| process | RSS | over empty node | anonymous (heap, stacks) | file-backed (node binary, libs) | peak (VmHWM) |",
     "|---|---|---|---|---|---|",
