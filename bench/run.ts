@@ -19,13 +19,12 @@ import { startFakeMoonraker, type FakeMoonraker } from "../test/support/fake-moo
 import { openSerialLink } from "../src/flash/link.js";
 import { startOutdatedPrinter } from "../test/support/outdated-printer.js";
 import { otaSection, runOtaBench } from "./ota.js";
-import { bundle, memoryKiB, root, SERVICE_ENV, sleep, type Memory } from "./support.js";
+import { bundle, IDLE_TARGET_KIB, memoryKiB, root, SERVICE_ENV, sleep, type Memory } from "./support.js";
 import { FrameDecoder, encodeComplete, encodeConnect, encodeRequestBlock, encodeSendBlock, encodeSendEof } from "../src/flash/katapult/codec.js";
 
 const IDLE_SETTLE_MS = 30_000;
 
 /** Targets over an empty node process on the same machine, in the same run. */
-const IDLE_TARGET_KIB = 8 * 1024;
 const FLASH_PEAK_TARGET_KIB = 24 * 1024;
 const range = (values: number[]): string => `${Math.min(...values).toFixed(2)}–${Math.max(...values).toFixed(2)}`;
 const median = (values: number[]): number => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;

@@ -6,6 +6,9 @@ import { fileURLToPath } from "node:url";
 
 export const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 export const bundle = join(root, "dist", "moonflash.mjs");
+/** Target of an idle `serve` over an empty node process on the same machine, in the same run. */
+export const IDLE_TARGET_KIB = 8 * 1024;
+
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /**

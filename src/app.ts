@@ -70,11 +70,10 @@ export function createFlashEngine(rt: Runtime, printer: PrinterPort, config: Fla
 
 /**
  * The OTA engine, flashing firmware modules through `flash` (flashFirmwarePort). Its code is loaded here, on first
- * use: an agent that never runs an update does not carry it (docs/BENCHMARKS.md).
+ * use: an agent on a printer where OTA never ran does not carry it (docs/BENCHMARKS.md).
  */
 export async function createOtaEngine(rt: Runtime, printer: PrinterPort, flash: FlashEngine): Promise<OtaEngine> {
   const [{ OtaEngine }, { CallbackReporter }] = await Promise.all([import("./ota/engine.js"), import("./ota/callback-report.js")]);
-  rt.logger.info("OTA engine loaded");
   const engine = new OtaEngine({
     dataDir: rt.config.dataDir,
     config: rt.config.ota,
@@ -84,6 +83,7 @@ export async function createOtaEngine(rt: Runtime, printer: PrinterPort, flash: 
     firmware: flashFirmwarePort(rt, printer, flash),
     serviceTimeoutMs: rt.config.moonflash.service_timeout * 1000,
   });
+  rt.logger.info("OTA engine loaded");
   const url = rt.config.ota.callback_url;
   if (url) {
     const reporter = new CallbackReporter({ url, logger: rt.logger.child({ ns: "ota-report" }), status: () => engine.status(), userAgent: `moonflash/${VERSION}` });

@@ -12915,7 +12915,15 @@ var AgentSession = class {
 };
 
 // src/agent/agent.ts
-import { existsSync as existsSync4 } from "node:fs";
+import { existsSync as existsSync4, statSync as statSync2 } from "node:fs";
+function otaDirExists(dataDir) {
+  try {
+    statSync2(otaPaths(dataDir).root);
+    return true;
+  } catch (err) {
+    return err.code !== "ENOENT";
+  }
+}
 var HANDSHAKE_WAIT_MS = 5e3;
 var RECOVERY_CHECK_MS = 1e4;
 var REPORT_DRAIN_MS = 5e3;
@@ -12997,13 +13005,19 @@ var Agent = class {
     const { http_port: port, http_bind: host } = this.config.ota;
     if (this.createOta && port !== null) {
       const address = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
-      this.otaHttp = Promise.all([this.ota(), import("./http-api.mjs")]).then(([engine, { startOtaHttpApi }]) => startOtaHttpApi({ engine, port, host, logger: this.logger })).then(
-        (api) => {
-          this.logger.info(`OTA vendor HTTP API listening on ${address}`);
-          return api;
+      this.otaHttp = this.ota().then(
+        async (engine) => {
+          try {
+            const api = await (await import("./http-api.mjs")).startOtaHttpApi({ engine, port, host, logger: this.logger });
+            this.logger.info(`OTA vendor HTTP API listening on ${address}`);
+            return api;
+          } catch (err) {
+            this.logger.error({ err }, `the OTA vendor HTTP API could not listen on ${address}`);
+            return null;
+          }
         },
         (err) => {
-          this.logger.error({ err }, `the OTA vendor HTTP API could not listen on ${address}`);
+          this.logger.error({ err }, `the OTA engine could not be loaded, so the vendor HTTP API (${address}) is off`);
           return null;
         }
       );
@@ -13112,8 +13126,9 @@ var Agent = class {
    */
   async recoverOta() {
     if (!this.createOta || this.otaRecovered || this.otaRecovering || this.runner.current() || !this.session.identified) return;
-    if (!this.otaLoaded && !existsSync4(otaPaths(this.config.dataDir).root)) {
+    if (!this.otaLoaded && !otaDirExists(this.config.dataDir)) {
       this.otaRecovered = true;
+      this.logger.debug("OTA recovery: OTA never ran here; its engine loads on the first ota.* call");
       return;
     }
     this.otaRecovering = true;
@@ -13135,8 +13150,9 @@ var Agent = class {
   }
   /** The OTA engine, loaded once; a load that failed is tried again on the next call. */
   ota() {
-    if (!this.createOta) return Promise.reject(new MoonflashError("INTERNAL", "This moonflash process runs no OTA engine."));
-    this.otaLoaded ??= this.createOta().catch((err) => {
+    const create = this.createOta;
+    if (!create) return Promise.reject(new MoonflashError("INTERNAL", "This moonflash process runs no OTA engine."));
+    this.otaLoaded ??= create().catch((err) => {
       this.otaLoaded = null;
       throw err;
     });
@@ -13196,7 +13212,6 @@ function createFlashEngine(rt, printer, config = rt.config) {
 }
 async function createOtaEngine(rt, printer, flash) {
   const [{ OtaEngine }, { CallbackReporter }] = await Promise.all([import("./engine.mjs"), import("./callback-report.mjs")]);
-  rt.logger.info("OTA engine loaded");
   const engine = new OtaEngine({
     dataDir: rt.config.dataDir,
     config: rt.config.ota,
@@ -13206,6 +13221,7 @@ async function createOtaEngine(rt, printer, flash) {
     firmware: flashFirmwarePort(rt, printer, flash),
     serviceTimeoutMs: rt.config.moonflash.service_timeout * 1e3
   });
+  rt.logger.info("OTA engine loaded");
   const url2 = rt.config.ota.callback_url;
   if (url2) {
     const reporter = new CallbackReporter({ url: url2, logger: rt.logger.child({ ns: "ota-report" }), status: () => engine.status(), userAgent: `moonflash/${VERSION}` });

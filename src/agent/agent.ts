@@ -2,7 +2,7 @@
 // and keeps Klipper's promise after an interrupted job. It is built by the composition root (src/app.ts);
 // engines never see the transport.
 
-import { existsSync } from "node:fs";
+import { existsSync, statSync } from "node:fs";
 import type { Logger } from "pino";
 import { configSummary, type MoonflashConfig } from "../moonflash-conf.js";
 import type { JobRunner } from "../core/jobs.js";
@@ -23,6 +23,16 @@ import { ConsoleReporter, agentEventAdapter } from "./progress.js";
 import { StatusWebcam, statusPageUrl } from "./status-webcam.js";
 import { listenForPage, type StatusListener } from "../status/listener.js";
 import { VERSION, AGENT_NAME } from "../version.js";
+
+/** Whether <data>/moonflash/ota exists; anything but "it does not" (e.g. EACCES) counts as yes: the engine then says what is wrong. */
+function otaDirExists(dataDir: string): boolean {
+  try {
+    statSync(otaPaths(dataDir).root);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code !== "ENOENT";
+  }
+}
 
 /** How long a call that arrives during the Moonraker handshake waits for the state to be read. */
 const HANDSHAKE_WAIT_MS = 5_000;
@@ -146,13 +156,19 @@ export class Agent {
     if (this.createOta && port !== null) {
       const address = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
       // Loaded only when configured: node:http would otherwise sit in every idle agent (docs/BENCHMARKS.md).
-      this.otaHttp = Promise.all([this.ota(), import("../ota/http-api.js")]).then(([engine, { startOtaHttpApi }]) => startOtaHttpApi({ engine, port, host, logger: this.logger })).then(
-        (api) => {
-          this.logger.info(`OTA vendor HTTP API listening on ${address}`);
-          return api;
+      this.otaHttp = this.ota().then(
+        async (engine) => {
+          try {
+            const api = await (await import("../ota/http-api.js")).startOtaHttpApi({ engine, port, host, logger: this.logger });
+            this.logger.info(`OTA vendor HTTP API listening on ${address}`);
+            return api;
+          } catch (err) {
+            this.logger.error({ err }, `the OTA vendor HTTP API could not listen on ${address}`);
+            return null;
+          }
         },
         (err: unknown) => {
-          this.logger.error({ err }, `the OTA vendor HTTP API could not listen on ${address}`);
+          this.logger.error({ err }, `the OTA engine could not be loaded, so the vendor HTTP API (${address}) is off`);
           return null;
         },
       );
@@ -273,9 +289,11 @@ export class Agent {
    */
   private async recoverOta(): Promise<void> {
     if (!this.createOta || this.otaRecovered || this.otaRecovering || this.runner.current() || !this.session.identified) return;
-    // Where OTA never ran there is nothing to recover, and the OTA code stays unloaded until an ota.* call.
-    if (!this.otaLoaded && !existsSync(otaPaths(this.config.dataDir).root)) {
+    // Where OTA never ran there is nothing to recover, and the OTA code stays unloaded until an ota.* call. Once an
+    // update ran, its state and backups stay, and every start loads the engine to look at them.
+    if (!this.otaLoaded && !otaDirExists(this.config.dataDir)) {
       this.otaRecovered = true;
+      this.logger.debug("OTA recovery: OTA never ran here; its engine loads on the first ota.* call");
       return;
     }
     this.otaRecovering = true;
@@ -298,8 +316,9 @@ export class Agent {
 
   /** The OTA engine, loaded once; a load that failed is tried again on the next call. */
   private ota(): Promise<OtaEngine> {
-    if (!this.createOta) return Promise.reject(new MoonflashError("INTERNAL", "This moonflash process runs no OTA engine."));
-    this.otaLoaded ??= this.createOta().catch((err: unknown) => {
+    const create = this.createOta;
+    if (!create) return Promise.reject(new MoonflashError("INTERNAL", "This moonflash process runs no OTA engine."));
+    this.otaLoaded ??= create().catch((err: unknown) => {
       this.otaLoaded = null;
       throw err;
     });

@@ -167,7 +167,7 @@ export async function startOtaPrinter(opts: { extraConf?: string } = {}): Promis
           done();
         },
       });
-      const agent = await createAgent({ dataDir: dir, logger: pino({ level: "info" }, sink) });
+      const agent = await createAgent({ dataDir: dir, logger: pino({ level: "debug" }, sink) });
       printer.agent = agent;
       agent.start();
       await moonraker.waitFor(() => moonraker.remoteMethods().includes("ota.rollback") && agent.session.identified, 10_000);
