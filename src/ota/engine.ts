@@ -1243,7 +1243,6 @@ function healthFailure(why: string, cause?: unknown): MoonflashError {
   );
 }
 
-/** A URL for logs and history: without credentials or query (signed download URLs carry tokens there). */
 async function exists(path: string): Promise<boolean> {
   try {
     await access(path);

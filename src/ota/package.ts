@@ -414,15 +414,15 @@ function checkEntriesAgainstManifest(entries: Map<string, CheckedEntry>, manifes
 // --- file data ---
 
 /**
- * Inflates one entry chunk by chunk into `onChunk`, counting bytes and hashing. Never accepts more than the
- * declared size (a lying header is refused while inflating, not after), nor less.
- */
-/**
  * Checking and extracting a package reads hundreds of MB through fresh buffers, two per 16 KiB (the read and the
  * inflated chunk), so a minor collection per 256 KiB inflated; see gc-pacer.ts.
  */
 const streamedGarbage = new GarbagePacer(256 * 1024);
 
+/**
+ * Inflates one entry chunk by chunk into `onChunk`, counting bytes and hashing. Never accepts more than the
+ * declared size (a lying header is refused while inflating, not after), nor less.
+ */
 async function pumpEntry(zip: ZipFile, info: CheckedEntry, onChunk: (chunk: Buffer) => unknown, signal?: AbortSignal): Promise<{ sha256: string }> {
   const hash = process.getBuiltinModule("node:crypto").createHash("sha256");
   let stream: NodeJS.ReadableStream & { destroy(): void };

@@ -4,8 +4,6 @@
 
 import { safeUrl } from "../core/url.js";
 
-export { safeUrl };
-
 const URL_IN_TEXT = /\b[a-z][a-z0-9+.-]*:\/\/[^\s"'<>`]+/gi;
 // An absolute or ~/ path: starts after the text's start, a space, a quote, a bracket or "=" so that "1/2" and the
 // path part of a URL (already handled) do not count.

@@ -1,7 +1,8 @@
 // What the status page takes out of every text before a browser sees it.
 
 import { describe, expect, it } from "vitest";
-import { redactText, safeUrl, shownText } from "../../src/status/redact.js";
+import { redactText, shownText } from "../../src/status/redact.js";
+import { safeUrl } from "../../src/core/url.js";
 
 describe("redactText", () => {
   it.each([
