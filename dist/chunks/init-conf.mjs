@@ -4,8 +4,6 @@ import {
   reportFailure
 } from "./shared-build+console-filters+init-conf+offline+ota+sidebar-link.mjs";
 import {
-  MCU_DEFAULTS,
-  autoFlashMethods,
   connectPrinter,
   createRuntime
 } from "./shared-build+console-filters+doctor+init-conf+moonflash+offline+ota+sidebar-link.mjs";
@@ -20,14 +18,19 @@ import "./shared-build+callback-report+console-filters+doctor+engine+execa+http-
 // src/cli/init-conf.ts
 import { readFile } from "node:fs/promises";
 var EXAMPLES_START = /^#\[mcu\]$/m;
+function suggestedMethod(mcu) {
+  if (mcu.canbusUuid) return "flashtool";
+  if (mcu.serial?.startsWith("/tmp/klipper_host_mcu")) return "linux";
+  return "katapult, make";
+}
 function confWithPrinterMcus(template, mcus) {
   if (mcus.length === 0) return template;
   const block = [
     "# Klipper's config has these MCUs (read from Moonraker when this file was written). Uncomment a section to say how",
     "# moonflash flashes that board; the device shown is Klipper's, used unless you set serial: or canbus_uuid: here.",
     ...mcus.flatMap((m) => {
-      const where = m.serial ? `serial ${m.serial}` : m.canbusUuid ? `canbus_uuid ${m.canbusUuid} on ${m.canbusInterface ?? MCU_DEFAULTS.canbus_interface}` : "no serial: or canbus_uuid: in Klipper's config";
-      return [`#[${m.section}]`, `#  (Klipper: ${where}${m.mcuType ? `, ${m.mcuType}` : ""})`, `#method: ${autoFlashMethods(m).join(", ")}`, "#"];
+      const where = m.serial ? `serial ${m.serial}` : m.canbusUuid ? `canbus_uuid ${m.canbusUuid} on ${m.canbusInterface ?? "can0"}` : "no serial: or canbus_uuid: in Klipper's config";
+      return [`#[${m.section}]`, `#  (Klipper: ${where}${m.mcuType ? `, ${m.mcuType}` : ""})`, `#method: ${suggestedMethod(m)}`, "#"];
     }),
     "# More examples:"
   ];

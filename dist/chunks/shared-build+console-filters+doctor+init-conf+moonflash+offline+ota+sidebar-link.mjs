@@ -5637,11 +5637,6 @@ function methodListProblem(names) {
   }
   return null;
 }
-function autoFlashMethods(board) {
-  if (board.mcuType?.toLowerCase() === "linux") return ["linux"];
-  if (board.canbusUuid && !board.serial) return ["flashtool"];
-  return ["katapult", "make"];
-}
 function parseFlashMethods(value2) {
   const names = [...new Set((Array.isArray(value2) ? value2 : [value2]).flatMap((v) => v.split(",")).map((v) => v.trim()).filter(Boolean))];
   if (names.length === 0) {
@@ -8817,6 +8812,7 @@ function versionSummary(check) {
 }
 
 // src/flash/engine.ts
+var AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"], linux: ["linux"] };
 var FINAL_CODES = /* @__PURE__ */ new Set(["CANCELLED", "PRINTER_BUSY", "MCU_MISMATCH", "FIRMWARE_TOO_LARGE"]);
 var FIRMWARE_PARAM_HINT = "give its path with FIRMWARE= (macro) or --firmware (CLI)";
 function defaultFlashers(config, opts) {
@@ -9149,7 +9145,7 @@ var FlashEngine = class {
     if (!(own?.backup_before_flash ?? byDefault)) return false;
     const connection = await this.mcuConnection(section);
     if (connection.mcuType?.toLowerCase() === "linux" || !connection.serial) return false;
-    if (!(own?.method ?? autoFlashMethods({ serial: connection.serial })).includes("katapult")) return false;
+    if (!(own?.method ?? AUTO_CHAIN.serial).includes("katapult")) return false;
     return (await this.store.list(section)).length === 0;
   }
   /** Keeps what the flasher read back as the MCU's image before the one about to be written. */
@@ -9267,7 +9263,7 @@ var FlashEngine = class {
     }
     const expectedMcuType = own?.mcu_type ?? klipper?.mcuType ?? null;
     const linuxHost = expectedMcuType?.toLowerCase() === "linux";
-    const methods = params.method !== void 0 ? parseFlashMethods(params.method) : own?.method ?? autoFlashMethods({ mcuType: expectedMcuType, serial, canbusUuid: canbusUuid2 });
+    const methods = params.method !== void 0 ? parseFlashMethods(params.method) : own?.method ?? [...linuxHost ? AUTO_CHAIN.linux : serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus];
     const firmware = resolve2(params.firmware ?? own?.firmware ?? join6(this.config.moonflash.klipper_path, "out", linuxHost ? "klipper.elf" : "klipper.bin"));
     const image = await readFirmware(firmware, own?.flash_size ?? null, expectedMcuType, section);
     const deviceRealPath = serial && !linuxHost ? await checkDevicePath(serial) : null;
@@ -13384,9 +13380,7 @@ function exitCodeFor(err) {
 
 export {
   FLASH_METHODS,
-  autoFlashMethods,
   firmwareProfileDir,
-  MCU_DEFAULTS,
   isProcessAlive,
   readJobLock,
   findExecutable,

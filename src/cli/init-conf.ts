@@ -5,12 +5,18 @@
 import { readFile } from "node:fs/promises";
 import { connectPrinter, createRuntime } from "../app.js";
 import type { McuInfo } from "../core/printer.js";
-import { autoFlashMethods, MCU_DEFAULTS } from "../flash/config.js";
 import type { AgentSession } from "../moonraker/session.js";
 import { reportFailure } from "./render.js";
 
 /** The template's first example section: the printer's sections go just before it. */
 const EXAMPLES_START = /^#\[mcu\]$/m;
+
+/** How moonflash would flash a board Klipper reaches this way (a suggestion the user may change). */
+function suggestedMethod(mcu: McuInfo): string {
+  if (mcu.canbusUuid) return "flashtool";
+  if (mcu.serial?.startsWith("/tmp/klipper_host_mcu")) return "linux";
+  return "katapult, make";
+}
 
 /** The template with a commented section for each of the printer's MCUs (pure). */
 export function confWithPrinterMcus(template: string, mcus: McuInfo[]): string {
@@ -19,8 +25,8 @@ export function confWithPrinterMcus(template: string, mcus: McuInfo[]): string {
     "# Klipper's config has these MCUs (read from Moonraker when this file was written). Uncomment a section to say how",
     "# moonflash flashes that board; the device shown is Klipper's, used unless you set serial: or canbus_uuid: here.",
     ...mcus.flatMap((m) => {
-      const where = m.serial ? `serial ${m.serial}` : m.canbusUuid ? `canbus_uuid ${m.canbusUuid} on ${m.canbusInterface ?? MCU_DEFAULTS.canbus_interface}` : "no serial: or canbus_uuid: in Klipper's config";
-      return [`#[${m.section}]`, `#  (Klipper: ${where}${m.mcuType ? `, ${m.mcuType}` : ""})`, `#method: ${autoFlashMethods(m).join(", ")}`, "#"];
+      const where = m.serial ? `serial ${m.serial}` : m.canbusUuid ? `canbus_uuid ${m.canbusUuid} on ${m.canbusInterface ?? "can0"}` : "no serial: or canbus_uuid: in Klipper's config";
+      return [`#[${m.section}]`, `#  (Klipper: ${where}${m.mcuType ? `, ${m.mcuType}` : ""})`, `#method: ${suggestedMethod(m)}`, "#"];
     }),
     "# More examples:",
   ];

@@ -59,16 +59,6 @@ function methodListProblem(names: string[]): { name: string; repeated: boolean; 
   return null;
 }
 
-/**
- * The methods tried when neither the request nor moonflash.conf names one, by how Klipper reaches the board: the
- * Linux host MCU is installed, a CAN node goes through flashtool.py, a serial board through Katapult, then make flash.
- */
-export function autoFlashMethods(board: { mcuType?: string | null; serial?: string | null; canbusUuid?: string | null }): FlashMethodName[] {
-  if (board.mcuType?.toLowerCase() === "linux") return ["linux"];
-  if (board.canbusUuid && !board.serial) return ["flashtool"];
-  return ["katapult", "make"];
-}
-
 /** A request's method list ("katapult", "katapult, make" or a list): UNKNOWN_FLASH_METHOD when one is unknown. */
 export function parseFlashMethods(value: string | string[]): FlashMethodName[] {
   const names = [...new Set((Array.isArray(value) ? value : [value]).flatMap((v) => v.split(",")).map((v) => v.trim()).filter(Boolean))];

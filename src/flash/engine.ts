@@ -7,7 +7,7 @@ import type { Stats } from "node:fs";
 import { readFile, readlink, realpath, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import type { Logger } from "pino";
-import { autoFlashMethods, MCU_DEFAULTS, parseFlashMethods, resolveKconfig, type FlashSettings, type McuConfig } from "./config.js";
+import { MCU_DEFAULTS, parseFlashMethods, resolveKconfig, type FlashSettings, type McuConfig } from "./config.js";
 import { MoonflashError, toMoonflashError, type ErrorCode } from "../core/errors.js";
 import type { JobContext, LogLevel } from "../core/events.js";
 import type { JobRunner } from "../core/jobs.js";
@@ -25,6 +25,9 @@ import { MakeFlasher } from "./methods/make.js";
 import { WchispFlasher } from "./methods/wchisp.js";
 import { type FlashMethodName, type Flasher, type FlashJobTarget, type FlashOutcome, type FlashTarget } from "./types.js";
 import { checkVersions, type VersionCheck } from "./versions.js";
+
+/** Methods tried when neither the request nor moonflash.conf names one. */
+const AUTO_CHAIN = { serial: ["katapult", "make"], canbus: ["flashtool"], linux: ["linux"] } as const satisfies Record<string, readonly FlashMethodName[]>;
 
 /**
  * Failures after which another method must not run: the user stopped it, or the image is wrong for the board (built
@@ -534,7 +537,7 @@ export class FlashEngine {
     // Only our Katapult host reads a board back; it talks to serial boards (CAN goes through flashtool.py).
     const connection = await this.mcuConnection(section);
     if (connection.mcuType?.toLowerCase() === "linux" || !connection.serial) return false;
-    if (!(own?.method ?? autoFlashMethods({ serial: connection.serial })).includes("katapult")) return false;
+    if (!(own?.method ?? AUTO_CHAIN.serial).includes("katapult")) return false;
     return (await this.store.list(section)).length === 0;
   }
 
@@ -673,7 +676,7 @@ export class FlashEngine {
     const methods =
       params.method !== undefined
         ? parseFlashMethods(params.method)
-        : (own?.method ?? autoFlashMethods({ mcuType: expectedMcuType, serial, canbusUuid }));
+        : (own?.method ?? [...(linuxHost ? AUTO_CHAIN.linux : serial ? AUTO_CHAIN.serial : AUTO_CHAIN.canbus)]);
     const firmware = resolve(params.firmware ?? own?.firmware ?? join(this.config.moonflash.klipper_path, "out", linuxHost ? "klipper.elf" : "klipper.bin"));
     const image = await readFirmware(firmware, own?.flash_size ?? null, expectedMcuType, section);
     // The host MCU program makes its own pty (/tmp/klipper_host_mcu) while it runs; moonflash never opens it.
